@@ -1,0 +1,993 @@
+"""The node configuration file (TOML) for static mode.
+
+``load_config`` reads and checks a whole config and returns an immutable
+``NodeConfig``; it raises ``ConfigError`` and nothing else. Every error names the
+file and, where there is one, the line of the offending key or table, e.g.::
+
+    /etc/tunnelmesh/tunnelmesh.toml:14: peer "beta": mesh_ip: '100.100.0.300' is not an IPv4 address
+
+Errors never repeat the content of a secret (the network secret, or a value that
+could be a pasted private key). See docs/config.md for the reference of every key.
+
+This module is part of the sans-IO core: no asyncio, no actors. It imports
+``tunnelmesh.identity`` lazily, only when a peer identity line has to be checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from tunnelmesh.paths import DEFAULT_HOST_KEY
+
+if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
+    from tunnelmesh.identity import PublicIdentity
+
+__all__ = [
+    "DEFAULT_HOST_KEY",
+    "ConfigError",
+    "PeerConfig",
+    "NodeConfig",
+    "load_config",
+    "parse_config",
+    "read_network_secret",
+    "write_network_secret",
+    "check_peer_keys",
+    "starter_config",
+]
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+DEFAULT_MESH_PREFIX = 24
+DEFAULT_LISTEN_PORT = 51820
+DEFAULT_INTERFACE = "tm0"
+DEFAULT_MTU = 1420
+MIN_MTU = 1280
+MAX_MTU = 9000
+MIN_MESH_PREFIX = 8
+NETWORK_SECRET_BYTES = 32
+WG_KEY_BYTES = 32
+#: Refuse config files larger than this (a config is a few KiB at most).
+MAX_CONFIG_BYTES = 1 << 20
+
+TOP_KEYS = ("node", "peers")
+NODE_KEYS = (
+    "name",
+    "identity",
+    "passphrase_file",
+    "network_secret_file",
+    "mesh_ip",
+    "mesh_prefix",
+    "listen_port",
+    "interface",
+    "mtu",
+)
+PEER_KEYS = (
+    "name",
+    "identity",
+    "wireguard_public_key",
+    "mesh_ip",
+    "endpoint",
+    "persistent_keepalive",
+    "allowed_ips",
+)
+
+_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_INTERFACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_END_RE = re.compile(r"\s*\(at end of document\)\s*$")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ConfigError(Exception):
+    """A config (or network secret) file that cannot be used.
+
+    ``str()`` is ``"<path>:<line>: <message>"``, or ``"<path>: <message>"`` when the
+    problem has no line (a missing file, a missing table).
+    """
+
+    path: Path
+    line: int | None
+    message: str
+
+    def __init__(self, path: Path | str, line: int | None, message: str) -> None:
+        super().__init__(path, line, message)
+        self.path = Path(path)
+        self.line = line
+        self.message = message
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.path}: {self.message}"
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One ``[[peers]]`` entry, checked."""
+
+    name: str
+    mesh_ip: ipaddress.IPv4Address
+    identity: PublicIdentity | None
+    #: 32 bytes: the identity's derived WireGuard key, or a plain peer's key.
+    wireguard_public_key: bytes
+    endpoint: tuple[str, int] | None
+    persistent_keepalive: int
+    #: Always starts with ``mesh_ip/32``.
+    allowed_ips: tuple[IPNetwork, ...]
+    #: Line of the peer's ``[[peers]]`` header in the config file.
+    line: int
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A whole config file, checked. Paths in it are absolute."""
+
+    path: Path
+    name: str
+    #: A private key file path (absolute), ``"agent"`` or ``"agent:SHA256:..."``.
+    identity: str
+    passphrase_file: Path | None
+    network_secret_file: Path
+    mesh_ip: ipaddress.IPv4Address
+    mesh_prefix: int
+    listen_port: int
+    interface: str
+    mtu: int
+    peers: tuple[PeerConfig, ...]
+
+    @property
+    def mesh_network(self) -> ipaddress.IPv4Network:
+        """The network routed into the tunnel interface (``mesh_ip/mesh_prefix``)."""
+        return ipaddress.IPv4Network(f"{self.mesh_ip}/{self.mesh_prefix}", strict=False)
+
+
+# --------------------------------------------------------------------------- line finder
+
+
+class _Locator:
+    """Finds the line of each key, table and array element of a TOML text.
+
+    Runs only on text that ``tomllib`` has already accepted, so it can be a small
+    structural scanner. Paths are tuples of keys and array indexes, e.g.
+    ``("peers", 1, "mesh_ip")``. It never raises: on any surprise it keeps what it
+    found so far, and lookups fall back to the nearest enclosing item.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.s = text
+        self.i = 0
+        self.lines: dict[tuple[Any, ...], int] = {}
+        self._newlines = [m.start() for m in re.finditer("\n", text)]
+        try:
+            self._document()
+        except Exception:  # noqa: BLE001 - best effort; RecursionError included
+            pass
+
+    def line_of(self, *path: Any) -> int | None:
+        for n in range(len(path), 0, -1):
+            line = self.lines.get(tuple(path[:n]))
+            if line is not None:
+                return line
+        return None
+
+    # -- scanning helpers
+
+    def _line_at(self, pos: int) -> int:
+        return bisect.bisect_left(self._newlines, pos) + 1
+
+    def _record(self, path: tuple[Any, ...], pos: int) -> None:
+        line = self._line_at(pos)
+        for n in range(1, len(path) + 1):
+            self.lines.setdefault(path[:n], line)
+
+    def _eof(self) -> bool:
+        return self.i >= len(self.s)
+
+    def _skip_blank(self) -> None:
+        """Spaces and tabs only."""
+        s = self.s
+        while self.i < len(s) and s[self.i] in " \t":
+            self.i += 1
+
+    def _skip_all(self) -> None:
+        """Whitespace, newlines and comments."""
+        s = self.s
+        while self.i < len(s):
+            c = s[self.i]
+            if c in " \t\r\n":
+                self.i += 1
+            elif c == "#":
+                end = s.find("\n", self.i)
+                self.i = len(s) if end < 0 else end
+            else:
+                return
+
+    def _expect(self, token: str) -> None:
+        if not self.s.startswith(token, self.i):
+            raise ValueError("unexpected text")
+        self.i += len(token)
+
+    # -- grammar
+
+    def _document(self) -> None:
+        table: tuple[Any, ...] = ()
+        aot: dict[tuple[Any, ...], int] = {}
+        while True:
+            self._skip_all()
+            if self._eof():
+                return
+            start = self.i
+            if self.s.startswith("[[", self.i):
+                self.i += 2
+                keys = self._key()
+                self._skip_blank()
+                self._expect("]]")
+                parent = self._resolve(keys[:-1], aot) + (keys[-1],)
+                index = aot.get(parent, 0)
+                aot[parent] = index + 1
+                table = parent + (index,)
+                self._record(table, start)
+            elif self.s[self.i] == "[":
+                self.i += 1
+                keys = self._key()
+                self._skip_blank()
+                self._expect("]")
+                table = self._resolve(keys, aot)
+                self._record(table, start)
+            else:
+                self._keyval(table)
+
+    @staticmethod
+    def _resolve(keys: tuple[str, ...], aot: Mapping[tuple[Any, ...], int]) -> tuple[Any, ...]:
+        out: tuple[Any, ...] = ()
+        for k in keys:
+            out += (k,)
+            if out in aot:
+                out += (aot[out] - 1,)
+        return out
+
+    def _keyval(self, prefix: tuple[Any, ...]) -> None:
+        start = self.i
+        keys = self._key()
+        path = prefix + keys
+        self._record(path, start)
+        self._skip_blank()
+        self._expect("=")
+        self._skip_blank()
+        self._value(path)
+
+    def _key(self) -> tuple[str, ...]:
+        s = self.s
+        keys: list[str] = []
+        while True:
+            self._skip_blank()
+            if self._eof():
+                raise ValueError("eof in key")
+            c = s[self.i]
+            if c == '"':
+                start = self.i
+                self._basic_string()
+                raw = s[start : self.i]
+                keys.append(tomllib.loads(f"k = {raw}")["k"])
+            elif c == "'":
+                end = s.index("'", self.i + 1)
+                keys.append(s[self.i + 1 : end])
+                self.i = end + 1
+            else:
+                m = re.compile(r"[A-Za-z0-9_-]+").match(s, self.i)
+                if not m:
+                    raise ValueError("bad key")
+                keys.append(m.group())
+                self.i = m.end()
+            self._skip_blank()
+            if self.i < len(s) and s[self.i] == ".":
+                self.i += 1
+                continue
+            return tuple(keys)
+
+    def _basic_string(self) -> None:
+        s = self.s
+        j = self.i + 1
+        while s[j] != '"':
+            j += 2 if s[j] == "\\" else 1
+        self.i = j + 1
+
+    def _multiline(self, quote: str) -> None:
+        s = self.s
+        j = self.i + 3
+        while not s.startswith(quote * 3, j):
+            j += 2 if (quote == '"' and s[j] == "\\") else 1
+            if j >= len(s):
+                raise ValueError("eof in string")
+        j += 3
+        extra = 0
+        while extra < 2 and j < len(s) and s[j] == quote:
+            j += 1
+            extra += 1
+        self.i = j
+
+    def _value(self, path: tuple[Any, ...]) -> None:
+        s = self.s
+        self._record(path, self.i)
+        if s.startswith('"""', self.i):
+            self._multiline('"')
+        elif s.startswith("'''", self.i):
+            self._multiline("'")
+        elif s[self.i] == '"':
+            self._basic_string()
+        elif s[self.i] == "'":
+            self.i = s.index("'", self.i + 1) + 1
+        elif s[self.i] == "[":
+            self.i += 1
+            index = 0
+            while True:
+                self._skip_all()
+                if s[self.i] == "]":
+                    self.i += 1
+                    return
+                self._value(path + (index,))
+                index += 1
+                self._skip_all()
+                if s[self.i] == ",":
+                    self.i += 1
+        elif s[self.i] == "{":
+            self.i += 1
+            while True:
+                self._skip_all()
+                if s[self.i] == "}":
+                    self.i += 1
+                    return
+                self._keyval(path)
+                self._skip_all()
+                if s[self.i] == ",":
+                    self.i += 1
+        else:  # number, boolean, date/time: up to a delimiter
+            m = re.compile(r"[^,\]}#\r\n]*").match(s, self.i)
+            assert m is not None
+            self.i = m.end()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
+
+
+def _show(value: str) -> str:
+    """A user value fit for an error message: short, one line, else not shown at all
+    (a long or multi-line string may be a pasted private key)."""
+    if len(value) > 64 or any(c in value for c in "\r\n"):
+        return f"(a {len(value)}-character string)"
+    return repr(value)
+
+
+def _is_label(name: str) -> bool:
+    return _LABEL_RE.fullmatch(name) is not None
+
+
+def _b64_32(text: str) -> bytes | None:
+    """Decode strict base64 of exactly 32 bytes, or None."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == 32 else None
+
+
+class _Checker:
+    """Validation with error construction that knows the file and the lines."""
+
+    def __init__(self, path: Path, text: str, state_dir: Path) -> None:
+        self.path = path
+        self.base = path.absolute().parent
+        self.state_dir = Path(os.path.abspath(state_dir))
+        self.loc = _Locator(text)
+
+    def error(self, message: str, *where: Any) -> ConfigError:
+        return ConfigError(self.path, self.loc.line_of(*where) if where else None, message)
+
+    # -- typed getters
+
+    def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], what: str, *where: Any) -> None:
+        for key in table:
+            if key not in allowed:
+                raise self.error(
+                    f"{what}: unknown key {_show(key)}; allowed keys: {', '.join(allowed)}",
+                    *where,
+                    key,
+                )
+
+    def get_str(
+        self, table: Mapping[str, Any], key: str, what: str, *where: Any, required: bool = False
+    ) -> str | None:
+        if key not in table:
+            if required:
+                raise self.error(f"{what}: missing required key {key!r}", *where)
+            return None
+        value = table[key]
+        if not isinstance(value, str):
+            raise self.error(f"{what}: {key} must be a string, not {_type_name(value)}", *where, key)
+        return value
+
+    def get_int(
+        self, table: Mapping[str, Any], key: str, what: str, *where: Any, default: int, lo: int, hi: int, hint: str = ""
+    ) -> int:
+        if key not in table:
+            return default
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"{what}: {key} must be an integer, not {_type_name(value)}", *where, key)
+        if not lo <= value <= hi:
+            raise self.error(f"{what}: {key} must be between {lo} and {hi}{hint}, got {value}", *where, key)
+        return value
+
+    def get_path(self, table: Mapping[str, Any], key: str, what: str, *where: Any) -> Path | None:
+        value = self.get_str(table, key, what, *where)
+        if value is None:
+            return None
+        return self.to_path(value, f"{what}: {key}", *where, key)
+
+    def to_path(self, value: str, what: str, *where: Any) -> Path:
+        if not value.strip():
+            raise self.error(f"{what}: must not be empty", *where)
+        if "\x00" in value:
+            raise self.error(f"{what}: must not contain a NUL character", *where)
+        p = Path(os.path.expanduser(value))
+        return Path(os.path.abspath(self.base / p))
+
+    def get_ipv4(self, table: Mapping[str, Any], key: str, what: str, *where: Any) -> ipaddress.IPv4Address:
+        value = self.get_str(table, key, what, *where, required=True)
+        assert value is not None
+        try:
+            ip = ipaddress.IPv4Address(value)
+        except ValueError:
+            raise self.error(f"{what}: {key}: {_show(value)} is not an IPv4 address", *where, key) from None
+        if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == ipaddress.IPv4Address("255.255.255.255"):
+            raise self.error(f"{what}: {key}: {ip} cannot be a mesh address", *where, key)
+        return ip
+
+    # -- sections
+
+    def node(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        if "node" not in data:
+            raise self.error("missing the [node] table")
+        node = data["node"]
+        what = "[node]"
+        if not isinstance(node, dict):
+            raise self.error(f"node must be a table ([node]), not {_type_name(node)}", "node")
+        self.check_keys(node, NODE_KEYS, what, "node")
+
+        name = self.get_str(node, "name", what, "node", required=True)
+        assert name is not None
+        if not _is_label(name):
+            raise self.error(
+                f"{what}: name {_show(name)} must be 1 to 63 characters of a-z, 0-9 and '-', "
+                "not starting or ending with '-'",
+                "node",
+                "name",
+            )
+
+        identity_value = self.get_str(node, "identity", what, "node")
+        if identity_value is None:
+            identity = DEFAULT_HOST_KEY
+            is_agent = False
+        elif identity_value == "agent":
+            identity, is_agent = "agent", True
+        elif identity_value.startswith("agent:"):
+            fingerprint = identity_value[len("agent:") :]
+            if _FINGERPRINT_RE.fullmatch(fingerprint) is None:
+                raise self.error(
+                    f"{what}: identity: {_show(identity_value)} must be \"agent\" or "
+                    '"agent:SHA256:<fingerprint>" (as `ssh-add -l` prints it)',
+                    "node",
+                    "identity",
+                )
+            identity, is_agent = identity_value, True
+        else:
+            identity = str(self.to_path(identity_value, f"{what}: identity", "node", "identity"))
+            is_agent = False
+
+        passphrase_file = self.get_path(node, "passphrase_file", what, "node")
+        if passphrase_file is not None and is_agent:
+            raise self.error(
+                f"{what}: passphrase_file only applies to a key file identity, not to ssh-agent",
+                "node",
+                "passphrase_file",
+            )
+        secret = self.get_path(node, "network_secret_file", what, "node")
+        if secret is None:
+            secret = self.state_dir / "network.secret"
+
+        mesh_ip = self.get_ipv4(node, "mesh_ip", what, "node")
+        mesh_prefix = self.get_int(
+            node, "mesh_prefix", what, "node", default=DEFAULT_MESH_PREFIX, lo=MIN_MESH_PREFIX, hi=32
+        )
+        net = ipaddress.IPv4Network(f"{mesh_ip}/{mesh_prefix}", strict=False)
+        if mesh_prefix <= 30 and mesh_ip in (net.network_address, net.broadcast_address):
+            kind = "network" if mesh_ip == net.network_address else "broadcast"
+            raise self.error(f"{what}: mesh_ip {mesh_ip} is the {kind} address of {net}", "node", "mesh_ip")
+        listen_port = self.get_int(
+            node, "listen_port", what, "node", default=DEFAULT_LISTEN_PORT, lo=0, hi=65535, hint=" (0 = random)"
+        )
+        interface = self.get_str(node, "interface", what, "node")
+        if interface is None:
+            interface = DEFAULT_INTERFACE
+        elif _INTERFACE_RE.fullmatch(interface) is None or interface in (".", ".."):
+            raise self.error(
+                f"{what}: interface {_show(interface)} must be 1 to 15 characters of A-Z, a-z, 0-9, '_', '.', '-'",
+                "node",
+                "interface",
+            )
+        mtu = self.get_int(node, "mtu", what, "node", default=DEFAULT_MTU, lo=MIN_MTU, hi=MAX_MTU)
+        return dict(
+            path=self.path.absolute(),
+            name=name,
+            identity=identity,
+            passphrase_file=passphrase_file,
+            network_secret_file=secret,
+            mesh_ip=mesh_ip,
+            mesh_prefix=mesh_prefix,
+            listen_port=listen_port,
+            interface=interface,
+            mtu=mtu,
+        )
+
+    def endpoint(self, value: str, what: str, index: int) -> tuple[str, int]:
+        where = ("peers", index, "endpoint")
+        usage = "expected host:port, or [IPv6 address]:port"
+        if value.startswith("["):
+            close = value.find("]")
+            if close < 0 or not value.startswith(":", close + 1):
+                raise self.error(f"{what}: endpoint {_show(value)}: {usage}", *where)
+            host_text, port_text = value[1:close], value[close + 2 :]
+            try:
+                host = str(ipaddress.IPv6Address(host_text))
+            except ValueError:
+                raise self.error(f"{what}: endpoint {_show(value)}: not an IPv6 address in brackets", *where) from None
+        else:
+            host_text, sep, port_text = value.rpartition(":")
+            if not sep or not host_text:
+                raise self.error(f"{what}: endpoint {_show(value)}: {usage}", *where)
+            if ":" in host_text:
+                raise self.error(f"{what}: endpoint {_show(value)}: write an IPv6 address as [address]:port", *where)
+            try:
+                host = str(ipaddress.IPv4Address(host_text))
+            except ValueError:
+                name = host_text[:-1] if host_text.endswith(".") else host_text
+                labels = name.split(".")
+                if (
+                    len(name) > 253
+                    or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+                    or all(label.isdigit() for label in labels)
+                ):
+                    raise self.error(
+                        f"{what}: endpoint {_show(value)}: {_show(host_text)} is neither an IP address nor a host name",
+                        *where,
+                    ) from None
+                host = host_text
+        if _PORT_RE.fullmatch(port_text) is None or not 1 <= int(port_text) <= 65535:
+            raise self.error(f"{what}: endpoint {_show(value)}: port must be 1 to 65535", *where)
+        return host, int(port_text)
+
+    def peer(self, raw: Any, index: int) -> PeerConfig:
+        where = ("peers", index)
+        what = f"peer #{index + 1}"
+        if not isinstance(raw, dict):
+            raise self.error(f"{what} must be a table, not {_type_name(raw)}", *where)
+        self.check_keys(raw, PEER_KEYS, what, *where)
+        name = self.get_str(raw, "name", what, *where, required=True)
+        assert name is not None
+        if not _is_label(name):
+            raise self.error(
+                f"{what}: name {_show(name)} must be 1 to 63 characters of a-z, 0-9 and '-', "
+                "not starting or ending with '-'",
+                *where,
+                "name",
+            )
+        what = f"peer {name!r}"
+
+        line_text = self.get_str(raw, "identity", what, *where)
+        key_text = self.get_str(raw, "wireguard_public_key", what, *where)
+        if line_text is not None and key_text is not None:
+            raise self.error(
+                f"{what}: give either identity (a tunnelmesh peer) or wireguard_public_key "
+                "(a plain WireGuard peer), not both",
+                *where,
+                "wireguard_public_key",
+            )
+        identity: PublicIdentity | None = None
+        if line_text is not None:
+            identity = self.identity_line(line_text, what, *where, "identity")
+            wg_key = bytes(identity.wg_public_key)
+        elif key_text is not None:
+            decoded = _b64_32(key_text)
+            if decoded is None:
+                # The value is not shown: it might be a private key pasted by mistake.
+                raise self.error(
+                    f"{what}: wireguard_public_key must be the base64 of 32 bytes (as `wg pubkey` prints it)",
+                    *where,
+                    "wireguard_public_key",
+                )
+            if decoded == bytes(32):
+                raise self.error(f"{what}: wireguard_public_key is all zeros", *where, "wireguard_public_key")
+            wg_key = decoded
+        else:
+            raise self.error(
+                f"{what}: needs identity (a tunnelmesh peer's identity line) or "
+                "wireguard_public_key (a plain WireGuard peer)",
+                *where,
+            )
+        if len(wg_key) != WG_KEY_BYTES:
+            raise self.error(f"{what}: identity carries a WireGuard key of the wrong length", *where, "identity")
+
+        mesh_ip = self.get_ipv4(raw, "mesh_ip", what, *where)
+        endpoint_text = self.get_str(raw, "endpoint", what, *where)
+        endpoint = None if endpoint_text is None else self.endpoint(endpoint_text, what, index)
+        keepalive = self.get_int(
+            raw, "persistent_keepalive", what, *where, default=0, lo=0, hi=65535, hint=" seconds (0 = off)"
+        )
+
+        mesh_net = ipaddress.IPv4Network(f"{mesh_ip}/32")
+        allowed: list[IPNetwork] = [mesh_net]
+        if "allowed_ips" in raw:
+            items = raw["allowed_ips"]
+            if not isinstance(items, list):
+                raise self.error(
+                    f"{what}: allowed_ips must be an array of strings, not {_type_name(items)}",
+                    *where,
+                    "allowed_ips",
+                )
+            for n, item in enumerate(items):
+                if not isinstance(item, str):
+                    raise self.error(
+                        f"{what}: allowed_ips entries must be strings, not {_type_name(item)}",
+                        *where,
+                        "allowed_ips",
+                        n,
+                    )
+                try:
+                    net = ipaddress.ip_network(item, strict=True)
+                except ValueError as exc:
+                    hint = ""
+                    if "host bits set" in str(exc):
+                        hint = f" (host bits set; did you mean {ipaddress.ip_network(item, strict=False)}?)"
+                    raise self.error(
+                        f"{what}: allowed_ips: {_show(item)} is not an IP network{hint}",
+                        *where,
+                        "allowed_ips",
+                        n,
+                    ) from None
+                if net not in allowed:
+                    allowed.append(net)
+
+        return PeerConfig(
+            name=name,
+            mesh_ip=mesh_ip,
+            identity=identity,
+            wireguard_public_key=wg_key,
+            endpoint=endpoint,
+            persistent_keepalive=keepalive,
+            allowed_ips=tuple(allowed),
+            line=self.loc.line_of(*where) or 1,
+        )
+
+    def identity_line(self, text: str, what: str, *where: Any) -> PublicIdentity:
+        try:
+            from tunnelmesh.identity import IdentityError, PublicIdentity
+        except Exception as exc:  # noqa: BLE001 - report, never crash
+            raise self.error(
+                f"{what}: cannot check the identity line: tunnelmesh.identity is unavailable ({type(exc).__name__})",
+                *where,
+            ) from None
+        try:
+            return PublicIdentity.from_line(text.strip())
+        except IdentityError as exc:
+            raise self.error(f"{what}: identity: {exc}", *where) from None
+        except Exception as exc:  # noqa: BLE001 - a malformed line must be a ConfigError
+            raise self.error(f"{what}: identity: not a valid identity line ({type(exc).__name__})", *where) from None
+
+    def peers(self, data: Mapping[str, Any], node: Mapping[str, Any]) -> tuple[PeerConfig, ...]:
+        raw = data.get("peers", [])
+        if not isinstance(raw, list):
+            raise self.error(
+                f"peers must be an array of tables (write [[peers]]), not {_type_name(raw)}",
+                "peers",
+            )
+        result: list[PeerConfig] = []
+        names: dict[str, PeerConfig] = {}
+        ips: dict[ipaddress.IPv4Address, PeerConfig] = {}
+        keys: dict[bytes, PeerConfig] = {}
+        routes: dict[IPNetwork, PeerConfig] = {}
+        own_ip: ipaddress.IPv4Address = node["mesh_ip"]
+        own_net = ipaddress.IPv4Network(f"{own_ip}/32")
+        for index, item in enumerate(raw):
+            peer = self.peer(item, index)
+            where = ("peers", index)
+            what = f"peer {peer.name!r}"
+            if peer.name == node["name"]:
+                raise self.error(f"{what}: has the name of this node", *where, "name")
+            if peer.name in names:
+                raise self.error(
+                    f"{what}: duplicate peer name (first at line {names[peer.name].line})", *where, "name"
+                )
+            if peer.mesh_ip == own_ip:
+                raise self.error(f"{what}: mesh_ip {peer.mesh_ip} is this node's own mesh_ip", *where, "mesh_ip")
+            if peer.mesh_ip in ips:
+                other = ips[peer.mesh_ip]
+                raise self.error(
+                    f"{what}: mesh_ip {peer.mesh_ip} is already used by peer {other.name!r} (line {other.line})",
+                    *where,
+                    "mesh_ip",
+                )
+            if peer.wireguard_public_key in keys:
+                other = keys[peer.wireguard_public_key]
+                raise self.error(
+                    f"{what}: has the same WireGuard key as peer {other.name!r} (line {other.line}); "
+                    "cloned machines?",
+                    *where,
+                )
+            for net in peer.allowed_ips:
+                if net == own_net:
+                    raise self.error(
+                        f"{what}: allowed_ips: {net} is this node's own mesh address", *where, "allowed_ips"
+                    )
+                if net in routes:
+                    other = routes[net]
+                    raise self.error(
+                        f"{what}: allowed_ips: {net} is already routed via peer {other.name!r} (line {other.line})",
+                        *where,
+                        "allowed_ips" if net != ipaddress.ip_network(f"{peer.mesh_ip}/32") else "mesh_ip",
+                    )
+            names[peer.name] = peer
+            ips[peer.mesh_ip] = peer
+            keys[peer.wireguard_public_key] = peer
+            for net in peer.allowed_ips:
+                routes[net] = peer
+            result.append(peer)
+        return tuple(result)
+
+
+def _toml_syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    message = str(exc)
+    line: int | None = None
+    m = _TOML_POS_RE.search(message)
+    if m:
+        line = int(m.group(1))
+        message = f"{message[: m.start()]} (column {m.group(2)})"
+    else:
+        m = _TOML_END_RE.search(message)
+        if m:
+            line = text.count("\n") + 1
+            message = f"{message[: m.start()]} (at end of file)"
+    return ConfigError(path, line, f"invalid TOML: {message}")
+
+
+# --------------------------------------------------------------------------- API
+
+
+def parse_config(text: str, *, path: Path, state_dir: Path) -> NodeConfig:
+    """Check the text of a config file; ``path`` is used for messages and to resolve
+    relative paths. Raises ``ConfigError`` only."""
+    path = Path(path)
+    try:
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise _toml_syntax_error(path, text, exc) from None
+        except RecursionError:
+            raise ConfigError(path, None, "invalid TOML: nested too deeply") from None
+        except ValueError as exc:  # e.g. integers beyond Python's digit limit
+            raise ConfigError(path, None, f"invalid TOML: {exc}") from None
+
+        checker = _Checker(path, text, state_dir)
+        checker.check_keys(data, TOP_KEYS, "top level")
+        node = checker.node(data)
+        peers = checker.peers(data, node)
+        return NodeConfig(peers=peers, **node)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(path, None, "config nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - load_config promises ConfigError only
+        raise ConfigError(path, None, f"cannot check config: internal error ({type(exc).__name__})") from None
+
+
+def load_config(path: Path, *, state_dir: Path) -> NodeConfig:
+    """Read and check a config file. Raises ``ConfigError`` only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(path, None, f"cannot read config: {reason}") from None
+    except (ValueError, TypeError) as exc:  # e.g. a NUL in the path
+        raise ConfigError(path, None, f"cannot read config: {exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, None, f"config file is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(path, line, "config is not valid UTF-8") from None
+    return parse_config(text, path=path, state_dir=state_dir)
+
+
+def _secret_mode_problem(mode: int) -> bool:
+    return bool(mode & 0o077)
+
+
+def read_network_secret(path: Path) -> bytes:
+    """Read the network secret: base64 of 32 bytes in a file only its owner can read.
+
+    Raises ``ConfigError`` (never with any part of the file's content)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read network secret: {exc.strerror or type(exc).__name__}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(path, None, f"cannot read network secret: {exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(path, None, "network secret is not a regular file")
+        if _secret_mode_problem(st.st_mode):
+            raise ConfigError(
+                path,
+                None,
+                f"network secret is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"run `chmod 600 {path}`",
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(4097)
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read network secret: {exc.strerror or type(exc).__name__}") from None
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    secret = _b64_32(text) if len(data) <= 4096 else None
+    if secret is None:
+        raise ConfigError(path, None, "network secret must hold the base64 of 32 bytes (and nothing else)")
+    return secret
+
+
+def write_network_secret(path: Path) -> bytes:
+    """Create a new random network secret file (mode 0600) and return the secret.
+
+    Refuses to overwrite an existing file. Raises ``ConfigError``."""
+    path = Path(path)
+    secret = os.urandom(NETWORK_SECRET_BYTES)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except FileExistsError:
+        raise ConfigError(path, None, "network secret already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot create network secret: {exc.strerror or type(exc).__name__}") from None
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, base64.b64encode(secret) + b"\n")
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise ConfigError(path, None, f"cannot write network secret: {exc.strerror or type(exc).__name__}") from None
+    os.close(fd)
+    return secret
+
+
+def check_peer_keys(config: NodeConfig, own_wg_public_key: bytes) -> None:
+    """Refuse a config that lists this node itself as a peer (same WireGuard key);
+    call once the node's identity is loaded."""
+    own = bytes(own_wg_public_key)
+    for peer in config.peers:
+        if peer.wireguard_public_key == own:
+            raise ConfigError(
+                config.path,
+                peer.line,
+                f"peer {peer.name!r} uses this node's own key (cloned machines, or this node listed as its own peer?)",
+            )
+
+
+def _toml_string(value: str) -> str:
+    out = ['"']
+    for c in value:
+        if c == '"':
+            out.append('\\"')
+        elif c == "\\":
+            out.append("\\\\")
+        elif c < " " or c == "\x7f":
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    out.append('"')
+    return "".join(out)
+
+
+def starter_config(*, name: str, identity: str, mesh_ip: str, listen_port: int = DEFAULT_LISTEN_PORT) -> str:
+    """A commented starter config for ``tunnelmesh init --static``.
+
+    Raises ``ValueError`` if the values would not make a valid config."""
+    if isinstance(listen_port, bool) or not isinstance(listen_port, int):
+        raise ValueError("listen_port must be an integer")
+    text = f"""\
+# TunnelMesh node configuration (static mode: peers are listed in this file).
+# Reference of every key: docs/config.md. Relative paths are relative to the
+# directory of this file.
+
+[node]
+# This node's name: a DNS label (a-z, 0-9, '-'; 1 to 63 characters).
+name = {_toml_string(name)}
+# The SSH key that is this node's identity: a private key file, "agent", or
+# "agent:SHA256:<fingerprint>" to pick one key of ssh-agent.
+identity = {_toml_string(identity)}
+# passphrase_file = "key.pass"          # for a passphrase-protected key file
+# Shared by every node of the mesh: base64 of 32 bytes, mode 0600.
+# Default: network.secret in the state directory.
+# network_secret_file = "network.secret"
+# This node's address inside the mesh, and the prefix routed into the tunnel.
+mesh_ip = {_toml_string(mesh_ip)}
+mesh_prefix = {DEFAULT_MESH_PREFIX}
+# UDP port for WireGuard (0 = random).
+listen_port = {int(listen_port)}
+interface = "{DEFAULT_INTERFACE}"
+mtu = {DEFAULT_MTU}
+
+# One [[peers]] table per peer. A tunnelmesh peer is given by its identity line;
+# a plain WireGuard peer (e.g. a phone) by its WireGuard public key instead.
+#
+# [[peers]]
+# name = "beta"
+# identity = "ssh-ed25519 AAAA... wg=... att=..."
+# # wireguard_public_key = "base64 of 32 bytes"   # instead of identity
+# mesh_ip = "100.100.0.2"
+# endpoint = "192.0.2.2:51820"      # optional; without it, wait to be contacted
+# persistent_keepalive = 25         # optional, seconds; 0 = off
+# allowed_ips = ["10.1.0.0/24"]     # optional extra routes via this peer
+"""
+    try:
+        parse_config(text, path=Path("starter.toml"), state_dir=Path(os.getcwd()))
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
+    return text
