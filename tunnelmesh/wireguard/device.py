@@ -1,0 +1,348 @@
+"""The device: one static key, many peers, one receiver-index table.
+
+Inbound flow (the caller holds a datagram from any transport):
+
+1. `Device.receive` looks at the type. A transport message (type 4) goes
+   straight to the keypair its receiver index names; it is decrypted into the
+   caller's buffer, and only then checked against the replay window. The
+   inner packet is trimmed to its IP length and its source checked against
+   the peer's allowed IPs (cryptokey routing). The return value is the number
+   of plaintext bytes to write to the TUN device, 0 if none.
+2. Handshake messages must carry a valid mac1. Under load (an input: the
+   caller knows its backlog), they must also carry a valid mac2, or they are
+   answered with a cookie reply and not processed.
+3. An initiation is matched to a peer only after its static key decrypts; a
+   response and a cookie reply by their receiver index.
+
+Anything to send is appended to `transmits` as (datagram, endpoint); events
+go to `events`; every dropped datagram is counted in `drops` by reason.
+Nothing here reads a clock, opens a socket or awaits: `now` (monotonic
+seconds) and `wall` (Unix time, for TAI64N) are passed in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+
+from cryptography.exceptions import InvalidTag
+
+from .constants import DEFAULT_MTU, MSG_COOKIE_REPLY, MSG_INITIATION, REJECT_AFTER_TIME, TRANSPORT_MIN_SIZE
+from .cookie import CookieChecker
+from .crypto import x25519_private, x25519_public
+from .events import EndpointChanged, Event
+from .keypair import Keypair
+from .messages import TRANSPORT_HEADER, CookieReply, Initiation, MessageError, Response, message_type, parse
+from .noise import HandshakeError, consume_initiation, consume_response
+from .peer import Endpoint, IPNetwork, Peer
+
+__all__ = ["Device", "DeviceError"]
+
+
+class DeviceError(ValueError):
+    """A configuration the device refuses (e.g. a peer with our own key)."""
+
+
+def endpoint_bytes(endpoint: Endpoint) -> bytes:
+    """The sender address a cookie is bound to."""
+    if isinstance(endpoint, tuple) and len(endpoint) >= 2:
+        try:
+            return ipaddress.ip_address(endpoint[0]).packed + int(endpoint[1]).to_bytes(2, "little")
+        except (ValueError, TypeError, OverflowError):
+            pass
+    return repr(endpoint).encode()
+
+
+class Device:
+    def __init__(
+        self,
+        static_private: bytes,
+        *,
+        mtu: int = DEFAULT_MTU,
+        rng: Callable[[int], bytes] = os.urandom,
+        ephemeral_source: Callable[[], bytes] = x25519_private,
+    ) -> None:
+        if len(static_private) != 32:
+            raise DeviceError("static private key must be 32 bytes")
+        self.static_private = static_private
+        self.static_public = x25519_public(static_private)
+        self.mtu = mtu
+        self._rng = rng
+        self.new_ephemeral = ephemeral_source
+        self.cookie_checker = CookieChecker(self.static_public, rng)
+        self._peers: dict[bytes, Peer] = {}
+        self._index: dict[int, tuple[Peer, Keypair | None]] = {}
+        self._route_hosts: dict[bytes, Peer] = {}
+        self._route_networks: list[tuple[int, int, int, Peer]] = []
+        self._nonce = bytearray(12)
+        self.transmits: list[tuple[bytes, Endpoint]] = []
+        self.events: deque[Event] = deque()
+        self.drops: Counter[str] = Counter()
+        self.cookie_replies_sent = 0
+
+    def __repr__(self) -> str:
+        return f"<Device peers={len(self._peers)}>"
+
+    # --- peers and cryptokey routing --------------------------------------------
+
+    def add_peer(
+        self,
+        public_key: bytes,
+        *,
+        preshared_key: bytes,
+        allowed_ips: tuple[IPNetwork, ...] = (),
+        endpoint: Endpoint | None = None,
+        persistent_keepalive: float = 0.0,
+        tag: object = None,
+    ) -> Peer:
+        if public_key == self.static_public:
+            raise DeviceError(f"peer {tag!r} has this node's own public key")
+        if public_key in self._peers:
+            raise DeviceError(f"peer {tag!r} has the same public key as peer {self._peers[public_key].tag!r}")
+        peer = Peer(
+            self, public_key, preshared_key=preshared_key, allowed_ips=allowed_ips,
+            endpoint=endpoint, persistent_keepalive=persistent_keepalive, tag=tag,
+        )
+        self._peers[public_key] = peer
+        self._rebuild_routes()
+        return peer
+
+    def remove_peer(self, peer: Peer) -> None:
+        if self._peers.get(peer.public_key) is not peer:
+            return
+        peer.zero_keys()
+        for index, (owner, _) in list(self._index.items()):
+            if owner is peer:
+                del self._index[index]
+        del self._peers[peer.public_key]
+        self._rebuild_routes()
+
+    def peer(self, public_key: bytes) -> Peer | None:
+        return self._peers.get(public_key)
+
+    @property
+    def peers(self) -> Iterator[Peer]:
+        return iter(list(self._peers.values()))
+
+    def _rebuild_routes(self) -> None:
+        hosts: dict[bytes, Peer] = {}
+        networks: list[tuple[int, int, int, int, Peer]] = []
+        for peer in self._peers.values():
+            for net in peer.allowed_ips:
+                if net.prefixlen == net.max_prefixlen:
+                    hosts[net.network_address.packed] = peer
+                else:
+                    networks.append((net.prefixlen, net.version, int(net.network_address), int(net.netmask), peer))
+        networks.sort(key=lambda item: -item[0])  # longest prefix first
+        self._route_hosts = hosts
+        self._route_networks = [(v, n, m, p) for _, v, n, m, p in networks]
+
+    def route(self, packet: bytes | bytearray | memoryview, length: int) -> Peer | None:
+        """The peer whose allowed IPs hold the packet's destination."""
+        if length < 20:
+            return None
+        version = packet[0] >> 4
+        if version == 4:
+            dst = bytes(packet[16:20])
+        elif version == 6 and length >= 40:
+            dst = bytes(packet[24:40])
+        else:
+            return None
+        peer = self._route_hosts.get(dst)
+        if peer is not None:
+            return peer
+        value = int.from_bytes(dst, "big")
+        for net_version, network, mask, candidate in self._route_networks:
+            if net_version == version and value & mask == network:
+                return candidate
+        return None
+
+    # --- inbound -----------------------------------------------------------------
+
+    def receive(
+        self,
+        data: bytes | bytearray | memoryview,
+        source: Endpoint,
+        now: float,
+        wall: float,
+        out: bytearray,
+        *,
+        under_load: bool = False,
+    ) -> int:
+        size = len(data)
+        if size >= TRANSPORT_MIN_SIZE and data[0] == 4 and data[1] == 0 and data[2] == 0 and data[3] == 0:
+            return self._receive_transport(data, size, source, now, wall, out)
+        self._receive_handshake(data, source, now, wall, under_load)
+        return 0
+
+    def _receive_transport(
+        self, data: bytes | bytearray | memoryview, size: int, source: Endpoint, now: float, wall: float, out: bytearray
+    ) -> int:
+        _, receiver, counter = TRANSPORT_HEADER.unpack_from(data)
+        entry = self._index.get(receiver)
+        if entry is None or entry[1] is None:
+            self.drops["unknown receiver index"] += 1
+            return 0
+        peer, kp = entry
+        if now - kp.created >= REJECT_AFTER_TIME:
+            self.drops["keypair expired"] += 1
+            return 0
+        plain = size - TRANSPORT_MIN_SIZE
+        if plain > len(out):
+            self.drops["packet larger than buffer"] += 1
+            return 0
+        nonce = self._nonce
+        nonce[4:12] = data[8:16]
+        try:
+            kp.receiver.decrypt_into(nonce, data[16:size], None, memoryview(out)[:plain])
+        except InvalidTag:
+            self.drops["authentication failed"] += 1
+            return 0
+        if not kp.replay.check_and_update(counter):
+            self.drops["replayed counter"] += 1
+            return 0
+        peer.on_transport(kp, source, size, plain > 0, now, wall)
+        if plain == 0:
+            return 0  # keepalive
+        length = _ip_length(out, plain)
+        if length == 0:
+            self.drops["malformed inner packet"] += 1
+            return 0
+        if not peer.allows_source(out, length):
+            self.drops["inner source not allowed for peer"] += 1
+            return 0
+        return length
+
+    def _receive_handshake(
+        self, data: bytes | bytearray | memoryview, source: Endpoint, now: float, wall: float, under_load: bool
+    ) -> None:
+        try:
+            kind = message_type(data)
+        except MessageError:
+            self.drops["malformed message"] += 1
+            return
+        raw = bytes(data)
+        message = parse(raw)
+        if kind == MSG_COOKIE_REPLY:
+            assert isinstance(message, CookieReply)
+            entry = self._index.get(message.receiver)
+            if entry is None or not entry[0].cookie.consume_reply(message, now):
+                self.drops["cookie reply not for us"] += 1
+            return
+        checker = self.cookie_checker
+        if not checker.check_mac1(raw):
+            self.drops["bad mac1"] += 1
+            return
+        if under_load:
+            source_key = endpoint_bytes(source)
+            if not checker.check_mac2(raw, source_key, now):
+                sender = int.from_bytes(raw[4:8], "little")
+                self.transmits.append((checker.create_reply(raw, sender, source_key, now), source))
+                self.cookie_replies_sent += 1
+                return
+        if kind == MSG_INITIATION:
+            assert isinstance(message, Initiation)
+            self._consume_initiation(message, source, now)
+        else:
+            assert isinstance(message, Response)
+            self._consume_response(message, source, now, wall)
+
+    def _consume_initiation(self, message: Initiation, source: Endpoint, now: float) -> None:
+        try:
+            consumed = consume_initiation(
+                message, local_static_private=self.static_private, local_static_public=self.static_public
+            )
+        except HandshakeError:
+            self.drops["initiation does not authenticate"] += 1
+            return
+        peer = self._peers.get(consumed.remote_static)
+        if peer is None:
+            self.drops["initiation from unknown key"] += 1
+            return
+        reason = peer.check_initiation(consumed.timestamp, now)
+        if reason is not None:
+            self.drops[reason] += 1
+            return
+        peer.answer_initiation(consumed, message.sender, source, now)
+
+    def _consume_response(self, message: Response, source: Endpoint, now: float, wall: float) -> None:
+        entry = self._index.get(message.receiver)
+        noise = entry[0].pending_initiation(message.receiver) if entry is not None and entry[1] is None else None
+        if entry is None or noise is None:
+            self.drops["response without a pending initiation"] += 1
+            return
+        peer = entry[0]
+        try:
+            final = consume_response(
+                message, noise, local_static_private=self.static_private, preshared_key=peer.preshared_key
+            )
+        except HandshakeError:
+            self.drops["response does not authenticate"] += 1
+            return
+        peer.on_response(final, message.sender, source, now, wall)
+
+    # --- timers ------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        deadlines = [t for t in (p.get_timer() for p in self._peers.values()) if t is not None]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float, wall: float) -> None:
+        for peer in list(self._peers.values()):
+            deadline = peer.get_timer()
+            if deadline is not None and deadline <= now:
+                peer.handle_timer(now, wall)
+
+    # --- services for peers ---------------------------------------------------------
+
+    def queue_transmit(self, peer: Peer, datagram: bytes) -> None:
+        if peer.endpoint is None:
+            self.drops["peer has no endpoint"] += 1
+            return
+        self.transmits.append((datagram, peer.endpoint))
+
+    def allocate_index(self, peer: Peer, keypair: Keypair | None) -> int:
+        while True:
+            index = int.from_bytes(self._rng(4), "little")
+            if index and index not in self._index:
+                self._index[index] = (peer, keypair)
+                return index
+
+    def set_index(self, index: int, peer: Peer, keypair: Keypair) -> None:
+        self._index[index] = (peer, keypair)
+
+    def release_index(self, index: int) -> None:
+        if index:
+            self._index.pop(index, None)
+
+    def release_keypair(self, keypair: Keypair | None) -> None:
+        if keypair is not None:
+            entry = self._index.get(keypair.local_index)
+            if entry is not None and entry[1] is keypair:
+                del self._index[keypair.local_index]
+
+    def random_below(self, bound: int) -> int:
+        return int.from_bytes(self._rng(4), "little") % bound
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+    def on_endpoint_changed(self, peer: Peer, endpoint: Endpoint) -> None:
+        self.events.append(EndpointChanged(peer, endpoint))
+
+    def count_drop(self, reason: str) -> None:
+        self.drops[reason] += 1
+
+
+def _ip_length(packet: bytearray, size: int) -> int:
+    """The IP packet's own length (padding removed), or 0 if malformed."""
+    version = packet[0] >> 4
+    if version == 4 and size >= 20:
+        length = (packet[2] << 8) | packet[3]
+        return length if 20 <= length <= size else 0
+    if version == 6 and size >= 40:
+        length = 40 + ((packet[4] << 8) | packet[5])
+        return length if length <= size else 0
+    return 0

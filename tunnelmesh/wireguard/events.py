@@ -1,0 +1,39 @@
+"""What the protocol core tells its caller happened, besides bytes to send.
+
+The daemon turns these into log lines, status and control-socket events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Hashable, Union
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted:
+    peer: Peer
+    initiator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeGaveUp:
+    """No answer for REKEY_ATTEMPT_TIME; staged packets were dropped."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class KeysZeroed:
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointChanged:
+    peer: Peer
+    endpoint: Hashable
+
+
+Event = Union[HandshakeCompleted, HandshakeGaveUp, KeysZeroed, EndpointChanged]

@@ -1,0 +1,471 @@
+"""One WireGuard peer: handshake state, keypairs, staged packets and timers.
+
+Outbound flow (the caller holds a packet read from the TUN device):
+
+1. `Device.route` picks the peer whose allowed IPs hold the destination.
+2. `Peer.encrypt` seals the packet with the current keypair into the caller's
+   buffer and returns the datagram length; without a usable keypair the
+   packet is staged (at most MAX_STAGED_PACKETS) and a handshake starts.
+3. Sealing may also start a rekey: the session's initiator rekeys after
+   REKEY_AFTER_TIME or REKEY_AFTER_MESSAGES.
+4. Anything the peer must send on its own (handshake messages, keepalives,
+   staged packets once a session exists) is appended to `Device.transmits`.
+
+Keypair rotation follows wireguard-go: an initiator uses a new keypair at
+once (previous <- current <- new); a responder keeps it as `next` and sends
+nothing on it until the first packet arrives on it (key confirmation).
+
+Timers are deadlines (monotonic seconds, None when unset), changed only by the
+`_timers_*` hooks named after protocol events and fired only by the
+`_expired_*` handlers, as in wireguard-go's timers.go. `get_timer` returns the
+earliest deadline; `handle_timer(now, wall)` runs whatever is due.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Any, Hashable
+
+from .constants import (
+    KEEPALIVE_TIMEOUT,
+    MAX_HANDSHAKE_ATTEMPTS,
+    MAX_STAGED_PACKETS,
+    PADDING_MULTIPLE,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_ON_RECEIVE_AGE,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    TAG_SIZE,
+    TRANSPORT_HEADER_SIZE,
+    ZERO_KEYS_AFTER,
+)
+from .cookie import CookieGenerator
+from .crypto import dh, tai64n
+from .events import HandshakeCompleted, HandshakeGaveUp, KeysZeroed
+from .keypair import Keypair
+from .messages import TRANSPORT_HEADER
+from .noise import ConsumedInitiation, NoiseState, create_initiation, create_response, derive_keys
+
+if TYPE_CHECKING:
+    from .device import Device
+
+Endpoint = Hashable
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_NO_HANDSHAKE = 0
+_INITIATION_SENT = 1
+_ZERO_PAD = bytes(PADDING_MULTIPLE)
+_NONCE_PREFIX = b"\x00\x00\x00\x00"
+
+
+class Peer:
+    def __init__(
+        self,
+        device: Device,
+        public_key: bytes,
+        *,
+        preshared_key: bytes,
+        allowed_ips: tuple[IPNetwork, ...] = (),
+        endpoint: Endpoint | None = None,
+        persistent_keepalive: float = 0.0,
+        tag: Any = None,
+    ) -> None:
+        if len(public_key) != 32 or len(preshared_key) != 32:
+            raise ValueError("public key and pre-shared key must be 32 bytes")
+        self.device = device
+        self.public_key = public_key
+        self.preshared_key = preshared_key
+        self.allowed_ips = allowed_ips
+        self.endpoint = endpoint
+        self.persistent_keepalive = persistent_keepalive
+        self.tag = tag  # the caller's handle for this peer (name, config, ...)
+        self.cookie = CookieGenerator(public_key)
+        self.static_static = dh(device.static_private, public_key)
+        self._hosts: frozenset[bytes] = frozenset(n.network_address.packed for n in allowed_ips if n.prefixlen == n.max_prefixlen)
+        self._networks = tuple(
+            (n.version, int(n.network_address), int(n.netmask)) for n in allowed_ips if n.prefixlen != n.max_prefixlen
+        )
+
+        # Handshake state.
+        self._hs_stage = _NO_HANDSHAKE
+        self._hs_noise: NoiseState | None = None
+        self._hs_index = 0
+        self.last_timestamp = b"\x00" * 12  # greatest TAI64N consumed, against replay
+        self.last_initiation_consumed = float("-inf")
+        self.last_sent_handshake = float("-inf")
+
+        # Keypairs.
+        self.previous: Keypair | None = None
+        self.current: Keypair | None = None
+        self.next: Keypair | None = None
+        self.staged: deque[bytes] = deque()
+        self._nonce = bytearray(12)
+
+        # Timer deadlines.
+        self.t_retransmit: float | None = None
+        self.t_send_keepalive: float | None = None
+        self.t_new_handshake: float | None = None
+        self.t_zero_keys: float | None = None
+        self.t_persistent_keepalive: float | None = None
+        self.need_another_keepalive = False
+        self.handshake_attempts = 0
+        self.sent_last_minute_handshake = False
+
+        # What `status` shows.
+        self.last_handshake: float | None = None  # monotonic
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.tag!r}>"
+
+    # --- outbound data path ------------------------------------------------
+
+    def encrypt(self, buf: bytearray, length: int, out: bytearray, now: float, wall: float) -> int:
+        """Seal the `length`-byte packet at the start of `buf` into `out`.
+
+        `buf` must have room for up to 15 padding bytes after the packet, and
+        `out` for 32 + padded length. Returns the datagram length, or 0 when
+        the packet was staged because no session is ready yet.
+        """
+        kp = self.current
+        if kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES or now - kp.created >= REJECT_AFTER_TIME:
+            self._stage(bytes(memoryview(buf)[:length]), now, wall)
+            return 0
+        mtu = self.device.mtu
+        padded = (length + PADDING_MULTIPLE - 1) & ~(PADDING_MULTIPLE - 1)
+        if padded > mtu:
+            padded = length if length > mtu else mtu
+        if padded != length:
+            buf[length:padded] = _ZERO_PAD[: padded - length]
+        size = self._seal(kp, memoryview(buf)[:padded], out)
+        self._after_send(kp, length, size, now, wall)
+        return size
+
+    def _seal(self, kp: Keypair, plaintext: memoryview | bytes, out: bytearray) -> int:
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        TRANSPORT_HEADER.pack_into(out, 0, 4, kp.remote_index, counter)
+        nonce = self._nonce
+        struct.pack_into("<Q", nonce, 4, counter)
+        end = TRANSPORT_HEADER_SIZE + len(plaintext) + TAG_SIZE
+        kp.sender.encrypt_into(nonce, plaintext, None, memoryview(out)[TRANSPORT_HEADER_SIZE:end])
+        return end
+
+    def _after_send(self, kp: Keypair, length: int, size: int, now: float, wall: float) -> None:
+        self.tx_bytes += size
+        self._timers_any_authenticated_packet_traversal(now)
+        self._timers_any_authenticated_packet_sent()
+        if length:
+            self._timers_data_sent(now)
+        if kp.initiator and (kp.send_counter >= REKEY_AFTER_MESSAGES or now - kp.created >= REKEY_AFTER_TIME):
+            self.send_handshake_initiation(now, wall)
+
+    def _send_payload(self, payload: bytes, now: float, wall: float) -> bool:
+        """Seal and queue a packet that does not come from the caller's buffers
+        (keepalives, staged packets). Returns False if no keypair is usable."""
+        kp = self.current
+        if kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES or now - kp.created >= REJECT_AFTER_TIME:
+            return False
+        mtu = self.device.mtu
+        padded = min((len(payload) + PADDING_MULTIPLE - 1) & ~(PADDING_MULTIPLE - 1), max(mtu, len(payload)))
+        plaintext = payload + bytes(padded - len(payload))
+        out = bytearray(TRANSPORT_HEADER_SIZE + padded + TAG_SIZE)
+        size = self._seal(kp, plaintext, out)
+        self.device.queue_transmit(self, bytes(out))
+        self._after_send(kp, len(payload), size, now, wall)
+        return True
+
+    def send_keepalive(self, now: float, wall: float) -> None:
+        """An empty transport message; starts a handshake if there is no session."""
+        if self.staged:
+            self._flush_staged(now, wall)
+            return
+        if not self._send_payload(b"", now, wall):
+            self.send_handshake_initiation(now, wall)
+
+    def _stage(self, packet: bytes, now: float, wall: float) -> None:
+        staged = self.staged
+        if len(staged) >= MAX_STAGED_PACKETS:
+            staged.popleft()
+            self.device.count_drop("staged queue full")
+        staged.append(packet)
+        self.send_handshake_initiation(now, wall)
+
+    def _flush_staged(self, now: float, wall: float) -> None:
+        staged = self.staged
+        while staged:
+            if not self._send_payload(staged[0], now, wall):
+                self.send_handshake_initiation(now, wall)
+                return
+            staged.popleft()
+
+    # --- handshake -----------------------------------------------------------
+
+    def send_handshake_initiation(self, now: float, wall: float, *, retry: bool = False) -> None:
+        if not retry:
+            self.handshake_attempts = 0
+        if now - self.last_sent_handshake < REKEY_TIMEOUT:
+            return
+        self.last_sent_handshake = now
+        device = self.device
+        ephemeral = device.new_ephemeral()
+        device.release_index(self._hs_index)
+        self._hs_index = device.allocate_index(self, None)
+        body, noise = create_initiation(
+            local_static_private=device.static_private,
+            local_static_public=device.static_public,
+            remote_static=self.public_key,
+            static_static=self.static_static,
+            sender=self._hs_index,
+            timestamp=tai64n(wall),
+            ephemeral_private=ephemeral,
+        )
+        self._hs_noise = noise
+        self._hs_stage = _INITIATION_SENT
+        device.queue_transmit(self, self.cookie.add_macs(body, now))
+        self._timers_any_authenticated_packet_traversal(now)
+        self._timers_any_authenticated_packet_sent()
+        self._timers_handshake_initiated(now)
+
+    def pending_initiation(self, index: int) -> NoiseState | None:
+        """The Noise state of our outstanding initiation with this index."""
+        if self._hs_stage == _INITIATION_SENT and self._hs_index == index:
+            return self._hs_noise
+        return None
+
+    def on_response(self, noise: NoiseState, remote_index: int, source: Endpoint, now: float, wall: float) -> None:
+        """Our initiation was answered: the new keypair is current at once."""
+        send_key, receive_key = derive_keys(noise, initiator=True)
+        local_index = self._hs_index
+        self._clear_handshake(keep_index=True)
+        kp = Keypair(self, send_key, receive_key, local_index=local_index, remote_index=remote_index, created=now, initiator=True)
+        self.device.set_index(local_index, self, kp)
+        self._set_endpoint(source)
+        self._timers_any_authenticated_packet_traversal(now)
+        self._timers_any_authenticated_packet_received()
+        self._begin_session(kp, now)
+        self._timers_handshake_complete(now, initiator=True)
+        # Key confirmation: the responder waits for a packet on this keypair.
+        if self.staged:
+            self._flush_staged(now, wall)
+        else:
+            self._send_payload(b"", now, wall)
+
+    def check_initiation(self, timestamp: bytes, now: float) -> str | None:
+        """Why an authenticated initiation must be ignored, or None."""
+        if timestamp <= self.last_timestamp:
+            return "replayed or old initiation timestamp"
+        if now - self.last_initiation_consumed <= 1 / 50:
+            return "initiation flood (over 50/s from one peer)"
+        return None
+
+    def answer_initiation(self, consumed: ConsumedInitiation, remote_index: int, source: Endpoint, now: float) -> None:
+        """Answer an authenticated initiation. The new keypair waits in `next`
+        until the initiator's first packet confirms it."""
+        device = self.device
+        self.last_timestamp = consumed.timestamp
+        self.last_initiation_consumed = max(self.last_initiation_consumed, now)
+        self._clear_handshake(keep_index=False)
+        local_index = device.allocate_index(self, None)
+        body, noise = create_response(
+            consumed.state,
+            remote_static=consumed.remote_static,
+            remote_ephemeral=consumed.remote_ephemeral,
+            preshared_key=self.preshared_key,
+            sender=local_index,
+            receiver=remote_index,
+            ephemeral_private=device.new_ephemeral(),
+        )
+        send_key, receive_key = derive_keys(noise, initiator=False)
+        kp = Keypair(self, send_key, receive_key, local_index=local_index, remote_index=remote_index, created=now, initiator=False)
+        device.set_index(local_index, self, kp)
+        self._set_endpoint(source)
+        self._begin_session(kp, now)
+        self._timers_any_authenticated_packet_traversal(now)
+        self._timers_any_authenticated_packet_received()
+        device.queue_transmit(self, self.cookie.add_macs(body, now))
+        self._timers_any_authenticated_packet_sent()
+
+    def _clear_handshake(self, *, keep_index: bool) -> None:
+        if not keep_index:
+            self.device.release_index(self._hs_index)
+        self._hs_index = 0
+        self._hs_noise = None
+        self._hs_stage = _NO_HANDSHAKE
+
+    def _begin_session(self, kp: Keypair, now: float) -> None:
+        release = self.device.release_keypair
+        if kp.initiator:
+            if self.next is not None:
+                release(self.previous)
+                release(self.current)
+                self.previous, self.next = self.next, None
+            else:
+                release(self.previous)
+                self.previous = self.current
+            self.current = kp
+        else:
+            release(self.next)
+            release(self.previous)
+            self.next, self.previous = kp, None
+        self._timers_session_derived(now)
+
+    def on_confirmed(self, kp: Keypair, now: float, wall: float) -> None:
+        """First packet on the `next` keypair: it becomes current."""
+        self.device.release_keypair(self.previous)
+        self.previous, self.current, self.next = self.current, kp, None
+        self._timers_handshake_complete(now, initiator=False)
+        self._flush_staged(now, wall)
+
+    def on_transport(self, kp: Keypair, source: Endpoint, size: int, data: bool, now: float, wall: float) -> None:
+        """Bookkeeping for an authenticated, non-replayed transport message."""
+        if kp is self.next:
+            self.on_confirmed(kp, now, wall)
+        if source != self.endpoint:
+            self._set_endpoint(source)
+        self.rx_bytes += size
+        current = self.current
+        if (
+            current is not None
+            and current.initiator
+            and not self.sent_last_minute_handshake
+            and now - current.created > REKEY_ON_RECEIVE_AGE
+        ):
+            self.sent_last_minute_handshake = True
+            self.send_handshake_initiation(now, wall)
+        self._timers_any_authenticated_packet_traversal(now)
+        self._timers_any_authenticated_packet_received()
+        if data:
+            self._timers_data_received(now)
+
+    def _set_endpoint(self, source: Endpoint) -> None:
+        if source is not None and source != self.endpoint:
+            self.endpoint = source
+            self.device.on_endpoint_changed(self, source)
+
+    def allows_source(self, packet: memoryview | bytearray, length: int) -> bool:
+        """Cryptokey routing on receive: the inner source must be one of the
+        peer's allowed IPs."""
+        version = packet[0] >> 4
+        if version == 4:
+            src = bytes(packet[12:16])
+        elif version == 6 and length >= 40:
+            src = bytes(packet[8:24])
+        else:
+            return False
+        if src in self._hosts:
+            return True
+        value = int.from_bytes(src, "big")
+        for net_version, network, mask in self._networks:
+            if net_version == version and value & mask == network:
+                return True
+        return False
+
+    def zero_keys(self) -> None:
+        release = self.device.release_keypair
+        release(self.previous)
+        release(self.current)
+        release(self.next)
+        self.previous = self.current = self.next = None
+        self._clear_handshake(keep_index=False)
+        self.staged.clear()
+
+    # --- timers --------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        deadlines = [
+            t
+            for t in (self.t_retransmit, self.t_send_keepalive, self.t_new_handshake, self.t_zero_keys, self.t_persistent_keepalive)
+            if t is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float, wall: float) -> None:
+        if self.t_retransmit is not None and now >= self.t_retransmit:
+            self.t_retransmit = None
+            self._expired_retransmit_handshake(now, wall)
+        if self.t_send_keepalive is not None and now >= self.t_send_keepalive:
+            self.t_send_keepalive = None
+            self._expired_send_keepalive(now, wall)
+        if self.t_new_handshake is not None and now >= self.t_new_handshake:
+            self.t_new_handshake = None
+            self._expired_new_handshake(now, wall)
+        if self.t_zero_keys is not None and now >= self.t_zero_keys:
+            self.t_zero_keys = None
+            self._expired_zero_keys()
+        if self.t_persistent_keepalive is not None and now >= self.t_persistent_keepalive:
+            self.t_persistent_keepalive = None
+            self._expired_persistent_keepalive(now, wall)
+
+    def _jitter(self) -> float:
+        return self.device.random_below(int(REKEY_TIMEOUT_JITTER_MAX * 1000)) / 1000
+
+    def _expired_retransmit_handshake(self, now: float, wall: float) -> None:
+        if self.handshake_attempts > MAX_HANDSHAKE_ATTEMPTS:
+            self.t_send_keepalive = None
+            self.staged.clear()
+            if self.t_zero_keys is None:
+                self.t_zero_keys = now + ZERO_KEYS_AFTER
+            self.device.emit(HandshakeGaveUp(self))
+            return
+        self.handshake_attempts += 1
+        self.send_handshake_initiation(now, wall, retry=True)
+
+    def _expired_send_keepalive(self, now: float, wall: float) -> None:
+        self.send_keepalive(now, wall)
+        if self.need_another_keepalive:
+            self.need_another_keepalive = False
+            self.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+
+    def _expired_new_handshake(self, now: float, wall: float) -> None:
+        self.send_handshake_initiation(now, wall)
+
+    def _expired_zero_keys(self) -> None:
+        self.zero_keys()
+        self.device.emit(KeysZeroed(self))
+
+    def _expired_persistent_keepalive(self, now: float, wall: float) -> None:
+        if self.persistent_keepalive > 0:
+            self.send_keepalive(now, wall)
+
+    def _timers_data_sent(self, now: float) -> None:
+        if self.t_new_handshake is None:
+            self.t_new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
+
+    def _timers_data_received(self, now: float) -> None:
+        if self.t_send_keepalive is None:
+            self.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+        else:
+            self.need_another_keepalive = True
+
+    def _timers_any_authenticated_packet_sent(self) -> None:
+        self.t_send_keepalive = None
+
+    def _timers_any_authenticated_packet_received(self) -> None:
+        self.t_new_handshake = None
+
+    def _timers_handshake_initiated(self, now: float) -> None:
+        self.t_retransmit = now + REKEY_TIMEOUT + self._jitter()
+
+    def _timers_handshake_complete(self, now: float, *, initiator: bool) -> None:
+        self.t_retransmit = None
+        self.handshake_attempts = 0
+        self.sent_last_minute_handshake = False
+        self.last_handshake = now
+        self.device.emit(HandshakeCompleted(self, initiator))
+
+    def _timers_session_derived(self, now: float) -> None:
+        self.t_zero_keys = now + ZERO_KEYS_AFTER
+
+    def _timers_any_authenticated_packet_traversal(self, now: float) -> None:
+        if self.persistent_keepalive > 0:
+            self.t_persistent_keepalive = now + self.persistent_keepalive
+
+
+__all__ = ["Peer", "Endpoint"]
