@@ -1,0 +1,133 @@
+"""The control actor: a Unix socket inside the state directory (mode 0600),
+speaking JSON lines. The CLI and the TUI reach the daemon only through it.
+
+Request:  {"cmd": "status" | "peers" | "ping" | "down" | "events", ...}
+Reply:    {"ok": true, "result": ...} or {"ok": false, "error": "..."}
+`events` keeps the connection open and streams one JSON object per event.
+Nothing secret is ever put in a reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from .runtime import Actor
+
+log = logging.getLogger("tunnelmesh.control")
+
+MAX_REQUEST = 64 * 1024
+EVENT_QUEUE = 256
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class EventBus:
+    """Fan-out of daemon events to `events` subscribers; a slow subscriber
+    loses events (counted) rather than slowing the daemon."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.dropped = 0
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for queue in self._subscribers:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self.dropped += 1
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_QUEUE)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self._subscribers.discard(queue)
+
+
+class ControlServer(Actor):
+    name = "control"
+    policy = "fatal"
+
+    def __init__(self, path: Path, handlers: dict[str, Handler], bus: EventBus) -> None:
+        super().__init__()
+        self.path = path
+        self.handlers = handlers
+        self.bus = bus
+        self._server: asyncio.AbstractServer | None = None
+
+    async def run(self) -> None:
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()
+        old_umask = os.umask(0o177)  # the socket is created 0600
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        async with self._server:
+            await self._server.serve_forever()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await _send(writer, {"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"})
+                    return
+                if not line:
+                    return
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                        raise ValueError("a request is a JSON object with a string 'cmd'")
+                except ValueError as exc:
+                    await _send(writer, {"ok": False, "error": f"bad request: {exc}"})
+                    continue
+                if request["cmd"] == "events":
+                    await self._stream_events(writer)
+                    return
+                handler = self.handlers.get(request["cmd"])
+                if handler is None:
+                    await _send(writer, {"ok": False, "error": f"unknown command {request['cmd']!r}; known: {', '.join(sorted(self.handlers))}, events"})
+                    continue
+                try:
+                    result = await handler(request)
+                except Exception as exc:  # the client gets the reason; the daemon lives on
+                    log.debug("control %s failed", request["cmd"], exc_info=True)
+                    await _send(writer, {"ok": False, "error": str(exc)})
+                    continue
+                await _send(writer, {"ok": True, "result": result})
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _stream_events(self, writer: asyncio.StreamWriter) -> None:
+        queue = self.bus.subscribe()
+        try:
+            await _send(writer, {"ok": True, "result": "subscribed"})
+            while True:
+                await _send(writer, await queue.get())
+        finally:
+            self.bus.unsubscribe(queue)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+    writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    await writer.drain()

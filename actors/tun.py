@@ -1,0 +1,76 @@
+"""The TUN device edge: create it with an ioctl, configure it with pyroute2.
+
+Closing the file descriptor of a non-persistent TUN device removes the
+interface, and the kernel removes its addresses and routes with it, so
+shutdown (or a crash) leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import struct
+from collections.abc import Iterable
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+TUN_PATH = "/dev/net/tun"
+
+
+class TunError(Exception):
+    """Creating or configuring the TUN device failed; the message says what to do."""
+
+
+class TunDevice:
+    def __init__(self, name: str, fd: int) -> None:
+        self.name = name
+        self.fd = fd
+
+    @classmethod
+    def create(cls, name: str) -> TunDevice:
+        try:
+            fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise TunError(
+                f"{TUN_PATH} does not exist: load the tun module (modprobe tun), "
+                "or give a container --device /dev/net/tun"
+            ) from None
+        except PermissionError:
+            raise TunError(f"cannot open {TUN_PATH}: tunnelmesh needs root or CAP_NET_ADMIN") from None
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno == errno.EPERM:
+                raise TunError(f"creating interface {name} was refused: tunnelmesh needs root or CAP_NET_ADMIN") from None
+            if exc.errno == errno.EBUSY:
+                raise TunError(f"interface {name} is in use (is another tunnelmesh running?); set `interface` in the config") from None
+            raise TunError(f"creating interface {name} failed: {exc.strerror}") from None
+        return cls(name, fd)
+
+    async def configure(
+        self, address: ipaddress.IPv4Interface, mtu: int, routes: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    ) -> None:
+        try:
+            async with AsyncIPRoute() as ipr:
+                index = (await ipr.link_lookup(ifname=self.name))[0]
+                await ipr.link("set", index=index, mtu=mtu)
+                await ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+                await ipr.link("set", index=index, state="up")
+                for route in routes:
+                    if route.subnet_of(address.network):  # type: ignore[arg-type]
+                        continue  # already routed by the interface's own prefix
+                    await ipr.route("replace", dst=str(route), oif=index)
+        except NetlinkError as exc:
+            raise TunError(f"configuring {self.name} failed: {os.strerror(exc.code)}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,5 @@
+import sys
+
+from tunnelmesh.cli import main
+
+sys.exit(main())

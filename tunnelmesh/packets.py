@@ -1,0 +1,41 @@
+"""Building and reading the few IP packets the daemon makes itself (the
+in-tunnel ping). Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+ICMP = 1
+ICMP_ECHO_REPLY = 0
+ICMP_ECHO_REQUEST = 8
+
+
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071)."""
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def icmp_echo(src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address, ident: int, seq: int, payload: bytes, *, reply: bool = False) -> bytes:
+    kind = ICMP_ECHO_REPLY if reply else ICMP_ECHO_REQUEST
+    icmp = struct.pack("!BBHHH", kind, 0, 0, ident, seq) + payload
+    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), ident, 0, 64, ICMP, 0, src.packed, dst.packed)
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    return header + icmp
+
+
+def echo_reply_key(packet: bytes | bytearray | memoryview, length: int) -> tuple[int, int] | None:
+    """(identifier, sequence) if the packet is an IPv4 ICMP echo reply."""
+    if length < 28 or packet[0] >> 4 != 4 or packet[9] != ICMP:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    if length < ihl + 8 or packet[ihl] != ICMP_ECHO_REPLY:
+        return None
+    ident, seq = struct.unpack_from("!HH", packet, ihl + 4)
+    return ident, seq
