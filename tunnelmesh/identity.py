@@ -1,0 +1,779 @@
+"""A node's mesh identity, derived from an SSH key.
+
+Theory of operation
+===================
+
+A node is known by an SSH public key (Ed25519 or RSA). Its WireGuard (X25519) static
+key is *derived* from that SSH key, with one derivation for every key type and every
+source, so a key gives the same mesh identity whether it is read from a file or used
+through ssh-agent (which never hands out private keys, only signatures):
+
+1. The SSH key signs a fixed challenge, wrapped in the SSHSIG envelope of OpenSSH's
+   PROTOCOL.sshsig under a namespace of our own, so the signature can never be one
+   that an SSH login or ``git``/``ssh-keygen -Y`` signing would ask for::
+
+       signed = b"SSHSIG" || string(namespace) || string(b"")      # reserved
+                          || string(b"sha512") || string(SHA-512(message))
+
+   ``string(x)`` is SSH's uint32 big-endian length followed by ``x``.
+   namespace = ``KEY_NAMESPACE`` = "tunnelmesh-key-v1@tunnelmesh",
+   message   = ``KEY_MESSAGE``  = b"tunnelmesh: derive the X25519 static key of this
+   SSH key, version 1".
+2. ``static_private = HKDF-SHA256(ikm=raw signature, salt=absent (RFC 5869: 32 zero
+   bytes), info=KEY_KDF_INFO=b"tunnelmesh x25519 v1", length=32)``. The raw signature
+   is the signature without its algorithm name: the 64-byte Ed25519 signature, or the
+   RSA PKCS#1 v1.5 signature made with ``rsa-sha2-256`` (never another algorithm).
+   The 32 bytes are stored as they are; X25519 clamping is the X25519 library's job.
+3. The X25519 public key travels with an *attestation*: the SSH signature blob
+   (``string(alg) || string(sig)``) over the SSHSIG envelope with namespace
+   ``ATTEST_NAMESPACE`` = "tunnelmesh-attest-v1@tunnelmesh" and message
+   ``ATTEST_PREFIX + wg_public_key`` = b"tunnelmesh attest v1\\x00" + 32 bytes.
+   Peers check it against the SSH public key (``PublicIdentity.verify``) before
+   trusting the X25519 key.
+
+Why it works: Ed25519 and RSA PKCS#1 v1.5 signatures are deterministic, so the same key
+always gives the same signature, from a file or from the agent. ECDSA and DSA signatures
+are randomized, FIDO ``sk-*`` signatures carry a counter and touch flags: all refused,
+with a message that says how to make a key that works. Every derivation signs the
+challenge twice and refuses a signer whose two answers differ.
+
+Rules
+=====
+
+- The signature over the key challenge *is* the mesh private key. It, the derived key,
+  private SSH keys and passphrases never appear in a log, an exception message or a
+  repr. Errors from asyncssh are replaced by our own fixed wording (``from None``), since
+  their text is not ours to vet.
+- ``NodeIdentity.sign`` refuses our reserved namespaces (``tunnelmesh-key-*`` and
+  ``tunnelmesh-attest-*``): otherwise whoever can ask this node to sign (a coordinator,
+  a relay challenge) could obtain its mesh private key or an attestation for an X25519
+  key of their choosing.
+- RSA signatures are made and accepted only as ``rsa-sha2-256`` (the agent is asked with
+  flag ``SSH_AGENT_RSA_SHA2_256`` and its answer checked). RSA moduli must have 2048 to
+  16384 bits.
+- Anyone who can use the ssh-agent socket -- including any host reached with agent
+  forwarding while the agent holds the key -- can derive the mesh key of every agent key.
+  Prefer the host key or a dedicated key file for a daemon; forward agents only to
+  trusted hosts.
+- ``ssh-keygen -Y sign -n tunnelmesh-key-v1@tunnelmesh`` run on the challenge would
+  print the mesh private key's seed: do not sign arbitrary files in our namespaces.
+- Python cannot wipe ``bytes``; secrets live as long as the objects holding them.
+
+Identity line (``PublicIdentity.to_line``), standard base64 with padding::
+
+    <ssh-type> <ssh-key-b64> wg=<x25519-public-b64> att=<attestation-b64>
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import getpass
+import hashlib
+import hmac
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Protocol
+
+import asyncssh
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "ATTEST_NAMESPACE",
+    "ATTEST_PREFIX",
+    "DEFAULT_HOST_KEY",
+    "IdentityError",
+    "KEY_KDF_INFO",
+    "KEY_MESSAGE",
+    "KEY_NAMESPACE",
+    "NodeIdentity",
+    "PASSPHRASE_ENV",
+    "PublicIdentity",
+    "fingerprint_of",
+    "load_identity",
+    "load_identity_agent",
+    "load_identity_file",
+    "verify_sshsig",
+]
+
+# --- Constants of the derivation (changing any of them changes every mesh key) -------
+
+KEY_NAMESPACE = "tunnelmesh-key-v1@tunnelmesh"
+KEY_MESSAGE = b"tunnelmesh: derive the X25519 static key of this SSH key, version 1"
+KEY_KDF_INFO = b"tunnelmesh x25519 v1"
+ATTEST_NAMESPACE = "tunnelmesh-attest-v1@tunnelmesh"
+ATTEST_PREFIX = b"tunnelmesh attest v1\x00"
+
+# --- PROTOCOL.sshsig ------------------------------------------------------------------
+
+SSHSIG_MAGIC = b"SSHSIG"
+SSHSIG_VERSION = 1
+SSHSIG_HASH = b"sha512"  # the only message hash we make or accept
+
+# Namespaces NodeIdentity.sign refuses: signing in them would give away the mesh key
+# (key-*) or vouch for someone else's X25519 key (attest-*), in this or a later version.
+_RESERVED_NAMESPACE_PREFIXES = ("tunnelmesh-key-", "tunnelmesh-attest-")
+
+# --- Policy -------------------------------------------------------------------------
+
+DEFAULT_HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
+PASSPHRASE_ENV = "TUNNELMESH_KEY_PASSPHRASE"
+RSA_MIN_BITS = 2048
+RSA_MAX_BITS = 16384  # OpenSSH's limit; also bounds the cost of checking a hostile key
+
+_ED25519 = "ssh-ed25519"
+_RSA = "ssh-rsa"
+# Key type -> the one signature algorithm we make and accept for it.
+_SIG_ALG = {_ED25519: b"ssh-ed25519", _RSA: b"rsa-sha2-256"}
+_SSH_AGENT_RSA_SHA2_256 = 2  # agent sign-request flag (draft-miller-ssh-agent)
+
+_HOW_TO_MAKE_ONE = (
+    "TunnelMesh needs an Ed25519 or RSA SSH key (their signatures are deterministic); "
+    "make one with: ssh-keygen -t ed25519 -f ~/.ssh/tunnelmesh_ed25519"
+)
+
+
+class IdentityError(Exception):
+    """Message is safe to show to a user (no key material)."""
+
+
+# --- SSH wire format --------------------------------------------------------------------
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+class _Reader:
+    """Strict reader of SSH wire strings; any malformation is an IdentityError."""
+
+    __slots__ = ("_data", "_pos", "_what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._pos = 0
+        self._what = what
+
+    def raw(self, n: int) -> bytes:
+        if n > len(self._data) - self._pos:
+            raise IdentityError(f"malformed {self._what}: truncated")
+        out = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def uint32(self) -> int:
+        return int(struct.unpack(">I", self.raw(4))[0])
+
+    def string(self) -> bytes:
+        return self.raw(self.uint32())
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise IdentityError(f"malformed {self._what}: trailing bytes")
+
+
+def _sshsig_signed_data(namespace: str, message: bytes) -> bytes:
+    """The bytes an SSH key actually signs for an SSHSIG signature (PROTOCOL.sshsig)."""
+    return (
+        SSHSIG_MAGIC
+        + _string(namespace.encode("utf-8"))
+        + _string(b"")
+        + _string(SSHSIG_HASH)
+        + _string(hashlib.sha512(message).digest())
+    )
+
+
+def _b64decode(text: str, what: str) -> bytes:
+    """Strict, canonical base64: one encoding per value, so lines cannot be malleated."""
+    try:
+        raw = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeError, ValueError):
+        raise IdentityError(f"malformed {what}: not base64") from None
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise IdentityError(f"malformed {what}: not canonical base64")
+    return raw
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _fingerprint_blob(blob: bytes) -> str:
+    # As OpenSSH prints it: SHA256: + unpadded standard base64 of SHA-256(key blob).
+    return "SHA256:" + _b64(hashlib.sha256(blob).digest()).rstrip("=")
+
+
+# --- Public keys ------------------------------------------------------------------------
+
+
+def _refusal(key_type: str) -> str:
+    """Why a key type cannot be an identity, and what to do instead."""
+    if key_type.endswith("-cert-v01@openssh.com"):
+        why = "SSH certificates are not identities; use the plain key they certify"
+    elif key_type.startswith("sk-"):
+        why = (
+            f"FIDO security-key ({key_type}) signatures include a counter and touch "
+            "flags, so they differ every time"
+        )
+    elif key_type.startswith("ecdsa-"):
+        why = f"ECDSA ({key_type}) signatures are randomized, so they differ every time"
+    elif key_type == "ssh-dss":
+        why = "DSA (ssh-dss) signatures are randomized, so they differ every time"
+    else:
+        why = f"key type {key_type!r} is not supported"
+    return f"{why}. {_HOW_TO_MAKE_ONE}"
+
+
+def _split_key_text(text: str, *, allow_comment: bool) -> tuple[str, bytes]:
+    """'<type> <base64> [comment]' -> (type, blob), with the blob's own type checked."""
+    fields = text.split()
+    if len(fields) < 2 or (len(fields) > 2 and not allow_comment):
+        raise IdentityError("malformed SSH public key: expected '<type> <base64>'")
+    key_type = fields[0]
+    blob = _b64decode(fields[1], "SSH public key")
+    reader = _Reader(blob, "SSH public key")
+    if reader.string() != key_type.encode("ascii", errors="replace"):
+        raise IdentityError("malformed SSH public key: type does not match the key")
+    return key_type, blob
+
+
+def _rsa_modulus_bits(blob: bytes) -> int:
+    reader = _Reader(blob, "RSA public key")
+    reader.string()  # "ssh-rsa"
+    reader.string()  # e
+    n = reader.string()
+    reader.end()
+    return int.from_bytes(n, "big").bit_length()
+
+
+def _check_key_type(key_type: str, blob: bytes) -> None:
+    """Raise the user-facing refusal unless this key can be a mesh identity."""
+    if key_type not in _SIG_ALG:
+        raise IdentityError(_refusal(key_type))
+    if key_type == _RSA:
+        bits = _rsa_modulus_bits(blob)
+        if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
+            raise IdentityError(
+                f"RSA key of {bits} bits refused: RSA keys need "
+                f"{RSA_MIN_BITS} to {RSA_MAX_BITS} bits. {_HOW_TO_MAKE_ONE}"
+            )
+
+
+def _decode_public(key_type: str, blob: bytes) -> asyncssh.SSHKey:
+    try:
+        return asyncssh.import_public_key(f"{key_type} {_b64(blob)}")
+    except Exception:  # asyncssh/cryptography raise many types for hostile input
+        raise IdentityError("malformed SSH public key: not a valid key") from None
+
+
+def _parse_identity_key(text: str) -> tuple[str, bytes, asyncssh.SSHKey]:
+    """A usable identity public key ('<type> <base64>'), fully checked."""
+    key_type, blob = _split_key_text(text, allow_comment=False)
+    _check_key_type(key_type, blob)
+    return key_type, blob, _decode_public(key_type, blob)
+
+
+def _raw_signature(sig_blob: bytes, key_type: str) -> bytes:
+    """The signature bytes inside an SSH signature blob, if its algorithm is ours."""
+    reader = _Reader(sig_blob, "SSH signature")
+    alg = reader.string()
+    raw = reader.string()
+    reader.end()
+    if alg != _SIG_ALG[key_type]:
+        raise IdentityError(
+            f"signature algorithm {alg.decode('ascii', errors='replace')!r} refused: "
+            f"{key_type} keys must sign with {_SIG_ALG[key_type].decode()}"
+        )
+    return raw
+
+
+def _check_signature(key_type: str, key: asyncssh.SSHKey, signed: bytes, sig_blob: bytes) -> None:
+    _raw_signature(sig_blob, key_type)  # structure and algorithm first
+    try:
+        ok = key.verify(signed, sig_blob)
+    except Exception:  # a hostile signature must only ever mean "invalid"
+        ok = False
+    if not ok:
+        raise IdentityError("signature does not verify")
+
+
+def fingerprint_of(ssh_public_key: str) -> str:
+    """OpenSSH's fingerprint ("SHA256:...") of '<type> <base64> [comment]'."""
+    if not isinstance(ssh_public_key, str):
+        raise IdentityError("malformed SSH public key: not text")
+    key_type, blob = _split_key_text(ssh_public_key, allow_comment=True)
+    _decode_public(key_type, blob)  # a fingerprint of garbage would look trustworthy
+    return _fingerprint_blob(blob)
+
+
+def verify_sshsig(ssh_public_key: str, signature: bytes, message: bytes, namespace: str) -> None:
+    """Check an SSHSIG signature (binary blob, PROTOCOL.sshsig) of `message` by the key.
+
+    Raises IdentityError unless the blob names this key and this namespace, uses SHA-512
+    and the key type's one signature algorithm, and the signature is valid. Compatible
+    with ``ssh-keygen -Y sign`` for Ed25519 keys (ssh-keygen signs RSA with SHA-512,
+    which we refuse).
+    """
+    key_type, blob, key = _parse_identity_key(ssh_public_key)
+    if not isinstance(signature, (bytes, bytearray)):
+        raise IdentityError("malformed SSHSIG signature: not bytes")
+    reader = _Reader(bytes(signature), "SSHSIG signature")
+    if reader.raw(len(SSHSIG_MAGIC)) != SSHSIG_MAGIC or reader.uint32() != SSHSIG_VERSION:
+        raise IdentityError("malformed SSHSIG signature: bad magic or version")
+    signer_blob = reader.string()
+    sig_namespace = reader.string()
+    reserved = reader.string()
+    hash_alg = reader.string()
+    sig_blob = reader.string()
+    reader.end()
+    if not hmac.compare_digest(signer_blob, blob):
+        raise IdentityError("SSHSIG signature is by another key")
+    if sig_namespace != namespace.encode("utf-8"):
+        raise IdentityError("SSHSIG signature is for another namespace")
+    if reserved != b"" or hash_alg != SSHSIG_HASH:
+        raise IdentityError("SSHSIG signature uses an unsupported hash or reserved field")
+    _check_signature(key_type, key, _sshsig_signed_data(namespace, message), sig_blob)
+
+
+@dataclass(frozen=True, slots=True)
+class PublicIdentity:
+    """What a node tells others: its SSH key, derived X25519 key, and the attestation."""
+
+    ssh_public_key: str  # "ssh-ed25519 AAAA..." (type + base64, no comment)
+    wg_public_key: bytes  # 32-byte X25519 public key
+    attestation: bytes  # SSH signature blob over the attestation message
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ssh_public_key, str):
+            raise IdentityError("malformed identity: SSH public key is not text")
+        if not isinstance(self.wg_public_key, bytes) or len(self.wg_public_key) != 32:
+            raise IdentityError("malformed identity: X25519 public key is not 32 bytes")
+        if not isinstance(self.attestation, bytes):
+            raise IdentityError("malformed identity: attestation is not bytes")
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.ssh_public_key)
+
+    def verify(self) -> None:
+        """Raise IdentityError unless the SSH key attests this X25519 key."""
+        key_type, _, key = _parse_identity_key(self.ssh_public_key)
+        try:
+            # Low-order points make every Diffie-Hellman with this peer all-zero.
+            X25519PrivateKey.from_private_bytes(bytes(32)).exchange(
+                X25519PublicKey.from_public_bytes(self.wg_public_key)
+            )
+        except ValueError:
+            raise IdentityError("X25519 public key refused: low-order point") from None
+        signed = _sshsig_signed_data(ATTEST_NAMESPACE, ATTEST_PREFIX + self.wg_public_key)
+        try:
+            _check_signature(key_type, key, signed, self.attestation)
+        except IdentityError as exc:
+            raise IdentityError(f"attestation of {self.fingerprint} is invalid: {exc}") from None
+
+    def to_line(self) -> str:
+        return (
+            f"{self.ssh_public_key} wg={_b64(self.wg_public_key)} att={_b64(self.attestation)}"
+        )
+
+    @classmethod
+    def from_line(cls, line: str) -> PublicIdentity:
+        """Parse AND verify an identity line; IdentityError for anything malformed."""
+        if not isinstance(line, str):
+            raise IdentityError("malformed identity line: not text")
+        fields = line.strip().split(" ")
+        if len(fields) != 4 or not fields[2].startswith("wg=") or not fields[3].startswith("att="):
+            raise IdentityError(
+                "malformed identity line: expected '<ssh-type> <ssh-b64> wg=<b64> att=<b64>'"
+            )
+        ssh_public_key = f"{fields[0]} {fields[1]}"
+        _split_key_text(ssh_public_key, allow_comment=False)  # shape before anything else
+        wg = _b64decode(fields[2][3:], "X25519 public key")
+        att = _b64decode(fields[3][4:], "attestation")
+        identity = cls(ssh_public_key, wg, att)
+        identity.verify()
+        return identity
+
+
+# --- Private side: signers --------------------------------------------------------------
+
+
+class _Signer(Protocol):
+    key_type: str
+    blob: bytes
+    source: str
+
+    async def sign(self, data: bytes) -> bytes:
+        """SSH signature blob (string(alg) || string(sig)) over `data`, alg checked."""
+        ...
+
+
+class _FileSigner:
+    """An SSH private key read from a file, held in this process."""
+
+    __slots__ = ("_key", "key_type", "blob", "source")
+
+    def __init__(self, key: asyncssh.SSHKey, key_type: str, blob: bytes, source: str) -> None:
+        self._key = key
+        self.key_type = key_type
+        self.blob = blob
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.key_type} from {self.source}>"
+
+    async def sign(self, data: bytes) -> bytes:
+        try:
+            sig = self._key.sign(data, _SIG_ALG[self.key_type])
+        except Exception:
+            raise IdentityError(f"signing with the key from {self.source} failed") from None
+        _raw_signature(sig, self.key_type)
+        return bytes(sig)
+
+
+class _AgentSigner:
+    """A key held by ssh-agent; one short connection per signature, so an identity is
+    not tied to one event loop and a restarted agent is picked up."""
+
+    __slots__ = ("_agent_path", "key_type", "blob", "source")
+
+    def __init__(self, agent_path: str, key_type: str, blob: bytes) -> None:
+        self._agent_path = agent_path
+        self.key_type = key_type
+        self.blob = blob
+        self.source = f"ssh-agent at {agent_path}"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.key_type} from {self.source}>"
+
+    async def sign(self, data: bytes) -> bytes:
+        # The agent's low-level sign with explicit flags: SSHAgentKeyPair.set_sig_algorithm
+        # ORs flags into the key pair, so it could end up asking for something else.
+        flags = _SSH_AGENT_RSA_SHA2_256 if self.key_type == _RSA else 0
+        sig: bytes | None = None
+        try:
+            async with asyncssh.connect_agent(self._agent_path) as agent:
+                sig = await agent.sign(self.blob, data, flags)
+        except (OSError, ValueError, EOFError):
+            pass  # explained below, outside the handler so asyncssh's error is not chained
+        if sig is None:
+            await self._explain_refusal()
+            raise AssertionError("unreachable: _explain_refusal always raises")
+        try:
+            _raw_signature(sig, self.key_type)
+        except IdentityError as exc:
+            raise IdentityError(f"ssh-agent at {self._agent_path} misbehaved: {exc}") from None
+        return bytes(sig)
+
+    async def _explain_refusal(self) -> None:
+        """The agent says only "failure"; find out which failure it was."""
+        fingerprint = _fingerprint_blob(self.blob)
+        keys = await _agent_keys(self._agent_path)  # raises if the agent is gone
+        if self.blob not in (blob for blob, _ in keys):
+            raise IdentityError(
+                f"key {fingerprint} is no longer in the ssh-agent at {self._agent_path} "
+                "(it expired -- added with ssh-add -t -- or was removed); add it again "
+                "with ssh-add"
+            ) from None
+        raise IdentityError(
+            f"ssh-agent at {self._agent_path} refused to sign with key {fingerprint}: "
+            "keys added with ssh-add -c need a confirmation that was denied or had no "
+            "askpass program to ask with; add the key again without -c"
+        ) from None
+
+
+# --- Private side: NodeIdentity ---------------------------------------------------------
+
+
+class NodeIdentity:
+    """This node's identity: the public part, the derived X25519 private key, and the
+    SSH key (in this process, or in ssh-agent) to sign with.
+
+    Anyone who can use the ssh-agent socket an agent identity comes from -- e.g. a host
+    reached with agent forwarding -- can derive the same mesh private key.
+    """
+
+    __slots__ = ("public", "static_private", "_signer")
+
+    def __init__(self, public: PublicIdentity, static_private: bytes, signer: _Signer) -> None:
+        self.public = public
+        self.static_private = static_private  # 32-byte X25519 private key
+        self._signer = signer
+
+    def __repr__(self) -> str:
+        # Never the private key: only what is public, and where the key lives.
+        return (
+            f"NodeIdentity({self.public.fingerprint} {self._signer.key_type} "
+            f"from {self._signer.source})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def fingerprint(self) -> str:
+        return self.public.fingerprint
+
+    async def sign(self, data: bytes, namespace: str) -> bytes:
+        """SSHSIG signature blob (PROTOCOL.sshsig binary form) of `data` by the SSH key.
+
+        Check it with `verify_sshsig`; armored, ``ssh-keygen -Y check-novalidate`` accepts
+        it too. Our own reserved namespaces are refused (see the module header).
+        """
+        if not namespace:
+            raise IdentityError("SSHSIG namespace must not be empty")
+        if namespace.startswith(_RESERVED_NAMESPACE_PREFIXES):
+            raise IdentityError(f"namespace {namespace!r} is reserved for key derivation")
+        sig_blob = await self._signer.sign(_sshsig_signed_data(namespace, data))
+        return (
+            SSHSIG_MAGIC
+            + struct.pack(">I", SSHSIG_VERSION)
+            + _string(self._signer.blob)
+            + _string(namespace.encode("utf-8"))
+            + _string(b"")
+            + _string(SSHSIG_HASH)
+            + _string(sig_blob)
+        )
+
+    @classmethod
+    async def _derive(cls, signer: _Signer) -> NodeIdentity:
+        challenge = _sshsig_signed_data(KEY_NAMESPACE, KEY_MESSAGE)
+        first = _raw_signature(await signer.sign(challenge), signer.key_type)
+        second = _raw_signature(await signer.sign(challenge), signer.key_type)
+        if not hmac.compare_digest(first, second):
+            # A signer that randomizes would give a new mesh key on every start.
+            raise IdentityError(
+                f"the key from {signer.source} gives a different signature each time, so "
+                f"it cannot define a stable mesh identity. {_HOW_TO_MAKE_ONE}"
+            )
+        static_private = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=KEY_KDF_INFO
+        ).derive(first)
+        wg_public = X25519PrivateKey.from_private_bytes(static_private).public_key()
+        wg_public_raw = wg_public.public_bytes_raw()
+        attestation = await signer.sign(
+            _sshsig_signed_data(ATTEST_NAMESPACE, ATTEST_PREFIX + wg_public_raw)
+        )
+        public = PublicIdentity(f"{signer.key_type} {_b64(signer.blob)}", wg_public_raw, attestation)
+        public.verify()  # a signer that signs with the wrong key is caught here, not by peers
+        return cls(public, static_private, signer)
+
+
+# --- Loading from a file ----------------------------------------------------------------
+
+
+def _read_passphrase_file(path: str | os.PathLike[str]) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot read passphrase file {os.fspath(path)}: {exc.strerror}"
+        ) from None
+    return data.rstrip(b"\r\n")  # editors add a final newline; it is not the passphrase
+
+
+def _get_passphrase(
+    path: str,
+    passphrase: str | None,
+    passphrase_file: str | os.PathLike[str] | None,
+    prompt: bool,
+) -> bytes | str:
+    """Explicit, then file, then an interactive prompt, then the environment."""
+    if passphrase is not None:
+        return passphrase
+    if passphrase_file is not None:
+        return _read_passphrase_file(passphrase_file)
+    if prompt and sys.stdin is not None and sys.stdin.isatty():
+        # Blocks the event loop, which only happens at interactive startup.
+        return getpass.getpass(f"Passphrase for {path}: ")
+    from_env = os.environ.pop(PASSPHRASE_ENV, None)  # scrubbed: children must not inherit it
+    if from_env is not None:
+        return from_env
+    raise IdentityError(
+        f"{path} is protected by a passphrase: give a passphrase file, run interactively, "
+        f"or as a last resort set {PASSPHRASE_ENV}"
+    )
+
+
+def _key_type_from_public_part(data: bytes) -> tuple[str, bytes] | None:
+    """The key's type and blob before decrypting, when the format shows them (OpenSSH
+    format and unencrypted PEM do), so a refused key type is refused before a prompt."""
+    try:
+        key = asyncssh.import_public_key(data)
+    except Exception:
+        return None
+    return key.algorithm.decode("ascii", errors="replace"), bytes(key.public_data)
+
+
+async def load_identity_file(
+    path: str | os.PathLike[str],
+    *,
+    passphrase: str | None = None,
+    passphrase_file: str | os.PathLike[str] | None = None,
+    prompt: bool = False,
+) -> NodeIdentity:
+    """The identity of an Ed25519 or RSA private key file (OpenSSH or PEM format)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        hint = ""
+        if path == DEFAULT_HOST_KEY and isinstance(exc, FileNotFoundError):
+            hint = " (create the host keys with `ssh-keygen -A`, or choose another key)"
+        raise IdentityError(f"cannot read SSH key {path}: {exc.strerror}{hint}") from None
+
+    for pem_type, key_type in ((b"EC", "ecdsa-sha2-*"), (b"DSA", "ssh-dss")):
+        if b"-----BEGIN " + pem_type + b" PRIVATE KEY-----" in data:
+            raise IdentityError(f"{path}: {_refusal(key_type)}")
+    early = _key_type_from_public_part(data)
+    if early is not None:
+        try:
+            _check_key_type(*early)
+        except IdentityError as exc:
+            raise IdentityError(f"{path}: {exc}") from None
+
+    encrypted = False
+    key: asyncssh.SSHKey | None = None
+    try:
+        key = asyncssh.import_private_key(data)
+    except asyncssh.KeyImportError as exc:
+        # The one asyncssh message we rely on; any other failure means "not a key".
+        encrypted = str(exc).startswith("Passphrase must be specified")
+    except Exception:
+        pass
+    if key is None and encrypted:
+        secret = _get_passphrase(path, passphrase, passphrase_file, prompt)
+        try:
+            key = asyncssh.import_private_key(data, secret)
+        except Exception:  # asyncssh says "incorrect passphrase" in several ways
+            raise IdentityError(f"wrong passphrase for {path}") from None
+        finally:
+            del secret
+    if key is None:
+        if early is not None and b"PRIVATE KEY" not in data:
+            raise IdentityError(f"cannot use {path}: it is a public key; give the private key file")
+        raise IdentityError(f"cannot use {path}: not an SSH private key in OpenSSH or PEM format")
+
+    key_type = key.algorithm.decode("ascii", errors="replace")
+    blob = bytes(key.public_data)
+    try:
+        _check_key_type(key_type, blob)
+    except IdentityError as exc:
+        raise IdentityError(f"{path}: {exc}") from None
+    return await NodeIdentity._derive(_FileSigner(key, key_type, blob, path))
+
+
+# --- Loading from ssh-agent -------------------------------------------------------------
+
+
+async def _agent_keys(agent_path: str) -> list[tuple[bytes, str]]:
+    """(key blob, key type) of every key the agent holds, certificates included."""
+    try:
+        async with asyncssh.connect_agent(agent_path) as agent:
+            keys = await agent.get_keys()
+    except (OSError, ValueError, EOFError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer"
+        raise IdentityError(
+            f"cannot reach ssh-agent at {agent_path}: {reason} (is the agent running? "
+            "start one with `eval \"$(ssh-agent -s)\"` and add a key with ssh-add)"
+        ) from None
+    return [(bytes(k.public_data), k.algorithm.decode("ascii", errors="replace")) for k in keys]
+
+
+def _selector_blob(selector: str) -> tuple[str, bytes | str]:
+    """('fp', fingerprint) or ('blob', key blob) for a selector."""
+    if selector.startswith("SHA256:"):
+        return "fp", selector
+    text = selector
+    if os.path.isfile(selector):  # a .pub file
+        try:
+            with open(selector, encoding="utf-8") as f:
+                lines = [ln for ln in f.read().splitlines() if ln.strip() and not ln.startswith("#")]
+        except (OSError, UnicodeError):
+            raise IdentityError(f"cannot read public key file {selector}") from None
+        if not lines:
+            raise IdentityError(f"no public key in {selector}")
+        text = lines[0]
+    try:
+        _, blob = _split_key_text(text, allow_comment=True)
+    except IdentityError:
+        raise IdentityError(
+            f"cannot select an agent key by {selector!r}: give a fingerprint (SHA256:...), "
+            "a public key line, or a .pub file"
+        ) from None
+    return "blob", blob
+
+
+async def load_identity_agent(
+    selector: str | None = None, *, agent_path: str | None = None
+) -> NodeIdentity:
+    """The identity of a key in ssh-agent (`agent_path`, else $SSH_AUTH_SOCK).
+
+    `selector` is a fingerprint "SHA256:...", a public key line or a .pub file; None
+    means the agent's only Ed25519/RSA key. Anyone who can use this agent socket (e.g. a
+    host reached with agent forwarding) can derive the same mesh private key.
+    """
+    path = agent_path or os.environ.get("SSH_AUTH_SOCK") or ""
+    if not path:
+        raise IdentityError(
+            "no ssh-agent: SSH_AUTH_SOCK is not set (start one with "
+            "`eval \"$(ssh-agent -s)\"` and add a key with ssh-add)"
+        )
+    keys = await _agent_keys(path)
+
+    if selector is None:
+        usable = [(b, t) for b, t in keys if t in _SIG_ALG]
+        if not usable:
+            held = ", ".join(f"{t} {_fingerprint_blob(b)}" for b, t in keys) or "no keys"
+            raise IdentityError(
+                f"the ssh-agent at {path} holds no Ed25519 or RSA key ({held}). "
+                f"{_HOW_TO_MAKE_ONE}, then ssh-add it"
+            )
+        if len(usable) > 1:
+            listed = ", ".join(f"{t} {_fingerprint_blob(b)}" for b, t in usable)
+            raise IdentityError(
+                f"the ssh-agent at {path} holds several usable keys ({listed}): "
+                "choose one with agent:<fingerprint>"
+            )
+        blob, key_type = usable[0]
+    else:
+        kind, want = _selector_blob(selector)
+        found = [
+            (b, t)
+            for b, t in keys
+            if (kind == "fp" and _fingerprint_blob(b) == want) or (kind == "blob" and b == want)
+        ]
+        if not found:
+            shown = want if kind == "fp" else _fingerprint_blob(want)  # type: ignore[arg-type]
+            raise IdentityError(
+                f"key {shown} is not in the ssh-agent at {path} (expired with ssh-add -t, "
+                "removed, or never added: ssh-add it)"
+            )
+        blob, key_type = found[0]
+
+    try:
+        _check_key_type(key_type, blob)
+    except IdentityError as exc:
+        raise IdentityError(f"agent key {_fingerprint_blob(blob)}: {exc}") from None
+    return await NodeIdentity._derive(_AgentSigner(path, key_type, blob))
+
+
+async def load_identity(
+    spec: str = DEFAULT_HOST_KEY, *, passphrase_file: str | os.PathLike[str] | None = None
+) -> NodeIdentity:
+    """`spec`: a key file path, "agent" or "agent:<selector>"; "" means DEFAULT_HOST_KEY.
+
+    A passphrase-protected file asks at the terminal when there is one.
+    """
+    if spec == "agent":
+        return await load_identity_agent(None)
+    if spec.startswith("agent:"):
+        return await load_identity_agent(spec[len("agent:") :] or None)
+    return await load_identity_file(
+        spec or DEFAULT_HOST_KEY, passphrase_file=passphrase_file, prompt=True
+    )
