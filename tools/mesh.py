@@ -1,0 +1,113 @@
+"""Build a static TunnelMesh mesh inside a `tools.lab.Lab`, the way a user
+would: `tunnelmesh init --static` on each node, `tunnelmesh id` pasted into
+the others' configs as `[[peers]]`, then `tunnelmesh up --detach`.
+
+Used by the demo, the end-to-end tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tools.lab import Lab, Node, Switch, clean_environment
+
+TUNNELMESH = [sys.executable, "-m", "tunnelmesh"]
+MESH_PREFIX = "100.100.0."
+
+
+@dataclass
+class MeshNode:
+    node: Node
+    underlay: str
+    mesh_ip: str
+    identity: str = ""
+    extra_peers: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def tm(self, *args: str, check: bool = True, timeout: float = 30) -> Any:
+        """Run `tunnelmesh --state-dir <this node's> args...` inside the node."""
+        return self.node.run(*TUNNELMESH, "--state-dir", str(self.node.state_dir), *args,
+                             check=check, timeout=timeout, env=clean_environment())
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.tm("status", "--json").stdout)
+
+    def up(self) -> None:
+        self.tm("up", "--detach", timeout=40)
+
+    def down(self, check: bool = True) -> None:
+        self.tm("down", check=check)
+
+    @property
+    def config_path(self) -> str:
+        return f"{self.node.state_dir}/tunnelmesh.toml"
+
+    def append_config(self, text: str) -> None:
+        with open(self.config_path, "a") as f:
+            f.write(text)
+
+
+def peer_block(name: str, *, identity: str | None = None, wireguard_public_key: str | None = None,
+               mesh_ip: str, endpoint: str | None = None, persistent_keepalive: int = 0) -> str:
+    lines = ["", "[[peers]]", f'name = "{name}"']
+    if identity is not None:
+        lines.append(f'identity = "{identity}"')
+    if wireguard_public_key is not None:
+        lines.append(f'wireguard_public_key = "{wireguard_public_key}"')
+    lines.append(f'mesh_ip = "{mesh_ip}"')
+    if endpoint is not None:
+        lines.append(f'endpoint = "{endpoint}"')
+    if persistent_keepalive:
+        lines.append(f"persistent_keepalive = {persistent_keepalive}")
+    return "\n".join(lines) + "\n"
+
+
+def build_static_mesh(lab: Lab, names: list[str], *, switch: Switch | None = None, start: bool = True) -> dict[str, MeshNode]:
+    """N nodes on one switch, each listing all others as peers; started unless start=False."""
+    switch = switch or lab.add_switch("sw")
+    mesh: dict[str, MeshNode] = {}
+    for i, name in enumerate(names, 1):
+        node = lab.add_node(name)
+        mesh[name] = MeshNode(node, lab.connect(node, switch), f"{MESH_PREFIX}{i}")
+    first = next(iter(mesh.values()))
+    for member in mesh.values():
+        args = ["init", "--static", "--name", member.name, "--mesh-ip", member.mesh_ip, "--new-key"]
+        if member is not first:
+            args += ["--secret-file", f"{first.node.state_dir}/network.secret"]
+        member.tm(*args)
+        member.identity = member.tm("id").stdout.strip()
+    for member in mesh.values():
+        for other in mesh.values():
+            if other is not member:
+                member.append_config(peer_block(other.name, identity=other.identity, mesh_ip=other.mesh_ip,
+                                                endpoint=f"{other.underlay}:51820"))
+    if start:
+        for member in mesh.values():
+            member.up()
+    return mesh
+
+
+def wait_for_handshakes(mesh: dict[str, MeshNode], timeout: float = 20.0) -> None:
+    """Until every node reports every peer up (raises with the last status)."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        pending = []
+        for member in mesh.values():
+            last[member.name] = member.status()
+            pending += [f"{member.name}->{p['name']}" for p in last[member.name]["peers"] if p["state"] != "up"]
+        if not pending:
+            return
+        # Sessions come up on first traffic: nudge them with an in-tunnel ping.
+        for member in mesh.values():
+            for peer in last[member.name]["peers"]:
+                if peer["state"] != "up":
+                    member.tm("ping", peer["name"], "-c", "1", "--timeout", "1", check=False)
+    raise TimeoutError(f"sessions not up within {timeout:g} s: {pending}; last status: {json.dumps(last)[:2000]}")
