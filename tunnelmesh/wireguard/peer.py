@@ -271,6 +271,10 @@ class Peer:
         device = self.device
         self.last_timestamp = consumed.timestamp
         self.last_initiation_consumed = max(self.last_initiation_consumed, now)
+        # A response counts as our handshake for the REKEY_TIMEOUT rate limit
+        # (wireguard-go's SendHandshakeResponse): traffic staged before the
+        # initiator confirms must not start a competing initiation.
+        self.last_sent_handshake = now
         self._clear_handshake(keep_index=False)
         local_index = device.allocate_index(self, None)
         body, noise = create_response(
