@@ -897,6 +897,10 @@ def write_network_secret(path: Path) -> bytes:
     secret = os.urandom(NETWORK_SECRET_BYTES)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(path, None, f"cannot create network secret: {path.parent}: {reason}") from None
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     except FileExistsError:
         raise ConfigError(path, None, "network secret already exists; refusing to overwrite it") from None
