@@ -6,8 +6,8 @@ Outbound flow (the caller holds a packet read from the TUN device):
 2. `Peer.encrypt` seals the packet with the current keypair into the caller's
    buffer and returns the datagram length; without a usable keypair the
    packet is staged (at most MAX_STAGED_PACKETS) and a handshake starts.
-3. Sealing may also start a rekey: the session's initiator rekeys after
-   REKEY_AFTER_TIME or REKEY_AFTER_MESSAGES.
+3. Sealing may also start a rekey: either side rekeys after
+   REKEY_AFTER_MESSAGES, the session's initiator also after REKEY_AFTER_TIME.
 4. Anything the peer must send on its own (handshake messages, keepalives,
    staged packets once a session exists) is appended to `Device.transmits`.
 
@@ -163,7 +163,9 @@ class Peer:
         self._timers_any_authenticated_packet_sent()
         if length:
             self._timers_data_sent(now)
-        if kp.initiator and (kp.send_counter >= REKEY_AFTER_MESSAGES or now - kp.created >= REKEY_AFTER_TIME):
+        # wireguard-go's keepKeyFreshSending: either side rekeys on the message
+        # count; only the session's initiator on its age.
+        if kp.send_counter >= REKEY_AFTER_MESSAGES or (kp.initiator and now - kp.created >= REKEY_AFTER_TIME):
             self.send_handshake_initiation(now, wall)
 
     def _send_payload(self, payload: bytes, now: float, wall: float) -> bool:
