@@ -5,8 +5,8 @@ Inbound flow (the caller holds a datagram from any transport):
 1. `Device.receive` looks at the type. A transport message (type 4) goes
    straight to the keypair its receiver index names; it is decrypted into the
    caller's buffer, and only then checked against the replay window. The
-   inner packet is trimmed to its IP length and its source checked against
-   the peer's allowed IPs (cryptokey routing). The return value is the number
+   inner packet is trimmed to its IP length and its source must route back
+   to the same peer in the allowed-IPs table (cryptokey routing). The return value is the number
    of plaintext bytes to write to the TUN device, 0 if none.
 2. Handshake messages must carry a valid mac1. Under load (an input: the
    caller knows its backlog), they must also carry a valid mac2, or they are
@@ -150,10 +150,14 @@ class Device:
             dst = bytes(packet[24:40])
         else:
             return None
-        peer = self._route_hosts.get(dst)
+        return self._lookup(version, dst)
+
+    def _lookup(self, version: int, address: bytes) -> Peer | None:
+        """The peer owning `address` in the allowed-IPs table (longest prefix)."""
+        peer = self._route_hosts.get(address)
         if peer is not None:
             return peer
-        value = int.from_bytes(dst, "big")
+        value = int.from_bytes(address, "big")
         for net_version, network, mask, candidate in self._route_networks:
             if net_version == version and value & mask == network:
                 return candidate
@@ -210,7 +214,12 @@ class Device:
         if length == 0:
             self.drops["malformed inner packet"] += 1
             return 0
-        if not peer.allows_source(out, length):
+        # Cryptokey routing: the source must route back to this very peer
+        # (wireguard-go: allowedips.Lookup(src) != peer), so a peer cannot
+        # claim addresses another peer owns by a longer prefix.
+        version = out[0] >> 4
+        source = bytes(out[12:16]) if version == 4 else bytes(out[8:24])
+        if self._lookup(version, source) is not peer:
             self.drops["inner source not allowed for peer"] += 1
             return 0
         return length
