@@ -88,8 +88,10 @@ def derive_psk(network_secret: bytes) -> bytes:
     return hashlib.blake2s(PSK_LABEL, key=network_secret[:32]).digest()
 
 
-# TAI64N: 8 bytes of 2^62 + seconds, 4 bytes of nanoseconds, big-endian.
-_TAI64_BASE = 1 << 62
+# TAI64N: 8 bytes of 2^62 + 10 + Unix seconds (the TAI64 label, with TAI ten
+# seconds ahead of UTC as in libtai), 4 bytes of nanoseconds, big-endian.
+# wireguard-go and Linux both use the base 0x400000000000000a.
+_TAI64_BASE = (1 << 62) + 10
 # Like wireguard-go, drop the low bits of the nanoseconds (about 16 ms) so the
 # timestamp is no precise clock oracle for an observer who can decrypt it.
 _WHITENER_MASK = 0x1000000 - 1
