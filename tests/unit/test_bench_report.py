@@ -1,0 +1,165 @@
+"""tools.bench's pure part: medians, ratios, the table and the tool-output parsers.
+No lab, no speed assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools import bench
+
+
+def full(**values: float | None) -> dict[str, float | None]:
+    row = {key: None for key in bench.METRIC_KEYS}
+    row.update(values)
+    return row
+
+
+def lines_by_label(table: str) -> dict[str, list[str]]:
+    lines = table.splitlines()
+    out = {"header": lines[0].split()}
+    for line in lines[1:]:
+        label = next(label for _, label, _, _ in bench.METRICS if line.startswith(label))
+        out[label] = line[len(label):].split()
+    return out
+
+
+def test_median_ignores_missing_values():
+    assert bench.median([3.0, None, 1.0, 2.0]) == 2.0
+    assert bench.median([1.0, 2.0]) == 1.5
+    assert bench.median([None, None]) is None
+    assert bench.median([]) is None
+    assert bench.median([float("nan"), 4.0]) == 4.0
+
+
+def test_medians_per_metric_over_runs():
+    runs = [{"tcp_ab_mbps": 100.0, "error": "x"}, {"tcp_ab_mbps": 300.0, "ping_avg_ms": 0.5}, {"tcp_ab_mbps": 200.0}]
+    meds = bench.medians(runs)
+    assert meds["tcp_ab_mbps"] == 200.0
+    assert meds["ping_avg_ms"] == 0.5
+    assert meds["connect_s"] is None
+    assert set(meds) == set(bench.METRIC_KEYS)
+
+
+def test_ratio_is_ours_over_theirs_and_none_when_undefined():
+    assert bench.ratio(250.0, 500.0) == 0.5
+    assert bench.ratio(None, 500.0) is None
+    assert bench.ratio(250.0, None) is None
+    assert bench.ratio(250.0, 0) is None
+    assert bench.format_ratio(0.5) == "0.50"
+    assert bench.format_ratio(1.234) == "1.23"
+    assert bench.format_ratio(None) == "-"
+
+
+def test_format_value():
+    assert bench.format_value(None, "{:.0f}") == "-"
+    assert bench.format_value(912.6, "{:.0f}") == "913"
+    assert bench.format_value(0.4123, "{:.3f}") == "0.412"
+
+
+def test_columns_order_and_ratio_columns():
+    assert bench.table_columns(["veth", "nebula", "wireguard-go", "tunnelmesh"]) == [
+        ("value", "tunnelmesh"),
+        ("value", "wireguard-go"), ("ratio", "wireguard-go"),
+        ("value", "nebula"), ("ratio", "nebula"),
+        ("value", "veth"),
+    ]
+    # Without tunnelmesh there is nothing to take a ratio of.
+    assert bench.table_columns(["wireguard-go", "veth"]) == [("value", "wireguard-go"), ("value", "veth")]
+    assert bench.table_columns(["tunnelmesh"]) == [("value", "tunnelmesh")]
+
+
+def test_table_full():
+    results = {
+        "tunnelmesh": full(tcp_ab_mbps=450.0, tcp_ba_mbps=300.0, ping_avg_ms=0.8, connect_s=0.64, rss_mib=53.2),
+        "wireguard-go": full(tcp_ab_mbps=500.0, tcp_ba_mbps=600.0, ping_avg_ms=0.4, connect_s=0.04, rss_mib=22.7),
+        "nebula": full(tcp_ab_mbps=450.0, tcp_ba_mbps=None, ping_avg_ms=0.2, connect_s=0.02, rss_mib=13.1),
+        "veth": full(tcp_ab_mbps=21600.0, tcp_ba_mbps=19000.0, ping_avg_ms=0.05),
+    }
+    table = bench.format_table(results, ["tunnelmesh", "wireguard-go", "nebula", "veth"])
+    rows = lines_by_label(table)
+    assert rows["header"] == ["metric", "tunnelmesh", "wireguard-go", "ratio", "nebula", "ratio", "raw", "veth"]
+    assert rows["TCP a->b (Mbit/s)"] == ["450", "500", "0.90", "450", "1.00", "21600"]
+    assert rows["TCP b->a (Mbit/s)"] == ["300", "600", "0.50", "-", "-", "19000"]
+    assert rows["ping RTT avg (ms)"] == ["0.800", "0.400", "2.00", "0.200", "4.00", "0.050"]
+    assert rows["connect time (s)"] == ["0.64", "0.04", "16.00", "0.02", "32.00", "-"]
+    assert rows["daemon RSS after TCP (MiB)"] == ["53.2", "22.7", "2.34", "13.1", "4.06", "-"]
+    # Rows with no value anywhere are left out.
+    assert "TCP a->b retransmits" not in rows
+    assert "daemon RSS idle (MiB)" not in rows
+
+
+def test_table_columns_line_up():
+    results = {"tunnelmesh": full(tcp_ab_mbps=5.0, ping_avg_ms=0.7), "wireguard-go": full(tcp_ab_mbps=12345.0, ping_avg_ms=0.4)}
+    lines = bench.format_table(results).splitlines()
+    assert lines[0].startswith("metric ")
+    ends = {len(line) for line in lines}
+    assert len(ends) == 1, lines  # every cell right-aligned to the same column edges
+    assert lines[0].index("wireguard-go") + len("wireguard-go") == lines[1].index("12345") + len("12345")
+
+
+def test_retransmit_rows_have_no_ratio():
+    results = {"tunnelmesh": full(tcp_ab_retrans=10.0), "wireguard-go": full(tcp_ab_retrans=20.0)}
+    rows = lines_by_label(bench.format_table(results))
+    assert rows["TCP a->b retransmits"] == ["10", "20", "-"]
+
+
+def test_table_leaves_out_systems_without_results():
+    results = {"tunnelmesh": full(tcp_ab_mbps=400.0), "wireguard-go": full(tcp_ab_mbps=500.0)}
+    rows = lines_by_label(bench.format_table(results, ["tunnelmesh", "wireguard-go", "nebula"]))
+    assert rows["header"] == ["metric", "tunnelmesh", "wireguard-go", "ratio"]
+
+
+def test_ratios_for_json():
+    results = {
+        "tunnelmesh": full(tcp_ab_mbps=400.0, ping_avg_ms=0.6, tcp_ab_retrans=3.0),
+        "wireguard-go": full(tcp_ab_mbps=500.0, ping_avg_ms=0.3, tcp_ab_retrans=6.0),
+        "veth": full(tcp_ab_mbps=20000.0),
+    }
+    out = bench.ratios(results)
+    assert set(out) == {"wireguard-go"}
+    assert out["wireguard-go"]["tcp_ab_mbps"] == pytest.approx(0.8)
+    assert out["wireguard-go"]["ping_avg_ms"] == pytest.approx(2.0)
+    assert out["wireguard-go"]["tcp_ba_mbps"] is None
+    assert "tcp_ab_retrans" not in out["wireguard-go"]
+    assert bench.ratios({"wireguard-go": full(tcp_ab_mbps=1.0)}) == {}
+
+
+def test_parse_ping_summary():
+    out = (
+        "PING 100.100.0.2 (100.100.0.2) 56(84) bytes of data.\n\n"
+        "--- 100.100.0.2 ping statistics ---\n"
+        "20 packets transmitted, 20 received, 0% packet loss, time 3810ms\n"
+        "rtt min/avg/max/mdev = 0.589/0.714/0.827/0.061 ms\n"
+    )
+    assert bench.parse_ping(out) == {"loss_pct": 0.0, "min_ms": 0.589, "avg_ms": 0.714, "max_ms": 0.827}
+    lost = "5 packets transmitted, 0 received, 100% packet loss, time 4100ms\n"
+    assert bench.parse_ping(lost) == {"loss_pct": 100.0, "min_ms": None, "avg_ms": None, "max_ms": None}
+
+
+def test_parse_iperf3_json():
+    out = json.dumps({"end": {"sum_sent": {"bits_per_second": 4.6e8, "retransmits": 12},
+                              "sum_received": {"bits_per_second": 4.5e8}}})
+    assert bench.parse_iperf3(out) == {"mbps": 450.0, "retransmits": 12.0}
+    no_retrans = json.dumps({"end": {"sum_sent": {}, "sum_received": {"bits_per_second": 1e6}}})
+    assert bench.parse_iperf3(no_retrans) == {"mbps": 1.0, "retransmits": None}
+    with pytest.raises(ValueError, match="unable to connect"):
+        bench.parse_iperf3(json.dumps({"start": {}, "error": "unable to connect to server: Connection refused"}))
+    with pytest.raises(ValueError, match="no JSON"):
+        bench.parse_iperf3("iperf3: error - something\n")
+    with pytest.raises(ValueError, match="sum_received"):
+        bench.parse_iperf3(json.dumps({"end": {}}))
+
+
+def test_parse_args_only_and_defaults():
+    args = bench.parse_args([])
+    assert (args.time, args.runs, args.json) == (10, 1, False)
+    assert args.systems == list(bench.SYSTEMS)
+    args = bench.parse_args(["--only", "nebula, tunnelmesh,nebula", "--time", "5", "--runs", "3", "--json"])
+    assert args.systems == ["tunnelmesh", "nebula"]
+    assert (args.time, args.runs, args.json) == (5, 3, True)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "tailscale"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--time", "0"])
