@@ -72,6 +72,7 @@ import getpass
 import hashlib
 import hmac
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -130,6 +131,8 @@ _RSA = "ssh-rsa"
 # Key type -> the one signature algorithm we make and accept for it.
 _SIG_ALG = {_ED25519: b"ssh-ed25519", _RSA: b"rsa-sha2-256"}
 _SSH_AGENT_RSA_SHA2_256 = 2  # agent sign-request flag (draft-miller-ssh-agent)
+
+_LINE = re.compile(r"(\S+) (\S+) wg=(\S+) att=(\S+)")
 
 _HOW_TO_MAKE_ONE = (
     "TunnelMesh needs an Ed25519 or RSA SSH key (their signatures are deterministic); "
@@ -385,15 +388,17 @@ class PublicIdentity:
         """Parse AND verify an identity line; IdentityError for anything malformed."""
         if not isinstance(line, str):
             raise IdentityError("malformed identity line: not text")
-        fields = line.strip().split(" ")
-        if len(fields) != 4 or not fields[2].startswith("wg=") or not fields[3].startswith("att="):
+        # Exactly one space between fields and no other whitespace: one spelling per line.
+        match = _LINE.fullmatch(line.strip())
+        if match is None:
             raise IdentityError(
                 "malformed identity line: expected '<ssh-type> <ssh-b64> wg=<b64> att=<b64>'"
             )
-        ssh_public_key = f"{fields[0]} {fields[1]}"
+        key_type, key_b64, wg_b64, att_b64 = match.groups()
+        ssh_public_key = f"{key_type} {key_b64}"
         _split_key_text(ssh_public_key, allow_comment=False)  # shape before anything else
-        wg = _b64decode(fields[2][3:], "X25519 public key")
-        att = _b64decode(fields[3][4:], "attestation")
+        wg = _b64decode(wg_b64, "X25519 public key")
+        att = _b64decode(att_b64, "attestation")
         identity = cls(ssh_public_key, wg, att)
         identity.verify()
         return identity
