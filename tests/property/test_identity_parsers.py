@@ -20,6 +20,7 @@ from tunnelmesh.identity import (
     NodeIdentity,
     PublicIdentity,
     fingerprint_of,
+    load_identity_file,
     verify_sshsig,
 )
 
@@ -43,7 +44,7 @@ def samples() -> tuple[Sample, ...]:
     private_keys = [ed25519.Ed25519PrivateKey.generate(), rsa.generate_private_key(65537, 2048)]
 
     async def load(path: Path) -> Sample:
-        node = await load_identity_file_for_fuzz(path)
+        node = await load_identity_file(path)
         return Sample(node, node.public.to_line(), await node.sign(MESSAGE, NAMESPACE))
 
     out = []
@@ -57,12 +58,6 @@ def samples() -> tuple[Sample, ...]:
             )
             out.append(asyncio.run(load(path)))
     return tuple(out)
-
-
-async def load_identity_file_for_fuzz(path: Path) -> NodeIdentity:
-    from tunnelmesh.identity import load_identity_file
-
-    return await load_identity_file(path)
 
 
 def parse(line: str) -> PublicIdentity | None:
