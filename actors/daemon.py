@@ -109,7 +109,10 @@ async def run_daemon(paths: Paths) -> int:
     """Run until `down`, SIGTERM or SIGINT. Returns the process exit code."""
     try:
         config = load_config(paths.config, state_dir=paths.state_dir)
-        identity = await load_identity(config.identity, passphrase_file=config.passphrase_file)
+        try:
+            identity = await load_identity(config.identity, passphrase_file=config.passphrase_file)
+        except IdentityError as exc:
+            raise _identity_config_error(config, exc) from None
         check_peer_keys(config, identity.public.wg_public_key)
         psk = derive_psk(read_network_secret(config.network_secret_file))
     except (ConfigError, IdentityError) as exc:
@@ -210,6 +213,18 @@ async def run_daemon(paths: Paths) -> int:
                 pass
     log.info("tunnelmesh down: %s", result.reason)
     return result.exit_code
+
+
+def _identity_config_error(config: Any, exc: IdentityError) -> ConfigError:
+    """An identity that cannot be loaded (unreadable key file, no agent, ...) is a
+    config problem: name the config file and the line of [node] identity."""
+    from tunnelmesh.config import _Locator
+
+    try:
+        line = _Locator(config.path.read_text(errors="replace")).line_of("node", "identity")
+    except OSError:
+        line = None
+    return ConfigError(config.path, line, f"[node]: identity: {exc}")
 
 
 def _find_session(sessions: dict[str, PeerSession], key: str) -> PeerSession:
