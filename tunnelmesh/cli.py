@@ -23,7 +23,7 @@ from typing import Any
 
 from tunnelmesh import __version__
 from tunnelmesh.config import ConfigError, load_config, read_network_secret, starter_config
-from tunnelmesh.control_client import ControlError, events, request
+from tunnelmesh.control_client import ControlError, NotRunning, events, request
 from tunnelmesh.paths import DEFAULT_HOST_KEY, Paths, resolve_paths
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -131,6 +131,18 @@ def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _up_detached(args: argparse.Namespace, paths: Paths) -> int:
+    # Checked here, not only in the child: otherwise the running daemon would answer
+    # the readiness check below and this would report success while the child exits.
+    try:
+        request(paths.control_socket, "ping_daemon", timeout=2)
+    except NotRunning:
+        pass
+    except ControlError:
+        raise CliError(f"tunnelmesh is already running with state dir {paths.state_dir} (its control socket "
+                       f"does not answer); stop it with `tunnelmesh down`", EXIT_FAIL) from None
+    else:
+        raise CliError(f"tunnelmesh is already running with state dir {paths.state_dir}; stop it with `tunnelmesh down`",
+                       EXIT_FAIL)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = paths.log_file
     argv = [sys.executable, "-m", "tunnelmesh", "--state-dir", str(paths.state_dir), "--config", str(paths.config),
