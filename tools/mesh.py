@@ -53,6 +53,30 @@ class MeshNode:
         with open(self.config_path, "a") as f:
             f.write(text)
 
+    @property
+    def log_path(self) -> str:
+        return f"{self.node.state_dir}/tunnelmesh.log"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the daemon log (`<state_dir>/tunnelmesh.log`), for failure messages."""
+        try:
+            with open(self.log_path, errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return text if len(text) <= chars else "...\n" + text[-chars:]
+
+    def diagnostics(self) -> str:
+        """`status --json` (or why it failed) and the daemon log tail, for failure messages.
+        Never raises."""
+        try:
+            proc = self.tm("status", "--json", check=False, timeout=15)
+            status = proc.stdout.strip() or f"(exit {proc.returncode}) {proc.stderr.strip()}"
+        except Exception as exc:  # noqa: BLE001 - only for messages
+            status = f"(status failed: {exc})"
+        return (f"--- {self.name}: status --json ---\n{status[-4000:]}\n"
+                f"--- {self.name}: {self.log_path} (tail) ---\n{self.log_tail()}")
+
 
 def peer_block(name: str, *, identity: str | None = None, wireguard_public_key: str | None = None,
                mesh_ip: str, endpoint: str | None = None, persistent_keepalive: int = 0) -> str:
@@ -111,3 +135,8 @@ def wait_for_handshakes(mesh: dict[str, MeshNode], timeout: float = 20.0) -> Non
                 if peer["state"] != "up":
                     member.tm("ping", peer["name"], "-c", "1", "--timeout", "1", check=False)
     raise TimeoutError(f"sessions not up within {timeout:g} s: {pending}; last status: {json.dumps(last)[:2000]}")
+
+
+def diagnostics(mesh: dict[str, MeshNode]) -> str:
+    """Every node's `status --json` and daemon log tail, for failure messages."""
+    return "\n".join(member.diagnostics() for member in mesh.values())
