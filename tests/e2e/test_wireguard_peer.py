@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.wireguard_go import stop_wireguard_go
+
 from tests.conftest import unavailable
 from tools.lab import clean_environment, find_tool
 from tools.mesh import build_static_mesh, diagnostics, peer_block, wait_for_handshakes
@@ -106,24 +108,6 @@ class WireGuardGo:
                 f"--- wireguard-go log (tail) ---\n{self.node.log('wireguard-go')[-2500:]}")
 
 
-def _stop(proc: subprocess.Popen, sock_path: Path) -> None:
-    """Kill wireguard-go by its PID (`ip netns exec` execs it: same PID)."""
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-    try:
-        sock_path.unlink()  # SIGTERM removes it; SIGKILL does not
-    except FileNotFoundError:
-        pass
-
-
 @pytest.fixture
 def wg_tools():
     missing = [t for t in ("wireguard-go", "wg", "ping") if find_tool(t) is None]
@@ -145,7 +129,7 @@ def mesh_with_wg(wg_tools, lab, request):
     assert not sock_path.exists(), f"{sock_path} exists already"
     env = {**clean_environment(), "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "verbose"}
     proc = node.popen(find_tool("wireguard-go"), "-f", ifname, env=env, log_name="wireguard-go")
-    request.addfinalizer(lambda: _stop(proc, sock_path))
+    request.addfinalizer(lambda: stop_wireguard_go(proc, sock_path))
     deadline = time.monotonic() + 10
     for _ in range(400):
         if sock_path.exists():

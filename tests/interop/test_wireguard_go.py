@@ -30,7 +30,6 @@ import ipaddress
 import os
 import secrets
 import select
-import signal
 import socket
 import struct
 import subprocess
@@ -40,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from tests.support.wireguard_go import stop_wireguard_go
 
 from tools.lab import clean_environment, find_tool
 from tunnelmesh.wireguard import Device, HandshakeCompleted
@@ -183,24 +184,6 @@ def interop_tools() -> None:
         unavailable("no /dev/net/tun")
 
 
-def _stop(proc: subprocess.Popen, sock_path: Path) -> None:
-    """Kill wireguard-go by its PID (ip netns exec execs it: same PID)."""
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-    try:
-        sock_path.unlink()  # SIGTERM removes it; SIGKILL does not
-    except FileNotFoundError:
-        pass
-
-
 @pytest.fixture
 def wg_go(interop_tools, lab, request) -> tuple[WireGuardGo, Path]:
     node = lab.add_node("wg")
@@ -209,7 +192,7 @@ def wg_go(interop_tools, lab, request) -> tuple[WireGuardGo, Path]:
     assert not sock_path.exists(), f"{sock_path} exists already"
     env = {**clean_environment(), "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "verbose"}
     proc = node.popen(find_tool("wireguard-go"), "-f", ifname, env=env, log_name="wireguard-go")
-    request.addfinalizer(lambda: _stop(proc, sock_path))
+    request.addfinalizer(lambda: stop_wireguard_go(proc, sock_path))
 
     deadline = time.monotonic() + WAIT
     while not sock_path.exists():

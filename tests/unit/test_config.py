@@ -21,7 +21,6 @@ from tunnelmesh.config import (
     PeerConfig,
     check_peer_keys,
     load_config,
-    parse_config,
     read_network_secret,
     starter_config,
     write_network_secret,
@@ -441,7 +440,7 @@ class TestTypes:
     )
     def test_peer_types(self, tmp_path: Path, line: str, expected: str) -> None:
         key = line.split(" ")[0]
-        body = [f'name = "b"', f'wireguard_public_key = "{KEY_B}"', 'mesh_ip = "100.100.0.2"']
+        body = ['name = "b"', f'wireguard_public_key = "{KEY_B}"', 'mesh_ip = "100.100.0.2"']
         body = [b for b in body if not b.startswith(key + " ")] + [line]
         text = with_peer("\n".join(body) + "\n")
         err = load_error(tmp_path, text)
