@@ -88,8 +88,8 @@ class ControlServer(Actor):
                     request = json.loads(line)
                     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
                         raise ValueError("a request is a JSON object with a string 'cmd'")
-                except ValueError as exc:
-                    await _send(writer, {"ok": False, "error": f"bad request: {exc}"})
+                except (ValueError, RecursionError) as exc:
+                    await _send(writer, {"ok": False, "error": f"bad request: {str(exc)[:200]}"})
                     continue
                 if request["cmd"] == "events":
                     await self._stream_events(writer)
@@ -102,7 +102,7 @@ class ControlServer(Actor):
                     result = await handler(request)
                 except Exception as exc:  # the client gets the reason; the daemon lives on
                     log.debug("control %s failed", request["cmd"], exc_info=True)
-                    await _send(writer, {"ok": False, "error": str(exc)})
+                    await _send(writer, {"ok": False, "error": str(exc) or type(exc).__name__})
                     continue
                 await _send(writer, {"ok": True, "result": result})
         except (ConnectionError, asyncio.CancelledError):

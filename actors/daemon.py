@@ -12,6 +12,7 @@ import asyncio
 import base64
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -88,6 +89,8 @@ async def _resolve(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:
     if endpoint is None:
         return None
     host, port = endpoint
+    if ":" in host:
+        raise StartupError(f"peer endpoint [{host}]:{port}: IPv6 underlay addresses are not supported yet; use an IPv4 address or name")
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
     except socket.gaierror as exc:
@@ -173,8 +176,12 @@ async def run_daemon(paths: Paths) -> int:
 
     async def ping(req: dict[str, Any]) -> dict[str, Any]:
         session = _find_session(sessions, str(req.get("peer", "")))
-        timeout = float(req.get("timeout", 5.0))
-        return await session.ask(Ping(min(max(timeout, 0.1), 30.0)), timeout=timeout + 5)
+        wait = req.get("wait", 5.0)
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait):
+            raise ValueError("'wait' must be a number of seconds")
+        wait = min(max(float(wait), 0.1), 30.0)
+        reply = await session.ask(Ping(wait))  # the session sends and hands back a future
+        return await reply
 
     async def down(_: dict[str, Any]) -> str:
         supervisor.shutdown("down requested")

@@ -1,7 +1,8 @@
 """The hot data path: the one place that does not pass messages.
 
 DESIGN.md's exception to the actor rule. Per packet there is no queue hop, no
-task switch, no log call and no new buffer: `loop.add_reader` callbacks drain
+task switch, no log call and no buffer allocated (only small slice views):
+`loop.add_reader` callbacks drain
 the non-blocking TUN and UDP descriptors into buffers allocated once, and
 call the protocol core directly.
 
@@ -106,6 +107,13 @@ class DataPath:
     # --- outbound ------------------------------------------------------------------
 
     def _on_tun_readable(self) -> None:
+        try:
+            self._drain_tun()
+        except Exception:
+            self._internal_error("outbound")
+        self.flush()
+
+    def _drain_tun(self) -> None:
         device, buf, bufs, out, out_view = self.device, self._tun_buf, self._tun_bufs, self._out_buf, self._out_view
         fd, sock, touched = self.tun_fd, self.sock, self._touched
         now, wall = time.monotonic(), time.time()
@@ -134,11 +142,26 @@ class DataPath:
                     self.drops["udp send buffer full"] += 1
                 except OSError as exc:
                     self.drops[f"udp send: {exc.strerror}"] += 1
-        self.flush()
 
     # --- inbound --------------------------------------------------------------------
 
     def _on_udp_readable(self) -> None:
+        try:
+            self._drain_udp()
+        except Exception:
+            self._internal_error("inbound")
+        self.flush()
+
+    def _internal_error(self, direction: str) -> None:
+        # Policy: the packet in hand is dropped and counted, the error logged
+        # (first time with its traceback), and the data path carries on.
+        self.drops[f"internal error ({direction})"] += 1
+        if self.drops[f"internal error ({direction})"] == 1:
+            log.exception("datapath: %s batch failed", direction)
+        else:
+            log.error("datapath: %s batch failed again", direction)
+
+    def _drain_udp(self) -> None:
         device, sock, view, plain, plain_view = self.device, self.sock, self._udp_view, self._plain_buf, self._plain_view
         fd, udp_buf = self.tun_fd, self._udp_buf
         now, wall = time.monotonic(), time.time()
@@ -163,7 +186,6 @@ class DataPath:
                     self.drops["tun write would block"] += 1
                 except OSError as exc:
                     self.drops[f"tun write: {exc.strerror}"] += 1
-        self.flush()
 
     def _count_handshake(self, now: float) -> bool:
         if now - self._handshake_window_start >= 1.0:

@@ -94,7 +94,10 @@ class PeerSession(Actor):
         self._timer = None
         self._armed_at = None
         assert self.peer is not None
-        self.peer.handle_timer(time.monotonic(), time.time())
+        try:
+            self.peer.handle_timer(time.monotonic(), time.time())
+        except Exception:  # logged with the session's name; the timer is re-armed
+            log.exception("%s: timer handler failed", self.name)
         self.datapath.flush()
         self.reschedule()
 
@@ -131,7 +134,8 @@ class PeerSession(Actor):
         if isinstance(message, Status):
             return self.snapshot()
         if isinstance(message, Ping):
-            return await self._ping(message.timeout)
+            # Send now, wait elsewhere: status requests must not queue behind a ping.
+            return asyncio.ensure_future(self._ping(message.timeout))
         raise ValueError(f"unknown message {type(message).__name__}")
 
     async def _ping(self, timeout: float) -> dict[str, Any]:

@@ -64,7 +64,7 @@ class TunDevice:
                 await ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
                 await ipr.link("set", index=index, state="up")
                 for route in routes:
-                    if route.subnet_of(address.network):  # type: ignore[arg-type]
+                    if route.version == 4 and route.subnet_of(address.network):  # type: ignore[arg-type]
                         continue  # already routed by the interface's own prefix
                     await ipr.route("replace", dst=str(route), oif=index)
         except NetlinkError as exc:

@@ -249,7 +249,7 @@ def cmd_ping(args: argparse.Namespace, paths: Paths) -> int:
     for i in range(args.count):
         if i:
             time.sleep(args.interval)
-        result = request(paths.control_socket, "ping", peer=args.peer, timeout=args.timeout, **{})
+        result = request(paths.control_socket, "ping", timeout=args.timeout + 10, peer=args.peer, wait=args.timeout)
         if result["ok"]:
             print(f"pong from {result['peer']} via {result['path']} in {result['rtt_ms']:.2f} ms")
         else:

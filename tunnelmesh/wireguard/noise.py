@@ -17,7 +17,7 @@ the tests use as an oracle for these bytes.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -39,9 +39,9 @@ class HandshakeError(Exception):
 
 @dataclass(slots=True)
 class NoiseState:
-    chain_key: bytes
+    chain_key: bytes = field(repr=False)
     hash: bytes
-    ephemeral_private: bytes = b""
+    ephemeral_private: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

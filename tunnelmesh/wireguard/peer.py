@@ -86,10 +86,6 @@ class Peer:
         self.tag = tag  # the caller's handle for this peer (name, config, ...)
         self.cookie = CookieGenerator(public_key)
         self.static_static = dh(device.static_private, public_key)
-        self._hosts: frozenset[bytes] = frozenset(n.network_address.packed for n in allowed_ips if n.prefixlen == n.max_prefixlen)
-        self._networks = tuple(
-            (n.version, int(n.network_address), int(n.netmask)) for n in allowed_ips if n.prefixlen != n.max_prefixlen
-        )
 
         # Handshake state.
         self._hs_stage = _NO_HANDSHAKE
@@ -354,24 +350,6 @@ class Peer:
         if source is not None and source != self.endpoint:
             self.endpoint = source
             self.device.on_endpoint_changed(self, source)
-
-    def allows_source(self, packet: memoryview | bytearray, length: int) -> bool:
-        """Cryptokey routing on receive: the inner source must be one of the
-        peer's allowed IPs."""
-        version = packet[0] >> 4
-        if version == 4:
-            src = bytes(packet[12:16])
-        elif version == 6 and length >= 40:
-            src = bytes(packet[8:24])
-        else:
-            return False
-        if src in self._hosts:
-            return True
-        value = int.from_bytes(src, "big")
-        for net_version, network, mask in self._networks:
-            if net_version == version and value & mask == network:
-                return True
-        return False
 
     def zero_keys(self) -> None:
         release = self.device.release_keypair

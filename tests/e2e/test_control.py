@@ -1,0 +1,77 @@
+"""The control socket under hostile or awkward use: the daemon answers with an
+error and keeps running; a ping to a silent peer neither blocks `status` nor
+outlives its own timeout."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tools.lab import clean_environment
+from tools.mesh import build_static_mesh, wait_for_handshakes
+
+pytestmark = pytest.mark.e2e
+
+CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])
+s.sendall(sys.stdin.buffer.read())
+data = b""
+while not data.endswith(b"\\n"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode().strip())
+"""
+
+
+def _raw(member, payload: bytes) -> dict:
+    result = member.node.run(sys.executable, "-c", CLIENT, f"{member.node.state_dir}/control.sock",
+                             input=payload.decode(), timeout=20)
+    return json.loads(result.stdout)
+
+
+def test_hostile_requests_get_errors_and_the_daemon_lives_on(lab):
+    mesh = build_static_mesh(lab, ["a", "b"])
+    a = mesh["a"]
+    deep = _raw(a, b"[" * 30000 + b"\n")
+    assert deep["ok"] is False and "bad request" in deep["error"]
+    nan = _raw(a, b'{"cmd":"ping","peer":"b","wait":NaN}\n')
+    assert nan["ok"] is False and "wait" in nan["error"]
+    unknown = _raw(a, b'{"cmd":"rm -rf"}\n')
+    assert unknown["ok"] is False and "unknown command" in unknown["error"]
+    not_object = _raw(a, b'"status"\n')
+    assert not_object["ok"] is False
+    assert a.status()["node"]["name"] == "a"  # still serving
+
+
+def test_ping_to_a_silent_peer_times_out_and_does_not_block_status(lab):
+    mesh = build_static_mesh(lab, ["a", "b"])
+    wait_for_handshakes(mesh)
+    a, b = mesh["a"], mesh["b"]
+    b.down()
+    cmd = ["ip", "netns", "exec", a.node.netns, sys.executable, "-m", "tunnelmesh",
+           "--state-dir", str(a.node.state_dir), "ping", "b", "-c", "1", "--timeout", "8"]
+    started = time.monotonic()
+    ping = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_environment())
+    try:
+        time.sleep(1.0)
+        status_started = time.monotonic()
+        status = a.status()  # must answer while the ping is waiting
+        status_took = time.monotonic() - status_started
+        out, err = ping.communicate(timeout=30)
+    finally:
+        if ping.poll() is None:
+            ping.kill()
+    took = time.monotonic() - started
+    assert status["peers"][0]["name"] == "b"
+    assert status_took < 5, f"status took {status_took:.1f} s behind a pending ping"
+    assert ping.returncode == 1, (out, err)
+    assert "no reply" in out, (out, err)
+    assert 7 <= took < 20, f"ping with --timeout 8 took {took:.1f} s"
