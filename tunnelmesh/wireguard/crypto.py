@@ -56,8 +56,13 @@ def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
     return t1, t2, hmac_(t0, t2 + b"\x03")
 
 
+# The AEAD nonce is 4 zero bytes and the 64-bit little-endian counter; the data
+# path packs the counter into a reused 12-byte buffer at offset 4.
+NONCE_COUNTER = struct.Struct("<Q")
+
+
 def nonce(counter: int) -> bytes:
-    return b"\x00\x00\x00\x00" + struct.pack("<Q", counter)
+    return b"\x00\x00\x00\x00" + NONCE_COUNTER.pack(counter)
 
 
 def aead_encrypt(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:

@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidTag
 
 from .constants import DEFAULT_MTU, MSG_COOKIE_REPLY, MSG_INITIATION, REJECT_AFTER_TIME, TRANSPORT_MIN_SIZE
 from .cookie import CookieChecker
-from .crypto import x25519_private, x25519_public
+from .crypto import NONCE_COUNTER, x25519_private, x25519_public
 from .events import EndpointChanged, Event
 from .keypair import Keypair
 from .messages import TRANSPORT_HEADER, CookieReply, Initiation, MessageError, Response, message_type, parse
@@ -198,7 +198,7 @@ class Device:
             self.drops["packet larger than buffer"] += 1
             return 0
         nonce = self._nonce
-        nonce[4:12] = data[8:16]
+        NONCE_COUNTER.pack_into(nonce, 4, counter)  # already unpacked: no slice of the datagram
         try:
             kp.receiver.decrypt_into(nonce, data[16:size], None, memoryview(out)[:plain])
         except InvalidTag:

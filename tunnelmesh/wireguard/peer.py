@@ -24,7 +24,6 @@ earliest deadline; `handle_timer(now, wall)` runs whatever is due.
 from __future__ import annotations
 
 import ipaddress
-import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any, Hashable
 
@@ -45,7 +44,7 @@ from .constants import (
     ZERO_KEYS_AFTER,
 )
 from .cookie import CookieGenerator
-from .crypto import dh, tai64n
+from .crypto import NONCE_COUNTER, dh, tai64n
 from .events import HandshakeCompleted, HandshakeGaveUp, KeysZeroed
 from .keypair import Keypair
 from .messages import TRANSPORT_HEADER
@@ -60,7 +59,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NO_HANDSHAKE = 0
 _INITIATION_SENT = 1
 _ZERO_PAD = bytes(PADDING_MULTIPLE)
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
 
 
 class Peer:
@@ -148,7 +146,7 @@ class Peer:
         kp.send_counter = counter + 1
         TRANSPORT_HEADER.pack_into(out, 0, 4, kp.remote_index, counter)
         nonce = self._nonce
-        struct.pack_into("<Q", nonce, 4, counter)
+        NONCE_COUNTER.pack_into(nonce, 4, counter)
         end = TRANSPORT_HEADER_SIZE + len(plaintext) + TAG_SIZE
         kp.sender.encrypt_into(nonce, plaintext, None, memoryview(out)[TRANSPORT_HEADER_SIZE:end])
         return end
