@@ -1,0 +1,819 @@
+"""Who is in the network: the records the admin key signs and every node checks.
+
+Sans-IO: no sockets, no clock reads (times are passed in), no asyncio.
+
+Trust model (docs/coordinator.md): the coordinator is trusted for availability,
+not for membership. Every record that changes membership is signed, and a node
+accepts it only if it verifies against the admin public key pinned at join:
+
+- ``NetworkInfo``: the network's admin key, IPv4 CIDR and IPv6 ULA /48.
+- ``InviteGrant``: the admin authorises an *invite key* (Ed25519) for a name,
+  an expiry and a number of uses. The invite token carries the invite private
+  key, so the joiner -- not the coordinator -- signs its member entry with it.
+- ``MemberEntry``: name, SSH identity (with its derived WireGuard key and the
+  SSH key's attestation of it), mesh IPv4 and IPv6; authorised either by the
+  admin's signature (the admin node itself, approvals) or by a grant plus the
+  invite key's signature.
+- ``Revocation``: the admin revokes a WireGuard key. Nodes keep revocations
+  for good; an entry for a revoked key stays refused unless its authorisation
+  is newer than the revocation (a new invite or approval made afterwards).
+- ``SecretRecord``: a new network secret, sealed to each current member's
+  X25519 key (`seal`), signed by the admin.
+
+Every signature is Ed25519 over ``DOMAIN + kind + "\\0" + canonical JSON``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
+
+DOMAIN = b"tunnelmesh membership v1\x00"
+TOKEN_PREFIX = "tmjoin1-"
+ADMIN_KEY_HEADER = "tunnelmesh-admin-ed25519"
+JOIN_NAMESPACE = "tunnelmesh-join-v1@tunnelmesh"
+REQUEST_NAMESPACE = "tunnelmesh-request-v1@tunnelmesh"
+SEAL_INFO = b"tunnelmesh sealed secret v1"
+DEFAULT_CIDR = "100.64.0.0/10"
+MAX_RECORD_BYTES = 64 * 1024
+MAX_TOKEN_CHARS = 4096
+MAX_ENDPOINTS = 8
+#: A signed request older or newer than this is refused (clock skew allowance).
+REQUEST_WINDOW = 120
+#: How far a join's `joined` time may be from the coordinator's clock.
+JOIN_WINDOW = 300
+
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_NONCE_RE = re.compile(r"[0-9a-f]{32}")
+
+
+class MembershipError(ValueError):
+    """A record, token or request that must be refused; the message says why."""
+
+
+# --- encoding ----------------------------------------------------------------------------
+
+
+def canonical(obj: Any) -> bytes:
+    """The one byte string a JSON value is signed as."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(value: Any, what: str, size: int | None = None) -> bytes:
+    if not isinstance(value, str) or len(value) > 4 * MAX_RECORD_BYTES:
+        raise MembershipError(f"{what}: expected base64 text")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise MembershipError(f"{what}: not valid base64") from None
+    if size is not None and len(data) != size:
+        raise MembershipError(f"{what}: expected {size} bytes, got {len(data)}")
+    return data
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """OpenSSH-style fingerprint of a raw Ed25519 key: the network's name for its admin key."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(public_key).digest()).decode().rstrip("=")
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MembershipError(f"{what}: expected a JSON object")
+    return value
+
+
+def _keys(obj: Mapping[str, Any], required: set[str], what: str, optional: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    missing = required - obj.keys()
+    extra = obj.keys() - required - optional
+    if missing:
+        raise MembershipError(f"{what}: missing {', '.join(sorted(missing))}")
+    if extra:
+        raise MembershipError(f"{what}: unexpected {', '.join(sorted(map(str, extra)))}")
+
+
+def _int(value: Any, what: str, lo: int = 0, hi: int = 2**53) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise MembershipError(f"{what}: expected an integer from {lo} to {hi}")
+    return value
+
+
+def _str(value: Any, what: str, limit: int = 1024) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise MembershipError(f"{what}: expected text of at most {limit} characters")
+    return value
+
+
+def check_name(value: Any, what: str = "name") -> str:
+    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
+        raise MembershipError(f"{what} must be 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-'")
+    return value
+
+
+def _sign(key: Ed25519PrivateKey, kind: str, body: Mapping[str, Any]) -> str:
+    return b64(key.sign(DOMAIN + kind.encode() + b"\0" + canonical(body)))
+
+
+def _verify(public_key: bytes, kind: str, body: Mapping[str, Any], signature: Any, what: str) -> None:
+    sig = unb64(signature, f"{what} signature", 64)
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(sig, DOMAIN + kind.encode() + b"\0" + canonical(body))
+    except (InvalidSignature, ValueError):
+        raise MembershipError(f"{what}: signature does not verify") from None
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+class AdminKey:
+    """The network's admin key (Ed25519). Lives only on the admin's machine (0600)."""
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public: bytes = key.public_key().public_bytes_raw()
+
+    def __repr__(self) -> str:
+        return f"AdminKey({self.fingerprint})"
+
+    @property
+    def fingerprint(self) -> str:
+        return key_fingerprint(self.public)
+
+    @classmethod
+    def generate(cls) -> AdminKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    def sign(self, kind: str, body: Mapping[str, Any]) -> str:
+        return _sign(self._key, kind, body)
+
+    def sign_bytes(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+    def save(self, path: Path) -> None:
+        """Write the key, mode 0600, refusing to overwrite one."""
+        seed = self._key.private_bytes_raw()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{ADMIN_KEY_HEADER} {b64(seed)}\n")
+
+    @classmethod
+    def load(cls, path: Path) -> AdminKey:
+        try:
+            st = os.stat(path)
+            if st.st_mode & 0o077:
+                raise MembershipError(f"{path}: the admin key must be readable by its owner only (chmod 600 {path})")
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise MembershipError(f"cannot read the admin key {path}: {exc.strerror}") from None
+        parts = text.split()
+        if len(parts) != 2 or parts[0] != ADMIN_KEY_HEADER:
+            raise MembershipError(f"{path}: not a tunnelmesh admin key")
+        try:
+            seed = base64.b64decode(parts[1], validate=True)
+            return cls(Ed25519PrivateKey.from_private_bytes(seed))
+        except (binascii.Error, ValueError):
+            raise MembershipError(f"{path}: not a tunnelmesh admin key") from None
+
+
+# --- sealed secrets ---------------------------------------------------------------------------
+
+
+def seal(recipient_public: bytes, plaintext: bytes, rng: Any = os.urandom) -> bytes:
+    """Encrypt to an X25519 public key: ephemeral X25519, HKDF-SHA256, ChaCha20-Poly1305."""
+    ephemeral = X25519PrivateKey.from_private_bytes(rng(32))
+    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient_public))
+    key = HKDF(hashes.SHA256(), 32, salt=ephemeral_public + recipient_public, info=SEAL_INFO).derive(shared)
+    return ephemeral_public + ChaCha20Poly1305(key).encrypt(bytes(12), plaintext, None)
+
+
+def unseal(private_key: bytes, blob: bytes) -> bytes:
+    if len(blob) < 32 + 16:
+        raise MembershipError("sealed secret too short")
+    own = X25519PrivateKey.from_private_bytes(private_key)
+    own_public = own.public_key().public_bytes_raw()
+    try:
+        shared = own.exchange(X25519PublicKey.from_public_bytes(blob[:32]))
+    except ValueError:
+        raise MembershipError("sealed secret: bad ephemeral key") from None
+    key = HKDF(hashes.SHA256(), 32, salt=blob[:32] + own_public, info=SEAL_INFO).derive(shared)
+    try:
+        return ChaCha20Poly1305(key).decrypt(bytes(12), blob[32:], None)
+    except InvalidTag:
+        raise MembershipError("sealed secret was not sealed to this node's key") from None
+
+
+# --- records -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    admin_key: bytes
+    cidr4: ipaddress.IPv4Network
+    ula6: ipaddress.IPv6Network
+    created: int
+    signature: str
+
+    @property
+    def network(self) -> str:
+        return key_fingerprint(self.admin_key)
+
+    def body(self) -> dict[str, Any]:
+        return {"admin_key": b64(self.admin_key), "cidr4": str(self.cidr4), "ula6": str(self.ula6), "created": self.created}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "sig": self.signature}
+
+    @classmethod
+    def create(cls, admin: AdminKey, cidr4: str, now: int, rng: Any = os.urandom) -> NetworkInfo:
+        try:
+            net = ipaddress.IPv4Network(cidr4)
+        except ValueError as exc:
+            raise MembershipError(f"network CIDR {cidr4!r}: {exc}") from None
+        if net.prefixlen > 28 or net.prefixlen < 8:
+            raise MembershipError(f"network CIDR {net}: prefix must be from /8 to /28")
+        ula = ipaddress.IPv6Network((b"\xfd" + rng(5) + bytes(10), 48))
+        body = {"admin_key": b64(admin.public), "cidr4": str(net), "ula6": str(ula), "created": now}
+        return cls(admin.public, net, ula, now, admin.sign("network", body))
+
+    @classmethod
+    def from_wire(cls, wire: Any, pinned: str | None = None) -> NetworkInfo:
+        """Parse and verify (self-signed by its admin key; if `pinned`, that key's fingerprint)."""
+        wire = _obj(wire, "network")
+        _keys(wire, {"body", "sig"}, "network")
+        body = _obj(wire["body"], "network body")
+        _keys(body, {"admin_key", "cidr4", "ula6", "created"}, "network body")
+        admin_key = unb64(body["admin_key"], "admin key", 32)
+        if pinned is not None and key_fingerprint(admin_key) != pinned:
+            raise MembershipError(
+                f"this coordinator serves network {key_fingerprint(admin_key)}, not {pinned} (wrong coordinator URL, "
+                "or a token for another network)"
+            )
+        try:
+            cidr4 = ipaddress.IPv4Network(_str(body["cidr4"], "cidr4", 32))
+            ula6 = ipaddress.IPv6Network(_str(body["ula6"], "ula6", 64))
+        except ValueError as exc:
+            raise MembershipError(f"network body: {exc}") from None
+        if not 8 <= cidr4.prefixlen <= 28 or ula6.prefixlen != 48 or not ula6.subnet_of(ipaddress.IPv6Network("fd00::/8")):
+            raise MembershipError("network body: CIDR must be /8 to /28 and the IPv6 prefix a ULA /48")
+        info = cls(admin_key, cidr4, ula6, _int(body["created"], "created"), wire["sig"])
+        _verify(admin_key, "network", body, wire["sig"], "network")
+        return info
+
+    def host(self, index: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+        """The mesh addresses of host number `index` (1 = first usable)."""
+        if not 1 <= index < self.cidr4.num_addresses - 1:
+            raise MembershipError(f"no host number {index} in {self.cidr4}")
+        return self.cidr4.network_address + index, self.ula6.network_address + index
+
+    def host_index(self, ipv4: ipaddress.IPv4Address) -> int:
+        return int(ipv4) - int(self.cidr4.network_address)
+
+
+@dataclass(frozen=True)
+class InviteGrant:
+    network: str
+    invite_key: bytes
+    name: str | None
+    expires: int
+    uses: int  # 0 = reusable until it expires
+    created: int
+    signature: str
+
+    def body(self) -> dict[str, Any]:
+        return {"network": self.network, "invite_key": b64(self.invite_key), "name": self.name,
+                "expires": self.expires, "uses": self.uses, "created": self.created}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "sig": self.signature}
+
+    @classmethod
+    def from_wire(cls, wire: Any, admin_key: bytes) -> InviteGrant:
+        wire = _obj(wire, "invite")
+        _keys(wire, {"body", "sig"}, "invite")
+        body = _obj(wire["body"], "invite body")
+        _keys(body, {"network", "invite_key", "name", "expires", "uses", "created"}, "invite body")
+        network = _str(body["network"], "invite network", 64)
+        if network != key_fingerprint(admin_key):
+            raise MembershipError(f"the invite is for network {network}, not this network ({key_fingerprint(admin_key)})")
+        name = body["name"]
+        if name is not None:
+            check_name(name, "invite name")
+        grant = cls(network, unb64(body["invite_key"], "invite key", 32), name,
+                    _int(body["expires"], "expires"), _int(body["uses"], "uses", 0, 1_000_000),
+                    _int(body["created"], "created"), wire["sig"])
+        try:
+            _verify(admin_key, "invite", body, wire["sig"], "invite")
+        except MembershipError:
+            raise MembershipError("the invite is not signed by this network's admin key (forged or corrupted token)") from None
+        return grant
+
+
+@dataclass(frozen=True)
+class Token:
+    """What `tunnelmesh invite` prints: where to go, which network, and the invite key."""
+
+    url: str
+    network: str
+    grant: dict[str, Any]  # InviteGrant wire form; verified once the admin key is known
+    invite_seed: bytes
+
+    def encode(self) -> str:
+        payload = canonical({"url": self.url, "network": self.network, "grant": self.grant, "key": b64(self.invite_seed)})
+        return TOKEN_PREFIX + base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+    @classmethod
+    def parse(cls, text: Any) -> Token:
+        if not isinstance(text, str):
+            raise MembershipError("not a join token")
+        text = text.strip()
+        if not text.startswith(TOKEN_PREFIX) or len(text) > MAX_TOKEN_CHARS:
+            raise MembershipError(f"not a join token (a token starts with {TOKEN_PREFIX!r}; get one from `tunnelmesh invite`)")
+        data = text[len(TOKEN_PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
+            payload = json.loads(raw)
+        except (binascii.Error, ValueError, RecursionError):
+            raise MembershipError("join token is damaged (copy it again, whole)") from None
+        payload = _obj(payload, "join token")
+        _keys(payload, {"url", "network", "grant", "key"}, "join token")
+        url = _str(payload["url"], "coordinator URL", 2048)
+        if not url.startswith(("http://", "https://")):
+            raise MembershipError("join token: the coordinator URL must be http:// or https://")
+        return cls(url, _str(payload["network"], "network", 64), _obj(payload["grant"], "invite"),
+                   unb64(payload["key"], "invite key", 32))
+
+    def invite_key(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.invite_seed)
+
+
+def make_invite(admin: AdminKey, url: str, *, name: str | None, expires: int, uses: int, now: int,
+                rng: Any = os.urandom) -> Token:
+    if name is not None:
+        check_name(name, "invite name")
+    seed = rng(32)
+    invite_public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+    body = {"network": admin.fingerprint, "invite_key": b64(invite_public), "name": name,
+            "expires": expires, "uses": uses, "created": now}
+    return Token(url, admin.fingerprint, {"body": body, "sig": admin.sign("invite", body)}, seed)
+
+
+@dataclass(frozen=True)
+class MemberEntry:
+    network: str
+    name: str
+    identity: PublicIdentity
+    ipv4: ipaddress.IPv4Address
+    ipv6: ipaddress.IPv6Address
+    joined: int
+    admin_sig: str | None = None
+    grant: InviteGrant | None = None
+    invite_sig: str | None = None
+
+    @property
+    def wg_key(self) -> bytes:
+        return self.identity.wg_public_key
+
+    @property
+    def authorized_at(self) -> int:
+        """When the admin authorised this entry: what a revocation is compared with."""
+        return self.grant.created if self.grant is not None else self.joined
+
+    def body(self) -> dict[str, Any]:
+        return member_body(self.network, self.name, self.identity, self.ipv4, self.ipv6, self.joined)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"body": self.body()}
+        if self.grant is not None:
+            wire["grant"] = self.grant.to_wire()
+            wire["invite_sig"] = self.invite_sig
+        else:
+            wire["admin_sig"] = self.admin_sig
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Any, network: NetworkInfo) -> MemberEntry:
+        """Parse and verify a member entry of `network` (signature chain, attestation, addresses)."""
+        wire = _obj(wire, "member")
+        if "grant" in wire:
+            _keys(wire, {"body", "grant", "invite_sig"}, "member")
+        else:
+            _keys(wire, {"body", "admin_sig"}, "member")
+        body = _obj(wire["body"], "member body")
+        _keys(body, {"network", "name", "identity", "ipv4", "ipv6", "joined"}, "member body")
+        if body["network"] != network.network:
+            raise MembershipError(f"member entry is for another network ({_str(body['network'], 'network', 64)})")
+        name = check_name(body["name"], "member name")
+        try:
+            identity = PublicIdentity.from_line(_str(body["identity"], "identity", 8192))
+        except IdentityError as exc:
+            raise MembershipError(f"member {name}: {exc}") from None
+        try:
+            ipv4 = ipaddress.IPv4Address(_str(body["ipv4"], "ipv4", 16))
+            ipv6 = ipaddress.IPv6Address(_str(body["ipv6"], "ipv6", 64))
+        except ValueError as exc:
+            raise MembershipError(f"member {name}: {exc}") from None
+        index = network.host_index(ipv4)
+        if not 1 <= index < network.cidr4.num_addresses - 1 or network.host(index) != (ipv4, ipv6):
+            raise MembershipError(f"member {name}: addresses {ipv4} / {ipv6} are not a host of {network.cidr4} / {network.ula6}")
+        joined = _int(body["joined"], "joined")
+        if "grant" in wire:
+            grant = InviteGrant.from_wire(wire["grant"], network.admin_key)
+            if grant.name is not None and grant.name != name:
+                raise MembershipError(f"member {name}: the invite was made for the name {grant.name!r}")
+            if not grant.created <= joined <= grant.expires:
+                raise MembershipError(f"member {name}: joined outside the invite's validity")
+            _verify(grant.invite_key, "member", body, wire["invite_sig"], f"member {name}")
+            return cls(network.network, name, identity, ipv4, ipv6, joined, None, grant, wire["invite_sig"])
+        _verify(network.admin_key, "member", body, wire["admin_sig"], f"member {name}")
+        return cls(network.network, name, identity, ipv4, ipv6, joined, wire["admin_sig"])
+
+
+def member_body(network: str, name: str, identity: PublicIdentity, ipv4: ipaddress.IPv4Address,
+                ipv6: ipaddress.IPv6Address, joined: int) -> dict[str, Any]:
+    return {"network": network, "name": name, "identity": identity.to_line(), "ipv4": str(ipv4),
+            "ipv6": str(ipv6), "joined": joined}
+
+
+def sign_member_with_invite(body: dict[str, Any], token: Token) -> dict[str, Any]:
+    return {"body": body, "grant": token.grant, "invite_sig": _sign(token.invite_key(), "member", body)}
+
+
+def sign_member_as_admin(body: dict[str, Any], admin: AdminKey) -> dict[str, Any]:
+    return {"body": body, "admin_sig": admin.sign("member", body)}
+
+
+@dataclass(frozen=True)
+class Revocation:
+    network: str
+    wg_key: bytes
+    name: str
+    at: int
+    signature: str
+
+    def body(self) -> dict[str, Any]:
+        return {"network": self.network, "wg_key": b64(self.wg_key), "name": self.name, "at": self.at}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "sig": self.signature}
+
+    @classmethod
+    def create(cls, admin: AdminKey, member: MemberEntry, now: int) -> Revocation:
+        body = {"network": admin.fingerprint, "wg_key": b64(member.wg_key), "name": member.name, "at": now}
+        return cls(admin.fingerprint, member.wg_key, member.name, now, admin.sign("revoke", body))
+
+    @classmethod
+    def from_wire(cls, wire: Any, network: NetworkInfo) -> Revocation:
+        wire = _obj(wire, "revocation")
+        _keys(wire, {"body", "sig"}, "revocation")
+        body = _obj(wire["body"], "revocation body")
+        _keys(body, {"network", "wg_key", "name", "at"}, "revocation body")
+        if body["network"] != network.network:
+            raise MembershipError("revocation is for another network")
+        revocation = cls(network.network, unb64(body["wg_key"], "revoked key", 32), check_name(body["name"]),
+                         _int(body["at"], "at"), wire["sig"])
+        _verify(network.admin_key, "revoke", body, wire["sig"], "revocation")
+        return revocation
+
+    def covers(self, member: MemberEntry) -> bool:
+        """A revocation refuses every entry for the key authorised at or before it."""
+        return member.wg_key == self.wg_key and member.authorized_at <= self.at
+
+
+@dataclass(frozen=True)
+class SecretRecord:
+    network: str
+    epoch: int
+    sealed: dict[str, str]  # WireGuard key (base64) -> sealed secret (base64)
+    at: int
+    signature: str
+
+    def body(self) -> dict[str, Any]:
+        return {"network": self.network, "epoch": self.epoch, "sealed": self.sealed, "at": self.at}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "sig": self.signature}
+
+    @classmethod
+    def create(cls, admin: AdminKey, epoch: int, secret: bytes, members: list[MemberEntry], now: int) -> SecretRecord:
+        sealed = {b64(m.wg_key): b64(seal(m.wg_key, secret)) for m in members}
+        body = {"network": admin.fingerprint, "epoch": epoch, "sealed": sealed, "at": now}
+        return cls(admin.fingerprint, epoch, sealed, now, admin.sign("secret", body))
+
+    @classmethod
+    def from_wire(cls, wire: Any, network: NetworkInfo) -> SecretRecord:
+        wire = _obj(wire, "secret record")
+        _keys(wire, {"body", "sig"}, "secret record")
+        body = _obj(wire["body"], "secret record body")
+        _keys(body, {"network", "epoch", "sealed", "at"}, "secret record body")
+        if body["network"] != network.network:
+            raise MembershipError("secret record is for another network")
+        sealed = _obj(body["sealed"], "sealed secrets")
+        for key, value in sealed.items():
+            unb64(key, "sealed-for key", 32)
+            _str(value, "sealed secret", 256)
+        record = cls(network.network, _int(body["epoch"], "epoch", 1), dict(sealed), _int(body["at"], "at"), wire["sig"])
+        _verify(network.admin_key, "secret", body, wire["sig"], "secret record")
+        return record
+
+    def open_for(self, wg_key: bytes, static_private: bytes) -> bytes | None:
+        """The new secret if it was sealed for this node, else None."""
+        blob = self.sealed.get(b64(wg_key))
+        if blob is None:
+            return None
+        secret = unseal(static_private, unb64(blob, "sealed secret"))
+        if len(secret) != 32:
+            raise MembershipError("sealed secret is not 32 bytes")
+        return secret
+
+
+# --- join proof and signed requests ------------------------------------------------------------
+
+
+def join_proof_message(body: Mapping[str, Any]) -> bytes:
+    """What the joiner signs with its SSH identity key to prove it holds it."""
+    return canonical({"join": body})
+
+
+def verify_join_proof(identity: PublicIdentity, body: Mapping[str, Any], proof: Any) -> None:
+    try:
+        verify_sshsig(identity.ssh_public_key, unb64(proof, "join proof"), join_proof_message(body), JOIN_NAMESPACE)
+    except IdentityError as exc:
+        raise MembershipError(f"the joiner did not prove it holds its identity key: {exc}") from None
+
+
+def request_message(method: str, path: str, timestamp: int, nonce: str, body: bytes) -> bytes:
+    """What a signed coordinator request signs: method, path with query, time, nonce, body hash."""
+    return "\n".join([method.upper(), path, str(timestamp), nonce, hashlib.sha256(body).hexdigest()]).encode()
+
+
+@dataclass(frozen=True)
+class RequestAuth:
+    """The ``Authorization: TM1 <base64url JSON>`` header of a signed request.
+
+    ``who`` is ``"admin"`` (Ed25519 by the admin key) or a member's WireGuard key
+    in base64 (SSHSIG by that member's SSH key, namespace REQUEST_NAMESPACE)."""
+
+    who: str
+    timestamp: int
+    nonce: str
+    signature: bytes
+
+    def header(self) -> str:
+        payload = canonical({"who": self.who, "t": self.timestamp, "n": self.nonce, "sig": b64(self.signature)})
+        return "TM1 " + base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+    @classmethod
+    def parse(cls, header: Any) -> RequestAuth:
+        if not isinstance(header, str) or not header.startswith("TM1 ") or len(header) > 8192:
+            raise MembershipError("missing or malformed Authorization header (expected 'TM1 ...')")
+        data = header[4:]
+        try:
+            payload = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
+        except (binascii.Error, ValueError, RecursionError):
+            raise MembershipError("malformed Authorization header") from None
+        payload = _obj(payload, "Authorization")
+        _keys(payload, {"who", "t", "n", "sig"}, "Authorization")
+        nonce = _str(payload["n"], "nonce", 32)
+        if _NONCE_RE.fullmatch(nonce) is None:
+            raise MembershipError("Authorization: nonce must be 32 hex digits")
+        who = _str(payload["who"], "who", 64)
+        if who != "admin":
+            unb64(who, "member key", 32)
+        return cls(who, _int(payload["t"], "timestamp"), nonce, unb64(payload["sig"], "request signature"))
+
+
+def sign_admin_request(admin: AdminKey, method: str, path: str, body: bytes, now: int, rng: Any = os.urandom) -> str:
+    nonce = rng(16).hex()
+    return RequestAuth("admin", now, nonce, admin.sign_bytes(DOMAIN + b"request\0" + request_message(method, path, now, nonce, body))).header()
+
+
+def verify_admin_request(auth: RequestAuth, admin_key: bytes, method: str, path: str, body: bytes) -> None:
+    try:
+        Ed25519PublicKey.from_public_bytes(admin_key).verify(
+            auth.signature, DOMAIN + b"request\0" + request_message(method, path, auth.timestamp, auth.nonce, body))
+    except (InvalidSignature, ValueError):
+        raise MembershipError("admin request signature does not verify (not this network's admin key)") from None
+
+
+def verify_member_request(auth: RequestAuth, identity: PublicIdentity, method: str, path: str, body: bytes) -> None:
+    try:
+        verify_sshsig(identity.ssh_public_key, auth.signature,
+                      request_message(method, path, auth.timestamp, auth.nonce, body), REQUEST_NAMESPACE)
+    except IdentityError as exc:
+        raise MembershipError(f"request signature does not verify: {exc}") from None
+
+
+class ReplayGuard:
+    """Refuses a signed request seen before, or outside the time window. Memory is bounded:
+    nonces are kept only for the window, and at most `limit` of them."""
+
+    def __init__(self, window: int = REQUEST_WINDOW, limit: int = 100_000) -> None:
+        self.window = window
+        self.limit = limit
+        self._seen: dict[str, int] = {}
+
+    def check(self, auth: RequestAuth, now: float) -> None:
+        if abs(auth.timestamp - now) > self.window:
+            raise MembershipError(f"request time is {auth.timestamp - now:+.0f} s off the coordinator's clock "
+                                  f"(more than {self.window} s: fix the clock)")
+        if auth.nonce in self._seen:
+            raise MembershipError("replayed request refused")
+        if len(self._seen) >= self.limit:
+            self._seen = {n: t for n, t in self._seen.items() if abs(t - now) <= self.window}
+            if len(self._seen) >= self.limit:
+                raise MembershipError("too many requests; try again shortly")
+        self._seen[auth.nonce] = auth.timestamp
+
+
+# --- the node's view of the network ----------------------------------------------------------------
+
+
+@dataclass
+class Endpoints:
+    """Where a member was last seen: unsigned, the coordinator's word (availability only)."""
+
+    addresses: tuple[tuple[str, int], ...] = ()
+    last_seen: int | None = None
+
+
+def parse_endpoints(value: Any) -> Endpoints:
+    obj = _obj(value, "endpoints")
+    _keys(obj, {"addresses", "last_seen"}, "endpoints")
+    addresses = obj["addresses"]
+    if not isinstance(addresses, list) or len(addresses) > MAX_ENDPOINTS:
+        raise MembershipError(f"endpoints: at most {MAX_ENDPOINTS} addresses")
+    parsed = []
+    for item in addresses:
+        parsed.append(parse_address(item))
+    last_seen = obj["last_seen"]
+    return Endpoints(tuple(parsed), None if last_seen is None else _int(last_seen, "last_seen"))
+
+
+def parse_address(item: Any) -> tuple[str, int]:
+    text = _str(item, "endpoint", 64)
+    host, sep, port = text.rpartition(":")
+    try:
+        address = ipaddress.IPv4Address(host)
+        number = int(port) if port.isdigit() else -1
+    except ValueError:
+        address, number = None, -1
+    if not sep or address is None or not 1 <= number <= 65535:
+        raise MembershipError(f"endpoint {text!r}: expected IPv4:port")
+    return str(address), number
+
+
+@dataclass
+class MapChanges:
+    added: list[MemberEntry] = field(default_factory=list)
+    removed: list[tuple[MemberEntry, str]] = field(default_factory=list)
+    endpoints: dict[bytes, Endpoints] = field(default_factory=dict)
+    revoked_self: Revocation | None = None
+    new_secret: SecretRecord | None = None
+    rejected: list[str] = field(default_factory=list)
+
+
+class PeerMap:
+    """The verified peer map a node works from, and the revocations it keeps for good.
+
+    `apply` takes an update from the coordinator (or the on-disk cache) and returns what
+    changed; records that do not verify are refused, counted in `rejected` and named in
+    the result. Nothing in an update can bring back a key a kept revocation covers."""
+
+    def __init__(self, network: NetworkInfo, own_wg_key: bytes) -> None:
+        self.network = network
+        self.own_wg_key = own_wg_key
+        self.members: dict[bytes, MemberEntry] = {}
+        self.endpoints: dict[bytes, Endpoints] = {}
+        self.revocations: dict[bytes, Revocation] = {}
+        self.secret: SecretRecord | None = None
+        self.version = 0
+        self.rejected: Counter[str] = Counter()
+
+    def revoked(self, member: MemberEntry) -> Revocation | None:
+        revocation = self.revocations.get(member.wg_key)
+        return revocation if revocation is not None and revocation.covers(member) else None
+
+    def add_revocations(self, wires: Any, changes: MapChanges) -> None:
+        for wire in _list(wires, "revocations"):
+            try:
+                revocation = Revocation.from_wire(wire, self.network)
+            except MembershipError as exc:
+                self._reject(changes, f"revocation refused: {exc}")
+                continue
+            kept = self.revocations.get(revocation.wg_key)
+            if kept is None or kept.at < revocation.at:
+                self.revocations[revocation.wg_key] = revocation
+            if revocation.wg_key == self.own_wg_key:
+                changes.revoked_self = revocation
+            member = self.members.get(revocation.wg_key)
+            if member is not None and revocation.covers(member):
+                del self.members[revocation.wg_key]
+                self.endpoints.pop(revocation.wg_key, None)
+                changes.removed.append((member, f"revoked by the admin at {revocation.at}"))
+
+    def apply(self, update: Any) -> MapChanges:
+        changes = MapChanges()
+        update = _obj(update, "peer map")
+        _keys(update, {"version", "full", "members", "revocations", "secret", "endpoints"}, "peer map")
+        version = _int(update["version"], "version")
+        full = update["full"]
+        if not isinstance(full, bool):
+            raise MembershipError("peer map: 'full' must be true or false")
+        self.add_revocations(update["revocations"], changes)
+        listed: set[bytes] = set()
+        for wire in _list(update["members"], "members"):
+            try:
+                member = MemberEntry.from_wire(wire, self.network)
+            except MembershipError as exc:
+                self._reject(changes, f"member refused: {exc}")
+                continue
+            listed.add(member.wg_key)
+            revocation = self.revoked(member)
+            if revocation is not None:
+                self._reject(changes, f"member {member.name} refused: its key was revoked at {revocation.at}")
+                continue
+            if member.wg_key == self.own_wg_key:
+                continue
+            clash = next((m for m in self.members.values() if m.wg_key != member.wg_key
+                          and (m.ipv4 == member.ipv4 or m.name == member.name)), None)
+            if clash is not None:
+                self._reject(changes, f"member {member.name} refused: name or address already used by {clash.name}")
+                continue
+            known = self.members.get(member.wg_key)
+            if known is not None and known == member:
+                continue
+            if known is not None:
+                changes.removed.append((known, "replaced by a newer entry"))
+            self.members[member.wg_key] = member
+            changes.added.append(member)
+        if full:
+            for key in [k for k in self.members if k not in listed]:
+                changes.removed.append((self.members.pop(key), "no longer listed by the coordinator"))
+                self.endpoints.pop(key, None)
+        for key_b64, value in _obj(update["endpoints"], "endpoints").items():
+            try:
+                key = unb64(key_b64, "member key", 32)
+                endpoints = parse_endpoints(value)
+            except MembershipError as exc:
+                self._reject(changes, f"endpoints refused: {exc}")
+                continue
+            if key in self.members and self.endpoints.get(key) != endpoints:
+                self.endpoints[key] = endpoints
+                changes.endpoints[key] = endpoints
+        if update["secret"] is not None:
+            try:
+                record = SecretRecord.from_wire(update["secret"], self.network)
+            except MembershipError as exc:
+                self._reject(changes, f"secret record refused: {exc}")
+            else:
+                if self.secret is None or record.epoch > self.secret.epoch:
+                    self.secret = record
+                    changes.new_secret = record
+        self.version = max(self.version, version) if not full else version
+        return changes
+
+    def _reject(self, changes: MapChanges, reason: str) -> None:
+        self.rejected[reason.split(":")[0]] += 1
+        changes.rejected.append(reason)
+
+    def to_cache(self) -> dict[str, Any]:
+        """A full update that `apply` takes back (the on-disk cache)."""
+        return {
+            "version": self.version, "full": True,
+            "members": [m.to_wire() for m in self.members.values()],
+            "revocations": [r.to_wire() for r in self.revocations.values()],
+            "secret": self.secret.to_wire() if self.secret is not None else None,
+            "endpoints": {b64(k): {"addresses": [f"{h}:{p}" for h, p in e.addresses], "last_seen": e.last_seen}
+                          for k, e in self.endpoints.items()},
+        }
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise MembershipError(f"{what}: expected a list")
+    return value
