@@ -23,6 +23,7 @@ import os
 import re
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,9 @@ WG_KEY_BYTES = 32
 #: Refuse config files larger than this (a config is a few KiB at most).
 MAX_CONFIG_BYTES = 1 << 20
 
-TOP_KEYS = ("node", "peers")
+TOP_KEYS = ("node", "peers", "coordinator")
+COORDINATOR_KEYS = ("url", "serve", "db")
+DEFAULT_COORDINATOR_PORT = 7400
 NODE_KEYS = (
     "name",
     "identity",
@@ -138,6 +141,18 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class CoordinatorConfig:
+    """The ``[coordinator]`` table: this node gets its peers from a coordinator."""
+
+    #: How this node reaches the coordinator (http:// or https://).
+    url: str
+    #: Serve the embedded coordinator on this (host, port); None = do not serve.
+    serve: tuple[str, int] | None
+    #: The embedded coordinator's SQLite file.
+    db: Path
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """A whole config file, checked. Paths in it are absolute."""
 
@@ -147,16 +162,19 @@ class NodeConfig:
     identity: str
     passphrase_file: Path | None
     network_secret_file: Path
-    mesh_ip: ipaddress.IPv4Address
+    #: Static mode: this node's mesh address. None with a coordinator (it assigns one).
+    mesh_ip: ipaddress.IPv4Address | None
     mesh_prefix: int
     listen_port: int
     interface: str
     mtu: int
     peers: tuple[PeerConfig, ...]
+    coordinator: CoordinatorConfig | None = None
 
     @property
     def mesh_network(self) -> ipaddress.IPv4Network:
         """The network routed into the tunnel interface (``mesh_ip/mesh_prefix``)."""
+        assert self.mesh_ip is not None, "static mode only"
         return ipaddress.IPv4Network(f"{self.mesh_ip}/{self.mesh_prefix}", strict=False)
 
 
@@ -530,14 +548,24 @@ class _Checker:
         if secret is None:
             secret = self.state_dir / "network.secret"
 
-        mesh_ip = self.get_ipv4(node, "mesh_ip", what, "node")
-        mesh_prefix = self.get_int(
-            node, "mesh_prefix", what, "node", default=DEFAULT_MESH_PREFIX, lo=MIN_MESH_PREFIX, hi=32
-        )
-        net = ipaddress.IPv4Network(f"{mesh_ip}/{mesh_prefix}", strict=False)
-        if mesh_prefix <= 30 and mesh_ip in (net.network_address, net.broadcast_address):
-            kind = "network" if mesh_ip == net.network_address else "broadcast"
-            raise self.error(f"{what}: mesh_ip {mesh_ip} is the {kind} address of {net}", "node", "mesh_ip")
+        mesh_ip: ipaddress.IPv4Address | None = None
+        mesh_prefix = DEFAULT_MESH_PREFIX
+        if "coordinator" in data:
+            for key in ("mesh_ip", "mesh_prefix"):
+                if key in node:
+                    raise self.error(
+                        f"{what}: {key} is assigned by the coordinator; remove it (or remove [coordinator] "
+                        "for a static mesh)", "node", key,
+                    )
+        else:
+            mesh_ip = self.get_ipv4(node, "mesh_ip", what, "node")
+            mesh_prefix = self.get_int(
+                node, "mesh_prefix", what, "node", default=DEFAULT_MESH_PREFIX, lo=MIN_MESH_PREFIX, hi=32
+            )
+            net = ipaddress.IPv4Network(f"{mesh_ip}/{mesh_prefix}", strict=False)
+            if mesh_prefix <= 30 and mesh_ip in (net.network_address, net.broadcast_address):
+                kind = "network" if mesh_ip == net.network_address else "broadcast"
+                raise self.error(f"{what}: mesh_ip {mesh_ip} is the {kind} address of {net}", "node", "mesh_ip")
         listen_port = self.get_int(
             node, "listen_port", what, "node", default=DEFAULT_LISTEN_PORT, lo=0, hi=65535, hint=" (0 = random)"
         )
@@ -563,6 +591,37 @@ class _Checker:
             interface=interface,
             mtu=mtu,
         )
+
+    def coordinator(self, data: Mapping[str, Any]) -> CoordinatorConfig | None:
+        if "coordinator" not in data:
+            return None
+        table = data["coordinator"]
+        what = "[coordinator]"
+        if not isinstance(table, dict):
+            raise self.error(f"coordinator must be a table ([coordinator]), not {_type_name(table)}", "coordinator")
+        self.check_keys(table, COORDINATOR_KEYS, what, "coordinator")
+        url = self.get_str(table, "url", what, "coordinator", required=True)
+        assert url is not None
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise self.error(f"{what}: url {_show(url)} must be http://host:port or https://host:port", "coordinator", "url")
+        serve = None
+        serve_value = self.get_str(table, "serve", what, "coordinator")
+        if serve_value is not None:
+            host, _, port = serve_value.rpartition(":")
+            try:
+                ipaddress.IPv4Address(host)
+                number = int(port) if _PORT_RE.fullmatch(port) else -1
+            except ValueError:
+                number = -1
+            if not 1 <= number <= 65535:
+                raise self.error(
+                    f"{what}: serve {_show(serve_value)} must be IPv4:port, e.g. \"0.0.0.0:{DEFAULT_COORDINATOR_PORT}\"",
+                    "coordinator", "serve",
+                )
+            serve = (host, number)
+        db = self.get_path(table, "db", what, "coordinator") or self.state_dir / "coordinator.db"
+        return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db)
 
     def endpoint(self, value: str, what: str, index: int) -> tuple[str, int]:
         where = ("peers", index, "endpoint")
@@ -816,8 +875,11 @@ def parse_config(text: str, *, path: Path, state_dir: Path) -> NodeConfig:
         checker = _Checker(path, text, state_dir)
         checker.check_keys(data, TOP_KEYS, "top level")
         node = checker.node(data)
-        peers = checker.peers(data, node)
-        return NodeConfig(peers=peers, **node)
+        coordinator = checker.coordinator(data)
+        if coordinator is not None and data.get("peers"):
+            raise checker.error("[[peers]] are not used with a [coordinator]: it tells this node its peers", "peers")
+        peers = checker.peers(data, node) if coordinator is None else ()
+        return NodeConfig(peers=peers, coordinator=coordinator, **node)
     except ConfigError:
         raise
     except RecursionError:
@@ -949,14 +1011,26 @@ def _toml_string(value: str) -> str:
     return "".join(out)
 
 
-def starter_config(*, name: str, identity: str, mesh_ip: str, listen_port: int = DEFAULT_LISTEN_PORT) -> str:
-    """A commented starter config for ``tunnelmesh init --static``.
+def starter_config(
+    *,
+    name: str,
+    identity: str,
+    mesh_ip: str | None = None,
+    listen_port: int = DEFAULT_LISTEN_PORT,
+    coordinator_url: str | None = None,
+    serve: str | None = None,
+) -> str:
+    """A commented starter config: static mode (``mesh_ip``, peers listed in the file) or,
+    with ``coordinator_url``, a node whose peers and address come from a coordinator
+    (``serve`` = run the embedded coordinator on that IPv4:port).
 
     Raises ``ValueError`` if the values would not make a valid config."""
     if isinstance(listen_port, bool) or not isinstance(listen_port, int):
         raise ValueError("listen_port must be an integer")
+    static = coordinator_url is None
+    mode = "static mode: peers are listed in this file" if static else "peers and address come from the coordinator"
     text = f"""\
-# TunnelMesh node configuration (static mode: peers are listed in this file).
+# TunnelMesh node configuration ({mode}).
 # Reference of every key: docs/config.md. Relative paths are relative to the
 # directory of this file.
 
@@ -970,14 +1044,21 @@ identity = {_toml_string(identity)}
 # Shared by every node of the mesh: base64 of 32 bytes, mode 0600.
 # Default: network.secret in the state directory.
 # network_secret_file = "network.secret"
+"""
+    if static:
+        text += f"""\
 # This node's address inside the mesh, and the prefix routed into the tunnel.
-mesh_ip = {_toml_string(mesh_ip)}
+mesh_ip = {_toml_string(mesh_ip or "")}
 mesh_prefix = {DEFAULT_MESH_PREFIX}
+"""
+    text += f"""\
 # UDP port for WireGuard (0 = random).
 listen_port = {int(listen_port)}
 interface = "{DEFAULT_INTERFACE}"
 mtu = {DEFAULT_MTU}
-
+"""
+    if static:
+        text += """
 # One [[peers]] table per peer. A tunnelmesh peer is given by its identity line;
 # a plain WireGuard peer (e.g. a phone) by its WireGuard public key instead.
 #
@@ -989,6 +1070,18 @@ mtu = {DEFAULT_MTU}
 # endpoint = "192.0.2.2:51820"      # optional; without it, wait to be contacted
 # persistent_keepalive = 25         # optional, seconds; 0 = off
 # allowed_ips = ["10.1.0.0/24"]     # optional extra routes via this peer
+"""
+    else:
+        text += f"""
+[coordinator]
+# How this node reaches the coordinator.
+url = {_toml_string(coordinator_url or "")}
+"""
+        if serve is not None:
+            text += f"""\
+# Run the embedded coordinator here (this node made the network). Its state:
+# coordinator.db in the state directory unless `db` says otherwise.
+serve = {_toml_string(serve)}
 """
     try:
         parse_config(text, path=Path("starter.toml"), state_dir=Path(os.getcwd()))

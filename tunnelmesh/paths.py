@@ -56,6 +56,21 @@ class Paths:
         return self.state_dir / "network.secret"
 
     @property
+    def network_state(self) -> Path:
+        """The network this node joined: coordinator URL, pinned network record, own entry."""
+        return self.state_dir / "network.json"
+
+    @property
+    def peer_map_cache(self) -> Path:
+        """The last verified peer map, with every revocation seen (kept for good)."""
+        return self.state_dir / "peermap.json"
+
+    @property
+    def admin_key(self) -> Path:
+        """The network's admin key, on the machine that ran `tunnelmesh init` only."""
+        return self.state_dir / "admin.key"
+
+    @property
     def dedicated_key(self) -> Path:
         """A key generated for this node when it does not use an existing SSH key."""
         return self.state_dir / "identity_ed25519"

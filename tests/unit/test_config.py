@@ -925,3 +925,55 @@ class TestIdentityLines:
 def test_default_host_key_agrees_with_identity_module() -> None:
     identity = pytest.importorskip("tunnelmesh.identity")
     assert identity.DEFAULT_HOST_KEY == DEFAULT_HOST_KEY
+
+
+# --- [coordinator] ------------------------------------------------------------------------------
+
+COORDINATED = """\
+[node]
+name = "alpha"
+
+[coordinator]
+url = "http://192.0.2.1:7400/"
+serve = "0.0.0.0:7400"
+"""
+
+
+def test_coordinator_table_gives_url_serve_and_default_db(tmp_path: Path) -> None:
+    config = load(tmp_path, COORDINATED)
+    assert config.mesh_ip is None and config.peers == ()
+    assert config.coordinator is not None
+    assert config.coordinator.url == "http://192.0.2.1:7400"
+    assert config.coordinator.serve == ("0.0.0.0", 7400)
+    assert config.coordinator.db == (tmp_path / "state" / "coordinator.db").absolute()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('[node]\nmesh_ip = "100.100.0.1"', "assigned by the coordinator"),
+        ('[coordinator]\nurl = "ftp://x"', "must be http://host:port"),
+        ('[coordinator]\nurl = "http://192.0.2.1:7400"\nserve = "nowhere"', "must be IPv4:port"),
+        ('[coordinator]\nurl = "http://192.0.2.1:7400"\nserve = "0.0.0.0:70000"', "must be IPv4:port"),
+        ('[coordinator]\nurl = "http://192.0.2.1:7400"\nflavour = 1', "unknown key 'flavour'"),
+        ('[coordinator]\nserve = "0.0.0.0:7400"', "missing required key 'url'"),
+        ('[coordinator]\nurl = "http://x"\n\n[[peers]]\nname = "b"\nwireguard_public_key = "' + KEY_B
+         + '"\nmesh_ip = "100.100.0.2"', "[[peers]] are not used with a [coordinator]"),
+    ],
+)
+def test_coordinator_table_refusals(tmp_path: Path, extra: str, expected: str) -> None:
+    if extra.startswith("[node]"):
+        text = 'name = "alpha"\n'.join(["[node]\n", extra.removeprefix("[node]\n") + '\n[coordinator]\nurl = "http://x"\n'])
+    else:
+        text = '[node]\nname = "alpha"\n\n' + extra + "\n"
+    error = load_error(tmp_path, text)
+    assert expected in str(error)
+    assert error.line is not None or "peers" in expected
+
+
+def test_starter_config_with_coordinator_parses(tmp_path: Path) -> None:
+    text = starter_config(name="beta", identity="agent", coordinator_url="http://192.0.2.1:7400", serve="0.0.0.0:7400")
+    config = load(tmp_path, text)
+    assert config.coordinator is not None and config.coordinator.serve == ("0.0.0.0", 7400)
+    joined = load(tmp_path, starter_config(name="beta", identity="agent", coordinator_url="http://192.0.2.1:7400"))
+    assert joined.coordinator is not None and joined.coordinator.serve is None

@@ -1,0 +1,119 @@
+"""A node's membership state on disk: which network it joined, and the verified peer map.
+
+Files (all in the state directory, see `tunnelmesh.paths`):
+
+- ``network.json``: the coordinator URL, the network record (its admin key is
+  what this node pinned at join) and this node's own member entry. Written
+  once by `join`/`init`; re-verified on every load.
+- ``peermap.json``: the last verified peer map, including every revocation
+  seen. Rewritten atomically (temp file, fsync, rename) after each change, so
+  a crash or a full disk leaves the previous version, never half a file.
+- ``network.secret``: replaced atomically when the admin rotates it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunnelmesh.membership import MemberEntry, MembershipError, NetworkInfo, PeerMap
+
+MAX_STATE_BYTES = 16 << 20
+
+
+class StateError(Exception):
+    """A state file is missing, unreadable or does not verify; the message says what to do."""
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` all at once (the old content survives any failure)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), mode)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise StateError(f"cannot write {path}: {exc.strerror or exc} (the previous version is kept)") from None
+
+
+def write_secret(path: Path, secret: bytes) -> None:
+    """The network secret file format of `tunnelmesh.config.read_network_secret`, mode 0600."""
+    write_atomic(path, base64.b64encode(secret) + b"\n", 0o600)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_STATE_BYTES + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise StateError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(raw) > MAX_STATE_BYTES:
+        raise StateError(f"{what} {path} is larger than {MAX_STATE_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise StateError(f"{what} {path} is damaged (not JSON)") from None
+
+
+@dataclass(frozen=True)
+class NetworkState:
+    url: str
+    network: NetworkInfo
+    member: MemberEntry
+
+    def save(self, path: Path) -> None:
+        data = {"url": self.url, "network": self.network.to_wire(), "member": self.member.to_wire()}
+        write_atomic(path, json.dumps(data, indent=1).encode() + b"\n")
+
+    @classmethod
+    def load(cls, path: Path) -> NetworkState:
+        try:
+            data = _read_json(path, "network state")
+        except FileNotFoundError:
+            raise StateError(
+                f"this node has not joined a network ({path} does not exist): run `tunnelmesh join <token>`, "
+                "or `tunnelmesh init` to make a new network"
+            ) from None
+        try:
+            if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+                raise MembershipError("expected an object with url, network and member")
+            network = NetworkInfo.from_wire(data.get("network"))
+            member = MemberEntry.from_wire(data.get("member"), network)
+        except MembershipError as exc:
+            raise StateError(f"network state {path} does not verify: {exc}") from None
+        return cls(data["url"], network, member)
+
+
+def load_peer_map(path: Path, state: NetworkState) -> tuple[PeerMap, list[str]]:
+    """The cached peer map (re-verified record by record), and what was refused in it."""
+    peer_map = PeerMap(state.network, state.member.wg_key)
+    try:
+        cached = _read_json(path, "peer map cache")
+    except FileNotFoundError:
+        return peer_map, []
+    try:
+        changes = peer_map.apply(cached)
+    except MembershipError as exc:
+        return peer_map, [f"peer map cache {path} ignored: {exc}"]
+    return peer_map, changes.rejected
+
+
+def save_peer_map(path: Path, peer_map: PeerMap) -> None:
+    write_atomic(path, json.dumps(peer_map.to_cache()).encode() + b"\n")
