@@ -136,6 +136,14 @@ def _sign(key: Ed25519PrivateKey, kind: str, body: Mapping[str, Any]) -> str:
     return b64(key.sign(DOMAIN + kind.encode() + b"\0" + canonical(body)))
 
 
+def _canonical_form(record: Any, body: Mapping[str, Any], what: str) -> None:
+    """Refuse a signed body that is not the one the record writes back (`to_wire`), e.g. an
+    upper-case IPv6 address or non-canonical base64: it would not verify once re-serialised
+    (the peer map cache, the network state file)."""
+    if record.body() != body:
+        raise MembershipError(f"{what}: not in canonical form (a value is spelled differently from how it is written)")
+
+
 def _verify(public_key: bytes, kind: str, body: Mapping[str, Any], signature: Any, what: str) -> None:
     sig = unb64(signature, f"{what} signature", 64)
     try:
@@ -189,6 +197,8 @@ class AdminKey:
             text = Path(path).read_text()
         except OSError as exc:
             raise MembershipError(f"cannot read the admin key {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise MembershipError(f"{path}: not a tunnelmesh admin key") from None
         parts = text.split()
         if len(parts) != 2 or parts[0] != ADMIN_KEY_HEADER:
             raise MembershipError(f"{path}: not a tunnelmesh admin key")
@@ -282,6 +292,7 @@ class NetworkInfo:
             raise MembershipError("network body: CIDR must be /8 to /28 and the IPv6 prefix a ULA /48")
         info = cls(admin_key, cidr4, ula6, _int(body["created"], "created"), wire["sig"])
         _verify(admin_key, "network", body, wire["sig"], "network")
+        _canonical_form(info, body, "network")
         return info
 
     def host(self, index: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
@@ -330,6 +341,7 @@ class InviteGrant:
             _verify(admin_key, "invite", body, wire["sig"], "invite")
         except MembershipError:
             raise MembershipError("the invite is not signed by this network's admin key (forged or corrupted token)") from None
+        _canonical_form(grant, body, "invite")
         return grant
 
 
@@ -448,9 +460,12 @@ class MemberEntry:
             if not grant.created <= joined <= grant.expires:
                 raise MembershipError(f"member {name}: joined outside the invite's validity")
             _verify(grant.invite_key, "member", body, wire["invite_sig"], f"member {name}")
-            return cls(network.network, name, identity, ipv4, ipv6, joined, None, grant, wire["invite_sig"])
-        _verify(network.admin_key, "member", body, wire["admin_sig"], f"member {name}")
-        return cls(network.network, name, identity, ipv4, ipv6, joined, wire["admin_sig"])
+            entry = cls(network.network, name, identity, ipv4, ipv6, joined, None, grant, wire["invite_sig"])
+        else:
+            _verify(network.admin_key, "member", body, wire["admin_sig"], f"member {name}")
+            entry = cls(network.network, name, identity, ipv4, ipv6, joined, wire["admin_sig"])
+        _canonical_form(entry, body, f"member {name}")
+        return entry
 
 
 def member_body(network: str, name: str, identity: PublicIdentity, ipv4: ipaddress.IPv4Address,
@@ -497,6 +512,7 @@ class Revocation:
         revocation = cls(network.network, unb64(body["wg_key"], "revoked key", 32), check_name(body["name"]),
                          _int(body["at"], "at"), wire["sig"])
         _verify(network.admin_key, "revoke", body, wire["sig"], "revocation")
+        _canonical_form(revocation, body, "revocation")
         return revocation
 
     def covers(self, member: MemberEntry) -> bool:
@@ -538,6 +554,7 @@ class SecretRecord:
             _str(value, "sealed secret", 256)
         record = cls(network.network, _int(body["epoch"], "epoch", 1), dict(sealed), _int(body["at"], "at"), wire["sig"])
         _verify(network.admin_key, "secret", body, wire["sig"], "secret record")
+        _canonical_form(record, body, "secret record")
         return record
 
     def open_for(self, wg_key: bytes, static_private: bytes) -> bytes | None:
@@ -729,7 +746,7 @@ class PeerMap:
             if kept is None or kept.at < revocation.at:
                 self.revocations[revocation.wg_key] = revocation
             if revocation.wg_key == self.own_wg_key:
-                changes.revoked_self = revocation
+                changes.revoked_self = self.revocations[revocation.wg_key]  # the latest, which covers most
             member = self.members.get(revocation.wg_key)
             if member is not None and revocation.covers(member):
                 del self.members[revocation.wg_key]
@@ -744,15 +761,26 @@ class PeerMap:
         full = update["full"]
         if not isinstance(full, bool):
             raise MembershipError("peer map: 'full' must be true or false")
-        self.add_revocations(update["revocations"], changes)
-        listed: set[bytes] = set()
-        for wire in _list(update["members"], "members"):
+        # Everything that can refuse the whole update is checked before anything changes.
+        revocations = _list(update["revocations"], "revocations")
+        wires = _list(update["members"], "members")
+        endpoint_items = _obj(update["endpoints"], "endpoints").items()
+        self.add_revocations(revocations, changes)
+        parsed: list[MemberEntry] = []
+        for wire in wires:
             try:
-                member = MemberEntry.from_wire(wire, self.network)
+                parsed.append(MemberEntry.from_wire(wire, self.network))
             except MembershipError as exc:
                 self._reject(changes, f"member refused: {exc}")
-                continue
-            listed.add(member.wg_key)
+        listed = {member.wg_key for member in parsed}
+        if full:  # before the clash checks: an unlisted member holds no name or address any more
+            for key in [k for k in self.members if k not in listed]:
+                changes.removed.append((self.members.pop(key), "no longer listed by the coordinator"))
+                self.endpoints.pop(key, None)
+        if changes.revoked_self is not None and any(
+                m.wg_key == self.own_wg_key and self.revoked(m) is None for m in parsed):
+            changes.revoked_self = None  # re-admitted by an invite or approval made after it
+        for member in parsed:
             revocation = self.revoked(member)
             if revocation is not None:
                 self._reject(changes, f"member {member.name} refused: its key was revoked at {revocation.at}")
@@ -771,11 +799,7 @@ class PeerMap:
                 changes.removed.append((known, "replaced by a newer entry"))
             self.members[member.wg_key] = member
             changes.added.append(member)
-        if full:
-            for key in [k for k in self.members if k not in listed]:
-                changes.removed.append((self.members.pop(key), "no longer listed by the coordinator"))
-                self.endpoints.pop(key, None)
-        for key_b64, value in _obj(update["endpoints"], "endpoints").items():
+        for key_b64, value in endpoint_items:
             try:
                 key = unb64(key_b64, "member key", 32)
                 endpoints = parse_endpoints(value)
