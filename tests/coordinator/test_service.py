@@ -1,0 +1,512 @@
+"""The coordinator's HTTP API end to end: the aiohttp service on 127.0.0.1 over a real
+SQLite file, driven through the client with real SSH identities. Every refusal
+must say why and leave every table exactly as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack, asynccontextmanager, closing
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.coordinator import (
+    JSON,
+    SECRET,
+    World,
+    invited,
+    join,
+    join_request,
+    now,
+    prepare,
+    row_counts,
+    running,
+    set_up,
+    snapshot,
+)
+from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
+from tunnelmesh.coordinator.service import MAX_BODY
+from tunnelmesh.coordinator.store import StoreError
+from tunnelmesh.membership import (
+    JOIN_WINDOW,
+    MemberEntry,
+    NetworkInfo,
+    PeerMap,
+    Revocation,
+    SecretRecord,
+    Token,
+    b64,
+    sign_admin_request,
+    unb64,
+    unseal,
+)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World.create()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "coordinator.db"
+
+
+@asynccontextmanager
+async def with_network(db: Path, world: World, **options: Any) -> AsyncIterator[str]:
+    """A running coordinator that holds the world's network (admin node at host 1)."""
+    async with running(db, **options) as (url, _):
+        await set_up(url, world)
+        yield url
+
+
+async def refused(db: Path, call: Awaitable[Any], status: int, pattern: str) -> CoordinatorError:
+    """`call` fails with `status` and a message matching `pattern`, and changes no row."""
+    before = snapshot(db)
+    with pytest.raises(CoordinatorError) as info:
+        await call
+    assert info.value.status == status, str(info.value)
+    assert re.search(pattern, str(info.value)), str(info.value)
+    assert snapshot(db) == before
+    return info.value
+
+
+def key(world: World, i: int) -> str:
+    return b64(world.nodes[i].public.wg_public_key)
+
+
+async def revoke(url: str, world: World, member: JSON) -> JSON:
+    revocation = Revocation.create(world.admin, world.entry(member), now()).to_wire()
+    async with Coordinator(url, admin=world.admin) as admin:
+        await admin.revoke(revocation)
+    return revocation
+
+
+def test_setup_takes_one_network_idempotently(db: Path, tmp_path: Path, world: World) -> None:
+    other = World.create()
+
+    async def scenario() -> None:
+        async with running(db) as (url, _):
+            async with Coordinator(url) as anyone:
+                await refused(db, anyone.network(), 503, "no network yet")
+            admin_node = await set_up(url, world)
+            async with Coordinator(url) as anyone:
+                assert await anyone.network() == world.network.to_wire()
+            async with Coordinator(url, admin=world.admin) as admin:
+                assert (await admin.setup(world.network.to_wire(), SECRET, admin_node))["created"] is False
+            async with Coordinator(url, admin=other.admin) as rogue:
+                await refused(db, rogue.setup(other.network.to_wire(), SECRET, None), 409, "already serves network")
+                await refused(db, rogue.setup(world.network.to_wire(), SECRET, None), 401, "not this network's admin")
+        assert row_counts(db)["members"] == 1
+
+        only = tmp_path / "only.db"
+        async with running(only, admin_fingerprint=world.admin.fingerprint) as (url, _):
+            async with Coordinator(url, admin=other.admin) as rogue:
+                await refused(only, rogue.setup(other.network.to_wire(), SECRET, None), 403, "serves only network")
+            await set_up(url, world)
+
+    asyncio.run(scenario())
+
+
+def test_join_by_invite_end_to_end(db: Path, world: World) -> None:
+    async def scenario() -> JSON:
+        async with with_network(db, world) as url:
+            return await join(url, world, 1, world.invite(), "one")
+
+    result = asyncio.run(scenario())
+    network = NetworkInfo.from_wire(result["network"], world.admin.fingerprint)
+    member = MemberEntry.from_wire(result["member"], network)
+    assert (member.name, member.ipv4, member.wg_key) == ("one", network.host(2)[0], world.nodes[1].public.wg_public_key)
+    assert result["secret"]["epoch"] == 0
+    assert unseal(world.nodes[1].static_private, unb64(result["secret"]["sealed"], "sealed")) == SECRET
+    peer_map = PeerMap(network, member.wg_key)
+    changes = peer_map.apply(result["map"])
+    assert changes.rejected == [] and [m.name for m in changes.added] == ["admin"]
+    assert row_counts(db) == {"network": 1, "members": 2, "invites": 1, "revocations": 0, "pending": 0}
+
+
+def test_one_time_invite_is_used_up_even_between_propose_and_confirm(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            token = world.invite()
+            first = await prepare(url, world, 1, token, "one")
+            second = await prepare(url, world, 2, token, "two")  # proposals store nothing
+            async with Coordinator(url) as anyone:
+                await anyone.confirm(*first)
+                await refused(db, anyone.confirm(*second), 410, "^the invite was already used")
+            await refused(db, join(url, world, 3, token, "three"), 410, "^the invite was already used")
+
+    asyncio.run(scenario())
+
+
+def test_expired_invite_is_refused_at_propose_and_at_confirm(db: Path, world: World) -> None:
+    shift = [0.0]
+
+    async def scenario() -> None:
+        async with with_network(db, world, clock=lambda: time.time() + shift[0]) as url:
+            old = world.invite(created=now() - 7200, expires=now() - 3600)
+            await refused(db, join(url, world, 1, old, "one"), 410,
+                          r"^the invite expired at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
+            short = world.invite(expires=now() + 60)
+            entry, proof = await prepare(url, world, 1, short, "one")
+            shift[0] = 120  # it expires before the joiner confirms
+            async with Coordinator(url) as anyone:
+                await refused(db, anyone.confirm(entry, proof), 410, "expired")
+
+    asyncio.run(scenario())
+
+
+def test_forged_grant_and_foreign_token_are_refused(db: Path, world: World) -> None:
+    other = World.create()
+    foreign = other.invite()
+    body = dict(foreign.grant["body"], network=world.admin.fingerprint)
+    forged = Token(foreign.url, world.admin.fingerprint, {"body": body, "sig": other.admin.sign("invite", body)},
+                   foreign.invite_seed)
+
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await refused(db, join(url, world, 1, forged, "one"), 403, "not signed by this network's admin key")
+            entry, proof = await invited(world, 1, world.body(1, "one", 2), forged)  # straight to confirm
+            async with Coordinator(url) as anyone:
+                await refused(db, anyone.confirm(entry, proof), 403, "not signed by this network's admin key")
+            await refused(db, join(url, world, 1, foreign, "one"), 403,
+                          f"not this network \\({re.escape(world.admin.fingerprint)}\\)")
+
+    asyncio.run(scenario())
+
+
+def test_cloned_key_and_taken_name_are_conflicts(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            await refused(db, join(url, world, 1, world.invite(), "copy"), 409, r"cloned machine.*--new-key")
+            await refused(db, join(url, world, 2, world.invite(), "one"), 409, "'one' is taken")
+            named = world.invite(name="fixed")
+            await refused(db, join(url, world, 2, named, "other"), 403, "for the name 'fixed'")
+            assert MemberEntry.from_wire((await join(url, world, 2, named))["member"], world.network).name == "fixed"
+
+    asyncio.run(scenario())
+
+
+def test_join_proof_and_clock_are_checked_at_confirm(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            token = world.invite(created=now() - 1000)
+            entry, _ = await prepare(url, world, 1, token, "one")
+            _, wrong = await prepare(url, world, 2, token, "one")  # another key's proof
+            stale, stale_proof = await invited(world, 1, world.body(1, "one", 2, joined=now() - JOIN_WINDOW - 60), token)
+            async with Coordinator(url) as anyone:
+                await refused(db, anyone.confirm(entry, wrong), 401, "did not prove it holds its identity key")
+                await refused(db, anyone.confirm(stale, stale_proof), 403, "off the coordinator's clock")
+
+    asyncio.run(scenario())
+
+
+def test_revoked_key_needs_an_invite_newer_than_the_revocation(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            reusable = world.invite(uses=0)
+            first = await join(url, world, 1, reusable, "one")
+            revocation = await revoke(url, world, first["member"])
+            await refused(db, join(url, world, 1, reusable, "one"), 403,
+                          "^this key was revoked; ask the admin for a new invite$")
+            again = await join(url, world, 1, world.invite(created=now() + 1), "one")
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                update = await one.map(0, 0)  # a member again, not refused as revoked
+            assert update["revocations"] == [revocation]
+            peer_map = PeerMap(world.network, world.nodes[2].public.wg_public_key)
+            assert "one" in {m.name for m in peer_map.apply(update).added}
+            assert again["member"] in update["members"]
+
+    asyncio.run(scenario())
+
+
+def test_join_by_approval(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            ipv4, ipv6 = map(str, world.network.host(2))
+            first = await join_request(url, world, 2, "late")
+            assert first == {"pending": True, "name": "late", "ipv4": ipv4, "ipv6": ipv6}
+            assert await join_request(url, world, 2, "late") == first
+            await refused(db, join_request(url, world, 2, "other"), 409, "already asked to join as 'late'")
+            await refused(db, join_request(url, world, 3, "late"), 409, "waiting for the admin's approval")
+            await refused(db, join_request(url, world, 3, "skewed", t=now() - JOIN_WINDOW - 60), 403, "clock")
+            # The reserved address is not handed out to an invite meanwhile.
+            third = await join(url, world, 3, world.invite(), "third")
+            assert third["member"]["body"]["ipv4"] == str(world.network.host(3)[0])
+
+            async with Coordinator(url, admin=world.admin) as admin:
+                waiting = await admin.pending()
+                assert [(p["name"], p["fingerprint"], p["ipv4"]) for p in waiting] == [
+                    ("late", world.nodes[2].fingerprint, ipv4)]
+                await refused(db, admin.approve(world.admin_member(2, "late", 5)), 409, "does not match the pending")
+                await refused(db, admin.approve(world.admin_member(4, "nobody", 6)), 404, "no pending join request")
+                approved = world.admin_member(2, "late", 2)
+                await admin.approve(approved)
+                assert await admin.pending() == []
+            result = await join_request(url, world, 2, "late")
+            assert result["member"] == approved
+            assert unseal(world.nodes[2].static_private, unb64(result["secret"]["sealed"], "sealed")) == SECRET
+            assert approved in result["map"]["members"]
+            assert row_counts(db)["pending"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_map_full_then_only_what_changed(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                full = await one.map(0, 0)
+                assert full["full"] is True and len(full["members"]) == 2 and full["secret"] is None
+                assert set(full["endpoints"]) == {key(world, 0), key(world, 1)}
+                version = full["version"]
+                assert await one.map(version, 0) == {"version": version, "full": False, "members": [],
+                                                     "revocations": [], "secret": None, "endpoints": {}}
+                two = (await join(url, world, 2, world.invite(), "two"))["member"]
+                delta = await one.map(version, 0)
+                assert (delta["members"], delta["revocations"], list(delta["endpoints"])) == ([two], [], [key(world, 2)])
+                revocation = await revoke(url, world, two)
+                gone = await one.map(delta["version"], 0)
+                assert (gone["members"], gone["revocations"]) == ([], [revocation])
+
+            peer_map = PeerMap(world.network, world.nodes[1].public.wg_public_key)
+            for update in (full, delta, gone):
+                peer_map.apply(update)
+            assert {m.name for m in peer_map.members.values()} == {"admin"}
+            assert peer_map.version == gone["version"]
+
+    asyncio.run(scenario())
+
+
+def test_long_poll_waits_and_wakes_within_a_second_on_a_change(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            loop = asyncio.get_running_loop()
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                version = (await one.map(0, 0))["version"]
+                started = loop.time()
+                idle = await one.map(version, 0.4)
+                assert loop.time() - started >= 0.35 and idle["version"] == version and idle["members"] == []
+
+                poll = asyncio.create_task(one.map(version, 20))
+                await asyncio.sleep(0.3)
+                assert not poll.done()
+                two = (await join(url, world, 2, world.invite(), "two"))["member"]
+                changed = loop.time()
+                update = await asyncio.wait_for(poll, 1.0)
+                assert loop.time() - changed < 1.0
+                assert update["members"] == [two] and update["version"] > version
+
+    asyncio.run(scenario())
+
+
+def test_register_records_the_observed_address_first(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                version = (await one.map(0, 0))["version"]
+                reply = await one.register(51820, ["192.0.2.7:4500", "127.0.0.1:51820"])
+                assert reply == {"observed": "127.0.0.1:51820"}
+                update = await one.map(version, 0)
+                assert update["version"] == version + 1
+                seen = update["endpoints"][key(world, 1)]
+                assert seen["addresses"] == ["127.0.0.1:51820", "192.0.2.7:4500"]
+                assert abs(seen["last_seen"] - now()) <= 2
+                await one.register(51820, ["192.0.2.7:4500"])  # the same list: no new version
+                assert (await one.map(0, 0))["version"] == version + 1
+                await refused(db, one.register(51820, ["192.0.2.7"]), 400, "expected IPv4:port")
+                await refused(db, one.register(0, []), 400, "listen_port")
+                await refused(db, one.register(1, ["192.0.2.1:1"] * 9), 400, "at most 8")
+
+    asyncio.run(scenario())
+
+
+def test_signed_requests_are_not_replayable_or_stale(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url, aiohttp.ClientSession() as http:
+            path = "/v1/admin/map"
+            header = sign_admin_request(world.admin, "GET", path, b"", now())
+            async with http.get(url + path, headers={"Authorization": header}) as response:
+                assert response.status == 200
+            async with http.get(url + path, headers={"Authorization": header}) as response:
+                assert response.status == 401 and "replayed" in (await response.json())["error"]
+            old = sign_admin_request(world.admin, "GET", path, b"", now() - 1000)
+            async with http.get(url + path, headers={"Authorization": old}) as response:
+                assert response.status == 401 and "fix the clock" in (await response.json())["error"]
+            signed_elsewhere = sign_admin_request(world.admin, "GET", "/v1/admin/pending", b"", now())
+            async with http.get(url + path, headers={"Authorization": signed_elsewhere}) as response:
+                assert response.status == 401 and "does not verify" in (await response.json())["error"]
+
+    asyncio.run(scenario())
+
+
+def test_unknown_node_is_401_and_revoked_node_is_403_with_its_revocation(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            one = (await join(url, world, 1, world.invite(), "one"))["member"]
+            async with Coordinator(url, identity=world.nodes[5]) as stranger:
+                await refused(db, stranger.map(0, 0), 401, "unknown node")
+                await refused(db, stranger.register(51820, []), 401, "unknown node")
+            revocation = await revoke(url, world, one)
+            async with Coordinator(url, identity=world.nodes[1]) as revoked:
+                error = await refused(db, revoked.map(0, 0), 403, "^this node was revoked by the admin$")
+            assert isinstance(error, Revoked) and error.revocation == revocation
+            assert Revocation.from_wire(error.revocation, world.network).wg_key == world.nodes[1].public.wg_public_key
+
+    asyncio.run(scenario())
+
+
+def test_secret_rotation_takes_only_the_next_epoch(db: Path, world: World) -> None:
+    other = World.create()
+    new_secret = bytes(range(100, 132))
+
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            async with Coordinator(url, admin=world.admin) as admin, \
+                    Coordinator(url, identity=world.nodes[1]) as member:
+                full = await member.map(0, 0)
+                version, members = full["version"], [world.entry(m) for m in full["members"]]
+
+                def record(epoch: int) -> JSON:
+                    return SecretRecord.create(world.admin, epoch, new_secret, members, now()).to_wire()
+
+                forged = dict(record(1), sig=other.admin.sign("secret", record(1)["body"]))
+                await refused(db, admin.rotate_secret(record(2), new_secret), 409, "must have epoch 1, not 2")
+                await refused(db, admin.rotate_secret(forged, new_secret), 403, "does not verify")
+                first = record(1)
+                await admin.rotate_secret(first, new_secret)
+                await refused(db, admin.rotate_secret(first, new_secret), 409, "must have epoch 2, not 1")
+                update = await member.map(version, 0)
+                assert update["secret"] == first
+                opened = SecretRecord.from_wire(update["secret"], world.network).open_for(
+                    world.nodes[1].public.wg_public_key, world.nodes[1].static_private)
+                assert opened == new_secret
+                assert (await member.map(update["version"], 0))["secret"] is None
+            late = await join(url, world, 3, world.invite(), "three")
+            assert late["secret"]["epoch"] == 1
+            assert unseal(world.nodes[3].static_private, unb64(late["secret"]["sealed"], "sealed")) == new_secret
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("path", "data", "status", "pattern"), [
+    ("/v1/join/propose", b"not json", 400, "not JSON"),
+    ("/v1/join/propose", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/join/propose", b"[" * 100_000, 400, "not JSON"),
+    ("/v1/join/request", b'{"identity": "x", "name": "a", "t": NaN, "proof": ""}', 400, "not JSON"),
+    ("/v1/join/confirm", b'{"entry": {}}', 400, "lacks 'proof'"),
+    ("/v1/join/confirm", b'{"entry": {}, "proof": "", "more": 1}', 400, "unexpected 'more'"),
+    ("/v1/join/propose", b'{"identity": "ssh-ed25519 AAAA", "name": "a", "grant": {}}', 400, "identity line"),
+    ("/v1/join/request", b'{"identity": "x", "name": "Bad Name", "t": 1, "proof": ""}', 400, "identity line"),
+    ("/v1/join/propose", b"x" * (MAX_BODY + 1), 413, "larger than 256 KiB"),
+    ("/v1/admin/revoke", b"{}", 401, "Authorization"),
+    ("/v1/nowhere", b"{}", 404, "not found"),
+])
+def test_malformed_requests_get_a_json_error_that_says_what_is_wrong(
+        db: Path, world: World, path: str, data: bytes, status: int, pattern: str) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url, aiohttp.ClientSession() as http:
+            before = snapshot(db)
+            async with http.post(url + path, data=data) as response:
+                assert response.status == status
+                error = json.loads(await response.read())["error"]
+                assert re.search(pattern, error), error
+            assert snapshot(db) == before
+
+    asyncio.run(scenario())
+
+
+def test_members_are_served_as_stored_and_nodes_refuse_tampered_ones(db: Path, world: World) -> None:
+    async def scenario() -> JSON:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            with closing(sqlite3.connect(db)) as conn, conn:
+                (text,) = conn.execute("SELECT entry FROM members WHERE name = 'one'").fetchone()
+                entry = json.loads(text)
+                entry["body"]["name"] = "intruder"
+                conn.execute("UPDATE members SET entry = ? WHERE name = 'one'", (json.dumps(entry),))
+            async with Coordinator(url, admin=world.admin) as admin:
+                return await admin.admin_map()
+
+    update = asyncio.run(scenario())
+    assert any(m["body"]["name"] == "intruder" for m in update["members"])
+    peer_map = PeerMap(world.network, world.nodes[0].public.wg_public_key)
+    changes = peer_map.apply(update)
+    assert peer_map.members == {} and any("member refused" in reason for reason in changes.rejected)
+
+
+def test_a_restarted_coordinator_keeps_its_state(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                before = await one.map(0, 0)
+        async with running(db) as (url, _):
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                assert await one.map(0, 0) == before
+            two = await join(url, world, 2, world.invite(), "two")
+            assert two["member"]["body"]["ipv4"] == str(world.network.host(3)[0])
+
+    asyncio.run(scenario())
+
+
+def test_connection_problems_are_phrased_for_users(tmp_path: Path) -> None:
+    async def scenario() -> CoordinatorError:
+        async with running(tmp_path / "gone.db") as (url, _):
+            pass  # the port is free again
+        async with Coordinator(url) as coordinator:
+            with pytest.raises(CoordinatorError) as info:
+                await coordinator.network()
+        return info.value
+
+    error = asyncio.run(scenario())
+    assert error.status is None and re.fullmatch(r"cannot reach the coordinator at http://127\.0\.0\.1:\d+: "
+                                                 r"connection refused", str(error)), str(error)
+
+
+
+def test_shutdown_answers_held_long_polls_at_once(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        server = AsyncExitStack()
+        url = await server.enter_async_context(with_network(db, world))
+        try:
+            await join(url, world, 1, world.invite(), "one")
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                version = (await one.map(0, 0))["version"]
+                poll = asyncio.create_task(one.map(version, 25))
+                await asyncio.sleep(0.3)
+                stopping = loop.time()
+                await server.aclose()
+                assert loop.time() - stopping < 1.5
+                assert (await asyncio.wait_for(poll, 1.0))["version"] == version
+        finally:
+            await server.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_storage_failure_is_503_with_what_to_do_and_stores_nothing(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with running(db) as (url, store):
+            await set_up(url, world)
+            pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+            store._conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full, as SQLite sees it
+            with pytest.raises(StoreError):
+                for filler in range(1000):  # use up the room left in the pages there are
+                    store.use_invite(f"filler{filler}", {"padding": "x" * 200})
+            await refused(db, join(url, world, 1, world.invite(), "one"), 503, "^coordinator database .* disk is full")
+
+    asyncio.run(scenario())

@@ -1,0 +1,193 @@
+"""Talking to a coordinator (docs/coordinator.md, "HTTP API"): what nodes, `join`
+and the admin commands use.
+
+Member requests are signed with the node's SSH identity key, admin requests with
+the admin key (`RequestAuth`). Every failure is a `CoordinatorError` whose
+message is the coordinator's own refusal, or a connection problem phrased for
+whoever runs the command; `Revoked` carries the revocation the coordinator
+answered with (the caller verifies it before believing it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from types import TracebackType
+from typing import Any, Literal
+
+import aiohttp
+
+from tunnelmesh.identity import IdentityError, NodeIdentity
+from tunnelmesh.membership import REQUEST_NAMESPACE, AdminKey, RequestAuth, b64, request_message, sign_admin_request
+
+#: Extra time allowed on top of a long-poll's wait before giving up on an answer.
+LONG_POLL_SLACK = 10.0
+
+Signer = Literal["admin", "member"] | None
+
+
+class CoordinatorError(Exception):
+    """A refusal or a failure to talk to the coordinator; the message is for users.
+    `status` is the HTTP status, or None when there was no answer."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Revoked(CoordinatorError):
+    """The coordinator says this node was revoked, with the (unverified) revocation."""
+
+    def __init__(self, message: str, status: int, revocation: dict[str, Any]) -> None:
+        super().__init__(message, status)
+        self.revocation = revocation
+
+
+def _reason(exc: aiohttp.ClientConnectorError) -> str:
+    """Why a connection failed, as `ping` or `curl` would say it."""
+    error = exc.os_error
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve {exc.host}"
+    if error.errno:
+        return os.strerror(error.errno).lower()
+    return str(error) or type(error).__name__
+
+
+class Coordinator:
+    """One coordinator URL, over one HTTP session (use as an async context manager)."""
+
+    def __init__(self, url: str, *, identity: NodeIdentity | None = None, admin: AdminKey | None = None,
+                 timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.identity = identity
+        self.admin = admin
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Coordinator:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- the one way requests are made ---------------------------------------------------------
+
+    async def _headers(self, sign: Signer, method: str, path: str, raw: bytes) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"} if raw else {}
+        now = int(time.time())
+        if sign == "admin":
+            if self.admin is None:
+                raise CoordinatorError("this request needs the admin key")
+            headers["Authorization"] = sign_admin_request(self.admin, method, path, raw, now)
+        elif sign == "member":
+            if self.identity is None:
+                raise CoordinatorError("this request needs the node's identity")
+            nonce = os.urandom(16).hex()
+            try:
+                signature = await self.identity.sign(request_message(method, path, now, nonce, raw), REQUEST_NAMESPACE)
+            except IdentityError as exc:
+                raise CoordinatorError(f"cannot sign the request: {exc}") from None
+            headers["Authorization"] = RequestAuth(b64(self.identity.public.wg_public_key), now, nonce,
+                                                   signature).header()
+        return headers
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None, *, sign: Signer = None,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """The JSON answer; CoordinatorError (or Revoked) for anything else."""
+        if self._session is None:
+            raise CoordinatorError("use the Coordinator client as `async with Coordinator(url) as c:`")
+        raw = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = await self._headers(sign, method, path, raw)
+        total = self.timeout if timeout is None else timeout
+        try:
+            async with self._session.request(method, self.url + path, data=raw or None, headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=total)) as response:
+                status = response.status
+                payload = await response.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise CoordinatorError(f"cannot reach the coordinator at {self.url}: {_reason(exc)}") from None
+        except asyncio.TimeoutError:
+            raise CoordinatorError(f"the coordinator at {self.url} did not answer within {total:g} s") from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise CoordinatorError(f"cannot talk to the coordinator at {self.url}: {exc or type(exc).__name__}") from None
+        try:
+            answer = json.loads(payload)
+        except (ValueError, RecursionError):
+            answer = None
+        if not isinstance(answer, dict):
+            raise CoordinatorError(f"{self.url} answered HTTP {status} without a JSON object: is it a tunnelmesh "
+                                   "coordinator?", status)
+        if status >= 400:
+            error = answer.get("error")
+            message = error if isinstance(error, str) else f"the coordinator answered HTTP {status}"
+            revocation = answer.get("revocation")
+            if status == 403 and isinstance(revocation, dict):
+                raise Revoked(message, status, revocation)
+            raise CoordinatorError(message, status)
+        return answer
+
+    @staticmethod
+    def _field(answer: dict[str, Any], key: str, kind: type) -> Any:
+        value = answer.get(key)
+        if not isinstance(value, kind):
+            raise CoordinatorError(f"the coordinator's answer lacks {key!r}")
+        return value
+
+    # --- joining ----------------------------------------------------------------------------------
+
+    async def network(self) -> dict[str, Any]:
+        """The network record (unverified: the caller checks it against the pinned key)."""
+        return self._field(await self._call("GET", "/v1/network"), "network", dict)
+
+    async def propose(self, identity_line: str, name: str | None, grant: dict[str, Any]) -> dict[str, Any]:
+        """The member body the coordinator proposes for this joiner (to be signed)."""
+        answer = await self._call("POST", "/v1/join/propose", {"identity": identity_line, "name": name, "grant": grant})
+        return self._field(answer, "body", dict)
+
+    async def confirm(self, entry: dict[str, Any], proof: bytes) -> dict[str, Any]:
+        """The join result for an invite-signed entry and the identity proof."""
+        return await self._call("POST", "/v1/join/confirm", {"entry": entry, "proof": b64(proof)})
+
+    async def join_request(self, identity_line: str, name: str, t: int, proof: bytes) -> dict[str, Any]:
+        """{"pending": True, ...} until the admin approves, then the join result."""
+        return await self._call("POST", "/v1/join/request",
+                                {"identity": identity_line, "name": name, "t": t, "proof": b64(proof)})
+
+    # --- members ----------------------------------------------------------------------------------
+
+    async def register(self, listen_port: int, addresses: list[str]) -> dict[str, Any]:
+        return await self._call("POST", "/v1/register", {"listen_port": listen_port, "addresses": addresses},
+                                sign="member")
+
+    async def map(self, since: int, wait: float) -> dict[str, Any]:
+        """The peer map update after version `since`, held up to `wait` s for a change."""
+        return await self._call("GET", f"/v1/map?since={since}&wait={wait:g}", sign="member",
+                                timeout=wait + LONG_POLL_SLACK)
+
+    # --- admin ------------------------------------------------------------------------------------
+
+    async def setup(self, network: dict[str, Any], secret: bytes, member: dict[str, Any] | None) -> dict[str, Any]:
+        return await self._call("POST", "/v1/admin/setup", {"network": network, "secret": b64(secret), "member": member},
+                                sign="admin")
+
+    async def pending(self) -> list[dict[str, Any]]:
+        return self._field(await self._call("GET", "/v1/admin/pending", sign="admin"), "pending", list)
+
+    async def approve(self, member: dict[str, Any]) -> dict[str, Any]:
+        return await self._call("POST", "/v1/admin/approve", {"member": member}, sign="admin")
+
+    async def revoke(self, revocation: dict[str, Any]) -> dict[str, Any]:
+        return await self._call("POST", "/v1/admin/revoke", {"revocation": revocation}, sign="admin")
+
+    async def rotate_secret(self, record: dict[str, Any], secret: bytes) -> dict[str, Any]:
+        return await self._call("POST", "/v1/admin/secret", {"record": record, "secret": b64(secret)}, sign="admin")
+
+    async def admin_map(self) -> dict[str, Any]:
+        return await self._call("GET", "/v1/admin/map", sign="admin")

@@ -1,0 +1,629 @@
+"""The coordinator's HTTP API (docs/coordinator.md, "HTTP API") over a `Store`.
+
+The coordinator is trusted for availability, not membership: it checks every
+signed record before storing it (so it refuses what nodes would refuse, with a
+message that says why), but it serves records as stored and nodes verify them
+again. Admission (a join, an approval) checks and stores in one transaction,
+so a refusal leaves no row behind.
+
+Errors are ``{"error": "..."}`` with a status that fits: 400 malformed, 401
+unknown key or bad signature, 403 refused, 404, 409 conflict, 410 expired or
+used up, 503 not set up or storage failure. Nothing a client sends gives a 500.
+Secrets, tokens and signatures are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tunnelmesh.config import NETWORK_SECRET_BYTES
+from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
+from tunnelmesh.membership import (
+    JOIN_NAMESPACE,
+    JOIN_WINDOW,
+    MAX_ENDPOINTS,
+    InviteGrant,
+    MemberEntry,
+    MembershipError,
+    NetworkInfo,
+    ReplayGuard,
+    RequestAuth,
+    Revocation,
+    SecretRecord,
+    b64,
+    check_name,
+    join_proof_message,
+    member_body,
+    parse_address,
+    seal,
+    unb64,
+    verify_admin_request,
+    verify_join_proof,
+    verify_member_request,
+)
+
+from .store import MemberRow, NetworkRow, PendingRow, Store, StoreError
+
+log = logging.getLogger("tunnelmesh.coordinator.server")
+
+MAX_BODY = 256 * 1024
+#: The longest a map long-poll is held, whatever the client asks.
+MAX_WAIT = 30.0
+#: How long shutdown waits for requests in flight (long-polls are woken at once).
+SHUTDOWN_TIMEOUT = 2.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Parsing an identity line verifies its attestation; members sign every request.
+_identity_of = functools.lru_cache(maxsize=4096)(PublicIdentity.from_line)
+
+
+class Refused(Exception):
+    """A request answered with an error status; `extra` joins the JSON error body."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+@contextmanager
+def _status(status: int) -> Iterator[None]:
+    """Answer a MembershipError with `status` (uncaught ones are 400: malformed)."""
+    try:
+        yield
+    except MembershipError as exc:
+        raise Refused(status, str(exc)) from None
+
+
+def _utc(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _loggable(text: str, limit: int = 300) -> str:
+    """Client-influenced text made safe for one log line: bounded, control characters escaped."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise Refused(400, "the body is not JSON (or nested too deeply)") from None
+    if not isinstance(value, dict):
+        raise Refused(400, "the body must be a JSON object")
+    return value
+
+
+def _fields(body: dict[str, Any], required: set[str], optional: frozenset[str] = frozenset()) -> None:
+    missing = sorted(required - body.keys())
+    extra = sorted(body.keys() - required - optional)
+    if missing:
+        raise Refused(400, f"the body lacks {', '.join(map(repr, missing))}")
+    if extra:
+        raise Refused(400, f"unexpected {', '.join(map(repr, extra))} in the body")
+
+
+def _integer(value: Any, what: str, lo: int = 0, hi: int = 2**53) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise Refused(400, f"{what} must be a whole number from {lo} to {hi}")
+    return value
+
+
+def _identity(value: Any) -> PublicIdentity:
+    if not isinstance(value, str) or len(value) > 8192:
+        raise Refused(400, "identity must be an identity line")
+    try:
+        return _identity_of(value)
+    except IdentityError as exc:
+        raise Refused(400, str(exc)) from None
+
+
+def _query_number(request: web.Request, name: str, *, whole: bool) -> float:
+    text = request.query.get(name, "0")
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 2**53:  # also refuses NaN
+        raise Refused(400, f"{name} must be a {'whole ' if whole else ''}number from 0 to {2**53}")
+    return value
+
+
+def _addresses(network: NetworkInfo, host: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+    try:
+        return network.host(host)
+    except MembershipError:
+        raise Refused(409, f"the network is full: no free address left in {network.cidr4}") from None
+
+
+def _verify_request_proof(identity: PublicIdentity, request_body: dict[str, Any], proof: Any) -> None:
+    """The approval path's proof: an SSHSIG by the joiner's key over its request."""
+    try:
+        verify_sshsig(identity.ssh_public_key, unb64(proof, "join proof"),
+                      join_proof_message({"request": request_body}), JOIN_NAMESPACE)
+    except IdentityError as exc:
+        raise Refused(401, f"the joiner did not prove it holds its identity key: {exc}") from None
+
+
+def _observed_ipv4(remote: str | None) -> str | None:
+    """The IPv4 address a request came from (IPv4-mapped IPv6 unwrapped), else None."""
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        return None if address.ipv4_mapped is None else str(address.ipv4_mapped)
+    return str(address)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure is a JSON error with a fitting status; never a traceback."""
+    where = _loggable(f"{request.method} {request.path}")
+    try:
+        return await handler(request)
+    except Refused as exc:
+        log.warning("%s refused (%d): %s", where, exc.status, _loggable(exc.message))
+        return web.json_response({"error": exc.message, **exc.extra}, status=exc.status)
+    except (MembershipError, IdentityError) as exc:
+        log.warning("%s refused (400): %s", where, _loggable(str(exc)))
+        return web.json_response({"error": str(exc)}, status=400)
+    except StoreError as exc:
+        log.error("%s: %s", where, exc)
+        return web.json_response({"error": str(exc)}, status=503)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = (f"the body is larger than {MAX_BODY // 1024} KiB" if exc.status == 413
+                   else f"{request.method} {request.path}: {exc.reason.lower()}")
+        return web.json_response({"error": message}, status=exc.status)
+    except Exception:
+        log.exception("%s: internal error", where)
+        return web.json_response({"error": "internal error in the coordinator (see its log)"}, status=500)
+
+
+class _Service:
+    """The handlers, over one store, with one replay guard and one wake-up for long-polls."""
+
+    def __init__(self, store: Store, clock: Callable[[], float], admin_fingerprint: str | None) -> None:
+        self.store = store
+        self.clock = clock
+        self.admin_fingerprint = admin_fingerprint
+        self.guard = ReplayGuard()
+        self._changed = asyncio.Event()
+        self._closing = False
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        self.store.add_listener(self._wake)
+        yield
+        self.store.remove_listener(self._wake)
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        """Answer held long-polls now rather than holding shutdown up."""
+        self._closing = True
+        self._wake()
+
+    # --- shared checks ------------------------------------------------------------------------
+
+    def _network_row(self) -> NetworkRow:
+        row = self.store.network()
+        if row is None:
+            raise Refused(503, "this coordinator has no network yet: run `tunnelmesh init --url` with its URL "
+                               "(or start the admin node that embeds it)")
+        return row
+
+    def _network(self) -> NetworkInfo:
+        try:
+            return NetworkInfo.from_wire(self._network_row().record)
+        except MembershipError as exc:
+            raise StoreError(f"the stored network record does not verify ({exc}); restore the database") from None
+
+    def _auth(self, request: web.Request) -> RequestAuth:
+        with _status(401):
+            return RequestAuth.parse(request.headers.get("Authorization"))
+
+    def _check_admin(self, request: web.Request, raw: bytes, admin_key: bytes) -> None:
+        auth = self._auth(request)
+        if auth.who != "admin":
+            raise Refused(403, "this request needs the admin key")
+        with _status(401):
+            verify_admin_request(auth, admin_key, request.method, request.path_qs, raw)
+            self.guard.check(auth, self.clock())
+
+    async def _admin(self, request: web.Request) -> tuple[NetworkInfo, bytes]:
+        """An admin-signed request: the network and the raw body."""
+        raw = await request.read()
+        network = self._network()
+        self._check_admin(request, raw, network.admin_key)
+        return network, raw
+
+    async def _member(self, request: web.Request) -> tuple[MemberRow, bytes]:
+        """A member-signed request: the member and the raw body."""
+        raw = await request.read()
+        auth = self._auth(request)
+        if auth.who == "admin":
+            raise Refused(403, "this request needs a member's key, not the admin key")
+        key = b64(unb64(auth.who, "member key", 32))
+        member = self.store.member(key)
+        if member is None:
+            revocation = self.store.revocation(key)
+            if revocation is not None:
+                raise Refused(403, "this node was revoked by the admin", revocation=revocation.record)
+            raise Refused(401, "unknown node: this key is not a member of the network (join it first)")
+        with _status(401):
+            try:
+                identity = _identity_of(member.identity)
+            except IdentityError as exc:
+                raise StoreError(f"the stored identity of {member.name} is damaged ({exc}); restore the database") from None
+            verify_member_request(auth, identity, request.method, request.path_qs, raw)
+            self.guard.check(auth, self.clock())
+        return member, raw
+
+    def _check_invite(self, grant: InviteGrant, now: int) -> None:
+        if grant.expires < now:
+            raise Refused(410, f"the invite expired at {_utc(grant.expires)}; ask the admin for a new one")
+        if grant.uses and self.store.invite_uses(b64(grant.invite_key)) >= grant.uses:
+            times = "" if grant.uses == 1 else f" {grant.uses} times, all it allows"
+            raise Refused(410, f"the invite was already used{times}; ask the admin for a new one")
+
+    def _check_newcomer(self, identity: PublicIdentity, name: str) -> None:
+        """The key is not a member yet (cloned machines share one) and the name is free."""
+        key = b64(identity.wg_public_key)
+        existing = self.store.member(key)
+        if existing is not None:
+            raise Refused(409, f"this key is already a member (as {existing.name!r}): is this a cloned machine? "
+                               "give it a key of its own with `tunnelmesh join --new-key`")
+        if self.store.member_named(name) is not None:
+            raise Refused(409, f"the name {name!r} is taken by another member; choose another with --name")
+        waiting = self.store.pending_named(name)
+        if waiting is not None and waiting.wg_key != key:
+            raise Refused(409, f"the name {name!r} is waiting for the admin's approval for another node; "
+                               "choose another with --name")
+
+    def _check_not_revoked(self, wg_key: bytes, authorized_at: int) -> None:
+        revocation = self.store.revocation(b64(wg_key))
+        if revocation is not None and authorized_at <= revocation.at:
+            raise Refused(403, "this key was revoked; ask the admin for a new invite")
+
+    def _map(self, since: int) -> dict[str, Any]:
+        """The peer map update: everything changed after version `since` (all for 0)."""
+        row = self._network_row()
+        members = self.store.members(since)
+        return {
+            "version": row.version, "full": since == 0,
+            "members": [m.entry for m in members],
+            "revocations": self.store.revocations(since),
+            "secret": row.secret_record if row.secret_version > since else None,
+            "endpoints": {m.wg_key: {"addresses": m.addresses, "last_seen": m.last_seen} for m in members},
+        }
+
+    def _join_result(self, entry: dict[str, Any], wg_key: bytes) -> dict[str, Any]:
+        row = self._network_row()
+        return {"network": row.record, "member": entry,
+                "secret": {"epoch": row.epoch, "sealed": b64(seal(wg_key, row.secret))}, "map": self._map(0)}
+
+    # --- joining --------------------------------------------------------------------------------
+
+    async def network(self, request: web.Request) -> web.Response:
+        return web.json_response({"network": self._network_row().record})
+
+    async def propose(self, request: web.Request) -> web.Response:
+        """A member body for the joiner to sign with the invite key. Stores nothing."""
+        body = _parse(await request.read())
+        _fields(body, {"identity", "name", "grant"})
+        network = self._network()
+        identity = _identity(body["identity"])
+        with _status(403):
+            grant = InviteGrant.from_wire(body["grant"], network.admin_key)
+        name = body["name"] if body["name"] is not None else grant.name
+        if name is None:
+            raise Refused(400, "this invite does not name the node: give a name (--name)")
+        check_name(name)
+        if grant.name is not None and name != grant.name:
+            raise Refused(403, f"this invite is for the name {grant.name!r}")
+        now = int(self.clock())
+        self._check_invite(grant, now)
+        self._check_newcomer(identity, name)
+        self._check_not_revoked(identity.wg_public_key, grant.created)
+        ipv4, ipv6 = _addresses(network, self.store.free_host())
+        joined = max(now, grant.created)  # an entry must not predate its invite (clock skew)
+        return web.json_response({"body": member_body(network.network, name, identity, ipv4, ipv6, joined)})
+
+    async def confirm(self, request: web.Request) -> web.Response:
+        """Check the signed entry and the proof again, and admit the joiner, all at once."""
+        body = _parse(await request.read())
+        _fields(body, {"entry", "proof"})
+        network = self._network()
+        with _status(403):
+            member = MemberEntry.from_wire(body["entry"], network)
+        if member.grant is None:
+            raise Refused(403, "a join must be signed with an invite key (admin-signed entries come by approval)")
+        with _status(401):
+            verify_join_proof(member.identity, body["entry"]["body"], body["proof"])
+        now = int(self.clock())
+        if abs(member.joined - now) > JOIN_WINDOW:
+            raise Refused(403, f"the join time is {member.joined - now:+d} s off the coordinator's clock "
+                               f"(more than {JOIN_WINDOW} s): fix the clock and join again")
+        host = network.host_index(member.ipv4)
+        with self.store.transaction():
+            self._check_invite(member.grant, now)
+            self._check_newcomer(member.identity, member.name)
+            self._check_not_revoked(member.wg_key, member.authorized_at)
+            if self.store.host_taken(host):
+                raise Refused(409, f"the address {member.ipv4} was taken meanwhile; run the join again")
+            self.store.add_member(body["entry"], member, host)
+            self.store.use_invite(b64(member.grant.invite_key), member.grant.to_wire())
+            result = self._join_result(body["entry"], member.wg_key)
+        log.info("%s joined with an invite as %s (%s)", member.name, member.ipv4, member.identity.fingerprint)
+        return web.json_response(result)
+
+    async def request_join(self, request: web.Request) -> web.Response:
+        """Join by approval: reserve a name and address until the admin approves; once
+        approved, the joiner's next request gets the join result."""
+        body = _parse(await request.read())
+        _fields(body, {"identity", "name", "t", "proof"})
+        network = self._network()
+        identity = _identity(body["identity"])
+        name = check_name(body["name"])
+        t = _integer(body["t"], "t")
+        _verify_request_proof(identity, {"identity": body["identity"], "name": name, "t": t}, body["proof"])
+        now = int(self.clock())
+        if abs(t - now) > JOIN_WINDOW:
+            raise Refused(403, f"the request time is {t - now:+d} s off the coordinator's clock "
+                               f"(more than {JOIN_WINDOW} s): fix the clock")
+        key = b64(identity.wg_public_key)
+        with self.store.transaction():
+            waiting = self.store.pending(key)
+            member = self.store.member(key)
+            if waiting is not None and waiting.approved and member is not None:
+                result = self._join_result(member.entry, identity.wg_public_key)
+                self.store.delete_pending(key)
+                log.info("%s collected its approved join", member.name)
+                return web.json_response(result)
+            self._check_newcomer(identity, name)
+            fresh = waiting is None
+            if waiting is None:
+                waiting = PendingRow(key, name, self.store.free_host(), identity.to_line(), identity.fingerprint,
+                                     now, False)
+            elif waiting.name != name:
+                raise Refused(409, f"this key already asked to join as {waiting.name!r}")
+            ipv4, ipv6 = _addresses(network, waiting.host)
+            if fresh:
+                self.store.add_pending(waiting)
+                log.info("%s (%s) asks to join; waiting for `tunnelmesh approve %s`", name, identity.fingerprint, name)
+        return web.json_response({"pending": True, "name": name, "ipv4": str(ipv4), "ipv6": str(ipv6)}, status=202)
+
+    # --- members --------------------------------------------------------------------------------
+
+    async def register(self, request: web.Request) -> web.Response:
+        """Where the member can be reached: the address its request came from first."""
+        member, raw = await self._member(request)
+        body = _parse(raw)
+        _fields(body, {"listen_port", "addresses"})
+        port = _integer(body["listen_port"], "listen_port", 1, 65535)
+        given = body["addresses"]
+        if not isinstance(given, list) or len(given) > MAX_ENDPOINTS:
+            raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
+        parsed = [f"{host}:{number}" for host, number in map(parse_address, given)]
+        observed = _observed_ipv4(request.remote)
+        seen = [f"{observed}:{port}"] if observed is not None else []
+        endpoints = list(dict.fromkeys(seen + parsed))[:MAX_ENDPOINTS]
+        self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()))
+        return web.json_response({"observed": f"{observed or f'[{request.remote}]'}:{port}"})
+
+    async def map(self, request: web.Request) -> web.Response:
+        await self._member(request)
+        since = int(_query_number(request, "since", whole=True))
+        wait = min(_query_number(request, "wait", whole=False), MAX_WAIT)
+        await self._wait_past(since, wait)
+        return web.json_response(self._map(since))
+
+    async def _wait_past(self, since: int, wait: float) -> None:
+        """Hold a long-poll until the version moves past `since` (if it is there now)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not self._closing and self.store.version == since:
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), deadline - loop.time())
+            except TimeoutError:
+                return
+
+    # --- admin ----------------------------------------------------------------------------------
+
+    async def setup(self, request: web.Request) -> web.Response:
+        """Take a network (idempotent for the same one), with the admin node's own entry."""
+        raw = await request.read()
+        body = _parse(raw)
+        _fields(body, {"network", "secret"}, frozenset({"member"}))
+        with _status(403):
+            network = NetworkInfo.from_wire(body["network"])
+        if self.admin_fingerprint is not None and network.network != self.admin_fingerprint:
+            raise Refused(403, f"this coordinator serves only network {self.admin_fingerprint} (its --admin), "
+                               f"not {network.network}")
+        self._check_admin(request, raw, network.admin_key)
+        secret = unb64(body["secret"], "secret", NETWORK_SECRET_BYTES)
+        member: MemberEntry | None = None
+        if body.get("member") is not None:
+            with _status(403):
+                member = MemberEntry.from_wire(body["member"], network)
+            if member.grant is not None:
+                raise Refused(403, "the admin node's own entry must be signed by the admin key")
+        with self.store.transaction():
+            row = self.store.network()
+            if row is not None:
+                if row.record == body["network"]:
+                    return web.json_response({"network": network.network, "created": False})
+                raise Refused(409, f"this coordinator already serves network {self._network().network}")
+            self.store.set_network(body["network"], secret)
+            if member is not None:
+                self.store.add_member(body["member"], member, network.host_index(member.ipv4))
+        log.info("serving network %s (%s, %s)", network.network, network.cidr4, network.ula6)
+        return web.json_response({"network": network.network, "created": True})
+
+    async def pending(self, request: web.Request) -> web.Response:
+        network, _ = await self._admin(request)
+        waiting = []
+        for row in self.store.waiting():
+            ipv4, ipv6 = _addresses(network, row.host)
+            waiting.append({"name": row.name, "identity": row.identity, "fingerprint": row.fingerprint,
+                            "ipv4": str(ipv4), "ipv6": str(ipv6), "requested": row.requested})
+        return web.json_response({"pending": waiting})
+
+    async def approve(self, request: web.Request) -> web.Response:
+        """Admit a pending joiner with the admin-signed entry made for its request."""
+        network, raw = await self._admin(request)
+        body = _parse(raw)
+        _fields(body, {"member"})
+        with _status(403):
+            member = MemberEntry.from_wire(body["member"], network)
+        if member.grant is not None:
+            raise Refused(403, "an approval must be signed by the admin key")
+        key = b64(member.wg_key)
+        with self.store.transaction():
+            waiting = self.store.pending(key)
+            if waiting is None:
+                raise Refused(404, f"no pending join request for {member.identity.fingerprint}")
+            if waiting.approved:
+                raise Refused(409, f"{waiting.name} is already approved")
+            if (waiting.name, waiting.identity, waiting.host) != (
+                    member.name, member.identity.to_line(), network.host_index(member.ipv4)):
+                raise Refused(409, "the approved entry does not match the pending request (name, identity or "
+                                   "address differ): run `tunnelmesh pending` and approve again")
+            self._check_newcomer(member.identity, member.name)
+            self._check_not_revoked(member.wg_key, member.authorized_at)
+            self.store.add_member(body["member"], member, waiting.host)
+            self.store.mark_approved(key)
+        log.info("approved %s as %s (%s)", member.name, member.ipv4, member.identity.fingerprint)
+        return web.json_response({"approved": member.name, "ipv4": str(member.ipv4), "ipv6": str(member.ipv6)})
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        network, raw = await self._admin(request)
+        body = _parse(raw)
+        _fields(body, {"revocation"})
+        with _status(403):
+            revocation = Revocation.from_wire(body["revocation"], network)
+        key = b64(revocation.wg_key)
+        with self.store.transaction():
+            kept = self.store.revocation(key)
+            if kept is not None and kept.at >= revocation.at:
+                return web.json_response({"version": self.store.version, "changed": False})
+            row = self.store.member(key)
+            version = self.store.revoke(key, body["revocation"], revocation.at,
+                                        drop_member=row is not None and self._covers(revocation, row, network))
+        log.info("revoked %s (%s)", revocation.name, key)
+        return web.json_response({"version": version, "changed": True})
+
+    @staticmethod
+    def _covers(revocation: Revocation, row: MemberRow, network: NetworkInfo) -> bool:
+        """Whether the revocation removes this member (an entry that no longer verifies goes too)."""
+        try:
+            return revocation.covers(MemberEntry.from_wire(row.entry, network))
+        except MembershipError:
+            return True
+
+    async def secret(self, request: web.Request) -> web.Response:
+        """A new network secret: the next epoch, sealed by the admin to the members."""
+        network, raw = await self._admin(request)
+        body = _parse(raw)
+        _fields(body, {"record", "secret"})
+        with _status(403):
+            record = SecretRecord.from_wire(body["record"], network)
+        secret = unb64(body["secret"], "secret", NETWORK_SECRET_BYTES)
+        with self.store.transaction():
+            epoch = self._network_row().epoch
+            if record.epoch != epoch + 1:
+                raise Refused(409, f"the new secret must have epoch {epoch + 1}, not {record.epoch}: "
+                                   "fetch the map and rotate again")
+            version = self.store.set_secret(body["record"], secret, record.epoch)
+            unsealed = [m.name for m in self.store.members() if m.wg_key not in record.sealed]
+        if unsealed:
+            log.warning("network secret epoch %d is not sealed for %s: they keep the old secret",
+                        record.epoch, ", ".join(unsealed))
+        log.info("network secret rotated to epoch %d (sealed for %d nodes)", record.epoch, len(record.sealed))
+        return web.json_response({"epoch": record.epoch, "version": version})
+
+    async def admin_map(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        return web.json_response(self._map(0))
+
+
+def make_app(store: Store, *, clock: Callable[[], float] = time.time,
+             admin_fingerprint: str | None = None) -> web.Application:
+    """The coordinator's aiohttp application over `store`. With `admin_fingerprint`,
+    only that admin's network can be set up."""
+    service = _Service(store, clock, admin_fingerprint)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+    app.cleanup_ctx.append(service.lifetime)
+    app.on_shutdown.append(service.on_shutdown)
+    app.router.add_get("/v1/network", service.network)
+    app.router.add_post("/v1/join/propose", service.propose)
+    app.router.add_post("/v1/join/confirm", service.confirm)
+    app.router.add_post("/v1/join/request", service.request_join)
+    app.router.add_post("/v1/register", service.register)
+    app.router.add_get("/v1/map", service.map)
+    app.router.add_post("/v1/admin/setup", service.setup)
+    app.router.add_get("/v1/admin/pending", service.pending)
+    app.router.add_post("/v1/admin/approve", service.approve)
+    app.router.add_post("/v1/admin/revoke", service.revoke)
+    app.router.add_post("/v1/admin/secret", service.secret)
+    app.router.add_get("/v1/admin/map", service.admin_map)
+    return app
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start serving `app` on host:port; the caller cleans the runner up."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def _listen_address(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OSError(errno.EINVAL, "expected IPv4:port, e.g. 0.0.0.0:7400")
+    return host, int(port)
+
+
+async def run_standalone(listen: str, db: Path, admin_fingerprint: str | None) -> None:
+    """`tunnelmesh coordinator`: serve the database at `db` on `listen` until cancelled."""
+    host, port = _listen_address(listen)
+    store = Store.open(db)
+    try:
+        runner = await serve(make_app(store, admin_fingerprint=admin_fingerprint), host, port)
+        try:
+            log.info("coordinator listening on %s:%d (database %s)", host, port, db)
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+    finally:
+        store.close()

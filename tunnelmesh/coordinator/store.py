@@ -1,0 +1,458 @@
+"""The coordinator's state: one SQLite file (docs/coordinator.md, "Storage").
+
+The file holds the network secret, so it is created mode 0600. It runs in WAL
+mode with ``synchronous=FULL``: an answered request is on disk. Every write is
+one ``BEGIN IMMEDIATE`` transaction (`Store.transaction`), so a refused or
+failed operation leaves no row behind. The schema is versioned with
+``PRAGMA user_version`` and migrated forward at open; a file from a newer
+tunnelmesh is refused rather than guessed at.
+
+Signed records are stored as the JSON they arrived as and served as stored:
+nodes verify them, the coordinator is not trusted to. Every change that
+nodes must see bumps one version counter (``network.version``) and writes the
+new value on the changed row, so ``GET /v1/map?since=N`` is "rows with
+version > N". Pending join requests and invite use counts are not part of the
+map and do not bump it.
+
+Every sqlite3 error becomes a `StoreError` whose message says what to do.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from tunnelmesh.membership import MemberEntry, b64
+
+#: Schema versions, applied in order; entry i takes the file to user_version i + 1.
+MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        """CREATE TABLE network (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            record TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            secret_epoch INTEGER NOT NULL,
+            secret_record TEXT,
+            secret_version INTEGER NOT NULL,
+            version INTEGER NOT NULL)""",
+        """CREATE TABLE members (
+            wg_key TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            host INTEGER NOT NULL UNIQUE,
+            ipv4 TEXT NOT NULL,
+            ipv6 TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            identity TEXT NOT NULL,
+            entry TEXT NOT NULL,
+            addresses TEXT NOT NULL DEFAULT '[]',
+            last_seen INTEGER,
+            version INTEGER NOT NULL)""",
+        """CREATE TABLE invites (
+            invite_key TEXT PRIMARY KEY,
+            record TEXT NOT NULL,
+            used INTEGER NOT NULL)""",
+        """CREATE TABLE revocations (
+            wg_key TEXT PRIMARY KEY,
+            record TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            version INTEGER NOT NULL)""",
+        """CREATE TABLE pending (
+            wg_key TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            host INTEGER NOT NULL UNIQUE,
+            identity TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            requested INTEGER NOT NULL,
+            approved INTEGER NOT NULL DEFAULT 0)""",
+        "CREATE INDEX members_version ON members (version)",
+        "CREATE INDEX revocations_version ON revocations (version)",
+    ),
+]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class StoreError(Exception):
+    """The coordinator's database cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class NetworkRow:
+    record: dict[str, Any]
+    secret: bytes
+    epoch: int
+    secret_record: dict[str, Any] | None
+    secret_version: int
+    version: int
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    wg_key: str
+    name: str
+    host: int
+    identity: str
+    entry: dict[str, Any]
+    addresses: list[str]
+    last_seen: int | None
+    version: int
+
+
+@dataclass(frozen=True)
+class RevocationRow:
+    record: dict[str, Any]
+    at: int
+    version: int
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    wg_key: str
+    name: str
+    host: int
+    identity: str
+    fingerprint: str
+    requested: int
+    approved: bool
+
+
+def _guarded(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate[Store, _P], _R]:
+    """sqlite3 errors never escape: they become a StoreError that says what to do."""
+
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise self.error(exc) from None
+
+    return wrapper
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _loads(text: str) -> Any:
+    """A stored JSON column; a damaged one is a StoreError, not a crash."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise StoreError("a row of the coordinator database holds damaged JSON (was it edited by hand?); "
+                         "restore the file from a backup") from None
+
+
+class Store:
+    """The coordinator's SQLite file. Not thread-safe: one event loop uses it."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+        self._conn.row_factory = sqlite3.Row
+        self._depth = 0
+        self._bumped = False
+        self._listeners: list[Callable[[], None]] = []
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open (creating it, mode 0600) and migrate the database at `path`."""
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+        except OSError as exc:
+            raise StoreError(f"cannot open the coordinator database {path}: {exc.strerror or exc} "
+                             "(check that its directory is writable by this user)") from None
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the coordinator database {path}: {exc}") from None
+        store = cls(path, conn)
+        try:
+            store._prepare()
+        except BaseException:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def error(self, exc: sqlite3.Error) -> StoreError:
+        """What a sqlite3 error means for whoever runs this coordinator."""
+        name = getattr(exc, "sqlite_errorname", "")
+        where = f"coordinator database {self.path}"
+        if name.startswith("SQLITE_FULL"):
+            return StoreError(f"{where}: the disk is full; free some space (the change was not saved)")
+        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            return StoreError(f"{where} is damaged (corrupt, or not a database): restore it from a backup, "
+                              "or move it aside to start a new one (the network must then be set up again)")
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return StoreError(f"{where} is locked by another process (another coordinator on the same file?); "
+                              "stop it or use another --db")
+        if name.startswith("SQLITE_READONLY"):
+            return StoreError(f"{where} is read-only: make it and its directory writable by this user")
+        if name.startswith("SQLITE_CANTOPEN"):
+            return StoreError(f"cannot open the {where}: check that its directory exists and is writable")
+        if name.startswith("SQLITE_IOERR"):
+            return StoreError(f"{where}: disk I/O error; check the disk (the change was not saved)")
+        if name.startswith("SQLITE_CONSTRAINT"):
+            return StoreError(f"{where}: the change conflicts with what is stored ({exc}); "
+                              "was the file edited by hand?")
+        return StoreError(f"{where}: {exc}")
+
+    @_guarded
+    def _prepare(self) -> None:
+        self._conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        with self.transaction():
+            current = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > len(MIGRATIONS):
+                raise StoreError(f"{self.path} was made by a newer tunnelmesh (schema version {current}; this one "
+                                 f"knows up to {len(MIGRATIONS)}): upgrade tunnelmesh, or use another --db")
+            for number in range(current + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[number - 1]:
+                    self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {number}")
+
+    # --- transactions and change notification ------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing: every write inside commits together, or none does. Nests
+        (only the outermost commits). Listeners hear of a version bump after commit."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self.error(exc) from None
+        self._depth, self._bumped = 1, False
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
+            if self._conn.in_transaction:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the original failure is what matters; SQLite rolls back on close anyway
+            if isinstance(exc, sqlite3.Error):
+                raise self.error(exc) from None
+            raise
+        finally:
+            self._depth = 0
+        if self._bumped:
+            for listener in list(self._listeners):
+                listener()
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after each committed change that bumped the version (wakes long-polls)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.remove(listener)
+
+    def _bump(self) -> int:
+        row = self._conn.execute("UPDATE network SET version = version + 1 RETURNING version").fetchone()
+        if row is None:
+            raise StoreError(f"coordinator database {self.path}: no network is set up")
+        self._bumped = True
+        return int(row[0])
+
+    # --- network ----------------------------------------------------------------------------
+
+    @property
+    @_guarded
+    def version(self) -> int:
+        """The version counter (0 before setup)."""
+        row = self._conn.execute("SELECT version FROM network").fetchone()
+        return 0 if row is None else int(row[0])
+
+    @_guarded
+    def network(self) -> NetworkRow | None:
+        row = self._conn.execute("SELECT * FROM network").fetchone()
+        if row is None:
+            return None
+        return NetworkRow(_loads(row["record"]), base64.b64decode(row["secret"]), row["secret_epoch"],
+                          None if row["secret_record"] is None else _loads(row["secret_record"]),
+                          row["secret_version"], row["version"])
+
+    @_guarded
+    def set_network(self, record: dict[str, Any], secret: bytes) -> int:
+        """Take a network (secret epoch 0, no secret record yet). Setting up is a change: version 1."""
+        with self.transaction():
+            self._conn.execute(
+                "INSERT INTO network (id, record, secret, secret_epoch, secret_record, secret_version, version) "
+                "VALUES (1, ?, ?, 0, NULL, 0, 0)", (_json(record), b64(secret)))
+            return self._bump()
+
+    @_guarded
+    def set_secret(self, record: dict[str, Any], secret: bytes, epoch: int) -> int:
+        with self.transaction():
+            version = self._bump()
+            self._conn.execute("UPDATE network SET secret = ?, secret_epoch = ?, secret_record = ?, secret_version = ?",
+                               (b64(secret), epoch, _json(record), version))
+            return version
+
+    # --- members ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _member(row: sqlite3.Row) -> MemberRow:
+        return MemberRow(row["wg_key"], row["name"], row["host"], row["identity"], _loads(row["entry"]),
+                         _loads(row["addresses"]), row["last_seen"], row["version"])
+
+    @_guarded
+    def member(self, wg_key: str) -> MemberRow | None:
+        row = self._conn.execute("SELECT * FROM members WHERE wg_key = ?", (wg_key,)).fetchone()
+        return None if row is None else self._member(row)
+
+    @_guarded
+    def member_named(self, name: str) -> MemberRow | None:
+        row = self._conn.execute("SELECT * FROM members WHERE name = ?", (name,)).fetchone()
+        return None if row is None else self._member(row)
+
+    @_guarded
+    def members(self, since: int = 0) -> list[MemberRow]:
+        """Members whose row changed after version `since` (all of them for 0)."""
+        rows = self._conn.execute("SELECT * FROM members WHERE version > ? ORDER BY host", (since,))
+        return [self._member(row) for row in rows]
+
+    @_guarded
+    def add_member(self, entry: dict[str, Any], member: MemberEntry, host: int) -> int:
+        """Store a verified entry as it arrived (`entry`), at host number `host`."""
+        with self.transaction():
+            version = self._bump()
+            self._conn.execute(
+                "INSERT INTO members (wg_key, name, host, ipv4, ipv6, fingerprint, identity, entry, version) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (b64(member.wg_key), member.name, host, str(member.ipv4), str(member.ipv6),
+                 member.identity.fingerprint, member.identity.to_line(), _json(entry), version))
+            return version
+
+    @_guarded
+    def set_endpoints(self, wg_key: str, addresses: list[str], now: int) -> bool:
+        """Record where a member was seen; bumps the version only if its addresses changed."""
+        with self.transaction():
+            row = self._conn.execute("SELECT addresses FROM members WHERE wg_key = ?", (wg_key,)).fetchone()
+            if row is None:
+                return False
+            changed = _loads(row["addresses"]) != addresses
+            if changed:
+                self._conn.execute("UPDATE members SET addresses = ?, version = ? WHERE wg_key = ?",
+                                   (_json(addresses), self._bump(), wg_key))
+            self._conn.execute("UPDATE members SET last_seen = ? WHERE wg_key = ?", (now, wg_key))
+            return changed
+
+    @_guarded
+    def host_taken(self, host: int) -> bool:
+        """Whether a member or a pending request holds host number `host`."""
+        return self._conn.execute("SELECT 1 FROM members WHERE host = ? UNION ALL SELECT 1 FROM pending WHERE host = ?",
+                                  (host, host)).fetchone() is not None
+
+    @_guarded
+    def free_host(self) -> int:
+        """The lowest host number >= 1 that no member and no pending request holds."""
+        row = self._conn.execute(
+            "WITH used(host) AS (SELECT host FROM members UNION SELECT host FROM pending) "
+            "SELECT min(candidate) FROM (SELECT 1 AS candidate UNION SELECT host + 1 FROM used) "
+            "WHERE candidate NOT IN (SELECT host FROM used)").fetchone()
+        return int(row[0])
+
+    # --- invites --------------------------------------------------------------------------------
+
+    @_guarded
+    def invite_uses(self, invite_key: str) -> int:
+        row = self._conn.execute("SELECT used FROM invites WHERE invite_key = ?", (invite_key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    @_guarded
+    def use_invite(self, invite_key: str, grant: dict[str, Any]) -> None:
+        with self.transaction():
+            self._conn.execute(
+                "INSERT INTO invites (invite_key, record, used) VALUES (?, ?, 1) "
+                "ON CONFLICT (invite_key) DO UPDATE SET used = used + 1", (invite_key, _json(grant)))
+
+    # --- revocations ------------------------------------------------------------------------------
+
+    @_guarded
+    def revocation(self, wg_key: str) -> RevocationRow | None:
+        row = self._conn.execute("SELECT * FROM revocations WHERE wg_key = ?", (wg_key,)).fetchone()
+        return None if row is None else RevocationRow(_loads(row["record"]), row["at"], row["version"])
+
+    @_guarded
+    def revocations(self, since: int = 0) -> list[dict[str, Any]]:
+        rows = self._conn.execute("SELECT record FROM revocations WHERE version > ? ORDER BY version", (since,))
+        return [_loads(row["record"]) for row in rows]
+
+    @_guarded
+    def revoke(self, wg_key: str, record: dict[str, Any], at: int, *, drop_member: bool) -> int:
+        """Keep the revocation (replacing an older one for the key), drop the key's pending
+        request and, if the revocation covers its entry, its member row."""
+        with self.transaction():
+            version = self._bump()
+            self._conn.execute(
+                "INSERT INTO revocations (wg_key, record, at, version) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (wg_key) DO UPDATE SET record = excluded.record, at = excluded.at, version = excluded.version",
+                (wg_key, _json(record), at, version))
+            self._conn.execute("DELETE FROM pending WHERE wg_key = ?", (wg_key,))
+            if drop_member:
+                self._conn.execute("DELETE FROM members WHERE wg_key = ?", (wg_key,))
+            return version
+
+    # --- pending join requests (admin approval) ---------------------------------------------------
+
+    @staticmethod
+    def _pending(row: sqlite3.Row) -> PendingRow:
+        return PendingRow(row["wg_key"], row["name"], row["host"], row["identity"], row["fingerprint"],
+                          row["requested"], bool(row["approved"]))
+
+    @_guarded
+    def pending(self, wg_key: str) -> PendingRow | None:
+        row = self._conn.execute("SELECT * FROM pending WHERE wg_key = ?", (wg_key,)).fetchone()
+        return None if row is None else self._pending(row)
+
+    @_guarded
+    def pending_named(self, name: str) -> PendingRow | None:
+        row = self._conn.execute("SELECT * FROM pending WHERE name = ?", (name,)).fetchone()
+        return None if row is None else self._pending(row)
+
+    @_guarded
+    def waiting(self) -> list[PendingRow]:
+        """Requests the admin has not approved yet, oldest first."""
+        rows = self._conn.execute("SELECT * FROM pending WHERE NOT approved ORDER BY requested, name")
+        return [self._pending(row) for row in rows]
+
+    @_guarded
+    def add_pending(self, request: PendingRow) -> None:
+        with self.transaction():
+            self._conn.execute(
+                "INSERT INTO pending (wg_key, name, host, identity, fingerprint, requested, approved) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (request.wg_key, request.name, request.host, request.identity, request.fingerprint,
+                 request.requested, int(request.approved)))
+
+    @_guarded
+    def mark_approved(self, wg_key: str) -> None:
+        with self.transaction():
+            self._conn.execute("UPDATE pending SET approved = 1 WHERE wg_key = ?", (wg_key,))
+
+    @_guarded
+    def delete_pending(self, wg_key: str) -> None:
+        with self.transaction():
+            self._conn.execute("DELETE FROM pending WHERE wg_key = ?", (wg_key,))
