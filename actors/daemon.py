@@ -17,20 +17,25 @@ import os
 import signal
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunnelmesh import __version__
-from tunnelmesh.config import ConfigError, check_peer_keys, load_config, read_network_secret
+from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_config, read_network_secret
 from tunnelmesh.control_client import NotRunning, request
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
+from tunnelmesh.membership import PeerMap
+from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import Device, derive_psk
 
 from .control import ControlServer, EventBus
+from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath, UdpError, open_udp_socket
+from .mesh import FindSession, ListPeers, Mesh, PeerSpec
 from .runtime import Actor, Supervisor
-from .session import PeerSession, Ping, Start, Status
+from .session import Ping, Start, Status
 from .tun import TunDevice, TunError
 
 log = logging.getLogger("tunnelmesh.daemon")
@@ -108,21 +113,113 @@ def _already_running(paths: Paths) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Addresses:
+    """What the TUN device gets: this node's mesh addresses and the routes into the tunnel."""
+
+    ipv4: ipaddress.IPv4Interface
+    ipv6: ipaddress.IPv6Interface | None
+    routes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+class CoordinatorServer(Actor):
+    """The embedded coordinator (on the node that made the network): an aiohttp site
+    over the SQLite store. Started before the actors run, so a busy port is a start-up
+    error; this actor holds it open and closes it at shutdown."""
+
+    name = "coordinator"
+    policy = "fatal"
+
+    def __init__(self, runner: Any, store: Any) -> None:
+        super().__init__()
+        self.runner = runner
+        self.store = store
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        self.store.close()
+
+
+async def _start_coordinator(config: NodeConfig) -> CoordinatorServer:
+    from tunnelmesh.coordinator.service import make_app, serve
+    from tunnelmesh.coordinator.store import Store, StoreError
+
+    assert config.coordinator is not None and config.coordinator.serve is not None
+    host, port = config.coordinator.serve
+    try:
+        store = Store.open(config.coordinator.db)
+    except StoreError as exc:
+        raise StartupError(f"embedded coordinator: {exc}") from None
+    try:
+        runner = await serve(make_app(store), host, port)
+    except OSError as exc:
+        store.close()
+        raise StartupError(f"embedded coordinator: cannot listen on {host}:{port}: {exc.strerror} "
+                           f"(set [coordinator] serve in {config.path})") from None
+    return CoordinatorServer(runner, store)
+
+
+async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes) -> None:
+    """On the admin node: make sure its embedded coordinator holds the network
+    (idempotent; the first start after `init` is when it happens)."""
+    from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
+    from tunnelmesh.membership import AdminKey, MembershipError
+
+    try:
+        admin = AdminKey.load(paths.admin_key)
+    except MembershipError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        async with Coordinator(state.url, admin=admin) as coordinator:
+            await coordinator.setup(state.network.to_wire(), secret, state.member.to_wire())
+    except CoordinatorError as exc:
+        raise StartupError(f"embedded coordinator at {state.url}: {exc}") from None
+
+
+def _static_peers(config: NodeConfig, endpoints: list[tuple[str, int] | None]) -> list[PeerSpec]:
+    return [
+        PeerSpec(peer.name, peer.mesh_ip, peer.identity.fingerprint if peer.identity is not None else None,
+                 peer.wireguard_public_key, peer.allowed_ips, endpoint, peer.persistent_keepalive)
+        for peer, endpoint in zip(config.peers, endpoints)
+    ]
+
+
 async def run_daemon(paths: Paths) -> int:
     """Run until `down`, SIGTERM or SIGINT. Returns the process exit code."""
+    state: NetworkState | None = None
+    peer_map: PeerMap | None = None
     try:
         config = load_config(paths.config, state_dir=paths.state_dir)
         try:
             identity = await load_identity(config.identity, passphrase_file=config.passphrase_file)
         except IdentityError as exc:
             raise _identity_config_error(config, exc) from None
-        check_peer_keys(config, identity.public.wg_public_key)
-        psk = derive_psk(read_network_secret(config.network_secret_file))
-    except (ConfigError, IdentityError) as exc:
+        if config.coordinator is None:
+            check_peer_keys(config, identity.public.wg_public_key)
+        else:
+            state, peer_map = _load_membership(paths, identity)
+        secret = read_network_secret(config.network_secret_file)
+        psk = derive_psk(secret)
+    except (ConfigError, IdentityError, StateError) as exc:
         raise StartupError(str(exc)) from None
     if _already_running(paths):
         raise StartupError(f"tunnelmesh is already running with state dir {paths.state_dir}; stop it with `tunnelmesh down`")
-    endpoints = [await _resolve(peer.endpoint) for peer in config.peers]
+
+    if state is not None:
+        network = state.network
+        addresses = Addresses(
+            ipaddress.IPv4Interface(f"{state.member.ipv4}/{network.cidr4.prefixlen}"),
+            ipaddress.IPv6Interface(f"{state.member.ipv6}/{network.ula6.prefixlen}"), (),
+        )
+        static_endpoints: list[tuple[str, int] | None] = []
+    else:
+        assert config.mesh_ip is not None
+        addresses = Addresses(ipaddress.IPv4Interface(f"{config.mesh_ip}/{config.mesh_prefix}"), None,
+                              tuple(net for peer in config.peers for net in peer.allowed_ips))
+        static_endpoints = [await _resolve(peer.endpoint) for peer in config.peers]
 
     try:
         sock = open_udp_socket(config.listen_port)
@@ -133,10 +230,16 @@ async def run_daemon(paths: Paths) -> int:
     except TunError as exc:
         sock.close()
         raise StartupError(str(exc)) from None
+    coordinator_server: CoordinatorServer | None = None
     try:
-        routes = [net for peer in config.peers for net in peer.allowed_ips]
-        await tun.configure(ipaddress.IPv4Interface(f"{config.mesh_ip}/{config.mesh_prefix}"), config.mtu, routes)
-    except TunError as exc:
+        await tun.configure(addresses.ipv4, config.mtu, addresses.routes, address6=addresses.ipv6)
+        if config.coordinator is not None and config.coordinator.serve is not None:
+            coordinator_server = await _start_coordinator(config)
+            if state is not None and paths.admin_key.exists():
+                await _set_up_network(paths, state, secret)
+    except (TunError, StartupError) as exc:
+        if coordinator_server is not None:
+            await coordinator_server.stop()
         tun.close()
         sock.close()
         raise StartupError(str(exc)) from None
@@ -146,36 +249,45 @@ async def run_daemon(paths: Paths) -> int:
     bus = EventBus()
     supervisor = Supervisor()
     started = time.time()
-    sessions: dict[str, PeerSession] = {}
-    for peer_config, endpoint in zip(config.peers, endpoints):
-        session = PeerSession(
-            peer_config.name, peer_config.mesh_ip, config.mesh_ip,
-            peer_config.identity.fingerprint if peer_config.identity is not None else None, datapath, bus,
-        )
-        session.peer = device.add_peer(
-            peer_config.wireguard_public_key, preshared_key=psk, allowed_ips=peer_config.allowed_ips,
-            endpoint=endpoint, persistent_keepalive=peer_config.persistent_keepalive, tag=session,
-        )
-        sessions[peer_config.name] = session
-
+    mesh = Mesh(device, datapath, supervisor, bus, addresses.ipv4.ip, psk)
     identity_actor = IdentityActor(identity)
+    supervisor.add(identity_actor)
+    supervisor.add(EdgesActor(tun, sock, datapath))
+    supervisor.add(mesh)
+    if coordinator_server is not None:
+        supervisor.add(coordinator_server)
+    initial = _static_peers(config, static_endpoints)
+    client: CoordinatorClient | None = None
+    if state is not None and peer_map is not None:
+        initial = [peer_spec(member, peer_map) for member in peer_map.members.values()]
+        client = CoordinatorClient(
+            state, identity, peer_map, mesh, bus, cache_path=paths.peer_map_cache,
+            secret_path=config.network_secret_file, listen_port=datapath.port,
+            on_revoked=lambda why: supervisor.shutdown(why, exit_code=1),
+        )
+        supervisor.add(client)
+    sessions = [mesh.add(spec) for spec in initial]
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
         me = await identity_actor.ask("whoami")
-        peers = [await session.ask(Status()) for session in sessions.values()]
+        peers = [await session.ask(Status()) for session in await mesh.ask(ListPeers())]
         drops = dict(device.drops + datapath.drops)
         return {
             "node": {
-                "name": config.name, "mesh_ip": str(config.mesh_ip), "interface": config.interface,
-                "listen_port": datapath.port, "version": __version__, "started": started, "pid": os.getpid(),
-                "mode": "static", "coordinator": None, **me,
+                "name": config.name, "mesh_ip": str(addresses.ipv4.ip),
+                "mesh_ipv6": str(addresses.ipv6.ip) if addresses.ipv6 is not None else None,
+                "interface": config.interface, "listen_port": datapath.port, "version": __version__,
+                "started": started, "pid": os.getpid(), "mode": "static" if client is None else "coordinator",
+                "coordinator": client.status() if client is not None else None,
+                "serving_coordinator": _show_address(config.coordinator.serve) if coordinator_server and config.coordinator and config.coordinator.serve else None,
+                **me,
             },
             "peers": peers,
             "drops": drops,
         }
 
     async def ping(req: dict[str, Any]) -> dict[str, Any]:
-        session = _find_session(sessions, str(req.get("peer", "")))
+        session = await mesh.ask(FindSession(str(req.get("peer", ""))))
         wait = req.get("wait", 5.0)
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait):
             raise ValueError("'wait' must be a number of seconds")
@@ -190,10 +302,6 @@ async def run_daemon(paths: Paths) -> int:
     async def alive(_: dict[str, Any]) -> str:
         return "running"
 
-    supervisor.add(identity_actor)
-    supervisor.add(EdgesActor(tun, sock, datapath))
-    for session in sessions.values():
-        supervisor.add(session)
     supervisor.add(ControlServer(paths.control_socket, {
         "status": status, "peers": status, "ping": ping, "down": down, "ping_daemon": alive,
     }, bus))
@@ -202,11 +310,12 @@ async def run_daemon(paths: Paths) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, supervisor.shutdown, f"signal {signal.Signals(signum).name}")
     paths.pid_file.write_text(f"{os.getpid()}\n")
-    for session in sessions.values():
+    for session in sessions:
         session.tell(Start())
     log.info(
-        "tunnelmesh %s up: %s %s on %s, UDP port %d, %d peers, identity %s",
-        __version__, config.name, config.mesh_ip, config.interface, datapath.port, len(sessions), identity.public.fingerprint,
+        "tunnelmesh %s up: %s %s on %s, UDP port %d, %d peers, identity %s%s",
+        __version__, config.name, addresses.ipv4.ip, config.interface, datapath.port, len(sessions),
+        identity.public.fingerprint, f", coordinator {state.url}" if state is not None else ", static mode",
     )
     try:
         result = await supervisor.run()
@@ -222,6 +331,29 @@ async def run_daemon(paths: Paths) -> int:
     return result.exit_code
 
 
+def _load_membership(paths: Paths, identity: NodeIdentity) -> tuple[NetworkState, PeerMap]:
+    """The joined network and the cached peer map; refuses a node that was revoked or
+    whose key is not the one that joined."""
+    state = NetworkState.load(paths.network_state)
+    if state.member.wg_key != identity.public.wg_public_key:
+        raise StateError(
+            f"this node joined as {state.member.name} with the key {state.member.identity.fingerprint}, but its "
+            f"identity is now {identity.public.fingerprint}; restore that key, or join again with a new invite"
+        )
+    peer_map, rejected = load_peer_map(paths.peer_map_cache, state)
+    for reason in rejected:
+        log.warning("peer map cache: %s", reason)
+    revocation = peer_map.revoked(state.member)
+    if revocation is not None:
+        raise StateError(f"this node ({state.member.name}) was revoked by the network admin; "
+                         "to come back, join again with a new invite")
+    return state, peer_map
+
+
+def _show_address(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
 def _identity_config_error(config: Any, exc: IdentityError) -> ConfigError:
     """An identity that cannot be loaded (unreadable key file, no agent, ...) is a
     config problem: name the config file and the line of [node] identity."""
@@ -232,16 +364,6 @@ def _identity_config_error(config: Any, exc: IdentityError) -> ConfigError:
     except OSError:
         line = None
     return ConfigError(config.path, line, f"[node]: identity: {exc}")
-
-
-def _find_session(sessions: dict[str, PeerSession], key: str) -> PeerSession:
-    if key in sessions:
-        return sessions[key]
-    for session in sessions.values():
-        if str(session.mesh_ip) == key:
-            return session
-    known = ", ".join(sorted(sessions)) or "none"
-    raise ValueError(f"no peer named {key!r} (peers: {known})")
 
 
 def configure_logging(level: str, log_file: Path | None = None) -> None:

@@ -101,14 +101,32 @@ class Actor:
 class Supervisor:
     def __init__(self) -> None:
         self.actors: list[Actor] = []
+        self._tasks: dict[Actor, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
         self._shutdown: asyncio.Future[Shutdown] | None = None
 
     def add(self, actor: Actor) -> Actor:
         self.actors.append(actor)
         if self._group is not None:
-            self._group.create_task(self._supervise(actor), name=actor.name)
+            self._tasks[actor] = self._group.create_task(self._supervise(actor), name=actor.name)
         return actor
+
+    async def remove(self, actor: Actor) -> None:
+        """Stop one actor for good (e.g. the session of a revoked peer)."""
+        if actor not in self.actors:
+            return
+        self.actors.remove(actor)
+        task = self._tasks.pop(actor, None)
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        try:
+            await actor.stop()
+        except Exception:
+            log.exception("%s: error while stopping", actor.name)
 
     def spawn(self, name: str, coro_factory: Callable[[], Awaitable[None]], policy: Policy = "fatal") -> None:
         """Supervise a plain coroutine (e.g. a server loop) like an actor."""
@@ -126,12 +144,13 @@ class Supervisor:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 for actor in self.actors:
-                    group.create_task(self._supervise(actor), name=actor.name)
+                    self._tasks[actor] = group.create_task(self._supervise(actor), name=actor.name)
                 group.create_task(self._wait_for_shutdown(), name="shutdown")
         except* Shutdown as caught:
             result = caught.exceptions[0]  # type: ignore[assignment]
         finally:
             self._group = None
+            self._tasks.clear()
             for actor in reversed(self.actors):
                 try:
                     await actor.stop()

@@ -71,12 +71,13 @@ class PeerSession(Actor):
         self._ping_ident = int.from_bytes(os.urandom(2), "big")
         self.last_handshake_wall: float | None = None
         self.last_error: str | None = None
+        self._stopped = False  # removed from the mesh: never re-arm the timer
 
     # --- timers (called by the data path, on the event loop thread) ----------------
 
     def reschedule(self) -> None:
         peer = self.peer
-        if peer is None:
+        if peer is None or self._stopped:
             return
         deadline = peer.get_timer()
         if deadline == self._armed_at:
@@ -160,12 +161,16 @@ class PeerSession(Actor):
         endpoint = self.peer.endpoint if self.peer is not None else None
         return f"udp {_show(endpoint)}" if endpoint is not None else "none"
 
+    def is_up(self, now: float) -> bool:
+        """A session with keys younger than WireGuard's reject-after time (180 s)."""
+        current = self.peer.current if self.peer is not None else None
+        return current is not None and now - current.created < 180
+
     def snapshot(self) -> dict[str, Any]:
         peer = self.peer
         assert peer is not None
         now = time.monotonic()
-        current = peer.current
-        if current is not None and now - current.created < 180:
+        if self.is_up(now):
             state = "up"
         elif peer.endpoint is None:
             state = "waiting"  # no endpoint: waits to be contacted
@@ -189,6 +194,7 @@ class PeerSession(Actor):
         }
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -55,13 +55,18 @@ class TunDevice:
         return cls(name, fd)
 
     async def configure(
-        self, address: ipaddress.IPv4Interface, mtu: int, routes: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+        self, address: ipaddress.IPv4Interface, mtu: int, routes: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
+        *, address6: ipaddress.IPv6Interface | None = None,
     ) -> None:
         try:
             async with AsyncIPRoute() as ipr:
                 index = (await ipr.link_lookup(ifname=self.name))[0]
                 await ipr.link("set", index=index, mtu=mtu)
                 await ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+                if address6 is not None:
+                    # nodad: the address is ours by assignment; waiting for DAD would delay traffic.
+                    await ipr.addr("add", index=index, address=str(address6.ip), prefixlen=address6.network.prefixlen,
+                                   flags=0x02)
                 await ipr.link("set", index=index, state="up")
                 for route in routes:
                     if route.version == 4 and route.subnet_of(address.network):  # type: ignore[arg-type]

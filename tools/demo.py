@@ -1,7 +1,9 @@
 """The README's first command: a real three-node mesh in network namespaces.
 
 Each node is a network namespace with its own state directory, running a real
-`tunnelmesh up` with a TUN device and a UDP socket. The demo prints each
+`tunnelmesh up` with a TUN device and a UDP socket. The first node makes the
+network (`tunnelmesh init`: admin key, embedded coordinator); the others join
+with a token from `tunnelmesh invite`. The demo prints each
 node's status, pings every pair through the tunnel (kernel `ping` and the
 in-tunnel `tunnelmesh ping`, which says which path answered), sends a TCP
 transfer and checks it arrived intact, then tears everything down.
@@ -18,7 +20,7 @@ import sys
 import time
 
 from tools.lab import Lab
-from tools.mesh import build_static_mesh, wait_for_handshakes
+from tools.mesh import build_network, wait_for_handshakes
 
 NAMES = ["alpha", "beta", "gamma"]
 TRANSFER_MB = 20
@@ -64,9 +66,9 @@ def main() -> int:
         print("the demo creates network namespaces and TUN devices: run it as root", file=sys.stderr)
         return 2
     with Lab() as lab:
-        banner("creating 3 nodes (namespaces on a 192.0.2.0/24 switch), init --static, exchange ids, up")
+        banner("3 nodes (namespaces on a 192.0.2.0/24 switch): init + up on alpha, invite + join + up on the others")
         started = time.monotonic()
-        mesh = build_static_mesh(lab, NAMES)
+        mesh = build_network(lab, NAMES)
         wait_for_handshakes(mesh)
         print(f"all sessions up {time.monotonic() - started:.1f} s after the first `init`")
 

@@ -118,15 +118,54 @@ def build_static_mesh(lab: Lab, names: list[str], *, switch: Switch | None = Non
     return mesh
 
 
+COORDINATOR_PORT = 7400
+
+
+def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, start: bool = True,
+                  coordinator: Node | None = None) -> dict[str, MeshNode]:
+    """The way a user builds a network: `init` on the first node (admin, embedded
+    coordinator unless `coordinator` -- a node already running `tunnelmesh coordinator`
+    on COORDINATOR_PORT -- is given), then `invite` there and `join <token>` on each of
+    the others. Nodes are started (`up`) as they join unless start=False. Mesh IPs are
+    read back from the nodes (the coordinator assigns them)."""
+    switch = switch or lab.add_switch("sw")
+    mesh: dict[str, MeshNode] = {}
+    for name in names:
+        node = lab.add_node(name)
+        mesh[name] = MeshNode(node, lab.connect(node, switch), "")
+    admin = next(iter(mesh.values()))
+    if coordinator is None:
+        url = f"http://{admin.underlay}:{COORDINATOR_PORT}"
+        admin.tm("init", "--name", admin.name, "--new-key", "--url", url)
+    else:
+        url = f"http://{coordinator.addresses[0]}:{COORDINATOR_PORT}"
+        admin.tm("init", "--name", admin.name, "--new-key", "--url", url, "--external-coordinator")
+    if start:
+        admin.up()
+    for member in mesh.values():
+        if member is not admin:
+            token = admin.tm("invite").stdout.strip()
+            member.tm("join", token, "--name", member.name, "--new-key")
+            if start:
+                member.up()
+    for member in mesh.values():
+        with open(f"{member.node.state_dir}/network.json") as f:
+            member.mesh_ip = json.load(f)["member"]["body"]["ipv4"]
+    return mesh
+
+
 def wait_for_handshakes(mesh: dict[str, MeshNode], timeout: float = 20.0) -> None:
-    """Until every node reports every peer up (raises with the last status)."""
+    """Until every node knows every other node and reports its session up (raises with the last status)."""
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
     while time.monotonic() < deadline:
         pending = []
         for member in mesh.values():
             last[member.name] = member.status()
-            pending += [f"{member.name}->{p['name']}" for p in last[member.name]["peers"] if p["state"] != "up"]
+            peers = last[member.name]["peers"]
+            pending += [f"{member.name}->{p['name']}" for p in peers if p["state"] != "up"]
+            known = {p["name"] for p in peers}
+            pending += [f"{member.name}->{other} (unknown yet)" for other in mesh if other != member.name and other not in known]
         if not pending:
             return
         # Sessions come up on first traffic: nudge them with an in-tunnel ping.

@@ -18,11 +18,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from tunnelmesh import __version__
-from tunnelmesh.config import ConfigError, load_config, read_network_secret, starter_config
+from tunnelmesh.config import DEFAULT_COORDINATOR_PORT, ConfigError, load_config, read_network_secret, starter_config
+from tunnelmesh.membership import DEFAULT_CIDR
 from tunnelmesh.control_client import ControlError, NotRunning, events, request
 from tunnelmesh.paths import DEFAULT_HOST_KEY, Paths, resolve_paths
 
@@ -40,10 +42,9 @@ class CliError(Exception):
 
 def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
     if not args.static:
-        raise CliError(
-            "this version runs static meshes only: use `tunnelmesh init --static` and list peers in the config",
-            EXIT_USAGE,
-        )
+        return _init_network(args, paths)
+    if args.mesh_ip is None:
+        raise CliError("a static mesh needs --mesh-ip (this node's address inside the mesh)", EXIT_USAGE)
     if paths.config.exists():
         raise CliError(f"{paths.config} already exists; edit it, or remove it to start over", EXIT_USAGE)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -56,7 +57,7 @@ def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
         from tunnelmesh.config import write_network_secret
 
         write_network_secret(secret_path)
-    name = args.name or socket.gethostname().split(".")[0].lower()
+    name = args.name or _host_name()
     try:
         text = starter_config(name=name, identity=identity, mesh_ip=args.mesh_ip, listen_port=args.listen_port)
     except ValueError as exc:
@@ -70,12 +71,162 @@ def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
+def _init_network(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import create_network
+
+    if args.mesh_ip is not None:
+        raise CliError("--mesh-ip is for --static; with a coordinator, addresses come from --cidr", EXIT_USAGE)
+    url = (args.url or _default_url()).rstrip("/")
+    serve = None
+    if not args.external_coordinator:
+        port = urllib.parse.urlsplit(url).port or DEFAULT_COORDINATOR_PORT
+        serve = args.listen or f"0.0.0.0:{port}"
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = _choose_identity(args, paths)
+    name = args.name or _host_name()
+    state = _run(create_network(paths, name=name, identity_spec=identity, listen_port=args.listen_port,
+                                cidr=args.cidr, url=url, serve=serve))
+    network = state.network
+    print(f"made network {network.network}: {network.cidr4} and {network.ula6}")
+    print(f"this node: {state.member.name} {state.member.ipv4} {state.member.ipv6} (admin key {paths.admin_key}, keep it safe)")
+    print(f"coordinator: {url}" + (f" (embedded, listening on {serve})" if serve else " (standalone)"))
+    print("next: `tunnelmesh up`, then `tunnelmesh invite` for each machine that joins")
+    return EXIT_OK
+
+
+def _default_url() -> str:
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        address = "127.0.0.1"
+    if address.startswith("127."):
+        raise CliError("cannot tell which address other machines reach this one at: give --url "
+                       f"http://<address>:{DEFAULT_COORDINATOR_PORT}", EXIT_USAGE)
+    return f"http://{address}:{DEFAULT_COORDINATOR_PORT}"
+
+
+def _host_name() -> str:
+    return socket.gethostname().split(".")[0].lower()
+
+
+def _run(coro: Any) -> Any:
+    """Run a network operation; its refusals become CLI errors with their message."""
+    from tunnelmesh.coordinator.client import CoordinatorError
+    from tunnelmesh.membership import MembershipError
+    from tunnelmesh.netstate import StateError
+    from tunnelmesh.network import NetworkError
+
+    try:
+        return asyncio.run(coro)
+    except (NetworkError, MembershipError, StateError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except CoordinatorError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+
+
+# --- join and admin -------------------------------------------------------------------------
+
+
+def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import join
+
+    identity = _choose_identity(args, paths)
+
+    def waiting(pending: dict[str, Any]) -> None:
+        print(f"waiting for the admin to run `tunnelmesh approve {pending.get('name')}` "
+              f"(address {pending.get('ipv4')} reserved)", flush=True)
+
+    joined = _run(join(paths, token_or_url=args.token, name=args.name, identity_spec=identity,
+                       listen_port=args.listen_port, wait=args.wait, on_pending=waiting))
+    member = joined.state.member
+    print(f"joined network {joined.state.network.network} as {member.name}: {member.ipv4} {member.ipv6} "
+          f"in {joined.seconds:.2f} s")
+    print("next: `tunnelmesh up`")
+    return EXIT_OK
+
+
+def cmd_invite(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import NetworkError, make_token
+
+    try:
+        print(make_token(paths, expires_in=args.expires, reusable=args.reusable, name=args.name))
+    except NetworkError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return EXIT_OK
+
+
+def cmd_pending(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import pending
+
+    waiting = _run(pending(paths))
+    if args.json:
+        print(json.dumps(waiting, indent=2))
+    elif not waiting:
+        print("no joins waiting for approval")
+    for p in waiting if not args.json else ():
+        asked = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.get("requested", 0)))
+        print(f"{p.get('name')}  {p.get('fingerprint')}  would get {p.get('ipv4')}  asked {asked}")
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import approve
+
+    member = _run(approve(paths, args.name))
+    print(f"approved {member.name} ({member.identity.fingerprint}) as {member.ipv4}")
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import revoke
+
+    revocation = _run(revoke(paths, args.peer))
+    print(f"revoked {revocation.name}: every node drops it within seconds, and it stops")
+    print("it still knows the network secret: run `tunnelmesh rotate-secret` to replace it")
+    return EXIT_OK
+
+
+def cmd_rotate_secret(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import rotate_secret
+
+    epoch, members = _run(rotate_secret(paths))
+    print(f"network secret epoch {epoch} sealed to {members} members; nodes switch as they receive it")
+    return EXIT_OK
+
+
+def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.coordinator.service import run_standalone
+    from tunnelmesh.coordinator.store import StoreError
+
+    from actors.daemon import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        asyncio.run(run_standalone(args.listen, Path(args.db), args.admin))
+    except StoreError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}", EXIT_FAIL) from None
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _duration(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 1h, 7d")
+    return int(number) * units[unit]
+
+
 def _choose_identity(args: argparse.Namespace, paths: Paths) -> str:
     if args.agent is not None:
         return "agent" if args.agent == "" else f"agent:{args.agent}"
     if args.key:
         return str(Path(args.key).resolve())
     if args.new_key:
+        paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         return str(_new_key(paths.dedicated_key))
     if Path(DEFAULT_HOST_KEY).exists():
         return DEFAULT_HOST_KEY
@@ -195,6 +346,18 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         return EXIT_OK
     node = status["node"]
     print(f"{node['name']}  {node['mesh_ip']}  {node['interface']}  udp/{node['listen_port']}  {node['fingerprint']}  ({node['mode']} mode)")
+    coordinator = node.get("coordinator")
+    if coordinator:
+        since = time.strftime("%H:%M:%S", time.localtime(coordinator["since"]))
+        state = coordinator["state"] + (f" since {since}: {coordinator['error']}" if coordinator.get("error") else f" since {since}")
+        if coordinator["state"] != "connected":
+            state += " (running from the cached peer map)"
+        print(f"coordinator {coordinator['url']}: {state}; peer map v{coordinator['version']}, "
+              f"{coordinator['members']} members")
+        if coordinator.get("rejected"):
+            print("refused records: " + ", ".join(f"{k}={v}" for k, v in sorted(coordinator["rejected"].items())))
+    if node.get("serving_coordinator"):
+        print(f"serving the coordinator on {node['serving_coordinator']}")
     _print_peers(status["peers"])
     drops = status.get("drops") or {}
     if drops and args.verbose:
@@ -213,7 +376,7 @@ def cmd_peers(args: argparse.Namespace, paths: Paths) -> int:
 
 def _print_peers(peers: list[dict[str, Any]]) -> None:
     if not peers:
-        print("no peers configured")
+        print("no peers yet")
         return
     rows = []
     for p in peers:
@@ -304,7 +467,15 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
         lines.append(f"PresharedKey = {base64.b64encode(psk).decode()}")
     else:
         lines.append("# PresharedKey = (hidden: add --show-secrets; the peer needs it to connect)")
-    lines += [f"Endpoint = {endpoint}:{config.listen_port}", f"AllowedIPs = {config.mesh_ip}/32"]
+    mesh_ip = config.mesh_ip
+    if mesh_ip is None:  # with a coordinator: the address it assigned at join
+        from tunnelmesh.netstate import NetworkState, StateError
+
+        try:
+            mesh_ip = NetworkState.load(paths.network_state).member.ipv4
+        except StateError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+    lines += [f"Endpoint = {endpoint}:{config.listen_port}", f"AllowedIPs = {mesh_ip}/32"]
     print("\n".join(lines))
     return EXIT_OK
 
@@ -336,17 +507,64 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="config file (default /etc/tunnelmesh/tunnelmesh.toml, or <state-dir>/tunnelmesh.toml when --state-dir is given)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("init", help="create this node's config, network secret and (optionally) key")
-    p.add_argument("--static", action="store_true", help="a static mesh: peers are listed in the config")
+    p = sub.add_parser(
+        "init", help="make a new network (this node is its admin and runs the coordinator), or a static node",
+        description="Make a new network: an admin key (kept here, 0600), a network secret, this node as the first "
+                    "member, and a config that runs the embedded coordinator. With --static: a node of a static "
+                    "mesh whose peers are listed in its config.",
+    )
     p.add_argument("--name", help="this node's name (default: host name)")
-    p.add_argument("--mesh-ip", required=True, help="this node's IPv4 address inside the mesh, e.g. 100.100.0.1")
     p.add_argument("--listen-port", type=int, default=51820, help="UDP port (default 51820)")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--key", help="SSH private key file to take the identity from (Ed25519 or RSA)")
-    who.add_argument("--agent", nargs="?", const="", metavar="FINGERPRINT", help="use a key held by ssh-agent")
-    who.add_argument("--new-key", action="store_true", help="make a dedicated Ed25519 key in the state directory")
-    p.add_argument("--secret-file", help="use this existing network secret (copy it from the first node)")
+    _identity_options(p)
+    p.add_argument("--cidr", default=DEFAULT_CIDR, help=f"the network's IPv4 range (default {DEFAULT_CIDR})")
+    p.add_argument("--url", help=f"the URL other machines reach the coordinator at, put in invites "
+                                 f"(default http://<this host's address>:{DEFAULT_COORDINATOR_PORT})")
+    p.add_argument("--listen", help="where the embedded coordinator listens (default 0.0.0.0:<port of --url>)")
+    p.add_argument("--external-coordinator", action="store_true",
+                   help="the coordinator at --url is a standalone `tunnelmesh coordinator`: give it the network now "
+                        "instead of embedding one")
+    p.add_argument("--static", action="store_true", help="a static mesh: peers are listed in the config")
+    p.add_argument("--mesh-ip", help="(--static) this node's IPv4 address inside the mesh, e.g. 100.100.0.1")
+    p.add_argument("--secret-file", help="(--static) use this existing network secret (copy it from the first node)")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("join", help="join a network with a token from `tunnelmesh invite` (or ask for approval)",
+                       description="Join a network. With a token: admitted at once. With the coordinator's URL "
+                                   "instead: waits until the admin runs `tunnelmesh approve NAME`.")
+    p.add_argument("token", help="the token `tunnelmesh invite` printed, or the coordinator URL (needs --name)")
+    p.add_argument("--name", help="this node's name (default: the invite's name, else the host name)")
+    p.add_argument("--listen-port", type=int, default=51820, help="UDP port (default 51820)")
+    p.add_argument("--wait", type=_duration, default=600, help="without a token: how long to wait for approval (default 10m)")
+    _identity_options(p)
+    p.set_defaults(func=cmd_join)
+
+    p = sub.add_parser("invite", help="(admin) print a one-line join token")
+    p.add_argument("--expires", type=_duration, default=3600, help="valid for this long: 30m, 1h, 7d (default 1h)")
+    p.add_argument("--reusable", action="store_true", help="any number of machines may join with it until it expires")
+    p.add_argument("--name", help="the joining node must take this name")
+    p.set_defaults(func=cmd_invite)
+
+    p = sub.add_parser("pending", help="(admin) list joins waiting for approval")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_pending)
+
+    p = sub.add_parser("approve", help="(admin) admit a pending join by name")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_approve)
+
+    p = sub.add_parser("revoke", help="(admin) remove a member: every node refuses it within seconds")
+    p.add_argument("peer", help="member name, mesh IP or SSH key fingerprint")
+    p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser("rotate-secret", help="(admin) give every current member a new network secret")
+    p.set_defaults(func=cmd_rotate_secret)
+
+    p = sub.add_parser("coordinator", help="run a standalone coordinator (no admin key, no tunnel)")
+    p.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_COORDINATOR_PORT}", help="IPv4:port to serve on")
+    p.add_argument("--db", required=True, help="its SQLite file (made if missing, mode 0600)")
+    p.add_argument("--admin", metavar="FINGERPRINT", help="accept only the network of this admin key")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("up", help="start the daemon (foreground unless --detach)")
     p.add_argument("--detach", action="store_true", help="run in the background; log to <state-dir>/tunnelmesh.log")
@@ -384,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)
     return parser
+
+
+def _identity_options(p: argparse.ArgumentParser) -> None:
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--key", help="SSH private key file to take the identity from (Ed25519 or RSA)")
+    who.add_argument("--agent", nargs="?", const="", metavar="FINGERPRINT", help="use a key held by ssh-agent")
+    who.add_argument("--new-key", action="store_true", help="make a dedicated Ed25519 key in the state directory")
 
 
 def main(argv: list[str] | None = None) -> int:

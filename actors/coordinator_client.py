@@ -1,0 +1,186 @@
+"""The coordinator client actor: registration, the peer map stream, the cached map.
+
+It owns the node's `PeerMap` (verified records, revocations kept for good) and
+tells the mesh actor what changed. It long-polls `GET /v1/map` with the last
+version it has, so a change reaches it within a round trip and a reconnect
+fetches only what it missed. Every verified change is written to the on-disk
+cache before it is acted on. When the coordinator cannot be reached, nothing
+else changes: the sessions keep running on what is known, and the client
+retries with backoff (1 s doubling to 30 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
+from tunnelmesh.identity import NodeIdentity
+from tunnelmesh.membership import MemberEntry, MembershipError, PeerMap, Revocation
+from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, write_secret
+from tunnelmesh.wireguard import derive_psk
+
+from .control import EventBus
+from .mesh import AddPeers, Mesh, PeerSpec, RemovePeer, SetEndpoint, SetPsk
+from .runtime import Actor
+
+log = logging.getLogger("tunnelmesh.coordinator")
+
+REGISTER_INTERVAL = 15.0
+LONG_POLL = 25.0
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
+PERSISTENT_KEEPALIVE = 25  # keeps NAT mappings open between members
+
+
+def peer_spec(member: MemberEntry, peer_map: PeerMap) -> PeerSpec:
+    endpoints = peer_map.endpoints.get(member.wg_key)
+    return PeerSpec(
+        name=member.name, mesh_ip=member.ipv4, fingerprint=member.identity.fingerprint, wg_key=member.wg_key,
+        allowed_ips=(ipaddress.IPv4Network(f"{member.ipv4}/32"), ipaddress.IPv6Network(f"{member.ipv6}/128")),
+        endpoint=endpoints.addresses[0] if endpoints and endpoints.addresses else None,
+        persistent_keepalive=PERSISTENT_KEEPALIVE,
+    )
+
+
+class CoordinatorClient(Actor):
+    name = "coordinator-client"
+    policy = "restart"
+
+    def __init__(
+        self, state: NetworkState, identity: NodeIdentity, peer_map: PeerMap, mesh: Mesh, bus: EventBus,
+        *, cache_path: Path, secret_path: Path, listen_port: int, on_revoked: Callable[[str], None],
+    ) -> None:
+        super().__init__()
+        self.state = state
+        self.identity = identity
+        self.peer_map = peer_map
+        self.mesh = mesh
+        self.bus = bus
+        self.cache_path = cache_path
+        self.secret_path = secret_path
+        self.listen_port = listen_port
+        self.on_revoked = on_revoked
+        self.connection = "connecting"
+        self.since = time.time()
+        self.error: str | None = None
+        self.observed: str | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "url": self.state.url, "network": self.state.network.network, "state": self.connection,
+            "since": self.since, "error": self.error, "version": self.peer_map.version,
+            "observed": self.observed, "members": len(self.peer_map.members) + 1,
+            "revocations": len(self.peer_map.revocations), "rejected": dict(self.peer_map.rejected),
+        }
+
+    def _set_connection(self, state: str, error: str | None = None) -> None:
+        if state != self.connection or error != self.error:
+            if state == "connected":
+                log.info("coordinator %s: connected (peer map version %d)", self.state.url, self.peer_map.version)
+            else:
+                log.warning("coordinator %s: %s%s", self.state.url, state, f": {error}" if error else "")
+            self.bus.publish({"event": "coordinator", "state": state, "error": error})
+            self.connection, self.error, self.since = state, error, time.time()
+
+    async def run(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                async with Coordinator(self.state.url, identity=self.identity) as coordinator:
+                    await self._register(coordinator)
+                    self._set_connection("connected")
+                    backoff = BACKOFF_MIN
+                    last_register = time.monotonic()
+                    while True:
+                        update = await coordinator.map(self.peer_map.version, LONG_POLL)
+                        self._set_connection("connected")
+                        if update.get("version", 0) < self.peer_map.version:
+                            # The coordinator's counter went back (restored database): resync fully.
+                            update = await coordinator.map(0, 0)
+                        self.apply(update)
+                        if time.monotonic() - last_register >= REGISTER_INTERVAL:
+                            await self._register(coordinator)
+                            last_register = time.monotonic()
+            except Revoked as exc:
+                if self._revoked(exc.revocation):
+                    return
+                self._set_connection("unreachable", "it claims this node was revoked, with a revocation that does not verify")
+            except (CoordinatorError, MembershipError) as exc:
+                self._set_connection("unreachable", str(exc))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _register(self, coordinator: Coordinator) -> None:
+        reply = await coordinator.register(self.listen_port, [])
+        self.observed = reply.get("observed") if isinstance(reply, dict) else None
+
+    def apply(self, update: Any) -> None:
+        """Verify an update, cache it, and tell the mesh what changed."""
+        changes = self.peer_map.apply(update)
+        for reason in changes.rejected:
+            log.warning("peer map: %s", reason)
+        if changes.revoked_self is not None:
+            self._revoked(changes.revoked_self.to_wire())
+            return
+        if changes.new_secret is not None:
+            self._install_secret()
+        try:
+            save_peer_map(self.cache_path, self.peer_map)
+        except StateError as exc:
+            log.error("%s", exc)  # the map in memory is still right; the next change retries
+        for member, reason in changes.removed:
+            self.mesh.tell(RemovePeer(member.wg_key, reason))
+        if changes.added:
+            self.mesh.tell(AddPeers(tuple(peer_spec(m, self.peer_map) for m in changes.added)))
+        added = {m.wg_key for m in changes.added}
+        for key, endpoints in changes.endpoints.items():
+            if key not in added and endpoints.addresses:
+                self.mesh.tell(SetEndpoint(key, endpoints.addresses[0]))
+
+    def _install_secret(self) -> None:
+        record = self.peer_map.secret
+        assert record is not None
+        try:
+            secret = record.open_for(self.state.member.wg_key, self.identity.static_private)
+        except MembershipError as exc:
+            log.error("network secret epoch %d: %s", record.epoch, exc)
+            return
+        if secret is None:
+            log.warning("network secret epoch %d was not sealed for this node", record.epoch)
+            return
+        try:
+            write_secret(self.secret_path, secret)
+        except StateError as exc:
+            log.error("%s", exc)
+        self.mesh.tell(SetPsk(derive_psk(secret)))
+        log.info("network secret rotated to epoch %d", record.epoch)
+        self.bus.publish({"event": "secret_rotated", "epoch": record.epoch})
+
+    def _revoked(self, wire: Any) -> bool:
+        """Stop for good if the revocation verifies and names this node; else ignore it."""
+        try:
+            revocation = Revocation.from_wire(wire, self.state.network)
+        except MembershipError as exc:
+            log.warning("coordinator sent a revocation that does not verify: %s", exc)
+            return False
+        if not revocation.covers(self.state.member):
+            return False
+        self.peer_map.revocations[revocation.wg_key] = revocation
+        try:
+            save_peer_map(self.cache_path, self.peer_map)
+        except StateError as exc:
+            log.error("%s", exc)
+        try:
+            self.secret_path.unlink()
+        except OSError:
+            pass
+        message = f"this node ({revocation.name}) was revoked by the network admin; stopping"
+        log.error("%s", message)
+        self.bus.publish({"event": "revoked", "peer": revocation.name})
+        self.on_revoked(message)
+        return True

@@ -1,0 +1,153 @@
+"""The mesh actor: owns the set of peer sessions.
+
+Peers come from the static config at start, or from the coordinator client as
+the verified peer map changes. Adding a peer registers it with the protocol
+core and starts its session actor; removing one (revoked, no longer listed)
+drops it from the core -- its handshakes are then refused as from an unknown
+key -- and stops its session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tunnelmesh.wireguard import Device
+
+from .runtime import Actor
+from .session import PeerSession, Start
+
+if TYPE_CHECKING:
+    from .control import EventBus
+    from .datapath import DataPath
+    from .runtime import Supervisor
+
+log = logging.getLogger("tunnelmesh.mesh")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    name: str
+    mesh_ip: ipaddress.IPv4Address
+    fingerprint: str | None
+    wg_key: bytes
+    allowed_ips: tuple[IPNetwork, ...]
+    endpoint: tuple[str, int] | None
+    persistent_keepalive: int
+
+
+@dataclass(frozen=True)
+class AddPeers:
+    specs: tuple[PeerSpec, ...]
+
+
+@dataclass(frozen=True)
+class RemovePeer:
+    wg_key: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetEndpoint:
+    """The coordinator's word on where a peer is: used only while the session is not up,
+    so it never overrides an endpoint learnt from authenticated packets."""
+
+    wg_key: bytes
+    endpoint: tuple[str, int]
+
+
+@dataclass(frozen=True)
+class SetPsk:
+    psk: bytes
+
+
+@dataclass(frozen=True)
+class ListPeers:
+    pass
+
+
+@dataclass(frozen=True)
+class FindSession:
+    key: str  # name or mesh IP
+
+
+class Mesh(Actor):
+    name = "mesh"
+    policy = "fatal"
+
+    def __init__(
+        self, device: Device, datapath: DataPath, supervisor: Supervisor, bus: EventBus,
+        own_mesh_ip: ipaddress.IPv4Address, psk: bytes,
+    ) -> None:
+        super().__init__()
+        self.device = device
+        self.datapath = datapath
+        self.supervisor = supervisor
+        self.bus = bus
+        self.own_mesh_ip = own_mesh_ip
+        self.psk = psk
+        self.sessions: dict[bytes, PeerSession] = {}
+
+    def add(self, spec: PeerSpec) -> PeerSession:
+        """Register a peer with the core and supervise its session (also before the daemon runs)."""
+        session = PeerSession(spec.name, spec.mesh_ip, self.own_mesh_ip, spec.fingerprint, self.datapath, self.bus)
+        session.peer = self.device.add_peer(
+            spec.wg_key, preshared_key=self.psk, allowed_ips=spec.allowed_ips, endpoint=spec.endpoint,
+            persistent_keepalive=spec.persistent_keepalive, tag=session,
+        )
+        self.sessions[spec.wg_key] = session
+        self.supervisor.add(session)
+        return session
+
+    async def _remove(self, wg_key: bytes, reason: str) -> None:
+        session = self.sessions.pop(wg_key, None)
+        if session is None:
+            return
+        assert session.peer is not None
+        self.device.remove_peer(session.peer)
+        await self.supervisor.remove(session)
+        log.info("%s: removed (%s)", session.peer_name, reason)
+        self.bus.publish({"event": "peer_removed", "peer": session.peer_name, "reason": reason})
+
+    async def handle(self, message: Any) -> Any:
+        if isinstance(message, AddPeers):
+            for spec in message.specs:
+                if spec.wg_key in self.sessions:
+                    await self._remove(spec.wg_key, "replaced by a newer entry")
+                self.add(spec).tell(Start())
+                log.info("%s: added (%s)", spec.name, spec.mesh_ip)
+                self.bus.publish({"event": "peer_added", "peer": spec.name, "mesh_ip": str(spec.mesh_ip)})
+            return None
+        if isinstance(message, RemovePeer):
+            await self._remove(message.wg_key, message.reason)
+            return None
+        if isinstance(message, SetEndpoint):
+            session = self.sessions.get(message.wg_key)
+            if session is not None and session.peer is not None and not session.is_up(time.monotonic()):
+                if session.peer.endpoint != message.endpoint:
+                    session.peer.endpoint = message.endpoint
+                    session.tell(Start())
+            return None
+        if isinstance(message, SetPsk):
+            self.psk = message.psk
+            for session in self.sessions.values():
+                assert session.peer is not None
+                session.peer.preshared_key = message.psk  # used from the next handshake on
+            return None
+        if isinstance(message, ListPeers):
+            return list(self.sessions.values())
+        if isinstance(message, FindSession):
+            return self._find(message.key)
+        raise ValueError(f"unknown message {type(message).__name__}")
+
+    def _find(self, key: str) -> PeerSession:
+        for session in self.sessions.values():
+            if session.peer_name == key or str(session.mesh_ip) == key:
+                return session
+        known = ", ".join(sorted(s.peer_name for s in self.sessions.values())) or "none"
+        raise ValueError(f"no peer named {key!r} (peers: {known})")

@@ -1,0 +1,336 @@
+"""Making, joining and administering a network: what `init`, `join`, `invite`,
+`pending`, `approve`, `revoke` and `rotate-secret` do, apart from argument parsing.
+
+Admin operations need the admin key (``<state>/admin.key``, made by `init`) and
+talk to the coordinator with admin-signed requests; `invite` does not need the
+coordinator at all (the token carries everything, see docs/coordinator.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunnelmesh.config import NETWORK_SECRET_BYTES, starter_config
+from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
+from tunnelmesh.identity import IdentityError, NodeIdentity, PublicIdentity, load_identity
+from tunnelmesh.membership import (
+    JOIN_NAMESPACE,
+    AdminKey,
+    InviteGrant,
+    MemberEntry,
+    MembershipError,
+    NetworkInfo,
+    PeerMap,
+    Revocation,
+    SecretRecord,
+    Token,
+    check_name,
+    join_proof_message,
+    make_invite,
+    member_body,
+    sign_member_as_admin,
+    sign_member_with_invite,
+    unb64,
+    unseal,
+)
+from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, write_secret
+from tunnelmesh.paths import Paths
+
+#: How long `join` without a token waits for the admin's approval by default.
+APPROVAL_WAIT = 600.0
+APPROVAL_POLL = 2.0
+
+
+class NetworkError(Exception):
+    """An operation that cannot be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Joined:
+    state: NetworkState
+    seconds: float
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+async def _load(identity_spec: str, passphrase_file: Path | None = None) -> NodeIdentity:
+    try:
+        return await load_identity(identity_spec, passphrase_file=passphrase_file)
+    except IdentityError as exc:
+        raise NetworkError(str(exc)) from None
+
+
+def _write_config(paths: Paths, text: str) -> None:
+    paths.config.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _refuse_existing(paths: Paths) -> None:
+    for path, what in ((paths.network_state, "this node is already in a network"),
+                       (paths.config, f"{paths.config} already exists")):
+        if path.exists():
+            raise NetworkError(f"{what}; to start over, stop the daemon and remove {paths.state_dir} "
+                               f"(and {paths.config}), or use another --state-dir")
+
+
+# --- init ------------------------------------------------------------------------------------
+
+
+async def create_network(
+    paths: Paths, *, name: str, identity_spec: str, listen_port: int, cidr: str, url: str, serve: str | None,
+) -> NetworkState:
+    """A new network with this node as its admin and first member. With `serve`, the
+    coordinator is embedded (it takes the network at the first `up`); without, the
+    coordinator at `url` must be running and is given the network now."""
+    _refuse_existing(paths)
+    check_name(name, "node name")
+    if paths.admin_key.exists():
+        raise NetworkError(f"{paths.admin_key} already exists; remove it to make a new network")
+    identity = await _load(identity_spec)
+    try:
+        starter_config(name=name, identity=identity_spec, listen_port=listen_port, coordinator_url=url, serve=serve)
+    except ValueError as exc:
+        raise NetworkError(str(exc)) from None
+    admin = AdminKey.generate()
+    network = NetworkInfo.create(admin, cidr, _now())
+    ipv4, ipv6 = network.host(1)
+    member = MemberEntry.from_wire(
+        sign_member_as_admin(member_body(network.network, name, identity.public, ipv4, ipv6, _now()), admin), network)
+    state = NetworkState(url, network, member)
+    secret = os.urandom(NETWORK_SECRET_BYTES)
+    if serve is None:
+        try:
+            async with Coordinator(url, admin=admin) as coordinator:
+                await coordinator.setup(network.to_wire(), secret, member.to_wire())
+        except CoordinatorError as exc:
+            raise NetworkError(f"the coordinator at {url} did not take the network: {exc}") from None
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    admin.save(paths.admin_key)
+    write_secret(paths.network_secret, secret)
+    state.save(paths.network_state)
+    save_peer_map(paths.peer_map_cache, PeerMap(network, member.wg_key))
+    _write_config(paths, starter_config(name=name, identity=identity_spec, listen_port=listen_port,
+                                        coordinator_url=url, serve=serve))
+    return state
+
+
+# --- join ------------------------------------------------------------------------------------
+
+
+async def join(
+    paths: Paths, *, token_or_url: str, name: str | None, identity_spec: str, listen_port: int,
+    wait: float = APPROVAL_WAIT, on_pending: Any = None,
+) -> Joined:
+    """Join with a token, or (given a coordinator URL) by asking the admin's approval."""
+    started = time.monotonic()
+    _refuse_existing(paths)
+    if name is not None:
+        check_name(name, "node name")
+    identity = await _load(identity_spec)
+    token: Token | None = None
+    if token_or_url.startswith(("http://", "https://")):
+        url, pinned = token_or_url.rstrip("/"), None
+        if name is None:
+            raise NetworkError("joining without a token needs --name (the admin approves it by name)")
+    else:
+        token = Token.parse(token_or_url)
+        url, pinned = token.url, token.network
+    async with Coordinator(url) as coordinator:
+        try:
+            network = NetworkInfo.from_wire(await coordinator.network(), pinned)
+        except MembershipError as exc:
+            raise NetworkError(str(exc)) from None
+        if token is not None:
+            result = await _join_with_token(coordinator, network, token, identity, name)
+        else:
+            assert name is not None
+            result = await _join_by_approval(coordinator, identity, name, wait, on_pending)
+    state = _accept(paths, url, network, identity, result)
+    try:
+        starter = starter_config(name=state.member.name, identity=identity_spec, listen_port=listen_port,
+                                 coordinator_url=url)
+    except ValueError as exc:
+        raise NetworkError(str(exc)) from None
+    _write_config(paths, starter)
+    return Joined(state, time.monotonic() - started)
+
+
+async def _join_with_token(coordinator: Coordinator, network: NetworkInfo, token: Token, identity: NodeIdentity,
+                           name: str | None) -> dict[str, Any]:
+    try:
+        grant = InviteGrant.from_wire(token.grant, network.admin_key)
+    except MembershipError as exc:
+        raise NetworkError(str(exc)) from None
+    if grant.expires < _now():
+        raise NetworkError(f"the invite expired at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(grant.expires))}; "
+                           "ask the admin for a new one (`tunnelmesh invite`)")
+    if grant.name is not None and name is not None and name != grant.name:
+        raise NetworkError(f"this invite is for the name {grant.name!r}; drop --name or use {grant.name!r}")
+    body = await coordinator.propose(identity.public.to_line(), name or grant.name, token.grant)
+    try:
+        entry = sign_member_with_invite(body, token)
+        member = MemberEntry.from_wire(entry, network)
+    except MembershipError as exc:
+        raise NetworkError(f"the coordinator proposed an entry this node cannot accept: {exc}") from None
+    if member.wg_key != identity.public.wg_public_key:
+        raise NetworkError("the coordinator proposed an entry for another key")
+    proof = await identity.sign(join_proof_message(body), JOIN_NAMESPACE)
+    return await coordinator.confirm(entry, proof)
+
+
+async def _join_by_approval(coordinator: Coordinator, identity: NodeIdentity, name: str, wait: float,
+                            on_pending: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        now = _now()
+        request = {"identity": identity.public.to_line(), "name": name, "t": now}
+        proof = await identity.sign(join_proof_message({"request": request}), JOIN_NAMESPACE)
+        result = await coordinator.join_request(identity.public.to_line(), name, now, proof)
+        if not result.get("pending"):
+            return result
+        if not announced and on_pending is not None:
+            on_pending(result)
+            announced = True
+        if time.monotonic() >= deadline:
+            raise NetworkError(f"not approved within {wait:.0f} s; the request stays pending: run `tunnelmesh join` "
+                               f"again after the admin ran `tunnelmesh approve {name}`")
+        await asyncio.sleep(APPROVAL_POLL)
+
+
+def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity, result: Any) -> NetworkState:
+    """Check the join result and write the node's state (secret last: it completes the join)."""
+    try:
+        if not isinstance(result, dict):
+            raise MembershipError("join result is not an object")
+        if NetworkInfo.from_wire(result.get("network"), network.network) != network:
+            raise MembershipError("the network record changed during the join")
+        member = MemberEntry.from_wire(result.get("member"), network)
+        if member.wg_key != identity.public.wg_public_key:
+            raise MembershipError("the member entry is for another key")
+        sealed = result.get("secret")
+        if not isinstance(sealed, dict):
+            raise MembershipError("no network secret in the join result")
+        secret = unseal(identity.static_private, unb64(sealed.get("sealed"), "sealed secret"))
+        if len(secret) != NETWORK_SECRET_BYTES:
+            raise MembershipError("the network secret is not 32 bytes")
+        peer_map = PeerMap(network, member.wg_key)
+        peer_map.apply(result.get("map"))
+    except MembershipError as exc:
+        raise NetworkError(f"the coordinator's answer does not verify: {exc}") from None
+    if peer_map.revoked(member) is not None:
+        raise NetworkError("the map says this key is revoked; ask the admin for a new invite")
+    state = NetworkState(url, network, member)
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state.save(paths.network_state)
+    save_peer_map(paths.peer_map_cache, peer_map)
+    write_secret(paths.network_secret, secret)
+    return state
+
+
+# --- admin -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admin:
+    state: NetworkState
+    key: AdminKey
+
+    @classmethod
+    def load(cls, paths: Paths) -> Admin:
+        try:
+            state = NetworkState.load(paths.network_state)
+        except StateError as exc:
+            raise NetworkError(str(exc)) from None
+        if not paths.admin_key.exists():
+            raise NetworkError(f"no admin key at {paths.admin_key}: run this on the machine that ran `tunnelmesh init` "
+                               "(or give its --state-dir)")
+        try:
+            key = AdminKey.load(paths.admin_key)
+        except MembershipError as exc:
+            raise NetworkError(str(exc)) from None
+        if key.fingerprint != state.network.network:
+            raise NetworkError(f"{paths.admin_key} is not the admin key of network {state.network.network}")
+        return cls(state, key)
+
+    def coordinator(self) -> Coordinator:
+        return Coordinator(self.state.url, admin=self.key)
+
+    async def members(self, coordinator: Coordinator) -> tuple[PeerMap, list[MemberEntry]]:
+        """Every verified member, this node included."""
+        peer_map = PeerMap(self.state.network, self.state.member.wg_key)
+        peer_map.apply(await coordinator.admin_map())
+        return peer_map, [self.state.member, *peer_map.members.values()]
+
+
+def make_token(paths: Paths, *, expires_in: int, reusable: bool, name: str | None) -> str:
+    admin = Admin.load(paths)
+    now = _now()
+    try:
+        token = make_invite(admin.key, admin.state.url, name=name, expires=now + expires_in,
+                            uses=0 if reusable else 1, now=now)
+    except MembershipError as exc:
+        raise NetworkError(str(exc)) from None
+    return token.encode()
+
+
+async def pending(paths: Paths) -> list[dict[str, Any]]:
+    admin = Admin.load(paths)
+    async with admin.coordinator() as coordinator:
+        return await coordinator.pending()
+
+
+async def approve(paths: Paths, name: str) -> MemberEntry:
+    admin = Admin.load(paths)
+    async with admin.coordinator() as coordinator:
+        waiting = await coordinator.pending()
+        match = next((p for p in waiting if p.get("name") == name), None)
+        if match is None:
+            names = ", ".join(sorted(str(p.get("name")) for p in waiting)) or "none"
+            raise NetworkError(f"no pending join named {name!r} (pending: {names})")
+        try:
+            identity = PublicIdentity.from_line(str(match.get("identity")))
+            body = member_body(admin.state.network.network, name, identity, ipaddress.IPv4Address(str(match["ipv4"])),
+                               ipaddress.IPv6Address(str(match["ipv6"])), _now())
+            member = MemberEntry.from_wire(sign_member_as_admin(body, admin.key), admin.state.network)
+        except (IdentityError, MembershipError, ValueError, KeyError) as exc:
+            raise NetworkError(f"pending join {name!r} cannot be approved: {exc}") from None
+        await coordinator.approve(member.to_wire())
+        return member
+
+
+async def revoke(paths: Paths, peer: str) -> Revocation:
+    admin = Admin.load(paths)
+    async with admin.coordinator() as coordinator:
+        _, members = await admin.members(coordinator)
+        match = next((m for m in members if peer in (m.name, str(m.ipv4), m.identity.fingerprint)), None)
+        if match is None:
+            names = ", ".join(sorted(m.name for m in members))
+            raise NetworkError(f"no member {peer!r} (members: {names})")
+        if match.wg_key == admin.state.member.wg_key:
+            raise NetworkError("refusing to revoke the admin's own node")
+        revocation = Revocation.create(admin.key, match, _now())
+        await coordinator.revoke(revocation.to_wire())
+        return revocation
+
+
+async def rotate_secret(paths: Paths) -> tuple[int, int]:
+    """A new network secret for every current member. Returns (epoch, members)."""
+    admin = Admin.load(paths)
+    async with admin.coordinator() as coordinator:
+        peer_map, members = await admin.members(coordinator)
+        epoch = (peer_map.secret.epoch if peer_map.secret is not None else 0) + 1
+        secret = os.urandom(NETWORK_SECRET_BYTES)
+        record = SecretRecord.create(admin.key, epoch, secret, members, _now())
+        await coordinator.rotate_secret(record.to_wire(), secret)
+    return epoch, len(members)
