@@ -99,7 +99,8 @@ class CoordinatorClient(Actor):
                     while True:
                         update = await coordinator.map(self.peer_map.version, LONG_POLL)
                         self._set_connection("connected")
-                        if update.get("version", 0) < self.peer_map.version:
+                        version = update.get("version") if isinstance(update, dict) else None
+                        if isinstance(version, int) and version < self.peer_map.version:
                             # The coordinator's counter went back (restored database): resync fully.
                             update = await coordinator.map(0, 0)
                         self.apply(update)
@@ -124,8 +125,7 @@ class CoordinatorClient(Actor):
         changes = self.peer_map.apply(update)
         for reason in changes.rejected:
             log.warning("peer map: %s", reason)
-        if changes.revoked_self is not None:
-            self._revoked(changes.revoked_self.to_wire())
+        if changes.revoked_self is not None and self._revoked(changes.revoked_self.to_wire()):
             return
         if changes.new_secret is not None:
             self._install_secret()

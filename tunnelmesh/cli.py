@@ -133,11 +133,13 @@ def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
     identity = _choose_identity(args, paths)
 
     def waiting(pending: dict[str, Any]) -> None:
-        print(f"waiting for the admin to run `tunnelmesh approve {pending.get('name')}` "
+        print(f"waiting for the admin to run `tunnelmesh approve {pending.get('name')} --fingerprint "
+              f"{pending.get('fingerprint')}` "
               f"(address {pending.get('ipv4')} reserved)", flush=True)
 
     joined = _run(join(paths, token_or_url=args.token, name=args.name, identity_spec=identity,
-                       listen_port=args.listen_port, wait=args.wait, on_pending=waiting))
+                       listen_port=args.listen_port, wait=args.wait, on_pending=waiting,
+                       network_fingerprint=args.network))
     member = joined.state.member
     print(f"joined network {joined.state.network.network} as {member.name}: {member.ipv4} {member.ipv6} "
           f"in {joined.seconds:.2f} s")
@@ -172,7 +174,7 @@ def cmd_pending(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_approve(args: argparse.Namespace, paths: Paths) -> int:
     from tunnelmesh.network import approve
 
-    member = _run(approve(paths, args.name))
+    member = _run(approve(paths, args.name, args.fingerprint))
     print(f"approved {member.name} ({member.identity.fingerprint}) as {member.ipv4}")
     return EXIT_OK
 
@@ -352,8 +354,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         state = coordinator["state"] + (f" since {since}: {coordinator['error']}" if coordinator.get("error") else f" since {since}")
         if coordinator["state"] != "connected":
             state += " (running from the cached peer map)"
-        print(f"coordinator {coordinator['url']}: {state}; peer map v{coordinator['version']}, "
-              f"{coordinator['members']} members")
+        print(f"network {coordinator['network']}, coordinator {coordinator['url']}: {state}; "
+              f"peer map v{coordinator['version']}, {coordinator['members']} members")
         if coordinator.get("rejected"):
             print("refused records: " + ", ".join(f"{k}={v}" for k, v in sorted(coordinator["rejected"].items())))
     if node.get("serving_coordinator"):
@@ -535,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="this node's name (default: the invite's name, else the host name)")
     p.add_argument("--listen-port", type=int, default=51820, help="UDP port (default 51820)")
     p.add_argument("--wait", type=_duration, default=600, help="without a token: how long to wait for approval (default 10m)")
+    p.add_argument("--network", metavar="SHA256:...",
+                   help="without a token: the network's fingerprint (the admin's `tunnelmesh status` shows it)")
     _identity_options(p)
     p.set_defaults(func=cmd_join)
 
@@ -548,8 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_pending)
 
-    p = sub.add_parser("approve", help="(admin) admit a pending join by name")
+    p = sub.add_parser("approve", help="(admin) admit a pending join by name and key fingerprint")
     p.add_argument("name")
+    p.add_argument("--fingerprint", required=True, metavar="SHA256:...",
+                   help="the joiner's SSH key fingerprint, as its `tunnelmesh join` printed it (checked)")
     p.set_defaults(func=cmd_approve)
 
     p = sub.add_parser("revoke", help="(admin) remove a member: every node refuses it within seconds")

@@ -111,7 +111,9 @@ def _keys(obj: Mapping[str, Any], required: set[str], what: str, optional: set[s
     if missing:
         raise MembershipError(f"{what}: missing {', '.join(sorted(missing))}")
     if extra:
-        raise MembershipError(f"{what}: unexpected {', '.join(sorted(map(str, extra)))}")
+        # Bounded and quoted: these names come from whoever sent the record.
+        shown = ", ".join(sorted(repr(str(k))[:40] for k in extra)[:5])
+        raise MembershipError(f"{what}: unexpected {shown}{', ...' if len(extra) > 5 else ''}")
 
 
 def _int(value: Any, what: str, lo: int = 0, hi: int = 2**53) -> int:
@@ -337,6 +339,8 @@ class InviteGrant:
         grant = cls(network, unb64(body["invite_key"], "invite key", 32), name,
                     _int(body["expires"], "expires"), _int(body["uses"], "uses", 0, 1_000_000),
                     _int(body["created"], "created"), wire["sig"])
+        if grant.expires < grant.created:
+            raise MembershipError("the invite expires before it was made")
         try:
             _verify(admin_key, "invite", body, wire["sig"], "invite")
         except MembershipError:
@@ -728,6 +732,7 @@ class PeerMap:
         self.endpoints: dict[bytes, Endpoints] = {}
         self.revocations: dict[bytes, Revocation] = {}
         self.secret: SecretRecord | None = None
+        self.own: MemberEntry | None = None  # this node's entry, when a map lists it
         self.version = 0
         self.rejected: Counter[str] = Counter()
 
@@ -780,17 +785,21 @@ class PeerMap:
         if changes.revoked_self is not None and any(
                 m.wg_key == self.own_wg_key and self.revoked(m) is None for m in parsed):
             changes.revoked_self = None  # re-admitted by an invite or approval made after it
-        for member in parsed:
+        for member in sorted(parsed, key=lambda m: m.joined):  # earliest first: it keeps an invite's use
             revocation = self.revoked(member)
             if revocation is not None:
                 self._reject(changes, f"member {member.name} refused: its key was revoked at {revocation.at}")
                 continue
             if member.wg_key == self.own_wg_key:
+                self.own = member
                 continue
             clash = next((m for m in self.members.values() if m.wg_key != member.wg_key
                           and (m.ipv4 == member.ipv4 or m.name == member.name)), None)
             if clash is not None:
                 self._reject(changes, f"member {member.name} refused: name or address already used by {clash.name}")
+                continue
+            if self._invite_used_up(member):
+                self._reject(changes, f"member {member.name} refused: its invite was already used up")
                 continue
             known = self.members.get(member.wg_key)
             if known is not None and known == member:
@@ -820,6 +829,17 @@ class PeerMap:
                     changes.new_secret = record
         self.version = max(self.version, version) if not full else version
         return changes
+
+    def _invite_used_up(self, member: MemberEntry) -> bool:
+        """The node's own check of an invite's use count: a coordinator (or a leaked token
+        plus write access to its database) cannot stretch a one-time invite."""
+        grant = member.grant
+        if grant is None or grant.uses == 0:
+            return False
+        holders = [*self.members.values(), *([self.own] if self.own is not None else [])]
+        used = sum(1 for m in holders if m.wg_key != member.wg_key and m.grant is not None
+                   and m.grant.invite_key == grant.invite_key)
+        return used >= grant.uses
 
     def _reject(self, changes: MapChanges, reason: str) -> None:
         self.rejected[reason.split(":")[0]] += 1

@@ -5,9 +5,13 @@ Files (all in the state directory, see `tunnelmesh.paths`):
 - ``network.json``: the coordinator URL, the network record (its admin key is
   what this node pinned at join) and this node's own member entry. Written
   once by `join`/`init`; re-verified on every load.
-- ``peermap.json``: the last verified peer map, including every revocation
-  seen. Rewritten atomically (temp file, fsync, rename) after each change, so
-  a crash or a full disk leaves the previous version, never half a file.
+- ``peermap.json``: the last verified peer map. Rewritten atomically (temp
+  file, fsync, rename) after each change, so a crash or a full disk leaves the
+  previous version, never half a file. A damaged cache is ignored (the node
+  resyncs from the coordinator).
+- ``revocations.json`` (beside the cache): every revocation this node has seen,
+  kept for good. Only ever merged into, never dropped with the cache: it is
+  what stops a stale or replayed peer map from bringing a revoked key back.
 - ``network.secret``: replaced atomically when the admin rotates it.
 """
 
@@ -16,11 +20,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunnelmesh.membership import MemberEntry, MembershipError, NetworkInfo, PeerMap
+from tunnelmesh.membership import MapChanges, MemberEntry, MembershipError, NetworkInfo, PeerMap, Revocation
 
 MAX_STATE_BYTES = 16 << 20
 
@@ -101,19 +106,55 @@ class NetworkState:
         return cls(data["url"], network, member)
 
 
+REVOCATIONS_FILE = "revocations.json"
+
+
+def _revocations_path(cache: Path) -> Path:
+    return cache.with_name(REVOCATIONS_FILE)
+
+
+def _read_revocation_wires(path: Path) -> list[Any]:
+    try:
+        data = _read_json(path, "revocations")
+    except FileNotFoundError:
+        return []
+    if not isinstance(data, list):
+        raise StateError(f"revocations {path} is damaged (not a list); restore it from a backup")
+    return data
+
+
 def load_peer_map(path: Path, state: NetworkState) -> tuple[PeerMap, list[str]]:
-    """The cached peer map (re-verified record by record), and what was refused in it."""
+    """The kept revocations and the cached peer map (re-verified record by record),
+    and what was refused in them. A damaged revocations file is an error, not ignored."""
     peer_map = PeerMap(state.network, state.member.wg_key)
+    changes = MapChanges()
+    peer_map.add_revocations(_read_revocation_wires(_revocations_path(path)), changes)
+    rejected = changes.rejected
     try:
         cached = _read_json(path, "peer map cache")
     except FileNotFoundError:
-        return peer_map, []
+        return peer_map, rejected
+    except StateError as exc:
+        return peer_map, [*rejected, f"{exc}; ignored"]
     try:
-        changes = peer_map.apply(cached)
+        rejected += peer_map.apply(cached).rejected
     except MembershipError as exc:
-        return peer_map, [f"peer map cache {path} ignored: {exc}"]
-    return peer_map, changes.rejected
+        rejected.append(f"peer map cache {path} ignored: {exc}")
+    return peer_map, rejected
 
 
 def save_peer_map(path: Path, peer_map: PeerMap) -> None:
+    """Write the cache, and merge its revocations into the kept ones (written first)."""
+    save_revocations(_revocations_path(path), peer_map.revocations.values())
     write_atomic(path, json.dumps(peer_map.to_cache()).encode() + b"\n")
+
+
+def save_revocations(path: Path, revocations: Iterable[Revocation]) -> None:
+    """Merge into the kept revocations: what the file already holds stays."""
+    kept = {json.dumps(wire, sort_keys=True): wire for wire in _read_revocation_wires(path)}
+    before = len(kept)
+    for revocation in revocations:
+        wire = revocation.to_wire()
+        kept.setdefault(json.dumps(wire, sort_keys=True), wire)
+    if len(kept) != before or not path.exists():
+        write_atomic(path, json.dumps(list(kept.values()), indent=1).encode() + b"\n")

@@ -39,7 +39,7 @@ from tunnelmesh.membership import (
     unb64,
     unseal,
 )
-from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, write_secret
+from tunnelmesh.netstate import NetworkState, StateError, load_peer_map, save_peer_map, save_revocations, write_secret
 from tunnelmesh.paths import Paths
 
 #: How long `join` without a token waits for the admin's approval by default.
@@ -81,6 +81,25 @@ def _refuse_existing(paths: Paths) -> None:
         if path.exists():
             raise NetworkError(f"{what}; to start over, stop the daemon and remove {paths.state_dir} "
                                f"(and {paths.config}), or use another --state-dir")
+
+
+def _forget_revoked_membership(paths: Paths) -> None:
+    """A node that was revoked may join again (with a new invite): its old network
+    state and config go, its key and the revocations it keeps stay."""
+    if not paths.network_state.exists():
+        return
+    try:
+        state = NetworkState.load(paths.network_state)
+        peer_map, _ = load_peer_map(paths.peer_map_cache, state)
+    except StateError:
+        return  # not ours to judge: _refuse_existing explains what to do
+    if peer_map.revoked(state.member) is None:
+        return
+    for path in (paths.network_state, paths.peer_map_cache, paths.config):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 # --- init ------------------------------------------------------------------------------------
@@ -129,19 +148,21 @@ async def create_network(
 
 async def join(
     paths: Paths, *, token_or_url: str, name: str | None, identity_spec: str, listen_port: int,
-    wait: float = APPROVAL_WAIT, on_pending: Any = None,
+    wait: float = APPROVAL_WAIT, on_pending: Any = None, network_fingerprint: str | None = None,
 ) -> Joined:
     """Join with a token, or (given a coordinator URL) by asking the admin's approval."""
     started = time.monotonic()
+    _forget_revoked_membership(paths)
     _refuse_existing(paths)
     if name is not None:
         check_name(name, "node name")
     identity = await _load(identity_spec)
     token: Token | None = None
     if token_or_url.startswith(("http://", "https://")):
-        url, pinned = token_or_url.rstrip("/"), None
-        if name is None:
-            raise NetworkError("joining without a token needs --name (the admin approves it by name)")
+        url, pinned = token_or_url.rstrip("/"), network_fingerprint
+        if name is None or pinned is None:
+            raise NetworkError("joining without a token needs --name (the admin approves it by name) and --network "
+                               "SHA256:... (the network's fingerprint, from the admin's `tunnelmesh status`)")
     else:
         token = Token.parse(token_or_url)
         url, pinned = token.url, token.network
@@ -200,7 +221,7 @@ async def _join_by_approval(coordinator: Coordinator, identity: NodeIdentity, na
         if not result.get("pending"):
             return result
         if not announced and on_pending is not None:
-            on_pending(result)
+            on_pending({**result, "fingerprint": identity.public.fingerprint})  # for the admin to check
             announced = True
         if time.monotonic() >= deadline:
             raise NetworkError(f"not approved within {wait:.0f} s; the request stays pending: run `tunnelmesh join` "
@@ -243,6 +264,7 @@ def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity
 
 @dataclass(frozen=True)
 class Admin:
+    paths: Paths
     state: NetworkState
     key: AdminKey
 
@@ -261,14 +283,19 @@ class Admin:
             raise NetworkError(str(exc)) from None
         if key.fingerprint != state.network.network:
             raise NetworkError(f"{paths.admin_key} is not the admin key of network {state.network.network}")
-        return cls(state, key)
+        return cls(paths, state, key)
 
     def coordinator(self) -> Coordinator:
         return Coordinator(self.state.url, admin=self.key)
 
     async def members(self, coordinator: Coordinator) -> tuple[PeerMap, list[MemberEntry]]:
-        """Every verified member, this node included."""
-        peer_map = PeerMap(self.state.network, self.state.member.wg_key)
+        """Every verified member, this node included. Starts from the revocations this
+        machine keeps, so a coordinator that lost or dropped one cannot get a revoked
+        node a new secret."""
+        try:
+            peer_map, _ = load_peer_map(self.paths.peer_map_cache, self.state)
+        except StateError as exc:
+            raise NetworkError(str(exc)) from None
         peer_map.apply(await coordinator.admin_map())
         return peer_map, [self.state.member, *peer_map.members.values()]
 
@@ -285,12 +312,22 @@ def make_token(paths: Paths, *, expires_in: int, reusable: bool, name: str | Non
 
 
 async def pending(paths: Paths) -> list[dict[str, Any]]:
+    """Joins waiting for approval; each fingerprint is worked out here from the identity
+    line (the coordinator's word is not taken for it)."""
     admin = Admin.load(paths)
     async with admin.coordinator() as coordinator:
-        return await coordinator.pending()
+        waiting = await coordinator.pending()
+    for request in waiting:
+        try:
+            request["fingerprint"] = PublicIdentity.from_line(str(request.get("identity"))).fingerprint
+        except IdentityError as exc:
+            request["fingerprint"] = f"(invalid identity: {exc})"
+    return waiting
 
 
-async def approve(paths: Paths, name: str) -> MemberEntry:
+async def approve(paths: Paths, name: str, fingerprint: str) -> MemberEntry:
+    """Admit a pending join, but only with the SSH key fingerprint the joiner printed:
+    the coordinator's pending list is not trusted to say whose key it is."""
     admin = Admin.load(paths)
     async with admin.coordinator() as coordinator:
         waiting = await coordinator.pending()
@@ -300,6 +337,10 @@ async def approve(paths: Paths, name: str) -> MemberEntry:
             raise NetworkError(f"no pending join named {name!r} (pending: {names})")
         try:
             identity = PublicIdentity.from_line(str(match.get("identity")))
+            if identity.fingerprint != fingerprint:
+                raise NetworkError(
+                    f"the pending join {name!r} is for the key {identity.fingerprint}, not {fingerprint}: "
+                    "not approved (compare with what `tunnelmesh join` printed on the joining machine)")
             body = member_body(admin.state.network.network, name, identity, ipaddress.IPv4Address(str(match["ipv4"])),
                                ipaddress.IPv6Address(str(match["ipv6"])), _now())
             member = MemberEntry.from_wire(sign_member_as_admin(body, admin.key), admin.state.network)
@@ -320,6 +361,10 @@ async def revoke(paths: Paths, peer: str) -> Revocation:
         if match.wg_key == admin.state.member.wg_key:
             raise NetworkError("refusing to revoke the admin's own node")
         revocation = Revocation.create(admin.key, match, _now())
+        try:  # kept here first: whatever the coordinator does with it
+            save_revocations(paths.revocations, [revocation])
+        except StateError as exc:
+            raise NetworkError(str(exc)) from None
         await coordinator.revoke(revocation.to_wire())
         return revocation
 

@@ -66,6 +66,11 @@ class Paths:
         return self.state_dir / "peermap.json"
 
     @property
+    def revocations(self) -> Path:
+        """Every revocation this node has seen, kept for good (beside the cache)."""
+        return self.state_dir / "revocations.json"
+
+    @property
     def admin_key(self) -> Path:
         """The network's admin key, on the machine that ran `tunnelmesh init` only."""
         return self.state_dir / "admin.key"

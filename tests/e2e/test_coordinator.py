@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -80,6 +81,12 @@ def run_coordinator(node: Node, db: str) -> subprocess.Popen:
     pytest.fail(f"standalone coordinator did not start:\n{node.log('coordinator')[-3000:]}")
 
 
+def kill(process: subprocess.Popen) -> None:
+    """SIGKILL: the coordinator gets no chance to answer or close anything."""
+    process.kill()
+    process.wait(timeout=10)
+
+
 def stop(process: subprocess.Popen) -> None:
     process.terminate()
     try:
@@ -106,6 +113,10 @@ def test_three_joins_ping_and_keep_their_addresses(lab: Lab) -> None:
         assert status["node"]["mode"] == "coordinator"
         assert status["node"]["coordinator"]["state"] == "connected"
         assert {p["name"] for p in status["peers"]} == {"admin", "n2", "n3"}
+        # Each node also has its address in the network's IPv6 ULA /48.
+        v6 = mesh["n3"].status()["node"]["mesh_ipv6"]
+        assert v6.startswith("fd")
+        assert mesh["n1"].node.run("ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", v6, check=False).returncode == 0
 
         # Restart a node and the coordinator (embedded in the admin node): same addresses.
         for name in ("n2", "admin"):
@@ -186,7 +197,7 @@ def test_coordinator_outage_keeps_tunnels_and_cache(lab: Lab) -> None:
         wait_for_handshakes(mesh, timeout=40)
         members_before = row_counts(db)["members"]
         assert members_before == 3
-        stop(process)
+        kill(process)
         wait_until("nodes notice the coordinator is gone",
                    lambda: mesh["b"].status()["node"]["coordinator"]["state"] != "connected", 40, mesh)
 
@@ -232,9 +243,8 @@ def test_revoke_cuts_a_node_off_and_rejoin_needs_a_new_invite(lab: Lab) -> None:
         assert "revoked" in c.log_tail()
         print(f"revocation propagated in {dropped:.2f} s")
 
+        assert "join again with a new invite" in refusal(c, "up", "--detach")
         # The same key: the old (reusable, older than the revocation) invite is refused...
-        for name in ("network.json", "peermap.json", "tunnelmesh.toml"):
-            c.node.run("rm", "-f", f"{c.node.state_dir}/{name}")
         key = ["--key", f"{c.node.state_dir}/identity_ed25519"]
         assert "revoked" in refusal(c, "join", reusable, "--name", "c", *key)
         # ...and a new invite lets it back in.
@@ -263,16 +273,24 @@ def test_tampered_database_and_replayed_entries_are_refused(lab: Lab) -> None:
         # The coordinator's database is changed behind its back: the revoked entry is
         # put back (a replay of the old peer map) and a forged member is added, whose
         # entry is c's signed entry with another name (the signature no longer matches).
-        forged = json.loads(c_row["entry"])
-        forged["body"]["name"] = "intruder"
-        forged["body"]["ipv4"] = forged["body"]["ipv4"][:-1] + "9"
-        forged["body"]["ipv6"] = forged["body"]["ipv6"][:-1] + "9"
+        with open(f"{admin.node.state_dir}/admin.key") as f:
+            admin_seed = f.read().split()[1].encode()
+        with open(db, "rb") as f:
+            assert admin_seed not in f.read(), "the admin key is in the coordinator's database"
+
+        # The coordinator's database is changed behind its back: the revoked entry is put
+        # back (a replay of the old peer map), an entry whose signature no longer matches
+        # (c's, renamed), one with no signature, and one properly signed by another key.
+        with open(f"{admin.node.state_dir}/network.json") as f:
+            network = json.load(f)["network"]
+        rows = [dict(c_row)]
+        for number, (name, entry) in enumerate(tampered_entries(c_row["entry"], network), 6):
+            rows.append(dict(c_row, wg_key=base64.b64encode(os.urandom(32)).decode(), name=name,
+                             host=number, ipv4=entry["body"]["ipv4"], entry=json.dumps(entry)))
         with sqlite3.connect(db) as conn:
             version = conn.execute("SELECT version FROM network").fetchone()[0] + 1
             conn.execute("UPDATE network SET version = ?", (version,))
-            intruder = dict(c_row, wg_key=base64.b64encode(os.urandom(32)).decode(), name="intruder",
-                            host=c_row["host"] + 6, ipv4=forged["body"]["ipv4"], entry=json.dumps(forged))
-            for row in (dict(c_row), intruder):
+            for row in rows:
                 row["version"] = version
                 conn.execute(f"INSERT INTO members ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                              tuple(row.values()))
@@ -280,20 +298,42 @@ def test_tampered_database_and_replayed_entries_are_refused(lab: Lab) -> None:
         # poll gets the tampered rows.
         stop(process)
         process = run_coordinator(coordinator, db)
-        wait_until("the replayed entry reaches the nodes and is refused",
-                   lambda: all(m.status()["node"]["coordinator"]["rejected"] for m in (admin, b)), 40, mesh)
+        wait_until("the tampered entries reach the nodes and are refused (all four)",
+                   lambda: all(sum(m.status()["node"]["coordinator"]["rejected"].values()) >= 4 for m in (admin, b)),
+                   40, mesh)
         for member in (admin, b):
-            assert {"c", "intruder"}.isdisjoint(peer_names(member)), diagnostics(mesh)
+            assert {"c", *INTRUDERS}.isdisjoint(peer_names(member)), diagnostics(mesh)
         # And a node restarted from its cache still refuses them.
         b.down()
         b.up()
         wait_until("b reconnects", lambda: b.status()["node"]["coordinator"]["state"] == "connected", 40, mesh)
-        assert {"c", "intruder"}.isdisjoint(peer_names(b)), diagnostics(mesh)
+        assert {"c", *INTRUDERS}.isdisjoint(peer_names(b)), diagnostics(mesh)
         assert not ping_ok(c, b, count=1)
     finally:
         for member in mesh.values():
             member.down(check=False)
         stop(process)
+
+
+INTRUDERS = ("renamed", "unsigned", "otheradmin")
+
+
+def tampered_entries(entry_json: str, network: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Member entries a database writer could make from a real one (c's)."""
+    from tunnelmesh.membership import AdminKey, NetworkInfo, sign_member_as_admin
+
+    info = NetworkInfo.from_wire(network)
+    out = []
+    for number, name in enumerate(INTRUDERS, 6):
+        entry = json.loads(entry_json)
+        ipv4, ipv6 = info.host(number)
+        entry["body"].update(name=name, ipv4=str(ipv4), ipv6=str(ipv6))
+        if name == "unsigned":
+            entry = {"body": entry["body"], "admin_sig": base64.b64encode(bytes(64)).decode()}
+        elif name == "otheradmin":
+            entry = sign_member_as_admin(entry["body"], AdminKey.generate())
+        out.append((name, entry))
+    return out
 
 
 def test_join_by_approval(lab: Lab) -> None:
@@ -304,11 +344,17 @@ def test_join_by_approval(lab: Lab) -> None:
     late = MeshNode(node, node.addresses[0], "")
     try:
         url = f"http://{admin.underlay}:{COORDINATOR_PORT}"
+        network = admin.status()["node"]["coordinator"]["network"]
+        assert "--network" in refusal(late, "join", url, "--name", "late", "--new-key")
         joining = node.popen(sys.executable, "-m", "tunnelmesh", "--state-dir", node.state_dir, "join", url,
-                             "--name", "late", "--new-key", "--wait", "60s", log_name="join")
-        wait_until("the request shows as pending",
-                   lambda: "late" in admin.tm("pending").stdout, 20, mesh)
-        admin.tm("approve", "late")
+                             "--name", "late", "--new-key", "--wait", "60s", "--network", network, log_name="join")
+        wait_until("the request shows as pending", lambda: "late" in admin.tm("pending").stdout, 20, mesh)
+        printed = node.wait_for_log("join", r"--fingerprint (SHA256:\S+)`")
+        fingerprint = re.search(r"--fingerprint (SHA256:\S+)`", printed).group(1)
+        # The admin checks the key: a wrong fingerprint approves nothing.
+        wrong = "SHA256:" + "A" * 43
+        assert "not approved" in refusal(admin, "approve", "late", "--fingerprint", wrong)
+        admin.tm("approve", "late", "--fingerprint", fingerprint)
         assert joining.wait(timeout=30) == 0, node.log("join")
         late.up()
         mesh["late"] = late

@@ -182,7 +182,7 @@ def test_record_with_missing_or_extra_keys_refused(kind: Kind, world: World) -> 
                 kind.parse(world, damaged)
         damaged = copy.deepcopy(wire)
         (damaged if where == "wire" else damaged["body"])["extra"] = 1
-        with refused("unexpected extra"):
+        with refused("unexpected 'extra'"):
             kind.parse(world, damaged)
 
 
@@ -429,7 +429,7 @@ DAMAGED_TOKENS: dict[str, tuple[Callable[[Token], Any], str]] = {
     "not an object": (lambda t: encode_payload([1, 2]), "join token: expected a JSON object"),
     "missing key": (lambda t: encode_payload({k: v for k, v in _token_payload(t).items() if k != "key"}),
                     "join token: missing key"),
-    "extra key": (lambda t: encode_payload({**_token_payload(t), "more": 1}), "join token: unexpected more"),
+    "extra key": (lambda t: encode_payload({**_token_payload(t), "more": 1}), "join token: unexpected 'more'"),
     "ftp url": (lambda t: encode_payload({**_token_payload(t), "url": "ftp://x"}), "must be http:// or https://"),
     "url without scheme": (lambda t: encode_payload({**_token_payload(t), "url": "coordinator:7400"}),
                            "must be http:// or https://"),
@@ -671,7 +671,7 @@ BAD_HEADERS: dict[str, tuple[Any, str]] = {
     "too long": ("TM1 " + "A" * 9000, "expected 'TM1 ...'"),
     "list": (auth_header([1]), "Authorization: expected a JSON object"),
     "missing sig": (auth_header({k: v for k, v in GOOD_AUTH.items() if k != "sig"}), "Authorization: missing sig"),
-    "extra": (auth_header({**GOOD_AUTH, "x": 1}), "Authorization: unexpected x"),
+    "extra": (auth_header({**GOOD_AUTH, "x": 1}), "Authorization: unexpected 'x'"),
     "short nonce": (auth_header({**GOOD_AUTH, "n": "0f"}), "nonce must be 32 hex digits"),
     "upper-case nonce": (auth_header({**GOOD_AUTH, "n": "0F" * 16}), "nonce must be 32 hex digits"),
     "long nonce": (auth_header({**GOOD_AUTH, "n": "0f" * 17}), "nonce: expected text"),
@@ -994,7 +994,7 @@ def test_cache_round_trip(peer_map: PeerMap, world: World) -> None:
 BAD_UPDATES: dict[str, tuple[Callable[[JSON], Any], str]] = {
     "not an object": (lambda u: [u], "peer map: expected a JSON object"),
     "missing version": (lambda u: {k: v for k, v in u.items() if k != "version"}, "peer map: missing version"),
-    "extra key": (lambda u: {**u, "more": 1}, "peer map: unexpected more"),
+    "extra key": (lambda u: {**u, "more": 1}, "peer map: unexpected 'more'"),
     "version as bool": (lambda u: {**u, "version": True}, "version: expected an integer"),
     "full not bool": (lambda u: {**u, "full": 1}, "'full' must be true or false"),
     "members not a list": (lambda u: {**u, "members": {}}, "members: expected a list"),
@@ -1013,3 +1013,18 @@ def test_malformed_update_refused_and_changes_nothing(case: str, peer_map: PeerM
     with refused(match):
         peer_map.apply(make(good))
     assert canonical(peer_map.to_cache()) == before
+
+
+def test_peer_map_enforces_an_invites_use_count(peer_map: PeerMap, world: World) -> None:
+    """A coordinator cannot stretch a one-time invite: the earliest entry keeps it."""
+    once = world.invite(uses=1)
+    twice = world.invite(uses=2)
+    listed = update([world.invited_member(1, once, joined=NOW + 5), world.invited_member(2, once, joined=NOW + 1),
+                     world.invited_member(3, twice), world.invited_member(4, twice)])
+    changes = peer_map.apply(listed)
+    assert names(changes.added) == {"node2", "node3", "node4"}
+    assert changes.rejected == ["member node1 refused: its invite was already used up"]
+    # This node's own entry counts too.
+    own_view = PeerMap(world.network, world.wg(1))
+    own_view.apply(update([world.invited_member(1, once), world.invited_member(2, once, joined=NOW + 1)]))
+    assert not own_view.members

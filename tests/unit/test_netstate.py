@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import stat
 import time
 from pathlib import Path
@@ -118,6 +117,14 @@ def test_peer_map_cache_keeps_revocations_and_survives_garbage(tmp_path: Path, w
     path.write_text("[]")
     empty, rejected = load_peer_map(path, state)
     assert not empty.members and rejected and "ignored" in rejected[0]
+    # The damaged cache is dropped; the revocation is not (it lives in revocations.json).
+    assert members[2].wg_key in empty.revocations
+    empty.apply(update)
+    assert set(empty.members) == {members[1].wg_key}
+    path.unlink()
+    (tmp_path / "revocations.json").write_text("{}")
+    with pytest.raises(StateError, match="restore it from a backup"):
+        load_peer_map(path, state)
+    (tmp_path / "revocations.json").unlink()
     empty, rejected = load_peer_map(tmp_path / "absent.json", state)
     assert not empty.members and rejected == []
-    assert os.path.exists(path)
