@@ -510,3 +510,36 @@ def test_storage_failure_is_503_with_what_to_do_and_stores_nothing(db: Path, wor
             await refused(db, join(url, world, 1, world.invite(), "one"), 503, "^coordinator database .* disk is full")
 
     asyncio.run(scenario())
+
+
+def test_a_lost_join_answer_can_be_fetched_again(db: Path, world: World) -> None:
+    """The same signed entry confirmed twice (the first answer was lost) gets the same
+    result, and does not spend another use of the invite."""
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            token = world.invite(uses=1)
+            entry, proof = await prepare(url, world, 1, token, "lost")
+            async with Coordinator(url) as anyone:
+                first = await anyone.confirm(entry, proof)
+                counts = row_counts(db)
+                again = await anyone.confirm(entry, proof)
+            assert again["member"] == first["member"] and row_counts(db) == counts
+            await refused(db, join(url, world, 2, token, "second"), 410, "already used")
+    asyncio.run(scenario())
+
+
+def test_unapproved_requests_expire_and_are_capped(db: Path, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tunnelmesh.coordinator.service as service
+
+    monkeypatch.setattr(service, "PENDING_LIMIT", 2)
+    shift = [0.0]
+
+    async def scenario() -> None:
+        async with with_network(db, world, clock=lambda: time.time() + shift[0]) as url:
+            await join_request(url, world, 1, "one")
+            await join_request(url, world, 2, "two")
+            await refused(db, join_request(url, world, 3, "three"), 429, "already waiting for approval")
+            shift[0] = service.PENDING_TTL + 60  # an hour later the old requests are gone
+            await join_request(url, world, 3, "three", t=int(time.time() + shift[0]))
+            assert row_counts(db)["pending"] == 1
+    asyncio.run(scenario())

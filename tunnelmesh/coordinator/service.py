@@ -61,6 +61,10 @@ log = logging.getLogger("tunnelmesh.coordinator.server")
 MAX_BODY = 256 * 1024
 #: The longest a map long-poll is held, whatever the client asks.
 MAX_WAIT = 30.0
+#: Joins waiting for approval: how long an unapproved request holds its name and address,
+#: and how many may wait at once.
+PENDING_TTL = 3600
+PENDING_LIMIT = 64
 #: How long shutdown waits for requests in flight (long-polls are woken at once).
 SHUTDOWN_TIMEOUT = 2.0
 
@@ -304,6 +308,18 @@ class _Service:
             raise Refused(409, f"the name {name!r} is waiting for the admin's approval for another node; "
                                "choose another with --name")
 
+    def _expire_pending(self, now: int) -> None:
+        """Unapproved requests expire, and only so many may wait: a stranger with
+        self-made keys cannot hold names and addresses for good."""
+        waiting = self.store.waiting()
+        for row in waiting:
+            if not row.approved and now - row.requested > PENDING_TTL:
+                self.store.delete_pending(row.wg_key)
+                log.info("join request of %s expired unapproved", row.name)
+        if sum(1 for row in waiting if now - row.requested <= PENDING_TTL) >= PENDING_LIMIT:
+            raise Refused(429, f"{PENDING_LIMIT} joins are already waiting for approval; try again later "
+                               f"(unapproved requests expire after {PENDING_TTL // 60} minutes)")
+
     def _check_not_revoked(self, wg_key: bytes, authorized_at: int) -> None:
         revocation = self.store.revocation(b64(wg_key))
         if revocation is not None and authorized_at <= revocation.at:
@@ -370,6 +386,10 @@ class _Service:
                                f"(more than {JOIN_WINDOW} s): fix the clock and join again")
         host = network.host_index(member.ipv4)
         with self.store.transaction():
+            existing = self.store.member(b64(member.wg_key))
+            if existing is not None and existing.entry == body["entry"]:
+                # The same signed entry with a fresh proof: the joiner lost our answer. Send it again.
+                return web.json_response(self._join_result(body["entry"], member.wg_key))
             self._check_invite(member.grant, now)
             self._check_newcomer(member.identity, member.name)
             self._check_not_revoked(member.wg_key, member.authorized_at)
@@ -406,6 +426,8 @@ class _Service:
                 return web.json_response(result)
             self._check_newcomer(identity, name)
             fresh = waiting is None
+            if fresh:
+                self._expire_pending(now)
             if waiting is None:
                 waiting = PendingRow(key, name, self.store.free_host(), identity.to_line(), identity.fingerprint,
                                      now, False)
