@@ -126,7 +126,8 @@ def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, s
     """The way a user builds a network: `init` on the first node (admin, embedded
     coordinator unless `coordinator` -- a node already running `tunnelmesh coordinator`
     on COORDINATOR_PORT -- is given), then `invite` there and `join <token>` on each of
-    the others. Nodes are started (`up`) as they join unless start=False. Mesh IPs are
+    the others. Nodes are started (`up`) as they join unless start=False (the admin node
+    still is if it embeds the coordinator). Mesh IPs are
     read back from the nodes (the coordinator assigns them)."""
     switch = switch or lab.add_switch("sw")
     mesh: dict[str, MeshNode] = {}
@@ -140,7 +141,7 @@ def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, s
     else:
         url = f"http://{coordinator.addresses[0]}:{COORDINATOR_PORT}"
         admin.tm("init", "--name", admin.name, "--new-key", "--url", url, "--external-coordinator")
-    if start:
+    if start or coordinator is None:  # an embedded coordinator must run for the others to join
         admin.up()
     for member in mesh.values():
         if member is not admin:

@@ -486,6 +486,17 @@ def sign_member_as_admin(body: dict[str, Any], admin: AdminKey) -> dict[str, Any
     return {"body": body, "admin_sig": admin.sign("member", body)}
 
 
+def _admin_record(wire: Any, what: str, keys: set[str], network: NetworkInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shape every admin-signed record of a network shares: {"body": {...}, "sig"}."""
+    wire = _obj(wire, what)
+    _keys(wire, {"body", "sig"}, what)
+    body = _obj(wire["body"], f"{what} body")
+    _keys(body, keys, f"{what} body")
+    if body["network"] != network.network:
+        raise MembershipError(f"{what} is for another network")
+    return wire, body
+
+
 @dataclass(frozen=True)
 class Revocation:
     network: str
@@ -507,12 +518,7 @@ class Revocation:
 
     @classmethod
     def from_wire(cls, wire: Any, network: NetworkInfo) -> Revocation:
-        wire = _obj(wire, "revocation")
-        _keys(wire, {"body", "sig"}, "revocation")
-        body = _obj(wire["body"], "revocation body")
-        _keys(body, {"network", "wg_key", "name", "at"}, "revocation body")
-        if body["network"] != network.network:
-            raise MembershipError("revocation is for another network")
+        wire, body = _admin_record(wire, "revocation", {"network", "wg_key", "name", "at"}, network)
         revocation = cls(network.network, unb64(body["wg_key"], "revoked key", 32), check_name(body["name"]),
                          _int(body["at"], "at"), wire["sig"])
         _verify(network.admin_key, "revoke", body, wire["sig"], "revocation")
@@ -546,12 +552,7 @@ class SecretRecord:
 
     @classmethod
     def from_wire(cls, wire: Any, network: NetworkInfo) -> SecretRecord:
-        wire = _obj(wire, "secret record")
-        _keys(wire, {"body", "sig"}, "secret record")
-        body = _obj(wire["body"], "secret record body")
-        _keys(body, {"network", "epoch", "sealed", "at"}, "secret record body")
-        if body["network"] != network.network:
-            raise MembershipError("secret record is for another network")
+        wire, body = _admin_record(wire, "secret record", {"network", "epoch", "sealed", "at"}, network)
         sealed = _obj(body["sealed"], "sealed secrets")
         for key, value in sealed.items():
             unb64(key, "sealed-for key", 32)
