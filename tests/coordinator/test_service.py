@@ -256,6 +256,9 @@ def test_join_by_approval(db: Path, world: World) -> None:
             assert unseal(world.nodes[2].static_private, unb64(result["secret"]["sealed"], "sealed")) == SECRET
             assert approved in result["map"]["members"]
             assert row_counts(db)["pending"] == 0
+            # The answer was lost: asking again (with a fresh proof) gets it again.
+            assert (await join_request(url, world, 2, "late"))["member"] == approved
+            await refused(db, join_request(url, world, 2, "renamed"), 409, "already a member")
 
     asyncio.run(scenario())
 

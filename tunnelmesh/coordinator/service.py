@@ -419,10 +419,13 @@ class _Service:
         with self.store.transaction():
             waiting = self.store.pending(key)
             member = self.store.member(key)
-            if waiting is not None and waiting.approved and member is not None:
+            if member is not None and member.name == name and "admin_sig" in member.entry and (
+                    waiting is None or waiting.approved):
+                # Approved: the joiner collects its result (again, if our first answer was lost).
                 result = self._join_result(member.entry, identity.wg_public_key)
-                self.store.delete_pending(key)
-                log.info("%s collected its approved join", member.name)
+                if waiting is not None:
+                    self.store.delete_pending(key)
+                    log.info("%s collected its approved join", member.name)
                 return web.json_response(result)
             self._check_newcomer(identity, name)
             fresh = waiting is None
