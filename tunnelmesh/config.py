@@ -499,13 +499,10 @@ class _Checker:
     # -- sections
 
     def node(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        if "node" not in data:
+        node = self.table(data, "node", NODE_KEYS)
+        if node is None:
             raise self.error("missing the [node] table")
-        node = data["node"]
         what = "[node]"
-        if not isinstance(node, dict):
-            raise self.error(f"node must be a table ([node]), not {_type_name(node)}", "node")
-        self.check_keys(node, NODE_KEYS, what, "node")
 
         name = self.get_str(node, "name", what, "node", required=True)
         assert name is not None
@@ -592,14 +589,21 @@ class _Checker:
             mtu=mtu,
         )
 
-    def coordinator(self, data: Mapping[str, Any]) -> CoordinatorConfig | None:
-        if "coordinator" not in data:
+    def table(self, data: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any] | None:
+        """The top-level table `key` with only `allowed` keys, or None if absent."""
+        if key not in data:
             return None
-        table = data["coordinator"]
-        what = "[coordinator]"
+        table = data[key]
         if not isinstance(table, dict):
-            raise self.error(f"coordinator must be a table ([coordinator]), not {_type_name(table)}", "coordinator")
-        self.check_keys(table, COORDINATOR_KEYS, what, "coordinator")
+            raise self.error(f"{key} must be a table ([{key}]), not {_type_name(table)}", key)
+        self.check_keys(table, allowed, f"[{key}]", key)
+        return table
+
+    def coordinator(self, data: Mapping[str, Any]) -> CoordinatorConfig | None:
+        table = self.table(data, "coordinator", COORDINATOR_KEYS)
+        if table is None:
+            return None
+        what = "[coordinator]"
         url = self.get_str(table, "url", what, "coordinator", required=True)
         assert url is not None
         parsed = urllib.parse.urlsplit(url)
@@ -608,18 +612,15 @@ class _Checker:
         serve = None
         serve_value = self.get_str(table, "serve", what, "coordinator")
         if serve_value is not None:
-            host, _, port = serve_value.rpartition(":")
+            from tunnelmesh.membership import MembershipError, parse_address  # lazily, as identity below
+
             try:
-                ipaddress.IPv4Address(host)
-                number = int(port) if _PORT_RE.fullmatch(port) else -1
-            except ValueError:
-                number = -1
-            if not 1 <= number <= 65535:
+                serve = parse_address(serve_value)
+            except MembershipError:
                 raise self.error(
                     f"{what}: serve {_show(serve_value)} must be IPv4:port, e.g. \"0.0.0.0:{DEFAULT_COORDINATOR_PORT}\"",
                     "coordinator", "serve",
-                )
-            serve = (host, number)
+                ) from None
         db = self.get_path(table, "db", what, "coordinator") or self.state_dir / "coordinator.db"
         return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db)
 
