@@ -265,6 +265,13 @@ class _Service:
         self._check_admin(request, raw, network.admin_key)
         return network, raw
 
+    async def _admin_body(self, request: web.Request, fields: set[str]) -> tuple[NetworkInfo, dict[str, Any]]:
+        """An admin-signed request whose body is a JSON object with exactly `fields`."""
+        network, raw = await self._admin(request)
+        body = _parse(raw)
+        _fields(body, fields)
+        return network, body
+
     async def _member(self, request: web.Request) -> tuple[MemberRow, bytes]:
         """A member-signed request: the member and the raw body."""
         raw = await request.read()
@@ -521,9 +528,7 @@ class _Service:
 
     async def approve(self, request: web.Request) -> web.Response:
         """Admit a pending joiner with the admin-signed entry made for its request."""
-        network, raw = await self._admin(request)
-        body = _parse(raw)
-        _fields(body, {"member"})
+        network, body = await self._admin_body(request, {"member"})
         with _status(403):
             member = MemberEntry.from_wire(body["member"], network)
         if member.grant is not None:
@@ -547,9 +552,7 @@ class _Service:
         return web.json_response({"approved": member.name, "ipv4": str(member.ipv4), "ipv6": str(member.ipv6)})
 
     async def revoke(self, request: web.Request) -> web.Response:
-        network, raw = await self._admin(request)
-        body = _parse(raw)
-        _fields(body, {"revocation"})
+        network, body = await self._admin_body(request, {"revocation"})
         with _status(403):
             revocation = Revocation.from_wire(body["revocation"], network)
         key = b64(revocation.wg_key)
@@ -573,9 +576,7 @@ class _Service:
 
     async def secret(self, request: web.Request) -> web.Response:
         """A new network secret: the next epoch, sealed by the admin to the members."""
-        network, raw = await self._admin(request)
-        body = _parse(raw)
-        _fields(body, {"record", "secret"})
+        network, body = await self._admin_body(request, {"record", "secret"})
         with _status(403):
             record = SecretRecord.from_wire(body["record"], network)
         secret = unb64(body["secret"], "secret", NETWORK_SECRET_BYTES)
