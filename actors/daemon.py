@@ -231,10 +231,12 @@ async def run_daemon(paths: Paths) -> int:
         sock.close()
         raise StartupError(str(exc)) from None
     coordinator_server: CoordinatorServer | None = None
+    serving: str | None = None  # where the embedded coordinator listens, for status
     try:
         await tun.configure(addresses.ipv4, config.mtu, addresses.routes, address6=addresses.ipv6)
         if config.coordinator is not None and config.coordinator.serve is not None:
             coordinator_server = await _start_coordinator(config)
+            serving = "{}:{}".format(*config.coordinator.serve)
             if state is not None and paths.admin_key.exists():
                 await _set_up_network(paths, state, secret)
     except (TunError, StartupError) as exc:
@@ -256,9 +258,10 @@ async def run_daemon(paths: Paths) -> int:
     supervisor.add(mesh)
     if coordinator_server is not None:
         supervisor.add(coordinator_server)
-    initial = _static_peers(config, static_endpoints)
     client: CoordinatorClient | None = None
-    if state is not None and peer_map is not None:
+    if state is None or peer_map is None:
+        initial = _static_peers(config, static_endpoints)
+    else:
         initial = [peer_spec(member, peer_map) for member in peer_map.members.values()]
         client = CoordinatorClient(
             state, identity, peer_map, mesh, bus, cache_path=paths.peer_map_cache,
@@ -279,7 +282,7 @@ async def run_daemon(paths: Paths) -> int:
                 "interface": config.interface, "listen_port": datapath.port, "version": __version__,
                 "started": started, "pid": os.getpid(), "mode": "static" if client is None else "coordinator",
                 "coordinator": client.status() if client is not None else None,
-                "serving_coordinator": _show_address(config.coordinator.serve) if coordinator_server and config.coordinator and config.coordinator.serve else None,
+                "serving_coordinator": serving,
                 **me,
             },
             "peers": peers,
@@ -348,10 +351,6 @@ def _load_membership(paths: Paths, identity: NodeIdentity) -> tuple[NetworkState
         raise StateError(f"this node ({state.member.name}) was revoked by the network admin; "
                          "to come back, join again with a new invite")
     return state, peer_map
-
-
-def _show_address(address: tuple[str, int]) -> str:
-    return f"{address[0]}:{address[1]}"
 
 
 def _identity_config_error(config: Any, exc: IdentityError) -> ConfigError:
