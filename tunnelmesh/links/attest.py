@@ -1,0 +1,188 @@
+"""The SSH endpoint a node registers with the coordinator, signed by its identity.
+
+Peers dial a node's SSH rung only at an endpoint the node itself vouched for, and
+accept only the host key it named: the coordinator relays the record but cannot
+forge or alter it.
+
+Wire form (a JSON object, exactly these keys)::
+
+    {"port": 2222 | null,                      # the daemon's own SSH server
+     "host_key": "ssh-ed25519 AAAA..." | null, # its host key (both null or both set)
+     "bridge": null | {"port": 22, "user": "tunnelmesh",
+                       "host_key": "ssh-ed25519 AAAA..."},  # the machine's sshd
+     "sig": "<standard base64 of an SSHSIG blob>"}
+
+The signature is `NodeIdentity.sign` in namespace SIGN_NAMESPACE over::
+
+    b"tunnelmesh ssh endpoint v1\\x00" || wg_public_key (32 bytes)
+        || canonical JSON of {"bridge", "host_key", "port"}
+           (sorted keys, no spaces, ASCII)
+
+so the record is bound to the node's WireGuard key as well as to its SSH key, and
+one record has one signed spelling.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from tunnelmesh.identity import IdentityError, NodeIdentity, PublicIdentity, verify_sshsig
+
+__all__ = [
+    "AttestationError",
+    "BridgeEndpoint",
+    "SIGN_NAMESPACE",
+    "SshEndpoint",
+    "make_attestation",
+    "verify_attestation",
+]
+
+SIGN_NAMESPACE = "tunnelmesh-ssh-endpoint-v1@tunnelmesh"
+_PREFIX = b"tunnelmesh ssh endpoint v1\x00"
+
+# Host keys need not sign deterministically (unlike identities), so ECDSA is fine here.
+_HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
+_HOST_KEY = re.compile(r"([a-z0-9-]+) ([A-Za-z0-9+/]+={0,2})")
+MAX_HOST_KEY = 4096  # characters: a 16384-bit RSA key is under 3000
+MAX_SIG = 12000  # characters of base64: an RSA-16384 SSHSIG is under 6000
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # what useradd accepts by default
+_KEYS = {"port", "host_key", "bridge", "sig"}
+_BRIDGE_KEYS = {"port", "user", "host_key"}
+
+
+class AttestationError(ValueError):
+    """The record is malformed, unsigned or signed by another key; the text says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeEndpoint:
+    """The machine's own sshd, whose forced command bridges to the daemon."""
+
+    port: int
+    user: str  # the dedicated account `tunnelmesh ssh-bridge --setup` made
+    host_key: str  # sshd's host key, "<type> <base64>"
+
+
+@dataclass(frozen=True, slots=True)
+class SshEndpoint:
+    """Where and how a node can be reached over SSH; every field checked and signed."""
+
+    port: int | None  # the daemon's own SSH server, None if it serves none
+    host_key: str | None
+    bridge: BridgeEndpoint | None
+
+
+def _port(value: Any, what: str) -> int:
+    if type(value) is not int or not 1 <= value <= 65535:
+        raise AttestationError(f"malformed SSH endpoint: {what} must be a port number 1..65535")
+    return value
+
+
+def _host_key(value: Any, what: str) -> str:
+    """A public key in "<type> <base64>" form, parsed, in its one canonical spelling."""
+    if not isinstance(value, str) or len(value) > MAX_HOST_KEY:
+        raise AttestationError(f"malformed SSH endpoint: {what} must be an SSH public key")
+    match = _HOST_KEY.fullmatch(value)
+    if match is None or match.group(1) not in _HOST_KEY_TYPES:
+        raise AttestationError(
+            f"malformed SSH endpoint: {what} must be '<type> <base64>' with type one of "
+            + ", ".join(_HOST_KEY_TYPES)
+        )
+    try:
+        key = asyncssh.import_public_key(value)
+        canonical = key.export_public_key("openssh").decode("ascii").split()[:2]
+    except Exception:  # asyncssh/cryptography raise many types for hostile input
+        raise AttestationError(f"malformed SSH endpoint: {what} is not a valid SSH public key") from None
+    if canonical != value.split():
+        raise AttestationError(f"malformed SSH endpoint: {what} is not in canonical form")
+    return value
+
+
+def _bridge(value: Any) -> BridgeEndpoint | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != _BRIDGE_KEYS:
+        raise AttestationError(
+            "malformed SSH endpoint: bridge must be null or an object with exactly port, user, host_key"
+        )
+    user = value["user"]
+    if not isinstance(user, str) or _USER.fullmatch(user) is None:
+        raise AttestationError("malformed SSH endpoint: bridge user is not a valid account name")
+    return BridgeEndpoint(_port(value["port"], "bridge port"), user, _host_key(value["host_key"], "bridge host key"))
+
+
+def _parse(wire: Any) -> tuple[SshEndpoint, bytes]:
+    if not isinstance(wire, dict) or set(wire) != _KEYS:
+        raise AttestationError("malformed SSH endpoint: expected an object with exactly port, host_key, bridge, sig")
+    port, host_key = wire["port"], wire["host_key"]
+    if (port is None) != (host_key is None):
+        raise AttestationError("malformed SSH endpoint: port and host_key must both be set or both be null")
+    endpoint = SshEndpoint(
+        None if port is None else _port(port, "port"),
+        None if host_key is None else _host_key(host_key, "host key"),
+        _bridge(wire["bridge"]),
+    )
+    sig = wire["sig"]
+    if not isinstance(sig, str) or len(sig) > MAX_SIG:
+        raise AttestationError("malformed SSH endpoint: sig must be base64 text")
+    try:
+        raw = binascii.a2b_base64(sig.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeError, ValueError):
+        raise AttestationError("malformed SSH endpoint: sig is not base64") from None
+    if base64.b64encode(raw).decode("ascii") != sig:
+        raise AttestationError("malformed SSH endpoint: sig is not canonical base64")
+    return endpoint, raw
+
+
+def _bridge_wire(bridge: BridgeEndpoint | None) -> dict[str, Any] | None:
+    return None if bridge is None else {"port": bridge.port, "user": bridge.user, "host_key": bridge.host_key}
+
+
+def _signed_message(wg_public_key: bytes, endpoint: SshEndpoint) -> bytes:
+    bridge = endpoint.bridge
+    body = {
+        "port": endpoint.port,
+        "host_key": endpoint.host_key,
+        "bridge": _bridge_wire(bridge),
+    }
+    return _PREFIX + wg_public_key + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def _who(identity: PublicIdentity) -> str:
+    try:
+        return identity.fingerprint
+    except IdentityError:  # the refusal must name the node even when its key is malformed
+        return "a node with a malformed SSH key"
+
+
+def verify_attestation(wire: Any, identity: PublicIdentity) -> SshEndpoint:
+    """The endpoint in `wire`, if `identity` signed exactly it; else AttestationError."""
+    endpoint, sig = _parse(wire)
+    try:
+        verify_sshsig(identity.ssh_public_key, sig, _signed_message(identity.wg_public_key, endpoint), SIGN_NAMESPACE)
+    except IdentityError as exc:
+        raise AttestationError(f"SSH endpoint of {_who(identity)} refused: {exc}") from None
+    return endpoint
+
+
+async def make_attestation(
+    identity: NodeIdentity, *, port: int | None, host_key: str | None, bridge: BridgeEndpoint | None
+) -> dict[str, Any]:
+    """The signed wire form; AttestationError if the fields would not verify."""
+    wire: dict[str, Any] = {
+        "port": port,
+        "host_key": host_key,
+        "bridge": _bridge_wire(bridge),
+        "sig": "",
+    }
+    endpoint, _ = _parse(wire)  # the same checks a peer makes, before signing anything
+    sig = await identity.sign(_signed_message(identity.public.wg_public_key, endpoint), SIGN_NAMESPACE)
+    wire["sig"] = base64.b64encode(sig).decode("ascii")
+    return wire
