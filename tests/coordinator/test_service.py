@@ -335,6 +335,32 @@ def test_register_records_the_observed_address_first(db: Path, world: World) -> 
     asyncio.run(scenario())
 
 
+def test_register_keeps_an_opaque_ssh_offer_and_serves_it_in_the_map(db: Path, world: World) -> None:
+    offer = {"host_key": "ssh-ed25519 AAAA", "port": 2222, "sig": "anything: nodes verify it"}
+
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                await one.register(51820, [])
+                version = (await one.map(0, 0))["version"]
+                assert "ssh" not in (await one.map(0, 0))["endpoints"][key(world, 1)]
+                await one.register(51820, [], ssh=offer)
+                update = await one.map(version, 0)
+                assert update["version"] == version + 1 and update["endpoints"][key(world, 1)]["ssh"] == offer
+                assert "ssh" not in update["endpoints"].get(key(world, 0), {})
+                await one.register(51820, [], ssh=offer)  # the same offer: no new version
+                assert (await one.map(0, 0))["version"] == version + 1
+                await refused(db, one.register(51820, [], ssh={"pad": "x" * 2048}), 400, "at most 2048 bytes")
+                for wrong in ([offer], "ssh", 7):
+                    await refused(db, one.register(51820, [], ssh=wrong), 400, "ssh must be a JSON object")  # type: ignore[arg-type]
+                await one.register(51820, [])  # said again without it: withdrawn
+                withdrawn = await one.map(version + 1, 0)
+                assert withdrawn["version"] == version + 2 and "ssh" not in withdrawn["endpoints"][key(world, 1)]
+
+    asyncio.run(scenario())
+
+
 def test_signed_requests_are_not_replayable_or_stale(db: Path, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url, aiohttp.ClientSession() as http:

@@ -162,9 +162,14 @@ class Coordinator:
 
     # --- members ----------------------------------------------------------------------------------
 
-    async def register(self, listen_port: int, addresses: list[str]) -> dict[str, Any]:
-        return await self._call("POST", "/v1/register", {"listen_port": listen_port, "addresses": addresses},
-                                sign="member")
+    async def register(self, listen_port: int, addresses: list[str],
+                       ssh: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Where this node listens; `ssh` is what it offers for the SSH rung (each register
+        says it again: leaving it out withdraws it)."""
+        body: dict[str, Any] = {"listen_port": listen_port, "addresses": addresses}
+        if ssh is not None:
+            body["ssh"] = ssh
+        return await self._call("POST", "/v1/register", body, sign="member")
 
     async def map(self, since: int, wait: float) -> dict[str, Any]:
         """The peer map update after version `since`, held up to `wait` s for a change."""

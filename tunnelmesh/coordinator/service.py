@@ -67,6 +67,8 @@ PENDING_TTL = 3600
 PENDING_LIMIT = 64
 #: How long shutdown waits for requests in flight (long-polls are woken at once).
 SHUTDOWN_TIMEOUT = 2.0
+#: The largest "ssh" object a member may register (serialized compactly).
+MAX_SSH_OFFER = 2048
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -178,6 +180,23 @@ def _observed_ipv4(remote: str | None) -> str | None:
     if isinstance(address, ipaddress.IPv6Address):
         return None if address.ipv4_mapped is None else str(address.ipv4_mapped)
     return str(address)
+
+
+def _endpoints(member: MemberRow) -> dict[str, Any]:
+    """A member's endpoints object in the map: "ssh" only when the member offers it."""
+    endpoints: dict[str, Any] = {"addresses": member.addresses, "last_seen": member.last_seen}
+    if member.ssh is not None:
+        endpoints["ssh"] = member.ssh
+    return endpoints
+
+
+def _ssh_offer(value: Any) -> dict[str, Any] | None:
+    """The register body's optional "ssh": a JSON object, opaque here (nodes verify it)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(json.dumps(value, separators=(",", ":"))) > MAX_SSH_OFFER:
+        raise Refused(400, f"ssh must be a JSON object of at most {MAX_SSH_OFFER} bytes")
+    return value
 
 
 @web.middleware
@@ -341,7 +360,7 @@ class _Service:
             "members": [m.entry for m in members],
             "revocations": self.store.revocations(since),
             "secret": row.secret_record if row.secret_version > since else None,
-            "endpoints": {m.wg_key: {"addresses": m.addresses, "last_seen": m.last_seen} for m in members},
+            "endpoints": {m.wg_key: _endpoints(m) for m in members},
         }
 
     def _join_result(self, entry: dict[str, Any], wg_key: bytes) -> dict[str, Any]:
@@ -452,11 +471,13 @@ class _Service:
     # --- members --------------------------------------------------------------------------------
 
     async def register(self, request: web.Request) -> web.Response:
-        """Where the member can be reached: the address its request came from first."""
+        """Where the member can be reached: the address its request came from first, and
+        what it offers for the SSH rung (absent: nothing)."""
         member, raw = await self._member(request)
         body = _parse(raw)
-        _fields(body, {"listen_port", "addresses"})
+        _fields(body, {"listen_port", "addresses"}, frozenset({"ssh"}))
         port = _integer(body["listen_port"], "listen_port", 1, 65535)
+        ssh = _ssh_offer(body.get("ssh"))
         given = body["addresses"]
         if not isinstance(given, list) or len(given) > MAX_ENDPOINTS:
             raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
@@ -464,7 +485,7 @@ class _Service:
         observed = _observed_ipv4(request.remote)
         seen = [f"{observed}:{port}"] if observed is not None else []
         endpoints = list(dict.fromkeys(seen + parsed))[:MAX_ENDPOINTS]
-        self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()))
+        self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh)
         return web.json_response({"observed": f"{observed or f'[{request.remote}]'}:{port}"})
 
     async def map(self, request: web.Request) -> web.Response:

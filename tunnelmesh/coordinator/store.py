@@ -75,6 +75,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX members_version ON members (version)",
         "CREATE INDEX revocations_version ON revocations (version)",
     ),
+    # 2: what a member offers for the SSH rung (opaque JSON; nodes verify it), NULL for nothing.
+    ("ALTER TABLE members ADD COLUMN ssh TEXT",),
 ]
 
 _P = ParamSpec("_P")
@@ -105,6 +107,7 @@ class MemberRow:
     addresses: list[str]
     last_seen: int | None
     version: int
+    ssh: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -315,7 +318,8 @@ class Store:
     @staticmethod
     def _member(row: sqlite3.Row) -> MemberRow:
         return MemberRow(row["wg_key"], row["name"], row["host"], row["identity"], _loads(row["entry"]),
-                         _loads(row["addresses"]), row["last_seen"], row["version"])
+                         _loads(row["addresses"]), row["last_seen"], row["version"],
+                         None if row["ssh"] is None else _loads(row["ssh"]))
 
     @_guarded
     def member(self, wg_key: str) -> MemberRow | None:
@@ -346,16 +350,18 @@ class Store:
             return version
 
     @_guarded
-    def set_endpoints(self, wg_key: str, addresses: list[str], now: int) -> bool:
-        """Record where a member was seen; bumps the version only if its addresses changed."""
+    def set_endpoints(self, wg_key: str, addresses: list[str], now: int, ssh: dict[str, Any] | None = None) -> bool:
+        """Record where a member was seen and what it offers for the SSH rung (None: nothing);
+        bumps the version only if either changed."""
         with self.transaction():
-            row = self._conn.execute("SELECT addresses FROM members WHERE wg_key = ?", (wg_key,)).fetchone()
+            row = self._conn.execute("SELECT addresses, ssh FROM members WHERE wg_key = ?", (wg_key,)).fetchone()
             if row is None:
                 return False
-            changed = _loads(row["addresses"]) != addresses
+            stored_ssh = None if row["ssh"] is None else _loads(row["ssh"])
+            changed = _loads(row["addresses"]) != addresses or stored_ssh != ssh
             if changed:
-                self._conn.execute("UPDATE members SET addresses = ?, version = ? WHERE wg_key = ?",
-                                   (_json(addresses), self._bump(), wg_key))
+                self._conn.execute("UPDATE members SET addresses = ?, ssh = ?, version = ? WHERE wg_key = ?",
+                                   (_json(addresses), None if ssh is None else _json(ssh), self._bump(), wg_key))
             self._conn.execute("UPDATE members SET last_seen = ? WHERE wg_key = ?", (now, wg_key))
             return changed
 
