@@ -328,7 +328,7 @@ def test_we_initiate_and_wireguard_go_answers_pings(our_side: OurSide) -> None:
 
     side.pump(lambda: side.peer.current is not None, "wireguard-go's handshake response")
     assert side.received[0][:4] == b"\x02\x00\x00\x00" and len(side.received[0]) == 92
-    assert [e for e in side.device.events if isinstance(e, HandshakeCompleted)] == [HandshakeCompleted(side.peer, True)]
+    assert [(e.peer, e.initiator) for e in side.device.events if isinstance(e, HandshakeCompleted)] == [(side.peer, True)]
     # Key confirmation: the keepalive went out right after the response.
     assert side.sent[-1][:4] == b"\x04\x00\x00\x00" and len(side.sent[-1]) == 32
 
@@ -375,8 +375,8 @@ def test_wireguard_go_initiates_and_we_answer_its_pings(our_side: OurSide) -> No
             lambda: side.peer.current is not None, "wireguard-go's first transport message (key confirmation)",
             on_packet=answer,
         )
-        assert [e for e in side.device.events if isinstance(e, HandshakeCompleted)] == [
-            HandshakeCompleted(side.peer, False)
+        assert [(e.peer, e.initiator) for e in side.device.events if isinstance(e, HandshakeCompleted)] == [
+            (side.peer, False)
         ]
         side.pump(lambda: ping.poll() is not None, "the end of ping -c 3", timeout=15, on_packet=answer)
     finally:

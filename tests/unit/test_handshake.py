@@ -67,8 +67,9 @@ def test_initiation_response_then_first_data_confirms_the_session() -> None:
 def test_handshake_completion_is_reported_on_both_sides() -> None:
     pair = PeerPair()
     pair.handshake()
-    assert [e for e in pair.a.events if isinstance(e, HandshakeCompleted)] == [HandshakeCompleted(pair.a_peer, True)]
-    assert [e for e in pair.b.events if isinstance(e, HandshakeCompleted)] == [HandshakeCompleted(pair.b_peer, False)]
+    # Each side names where the proof came from: A the response, B A's confirmation.
+    assert [e for e in pair.a.events if isinstance(e, HandshakeCompleted)] == [HandshakeCompleted(pair.a_peer, True, B_ADDR)]
+    assert [e for e in pair.b.events if isinstance(e, HandshakeCompleted)] == [HandshakeCompleted(pair.b_peer, False, A_ADDR)]
     assert pair.a_peer.last_handshake == pair.b_peer.last_handshake == pair.now
 
 

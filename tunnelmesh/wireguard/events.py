@@ -14,8 +14,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeCompleted:
+    """`source` is where the proof came from: the response (initiator) or the
+    first packet on the new keypair (responder). The transport ladder reads
+    its kind (UDP address or link) as the rung that works."""
+
     peer: Peer
     initiator: bool
+    source: Hashable = None
 
 
 @dataclass(frozen=True, slots=True)

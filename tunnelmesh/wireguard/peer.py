@@ -80,6 +80,14 @@ class Peer:
         self.preshared_key = preshared_key
         self.allowed_ips = allowed_ips
         self.endpoint = endpoint
+        # False under the transport ladder: an authenticated packet from another
+        # kind of endpoint (UDP address vs. SSH or relay link) does not move the
+        # send path; it is noted in `stray_source`/`stray_at` for the ladder to
+        # weigh. Within one kind, roaming stays as in WireGuard.
+        self.roam_across_kinds = True
+        self.stray_source: Endpoint | None = None
+        self.stray_at = float("-inf")
+        self.endpoint_rx_at = float("-inf")  # last authenticated transport message from `endpoint`
         self.persistent_keepalive = persistent_keepalive
         self.tag = tag  # the caller's handle for this peer (name, config, ...)
         self.cookie = CookieGenerator(public_key)
@@ -89,6 +97,7 @@ class Peer:
         self._hs_stage = _NO_HANDSHAKE
         self._hs_noise: NoiseState | None = None
         self._hs_index = 0
+        self._hs_packet = b""  # the outstanding initiation, as sent (a probe may repeat it on another path)
         self.last_timestamp = b"\x00" * 12  # greatest TAI64N consumed, against replay
         self.last_initiation_consumed = float("-inf")
         self.last_sent_handshake = float("-inf")
@@ -208,6 +217,27 @@ class Peer:
             self.handshake_attempts = 0
         if now - self.last_sent_handshake < REKEY_TIMEOUT:
             return
+        self._new_initiation(now, wall)
+        self.device.queue_transmit(self, self._hs_packet)
+
+    def send_probe(self, endpoints: tuple[Endpoint, ...], now: float, wall: float) -> bool:
+        """Send a handshake initiation to each of `endpoints` (the transport ladder's
+        probe: only a handshake gets an answer). An initiation still outstanding is
+        repeated as it is, so whichever path carries it first completes the one
+        handshake; otherwise a new one starts, within the REKEY_TIMEOUT rate limit.
+        Returns False when the rate limit held it back."""
+        outstanding = self._hs_stage == _INITIATION_SENT and now - self.last_sent_handshake < REKEY_TIMEOUT
+        if not outstanding:
+            if now - self.last_sent_handshake < REKEY_TIMEOUT:
+                return False
+            self.handshake_attempts = 0
+            self._new_initiation(now, wall)
+        transmits = self.device.transmits
+        for endpoint in endpoints:
+            transmits.append((self._hs_packet, endpoint))
+        return True
+
+    def _new_initiation(self, now: float, wall: float) -> None:
         self.last_sent_handshake = now
         device = self.device
         ephemeral = device.new_ephemeral()
@@ -224,7 +254,7 @@ class Peer:
         )
         self._hs_noise = noise
         self._hs_stage = _INITIATION_SENT
-        device.queue_transmit(self, self.cookie.add_macs(body, now))
+        self._hs_packet = self.cookie.add_macs(body, now)
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_sent()
         self._timers_handshake_initiated(now)
@@ -242,11 +272,11 @@ class Peer:
         self._clear_handshake(keep_index=True)
         kp = Keypair(self, send_key, receive_key, local_index=local_index, remote_index=remote_index, created=now, initiator=True)
         self.device.set_index(local_index, self, kp)
-        self._set_endpoint(source)
+        self._set_endpoint(source, now)
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_received()
         self._begin_session(kp, now)
-        self._timers_handshake_complete(now, initiator=True)
+        self._timers_handshake_complete(now, initiator=True, source=source)
         # Key confirmation: the responder waits for a packet on this keypair.
         if self.staged:
             self._flush_staged(now, wall)
@@ -285,11 +315,13 @@ class Peer:
         send_key, receive_key = derive_keys(noise, initiator=False)
         kp = Keypair(self, send_key, receive_key, local_index=local_index, remote_index=remote_index, created=now, initiator=False)
         device.set_index(local_index, self, kp)
-        self._set_endpoint(source)
+        self._set_endpoint(source, now)
         self._begin_session(kp, now)
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_received()
-        device.queue_transmit(self, self.cookie.add_macs(body, now))
+        # The answer goes back the way the initiation came, whatever the send
+        # path: that is what lets a probe on one rung prove that rung.
+        device.transmits.append((self.cookie.add_macs(body, now), source))
         self._timers_any_authenticated_packet_sent()
 
     def _clear_handshake(self, *, keep_index: bool) -> None:
@@ -316,19 +348,21 @@ class Peer:
             self.next, self.previous = kp, None
         self._timers_session_derived(now)
 
-    def on_confirmed(self, kp: Keypair, now: float, wall: float) -> None:
+    def on_confirmed(self, kp: Keypair, source: Endpoint, now: float, wall: float) -> None:
         """First packet on the `next` keypair: it becomes current."""
         self.device.release_keypair(self.previous)
         self.previous, self.current, self.next = self.current, kp, None
-        self._timers_handshake_complete(now, initiator=False)
+        self._timers_handshake_complete(now, initiator=False, source=source)
         self._flush_staged(now, wall)
 
     def on_transport(self, kp: Keypair, source: Endpoint, size: int, data: bool, now: float, wall: float) -> None:
         """Bookkeeping for an authenticated, non-replayed transport message."""
         if kp is self.next:
-            self.on_confirmed(kp, now, wall)
-        if source != self.endpoint:
-            self._set_endpoint(source)
+            self.on_confirmed(kp, source, now, wall)
+        if source == self.endpoint:
+            self.endpoint_rx_at = now
+        else:
+            self._set_endpoint(source, now)
         self.rx_bytes += size
         current = self.current
         if (
@@ -344,10 +378,15 @@ class Peer:
         if data:
             self._timers_data_received(now)
 
-    def _set_endpoint(self, source: Endpoint) -> None:
-        if source is not None and source != self.endpoint:
-            self.endpoint = source
-            self.device.on_endpoint_changed(self, source)
+    def _set_endpoint(self, source: Endpoint, now: float) -> None:
+        if source is None or source == self.endpoint:
+            return
+        if not self.roam_across_kinds and self.endpoint is not None and type(source) is not type(self.endpoint):
+            self.stray_source, self.stray_at = source, now
+            return
+        self.endpoint = source
+        self.endpoint_rx_at = now
+        self.device.on_endpoint_changed(self, source)
 
     def zero_keys(self) -> None:
         release = self.device.release_keypair
@@ -435,12 +474,12 @@ class Peer:
     def _timers_handshake_initiated(self, now: float) -> None:
         self.t_retransmit = now + REKEY_TIMEOUT + self._jitter()
 
-    def _timers_handshake_complete(self, now: float, *, initiator: bool) -> None:
+    def _timers_handshake_complete(self, now: float, *, initiator: bool, source: Endpoint) -> None:
         self.t_retransmit = None
         self.handshake_attempts = 0
         self.sent_last_minute_handshake = False
         self.last_handshake = now
-        self.device.emit(HandshakeCompleted(self, initiator))
+        self.device.emit(HandshakeCompleted(self, initiator, source))
 
     def _timers_session_derived(self, now: float) -> None:
         self.t_zero_keys = now + ZERO_KEYS_AFTER
