@@ -1,0 +1,247 @@
+"""The transport ladder of one peer session: which rung carries its traffic.
+
+Sans-IO like the protocol core: the session feeds it what happened (a
+handshake completed on a rung, a link could not be made, the core's view of
+unanswered traffic) with the time, and gets back actions: `Probe` (send a
+handshake initiation on these rungs) and `Switch` (send on this rung from now
+on). Rungs, best first: UDP, SSH, WebSocket relay.
+
+Rules (DESIGN.md, "Transport ladder"):
+- Searching (a new session, or the current rung failing): probe the best rung
+  (a failing rung together with the next one); every HAPPY_EYEBALLS seconds
+  without an answer, add the next rung and probe them all again. The first
+  rung a handshake completes on carries the traffic.
+- Failing: data sent and no authenticated packet for FAILING_AFTER seconds.
+- Return: on a worse rung, probe the better ones every `probe_interval`
+  (BETTER_PROBE, doubled up to MAX_PROBE_INTERVAL each time a step-down fails
+  within STEP_DOWN_TRIAL, and reset when one holds that long); a handshake on
+  a better rung steps down.
+- Hysteresis: at most one rung change per HOLD seconds, whatever the reason;
+  a change that is due but held is made when the hold ends, if its evidence
+  is still fresh. Probes for a step-down are sent only when it could be made.
+- Roaming: packets that arrive on another rung move the send path only when
+  the current rung has received nothing for FAILING_AFTER seconds (the peer
+  has moved); a late packet on an old rung changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UDP, SSH, RELAY = "udp", "ssh", "relay"
+RUNGS = (UDP, SSH, RELAY)
+LABELS = {UDP: "UDP", SSH: "SSH", RELAY: "relay"}
+
+HAPPY_EYEBALLS = 2.0
+FAILING_AFTER = 3.0
+BETTER_PROBE = 20.0
+MAX_PROBE_INTERVAL = 300.0
+HOLD = 10.0
+STEP_DOWN_TRIAL = 60.0
+FRESH = 5.0  # how long a handshake on a rung stays evidence for a held change
+RESEARCH = 5.0  # once every rung is being probed, re-probe at this pace
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    rungs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    rung: str
+    previous: str | None
+    why: str  # "udp failing", "step down after a probe", "peer moved", "first handshake"
+
+
+Action = Probe | Switch
+
+
+@dataclass(slots=True)
+class Reason:
+    """Why a rung is not in use: text for `status` and when it started (monotonic)."""
+
+    text: str
+    since: float
+
+
+class Ladder:
+    def __init__(self, rungs: tuple[str, ...], *, unusable: dict[str, str] | None = None) -> None:
+        """`rungs`: the enabled ones (config may disable or force); `unusable`:
+        a fixed reason for each rung left out ("disabled in config")."""
+        if not rungs or any(r not in RUNGS for r in rungs):
+            raise ValueError(f"rungs must be a non-empty subset of {RUNGS}")
+        self.rungs = tuple(r for r in RUNGS if r in rungs)
+        self.fixed = dict(unusable or {})
+        self.current: str | None = None
+        self.changes = 0
+        self.last_change: float | None = None  # the first choice is not a change
+        self.probe_interval = BETTER_PROBE
+        self.reasons: dict[str, Reason] = {}
+        # Searching: the rungs being probed, when the set widens next.
+        self.searching: list[str] = []
+        self._next_widen = 0.0
+        self._next_better_probe = 0.0
+        self._probed_at: dict[str, float] = {}
+        self._answered_at: dict[str, float] = {}
+        self._stepped_down_at: float | None = None
+        self._last_rx_current = float("-inf")
+        self._switched_at = float("-inf")
+
+    # --- queries ----------------------------------------------------------------------
+
+    def rank(self, rung: str) -> int:
+        return RUNGS.index(rung)
+
+    def why_not_better(self, now: float) -> list[tuple[str, str, float | None]]:
+        """(rung, reason, since) for every rung better than the current one."""
+        limit = self.rank(self.current) if self.current is not None else len(RUNGS)
+        out: list[tuple[str, str, float | None]] = []
+        for rung in RUNGS[:limit]:
+            if rung in self.fixed:
+                out.append((rung, self.fixed[rung], None))
+            elif rung in self.reasons:
+                out.append((rung, self.reasons[rung].text, self.reasons[rung].since))
+            elif self.current is not None:
+                wait = self._next_better_probe - now
+                note = "probing now" if wait <= 0 else f"next probe in {wait:.0f} s"
+                out.append((rung, f"not answering yet ({note})", None))
+        return out
+
+    def _may_change(self, now: float) -> bool:
+        return self.last_change is None or now - self.last_change >= HOLD
+
+    # --- inputs -----------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """A new session (or one to re-establish): search from the best rung."""
+        return self._search([self.rungs[0]], now)
+
+    def handshake(self, rung: str, now: float) -> list[Action]:
+        """A handshake completed with proof coming in on `rung`."""
+        if rung not in self.rungs:
+            return []
+        self._answered_at[rung] = now
+        self.reasons.pop(rung, None)
+        if rung == self.current:
+            self._last_rx_current = now
+            self.searching = []
+            return []
+        if self.current is None:
+            return self._switch(rung, now, "first handshake")
+        if not self._may_change(now):
+            return []  # kept as evidence; `tick` makes the change when the hold ends
+        why = "step down after a probe" if self.rank(rung) < self.rank(self.current) else "peer moved"
+        return self._switch(rung, now, why)
+
+    def unavailable(self, rung: str, reason: str, now: float) -> list[Action]:
+        """A link for `rung` could not be made or went down."""
+        if rung not in self.rungs:
+            return []
+        if rung not in self.reasons:
+            self.reasons[rung] = Reason(reason, now)
+        else:
+            self.reasons[rung].text = reason
+        if rung == self.current and not self.searching:
+            return self._search(self._failing_set(rung), now)
+        return []
+
+    def tick(self, now: float, *, unanswered_since: float | None, received_on_current: float | None,
+             stray: tuple[str, float] | None) -> list[Action]:
+        """Called about once a second. `unanswered_since`: when data was first sent
+        with no authenticated packet since (None when answered); `received_on_current`:
+        the last authenticated packet on the current rung; `stray`: the rung and time
+        of the last authenticated packet that came on another rung."""
+        actions: list[Action] = []
+        if received_on_current is not None:
+            self._last_rx_current = max(self._last_rx_current, received_on_current)
+        self._note_unanswered_probes(now)
+        # A change that was held back, still backed by fresh evidence.
+        if self.current is not None and self._may_change(now):
+            held = self._held_change(now)
+            if held is not None:
+                return self._switch(held, now, "step down after a probe"
+                                    if self.rank(held) < self.rank(self.current) else "peer moved")
+        if self.current is not None and self._stepped_down_at is not None and now - self._stepped_down_at >= STEP_DOWN_TRIAL:
+            self._stepped_down_at = None
+            self.probe_interval = BETTER_PROBE  # the step-down held
+        if self.searching:
+            if now >= self._next_widen:
+                missing = [r for r in self.rungs if r not in self.searching]
+                if missing:
+                    self.searching.append(missing[0])
+                    self._next_widen = now + HAPPY_EYEBALLS
+                else:
+                    self._next_widen = now + RESEARCH
+                actions.append(self._probe(self.searching, now))
+            return actions
+        if self.current is None:
+            return actions
+        # Roaming: the peer evidently sends on another rung and nothing comes on ours.
+        if stray is not None and stray[0] in self.rungs and stray[0] != self.current \
+                and now - stray[1] < FAILING_AFTER and now - self._last_rx_current >= FAILING_AFTER \
+                and self._may_change(now):
+            return self._switch(stray[0], now, "peer moved")
+        if unanswered_since is not None:
+            unanswered_since = max(unanswered_since, self._switched_at)  # silence on the old rung is not ours
+        if unanswered_since is not None and now - unanswered_since >= FAILING_AFTER:
+            self.reasons[self.current] = Reason(f"no reply for {FAILING_AFTER:g} s while sending", unanswered_since)
+            return self._search(self._failing_set(self.current), now)
+        best = self.rungs[0]
+        if self.current != best and now >= self._next_better_probe and self._may_change(now):
+            better = tuple(r for r in self.rungs if self.rank(r) < self.rank(self.current))
+            self._next_better_probe = now + self.probe_interval
+            actions.append(self._probe(better, now))
+        return actions
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _failing_set(self, rung: str) -> list[str]:
+        later = [r for r in self.rungs if self.rank(r) > self.rank(rung)]
+        return [rung] + later[:1]
+
+    def _search(self, rungs: list[str], now: float) -> list[Action]:
+        self.searching = list(rungs)
+        self._next_widen = now + HAPPY_EYEBALLS
+        return [self._probe(self.searching, now)]
+
+    def _probe(self, rungs: list[str] | tuple[str, ...], now: float) -> Probe:
+        for rung in rungs:
+            self._probed_at.setdefault(rung, now)
+        return Probe(tuple(rungs))
+
+    def _note_unanswered_probes(self, now: float) -> None:
+        for rung, at in list(self._probed_at.items()):
+            if self._answered_at.get(rung, float("-inf")) >= at:
+                del self._probed_at[rung]
+            elif now - at >= HAPPY_EYEBALLS:
+                del self._probed_at[rung]
+                if rung not in self.reasons:
+                    self.reasons[rung] = Reason(f"no handshake reply in {HAPPY_EYEBALLS:g} s", at)
+
+    def _held_change(self, now: float) -> str | None:
+        assert self.current is not None
+        fresh = [r for r, at in self._answered_at.items() if r != self.current and now - at < FRESH
+                 and at > (self.last_change or float("-inf"))]
+        if not fresh:
+            return None
+        return max(fresh, key=lambda r: self._answered_at[r])
+
+    def _switch(self, rung: str, now: float, why: str) -> list[Action]:
+        previous = self.current
+        if previous is not None:
+            self.changes += 1
+            self.last_change = now
+            if self.rank(rung) < self.rank(previous):
+                self._stepped_down_at = now
+            elif self._stepped_down_at is not None and now - self._stepped_down_at < STEP_DOWN_TRIAL:
+                # The step-down failed within its trial: probe the better rung less often.
+                self.probe_interval = min(self.probe_interval * 2, MAX_PROBE_INTERVAL)
+                self._stepped_down_at = None
+        self.current = rung
+        self.searching = []
+        self._last_rx_current = now
+        self._switched_at = now
+        self._next_better_probe = now + self.probe_interval
+        self.reasons.pop(rung, None)
+        return [Switch(rung, previous, why)]
