@@ -20,7 +20,8 @@ packages=(
   wireguard-go wireguard-tools   # interop peer and its `wg` tool
   iperf3                         # benchmarks
   nftables iproute2              # the netns lab: namespaces, veth, bridges, NAT, faults
-  openssh-client openssh-server  # SSH transport rung; host keys as identities
+  openssh-client openssh-server  # SSH transport rung (and its forced-command bridge); host keys as identities
+  tinyproxy nginx openssl        # relay rung tests: HTTP CONNECT proxy, TLS-terminating proxy, test certificates
   nebula                         # benchmark peer
   systemd                        # systemd-analyze for the unit-file test
   procps iputils-ping            # sysctl, ps; ping in e2e tests

@@ -25,7 +25,7 @@ import stat
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -61,8 +61,12 @@ WG_KEY_BYTES = 32
 #: Refuse config files larger than this (a config is a few KiB at most).
 MAX_CONFIG_BYTES = 1 << 20
 
-TOP_KEYS = ("node", "peers", "coordinator")
-COORDINATOR_KEYS = ("url", "serve", "db")
+TOP_KEYS = ("node", "peers", "coordinator", "transports")
+COORDINATOR_KEYS = ("url", "serve", "db", "ca_file")
+TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "peers")
+PEER_TRANSPORT_KEYS = ("rungs", "force")
+RUNG_NAMES = ("udp", "ssh", "relay")  # the transport ladder, best first
+DEFAULT_SSH_PORT = 2222
 DEFAULT_COORDINATOR_PORT = 7400
 NODE_KEYS = (
     "name",
@@ -150,6 +154,39 @@ class CoordinatorConfig:
     serve: tuple[str, int] | None
     #: The embedded coordinator's SQLite file.
     db: Path
+    #: A private CA (PEM) to verify the coordinator's and relay's TLS certificates with.
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RungChoice:
+    """Which rungs of the ladder may carry a peer's traffic."""
+
+    #: Enabled rungs, best first.
+    rungs: tuple[str, ...] = RUNG_NAMES
+    #: Only this rung (for testing a path), or None.
+    force: str | None = None
+
+    @property
+    def enabled(self) -> tuple[str, ...]:
+        return (self.force,) if self.force is not None else self.rungs
+
+
+@dataclass(frozen=True)
+class TransportsConfig:
+    """The ``[transports]`` table: the ladder and the SSH rung's endpoints."""
+
+    default: RungChoice = RungChoice()
+    #: Per-peer overrides, by peer name.
+    peers: Mapping[str, RungChoice] = field(default_factory=dict)
+    #: TCP port of this daemon's own SSH server (0 = serve none).
+    ssh_port: int = DEFAULT_SSH_PORT
+    #: The account of the forced-command bridge behind this machine's sshd, if set up.
+    ssh_bridge_user: str | None = None
+    ssh_bridge_port: int = 22
+
+    def for_peer(self, name: str) -> RungChoice:
+        return self.peers.get(name, self.default)
 
 
 @dataclass(frozen=True)
@@ -170,6 +207,7 @@ class NodeConfig:
     mtu: int
     peers: tuple[PeerConfig, ...]
     coordinator: CoordinatorConfig | None = None
+    transports: TransportsConfig = TransportsConfig()
 
     @property
     def mesh_network(self) -> ipaddress.IPv4Network:
@@ -622,7 +660,53 @@ class _Checker:
                     "coordinator", "serve",
                 ) from None
         db = self.get_path(table, "db", what, "coordinator") or self.state_dir / "coordinator.db"
-        return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db)
+        ca_file = self.get_path(table, "ca_file", what, "coordinator")
+        return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db, ca_file=ca_file)
+
+    def rung_choice(self, table: Mapping[str, Any], what: str, *where: Any, base: RungChoice) -> RungChoice:
+        rungs = base.rungs
+        if "rungs" in table:
+            value = table["rungs"]
+            if not isinstance(value, list) or not value or any(r not in RUNG_NAMES for r in value) \
+                    or len(set(value)) != len(value):
+                raise self.error(f"{what}: rungs must be a non-empty list of distinct rungs from "
+                                 f"{', '.join(map(repr, RUNG_NAMES))}, e.g. [\"udp\", \"relay\"]", *where, "rungs")
+            rungs = tuple(r for r in RUNG_NAMES if r in value)
+        force = self.get_str(table, "force", what, *where)
+        if force is not None and force not in rungs:
+            raise self.error(f"{what}: force {_show(force)} must be one of the enabled rungs "
+                             f"({', '.join(rungs)})", *where, "force")
+        return RungChoice(rungs=rungs, force=force)
+
+    def transports(self, data: Mapping[str, Any], coordinator: CoordinatorConfig | None) -> TransportsConfig:
+        table = self.table(data, "transports", TRANSPORT_KEYS)
+        if table is None:
+            return TransportsConfig()
+        what = "[transports]"
+        default = self.rung_choice(table, what, "transports", base=RungChoice())
+        if coordinator is None and default.enabled != ("udp",) and ("rungs" in table or "force" in table):
+            raise self.error(f"{what}: the SSH and relay rungs need a [coordinator] (a static mesh is UDP only)",
+                             "transports")
+        peers: dict[str, RungChoice] = {}
+        raw_peers = table.get("peers", {})
+        if not isinstance(raw_peers, dict):
+            raise self.error(f"{what}: peers must be tables, e.g. [transports.peers.beta]", "transports", "peers")
+        for name, raw in raw_peers.items():
+            where = ("transports", "peers", name)
+            label = f"[transports.peers.{name}]"
+            if not isinstance(raw, dict):
+                raise self.error(f"{label} must be a table", *where)
+            self.check_keys(raw, PEER_TRANSPORT_KEYS, label, *where)
+            peers[name] = self.rung_choice(raw, label, *where, base=default)
+        ssh_port = self.get_int(table, "ssh_port", what, "transports", default=DEFAULT_SSH_PORT, lo=0, hi=65535,
+                                hint=" (0 = serve no SSH)")
+        bridge_user = self.get_str(table, "ssh_bridge_user", what, "transports")
+        if bridge_user is not None and re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", bridge_user) is None:
+            raise self.error(f"{what}: ssh_bridge_user {_show(bridge_user)} is not a valid account name",
+                             "transports", "ssh_bridge_user")
+        bridge_port = self.get_int(table, "ssh_bridge_port", what, "transports", default=22, lo=1, hi=65535)
+        return TransportsConfig(default=default, peers=peers, ssh_port=ssh_port, ssh_bridge_user=bridge_user,
+                                ssh_bridge_port=bridge_port)
 
     def endpoint(self, value: str, what: str, index: int) -> tuple[str, int]:
         where = ("peers", index, "endpoint")
@@ -880,7 +964,8 @@ def parse_config(text: str, *, path: Path, state_dir: Path) -> NodeConfig:
         if coordinator is not None and data.get("peers"):
             raise checker.error("[[peers]] are not used with a [coordinator]: it tells this node its peers", "peers")
         peers = checker.peers(data, node) if coordinator is None else ()
-        return NodeConfig(peers=peers, coordinator=coordinator, **node)
+        transports = checker.transports(data, coordinator)
+        return NodeConfig(peers=peers, coordinator=coordinator, transports=transports, **node)
     except ConfigError:
         raise
     except RecursionError:

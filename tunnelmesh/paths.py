@@ -80,6 +80,11 @@ class Paths:
         """A key generated for this node when it does not use an existing SSH key."""
         return self.state_dir / "identity_ed25519"
 
+    @property
+    def ssh_host_key(self) -> Path:
+        """The host key of this daemon's SSH rung (made at init; attested by the identity)."""
+        return self.state_dir / "ssh_host_ed25519_key"
+
 
 def _absolute(p: str) -> Path:
     return Path(os.path.abspath(os.path.expanduser(p)))
