@@ -68,11 +68,12 @@ class Reason:
 class Ladder:
     def __init__(self, rungs: tuple[str, ...], *, unusable: dict[str, str] | None = None) -> None:
         """`rungs`: the enabled ones (config may disable or force); `unusable`:
-        a fixed reason for each rung left out ("disabled in config")."""
+        a fixed reason for each rung left out ("disabled in config"); one
+        left out without a reason is "disabled"."""
         if not rungs or any(r not in RUNGS for r in rungs):
             raise ValueError(f"rungs must be a non-empty subset of {RUNGS}")
         self.rungs = tuple(r for r in RUNGS if r in rungs)
-        self.fixed = dict(unusable or {})
+        self.fixed = {r: "disabled" for r in RUNGS if r not in self.rungs} | dict(unusable or {})
         self.current: str | None = None
         self.changes = 0
         self.last_change: float | None = None  # the first choice is not a change
@@ -80,6 +81,7 @@ class Ladder:
         self.reasons: dict[str, Reason] = {}
         # Searching: the rungs being probed, when the set widens next.
         self.searching: list[str] = []
+        self._failing: str | None = None  # the current rung, while a search is on because it fails
         self._next_widen = 0.0
         self._next_better_probe = 0.0
         self._probed_at: dict[str, float] = {}
@@ -126,13 +128,13 @@ class Ladder:
         if rung == self.current:
             self._last_rx_current = now
             self.searching = []
+            self._failing = None
             return []
         if self.current is None:
             return self._switch(rung, now, "first handshake")
         if not self._may_change(now):
             return []  # kept as evidence; `tick` makes the change when the hold ends
-        why = "step down after a probe" if self.rank(rung) < self.rank(self.current) else "peer moved"
-        return self._switch(rung, now, why)
+        return self._switch(rung, now, self._why(rung))
 
     def unavailable(self, rung: str, reason: str, now: float) -> list[Action]:
         """A link for `rung` could not be made or went down."""
@@ -143,6 +145,7 @@ class Ladder:
         else:
             self.reasons[rung].text = reason
         if rung == self.current and not self.searching:
+            self._failing = rung
             return self._search(self._failing_set(rung), now)
         return []
 
@@ -160,8 +163,7 @@ class Ladder:
         if self.current is not None and self._may_change(now):
             held = self._held_change(now)
             if held is not None:
-                return self._switch(held, now, "step down after a probe"
-                                    if self.rank(held) < self.rank(self.current) else "peer moved")
+                return self._switch(held, now, self._why(held))
         if self.current is not None and self._stepped_down_at is not None and now - self._stepped_down_at >= STEP_DOWN_TRIAL:
             self._stepped_down_at = None
             self.probe_interval = BETTER_PROBE  # the step-down held
@@ -170,7 +172,7 @@ class Ladder:
                 missing = [r for r in self.rungs if r not in self.searching]
                 if missing:
                     self.searching.append(missing[0])
-                    self._next_widen = now + HAPPY_EYEBALLS
+                    self._next_widen = now + (HAPPY_EYEBALLS if len(missing) > 1 else RESEARCH)
                 else:
                     self._next_widen = now + RESEARCH
                 actions.append(self._probe(self.searching, now))
@@ -186,6 +188,7 @@ class Ladder:
             unanswered_since = max(unanswered_since, self._switched_at)  # silence on the old rung is not ours
         if unanswered_since is not None and now - unanswered_since >= FAILING_AFTER:
             self.reasons[self.current] = Reason(f"no reply for {FAILING_AFTER:g} s while sending", unanswered_since)
+            self._failing = self.current
             return self._search(self._failing_set(self.current), now)
         best = self.rungs[0]
         if self.current != best and now >= self._next_better_probe and self._may_change(now):
@@ -219,10 +222,21 @@ class Ladder:
                 if rung not in self.reasons:
                     self.reasons[rung] = Reason(f"no handshake reply in {HAPPY_EYEBALLS:g} s", at)
 
-    def _held_change(self, now: float) -> str | None:
+    def _why(self, rung: str) -> str:
         assert self.current is not None
+        if self.rank(rung) < self.rank(self.current):
+            return "step down after a probe"
+        return f"{self.current} failing" if self._failing == self.current else "peer moved"
+
+    def _held_change(self, now: float) -> str | None:
+        """The rung a change held back by HOLD would go to, if still due: its
+        answer is fresh, came after the last change, and (for a worse rung)
+        the current one has heard nothing since."""
+        assert self.current is not None
+        current_rank = self.rank(self.current)
         fresh = [r for r, at in self._answered_at.items() if r != self.current and now - at < FRESH
-                 and at > (self.last_change or float("-inf"))]
+                 and at > (self.last_change or float("-inf"))
+                 and (self.rank(r) < current_rank or at > self._last_rx_current)]
         if not fresh:
             return None
         return max(fresh, key=lambda r: self._answered_at[r])
@@ -240,6 +254,7 @@ class Ladder:
                 self._stepped_down_at = None
         self.current = rung
         self.searching = []
+        self._failing = None
         self._last_rx_current = now
         self._switched_at = now
         self._next_better_probe = now + self.probe_interval
