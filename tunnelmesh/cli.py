@@ -496,6 +496,23 @@ def cmd_version(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
+# --- ssh-bridge -----------------------------------------------------------------------
+
+
+def cmd_ssh_bridge(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.links.bridge import BridgeError, main_setup, run_bridge
+
+    try:
+        if args.setup:
+            print(main_setup(args.user, paths.state_dir))
+            return EXIT_OK
+        if args.peer is None:
+            raise CliError("say what to do: --peer KEY (as sshd's forced command) or --setup", EXIT_USAGE)
+        return run_bridge(args.peer, Path(args.socket) if args.socket else paths.bridge_socket)
+    except BridgeError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+
+
 # --- parser -------------------------------------------------------------------------
 
 
@@ -604,6 +621,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("events", help="stream daemon events as JSON lines")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser(
+        "ssh-bridge", help="the SSH rung through this machine's sshd: set up its account, or run as its forced command",
+        description="With --setup (root): make the system account whose authorized_keys the daemon keeps, one "
+                    "forced-command line per member, and give it access to the bridge socket. With --peer: what "
+                    "sshd runs for a member that logs in to that account; it pipes the session to the daemon.",
+    )
+    p.add_argument("--setup", action="store_true", help="make the bridge account (if missing) and print the config to add")
+    p.add_argument("--user", default="tunnelmesh", help="(--setup) the account's name (default tunnelmesh)")
+    p.add_argument("--peer", metavar="WG_KEY", help="(forced command) the WireGuard key of the member sshd authenticated")
+    p.add_argument("--socket", help="(forced command) the daemon's bridge socket (default <state-dir>/bridge.sock)")
+    p.set_defaults(func=cmd_ssh_bridge)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

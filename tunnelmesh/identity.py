@@ -75,6 +75,8 @@ import os
 import re
 import struct
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -542,6 +544,33 @@ class NodeIdentity:
             + _string(SSHSIG_HASH)
             + _string(sig_blob)
         )
+
+    @asynccontextmanager
+    async def ssh_client_keys(self) -> AsyncIterator[list[asyncssh.SSHKey | asyncssh.SSHKeyPair]]:
+        """This key alone, as `asyncssh.connect(client_keys=...)` wants it, for logging in
+        to a peer's SSH server. An agent key works only while its agent connection is
+        open, so use it inside this block until the login is done."""
+        signer = self._signer
+        if isinstance(signer, _FileSigner):
+            yield [signer._key]
+            return
+        assert isinstance(signer, _AgentSigner)
+        path, fingerprint = signer._agent_path, _fingerprint_blob(signer.blob)
+        agent: asyncssh.SSHAgentClient | None = None
+        try:
+            agent = await asyncssh.connect_agent(path)
+            keys = [k for k in await agent.get_keys() if bytes(k.public_data) == signer.blob]
+        except (OSError, ValueError, EOFError):
+            if agent is not None:
+                agent.close()
+            raise IdentityError(f"cannot reach ssh-agent at {path} to log in with key {fingerprint}") from None
+        try:
+            if not keys:
+                raise IdentityError(f"key {fingerprint} is no longer in the ssh-agent at {path}; add it again with ssh-add")
+            yield keys
+        finally:
+            agent.close()
+            await agent.wait_closed()
 
     @classmethod
     async def _derive(cls, signer: _Signer) -> NodeIdentity:

@@ -81,6 +81,11 @@ class Paths:
         return self.state_dir / "identity_ed25519"
 
     @property
+    def bridge_socket(self) -> Path:
+        """Where `tunnelmesh ssh-bridge` (sshd's forced command) reaches the daemon."""
+        return self.state_dir / "bridge.sock"
+
+    @property
     def ssh_host_key(self) -> Path:
         """The host key of this daemon's SSH rung (made at init; attested by the identity)."""
         return self.state_dir / "ssh_host_ed25519_key"
