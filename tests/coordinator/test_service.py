@@ -502,7 +502,7 @@ def test_connection_problems_are_phrased_for_users(tmp_path: Path) -> None:
 
     error = asyncio.run(scenario())
     assert error.status is None and re.fullmatch(r"cannot reach the coordinator at http://127\.0\.0\.1:\d+: "
-                                                 r"connection refused", str(error)), str(error)
+                                                 r"connection refused on 127\.0\.0\.1:\d+", str(error)), str(error)
 
 
 

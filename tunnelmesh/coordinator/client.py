@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 from types import TracebackType
 from typing import Any, Literal
@@ -21,6 +20,8 @@ from typing import Any, Literal
 import aiohttp
 
 from tunnelmesh.identity import IdentityError, NodeIdentity
+from tunnelmesh.links import LinkError
+from tunnelmesh.links.proxy import connect_failure, proxy_for, ssl_context
 from tunnelmesh.membership import REQUEST_NAMESPACE, AdminKey, RequestAuth, b64, request_message, sign_admin_request
 
 #: Extra time allowed on top of a long-poll's wait before giving up on an answer.
@@ -46,25 +47,24 @@ class Revoked(CoordinatorError):
         self.revocation = revocation
 
 
-def _reason(exc: aiohttp.ClientConnectorError) -> str:
-    """Why a connection failed, as `ping` or `curl` would say it."""
-    error = exc.os_error
-    if isinstance(error, socket.gaierror):
-        return f"cannot resolve {exc.host}"
-    if error.errno:
-        return os.strerror(error.errno).lower()
-    return str(error) or type(error).__name__
-
-
 class Coordinator:
-    """One coordinator URL, over one HTTP session (use as an async context manager)."""
+    """One coordinator URL, over one HTTP session (use as an async context manager).
+
+    Through the proxy that HTTP_PROXY/HTTPS_PROXY/NO_PROXY name for the URL (chosen
+    here, as for the relay); https:// verifies the certificate, against the system's
+    CAs plus those in `ca_file` for a private CA."""
 
     def __init__(self, url: str, *, identity: NodeIdentity | None = None, admin: AdminKey | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.identity = identity
         self.admin = admin
         self.timeout = timeout
+        self.proxy = proxy_for(self.url)
+        try:
+            self._ssl = ssl_context(ca_file) or True
+        except LinkError as exc:
+            raise CoordinatorError(str(exc)) from None
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Coordinator:
@@ -108,11 +108,13 @@ class Coordinator:
         total = self.timeout if timeout is None else timeout
         try:
             async with self._session.request(method, self.url + path, data=raw or None, headers=headers,
+                                             proxy=self.proxy, ssl=self._ssl,
                                              timeout=aiohttp.ClientTimeout(total=total)) as response:
                 status = response.status
                 payload = await response.read()
-        except aiohttp.ClientConnectorError as exc:
-            raise CoordinatorError(f"cannot reach the coordinator at {self.url}: {_reason(exc)}") from None
+        except (aiohttp.ClientConnectorError, aiohttp.ClientHttpProxyError) as exc:
+            raise CoordinatorError(f"cannot reach the coordinator at {self.url}: "
+                                   f"{connect_failure(exc, self.proxy)}") from None
         except asyncio.TimeoutError:
             raise CoordinatorError(f"the coordinator at {self.url} did not answer within {total:g} s") from None
         except (aiohttp.ClientError, ValueError) as exc:
