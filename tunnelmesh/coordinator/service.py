@@ -54,6 +54,7 @@ from tunnelmesh.membership import (
     verify_member_request,
 )
 
+from .relay import Relay
 from .store import MemberRow, NetworkRow, PendingRow, Store, StoreError
 
 log = logging.getLogger("tunnelmesh.coordinator.server")
@@ -235,10 +236,13 @@ class _Service:
         self.guard = ReplayGuard()
         self._changed = asyncio.Event()
         self._closing = False
+        self._relay: Relay | None = None
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        if self._relay is not None:
+            self._relay.member_changed()
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         self.store.add_listener(self._wake)
@@ -246,9 +250,11 @@ class _Service:
         self.store.remove_listener(self._wake)
 
     async def on_shutdown(self, app: web.Application) -> None:
-        """Answer held long-polls now rather than holding shutdown up."""
+        """Answer held long-polls now and close relay connections rather than holding shutdown up."""
         self._closing = True
         self._wake()
+        if self._relay is not None:
+            await self._relay.close()
 
     # --- shared checks ------------------------------------------------------------------------
 
@@ -618,6 +624,24 @@ class _Service:
         await self._admin(request)
         return web.json_response(self._map(0))
 
+    # --- the WebSocket relay (tunnelmesh.coordinator.relay) --------------------------------------
+
+    def _relay_identity(self, wg_key: bytes) -> PublicIdentity | None:
+        """The relay's view of membership: the member's stored identity, None for anyone else
+        (and, logged, for a member whose row cannot be read: refused rather than trusted)."""
+        try:
+            member = self.store.member(b64(wg_key))
+            return None if member is None else _identity_of(member.identity)
+        except (StoreError, IdentityError) as exc:
+            log.error("relay: cannot check membership of %s: %s", b64(wg_key), exc)
+            return None
+
+    async def relay(self, request: web.Request) -> web.StreamResponse:
+        """GET /relay: made on first use, once the network exists (it never changes after)."""
+        if self._relay is None:
+            self._relay = Relay(self._network().network, self._relay_identity)
+        return await self._relay.handler(request)
+
 
 def make_app(store: Store, *, clock: Callable[[], float] = time.time,
              admin_fingerprint: str | None = None) -> web.Application:
@@ -639,6 +663,7 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
     app.router.add_post("/v1/admin/revoke", service.revoke)
     app.router.add_post("/v1/admin/secret", service.secret)
     app.router.add_get("/v1/admin/map", service.admin_map)
+    app.router.add_get("/relay", service.relay)
     return app
 
 

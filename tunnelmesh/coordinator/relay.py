@@ -1,0 +1,305 @@
+"""The relay's side of the WebSocket relay rung (protocol: tunnelmesh.links.relay;
+docs/transports.md, "WebSocket relay"): a reusable aiohttp handler that the
+coordinator serves at GET /relay, and that any node with relay = true can serve
+over its own verified peer map.
+
+Trust: a connection is one member, proved by a signature over a fresh challenge
+and checked against the member's CURRENT identity; every frame it sends is
+stamped with that member's key as the source, so no member can speak as
+another. The relay enforces membership on both ends (only connected members are
+destinations) and re-checks connected members when membership changes.
+
+What it cannot do: read or alter what it carries. The messages are WireGuard's,
+encrypted and authenticated end to end; the relay sees who talks to whom, the
+sizes and timing of messages and each connection's address.
+
+Nothing a client sends can crash it or make it hold more than the bounds:
+malformed frames are counted drops, each connection's outbound queue is bounded
+in frames and bytes (a slow reader loses messages, counted), refusals close the
+socket with a 4xxx code and are logged once per (address, reason) per minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
+from tunnelmesh.links.relay import (
+    CHALLENGE_SIZE,
+    HEARTBEAT,
+    KEY_SIZE,
+    MAX_FRAME,
+    NAMESPACE,
+    OK,
+    VERSION,
+    FrameQueue,
+    auth_message,
+)
+
+log = logging.getLogger("tunnelmesh.coordinator.relay")
+
+#: How long a client has to answer the challenge.
+AUTH_TIMEOUT = 10.0
+#: How long closing one connection may take before its socket is cut.
+CLOSE_TIMEOUT = 2.0
+#: aiohttp's own cap on one incoming WebSocket message. Above MAX_FRAME so that a
+#: somewhat oversize frame is a counted drop; far larger ones end the connection (1009).
+READ_LIMIT = 64 * 1024
+#: The longest authentication message taken (an RSA-16384 SSHSIG is about 2.8 KiB in base64).
+MAX_AUTH = 8192
+#: Repeats of the same refusal (same address, same reason) are logged once per this many seconds.
+REFUSAL_LOG_INTERVAL = 60.0
+REFUSAL_LOG_ENTRIES = 1024
+
+# Close codes (4000-4999 are the application's): what went wrong, for the client's status.
+MALFORMED = 4000
+BAD_SIGNATURE = 4001
+NOT_MEMBER = 4003
+AUTH_TIMED_OUT = 4008
+REPLACED = 4009
+SHUTTING_DOWN = 1001
+_REFUSED = {MALFORMED: "malformed", BAD_SIGNATURE: "bad signature", NOT_MEMBER: "not a member",
+            AUTH_TIMED_OUT: "timed out", SHUTTING_DOWN: "shutting down"}
+
+
+class Refusal(Exception):
+    """A client refused during authentication: the close code and the reason it is told."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def hello(network: str, challenge: bytes) -> str:
+    """The relay's first message."""
+    return json.dumps({"relay": VERSION, "network": network, "challenge": base64.b64encode(challenge).decode()})
+
+
+def parse_auth(data: Any) -> tuple[bytes, bytes]:
+    """The (wg_key, SSHSIG) of a client's authentication message; Refusal if malformed."""
+    if not isinstance(data, str) or len(data) > MAX_AUTH:
+        raise Refusal(MALFORMED, f"expected one JSON text message of at most {MAX_AUTH} bytes")
+    try:
+        answer = json.loads(data)
+    except (ValueError, RecursionError):
+        raise Refusal(MALFORMED, "the authentication message is not JSON") from None
+    if not isinstance(answer, dict) or answer.keys() != {"wg_key", "sig"}:
+        raise Refusal(MALFORMED, "expected {\"wg_key\": ..., \"sig\": ...}")
+    values = []
+    for field in ("wg_key", "sig"):
+        try:
+            value = answer[field]
+            values.append(base64.b64decode(value, validate=True) if isinstance(value, str) else b"")
+        except (binascii.Error, ValueError):
+            values.append(b"")
+    wg_key, signature = values
+    if len(wg_key) != KEY_SIZE:
+        raise Refusal(MALFORMED, "wg_key must be 32 bytes of base64")
+    if not signature:
+        raise Refusal(MALFORMED, "sig must be an SSHSIG signature in base64")
+    return wg_key, signature
+
+
+def frame_problem(frame: bytes) -> str | None:
+    """Why a client's frame cannot be forwarded (the drop's reason), or None if it can."""
+    if len(frame) <= KEY_SIZE:
+        return "short frame"
+    if len(frame) > MAX_FRAME:
+        return "oversize frame"
+    return None
+
+
+class _RefusalLog:
+    """Logs a refusal once per (address, reason) per interval, with how many were not logged.
+    Bounded: when full, the oldest entries go (and may be logged again)."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def __call__(self, remote: str, who: str, reason: str) -> None:
+        now = time.monotonic()
+        key = (remote, reason)
+        last = self._last.get(key)
+        if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        again = f" (and {last[1]} more times since)" if last is not None and last[1] else ""
+        log.warning("relay: refused %s from %s: %s%s", who, remote, reason, again)
+        self._last.pop(key, None)
+        if len(self._last) >= REFUSAL_LOG_ENTRIES:
+            del self._last[next(iter(self._last))]
+        self._last[key] = (now, 0)
+
+
+class _Connection:
+    """One authenticated member's WebSocket."""
+
+    def __init__(self, key: bytes, ssh_key: str, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self.key = key
+        self.ssh_key = ssh_key
+        self.ws = ws
+        self.request = request
+        self.remote = request.remote or "?"
+        self.since = time.time()
+        self.queue = FrameQueue()
+
+
+class Relay:
+    """The relay for one network. `identity_for(wg_key)` names the current members (None
+    for anyone else); call `member_changed` whenever membership may have changed."""
+
+    def __init__(self, network: str, identity_for: Callable[[bytes], PublicIdentity | None]) -> None:
+        self.network = network
+        self.identity_for = identity_for
+        self.drops: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
+        self._connections: dict[bytes, _Connection] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._log_refusal = _RefusalLog()
+        self._closed = False
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        """GET /relay: authenticate a member, then carry its frames until it goes."""
+        # No compression: WireGuard messages are ciphertext, deflate would only cost CPU.
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=READ_LIMIT, timeout=CLOSE_TIMEOUT, compress=False)
+        await ws.prepare(request)
+        try:
+            connection = await self._authenticate(ws, request)
+        except Refusal as exc:
+            await ws.close(code=exc.code, message=exc.reason.encode())
+            return ws
+        except ConnectionError:
+            return ws  # gone before it finished authenticating
+        try:
+            await self._carry(connection)
+        finally:
+            if self._connections.get(connection.key) is connection:
+                del self._connections[connection.key]
+        return ws
+
+    async def _authenticate(self, ws: web.WebSocketResponse, request: web.Request) -> _Connection:
+        challenge = os.urandom(CHALLENGE_SIZE)
+        await ws.send_str(hello(self.network, challenge))
+        who = "a client"
+        try:
+            if self._closed:
+                raise Refusal(SHUTTING_DOWN, "the relay is shutting down")
+            try:
+                message = await ws.receive(timeout=AUTH_TIMEOUT)
+            except TimeoutError:
+                raise Refusal(AUTH_TIMED_OUT, f"no authentication within {AUTH_TIMEOUT:g} s") from None
+            if message.type is not WSMsgType.TEXT:
+                raise Refusal(MALFORMED, "expected the authentication message (JSON text)")
+            wg_key, signature = parse_auth(message.data)
+            who = base64.b64encode(wg_key).decode()
+            identity = self.identity_for(wg_key)
+            if identity is None:
+                raise Refusal(NOT_MEMBER, "not a member of this network")
+            try:
+                verify_sshsig(identity.ssh_public_key, signature, auth_message(self.network, challenge, wg_key),
+                              NAMESPACE)
+            except IdentityError as exc:
+                raise Refusal(BAD_SIGNATURE, f"the challenge signature does not verify ({exc})") from None
+        except Refusal as exc:
+            self.refusals[_REFUSED[exc.code]] += 1
+            self._log_refusal(request.remote or "?", who, exc.reason)
+            raise
+        if self._closed:  # close() began while it authenticated
+            raise Refusal(SHUTTING_DOWN, "the relay is shutting down")
+        await ws.send_str(OK)
+        connection = _Connection(wg_key, identity.ssh_public_key, ws, request)
+        old = self._connections.get(wg_key)
+        if old is not None:
+            self._kick(old, REPLACED, "replaced by a newer connection of the same member")
+        self._connections[wg_key] = connection
+        log.info("relay: %s connected from %s", who, connection.remote)
+        return connection
+
+    async def _carry(self, connection: _Connection) -> None:
+        ws = connection.ws
+        writer = asyncio.create_task(connection.queue.drain(ws))
+        try:
+            while True:
+                message = await ws.receive()
+                if message.type is WSMsgType.BINARY:
+                    self._forward(connection.key, message.data)
+                elif message.type is WSMsgType.TEXT:
+                    self.drops["text frame"] += 1
+                else:
+                    if message.type is WSMsgType.ERROR:
+                        self.drops["protocol error"] += 1  # e.g. a frame beyond READ_LIMIT: aiohttp closes
+                    return
+        finally:
+            writer.cancel()
+            with suppress(asyncio.CancelledError):
+                await writer
+
+    def _forward(self, source: bytes, frame: bytes) -> None:
+        """One frame from `source`: to its destination, stamped with `source` (never the
+        frame's say), or a counted drop. The packet path: no logging, one copy."""
+        problem = frame_problem(frame)
+        if problem is not None:
+            self.drops[problem] += 1
+            return
+        target = self._connections.get(frame[:KEY_SIZE])
+        if target is None:
+            self.drops["destination not connected"] += 1
+        elif not target.queue.put(source + memoryview(frame)[KEY_SIZE:]):
+            self.drops["receiver slow"] += 1
+
+    def _kick(self, connection: _Connection, code: int, reason: str) -> None:
+        """Close `connection` soon (from sync code); its socket is cut if closing stalls."""
+        if self._connections.get(connection.key) is connection:
+            del self._connections[connection.key]
+        task = asyncio.get_running_loop().create_task(self._close(connection, code, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close(connection: _Connection, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await connection.ws.close(code=code, message=reason.encode())
+        except TimeoutError:
+            transport = connection.request.transport
+            if transport is not None:
+                transport.abort()
+
+    def member_changed(self) -> None:
+        """Close the connections of keys that are no longer (the same) members."""
+        for key, connection in list(self._connections.items()):
+            identity = self.identity_for(key)
+            if identity is None or identity.ssh_public_key != connection.ssh_key:
+                log.info("relay: closing %s: no longer a member", base64.b64encode(key).decode())
+                self._kick(connection, NOT_MEMBER, "no longer a member of this network")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connections": len(self._connections),
+            "peers": {base64.b64encode(key).decode(): {"remote": c.remote, "since": c.since, "queued": len(c.queue),
+                                                       "queued_bytes": c.queue.bytes}
+                      for key, c in self._connections.items()},
+            "drops": dict(self.drops),
+            "refusals": dict(self.refusals),
+        }
+
+    async def close(self) -> None:
+        """Close every connection (for shutdown); new ones are turned away."""
+        self._closed = True
+        for connection in list(self._connections.values()):
+            self._kick(connection, SHUTTING_DOWN, "the relay is shutting down")
+        if self._closing:
+            await asyncio.wait(set(self._closing))

@@ -1,0 +1,331 @@
+"""The WebSocket relay rung (docs/transports.md, "WebSocket relay"): for networks
+where only HTTP(S) gets out, a node holds one outbound WebSocket to a relay (the
+coordinator's /relay, or a node with relay = true) and sends every peer's
+WireGuard messages through it.
+
+Protocol, on GET /relay: the relay sends ``{"relay": 1, "network": N,
+"challenge": b64(32 random bytes)}``; the node answers ``{"wg_key": b64, "sig":
+b64(SSHSIG)}``, its SSH identity's signature over `auth_message` in the
+namespace `NAMESPACE`; the relay checks it against the current member with
+that key and answers ``{"ok": true}`` or closes with a 4xxx code and a reason.
+Then binary frames only: node -> relay ``destination key (32) || message``,
+relay -> node ``source key (32) || message``, the source stamped by the relay
+from the authenticated connection. The messages are WireGuard's, end-to-end
+encrypted: the relay sees who talks to whom, sizes and timing, never contents.
+
+This module holds what both ends share (the message signed, the bounded frame
+queue) and the node's side, `RelayClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+import urllib.parse
+from collections import Counter, deque
+from contextlib import suppress
+from typing import Any, Protocol
+
+import aiohttp
+
+from tunnelmesh.identity import IdentityError, NodeIdentity
+from tunnelmesh.links import MAX_MESSAGE, Link, LinkError, LinkSink
+from tunnelmesh.links.proxy import connect_failure, proxy_for, ssl_context
+
+log = logging.getLogger("tunnelmesh.links.relay")
+
+NAMESPACE = "tunnelmesh-relay-v1@tunnelmesh"
+AUTH_PREFIX = b"tunnelmesh-relay-v1\0"
+VERSION = 1
+KEY_SIZE = 32
+CHALLENGE_SIZE = 32
+#: The largest frame either side sends: a key and the largest message.
+MAX_FRAME = KEY_SIZE + MAX_MESSAGE
+#: Per connection, frames waiting to be written: at most this many, and this many bytes.
+QUEUE_FRAMES = 512
+QUEUE_BYTES = 2 * 1024 * 1024
+#: WebSocket pings: a peer that answers none within half of this is gone.
+HEARTBEAT = 20.0
+#: Connecting (TCP, proxy, TLS, upgrade) and authenticating, together.
+CONNECT_TIMEOUT = 15.0
+#: Reconnecting: the first wait, doubled after each failure up to the last.
+FIRST_RETRY = 1.0
+LAST_RETRY = 30.0
+#: Links made for sources the relay names: a relay cannot make a node keep more.
+MAX_LINKS = 4096
+#: The relay's answer to a good authentication, exactly.
+OK = json.dumps({"ok": True})
+
+
+def auth_message(network: str, challenge: bytes, wg_key: bytes) -> bytes:
+    """What a node signs to prove to a relay of `network` that it holds `wg_key`'s identity."""
+    return AUTH_PREFIX + network.encode() + b"\0" + challenge + wg_key
+
+
+def _ended(message: aiohttp.WSMessage, when: str) -> str:
+    """Why a connection ended, from the message that ended it (a refusal is a 4xxx close
+    with the relay's reason)."""
+    where = f" {when}" if when else ""
+    if message.type is aiohttp.WSMsgType.CLOSE:
+        reason = str(message.extra or "")[:200]
+        return f"the relay closed the connection{where} ({message.data}{': ' + reason if reason else ''})"
+    if message.type is aiohttp.WSMsgType.ERROR:
+        return f"the relay connection failed{where}: {message.data or type(message.data).__name__}"
+    return f"the relay connection was closed{where}"
+
+
+class _Socket(Protocol):
+    """What FrameQueue writes to: aiohttp's client and server WebSockets alike."""
+
+    async def send_bytes(self, data: bytes) -> None: ...
+
+
+class FrameQueue:
+    """Frames waiting for one WebSocket, bounded in count and bytes, written by one task
+    (`drain`). A full queue refuses a frame (the caller counts the drop): a slow
+    reader costs at most the bound, never more memory."""
+
+    def __init__(self, max_frames: int = QUEUE_FRAMES, max_bytes: int = QUEUE_BYTES) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._frames: deque[bytes] = deque()
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put(self, frame: bytes) -> bool:
+        if len(self._frames) >= self.max_frames or self.bytes + len(frame) > self.max_bytes:
+            return False
+        self._frames.append(frame)
+        self.bytes += len(frame)
+        self._ready.set()
+        return True
+
+    async def drain(self, ws: _Socket) -> None:
+        """Write frames as they come, until cancelled or the socket fails (its reader
+        sees the close and ends the connection)."""
+        frames = self._frames
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                while frames:
+                    frame = frames.popleft()
+                    self.bytes -= len(frame)
+                    await ws.send_bytes(frame)
+        except ConnectionError:
+            pass
+
+
+def relay_url(url: str) -> str:
+    """The relay's WebSocket URL for a coordinator URL: http(s)://host:port[/prefix] ->
+    ws(s)://host:port[/prefix]/relay."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise LinkError(f"relay URL {url!r}: expected http(s)://host:port")
+    return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/relay", "", ""))
+
+
+def parse_hello(data: Any, network: str) -> bytes:
+    """The challenge in a relay's first message; LinkError if it is not one for `network`."""
+    try:
+        hello = json.loads(data) if isinstance(data, str) and len(data) < 1024 else None
+    except (ValueError, RecursionError):
+        hello = None
+    if not isinstance(hello, dict) or hello.get("relay") != VERSION or not isinstance(hello.get("challenge"), str):
+        raise LinkError("the server did not greet as a tunnelmesh relay (version 1)")
+    if hello.get("network") != network:
+        raise LinkError(f"the relay serves another network ({str(hello.get('network'))[:80]!r}), not {network}")
+    try:
+        challenge = base64.b64decode(hello["challenge"], validate=True)
+    except (binascii.Error, ValueError):
+        challenge = b""
+    if len(challenge) != CHALLENGE_SIZE:
+        raise LinkError("the relay's challenge is not 32 bytes of base64")
+    return challenge
+
+
+class RelayLink(Link):
+    """The path to one peer through one relay. Stable across reconnects: the daemon
+    keeps it as the peer's endpoint; while the relay is away, sends are counted drops."""
+
+    rung = "relay"
+
+    def __init__(self, client: RelayClient, peer_key: bytes) -> None:
+        super().__init__(peer_key, f"relay {client.url}")
+        self._client = client
+        self.drops = client.drops  # one count per relay: the reasons say which way it went wrong
+
+    def send(self, datagram: bytes | bytearray | memoryview) -> None:
+        self._client._send(self, datagram)
+
+    def close(self) -> None:
+        self.closed = True
+        self._client._forget(self)
+
+
+class RelayClient:
+    """A node's one connection to one relay, kept up (with backoff) by `run`."""
+
+    def __init__(self, url: str, identity: NodeIdentity, network: str, sink: LinkSink, *,
+                 ca_file: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.ws_url = relay_url(self.url)
+        self.identity = identity
+        self.network = network
+        self.sink = sink
+        self._ssl = ssl_context(ca_file)
+        self.state = "connecting"  # "connecting", "connected" or "unreachable"
+        self.error: str | None = None
+        self.drops: Counter[str] = Counter()
+        self.connected_since: float | None = None
+        self._links: dict[bytes, RelayLink] = {}
+        self._queue: FrameQueue | None = None  # while connected
+
+    # --- the links --------------------------------------------------------------------------
+
+    def link(self, peer_key: bytes) -> RelayLink:
+        """The one link to `peer_key` through this relay (made on first use)."""
+        link = self._links.get(peer_key)
+        if link is None:
+            link = self._links[peer_key] = RelayLink(self, bytes(peer_key))
+            if self._queue is not None:
+                self.sink.link_up(link)
+        return link
+
+    def _forget(self, link: RelayLink) -> None:
+        if self._links.get(link.peer_key) is link:
+            del self._links[link.peer_key]
+
+    def _send(self, link: RelayLink, datagram: bytes | bytearray | memoryview) -> None:
+        queue = self._queue
+        if queue is None:
+            self.drops["relay: not connected"] += 1
+        elif link.closed:
+            self.drops["relay: link closed"] += 1
+        elif len(datagram) > MAX_MESSAGE:
+            self.drops["relay: oversize message"] += 1
+        elif not queue.put(link.peer_key + datagram):  # the one copy: key and message in one frame
+            self.drops["relay: send queue full"] += 1
+
+    def _deliver(self, frame: bytes) -> None:
+        if len(frame) <= KEY_SIZE:
+            self.drops["relay: malformed frame"] += 1
+            return
+        source = frame[:KEY_SIZE]
+        link = self._links.get(source)
+        if link is None:
+            if len(self._links) >= MAX_LINKS:
+                self.drops["relay: too many sources"] += 1
+                return
+            link = self.link(source)
+        self.sink.receive(link, memoryview(frame)[KEY_SIZE:])
+
+    # --- the connection ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Hold the connection, reconnecting with backoff, until cancelled."""
+        delay = FIRST_RETRY
+        async with aiohttp.ClientSession() as session:
+            while True:
+                self.state = "connecting"
+                try:
+                    ws = await self._connect(session)
+                except LinkError as exc:
+                    self._failed(str(exc))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, LAST_RETRY)
+                    continue
+                reason = await self._serve(ws)
+                self._failed(reason)
+                self.state = "connecting"
+                delay = FIRST_RETRY
+                await asyncio.sleep(delay)
+
+    def _failed(self, reason: str) -> None:
+        if reason != self.error:  # once per change, not once per retry
+            log.warning("relay %s: %s", self.ws_url, reason)
+        self.state, self.error = "unreachable", reason
+
+    async def _connect(self, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+        """A connected, authenticated WebSocket to the relay; LinkError saying why not."""
+        proxy = proxy_for(self.ws_url)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                ws = await session.ws_connect(self.ws_url, proxy=proxy, ssl=self._ssl or True, heartbeat=HEARTBEAT,
+                                              max_msg_size=MAX_FRAME + 1)  # aiohttp refuses sizes >= the limit
+                try:
+                    await self._authenticate(ws)
+                except BaseException:
+                    await ws.close()
+                    raise
+        except aiohttp.WSServerHandshakeError as exc:
+            raise LinkError(f"{self.ws_url} answered HTTP {exc.status} instead of a WebSocket "
+                            "(is it a tunnelmesh coordinator or relay?)") from None
+        except TimeoutError:
+            raise LinkError(f"no answer from {self.ws_url} within {CONNECT_TIMEOUT:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise LinkError(connect_failure(exc, proxy)) from None
+        return ws
+
+    async def _authenticate(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        hello = await ws.receive()
+        if hello.type is not aiohttp.WSMsgType.TEXT:
+            raise LinkError(_ended(hello, "before greeting"))
+        challenge = parse_hello(hello.data, self.network)
+        wg_key = self.identity.public.wg_public_key
+        try:
+            signature = await self.identity.sign(auth_message(self.network, challenge, wg_key), NAMESPACE)
+        except IdentityError as exc:
+            raise LinkError(f"cannot sign the relay's challenge: {exc}") from None
+        await ws.send_str(json.dumps({"wg_key": base64.b64encode(wg_key).decode(),
+                                      "sig": base64.b64encode(signature).decode()}))
+        answer = await ws.receive()
+        if answer.type is not aiohttp.WSMsgType.TEXT:
+            raise LinkError(_ended(answer, "during authentication"))
+        if answer.data != OK:
+            raise LinkError("the relay answered the authentication with something other than ok")
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+        """Carry frames until the connection ends; why it ended."""
+        queue = FrameQueue()
+        self._queue = queue
+        self.state, self.error, self.connected_since = "connected", None, time.time()
+        log.info("relay %s: connected", self.ws_url)
+        writer = asyncio.create_task(queue.drain(ws))
+        reason = "the relay connection was closed"
+        try:
+            for link in list(self._links.values()):
+                self.sink.link_up(link)
+            while True:
+                message = await ws.receive()
+                if message.type is aiohttp.WSMsgType.BINARY:
+                    self._deliver(message.data)
+                elif message.type is aiohttp.WSMsgType.TEXT:
+                    self.drops["relay: text frame"] += 1
+                else:
+                    reason = _ended(message, "")
+                    return reason
+        finally:
+            self._queue = None
+            self.connected_since = None
+            writer.cancel()
+            with suppress(asyncio.CancelledError):
+                await writer
+            await ws.close()
+            for link in list(self._links.values()):
+                self.sink.link_down(link, reason)
+
+    def status(self) -> dict[str, Any]:
+        queue = self._queue
+        return {"url": self.ws_url, "state": self.state, "error": self.error,
+                "connected_since": self.connected_since, "links": len(self._links),
+                "queued": 0 if queue is None else len(queue), "queued_bytes": 0 if queue is None else queue.bytes,
+                "drops": dict(self.drops)}
