@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import asyncssh
 import pytest
 
-from tests.links import new_identity, public_key_text, write_key
+from tests.links import Directory, new_identity, public_key_text, write_key
 from tunnelmesh.identity import NodeIdentity, load_identity_agent
 from tunnelmesh.links import MAX_MESSAGE, Link, LinkError
 from tunnelmesh.links import ssh as sshmod
@@ -35,24 +36,7 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(bounded())
 
 
-# --- A directory and a sink: the real small things the daemon would give ------------------
-
-
-@dataclass
-class Directory:
-    """Members by SSH key, and where each one can be dialled."""
-
-    members: dict[str, bytes] = field(default_factory=dict)
-    where: dict[bytes, list[SshTarget]] = field(default_factory=dict)
-
-    def member_by_ssh_key(self, ssh_public_key: str) -> bytes | None:
-        return self.members.get(ssh_public_key)
-
-    def is_member(self, wg_key: bytes) -> bool:
-        return wg_key in self.members.values()
-
-    def targets(self, wg_key: bytes) -> list[SshTarget]:
-        return self.where.get(wg_key, [])
+# --- A sink that records, as the daemon's data path would receive -------------------------
 
 
 @dataclass
@@ -505,5 +489,48 @@ def test_agent_held_identity_dials(identities: list[NodeIdentity], agent_with_ke
             assert b.sink.received[0][0].peer_key == agent_identity.public.wg_public_key
         finally:
             await close_all(a, b, dialler)
+
+    run(main())
+
+
+# --- The daemon's end of the bridge, without sshd (tests/e2e/test_ssh_bridge.py has sshd) -----
+
+
+def test_bridge_socket_header_membership_and_frames(identities: list[NodeIdentity], tmp_path: Path) -> None:
+    async def main() -> None:
+        directory, a, b = await pair(identities)
+        socket_path = tmp_path / "bridge.sock"
+        await b.rung.start_bridge(socket_path, {os.getuid()})
+        assert socket_path.stat().st_mode & 0o777 == 0o660
+        assert b.rung.status()["bridge"] == str(socket_path)
+        a_b64 = base64.b64encode(a.wg).decode()
+        try:
+            for header, cause in (
+                (b"GET / HTTP/1.0\n", "bridge bad header"),
+                (b"tunnelmesh-bridge 1 " + b"A" * 200, "bridge bad header"),
+                (f"tunnelmesh-bridge 1 {base64.b64encode(bytes(32)).decode()}\n".encode(), "bridge key of no current member"),
+            ):
+                reader, writer = await asyncio.open_unix_connection(str(socket_path))
+                writer.write(header)
+                async with asyncio.timeout(5):
+                    assert await reader.read() == b""  # closed on us
+                writer.close()
+                assert b.rung.drops[f"ssh: refused {cause}"] >= 1
+            reader, writer = await asyncio.open_unix_connection(str(socket_path))
+            writer.write(f"tunnelmesh-bridge 1 {a_b64}\n".encode() + frame(b"hello"))  # frames may follow at once
+            await b.sink.until(lambda: b.sink.received)
+            link = b.sink.ups[0]
+            assert (link.peer_key, link.description) == (a.wg, "ssh-bridge (local sshd)")
+            assert b.sink.received == [(link, b"hello")]
+            link.send(b"back")
+            decoder = FrameDecoder()
+            async with asyncio.timeout(5):
+                assert [bytes(m) for m in decoder.feed(await reader.readexactly(6))] == [b"back"]
+            writer.close()
+            await b.sink.until(lambda: b.sink.downs)
+            assert b.sink.downs == [(link, "the bridge command exited")]
+        finally:
+            await close_all(a, b)
+        assert not socket_path.exists()
 
     run(main())

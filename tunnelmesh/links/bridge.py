@@ -74,7 +74,7 @@ HEADER_VERSION = 1
 SYSTEM_HOST_KEY = Path("/etc/ssh/ssh_host_ed25519_key.pub")
 HEADER_TIMEOUT = 5.0  # seconds for the bridge command to send its header line
 _HEADER = re.compile(rb"tunnelmesh-bridge 1 ([A-Za-z0-9+/]{43}=)\n")
-_MAX_HEADER = 64  # bytes: exactly the header's length with a 32-byte key
+_MAX_HEADER = len(b"tunnelmesh-bridge 1 ") + 44 + 1  # the whole line, with a 32-byte key in base64
 _CHUNK = 64 * 1024  # bytes copied at a time by the bridge command, each way
 # What may appear in the forced command without quoting: sshd hands it to `sh -c`.
 _SHELL_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
