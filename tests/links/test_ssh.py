@@ -301,6 +301,13 @@ async def raw_client(node: Node, identity_key: asyncssh.SSHKey | None = None, **
     )
 
 
+async def pair_and_member(identities: list[NodeIdentity], member: NodeIdentity) -> tuple[Node, Node]:
+    """pair(), with `member` (whose key a raw client uses) a member too."""
+    directory, a, b = await pair(identities)
+    directory.members[member.public.ssh_public_key] = member.public.wg_public_key
+    return a, b
+
+
 @pytest.fixture(scope="module")
 def member_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[asyncssh.SSHKey, NodeIdentity]:
     """A private key and its identity: for raw clients that behave badly."""
@@ -314,8 +321,7 @@ def test_shell_exec_pty_and_forwarding_refused(identities: list[NodeIdentity], m
     key, identity = member_key
 
     async def main() -> None:
-        directory, a, b = await pair(identities)
-        directory.members[identity.public.ssh_public_key] = identity.public.wg_public_key
+        a, b = await pair_and_member(identities, identity)
         try:
             async with await raw_client(b, key) as conn:
                 for attempt in (
@@ -372,8 +378,7 @@ def test_bad_frames_count_and_close(
     key, identity = member_key
 
     async def main() -> None:
-        directory, a, b = await pair(identities)
-        directory.members[identity.public.ssh_public_key] = identity.public.wg_public_key
+        a, b = await pair_and_member(identities, identity)
         try:
             async with await raw_client(b, key) as conn:
                 chan, session = await conn.create_session(RawSession, subsystem="tunnelmesh", encoding=None)
@@ -396,8 +401,7 @@ def test_a_peer_that_stops_reading_costs_drops_not_memory(
     key, identity = member_key
 
     async def main() -> None:
-        directory, a, b = await pair(identities)
-        directory.members[identity.public.ssh_public_key] = identity.public.wg_public_key
+        a, b = await pair_and_member(identities, identity)
         try:
             async with await raw_client(b, key) as conn:
                 chan, session = await conn.create_session(RawSession, subsystem="tunnelmesh", encoding=None)

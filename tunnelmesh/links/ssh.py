@@ -82,6 +82,16 @@ KEEPALIVE_COUNT = 3
 SEND_BUFFER_LIMIT = 512 * 1024  # bytes queued on one link before messages are dropped
 # AES-GCM first: with AES-NI it is the cheapest through `cryptography`.
 CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"]
+# Both ends: no ~/.ssh/config or GSS (the rung is configured here alone), our ciphers,
+# no compression (WireGuard messages do not compress), keepalives to notice a dead peer.
+_OPTIONS: dict[str, Any] = {
+    "config": None,
+    "gss_host": None,
+    "encryption_algs": CIPHERS,
+    "compression_algs": ["none"],
+    "keepalive_interval": KEEPALIVE_INTERVAL,
+    "keepalive_count_max": KEEPALIVE_COUNT,
+}
 _MAX_REFUSALS_REMEMBERED = 1024  # distinct (cause, key) pairs logged before the set restarts
 _MAX_HOST_KEY_FILE = 64 * 1024
 # Session channels one connection may open: one becomes the link; a few refused ones
@@ -517,20 +527,15 @@ class SshRung:
                 self._listen_host,
                 self._port,
                 server_host_keys=[self._host_key],
-                config=None,
                 password_auth=False,
                 kbdint_auth=False,
-                gss_host=None,
                 allow_pty=False,
                 agent_forwarding=False,
                 x11_forwarding=False,
                 allow_scp=False,
-                encryption_algs=CIPHERS,
-                compression_algs=["none"],
                 login_timeout=LOGIN_TIMEOUT,
-                keepalive_interval=KEEPALIVE_INTERVAL,
-                keepalive_count_max=KEEPALIVE_COUNT,
                 encoding=None,
+                **_OPTIONS,
             )
         except OSError as exc:
             raise LinkError(
@@ -594,14 +599,9 @@ class SshRung:
                         client_keys=keys,
                         known_hosts=([host_key], [], []),
                         agent_path=None,
-                        config=None,
                         preferred_auth="publickey",
-                        gss_host=None,
                         x509_trusted_certs=None,
-                        encryption_algs=CIPHERS,
-                        compression_algs=["none"],
-                        keepalive_interval=KEEPALIVE_INTERVAL,
-                        keepalive_count_max=KEEPALIVE_COUNT,
+                        **_OPTIONS,
                     )
                 if target.kind == "daemon":
                     chan, session = await conn.create_session(_ClientSession, subsystem=SUBSYSTEM, encoding=None)
