@@ -702,7 +702,7 @@ class SshRung:
 
     def status(self) -> dict[str, Any]:
         return {
-            "port": self.port if self._port is not None else None,
+            "port": self.port,
             "bridge": None if self._bridge is None else str(self._bridge.path),
             "links": len(self._links),
             "drops": dict(self.drops),
