@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tunnelmesh.config import RungChoice, TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.identity import NodeIdentity
 from tunnelmesh.membership import MemberEntry, MembershipError, PeerMap, Revocation
@@ -37,13 +38,14 @@ BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 PERSISTENT_KEEPALIVE = 25  # keeps NAT mappings open between members
 
 
-def peer_spec(member: MemberEntry, peer_map: PeerMap) -> PeerSpec:
+def peer_spec(member: MemberEntry, peer_map: PeerMap, transports: TransportsConfig = TransportsConfig()) -> PeerSpec:
     endpoints = peer_map.endpoints.get(member.wg_key)
+    choice: RungChoice = transports.for_peer(member.name)
     return PeerSpec(
         name=member.name, mesh_ip=member.ipv4, fingerprint=member.identity.fingerprint, wg_key=member.wg_key,
         allowed_ips=(ipaddress.IPv4Network(f"{member.ipv4}/32"), ipaddress.IPv6Network(f"{member.ipv6}/128")),
         endpoint=endpoints.addresses[0] if endpoints and endpoints.addresses else None,
-        persistent_keepalive=PERSISTENT_KEEPALIVE,
+        persistent_keepalive=PERSISTENT_KEEPALIVE, choice=choice,
     )
 
 
@@ -54,6 +56,8 @@ class CoordinatorClient(Actor):
     def __init__(
         self, state: NetworkState, identity: NodeIdentity, peer_map: PeerMap, mesh: Mesh, bus: EventBus,
         *, cache_path: Path, secret_path: Path, listen_port: int, on_revoked: Callable[[str], None],
+        transports: TransportsConfig = TransportsConfig(), ssh_record: dict[str, Any] | None = None,
+        ca_file: str | None = None, on_members_changed: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.state = state
@@ -65,6 +69,10 @@ class CoordinatorClient(Actor):
         self.secret_path = secret_path
         self.listen_port = listen_port
         self.on_revoked = on_revoked
+        self.transports = transports
+        self.ssh_record = ssh_record  # this node's signed SSH endpoint, registered with its address
+        self.ca_file = ca_file
+        self.on_members_changed = on_members_changed
         self.connection = "connecting"
         self.since = time.time()
         self.error: str | None = None
@@ -91,7 +99,7 @@ class CoordinatorClient(Actor):
         backoff = BACKOFF_MIN
         while True:
             try:
-                async with Coordinator(self.state.url, identity=self.identity) as coordinator:
+                async with Coordinator(self.state.url, identity=self.identity, ca_file=self.ca_file) as coordinator:
                     await self._register(coordinator)
                     self._set_connection("connected")
                     backoff = BACKOFF_MIN
@@ -117,7 +125,7 @@ class CoordinatorClient(Actor):
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _register(self, coordinator: Coordinator) -> None:
-        reply = await coordinator.register(self.listen_port, [])
+        reply = await coordinator.register(self.listen_port, [], ssh=self.ssh_record)
         self.observed = reply.get("observed") if isinstance(reply, dict) else None
 
     def apply(self, update: Any) -> None:
@@ -136,7 +144,9 @@ class CoordinatorClient(Actor):
         for member, reason in changes.removed:
             self.mesh.tell(RemovePeer(member.wg_key, reason))
         if changes.added:
-            self.mesh.tell(AddPeers(tuple(peer_spec(m, self.peer_map) for m in changes.added)))
+            self.mesh.tell(AddPeers(tuple(peer_spec(m, self.peer_map, self.transports) for m in changes.added)))
+        if (changes.added or changes.removed) and self.on_members_changed is not None:
+            self.on_members_changed()
         added = {m.wg_key for m in changes.added}
         for key, endpoints in changes.endpoints.items():
             if key not in added and endpoints.addresses:

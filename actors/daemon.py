@@ -33,9 +33,10 @@ from tunnelmesh.wireguard import Device, derive_psk
 from .control import ControlServer, EventBus
 from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath, UdpError, open_udp_socket
+from .links import RelayConnection, SshServer
 from .mesh import FindSession, ListPeers, Mesh, PeerSpec
 from .runtime import Actor, Supervisor
-from .session import Ping, Start, Status
+from .session import Ping, Start, Status, Transports
 from .tun import TunDevice, TunError
 
 log = logging.getLogger("tunnelmesh.daemon")
@@ -179,6 +180,42 @@ async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes) -> N
         raise StartupError(f"embedded coordinator at {state.url}: {exc}") from None
 
 
+async def _start_transports(
+    config: NodeConfig, paths: Paths, identity: NodeIdentity, state: NetworkState, peer_map: PeerMap,
+    datapath: DataPath, transports: Transports,
+) -> dict[str, Any] | None:
+    """Start the SSH rung (if any peer may use it) and make the relay client (if any may
+    use that); returns this node's signed SSH endpoint record for the coordinator."""
+    from tunnelmesh.links import LinkError
+    from tunnelmesh.links.attest import make_attestation
+    from tunnelmesh.links.relay import RelayClient
+    from tunnelmesh.links.ssh import SshRung, load_or_create_host_key
+
+    from .links import PeerMapDirectory
+
+    choices = [config.transports.default, *config.transports.peers.values()]
+    wanted = {rung for choice in choices for rung in choice.enabled}
+    record = None
+    if "ssh" in wanted:
+        port = config.transports.ssh_port or None
+        try:
+            host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
+            rung = SshRung(identity=identity, host_key=host_key, port=port, directory=PeerMapDirectory(peer_map),
+                           sink=datapath)
+            await rung.start()
+        except LinkError as exc:
+            raise StartupError(f"SSH rung: {exc} ([transports] ssh_port in {config.path})") from None
+        transports.ssh = rung
+        host_key_line = " ".join(host_key.export_public_key("openssh").decode().split()[:2]) if host_key else None
+        if port is not None:
+            record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=None)
+    if "relay" in wanted:
+        assert config.coordinator is not None
+        ca_file = str(config.coordinator.ca_file) if config.coordinator.ca_file else None
+        transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=ca_file)
+    return record
+
+
 def _static_peers(config: NodeConfig, endpoints: list[tuple[str, int] | None]) -> list[PeerSpec]:
     return [
         PeerSpec(peer.name, peer.mesh_ip, peer.identity.fingerprint if peer.identity is not None else None,
@@ -230,8 +267,12 @@ async def run_daemon(paths: Paths) -> int:
     except TunError as exc:
         sock.close()
         raise StartupError(str(exc)) from None
+    device = Device(identity.static_private, mtu=config.mtu)
+    datapath = DataPath(device, tun.fd, sock)
     coordinator_server: CoordinatorServer | None = None
     serving: str | None = None  # where the embedded coordinator listens, for status
+    transports = Transports()
+    ssh_record: dict[str, Any] | None = None
     try:
         await tun.configure(addresses.ipv4, config.mtu, addresses.routes, address6=addresses.ipv6)
         if config.coordinator is not None and config.coordinator.serve is not None:
@@ -239,34 +280,43 @@ async def run_daemon(paths: Paths) -> int:
             serving = "{}:{}".format(*config.coordinator.serve)
             if state is not None and paths.admin_key.exists():
                 await _set_up_network(paths, state, secret)
+        if state is not None and peer_map is not None:
+            ssh_record = await _start_transports(config, paths, identity, state, peer_map, datapath, transports)
     except (TunError, StartupError) as exc:
+        if transports.ssh is not None:
+            await transports.ssh.close()
         if coordinator_server is not None:
             await coordinator_server.stop()
         tun.close()
         sock.close()
         raise StartupError(str(exc)) from None
 
-    device = Device(identity.static_private, mtu=config.mtu)
-    datapath = DataPath(device, tun.fd, sock)
     bus = EventBus()
     supervisor = Supervisor()
     started = time.time()
-    mesh = Mesh(device, datapath, supervisor, bus, addresses.ipv4.ip, psk)
+    mesh = Mesh(device, datapath, supervisor, bus, addresses.ipv4.ip, psk, transports)
     identity_actor = IdentityActor(identity)
     supervisor.add(identity_actor)
     supervisor.add(EdgesActor(tun, sock, datapath))
     supervisor.add(mesh)
     if coordinator_server is not None:
         supervisor.add(coordinator_server)
+    if transports.ssh is not None:
+        supervisor.add(SshServer(transports.ssh))
+    if transports.relay is not None:
+        supervisor.add(RelayConnection(transports.relay))
     client: CoordinatorClient | None = None
     if state is None or peer_map is None:
         initial = _static_peers(config, static_endpoints)
     else:
-        initial = [peer_spec(member, peer_map) for member in peer_map.members.values()]
+        initial = [peer_spec(member, peer_map, config.transports) for member in peer_map.members.values()]
+        assert config.coordinator is not None
         client = CoordinatorClient(
             state, identity, peer_map, mesh, bus, cache_path=paths.peer_map_cache,
             secret_path=config.network_secret_file, listen_port=datapath.port,
             on_revoked=lambda why: supervisor.shutdown(why, exit_code=1),
+            transports=config.transports, ssh_record=ssh_record,
+            ca_file=str(config.coordinator.ca_file) if config.coordinator.ca_file else None,
         )
         supervisor.add(client)
     sessions = [mesh.add(spec) for spec in initial]
@@ -283,6 +333,10 @@ async def run_daemon(paths: Paths) -> int:
                 "started": started, "pid": os.getpid(), "mode": "static" if client is None else "coordinator",
                 "coordinator": client.status() if client is not None else None,
                 "serving_coordinator": serving,
+                "transports": {
+                    "ssh": transports.ssh.status() if transports.ssh is not None else None,
+                    "relay": transports.relay.status() if transports.relay is not None else None,
+                },
                 **me,
             },
             "peers": peers,

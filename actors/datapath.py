@@ -9,6 +9,12 @@ call the protocol core directly.
     TUN readable -> read packet -> Device.route -> Peer.encrypt -> sendto
     UDP readable -> recvfrom_into -> Device.receive -> write to TUN
 
+A peer's endpoint is a UDP address (a tuple) or a link of the SSH or relay
+rung (tunnelmesh.links): the send is then `link.send`, which copies the
+datagram into the link's own buffer. Links deliver what they receive to
+`receive` (the data path is their `LinkSink`), one message per call, with the
+side effects flushed once per event-loop iteration.
+
 After each batch the core's side effects are flushed: datagrams it queued
 (handshakes, keepalives, staged packets) are sent, its events go to the
 peer-session actors' mailboxes, and the sessions of touched peers re-arm
@@ -31,6 +37,8 @@ from tunnelmesh.wireguard import Device, Peer
 from tunnelmesh.wireguard.constants import TRANSPORT_MIN_SIZE
 
 if TYPE_CHECKING:
+    from tunnelmesh.links import Link
+
     from .session import PeerSession
 
 log = logging.getLogger("tunnelmesh.datapath")
@@ -92,6 +100,7 @@ class DataPath:
         self.drops: Counter[str] = Counter()
         self.pings: dict[tuple[int, int], asyncio.Future[float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_pending = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -133,8 +142,11 @@ class DataPath:
             size = peer.encrypt(buf, length, out, now, wall)
             if size:
                 endpoint = peer.endpoint
-                if endpoint is None:
-                    self.drops["peer has no endpoint"] += 1
+                if endpoint.__class__ is not tuple:
+                    if endpoint is None:
+                        self.drops["peer has no endpoint"] += 1
+                    else:
+                        endpoint.send(out_view[:size])
                     continue
                 try:
                     sock.sendto(out_view[:size], endpoint)
@@ -187,6 +199,42 @@ class DataPath:
                 except OSError as exc:
                     self.drops[f"tun write: {exc.strerror}"] += 1
 
+    # --- links (the SSH and relay rungs) ------------------------------------------------
+
+    def receive(self, link: Link, message: bytes | bytearray | memoryview) -> None:
+        """One WireGuard message from a link: the same path as a UDP datagram."""
+        now = time.monotonic()
+        try:
+            under_load = self._count_handshake(now) if message and message[0] != 4 else now < self._under_load_until
+            length = self.device.receive(message, link, now, time.time(), self._plain_buf, under_load=under_load)
+            if length and not (self.pings and self._answer_ping(length, now)):
+                try:
+                    os.write(self.tun_fd, self._plain_view[:length])
+                except BlockingIOError:
+                    self.drops["tun write would block"] += 1
+                except OSError as exc:
+                    self.drops[f"tun write: {exc.strerror}"] += 1
+        except Exception:
+            self._internal_error("inbound")
+        device = self.device
+        if (device.transmits or device.events) and not self._flush_pending and self._loop is not None:
+            self._flush_pending = True
+            self._loop.call_soon(self.flush)
+
+    def link_up(self, link: Link) -> None:
+        session = self._session_for(link)
+        if session is not None:
+            session.on_link_up(link)
+
+    def link_down(self, link: Link, reason: str) -> None:
+        session = self._session_for(link)
+        if session is not None:
+            session.on_link_down(link, reason)
+
+    def _session_for(self, link: Link) -> PeerSession | None:
+        peer = self.device.peer(link.peer_key)
+        return peer.tag if peer is not None else None
+
     def _count_handshake(self, now: float) -> bool:
         if now - self._handshake_window_start >= 1.0:
             self._handshake_window_start = now
@@ -208,13 +256,11 @@ class DataPath:
     # --- side effects of the core -------------------------------------------------------
 
     def flush(self) -> None:
-        device, sock = self.device, self.sock
+        self._flush_pending = False
+        device = self.device
         if device.transmits:
             for datagram, endpoint in device.transmits:
-                try:
-                    sock.sendto(datagram, endpoint)
-                except OSError as exc:
-                    self.drops[f"udp send: {exc.strerror}"] += 1
+                self.send_to(datagram, endpoint)
             device.transmits.clear()
         touched = self._touched
         while device.events:
@@ -232,9 +278,18 @@ class DataPath:
         buf[: len(packet)] = packet
         size = peer.encrypt(buf, len(packet), self._out_buf, time.monotonic(), time.time())
         if size and peer.endpoint is not None:
-            try:
-                self.sock.sendto(self._out_view[:size], peer.endpoint)
-            except OSError as exc:
-                self.drops[f"udp send: {exc.strerror}"] += 1
+            self.send_to(self._out_view[:size], peer.endpoint)
         self._touched.add(peer)
         self.flush()
+
+    def send_to(self, datagram: bytes | memoryview, endpoint: object) -> None:
+        """Send one datagram the core queued (off the per-packet path)."""
+        if endpoint.__class__ is not tuple:
+            endpoint.send(datagram)  # type: ignore[attr-defined]
+            return
+        try:
+            self.sock.sendto(datagram, endpoint)
+        except BlockingIOError:
+            self.drops["udp send buffer full"] += 1
+        except OSError as exc:
+            self.drops[f"udp send: {exc.strerror}"] += 1

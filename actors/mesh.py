@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tunnelmesh.config import RungChoice
 from tunnelmesh.wireguard import Device
 
 from .runtime import Actor
-from .session import PeerSession, Start
+from .session import PeerSession, Start, Transports
 
 if TYPE_CHECKING:
     from .control import EventBus
@@ -39,6 +40,7 @@ class PeerSpec:
     allowed_ips: tuple[IPNetwork, ...]
     endpoint: tuple[str, int] | None
     persistent_keepalive: int
+    choice: RungChoice = RungChoice(rungs=("udp",))  # the rungs this peer may use
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ class RemovePeer:
 
 @dataclass(frozen=True)
 class SetEndpoint:
-    """The coordinator's word on where a peer is: used only while the session is not up,
-    so it never overrides an endpoint learnt from authenticated packets."""
+    """The coordinator's word on where a peer's UDP port is: what the ladder probes next;
+    it is sent to at once only while the session is not up, so it never overrides an
+    endpoint learnt from authenticated packets."""
 
     wg_key: bytes
     endpoint: tuple[str, int]
@@ -82,7 +85,7 @@ class Mesh(Actor):
 
     def __init__(
         self, device: Device, datapath: DataPath, supervisor: Supervisor, bus: EventBus,
-        own_mesh_ip: ipaddress.IPv4Address, psk: bytes,
+        own_mesh_ip: ipaddress.IPv4Address, psk: bytes, transports: Transports | None = None,
     ) -> None:
         super().__init__()
         self.device = device
@@ -91,15 +94,18 @@ class Mesh(Actor):
         self.bus = bus
         self.own_mesh_ip = own_mesh_ip
         self.psk = psk
+        self.transports = transports or Transports()
         self.sessions: dict[bytes, PeerSession] = {}
 
     def add(self, spec: PeerSpec) -> PeerSession:
         """Register a peer with the core and supervise its session (also before the daemon runs)."""
-        session = PeerSession(spec.name, spec.mesh_ip, self.own_mesh_ip, spec.fingerprint, self.datapath, self.bus)
+        session = PeerSession(spec.name, spec.mesh_ip, self.own_mesh_ip, spec.fingerprint, self.datapath, self.bus,
+                              wg_key=spec.wg_key, transports=self.transports, choice=spec.choice)
         session.peer = self.device.add_peer(
             spec.wg_key, preshared_key=self.psk, allowed_ips=spec.allowed_ips, endpoint=spec.endpoint,
             persistent_keepalive=spec.persistent_keepalive, tag=session,
         )
+        session.peer.roam_across_kinds = False  # rung changes are the ladder's
         self.sessions[spec.wg_key] = session
         self.supervisor.add(session)
         return session
@@ -128,9 +134,12 @@ class Mesh(Actor):
             return None
         if isinstance(message, SetEndpoint):
             session = self.sessions.get(message.wg_key)
-            if session is not None and session.peer is not None and not session.is_up(time.monotonic()):
-                if session.peer.endpoint != message.endpoint:
-                    session.peer.endpoint = message.endpoint
+            if session is not None and session.peer is not None:
+                session.udp_address = message.endpoint
+                peer = session.peer
+                if not session.is_up(time.monotonic()) and (peer.endpoint is None or isinstance(peer.endpoint, tuple)) \
+                        and peer.endpoint != message.endpoint:
+                    peer.endpoint = message.endpoint
                     session.tell(Start())
             return None
         if isinstance(message, SetPsk):

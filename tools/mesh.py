@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tools.lab import Lab, Node, Switch, clean_environment
+from tools.lab import Lab, Node, Switch, _replace_table, clean_environment
 
 TUNNELMESH = [sys.executable, "-m", "tunnelmesh"]
 MESH_PREFIX = "100.100.0."
@@ -180,3 +180,29 @@ def wait_for_handshakes(mesh: dict[str, MeshNode], timeout: float = 20.0) -> Non
 def diagnostics(mesh: dict[str, MeshNode]) -> str:
     """Every node's `status --json` and daemon log tail, for failure messages."""
     return "\n".join(member.diagnostics() for member in mesh.values())
+
+
+SSH_PORT = 2222  # the daemon's SSH rung (config default)
+
+
+def block_path(member: MeshNode, other: MeshNode, *, udp: bool = False, tcp: bool = False) -> None:
+    """Inside `member`'s namespace, drop UDP and/or TCP to and from `other`'s underlay
+    address (both directions, so the pair is cut whichever side dials); replaces the
+    previous rules for that pair, and udp=tcp=False removes them. Other traffic --
+    the coordinator and its relay -- is untouched."""
+    rules = [f"    ip daddr {other.underlay} meta l4proto {proto} drop" for proto, on in (("udp", udp), ("tcp", tcp)) if on]
+    rules_in = [r.replace("daddr", "saddr") for r in rules]
+    table = f"tm_block_{other.name}".replace("-", "_")
+    body = [
+        "  chain out {", "    type filter hook output priority 0; policy accept;", *rules, "  }",
+        "  chain in {", "    type filter hook input priority 0; policy accept;", *rules_in, "  }",
+    ] if rules else []
+    member.node.nft(_replace_table("inet", table, body))
+
+
+def rung_of(member: MeshNode, peer: str) -> str | None:
+    """The rung `member`'s session with `peer` sends on (from `status --json`)."""
+    for p in member.status()["peers"]:
+        if p["name"] == peer:
+            return p.get("rung")
+    return None

@@ -681,11 +681,26 @@ class Endpoints:
 
     addresses: tuple[tuple[str, int], ...] = ()
     last_seen: int | None = None
+    #: The member's SSH endpoint attestation (tunnelmesh.links.attest), signed by the member
+    #: itself: kept as given here and verified by the SSH rung before use.
+    ssh: dict[str, Any] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"addresses": [f"{h}:{p}" for h, p in self.addresses], "last_seen": self.last_seen}
+        if self.ssh is not None:
+            wire["ssh"] = self.ssh
+        return wire
+
+
+MAX_SSH_ATTESTATION = 2048  # bytes of JSON, as the coordinator caps it
 
 
 def parse_endpoints(value: Any) -> Endpoints:
     obj = _obj(value, "endpoints")
-    _keys(obj, {"addresses", "last_seen"}, "endpoints")
+    ssh = obj.get("ssh")
+    _keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh"}))
+    if ssh is not None and (not isinstance(ssh, dict) or len(json.dumps(ssh)) > MAX_SSH_ATTESTATION):
+        raise MembershipError(f"endpoints: ssh must be an object of at most {MAX_SSH_ATTESTATION} bytes")
     addresses = obj["addresses"]
     if not isinstance(addresses, list) or len(addresses) > MAX_ENDPOINTS:
         raise MembershipError(f"endpoints: at most {MAX_ENDPOINTS} addresses")
@@ -693,7 +708,7 @@ def parse_endpoints(value: Any) -> Endpoints:
     for item in addresses:
         parsed.append(parse_address(item))
     last_seen = obj["last_seen"]
-    return Endpoints(tuple(parsed), None if last_seen is None else _int(last_seen, "last_seen"))
+    return Endpoints(tuple(parsed), None if last_seen is None else _int(last_seen, "last_seen"), ssh)
 
 
 def parse_address(item: Any) -> tuple[str, int]:
@@ -853,8 +868,7 @@ class PeerMap:
             "members": [m.to_wire() for m in self.members.values()],
             "revocations": [r.to_wire() for r in self.revocations.values()],
             "secret": self.secret.to_wire() if self.secret is not None else None,
-            "endpoints": {b64(k): {"addresses": [f"{h}:{p}" for h, p in e.addresses], "last_seen": e.last_seen}
-                          for k, e in self.endpoints.items()},
+            "endpoints": {b64(k): e.to_wire() for k, e in self.endpoints.items()},
         }
 
 
