@@ -14,9 +14,13 @@ import ipaddress
 import logging
 import math
 import os
+import pwd
+import shutil
 import signal
 import socket
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,37 +187,70 @@ async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes) -> N
 async def _start_transports(
     config: NodeConfig, paths: Paths, identity: NodeIdentity, state: NetworkState, peer_map: PeerMap,
     datapath: DataPath, transports: Transports,
-) -> dict[str, Any] | None:
-    """Start the SSH rung (if any peer may use it) and make the relay client (if any may
-    use that); returns this node's signed SSH endpoint record for the coordinator."""
+) -> tuple[dict[str, Any] | None, Callable[[], None] | None]:
+    """Start the SSH rung (if any peer may use it: its own server, and the bridge behind
+    this machine's sshd when set up) and make the relay client (if any peer may use it).
+    Returns this node's signed SSH endpoint record for the coordinator, and what to call
+    when the members change (the bridge account's authorized_keys)."""
     from tunnelmesh.links import LinkError
-    from tunnelmesh.links.attest import make_attestation
+    from tunnelmesh.links.attest import BridgeEndpoint, make_attestation
+    from tunnelmesh.links.bridge import BridgeError, read_system_host_key, write_authorized_keys
     from tunnelmesh.links.relay import RelayClient
     from tunnelmesh.links.ssh import SshRung, load_or_create_host_key
 
     from .links import PeerMapDirectory
 
-    choices = [config.transports.default, *config.transports.peers.values()]
-    wanted = {rung for choice in choices for rung in choice.enabled}
-    record = None
-    if "ssh" in wanted:
-        port = config.transports.ssh_port or None
-        try:
-            host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
-            rung = SshRung(identity=identity, host_key=host_key, port=port, directory=PeerMapDirectory(peer_map),
-                           sink=datapath)
-            await rung.start()
-        except LinkError as exc:
-            raise StartupError(f"SSH rung: {exc} ([transports] ssh_port in {config.path})") from None
-        transports.ssh = rung
-        host_key_line = " ".join(host_key.export_public_key("openssh").decode().split()[:2]) if host_key else None
-        if port is not None:
-            record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=None)
+    tcfg = config.transports
+    wanted = {rung for choice in (tcfg.default, *tcfg.peers.values()) for rung in choice.enabled}
+    record, on_members = None, None
     if "relay" in wanted:
         assert config.coordinator is not None
         ca_file = str(config.coordinator.ca_file) if config.coordinator.ca_file else None
         transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=ca_file)
-    return record
+    if "ssh" not in wanted:
+        return record, on_members
+    port = tcfg.ssh_port or None
+    try:
+        host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
+        rung = SshRung(identity=identity, host_key=host_key, port=port, directory=PeerMapDirectory(peer_map),
+                       sink=datapath)
+        await rung.start()
+    except LinkError as exc:
+        raise StartupError(f"SSH rung: {exc} ([transports] ssh_port in {config.path})") from None
+    transports.ssh = rung
+    bridge = None
+    if tcfg.ssh_bridge_user is not None:
+        user = tcfg.ssh_bridge_user
+        try:
+            account = pwd.getpwnam(user)
+            bridge = BridgeEndpoint(port=tcfg.ssh_bridge_port, user=user, host_key=read_system_host_key())
+            await rung.start_bridge(paths.bridge_socket, {account.pw_uid}, account.pw_gid)
+        except KeyError:
+            raise StartupError(f"[transports] ssh_bridge_user: no account {user!r}; make it with "
+                               f"`tunnelmesh ssh-bridge --setup --user {user}` ({config.path})") from None
+        except (BridgeError, LinkError, OSError) as exc:
+            raise StartupError(f"SSH bridge: {exc}") from None
+        command = f"{_tunnelmesh_program()} --state-dir {paths.state_dir}"
+
+        def on_members() -> None:
+            members = [(key, m.identity.ssh_public_key, m.name) for key, m in peer_map.members.items()]
+            try:
+                write_authorized_keys(user, members, command)
+            except (BridgeError, OSError) as exc:
+                log.error("SSH bridge: cannot update %s's authorized_keys: %s", user, exc)
+
+        on_members()
+    host_key_line = " ".join(host_key.export_public_key("openssh").decode().split()[:2]) if host_key else None
+    if port is not None or bridge is not None:
+        record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge)
+    return record, on_members
+
+
+def _tunnelmesh_program() -> str:
+    """This installation's `tunnelmesh`, by absolute path (sshd runs forced commands
+    with a minimal PATH)."""
+    beside = Path(sys.executable).with_name("tunnelmesh")
+    return str(beside) if beside.exists() else (shutil.which("tunnelmesh") or "/usr/bin/tunnelmesh")
 
 
 def _static_peers(config: NodeConfig, endpoints: list[tuple[str, int] | None]) -> list[PeerSpec]:
@@ -273,6 +310,7 @@ async def run_daemon(paths: Paths) -> int:
     serving: str | None = None  # where the embedded coordinator listens, for status
     transports = Transports()
     ssh_record: dict[str, Any] | None = None
+    on_members: Callable[[], None] | None = None
     try:
         await tun.configure(addresses.ipv4, config.mtu, addresses.routes, address6=addresses.ipv6)
         if config.coordinator is not None and config.coordinator.serve is not None:
@@ -281,7 +319,8 @@ async def run_daemon(paths: Paths) -> int:
             if state is not None and paths.admin_key.exists():
                 await _set_up_network(paths, state, secret)
         if state is not None and peer_map is not None:
-            ssh_record = await _start_transports(config, paths, identity, state, peer_map, datapath, transports)
+            ssh_record, on_members = await _start_transports(config, paths, identity, state, peer_map, datapath,
+                                                             transports)
     except (TunError, StartupError) as exc:
         if transports.ssh is not None:
             await transports.ssh.close()
@@ -315,7 +354,7 @@ async def run_daemon(paths: Paths) -> int:
             state, identity, peer_map, mesh, bus, cache_path=paths.peer_map_cache,
             secret_path=config.network_secret_file, listen_port=datapath.port,
             on_revoked=lambda why: supervisor.shutdown(why, exit_code=1),
-            transports=config.transports, ssh_record=ssh_record,
+            transports=config.transports, ssh_record=ssh_record, on_members_changed=on_members,
             ca_file=str(config.coordinator.ca_file) if config.coordinator.ca_file else None,
         )
         supervisor.add(client)

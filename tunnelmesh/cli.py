@@ -86,12 +86,24 @@ def _init_network(args: argparse.Namespace, paths: Paths) -> int:
     name = args.name or _host_name()
     state = _run(create_network(paths, name=name, identity_spec=identity, listen_port=args.listen_port,
                                 cidr=args.cidr, url=url, serve=serve))
+    _ssh_host_key(paths)
     network = state.network
     print(f"made network {network.network}: {network.cidr4} and {network.ula6}")
     print(f"this node: {state.member.name} {state.member.ipv4} {state.member.ipv6} (admin key {paths.admin_key}, keep it safe)")
     print(f"coordinator: {url}" + (f" (embedded, listening on {serve})" if serve else " (standalone)"))
     print("next: `tunnelmesh up`, then `tunnelmesh invite` for each machine that joins")
     return EXIT_OK
+
+
+def _ssh_host_key(paths: Paths) -> None:
+    """The SSH rung's host key, made once (0600); the daemon attests it with the identity."""
+    from tunnelmesh.links import LinkError
+    from tunnelmesh.links.ssh import load_or_create_host_key
+
+    try:
+        load_or_create_host_key(paths.ssh_host_key)
+    except LinkError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
 
 
 def _default_url() -> str:
@@ -141,6 +153,7 @@ def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
                        listen_port=args.listen_port, wait=args.wait, on_pending=waiting,
                        network_fingerprint=args.network))
     member = joined.state.member
+    _ssh_host_key(paths)
     print(f"joined network {joined.state.network.network} as {member.name}: {member.ipv4} {member.ipv6} "
           f"in {joined.seconds:.2f} s")
     print("next: `tunnelmesh up`")
@@ -360,6 +373,16 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
             print("refused records: " + ", ".join(f"{k}={v}" for k, v in sorted(coordinator["rejected"].items())))
     if node.get("serving_coordinator"):
         print(f"serving the coordinator on {node['serving_coordinator']}")
+    transports = node.get("transports") or {}
+    rungs = []
+    if transports.get("ssh"):
+        port = transports["ssh"].get("port")
+        rungs.append(f"ssh on tcp/{port}" if port else "ssh (dial only)")
+    if transports.get("relay"):
+        relay = transports["relay"]
+        rungs.append(f"relay {relay['url']}: {relay['state']}" + (f" ({relay['error']})" if relay.get("error") else ""))
+    if rungs:
+        print("transports: udp/{}, {}".format(node["listen_port"], ", ".join(rungs)))
     _print_peers(status["peers"])
     drops = status.get("drops") or {}
     if drops and args.verbose:
@@ -384,8 +407,8 @@ def _print_peers(peers: list[dict[str, Any]]) -> None:
     for p in peers:
         ago = p.get("last_handshake_ago")
         handshake = f"handshake {_ago(ago)}" if ago is not None else "no handshake yet"
-        path = f"{p['transport']} {p['endpoint']}" if p.get("endpoint") else "no endpoint (waits to be contacted)"
-        why = f"  ({p['why_not_better']})" if p.get("why_not_better") else ""
+        path = p["endpoint"] if p.get("endpoint") else "no endpoint (waits to be contacted)"
+        why = f"  (not better: {p['why_not_better']})" if p.get("why_not_better") else ""
         rows.append((p["mesh_ip"], p["name"], p["state"], path, handshake,
                      f"rx {_size(p['rx_bytes'])} tx {_size(p['tx_bytes'])}{why}"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
@@ -416,7 +439,9 @@ def cmd_ping(args: argparse.Namespace, paths: Paths) -> int:
             time.sleep(args.interval)
         result = request(paths.control_socket, "ping", timeout=args.timeout + 10, peer=args.peer, wait=args.timeout)
         if result["ok"]:
-            print(f"pong from {result['peer']} via {result['path']} in {result['rtt_ms']:.2f} ms")
+            answered = f", answer came on {result['rung']}" if result.get("rung") and not result["path"].startswith(
+                result["rung"]) else ""
+            print(f"pong from {result['peer']} via {result['path']} in {result['rtt_ms']:.2f} ms{answered}")
         else:
             failures += 1
             print(f"{result['error']} (path: {result['path']})")

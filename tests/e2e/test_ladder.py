@@ -146,3 +146,37 @@ def test_flapping_udp_changes_rungs_no_faster_than_the_hold(lab: Lab) -> None:
     finally:
         for member in mesh.values():
             member.down(check=False)
+
+
+def test_a_node_whose_only_way_out_is_the_coordinators_port_reaches_every_peer(lab: Lab) -> None:
+    mesh = build_network(lab, ["hub", "a", "d"], start=False)  # the hub (embedded coordinator) is up
+    hub, a, d = mesh["hub"], mesh["a"], mesh["d"]
+    wire = d.node.interfaces[0]
+    # On d's wire: out only TCP to the coordinator's port, in only that connection's replies.
+    d.node.nft(f"""table inet tm_only_http {{
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    oifname "{wire}" ip daddr {hub.underlay} tcp dport 7400 accept
+    oifname "{wire}" drop
+  }}
+  chain in {{
+    type filter hook input priority 0; policy accept;
+    iifname "{wire}" ip saddr {hub.underlay} tcp sport 7400 ct state established accept
+    iifname "{wire}" drop
+  }}
+}}
+""")
+    try:
+        a.up()
+        d.up()
+        wait_for_handshakes(mesh, timeout=60)
+        for peer in ("hub", "a"):
+            assert rung_of(d, peer) == "relay", diagnostics(mesh)
+            assert d.node.run("ping", "-c", "3", "-i", "0.2", "-W", "2", mesh[peer].mesh_ip,
+                              check=False).returncode == 0, diagnostics(mesh)
+        assert rung_of(hub, "a") == "udp" and rung_of(a, "hub") == "udp"  # the others keep their direct path
+        why = peer_status(d, "a")["why_not_better"]
+        assert "UDP: " in why and "SSH: " in why, why
+    finally:
+        for member in mesh.values():
+            member.down(check=False)
