@@ -221,12 +221,9 @@ def test_endpoint_rx_at_follows_packets_from_the_endpoint_only() -> None:
     assert peer.endpoint_rx_at == pair.now
 
 
-# --- a known gap: one-way loss on the path the initiation reaches first ----------------------------
+# --- one-way loss on the path the initiation reaches first ----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a repeated initiation is a replay to the responder: it answers only the copy that "
-    "arrived first, so if that path loses the answer, the probe on the other rung never completes"))
 def test_a_probe_completes_on_the_rung_that_works_when_the_first_path_loses_the_answer() -> None:
     pair = PeerPair()
     link = Link("ssh")
@@ -240,3 +237,22 @@ def test_a_probe_completes_on_the_rung_that_works_when_the_first_path_loses_the_
     for response, _ in answers:
         pair.inject("a", response, source=link)
     assert completed(pair, "a") and completed(pair, "a")[0].source == link
+
+
+def test_a_repeated_initiation_is_answered_again_once_per_new_path_and_only_briefly() -> None:
+    pair = PeerPair()
+    link = Link("ssh")
+    pair.a_peer.send_probe((B_ADDR, link), pair.now, pair.wall)
+    (via_udp, _), (via_link, _) = take(pair, "a")
+    pair.inject("b", via_udp, source=A_ADDR)
+    first = take(pair, "b")
+    pair.inject("b", via_udp, source=A_ADDR)  # the same path again: a replay, dropped
+    assert take(pair, "b") == [] and pair.b.drops["replayed or old initiation timestamp"] == 1
+    pair.inject("b", via_link, source=link)
+    assert take(pair, "b") == [(first[0][0], link)]  # the same answer, on the new path
+    pair.inject("b", via_link, source=link)
+    assert take(pair, "b") == []
+    pair.advance(5.0)  # REKEY_TIMEOUT later the stored answer is not used any more
+    other = Link("relay")
+    pair.inject("b", via_link, source=other)
+    assert take(pair, "b") == []

@@ -253,12 +253,12 @@ class Device:
                 return
         if kind == MSG_INITIATION:
             assert isinstance(message, Initiation)
-            self._consume_initiation(message, source, now)
+            self._consume_initiation(message, raw, source, now)
         else:
             assert isinstance(message, Response)
             self._consume_response(message, source, now, wall)
 
-    def _consume_initiation(self, message: Initiation, source: Endpoint, now: float) -> None:
+    def _consume_initiation(self, message: Initiation, raw: bytes, source: Endpoint, now: float) -> None:
         try:
             consumed = consume_initiation(
                 message, local_static_private=self.static_private, local_static_public=self.static_public
@@ -272,9 +272,10 @@ class Device:
             return
         reason = peer.check_initiation(consumed.timestamp, now)
         if reason is not None:
-            self.drops[reason] += 1
+            if not peer.answer_again(raw, source, now):
+                self.drops[reason] += 1
             return
-        peer.answer_initiation(consumed, message.sender, source, now)
+        peer.answer_initiation(consumed, message.sender, source, now, raw)
 
     def _consume_response(self, message: Response, source: Endpoint, now: float, wall: float) -> None:
         entry = self._index.get(message.receiver)

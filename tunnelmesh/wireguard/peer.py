@@ -100,6 +100,10 @@ class Peer:
         self._hs_packet = b""  # the outstanding initiation, as sent (a probe may repeat it on another path)
         self.last_timestamp = b"\x00" * 12  # greatest TAI64N consumed, against replay
         self.last_initiation_consumed = float("-inf")
+        # The last initiation answered, our answer, and the paths it was sent on: the same
+        # initiation arriving again on another path (a ladder probe on several rungs) gets
+        # the same answer there, so a path that loses answers cannot hide the others.
+        self._answered: tuple[bytes, bytes, float, list[Endpoint]] | None = None
         self.last_sent_handshake = float("-inf")
 
         # Keypairs.
@@ -291,7 +295,19 @@ class Peer:
             return "initiation flood (over 50/s from one peer)"
         return None
 
-    def answer_initiation(self, consumed: ConsumedInitiation, remote_index: int, source: Endpoint, now: float) -> None:
+    def answer_again(self, raw: bytes, source: Endpoint, now: float) -> bool:
+        """Resend our answer if `raw` is the initiation we last answered, arriving on a
+        path it has not been answered on, within REKEY_TIMEOUT. No state changes; the
+        answer (92 bytes) is smaller than the initiation, so this amplifies nothing."""
+        answered = self._answered
+        if answered is None or answered[0] != raw or now - answered[2] >= REKEY_TIMEOUT or source in answered[3]:
+            return False
+        answered[3].append(source)
+        self.device.transmits.append((answered[1], source))
+        return True
+
+    def answer_initiation(self, consumed: ConsumedInitiation, remote_index: int, source: Endpoint, now: float,
+                          raw: bytes = b"") -> None:
         """Answer an authenticated initiation. The new keypair waits in `next`
         until the initiator's first packet confirms it."""
         device = self.device
@@ -321,7 +337,9 @@ class Peer:
         self._timers_any_authenticated_packet_received()
         # The answer goes back the way the initiation came, whatever the send
         # path: that is what lets a probe on one rung prove that rung.
-        device.transmits.append((self.cookie.add_macs(body, now), source))
+        answer = self.cookie.add_macs(body, now)
+        device.transmits.append((answer, source))
+        self._answered = (raw, answer, now, [source])
         self._timers_any_authenticated_packet_sent()
 
     def _clear_handshake(self, *, keep_index: bool) -> None:
