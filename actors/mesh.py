@@ -117,6 +117,9 @@ class Mesh(Actor):
         assert session.peer is not None
         self.device.remove_peer(session.peer)
         await self.supervisor.remove(session)
+        ssh_link = self.transports.ssh.link(wg_key) if self.transports.ssh is not None else None
+        if ssh_link is not None:
+            ssh_link.close()  # a removed member keeps no SSH connection to us
         log.info("%s: removed (%s)", session.peer_name, reason)
         self.bus.publish({"event": "peer_removed", "peer": session.peer_name, "reason": reason})
 

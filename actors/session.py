@@ -118,6 +118,7 @@ class PeerSession(Actor):
         self.ladder = Ladder(choice.enabled, unusable=unusable)
         self.udp_address: tuple[str, int] | None = None  # where the peer's UDP port is, as far as we know
         self._evidence: dict[str, object] = {}  # rung -> the endpoint a handshake last came from on it
+        self._stray_seen = float("-inf")
         self._want_probe: set[str] = set()  # rungs to probe once their link is up
         self._dialling: asyncio.Task[None] | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -265,7 +266,8 @@ class PeerSession(Actor):
         endpoint = self._evidence.get(action.rung)
         if endpoint is None or getattr(endpoint, "closed", False):
             endpoint = self._endpoint(action.rung)
-        if endpoint is None:
+        if endpoint is None:  # gone since the evidence came: the ladder stays where the packets go
+            self.ladder.revert(action)
             return
         self.peer.endpoint = endpoint
         if action.previous is None:
@@ -288,8 +290,12 @@ class PeerSession(Actor):
         stray = None
         if peer.stray_source is not None:
             stray = (rung_of(peer.stray_source), peer.stray_at)
-            self._evidence[stray[0]] = peer.stray_source
+            if peer.stray_at > self._stray_seen:  # only newer than what we took: never a stale address
+                self._stray_seen = peer.stray_at
+                self._evidence[stray[0]] = peer.stray_source
         try:
+            if self.ladder.current is None and not self.ladder.searching and peer.t_retransmit is not None:
+                self._apply(self.ladder.start(now))  # the search gave up; traffic wants the peer again
             self._apply(self.ladder.tick(now, unanswered_since=unanswered, received_on_current=peer.endpoint_rx_at,
                                          stray=stray))
         except Exception:

@@ -40,6 +40,7 @@ HOLD = 10.0
 STEP_DOWN_TRIAL = 60.0
 FRESH = 5.0  # how long a handshake on a rung stays evidence for a held change
 RESEARCH = 5.0  # once every rung is being probed, re-probe at this pace
+GIVE_UP = 90.0  # a new session's search ends unanswered after this (WireGuard's REKEY_ATTEMPT_TIME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,7 @@ class Ladder:
         self._stepped_down_at: float | None = None
         self._last_rx_current = float("-inf")
         self._switched_at = float("-inf")
+        self._search_started = float("-inf")
 
     # --- queries ----------------------------------------------------------------------
 
@@ -168,6 +170,9 @@ class Ladder:
             self._stepped_down_at = None
             self.probe_interval = BETTER_PROBE  # the step-down held
         if self.searching:
+            if self.current is None and now - self._search_started >= GIVE_UP:
+                self.searching = []  # the peer is not there: the session restarts the search on demand
+                return actions
             if now >= self._next_widen:
                 missing = [r for r in self.rungs if r not in self.searching]
                 if missing:
@@ -197,6 +202,13 @@ class Ladder:
             actions.append(self._probe(better, now))
         return actions
 
+    def revert(self, switch: Switch) -> None:
+        """The caller could not carry `switch` out (its path vanished): undo it."""
+        if self.current == switch.rung:
+            self.current = switch.previous
+            if switch.previous is not None:
+                self.changes -= 1
+
     # --- internals ----------------------------------------------------------------------
 
     def _failing_set(self, rung: str) -> list[str]:
@@ -205,6 +217,7 @@ class Ladder:
 
     def _search(self, rungs: list[str], now: float) -> list[Action]:
         self.searching = list(rungs)
+        self._search_started = now
         self._next_widen = now + HAPPY_EYEBALLS
         return [self._probe(self.searching, now)]
 

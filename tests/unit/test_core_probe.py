@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support.wire import A_ADDR, B_ADDR, PeerPair, kind
+from tests.support.wire import A_ADDR, A_IP, B_ADDR, B_IP, PeerPair, ipv4_packet, kind
 from tunnelmesh.wireguard import EndpointChanged, HandshakeCompleted
 from tunnelmesh.wireguard.constants import REKEY_TIMEOUT
 
@@ -252,7 +252,31 @@ def test_a_repeated_initiation_is_answered_again_once_per_new_path_and_only_brie
     assert take(pair, "b") == [(first[0][0], link)]  # the same answer, on the new path
     pair.inject("b", via_link, source=link)
     assert take(pair, "b") == []
+    pair.inject("b", via_udp, source=("198.51.100.9", 4444))  # another UDP address: a replay, not a new rung
+    assert take(pair, "b") == []
     pair.advance(5.0)  # REKEY_TIMEOUT later the stored answer is not used any more
     other = Link("relay")
     pair.inject("b", via_link, source=other)
     assert take(pair, "b") == []
+
+
+def test_a_message_on_a_link_that_authenticated_another_peer_is_dropped() -> None:
+    pair = PeerPair()
+    pair.handshake()
+    pair.a_peer.roam_across_kinds = pair.b_peer.roam_across_kinds = False
+    size = pair.send_packet("a", ipv4_packet(A_IP, B_IP, b"for b"))
+    datagram = take(pair, "a")[0][0]
+    assert size
+    mallory = AuthenticatedLink("ssh", b"\x07" * 32)  # a link whose other end is some third member
+    before = pair.b_peer.endpoint
+    assert pair.inject("b", datagram, source=mallory) == 0
+    assert pair.b.drops["message for one peer on another peer's link"] == 1
+    assert pair.b_peer.endpoint == before and pair.b_peer.stray_source is None
+
+
+@dataclass(frozen=True)
+class AuthenticatedLink:
+    """A link that names the peer its transport authenticated, as SSH and relay links do."""
+
+    name: str
+    peer_key: bytes

@@ -123,6 +123,14 @@ def test_search_widens_every_two_seconds_then_keeps_probing_all_rungs() -> None:
     assert run.ladder.current is None
 
 
+def test_a_new_sessions_search_gives_up_after_90_s_and_can_start_again() -> None:
+    run = Run()
+    run.start(0.0)
+    probes = [a for t in range(1, 200) for a in run.tick(float(t))]
+    assert 10 <= len(probes) <= 25 and run.ladder.searching == []  # none after 90 s
+    assert run.start(300.0) == [Probe((UDP,))]
+
+
 @pytest.mark.parametrize("winner", RUNGS)
 def test_first_handshake_in_a_search_carries_the_traffic_and_ends_the_search(winner: str) -> None:
     run = Run()

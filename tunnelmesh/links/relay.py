@@ -269,7 +269,8 @@ class RelayClient:
         except aiohttp.WSServerHandshakeError as exc:
             if proxy is not None and self.ws_url.startswith("ws:"):
                 # A forwarding proxy drops the Upgrade header of a plain-HTTP request.
-                raise LinkError(f"{self.ws_url} through proxy {proxy} answered HTTP {exc.status} instead of a "
+                shown = urllib.parse.urlsplit(proxy)
+                raise LinkError(f"{self.ws_url} through proxy {shown.hostname}:{shown.port} answered HTTP {exc.status} instead of a "
                                 "WebSocket: proxies pass WebSockets only through CONNECT, that is for https:// "
                                 "relay URLs (put TLS in front of the coordinator)") from None
             raise LinkError(f"{self.ws_url} answered HTTP {exc.status} instead of a WebSocket "

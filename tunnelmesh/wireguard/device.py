@@ -45,8 +45,20 @@ class DeviceError(ValueError):
     """A configuration the device refuses (e.g. a peer with our own key)."""
 
 
+def _names_another_peer(source: Endpoint, peer: Peer) -> bool:
+    """A link (SSH, relay) authenticated who is at its other end: a message it carries
+    must be for that very peer, or a member could replay another member's ciphertext
+    over its own link and pull that member's send path onto it."""
+    link_peer = getattr(source, "peer_key", None)
+    return link_peer is not None and link_peer != peer.public_key
+
+
 def endpoint_bytes(endpoint: Endpoint) -> bytes:
-    """The sender address a cookie is bound to."""
+    """The sender address a cookie is bound to: a UDP address, or the peer a link
+    authenticated (links of one rung share a description, not a peer)."""
+    peer_key = getattr(endpoint, "peer_key", None)
+    if isinstance(peer_key, bytes):
+        return peer_key
     if isinstance(endpoint, tuple) and len(endpoint) >= 2:
         try:
             return ipaddress.ip_address(endpoint[0]).packed + int(endpoint[1]).to_bytes(2, "little")
@@ -190,6 +202,9 @@ class Device:
             self.drops["unknown receiver index"] += 1
             return 0
         peer, kp = entry
+        if source.__class__ is not tuple and _names_another_peer(source, peer):
+            self.drops["message for one peer on another peer's link"] += 1
+            return 0
         if now - kp.created >= REJECT_AFTER_TIME:
             self.drops["keypair expired"] += 1
             return 0
@@ -270,6 +285,9 @@ class Device:
         if peer is None:
             self.drops["initiation from unknown key"] += 1
             return
+        if _names_another_peer(source, peer):
+            self.drops["message for one peer on another peer's link"] += 1
+            return
         reason = peer.check_initiation(consumed.timestamp, now)
         if reason is not None:
             if not peer.answer_again(raw, source, now):
@@ -284,6 +302,9 @@ class Device:
             self.drops["response without a pending initiation"] += 1
             return
         peer = entry[0]
+        if _names_another_peer(source, peer):
+            self.drops["message for one peer on another peer's link"] += 1
+            return
         try:
             final = consume_response(
                 message, noise, local_static_private=self.static_private, preshared_key=peer.preshared_key

@@ -300,8 +300,9 @@ class Peer:
         path it has not been answered on, within REKEY_TIMEOUT. No state changes; the
         answer (92 bytes) is smaller than the initiation, so this amplifies nothing."""
         answered = self._answered
-        if answered is None or answered[0] != raw or now - answered[2] >= REKEY_TIMEOUT or source in answered[3]:
-            return False
+        if answered is None or answered[0] != raw or now - answered[2] >= REKEY_TIMEOUT or len(answered[3]) >= 3 \
+                or any(type(source) is type(earlier) for earlier in answered[3]):
+            return False  # once per kind of path: a replay from more UDP addresses gets nothing
         answered[3].append(source)
         self.device.transmits.append((answered[1], source))
         return True
