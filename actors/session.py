@@ -377,7 +377,9 @@ class PeerSession(Actor):
             "name": self.peer_name,
             "mesh_ip": str(self.mesh_ip),
             "fingerprint": self.fingerprint,
-            "endpoint": describe(peer.endpoint) if peer.endpoint is not None else None,
+            "endpoint": (_show(peer.endpoint) if isinstance(peer.endpoint, tuple) else describe(peer.endpoint))
+            if peer.endpoint is not None else None,
+            "path": describe(peer.endpoint) if peer.endpoint is not None else None,
             "transport": rung_of(peer.endpoint) if peer.endpoint is not None else None,
             "rung": self.ladder.current,
             "rung_changes": self.ladder.changes,

@@ -407,7 +407,7 @@ def _print_peers(peers: list[dict[str, Any]]) -> None:
     for p in peers:
         ago = p.get("last_handshake_ago")
         handshake = f"handshake {_ago(ago)}" if ago is not None else "no handshake yet"
-        path = p["endpoint"] if p.get("endpoint") else "no endpoint (waits to be contacted)"
+        path = p.get("path") or "no endpoint (waits to be contacted)"
         why = f"  (not better: {p['why_not_better']})" if p.get("why_not_better") else ""
         rows.append((p["mesh_ip"], p["name"], p["state"], path, handshake,
                      f"rx {_size(p['rx_bytes'])} tx {_size(p['tx_bytes'])}{why}"))
