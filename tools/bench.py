@@ -1,6 +1,7 @@
 """Benchmark TunnelMesh against wireguard-go and nebula in network namespaces.
 
     python -m tools.bench [--time T] [--runs N] [--only tunnelmesh,wireguard-go,nebula,veth] [--json]
+    python -m tools.bench --ladder [--rounds N] [--time T] [--json]   (tools.ladderbench: the transport ladder)
 
 For every system, in turn and never two at once, a fresh lab: two namespaces `a` and
 `b` joined by a switch (192.0.2.0/24), the tunnel between them (mesh IPs 100.100.0.1 and
@@ -553,6 +554,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(SYSTEMS), metavar="LIST",
                         help=f"comma-separated systems to measure (default: {','.join(SYSTEMS)})")
     parser.add_argument("--json", action="store_true", help="print machine-readable results instead of the table")
+    parser.add_argument("--ladder", action="store_true",
+                        help="run tools.ladderbench instead (switch times and throughput per rung of the transport "
+                             "ladder); the other options are then its own: see python -m tools.ladderbench --help")
     args = parser.parse_args(argv)
     if not 1 <= args.time <= 600:
         parser.error("--time must be 1..600")
@@ -571,6 +575,10 @@ def _hangup(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--ladder" in argv:
+        from tools import ladderbench
+        return ladderbench.main([arg for arg in argv if arg != "--ladder"])
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("tools.bench creates network namespaces and TUN devices: run it as root", file=sys.stderr)
