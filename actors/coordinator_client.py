@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunnelmesh.config import RungChoice, TransportsConfig
+from tunnelmesh.config import TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.identity import NodeIdentity
 from tunnelmesh.membership import MemberEntry, MembershipError, PeerMap, Revocation
@@ -40,12 +40,11 @@ PERSISTENT_KEEPALIVE = 25  # keeps NAT mappings open between members
 
 def peer_spec(member: MemberEntry, peer_map: PeerMap, transports: TransportsConfig = TransportsConfig()) -> PeerSpec:
     endpoints = peer_map.endpoints.get(member.wg_key)
-    choice: RungChoice = transports.for_peer(member.name)
     return PeerSpec(
         name=member.name, mesh_ip=member.ipv4, fingerprint=member.identity.fingerprint, wg_key=member.wg_key,
         allowed_ips=(ipaddress.IPv4Network(f"{member.ipv4}/32"), ipaddress.IPv6Network(f"{member.ipv6}/128")),
         endpoint=endpoints.addresses[0] if endpoints and endpoints.addresses else None,
-        persistent_keepalive=PERSISTENT_KEEPALIVE, choice=choice,
+        persistent_keepalive=PERSISTENT_KEEPALIVE, choice=transports.for_peer(member.name),
     )
 
 

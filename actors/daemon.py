@@ -204,9 +204,7 @@ async def _start_transports(
     wanted = {rung for choice in (tcfg.default, *tcfg.peers.values()) for rung in choice.enabled}
     record, on_members = None, None
     if "relay" in wanted:
-        assert config.coordinator is not None
-        ca_file = str(config.coordinator.ca_file) if config.coordinator.ca_file else None
-        transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=ca_file)
+        transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=_ca_file(config))
     if "ssh" not in wanted:
         return record, on_members
     port = tcfg.ssh_port or None
@@ -244,6 +242,12 @@ async def _start_transports(
     if port is not None or bridge is not None:
         record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge)
     return record, on_members
+
+
+def _ca_file(config: NodeConfig) -> str | None:
+    """The private CA for the coordinator's and relay's TLS, as the HTTP clients take it."""
+    ca_file = config.coordinator.ca_file if config.coordinator is not None else None
+    return str(ca_file) if ca_file is not None else None
 
 
 def _tunnelmesh_program() -> str:
@@ -349,13 +353,12 @@ async def run_daemon(paths: Paths) -> int:
         initial = _static_peers(config, static_endpoints)
     else:
         initial = [peer_spec(member, peer_map, config.transports) for member in peer_map.members.values()]
-        assert config.coordinator is not None
         client = CoordinatorClient(
             state, identity, peer_map, mesh, bus, cache_path=paths.peer_map_cache,
             secret_path=config.network_secret_file, listen_port=datapath.port,
             on_revoked=lambda why: supervisor.shutdown(why, exit_code=1),
             transports=config.transports, ssh_record=ssh_record, on_members_changed=on_members,
-            ca_file=str(config.coordinator.ca_file) if config.coordinator.ca_file else None,
+            ca_file=_ca_file(config),
         )
         supervisor.add(client)
     sessions = [mesh.add(spec) for spec in initial]

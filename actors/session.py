@@ -161,12 +161,12 @@ class PeerSession(Actor):
             self.last_handshake_wall = time.time()
             self.last_error = None
             source = event.source if event.source is not None else (self.peer.endpoint if self.peer else None)
+            rung = rung_of(source) if source is not None else None
             if first:
                 log.info("%s: session up via %s", self.peer_name, describe(source))
             self.events.publish({"event": "handshake", "peer": self.peer_name, "initiator": event.initiator,
-                                 "rung": rung_of(source) if source is not None else None})
-            if source is not None:
-                rung = rung_of(source)
+                                 "rung": rung})
+            if rung is not None:
                 self._evidence[rung] = source
                 if rung == rungs.UDP:
                     self.udp_address = source  # type: ignore[assignment]
@@ -194,7 +194,8 @@ class PeerSession(Actor):
                 self._switch(action)
 
     def _endpoint(self, rung: str) -> object | None:
-        """Where to send on `rung` now, or None (and the ladder told why)."""
+        """Where to send on `rung` now, or None (and the ladder told why). Called while
+        other actions are carried out, so what the ladder makes of it waits for the next tick."""
         now = time.monotonic()
         if rung == rungs.UDP:
             if self.udp_address is None:
@@ -249,8 +250,8 @@ class PeerSession(Actor):
 
     def on_link_up(self, link: Link) -> None:
         assert self.peer is not None
-        if self.peer.endpoint is not None and not isinstance(self.peer.endpoint, tuple) \
-                and self.peer.endpoint.rung == link.rung and self.peer.endpoint is not link:  # type: ignore[attr-defined]
+        endpoint = self.peer.endpoint
+        if endpoint is not None and endpoint is not link and rung_of(endpoint) == link.rung:
             self.peer.endpoint = link  # the same rung, a new connection
         if link.rung in self._want_probe:
             self._want_probe.discard(link.rung)
