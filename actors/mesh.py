@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tunnelmesh.config import RungChoice
+from tunnelmesh.config import RUNG_NAMES, RungChoice
 from tunnelmesh.wireguard import Device
 
 from .runtime import Actor
@@ -101,11 +101,18 @@ class Mesh(Actor):
         """Register a peer with the core and supervise its session (also before the daemon runs)."""
         session = PeerSession(spec.name, spec.mesh_ip, self.own_mesh_ip, spec.fingerprint, self.datapath, self.bus,
                               wg_key=spec.wg_key, transports=self.transports, choice=spec.choice)
+        udp = "udp" in spec.choice.enabled
         session.peer = self.device.add_peer(
-            spec.wg_key, preshared_key=self.psk, allowed_ips=spec.allowed_ips, endpoint=spec.endpoint,
+            spec.wg_key, preshared_key=self.psk, allowed_ips=spec.allowed_ips,
+            endpoint=spec.endpoint if udp else None,  # the core sends there at once: only on an allowed rung
             persistent_keepalive=spec.persistent_keepalive, tag=session,
         )
         session.peer.roam_across_kinds = False  # rung changes are the ladder's
+        links = self.transports.ssh is not None or self.transports.relay is not None
+        if not udp or (links and set(spec.choice.enabled) != set(RUNG_NAMES)):
+            # A forced or disabled rung is neither sent nor answered on (a check per packet,
+            # so only for peers with such a choice).
+            session.peer.path_allowed = session.allows
         self.sessions[spec.wg_key] = session
         self.supervisor.add(session)
         return session
@@ -141,7 +148,7 @@ class Mesh(Actor):
                 session.udp_address = message.endpoint
                 peer = session.peer
                 if not session.is_up(time.monotonic()) and (peer.endpoint is None or isinstance(peer.endpoint, tuple)) \
-                        and peer.endpoint != message.endpoint:
+                        and peer.endpoint != message.endpoint and session.allows(message.endpoint):
                     peer.endpoint = message.endpoint
                     session.tell(Start())
             return None

@@ -116,6 +116,7 @@ class PeerSession(Actor):
         if choice.force is not None:
             unusable.update({r: f"the config forces {choice.force}" for r in rungs.RUNGS if r != choice.force})
         self.ladder = Ladder(choice.enabled, unusable=unusable)
+        self._allowed = frozenset(choice.enabled)
         self.udp_address: tuple[str, int] | None = None  # where the peer's UDP port is, as far as we know
         self._evidence: dict[str, object] = {}  # rung -> the endpoint a handshake last came from on it
         self._stray_seen = float("-inf")
@@ -123,6 +124,10 @@ class PeerSession(Actor):
         self._dialling: asyncio.Task[None] | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self.transitions: list[dict[str, Any]] = []  # the last few rung changes, for status
+
+    def allows(self, endpoint: object) -> bool:
+        """Whether the config lets this peer's traffic use `endpoint`'s rung."""
+        return rung_of(endpoint) in self._allowed
 
     # --- timers (called by the data path, on the event loop thread) ----------------
 

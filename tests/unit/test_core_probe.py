@@ -280,3 +280,46 @@ class AuthenticatedLink:
 
     name: str
     peer_key: bytes
+
+
+# --- paths the caller allows (a forced or disabled rung) ---------------------------------------
+
+
+def _links_only(endpoint: object) -> bool:
+    return not isinstance(endpoint, tuple)
+
+
+def test_an_initiation_on_a_path_not_allowed_is_neither_answered_nor_learnt() -> None:
+    pair = PeerPair()
+    pair.b_peer.path_allowed = _links_only  # b forces a link rung for a
+    pair.b_peer.endpoint = None
+    pair.a_peer.send_handshake_initiation(pair.now, pair.wall)
+    carry(pair, "a", A_ADDR)
+    assert take(pair, "b") == []
+    assert pair.b.drops["message on a path not allowed for its peer"] == 1
+    assert pair.b_peer.endpoint is None and completed(pair, "b") == []
+    # The same initiation on an allowed path is answered there.
+    link = Link("ssh")
+    pair.a_peer.send_probe((link,), pair.now, pair.wall)
+    carry(pair, "a", link)
+    ((response, to),) = take(pair, "b")
+    assert (kind(response), to) == (RESP, link)
+
+
+def test_data_and_responses_on_a_path_not_allowed_are_dropped() -> None:
+    pair = session(roam_across_kinds=False)
+    data = data_from_a(pair)
+    pair.b_peer.path_allowed = _links_only
+    received_before = pair.b_peer.rx_bytes
+    assert pair.inject("b", data, source=A_ADDR) == 0
+    assert pair.b.drops["message on a path not allowed for its peer"] == 1
+    assert pair.b_peer.rx_bytes == received_before
+    # A response arriving over UDP for an initiation of a peer kept to links is dropped too.
+    pair.a_peer.path_allowed = _links_only
+    pair.advance(REKEY_TIMEOUT + 0.1)
+    assert pair.a_peer.send_probe((B_ADDR,), pair.now, pair.wall)
+    carry(pair, "a", Link("ssh"))
+    ((response, _),) = take(pair, "b")
+    pair.inject("a", response, source=B_ADDR)
+    assert pair.a.drops["message on a path not allowed for its peer"] == 1
+    assert completed(pair, "a") == []

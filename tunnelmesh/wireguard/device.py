@@ -45,12 +45,18 @@ class DeviceError(ValueError):
     """A configuration the device refuses (e.g. a peer with our own key)."""
 
 
-def _names_another_peer(source: Endpoint, peer: Peer) -> bool:
-    """A link (SSH, relay) authenticated who is at its other end: a message it carries
+def _refused_path(source: Endpoint, peer: Peer) -> str | None:
+    """Why a message from `source` cannot be `peer`'s (the drop's reason), or None.
+    A link (SSH, relay) authenticated who is at its other end: a message it carries
     must be for that very peer, or a member could replay another member's ciphertext
-    over its own link and pull that member's send path onto it."""
+    over its own link and pull that member's send path onto it. And the caller may
+    keep a peer to some paths (`Peer.path_allowed`: a rung forced or disabled)."""
     link_peer = getattr(source, "peer_key", None)
-    return link_peer is not None and link_peer != peer.public_key
+    if link_peer is not None and link_peer != peer.public_key:
+        return "message for one peer on another peer's link"
+    if peer.path_allowed is not None and not peer.path_allowed(source):
+        return "message on a path not allowed for its peer"
+    return None
 
 
 def endpoint_bytes(endpoint: Endpoint) -> bytes:
@@ -202,9 +208,11 @@ class Device:
             self.drops["unknown receiver index"] += 1
             return 0
         peer, kp = entry
-        if source.__class__ is not tuple and _names_another_peer(source, peer):
-            self.drops["message for one peer on another peer's link"] += 1
-            return 0
+        if source.__class__ is not tuple or peer.path_allowed is not None:
+            refused = _refused_path(source, peer)
+            if refused is not None:
+                self.drops[refused] += 1
+                return 0
         if now - kp.created >= REJECT_AFTER_TIME:
             self.drops["keypair expired"] += 1
             return 0
@@ -285,8 +293,9 @@ class Device:
         if peer is None:
             self.drops["initiation from unknown key"] += 1
             return
-        if _names_another_peer(source, peer):
-            self.drops["message for one peer on another peer's link"] += 1
+        refused = _refused_path(source, peer)
+        if refused is not None:
+            self.drops[refused] += 1
             return
         reason = peer.check_initiation(consumed.timestamp, now)
         if reason is not None:
@@ -302,8 +311,9 @@ class Device:
             self.drops["response without a pending initiation"] += 1
             return
         peer = entry[0]
-        if _names_another_peer(source, peer):
-            self.drops["message for one peer on another peer's link"] += 1
+        refused = _refused_path(source, peer)
+        if refused is not None:
+            self.drops[refused] += 1
             return
         try:
             final = consume_response(

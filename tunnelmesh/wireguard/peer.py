@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Hashable
 
 from .constants import (
@@ -85,6 +86,9 @@ class Peer:
         # send path; it is noted in `stray_source`/`stray_at` for the ladder to
         # weigh. Within one kind, roaming stays as in WireGuard.
         self.roam_across_kinds = True
+        # The caller's rule on which paths this peer's messages may come from (None:
+        # any); messages from others are dropped, so nothing is answered or learnt there.
+        self.path_allowed: Callable[[Endpoint], bool] | None = None
         self.stray_source: Endpoint | None = None
         self.stray_at = float("-inf")
         self.endpoint_rx_at = float("-inf")  # last authenticated transport message from `endpoint`
