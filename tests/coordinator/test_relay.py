@@ -341,6 +341,23 @@ def test_a_new_connection_of_the_same_member_replaces_the_old() -> None:
     scenario(run())
 
 
+def test_a_connection_cut_off_forwards_nothing_while_it_closes() -> None:
+    async def run() -> None:
+        current = members(1, 2)
+        async with relay_server(current) as (url, relay), aiohttp.ClientSession() as http:
+            one, two = await member(http, url, 1), await member(http, url, 2)
+            del current[key(1)]
+            relay.member_changed()  # 1 is asked to close; it does not read, so its close waits
+            await one.send_bytes(key(2) + b"sent after the cut")
+            with pytest.raises(TimeoutError):
+                await two.receive(timeout=0.5)
+            await until("1 is gone", lambda: relay.status()["connections"] == 1)
+            await one.close()
+            await two.close()
+
+    scenario(run())
+
+
 def test_the_coordinator_relays_for_members_and_cuts_off_a_revoked_one(tmp_path: Path) -> None:
     world = World.create()
 
