@@ -32,6 +32,7 @@ import ipaddress
 import json
 import os
 import re
+import urllib.parse
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -684,11 +685,15 @@ class Endpoints:
     #: The member's SSH endpoint attestation (tunnelmesh.links.attest), signed by the member
     #: itself: kept as given here and verified by the SSH rung before use.
     ssh: dict[str, Any] | None = None
+    #: The URL of the WebSocket relay the member serves (relay = true), if any.
+    relay: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"addresses": [f"{h}:{p}" for h, p in self.addresses], "last_seen": self.last_seen}
         if self.ssh is not None:
             wire["ssh"] = self.ssh
+        if self.relay is not None:
+            wire["relay"] = self.relay
         return wire
 
 
@@ -698,7 +703,8 @@ MAX_SSH_ATTESTATION = 2048  # bytes of JSON, as the coordinator caps it
 def parse_endpoints(value: Any) -> Endpoints:
     obj = _obj(value, "endpoints")
     ssh = obj.get("ssh")
-    _keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh"}))
+    _keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh", "relay"}))
+    relay = obj.get("relay")
     if ssh is not None and (not isinstance(ssh, dict) or len(json.dumps(ssh)) > MAX_SSH_ATTESTATION):
         raise MembershipError(f"endpoints: ssh must be an object of at most {MAX_SSH_ATTESTATION} bytes")
     addresses = obj["addresses"]
@@ -708,7 +714,26 @@ def parse_endpoints(value: Any) -> Endpoints:
     for item in addresses:
         parsed.append(parse_address(item))
     last_seen = obj["last_seen"]
-    return Endpoints(tuple(parsed), None if last_seen is None else _int(last_seen, "last_seen"), ssh)
+    return Endpoints(tuple(parsed), None if last_seen is None else _int(last_seen, "last_seen"), ssh,
+                     None if relay is None else parse_relay_url(relay))
+
+
+MAX_RELAY_URL = 256
+
+
+def parse_relay_url(value: Any) -> str:
+    """A member's relay URL as the map carries it: http(s)://host[:port][/path], nothing
+    else (no credentials, query or fragment); the relay's WebSocket is <url>/relay."""
+    text = _str(value, "relay", MAX_RELAY_URL)
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or not port_ok or parts.scheme not in ("http", "https") or not parts.hostname \
+            or parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise MembershipError(f"relay {text[:80]!r}: expected http(s)://host:port")
+    return text.rstrip("/")
 
 
 def parse_address(item: Any) -> tuple[str, int]:

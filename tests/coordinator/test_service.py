@@ -361,6 +361,27 @@ def test_register_keeps_an_opaque_ssh_offer_and_serves_it_in_the_map(db: Path, w
     asyncio.run(scenario())
 
 
+def test_register_takes_a_relay_offer_by_url_or_port_and_serves_it_in_the_map(db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                await one.register(51820, [], relay={"port": 7401})  # plain HTTP where the request came from
+                endpoints = (await one.map(0, 0))["endpoints"][key(world, 1)]
+                assert endpoints["relay"] == "http://127.0.0.1:7401"
+                await one.register(51820, [], relay={"url": "https://relay.example.org/mesh/"})
+                assert (await one.map(0, 0))["endpoints"][key(world, 1)]["relay"] == "https://relay.example.org/mesh"
+                for wrong, why in (({"url": "ftp://x:1"}, "expected http"), ({"url": "http://u:p@x:1"}, "expected http"),
+                                   ({"url": "http://x:1/?q"}, "expected http"), ({"port": 0}, "relay port"),
+                                   ({"port": 1, "url": "http://x:1"}, "relay must be"), ("http://x:1", "relay must be"),
+                                   ({"url": "http://" + "x" * 300}, "at most 256")):
+                    await refused(db, one.register(51820, [], relay=wrong), 400, why)  # type: ignore[arg-type]
+                await one.register(51820, [])  # said again without it: withdrawn
+                assert "relay" not in (await one.map(0, 0))["endpoints"][key(world, 1)]
+
+    asyncio.run(scenario())
+
+
 def test_signed_requests_are_not_replayable_or_stale(db: Path, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url, aiohttp.ClientSession() as http:

@@ -85,7 +85,8 @@ def test_reopened_store_keeps_everything(db: Path, world: World) -> None:
 
 
 def test_a_version_1_file_is_migrated_and_keeps_its_members(db: Path, world: World) -> None:
-    """Schema 2 added members.ssh: a file from before it opens with every member, offering nothing."""
+    """Schemas 2 and 3 added members.ssh and members.relay: a file from before them opens with
+    every member, offering nothing."""
     db.parent.mkdir()
     with closing(sqlite3.connect(db)) as conn:
         for statement in MIGRATIONS[0]:
@@ -98,13 +99,14 @@ def test_a_version_1_file_is_migrated_and_keeps_its_members(db: Path, world: Wor
         store.close()
         store = Store.open(db)
         admin = store.member(key(world, 0))
-        assert admin is not None and admin.ssh is None
-        assert store.set_endpoints(key(world, 0), [], 1, {"host_key": "k"})
-        assert store.member(key(world, 0)).ssh == {"host_key": "k"}  # type: ignore[union-attr]
+        assert admin is not None and admin.ssh is None and admin.relay is None
+        assert store.set_endpoints(key(world, 0), [], 1, {"host_key": "k"}, "http://192.0.2.1:7401")
+        admin = store.member(key(world, 0))
+        assert admin is not None and admin.ssh == {"host_key": "k"} and admin.relay == "http://192.0.2.1:7401"
     finally:
         store.close()
     with closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
 
 
 def test_an_ssh_offer_is_kept_and_a_change_of_it_bumps_the_version(db: Path, world: World) -> None:
@@ -118,6 +120,20 @@ def test_an_ssh_offer_is_kept_and_a_change_of_it_bumps_the_version(db: Path, wor
         assert store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 202)  # withdrawn: a change too
         admin = store.member(key(world, 0))
         assert store.version == version + 2 and admin is not None and admin.ssh is None and admin.last_seen == 202
+    finally:
+        store.close()
+
+
+def test_a_relay_offer_is_kept_and_a_change_of_it_bumps_the_version(db: Path, world: World) -> None:
+    store = with_network(db, world)
+    try:
+        add(store, world, 0, "admin", 1)
+        version = store.version
+        assert store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 200, None, "http://192.0.2.1:7401")
+        assert not store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 201, None, "http://192.0.2.1:7401")
+        assert store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 202)  # withdrawn
+        admin = store.member(key(world, 0))
+        assert store.version == version + 2 and admin is not None and admin.relay is None
     finally:
         store.close()
 

@@ -749,6 +749,8 @@ def test_parse_endpoints() -> None:
     parsed = parse_endpoints({"addresses": ["192.0.2.7:51820", "10.0.0.1:1"], "last_seen": NOW})
     assert parsed == Endpoints((("192.0.2.7", 51820), ("10.0.0.1", 1)), NOW)
     assert parse_endpoints({"addresses": [], "last_seen": None}) == Endpoints()
+    relayed = parse_endpoints({"addresses": [], "last_seen": None, "relay": "https://relay.example.org:8443/"})
+    assert relayed.relay == "https://relay.example.org:8443" and relayed.to_wire()["relay"] == relayed.relay
 
 
 @pytest.mark.parametrize(("value", "match"), [
@@ -761,6 +763,9 @@ def test_parse_endpoints() -> None:
     *[({"addresses": [bad], "last_seen": None}, "expected IPv4:port|endpoint: expected text") for bad in [
         "192.0.2.7", "192.0.2.7:0", "192.0.2.7:65536", ":80", "[2001:db8::1]:80", "host:80", "192.0.2.7:-1",
         "192.0.2.7: 80", "192.0.2.7:8x", "1.2.3:80", 80, None, "1" * 65]],
+    *[({"addresses": [], "last_seen": None, "relay": bad}, "relay") for bad in [
+        "ws://192.0.2.7:1", "http://", "http://a:b@192.0.2.7:1", "http://192.0.2.7:1/?x", "http://192.0.2.7:1#f",
+        "http://192.0.2.7:99999", "http://192.0.2.7:0", 7, {"url": "http://x"}, "http://" + "x" * 300]],
 ])
 def test_parse_endpoints_refuses(value: Any, match: str) -> None:
     with refused(match):

@@ -165,12 +165,15 @@ class Coordinator:
     # --- members ----------------------------------------------------------------------------------
 
     async def register(self, listen_port: int, addresses: list[str],
-                       ssh: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Where this node listens; `ssh` is what it offers for the SSH rung (each register
-        says it again: leaving it out withdraws it)."""
+                       ssh: dict[str, Any] | None = None, relay: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Where this node listens; `ssh` is what it offers for the SSH rung, `relay` the
+        relay it serves ({"url": ...} or {"port": N}); each register says them again:
+        leaving one out withdraws it."""
         body: dict[str, Any] = {"listen_port": listen_port, "addresses": addresses}
         if ssh is not None:
             body["ssh"] = ssh
+        if relay is not None:
+            body["relay"] = relay
         return await self._call("POST", "/v1/register", body, sign="member")
 
     async def map(self, since: int, wait: float) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from tunnelmesh.membership import (
     join_proof_message,
     member_body,
     parse_address,
+    parse_relay_url,
     seal,
     unb64,
     verify_admin_request,
@@ -188,7 +189,25 @@ def _endpoints(member: MemberRow) -> dict[str, Any]:
     endpoints: dict[str, Any] = {"addresses": member.addresses, "last_seen": member.last_seen}
     if member.ssh is not None:
         endpoints["ssh"] = member.ssh
+    if member.relay is not None:
+        endpoints["relay"] = member.relay
     return endpoints
+
+
+def _relay_offer(value: Any, observed: str | None) -> str | None:
+    """The register body's optional "relay": {"url": ...} (how members reach the relay it
+    serves, e.g. behind TLS termination) or {"port": N} (plain HTTP at the address its
+    request came from)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) != 1 or not value.keys() <= {"url", "port"}:
+        raise Refused(400, 'relay must be {"url": "http(s)://host:port"} or {"port": N}')
+    if "url" in value:
+        return parse_relay_url(value["url"])
+    port = _integer(value["port"], "relay port", 1, 65535)
+    if observed is None:
+        raise Refused(400, "relay: a port alone needs an IPv4 address to go with it; give a url")
+    return f"http://{observed}:{port}"
 
 
 def _ssh_offer(value: Any) -> dict[str, Any] | None:
@@ -478,10 +497,10 @@ class _Service:
 
     async def register(self, request: web.Request) -> web.Response:
         """Where the member can be reached: the address its request came from first, and
-        what it offers for the SSH rung (absent: nothing)."""
+        what it offers for the SSH rung and as a relay (absent: nothing)."""
         member, raw = await self._member(request)
         body = _parse(raw)
-        _fields(body, {"listen_port", "addresses"}, frozenset({"ssh"}))
+        _fields(body, {"listen_port", "addresses"}, frozenset({"ssh", "relay"}))
         port = _integer(body["listen_port"], "listen_port", 1, 65535)
         ssh = _ssh_offer(body.get("ssh"))
         given = body["addresses"]
@@ -489,9 +508,10 @@ class _Service:
             raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
         parsed = [f"{host}:{number}" for host, number in map(parse_address, given)]
         observed = _observed_ipv4(request.remote)
+        relay = _relay_offer(body.get("relay"), observed)
         seen = [f"{observed}:{port}"] if observed is not None else []
         endpoints = list(dict.fromkeys(seen + parsed))[:MAX_ENDPOINTS]
-        self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh)
+        self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh, relay)
         return web.json_response({"observed": f"{observed or f'[{request.remote}]'}:{port}"})
 
     async def map(self, request: web.Request) -> web.Response:

@@ -77,6 +77,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
     # 2: what a member offers for the SSH rung (opaque JSON; nodes verify it), NULL for nothing.
     ("ALTER TABLE members ADD COLUMN ssh TEXT",),
+    # 3: the URL of the relay a member serves (relay = true), NULL for none.
+    ("ALTER TABLE members ADD COLUMN relay TEXT",),
 ]
 
 _P = ParamSpec("_P")
@@ -108,6 +110,7 @@ class MemberRow:
     last_seen: int | None
     version: int
     ssh: dict[str, Any] | None
+    relay: str | None = None
 
 
 @dataclass(frozen=True)
@@ -319,7 +322,7 @@ class Store:
     def _member(row: sqlite3.Row) -> MemberRow:
         return MemberRow(row["wg_key"], row["name"], row["host"], row["identity"], _loads(row["entry"]),
                          _loads(row["addresses"]), row["last_seen"], row["version"],
-                         None if row["ssh"] is None else _loads(row["ssh"]))
+                         None if row["ssh"] is None else _loads(row["ssh"]), row["relay"])
 
     @_guarded
     def member(self, wg_key: str) -> MemberRow | None:
@@ -350,18 +353,20 @@ class Store:
             return version
 
     @_guarded
-    def set_endpoints(self, wg_key: str, addresses: list[str], now: int, ssh: dict[str, Any] | None = None) -> bool:
-        """Record where a member was seen and what it offers for the SSH rung (None: nothing);
-        bumps the version only if either changed."""
+    def set_endpoints(self, wg_key: str, addresses: list[str], now: int, ssh: dict[str, Any] | None = None,
+                      relay: str | None = None) -> bool:
+        """Record where a member was seen, what it offers for the SSH rung and the relay it
+        serves (None: nothing); bumps the version only if any of them changed."""
         with self.transaction():
-            row = self._conn.execute("SELECT addresses, ssh FROM members WHERE wg_key = ?", (wg_key,)).fetchone()
+            row = self._conn.execute("SELECT addresses, ssh, relay FROM members WHERE wg_key = ?", (wg_key,)).fetchone()
             if row is None:
                 return False
             stored_ssh = None if row["ssh"] is None else _loads(row["ssh"])
-            changed = _loads(row["addresses"]) != addresses or stored_ssh != ssh
+            changed = _loads(row["addresses"]) != addresses or stored_ssh != ssh or row["relay"] != relay
             if changed:
-                self._conn.execute("UPDATE members SET addresses = ?, ssh = ?, version = ? WHERE wg_key = ?",
-                                   (_json(addresses), None if ssh is None else _json(ssh), self._bump(), wg_key))
+                self._conn.execute("UPDATE members SET addresses = ?, ssh = ?, relay = ?, version = ? WHERE wg_key = ?",
+                                   (_json(addresses), None if ssh is None else _json(ssh), relay, self._bump(),
+                                    wg_key))
             self._conn.execute("UPDATE members SET last_seen = ? WHERE wg_key = ?", (now, wg_key))
             return changed
 
