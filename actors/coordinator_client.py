@@ -14,20 +14,24 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
 from tunnelmesh.config import TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.identity import NodeIdentity
-from tunnelmesh.membership import MemberEntry, MembershipError, PeerMap, Revocation
+from tunnelmesh.membership import MAX_ENDPOINTS, MemberEntry, MembershipError, PeerMap, Revocation
 from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, write_secret
 from tunnelmesh.wireguard import derive_psk
 
 from .control import EventBus
-from .mesh import AddPeers, Mesh, PeerSpec, RemovePeer, SetEndpoint, SetPsk
+from .mesh import AddPeers, Mesh, PeerSpec, RemovePeer, SetEndpoints, SetPsk
 from .runtime import Actor
 
 log = logging.getLogger("tunnelmesh.coordinator")
@@ -45,7 +49,28 @@ def peer_spec(member: MemberEntry, peer_map: PeerMap, transports: TransportsConf
         allowed_ips=(ipaddress.IPv4Network(f"{member.ipv4}/32"), ipaddress.IPv6Network(f"{member.ipv6}/128")),
         endpoint=endpoints.addresses[0] if endpoints and endpoints.addresses else None,
         persistent_keepalive=PERSISTENT_KEEPALIVE, choice=transports.for_peer(member.name),
+        candidates=endpoints.addresses if endpoints else (),
     )
+
+
+async def local_addresses(tunnel: str) -> list[str]:
+    """This machine's own IPv4 addresses that a peer on a shared network could reach
+    directly (registered beside the address the coordinator sees, so two nodes behind one
+    NAT or on one LAN find each other): global scope, not the tunnel's, not loopback or
+    link-local. Empty if they cannot be read (logged)."""
+    try:
+        async with AsyncIPRoute() as ipr:
+            found = [(msg.get("IFA_LABEL"), msg.get("IFA_ADDRESS"))
+                     async for msg in await ipr.addr("dump", family=socket.AF_INET) if msg["scope"] == 0]
+    except (NetlinkError, OSError) as exc:
+        log.warning("cannot list this machine's addresses for the coordinator: %s", exc)
+        return []
+    addresses = []
+    for label, text in found:
+        address = ipaddress.ip_address(text) if isinstance(text, str) else None
+        if address is not None and label != tunnel and not (address.is_loopback or address.is_link_local):
+            addresses.append(str(address))
+    return addresses
 
 
 class CoordinatorClient(Actor):
@@ -56,7 +81,8 @@ class CoordinatorClient(Actor):
         self, state: NetworkState, identity: NodeIdentity, peer_map: PeerMap, mesh: Mesh, bus: EventBus,
         *, cache_path: Path, secret_path: Path, listen_port: int, on_revoked: Callable[[str], None],
         transports: TransportsConfig = TransportsConfig(), ssh_record: dict[str, Any] | None = None,
-        ca_file: str | None = None, on_members_changed: Callable[[], None] | None = None,
+        relay_offer: dict[str, Any] | None = None, ca_file: str | None = None,
+        on_map_changed: list[Callable[[], None]] | None = None, interface: str = "",
     ) -> None:
         super().__init__()
         self.state = state
@@ -71,7 +97,9 @@ class CoordinatorClient(Actor):
         self.transports = transports
         self.ssh_record = ssh_record  # this node's signed SSH endpoint, registered with its address
         self.ca_file = ca_file
-        self.on_members_changed = on_members_changed
+        self.relay_offer = relay_offer  # the relay this node serves, registered with its address
+        self.on_map_changed = on_map_changed or []  # members or their endpoints changed
+        self.interface = interface  # the tunnel's: its addresses are not where peers find us
         self.connection = "connecting"
         self.since = time.time()
         self.error: str | None = None
@@ -124,7 +152,9 @@ class CoordinatorClient(Actor):
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _register(self, coordinator: Coordinator) -> None:
-        reply = await coordinator.register(self.listen_port, [], ssh=self.ssh_record)
+        own = [f"{address}:{self.listen_port}" for address in await local_addresses(self.interface)]
+        reply = await coordinator.register(self.listen_port, own[:MAX_ENDPOINTS - 1], ssh=self.ssh_record,
+                                           relay=self.relay_offer)
         self.observed = reply.get("observed") if isinstance(reply, dict) else None
 
     def apply(self, update: Any) -> None:
@@ -144,12 +174,13 @@ class CoordinatorClient(Actor):
             self.mesh.tell(RemovePeer(member.wg_key, reason))
         if changes.added:
             self.mesh.tell(AddPeers(tuple(peer_spec(m, self.peer_map, self.transports) for m in changes.added)))
-        if (changes.added or changes.removed) and self.on_members_changed is not None:
-            self.on_members_changed()
+        if changes.added or changes.removed or changes.endpoints:
+            for call in self.on_map_changed:
+                call()
         added = {m.wg_key for m in changes.added}
         for key, endpoints in changes.endpoints.items():
             if key not in added and endpoints.addresses:
-                self.mesh.tell(SetEndpoint(key, endpoints.addresses[0]))
+                self.mesh.tell(SetEndpoints(key, endpoints.addresses))
 
     def _install_secret(self) -> None:
         record = self.peer_map.secret

@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from tunnelmesh import __version__
 from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_config, read_network_secret
 from tunnelmesh.control_client import NotRunning, request
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
+from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import PeerMap
 from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
@@ -37,7 +38,7 @@ from tunnelmesh.wireguard import Device, derive_psk
 from .control import ControlServer, EventBus
 from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath, UdpError, open_udp_socket
-from .links import RelayConnection, SshServer
+from .links import RelayConnection, RelayPool, RelayService, SshServer, SyncRelays
 from .mesh import FindSession, ListPeers, Mesh, PeerSpec
 from .runtime import Actor, Supervisor
 from .session import Ping, Start, Status, Transports
@@ -184,14 +185,24 @@ async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes) -> N
         raise StartupError(f"embedded coordinator at {state.url}: {exc}") from None
 
 
+@dataclass
+class Started:
+    """What `_start_transports` started, for the rest of the assembly."""
+
+    ssh_record: dict[str, Any] | None = None  # this node's signed SSH endpoint, for the coordinator
+    relay_offer: dict[str, Any] | None = None  # the relay this node serves, for the coordinator
+    relay_service: RelayService | None = None
+    own_relay: str | None = None  # where this node reaches its own relay (loopback)
+    on_map_changed: list[Callable[[], None]] = field(default_factory=list)
+
+
 async def _start_transports(
     config: NodeConfig, paths: Paths, identity: NodeIdentity, state: NetworkState, peer_map: PeerMap,
     datapath: DataPath, transports: Transports,
-) -> tuple[dict[str, Any] | None, Callable[[], None] | None]:
+) -> Started:
     """Start the SSH rung (if any peer may use it: its own server, and the bridge behind
-    this machine's sshd when set up) and make the relay client (if any peer may use it).
-    Returns this node's signed SSH endpoint record for the coordinator, and what to call
-    when the members change (the bridge account's authorized_keys)."""
+    this machine's sshd when set up), this node's relay (relay = true) and make the
+    coordinator's relay client (if any peer may use the relay rung)."""
     from tunnelmesh.links import LinkError
     from tunnelmesh.links.attest import BridgeEndpoint, make_attestation
     from tunnelmesh.links.bridge import BridgeError, read_system_host_key, write_authorized_keys
@@ -202,11 +213,13 @@ async def _start_transports(
 
     tcfg = config.transports
     wanted = {rung for choice in (tcfg.default, *tcfg.peers.values()) for rung in choice.enabled}
-    record, on_members = None, None
+    started = Started()
+    if tcfg.relay_listen is not None:
+        await _start_relay_service(config, identity, state, peer_map, started)
     if "relay" in wanted:
         transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=_ca_file(config))
     if "ssh" not in wanted:
-        return record, on_members
+        return started
     port = tcfg.ssh_port or None
     try:
         host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
@@ -230,18 +243,47 @@ async def _start_transports(
             raise StartupError(f"SSH bridge: {exc}") from None
         command = f"{_tunnelmesh_program()} --state-dir {paths.state_dir}"
 
-        def on_members() -> None:
+        def authorize_members() -> None:
             members = [(key, m.identity.ssh_public_key, m.name) for key, m in peer_map.members.items()]
             try:
                 write_authorized_keys(user, members, command)
             except (BridgeError, OSError) as exc:
                 log.error("SSH bridge: cannot update %s's authorized_keys: %s", user, exc)
 
-        on_members()
+        authorize_members()
+        started.on_map_changed.append(authorize_members)
     host_key_line = " ".join(host_key.export_public_key("openssh").decode().split()[:2]) if host_key else None
     if port is not None or bridge is not None:
-        record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge)
-    return record, on_members
+        started.ssh_record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge)
+    return started
+
+
+async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state: NetworkState, peer_map: PeerMap,
+                               started: Started) -> None:
+    """This node's relay (relay = true): /relay on its own port for the current members."""
+    from aiohttp import web
+
+    from tunnelmesh.coordinator.relay import Relay
+    from tunnelmesh.coordinator.service import serve
+
+    from .links import member_identities
+
+    assert config.transports.relay_listen is not None
+    host, port = config.transports.relay_listen
+    relay = Relay(state.network.network, member_identities(peer_map, identity))
+    app = web.Application()
+    app.router.add_get("/relay", relay.handler)
+    try:
+        runner = await serve(app, host, port)
+    except OSError as exc:
+        raise StartupError(f"relay: cannot listen on {host}:{port}: {exc.strerror} "
+                           f"([transports] relay_listen in {config.path})") from None
+    started.relay_service = RelayService(runner, relay)
+    url = config.transports.relay_url
+    started.relay_offer = {"url": url} if url is not None else {"port": port}
+    started.own_relay = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    started.on_map_changed.append(relay.member_changed)
+    log.info("relay: serving members on %s:%d (%s)", host, port, url or "at the address the coordinator sees")
 
 
 def _ca_file(config: NodeConfig) -> str | None:
@@ -313,8 +355,7 @@ async def run_daemon(paths: Paths) -> int:
     coordinator_server: CoordinatorServer | None = None
     serving: str | None = None  # where the embedded coordinator listens, for status
     transports = Transports()
-    ssh_record: dict[str, Any] | None = None
-    on_members: Callable[[], None] | None = None
+    started_transports = Started()
     try:
         await tun.configure(addresses.ipv4, config.mtu, addresses.routes, address6=addresses.ipv6)
         if config.coordinator is not None and config.coordinator.serve is not None:
@@ -323,11 +364,13 @@ async def run_daemon(paths: Paths) -> int:
             if state is not None and paths.admin_key.exists():
                 await _set_up_network(paths, state, secret)
         if state is not None and peer_map is not None:
-            ssh_record, on_members = await _start_transports(config, paths, identity, state, peer_map, datapath,
-                                                             transports)
+            started_transports = await _start_transports(config, paths, identity, state, peer_map, datapath,
+                                                         transports)
     except (TunError, StartupError) as exc:
         if transports.ssh is not None:
             await transports.ssh.close()
+        if started_transports.relay_service is not None:
+            await started_transports.relay_service.stop()
         if coordinator_server is not None:
             await coordinator_server.stop()
         tun.close()
@@ -348,6 +391,8 @@ async def run_daemon(paths: Paths) -> int:
         supervisor.add(SshServer(transports.ssh))
     if transports.relay is not None:
         supervisor.add(RelayConnection(transports.relay))
+    if started_transports.relay_service is not None:
+        supervisor.add(started_transports.relay_service)
     client: CoordinatorClient | None = None
     if state is None or peer_map is None:
         initial = _static_peers(config, static_endpoints)
@@ -357,10 +402,18 @@ async def run_daemon(paths: Paths) -> int:
             state, identity, peer_map, mesh, bus, cache_path=paths.peer_map_cache,
             secret_path=config.network_secret_file, listen_port=datapath.port,
             on_revoked=lambda why: supervisor.shutdown(why, exit_code=1),
-            transports=config.transports, ssh_record=ssh_record, on_members_changed=on_members,
-            ca_file=_ca_file(config),
+            transports=config.transports, ssh_record=started_transports.ssh_record,
+            relay_offer=started_transports.relay_offer, on_map_changed=started_transports.on_map_changed,
+            ca_file=_ca_file(config), interface=config.interface,
         )
         supervisor.add(client)
+        if transports.relay is not None:  # relays that members serve, as the map offers them
+            ca_file = _ca_file(config)
+            pool = RelayPool(peer_map, started_transports.own_relay,
+                             lambda url: RelayClient(url, identity, state.network.network, datapath, ca_file=ca_file),
+                             transports.node_relays, supervisor)
+            supervisor.add(pool)
+            started_transports.on_map_changed.append(lambda: pool.tell(SyncRelays()))
     sessions = [mesh.add(spec) for spec in initial]
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
@@ -378,6 +431,9 @@ async def run_daemon(paths: Paths) -> int:
                 "transports": {
                     "ssh": transports.ssh.status() if transports.ssh is not None else None,
                     "relay": transports.relay.status() if transports.relay is not None else None,
+                    "node_relays": [client.status() for client in transports.node_relays.values()],
+                    "serving_relay": started_transports.relay_service.relay.status()
+                    if started_transports.relay_service is not None else None,
                 },
                 **me,
             },

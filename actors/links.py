@@ -8,6 +8,8 @@ against the member's own identity here, before anyone dials it.
 
 `SshServer` and `RelayConnection` are actors holding the rungs open for the
 daemon's lifetime; the links they make deliver straight into the data path.
+`RelayPool` keeps one `RelayConnection` per relay that members serve (relay =
+true), as the peer map offers them; `RelayService` is this node's own relay.
 """
 
 from __future__ import annotations
@@ -15,14 +17,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from tunnelmesh.coordinator.relay import Relay
+from tunnelmesh.identity import NodeIdentity, PublicIdentity
+from tunnelmesh.links import LinkSink
 from tunnelmesh.links.attest import AttestationError, SshEndpoint, verify_attestation
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.links.ssh import SshRung, SshTarget, endpoint_targets
 from tunnelmesh.membership import PeerMap
 
 from .runtime import Actor
+
+if TYPE_CHECKING:
+    from .runtime import Supervisor
 
 log = logging.getLogger("tunnelmesh.links")
 
@@ -70,7 +80,9 @@ class PeerMapDirectory:
         endpoints = self.peer_map.endpoints.get(wg_key)
         if endpoint is None or endpoints is None or not endpoints.addresses:
             return []
-        return endpoint_targets(endpoint, endpoints.addresses[0][0])  # where the coordinator saw the member
+        # Where the coordinator saw the member first, then the member's own addresses.
+        hosts = dict.fromkeys(host for host, _ in endpoints.addresses)
+        return [target for host in hosts for target in endpoint_targets(endpoint, host)]
 
 
 class SshServer(Actor):
@@ -92,17 +104,109 @@ class SshServer(Actor):
 
 
 class RelayConnection(Actor):
-    """The node's one outbound WebSocket to the relay; reconnects with backoff on its own."""
+    """The node's one outbound WebSocket to a relay; reconnects with backoff on its own."""
 
     name = "relay"
     policy = "restart"
 
-    def __init__(self, client: RelayClient) -> None:
+    def __init__(self, client: RelayClient, name: str = "relay") -> None:
         super().__init__()
         self.client = client
+        self.name = name
 
     async def run(self) -> None:
         await self.client.run()
 
     def status(self) -> dict[str, Any]:
         return self.client.status()
+
+
+#: Relays served by members that a node connects to, besides the coordinator's: each is
+#: one WebSocket kept open, so a map offering many cannot make a node hold many.
+MAX_NODE_RELAYS = 4
+
+
+@dataclass(frozen=True)
+class SyncRelays:
+    """The peer map changed: connect to the relays it offers now, drop the others."""
+
+
+class RelayPool(Actor):
+    """The node's connections to relays that members serve, by URL, as the verified peer
+    map lists them (up to MAX_NODE_RELAYS, by member name), plus `own` (this node's own
+    relay, reached on loopback, so members that reach only it can reach this node too).
+    `clients` is shared with the sessions, which probe through every connected relay."""
+
+    name = "relays"
+    policy = "restart"
+
+    def __init__(self, peer_map: PeerMap, own: str | None, make: Callable[[str], RelayClient],
+                 clients: dict[str, RelayClient], supervisor: Supervisor) -> None:
+        super().__init__()
+        self.peer_map = peer_map
+        self.own = own
+        self.make = make
+        self.clients = clients
+        self.supervisor = supervisor
+        self._actors: dict[str, RelayConnection] = {}
+
+    def wanted(self) -> list[str]:
+        offered = sorted((m.name, e.relay) for key, m in self.peer_map.members.items()
+                         if (e := self.peer_map.endpoints.get(key)) is not None and e.relay is not None)
+        urls = [self.own] if self.own is not None else []
+        urls += [url for _, url in offered if url not in urls]
+        return urls[:MAX_NODE_RELAYS + (self.own is not None)]
+
+    async def setup(self) -> None:
+        await self._sync()
+
+    async def handle(self, message: Any) -> Any:
+        if isinstance(message, SyncRelays):
+            await self._sync()
+            return None
+        raise ValueError(f"unknown message {type(message).__name__}")
+
+    async def _sync(self) -> None:
+        wanted = self.wanted()
+        for url in [u for u in self._actors if u not in wanted]:
+            log.info("relay %s: no longer offered", url)
+            await self.supervisor.remove(self._actors.pop(url))  # its links go down with it
+            self.clients.pop(url).close()
+        for url in wanted:
+            if url not in self._actors:
+                client = self.clients[url] = self.make(url)
+                self._actors[url] = connection = RelayConnection(client, name=f"relay {url}")
+                self.supervisor.add(connection)
+
+
+def member_identities(peer_map: PeerMap, own: NodeIdentity) -> Callable[[bytes], PublicIdentity | None]:
+    """Who may use this node's relay: the current members and the node itself."""
+    own_key = own.public.wg_public_key
+
+    def identity_for(wg_key: bytes) -> PublicIdentity | None:
+        if wg_key == own_key:
+            return own.public
+        member = peer_map.members.get(wg_key)
+        return member.identity if member is not None else None
+
+    return identity_for
+
+
+class RelayService(Actor):
+    """This node's relay (relay = true): GET /relay on its own port, over the verified
+    peer map. Started before the actors run, so a busy port is a start-up error."""
+
+    name = "relay-service"
+    policy = "fatal"
+
+    def __init__(self, runner: Any, relay: Relay) -> None:
+        super().__init__()
+        self.runner = runner
+        self.relay = relay
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        await self.relay.close()
+        await self.runner.cleanup()

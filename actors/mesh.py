@@ -41,6 +41,9 @@ class PeerSpec:
     endpoint: tuple[str, int] | None
     persistent_keepalive: int
     choice: RungChoice = RungChoice(rungs=("udp",))  # the rungs this peer may use
+    #: Every UDP address the peer may be at (the coordinator's list: where it saw the
+    #: peer first, then the peer's own addresses); the ladder's UDP probes go to all.
+    candidates: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,13 +58,13 @@ class RemovePeer:
 
 
 @dataclass(frozen=True)
-class SetEndpoint:
-    """The coordinator's word on where a peer's UDP port is: what the ladder probes next;
-    it is sent to at once only while the session is not up, so it never overrides an
-    endpoint learnt from authenticated packets."""
+class SetEndpoints:
+    """The coordinator's word on where a peer's UDP port may be (best first): what the
+    ladder probes next; the first is sent to at once only while the session is not up,
+    so it never overrides an endpoint learnt from authenticated packets."""
 
     wg_key: bytes
-    endpoint: tuple[str, int]
+    addresses: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class Mesh(Actor):
             # A forced or disabled rung is neither sent nor answered on (a check per packet,
             # so only for peers with such a choice).
             session.peer.path_allowed = session.allows
+        session.udp_candidates = spec.candidates
         self.sessions[spec.wg_key] = session
         self.supervisor.add(session)
         return session
@@ -142,15 +146,18 @@ class Mesh(Actor):
         if isinstance(message, RemovePeer):
             await self._remove(message.wg_key, message.reason)
             return None
-        if isinstance(message, SetEndpoint):
+        if isinstance(message, SetEndpoints):
             session = self.sessions.get(message.wg_key)
-            if session is not None and session.peer is not None:
-                session.udp_address = message.endpoint
+            if session is not None and session.peer is not None and message.addresses:
+                first = message.addresses[0]
+                session.udp_candidates = message.addresses
                 peer = session.peer
-                if not session.is_up(time.monotonic()) and (peer.endpoint is None or isinstance(peer.endpoint, tuple)) \
-                        and peer.endpoint != message.endpoint and session.allows(message.endpoint):
-                    peer.endpoint = message.endpoint
-                    session.tell(Start())
+                if not session.is_up(time.monotonic()):
+                    session.udp_address = first
+                    if (peer.endpoint is None or isinstance(peer.endpoint, tuple)) and peer.endpoint != first \
+                            and session.allows(first):
+                        peer.endpoint = first
+                        session.tell(Start())
             return None
         if isinstance(message, SetPsk):
             self.psk = message.psk

@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh import ladder as rungs
@@ -50,7 +50,12 @@ class Transports:
     """The daemon's non-UDP rungs (None when not available in this mode)."""
 
     ssh: SshRung | None = None
-    relay: RelayClient | None = None
+    relay: RelayClient | None = None  # the coordinator's
+    #: Relays that members serve (relay = true), by URL, kept by actors.links.RelayPool.
+    node_relays: dict[str, RelayClient] = field(default_factory=dict)
+
+    def relays(self) -> list[RelayClient]:
+        return ([self.relay] if self.relay is not None else []) + list(self.node_relays.values())
 
 
 def rung_of(endpoint: object) -> str:
@@ -118,6 +123,7 @@ class PeerSession(Actor):
         self.ladder = Ladder(choice.enabled, unusable=unusable)
         self._allowed = frozenset(choice.enabled)
         self.udp_address: tuple[str, int] | None = None  # where the peer's UDP port is, as far as we know
+        self.udp_candidates: tuple[tuple[str, int], ...] = ()  # every address it may be at (mesh.SetEndpoints)
         self._evidence: dict[str, object] = {}  # rung -> the endpoint a handshake last came from on it
         self._stray_seen = float("-inf")
         self._want_probe: set[str] = set()  # rungs to probe once their link is up
@@ -199,39 +205,48 @@ class PeerSession(Actor):
                 self._switch(action)
 
     def _endpoint(self, rung: str) -> object | None:
-        """Where to send on `rung` now, or None (and the ladder told why). Called while
-        other actions are carried out, so what the ladder makes of it waits for the next tick."""
+        """Where to send on `rung` now, or None (and the ladder told why)."""
+        endpoints = self._endpoints(rung)
+        return endpoints[0] if endpoints else None
+
+    def _endpoints(self, rung: str) -> list[object]:
+        """Where a probe on `rung` goes now, best first; empty if nowhere (and the ladder
+        told why). For UDP, every address the peer may be at: the first that answers
+        carries traffic. Called while other actions are carried out, so what the ladder
+        makes of it waits for the next tick."""
         now = time.monotonic()
         if rung == rungs.UDP:
-            if self.udp_address is None:
+            known = (self.udp_address,) if self.udp_address is not None else ()
+            addresses = list(dict.fromkeys(known + self.udp_candidates))
+            if not addresses:
                 self.ladder.unavailable(rung, "no UDP address known yet", now)
-            return self.udp_address
+            return addresses  # type: ignore[return-value]
         if rung == rungs.SSH:
             ssh = self.transports.ssh
             if ssh is None:
                 self.ladder.unavailable(rung, "this node runs no SSH rung", now)
-                return None
+                return []
             link = ssh.link(self.wg_key)
             if link is None:
                 self._dial()
-            return link
-        relay = self.transports.relay
-        if relay is None:
+                return []
+            return [link]
+        relays = self.transports.relays()
+        if not relays:
             self.ladder.unavailable(rung, "no relay (static mesh)", now)
-            return None
-        if relay.state != "connected":
-            self.ladder.unavailable(rung, f"relay: {relay.error or relay.state}", now)
-            return None
-        return relay.link(self.wg_key)
+            return []
+        links = [relay.link(self.wg_key) for relay in relays if relay.state == "connected"]
+        if not links:  # a probe through each relay: the first both ends hold carries traffic
+            self.ladder.unavailable(rung, "; ".join(f"relay: {r.error or r.state}" for r in relays), now)
+        return links  # type: ignore[return-value]
 
     def _probe(self, probe_rungs: tuple[str, ...]) -> None:
         assert self.peer is not None
-        endpoints = []
+        endpoints: list[object] = []
         for rung in probe_rungs:
-            endpoint = self._endpoint(rung)
-            if endpoint is not None:
-                endpoints.append(endpoint)
-            elif rung == rungs.SSH and self._dialling is not None:
+            on_rung = self._endpoints(rung)
+            endpoints += on_rung
+            if not on_rung and rung == rungs.SSH and self._dialling is not None:
                 self._want_probe.add(rung)  # sent when the link is up
         if endpoints:
             self.peer.send_probe(tuple(endpoints), time.monotonic(), time.time())

@@ -63,10 +63,12 @@ MAX_CONFIG_BYTES = 1 << 20
 
 TOP_KEYS = ("node", "peers", "coordinator", "transports")
 COORDINATOR_KEYS = ("url", "serve", "db", "ca_file")
-TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "peers")
+TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
+                  "relay_url", "peers")
 PEER_TRANSPORT_KEYS = ("rungs", "force")
 RUNG_NAMES = ("udp", "ssh", "relay")  # the transport ladder, best first
 DEFAULT_SSH_PORT = 2222
+DEFAULT_RELAY_PORT = 7401
 DEFAULT_COORDINATOR_PORT = 7400
 NODE_KEYS = (
     "name",
@@ -184,6 +186,10 @@ class TransportsConfig:
     #: The account of the forced-command bridge behind this machine's sshd, if set up.
     ssh_bridge_user: str | None = None
     ssh_bridge_port: int = 22
+    #: Serve a WebSocket relay for the other members here (relay = true), or None.
+    relay_listen: tuple[str, int] | None = None
+    #: How members reach it, if not http://<address the coordinator sees>:<port>.
+    relay_url: str | None = None
 
     def for_peer(self, name: str) -> RungChoice:
         return self.peers.get(name, self.default)
@@ -705,8 +711,41 @@ class _Checker:
             raise self.error(f"{what}: ssh_bridge_user {_show(bridge_user)} is not a valid account name",
                              "transports", "ssh_bridge_user")
         bridge_port = self.get_int(table, "ssh_bridge_port", what, "transports", default=22, lo=1, hi=65535)
+        relay_listen, relay_url = self.relay_service(table, what, coordinator)
         return TransportsConfig(default=default, peers=peers, ssh_port=ssh_port, ssh_bridge_user=bridge_user,
-                                ssh_bridge_port=bridge_port)
+                                ssh_bridge_port=bridge_port, relay_listen=relay_listen, relay_url=relay_url)
+
+    def relay_service(self, table: Mapping[str, Any], what: str, coordinator: CoordinatorConfig | None
+                      ) -> tuple[tuple[str, int] | None, str | None]:
+        """`relay = true` and where it listens and is reached; (None, None) without it."""
+        serve = table.get("relay", False)
+        if not isinstance(serve, bool):
+            raise self.error(f"{what}: relay must be true or false, not {_type_name(serve)}", "transports", "relay")
+        listen_value = self.get_str(table, "relay_listen", what, "transports")
+        url = self.get_str(table, "relay_url", what, "transports")
+        if not serve:
+            for key in ("relay_listen", "relay_url"):
+                if key in table:
+                    raise self.error(f"{what}: {key} needs relay = true", "transports", key)
+            return None, None
+        if coordinator is None:
+            raise self.error(f"{what}: relay = true needs a [coordinator] (members find the relay in the peer map)",
+                             "transports", "relay")
+        from tunnelmesh.membership import MembershipError, parse_address, parse_relay_url  # lazily, as above
+
+        listen = ("0.0.0.0", DEFAULT_RELAY_PORT)
+        if listen_value is not None:
+            try:
+                listen = parse_address(listen_value)
+            except MembershipError:
+                raise self.error(f"{what}: relay_listen {_show(listen_value)} must be IPv4:port, "
+                                 f"e.g. \"0.0.0.0:{DEFAULT_RELAY_PORT}\"", "transports", "relay_listen") from None
+        if url is not None:
+            try:
+                url = parse_relay_url(url)
+            except MembershipError as exc:
+                raise self.error(f"{what}: relay_url: {exc}", "transports", "relay_url") from None
+        return listen, url
 
     def endpoint(self, value: str, what: str, index: int) -> tuple[str, int]:
         where = ("peers", index, "endpoint")

@@ -200,6 +200,12 @@ class RelayClient:
                 self.sink.link_up(link)
         return link
 
+    def close(self) -> None:
+        """For good (the relay is no longer offered): every link is closed, so no session
+        keeps sending into it."""
+        for link in list(self._links.values()):
+            link.close()
+
     def _forget(self, link: RelayLink) -> None:
         if self._links.get(link.peer_key) is link:
             del self._links[link.peer_key]
