@@ -26,6 +26,9 @@ class MeshNode:
     mesh_ip: str
     identity: str = ""
     extra_peers: list[str] = field(default_factory=list)
+    #: Merged over clean_environment() for every `tunnelmesh` run (so also the daemon
+    #: `up` starts), e.g. {"HTTPS_PROXY": "http://192.0.2.9:8888"}.
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -34,7 +37,7 @@ class MeshNode:
     def tm(self, *args: str, check: bool = True, timeout: float = 30) -> Any:
         """Run `tunnelmesh --state-dir <this node's> args...` inside the node."""
         return self.node.run(*TUNNELMESH, "--state-dir", str(self.node.state_dir), *args,
-                             check=check, timeout=timeout, env=clean_environment())
+                             check=check, timeout=timeout, env={**clean_environment(), **self.env})
 
     def status(self) -> dict[str, Any]:
         return json.loads(self.tm("status", "--json").stdout)

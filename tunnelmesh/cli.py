@@ -45,6 +45,8 @@ def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
         return _init_network(args, paths)
     if args.mesh_ip is None:
         raise CliError("a static mesh needs --mesh-ip (this node's address inside the mesh)", EXIT_USAGE)
+    if args.ca_file is not None:
+        raise CliError("--ca-file is for a network with a coordinator, not --static", EXIT_USAGE)
     if paths.config.exists():
         raise CliError(f"{paths.config} already exists; edit it, or remove it to start over", EXIT_USAGE)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -77,6 +79,7 @@ def _init_network(args: argparse.Namespace, paths: Paths) -> int:
     if args.mesh_ip is not None:
         raise CliError("--mesh-ip is for --static; with a coordinator, addresses come from --cidr", EXIT_USAGE)
     url = (args.url or _default_url()).rstrip("/")
+    ca_file = _ca_file(args)
     serve = None
     if not args.external_coordinator:
         port = urllib.parse.urlsplit(url).port or DEFAULT_COORDINATOR_PORT
@@ -85,7 +88,7 @@ def _init_network(args: argparse.Namespace, paths: Paths) -> int:
     identity = _choose_identity(args, paths)
     name = args.name or _host_name()
     state = _run(create_network(paths, name=name, identity_spec=identity, listen_port=args.listen_port,
-                                cidr=args.cidr, url=url, serve=serve))
+                                cidr=args.cidr, url=url, serve=serve, ca_file=ca_file))
     _ssh_host_key(paths)
     network = state.network
     print(f"made network {network.network}: {network.cidr4} and {network.ula6}")
@@ -93,6 +96,21 @@ def _init_network(args: argparse.Namespace, paths: Paths) -> int:
     print(f"coordinator: {url}" + (f" (embedded, listening on {serve})" if serve else " (standalone)"))
     print("next: `tunnelmesh up`, then `tunnelmesh invite` for each machine that joins")
     return EXIT_OK
+
+
+def _ca_file(args: argparse.Namespace) -> str | None:
+    """--ca-file as an absolute path (it goes into the config), checked to hold a PEM certificate."""
+    if args.ca_file is None:
+        return None
+    from tunnelmesh.links import LinkError
+    from tunnelmesh.links.proxy import ssl_context
+
+    path = str(Path(args.ca_file).expanduser().resolve())
+    try:
+        ssl_context(path)
+    except LinkError as exc:
+        raise CliError(f"--ca-file: {exc}", EXIT_USAGE) from None
+    return path
 
 
 def _ssh_host_key(paths: Paths) -> None:
@@ -142,6 +160,7 @@ def _run(coro: Any) -> Any:
 def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
     from tunnelmesh.network import join
 
+    ca_file = _ca_file(args)
     identity = _choose_identity(args, paths)
 
     def waiting(pending: dict[str, Any]) -> None:
@@ -151,7 +170,7 @@ def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
 
     joined = _run(join(paths, token_or_url=args.token, name=args.name, identity_spec=identity,
                        listen_port=args.listen_port, wait=args.wait, on_pending=waiting,
-                       network_fingerprint=args.network))
+                       network_fingerprint=args.network, ca_file=ca_file))
     member = joined.state.member
     _ssh_host_key(paths)
     print(f"joined network {joined.state.network.network} as {member.name}: {member.ipv4} {member.ipv6} "
@@ -570,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="a static mesh: peers are listed in the config")
     p.add_argument("--mesh-ip", help="(--static) this node's IPv4 address inside the mesh, e.g. 100.100.0.1")
     p.add_argument("--secret-file", help="(--static) use this existing network secret (copy it from the first node)")
+    p.add_argument("--ca-file", metavar="PATH", help="a private CA (PEM) for the coordinator's https:// certificate: "
+                                                     "used now and written into the config as [coordinator] ca_file")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("join", help="join a network with a token from `tunnelmesh invite` (or ask for approval)",
@@ -581,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=_duration, default=600, help="without a token: how long to wait for approval (default 10m)")
     p.add_argument("--network", metavar="SHA256:...",
                    help="without a token: the network's fingerprint (the admin's `tunnelmesh status` shows it)")
+    p.add_argument("--ca-file", metavar="PATH", help="a private CA (PEM) for the coordinator's https:// certificate: "
+                                                     "used now and written into the config as [coordinator] ca_file")
     _identity_options(p)
     p.set_defaults(func=cmd_join)
 

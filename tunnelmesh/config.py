@@ -1144,15 +1144,19 @@ def starter_config(
     listen_port: int = DEFAULT_LISTEN_PORT,
     coordinator_url: str | None = None,
     serve: str | None = None,
+    ca_file: str | None = None,
 ) -> str:
     """A commented starter config: static mode (``mesh_ip``, peers listed in the file) or,
     with ``coordinator_url``, a node whose peers and address come from a coordinator
-    (``serve`` = run the embedded coordinator on that IPv4:port).
+    (``serve`` = run the embedded coordinator on that IPv4:port; ``ca_file`` = a private
+    CA for the coordinator's TLS certificate).
 
     Raises ``ValueError`` if the values would not make a valid config."""
     if isinstance(listen_port, bool) or not isinstance(listen_port, int):
         raise ValueError("listen_port must be an integer")
     static = coordinator_url is None
+    if static and ca_file is not None:
+        raise ValueError("ca_file is for a node with a coordinator")
     mode = "static mode: peers are listed in this file" if static else "peers and address come from the coordinator"
     text = f"""\
 # TunnelMesh node configuration ({mode}).
@@ -1207,6 +1211,11 @@ url = {_toml_string(coordinator_url or "")}
 # Run the embedded coordinator here (this node made the network). Its state:
 # coordinator.db in the state directory unless `db` says otherwise.
 serve = {_toml_string(serve)}
+"""
+        if ca_file is not None:
+            text += f"""\
+# A private CA (PEM) trusted, besides the system's, for the coordinator's TLS.
+ca_file = {_toml_string(ca_file)}
 """
     try:
         parse_config(text, path=Path("starter.toml"), state_dir=Path(os.getcwd()))

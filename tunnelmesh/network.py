@@ -107,17 +107,20 @@ def _forget_revoked_membership(paths: Paths) -> None:
 
 async def create_network(
     paths: Paths, *, name: str, identity_spec: str, listen_port: int, cidr: str, url: str, serve: str | None,
+    ca_file: str | None = None,
 ) -> NetworkState:
     """A new network with this node as its admin and first member. With `serve`, the
     coordinator is embedded (it takes the network at the first `up`); without, the
-    coordinator at `url` must be running and is given the network now."""
+    coordinator at `url` must be running and is given the network now. `ca_file`: a
+    private CA for the coordinator's TLS, used now and written into the config."""
     _refuse_existing(paths)
     check_name(name, "node name")
     if paths.admin_key.exists():
         raise NetworkError(f"{paths.admin_key} already exists; remove it to make a new network")
     identity = await _load(identity_spec)
     try:
-        starter_config(name=name, identity=identity_spec, listen_port=listen_port, coordinator_url=url, serve=serve)
+        starter_config(name=name, identity=identity_spec, listen_port=listen_port, coordinator_url=url, serve=serve,
+                       ca_file=ca_file)
     except ValueError as exc:
         raise NetworkError(str(exc)) from None
     admin = AdminKey.generate()
@@ -129,7 +132,7 @@ async def create_network(
     secret = os.urandom(NETWORK_SECRET_BYTES)
     if serve is None:
         try:
-            async with Coordinator(url, admin=admin) as coordinator:
+            async with Coordinator(url, admin=admin, ca_file=ca_file) as coordinator:
                 await coordinator.setup(network.to_wire(), secret, member.to_wire())
         except CoordinatorError as exc:
             raise NetworkError(f"the coordinator at {url} did not take the network: {exc}") from None
@@ -139,7 +142,7 @@ async def create_network(
     state.save(paths.network_state)
     save_peer_map(paths.peer_map_cache, PeerMap(network, member.wg_key))
     _write_config(paths, starter_config(name=name, identity=identity_spec, listen_port=listen_port,
-                                        coordinator_url=url, serve=serve))
+                                        coordinator_url=url, serve=serve, ca_file=ca_file))
     return state
 
 
@@ -149,8 +152,10 @@ async def create_network(
 async def join(
     paths: Paths, *, token_or_url: str, name: str | None, identity_spec: str, listen_port: int,
     wait: float = APPROVAL_WAIT, on_pending: Any = None, network_fingerprint: str | None = None,
+    ca_file: str | None = None,
 ) -> Joined:
-    """Join with a token, or (given a coordinator URL) by asking the admin's approval."""
+    """Join with a token, or (given a coordinator URL) by asking the admin's approval.
+    `ca_file`: a private CA for the coordinator's TLS, used now and written into the config."""
     started = time.monotonic()
     _forget_revoked_membership(paths)
     _refuse_existing(paths)
@@ -166,7 +171,7 @@ async def join(
     else:
         token = Token.parse(token_or_url)
         url, pinned = token.url, token.network
-    async with Coordinator(url) as coordinator:
+    async with Coordinator(url, ca_file=ca_file) as coordinator:
         try:
             network = NetworkInfo.from_wire(await coordinator.network(), pinned)
         except MembershipError as exc:
@@ -179,7 +184,7 @@ async def join(
     state = _accept(paths, url, network, identity, result)
     try:
         starter = starter_config(name=state.member.name, identity=identity_spec, listen_port=listen_port,
-                                 coordinator_url=url)
+                                 coordinator_url=url, ca_file=ca_file)
     except ValueError as exc:
         raise NetworkError(str(exc)) from None
     _write_config(paths, starter)

@@ -977,3 +977,26 @@ def test_starter_config_with_coordinator_parses(tmp_path: Path) -> None:
     assert config.coordinator is not None and config.coordinator.serve == ("0.0.0.0", 7400)
     joined = load(tmp_path, starter_config(name="beta", identity="agent", coordinator_url="http://192.0.2.1:7400"))
     assert joined.coordinator is not None and joined.coordinator.serve is None
+    assert joined.coordinator.ca_file is None
+
+
+def test_starter_config_writes_the_ca_file_and_the_cli_takes_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tunnelmesh.cli import EXIT_USAGE, main
+
+    text = starter_config(name="beta", identity="agent", coordinator_url="https://192.0.2.1:8443",
+                          ca_file="/etc/tunnelmesh/my ca.pem")
+    config = load(tmp_path, text)
+    assert config.coordinator is not None and config.coordinator.ca_file == Path("/etc/tunnelmesh/my ca.pem")
+    with pytest.raises(ValueError, match="ca_file"):
+        starter_config(name="a", identity="agent", mesh_ip="100.100.0.1", ca_file="/etc/tunnelmesh/ca.pem")
+    # `init` and `join --ca-file`: refused before anything is written or sent when the file is no CA.
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    state = tmp_path / "node"
+    for args in (["join", "tm1.anything", "--new-key"], ["init", "--new-key", "--url", "https://192.0.2.1:8443"]):
+        assert main(["--state-dir", str(state), *args, "--ca-file", str(not_pem)]) == EXIT_USAGE
+        assert f"--ca-file: CA file {not_pem} holds no PEM certificate" in capsys.readouterr().err
+        assert not (state / "tunnelmesh.toml").exists()
+    assert main(["--state-dir", str(state), "init", "--static", "--mesh-ip", "100.100.0.1", "--new-key",
+                 "--ca-file", str(not_pem)]) == EXIT_USAGE
+    assert "--ca-file is for a network with a coordinator" in capsys.readouterr().err
