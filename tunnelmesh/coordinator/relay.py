@@ -36,6 +36,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
+from tunnelmesh.links import RefusalLog
 from tunnelmesh.links.relay import (
     CHALLENGE_SIZE,
     HEARTBEAT,
@@ -59,9 +60,6 @@ CLOSE_TIMEOUT = 2.0
 READ_LIMIT = 64 * 1024
 #: The longest authentication message taken (an RSA-16384 SSHSIG is about 2.8 KiB in base64).
 MAX_AUTH = 8192
-#: Repeats of the same refusal (same address, same reason) are logged once per this many seconds.
-REFUSAL_LOG_INTERVAL = 60.0
-REFUSAL_LOG_ENTRIES = 1024
 
 # Close codes (4000-4999 are the application's): what went wrong, for the client's status.
 MALFORMED = 4000
@@ -122,28 +120,6 @@ def frame_problem(frame: bytes) -> str | None:
     return None
 
 
-class _RefusalLog:
-    """Logs a refusal once per (address, reason) per interval, with how many were not logged.
-    Bounded: when full, the oldest entries go (and may be logged again)."""
-
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}
-
-    def __call__(self, remote: str, who: str, reason: str) -> None:
-        now = time.monotonic()
-        key = (remote, reason)
-        last = self._last.get(key)
-        if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL:
-            self._last[key] = (last[0], last[1] + 1)
-            return
-        again = f" (and {last[1]} more times since)" if last is not None and last[1] else ""
-        log.warning("relay: refused %s from %s: %s%s", who, remote, reason, again)
-        self._last.pop(key, None)
-        if len(self._last) >= REFUSAL_LOG_ENTRIES:
-            del self._last[next(iter(self._last))]
-        self._last[key] = (now, 0)
-
-
 class _Connection:
     """One authenticated member's WebSocket."""
 
@@ -168,7 +144,7 @@ class Relay:
         self.refusals: Counter[str] = Counter()
         self._connections: dict[bytes, _Connection] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        self._log_refusal = _RefusalLog()
+        self._log_refusal = RefusalLog(log)
         self._closed = False
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
@@ -215,7 +191,8 @@ class Relay:
                 raise Refusal(BAD_SIGNATURE, f"the challenge signature does not verify ({exc})") from None
         except Refusal as exc:
             self.refusals[_REFUSED[exc.code]] += 1
-            self._log_refusal(request.remote or "?", who, exc.reason)
+            remote = request.remote or "?"
+            self._log_refusal(remote, exc.reason, f"relay: refused {who} from {remote}: {exc.reason}")
             raise
         if self._closed:  # close() began while it authenticated
             raise Refusal(SHUTTING_DOWN, "the relay is shutting down")

@@ -14,12 +14,43 @@ are authenticated again by the core.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import ClassVar, Protocol
 
 # Largest WireGuard message a link carries: a transport message for the largest
 # MTU we allow (9000) plus header, tag and padding. Anything bigger is a
 # counted drop (and, on a byte stream, the end of that connection).
 MAX_MESSAGE = 9000 + 32 + 16
+
+
+#: Repeats of the same refusal (same address, same cause) are logged once per this many seconds.
+REFUSAL_LOG_INTERVAL = 60.0
+REFUSAL_LOG_ENTRIES = 1024
+
+
+class RefusalLog:
+    """Logs a refusal once per (address, cause) per interval, with how many were not
+    logged: a scanner cannot flood the log, whatever keys it makes up. Bounded: when
+    full, the oldest entries go (and may be logged again)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def __call__(self, address: str, cause: str, message: str) -> None:
+        now = time.monotonic()
+        key = (address, cause)
+        last = self._last.get(key)
+        if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        again = f" (and {last[1]} more times since)" if last is not None and last[1] else ""
+        self._logger.warning("%s%s", message, again)
+        self._last.pop(key, None)
+        if len(self._last) >= REFUSAL_LOG_ENTRIES:
+            del self._last[next(iter(self._last))]
+        self._last[key] = (now, 0)
 
 
 class LinkError(Exception):

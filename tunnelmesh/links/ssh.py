@@ -35,8 +35,9 @@ loop iteration, so a batch from the data path is one channel write. Over
 SEND_BUFFER_LIMIT bytes queued (a peer that stops reading), messages are dropped
 and counted, never queued without bound.
 
-*Logging*: dial, accept and close are logged once each; refusals once per cause and
-key (a non-member retrying forever logs one line); never per packet, never secrets.
+*Logging*: dial, accept and close are logged once each; refusals once per address
+and cause per minute (a scanner making up keys cannot flood the log); never per
+packet, never secrets.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from typing import Any, Literal, Protocol
 import asyncssh
 
 from tunnelmesh.identity import IdentityError, NodeIdentity
-from tunnelmesh.links import Link, LinkError, LinkSink
+from tunnelmesh.links import Link, LinkError, LinkSink, RefusalLog
 from tunnelmesh.links.attest import SshEndpoint
 from tunnelmesh.links.framing import FrameDecoder, FramingError, OversizeFrame, encode_into
 
@@ -92,7 +93,6 @@ _OPTIONS: dict[str, Any] = {
     "keepalive_interval": KEEPALIVE_INTERVAL,
     "keepalive_count_max": KEEPALIVE_COUNT,
 }
-_MAX_REFUSALS_REMEMBERED = 1024  # distinct (cause, key) pairs logged before the set restarts
 _MAX_HOST_KEY_FILE = 64 * 1024
 # Session channels one connection may open: one becomes the link; a few refused ones
 # (a client trying exec first) are tolerated, more are a client to stop listening to.
@@ -462,7 +462,7 @@ class _Server(asyncssh.SSHServer):
         if self._conn is not None:
             peername = self._conn.get_extra_info("peername") or ("?", 0)
             where = f"{peername[0]}:{peername[1]}"
-        self._owner.refused(cause, self._key, f"refused {cause} from {where} (key {self._key})")
+        self._owner.refused(cause, where.rpartition(":")[0], f"refused {cause} from {where} (key {self._key})")
         return False
 
     def accepted(self, chan: asyncssh.SSHServerChannel[bytes]) -> SshLink:
@@ -509,7 +509,7 @@ class SshRung:
         self._server: asyncssh.SSHAcceptor | None = None
         self._server_conns: set[asyncssh.SSHServerConnection] = set()
         self._bridge: Any = None  # links.bridge.BridgeServer once start_bridge ran
-        self._refusals: set[tuple[str, str]] = set()
+        self._log_refusal = RefusalLog(log)
 
     @property
     def port(self) -> int | None:
@@ -635,7 +635,7 @@ class SshRung:
             return LinkError(f"connection refused on {where}")
         if isinstance(exc, asyncssh.HostKeyNotVerifiable):
             message = f"host key of {where} is not the one {short_key(wg_key)} attested"
-            self.refused("wrong host key", where, f"refused {where}: {message}")
+            self.refused("wrong host key", target.host, f"refused {where}: {message}")
             return LinkError(message)
         if isinstance(exc, asyncssh.PermissionDenied):
             return LinkError(f"{where} refused our key (does it know this node as a current member?)")
@@ -674,15 +674,10 @@ class SshRung:
             log.info("ssh: link to %s via %s down: %s", short_key(link.peer_key), link.description, reason)
             self.sink.link_down(link, reason)
 
-    def refused(self, cause: str, key: str, message: str) -> None:
-        """Count a refusal; log it once per (cause, key)."""
+    def refused(self, cause: str, address: str, message: str) -> None:
+        """Count a refusal; log it once per (address, cause) per minute."""
         self.drops[f"ssh: refused {cause.split(' (')[0]}"] += 1
-        if (cause, key) in self._refusals:
-            return
-        if len(self._refusals) >= _MAX_REFUSALS_REMEMBERED:
-            self._refusals.clear()  # bounded memory; a flood logs at most one line per this many
-        self._refusals.add((cause, key))
-        log.warning("ssh: %s", message)
+        self._log_refusal(address, cause, f"ssh: {message}")
 
     async def close(self) -> None:
         for task in list(self._dialling.values()):
