@@ -64,6 +64,10 @@ class Reason:
 
     text: str
     since: float
+    said: float = float("-inf")  # when the text was last set (a later unanswered probe replaces it)
+
+    def __post_init__(self) -> None:
+        self.said = max(self.said, self.since)
 
 
 class Ladder:
@@ -145,7 +149,7 @@ class Ladder:
         if rung not in self.reasons:
             self.reasons[rung] = Reason(reason, now)
         else:
-            self.reasons[rung].text = reason
+            self.reasons[rung].text, self.reasons[rung].said = reason, now
         if rung == self.current and not self.searching:
             self._failing = rung
             return self._search(self._failing_set(rung), now)
@@ -232,8 +236,12 @@ class Ladder:
                 del self._probed_at[rung]
             elif now - at >= HAPPY_EYEBALLS:
                 del self._probed_at[rung]
-                if rung not in self.reasons:
-                    self.reasons[rung] = Reason(f"no handshake reply in {HAPPY_EYEBALLS:g} s", at)
+                reason = self.reasons.get(rung)
+                text = f"no handshake reply in {HAPPY_EYEBALLS:g} s"
+                if reason is None:
+                    self.reasons[rung] = Reason(text, at)
+                elif reason.said < at:  # e.g. "no UDP address known yet" before this probe went out
+                    reason.text, reason.said = text, at
 
     def _why(self, rung: str) -> str:
         assert self.current is not None

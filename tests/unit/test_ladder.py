@@ -430,6 +430,19 @@ def test_why_not_better_names_unanswered_probes_and_link_failures() -> None:
     assert [rung for rung, _, _ in run.ladder.why_not_better(30.0)] == [UDP]
 
 
+def test_an_unanswered_probe_replaces_an_earlier_reason_but_not_a_later_one() -> None:
+    run = Run()
+    run.start(0.0)
+    run.unavailable(UDP, 0.0, "no UDP address known yet")  # the probe could not go out
+    assert run.tick(2.0) == [Probe((UDP, SSH))]  # the search widens and probes UDP again
+    assert run.ladder.reasons[UDP].text == "no UDP address known yet"  # nothing was sent at 0.0
+    run.unavailable(SSH, 2.0, "ssh: connection refused")  # said when its probe was made
+    run.tick(4.0)  # UDP's probe at 2.0 went out (its address known by then) and got no answer
+    udp, ssh = run.ladder.reasons[UDP], run.ladder.reasons[SSH]
+    assert (udp.text, udp.since) == (f"no handshake reply in {HAPPY_EYEBALLS:g} s", 0.0)
+    assert ssh.text == "ssh: connection refused"
+
+
 def test_why_not_better_before_any_reason_says_when_the_next_probe_goes() -> None:
     run = settled(SSH)
     assert run.ladder.why_not_better(5.0) == [(UDP, "not answering yet (next probe in 15 s)", None)]
