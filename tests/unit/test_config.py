@@ -1000,3 +1000,57 @@ def test_starter_config_writes_the_ca_file_and_the_cli_takes_it(tmp_path: Path, 
     assert main(["--state-dir", str(state), "init", "--static", "--mesh-ip", "100.100.0.1", "--new-key",
                  "--ca-file", str(not_pem)]) == EXIT_USAGE
     assert "--ca-file is for a network with a coordinator" in capsys.readouterr().err
+
+
+# --- [transports] ---------------------------------------------------------------------------------
+
+TRANSPORTS = COORDINATED.replace('serve = "0.0.0.0:7400"\n', "") + "\n[transports]\n"
+
+
+def test_transports_defaults_and_per_peer_choices(tmp_path: Path) -> None:
+    from tunnelmesh.config import DEFAULT_SSH_PORT, RungChoice
+
+    plain = load(tmp_path, COORDINATED).transports
+    assert plain.default.enabled == ("udp", "ssh", "relay") and plain.ssh_port == DEFAULT_SSH_PORT
+    assert plain.relay_listen is None and plain.relay_url is None
+    config = load(tmp_path, TRANSPORTS + 'rungs = ["relay", "udp"]\nssh_port = 0\n\n'
+                  '[transports.peers.nas]\nforce = "relay"\n\n[transports.peers.phone]\nrungs = ["udp"]\n').transports
+    assert config.default == RungChoice(rungs=("udp", "relay"))  # kept best first
+    assert config.ssh_port == 0
+    assert config.for_peer("nas").enabled == ("relay",) and config.for_peer("phone").enabled == ("udp",)
+    assert config.for_peer("anyone") == config.default
+
+
+def test_relay_true_serves_on_the_default_port_or_where_told(tmp_path: Path) -> None:
+    from tunnelmesh.config import DEFAULT_RELAY_PORT
+
+    served = load(tmp_path, TRANSPORTS + "relay = true\n").transports
+    assert served.relay_listen == ("0.0.0.0", DEFAULT_RELAY_PORT) and served.relay_url is None
+    told = load(tmp_path, TRANSPORTS + 'relay = true\nrelay_listen = "192.0.2.5:8080"\n'
+                'relay_url = "https://relay.example.org/"\n').transports
+    assert told.relay_listen == ("192.0.2.5", 8080) and told.relay_url == "https://relay.example.org"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ('rungs = ["udp", "carrier-pigeon"]', "rungs must be a non-empty list of distinct rungs"),
+    ("rungs = []", "rungs must be a non-empty list"),
+    ('rungs = ["udp", "udp"]', "distinct rungs"),
+    ('rungs = ["udp"]\nforce = "ssh"', "force 'ssh' must be one of the enabled rungs"),
+    ("ssh_port = 70000", "ssh_port must be between 0 and 65535"),
+    ('ssh_bridge_user = "Root;rm"', "not a valid account name"),
+    ('relay = "yes"', "relay must be true or false"),
+    ('relay_url = "http://192.0.2.5:7401"', "relay_url needs relay = true"),
+    ('relay_listen = "0.0.0.0:7401"', "relay_listen needs relay = true"),
+    ('relay = true\nrelay_listen = "anywhere"', "relay_listen 'anywhere' must be IPv4:port"),
+    ('relay = true\nrelay_url = "ws://192.0.2.5:7401"', "relay_url: relay 'ws://192.0.2.5:7401': expected http(s)"),
+    ("flavour = 1", "unknown key 'flavour'"),
+    ('[transports.peers.nas]\nforce = "teleport"', "force 'teleport' must be one of the enabled rungs"),
+])
+def test_transports_refusals_name_the_key_and_line(tmp_path: Path, extra: str, expected: str) -> None:
+    error = load_error(tmp_path, TRANSPORTS + extra + "\n")
+    assert expected in str(error) and error.line is not None
+
+
+def test_relay_and_other_rungs_need_a_coordinator(tmp_path: Path) -> None:
+    assert "relay = true needs a [coordinator]" in str(load_error(tmp_path, MINIMAL + "\n[transports]\nrelay = true\n"))
+    assert "need a [coordinator]" in str(load_error(tmp_path, MINIMAL + '\n[transports]\nforce = "relay"\n'))
