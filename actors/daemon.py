@@ -168,7 +168,7 @@ async def _start_coordinator(config: NodeConfig) -> CoordinatorServer:
     return CoordinatorServer(runner, store)
 
 
-async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes) -> None:
+async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes, ca_file: str | None) -> None:
     """On the admin node: make sure its embedded coordinator holds the network
     (idempotent; the first start after `init` is when it happens)."""
     from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
@@ -179,7 +179,7 @@ async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes) -> N
     except MembershipError as exc:
         raise StartupError(str(exc)) from None
     try:
-        async with Coordinator(state.url, admin=admin) as coordinator:
+        async with Coordinator(state.url, admin=admin, ca_file=ca_file) as coordinator:
             await coordinator.setup(state.network.to_wire(), secret, state.member.to_wire())
     except CoordinatorError as exc:
         raise StartupError(f"embedded coordinator at {state.url}: {exc}") from None
@@ -321,6 +321,8 @@ async def run_daemon(paths: Paths) -> int:
             check_peer_keys(config, identity.public.wg_public_key)
         else:
             state, peer_map = _load_membership(paths, identity)
+            # The config is the word on how to reach the coordinator (network.json keeps the URL joined with).
+            state = NetworkState(config.coordinator.url, state.network, state.member)
         secret = read_network_secret(config.network_secret_file)
         psk = derive_psk(secret)
     except (ConfigError, IdentityError, StateError) as exc:
@@ -362,7 +364,7 @@ async def run_daemon(paths: Paths) -> int:
             coordinator_server = await _start_coordinator(config)
             serving = "{}:{}".format(*config.coordinator.serve)
             if state is not None and paths.admin_key.exists():
-                await _set_up_network(paths, state, secret)
+                await _set_up_network(paths, state, secret, _ca_file(config))
         if state is not None and peer_map is not None:
             started_transports = await _start_transports(config, paths, identity, state, peer_map, datapath,
                                                          transports)

@@ -275,8 +275,11 @@ class PeerSession(Actor):
             self.peer.endpoint = link  # the same rung, a new connection
         if link.rung in self._want_probe:
             self._want_probe.discard(link.rung)
-            self.peer.send_probe((link,), time.monotonic(), time.time())
-            self.datapath.flush()
+            # Only the side that dialled probes on a new link: initiations crossing on it would
+            # each discard the other's pending one (both answers dropped, ~10 s lost).
+            if getattr(link, "dialler", self.peer.device.static_public) == self.peer.device.static_public:
+                self.peer.send_probe((link,), time.monotonic(), time.time())
+                self.datapath.flush()
 
     def on_link_down(self, link: Link, reason: str) -> None:
         if self.peer is not None and self.peer.endpoint is link:

@@ -397,11 +397,13 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     if transports.get("ssh"):
         port = transports["ssh"].get("port")
         rungs.append(f"ssh on tcp/{port}" if port else "ssh (dial only)")
-    if transports.get("relay"):
-        relay = transports["relay"]
+    for relay in ([transports["relay"]] if transports.get("relay") else []) + (transports.get("node_relays") or []):
         rungs.append(f"relay {relay['url']}: {relay['state']}" + (f" ({relay['error']})" if relay.get("error") else ""))
     if rungs:
         print("transports: udp/{}, {}".format(node["listen_port"], ", ".join(rungs)))
+    serving = transports.get("serving_relay")
+    if serving is not None:
+        print(f"serving a relay for members: {serving['connections']} connected")
     _print_peers(status["peers"])
     drops = status.get("drops") or {}
     if drops and args.verbose:

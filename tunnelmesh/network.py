@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunnelmesh.config import NETWORK_SECRET_BYTES, starter_config
+from tunnelmesh.config import NETWORK_SECRET_BYTES, ConfigError, load_config, starter_config
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
 from tunnelmesh.identity import IdentityError, NodeIdentity, PublicIdentity, load_identity
 from tunnelmesh.membership import (
@@ -270,8 +270,9 @@ def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity
 @dataclass(frozen=True)
 class Admin:
     paths: Paths
-    state: NetworkState
+    state: NetworkState  # its url as the node's config says now (tunnelmesh.toml [coordinator])
     key: AdminKey
+    ca_file: str | None = None
 
     @classmethod
     def load(cls, paths: Paths) -> Admin:
@@ -288,10 +289,18 @@ class Admin:
             raise NetworkError(str(exc)) from None
         if key.fingerprint != state.network.network:
             raise NetworkError(f"{paths.admin_key} is not the admin key of network {state.network.network}")
-        return cls(paths, state, key)
+        url, ca_file = state.url, None
+        if paths.config.exists():  # the node's config is the word on how to reach the coordinator
+            try:
+                coordinator = load_config(paths.config, state_dir=paths.state_dir).coordinator
+            except ConfigError as exc:
+                raise NetworkError(str(exc)) from None
+            if coordinator is not None:
+                url, ca_file = coordinator.url, str(coordinator.ca_file) if coordinator.ca_file else None
+        return cls(paths, NetworkState(url, state.network, state.member), key, ca_file)
 
     def coordinator(self) -> Coordinator:
-        return Coordinator(self.state.url, admin=self.key)
+        return Coordinator(self.state.url, admin=self.key, ca_file=self.ca_file)
 
     async def members(self, coordinator: Coordinator) -> tuple[PeerMap, list[MemberEntry]]:
         """Every verified member, this node included. Starts from the revocations this

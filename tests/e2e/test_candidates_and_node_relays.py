@@ -126,6 +126,8 @@ def test_a_node_with_relay_true_carries_two_peers_when_the_coordinator_is_out_of
         else:
             raise AssertionError(f"a and b did not connect to {url}: {relays}\n{diagnostics(mesh)}")
         wait_until_up(a, "b", b, timeout=30)
+        assert f"relay ws://{r.underlay}:7401/relay: connected" in a.tm("status").stdout
+        assert "serving a relay for members: " in r.tm("status").stdout
         # The coordinator and its relay out of reach for both; UDP and SSH between them cut.
         cut_off(a, hub)
         cut_off(b, hub)
