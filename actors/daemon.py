@@ -29,6 +29,7 @@ from tunnelmesh import __version__
 from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_config, read_network_secret
 from tunnelmesh.control_client import NotRunning, request
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
+from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import PeerMap
 from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
@@ -38,7 +39,7 @@ from tunnelmesh.wireguard import Device, derive_psk
 from .control import ControlServer, EventBus
 from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath, UdpError, open_udp_socket
-from .links import RelayConnection, RelayPool, RelayService, SshServer, SyncRelays
+from .links import RelayConnection, RelayPool, SshServer, SyncRelays
 from .mesh import FindSession, ListPeers, Mesh, PeerSpec
 from .runtime import Actor, Supervisor
 from .session import Ping, Start, Status, Transports
@@ -128,28 +129,30 @@ class Addresses:
     routes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
-class CoordinatorServer(Actor):
-    """The embedded coordinator (on the node that made the network): an aiohttp site
-    over the SQLite store. Started before the actors run, so a busy port is a start-up
-    error; this actor holds it open and closes it at shutdown."""
+class ServedSite(Actor):
+    """An aiohttp site the daemon serves: the embedded coordinator (on the node that made
+    the network) or this node's relay (relay = true). Started before the actors run, so
+    a busy port is a start-up error; this actor holds it open and closes it at shutdown,
+    then calls `after` (the coordinator's SQLite store)."""
 
-    name = "coordinator"
     policy = "fatal"
 
-    def __init__(self, runner: Any, store: Any) -> None:
+    def __init__(self, name: str, runner: Any, after: Callable[[], None] | None = None) -> None:
         super().__init__()
+        self.name = name
         self.runner = runner
-        self.store = store
+        self.after = after
 
     async def run(self) -> None:
         await asyncio.Event().wait()
 
     async def stop(self) -> None:
         await self.runner.cleanup()
-        self.store.close()
+        if self.after is not None:
+            self.after()
 
 
-async def _start_coordinator(config: NodeConfig) -> CoordinatorServer:
+async def _start_coordinator(config: NodeConfig) -> ServedSite:
     from tunnelmesh.coordinator.service import make_app, serve
     from tunnelmesh.coordinator.store import Store, StoreError
 
@@ -165,7 +168,7 @@ async def _start_coordinator(config: NodeConfig) -> CoordinatorServer:
         store.close()
         raise StartupError(f"embedded coordinator: cannot listen on {host}:{port}: {exc.strerror} "
                            f"(set [coordinator] serve in {config.path})") from None
-    return CoordinatorServer(runner, store)
+    return ServedSite("coordinator", runner, store.close)
 
 
 async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes, ca_file: str | None) -> None:
@@ -191,7 +194,8 @@ class Started:
 
     ssh_record: dict[str, Any] | None = None  # this node's signed SSH endpoint, for the coordinator
     relay_offer: dict[str, Any] | None = None  # the relay this node serves, for the coordinator
-    relay_service: RelayService | None = None
+    relay_service: ServedSite | None = None
+    relay_served: Relay | None = None  # what relay_service serves, for status
     own_relay: str | None = None  # where this node reaches its own relay (loopback)
     on_map_changed: list[Callable[[], None]] = field(default_factory=list)
 
@@ -263,7 +267,6 @@ async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state
     """This node's relay (relay = true): /relay on its own port for the current members."""
     from aiohttp import web
 
-    from tunnelmesh.coordinator.relay import Relay
     from tunnelmesh.coordinator.service import serve
 
     from .links import member_identities
@@ -273,12 +276,17 @@ async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state
     relay = Relay(state.network.network, member_identities(peer_map, identity))
     app = web.Application()
     app.router.add_get("/relay", relay.handler)
+
+    async def close_connections(app: web.Application) -> None:
+        await relay.close()  # before the runner waits for handlers: held WebSockets would hold it up
+
+    app.on_shutdown.append(close_connections)
     try:
         runner = await serve(app, host, port)
     except OSError as exc:
         raise StartupError(f"relay: cannot listen on {host}:{port}: {exc.strerror} "
                            f"([transports] relay_listen in {config.path})") from None
-    started.relay_service = RelayService(runner, relay)
+    started.relay_service, started.relay_served = ServedSite("relay-service", runner), relay
     url = config.transports.relay_url
     started.relay_offer = {"url": url} if url is not None else {"port": port}
     started.own_relay = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
@@ -354,7 +362,7 @@ async def run_daemon(paths: Paths) -> int:
         raise StartupError(str(exc)) from None
     device = Device(identity.static_private, mtu=config.mtu)
     datapath = DataPath(device, tun.fd, sock)
-    coordinator_server: CoordinatorServer | None = None
+    coordinator_server: ServedSite | None = None
     serving: str | None = None  # where the embedded coordinator listens, for status
     transports = Transports()
     started_transports = Started()
@@ -434,8 +442,8 @@ async def run_daemon(paths: Paths) -> int:
                     "ssh": transports.ssh.status() if transports.ssh is not None else None,
                     "relay": transports.relay.status() if transports.relay is not None else None,
                     "node_relays": [client.status() for client in transports.node_relays.values()],
-                    "serving_relay": started_transports.relay_service.relay.status()
-                    if started_transports.relay_service is not None else None,
+                    "serving_relay": started_transports.relay_served.status()
+                    if started_transports.relay_served is not None else None,
                 },
                 **me,
             },

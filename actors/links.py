@@ -9,7 +9,7 @@ against the member's own identity here, before anyone dials it.
 `SshServer` and `RelayConnection` are actors holding the rungs open for the
 daemon's lifetime; the links they make deliver straight into the data path.
 `RelayPool` keeps one `RelayConnection` per relay that members serve (relay =
-true), as the peer map offers them; `RelayService` is this node's own relay.
+true), as the peer map offers them.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
-from tunnelmesh.links import LinkSink
 from tunnelmesh.links.attest import AttestationError, SshEndpoint, verify_attestation
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.links.ssh import SshRung, SshTarget, endpoint_targets
@@ -190,23 +188,3 @@ def member_identities(peer_map: PeerMap, own: NodeIdentity) -> Callable[[bytes],
         return member.identity if member is not None else None
 
     return identity_for
-
-
-class RelayService(Actor):
-    """This node's relay (relay = true): GET /relay on its own port, over the verified
-    peer map. Started before the actors run, so a busy port is a start-up error."""
-
-    name = "relay-service"
-    policy = "fatal"
-
-    def __init__(self, runner: Any, relay: Relay) -> None:
-        super().__init__()
-        self.runner = runner
-        self.relay = relay
-
-    async def run(self) -> None:
-        await asyncio.Event().wait()
-
-    async def stop(self) -> None:
-        await self.relay.close()
-        await self.runner.cleanup()
