@@ -44,12 +44,13 @@ PERSISTENT_KEEPALIVE = 25  # keeps NAT mappings open between members
 
 def peer_spec(member: MemberEntry, peer_map: PeerMap, transports: TransportsConfig = TransportsConfig()) -> PeerSpec:
     endpoints = peer_map.endpoints.get(member.wg_key)
+    addresses = endpoints.candidates(peer_map.network) if endpoints is not None else ()
     return PeerSpec(
         name=member.name, mesh_ip=member.ipv4, fingerprint=member.identity.fingerprint, wg_key=member.wg_key,
         allowed_ips=(ipaddress.IPv4Network(f"{member.ipv4}/32"), ipaddress.IPv6Network(f"{member.ipv6}/128")),
-        endpoint=endpoints.addresses[0] if endpoints and endpoints.addresses else None,
+        endpoint=addresses[0] if addresses else None,
         persistent_keepalive=PERSISTENT_KEEPALIVE, choice=transports.for_peer(member.name),
-        candidates=endpoints.addresses if endpoints else (),
+        candidates=addresses,
     )
 
 
@@ -98,7 +99,9 @@ class CoordinatorClient(Actor):
         self.ssh_record = ssh_record  # this node's signed SSH endpoint, registered with its address
         self.ca_file = ca_file
         self.relay_offer = relay_offer  # the relay this node serves, registered with its address
-        self.on_map_changed = on_map_changed or []  # members or their endpoints changed
+        self.relay_refused: Any = None  # why the coordinator did not take the offer, as it last said
+        # Members or their endpoints changed. The caller's list itself: it may append later.
+        self.on_map_changed = on_map_changed if on_map_changed is not None else []
         self.interface = interface  # the tunnel's: its addresses are not where peers find us
         self.connection = "connecting"
         self.since = time.time()
@@ -156,6 +159,10 @@ class CoordinatorClient(Actor):
         reply = await coordinator.register(self.listen_port, own[:MAX_ENDPOINTS - 1], ssh=self.ssh_record,
                                            relay=self.relay_offer)
         self.observed = reply.get("observed") if isinstance(reply, dict) else None
+        refused = reply.get("relay_refused") if isinstance(reply, dict) else None
+        if refused != self.relay_refused and refused is not None:
+            log.warning("coordinator: this node's relay is not offered to members: %s", str(refused)[:300])
+        self.relay_refused = refused
 
     def apply(self, update: Any) -> None:
         """Verify an update, cache it, and tell the mesh what changed."""
@@ -179,8 +186,9 @@ class CoordinatorClient(Actor):
                 call()
         added = {m.wg_key for m in changes.added}
         for key, endpoints in changes.endpoints.items():
-            if key not in added and endpoints.addresses:
-                self.mesh.tell(SetEndpoints(key, endpoints.addresses))
+            addresses = endpoints.candidates(self.peer_map.network)
+            if key not in added and addresses:
+                self.mesh.tell(SetEndpoints(key, addresses))
 
     def _install_secret(self) -> None:
         record = self.peer_map.secret

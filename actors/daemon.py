@@ -196,7 +196,7 @@ class Started:
     relay_offer: dict[str, Any] | None = None  # the relay this node serves, for the coordinator
     relay_service: ServedSite | None = None
     relay_served: Relay | None = None  # what relay_service serves, for status
-    own_relay: str | None = None  # where this node reaches its own relay (loopback)
+    own_relay: tuple[str, str] | None = None  # where this node reaches its own relay (loopback), its id
     on_map_changed: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -273,7 +273,8 @@ async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state
 
     assert config.transports.relay_listen is not None
     host, port = config.transports.relay_listen
-    relay = Relay(state.network.network, member_identities(peer_map, identity))
+    relay_id = base64.b64encode(identity.public.wg_public_key).decode()
+    relay = Relay(state.network.network, member_identities(peer_map, identity), relay_id)
     app = web.Application()
     app.router.add_get("/relay", relay.handler)
 
@@ -289,7 +290,7 @@ async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state
     started.relay_service, started.relay_served = ServedSite("relay-service", runner), relay
     url = config.transports.relay_url
     started.relay_offer = {"url": url} if url is not None else {"port": port}
-    started.own_relay = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    started.own_relay = (f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}", relay_id)
     started.on_map_changed.append(relay.member_changed)
     log.info("relay: serving members on %s:%d (%s)", host, port, url or "at the address the coordinator sees")
 
@@ -419,8 +420,9 @@ async def run_daemon(paths: Paths) -> int:
         supervisor.add(client)
         if transports.relay is not None:  # relays that members serve, as the map offers them
             ca_file = _ca_file(config)
-            pool = RelayPool(peer_map, started_transports.own_relay,
-                             lambda url: RelayClient(url, identity, state.network.network, datapath, ca_file=ca_file),
+            pool = RelayPool(peer_map, started_transports.own_relay, state.url,
+                             lambda url, relay: RelayClient(url, identity, state.network.network, datapath,
+                                                            ca_file=ca_file, relay=relay),
                              transports.node_relays, supervisor)
             supervisor.add(pool)
             started_transports.on_map_changed.append(lambda: pool.tell(SyncRelays()))

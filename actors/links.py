@@ -15,6 +15,7 @@ true), as the peer map offers them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
 from tunnelmesh.links.attest import AttestationError, SshEndpoint, verify_attestation
-from tunnelmesh.links.relay import RelayClient
+from tunnelmesh.links.relay import RelayClient, relay_url
 from tunnelmesh.links.ssh import SshRung, SshTarget, endpoint_targets
 from tunnelmesh.membership import PeerMap
 
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
     from .runtime import Supervisor
 
 log = logging.getLogger("tunnelmesh.links")
+
+
+#: Hosts of a member the SSH rung dials, in order: the address the coordinator saw, then its own.
+SSH_HOSTS = 3
 
 
 class PeerMapDirectory:
@@ -78,9 +83,10 @@ class PeerMapDirectory:
         endpoints = self.peer_map.endpoints.get(wg_key)
         if endpoint is None or endpoints is None or not endpoints.addresses:
             return []
-        # Where the coordinator saw the member first, then the member's own addresses.
-        hosts = dict.fromkeys(host for host, _ in endpoints.addresses)
-        return [target for host in hosts for target in endpoint_targets(endpoint, host)]
+        # Where the coordinator saw the member first, then the member's own addresses; tried
+        # in turn (5 s each at worst), so only the first few.
+        hosts = list(dict.fromkeys(host for host, _ in endpoints.candidates(self.peer_map.network)))
+        return [target for host in hosts[:SSH_HOSTS] for target in endpoint_targets(endpoint, host)]
 
 
 class SshServer(Actor):
@@ -130,30 +136,40 @@ class SyncRelays:
 
 
 class RelayPool(Actor):
-    """The node's connections to relays that members serve, by URL, as the verified peer
-    map lists them (up to MAX_NODE_RELAYS, by member name), plus `own` (this node's own
-    relay, reached on loopback, so members that reach only it can reach this node too).
-    `clients` is shared with the sessions, which probe through every connected relay."""
+    """The node's connections to relays that members serve, as the verified peer map
+    lists them (up to MAX_NODE_RELAYS, by member name; one per relay however it is
+    spelt, never the coordinator's again), plus `own` (this node's own relay, reached on
+    loopback, so members that reach only it can reach this node too). `clients` is
+    shared with the sessions, which probe through every connected relay."""
 
     name = "relays"
     policy = "restart"
 
-    def __init__(self, peer_map: PeerMap, own: str | None, make: Callable[[str], RelayClient],
-                 clients: dict[str, RelayClient], supervisor: Supervisor) -> None:
+    def __init__(self, peer_map: PeerMap, own: tuple[str, str] | None, coordinator: str,
+                 make: Callable[[str, str], RelayClient], clients: dict[str, RelayClient],
+                 supervisor: Supervisor) -> None:
         super().__init__()
         self.peer_map = peer_map
-        self.own = own
-        self.make = make
+        self.own = own  # (url, relay id)
+        self.coordinator = relay_url(coordinator)
+        self.make = make  # (url, relay id) -> client
         self.clients = clients
         self.supervisor = supervisor
         self._actors: dict[str, RelayConnection] = {}
 
-    def wanted(self) -> list[str]:
-        offered = sorted((m.name, e.relay) for key, m in self.peer_map.members.items()
+    def wanted(self) -> dict[str, str]:
+        """url -> relay id (the member's key in base64) of the relays to hold."""
+        offered = sorted((m.name, e.relay, base64.b64encode(key).decode()) for key, m in self.peer_map.members.items()
                          if (e := self.peer_map.endpoints.get(key)) is not None and e.relay is not None)
-        urls = [self.own] if self.own is not None else []
-        urls += [url for _, url in offered if url not in urls]
-        return urls[:MAX_NODE_RELAYS + (self.own is not None)]
+        urls = dict([self.own]) if self.own is not None else {}
+        seen = {self.coordinator}
+        for _, url, relay in offered:
+            if len(urls) >= MAX_NODE_RELAYS + (self.own is not None):
+                break
+            if relay_url(url) not in seen:
+                seen.add(relay_url(url))
+                urls[url] = relay
+        return urls
 
     async def setup(self) -> None:
         await self._sync()
@@ -166,13 +182,13 @@ class RelayPool(Actor):
 
     async def _sync(self) -> None:
         wanted = self.wanted()
-        for url in [u for u in self._actors if u not in wanted]:
+        for url in [u for u, client in self.clients.items() if wanted.get(u) != client.relay]:
             log.info("relay %s: no longer offered", url)
             await self.supervisor.remove(self._actors.pop(url))  # its links go down with it
             self.clients.pop(url).close()
-        for url in wanted:
+        for url, relay in wanted.items():
             if url not in self._actors:
-                client = self.clients[url] = self.make(url)
+                client = self.clients[url] = self.make(url, relay)
                 self._actors[url] = connection = RelayConnection(client, name=f"relay {url}")
                 self.supervisor.add(connection)
 

@@ -111,11 +111,11 @@ class Mesh(Actor):
             persistent_keepalive=spec.persistent_keepalive, tag=session,
         )
         session.peer.roam_across_kinds = False  # rung changes are the ladder's
-        links = self.transports.ssh is not None or self.transports.relay is not None
-        if not udp or (links and set(spec.choice.enabled) != set(RUNG_NAMES)):
-            # A forced or disabled rung is neither sent nor answered on (a check per packet,
-            # so only for peers with such a choice).
+        if set(spec.choice.enabled) != set(RUNG_NAMES):
+            # A forced or disabled rung is neither sent nor answered on. UDP packets are
+            # checked only when UDP is the one refused (a check per packet).
             session.peer.path_allowed = session.allows
+            session.peer.udp_refused = not udp
         session.udp_candidates = spec.candidates
         self.sessions[spec.wg_key] = session
         self.supervisor.add(session)

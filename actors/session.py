@@ -271,8 +271,11 @@ class PeerSession(Actor):
     def on_link_up(self, link: Link) -> None:
         assert self.peer is not None
         endpoint = self.peer.endpoint
-        if endpoint is not None and endpoint is not link and rung_of(endpoint) == link.rung:
-            self.peer.endpoint = link  # the same rung, a new connection
+        # SSH: one connection per pair, so a new one replaces the old. Not so for relays: a
+        # relay's link outlives reconnects, and another relay is another path, which only a
+        # handshake through it proves (the peer may not hold that relay).
+        if link.rung == rungs.SSH and endpoint is not None and endpoint is not link and rung_of(endpoint) == rungs.SSH:
+            self.peer.endpoint = link
         if link.rung in self._want_probe:
             self._want_probe.discard(link.rung)
             # Only the side that dialled probes on a new link: initiations crossing on it would

@@ -688,6 +688,12 @@ class Endpoints:
     #: The URL of the WebSocket relay the member serves (relay = true), if any.
     relay: str | None = None
 
+    def candidates(self, network: NetworkInfo) -> tuple[tuple[str, int], ...]:
+        """The addresses nodes send to: unicast ones outside the mesh's own range (one in it
+        would route the handshake into the tunnel itself). The list is the member's word."""
+        return tuple((host, port) for host, port in self.addresses
+                     if reachable_unicast(host) and ipaddress.IPv4Address(host) not in network.cidr4)
+
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"addresses": [f"{h}:{p}" for h, p in self.addresses], "last_seen": self.last_seen}
         if self.ssh is not None:
@@ -721,19 +727,53 @@ def parse_endpoints(value: Any) -> Endpoints:
 MAX_RELAY_URL = 256
 
 
+_RELAY_URL_RE = re.compile(r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]{1,253})(?::(?P<port>[0-9]{1,5}))?"
+                           r"(?P<path>(?:/[A-Za-z0-9._~-]*)*)", re.ASCII | re.IGNORECASE)
+_HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def parse_relay_url(value: Any) -> str:
-    """A member's relay URL as the map carries it: http(s)://host[:port][/path], nothing
-    else (no credentials, query or fragment); the relay's WebSocket is <url>/relay."""
+    """A member's relay URL as the map carries it, in canonical form: http(s)://host[:port]
+    [/path] with an IPv4 address or a DNS name (LDH labels) for the host, nothing else
+    (no credentials, query, fragment or escapes; printable ASCII only, as it is shown in
+    logs and status). Not loopback, link-local, multicast or unspecified: a member's word
+    must not send every node to its own machine or its cloud's metadata service. Scheme
+    and host lowercased, the default port and a trailing slash dropped, so one relay has
+    one spelling. The relay's WebSocket is <url>/relay."""
     text = _str(value, "relay", MAX_RELAY_URL)
-    try:
-        parts = urllib.parse.urlsplit(text)
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        parts, port_ok = None, False
-    if parts is None or not port_ok or parts.scheme not in ("http", "https") or not parts.hostname \
-            or parts.username is not None or parts.password is not None or parts.query or parts.fragment:
-        raise MembershipError(f"relay {text[:80]!r}: expected http(s)://host:port")
-    return text.rstrip("/")
+    match = _RELAY_URL_RE.fullmatch(text)
+    problem = "expected http(s)://host:port" if match is None else None
+    if match is not None:
+        scheme, host = match["scheme"].lower(), match["host"].lower().rstrip(".")
+        port = int(match["port"]) if match["port"] is not None else _DEFAULT_PORTS[scheme]
+        try:
+            address: ipaddress.IPv4Address | None = ipaddress.IPv4Address(host)
+        except ValueError:
+            address = None
+        if not 1 <= port <= 65535:
+            problem = "the port must be 1 to 65535"
+        elif address is not None:
+            if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified \
+                    or address.is_reserved:
+                problem = "a loopback, link-local, multicast or reserved address is no relay for others"
+        elif not host or host.replace(".", "").isdigit() \
+                or not all(_HOST_LABEL_RE.fullmatch(label) for label in host.split(".")):
+            problem = "the host must be an IPv4 address or a DNS name"
+    if problem is not None or match is None:
+        shown = text[:80].encode("ascii", "backslashreplace").decode()
+        raise MembershipError(f"relay {shown!r}: {problem}")
+    shown_port = "" if port == _DEFAULT_PORTS[scheme] else f":{port}"
+    return f"{scheme}://{host}{shown_port}{match['path'].rstrip('/')}"
+
+
+def reachable_unicast(host: str) -> bool:
+    """Whether an IPv4 address can be where another machine's peer listens: not loopback,
+    unspecified, multicast, broadcast, link-local or reserved. Addresses in the map are a
+    member's word, unsigned: nodes send only to these."""
+    address = ipaddress.IPv4Address(host)
+    return not (address.is_loopback or address.is_unspecified or address.is_multicast or address.is_link_local
+                or address.is_reserved)
 
 
 def parse_address(item: Any) -> tuple[str, int]:

@@ -32,7 +32,15 @@ from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.coordinator.service import serve
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
 from tunnelmesh.links import MAX_MESSAGE, Link
-from tunnelmesh.links.relay import NAMESPACE, OK, QUEUE_BYTES, QUEUE_FRAMES, RelayClient, auth_message
+from tunnelmesh.links.relay import (
+    COORDINATOR_RELAY,
+    NAMESPACE,
+    OK,
+    QUEUE_BYTES,
+    QUEUE_FRAMES,
+    RelayClient,
+    auth_message,
+)
 from tunnelmesh.membership import Revocation
 
 NETWORK = "SHA256:relay-test-network"
@@ -127,15 +135,16 @@ async def client(url: str, i: int, *, network: str = NETWORK, connected: bool = 
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def raw_auth(http: aiohttp.ClientSession, url: str, signer: NodeIdentity, *, claim: bytes | None = None
-                   ) -> tuple[aiohttp.ClientWebSocketResponse, str]:
+async def raw_auth(http: aiohttp.ClientSession, url: str, signer: NodeIdentity, *, claim: bytes | None = None,
+                   relay: str = COORDINATOR_RELAY) -> tuple[aiohttp.ClientWebSocketResponse, str]:
     """A raw WebSocket that answers the challenge with `signer`'s signature for the key `claim`
-    (its own by default); the socket and the auth message it sent."""
+    (its own by default), meant for relay `relay`; the socket and the auth message it sent."""
     ws = await http.ws_connect(url + "/relay")
     hello = json.loads((await ws.receive()).data)
     assert hello["relay"] == 1 and hello["network"] == NETWORK
     wg_key = signer.public.wg_public_key if claim is None else claim
-    signature = await signer.sign(auth_message(NETWORK, base64.b64decode(hello["challenge"]), wg_key), NAMESPACE)
+    signature = await signer.sign(auth_message(NETWORK, base64.b64decode(hello["challenge"]), wg_key, relay),
+                                  NAMESPACE)
     auth = json.dumps({"wg_key": b64(wg_key), "sig": b64(signature)})
     await ws.send_str(auth)
     return ws, auth
@@ -217,6 +226,21 @@ def test_the_source_is_the_authenticated_sender_never_the_frame(caplog: pytest.L
 
     with caplog.at_level(logging.WARNING, LOG):
         scenario(run())
+
+
+def test_an_answer_meant_for_another_relay_is_refused() -> None:
+    """A member serving a relay could hand another relay's challenge to a member logging in
+    to it, and pass the answer on: the answer names the relay it was meant for."""
+    async def run() -> None:
+        async with relay_server(members(1, 2)) as (url, relay), aiohttp.ClientSession() as http:
+            ws, _ = await raw_auth(http, url, identities()[1], relay=b64(key(2)))  # meant for 2's relay
+            code, reason = await closed_with(ws)
+            assert code == 4001 and "does not verify" in reason
+            assert relay.status()["connections"] == 0
+            node_relay = Relay(NETWORK, members(1, 2).get, b64(key(2)))
+            assert node_relay.relay == b64(key(2))
+
+    scenario(run())
 
 
 def test_strangers_bad_and_replayed_signatures_are_refused_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:

@@ -110,11 +110,13 @@ def cut_off(member: MeshNode, hub: MeshNode) -> None:
 
 def test_a_node_with_relay_true_carries_two_peers_when_the_coordinator_is_out_of_reach(lab: Lab) -> None:
     switch = lab.add_switch("sw", "192.0.2.0/24")
-    mesh = network(lab, {"hub": [switch], "r": [switch], "a": [switch], "b": [switch]},
-                   configs={"r": "\n[transports]\nrelay = true\n"})
+    mesh = network(lab, {"hub": [switch], "r": [switch], "a": [switch], "b": [switch]})
     hub, r, a, b = mesh["hub"], mesh["r"], mesh["a"], mesh["b"]
     try:
-        # a and b learn r's relay from the peer map and connect to it.
+        # r turns its relay on while the others run: they learn it from the peer map and connect.
+        r.down()
+        r.append_config("\n[transports]\nrelay = true\n")
+        r.up()
         url = f"http://{r.underlay}:7401"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

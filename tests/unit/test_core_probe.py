@@ -309,13 +309,13 @@ def test_an_initiation_on_a_path_not_allowed_is_neither_answered_nor_learnt() ->
 def test_data_and_responses_on_a_path_not_allowed_are_dropped() -> None:
     pair = session(roam_across_kinds=False)
     data = data_from_a(pair)
-    pair.b_peer.path_allowed = _links_only
+    pair.b_peer.path_allowed, pair.b_peer.udp_refused = _links_only, True
     received_before = pair.b_peer.rx_bytes
     assert pair.inject("b", data, source=A_ADDR) == 0
     assert pair.b.drops["message on a path not allowed for its peer"] == 1
     assert pair.b_peer.rx_bytes == received_before
     # A response arriving over UDP for an initiation of a peer kept to links is dropped too.
-    pair.a_peer.path_allowed = _links_only
+    pair.a_peer.path_allowed, pair.a_peer.udp_refused = _links_only, True
     pair.advance(REKEY_TIMEOUT + 0.1)
     assert pair.a_peer.send_probe((B_ADDR,), pair.now, pair.wall)
     carry(pair, "a", Link("ssh"))

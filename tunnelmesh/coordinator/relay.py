@@ -39,6 +39,7 @@ from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
 from tunnelmesh.links import RefusalLog
 from tunnelmesh.links.relay import (
     CHALLENGE_SIZE,
+    COORDINATOR_RELAY,
     HEARTBEAT,
     KEY_SIZE,
     MAX_FRAME,
@@ -137,9 +138,11 @@ class Relay:
     """The relay for one network. `identity_for(wg_key)` names the current members (None
     for anyone else); call `member_changed` whenever membership may have changed."""
 
-    def __init__(self, network: str, identity_for: Callable[[bytes], PublicIdentity | None]) -> None:
+    def __init__(self, network: str, identity_for: Callable[[bytes], PublicIdentity | None],
+                 relay: str = COORDINATOR_RELAY) -> None:
         self.network = network
         self.identity_for = identity_for
+        self.relay = relay  # this relay's id, which clients sign (links.relay.auth_message)
         self.drops: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
         self._connections: dict[bytes, _Connection] = {}
@@ -185,8 +188,8 @@ class Relay:
             if identity is None:
                 raise Refusal(NOT_MEMBER, "not a member of this network")
             try:
-                verify_sshsig(identity.ssh_public_key, signature, auth_message(self.network, challenge, wg_key),
-                              NAMESPACE)
+                signed = auth_message(self.network, challenge, wg_key, self.relay)
+                verify_sshsig(identity.ssh_public_key, signature, signed, NAMESPACE)
             except IdentityError as exc:
                 raise Refusal(BAD_SIGNATURE, f"the challenge signature does not verify ({exc})") from None
         except Refusal as exc:

@@ -48,6 +48,7 @@ from tunnelmesh.membership import (
     member_body,
     parse_address,
     parse_relay_url,
+    reachable_unicast,
     seal,
     unb64,
     verify_admin_request,
@@ -205,9 +206,7 @@ def _relay_offer(value: Any, observed: str | None) -> str | None:
     if "url" in value:
         return parse_relay_url(value["url"])
     port = _integer(value["port"], "relay port", 1, 65535)
-    if observed is None:
-        raise Refused(400, "relay: a port alone needs an IPv4 address to go with it; give a url")
-    return f"http://{observed}:{port}"
+    return None if observed is None else f"http://{observed}:{port}"  # the register answer says why not
 
 
 def _ssh_offer(value: Any) -> dict[str, Any] | None:
@@ -506,13 +505,17 @@ class _Service:
         given = body["addresses"]
         if not isinstance(given, list) or len(given) > MAX_ENDPOINTS:
             raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
-        parsed = [f"{host}:{number}" for host, number in map(parse_address, given)]
+        parsed = [f"{host}:{number}" for host, number in map(parse_address, given) if reachable_unicast(host)]
         observed = _observed_ipv4(request.remote)
         relay = _relay_offer(body.get("relay"), observed)
         seen = [f"{observed}:{port}"] if observed is not None else []
         endpoints = list(dict.fromkeys(seen + parsed))[:MAX_ENDPOINTS]
         self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh, relay)
-        return web.json_response({"observed": f"{observed or f'[{request.remote}]'}:{port}"})
+        reply: dict[str, Any] = {"observed": f"{observed or f'[{request.remote}]'}:{port}"}
+        if relay is None and body.get("relay") is not None:
+            reply["relay_refused"] = ("the relay's port alone needs an IPv4 address to go with, and this request "
+                                      "came from none: set [transports] relay_url")
+        return web.json_response(reply)
 
     async def map(self, request: web.Request) -> web.Response:
         await self._member(request)

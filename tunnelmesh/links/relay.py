@@ -8,6 +8,9 @@ Protocol, on GET /relay: the relay sends ``{"relay": 1, "network": N,
 b64(SSHSIG)}``, its SSH identity's signature over `auth_message` in the
 namespace `NAMESPACE`; the relay checks it against the current member with
 that key and answers ``{"ok": true}`` or closes with a 4xxx code and a reason.
+The message names the relay the node meant to reach (`COORDINATOR_RELAY`, or
+the relay node's WireGuard key in base64), so a member serving a relay cannot
+pass a challenge of another relay on and log in there with the answer.
 Then binary frames only: node -> relay ``destination key (32) || message``,
 relay -> node ``source key (32) || message``, the source stamped by the relay
 from the authenticated connection. The messages are WireGuard's, end-to-end
@@ -55,15 +58,21 @@ CONNECT_TIMEOUT = 15.0
 #: Reconnecting: the first wait, doubled after each failure up to the last.
 FIRST_RETRY = 1.0
 LAST_RETRY = 30.0
+#: A connection served this long counts as working: the next failure retries after FIRST_RETRY.
+STABLE = 10.0
 #: Links made for sources the relay names: a relay cannot make a node keep more.
 MAX_LINKS = 4096
 #: The relay's answer to a good authentication, exactly.
 OK = json.dumps({"ok": True})
 
 
-def auth_message(network: str, challenge: bytes, wg_key: bytes) -> bytes:
-    """What a node signs to prove to a relay of `network` that it holds `wg_key`'s identity."""
-    return AUTH_PREFIX + network.encode() + b"\0" + challenge + wg_key
+#: The relay id of the coordinator's relay (a node's relay is named by its WireGuard key in base64).
+COORDINATOR_RELAY = "coordinator"
+
+
+def auth_message(network: str, challenge: bytes, wg_key: bytes, relay: str) -> bytes:
+    """What a node signs to prove to relay `relay` of `network` that it holds `wg_key`'s identity."""
+    return AUTH_PREFIX + network.encode() + b"\0" + relay.encode() + b"\0" + challenge + wg_key
 
 
 def _ended(message: aiohttp.WSMessage, when: str) -> str:
@@ -175,12 +184,13 @@ class RelayClient:
     """A node's one connection to one relay, kept up (with backoff) by `run`."""
 
     def __init__(self, url: str, identity: NodeIdentity, network: str, sink: LinkSink, *,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, relay: str = COORDINATOR_RELAY) -> None:
         self.url = url.rstrip("/")
         self.ws_url = relay_url(self.url)
         self.identity = identity
         self.network = network
         self.sink = sink
+        self.relay = relay  # which relay this is meant to be, named in what we sign
         self._ssl = ssl_context(ca_file)
         self.state = "connecting"  # "connecting", "connected" or "unreachable"
         self.error: str | None = None
@@ -249,10 +259,13 @@ class RelayClient:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, LAST_RETRY)
                     continue
+                served_since = time.monotonic()
                 reason = await self._serve(ws)
                 self._failed(reason)
                 self.state = "connecting"
-                delay = FIRST_RETRY
+                # A connection that held a while starts the backoff afresh; one cut off at once
+                # (e.g. replaced by another connection of ours) does not retry every second.
+                delay = FIRST_RETRY if time.monotonic() - served_since >= STABLE else min(delay * 2, LAST_RETRY)
                 await asyncio.sleep(delay)
 
     def _failed(self, reason: str) -> None:
@@ -285,6 +298,8 @@ class RelayClient:
             raise LinkError(f"no answer from {self.ws_url} within {CONNECT_TIMEOUT:g} s") from None
         except aiohttp.ClientError as exc:
             raise LinkError(connect_failure(exc, proxy)) from None
+        except (ValueError, OSError) as exc:  # e.g. a host name the IDNA codec refuses: never a crash
+            raise LinkError(f"cannot connect to {self.ws_url}: {type(exc).__name__}") from None
         return ws
 
     async def _authenticate(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -294,7 +309,7 @@ class RelayClient:
         challenge = parse_hello(hello.data, self.network)
         wg_key = self.identity.public.wg_public_key
         try:
-            signature = await self.identity.sign(auth_message(self.network, challenge, wg_key), NAMESPACE)
+            signature = await self.identity.sign(auth_message(self.network, challenge, wg_key, self.relay), NAMESPACE)
         except IdentityError as exc:
             raise LinkError(f"cannot sign the relay's challenge: {exc}") from None
         await ws.send_str(json.dumps({"wg_key": base64.b64encode(wg_key).decode(),

@@ -428,7 +428,8 @@ class _Server(asyncssh.SSHServer):
         self._key = key.get_fingerprint()
         if username != USERNAME:
             self._peer = None
-            return self.refuse(f"login as {username[:32]!r} (only {USERNAME!r} is served)")
+            shown = username[:32].encode("ascii", "backslashreplace").decode()
+            return self.refuse("login as another user", f"login as {shown!r} (only {USERNAME!r} is served)")
         self._peer = self._owner.directory.member_by_ssh_key(_public_text(key))
         return self._peer is not None or self.refuse("key of no current member")
 
@@ -456,13 +457,15 @@ class _Server(asyncssh.SSHServer):
     def tap_requested(self, unit: int | None) -> bool:
         return self.refuse("tunnel forwarding")
 
-    def refuse(self, cause: str) -> bool:
-        """Count and log (once per cause and key) a refusal; always False."""
+    def refuse(self, cause: str, detail: str | None = None) -> bool:
+        """Count and log (once per address and cause a minute) a refusal; always False.
+        `cause` is one of a fixed few (what is counted); `detail` says more in the log."""
         where = "?"
         if self._conn is not None:
             peername = self._conn.get_extra_info("peername") or ("?", 0)
             where = f"{peername[0]}:{peername[1]}"
-        self._owner.refused(cause, where.rpartition(":")[0], f"refused {cause} from {where} (key {self._key})")
+        self._owner.refused(cause, where.rpartition(":")[0],
+                            f"refused {detail or cause} from {where} (key {self._key})")
         return False
 
     def accepted(self, chan: asyncssh.SSHServerChannel[bytes]) -> SshLink:

@@ -89,6 +89,7 @@ class Peer:
         # The caller's rule on which paths this peer's messages may come from (None:
         # any); messages from others are dropped, so nothing is answered or learnt there.
         self.path_allowed: Callable[[Endpoint], bool] | None = None
+        self.udp_refused = False  # path_allowed refuses UDP addresses: the one check per UDP packet
         self.stray_source: Endpoint | None = None
         self.stray_at = float("-inf")
         self.endpoint_rx_at = float("-inf")  # last authenticated transport message from `endpoint`
