@@ -765,6 +765,8 @@ def test_parse_endpoints() -> None:
         "192.0.2.7: 80", "192.0.2.7:8x", "1.2.3:80", 80, None, "1" * 65]],
     *[({"addresses": [], "last_seen": None, "relay": bad}, "relay") for bad in [
         "ws://192.0.2.7:1", "http://", "http://a:b@192.0.2.7:1", "http://192.0.2.7:1/?x", "http://192.0.2.7:1#f",
+        "http://a..b:1", "http://" + "a" * 64 + ":1", "http://a:80/x\r\nFAKE", "http://a\x1b[2J:1",
+        "http://127.0.0.1:7401", "http://169.254.169.254", "http://0.0.0.0:1", "http://1.2.3:7",
         "http://192.0.2.7:99999", "http://192.0.2.7:0", 7, {"url": "http://x"}, "http://" + "x" * 300]],
 ])
 def test_parse_endpoints_refuses(value: Any, match: str) -> None:
