@@ -297,6 +297,8 @@ class PeerSession(Actor):
             self.ladder.revert(action)
             return
         self.peer.endpoint = endpoint
+        if isinstance(endpoint, tuple):
+            self.udp_address = endpoint  # e.g. followed to a new address: UDP probes go there now
         if action.previous is None:
             return  # the first choice: "session up via ..." says it
         why = self.why_not_better()
@@ -323,8 +325,11 @@ class PeerSession(Actor):
         try:
             if self.ladder.current is None and not self.ladder.searching and peer.t_retransmit is not None:
                 self._apply(self.ladder.start(now))  # the search gave up; traffic wants the peer again
+            searching = bool(self.ladder.searching)
             self._apply(self.ladder.tick(now, unanswered_since=unanswered, received_on_current=peer.endpoint_rx_at,
                                          stray=stray))
+            if searching and not self.ladder.searching and self.ladder.current is None:
+                peer.abandon_handshake()  # the search gave up: quiet until new traffic asks for the peer
         except Exception:
             log.exception("%s: ladder tick failed", self.peer_name)
         self._tick_handle = asyncio.get_running_loop().call_later(TICK, self._tick)

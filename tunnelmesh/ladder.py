@@ -70,6 +70,11 @@ class Reason:
         self.said = max(self.said, self.since)
 
 
+#: What a switch changes (Ladder.revert puts it back).
+_SWITCH_STATE = ("current", "changes", "last_change", "probe_interval", "searching", "_failing", "_last_rx_current",
+                 "_switched_at", "_next_better_probe", "_stepped_down_at", "reasons")
+
+
 class Ladder:
     def __init__(self, rungs: tuple[str, ...], *, unusable: dict[str, str] | None = None) -> None:
         """`rungs`: the enabled ones (config may disable or force); `unusable`:
@@ -95,6 +100,7 @@ class Ladder:
         self._last_rx_current = float("-inf")
         self._switched_at = float("-inf")
         self._search_started = float("-inf")
+        self._undo: dict[str, object] | None = None  # what the last switch changed, for revert
 
     # --- queries ----------------------------------------------------------------------
 
@@ -207,11 +213,13 @@ class Ladder:
         return actions
 
     def revert(self, switch: Switch) -> None:
-        """The caller could not carry `switch` out (its path vanished): undo it."""
-        if self.current == switch.rung:
-            self.current = switch.previous
-            if switch.previous is not None:
-                self.changes -= 1
+        """The caller could not carry `switch` out (its path vanished): undo it wholly, as
+        if it had not been decided (the search goes on, no hold starts, the rung keeps
+        its reason)."""
+        if self.current == switch.rung and self._undo is not None:
+            for name, value in self._undo.items():
+                setattr(self, name, value)
+            self._undo = None
 
     # --- internals ----------------------------------------------------------------------
 
@@ -263,6 +271,9 @@ class Ladder:
         return max(fresh, key=lambda r: self._answered_at[r])
 
     def _switch(self, rung: str, now: float, why: str) -> list[Action]:
+        self._undo = {name: getattr(self, name) for name in _SWITCH_STATE}
+        self._undo["searching"] = list(self.searching)
+        self._undo["reasons"] = dict(self.reasons)
         previous = self.current
         if previous is not None:
             self.changes += 1

@@ -246,6 +246,13 @@ class Peer:
             transmits.append((self._hs_packet, endpoint))
         return True
 
+    def abandon_handshake(self) -> None:
+        """The caller gave up reaching the peer (the transport ladder's search found no
+        path): no more retries, staged packets dropped. New traffic starts afresh."""
+        self.t_retransmit = None
+        self.handshake_attempts = 0
+        self.staged.clear()
+
     def _new_initiation(self, now: float, wall: float) -> None:
         self.last_sent_handshake = now
         device = self.device
