@@ -31,6 +31,11 @@ log = logging.getLogger("tunnelmesh.mesh")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+#: Under the transport ladder, data received and not answered gets a keepalive after this
+#: long (WireGuard waits 10 s), well inside the ladder's 3 s failure check.
+LADDER_KEEPALIVE = 1.0
+
+
 @dataclass(frozen=True)
 class PeerSpec:
     name: str
@@ -111,6 +116,8 @@ class Mesh(Actor):
             persistent_keepalive=spec.persistent_keepalive, tag=session,
         )
         session.peer.roam_across_kinds = False  # rung changes are the ladder's
+        if self.transports.ssh is not None or self.transports.relay is not None:
+            session.peer.keepalive_timeout = LADDER_KEEPALIVE
         if set(spec.choice.enabled) != set(RUNG_NAMES):
             # A forced or disabled rung is neither sent nor answered on. UDP packets are
             # checked only when UDP is the one refused (a check per packet).

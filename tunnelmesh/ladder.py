@@ -220,6 +220,7 @@ class Ladder:
             for name, value in self._undo.items():
                 setattr(self, name, value)
             self._undo = None
+            self._answered_at.pop(switch.rung, None)  # its evidence went with its path: not re-decided
 
     # --- internals ----------------------------------------------------------------------
 

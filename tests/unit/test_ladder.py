@@ -494,3 +494,22 @@ def test_changes_are_counted_without_the_first_choice() -> None:
     step_down(run, BETTER_PROBE)
     fail_over(run, 30.0)
     assert run.ladder.changes == 2
+
+
+# --- a switch the caller could not carry out -----------------------------------------------------
+
+
+def test_a_reverted_switch_is_undone_wholly_and_not_decided_again() -> None:
+    run = settled(UDP)
+    failing_at = 20.0 + FAILING_AFTER
+    assert run.tick(failing_at, unanswered=20.0) == [Probe((UDP, SSH))]
+    before = (run.ladder.changes, run.ladder.last_change, list(run.ladder.searching), run.ladder.probe_interval)
+    (switch,) = run.handshake(SSH, failing_at + 0.1)
+    assert isinstance(switch, Switch) and switch.rung == SSH
+    run.ladder.revert(switch)  # the SSH link closed before the switch was made
+    assert run.ladder.current == UDP
+    assert (run.ladder.changes, run.ladder.last_change, run.ladder.searching, run.ladder.probe_interval) == before
+    # Its evidence went with it: no tick decides the same switch again; the search goes on.
+    actions = run.ticks(failing_at + 1, failing_at + FRESH + 1, unanswered=20.0)
+    assert not any(isinstance(a, Switch) for a in actions), actions
+    assert any(isinstance(a, Probe) for a in actions), actions

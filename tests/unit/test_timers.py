@@ -4,6 +4,8 @@ where they are deterministic, and within [5, 5.334] s where jitter applies."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.wire import A_IP, B_IP, PeerPair, ipv4_packet, kind
 from tunnelmesh.wireguard import HandshakeGaveUp, KeysZeroed
 from tunnelmesh.wireguard.constants import (
@@ -317,17 +319,19 @@ def test_giving_up_zeroes_residue_540_seconds_later() -> None:
 # --- keepalives ------------------------------------------------------------------------------
 
 
-def test_passive_keepalive_10_seconds_after_data_when_nothing_was_sent_back() -> None:
+@pytest.mark.parametrize("timeout", [KEEPALIVE_TIMEOUT, 1.0], ids=["WireGuard's 10 s", "the ladder's 1 s"])
+def test_passive_keepalive_after_data_when_nothing_was_sent_back(timeout: float) -> None:
     pair, _ = session()
+    pair.b_peer.keepalive_timeout = timeout
     pair.advance(1)
     received_at = pair.now
     pair.send("a", b"ping")
     pair.deliver()
-    assert pair.b_peer.t_send_keepalive == received_at + KEEPALIVE_TIMEOUT
-    pair.at(received_at + KEEPALIVE_TIMEOUT - 0.001)
+    assert pair.b_peer.t_send_keepalive == received_at + timeout
+    pair.at(received_at + timeout - 0.001)
     pair.tick()
     assert pair.b.transmits == []
-    pair.at(received_at + KEEPALIVE_TIMEOUT)
+    pair.at(received_at + timeout)
     pair.tick()
     (keepalive, _), = pair.b.transmits
     assert (kind(keepalive), len(keepalive)) == (DATA, 32)

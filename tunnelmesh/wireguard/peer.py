@@ -94,6 +94,10 @@ class Peer:
         self.stray_at = float("-inf")
         self.endpoint_rx_at = float("-inf")  # last authenticated transport message from `endpoint`
         self.persistent_keepalive = persistent_keepalive
+        # How long after data received, with nothing sent back, a keepalive answers it
+        # (WireGuard: 10 s). The transport ladder shortens it, so that its 3 s "sent and not
+        # answered" check is not tripped by a peer that merely had nothing to say.
+        self.keepalive_timeout = KEEPALIVE_TIMEOUT
         self.tag = tag  # the caller's handle for this peer (name, config, ...)
         self.cookie = CookieGenerator(public_key)
         self.static_static = dh(device.static_private, public_key)
@@ -473,7 +477,7 @@ class Peer:
         self.send_keepalive(now, wall)
         if self.need_another_keepalive:
             self.need_another_keepalive = False
-            self.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+            self.t_send_keepalive = now + self.keepalive_timeout
 
     def _expired_new_handshake(self, now: float, wall: float) -> None:
         self.send_handshake_initiation(now, wall)
@@ -492,7 +496,7 @@ class Peer:
 
     def _timers_data_received(self, now: float) -> None:
         if self.t_send_keepalive is None:
-            self.t_send_keepalive = now + KEEPALIVE_TIMEOUT
+            self.t_send_keepalive = now + self.keepalive_timeout
         else:
             self.need_another_keepalive = True
 
