@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import ipaddress
 import json
 import os
 import socket
@@ -236,7 +237,7 @@ def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
 
     configure_logging(args.log_level)
     try:
-        asyncio.run(run_standalone(args.listen, Path(args.db), args.admin))
+        asyncio.run(run_standalone(args.listen, Path(args.db), args.admin, frozenset(args.trusted_proxy)))
     except StoreError as exc:
         raise CliError(str(exc), EXIT_FAIL) from None
     except OSError as exc:
@@ -244,6 +245,13 @@ def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
 def _duration(text: str) -> int:
@@ -636,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_COORDINATOR_PORT}", help="IPv4:port to serve on")
     p.add_argument("--db", required=True, help="its SQLite file (made if missing, mode 0600)")
     p.add_argument("--admin", metavar="FINGERPRINT", help="accept only the network of this admin key")
+    p.add_argument("--trusted-proxy", metavar="IP", action="append", default=[], type=_ip_address,
+                   help="a reverse proxy in front of the coordinator (e.g. TLS termination) whose "
+                        "X-Forwarded-For says where members really connect from; repeatable")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_coordinator)
 

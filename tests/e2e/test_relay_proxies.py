@@ -86,6 +86,7 @@ http {{
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
             proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_read_timeout 120s;
         }}
     }}
@@ -180,7 +181,8 @@ def _hub_behind_tls(lab: Lab) -> tuple[Any, Node, Path]:
         }}
     }}""")
     coordinator = hub.popen(sys.executable, "-m", "tunnelmesh", "coordinator", "--listen",
-                            f"{HUB}:{COORDINATOR_PORT}", "--db", str(work / "coordinator.db"), log_name="coordinator")
+                            f"{HUB}:{COORDINATOR_PORT}", "--db", str(work / "coordinator.db"),
+                            "--trusted-proxy", HUB, log_name="coordinator")  # nginx, in front of it
     _wait_listening(hub, COORDINATOR_PORT, "the coordinator", coordinator)
     nginx = hub.popen("nginx", "-e", "stderr", "-p", str(work), "-c", str(_nginx_conf(work, cert, key)),
                       "-g", "daemon off;", log_name="nginx")
@@ -291,6 +293,10 @@ def test_a_daemon_whose_only_way_out_is_the_tls_terminator_reaches_every_peer_ov
     try:
         _start_network(mesh, ca_file, {}, (HUB, TLS_PORT))
         _check_reaches_every_peer(mesh, ca_file)
+        # Behind nginx (a trusted proxy) the coordinator saw each member's own address, not nginx's.
+        for member in mesh.values():
+            observed = member.status()["node"]["coordinator"]["observed"]
+            assert observed is not None and observed.startswith(f"{member.underlay}:"), (member.name, observed)
     finally:
         for member in mesh.values():
             member.down(check=False)

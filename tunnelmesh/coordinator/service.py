@@ -247,10 +247,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 class _Service:
     """The handlers, over one store, with one replay guard and one wake-up for long-polls."""
 
-    def __init__(self, store: Store, clock: Callable[[], float], admin_fingerprint: str | None) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float], admin_fingerprint: str | None,
+                 trusted_proxies: frozenset[str] = frozenset()) -> None:
         self.store = store
         self.clock = clock
         self.admin_fingerprint = admin_fingerprint
+        self.trusted_proxies = trusted_proxies
         self.guard = ReplayGuard()
         self._changed = asyncio.Event()
         self._closing = False
@@ -506,16 +508,30 @@ class _Service:
         if not isinstance(given, list) or len(given) > MAX_ENDPOINTS:
             raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
         parsed = [f"{host}:{number}" for host, number in map(parse_address, given) if reachable_unicast(host)]
-        observed = _observed_ipv4(request.remote)
+        observed = _observed_ipv4(self._client_address(request))
         relay = _relay_offer(body.get("relay"), observed)
         seen = [f"{observed}:{port}"] if observed is not None else []
         endpoints = list(dict.fromkeys(seen + parsed))[:MAX_ENDPOINTS]
         self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh, relay)
-        reply: dict[str, Any] = {"observed": f"{observed or f'[{request.remote}]'}:{port}"}
+        reply: dict[str, Any] = {"observed": f"{observed or f'[{self._client_address(request)}]'}:{port}"}
         if relay is None and body.get("relay") is not None:
             reply["relay_refused"] = ("the relay's port alone needs an IPv4 address to go with, and this request "
                                       "came from none: set [transports] relay_url")
         return web.json_response(reply)
+
+    def _client_address(self, request: web.Request) -> str | None:
+        """Where a request came from: behind a trusted reverse proxy (TLS termination), the
+        address that proxy put last in X-Forwarded-For (the one it saw; earlier entries are
+        the client's word); otherwise the connection's."""
+        remote = request.remote
+        forwarded = request.headers.get("X-Forwarded-For") if remote in self.trusted_proxies else None
+        if forwarded:
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            try:
+                return str(ipaddress.ip_address(last))
+            except ValueError:
+                return None  # a trusted proxy that sends garbage: no address rather than its own
+        return remote
 
     async def map(self, request: web.Request) -> web.Response:
         await self._member(request)
@@ -667,10 +683,11 @@ class _Service:
 
 
 def make_app(store: Store, *, clock: Callable[[], float] = time.time,
-             admin_fingerprint: str | None = None) -> web.Application:
+             admin_fingerprint: str | None = None, trusted_proxies: frozenset[str] = frozenset()) -> web.Application:
     """The coordinator's aiohttp application over `store`. With `admin_fingerprint`,
-    only that admin's network can be set up."""
-    service = _Service(store, clock, admin_fingerprint)
+    only that admin's network can be set up. Requests from `trusted_proxies` (reverse
+    proxies in front of it) are taken to come from their X-Forwarded-For address."""
+    service = _Service(store, clock, admin_fingerprint, trusted_proxies)
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
     app.cleanup_ctx.append(service.lifetime)
     app.on_shutdown.append(service.on_shutdown)
@@ -709,12 +726,14 @@ def _listen_address(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def run_standalone(listen: str, db: Path, admin_fingerprint: str | None) -> None:
+async def run_standalone(listen: str, db: Path, admin_fingerprint: str | None,
+                         trusted_proxies: frozenset[str] = frozenset()) -> None:
     """`tunnelmesh coordinator`: serve the database at `db` on `listen` until cancelled."""
     host, port = _listen_address(listen)
     store = Store.open(db)
     try:
-        runner = await serve(make_app(store, admin_fingerprint=admin_fingerprint), host, port)
+        runner = await serve(make_app(store, admin_fingerprint=admin_fingerprint, trusted_proxies=trusted_proxies),
+                             host, port)
         try:
             log.info("coordinator listening on %s:%d (database %s)", host, port, db)
             await asyncio.Event().wait()
