@@ -163,7 +163,7 @@ async def _start_coordinator(config: NodeConfig) -> ServedSite:
     except StoreError as exc:
         raise StartupError(f"embedded coordinator: {exc}") from None
     try:
-        runner = await serve(make_app(store), host, port)
+        runner = await serve(make_app(store, trusted_proxies=config.coordinator.trusted_proxies), host, port)
     except OSError as exc:
         store.close()
         raise StartupError(f"embedded coordinator: cannot listen on {host}:{port}: {exc.strerror} "

@@ -62,7 +62,7 @@ WG_KEY_BYTES = 32
 MAX_CONFIG_BYTES = 1 << 20
 
 TOP_KEYS = ("node", "peers", "coordinator", "transports")
-COORDINATOR_KEYS = ("url", "serve", "db", "ca_file")
+COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies")
 TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
                   "relay_url", "peers")
 PEER_TRANSPORT_KEYS = ("rungs", "force")
@@ -158,6 +158,8 @@ class CoordinatorConfig:
     db: Path
     #: A private CA (PEM) to verify the coordinator's and relay's TLS certificates with.
     ca_file: Path | None = None
+    #: Reverse proxies in front of the embedded coordinator, trusted for X-Forwarded-For.
+    trusted_proxies: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -667,7 +669,18 @@ class _Checker:
                 ) from None
         db = self.get_path(table, "db", what, "coordinator") or self.state_dir / "coordinator.db"
         ca_file = self.get_path(table, "ca_file", what, "coordinator")
-        return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db, ca_file=ca_file)
+        proxies = table.get("trusted_proxies", [])
+        try:
+            if not isinstance(proxies, list) or not all(isinstance(p, str) for p in proxies):
+                raise ValueError
+            trusted = frozenset(str(ipaddress.ip_address(p)) for p in proxies)
+        except ValueError:
+            raise self.error(f"{what}: trusted_proxies must be a list of IP addresses, e.g. [\"192.0.2.9\"]",
+                             "coordinator", "trusted_proxies") from None
+        if trusted and serve is None:
+            raise self.error(f"{what}: trusted_proxies is for the embedded coordinator (needs serve)",
+                             "coordinator", "trusted_proxies")
+        return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db, ca_file=ca_file, trusted_proxies=trusted)
 
     def rung_choice(self, table: Mapping[str, Any], what: str, *where: Any, base: RungChoice) -> RungChoice:
         rungs = base.rungs

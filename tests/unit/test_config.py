@@ -946,6 +946,9 @@ def test_coordinator_table_gives_url_serve_and_default_db(tmp_path: Path) -> Non
     assert config.coordinator.url == "http://192.0.2.1:7400"
     assert config.coordinator.serve == ("0.0.0.0", 7400)
     assert config.coordinator.db == (tmp_path / "state" / "coordinator.db").absolute()
+    assert config.coordinator.trusted_proxies == frozenset()
+    behind = load(tmp_path, COORDINATED + 'trusted_proxies = ["192.0.2.9", "2001:db8::9"]\n')
+    assert behind.coordinator is not None and behind.coordinator.trusted_proxies == {"192.0.2.9", "2001:db8::9"}
 
 
 @pytest.mark.parametrize(
@@ -956,6 +959,9 @@ def test_coordinator_table_gives_url_serve_and_default_db(tmp_path: Path) -> Non
         ('[coordinator]\nurl = "http://192.0.2.1:7400"\nserve = "nowhere"', "must be IPv4:port"),
         ('[coordinator]\nurl = "http://192.0.2.1:7400"\nserve = "0.0.0.0:70000"', "must be IPv4:port"),
         ('[coordinator]\nurl = "http://192.0.2.1:7400"\nflavour = 1', "unknown key 'flavour'"),
+        ('[coordinator]\nurl = "http://192.0.2.1:7400"\nserve = "0.0.0.0:7400"\ntrusted_proxies = ["nginx"]',
+         "trusted_proxies must be a list of IP addresses"),
+        ('[coordinator]\nurl = "http://192.0.2.1:7400"\ntrusted_proxies = ["192.0.2.9"]', "needs serve"),
         ('[coordinator]\nserve = "0.0.0.0:7400"', "missing required key 'url'"),
         ('[coordinator]\nurl = "http://x"\n\n[[peers]]\nname = "b"\nwireguard_public_key = "' + KEY_B
          + '"\nmesh_ip = "100.100.0.2"', "[[peers]] are not used with a [coordinator]"),
