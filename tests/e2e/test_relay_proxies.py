@@ -108,33 +108,44 @@ def _wait_listening(node: Any, port: int, what: str, process: Any, host: str = H
     pytest.fail(f"{what} did not start:\n{node.log(process.log_name)[-3000:]}")
 
 
-def test_relay_and_api_through_an_http_proxy_and_tls_termination(lab: Lab) -> None:
+def _require_tools() -> None:
     missing = [tool for tool in ("tinyproxy", "nginx") if find_tool(tool) is None]
     if missing:
         unavailable(f"missing {', '.join(missing)} (run tools/setup.sh)")
+
+
+def _hub_behind_tls(lab: Lab) -> tuple[Any, Node, Path]:
+    """The switch, `hub` running the standalone coordinator (its port refused from the wire)
+    behind nginx, and the CA file that trusts nginx's certificate."""
     switch = lab.add_switch("sw", "192.0.2.0/24")
-    hub, node = lab.add_node("hub"), lab.add_node("node")
+    hub = lab.add_node("hub")
     lab.connect(hub, switch, HUB)
-    lab.connect(node, switch, "192.0.2.2")
     work = Path(hub.state_dir)
     ca = make_ca()
-    ca_file, _ = ca.write(work, "ca")
+    ca_file, _ = ca.write(Path(lab.workdir), "ca")
     cert, key = make_server(ca, HUB).write(work, "server")
-
-    # Only the hub itself (the proxies) may reach the coordinator's port.
     hub.nft(f"""table inet relaytest {{
         chain input {{ type filter hook input priority 0; policy accept;
             iifname "eth0" tcp dport {COORDINATOR_PORT} reject with tcp reset
         }}
     }}""")
     coordinator = hub.popen(sys.executable, "-m", "tunnelmesh", "coordinator", "--listen",
-                            f"{HUB}:{COORDINATOR_PORT}", "--db", str(work / "coordinator.db"), log_name="coordinator")
+                            f"{HUB}:{COORDINATOR_PORT}", "--db", str(work / "coordinator.db"),
+                            "--trusted-proxy", HUB, log_name="coordinator")  # nginx, in front of it
     _wait_listening(hub, COORDINATOR_PORT, "the coordinator", coordinator)
-    proxy = hub.popen("tinyproxy", "-d", "-c", str(_tinyproxy_conf(work)), log_name="tinyproxy")
-    _wait_listening(hub, PROXY_PORT, "tinyproxy", proxy)
     nginx = hub.popen("nginx", "-e", "stderr", "-p", str(work), "-c", str(_nginx_conf(work, cert, key)),
                       "-g", "daemon off;", log_name="nginx")
     _wait_listening(hub, TLS_PORT, "nginx", nginx)
+    return switch, hub, ca_file
+
+
+def test_relay_and_api_through_an_http_proxy_and_tls_termination(lab: Lab) -> None:
+    _require_tools()
+    switch, hub, ca_file = _hub_behind_tls(lab)  # only the hub itself (the proxies) reaches the coordinator's port
+    node = lab.add_node("node")
+    lab.connect(node, switch, "192.0.2.2")
+    proxy = hub.popen("tinyproxy", "-d", "-c", str(_tinyproxy_conf(Path(hub.state_dir))), log_name="tinyproxy")
+    _wait_listening(hub, PROXY_PORT, "tinyproxy", proxy)
 
     env = {**clean_environment(), "PYTHONPATH": str(ROOT)}
     result = node.run(sys.executable, "-m", "tests.e2e.test_relay_proxies", str(ca_file), env=env, timeout=150,
@@ -163,31 +174,6 @@ PROXY_NODE = "192.0.2.2"
 MEMBERS = {"a": "192.0.2.11", "b": "192.0.2.12", "d": "192.0.2.13"}
 TLS_URL = f"https://{HUB}:{TLS_PORT}"
 SETTLE = 60.0  # seconds for every session of the network to come up
-
-
-def _hub_behind_tls(lab: Lab) -> tuple[Any, Node, Path]:
-    """The switch, `hub` running the standalone coordinator (its port refused from the wire)
-    behind nginx, and the CA file that trusts nginx's certificate."""
-    switch = lab.add_switch("sw", "192.0.2.0/24")
-    hub = lab.add_node("hub")
-    lab.connect(hub, switch, HUB)
-    work = Path(hub.state_dir)
-    ca = make_ca()
-    ca_file, _ = ca.write(Path(lab.workdir), "ca")
-    cert, key = make_server(ca, HUB).write(work, "server")
-    hub.nft(f"""table inet relaytest {{
-        chain input {{ type filter hook input priority 0; policy accept;
-            iifname "eth0" tcp dport {COORDINATOR_PORT} reject with tcp reset
-        }}
-    }}""")
-    coordinator = hub.popen(sys.executable, "-m", "tunnelmesh", "coordinator", "--listen",
-                            f"{HUB}:{COORDINATOR_PORT}", "--db", str(work / "coordinator.db"),
-                            "--trusted-proxy", HUB, log_name="coordinator")  # nginx, in front of it
-    _wait_listening(hub, COORDINATOR_PORT, "the coordinator", coordinator)
-    nginx = hub.popen("nginx", "-e", "stderr", "-p", str(work), "-c", str(_nginx_conf(work, cert, key)),
-                      "-g", "daemon off;", log_name="nginx")
-    _wait_listening(hub, TLS_PORT, "nginx", nginx)
-    return switch, hub, ca_file
 
 
 def _only_way_out(member: MeshNode, address: str, port: int) -> None:
@@ -257,12 +243,6 @@ def _start_network(mesh: dict[str, MeshNode], ca_file: Path, d_env: dict[str, st
     for member in mesh.values():
         with open(f"{member.node.state_dir}/network.json") as f:
             member.mesh_ip = json.load(f)["member"]["body"]["ipv4"]
-
-
-def _require_tools() -> None:
-    missing = [tool for tool in ("tinyproxy", "nginx") if find_tool(tool) is None]
-    if missing:
-        unavailable(f"missing {', '.join(missing)} (run tools/setup.sh)")
 
 
 def test_a_daemon_whose_only_way_out_is_an_http_proxy_reaches_every_peer_over_the_relay(lab: Lab) -> None:
