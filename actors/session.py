@@ -121,7 +121,6 @@ class PeerSession(Actor):
         if choice.force is not None:
             unusable.update({r: f"the config forces {choice.force}" for r in rungs.RUNGS if r != choice.force})
         self.ladder = Ladder(choice.enabled, unusable=unusable)
-        self._allowed = frozenset(choice.enabled)
         self.udp_address: tuple[str, int] | None = None  # where the peer's UDP port is, as far as we know
         self.udp_candidates: tuple[tuple[str, int], ...] = ()  # every address it may be at (mesh.SetEndpoints)
         self._evidence: dict[str, object] = {}  # rung -> the endpoint a handshake last came from on it
@@ -133,7 +132,7 @@ class PeerSession(Actor):
 
     def allows(self, endpoint: object) -> bool:
         """Whether the config lets this peer's traffic use `endpoint`'s rung."""
-        return rung_of(endpoint) in self._allowed
+        return rung_of(endpoint) in self.ladder.rungs
 
     # --- timers (called by the data path, on the event loop thread) ----------------
 
