@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh.config import RUNG_NAMES, RungChoice
@@ -74,7 +74,7 @@ class SetEndpoints:
 
 @dataclass(frozen=True)
 class SetPsk:
-    psk: bytes
+    psk: bytes = field(repr=False)  # messages are what gets printed when an actor is debugged
 
 
 @dataclass(frozen=True)

@@ -357,7 +357,7 @@ class Token:
     url: str
     network: str
     grant: dict[str, Any]  # InviteGrant wire form; verified once the admin key is known
-    invite_seed: bytes
+    invite_seed: bytes = field(repr=False)  # the invite's private key: never in a repr or a log
 
     def encode(self) -> str:
         payload = canonical({"url": self.url, "network": self.network, "grant": self.grant, "key": b64(self.invite_seed)})
