@@ -421,8 +421,8 @@ async def run_daemon(paths: Paths) -> int:
         if transports.relay is not None:  # relays that members serve, as the map offers them
             ca_file = _ca_file(config)
             pool = RelayPool(peer_map, started_transports.own_relay, state.url,
-                             lambda url, relay: RelayClient(url, identity, state.network.network, datapath,
-                                                            ca_file=ca_file, relay=relay),
+                             lambda url, relay, guard: RelayClient(url, identity, state.network.network, datapath,
+                                                                   ca_file=ca_file, relay=relay, guard=guard),
                              transports.node_relays, supervisor)
             supervisor.add(pool)
             started_transports.on_map_changed.append(lambda: pool.tell(SyncRelays()))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
 from tunnelmesh.links.attest import AttestationError, SshEndpoint, verify_attestation
-from tunnelmesh.links.relay import RelayClient, relay_url
+from tunnelmesh.links.relay import RelayClient, RelayGuard, relay_url
 from tunnelmesh.links.ssh import SshRung, SshTarget, endpoint_targets
 from tunnelmesh.membership import PeerMap
 
@@ -140,19 +140,23 @@ class RelayPool(Actor):
     lists them (up to MAX_NODE_RELAYS, by member name; one per relay however it is
     spelt, never the coordinator's again), plus `own` (this node's own relay, reached on
     loopback, so members that reach only it can reach this node too). `clients` is
-    shared with the sessions, which probe through every connected relay."""
+    shared with the sessions, which probe through every connected relay.
+
+    A member's relay is made with a `RelayGuard` (checked where it leads when it connects:
+    a private address only if the member registered it, as its peer map endpoints say
+    then); `own` with none, as the node's own config chose it."""
 
     name = "relays"
     policy = "restart"
 
     def __init__(self, peer_map: PeerMap, own: tuple[str, str] | None, coordinator: str,
-                 make: Callable[[str, str], RelayClient], clients: dict[str, RelayClient],
+                 make: Callable[[str, str, RelayGuard | None], RelayClient], clients: dict[str, RelayClient],
                  supervisor: Supervisor) -> None:
         super().__init__()
         self.peer_map = peer_map
         self.own = own  # (url, relay id)
         self.coordinator = relay_url(coordinator)
-        self.make = make  # (url, relay id) -> client
+        self.make = make  # (url, relay id, guard) -> client
         self.clients = clients
         self.supervisor = supervisor
         self._actors: dict[str, RelayConnection] = {}
@@ -188,9 +192,23 @@ class RelayPool(Actor):
             self.clients.pop(url).close()
         for url, relay in wanted.items():
             if url not in self._actors:
-                client = self.clients[url] = self.make(url, relay)
+                client = self.clients[url] = self.make(url, relay, self.guard(url, relay))
                 self._actors[url] = connection = RelayConnection(client, name=f"relay {url}")
                 self.supervisor.add(connection)
+
+
+    def guard(self, url: str, relay: str) -> RelayGuard | None:
+        """The check of where a member's relay leads: against that member's registered
+        addresses as they are when it connects (none for this node's own relay)."""
+        if self.own is not None and url == self.own[0]:
+            return None
+        key = base64.b64decode(relay)
+
+        def registered() -> frozenset[str]:
+            endpoints = self.peer_map.endpoints.get(key)
+            return frozenset(host for host, _ in endpoints.addresses) if endpoints is not None else frozenset()
+
+        return RelayGuard(registered)
 
 
 def member_identities(peer_map: PeerMap, own: NodeIdentity) -> Callable[[bytes], PublicIdentity | None]:

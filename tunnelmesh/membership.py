@@ -731,6 +731,13 @@ _RELAY_URL_RE = re.compile(r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]{1,253})
                            r"(?P<path>(?:/[A-Za-z0-9._~-]*)*)", re.ASCII | re.IGNORECASE)
 _HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: A label resolvers and URL parsers may read as a number (decimal, octal, hex): a host
+#: ending in one is an address in another spelling, not a name.
+_NUMERIC_LABEL_RE = re.compile(r"[0-9]+|0x[0-9a-f]*", re.ASCII)
+#: Names of this machine besides *.localhost (RFC 6761, and what /etc/hosts files say).
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+#: "This network" (RFC 1122): Linux reaches the local machine through 0.0.0.0, and none of it is elsewhere.
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
 
 def parse_relay_url(value: Any) -> str:
@@ -740,7 +747,15 @@ def parse_relay_url(value: Any) -> str:
     logs and status). Not loopback, link-local, multicast or unspecified: a member's word
     must not send every node to its own machine or its cloud's metadata service. Scheme
     and host lowercased, the default port and a trailing slash dropped, so one relay has
-    one spelling. The relay's WebSocket is <url>/relay."""
+    one spelling. The relay's WebSocket is <url>/relay.
+
+    An address is taken only as a canonical dotted quad: resolvers (inet_aton) and URL
+    parsers read `0x7f.0.0.1`, `0xa9fea9fe`, `2130706433` or `127.1` as addresses too,
+    so a host whose last label looks like a number (digits, or 0x and hex) is refused
+    rather than passed on as a name. So are names that mean this machine (`localhost`,
+    `*.localhost`) and one-label names (completed by the resolver's search list, never
+    a relay elsewhere). Where a name leads is checked when a node connects
+    (tunnelmesh.links.relay.RelayGuard), as DNS answers then."""
     text = _str(value, "relay", MAX_RELAY_URL)
     match = _RELAY_URL_RE.fullmatch(text)
     problem = "expected http(s)://host:port" if match is None else None
@@ -754,17 +769,26 @@ def parse_relay_url(value: Any) -> str:
         if not 1 <= port <= 65535:
             problem = "the port must be 1 to 65535"
         elif address is not None:
-            if address.is_loopback or address.is_link_local or address.is_multicast or address.is_unspecified \
-                    or address.is_reserved:
+            if not relay_address_usable(address):
                 problem = "a loopback, link-local, multicast or reserved address is no relay for others"
-        elif not host or host.replace(".", "").isdigit() \
-                or not all(_HOST_LABEL_RE.fullmatch(label) for label in host.split(".")):
+        elif not host or not all(_HOST_LABEL_RE.fullmatch(label) for label in host.split(".")):
             problem = "the host must be an IPv4 address or a DNS name"
+        elif _NUMERIC_LABEL_RE.fullmatch(host.rsplit(".", 1)[-1]):
+            problem = "an address must be written as a dotted quad (e.g. 192.0.2.7), not in another form"
+        elif "." not in host or host in _LOCAL_NAMES or host.endswith(".localhost"):
+            problem = "the host must be a fully qualified name of another machine (not localhost or a one-label name)"
     if problem is not None or match is None:
         shown = text[:80].encode("ascii", "backslashreplace").decode()
         raise MembershipError(f"relay {shown!r}: {problem}")
     shown_port = "" if port == _DEFAULT_PORTS[scheme] else f":{port}"
     return f"{scheme}://{host}{shown_port}{match['path'].rstrip('/')}"
+
+
+def relay_address_usable(address: ipaddress.IPv4Address) -> bool:
+    """Whether a relay may be at `address` at all, for anyone: not loopback, link-local,
+    multicast, unspecified, "this network", broadcast or reserved. (Private-use addresses
+    pass here; a node allows them only where the relay's member registered itself.)"""
+    return reachable_unicast(str(address)) and address not in _THIS_NETWORK
 
 
 def reachable_unicast(host: str) -> bool:

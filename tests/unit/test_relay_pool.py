@@ -10,7 +10,7 @@ import pytest
 
 from actors.links import MAX_NODE_RELAYS, RelayPool
 from tests.support.membership import World, update
-from tunnelmesh.links.relay import RelayClient
+from tunnelmesh.links.relay import RelayClient, RelayGuard
 from tunnelmesh.membership import Endpoints, PeerMap, parse_endpoints
 
 COORDINATOR = "http://198.51.100.1:7400"
@@ -36,7 +36,7 @@ def peer_map(world: World, relays: dict[int, str]) -> PeerMap:
 
 
 def pool(peers: PeerMap, own: tuple[str, str] | None = None) -> RelayPool:
-    def make(url: str, relay: str) -> RelayClient:
+    def make(url: str, relay: str, guard: RelayGuard | None) -> RelayClient:
         raise AssertionError("wanted() makes no client")
 
     return RelayPool(peers, own, COORDINATOR, make, {}, supervisor=None)  # type: ignore[arg-type]
@@ -69,3 +69,17 @@ def test_candidates_are_unicast_addresses_outside_the_mesh(world: World) -> None
                                  "last_seen": None})
     assert endpoints.candidates(world.network) == (("192.0.2.7", 51820), ("10.1.2.3", 6))
     assert Endpoints().candidates(world.network) == ()
+
+
+def test_member_relays_are_guarded_by_their_members_addresses_and_its_own_is_not(world: World) -> None:
+    peers = PeerMap(world.network, world.wg(0))
+    endpoints = {b64(world.wg(1)): {"addresses": ["192.0.2.3:51820", "10.0.0.5:51820"], "last_seen": None,
+                                    "relay": "http://192.0.2.3:7401"}}
+    assert not peers.apply(update([world.admin_member(i) for i in range(2)], endpoints=endpoints)).rejected
+    own = ("http://127.0.0.1:7401", b64(world.wg(0)))
+    relays = pool(peers, own)
+    assert relays.guard(*own) is None  # the node's own config chose it
+    guard = relays.guard("http://192.0.2.3:7401", b64(world.wg(1)))
+    assert guard is not None and guard.registered() == {"192.0.2.3", "10.0.0.5"}
+    # A member that has not registered (or is gone) has no private address of its own.
+    assert relays.guard("http://192.0.2.9:7401", b64(world.wg(2))).registered() == frozenset()  # type: ignore[union-attr]

@@ -25,19 +25,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import json
 import logging
+import socket
 import time
 import urllib.parse
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Collection
 from contextlib import suppress
 from typing import Any, Protocol
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from tunnelmesh.identity import IdentityError, NodeIdentity
-from tunnelmesh.links import MAX_MESSAGE, Link, LinkError, LinkSink
+from tunnelmesh.links import MAX_MESSAGE, Link, LinkError, LinkSink, RefusalLog
 from tunnelmesh.links.proxy import connect_failure, proxy_for, ssl_context
+from tunnelmesh.membership import relay_address_usable
 
 log = logging.getLogger("tunnelmesh.links.relay")
 
@@ -161,6 +166,94 @@ def parse_hello(data: Any, network: str) -> bytes:
     return challenge
 
 
+# --- where a member's relay may lead -----------------------------------------------------------
+
+#: Resolves a host name to IPv4 addresses for a port: `system_resolve`, or a test's own.
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """The system resolver's IPv4 addresses for `host` (socket.gaierror if none)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+#: Why a relay address is refused, as counted (a fixed set: hosts come from members' word).
+REFUSED_UNUSABLE = "loopback, link-local, multicast or reserved address"
+REFUSED_PRIVATE = "private address its member did not register"
+
+
+def relay_address_problem(address: str, registered: Collection[str]) -> str | None:
+    """Why a member's relay may not be at `address` (None if it may): never loopback,
+    link-local, multicast, unspecified or reserved; a private-use (not global) address
+    only if it is one the relay's member registered itself, that is its own network."""
+    ip = ipaddress.IPv4Address(address)
+    if not relay_address_usable(ip):
+        return REFUSED_UNUSABLE
+    if not ip.is_global and address not in registered:
+        return REFUSED_PRIVATE
+    return None
+
+
+class RelayRefused(LinkError):
+    """A member's relay URL leads where no node connects (`cause`: one of the REFUSED_* texts)."""
+
+    def __init__(self, message: str, host: str, cause: str) -> None:
+        super().__init__(message)
+        self.host = host
+        self.cause = cause
+
+
+class RelayGuard:
+    """Where the relay a member offers may lead, checked when a node connects (the URL is
+    the member's unsigned word, and DNS answers what it likes, so the name's checks in
+    `parse_relay_url` are not enough): `registered` gives the member's registered
+    addresses now, `resolve` resolves names (the system's resolver by default). The
+    connection goes to the addresses checked here, not to a second lookup of the name."""
+
+    def __init__(self, registered: Callable[[], Collection[str]], resolve: Resolve = system_resolve) -> None:
+        self.registered = registered
+        self.resolve = resolve
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        """The addresses of `host` a node may connect to; RelayRefused if none, and what
+        the resolver raises (socket.gaierror) if the name does not resolve."""
+        try:
+            found = [str(ipaddress.IPv4Address(host))]
+        except ValueError:
+            found = await self.resolve(host, port)
+        registered = self.registered()
+        problems = {address: relay_address_problem(address, registered) for address in found}
+        allowed = [address for address, problem in problems.items() if problem is None]
+        if not allowed:
+            address, cause = next(((a, p) for a, p in problems.items() if p is not None), ("none", REFUSED_UNUSABLE))
+            where = host if address == host else f"{host} (resolves to {address})"
+            raise RelayRefused(f"relay host {where} refused: {cause}; a member's relay must be at a public "
+                               "address or one the member registered from", host, cause)
+        return allowed
+
+
+class _GuardedResolver(AbstractResolver):
+    """aiohttp's resolver for one relay connection: the relay's host through its guard,
+    any other (a proxy the node's environment names) through the system's."""
+
+    def __init__(self, host: str, guard: RelayGuard) -> None:
+        self.host = host
+        self.guard = guard
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        if host.rstrip(".").lower() == self.host:
+            addresses = await self.guard.addresses(self.host, port)
+        else:
+            addresses = await system_resolve(host, port)
+        return [ResolveResult(hostname=host, host=address, port=port, family=socket.AF_INET, proto=0,
+                              flags=socket.AI_NUMERICHOST) for address in addresses]
+
+    async def close(self) -> None:
+        pass
+
+
 class RelayLink(Link):
     """The path to one peer through one relay. Stable across reconnects: the daemon
     keeps it as the peer's endpoint; while the relay is away, sends are counted drops."""
@@ -184,9 +277,14 @@ class RelayClient:
     """A node's one connection to one relay, kept up (with backoff) by `run`."""
 
     def __init__(self, url: str, identity: NodeIdentity, network: str, sink: LinkSink, *,
-                 ca_file: str | None = None, relay: str = COORDINATOR_RELAY) -> None:
+                 ca_file: str | None = None, relay: str = COORDINATOR_RELAY, guard: RelayGuard | None = None) -> None:
         self.url = url.rstrip("/")
         self.ws_url = relay_url(self.url)
+        # A member's relay is checked where it leads (None: the coordinator's, or this node's
+        # own, which the node's own config chose).
+        self.guard = guard
+        self.refused: Counter[str] = Counter()
+        self._refusals = RefusalLog(log)
         self.identity = identity
         self.network = network
         self.sink = sink
@@ -249,11 +347,21 @@ class RelayClient:
     async def run(self) -> None:
         """Hold the connection, reconnecting with backoff, until cancelled."""
         delay = FIRST_RETRY
-        async with aiohttp.ClientSession() as session:
+        host = urllib.parse.urlsplit(self.ws_url).hostname or ""
+        connector = None if self.guard is None else aiohttp.TCPConnector(
+            resolver=_GuardedResolver(host, self.guard), use_dns_cache=False)
+        async with aiohttp.ClientSession(connector=connector) as session:
             while True:
                 self.state = "connecting"
                 try:
                     ws = await self._connect(session)
+                except RelayRefused as exc:
+                    self.refused[exc.cause] += 1
+                    self._refusals(exc.host, exc.cause, f"relay {self.ws_url}: {exc}")
+                    self.state, self.error = "unreachable", str(exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, LAST_RETRY)
+                    continue
                 except LinkError as exc:
                     self._failed(str(exc))
                     await asyncio.sleep(delay)
@@ -278,6 +386,7 @@ class RelayClient:
         proxy = proxy_for(self.ws_url)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self._check_target(proxy)
                 ws = await session.ws_connect(self.ws_url, proxy=proxy, ssl=self._ssl or True, heartbeat=HEARTBEAT,
                                               max_msg_size=MAX_FRAME + 1)  # aiohttp refuses sizes >= the limit
                 try:
@@ -301,6 +410,24 @@ class RelayClient:
         except (ValueError, OSError) as exc:  # e.g. a host name the IDNA codec refuses: never a crash
             raise LinkError(f"cannot connect to {self.ws_url}: {type(exc).__name__}") from None
         return ws
+
+    async def _check_target(self, proxy: str | None) -> None:
+        """The guard's word on where the relay is, for what aiohttp does not resolve through
+        it: an address literal (never resolved), and any host reached through a proxy (the
+        proxy resolves it: checked as the local resolver answers, passed on if it cannot)."""
+        if self.guard is None:
+            return
+        parts = urllib.parse.urlsplit(self.ws_url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "wss" else 80)
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if proxy is None:
+                return  # the session's resolver checks it, and the connection uses what it checked
+        try:
+            await self.guard.addresses(host, port)
+        except OSError:
+            pass  # a name only the proxy can resolve
 
     async def _authenticate(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         hello = await ws.receive()
@@ -355,4 +482,4 @@ class RelayClient:
         return {"url": self.ws_url, "state": self.state, "error": self.error,
                 "connected_since": self.connected_since, "links": len(self._links),
                 "queued": 0 if queue is None else len(queue), "queued_bytes": 0 if queue is None else queue.bytes,
-                "drops": dict(self.drops)}
+                "drops": dict(self.drops), "refused": dict(self.refused)}
