@@ -50,7 +50,11 @@ Rules
   key of their choosing.
 - RSA signatures are made and accepted only as ``rsa-sha2-256`` (the agent is asked with
   flag ``SSH_AGENT_RSA_SHA2_256`` and its answer checked). RSA moduli must have 2048 to
-  16384 bits.
+  8192 bits and the public exponent must be 65537 (what ssh-keygen makes): checking a
+  signature costs about e's bit length times the modulus size squared, so a key with a
+  huge exponent or modulus (16384 bits: 23x, e = 2**2040 + 1: 37x the cost of RSA-2048)
+  would make every coordinator, relay and peer that checks it do that work. Every RSA
+  public key is bounded in ``_check_key_type``, before it is decoded or used.
 - Anyone who can use the ssh-agent socket -- including any host reached with agent
   forwarding while the agent holds the key -- can derive the mesh key of every agent key.
   Prefer the host key or a dedicated key file for a daemon; forward agents only to
@@ -126,7 +130,11 @@ _RESERVED_NAMESPACE_PREFIXES = ("tunnelmesh-key-", "tunnelmesh-attest-")
 DEFAULT_HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
 PASSPHRASE_ENV = "TUNNELMESH_KEY_PASSPHRASE"
 RSA_MIN_BITS = 2048
-RSA_MAX_BITS = 16384  # OpenSSH's limit; also bounds the cost of checking a hostile key
+RSA_MAX_BITS = 8192  # bounds the cost of checking a hostile key (OpenSSH allows 16384)
+#: The only RSA public exponent accepted, as the SSH wire format's mpint (canonical: no
+#: leading zero byte), which is what ssh-keygen and OpenSSL make.
+RSA_EXPONENT = 65537
+_RSA_EXPONENT_MPINT = b"\x01\x00\x01"
 
 _ED25519 = "ssh-ed25519"
 _RSA = "ssh-rsa"
@@ -246,21 +254,38 @@ def _split_key_text(text: str, *, allow_comment: bool) -> tuple[str, bytes]:
     return key_type, blob
 
 
-def _rsa_modulus_bits(blob: bytes) -> int:
+def _rsa_public_parts(blob: bytes) -> tuple[bytes, int]:
+    """(e as its wire mpint, bit length of n) of an ssh-rsa key blob; nothing is decoded
+    into a key, so a hostile blob costs only its length to look at."""
     reader = _Reader(blob, "RSA public key")
     reader.string()  # "ssh-rsa"
-    reader.string()  # e
+    e = reader.string()
     n = reader.string()
     reader.end()
-    return int.from_bytes(n, "big").bit_length()
+    return e, int.from_bytes(n, "big").bit_length()
+
+
+def _shown_exponent(e: bytes) -> str:
+    """An exponent for an error message: its value when short, else only its size."""
+    if len(e) <= 8:
+        return str(int.from_bytes(e, "big"))
+    return f"of {len(e) * 8} bits"
 
 
 def _check_key_type(key_type: str, blob: bytes) -> None:
-    """Raise the user-facing refusal unless this key can be a mesh identity."""
+    """Raise the user-facing refusal unless this key can be a mesh identity. Every RSA
+    public key that enters (identity lines, key files, agent keys) passes here before it
+    is decoded or any signature is checked with it."""
     if key_type not in _SIG_ALG:
         raise IdentityError(_refusal(key_type))
     if key_type == _RSA:
-        bits = _rsa_modulus_bits(blob)
+        e, bits = _rsa_public_parts(blob)
+        if e != _RSA_EXPONENT_MPINT:
+            raise IdentityError(
+                f"RSA key with public exponent {_shown_exponent(e)} refused: only e = {RSA_EXPONENT} "
+                f"is accepted (what ssh-keygen makes; other exponents make checking its signatures "
+                f"costly). {_HOW_TO_MAKE_ONE}"
+            )
         if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
             raise IdentityError(
                 f"RSA key of {bits} bits refused: RSA keys need "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import math
 import os
 import shutil
 import struct
@@ -793,3 +794,127 @@ def test_agent_signing_with_another_key_is_caught(agent: Agent, keys: Keys, iden
     fingerprint = identities["ed25519"].public.fingerprint
     with pytest.raises(IdentityError, match="attestation"):
         through_proxy(agent, tmp_path, lambda sock: load_identity_agent(fingerprint, agent_path=sock), request=swap_key)
+
+
+# --- RSA public exponent and modulus size (issue 13, defect 4) -----------------------------
+#
+# Checking an RSA signature costs about bits(e) modular squarings of the modulus: e = 65537
+# (what ssh-keygen makes) costs 17; a hostile key with e = 2**31 - 1 or a huge modulus made
+# every coordinator, relay and peer that checked it work up to ~40 times harder.
+
+
+def rsa_key_with_exponent(e: int) -> asyncssh.SSHKey:
+    """A valid RSA-2048 private key whose public exponent is `e` (ssh-keygen and
+    cryptography only make 65537 or 3), built from fresh primes."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    while True:
+        base = rsa.generate_private_key(65537, 2048).private_numbers()
+        p, q = base.p, base.q
+        lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+        if math.gcd(e, lam) == 1:
+            break
+    d = pow(e, -1, lam)
+    numbers = rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q),
+                                    rsa.rsa_crt_iqmp(p, q), rsa.RSAPublicNumbers(e, p * q))
+    pem = numbers.private_key().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption())
+    return asyncssh.import_private_key(pem)
+
+
+def attested_line(key: asyncssh.SSHKey) -> str:
+    """An identity line of `key` with a real attestation (as a node with that key makes)."""
+    wg = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    signed = (
+        b"SSHSIG"
+        + ssh_string(ATTEST_NAMESPACE.encode())
+        + ssh_string(b"")
+        + ssh_string(b"sha512")
+        + ssh_string(hashlib.sha512(ATTEST_PREFIX + wg).digest())
+    )
+    public = " ".join(key.export_public_key().decode().split()[:2])
+    attestation = key.sign(signed, b"rsa-sha2-256")
+    return f"{public} wg={base64.b64encode(wg).decode()} att={base64.b64encode(attestation).decode()}"
+
+
+@pytest.fixture
+def expensive_work(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of the costly steps: decoding a public key and checking a signature with it."""
+    import tunnelmesh.identity as identity_module
+
+    calls = {"decode": 0, "verify": 0}
+    decode, check = identity_module._decode_public, identity_module._check_signature
+
+    def counting_decode(*args: Any) -> Any:
+        calls["decode"] += 1
+        return decode(*args)
+
+    def counting_check(*args: Any) -> Any:
+        calls["verify"] += 1
+        return check(*args)
+
+    monkeypatch.setattr(identity_module, "_decode_public", counting_decode)
+    monkeypatch.setattr(identity_module, "_check_signature", counting_check)
+    return calls
+
+
+@pytest.mark.parametrize("e", [3, 2**31 - 1])
+def test_rsa_identity_with_another_exponent_is_refused_before_any_signature_check(
+        e: int, expensive_work: dict[str, int]) -> None:
+    line = attested_line(rsa_key_with_exponent(e))
+    with pytest.raises(IdentityError) as info:
+        PublicIdentity.from_line(line)
+    message = str(info.value)
+    assert f"public exponent {e} refused" in message and "65537" in message and "ssh-keygen -t ed25519" in message
+    assert expensive_work == {"decode": 0, "verify": 0}
+    with pytest.raises(IdentityError, match="public exponent"):
+        verify_sshsig(line.split(" wg=")[0], b"anything", b"data", "file")
+    assert expensive_work == {"decode": 0, "verify": 0}
+
+
+def test_rsa_identity_made_the_same_way_with_exponent_65537_is_accepted(expensive_work: dict[str, int]) -> None:
+    # The control: the helpers above make lines that pass when only the exponent is right.
+    PublicIdentity.from_line(attested_line(rsa_key_with_exponent(65537)))
+    assert expensive_work == {"decode": 1, "verify": 1}
+
+
+def test_rsa_exponent_is_shown_by_its_size_when_it_is_huge() -> None:
+    huge = (1 << 2040) + 1
+    blob = ssh_string(b"ssh-rsa") + ssh_string(huge.to_bytes(256, "big")) + ssh_string(b"\x00" + b"\xc5" * 256)
+    with pytest.raises(IdentityError, match=r"public exponent of 2048 bits refused"):
+        verify_sshsig(f"ssh-rsa {base64.b64encode(blob).decode()}", b"x", b"data", "file")
+    # A non-canonical spelling of 65537 (a leading zero byte) is refused as well: one
+    # encoding per key, so one fingerprint per key.
+    blob = ssh_string(b"ssh-rsa") + ssh_string(b"\x00\x01\x00\x01") + ssh_string(b"\x00" + b"\xc5" * 256)
+    with pytest.raises(IdentityError, match=r"public exponent 65537 refused"):
+        verify_sshsig(f"ssh-rsa {base64.b64encode(blob).decode()}", b"x", b"data", "file")
+
+
+def test_rsa_modulus_over_8192_bits_is_refused_before_it_is_decoded(expensive_work: dict[str, int]) -> None:
+    n = (1 << 8192) | 1  # 8193 bits: never decoded, so it need not be a real modulus
+    blob = ssh_string(b"ssh-rsa") + ssh_string(b"\x01\x00\x01") + ssh_string(b"\x00" + n.to_bytes(1025, "big"))
+    wg = base64.b64encode(bytes(range(32))).decode()
+    line = f"ssh-rsa {base64.b64encode(blob).decode()} wg={wg} att=AAAA"
+    with pytest.raises(IdentityError, match=r"RSA key of 8193 bits refused: RSA keys need 2048 to 8192 bits"):
+        PublicIdentity.from_line(line)
+    assert expensive_work == {"decode": 0, "verify": 0}
+
+
+def test_rsa_key_file_with_another_exponent_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "rsa_e3"
+    path.write_bytes(rsa_key_with_exponent(3).export_private_key())
+    path.chmod(0o600)
+    message = fails(load_identity_file(path))
+    assert str(path) in message and "public exponent 3 refused" in message
+
+
+def test_rsa_agent_key_with_another_exponent_is_refused(agent: Agent, tmp_path: Path) -> None:
+    path = tmp_path / "rsa_e3"
+    path.write_bytes(rsa_key_with_exponent(3).export_private_key())
+    path.chmod(0o600)
+    try:
+        agent.add(path)
+    except subprocess.CalledProcessError:
+        pytest.fail("ssh-add refused an RSA key with e = 3: this test needs another way to put one in an agent")
+    message = fails(load_identity_agent(None, agent_path=agent.sock))
+    assert "agent key SHA256:" in message and "public exponent 3 refused" in message
