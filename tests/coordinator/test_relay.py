@@ -248,7 +248,7 @@ def test_strangers_bad_and_replayed_signatures_are_refused_and_logged_once(caplo
         async with relay_server(members(1, 2)) as (url, relay), aiohttp.ClientSession() as http:
             for _ in range(3):
                 ws, _ = await raw_auth(http, url, identities()[5])
-                assert await closed_with(ws) == (4003, "not a member of this network")
+                assert await closed_with(ws) == (4001, relay_module.AUTH_FAILED_REASON)
             # A good answer to one challenge is worth nothing against the next.
             first, auth = await raw_auth(http, url, identities()[1])
             assert (await first.receive()).data == OK
@@ -272,7 +272,7 @@ def test_strangers_bad_and_replayed_signatures_are_refused_and_logged_once(caplo
             # A RelayClient that is not a member says why.
             async with client(url, 4, connected=False) as (stranger, _):
                 await until("the stranger gives up", lambda: stranger.state == "unreachable")
-                assert "4003" in (stranger.error or "") and "not a member" in (stranger.error or "")
+                assert "4001" in (stranger.error or "") and "not a member" in (stranger.error or "")
             assert relay.refusals == {"not a member": 4, "bad signature": 2, "malformed": 6}
             assert relay.status()["connections"] == 0
 
@@ -282,6 +282,50 @@ def test_strangers_bad_and_replayed_signatures_are_refused_and_logged_once(caplo
     strangers = [line for line in refused if b64(key(5)) in line]
     assert len(strangers) == 1 and "not a member" in strangers[0], refused
     assert len([line for line in refused if "does not verify" in line]) == 1, refused
+
+
+def test_strangers_cannot_tell_member_keys_from_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13, defect 9a: "not a member" and "bad signature" were told apart (4003 / 4001),
+    so anyone could ask the relay whether a key is a member. Now one answer, after one
+    signature check either way (a stranger's against the key its signature names)."""
+    checks: list[str] = []
+    verify = relay_module.verify_sshsig
+
+    def counted(key: str, *args: Any) -> None:
+        checks.append(key.split(" ")[0])
+        verify(key, *args)
+
+    monkeypatch.setattr(relay_module, "verify_sshsig", counted)
+
+    async def answer(http: aiohttp.ClientSession, url: str, wg_key: bytes, sig: str | None,
+                     signer: NodeIdentity | None = None) -> tuple[int, str]:
+        if signer is not None:
+            ws, _ = await raw_auth(http, url, signer, claim=wg_key)
+        else:
+            ws = await http.ws_connect(url + "/relay")
+            await ws.receive()
+            await ws.send_str(json.dumps({"wg_key": b64(wg_key), "sig": sig}))
+        return await closed_with(ws)
+
+    async def run() -> None:
+        async with relay_server(members(1, 2)) as (url, relay), aiohttp.ClientSession() as http:
+            stranger, member_key = identities()[5], key(1)
+            answers = {
+                "stranger, its own good signature": await answer(http, url, stranger.public.wg_public_key, None,
+                                                                 stranger),
+                "member's key, another key's signature": await answer(http, url, member_key, None, stranger),
+                "member's key, a signature for another key": await answer(http, url, member_key, None,
+                                                                          identities()[3]),
+                "stranger, garbage signature": await answer(http, url, stranger.public.wg_public_key, b64(b"x" * 64)),
+                "member's key, garbage signature": await answer(http, url, member_key, b64(b"x" * 64)),
+            }
+            assert len(set(answers.values())) == 1, answers
+            assert answers["member's key, garbage signature"] == (4001, relay_module.AUTH_FAILED_REASON)
+            # A signature is checked for members and strangers alike (the garbage ones too).
+            assert len(checks) == 5
+            assert relay.refusals == {"not a member": 2, "bad signature": 3}
+
+    scenario(run())
 
 
 def test_a_silent_client_is_refused_after_the_auth_timeout(monkeypatch: pytest.MonkeyPatch) -> None:

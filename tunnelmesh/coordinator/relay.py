@@ -35,7 +35,12 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
+from tunnelmesh.identity import (
+    SSHSIG_MAGIC,
+    IdentityError,
+    PublicIdentity,
+    verify_sshsig,
+)
 from tunnelmesh.links import RefusalLog
 from tunnelmesh.links.relay import (
     CHALLENGE_SIZE,
@@ -64,22 +69,29 @@ MAX_AUTH = 8192
 
 # Close codes (4000-4999 are the application's): what went wrong, for the client's status.
 MALFORMED = 4000
-BAD_SIGNATURE = 4001
-NOT_MEMBER = 4003
+#: A key that is no current member and a signature that does not verify get this one
+#: answer, alike in code, reason and work done: else anyone could ask the relay which
+#: keys are members.
+AUTH_FAILED = 4001
+BAD_SIGNATURE = AUTH_FAILED
+AUTH_FAILED_REASON = "not a member of this network, or the signature does not verify"
+NOT_MEMBER = 4003  # only to a connected member that is removed or revoked (it proved who it is)
 AUTH_TIMED_OUT = 4008
 REPLACED = 4009
 SHUTTING_DOWN = 1001
-_REFUSED = {MALFORMED: "malformed", BAD_SIGNATURE: "bad signature", NOT_MEMBER: "not a member",
+_REFUSED = {MALFORMED: "malformed", AUTH_FAILED: "bad signature", NOT_MEMBER: "not a member",
             AUTH_TIMED_OUT: "timed out", SHUTTING_DOWN: "shutting down"}
 
 
 class Refusal(Exception):
-    """A client refused during authentication: the close code and the reason it is told."""
+    """A client refused during authentication: the close code and the reason it is told;
+    `cause` is what the relay counts and logs (it may say more than the client is told)."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, cause: str | None = None) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.cause = cause if cause is not None else _REFUSED[code]
 
 
 def hello(network: str, challenge: bytes) -> str:
@@ -110,6 +122,24 @@ def parse_auth(data: Any) -> tuple[bytes, bytes]:
     if not signature:
         raise Refusal(MALFORMED, "sig must be an SSHSIG signature in base64")
     return wg_key, signature
+
+
+def signer_key(signature: bytes) -> str | None:
+    """The public key an SSHSIG blob says it is by ("type base64"), or None if the blob is
+    not one: what a non-member's signature is checked against, so that refusing it takes
+    the same work as refusing a member's bad one."""
+    header = len(SSHSIG_MAGIC) + 4
+    if signature[:len(SSHSIG_MAGIC)] != SSHSIG_MAGIC or len(signature) < header + 4:
+        return None
+    size = int.from_bytes(signature[header:header + 4], "big")
+    blob = signature[header + 4:header + 4 + size]
+    if len(blob) != size or len(blob) < 4:
+        return None
+    type_size = int.from_bytes(blob[:4], "big")
+    key_type = blob[4:4 + type_size]
+    if len(key_type) != type_size or not key_type or not all(0x21 <= c < 0x7f for c in key_type):
+        return None
+    return f"{key_type.decode()} {base64.b64encode(blob).decode()}"  # verify_sshsig parses it strictly
 
 
 def frame_problem(frame: bytes) -> str | None:
@@ -173,6 +203,7 @@ class Relay:
         challenge = os.urandom(CHALLENGE_SIZE)
         await ws.send_str(hello(self.network, challenge))
         who = "a client"
+        problem: str | None = None  # why a signature did not verify, for the relay's own log
         try:
             if self._closed:
                 raise Refusal(SHUTTING_DOWN, "the relay is shutting down")
@@ -185,17 +216,25 @@ class Relay:
             wg_key, signature = parse_auth(message.data)
             who = base64.b64encode(wg_key).decode()
             identity = self.identity_for(wg_key)
-            if identity is None:
-                raise Refusal(NOT_MEMBER, "not a member of this network")
+            # A stranger's signature is checked too (against the key it names), so that it is
+            # refused after the same work as a member's bad one, with the same answer.
+            checked = identity.ssh_public_key if identity is not None else signer_key(signature)
             try:
                 signed = auth_message(self.network, challenge, wg_key, self.relay)
-                verify_sshsig(identity.ssh_public_key, signature, signed, NAMESPACE)
+                verify_sshsig(checked or "", signature, signed, NAMESPACE)
             except IdentityError as exc:
-                raise Refusal(BAD_SIGNATURE, f"the challenge signature does not verify ({exc})") from None
+                problem = str(exc)
+            if identity is None:
+                raise Refusal(AUTH_FAILED, AUTH_FAILED_REASON, "not a member")
+            if problem is not None:
+                raise Refusal(AUTH_FAILED, AUTH_FAILED_REASON, "bad signature")
         except Refusal as exc:
-            self.refusals[_REFUSED[exc.code]] += 1
+            self.refusals[exc.cause] += 1
             remote = request.remote or "?"
-            self._log_refusal(remote, exc.reason, f"relay: refused {who} from {remote}: {exc.reason}")
+            # The relay's own log says which it was (the client is not told).
+            detail = problem if exc.cause == "bad signature" else None if exc.code == AUTH_FAILED else exc.reason
+            shown = f"{exc.cause} ({detail})" if detail else exc.cause
+            self._log_refusal(remote, exc.cause, f"relay: refused {who} from {remote}: {shown}")
             raise
         if self._closed:  # close() began while it authenticated
             raise Refusal(SHUTTING_DOWN, "the relay is shutting down")
