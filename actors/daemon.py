@@ -28,6 +28,7 @@ from typing import Any
 from tunnelmesh import __version__
 from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_config, read_network_secret
 from tunnelmesh.control_client import NotRunning, request
+from tunnelmesh.files import FileError, check_state_dir, write_atomic
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
 from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.links.relay import RelayClient
@@ -321,6 +322,10 @@ async def run_daemon(paths: Paths) -> int:
     state: NetworkState | None = None
     peer_map: PeerMap | None = None
     try:
+        check_state_dir(paths.state_dir)  # root writes there: nobody else may be able to
+    except FileError as exc:
+        raise StartupError(str(exc)) from None
+    try:
         config = load_config(paths.config, state_dir=paths.state_dir)
         try:
             identity = await load_identity(config.identity, passphrase_file=config.passphrase_file)
@@ -476,7 +481,10 @@ async def run_daemon(paths: Paths) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, supervisor.shutdown, f"signal {signal.Signals(signum).name}")
-    paths.pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        write_atomic(paths.pid_file, f"{os.getpid()}\n".encode())
+    except FileError as exc:
+        log.warning("%s", exc)  # `down` only waits on it: not worth failing the start for
     for session in sessions:
         session.tell(Start())
     log.info(

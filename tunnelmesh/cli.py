@@ -65,9 +65,12 @@ def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
         text = starter_config(name=name, identity=identity, mesh_ip=args.mesh_ip, listen_port=args.listen_port)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    fd = os.open(paths.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    from tunnelmesh.files import FileError, write_atomic
+
+    try:
+        write_atomic(paths.config, text.encode(), 0o644, replace=False)
+    except FileError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
     print(f"wrote {paths.config}")
     print(f"network secret: {secret_path} (copy it, mode 0600, to every node of this mesh, or pass --secret-file to their init)")
     print("next: add [[peers]] from `tunnelmesh id` of each node, then `tunnelmesh up`")
@@ -284,11 +287,14 @@ def _new_key(path: Path) -> Path:
 
     if path.exists():
         return path
+    from tunnelmesh.files import FileError, write_atomic
+
     key = asyncssh.generate_private_key("ssh-ed25519", comment=f"tunnelmesh@{socket.gethostname()}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.export_private_key("openssh"))
-    Path(f"{path}.pub").write_bytes(key.export_public_key("openssh"))
+    try:
+        write_atomic(path, key.export_private_key("openssh"), 0o600, replace=False)
+        write_atomic(Path(f"{path}.pub"), key.export_public_key("openssh"), 0o644)
+    except FileError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
     print(f"made a dedicated Ed25519 identity key: {path}")
     return path
 
@@ -298,10 +304,12 @@ def _import_secret(source: Path, target: Path) -> None:
         read_network_secret(source)  # checks format and permissions
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    data = source.read_bytes()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    from tunnelmesh.files import FileError, write_atomic
+
+    try:
+        write_atomic(target, source.read_bytes(), 0o600)
+    except (FileError, OSError) as exc:
+        raise CliError(f"cannot copy the network secret {source} to {target}: {exc}", EXIT_FAIL) from None
 
 
 # --- up / down --------------------------------------------------------------------
@@ -336,7 +344,7 @@ def _up_detached(args: argparse.Namespace, paths: Paths) -> int:
     else:
         raise CliError(f"tunnelmesh is already running with state dir {paths.state_dir}; stop it with `tunnelmesh down`",
                        EXIT_FAIL)
-    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_state_dir(paths)
     log_path = paths.log_file
     argv = [sys.executable, "-m", "tunnelmesh", "--state-dir", str(paths.state_dir), "--config", str(paths.config),
             "up", "--log-level", args.log_level]
@@ -707,6 +715,21 @@ def _identity_options(p: argparse.ArgumentParser) -> None:
     who.add_argument("--new-key", action="store_true", help="make a dedicated Ed25519 key in the state directory")
 
 
+# Commands that write into the state directory, often as root: it must be safe to write into.
+# `up` checks in the daemon (and `up --detach` before it opens the log); `ssh-bridge --setup` in
+# `setup_account`.
+_WRITES_STATE = frozenset({"init", "join", "invite", "invites", "approve", "revoke", "rotate-secret"})
+
+
+def _check_state_dir(paths: Paths, *, create: bool = True) -> None:
+    from tunnelmesh.files import FileError, check_state_dir
+
+    try:
+        check_state_dir(paths.state_dir, create=create)
+    except FileError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -715,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     paths = resolve_paths(args.state_dir, args.config)
     try:
+        if args.command in _WRITES_STATE:
+            _check_state_dir(paths, create=False)  # a missing one is made 0700 by the command
         return args.func(args, paths)
     except CliError as exc:
         print(f"tunnelmesh: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from tunnelmesh import files
 from tunnelmesh.paths import DEFAULT_HOST_KEY
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
@@ -1101,23 +1102,11 @@ def write_network_secret(path: Path) -> bytes:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(path, None, f"cannot create network secret: {path.parent}: {reason}") from None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    except FileExistsError:
+        files.write_atomic(path, base64.b64encode(secret) + b"\n", 0o600, replace=False)
+    except files.FileExists:
         raise ConfigError(path, None, "network secret already exists; refusing to overwrite it") from None
-    except OSError as exc:
-        raise ConfigError(path, None, f"cannot create network secret: {exc.strerror or type(exc).__name__}") from None
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, base64.b64encode(secret) + b"\n")
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise ConfigError(path, None, f"cannot write network secret: {exc.strerror or type(exc).__name__}") from None
-    os.close(fd)
+    except files.FileError as exc:
+        raise ConfigError(path, None, f"cannot create network secret: {exc.reason}") from None
     return secret
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunnelmesh import files
 from tunnelmesh.membership import MapChanges, MemberEntry, MembershipError, NetworkInfo, PeerMap, Revocation
 
 MAX_STATE_BYTES = 16 << 20
@@ -35,25 +35,12 @@ class StateError(Exception):
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` all at once (the old content survives any failure)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Replace `path` with `data` all at once (the old content survives any failure):
+    `tunnelmesh.files.write_atomic`, with its error as a `StateError`."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), mode)
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise StateError(f"cannot write {path}: {exc.strerror or exc} (the previous version is kept)") from None
+        files.write_atomic(path, data, mode)
+    except files.FileError as exc:
+        raise StateError(str(exc)) from None
 
 
 def write_secret(path: Path, secret: bytes) -> None:

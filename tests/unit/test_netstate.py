@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import stat
 import time
 from pathlib import Path
@@ -58,16 +60,21 @@ def test_write_atomic_replaces_whole_and_sets_mode(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
-def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path) -> None:
+def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "sub" / "f"
     with pytest.raises(StateError, match="previous version is kept"):
         write_atomic(path, b"x")  # no such directory
     target = tmp_path / "g"
     target.write_bytes(b"old")
-    (tmp_path / ".g.tmp").mkdir()  # the temp file cannot be created
-    with pytest.raises(StateError):
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(StateError, match="No space left"):
         write_atomic(target, b"new")
     assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # no temp file left behind
 
 
 def test_write_secret_is_readable_as_network_secret(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import grp
 import logging
 import os
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
+from tunnelmesh.files import FileError, check_state_dir, open_dir, write_atomic_at
 from tunnelmesh.identity import IdentityError, fingerprint_of
 from tunnelmesh.links import LinkError
 
@@ -72,6 +74,8 @@ log = logging.getLogger("tunnelmesh.ssh")
 DEFAULT_USER = "tunnelmesh"
 HEADER_VERSION = 1
 SYSTEM_HOST_KEY = Path("/etc/ssh/ssh_host_ed25519_key.pub")
+SHADOW = Path("/etc/shadow")
+BRIDGE_SHELL = "/bin/sh"  # sshd runs the forced command with the account's shell
 HEADER_TIMEOUT = 5.0  # seconds for the bridge command to send its header line
 _HEADER = re.compile(rb"tunnelmesh-bridge 1 ([A-Za-z0-9+/]{43}=)\n")
 _MAX_HEADER = len(b"tunnelmesh-bridge 1 ") + 44 + 1  # the whole line, with a 32-byte key in base64
@@ -259,29 +263,131 @@ class BridgeServer:
 def setup_account(user: str = DEFAULT_USER, state_dir: Path | None = None) -> pwd.struct_passwd:
     """Make the bridge's system account if missing (home /var/lib/<user>, /bin/sh so
     sshd can run the forced command, no password), its ~/.ssh (0700), and give its
-    group search access to `state_dir` so it reaches the bridge socket. Needs root."""
+    group search access to `state_dir` so it reaches the bridge socket. Needs root.
+
+    An existing account is used only if it could be one this made: no password that
+    works and /bin/sh as its shell; anything else is someone's login (`_refuse_account`).
+    Nothing here follows a symlink: root changes modes and owners only through
+    descriptors opened O_NOFOLLOW."""
     if os.geteuid() != 0:
         raise BridgeError("setting up the SSH bridge account needs root; try sudo")
     if re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user) is None:
         raise BridgeError(f"{user!r} is not a valid account name")
+    if state_dir is not None:
+        try:
+            check_state_dir(state_dir)  # before root hands its group access to it
+        except FileError as exc:
+            raise BridgeError(str(exc)) from None
     try:
         account = pwd.getpwnam(user)
     except KeyError:
-        _run(["useradd", "--system", "--create-home", "--home-dir", f"/var/lib/{user}", "--shell", "/bin/sh",
+        _run(["useradd", "--system", "--create-home", "--home-dir", f"/var/lib/{user}", "--shell", BRIDGE_SHELL,
               "--comment", "TunnelMesh SSH bridge", "--user-group", user])
         # "*" instead of useradd's locked "!": no password works either way, but sshd
         # without PAM refuses every login, keys included, to a locked account.
         _run(["usermod", "--password", "*", user])
         account = pwd.getpwnam(user)
-    ssh_dir = Path(account.pw_dir) / ".ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chown(ssh_dir, account.pw_uid, account.pw_gid)
-    os.chmod(ssh_dir, 0o700)
+    else:
+        _refuse_account(account, _password_field(account))
+    os.close(_ssh_dir(account, create=True))
     if state_dir is not None:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chown(state_dir, 0, account.pw_gid)
-        os.chmod(state_dir, 0o710)  # search only: the files inside keep their own modes
+        try:
+            fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BridgeError(f"cannot open the state directory {state_dir}: {exc.strerror} (it must be a real "
+                              "directory, not a symlink)") from None
+        try:
+            os.fchown(fd, 0, account.pw_gid)
+            os.fchmod(fd, 0o710)  # search only: the files inside keep their own modes
+        finally:
+            os.close(fd)
     return account
+
+
+def _password_field(account: pwd.struct_passwd, shadow: Path | None = None) -> str:
+    """The account's password hash field: from /etc/shadow, else from passwd itself."""
+    shadow = SHADOW if shadow is None else shadow
+    try:
+        with open(shadow, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) > 1 and fields[0] == account.pw_name:
+                    return fields[1]
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise BridgeError(f"cannot read {shadow} to check account {account.pw_name}: {exc.strerror}") from None
+    return "*" if account.pw_passwd == "x" else account.pw_passwd  # "x": shadowed, but no shadow line
+
+
+def _refuse_account(account: pwd.struct_passwd, password: str) -> None:
+    """Refuse an existing account that is someone's login rather than the bridge's: one
+    with a password that works (empty counts: it may log in without one) or a shell other
+    than the /bin/sh setup gives. Its authorized_keys would be replaced by forced commands
+    and root would hand it the state directory's group."""
+    user = account.pw_name
+    if not password.startswith(("!", "*")):
+        raise BridgeError(
+            f"account {user} already exists and has a password that works, so it is not a bridge account "
+            f"(that has none): choose another name with --user (setup makes the account), or, if {user} exists "
+            f"only for the bridge, lock it with `usermod --password '*' {user}` and run setup again"
+        )
+    if account.pw_shell != BRIDGE_SHELL:
+        raise BridgeError(
+            f"account {user} already exists with the shell {account.pw_shell or '(none)'}, so it is not a bridge "
+            f"account (that has {BRIDGE_SHELL}, only to run sshd's forced command): choose another name with "
+            f"--user (setup makes the account), or, if {user} exists only for the bridge, remove it "
+            f"(`userdel {user}`) and run setup again"
+        )
+
+
+def _ssh_dir(account: pwd.struct_passwd, *, create: bool) -> int:
+    """An fd of the account's ~/.ssh, owned by it and 0700 (made if `create`): opened
+    O_NOFOLLOW at each step root takes, so a symlink the account planted at ~/.ssh or
+    ~/.ssh/authorized_keys is refused, never followed (it would hand root's chown or
+    write to another file)."""
+    home = Path(account.pw_dir)
+    try:
+        home_fd = open_dir(home, follow=False)
+    except OSError as exc:
+        raise BridgeError(f"cannot open {account.pw_name}'s home {home}: {exc.strerror} (it must be a real "
+                          "directory, not a symlink)") from None
+    try:
+        if create:
+            try:
+                os.mkdir(".ssh", 0o700, dir_fd=home_fd)
+            except FileExistsError:
+                pass
+        try:
+            fd = open_dir(".ssh", follow=False, dir_fd=home_fd)
+        except OSError as exc:
+            what = "is a symlink" if exc.errno in (errno.ELOOP, errno.ENOTDIR) else f"cannot be opened: {exc.strerror}"
+            raise BridgeError(f"{home / '.ssh'} {what}; it must be the account's own directory: remove it if it is "
+                              f"not, and run `tunnelmesh ssh-bridge --setup --user {account.pw_name}`") from None
+    except OSError as exc:
+        raise BridgeError(f"cannot make {home / '.ssh'}: {exc.strerror}") from None
+    finally:
+        os.close(home_fd)
+    try:
+        if create:
+            os.fchown(fd, account.pw_uid, account.pw_gid)
+            os.fchmod(fd, 0o700)
+        st = os.fstat(fd)
+        if st.st_uid != account.pw_uid or st.st_mode & 0o022:
+            raise BridgeError(f"{home / '.ssh'} must belong to {account.pw_name} and be writable by it alone (0700); "
+                              f"run `tunnelmesh ssh-bridge --setup --user {account.pw_name}`")
+        try:
+            keys = os.stat("authorized_keys", dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISREG(keys.st_mode):
+                raise BridgeError(f"{home / '.ssh' / 'authorized_keys'} is not a regular file (a symlink?): "
+                                  "remove it; the daemon writes that file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _run(argv: list[str]) -> None:
@@ -320,22 +426,15 @@ def write_authorized_keys(user: str, members: list[tuple[bytes, str, str]], tunn
         peer = base64.b64encode(wg_key).decode("ascii")
         label = _NAME_UNSAFE.sub("_", name)[:64]
         lines.append(f'restrict,command="{tunnelmesh_command} ssh-bridge --peer {peer}" {ssh_key} tunnelmesh:{label}\n')
-    ssh_dir = Path(account.pw_dir) / ".ssh"
-    target = ssh_dir / "authorized_keys"
-    temp = ssh_dir / ".authorized_keys.tunnelmesh.tmp"
+    text = "# Written by tunnelmesh: one line per current member. Edits are overwritten.\n" + "".join(lines)
+    ssh_fd = _ssh_dir(account, create=False)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write("# Written by tunnelmesh: one line per current member. Edits are overwritten.\n")
-            f.writelines(lines)
-            f.flush()
-            os.fchown(f.fileno(), account.pw_uid, account.pw_gid)
-            os.fchmod(f.fileno(), 0o600)
-            os.fsync(f.fileno())
-        os.replace(temp, target)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise BridgeError(f"cannot write {target}: {exc.strerror}") from None
+        write_atomic_at(ssh_fd, "authorized_keys", text.encode("ascii"), 0o600,
+                        owner=(account.pw_uid, account.pw_gid), shown=Path(account.pw_dir) / ".ssh" / "authorized_keys")
+    except FileError as exc:
+        raise BridgeError(str(exc)) from None
+    finally:
+        os.close(ssh_fd)
 
 
 def read_system_host_key(path: Path = SYSTEM_HOST_KEY) -> str:
