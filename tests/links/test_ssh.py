@@ -317,6 +317,61 @@ def member_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[asyncssh.SSHKe
     return asyncssh.read_private_key(path), asyncio.run(load_identity_file(path))
 
 
+def test_key_queries_do_not_tell_member_keys_from_others(
+    identities: list[NodeIdentity], member_key: tuple[asyncssh.SSHKey, NodeIdentity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13, defect 9b: an unsigned public-key query (what anyone holding only a public
+    key can send) got PK_OK for members' keys only. Now every key query is answered alike
+    and membership is decided on the signed login."""
+    key, identity = member_key
+    stranger = asyncssh.generate_private_key("ssh-ed25519")
+    answered: list[bytes] = []
+
+    def pk_ok(auth: Any, pkttype: int, pktid: int, packet: Any) -> None:
+        # The client's side of PK_OK: note it, and sign nothing (an outsider has no private key).
+        answered.append(auth._keypair.public_data)
+        auth._conn.try_next_auth()
+
+    monkeypatch.setitem(asyncssh.auth._ClientPublicKeyAuth._packet_handlers,  # type: ignore[attr-defined]
+                        asyncssh.auth.MSG_USERAUTH_PK_OK, pk_ok)
+
+    async def main() -> None:
+        a, b = await pair_and_member(identities, identity)
+        try:
+            for client_key in (key, stranger):
+                with pytest.raises(asyncssh.PermissionDenied):
+                    await raw_client(b, client_key)
+            assert answered == [key.public_data, stranger.public_data]
+            # Queries are not refusals: nothing counted until a signed login.
+            assert not b.rung.drops["ssh: refused key of no current member"]
+        finally:
+            await close_all(a, b)
+
+    run(main())
+
+
+def test_signed_logins_decide_membership(
+    identities: list[NodeIdentity], member_key: tuple[asyncssh.SSHKey, NodeIdentity]
+) -> None:
+    """After the query, a member's signed login passes; a stranger's good signature fails
+    like a bad one (PermissionDenied), and is counted as a refused key."""
+    key, identity = member_key
+    stranger = asyncssh.generate_private_key("ssh-ed25519")
+
+    async def main() -> None:
+        a, b = await pair_and_member(identities, identity)
+        try:
+            async with await raw_client(b, key):
+                pass
+            with pytest.raises(asyncssh.PermissionDenied):
+                await raw_client(b, stranger)
+            assert b.rung.drops["ssh: refused key of no current member"] == 1
+        finally:
+            await close_all(a, b)
+
+    run(main())
+
+
 def test_shell_exec_pty_and_forwarding_refused(identities: list[NodeIdentity], member_key: tuple[asyncssh.SSHKey, NodeIdentity]) -> None:
     key, identity = member_key
 

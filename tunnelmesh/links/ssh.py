@@ -398,10 +398,25 @@ class _Server(asyncssh.SSHServer):
         self._key = "?"  # fingerprint of the last key offered, for refusal logs
         self._sessions_left = _SESSIONS_PER_CONNECTION
         self._linked = False
+        self._signed = False  # whether the public-key request being validated carries a signature
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         self._owner._server_conns.add(conn)
+        # asyncssh asks `validate_public_key` the same question for a key query (no
+        # signature: answered PK_OK or failure) and for a signed login, before it checks the
+        # signature. A PK_OK for members' keys only would tell anyone holding a public key
+        # whether it is a member's; so the request is seen here first: every key query is
+        # answered alike, and a signed login of a non-member fails after its signature was
+        # checked, exactly as a bad signature does.
+        checked = conn.validate_public_key
+
+        async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+            self._signed = bool(msg)
+            valid = await checked(username, key_data, msg, signature)
+            return valid and (not msg or self._peer is not None)
+
+        conn.validate_public_key = validate  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
@@ -425,13 +440,19 @@ class _Server(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         # Called for the key query and again, with the signature checked after it, for
         # the login itself: the last call before auth_completed is the key that logged in.
+        # Membership is decided on the signed login only (see connection_made): its answer
+        # to a query would tell an outsider which keys are members'.
         self._key = key.get_fingerprint()
+        self._peer = None
         if username != USERNAME:
-            self._peer = None
             shown = username[:32].encode("ascii", "backslashreplace").decode()
             return self.refuse("login as another user", f"login as {shown!r} (only {USERNAME!r} is served)")
+        if not self._signed:
+            return True  # PK_OK for any well-formed key: the signed login decides
         self._peer = self._owner.directory.member_by_ssh_key(_public_text(key))
-        return self._peer is not None or self.refuse("key of no current member")
+        if self._peer is None:
+            self.refuse("key of no current member")
+        return True  # the signature is checked whoever it is; connection_made's hook refuses then
 
     def session_requested(self) -> _ServerSession | bool:
         if self._peer is None or self._linked or not self._sessions_left:
