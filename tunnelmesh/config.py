@@ -63,7 +63,7 @@ WG_KEY_BYTES = 32
 MAX_CONFIG_BYTES = 1 << 20
 
 TOP_KEYS = ("node", "peers", "coordinator", "transports")
-COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies")
+COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert", "tls_key")
 TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
                   "relay_url", "peers")
 PEER_TRANSPORT_KEYS = ("rungs", "force")
@@ -161,6 +161,11 @@ class CoordinatorConfig:
     ca_file: Path | None = None
     #: Reverse proxies in front of the embedded coordinator, trusted for X-Forwarded-For.
     trusted_proxies: frozenset[str] = frozenset()
+    #: The coordinator's own certificate, pinned ("sha256:<hex>"): trusted alone, no CA.
+    tls_fingerprint: str | None = None
+    #: The embedded coordinator serves TLS with this certificate and key (PEM); None = plain HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -681,7 +686,38 @@ class _Checker:
         if trusted and serve is None:
             raise self.error(f"{what}: trusted_proxies is for the embedded coordinator (needs serve)",
                              "coordinator", "trusted_proxies")
-        return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db, ca_file=ca_file, trusted_proxies=trusted)
+        pin = self.tls_fingerprint(table, what, parsed.scheme, ca_file)
+        tls_cert = self.get_path(table, "tls_cert", what, "coordinator")
+        tls_key = self.get_path(table, "tls_key", what, "coordinator")
+        for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
+            if value is not None and serve is None:
+                raise self.error(f"{what}: {key} is for the embedded coordinator (needs serve)", "coordinator", key)
+        if (tls_cert is None) != (tls_key is None):
+            key = "tls_key" if tls_key is None else "tls_cert"
+            raise self.error(f"{what}: tls_cert and tls_key go together (the certificate and its key); {key} is missing",
+                             "coordinator", "tls_cert" if tls_cert is not None else "tls_key")
+        return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db, ca_file=ca_file, trusted_proxies=trusted,
+                                 tls_fingerprint=pin, tls_cert=tls_cert, tls_key=tls_key)
+
+    def tls_fingerprint(self, table: Mapping[str, Any], what: str, scheme: str, ca_file: Path | None) -> str | None:
+        value = self.get_str(table, "tls_fingerprint", what, "coordinator")
+        if value is None:
+            return None
+        from tunnelmesh.tls import parse_pin  # lazily, as membership above
+
+        try:
+            pin = parse_pin(value)
+        except ValueError:
+            raise self.error(f"{what}: tls_fingerprint {_show(value)} must be \"sha256:\" and 64 hex digits (the SHA-256 "
+                             "of the coordinator's certificate)", "coordinator", "tls_fingerprint") from None
+        if scheme != "https":
+            raise self.error(f"{what}: tls_fingerprint needs an https:// url (over http:// there is no certificate "
+                             "to check it against)", "coordinator", "tls_fingerprint")
+        if ca_file is not None:
+            raise self.error(f"{what}: tls_fingerprint and ca_file both say which certificate to trust: keep one "
+                             "(tls_fingerprint for the coordinator's own certificate, ca_file for a TLS proxy's)",
+                             "coordinator", "tls_fingerprint")
+        return pin
 
     def rung_choice(self, table: Mapping[str, Any], what: str, *where: Any, base: RungChoice) -> RungChoice:
         rungs = base.rungs
@@ -1147,18 +1183,22 @@ def starter_config(
     coordinator_url: str | None = None,
     serve: str | None = None,
     ca_file: str | None = None,
+    tls_fingerprint: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> str:
     """A commented starter config: static mode (``mesh_ip``, peers listed in the file) or,
     with ``coordinator_url``, a node whose peers and address come from a coordinator
     (``serve`` = run the embedded coordinator on that IPv4:port; ``ca_file`` = a private
-    CA for the coordinator's TLS certificate).
+    CA for the coordinator's TLS certificate; ``tls_fingerprint`` = the coordinator's own
+    certificate, pinned; ``tls_cert``/``tls_key`` = what the embedded coordinator serves).
 
     Raises ``ValueError`` if the values would not make a valid config."""
     if isinstance(listen_port, bool) or not isinstance(listen_port, int):
         raise ValueError("listen_port must be an integer")
     static = coordinator_url is None
-    if static and ca_file is not None:
-        raise ValueError("ca_file is for a node with a coordinator")
+    if static and (ca_file, tls_fingerprint, tls_cert, tls_key) != (None,) * 4:
+        raise ValueError("ca_file and the tls_ keys are for a node with a coordinator")
     mode = "static mode: peers are listed in this file" if static else "peers and address come from the coordinator"
     text = f"""\
 # TunnelMesh node configuration ({mode}).
@@ -1218,6 +1258,18 @@ serve = {_toml_string(serve)}
             text += f"""\
 # A private CA (PEM) trusted, besides the system's, for the coordinator's TLS.
 ca_file = {_toml_string(ca_file)}
+"""
+        if tls_fingerprint is not None:
+            text += f"""\
+# The coordinator's own TLS certificate (SHA-256 of its DER form): the only one
+# this node accepts for it and its relay.
+tls_fingerprint = {_toml_string(tls_fingerprint)}
+"""
+        if tls_cert is not None and tls_key is not None:
+            text += f"""\
+# The embedded coordinator serves TLS with this certificate and key (made by init).
+tls_cert = {_toml_string(tls_cert)}
+tls_key = {_toml_string(tls_key)}
 """
     try:
         parse_config(text, path=Path("starter.toml"), state_dir=Path(os.getcwd()))

@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
+from tunnelmesh.tls import check_pinned_url, parse_pin
 
 DOMAIN = b"tunnelmesh membership v1\x00"
 TOKEN_PREFIX = "tmjoin1-"
@@ -358,9 +359,14 @@ class Token:
     network: str
     grant: dict[str, Any]  # InviteGrant wire form; verified once the admin key is known
     invite_seed: bytes = field(repr=False)  # the invite's private key: never in a repr or a log
+    #: The coordinator's own TLS certificate, pinned ("sha256:<hex>"), when it serves one.
+    tls: str | None = None
 
     def encode(self) -> str:
-        payload = canonical({"url": self.url, "network": self.network, "grant": self.grant, "key": b64(self.invite_seed)})
+        fields = {"url": self.url, "network": self.network, "grant": self.grant, "key": b64(self.invite_seed)}
+        if self.tls is not None:  # left out otherwise: a token without it reads as before
+            fields["tls"] = self.tls
+        payload = canonical(fields)
         return TOKEN_PREFIX + base64.urlsafe_b64encode(payload).decode().rstrip("=")
 
     @classmethod
@@ -377,26 +383,34 @@ class Token:
         except (binascii.Error, ValueError, RecursionError):
             raise MembershipError("join token is damaged (copy it again, whole)") from None
         payload = _obj(payload, "join token")
-        _keys(payload, {"url", "network", "grant", "key"}, "join token")
+        _keys(payload, {"url", "network", "grant", "key"}, "join token", {"tls"})
         url = _str(payload["url"], "coordinator URL", 2048)
         if not url.startswith(("http://", "https://")):
             raise MembershipError("join token: the coordinator URL must be http:// or https://")
+        tls = None
+        if "tls" in payload:
+            try:
+                tls = parse_pin(payload["tls"])
+                check_pinned_url(url, tls)
+            except ValueError as exc:
+                raise MembershipError(f"join token: {exc}") from None
         return cls(url, _str(payload["network"], "network", 64), _obj(payload["grant"], "invite"),
-                   unb64(payload["key"], "invite key", 32))
+                   unb64(payload["key"], "invite key", 32), tls)
 
     def invite_key(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.invite_seed)
 
 
 def make_invite(admin: AdminKey, url: str, *, name: str | None, expires: int, uses: int, now: int,
-                rng: Any = os.urandom) -> Token:
+                rng: Any = os.urandom, tls: str | None = None) -> Token:
+    """`tls`: the coordinator's certificate pin, carried to the joiner like the admin key's fingerprint."""
     if name is not None:
         check_name(name, "invite name")
     seed = rng(32)
     invite_public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
     body = {"network": admin.fingerprint, "invite_key": b64(invite_public), "name": name,
             "expires": expires, "uses": uses, "created": now}
-    return Token(url, admin.fingerprint, {"body": body, "sig": admin.sign("invite", body)}, seed)
+    return Token(url, admin.fingerprint, {"body": body, "sig": admin.sign("invite", body)}, seed, tls)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from tunnelmesh.membership import (
 )
 from tunnelmesh.netstate import NetworkState, StateError, load_peer_map, save_peer_map, save_revocations, write_secret
 from tunnelmesh.paths import Paths
+from tunnelmesh.tls import CERT_NAME, KEY_NAME, PIN_PREFIX, TlsError, write_certificate
 
 #: How long `join` without a token waits for the admin's approval by default.
 APPROVAL_WAIT = 600.0
@@ -107,20 +109,26 @@ def _forget_revoked_membership(paths: Paths) -> None:
 
 async def create_network(
     paths: Paths, *, name: str, identity_spec: str, listen_port: int, cidr: str, url: str, serve: str | None,
-    ca_file: str | None = None,
+    ca_file: str | None = None, tls_fingerprint: str | None = None,
 ) -> NetworkState:
     """A new network with this node as its admin and first member. With `serve`, the
-    coordinator is embedded (it takes the network at the first `up`); without, the
-    coordinator at `url` must be running and is given the network now. `ca_file`: a
-    private CA for the coordinator's TLS, used now and written into the config."""
+    coordinator is embedded (it takes the network at the first `up`; with an https://
+    `url` it serves TLS with a certificate made here, pinned in the config and so in
+    every invite); without, the coordinator at `url` must be running and is given the
+    network now (`tls_fingerprint`: its certificate's pin). `ca_file`: a private CA for
+    a TLS proxy in front of the coordinator, used now and written into the config."""
     _refuse_existing(paths)
     check_name(name, "node name")
     if paths.admin_key.exists():
         raise NetworkError(f"{paths.admin_key} already exists; remove it to make a new network")
     identity = await _load(identity_spec)
+    own_tls = serve is not None and url.lower().startswith("https://") and ca_file is None
+    cert, key = (str(paths.state_dir / CERT_NAME), str(paths.state_dir / KEY_NAME)) if own_tls else (None, None)
+    if own_tls:
+        tls_fingerprint = PIN_PREFIX + "0" * 64  # checked with a stand-in: the certificate is made last
     try:
         starter_config(name=name, identity=identity_spec, listen_port=listen_port, coordinator_url=url, serve=serve,
-                       ca_file=ca_file)
+                       ca_file=ca_file, tls_fingerprint=tls_fingerprint, tls_cert=cert, tls_key=key)
     except ValueError as exc:
         raise NetworkError(str(exc)) from None
     admin = AdminKey.generate()
@@ -132,17 +140,23 @@ async def create_network(
     secret = os.urandom(NETWORK_SECRET_BYTES)
     if serve is None:
         try:
-            async with Coordinator(url, admin=admin, ca_file=ca_file) as coordinator:
+            async with Coordinator(url, admin=admin, ca_file=ca_file, tls_fingerprint=tls_fingerprint) as coordinator:
                 await coordinator.setup(network.to_wire(), secret, member.to_wire())
         except CoordinatorError as exc:
             raise NetworkError(f"the coordinator at {url} did not take the network: {exc}") from None
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if own_tls:
+        try:
+            tls_fingerprint = write_certificate(Path(str(cert)), Path(str(key)), urllib.parse.urlsplit(url).hostname or "")
+        except TlsError as exc:
+            raise NetworkError(str(exc)) from None
     admin.save(paths.admin_key)
     write_secret(paths.network_secret, secret)
     state.save(paths.network_state)
     save_peer_map(paths.peer_map_cache, PeerMap(network, member.wg_key))
     _write_config(paths, starter_config(name=name, identity=identity_spec, listen_port=listen_port,
-                                        coordinator_url=url, serve=serve, ca_file=ca_file))
+                                        coordinator_url=url, serve=serve, ca_file=ca_file,
+                                        tls_fingerprint=tls_fingerprint, tls_cert=cert, tls_key=key))
     return state
 
 
@@ -152,10 +166,11 @@ async def create_network(
 async def join(
     paths: Paths, *, token_or_url: str, name: str | None, identity_spec: str, listen_port: int,
     wait: float = APPROVAL_WAIT, on_pending: Any = None, network_fingerprint: str | None = None,
-    ca_file: str | None = None,
+    ca_file: str | None = None, tls_fingerprint: str | None = None,
 ) -> Joined:
     """Join with a token, or (given a coordinator URL) by asking the admin's approval.
-    `ca_file`: a private CA for the coordinator's TLS, used now and written into the config."""
+    `ca_file`: a private CA for the coordinator's TLS; `tls_fingerprint`: the pin of the
+    coordinator's own certificate (a token carries it): used now and written into the config."""
     started = time.monotonic()
     _forget_revoked_membership(paths)
     _refuse_existing(paths)
@@ -171,7 +186,14 @@ async def join(
     else:
         token = Token.parse(token_or_url)
         url, pinned = token.url, token.network
-    async with Coordinator(url, ca_file=ca_file) as coordinator:
+        if token.tls is not None:
+            if tls_fingerprint is not None and tls_fingerprint != token.tls:
+                raise NetworkError(f"--tls-fingerprint {tls_fingerprint} is not the coordinator certificate this "
+                                   f"token pins ({token.tls}); drop --tls-fingerprint")
+            if ca_file is not None:
+                raise NetworkError("this token pins the coordinator's own TLS certificate: drop --ca-file")
+            tls_fingerprint = token.tls
+    async with Coordinator(url, ca_file=ca_file, tls_fingerprint=tls_fingerprint) as coordinator:
         try:
             network = NetworkInfo.from_wire(await coordinator.network(), pinned)
         except MembershipError as exc:
@@ -184,7 +206,7 @@ async def join(
     state = _accept(paths, url, network, identity, result)
     try:
         starter = starter_config(name=state.member.name, identity=identity_spec, listen_port=listen_port,
-                                 coordinator_url=url, ca_file=ca_file)
+                                 coordinator_url=url, ca_file=ca_file, tls_fingerprint=tls_fingerprint)
     except ValueError as exc:
         raise NetworkError(str(exc)) from None
     _write_config(paths, starter)
@@ -273,6 +295,7 @@ class Admin:
     state: NetworkState  # its url as the node's config says now (tunnelmesh.toml [coordinator])
     key: AdminKey
     ca_file: str | None = None
+    tls_fingerprint: str | None = None  # the coordinator's certificate, pinned (and put in invites)
 
     @classmethod
     def load(cls, paths: Paths) -> Admin:
@@ -289,7 +312,7 @@ class Admin:
             raise NetworkError(str(exc)) from None
         if key.fingerprint != state.network.network:
             raise NetworkError(f"{paths.admin_key} is not the admin key of network {state.network.network}")
-        url, ca_file = state.url, None
+        url, ca_file, pin = state.url, None, None
         if paths.config.exists():  # the node's config is the word on how to reach the coordinator
             try:
                 coordinator = load_config(paths.config, state_dir=paths.state_dir).coordinator
@@ -297,10 +320,11 @@ class Admin:
                 raise NetworkError(str(exc)) from None
             if coordinator is not None:
                 url, ca_file = coordinator.url, str(coordinator.ca_file) if coordinator.ca_file else None
-        return cls(paths, NetworkState(url, state.network, state.member), key, ca_file)
+                pin = coordinator.tls_fingerprint
+        return cls(paths, NetworkState(url, state.network, state.member), key, ca_file, pin)
 
     def coordinator(self) -> Coordinator:
-        return Coordinator(self.state.url, admin=self.key, ca_file=self.ca_file)
+        return Coordinator(self.state.url, admin=self.key, ca_file=self.ca_file, tls_fingerprint=self.tls_fingerprint)
 
     async def members(self, coordinator: Coordinator) -> tuple[PeerMap, list[MemberEntry]]:
         """Every verified member, this node included. Starts from the revocations this
@@ -319,7 +343,7 @@ def make_token(paths: Paths, *, expires_in: int, reusable: bool, name: str | Non
     now = _now()
     try:
         token = make_invite(admin.key, admin.state.url, name=name, expires=now + expires_in,
-                            uses=0 if reusable else 1, now=now)
+                            uses=0 if reusable else 1, now=now, tls=admin.tls_fingerprint)
     except MembershipError as exc:
         raise NetworkError(str(exc)) from None
     return token.encode()

@@ -1060,3 +1060,66 @@ def test_transports_refusals_name_the_key_and_line(tmp_path: Path, extra: str, e
 def test_relay_and_other_rungs_need_a_coordinator(tmp_path: Path) -> None:
     assert "relay = true needs a [coordinator]" in str(load_error(tmp_path, MINIMAL + "\n[transports]\nrelay = true\n"))
     assert "need a [coordinator]" in str(load_error(tmp_path, MINIMAL + '\n[transports]\nforce = "relay"\n'))
+
+
+# --- [coordinator] TLS: the coordinator's own certificate, pinned ----------------------------------
+
+PIN = "sha256:" + "0123456789abcdef" * 4
+PINNED = """\
+[node]
+name = "alpha"
+
+[coordinator]
+url = "https://192.0.2.1:7400"
+"""
+
+
+def test_tls_fingerprint_and_the_served_certificate(tmp_path: Path) -> None:
+    spelled = "SHA256:" + ":".join(PIN[7 + i:9 + i] for i in range(0, 64, 2)).upper()  # as openssl prints it
+    config = load(tmp_path, PINNED + f'tls_fingerprint = "{spelled}"\n')
+    assert config.coordinator is not None and config.coordinator.tls_fingerprint == PIN
+    assert config.coordinator.tls_cert is None and config.coordinator.tls_key is None
+    served = load(tmp_path, PINNED + f'serve = "0.0.0.0:7400"\ntls_fingerprint = "{PIN}"\n'
+                                     'tls_cert = "c.pem"\ntls_key = "/etc/tunnelmesh/c.key"\n')
+    assert served.coordinator is not None
+    assert served.coordinator.tls_cert == (tmp_path / "c.pem").absolute()
+    assert served.coordinator.tls_key == Path("/etc/tunnelmesh/c.key")
+    assert load(tmp_path, COORDINATED).coordinator.tls_fingerprint is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "expected"),
+    [
+        ('tls_fingerprint = "sha256:beef"', "tls_fingerprint", 'must be "sha256:" and 64 hex digits'),
+        ("tls_fingerprint = 7", "tls_fingerprint", "tls_fingerprint must be a string"),
+        (f'tls_fingerprint = "{PIN}"\nca_file = "ca.pem"', "tls_fingerprint", "keep one"),
+        ('serve = "0.0.0.0:7400"\ntls_cert = "c.pem"', "tls_cert", "tls_key is missing"),
+        ('serve = "0.0.0.0:7400"\ntls_key = "c.key"', "tls_key", "tls_cert is missing"),
+        ('tls_cert = "c.pem"\ntls_key = "c.key"', "tls_cert", "needs serve"),
+    ],
+)
+def test_tls_refusals_name_the_line(tmp_path: Path, extra: str, key: str, expected: str) -> None:
+    text = PINNED + extra + "\n"
+    error = load_error(tmp_path, text)
+    assert expected in error.message, error.message
+    lines = text.splitlines()
+    assert error.line is not None and lines[error.line - 1].startswith(key), (error.line, text)
+
+
+def test_a_pin_over_http_is_refused_with_its_line(tmp_path: Path) -> None:
+    text = PINNED.replace("https://", "http://") + f'tls_fingerprint = "{PIN}"\n'
+    error = load_error(tmp_path, text)
+    assert "tls_fingerprint needs an https:// url" in error.message and error.line == 6
+
+
+def test_starter_config_writes_the_pin_and_the_certificate(tmp_path: Path) -> None:
+    text = starter_config(name="alpha", identity="agent", coordinator_url="https://192.0.2.1:7400",
+                          serve="0.0.0.0:7400", tls_fingerprint=PIN, tls_cert="/s/coordinator-tls.pem",
+                          tls_key="/s/coordinator-tls.key")
+    coordinator = load(tmp_path, text).coordinator
+    assert coordinator is not None and coordinator.tls_fingerprint == PIN
+    assert (coordinator.tls_cert, coordinator.tls_key) == (Path("/s/coordinator-tls.pem"), Path("/s/coordinator-tls.key"))
+    with pytest.raises(ValueError, match="https://"):
+        starter_config(name="alpha", identity="agent", coordinator_url="http://192.0.2.1:7400", tls_fingerprint=PIN)
+    with pytest.raises(ValueError, match="coordinator"):
+        starter_config(name="alpha", identity="agent", mesh_ip="100.100.0.1", tls_fingerprint=PIN)

@@ -21,8 +21,9 @@ import aiohttp
 
 from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.links import LinkError
-from tunnelmesh.links.proxy import connect_failure, proxy_for, ssl_context
+from tunnelmesh.links.proxy import connect_failure, proxy_for
 from tunnelmesh.membership import REQUEST_NAMESPACE, AdminKey, RequestAuth, b64, request_message, sign_admin_request
+from tunnelmesh.tls import check_pinned_url, client_ssl
 
 #: Extra time allowed on top of a long-poll's wait before giving up on an answer.
 LONG_POLL_SLACK = 10.0
@@ -51,19 +52,22 @@ class Coordinator:
     """One coordinator URL, over one HTTP session (use as an async context manager).
 
     Through the proxy that HTTP_PROXY/HTTPS_PROXY/NO_PROXY name for the URL (chosen
-    here, as for the relay); https:// verifies the certificate, against the system's
-    CAs plus those in `ca_file` for a private CA."""
+    here, as for the relay); https:// verifies the certificate: with `tls_fingerprint`
+    (``sha256:...``, the coordinator's own certificate, pinned) that one certificate
+    only, else against the system's CAs plus those in `ca_file` for a private CA."""
 
     def __init__(self, url: str, *, identity: NodeIdentity | None = None, admin: AdminKey | None = None,
-                 timeout: float = 10.0, ca_file: str | None = None) -> None:
+                 timeout: float = 10.0, ca_file: str | None = None, tls_fingerprint: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.identity = identity
         self.admin = admin
         self.timeout = timeout
         self.proxy = proxy_for(self.url)
+        self.pinned = tls_fingerprint is not None
         try:
-            self._ssl = ssl_context(ca_file) or True
-        except LinkError as exc:
+            check_pinned_url(self.url, tls_fingerprint)
+            self._ssl = client_ssl(ca_file, tls_fingerprint)
+        except (LinkError, ValueError) as exc:
             raise CoordinatorError(str(exc)) from None
         self._session: aiohttp.ClientSession | None = None
 
@@ -112,9 +116,13 @@ class Coordinator:
                                              timeout=aiohttp.ClientTimeout(total=total)) as response:
                 status = response.status
                 payload = await response.read()
-        except (aiohttp.ClientConnectorError, aiohttp.ClientHttpProxyError) as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ClientHttpProxyError, aiohttp.ServerFingerprintMismatch) as exc:
+            hint = ""
+            if isinstance(exc, aiohttp.ClientConnectorCertificateError) and not self.pinned:
+                hint = (": if the coordinator uses its own certificate, pin it with --tls-fingerprint sha256:... "
+                        "(`tunnelmesh status` on the admin node shows it; a standalone coordinator logs it at start)")
             raise CoordinatorError(f"cannot reach the coordinator at {self.url}: "
-                                   f"{connect_failure(exc, self.proxy)}") from None
+                                   f"{connect_failure(exc, self.proxy)}{hint}") from None
         except asyncio.TimeoutError:
             raise CoordinatorError(f"the coordinator at {self.url} did not answer within {total:g} s") from None
         except (aiohttp.ClientError, ValueError) as exc:

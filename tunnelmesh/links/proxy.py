@@ -70,6 +70,10 @@ def connect_failure(exc: aiohttp.ClientError, proxy: str | None) -> str:
     """Why a connection (direct, or through `proxy`) failed, for status and errors:
     "connection refused on 198.51.100.1:7400", "proxy 192.0.2.9:8888 refused CONNECT (403 Forbidden)",
     "TLS: certificate verify failed on 203.0.113.5:443 (unable to get local issuer certificate)"."""
+    if isinstance(exc, aiohttp.ServerFingerprintMismatch):
+        from tunnelmesh.tls import mismatch_message
+
+        return mismatch_message(_endpoint(exc.host, exc.port), exc.expected, exc.got)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         error = exc.certificate_error
         detail = getattr(error, "verify_message", None) or str(error)

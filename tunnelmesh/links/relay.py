@@ -41,8 +41,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.links import MAX_MESSAGE, Link, LinkError, LinkSink, RefusalLog
-from tunnelmesh.links.proxy import connect_failure, proxy_for, ssl_context
+from tunnelmesh.links.proxy import connect_failure, proxy_for
 from tunnelmesh.membership import relay_address_usable
+from tunnelmesh.tls import check_pinned_url, client_ssl
 
 log = logging.getLogger("tunnelmesh.links.relay")
 
@@ -277,19 +278,25 @@ class RelayClient:
     """A node's one connection to one relay, kept up (with backoff) by `run`."""
 
     def __init__(self, url: str, identity: NodeIdentity, network: str, sink: LinkSink, *,
-                 ca_file: str | None = None, relay: str = COORDINATOR_RELAY, guard: RelayGuard | None = None) -> None:
+                 ca_file: str | None = None, relay: str = COORDINATOR_RELAY, guard: RelayGuard | None = None,
+                 tls_fingerprint: str | None = None
+                 ) -> None:
         self.url = url.rstrip("/")
         self.ws_url = relay_url(self.url)
+        try:  # the coordinator's relay is pinned like the coordinator (the same certificate)
+            check_pinned_url(self.ws_url, tls_fingerprint)
+        except ValueError as exc:
+            raise LinkError(str(exc)) from None
+        self.identity = identity
+        self.network = network
+        self.sink = sink
+        self.relay = relay  # which relay this is meant to be, named in what we sign
         # A member's relay is checked where it leads (None: the coordinator's, or this node's
         # own, which the node's own config chose).
         self.guard = guard
         self.refused: Counter[str] = Counter()
         self._refusals = RefusalLog(log)
-        self.identity = identity
-        self.network = network
-        self.sink = sink
-        self.relay = relay  # which relay this is meant to be, named in what we sign
-        self._ssl = ssl_context(ca_file)
+        self._ssl = client_ssl(ca_file, tls_fingerprint)
         self.state = "connecting"  # "connecting", "connected" or "unreachable"
         self.error: str | None = None
         self.drops: Counter[str] = Counter()
@@ -387,7 +394,7 @@ class RelayClient:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await self._check_target(proxy)
-                ws = await session.ws_connect(self.ws_url, proxy=proxy, ssl=self._ssl or True, heartbeat=HEARTBEAT,
+                ws = await session.ws_connect(self.ws_url, proxy=proxy, ssl=self._ssl, heartbeat=HEARTBEAT,
                                               max_msg_size=MAX_FRAME + 1)  # aiohttp refuses sizes >= the limit
                 try:
                     await self._authenticate(ws)
