@@ -228,12 +228,14 @@ async def _start_transports(
     port = tcfg.ssh_port or None
     try:
         host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
-        rung = SshRung(identity=identity, host_key=host_key, port=port, directory=PeerMapDirectory(peer_map),
-                       sink=datapath)
+        directory = PeerMapDirectory(peer_map)
+        rung = SshRung(identity=identity, host_key=host_key, port=port, directory=directory, sink=datapath)
         await rung.start()
     except LinkError as exc:
         raise StartupError(f"SSH rung: {exc} ([transports] ssh_port in {config.path})") from None
     transports.ssh = rung
+    directory.check_all()  # every SSH endpoint record seen, so an older one served later is refused
+    started.on_map_changed.append(directory.check_all)
     bridge = None
     if tcfg.ssh_bridge_user is not None:
         user = tcfg.ssh_bridge_user
@@ -259,7 +261,8 @@ async def _start_transports(
         started.on_map_changed.append(authorize_members)
     host_key_line = " ".join(host_key.export_public_key("openssh").decode().split()[:2]) if host_key else None
     if port is not None or bridge is not None:
-        started.ssh_record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge)
+        started.ssh_record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge,
+                                                    issued=int(time.time()))  # its epoch: newer records win
     return started
 
 

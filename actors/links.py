@@ -18,12 +18,13 @@ import asyncio
 import base64
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
-from tunnelmesh.links.attest import AttestationError, SshEndpoint, verify_attestation
+from tunnelmesh.links.attest import AttestationError, NewestAttestations, SshEndpoint, verify_attestation
 from tunnelmesh.links.relay import RelayClient, RelayGuard, relay_url
 from tunnelmesh.links.ssh import SshRung, SshTarget, endpoint_targets
 from tunnelmesh.membership import PeerMap
@@ -43,11 +44,13 @@ SSH_HOSTS = 3
 class PeerMapDirectory:
     """The SSH rung's view of the members, from the verified peer map."""
 
-    def __init__(self, peer_map: PeerMap) -> None:
+    def __init__(self, peer_map: PeerMap, clock: Callable[[], float] = time.time) -> None:
         self.peer_map = peer_map
+        self.clock = clock  # wall time, for the records' issue times
         self._by_ssh_key: dict[str, bytes] = {}
         self._indexed_version = -1
         self._verified: dict[bytes, tuple[str, SshEndpoint | None]] = {}  # wg key -> (record JSON, result)
+        self._newest = NewestAttestations()  # an older record than one seen is a replay
 
     def member_by_ssh_key(self, ssh_public_key: str) -> bytes | None:
         peer_map = self.peer_map
@@ -58,7 +61,8 @@ class PeerMapDirectory:
         return key if key is not None and key in peer_map.members else None
 
     def endpoint(self, wg_key: bytes) -> SshEndpoint | None:
-        """The member's SSH endpoint record, verified once per version of it."""
+        """The member's SSH endpoint record, verified once per version of it, and only if
+        no newer one of the member's was seen (else None: not dialled, logged once)."""
         member = self.peer_map.members.get(wg_key)
         endpoints = self.peer_map.endpoints.get(wg_key)
         if member is None or endpoints is None or endpoints.ssh is None:
@@ -68,12 +72,20 @@ class PeerMapDirectory:
         if cached is not None and cached[0] == record:
             return cached[1]
         try:
-            verified: SshEndpoint | None = verify_attestation(endpoints.ssh, member.identity)
+            verified: SshEndpoint | None = self._newest.check(
+                wg_key, verify_attestation(endpoints.ssh, member.identity), self.clock())
         except AttestationError as exc:
             log.warning("%s: SSH endpoint record refused: %s", member.name, exc)
             verified = None
         self._verified[wg_key] = (record, verified)
         return verified
+
+    def check_all(self) -> None:
+        """Verify every member's SSH endpoint record now (after each map change), not only
+        when dialled: a record is then seen as soon as it is served, and an older one served
+        after it is refused even if no one dialled in between."""
+        for wg_key in list(self.peer_map.members):
+            self.endpoint(wg_key)
 
     def is_member(self, wg_key: bytes) -> bool:
         return wg_key in self.peer_map.members

@@ -25,6 +25,7 @@ from tunnelmesh.links.attest import (
 )
 
 FUZZ = settings(max_examples=300, deadline=None)
+ISSUED = 1_767_225_600
 
 
 @functools.cache
@@ -44,7 +45,7 @@ def host_keys() -> tuple[str, str]:
 def signed() -> dict[str, Any]:
     daemon_key, sshd_key = host_keys()
     bridge = BridgeEndpoint(22, "tunnelmesh", sshd_key)
-    return asyncio.run(make_attestation(nodes()[0], port=2222, host_key=daemon_key, bridge=bridge))
+    return asyncio.run(make_attestation(nodes()[0], port=2222, host_key=daemon_key, bridge=bridge, issued=ISSUED))
 
 
 def refused(wire: Any) -> str:
@@ -56,15 +57,15 @@ def refused(wire: Any) -> str:
 def test_round_trip_and_bound_to_the_signer() -> None:
     daemon_key, sshd_key = host_keys()
     assert verify_attestation(signed(), nodes()[0].public) == SshEndpoint(
-        2222, daemon_key, BridgeEndpoint(22, "tunnelmesh", sshd_key)
+        2222, daemon_key, BridgeEndpoint(22, "tunnelmesh", sshd_key), ISSUED
     )
     with pytest.raises(AttestationError, match="does not verify|another key"):
         verify_attestation(signed(), nodes()[1].public)
 
 
 def test_serving_nothing_is_a_valid_record() -> None:
-    wire = asyncio.run(make_attestation(nodes()[1], port=None, host_key=None, bridge=None))
-    assert verify_attestation(wire, nodes()[1].public) == SshEndpoint(None, None, None)
+    wire = asyncio.run(make_attestation(nodes()[1], port=None, host_key=None, bridge=None, issued=ISSUED))
+    assert verify_attestation(wire, nodes()[1].public) == SshEndpoint(None, None, None, ISSUED)
 
 
 @pytest.mark.parametrize(
@@ -79,6 +80,11 @@ def test_serving_nothing_is_a_valid_record() -> None:
         (lambda w: w.update(host_key=w["host_key"] + " comment"), "'<type> <base64>'"),
         (lambda w: w.update(sig=w["sig"] + "="), "base64"),
         (lambda w: w.update(port=2223), "does not verify"),
+        (lambda w: w.update(issued=ISSUED + 1), "does not verify"),
+        (lambda w: w.update(issued=True), "issued must be"),
+        (lambda w: w.update(issued=str(ISSUED)), "issued must be"),
+        (lambda w: w.update(issued=-1), "issued must be"),
+        (lambda w: w.pop("issued"), "without an issue time"),
     ],
 )
 def test_refusals_say_why(change: Any, message: str) -> None:
@@ -89,7 +95,7 @@ def test_refusals_say_why(change: Any, message: str) -> None:
 
 def test_make_refuses_what_peers_would() -> None:
     with pytest.raises(AttestationError, match="port number"):
-        asyncio.run(make_attestation(nodes()[0], port=70000, host_key=host_keys()[0], bridge=None))
+        asyncio.run(make_attestation(nodes()[0], port=70000, host_key=host_keys()[0], bridge=None, issued=ISSUED))
 
 
 json_values = st.recursive(
@@ -106,7 +112,8 @@ def test_any_json_only_attestation_error(wire: Any) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(["port", "host_key", "bridge", "sig", "bridge.port", "bridge.user", "bridge.host_key"]), json_values)
+@given(st.sampled_from(["port", "host_key", "bridge", "issued", "sig", "bridge.port", "bridge.user", "bridge.host_key"]),
+       json_values)
 def test_no_field_replacement_verifies(field: str, value: Any) -> None:
     wire = copy.deepcopy(signed())
     if "." in field:

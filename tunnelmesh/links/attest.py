@@ -10,16 +10,24 @@ Wire form (a JSON object, exactly these keys)::
      "host_key": "ssh-ed25519 AAAA..." | null, # its host key (both null or both set)
      "bridge": null | {"port": 22, "user": "tunnelmesh",
                        "host_key": "ssh-ed25519 AAAA..."},  # the machine's sshd
+     "issued": 1767225600,                     # when the node made it (Unix seconds)
      "sig": "<standard base64 of an SSHSIG blob>"}
 
 The signature is `NodeIdentity.sign` in namespace SIGN_NAMESPACE over::
 
-    b"tunnelmesh ssh endpoint v1\\x00" || wg_public_key (32 bytes)
-        || canonical JSON of {"bridge", "host_key", "port"}
+    b"tunnelmesh ssh endpoint v2\\x00" || wg_public_key (32 bytes)
+        || canonical JSON of {"bridge", "host_key", "issued", "port"}
            (sorted keys, no spaces, ASCII)
 
 so the record is bound to the node's WireGuard key as well as to its SSH key, and
 one record has one signed spelling.
+
+`issued` is the record's epoch: a node makes a new record whenever it starts (a new
+host key comes with a restart), and whoever keeps a member's endpoint keeps the newest
+it has seen (`NewestAttestations`) and refuses an older one. Else the coordinator, or
+anyone on the path to it, could serve an old record after a host-key change, and nodes
+would accept the old host key again. Records without `issued` (tunnelmesh before it)
+are refused, saying so: every node of a network is upgraded together.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import base64
 import binascii
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +47,7 @@ from tunnelmesh.identity import IdentityError, NodeIdentity, PublicIdentity, ver
 __all__ = [
     "AttestationError",
     "BridgeEndpoint",
+    "NewestAttestations",
     "SIGN_NAMESPACE",
     "SshEndpoint",
     "make_attestation",
@@ -45,7 +55,7 @@ __all__ = [
 ]
 
 SIGN_NAMESPACE = "tunnelmesh-ssh-endpoint-v1@tunnelmesh"
-_PREFIX = b"tunnelmesh ssh endpoint v1\x00"
+_PREFIX = b"tunnelmesh ssh endpoint v2\x00"  # v1 had no `issued`
 
 # Host keys need not sign deterministically (unlike identities), so ECDSA is fine here.
 _HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
@@ -53,8 +63,15 @@ _HOST_KEY = re.compile(r"([a-z0-9-]+) ([A-Za-z0-9+/]+={0,2})")
 MAX_HOST_KEY = 4096  # characters: a 16384-bit RSA key is under 3000
 MAX_SIG = 12000  # characters of base64: an RSA-16384 SSHSIG is under 6000
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # what useradd accepts by default
-_KEYS = {"port", "host_key", "bridge", "sig"}
+_KEYS = {"port", "host_key", "bridge", "issued", "sig"}
+_V1_KEYS = {"port", "host_key", "bridge", "sig"}
 _BRIDGE_KEYS = {"port", "user", "host_key"}
+#: `issued` in Unix seconds: after 2001, and a JSON integer any parser keeps exactly.
+MIN_ISSUED = 1_000_000_000
+MAX_ISSUED = 2**53 - 1
+#: How far in the future (by the verifier's clock) a record may be issued: more, and one
+#: node's fast clock would make its later, honest records look older than that one.
+MAX_FUTURE = 600
 
 
 class AttestationError(ValueError):
@@ -77,6 +94,7 @@ class SshEndpoint:
     port: int | None  # the daemon's own SSH server, None if it serves none
     host_key: str | None
     bridge: BridgeEndpoint | None
+    issued: int = 0  # when the node made the record (Unix seconds): newer ones win
 
 
 def _port(value: Any, what: str) -> int:
@@ -119,15 +137,22 @@ def _bridge(value: Any) -> BridgeEndpoint | None:
 
 
 def _parse(wire: Any) -> tuple[SshEndpoint, bytes]:
+    if isinstance(wire, dict) and set(wire) == _V1_KEYS:
+        raise AttestationError("SSH endpoint without an issue time (made by an older tunnelmesh) refused: "
+                               "an old record could be replayed after a host-key change; upgrade that node")
     if not isinstance(wire, dict) or set(wire) != _KEYS:
-        raise AttestationError("malformed SSH endpoint: expected an object with exactly port, host_key, bridge, sig")
-    port, host_key = wire["port"], wire["host_key"]
+        raise AttestationError(
+            "malformed SSH endpoint: expected an object with exactly port, host_key, bridge, issued, sig")
+    port, host_key, issued = wire["port"], wire["host_key"], wire["issued"]
     if (port is None) != (host_key is None):
         raise AttestationError("malformed SSH endpoint: port and host_key must both be set or both be null")
+    if type(issued) is not int or not MIN_ISSUED <= issued <= MAX_ISSUED:
+        raise AttestationError("malformed SSH endpoint: issued must be a time in Unix seconds")
     endpoint = SshEndpoint(
         None if port is None else _port(port, "port"),
         None if host_key is None else _host_key(host_key, "host key"),
         _bridge(wire["bridge"]),
+        issued,
     )
     sig = wire["sig"]
     if not isinstance(sig, str) or len(sig) > MAX_SIG:
@@ -151,6 +176,7 @@ def _signed_message(wg_public_key: bytes, endpoint: SshEndpoint) -> bytes:
         "port": endpoint.port,
         "host_key": endpoint.host_key,
         "bridge": _bridge_wire(bridge),
+        "issued": endpoint.issued,
     }
     return _PREFIX + wg_public_key + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
 
@@ -173,16 +199,45 @@ def verify_attestation(wire: Any, identity: PublicIdentity) -> SshEndpoint:
 
 
 async def make_attestation(
-    identity: NodeIdentity, *, port: int | None, host_key: str | None, bridge: BridgeEndpoint | None
+    identity: NodeIdentity, *, port: int | None, host_key: str | None, bridge: BridgeEndpoint | None, issued: int
 ) -> dict[str, Any]:
-    """The signed wire form; AttestationError if the fields would not verify."""
+    """The signed wire form, made at `issued` (Unix seconds: now, for a starting daemon);
+    AttestationError if the fields would not verify."""
     wire: dict[str, Any] = {
         "port": port,
         "host_key": host_key,
         "bridge": _bridge_wire(bridge),
+        "issued": issued,
         "sig": "",
     }
     endpoint, _ = _parse(wire)  # the same checks a peer makes, before signing anything
     sig = await identity.sign(_signed_message(identity.public.wg_public_key, endpoint), SIGN_NAMESPACE)
     wire["sig"] = base64.b64encode(sig).decode("ascii")
     return wire
+
+
+def _when(issued: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(issued))
+
+
+class NewestAttestations:
+    """The newest SSH endpoint record seen per member (by WireGuard key), so that an older
+    one, served again after the member changed its host key, is refused. Kept for members
+    that leave too: one that comes back must not get its old record accepted either."""
+
+    def __init__(self) -> None:
+        self._newest: dict[bytes, int] = {}
+
+    def check(self, wg_key: bytes, endpoint: SshEndpoint, now: float) -> SshEndpoint:
+        """`endpoint` (verified) if it is no older than the newest seen for `wg_key` and not
+        issued more than MAX_FUTURE ahead of `now`; AttestationError saying why not."""
+        if endpoint.issued > now + MAX_FUTURE:
+            raise AttestationError(f"SSH endpoint issued in the future ({_when(endpoint.issued)}) refused: "
+                                   "fix that node's clock")
+        newest = self._newest.get(wg_key, 0)
+        if endpoint.issued < newest:
+            raise AttestationError(f"SSH endpoint issued {_when(endpoint.issued)} refused: older than the one "
+                                   f"already seen (issued {_when(newest)}), so a replay, or that node's clock "
+                                   "went back")
+        self._newest[wg_key] = endpoint.issued
+        return endpoint
