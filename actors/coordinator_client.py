@@ -84,6 +84,7 @@ class CoordinatorClient(Actor):
         transports: TransportsConfig = TransportsConfig(), ssh_record: dict[str, Any] | None = None,
         relay_offer: dict[str, Any] | None = None, ca_file: str | None = None,
         on_map_changed: list[Callable[[], None]] | None = None, interface: str = "",
+        tls_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         self.state = state
@@ -98,6 +99,7 @@ class CoordinatorClient(Actor):
         self.transports = transports
         self.ssh_record = ssh_record  # this node's signed SSH endpoint, registered with its address
         self.ca_file = ca_file
+        self.tls_fingerprint = tls_fingerprint  # the coordinator's certificate, pinned
         self.relay_offer = relay_offer  # the relay this node serves, registered with its address
         self.relay_refused: Any = None  # why the coordinator did not take the offer, as it last said
         # Members or their endpoints changed. The caller's list itself: it may append later.
@@ -111,6 +113,7 @@ class CoordinatorClient(Actor):
     def status(self) -> dict[str, Any]:
         return {
             "url": self.state.url, "network": self.state.network.network, "state": self.connection,
+            "tls_fingerprint": self.tls_fingerprint,
             "since": self.since, "error": self.error, "version": self.peer_map.version,
             "observed": self.observed, "members": len(self.peer_map.members) + 1,
             "revocations": len(self.peer_map.revocations), "rejected": dict(self.peer_map.rejected),
@@ -129,7 +132,8 @@ class CoordinatorClient(Actor):
         backoff = BACKOFF_MIN
         while True:
             try:
-                async with Coordinator(self.state.url, identity=self.identity, ca_file=self.ca_file) as coordinator:
+                async with Coordinator(self.state.url, identity=self.identity, ca_file=self.ca_file,
+                                       tls_fingerprint=self.tls_fingerprint) as coordinator:
                     await self._register(coordinator)
                     self._set_connection("connected")
                     backoff = BACKOFF_MIN

@@ -156,15 +156,22 @@ class ServedSite(Actor):
 async def _start_coordinator(config: NodeConfig) -> ServedSite:
     from tunnelmesh.coordinator.service import make_app, serve
     from tunnelmesh.coordinator.store import Store, StoreError
+    from tunnelmesh.tls import TlsError, server_context
 
     assert config.coordinator is not None and config.coordinator.serve is not None
     host, port = config.coordinator.serve
+    tls = None  # plain HTTP: behind a TLS-terminating proxy (or an http:// network)
+    if config.coordinator.tls_cert is not None and config.coordinator.tls_key is not None:
+        try:
+            tls = server_context(config.coordinator.tls_cert, config.coordinator.tls_key)
+        except TlsError as exc:
+            raise StartupError(f"embedded coordinator: {exc} ([coordinator] tls_cert, tls_key in {config.path})") from None
     try:
         store = Store.open(config.coordinator.db)
     except StoreError as exc:
         raise StartupError(f"embedded coordinator: {exc}") from None
     try:
-        runner = await serve(make_app(store, trusted_proxies=config.coordinator.trusted_proxies), host, port)
+        runner = await serve(make_app(store, trusted_proxies=config.coordinator.trusted_proxies), host, port, tls)
     except OSError as exc:
         store.close()
         raise StartupError(f"embedded coordinator: cannot listen on {host}:{port}: {exc.strerror} "
@@ -172,7 +179,8 @@ async def _start_coordinator(config: NodeConfig) -> ServedSite:
     return ServedSite("coordinator", runner, store.close)
 
 
-async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes, ca_file: str | None) -> None:
+async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes, ca_file: str | None,
+                          tls_fingerprint: str | None) -> None:
     """On the admin node: make sure its embedded coordinator holds the network
     (idempotent; the first start after `init` is when it happens)."""
     from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
@@ -183,7 +191,7 @@ async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes, ca_f
     except MembershipError as exc:
         raise StartupError(str(exc)) from None
     try:
-        async with Coordinator(state.url, admin=admin, ca_file=ca_file) as coordinator:
+        async with Coordinator(state.url, admin=admin, ca_file=ca_file, tls_fingerprint=tls_fingerprint) as coordinator:
             await coordinator.setup(state.network.to_wire(), secret, state.member.to_wire())
     except CoordinatorError as exc:
         raise StartupError(f"embedded coordinator at {state.url}: {exc}") from None
@@ -222,7 +230,8 @@ async def _start_transports(
     if tcfg.relay_listen is not None:
         await _start_relay_service(config, identity, state, peer_map, started)
     if "relay" in wanted:
-        transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=_ca_file(config))
+        transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=_ca_file(config),
+                                       tls_fingerprint=_tls_fingerprint(config))
     if "ssh" not in wanted:
         return started
     port = tcfg.ssh_port or None
@@ -305,6 +314,11 @@ def _ca_file(config: NodeConfig) -> str | None:
     return str(ca_file) if ca_file is not None else None
 
 
+def _tls_fingerprint(config: NodeConfig) -> str | None:
+    """The coordinator's own certificate, pinned: its clients (and its relay's) trust that alone."""
+    return config.coordinator.tls_fingerprint if config.coordinator is not None else None
+
+
 def _tunnelmesh_program() -> str:
     """This installation's `tunnelmesh`, by absolute path (sshd runs forced commands
     with a minimal PATH)."""
@@ -381,7 +395,7 @@ async def run_daemon(paths: Paths) -> int:
             coordinator_server = await _start_coordinator(config)
             serving = "{}:{}".format(*config.coordinator.serve)
             if state is not None and paths.admin_key.exists():
-                await _set_up_network(paths, state, secret, _ca_file(config))
+                await _set_up_network(paths, state, secret, _ca_file(config), _tls_fingerprint(config))
         if state is not None and peer_map is not None:
             started_transports = await _start_transports(config, paths, identity, state, peer_map, datapath,
                                                          transports)
@@ -423,7 +437,7 @@ async def run_daemon(paths: Paths) -> int:
             on_revoked=lambda why: supervisor.shutdown(why, exit_code=1),
             transports=config.transports, ssh_record=started_transports.ssh_record,
             relay_offer=started_transports.relay_offer, on_map_changed=started_transports.on_map_changed,
-            ca_file=_ca_file(config), interface=config.interface,
+            ca_file=_ca_file(config), interface=config.interface, tls_fingerprint=_tls_fingerprint(config),
         )
         supervisor.add(client)
         if transports.relay is not None:  # relays that members serve, as the map offers them

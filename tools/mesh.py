@@ -131,7 +131,12 @@ def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, s
     on COORDINATOR_PORT -- is given), then `invite` there and `join <token>` on each of
     the others. Nodes are started (`up`) as they join unless start=False (the admin node
     still is if it embeds the coordinator). Mesh IPs are
-    read back from the nodes (the coordinator assigns them)."""
+    read back from the nodes (the coordinator assigns them).
+
+    Over the coordinator's own TLS, as by default: the embedded coordinator's certificate
+    is made at `init` and pinned through the invite tokens; a standalone one's (made on
+    its first start next to its database, `<state dir>/coordinator.db`) is given to
+    `init --tls-fingerprint`."""
     switch = switch or lab.add_switch("sw")
     mesh: dict[str, MeshNode] = {}
     for name in names:
@@ -139,11 +144,12 @@ def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, s
         mesh[name] = MeshNode(node, lab.connect(node, switch), "")
     admin = next(iter(mesh.values()))
     if coordinator is None:
-        url = f"http://{admin.underlay}:{COORDINATOR_PORT}"
+        url = f"https://{admin.underlay}:{COORDINATOR_PORT}"
         admin.tm("init", "--name", admin.name, "--new-key", "--url", url)
     else:
-        url = f"http://{coordinator.addresses[0]}:{COORDINATOR_PORT}"
-        admin.tm("init", "--name", admin.name, "--new-key", "--url", url, "--external-coordinator")
+        url = f"https://{coordinator.addresses[0]}:{COORDINATOR_PORT}"
+        admin.tm("init", "--name", admin.name, "--new-key", "--url", url, "--external-coordinator",
+                 "--tls-fingerprint", standalone_fingerprint(coordinator))
     if start or coordinator is None:  # an embedded coordinator must run for the others to join
         admin.up()
     for member in mesh.values():
@@ -156,6 +162,17 @@ def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, s
         with open(f"{member.node.state_dir}/network.json") as f:
             member.mesh_ip = json.load(f)["member"]["body"]["ipv4"]
     return mesh
+
+
+def standalone_fingerprint(coordinator: Node, db: str = "coordinator.db") -> str:
+    """The pin of the certificate a standalone coordinator made next to `db` in its state dir."""
+    from pathlib import Path
+
+    from tunnelmesh.coordinator.service import standalone_tls_files
+    from tunnelmesh.tls import certificate_fingerprint
+
+    cert, _ = standalone_tls_files(Path(coordinator.state_dir) / db)
+    return certificate_fingerprint(cert)
 
 
 def wait_for_handshakes(mesh: dict[str, MeshNode], timeout: float = 20.0) -> None:

@@ -46,8 +46,9 @@ def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
         return _init_network(args, paths)
     if args.mesh_ip is None:
         raise CliError("a static mesh needs --mesh-ip (this node's address inside the mesh)", EXIT_USAGE)
-    if args.ca_file is not None:
-        raise CliError("--ca-file is for a network with a coordinator, not --static", EXIT_USAGE)
+    for option, value in (("--ca-file", args.ca_file), ("--tls-fingerprint", args.tls_fingerprint)):
+        if value is not None:
+            raise CliError(f"{option} is for a network with a coordinator, not --static", EXIT_USAGE)
     if paths.config.exists():
         raise CliError(f"{paths.config} already exists; edit it, or remove it to start over", EXIT_USAGE)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -84,6 +85,10 @@ def _init_network(args: argparse.Namespace, paths: Paths) -> int:
         raise CliError("--mesh-ip is for --static; with a coordinator, addresses come from --cidr", EXIT_USAGE)
     url = (args.url or _default_url()).rstrip("/")
     ca_file = _ca_file(args)
+    pin = _tls_fingerprint(args)
+    if pin is not None and not args.external_coordinator:
+        raise CliError("--tls-fingerprint is for --external-coordinator: the embedded coordinator's certificate "
+                       "is made here, and pinned without it", EXIT_USAGE)
     serve = None
     if not args.external_coordinator:
         port = urllib.parse.urlsplit(url).port or DEFAULT_COORDINATOR_PORT
@@ -92,14 +97,42 @@ def _init_network(args: argparse.Namespace, paths: Paths) -> int:
     identity = _choose_identity(args, paths)
     name = args.name or _host_name()
     state = _run(create_network(paths, name=name, identity_spec=identity, listen_port=args.listen_port,
-                                cidr=args.cidr, url=url, serve=serve, ca_file=ca_file))
+                                cidr=args.cidr, url=url, serve=serve, ca_file=ca_file, tls_fingerprint=pin))
     _ssh_host_key(paths)
     network = state.network
     print(f"made network {network.network}: {network.cidr4} and {network.ula6}")
     print(f"this node: {state.member.name} {state.member.ipv4} {state.member.ipv6} (admin key {paths.admin_key}, keep it safe)")
     print(f"coordinator: {url}" + (f" (embedded, listening on {serve})" if serve else " (standalone)"))
+    pinned = _pinned(paths)
+    if pinned is not None:
+        print(f"coordinator TLS certificate {pinned}: pinned in this node's config and in every invite")
+    if url.lower().startswith("http://"):
+        print(f"warning: {url} is plain HTTP: coordinator traffic (joins, the peer map, admin requests) goes in "
+              "clear unless a TLS-terminating proxy fronts it; leave out --url's http:// for the coordinator's own "
+              "TLS", file=sys.stderr)
     print("next: `tunnelmesh up`, then `tunnelmesh invite` for each machine that joins")
     return EXIT_OK
+
+
+def _tls_fingerprint(args: argparse.Namespace) -> str | None:
+    """--tls-fingerprint in its one spelling (sha256:<64 hex digits>)."""
+    if args.tls_fingerprint is None:
+        return None
+    from tunnelmesh.tls import parse_pin
+
+    try:
+        return parse_pin(args.tls_fingerprint)
+    except ValueError as exc:
+        raise CliError(f"--tls-fingerprint: {exc}", EXIT_USAGE) from None
+
+
+def _pinned(paths: Paths) -> str | None:
+    """The coordinator certificate this node's config pins, if any."""
+    try:
+        coordinator = load_config(paths.config, state_dir=paths.state_dir).coordinator
+    except ConfigError:
+        return None
+    return coordinator.tls_fingerprint if coordinator is not None else None
 
 
 def _ca_file(args: argparse.Namespace) -> str | None:
@@ -135,8 +168,8 @@ def _default_url() -> str:
         address = "127.0.0.1"
     if address.startswith("127."):
         raise CliError("cannot tell which address other machines reach this one at: give --url "
-                       f"http://<address>:{DEFAULT_COORDINATOR_PORT}", EXIT_USAGE)
-    return f"http://{address}:{DEFAULT_COORDINATOR_PORT}"
+                       f"https://<address>:{DEFAULT_COORDINATOR_PORT}", EXIT_USAGE)
+    return f"https://{address}:{DEFAULT_COORDINATOR_PORT}"
 
 
 def _host_name() -> str:
@@ -174,7 +207,7 @@ def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
 
     joined = _run(join(paths, token_or_url=args.token, name=args.name, identity_spec=identity,
                        listen_port=args.listen_port, wait=args.wait, on_pending=waiting,
-                       network_fingerprint=args.network, ca_file=ca_file))
+                       network_fingerprint=args.network, ca_file=ca_file, tls_fingerprint=_tls_fingerprint(args)))
     member = joined.state.member
     _ssh_host_key(paths)
     print(f"joined network {joined.state.network.network} as {member.name}: {member.ipv4} {member.ipv6} "
@@ -235,13 +268,21 @@ def cmd_rotate_secret(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
     from tunnelmesh.coordinator.service import run_standalone
     from tunnelmesh.coordinator.store import StoreError
+    from tunnelmesh.tls import TlsError
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together (the certificate and its key)", EXIT_USAGE)
+    if args.plain_http and args.tls_cert is not None:
+        raise CliError("--plain-http serves no TLS: drop --tls-cert/--tls-key, or --plain-http", EXIT_USAGE)
 
     from actors.daemon import configure_logging
 
     configure_logging(args.log_level)
     try:
-        asyncio.run(run_standalone(args.listen, Path(args.db), args.admin, frozenset(args.trusted_proxy)))
-    except StoreError as exc:
+        asyncio.run(run_standalone(args.listen, Path(args.db), args.admin, frozenset(args.trusted_proxy),
+                                   tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+                                   tls_key=Path(args.tls_key) if args.tls_key else None, plain_http=args.plain_http))
+    except (StoreError, TlsError) as exc:
         raise CliError(str(exc), EXIT_FAIL) from None
     except OSError as exc:
         raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}", EXIT_FAIL) from None
@@ -404,6 +445,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
             state += " (running from the cached peer map)"
         print(f"network {coordinator['network']}, coordinator {coordinator['url']}: {state}; "
               f"peer map v{coordinator['version']}, {coordinator['members']} members")
+        if coordinator.get("tls_fingerprint"):  # what joining by URL needs: --tls-fingerprint
+            print(f"coordinator TLS certificate {coordinator['tls_fingerprint']} (pinned)")
         if coordinator.get("rejected"):
             print("refused records: " + ", ".join(f"{k}={v}" for k, v in sorted(coordinator["rejected"].items())))
     if node.get("serving_coordinator"):
@@ -598,8 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-port", type=int, default=51820, help="UDP port (default 51820)")
     _identity_options(p)
     p.add_argument("--cidr", default=DEFAULT_CIDR, help=f"the network's IPv4 range (default {DEFAULT_CIDR})")
-    p.add_argument("--url", help=f"the URL other machines reach the coordinator at, put in invites "
-                                 f"(default http://<this host's address>:{DEFAULT_COORDINATOR_PORT})")
+    p.add_argument("--url", help=f"the URL other machines reach the coordinator at, put in invites (default "
+                                 f"https://<this host's address>:{DEFAULT_COORDINATOR_PORT}: the embedded coordinator "
+                                 "serves TLS with a certificate made now, pinned in every invite; http:// for plain "
+                                 "HTTP behind a TLS-terminating proxy)")
     p.add_argument("--listen", help="where the embedded coordinator listens (default 0.0.0.0:<port of --url>)")
     p.add_argument("--external-coordinator", action="store_true",
                    help="the coordinator at --url is a standalone `tunnelmesh coordinator`: give it the network now "
@@ -609,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-file", help="(--static) use this existing network secret (copy it from the first node)")
     p.add_argument("--ca-file", metavar="PATH", help="a private CA (PEM) for the coordinator's https:// certificate: "
                                                      "used now and written into the config as [coordinator] ca_file")
+    p.add_argument("--tls-fingerprint", metavar="sha256:HEX",
+                   help="(--external-coordinator) the standalone coordinator's own certificate, which it logs at "
+                        "start: pinned in the config and in every invite")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("join", help="join a network with a token from `tunnelmesh invite` (or ask for approval)",
@@ -622,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without a token: the network's fingerprint (the admin's `tunnelmesh status` shows it)")
     p.add_argument("--ca-file", metavar="PATH", help="a private CA (PEM) for the coordinator's https:// certificate: "
                                                      "used now and written into the config as [coordinator] ca_file")
+    p.add_argument("--tls-fingerprint", metavar="sha256:HEX",
+                   help="without a token: the coordinator's own certificate, pinned (the admin's `tunnelmesh status` "
+                        "shows it; a token carries it)")
     _identity_options(p)
     p.set_defaults(func=cmd_join)
 
@@ -655,6 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted-proxy", metavar="IP", action="append", default=[], type=_ip_address,
                    help="a reverse proxy in front of the coordinator (e.g. TLS termination) whose "
                         "X-Forwarded-For says where members really connect from; repeatable")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (default: one it makes on first "
+                                                     "start next to --db, <db name>-tls.pem; its fingerprint is logged)")
+    p.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
+    p.add_argument("--plain-http", action="store_true",
+                   help="serve plain HTTP, behind a reverse proxy that terminates TLS")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_coordinator)
 

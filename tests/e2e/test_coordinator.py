@@ -160,8 +160,9 @@ def test_bad_tokens_are_refused_and_leave_nothing_behind(lab: Lab) -> None:
         elsewhere = lab.add_node("elsewhere")
         lab.connect(elsewhere, switch)
         rogue = MeshNode(elsewhere, elsewhere.addresses[0], "")
-        rogue.tm("init", "--name", "rogue", "--new-key", "--url", f"http://{admin.underlay}:{COORDINATOR_PORT}")
-        foreign = rogue.tm("invite").stdout.strip()
+        rogue.tm("init", "--name", "rogue", "--new-key", "--url", f"https://{admin.underlay}:{COORDINATOR_PORT}")
+        # Its token pins its own certificate: given the admin's, it reaches the admin's coordinator.
+        foreign = with_tls(rogue.tm("invite").stdout.strip(), admin.status()["node"]["coordinator"]["tls_fingerprint"])
         # Same coordinator URL, another network: refused before anything is sent.
         assert "another network" in refusal(joiner, "join", foreign, "--name", "x3", "--new-key")
         forged = forge_token(foreign, admin_network(admin))
@@ -177,6 +178,16 @@ def test_bad_tokens_are_refused_and_leave_nothing_behind(lab: Lab) -> None:
 def admin_network(admin: MeshNode) -> str:
     with open(f"{admin.node.state_dir}/network.json") as f:
         return json.load(f)["network"]["body"]["admin_key"]
+
+
+def with_tls(token: str, pin: str) -> str:
+    """The token with another coordinator certificate pinned (the pin is not signed: it
+    only says which certificate the joiner trusts for the URL)."""
+    data = token[len("tmjoin1-"):]
+    payload = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
+    payload["tls"] = pin
+    raw = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return "tmjoin1-" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def forge_token(token: str, network_admin_key_b64: str) -> str:
@@ -343,11 +354,20 @@ def test_join_by_approval(lab: Lab) -> None:
     lab.connect(node, lab.switches["sw"])
     late = MeshNode(node, node.addresses[0], "")
     try:
-        url = f"http://{admin.underlay}:{COORDINATOR_PORT}"
+        url = f"https://{admin.underlay}:{COORDINATOR_PORT}"
         network = admin.status()["node"]["coordinator"]["network"]
+        pin = admin.status()["node"]["coordinator"]["tls_fingerprint"]
         assert "--network" in refusal(late, "join", url, "--name", "late", "--new-key")
+        # Without the pin, the coordinator's own certificate is refused, and the error says where to find it.
+        unpinned = refusal(late, "join", url, "--name", "late", "--new-key", "--network", network)
+        assert "certificate verify failed" in unpinned and "--tls-fingerprint" in unpinned, unpinned
+        wrong = "sha256:" + "0" * 64
+        mismatch = refusal(late, "join", url, "--name", "late", "--new-key", "--network", network,
+                           "--tls-fingerprint", wrong)
+        assert wrong in mismatch and pin in mismatch, mismatch
         joining = node.popen(sys.executable, "-m", "tunnelmesh", "--state-dir", node.state_dir, "join", url,
-                             "--name", "late", "--new-key", "--wait", "60s", "--network", network, log_name="join")
+                             "--name", "late", "--new-key", "--wait", "60s", "--network", network,
+                             "--tls-fingerprint", pin, log_name="join")
         wait_until("the request shows as pending", lambda: "late" in admin.tm("pending").stdout, 20, mesh)
         printed = node.wait_for_log("join", r"--fingerprint (SHA256:\S+)`")
         fingerprint = re.search(r"--fingerprint (SHA256:\S+)`", printed).group(1)

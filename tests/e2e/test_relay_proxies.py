@@ -131,7 +131,8 @@ def _hub_behind_tls(lab: Lab) -> tuple[Any, Node, Path]:
     }}""")
     coordinator = hub.popen(sys.executable, "-m", "tunnelmesh", "coordinator", "--listen",
                             f"{HUB}:{COORDINATOR_PORT}", "--db", str(work / "coordinator.db"),
-                            "--trusted-proxy", HUB, log_name="coordinator")  # nginx, in front of it
+                            "--trusted-proxy", HUB, "--plain-http",
+                            log_name="coordinator")  # nginx, in front of it, terminates TLS
     _wait_listening(hub, COORDINATOR_PORT, "the coordinator", coordinator)
     nginx = hub.popen("nginx", "-e", "stderr", "-p", str(work), "-c", str(_nginx_conf(work, cert, key)),
                       "-g", "daemon off;", log_name="nginx")

@@ -20,6 +20,8 @@ import functools
 import ipaddress
 import json
 import logging
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -55,6 +57,7 @@ from tunnelmesh.membership import (
     verify_join_proof,
     verify_member_request,
 )
+from tunnelmesh.tls import certificate_fingerprint, load_or_make, server_context
 
 from .relay import Relay
 from .store import MemberRow, NetworkRow, PendingRow, Store, StoreError
@@ -707,12 +710,13 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
     return app
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start serving `app` on host:port; the caller cleans the runner up."""
+async def serve(app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+                ) -> web.AppRunner:
+    """Start serving `app` on host:port (TLS with `ssl_context`); the caller cleans the runner up."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise
@@ -726,16 +730,42 @@ def _listen_address(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def standalone_tls_files(db: Path) -> tuple[Path, Path]:
+    """Where a standalone coordinator keeps the certificate it made: next to its database."""
+    return db.with_name(db.stem + "-tls.pem"), db.with_name(db.stem + "-tls.key")
+
+
+def _standalone_tls(host: str, db: Path, tls_cert: Path | None, tls_key: Path | None) -> ssl.SSLContext:
+    """The standalone coordinator's TLS: the given certificate, or its own (made on first
+    start next to `db`); its fingerprint is logged for `init --tls-fingerprint`."""
+    if tls_cert is None or tls_key is None:
+        tls_cert, tls_key = standalone_tls_files(db)
+        pin, made = load_or_make(tls_cert, tls_key, host if host != "0.0.0.0" else socket.gethostname())
+        log.info("coordinator TLS: %s certificate %s", "made the" if made else "serving its", tls_cert)
+    else:
+        pin = certificate_fingerprint(tls_cert)
+    context = server_context(tls_cert, tls_key)
+    log.info("coordinator TLS fingerprint %s (give it to `tunnelmesh init --external-coordinator "
+             "--tls-fingerprint`)", pin)
+    return context
+
+
 async def run_standalone(listen: str, db: Path, admin_fingerprint: str | None,
-                         trusted_proxies: frozenset[str] = frozenset()) -> None:
-    """`tunnelmesh coordinator`: serve the database at `db` on `listen` until cancelled."""
+                         trusted_proxies: frozenset[str] = frozenset(), *, tls_cert: Path | None = None,
+                         tls_key: Path | None = None, plain_http: bool = False) -> None:
+    """`tunnelmesh coordinator`: serve the database at `db` on `listen` until cancelled:
+    TLS with `tls_cert`/`tls_key`, or a certificate of its own (made on first start
+    next to `db`); plain HTTP with `plain_http` (behind a TLS-terminating proxy).
+    TlsError for a certificate it cannot use."""
     host, port = _listen_address(listen)
+    context = None if plain_http else _standalone_tls(host, db, tls_cert, tls_key)
     store = Store.open(db)
     try:
         runner = await serve(make_app(store, admin_fingerprint=admin_fingerprint, trusted_proxies=trusted_proxies),
-                             host, port)
+                             host, port, context)
         try:
-            log.info("coordinator listening on %s:%d (database %s)", host, port, db)
+            log.info("coordinator listening on %s://%s:%d (database %s)", "http" if context is None else "https",
+                     host, port, db)
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
