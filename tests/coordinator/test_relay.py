@@ -24,7 +24,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support.coordinator import World, identities, join, now, running, set_up
+from tests.support.coordinator import (
+    AdminMachine,
+    World,
+    identities,
+    join,
+    now,
+    running,
+    set_up,
+)
 from tests.support.wire import PeerPair
 from tunnelmesh.coordinator import relay as relay_module
 from tunnelmesh.coordinator.client import Coordinator
@@ -435,9 +443,11 @@ def test_the_coordinator_relays_for_members_and_cuts_off_a_revoked_one(tmp_path:
                 with pytest.raises(aiohttp.WSServerHandshakeError) as early:
                     await http.ws_connect(url + "/relay")
                 assert early.value.status == 503  # no network yet: nothing to relay for
-            await set_up(url, world)
-            one = (await join(url, world, 1, world.invite(), "one"))["member"]
-            await join(url, world, 2, world.invite(), "two")
+            admin_node = await set_up(url, world)
+            machine = AdminMachine.create(tmp_path / "admin", url, world, admin_node)
+            async with machine.admitting():  # the admin's machine countersigns the two joins
+                one = (await join(url, world, 1, world.invite(), "one"))["member"]
+                await join(url, world, 2, world.invite(), "two")
             network = world.network.network
             sinks = [Sink(), Sink()]
             clients = [RelayClient(url, world.nodes[i], network, sinks[i - 1]) for i in (1, 2)]

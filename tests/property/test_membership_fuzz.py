@@ -112,8 +112,10 @@ def test_samples_are_valid() -> None:
     for kind, value in samples().items():
         assert PARSERS[kind](value) is not None, kind
     changes = fresh_map().apply(samples()["update"])
-    assert [m.name for m in changes.added] == ["node2", "node4"]
-    assert [r.split(":")[0] for r in changes.rejected] == ["member node3 refused"]
+    # node2's entry is signed with an invite key only (not countersigned by the admin): it
+    # is a valid record, and no member; node3 is revoked.
+    assert [m.name for m in changes.added] == ["node4"]
+    assert [r.split(":")[0] for r in changes.rejected] == ["member node2 refused", "member node3 refused"]
 
 
 # --- arbitrary values ----------------------------------------------------------------------------
@@ -279,6 +281,7 @@ def test_mutated_peer_map_update(data: st.DataObject) -> None:
     assert peer_map.secret is None or canonical(peer_map.secret.body()) == canonical(original["secret"]["body"])
     assert world().wg(3) not in peer_map.members  # revoked before: no mutation brings it back
     assert world().wg(3) in peer_map.revocations
+    assert all(m.grant is None for m in peer_map.members.values())  # only admin-signed entries are members
 
 
 @FUZZ
