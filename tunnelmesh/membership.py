@@ -675,9 +675,23 @@ class ReplayGuard:
         self._seen: dict[str, int] = {}
 
     def check(self, auth: RequestAuth, now: float) -> None:
+        """`precheck` and `record` in one (for a request whose signature was checked)."""
+        self.precheck(auth, now)
+        self.record(auth, now)
+
+    def precheck(self, auth: RequestAuth, now: float) -> None:
+        """The cheap half, to run BEFORE checking the signature (so a stale or replayed
+        request costs no signature check): the time window and the nonce. Records nothing."""
         if abs(auth.timestamp - now) > self.window:
             raise MembershipError(f"request time is {auth.timestamp - now:+.0f} s off the coordinator's clock "
                                   f"(more than {self.window} s: fix the clock)")
+        if auth.nonce in self._seen:
+            raise MembershipError("replayed request refused")
+
+    def record(self, auth: RequestAuth, now: float) -> None:
+        """The nonce of a request whose signature verified (only then: anyone could fill
+        the table with nonces of requests they cannot sign). The nonce is checked again
+        here: a copy that passed `precheck` meanwhile is still refused, once."""
         if auth.nonce in self._seen:
             raise MembershipError("replayed request refused")
         if len(self._seen) >= self.limit:

@@ -37,6 +37,7 @@ from tests.support.coordinator import (
     set_up,
     snapshot,
 )
+from tests.support.rsa import attested_line, rsa_key_with_exponent
 from tunnelmesh import network as admin_commands
 from tunnelmesh.admission import sealed_secret
 from tunnelmesh.config import read_network_secret
@@ -46,18 +47,22 @@ from tunnelmesh.coordinator.service import MAX_BODY
 from tunnelmesh.coordinator.store import PendingRow, StoreError
 from tunnelmesh.membership import (
     JOIN_WINDOW,
+    REQUEST_NAMESPACE,
     MemberEntry,
     NetworkInfo,
     PeerMap,
+    RequestAuth,
     Revocation,
     SecretRecord,
     Token,
     b64,
+    request_message,
     sign_admin_request,
     unb64,
     unseal,
 )
 from tunnelmesh.netstate import write_secret
+from tunnelmesh.ratelimit import Rate, RateLimiter
 
 
 @pytest.fixture(scope="module")
@@ -780,5 +785,149 @@ def test_requests_for_approval_are_bounded_per_source_and_in_all_and_never_block
             assert row_counts(db)["pending"] == service.PENDING_LIMIT
             result = await join(url, world, 1, world.invite(), "one")  # countersigned all the same
             assert world.entry(result["member"]).name == "one"
+
+    asyncio.run(scenario())
+
+
+# --- CPU cost before authentication (issue 13, defect 4) ---------------------------------------
+
+
+def frozen(at: float = 1000.0) -> Any:
+    """A monotonic clock that stands still: no token comes back during a test."""
+    return lambda: at
+
+
+async def get_from(http: aiohttp.ClientSession, url: str, path: str, forwarded: str | None = None
+                   ) -> tuple[int, JSON, str | None]:
+    """(status, JSON answer, Retry-After) of an unsigned GET."""
+    headers = {} if forwarded is None else {"X-Forwarded-For": forwarded}
+    async with http.get(url + path, headers=headers) as response:
+        return response.status, await response.json(), response.headers.get("Retry-After")
+
+
+def test_a_flood_of_unauthenticated_requests_from_one_source_gets_429_while_another_gets_through(db: Path) -> None:
+    limiter = RateLimiter(Rate(per_second=0.01, burst=5), Rate(per_second=1000.0, burst=1000))
+
+    async def scenario() -> None:
+        async with running(db, limiter=limiter, monotonic=frozen()) as (url, _), \
+                aiohttp.ClientSession() as http, \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
+            for _ in range(5):  # no network yet: answered 503 by the handler, so it got through
+                assert (await get_from(http, url, "/v1/network"))[0] == 503
+            status, answer, retry_after = await get_from(http, url, "/v1/network")
+            assert status == 429 and retry_after == "100", (status, answer)
+            assert answer == {"error": "too many requests from 127.0.0.1: try again in 100 s"}
+            # Every endpoint that takes unsigned requests shares the source's bucket...
+            for path in ("/v1/join/propose", "/v1/join/confirm", "/v1/join/request"):
+                async with http.post(url + path, json={}) as response:
+                    assert response.status == 429 and response.headers["Retry-After"] == "100", path
+            async with http.get(url + "/relay") as response:  # before any WebSocket upgrade or challenge
+                assert response.status == 429
+            # ...signed requests are not charged to it (their signature is what they cost)...
+            async with http.get(url + "/v1/map") as response:
+                assert response.status == 401
+            # ...and another source still gets through.
+            assert (await get_from(other, url, "/v1/network"))[0] == 503
+            assert limiter.refused == {"source": 5, "overall": 0}
+
+    asyncio.run(scenario())
+
+
+def test_behind_a_trusted_proxy_each_forwarded_address_has_its_own_bucket_and_others_cannot_choose_one(
+        db: Path) -> None:
+    limiter = RateLimiter(Rate(per_second=0.01, burst=2), Rate(per_second=1000.0, burst=1000))
+
+    async def scenario() -> None:
+        async with running(db, limiter=limiter, monotonic=frozen(), trusted_proxies=frozenset({"127.0.0.1"})) \
+                as (url, _), aiohttp.ClientSession() as http:
+            for source in ("192.0.2.1", "192.0.2.2"):
+                assert [(await get_from(http, url, "/v1/network", source))[0] for _ in range(3)] == [503, 503, 429]
+            status, answer, _ = await get_from(http, url, "/v1/network", "spoofed, 192.0.2.1")
+            assert status == 429 and "192.0.2.1" in answer["error"]  # the proxy's own entry is the last one
+        limiter_untrusted = RateLimiter(Rate(per_second=0.01, burst=2), Rate(per_second=1000.0, burst=1000))
+        async with running(db, limiter=limiter_untrusted, monotonic=frozen()) as (url, _), \
+                aiohttp.ClientSession() as http:
+            statuses = [(await get_from(http, url, "/v1/network", f"192.0.2.{n}"))[0] for n in range(3)]
+            assert statuses == [503, 503, 429]  # an untrusted client's header buys no fresh bucket
+
+    asyncio.run(scenario())
+
+
+def test_the_default_limits_refuse_a_flood_after_the_burst(db: Path) -> None:
+    async def scenario() -> None:
+        async with running(db, limiter=None, monotonic=frozen()) as (url, _), aiohttp.ClientSession() as http:
+            statuses = [(await get_from(http, url, "/v1/network"))[0] for _ in range(service.PER_SOURCE_RATE.burst + 3)]
+            assert statuses == [503] * service.PER_SOURCE_RATE.burst + [429] * 3
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def signature_checks(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of every signature check the coordinator makes, through its seams: member and
+    admin requests (as the service calls them) and SSH signatures (tunnelmesh.identity)."""
+    import tunnelmesh.identity as identity_module
+
+    calls = {"member": 0, "admin": 0, "ssh": 0}
+
+    def counting(name: str, function: Any) -> Any:
+        def counted(*args: Any) -> Any:
+            calls[name] += 1
+            return function(*args)
+        return counted
+
+    monkeypatch.setattr(service, "verify_member_request", counting("member", service.verify_member_request))
+    monkeypatch.setattr(service, "verify_admin_request", counting("admin", service.verify_admin_request))
+    monkeypatch.setattr(identity_module, "_check_signature", counting("ssh", identity_module._check_signature))
+    return calls
+
+
+def test_stale_and_replayed_requests_are_refused_before_their_signature_is_checked(
+        db: Path, world: World, signature_checks: dict[str, int]) -> None:
+    offset = [0.0]
+
+    async def scenario() -> None:
+        async with running(db, clock=lambda: time.time() + offset[0]) as (url, _), aiohttp.ClientSession() as http:
+            await set_up(url, world)  # the admin node (identity 0) is a member now
+            signature_checks.update(member=0, admin=0, ssh=0)
+            offset[0] = 1000.0  # every request is now 1000 s old to the coordinator
+            async with Coordinator(url, identity=world.nodes[0]) as member, \
+                    Coordinator(url, admin=world.admin) as admin:
+                await refused(db, member.map(0, 0), 401, "off the coordinator's clock")
+                await refused(db, member.register(51820, []), 401, "off the coordinator's clock")
+                await refused(db, admin.admin_map(), 401, "off the coordinator's clock")
+                assert signature_checks == {"member": 0, "admin": 0, "ssh": 0}
+                offset[0] = 0.0
+                await member.map(0, 0)
+                # The seams do count (ssh: the request, and the stored identity's attestation
+                # unless an earlier test left it in the service's cache).
+                assert signature_checks["member"] == 1 and signature_checks["ssh"] in (1, 2)
+            # A replay (same nonce) is refused before its signature is checked as well.
+            path, nonce, t = "/v1/map?since=0&wait=0", "ab" * 16, now()
+            signature = await world.nodes[0].sign(request_message("GET", path, t, nonce, b""), REQUEST_NAMESPACE)
+            header = RequestAuth(key(world, 0), t, nonce, signature).header()
+            statuses = []
+            for _ in range(3):
+                async with http.get(url + path, headers={"Authorization": header}) as response:
+                    statuses.append(response.status)
+            assert statuses == [200, 401, 401]
+            assert signature_checks["member"] == 2
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("e", [3, 2**31 - 1])
+def test_an_rsa_identity_with_a_costly_exponent_is_refused_before_any_signature_check(
+        db: Path, world: World, e: int, signature_checks: dict[str, int]) -> None:
+    line = attested_line(rsa_key_with_exponent(e))
+
+    async def scenario() -> None:
+        async with running(db) as (url, _), Coordinator(url) as joiner:
+            await set_up(url, world)
+            signature_checks.update(member=0, admin=0, ssh=0)
+            for call in (joiner.propose(line, "hostile", world.invite().grant),
+                         joiner.join_request(line, "hostile", now(), b"not a proof")):
+                await refused(db, call, 400, f"public exponent {e} refused: only e = 65537")
+            assert signature_checks == {"member": 0, "admin": 0, "ssh": 0}
 
     asyncio.run(scenario())

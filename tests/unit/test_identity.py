@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import math
 import os
 import shutil
 import struct
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tests.support.rsa import attested_line, rsa_key_with_exponent
 from tunnelmesh.identity import (
     ATTEST_NAMESPACE,
     ATTEST_PREFIX,
@@ -801,40 +801,6 @@ def test_agent_signing_with_another_key_is_caught(agent: Agent, keys: Keys, iden
 # Checking an RSA signature costs about bits(e) modular squarings of the modulus: e = 65537
 # (what ssh-keygen makes) costs 17; a hostile key with e = 2**31 - 1 or a huge modulus made
 # every coordinator, relay and peer that checked it work up to ~40 times harder.
-
-
-def rsa_key_with_exponent(e: int) -> asyncssh.SSHKey:
-    """A valid RSA-2048 private key whose public exponent is `e` (ssh-keygen and
-    cryptography only make 65537 or 3), built from fresh primes."""
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    while True:
-        base = rsa.generate_private_key(65537, 2048).private_numbers()
-        p, q = base.p, base.q
-        lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
-        if math.gcd(e, lam) == 1:
-            break
-    d = pow(e, -1, lam)
-    numbers = rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q),
-                                    rsa.rsa_crt_iqmp(p, q), rsa.RSAPublicNumbers(e, p * q))
-    pem = numbers.private_key().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption())
-    return asyncssh.import_private_key(pem)
-
-
-def attested_line(key: asyncssh.SSHKey) -> str:
-    """An identity line of `key` with a real attestation (as a node with that key makes)."""
-    wg = X25519PrivateKey.generate().public_key().public_bytes_raw()
-    signed = (
-        b"SSHSIG"
-        + ssh_string(ATTEST_NAMESPACE.encode())
-        + ssh_string(b"")
-        + ssh_string(b"sha512")
-        + ssh_string(hashlib.sha512(ATTEST_PREFIX + wg).digest())
-    )
-    public = " ".join(key.export_public_key().decode().split()[:2])
-    attestation = key.sign(signed, b"rsa-sha2-256")
-    return f"{public} wg={base64.b64encode(wg).decode()} att={base64.b64encode(attestation).decode()}"
 
 
 @pytest.fixture

@@ -742,6 +742,22 @@ def test_replay_guard_memory_is_bounded() -> None:
     assert len(guard._seen) == 3
 
 
+def test_replay_guard_precheck_comes_before_the_signature_and_records_nothing() -> None:
+    # The coordinator runs precheck before checking a signature, record after it passed:
+    # stale and replayed requests cost no signature check, unsigned ones fill no table.
+    guard = ReplayGuard()
+    with refused("off the coordinator's clock"):
+        guard.precheck(nonce_auth(1, NOW - 1000), NOW)
+    guard.precheck(nonce_auth(1), NOW)
+    guard.precheck(nonce_auth(1), NOW)  # nothing recorded: a forged copy cannot burn a nonce
+    assert guard._seen == {}
+    guard.record(nonce_auth(1), NOW)
+    with refused("replayed"):
+        guard.precheck(nonce_auth(1), NOW)
+    with refused("replayed"):  # two copies that both passed precheck: the second is refused here
+        guard.record(nonce_auth(1), NOW)
+
+
 # --- endpoints --------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import socket
 import ssl
 import time
@@ -32,6 +33,7 @@ from aiohttp import web
 
 from tunnelmesh.config import NETWORK_SECRET_BYTES
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
+from tunnelmesh.links import RefusalLog
 from tunnelmesh.membership import (
     JOIN_NAMESPACE,
     JOIN_WINDOW,
@@ -57,6 +59,7 @@ from tunnelmesh.membership import (
     verify_join_proof,
     verify_member_request,
 )
+from tunnelmesh.ratelimit import Rate, RateLimiter, source_key
 from tunnelmesh.tls import certificate_fingerprint, load_or_make, server_context
 
 from .relay import Relay
@@ -302,9 +305,11 @@ class _Service:
         auth = self._auth(request)
         if auth.who != "admin":
             raise Refused(403, "this request needs the admin key")
+        now = self.clock()
         with _status(401):
+            self.guard.precheck(auth, now)  # cheap first: a stale or replayed request costs no signature check
             verify_admin_request(auth, admin_key, request.method, request.path_qs, raw)
-            self.guard.check(auth, self.clock())
+            self.guard.record(auth, now)
 
     async def _admin(self, request: web.Request) -> tuple[NetworkInfo, bytes]:
         """An admin-signed request: the network and the raw body."""
@@ -321,8 +326,10 @@ class _Service:
         return network, body
 
     async def _member(self, request: web.Request) -> tuple[MemberRow, bytes]:
-        """A member-signed request: the member and the raw body."""
-        raw = await request.read()
+        """A member-signed request: the member and the raw body. The cheap checks (the
+        header, membership, the time window, the nonce) come before the body is read and
+        before the signature is checked: an outsider costs the coordinator no signature
+        check, a member's stale or replayed request neither."""
         auth = self._auth(request)
         if auth.who == "admin":
             raise Refused(403, "this request needs a member's key, not the admin key")
@@ -334,12 +341,16 @@ class _Service:
                 raise Refused(403, "this node was revoked by the admin", revocation=revocation.record)
             raise Refused(401, "unknown node: this key is not a member of the network (join it first)")
         with _status(401):
+            self.guard.precheck(auth, self.clock())
+        raw = await request.read()
+        now = self.clock()
+        with _status(401):
             try:
                 identity = _identity_of(member.identity)
             except IdentityError as exc:
                 raise StoreError(f"the stored identity of {member.name} is damaged ({exc}); restore the database") from None
             verify_member_request(auth, identity, request.method, request.path_qs, raw)
-            self.guard.check(auth, self.clock())
+            self.guard.record(auth, now)  # checks the window's nonces again: the body read may have let a copy by
         return member, raw
 
     def _check_invite(self, grant: InviteGrant, now: int) -> None:
@@ -685,13 +696,68 @@ class _Service:
         return await self._relay.handler(request)
 
 
+# --- the rate limit of what anyone may call ----------------------------------------------------
+
+#: The endpoints that take requests without a signature (the relay until its challenge is
+#: answered): each request there is charged to its source address (tunnelmesh.ratelimit).
+UNAUTHENTICATED_PATHS = frozenset({"/v1/network", "/v1/join/propose", "/v1/join/confirm", "/v1/join/request",
+                                   "/relay"})
+#: Per source: a joiner makes a handful of requests and one that waits for approval asks
+#: every 2 s (0.5/s) for up to 10 min; members behind one NAT share an address. Overall:
+#: what bounds the work these endpoints can cost, whoever sends (each request checks at
+#: most a few signatures and parses at most MAX_BODY of JSON: a few ms at worst).
+PER_SOURCE_RATE = Rate(per_second=1.0, burst=30)
+OVERALL_RATE = Rate(per_second=20.0, burst=100)
+#: Sources tracked at once (about 200 bytes each); beyond, the least recently seen goes.
+MAX_SOURCES = 4096
+#: The rate limiter of a running app, for its counters (`limiter.refused`).
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+
+
+def _rate_limited(service: _Service, limiter: RateLimiter, monotonic: Callable[[], float]) -> Any:
+    """Middleware: refuse a request to an unauthenticated endpoint with 429 and Retry-After
+    when its source (behind a trusted proxy: the X-Forwarded-For address) or everyone
+    together sent too many; before anything else is done for it."""
+    log_refusal = RefusalLog(log)
+
+    @web.middleware
+    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in UNAUTHENTICATED_PATHS:
+            return await handler(request)
+        source = service._client_address(request)
+        refused = limiter.limit(source, monotonic())
+        if refused is None:
+            return await handler(request)
+        seconds = max(1, math.ceil(refused.wait))
+        if refused.by == "source":
+            error = f"too many requests from {source or 'this address'}: try again in {seconds} s"
+            hint = (" (if every client seems to come from this address, the coordinator is behind a reverse "
+                    "proxy it does not trust: see --trusted-proxy)")
+        else:
+            error = f"the coordinator is busy (too many requests without a signature): try again in {seconds} s"
+            hint = ""
+        where = source_key(source)
+        log_refusal(where, refused.by, f"rate limit: refused {_loggable(request.path)} from {where}: "
+                                       f"{error} ({limiter.refused[refused.by]} refused so far){hint}")
+        return web.json_response({"error": error}, status=429, headers={"Retry-After": str(seconds)})
+
+    return limit
+
+
 def make_app(store: Store, *, clock: Callable[[], float] = time.time,
-             admin_fingerprint: str | None = None, trusted_proxies: frozenset[str] = frozenset()) -> web.Application:
+             admin_fingerprint: str | None = None, trusted_proxies: frozenset[str] = frozenset(),
+             limiter: RateLimiter | None = None, monotonic: Callable[[], float] = time.monotonic) -> web.Application:
     """The coordinator's aiohttp application over `store`. With `admin_fingerprint`,
     only that admin's network can be set up. Requests from `trusted_proxies` (reverse
-    proxies in front of it) are taken to come from their X-Forwarded-For address."""
+    proxies in front of it) are taken to come from their X-Forwarded-For address.
+    Requests to UNAUTHENTICATED_PATHS go through `limiter` (default: PER_SOURCE_RATE
+    under OVERALL_RATE), on the `monotonic` clock."""
     service = _Service(store, clock, admin_fingerprint, trusted_proxies)
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+    if limiter is None:
+        limiter = RateLimiter(PER_SOURCE_RATE, OVERALL_RATE, max_sources=MAX_SOURCES, now=monotonic())
+    app = web.Application(client_max_size=MAX_BODY,
+                          middlewares=[_rate_limited(service, limiter, monotonic), _errors])
+    app[RATE_LIMITER] = limiter
     app.cleanup_ctx.append(service.lifetime)
     app.on_shutdown.append(service.on_shutdown)
     app.router.add_get("/v1/network", service.network)
