@@ -710,6 +710,9 @@ PER_SOURCE_RATE = Rate(per_second=1.0, burst=30)
 OVERALL_RATE = Rate(per_second=20.0, burst=100)
 #: Sources tracked at once (about 200 bytes each); beyond, the least recently seen goes.
 MAX_SOURCES = 4096
+#: The largest body a request without a signature may carry: a join's is a few KiB (an
+#: RSA-8192 identity line and proof under 8 KiB); parsing 256 KiB of JSON costs up to 13 ms.
+UNAUTHENTICATED_MAX_BODY = 32 * 1024
 #: The rate limiter of a running app, for its counters (`limiter.refused`).
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
@@ -717,7 +720,8 @@ RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 def _rate_limited(service: _Service, limiter: RateLimiter, monotonic: Callable[[], float]) -> Any:
     """Middleware: refuse a request to an unauthenticated endpoint with 429 and Retry-After
     when its source (behind a trusted proxy: the X-Forwarded-For address) or everyone
-    together sent too many; before anything else is done for it."""
+    together sent too many, before anything else is done for it; let through, its body may
+    be at most UNAUTHENTICATED_MAX_BODY (413)."""
     log_refusal = RefusalLog(log)
 
     @web.middleware
@@ -727,7 +731,13 @@ def _rate_limited(service: _Service, limiter: RateLimiter, monotonic: Callable[[
         source = service._client_address(request)
         refused = limiter.limit(source, monotonic())
         if refused is None:
-            return await handler(request)
+            if request.method == "GET":
+                return await handler(request)  # no body (and /relay's WebSocket upgrade stays as it is)
+            try:
+                return await handler(request.clone(client_max_size=UNAUTHENTICATED_MAX_BODY))
+            except web.HTTPRequestEntityTooLarge:
+                raise Refused(413, f"the body is larger than {UNAUTHENTICATED_MAX_BODY // 1024} KiB, the most "
+                                   "a request without a signature may carry") from None
         seconds = max(1, math.ceil(refused.wait))
         if refused.by == "source":
             error = f"too many requests from {source or 'this address'}: try again in {seconds} s"
@@ -755,8 +765,9 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
     service = _Service(store, clock, admin_fingerprint, trusted_proxies)
     if limiter is None:
         limiter = RateLimiter(PER_SOURCE_RATE, OVERALL_RATE, max_sources=MAX_SOURCES, now=monotonic())
+    # _errors outermost: it words the limiter's 413 like every other error (its 429 is an answer).
     app = web.Application(client_max_size=MAX_BODY,
-                          middlewares=[_rate_limited(service, limiter, monotonic), _errors])
+                          middlewares=[_errors, _rate_limited(service, limiter, monotonic)])
     app[RATE_LIMITER] = limiter
     app.cleanup_ctx.append(service.lifetime)
     app.on_shutdown.append(service.on_shutdown)
