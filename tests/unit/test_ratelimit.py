@@ -9,7 +9,6 @@ import pytest
 from tunnelmesh.coordinator.service import MAX_SOURCES, OVERALL_RATE, PER_SOURCE_RATE
 from tunnelmesh.ratelimit import (
     UNKNOWN_SOURCE,
-    Limited,
     Rate,
     RateLimiter,
     TokenBucket,
@@ -52,7 +51,7 @@ def test_one_source_is_limited_and_another_is_not() -> None:
     limiter = RateLimiter(Rate(per_second=1.0, burst=5), WIDE, now=T0)
     assert all(limiter.limit("192.0.2.1", T0) is None for _ in range(5))
     refused = limiter.limit("192.0.2.1", T0)
-    assert refused == Limited("source", pytest.approx(1.0))
+    assert refused is not None and refused.by == "source" and refused.wait == pytest.approx(1.0)
     assert limiter.limit("192.0.2.2", T0) is None  # its own bucket
     assert limiter.limit("192.0.2.1", T0 + 1.0) is None  # one token back after a second
     assert limiter.limit("192.0.2.1", T0 + 1.0) is not None
@@ -63,7 +62,8 @@ def test_the_overall_bucket_bounds_everyone_together() -> None:
     limiter = RateLimiter(Rate(per_second=1.0, burst=5), Rate(per_second=10.0, burst=20), now=T0)
     allowed = sum(limiter.limit(f"192.0.2.{i}", T0) is None for i in range(1, 101))
     assert allowed == 20
-    assert limiter.limit("198.51.100.1", T0) == Limited("overall", pytest.approx(0.1))
+    refused = limiter.limit("198.51.100.1", T0)
+    assert refused is not None and refused.by == "overall" and refused.wait == pytest.approx(0.1)
     # Over ten seconds 100 new sources a second get 10 a second through, not 100.
     allowed = sum(limiter.limit(f"203.0.113.{i % 250}", T0 + 0.01 * i) is None for i in range(1, 1001))
     assert allowed == pytest.approx(100, abs=1)
