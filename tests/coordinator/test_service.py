@@ -819,7 +819,7 @@ def test_a_flood_of_unauthenticated_requests_from_one_source_gets_429_while_anot
             assert status == 429 and retry_after == "100", (status, answer)
             assert answer == {"error": "too many requests from 127.0.0.1: try again in 100 s"}
             # Every endpoint that takes unsigned requests shares the source's bucket...
-            for path in ("/v1/join/propose", "/v1/join/confirm", "/v1/join/request"):
+            for path in ("/v1/join/propose", "/v1/join/confirm", "/v1/join/request", "/v1/admin/setup"):
                 async with http.post(url + path, json={}) as response:
                     assert response.status == 429 and response.headers["Retry-After"] == "100", path
             async with http.get(url + "/relay") as response:  # before any WebSocket upgrade or challenge
@@ -829,7 +829,7 @@ def test_a_flood_of_unauthenticated_requests_from_one_source_gets_429_while_anot
                 assert response.status == 401
             # ...and another source still gets through.
             assert (await get_from(other, url, "/v1/network"))[0] == 503
-            assert limiter.refused == {"source": 5, "overall": 0}
+            assert limiter.refused == {"source": 6, "overall": 0}
 
     asyncio.run(scenario())
 

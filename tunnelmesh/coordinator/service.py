@@ -699,9 +699,11 @@ class _Service:
 # --- the rate limit of what anyone may call ----------------------------------------------------
 
 #: The endpoints that take requests without a signature (the relay until its challenge is
-#: answered): each request there is charged to its source address (tunnelmesh.ratelimit).
+#: answered; set-up, whose body is parsed and checked before its admin signature can be,
+#: since the body names the admin key): each request there is charged to its source
+#: address (tunnelmesh.ratelimit).
 UNAUTHENTICATED_PATHS = frozenset({"/v1/network", "/v1/join/propose", "/v1/join/confirm", "/v1/join/request",
-                                   "/relay"})
+                                   "/relay", "/v1/admin/setup"})
 #: Per source: a joiner makes a handful of requests and one that waits for approval asks
 #: every 2 s (0.5/s) for up to 10 min; members behind one NAT share an address. Overall:
 #: what bounds the work these endpoints can cost, whoever sends (each request checks at
