@@ -141,11 +141,7 @@ class CoordinatorClient(Actor):
                     while True:
                         update = await coordinator.map(self.peer_map.version, LONG_POLL)
                         self._set_connection("connected")
-                        version = update.get("version") if isinstance(update, dict) else None
-                        if isinstance(version, int) and version < self.peer_map.version:
-                            # The coordinator's counter went back (restored database): resync fully.
-                            update = await coordinator.map(0, 0)
-                        self.apply(update)
+                        self.apply(update)  # refuses a version older than ours (no rollback)
                         if time.monotonic() - last_register >= REGISTER_INTERVAL:
                             await self._register(coordinator)
                             last_register = time.monotonic()
@@ -222,7 +218,7 @@ class CoordinatorClient(Actor):
             return False
         if not revocation.covers(self.state.member):
             return False
-        self.peer_map.revocations[revocation.wg_key] = revocation
+        self.peer_map.keep(revocation)
         try:
             save_peer_map(self.cache_path, self.peer_map)
         except StateError as exc:

@@ -38,6 +38,7 @@ from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import Device, derive_psk
 
 from .control import ControlServer, EventBus
+from .admitter import Admitter
 from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath, UdpError, open_udp_socket
 from .links import RelayConnection, RelayPool, SshServer, SyncRelays
@@ -179,8 +180,8 @@ async def _start_coordinator(config: NodeConfig) -> ServedSite:
     return ServedSite("coordinator", runner, store.close)
 
 
-async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes, ca_file: str | None,
-                          tls_fingerprint: str | None) -> None:
+async def _set_up_network(paths: Paths, state: NetworkState, ca_file: str | None, tls_fingerprint: str | None
+                          ) -> None:
     """On the admin node: make sure its embedded coordinator holds the network
     (idempotent; the first start after `init` is when it happens)."""
     from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
@@ -192,7 +193,7 @@ async def _set_up_network(paths: Paths, state: NetworkState, secret: bytes, ca_f
         raise StartupError(str(exc)) from None
     try:
         async with Coordinator(state.url, admin=admin, ca_file=ca_file, tls_fingerprint=tls_fingerprint) as coordinator:
-            await coordinator.setup(state.network.to_wire(), secret, state.member.to_wire())
+            await coordinator.setup(state.network.to_wire(), state.member.to_wire())
     except CoordinatorError as exc:
         raise StartupError(f"embedded coordinator at {state.url}: {exc}") from None
 
@@ -395,7 +396,7 @@ async def run_daemon(paths: Paths) -> int:
             coordinator_server = await _start_coordinator(config)
             serving = "{}:{}".format(*config.coordinator.serve)
             if state is not None and paths.admin_key.exists():
-                await _set_up_network(paths, state, secret, _ca_file(config), _tls_fingerprint(config))
+                await _set_up_network(paths, state, _ca_file(config), _tls_fingerprint(config))
         if state is not None and peer_map is not None:
             started_transports = await _start_transports(config, paths, identity, state, peer_map, datapath,
                                                          transports)
@@ -427,6 +428,7 @@ async def run_daemon(paths: Paths) -> int:
     if started_transports.relay_service is not None:
         supervisor.add(started_transports.relay_service)
     client: CoordinatorClient | None = None
+    admitter: Admitter | None = None
     if state is None or peer_map is None:
         initial = _static_peers(config, static_endpoints)
     else:
@@ -440,6 +442,9 @@ async def run_daemon(paths: Paths) -> int:
             ca_file=_ca_file(config), interface=config.interface, tls_fingerprint=_tls_fingerprint(config),
         )
         supervisor.add(client)
+        if paths.admin_key.exists():  # the admin's machine countersigns joins made with an invite
+            admitter = Admitter(paths, bus)
+            supervisor.add(admitter)
         if transports.relay is not None:  # relays that members serve, as the map offers them
             ca_file = _ca_file(config)
             pool = RelayPool(peer_map, started_transports.own_relay, state.url,
@@ -462,6 +467,7 @@ async def run_daemon(paths: Paths) -> int:
                 "started": started, "pid": os.getpid(), "mode": "static" if client is None else "coordinator",
                 "coordinator": client.status() if client is not None else None,
                 "serving_coordinator": serving,
+                "admission": admitter.status() if admitter is not None else None,
                 "transports": {
                     "ssh": transports.ssh.status() if transports.ssh is not None else None,
                     "relay": transports.relay.status() if transports.relay is not None else None,

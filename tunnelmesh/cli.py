@@ -201,9 +201,13 @@ def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
     identity = _choose_identity(args, paths)
 
     def waiting(pending: dict[str, Any]) -> None:
+        if pending.get("countersign"):
+            print("waiting for the admin's machine to countersign the join (its daemon does it when it runs)",
+                  flush=True)
+            return
         print(f"waiting for the admin to run `tunnelmesh approve {pending.get('name')} --fingerprint "
               f"{pending.get('fingerprint')}` "
-              f"(address {pending.get('ipv4')} reserved)", flush=True)
+              "(nothing is reserved until then)", flush=True)
 
     joined = _run(join(paths, token_or_url=args.token, name=args.name, identity_spec=identity,
                        listen_port=args.listen_port, wait=args.wait, on_pending=waiting,
@@ -217,12 +221,52 @@ def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_invite(args: argparse.Namespace, paths: Paths) -> int:
-    from tunnelmesh.network import NetworkError, make_token
+    from tunnelmesh.admission import invite_id
+    from tunnelmesh.membership import Token
+    from tunnelmesh.network import NetworkError, make_token, revoke_invite
 
     try:
-        print(make_token(paths, expires_in=args.expires, reusable=args.reusable, name=args.name))
+        if args.revoke is not None:
+            record = revoke_invite(paths, args.revoke)
+            print(f"invite {record.id} revoked: no further join with it is countersigned")
+            return EXIT_OK
+        token = make_token(paths, expires_in=args.expires, reusable=args.reusable, name=args.name)
     except NetworkError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    print(token)  # alone on stdout, for scripts
+    invite = invite_id(base64.b64decode(Token.parse(token).grant["body"]["invite_key"]))
+    print(f"invite {invite}; revoke it with `tunnelmesh invite --revoke {invite}`", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_invites(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import NetworkError, invites
+
+    try:
+        records = invites(paths)
+    except NetworkError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if args.json:
+        print(json.dumps([{"id": r.id, "name": r.grant.name, "created": r.grant.created, "expires": r.grant.expires,
+                           "uses": r.grant.uses, "used_by": r.used_by, "revoked_at": r.revoked_at}
+                          for r in records], indent=2))
+        return EXIT_OK
+    if not records:
+        print("no invites made on this machine")
+    now = time.time()
+    for r in records:
+        if r.revoked_at is not None:
+            state = "revoked"
+        elif r.grant.expires < now:
+            state = "expired"
+        elif r.uses_left() == 0:
+            state = "used up"
+        else:
+            state = "valid"
+        uses = "reusable" if r.grant.uses == 0 else f"{len(r.used_by)}/{r.grant.uses} used"
+        expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.grant.expires))
+        print(f"{r.id}  {state:8}  {uses:12}  expires {expires}  name {r.grant.name or '(any)'}  "
+              f"admitted {len(r.used_by)}")
     return EXIT_OK
 
 
@@ -236,7 +280,11 @@ def cmd_pending(args: argparse.Namespace, paths: Paths) -> int:
         print("no joins waiting for approval")
     for p in waiting if not args.json else ():
         asked = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.get("requested", 0)))
-        print(f"{p.get('name')}  {p.get('fingerprint')}  would get {p.get('ipv4')}  asked {asked}")
+        if p.get("kind") == "invite":
+            print(f"{p.get('name')}  {p.get('fingerprint')}  has an invite (the admin daemon countersigns it)  "
+                  f"asked {asked}")
+        else:
+            print(f"{p.get('name')}  {p.get('fingerprint')}  would get {p.get('ipv4')}  asked {asked}")
     return EXIT_OK
 
 
@@ -680,7 +728,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires", type=_duration, default=3600, help="valid for this long: 30m, 1h, 7d (default 1h)")
     p.add_argument("--reusable", action="store_true", help="any number of machines may join with it until it expires")
     p.add_argument("--name", help="the joining node must take this name")
+    p.add_argument("--revoke", metavar="ID", help="revoke the invite with this id (from `tunnelmesh invites`) "
+                                                  "instead of making one: no further join with it is admitted")
     p.set_defaults(func=cmd_invite)
+
+    p = sub.add_parser("invites", help="(admin) list the invites made on this machine and whom they admitted")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_invites)
 
     p = sub.add_parser("pending", help="(admin) list joins waiting for approval")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -514,35 +514,59 @@ def _admin_record(wire: Any, what: str, keys: set[str], network: NetworkInfo) ->
 
 @dataclass(frozen=True)
 class Revocation:
+    """The admin revokes a member: its WireGuard key and, when it names one, every key its
+    SSH key attests (an SSH key can attest any X25519 key; revoking only the X25519 key
+    would let a revoked member attest a fresh one and come back)."""
+
     network: str
     wg_key: bytes
     name: str
     at: int
     signature: str
+    ssh: str | None = None  # the SSH key's fingerprint ("SHA256:..."); absent in records made before it
 
     def body(self) -> dict[str, Any]:
-        return {"network": self.network, "wg_key": b64(self.wg_key), "name": self.name, "at": self.at}
+        body: dict[str, Any] = {"network": self.network, "wg_key": b64(self.wg_key), "name": self.name, "at": self.at}
+        if self.ssh is not None:
+            body["ssh"] = self.ssh
+        return body
 
     def to_wire(self) -> dict[str, Any]:
         return {"body": self.body(), "sig": self.signature}
 
     @classmethod
     def create(cls, admin: AdminKey, member: MemberEntry, now: int) -> Revocation:
-        body = {"network": admin.fingerprint, "wg_key": b64(member.wg_key), "name": member.name, "at": now}
-        return cls(admin.fingerprint, member.wg_key, member.name, now, admin.sign("revoke", body))
+        body = {"network": admin.fingerprint, "wg_key": b64(member.wg_key), "name": member.name, "at": now,
+                "ssh": member.identity.fingerprint}
+        return cls(admin.fingerprint, member.wg_key, member.name, now, admin.sign("revoke", body),
+                   member.identity.fingerprint)
 
     @classmethod
     def from_wire(cls, wire: Any, network: NetworkInfo) -> Revocation:
-        wire, body = _admin_record(wire, "revocation", {"network", "wg_key", "name", "at"}, network)
+        wire = _obj(wire, "revocation")
+        optional = {"ssh"} if isinstance(wire.get("body"), dict) and "ssh" in wire["body"] else set()
+        wire, body = _admin_record(wire, "revocation", {"network", "wg_key", "name", "at"} | optional, network)
+        ssh = None if "ssh" not in body else _ssh_fingerprint(body["ssh"])
         revocation = cls(network.network, unb64(body["wg_key"], "revoked key", 32), check_name(body["name"]),
-                         _int(body["at"], "at"), wire["sig"])
+                         _int(body["at"], "at"), wire["sig"], ssh)
         _verify(network.admin_key, "revoke", body, wire["sig"], "revocation")
         _canonical_form(revocation, body, "revocation")
         return revocation
 
     def covers(self, member: MemberEntry) -> bool:
-        """A revocation refuses every entry for the key authorised at or before it."""
-        return member.wg_key == self.wg_key and member.authorized_at <= self.at
+        """A revocation refuses every entry for the key -- or, if it names one, for any key
+        the same SSH key attests -- authorised at or before it."""
+        same = member.wg_key == self.wg_key or (self.ssh is not None and member.identity.fingerprint == self.ssh)
+        return same and member.authorized_at <= self.at
+
+
+_SSH_FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+
+
+def _ssh_fingerprint(value: Any) -> str:
+    if not isinstance(value, str) or _SSH_FINGERPRINT_RE.fullmatch(value) is None:
+        raise MembershipError("revocation: ssh must be an SSH key fingerprint (SHA256:...)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -849,14 +873,46 @@ class MapChanges:
     revoked_self: Revocation | None = None
     new_secret: SecretRecord | None = None
     rejected: list[str] = field(default_factory=list)
+    bindings_changed: bool = False
+
+
+def bindings_of(member: MemberEntry) -> tuple[str, ...]:
+    """What a member entry binds to its key, for good: its name, its mesh IPv4 address and
+    its SSH key (one X25519 key per SSH key)."""
+    return f"name:{member.name}", f"ipv4:{member.ipv4}", f"ssh:{member.identity.fingerprint}"
+
+
+def parse_bindings(value: Any) -> dict[str, bytes]:
+    """The kept bindings as `to_wire` writes them: {"name:web": "<wg key b64>", ...}."""
+    obj = _obj(value, "bindings")
+    parsed: dict[str, bytes] = {}
+    for key, wg in obj.items():
+        kind, _, rest = _str(key, "binding", 128).partition(":")
+        if kind not in ("name", "ipv4", "ssh") or not rest:
+            raise MembershipError(f"binding {key[:40]!r}: expected name:, ipv4: or ssh:")
+        parsed[key] = unb64(wg, "bound key", 32)
+    return parsed
 
 
 class PeerMap:
-    """The verified peer map a node works from, and the revocations it keeps for good.
+    """The verified peer map a node works from, and what it keeps for good.
 
     `apply` takes an update from the coordinator (or the on-disk cache) and returns what
     changed; records that do not verify are refused, counted in `rejected` and named in
-    the result. Nothing in an update can bring back a key a kept revocation covers."""
+    the result. Kept for good, whatever any later update says (docs/coordinator.md,
+    "Threat model"):
+
+    - revocations, by WireGuard key and by SSH key: nothing can bring back a key one
+      covers, nor a fresh X25519 key attested by a revoked SSH key;
+    - bindings: the first admin-signed entry that names a name, a mesh address or an
+      SSH key binds it to that entry's WireGuard key. Another key gets it only once the
+      bound key is revoked (an admin-signed record), never because an entry claims an
+      earlier time, nor because a map leaves the holder out;
+    - the version: an update older than the one this node has is refused (no rollback).
+
+    Only admin-signed member entries are members. Invite-signed entries are what a joiner
+    hands the coordinator; the admin's machine checks them against its own invite ledger
+    and countersigns (tunnelmesh.admission), so no invite key can make or rebind a member."""
 
     def __init__(self, network: NetworkInfo, own_wg_key: bytes) -> None:
         self.network = network
@@ -864,14 +920,45 @@ class PeerMap:
         self.members: dict[bytes, MemberEntry] = {}
         self.endpoints: dict[bytes, Endpoints] = {}
         self.revocations: dict[bytes, Revocation] = {}
+        self._revoked_ssh: dict[str, Revocation] = {}
+        self.bindings: dict[str, bytes] = {}
         self.secret: SecretRecord | None = None
         self.own: MemberEntry | None = None  # this node's entry, when a map lists it
         self.version = 0
         self.rejected: Counter[str] = Counter()
 
     def revoked(self, member: MemberEntry) -> Revocation | None:
-        revocation = self.revocations.get(member.wg_key)
-        return revocation if revocation is not None and revocation.covers(member) else None
+        for revocation in (self.revocations.get(member.wg_key), self._revoked_ssh.get(member.identity.fingerprint)):
+            if revocation is not None and revocation.covers(member):
+                return revocation
+        return None
+
+    def revocations_of(self, member: MemberEntry) -> list[Revocation]:
+        """Every kept revocation of the member's key or SSH key, whenever made."""
+        found = (self.revocations.get(member.wg_key), self._revoked_ssh.get(member.identity.fingerprint))
+        return [r for r in dict.fromkeys(found) if r is not None]
+
+    def key_revoked(self, wg_key: bytes) -> bool:
+        """Whether a bound key is out for good: its current entry is revoked or, when it is
+        not listed now, a kept revocation names it or the SSH key bound to it."""
+        member = self.members.get(wg_key)
+        if member is None and self.own is not None and self.own.wg_key == wg_key:
+            member = self.own
+        if member is not None:
+            return self.revoked(member) is not None
+        return wg_key in self.revocations or any(
+            binding[4:] in self._revoked_ssh for binding, key in self.bindings.items()
+            if key == wg_key and binding.startswith("ssh:"))
+
+    def keep(self, revocation: Revocation) -> None:
+        """Keep a verified revocation (the latest per key and per SSH key: it covers most)."""
+        kept = self.revocations.get(revocation.wg_key)
+        if kept is None or kept.at < revocation.at:
+            self.revocations[revocation.wg_key] = revocation
+        if revocation.ssh is not None:
+            kept = self._revoked_ssh.get(revocation.ssh)
+            if kept is None or kept.at < revocation.at:
+                self._revoked_ssh[revocation.ssh] = revocation
 
     def add_revocations(self, wires: Any, changes: MapChanges) -> None:
         for wire in _list(wires, "revocations"):
@@ -880,16 +967,30 @@ class PeerMap:
             except MembershipError as exc:
                 self._reject(changes, f"revocation refused: {exc}")
                 continue
-            kept = self.revocations.get(revocation.wg_key)
-            if kept is None or kept.at < revocation.at:
-                self.revocations[revocation.wg_key] = revocation
+            self.keep(revocation)
+            own = self.own
             if revocation.wg_key == self.own_wg_key:
                 changes.revoked_self = self.revocations[revocation.wg_key]  # the latest, which covers most
-            member = self.members.get(revocation.wg_key)
-            if member is not None and revocation.covers(member):
-                del self.members[revocation.wg_key]
-                self.endpoints.pop(revocation.wg_key, None)
+            elif own is not None and revocation.covers(own) and revocation.ssh is not None:
+                changes.revoked_self = self._revoked_ssh[revocation.ssh]
+            for member in [m for m in self.members.values() if revocation.covers(m)]:
+                del self.members[member.wg_key]
+                self.endpoints.pop(member.wg_key, None)
                 changes.removed.append((member, f"revoked by the admin at {revocation.at}"))
+
+    def binding_clash(self, member: MemberEntry) -> str | None:
+        """What of `member` is bound to another key that is not revoked, if anything."""
+        for binding in bindings_of(member):
+            holder = self.bindings.get(binding)
+            if holder is not None and holder != member.wg_key and not self.key_revoked(holder):
+                return binding.replace(":", " ", 1)
+        return None
+
+    def bind(self, member: MemberEntry, changes: MapChanges) -> None:
+        for binding in bindings_of(member):
+            if self.bindings.get(binding) != member.wg_key:
+                self.bindings[binding] = member.wg_key
+                changes.bindings_changed = True
 
     def apply(self, update: Any) -> MapChanges:
         changes = MapChanges()
@@ -899,6 +1000,10 @@ class PeerMap:
         full = update["full"]
         if not isinstance(full, bool):
             raise MembershipError("peer map: 'full' must be true or false")
+        if version < self.version:
+            raise MembershipError(
+                f"peer map version {version} is older than version {self.version}, which this node already has: "
+                "refused (a replayed map, or a coordinator database restored from an older backup)")
         # Everything that can refuse the whole update is checked before anything changes.
         revocations = _list(update["revocations"], "revocations")
         wires = _list(update["members"], "members")
@@ -911,28 +1016,30 @@ class PeerMap:
             except MembershipError as exc:
                 self._reject(changes, f"member refused: {exc}")
         listed = {member.wg_key for member in parsed}
-        if full:  # before the clash checks: an unlisted member holds no name or address any more
+        if full:  # availability only: an unlisted member keeps its bindings
             for key in [k for k in self.members if k not in listed]:
                 changes.removed.append((self.members.pop(key), "no longer listed by the coordinator"))
                 self.endpoints.pop(key, None)
         if changes.revoked_self is not None and any(
-                m.wg_key == self.own_wg_key and self.revoked(m) is None for m in parsed):
-            changes.revoked_self = None  # re-admitted by an invite or approval made after it
-        for member in sorted(parsed, key=lambda m: m.joined):  # earliest first: it keeps an invite's use
+                m.wg_key == self.own_wg_key and m.grant is None and self.revoked(m) is None for m in parsed):
+            changes.revoked_self = None  # re-admitted by an approval made after it
+        for member in parsed:
+            if member.grant is not None:
+                self._reject(changes, f"member {member.name} refused: signed with an invite key only, not "
+                                      "countersigned by the admin")
+                continue
             revocation = self.revoked(member)
             if revocation is not None:
                 self._reject(changes, f"member {member.name} refused: its key was revoked at {revocation.at}")
                 continue
+            clash = self.binding_clash(member)
+            if clash is not None:
+                self._reject(changes, f"member {member.name} refused: {clash} is bound to another key "
+                                      "(only a revocation of that key frees it)")
+                continue
+            self.bind(member, changes)
             if member.wg_key == self.own_wg_key:
                 self.own = member
-                continue
-            clash = next((m for m in self.members.values() if m.wg_key != member.wg_key
-                          and (m.ipv4 == member.ipv4 or m.name == member.name)), None)
-            if clash is not None:
-                self._reject(changes, f"member {member.name} refused: name or address already used by {clash.name}")
-                continue
-            if self._invite_used_up(member):
-                self._reject(changes, f"member {member.name} refused: its invite was already used up")
                 continue
             known = self.members.get(member.wg_key)
             if known is not None and known == member:
@@ -960,19 +1067,8 @@ class PeerMap:
                 if self.secret is None or record.epoch > self.secret.epoch:
                     self.secret = record
                     changes.new_secret = record
-        self.version = max(self.version, version) if not full else version
+        self.version = max(self.version, version)
         return changes
-
-    def _invite_used_up(self, member: MemberEntry) -> bool:
-        """The node's own check of an invite's use count: a coordinator (or a leaked token
-        plus write access to its database) cannot stretch a one-time invite."""
-        grant = member.grant
-        if grant is None or grant.uses == 0:
-            return False
-        holders = [*self.members.values(), *([self.own] if self.own is not None else [])]
-        used = sum(1 for m in holders if m.wg_key != member.wg_key and m.grant is not None
-                   and m.grant.invite_key == grant.invite_key)
-        return used >= grant.uses
 
     def _reject(self, changes: MapChanges, reason: str) -> None:
         self.rejected[reason.split(":")[0]] += 1
@@ -987,6 +1083,9 @@ class PeerMap:
             "secret": self.secret.to_wire() if self.secret is not None else None,
             "endpoints": {b64(k): e.to_wire() for k, e in self.endpoints.items()},
         }
+
+    def bindings_to_wire(self) -> dict[str, str]:
+        return {binding: b64(key) for binding, key in sorted(self.bindings.items())}
 
 
 def _list(value: Any, what: str) -> list[Any]:

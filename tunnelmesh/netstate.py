@@ -12,20 +12,37 @@ Files (all in the state directory, see `tunnelmesh.paths`):
 - ``revocations.json`` (beside the cache): every revocation this node has seen,
   kept for good. Only ever merged into, never dropped with the cache: it is
   what stops a stale or replayed peer map from bringing a revoked key back.
+- ``bindings.json`` (beside it): which WireGuard key holds each name, mesh address
+  and SSH key, kept for good like the revocations (`PeerMap` rebinds only when the
+  holder is revoked).
 - ``network.secret``: replaced atomically when the admin rotates it.
+- ``invites.json`` (the admin's machine only): every invite made there and the keys
+  each one admitted (`tunnelmesh.admission.InviteLedger`), kept for good.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunnelmesh import files
-from tunnelmesh.membership import MapChanges, MemberEntry, MembershipError, NetworkInfo, PeerMap, Revocation
+from tunnelmesh.admission import InviteLedger
+from tunnelmesh.membership import (
+    MapChanges,
+    MemberEntry,
+    MembershipError,
+    NetworkInfo,
+    PeerMap,
+    Revocation,
+    parse_bindings,
+)
 
 MAX_STATE_BYTES = 16 << 20
 
@@ -94,10 +111,15 @@ class NetworkState:
 
 
 REVOCATIONS_FILE = "revocations.json"
+BINDINGS_FILE = "bindings.json"
 
 
 def _revocations_path(cache: Path) -> Path:
     return cache.with_name(REVOCATIONS_FILE)
+
+
+def _bindings_path(cache: Path) -> Path:
+    return cache.with_name(BINDINGS_FILE)
 
 
 def _read_revocation_wires(path: Path) -> list[Any]:
@@ -110,12 +132,27 @@ def _read_revocation_wires(path: Path) -> list[Any]:
     return data
 
 
+def _read_bindings(path: Path) -> dict[str, bytes]:
+    try:
+        data = _read_json(path, "bindings")
+    except FileNotFoundError:
+        return {}
+    try:
+        return parse_bindings(data)
+    except MembershipError as exc:
+        raise StateError(f"bindings {path} are damaged ({exc}); restore the file from a backup") from None
+
+
 def load_peer_map(path: Path, state: NetworkState) -> tuple[PeerMap, list[str]]:
-    """The kept revocations and the cached peer map (re-verified record by record),
-    and what was refused in them. A damaged revocations file is an error, not ignored."""
+    """The kept revocations and bindings, and the cached peer map (re-verified record by
+    record), and what was refused in them. A damaged revocations or bindings file is an
+    error, not ignored: they are what no coordinator can give back."""
     peer_map = PeerMap(state.network, state.member.wg_key)
     changes = MapChanges()
     peer_map.add_revocations(_read_revocation_wires(_revocations_path(path)), changes)
+    peer_map.bindings.update(_read_bindings(_bindings_path(path)))
+    if peer_map.binding_clash(state.member) is None:
+        peer_map.bind(state.member, changes)
     rejected = changes.rejected
     try:
         cached = _read_json(path, "peer map cache")
@@ -131,9 +168,47 @@ def load_peer_map(path: Path, state: NetworkState) -> tuple[PeerMap, list[str]]:
 
 
 def save_peer_map(path: Path, peer_map: PeerMap) -> None:
-    """Write the cache, and merge its revocations into the kept ones (written first)."""
+    """Write the cache, after merging its revocations into the kept ones and writing the
+    bindings (both first: the cache may be lost, they may not)."""
     save_revocations(_revocations_path(path), peer_map.revocations.values())
+    save_bindings(_bindings_path(path), peer_map)
     write_atomic(path, json.dumps(peer_map.to_cache()).encode() + b"\n")
+
+
+def save_bindings(path: Path, peer_map: PeerMap) -> None:
+    """The bindings as the peer map holds them now (it started from this file and only
+    rebinds on a revocation), written when they changed."""
+    wire = peer_map.bindings_to_wire()
+    try:
+        current = _read_json(path, "bindings")
+    except (FileNotFoundError, StateError):
+        current = None
+    if current != wire:
+        write_atomic(path, json.dumps(wire, indent=1).encode() + b"\n")
+
+
+@contextmanager
+def invite_ledger(path: Path, network: NetworkInfo) -> Iterator[InviteLedger]:
+    """The admin's invite ledger, locked for one read-modify-write (`invite` on the command
+    line and the daemon's admitter both write it) and written back atomically if changed."""
+    lock_fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            wire = _read_json(path, "invite ledger")
+        except FileNotFoundError:
+            wire = []
+        try:
+            ledger = InviteLedger.from_wire(wire, network)
+        except MembershipError as exc:
+            raise StateError(f"invite ledger {path} is damaged ({exc}); restore it from a backup") from None
+        before = json.dumps(ledger.to_wire())
+        yield ledger
+        after = ledger.to_wire()
+        if json.dumps(after) != before:
+            write_atomic(path, json.dumps(after, indent=1).encode() + b"\n", 0o600)
+    finally:
+        os.close(lock_fd)
 
 
 def save_revocations(path: Path, revocations: Iterable[Revocation]) -> None:

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunnelmesh.config import NETWORK_SECRET_BYTES, ConfigError, load_config, starter_config
+from tunnelmesh.admission import InviteRecord, check_newcomer, countersign_invited, sealed_secret
+from tunnelmesh.config import NETWORK_SECRET_BYTES, ConfigError, load_config, read_network_secret, starter_config
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
 from tunnelmesh.identity import IdentityError, NodeIdentity, PublicIdentity, load_identity
 from tunnelmesh.membership import (
     JOIN_NAMESPACE,
     AdminKey,
+    MapChanges,
     InviteGrant,
     MemberEntry,
     MembershipError,
@@ -37,10 +39,19 @@ from tunnelmesh.membership import (
     member_body,
     sign_member_as_admin,
     sign_member_with_invite,
+    b64,
     unb64,
     unseal,
 )
-from tunnelmesh.netstate import NetworkState, StateError, load_peer_map, save_peer_map, save_revocations, write_secret
+from tunnelmesh.netstate import (
+    NetworkState,
+    StateError,
+    invite_ledger,
+    load_peer_map,
+    save_peer_map,
+    save_revocations,
+    write_secret,
+)
 from tunnelmesh.paths import Paths
 from tunnelmesh.tls import CERT_NAME, KEY_NAME, PIN_PREFIX, TlsError, write_certificate
 
@@ -141,7 +152,7 @@ async def create_network(
     if serve is None:
         try:
             async with Coordinator(url, admin=admin, ca_file=ca_file, tls_fingerprint=tls_fingerprint) as coordinator:
-                await coordinator.setup(network.to_wire(), secret, member.to_wire())
+                await coordinator.setup(network.to_wire(), member.to_wire())
         except CoordinatorError as exc:
             raise NetworkError(f"the coordinator at {url} did not take the network: {exc}") from None
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -199,7 +210,7 @@ async def join(
         except MembershipError as exc:
             raise NetworkError(str(exc)) from None
         if token is not None:
-            result = await _join_with_token(coordinator, network, token, identity, name)
+            result = await _join_with_token(coordinator, network, token, identity, name, wait, on_pending)
         else:
             assert name is not None
             result = await _join_by_approval(coordinator, identity, name, wait, on_pending)
@@ -214,7 +225,7 @@ async def join(
 
 
 async def _join_with_token(coordinator: Coordinator, network: NetworkInfo, token: Token, identity: NodeIdentity,
-                           name: str | None) -> dict[str, Any]:
+                           name: str | None, wait: float, on_pending: Any) -> dict[str, Any]:
     try:
         grant = InviteGrant.from_wire(token.grant, network.admin_key)
     except MembershipError as exc:
@@ -233,7 +244,21 @@ async def _join_with_token(coordinator: Coordinator, network: NetworkInfo, token
     if member.wg_key != identity.public.wg_public_key:
         raise NetworkError("the coordinator proposed an entry for another key")
     proof = await identity.sign(join_proof_message(body), JOIN_NAMESPACE)
-    return await coordinator.confirm(entry, proof)
+    # The coordinator holds the join until the admin's machine countersigns it (at once when
+    # its daemon runs); each answer that says "pending" is followed by the same request again.
+    deadline = time.monotonic() + wait
+    announced = False
+    while True:
+        result = await coordinator.confirm(entry, proof)
+        if not result.get("pending"):
+            return result
+        if not announced and on_pending is not None:
+            on_pending({**result, "name": member.name, "fingerprint": identity.public.fingerprint})
+            announced = True
+        if time.monotonic() >= deadline:
+            raise NetworkError(f"the admin's machine did not countersign the join within {wait:.0f} s: its daemon "
+                               "countersigns joins with an invite when it runs (`tunnelmesh up` there); "
+                               "run `tunnelmesh join` again then")
 
 
 async def _join_by_approval(coordinator: Coordinator, identity: NodeIdentity, name: str, wait: float,
@@ -266,6 +291,8 @@ def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity
         member = MemberEntry.from_wire(result.get("member"), network)
         if member.wg_key != identity.public.wg_public_key:
             raise MembershipError("the member entry is for another key")
+        if member.grant is not None:
+            raise MembershipError("the member entry is not signed by the admin")
         sealed = result.get("secret")
         if not isinstance(sealed, dict):
             raise MembershipError("no network secret in the join result")
@@ -323,6 +350,14 @@ class Admin:
                 pin = coordinator.tls_fingerprint
         return cls(paths, NetworkState(url, state.network, state.member), key, ca_file, pin)
 
+    def sealed_secret(self, member: MemberEntry, peer_map: PeerMap) -> dict[str, Any]:
+        """The network secret as this machine holds it, sealed to a new member's key."""
+        try:
+            secret = read_network_secret(self.paths.network_secret)
+        except ConfigError as exc:
+            raise NetworkError(f"{exc}: the admin's machine seals the network secret to each new member") from None
+        return sealed_secret(member, secret, peer_map.secret.epoch if peer_map.secret is not None else 0)
+
     def coordinator(self) -> Coordinator:
         return Coordinator(self.state.url, admin=self.key, ca_file=self.ca_file, tls_fingerprint=self.tls_fingerprint)
 
@@ -344,9 +379,81 @@ def make_token(paths: Paths, *, expires_in: int, reusable: bool, name: str | Non
     try:
         token = make_invite(admin.key, admin.state.url, name=name, expires=now + expires_in,
                             uses=0 if reusable else 1, now=now, tls=admin.tls_fingerprint)
-    except MembershipError as exc:
+        grant = InviteGrant.from_wire(token.grant, admin.key.public)
+        with invite_ledger(paths.invites, admin.state.network) as ledger:  # before the token exists anywhere
+            ledger.add(grant)
+    except (MembershipError, StateError) as exc:
         raise NetworkError(str(exc)) from None
     return token.encode()
+
+
+def invites(paths: Paths) -> list[InviteRecord]:
+    """Every invite made on this machine, newest first."""
+    admin = Admin.load(paths)
+    try:
+        with invite_ledger(paths.invites, admin.state.network) as ledger:
+            return sorted(ledger.records.values(), key=lambda r: r.grant.created, reverse=True)
+    except StateError as exc:
+        raise NetworkError(str(exc)) from None
+
+
+def revoke_invite(paths: Paths, invite: str) -> InviteRecord:
+    """Refuse every further join with the invite whose id starts with `invite`."""
+    admin = Admin.load(paths)
+    try:
+        with invite_ledger(paths.invites, admin.state.network) as ledger:
+            return ledger.revoke(invite, _now())
+    except (MembershipError, StateError) as exc:
+        raise NetworkError(str(exc)) from None
+
+
+async def countersign_pending(admin: Admin, coordinator: Coordinator, waiting: list[dict[str, Any]]) -> list[str]:
+    """Check and countersign (or refuse) every join with an invite in `waiting` (the
+    coordinator's pending list). What the admin's daemon does as joins arrive; returns a
+    line per decision, for the log."""
+    invited = [p for p in waiting if isinstance(p, dict) and p.get("kind") == "invite"]
+    if not invited:
+        return []
+    peer_map, _ = await admin.members(coordinator)
+    decisions = []
+    for request in invited:
+        try:
+            entry, proof = request.get("entry"), request.get("proof")
+            wg_key = _wg_key_of(entry)
+        except MembershipError as exc:
+            decisions.append(f"ignored a pending join the coordinator sent malformed: {exc}")
+            continue
+        try:
+            with invite_ledger(admin.paths.invites, admin.state.network) as ledger:
+                signed = countersign_invited(admin=admin.key, network=admin.state.network, ledger=ledger,
+                                             peer_map=peer_map, entry=entry, proof=proof, now=_now())
+        except MembershipError as exc:
+            await coordinator.refuse(wg_key, str(exc)[:500])
+            decisions.append(f"refused the join of {request.get('name')!r}: {exc}")
+            continue
+        except StateError as exc:
+            decisions.append(f"cannot countersign the join of {request.get('name')!r}: {exc}")
+            continue
+        await coordinator.approve(signed.wire, admin.sealed_secret(signed.member, peer_map))
+        peer_map.bind(signed.member, MapChanges())
+        peer_map.members[signed.member.wg_key] = signed.member
+        decisions.append(f"countersigned the join of {signed.member.name} as {signed.member.ipv4} "
+                         f"({signed.member.identity.fingerprint}, invite {signed.invite.id if signed.invite else '-'})")
+    return decisions
+
+
+def _wg_key_of(entry: Any) -> str:
+    try:
+        return b64(PublicIdentity.from_line(str(entry["body"]["identity"])).wg_public_key)
+    except (IdentityError, KeyError, TypeError) as exc:
+        raise MembershipError(f"no identity in the entry ({exc})") from None
+
+
+def _fingerprint_of(request: dict[str, Any]) -> str | None:
+    try:
+        return PublicIdentity.from_line(str(request.get("identity"))).fingerprint
+    except IdentityError:
+        return None
 
 
 async def pending(paths: Paths) -> list[dict[str, Any]]:
@@ -369,10 +476,13 @@ async def approve(paths: Paths, name: str, fingerprint: str) -> MemberEntry:
     admin = Admin.load(paths)
     async with admin.coordinator() as coordinator:
         waiting = await coordinator.pending()
-        match = next((p for p in waiting if p.get("name") == name), None)
-        if match is None:
-            names = ", ".join(sorted(str(p.get("name")) for p in waiting)) or "none"
+        requests = [p for p in waiting if p.get("kind") == "request"]
+        named = [p for p in requests if p.get("name") == name]
+        if not named:
+            names = ", ".join(sorted(str(p.get("name")) for p in requests)) or "none"
             raise NetworkError(f"no pending join named {name!r} (pending: {names})")
+        # Several keys may ask for one name (requests hold nothing): the fingerprint picks one.
+        match = next((p for p in named if _fingerprint_of(p) == fingerprint), named[0])
         try:
             identity = PublicIdentity.from_line(str(match.get("identity")))
             if identity.fingerprint != fingerprint:
@@ -382,9 +492,11 @@ async def approve(paths: Paths, name: str, fingerprint: str) -> MemberEntry:
             body = member_body(admin.state.network.network, name, identity, ipaddress.IPv4Address(str(match["ipv4"])),
                                ipaddress.IPv6Address(str(match["ipv6"])), _now())
             member = MemberEntry.from_wire(sign_member_as_admin(body, admin.key), admin.state.network)
+            peer_map, _ = await admin.members(coordinator)
+            check_newcomer(peer_map, member, authorized_after=None)  # approving a revoked key re-admits it
         except (IdentityError, MembershipError, ValueError, KeyError) as exc:
             raise NetworkError(f"pending join {name!r} cannot be approved: {exc}") from None
-        await coordinator.approve(member.to_wire())
+        await coordinator.approve(member.to_wire(), admin.sealed_secret(member, peer_map))
         return member
 
 
@@ -415,5 +527,10 @@ async def rotate_secret(paths: Paths) -> tuple[int, int]:
         epoch = (peer_map.secret.epoch if peer_map.secret is not None else 0) + 1
         secret = os.urandom(NETWORK_SECRET_BYTES)
         record = SecretRecord.create(admin.key, epoch, secret, members, _now())
-        await coordinator.rotate_secret(record.to_wire(), secret)
+        await coordinator.rotate_secret(record.to_wire())
+    try:  # this machine seals the secret to future joiners: it keeps the current one
+        write_secret(paths.network_secret, secret)
+    except StateError as exc:
+        raise NetworkError(f"the new secret (epoch {epoch}) went out, but this machine could not keep it: {exc}; "
+                           "run `tunnelmesh rotate-secret` again") from None
     return epoch, len(members)

@@ -76,6 +76,11 @@ class Paths:
         return self.state_dir / "admin.key"
 
     @property
+    def invites(self) -> Path:
+        """The admin's invite ledger: every invite made here and whom it admitted (admin only)."""
+        return self.state_dir / "invites.json"
+
+    @property
     def dedicated_key(self) -> Path:
         """A key generated for this node when it does not use an existing SSH key."""
         return self.state_dir / "identity_ed25519"

@@ -352,7 +352,9 @@ def _proxies(**variables: str) -> None:
 
 
 async def client_side(ca_file: str, world: Any) -> dict[str, str]:
-    from tests.support.coordinator import join, set_up
+    import tempfile
+
+    from tests.support.coordinator import AdminMachine, join, set_up
 
     plain, tls = f"http://{HUB}:{COORDINATOR_PORT}", f"https://{HUB}:{TLS_PORT}"
     network = world.network.network
@@ -363,9 +365,11 @@ async def client_side(ca_file: str, world: Any) -> dict[str, str]:
     report["direct"] = report["direct"].removeprefix(f"cannot reach the coordinator at {plain}: ")
 
     _proxies(HTTP_PROXY=PROXY)  # plain HTTP through the proxy (absolute-form requests)
-    await set_up(plain, world)
-    for i, name in ((1, "one"), (2, "two")):
-        await join(plain, world, i, world.invite(), name)
+    admin_node = await set_up(plain, world)
+    machine = AdminMachine.create(Path(tempfile.mkdtemp()) / "admin", plain, world, admin_node)
+    async with machine.admitting():  # the admin's machine countersigns joins with an invite
+        for i, name in ((1, "one"), (2, "two")):
+            await join(plain, world, i, world.invite(), name)
     report["api_via_proxy"] = await _api(plain, None, world.nodes[1])
     report["relay_via_proxy_plain"] = await _relay_error(plain, None, world.nodes[1], network)
 

@@ -19,7 +19,14 @@ from typing import Any
 
 import asyncssh
 
-from tunnelmesh.identity import NodeIdentity, load_identity
+from tunnelmesh.identity import (
+    ATTEST_NAMESPACE,
+    ATTEST_PREFIX,
+    NodeIdentity,
+    PublicIdentity,
+    _sshsig_signed_data,
+    load_identity,
+)
 from tunnelmesh.membership import (
     AdminKey,
     MemberEntry,
@@ -55,6 +62,16 @@ def identities(count: int = 6) -> tuple[NodeIdentity, ...]:
     """`count` node identities, made once per test process."""
     with tempfile.TemporaryDirectory() as directory:
         return tuple(load_ed25519_identity(Path(directory)) for _ in range(count))
+
+
+def reattested(identity: NodeIdentity, wg_public: bytes) -> PublicIdentity:
+    """Another X25519 key attested by the same SSH key: what a member could make up to
+    come back after a revocation of its X25519 key alone."""
+    signed = _sshsig_signed_data(ATTEST_NAMESPACE, ATTEST_PREFIX + wg_public)
+    attestation = asyncio.run(identity._signer.sign(signed))
+    public = PublicIdentity(identity.public.ssh_public_key, wg_public, attestation)
+    public.verify()
+    return public
 
 
 def resign(wire: JSON, admin: AdminKey, kind: str) -> JSON:

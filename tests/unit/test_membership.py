@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.membership import JSON, NOW, SECRET, World, resign, update
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tests.support.membership import JSON, NOW, SECRET, World, reattested, resign, update
 from tunnelmesh.membership import (
     JOIN_NAMESPACE,
     REQUEST_NAMESPACE,
@@ -44,6 +46,7 @@ from tunnelmesh.membership import (
     canonical,
     join_proof_message,
     key_fingerprint,
+    member_body,
     parse_endpoints,
     request_message,
     seal,
@@ -178,6 +181,8 @@ def test_record_with_missing_or_extra_keys_refused(kind: Kind, world: World) -> 
             damaged = copy.deepcopy(wire)
             del (damaged if where == "wire" else damaged["body"])[key]
             expected = "missing admin_sig" if key == "grant" else f"missing {key}"
+            if kind.id == "revocation" and key == "ssh":
+                expected = BAD_SIGNATURE  # optional (records made before it), but signed when present
             with refused(expected):
                 kind.parse(world, damaged)
         damaged = copy.deepcopy(wire)
@@ -805,7 +810,7 @@ ENDPOINT = {"addresses": ["192.0.2.7:51820"], "last_seen": NOW}
 
 
 def test_peer_map_add_and_own_entry_skipped(peer_map: PeerMap, world: World) -> None:
-    listed = update([world.admin_member(0), world.admin_member(1), world.invited_member(2)], version=7)
+    listed = update([world.admin_member(0), world.admin_member(1), world.admin_member(2)], version=7)
     changes = peer_map.apply(listed)
     assert names(changes.added) == {"node1", "node2"}
     assert set(peer_map.members) == {world.wg(1), world.wg(2)}
@@ -836,12 +841,21 @@ def test_peer_map_full_and_delta(peer_map: PeerMap, world: World) -> None:
     delta = peer_map.apply(update([world.admin_member(3)], full=False, version=6))
     assert names(delta.added) == {"node3"} and not delta.removed
     assert names(peer_map.members.values()) == {"node1", "node2", "node3"}
-    stale = peer_map.apply(update(full=False, version=2))
-    assert peer_map.version == 6 and not stale.added and not stale.removed  # a delta never moves the version back
-    full = peer_map.apply(update([world.admin_member(2), world.admin_member(3)], version=3))
+    full = peer_map.apply(update([world.admin_member(2), world.admin_member(3)], version=7))
     assert removed(full) == {"node1": "no longer listed by the coordinator"}
     assert world.wg(1) not in peer_map.endpoints
-    assert peer_map.version == 3  # a full map is the coordinator's whole word, counter included
+    assert peer_map.version == 7
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_peer_map_never_rolls_back_to_an_older_version(full: bool, peer_map: PeerMap, world: World) -> None:
+    """A replayed map, or a coordinator restored from an old backup, changes nothing."""
+    peer_map.apply(update([world.admin_member(1), world.admin_member(2)], version=6))
+    before = canonical(peer_map.to_cache())
+    with refused("peer map version 5 is older than version 6, which this node already has"):
+        peer_map.apply(update([world.admin_member(3)], full=full, version=5))
+    assert canonical(peer_map.to_cache()) == before
+    assert names(peer_map.apply(update([world.admin_member(3)], full=False, version=6)).added) == {"node3"}
 
 
 def test_peer_map_newer_entry_replaces_older(peer_map: PeerMap, world: World) -> None:
@@ -853,7 +867,7 @@ def test_peer_map_newer_entry_replaces_older(peer_map: PeerMap, world: World) ->
 
 
 def test_revocation_removes_member_and_outlives_replayed_maps(peer_map: PeerMap, world: World) -> None:
-    before = update([world.admin_member(1), world.invited_member(2)], endpoints={b64(world.wg(1)): ENDPOINT})
+    before = update([world.admin_member(1), world.admin_member(2)], endpoints={b64(world.wg(1)): ENDPOINT})
     peer_map.apply(before)
     revocation = world.revocation(1, at=NOW + 1000)
     changes = peer_map.apply(update(revocations=[revocation.to_wire()], full=False, version=2))
@@ -862,8 +876,9 @@ def test_revocation_removes_member_and_outlives_replayed_maps(peer_map: PeerMap,
     assert world.wg(1) not in peer_map.members and world.wg(1) not in peer_map.endpoints
     assert peer_map.revocations == {world.wg(1): revocation}
 
-    for replay in (before, update([world.invited_member(1)]), update([world.admin_member(1, joined=NOW + 1000)])):
-        replayed = peer_map.apply(replay)  # a coordinator serving an older (or forged-late) map
+    for version, replay in enumerate((before, update([world.admin_member(1, joined=NOW + 1000)])), start=3):
+        replay["version"] = version  # a coordinator serving an older (or forged-late) map as if new
+        replayed = peer_map.apply(replay)
         assert world.wg(1) not in peer_map.members
         assert f"member node1 refused: its key was revoked at {NOW + 1000}" in replayed.rejected
     assert peer_map.revocations == {world.wg(1): revocation}  # a full map without it changes nothing
@@ -872,18 +887,13 @@ def test_revocation_removes_member_and_outlives_replayed_maps(peer_map: PeerMap,
 def test_entry_authorised_after_revocation_is_accepted(peer_map: PeerMap, world: World) -> None:
     revocation = world.revocation(1, at=NOW + 1000)
     peer_map.apply(update(revocations=[revocation.to_wire()]))
-    new_grant = world.invite(created=NOW + 1001, expires=NOW + 5000)
-    changes = peer_map.apply(update([world.invited_member(1, new_grant, joined=NOW + 1002)], [revocation.to_wire()]))
+    changes = peer_map.apply(update([world.admin_member(1, joined=NOW + 1001)], [revocation.to_wire()]))
     assert names(changes.added) == {"node1"} and not changes.rejected
-    # An old grant does not do, even used after the revocation.
-    old_grant = world.invite(created=NOW + 999, expires=NOW + 5000)
-    refused_late = PeerMap(world.network, world.wg(0))
-    late = refused_late.apply(update([world.invited_member(1, old_grant, joined=NOW + 2000)], [revocation.to_wire()]))
-    assert not late.added and late.rejected == [f"member node1 refused: its key was revoked at {NOW + 1000}"]
-    # An admin approval counts from when it was signed.
-    approved = PeerMap(world.network, world.wg(0))
-    approval = approved.apply(update([world.admin_member(1, joined=NOW + 1001)], [revocation.to_wire()]))
-    assert names(approval.added) == {"node1"}
+    # An entry the admin signed at or before the revocation does not do.
+    late = PeerMap(world.network, world.wg(0))
+    refused_late = late.apply(update([world.admin_member(1, joined=NOW + 1000)], [revocation.to_wire()]))
+    assert not refused_late.added
+    assert refused_late.rejected == [f"member node1 refused: its key was revoked at {NOW + 1000}"]
 
 
 def test_earlier_revocation_does_not_replace_a_later_one(peer_map: PeerMap, world: World) -> None:
@@ -912,12 +922,12 @@ def test_old_own_revocation_does_not_stop_a_readmitted_node(peer_map: PeerMap, w
     """Re-admitting a key takes a new invite or approval (docs/coordinator.md); the map
     that lists the new entry still carries the old revocation, which no longer covers it."""
     own = world.revocation(0, at=NOW + 1000)
-    readmitted = world.invited_member(0, world.invite(created=NOW + 1001, expires=NOW + 5000), joined=NOW + 1002)
+    readmitted = world.admin_member(0, joined=NOW + 1002)
     changes = peer_map.apply(update([readmitted, world.admin_member(1)], [own.to_wire()]))
     assert changes.revoked_self is None
     assert names(changes.added) == {"node1"}
     still_revoked = PeerMap(world.network, world.wg(0))
-    old_entry = world.invited_member(0, world.invite(created=NOW + 999, expires=NOW + 5000), joined=NOW + 1002)
+    old_entry = world.admin_member(0, joined=NOW + 999)
     assert still_revoked.apply(update([old_entry], [own.to_wire()])).revoked_self == own
 
 
@@ -969,16 +979,67 @@ def test_peer_map_refuses_name_or_address_clash(clash: str, peer_map: PeerMap, w
     entry = world.admin_member(2, name="node1") if clash == "name" else world.admin_member(2, host=2)
     changes = peer_map.apply(update([entry], full=False, version=2))
     assert not changes.added and world.wg(2) not in peer_map.members
-    assert changes.rejected == [f"member {entry['body']['name']} refused: name or address already used by node1"]
+    bound = "name node1" if clash == "name" else f"ipv4 {world.network.host(2)[0]}"
+    assert changes.rejected == [f"member {entry['body']['name']} refused: {bound} is bound to another key "
+                                "(only a revocation of that key frees it)"]
 
 
-def test_full_map_may_give_an_unlisted_members_address_to_another(peer_map: PeerMap, world: World) -> None:
-    """A full map replaces the whole view: a member it no longer lists holds nothing."""
+def test_full_map_leaving_a_member_out_does_not_free_its_name_or_address(peer_map: PeerMap, world: World) -> None:
+    """A full map that no longer lists a member hides it (availability), but its name and
+    address stay bound to its key: only a revocation frees them."""
     peer_map.apply(update([world.admin_member(1)]))
-    changes = peer_map.apply(update([world.admin_member(2, host=2, name="node1")], version=2))
-    assert names(changes.added) == {"node1"} and not changes.rejected
-    assert set(peer_map.members) == {world.wg(2)}
+    taker = world.admin_member(2, host=2, name="node1", joined=NOW - 50)  # claims to be older, too
+    changes = peer_map.apply(update([taker], version=2))
     assert removed(changes) == {"node1": "no longer listed by the coordinator"}
+    assert not changes.added and world.wg(2) not in peer_map.members
+    assert len(changes.rejected) == 1 and "is bound to another key" in changes.rejected[0]
+    assert peer_map.bindings["name:node1"] == world.wg(1)
+    revoked = peer_map.apply(update([taker], [world.revocation(1).to_wire()], version=3))
+    assert names(revoked.added) == {"node1"} and peer_map.members[world.wg(2)].name == "node1"
+    assert peer_map.bindings["name:node1"] == world.wg(2) and revoked.bindings_changed
+
+
+def test_bindings_of_the_node_itself_hold(world: World) -> None:
+    """This node's own name and address are bound to it as well."""
+    own_view = PeerMap(world.network, world.wg(0))
+    own_view.apply(update([world.admin_member(0)]))
+    changes = own_view.apply(update([world.admin_member(0), world.admin_member(1, name="node0")], version=2))
+    assert not changes.added and "name node0 is bound to another key" in changes.rejected[0]
+
+
+def test_invite_signed_entries_are_not_members(peer_map: PeerMap, world: World) -> None:
+    """Whoever holds an invite key (old, expired or used up) cannot make a member: only the
+    admin's countersignature does (tunnelmesh.admission)."""
+    expired = world.invite(created=NOW - 9000, expires=NOW - 5000)
+    changes = peer_map.apply(update([world.invited_member(1), world.invited_member(2, expired, joined=NOW - 6000),
+                                     world.admin_member(3)]))
+    assert names(changes.added) == {"node3"}
+    assert changes.rejected == [f"member node{i} refused: signed with an invite key only, not countersigned by the "
+                                "admin" for i in (1, 2)]
+
+
+def test_ssh_key_revocation_covers_a_fresh_x25519_key(peer_map: PeerMap, world: World) -> None:
+    """A revoked member cannot attest a new X25519 key with its SSH key and come back, nor
+    hold two X25519 keys for one SSH key while it is a member."""
+    peer_map.apply(update([world.admin_member(1)]))
+    fresh = reattested(world.nodes[1], X25519PrivateKey.generate().public_key().public_bytes_raw())
+    twin = sign_member_as_admin(member_body(world.network.network, "twin", fresh, *world.network.host(9), NOW + 1),
+                                world.admin)
+    twice = peer_map.apply(update([twin], full=False, version=2))
+    assert not twice.added and "is bound to another key" in twice.rejected[0]
+    revocation = world.revocation(1, at=NOW + 1000)
+    assert revocation.ssh == world.nodes[1].public.fingerprint
+    back = sign_member_as_admin(member_body(world.network.network, "back", fresh, *world.network.host(9), NOW + 999),
+                                world.admin)
+    changes = peer_map.apply(update([back], [revocation.to_wire()], full=False, version=3))
+    assert not changes.added and changes.rejected == [f"member back refused: its key was revoked at {NOW + 1000}"]
+
+
+def test_revocation_without_ssh_fingerprint_still_parses(world: World) -> None:
+    """Revocations kept from before they named the SSH key stay valid (by WireGuard key)."""
+    body = {"network": world.network.network, "wg_key": b64(world.wg(1)), "name": "node1", "at": NOW}
+    old = Revocation.from_wire({"body": body, "sig": world.admin.sign("revoke", body)}, world.network)
+    assert old.ssh is None and old.covers(world.entry(1)) and not old.covers(world.entry(2))
 
 
 def test_secret_epochs_only_move_forward(peer_map: PeerMap, world: World, other: World) -> None:
@@ -998,7 +1059,7 @@ def test_secret_epochs_only_move_forward(peer_map: PeerMap, world: World, other:
 
 def test_cache_round_trip(peer_map: PeerMap, world: World) -> None:
     peer_map.apply(update(
-        [world.admin_member(1), world.invited_member(2, world.invite(name="node2")), world.admin_member(3)],
+        [world.admin_member(1), world.admin_member(2), world.admin_member(3)],
         [world.revocation(3).to_wire(), world.revocation(4).to_wire()],
         secret=world.secret([0, 1, 2], epoch=5).to_wire(),
         endpoints={b64(world.wg(1)): ENDPOINT, b64(world.wg(2)): {"addresses": [], "last_seen": None}},
@@ -1036,18 +1097,3 @@ def test_malformed_update_refused_and_changes_nothing(case: str, peer_map: PeerM
     with refused(match):
         peer_map.apply(make(good))
     assert canonical(peer_map.to_cache()) == before
-
-
-def test_peer_map_enforces_an_invites_use_count(peer_map: PeerMap, world: World) -> None:
-    """A coordinator cannot stretch a one-time invite: the earliest entry keeps it."""
-    once = world.invite(uses=1)
-    twice = world.invite(uses=2)
-    listed = update([world.invited_member(1, once, joined=NOW + 5), world.invited_member(2, once, joined=NOW + 1),
-                     world.invited_member(3, twice), world.invited_member(4, twice)])
-    changes = peer_map.apply(listed)
-    assert names(changes.added) == {"node2", "node3", "node4"}
-    assert changes.rejected == ["member node1 refused: its invite was already used up"]
-    # This node's own entry counts too.
-    own_view = PeerMap(world.network, world.wg(1))
-    own_view.apply(update([world.invited_member(1, once), world.invited_member(2, once, joined=NOW + 1)]))
-    assert not own_view.members

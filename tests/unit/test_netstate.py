@@ -16,6 +16,7 @@ import pytest
 from tunnelmesh.config import read_network_secret
 from tunnelmesh.identity import NodeIdentity, load_identity
 from tunnelmesh.membership import (
+    MembershipError,
     DEFAULT_CIDR,
     AdminKey,
     MemberEntry,
@@ -117,9 +118,14 @@ def test_peer_map_cache_keeps_revocations_and_survives_garbage(tmp_path: Path, w
     loaded, rejected = load_peer_map(path, state)
     assert set(loaded.members) == {members[1].wg_key}
     assert members[2].wg_key in loaded.revocations
-    # Replaying the old full map (still listing c) changes nothing.
-    loaded.apply(update)
+    # Replaying the old full map (still listing c) is refused, and as a newer version it
+    # changes nothing either (the revocation is kept).
+    with pytest.raises(MembershipError, match="older than version 3"):
+        loaded.apply(update)
+    loaded.apply({**update, "version": 4})
     assert set(loaded.members) == {members[1].wg_key}
+    # Bindings are kept beside the cache, for good.
+    assert json.loads((tmp_path / "bindings.json").read_text())[f"name:{members[1].name}"]
 
     path.write_text("[]")
     empty, rejected = load_peer_map(path, state)

@@ -27,6 +27,9 @@ from tunnelmesh.tls import check_pinned_url, client_ssl
 
 #: Extra time allowed on top of a long-poll's wait before giving up on an answer.
 LONG_POLL_SLACK = 10.0
+#: How long the coordinator holds a join with an invite for the admin's countersignature
+#: (tunnelmesh.coordinator.service.COUNTERSIGN_WAIT).
+COUNTERSIGN_WAIT = 10.0
 
 Signer = Literal["admin", "member"] | None
 
@@ -162,8 +165,10 @@ class Coordinator:
         return self._field(answer, "body", dict)
 
     async def confirm(self, entry: dict[str, Any], proof: bytes) -> dict[str, Any]:
-        """The join result for an invite-signed entry and the identity proof."""
-        return await self._call("POST", "/v1/join/confirm", {"entry": entry, "proof": b64(proof)})
+        """The join result for an invite-signed entry and the identity proof once the admin's
+        machine countersigned it; {"pending": True, ...} while it has not yet (ask again)."""
+        return await self._call("POST", "/v1/join/confirm", {"entry": entry, "proof": b64(proof)},
+                                timeout=COUNTERSIGN_WAIT + LONG_POLL_SLACK)
 
     async def join_request(self, identity_line: str, name: str, t: int, proof: bytes) -> dict[str, Any]:
         """{"pending": True, ...} until the admin approves, then the join result."""
@@ -191,21 +196,29 @@ class Coordinator:
 
     # --- admin ------------------------------------------------------------------------------------
 
-    async def setup(self, network: dict[str, Any], secret: bytes, member: dict[str, Any] | None) -> dict[str, Any]:
-        return await self._call("POST", "/v1/admin/setup", {"network": network, "secret": b64(secret), "member": member},
-                                sign="admin")
+    async def setup(self, network: dict[str, Any], member: dict[str, Any] | None) -> dict[str, Any]:
+        return await self._call("POST", "/v1/admin/setup", {"network": network, "member": member}, sign="admin")
 
-    async def pending(self) -> list[dict[str, Any]]:
-        return self._field(await self._call("GET", "/v1/admin/pending", sign="admin"), "pending", list)
+    async def pending(self, wait: float = 0, *, invited: bool = False) -> list[dict[str, Any]]:
+        """Joins waiting for the admin (only those with an invite if `invited`), held up to
+        `wait` s until there is one."""
+        answer = await self._call("GET", f"/v1/admin/pending?wait={wait:g}&invited={int(invited)}", sign="admin",
+                                  timeout=wait + LONG_POLL_SLACK)
+        return self._field(answer, "pending", list)
 
-    async def approve(self, member: dict[str, Any]) -> dict[str, Any]:
-        return await self._call("POST", "/v1/admin/approve", {"member": member}, sign="admin")
+    async def approve(self, member: dict[str, Any], sealed: dict[str, Any]) -> dict[str, Any]:
+        """Admit a pending join: the admin-signed entry and the secret sealed to the joiner."""
+        return await self._call("POST", "/v1/admin/approve", {"member": member, "secret": sealed}, sign="admin")
+
+    async def refuse(self, wg_key: str, reason: str) -> dict[str, Any]:
+        return await self._call("POST", "/v1/admin/refuse", {"wg_key": wg_key, "reason": reason}, sign="admin")
 
     async def revoke(self, revocation: dict[str, Any]) -> dict[str, Any]:
         return await self._call("POST", "/v1/admin/revoke", {"revocation": revocation}, sign="admin")
 
-    async def rotate_secret(self, record: dict[str, Any], secret: bytes) -> dict[str, Any]:
-        return await self._call("POST", "/v1/admin/secret", {"record": record, "secret": b64(secret)}, sign="admin")
+    async def rotate_secret(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A new secret record (the secret sealed to each member; the secret itself stays here)."""
+        return await self._call("POST", "/v1/admin/secret", {"record": record}, sign="admin")
 
     async def admin_map(self) -> dict[str, Any]:
         return await self._call("GET", "/v1/admin/map", sign="admin")

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import socket
 import ssl
 import time
@@ -31,7 +32,6 @@ from typing import Any
 
 from aiohttp import web
 
-from tunnelmesh.config import NETWORK_SECRET_BYTES
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
 from tunnelmesh.links import RefusalLog
 from tunnelmesh.membership import (
@@ -53,7 +53,6 @@ from tunnelmesh.membership import (
     parse_address,
     parse_relay_url,
     reachable_unicast,
-    seal,
     unb64,
     verify_admin_request,
     verify_join_proof,
@@ -70,10 +69,16 @@ log = logging.getLogger("tunnelmesh.coordinator.server")
 MAX_BODY = 256 * 1024
 #: The longest a map long-poll is held, whatever the client asks.
 MAX_WAIT = 30.0
-#: Joins waiting for approval: how long an unapproved request holds its name and address,
-#: and how many may wait at once.
+#: Joins waiting for the admin: how long one waits before it expires, how many requests for
+#: approval may wait at once and from one source address, and how many invited joins (which
+#: have their own limit, so a flood of requests for approval never blocks them).
 PENDING_TTL = 3600
 PENDING_LIMIT = 64
+PENDING_PER_SOURCE = 4
+INVITED_LIMIT = 256
+#: How long a join with an invite is held for the admin's machine to countersign it before
+#: the joiner is told to ask again, and the longest an admin's wait for pending joins lasts.
+COUNTERSIGN_WAIT = 10.0
 #: How long shutdown waits for requests in flight (long-polls are woken at once).
 SHUTDOWN_TIMEOUT = 2.0
 #: The largest "ssh" object a member may register (serialized compactly).
@@ -215,6 +220,17 @@ def _relay_offer(value: Any, observed: str | None) -> str | None:
     return None if observed is None else f"http://{observed}:{port}"  # the register answer says why not
 
 
+def _sealed_secret(value: Any) -> dict[str, Any]:
+    """The approve body's "secret": {"epoch", "sealed"}, the network secret the admin's
+    machine sealed to the joiner (opaque here: the joiner opens and checks it)."""
+    if not isinstance(value, dict) or set(value) != {"epoch", "sealed"}:
+        raise Refused(400, 'secret must be {"epoch": N, "sealed": "<base64>"}')
+    _integer(value["epoch"], "secret epoch")
+    if len(unb64(value["sealed"], "sealed secret")) > 256:
+        raise Refused(400, "the sealed secret is too long")
+    return {"epoch": value["epoch"], "sealed": value["sealed"]}
+
+
 def _ssh_offer(value: Any) -> dict[str, Any] | None:
     """The register body's optional "ssh": a JSON object, opaque here (nodes verify it)."""
     if value is None:
@@ -261,6 +277,7 @@ class _Service:
         self.trusted_proxies = trusted_proxies
         self.guard = ReplayGuard()
         self._changed = asyncio.Event()
+        self._pending_changed = asyncio.Event()
         self._closing = False
         self._relay: Relay | None = None
 
@@ -269,6 +286,11 @@ class _Service:
         self._changed = asyncio.Event()
         if self._relay is not None:
             self._relay.member_changed()
+
+    def _wake_pending(self) -> None:
+        """A pending join came, or was approved or refused: wake who waits on one."""
+        self._pending_changed.set()
+        self._pending_changed = asyncio.Event()
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         self.store.add_listener(self._wake)
@@ -279,6 +301,7 @@ class _Service:
         """Answer held long-polls now and close relay connections rather than holding shutdown up."""
         self._closing = True
         self._wake()
+        self._wake_pending()
         if self._relay is not None:
             await self._relay.close()
 
@@ -361,7 +384,8 @@ class _Service:
             raise Refused(410, f"the invite was already used{times}; ask the admin for a new one")
 
     def _check_newcomer(self, identity: PublicIdentity, name: str) -> None:
-        """The key is not a member yet (cloned machines share one) and the name is free."""
+        """The key is not a member yet (cloned machines share one) and no member has the name.
+        Pending joins hold nothing: the admin decides between them."""
         key = b64(identity.wg_public_key)
         existing = self.store.member(key)
         if existing is not None:
@@ -369,20 +393,25 @@ class _Service:
                                "give it a key of its own with `tunnelmesh join --new-key`")
         if self.store.member_named(name) is not None:
             raise Refused(409, f"the name {name!r} is taken by another member; choose another with --name")
-        waiting = self.store.pending_named(name)
-        if waiting is not None and waiting.wg_key != key:
-            raise Refused(409, f"the name {name!r} is waiting for the admin's approval for another node; "
-                               "choose another with --name")
 
-    def _expire_pending(self, now: int) -> None:
-        """Unapproved requests expire, and only so many may wait: a stranger with
-        self-made keys cannot hold names and addresses for good."""
-        waiting = self.store.waiting()
-        for row in waiting:
-            if not row.approved and now - row.requested > PENDING_TTL:
-                self.store.delete_pending(row.wg_key)
-                log.info("join request of %s expired unapproved", row.name)
-        if sum(1 for row in waiting if now - row.requested <= PENDING_TTL) >= PENDING_LIMIT:
+    def _fresh_since(self, now: int) -> int:
+        """Pending joins made before this have expired (wherever pending rows are read)."""
+        return now - PENDING_TTL
+
+    def _check_room(self, now: int, source: str, *, invited: bool) -> None:
+        """Bound pending joins: requests for approval per source address and in all, invited
+        joins in all (apart, so a flood of requests never blocks invited joins)."""
+        fresh = self._fresh_since(now)
+        self.store.purge_pending(fresh)
+        if invited:
+            if self.store.pending_count(fresh, invited=True) >= INVITED_LIMIT:
+                raise Refused(429, f"{INVITED_LIMIT} invited joins are already waiting for the admin's machine to "
+                                   "countersign them: is its daemon running? try again later")
+            return
+        if self.store.pending_count(fresh, invited=False, source=source) >= PENDING_PER_SOURCE:
+            raise Refused(429, f"{PENDING_PER_SOURCE} joins from {source} are already waiting for approval; "
+                               f"try again later (unapproved requests expire after {PENDING_TTL // 60} minutes)")
+        if self.store.pending_count(fresh, invited=False) >= PENDING_LIMIT:
             raise Refused(429, f"{PENDING_LIMIT} joins are already waiting for approval; try again later "
                                f"(unapproved requests expire after {PENDING_TTL // 60} minutes)")
 
@@ -403,10 +432,37 @@ class _Service:
             "endpoints": {m.wg_key: _endpoints(m) for m in members},
         }
 
-    def _join_result(self, entry: dict[str, Any], wg_key: bytes) -> dict[str, Any]:
-        row = self._network_row()
-        return {"network": row.record, "member": entry,
-                "secret": {"epoch": row.epoch, "sealed": b64(seal(wg_key, row.secret))}, "map": self._map(0)}
+    def _join_result(self, member: MemberRow, waiting: PendingRow) -> dict[str, Any]:
+        """What an admitted joiner collects: its admin-signed entry, the network secret the
+        admin's machine sealed to it, and the map."""
+        return {"network": self._network_row().record, "member": member.entry, "secret": waiting.sealed,
+                "map": self._map(0)}
+
+    def _collect(self, key: str, now: int) -> dict[str, Any] | None:
+        """The join result if the admin admitted this key (the approved row stays until it
+        expires: a joiner that lost the answer asks again within the TTL; the sealed secret
+        is nowhere else). Raises if the admin's machine refused it: the refused row goes
+        (told once; asking again starts a new join). Call it outside a transaction, or the
+        refusal's rollback would keep the refused row."""
+        waiting = self.store.pending(key, self._fresh_since(now))
+        if waiting is None:
+            return None
+        if waiting.refused is not None:
+            self.store.delete_pending(key)
+            raise Refused(403, f"the admin's machine refused this join: {waiting.refused}")
+        member = self.store.member(key)
+        if not waiting.approved or member is None or waiting.sealed is None:
+            return None
+        log.info("%s collected its admitted join", member.name)
+        return self._join_result(member, waiting)
+
+    def _admitted_again(self, entry: dict[str, Any], now: int) -> bool:
+        """Whether this very invite-signed entry was admitted and waits to be collected: a
+        joiner whose answer was lost asks again after its own join used the invite up (or
+        after the join window). A cheap lookup; the proof is checked before any answer."""
+        match = re.search(r" wg=(\S+) ", str(entry["body"].get("identity")))
+        waiting = None if match is None else self.store.pending(match[1], self._fresh_since(now))
+        return waiting is not None and waiting.approved and waiting.entry == entry
 
     # --- joining --------------------------------------------------------------------------------
 
@@ -418,17 +474,17 @@ class _Service:
         body = _parse(await request.read())
         _fields(body, {"identity", "name", "grant"})
         network = self._network()
-        identity = _identity(body["identity"])
         with _status(403):
             grant = InviteGrant.from_wire(body["grant"], network.admin_key)
+        now = int(self.clock())
+        self._check_invite(grant, now)  # cheap checks before the identity's signature
         name = body["name"] if body["name"] is not None else grant.name
         if name is None:
             raise Refused(400, "this invite does not name the node: give a name (--name)")
         check_name(name)
         if grant.name is not None and name != grant.name:
             raise Refused(403, f"this invite is for the name {grant.name!r}")
-        now = int(self.clock())
-        self._check_invite(grant, now)
+        identity = _identity(body["identity"])
         self._check_newcomer(identity, name)
         self._check_not_revoked(identity.wg_public_key, grant.created)
         ipv4, ipv6 = _addresses(network, self.store.free_host())
@@ -436,77 +492,98 @@ class _Service:
         return web.json_response({"body": member_body(network.network, name, identity, ipv4, ipv6, joined)})
 
     async def confirm(self, request: web.Request) -> web.Response:
-        """Check the signed entry and the proof again, and admit the joiner, all at once."""
+        """Check the invite-signed entry and the proof, and hold it for the admin's machine to
+        countersign (docs/coordinator.md, "Joining"): answered with the join result once it
+        did, with 403 if it refused, else with 202 after COUNTERSIGN_WAIT (ask again)."""
         body = _parse(await request.read())
         _fields(body, {"entry", "proof"})
         network = self._network()
-        with _status(403):
-            member = MemberEntry.from_wire(body["entry"], network)
-        if member.grant is None:
+        entry = body["entry"]
+        if not isinstance(entry, dict) or "grant" not in entry or not isinstance(entry.get("body"), dict):
             raise Refused(403, "a join must be signed with an invite key (admin-signed entries come by approval)")
-        with _status(401):
-            verify_join_proof(member.identity, body["entry"]["body"], body["proof"])
         now = int(self.clock())
-        if abs(member.joined - now) > JOIN_WINDOW:
-            raise Refused(403, f"the join time is {member.joined - now:+d} s off the coordinator's clock "
-                               f"(more than {JOIN_WINDOW} s): fix the clock and join again")
-        host = network.host_index(member.ipv4)
+        # Cheap checks first: the grant (one Ed25519 signature), its expiry and uses, the time.
+        with _status(403):
+            grant = InviteGrant.from_wire(entry["grant"], network.admin_key)
+        if not self._admitted_again(entry, now):
+            self._check_invite(grant, now)
+            joined = _integer(entry["body"].get("joined"), "joined")
+            if abs(joined - now) > JOIN_WINDOW:
+                raise Refused(403, f"the join time is {joined - now:+d} s off the coordinator's clock "
+                                   f"(more than {JOIN_WINDOW} s): fix the clock and join again")
+        with _status(403):
+            member = MemberEntry.from_wire(entry, network)
+        with _status(401):
+            verify_join_proof(member.identity, entry["body"], body["proof"])
+        key = b64(member.wg_key)
+        source = self._client_address(request) or ""
+        result = self._collect(key, now)
+        if result is not None:
+            return web.json_response(result)
         with self.store.transaction():
-            existing = self.store.member(b64(member.wg_key))
-            if existing is not None and existing.entry == body["entry"]:
-                # The same signed entry with a fresh proof: the joiner lost our answer. Send it again.
-                return web.json_response(self._join_result(body["entry"], member.wg_key))
-            self._check_invite(member.grant, now)
             self._check_newcomer(member.identity, member.name)
             self._check_not_revoked(member.wg_key, member.authorized_at)
-            if self.store.host_taken(host):
-                raise Refused(409, f"the address {member.ipv4} was taken meanwhile; run the join again")
-            self.store.add_member(body["entry"], member, host)
-            self.store.use_invite(b64(member.grant.invite_key), member.grant.to_wire())
-            result = self._join_result(body["entry"], member.wg_key)
-        log.info("%s joined with an invite as %s (%s)", member.name, member.ipv4, member.identity.fingerprint)
-        return web.json_response(result)
+            waiting = self.store.pending(key, self._fresh_since(now))
+            if waiting is None or waiting.entry != entry:
+                if waiting is None:
+                    self._check_room(now, source, invited=True)
+                self.store.put_pending(PendingRow(key, member.name, member.identity.to_line(),
+                                                  member.identity.fingerprint, now, source, entry,
+                                                  str(body["proof"])))
+                log.info("%s (%s) joins with an invite; waiting for the admin's machine to countersign",
+                         member.name, member.identity.fingerprint)
+        self._wake_pending()
+        return await self._await_countersign(key, now)
+
+    async def _await_countersign(self, key: str, now: int) -> web.Response:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COUNTERSIGN_WAIT
+        while not self._closing:
+            changed = self._pending_changed
+            result = self._collect(key, now)
+            if result is not None:
+                return web.json_response(result)
+            if self.store.pending(key, self._fresh_since(now)) is None:
+                raise Refused(409, "the join request is gone (expired or replaced): run the join again")
+            try:
+                await asyncio.wait_for(changed.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
+        return web.json_response({"pending": True, "countersign": True,
+                                  "message": "waiting for the admin's machine to countersign the join "
+                                             "(its daemon does it at once when it runs)"}, status=202)
 
     async def request_join(self, request: web.Request) -> web.Response:
-        """Join by approval: reserve a name and address until the admin approves; once
-        approved, the joiner's next request gets the join result."""
+        """Join by approval: the request waits, holding no name or address, until the admin
+        approves it; once approved, the joiner's next request gets the join result."""
         body = _parse(await request.read())
         _fields(body, {"identity", "name", "t", "proof"})
-        network = self._network()
-        identity = _identity(body["identity"])
+        self._network()  # 503 before set-up
         name = check_name(body["name"])
         t = _integer(body["t"], "t")
-        _verify_request_proof(identity, {"identity": body["identity"], "name": name, "t": t}, body["proof"])
         now = int(self.clock())
-        if abs(t - now) > JOIN_WINDOW:
+        if abs(t - now) > JOIN_WINDOW:  # cheap checks before the signatures
             raise Refused(403, f"the request time is {t - now:+d} s off the coordinator's clock "
                                f"(more than {JOIN_WINDOW} s): fix the clock")
+        identity = _identity(body["identity"])
+        _verify_request_proof(identity, {"identity": body["identity"], "name": name, "t": t}, body["proof"])
         key = b64(identity.wg_public_key)
+        source = self._client_address(request) or ""
+        result = self._collect(key, now)
+        if result is not None:
+            return web.json_response(result)
         with self.store.transaction():
-            waiting = self.store.pending(key)
-            member = self.store.member(key)
-            if member is not None and member.name == name and "admin_sig" in member.entry and (
-                    waiting is None or waiting.approved):
-                # Approved: the joiner collects its result (again, if our first answer was lost).
-                result = self._join_result(member.entry, identity.wg_public_key)
-                if waiting is not None:
-                    self.store.delete_pending(key)
-                    log.info("%s collected its approved join", member.name)
-                return web.json_response(result)
             self._check_newcomer(identity, name)
-            fresh = waiting is None
-            if fresh:
-                self._expire_pending(now)
+            waiting = self.store.pending(key, self._fresh_since(now))
+            if waiting is not None and waiting.entry is not None:
+                raise Refused(409, "this key already joins with an invite; wait for that join")
             if waiting is None:
-                waiting = PendingRow(key, name, self.store.free_host(), identity.to_line(), identity.fingerprint,
-                                     now, False)
-            elif waiting.name != name:
-                raise Refused(409, f"this key already asked to join as {waiting.name!r}")
-            ipv4, ipv6 = _addresses(network, waiting.host)
-            if fresh:
-                self.store.add_pending(waiting)
+                self._check_room(now, source, invited=False)
                 log.info("%s (%s) asks to join; waiting for `tunnelmesh approve %s`", name, identity.fingerprint, name)
-        return web.json_response({"pending": True, "name": name, "ipv4": str(ipv4), "ipv6": str(ipv6)}, status=202)
+            if waiting is None or waiting.name != name or waiting.approved:
+                self.store.put_pending(PendingRow(key, name, identity.to_line(), identity.fingerprint, now, source))
+                self._wake_pending()
+        return web.json_response({"pending": True, "name": name}, status=202)
 
     # --- members --------------------------------------------------------------------------------
 
@@ -571,14 +648,13 @@ class _Service:
         """Take a network (idempotent for the same one), with the admin node's own entry."""
         raw = await request.read()
         body = _parse(raw)
-        _fields(body, {"network", "secret"}, frozenset({"member"}))
+        _fields(body, {"network"}, frozenset({"member"}))
         with _status(403):
             network = NetworkInfo.from_wire(body["network"])
         if self.admin_fingerprint is not None and network.network != self.admin_fingerprint:
             raise Refused(403, f"this coordinator serves only network {self.admin_fingerprint} (its --admin), "
                                f"not {network.network}")
         self._check_admin(request, raw, network.admin_key)
-        secret = unb64(body["secret"], "secret", NETWORK_SECRET_BYTES)
         member: MemberEntry | None = None
         if body.get("member") is not None:
             with _status(403):
@@ -591,45 +667,96 @@ class _Service:
                 if row.record == body["network"]:
                     return web.json_response({"network": network.network, "created": False})
                 raise Refused(409, f"this coordinator already serves network {self._network().network}")
-            self.store.set_network(body["network"], secret)
+            self.store.set_network(body["network"])
             if member is not None:
                 self.store.add_member(body["member"], member, network.host_index(member.ipv4))
         log.info("serving network %s (%s, %s)", network.network, network.cidr4, network.ula6)
         return web.json_response({"network": network.network, "created": True})
 
     async def pending(self, request: web.Request) -> web.Response:
+        """Joins waiting for the admin (`?wait=S`: held up to S s until there is one;
+        `&invited=1`: only joins with an invite, what the admin's daemon countersigns). A
+        request for approval comes with the addresses proposed for it (distinct, reserved
+        by nothing); an invited join with its invite-signed entry and proof, for the
+        admin's machine to check and countersign."""
         network, _ = await self._admin(request)
+        wait = min(_query_number(request, "wait", whole=False), MAX_WAIT)
+        invited = request.query.get("invited") == "1"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            changed = self._pending_changed
+            rows = [row for row in self.store.waiting(self._fresh_since(int(self.clock())))
+                    if row.entry is not None or not invited]
+            if rows or self._closing or loop.time() >= deadline:
+                break
+            try:
+                await asyncio.wait_for(changed.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
+        hosts = iter(self.store.free_hosts(sum(1 for row in rows if row.entry is None)))
         waiting = []
-        for row in self.store.waiting():
-            ipv4, ipv6 = _addresses(network, row.host)
-            waiting.append({"name": row.name, "identity": row.identity, "fingerprint": row.fingerprint,
-                            "ipv4": str(ipv4), "ipv6": str(ipv6), "requested": row.requested})
+        for row in rows:
+            item: dict[str, Any] = {"name": row.name, "identity": row.identity, "fingerprint": row.fingerprint,
+                                    "requested": row.requested}
+            if row.entry is None:
+                ipv4, ipv6 = _addresses(network, next(hosts))
+                item.update(kind="request", ipv4=str(ipv4), ipv6=str(ipv6))
+            else:
+                item.update(kind="invite", entry=row.entry, proof=row.proof)
+            waiting.append(item)
         return web.json_response({"pending": waiting})
 
     async def approve(self, request: web.Request) -> web.Response:
-        """Admit a pending joiner with the admin-signed entry made for its request."""
-        network, body = await self._admin_body(request, {"member"})
+        """Admit a pending joiner with the admin-signed entry made for it, and the network
+        secret the admin sealed to it."""
+        network, body = await self._admin_body(request, {"member", "secret"})
         with _status(403):
             member = MemberEntry.from_wire(body["member"], network)
         if member.grant is not None:
             raise Refused(403, "an approval must be signed by the admin key")
+        sealed = _sealed_secret(body["secret"])
         key = b64(member.wg_key)
+        now = int(self.clock())
         with self.store.transaction():
-            waiting = self.store.pending(key)
+            waiting = self.store.pending(key, self._fresh_since(now))
             if waiting is None:
-                raise Refused(404, f"no pending join request for {member.identity.fingerprint}")
+                raise Refused(404, f"no pending join for {member.identity.fingerprint} (expired, or never made)")
             if waiting.approved:
                 raise Refused(409, f"{waiting.name} is already approved")
-            if (waiting.name, waiting.identity, waiting.host) != (
-                    member.name, member.identity.to_line(), network.host_index(member.ipv4)):
-                raise Refused(409, "the approved entry does not match the pending request (name, identity or "
-                                   "address differ): run `tunnelmesh pending` and approve again")
+            if waiting.refused is not None:
+                raise Refused(409, f"{waiting.name} was refused: {waiting.refused}")
+            if (waiting.name, waiting.identity) != (member.name, member.identity.to_line()):
+                raise Refused(409, "the approved entry does not match the pending join (name or identity differ): "
+                                   "run `tunnelmesh pending` and approve again")
+            host = network.host_index(member.ipv4)
+            if self.store.host_taken(host):
+                raise Refused(409, f"the address {member.ipv4} was taken meanwhile: approve again")
             self._check_newcomer(member.identity, member.name)
             self._check_not_revoked(member.wg_key, member.authorized_at)
-            self.store.add_member(body["member"], member, waiting.host)
-            self.store.mark_approved(key)
-        log.info("approved %s as %s (%s)", member.name, member.ipv4, member.identity.fingerprint)
+            self.store.add_member(body["member"], member, host)
+            if waiting.entry is not None:
+                with _status(403):
+                    invited = MemberEntry.from_wire(waiting.entry, network)
+                assert invited.grant is not None
+                self.store.use_invite(b64(invited.grant.invite_key), invited.grant.to_wire())
+            self.store.mark_approved(key, sealed)
+        self._wake_pending()
+        log.info("admitted %s as %s (%s)", member.name, member.ipv4, member.identity.fingerprint)
         return web.json_response({"approved": member.name, "ipv4": str(member.ipv4), "ipv6": str(member.ipv6)})
+
+    async def refuse(self, request: web.Request) -> web.Response:
+        """The admin's machine refuses a pending join, saying why (the joiner is told)."""
+        _, body = await self._admin_body(request, {"wg_key", "reason"})
+        key = b64(unb64(body["wg_key"], "wg_key", 32))
+        reason = body["reason"]
+        if not isinstance(reason, str) or not 0 < len(reason) <= 500:
+            raise Refused(400, "reason must be text of 1 to 500 characters")
+        if not self.store.mark_refused(key, reason):
+            raise Refused(404, "no pending join for that key")
+        self._wake_pending()
+        log.info("the admin's machine refused the join of %s: %s", key, _loggable(reason))
+        return web.json_response({"refused": key})
 
     async def revoke(self, request: web.Request) -> web.Response:
         network, body = await self._admin_body(request, {"revocation"})
@@ -656,16 +783,15 @@ class _Service:
 
     async def secret(self, request: web.Request) -> web.Response:
         """A new network secret: the next epoch, sealed by the admin to the members."""
-        network, body = await self._admin_body(request, {"record", "secret"})
+        network, body = await self._admin_body(request, {"record"})
         with _status(403):
             record = SecretRecord.from_wire(body["record"], network)
-        secret = unb64(body["secret"], "secret", NETWORK_SECRET_BYTES)
         with self.store.transaction():
             epoch = self._network_row().epoch
             if record.epoch != epoch + 1:
                 raise Refused(409, f"the new secret must have epoch {epoch + 1}, not {record.epoch}: "
                                    "fetch the map and rotate again")
-            version = self.store.set_secret(body["record"], secret, record.epoch)
+            version = self.store.set_secret(body["record"], record.epoch)
             unsealed = [m.name for m in self.store.members() if m.wg_key not in record.sealed]
         if unsealed:
             log.warning("network secret epoch %d is not sealed for %s: they keep the old secret",
@@ -782,6 +908,7 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
     app.router.add_post("/v1/admin/setup", service.setup)
     app.router.add_get("/v1/admin/pending", service.pending)
     app.router.add_post("/v1/admin/approve", service.approve)
+    app.router.add_post("/v1/admin/refuse", service.refuse)
     app.router.add_post("/v1/admin/revoke", service.revoke)
     app.router.add_post("/v1/admin/secret", service.secret)
     app.router.add_get("/v1/admin/map", service.admin_map)

@@ -1,6 +1,7 @@
 """The coordinator's state: one SQLite file (docs/coordinator.md, "Storage").
 
-The file holds the network secret, so it is created mode 0600. It runs in WAL
+The file is created mode 0600 (it holds who is in the network and where they are; it
+does not hold the network secret: the admin's machine seals that to each joiner). It runs in WAL
 mode with ``synchronous=FULL``: an answered request is on disk. Every write is
 one ``BEGIN IMMEDIATE`` transaction (`Store.transaction`), so a refused or
 failed operation leaves no row behind. The schema is versioned with
@@ -19,7 +20,6 @@ Every sqlite3 error becomes a `StoreError` whose message says what to do.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import os
@@ -79,6 +79,27 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ("ALTER TABLE members ADD COLUMN ssh TEXT",),
     # 3: the URL of the relay a member serves (relay = true), NULL for none.
     ("ALTER TABLE members ADD COLUMN relay TEXT",),
+    # 4: the coordinator no longer holds the network secret (the admin's machine seals it to
+    # each joiner); a pending request reserves no name or address, and a join with an invite
+    # waits in it for the admin's countersignature. Old pending rows are dropped (joiners
+    # ask again).
+    (
+        "UPDATE network SET secret = ''",
+        "DROP TABLE pending",
+        """CREATE TABLE pending (
+            wg_key TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            identity TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            requested INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            entry TEXT,
+            proof TEXT,
+            approved INTEGER NOT NULL DEFAULT 0,
+            sealed TEXT,
+            refused TEXT)""",
+        "CREATE INDEX pending_source ON pending (source)",
+    ),
 ]
 
 _P = ParamSpec("_P")
@@ -92,7 +113,6 @@ class StoreError(Exception):
 @dataclass(frozen=True)
 class NetworkRow:
     record: dict[str, Any]
-    secret: bytes
     epoch: int
     secret_record: dict[str, Any] | None
     secret_version: int
@@ -122,13 +142,21 @@ class RevocationRow:
 
 @dataclass(frozen=True)
 class PendingRow:
+    """A join waiting for the admin: a request for approval (`entry` None), or a join with
+    an invite (`entry`: the invite-signed entry, `proof`: the SSHSIG over its body) waiting
+    for the admin's machine to countersign. Nothing is reserved by it."""
+
     wg_key: str
     name: str
-    host: int
     identity: str
     fingerprint: str
     requested: int
-    approved: bool
+    source: str
+    entry: dict[str, Any] | None = None
+    proof: str | None = None
+    approved: bool = False
+    sealed: dict[str, Any] | None = None  # the network secret the admin sealed to the joiner
+    refused: str | None = None  # why the admin's machine refused it
 
 
 def _guarded(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate[Store, _P], _R]:
@@ -221,6 +249,7 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL").fetchone()
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA secure_delete=ON")  # the secret files of old versions leave no trace
         with self.transaction():
             current = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if current > len(MIGRATIONS):
@@ -295,25 +324,26 @@ class Store:
         row = self._conn.execute("SELECT * FROM network").fetchone()
         if row is None:
             return None
-        return NetworkRow(_loads(row["record"]), base64.b64decode(row["secret"]), row["secret_epoch"],
+        return NetworkRow(_loads(row["record"]), row["secret_epoch"],
                           None if row["secret_record"] is None else _loads(row["secret_record"]),
                           row["secret_version"], row["version"])
 
     @_guarded
-    def set_network(self, record: dict[str, Any], secret: bytes) -> int:
+    def set_network(self, record: dict[str, Any]) -> int:
         """Take a network (secret epoch 0, no secret record yet). Setting up is a change: version 1."""
         with self.transaction():
             self._conn.execute(
                 "INSERT INTO network (id, record, secret, secret_epoch, secret_record, secret_version, version) "
-                "VALUES (1, ?, ?, 0, NULL, 0, 0)", (_json(record), b64(secret)))
+                "VALUES (1, ?, '', 0, NULL, 0, 0)", (_json(record),))
             return self._bump()
 
     @_guarded
-    def set_secret(self, record: dict[str, Any], secret: bytes, epoch: int) -> int:
+    def set_secret(self, record: dict[str, Any], epoch: int) -> int:
+        """The admin's record of a new secret (sealed to each member; the secret itself is not here)."""
         with self.transaction():
             version = self._bump()
-            self._conn.execute("UPDATE network SET secret = ?, secret_epoch = ?, secret_record = ?, secret_version = ?",
-                               (b64(secret), epoch, _json(record), version))
+            self._conn.execute("UPDATE network SET secret_epoch = ?, secret_record = ?, secret_version = ?",
+                               (epoch, _json(record), version))
             return version
 
     # --- members ------------------------------------------------------------------------------
@@ -372,18 +402,23 @@ class Store:
 
     @_guarded
     def host_taken(self, host: int) -> bool:
-        """Whether a member or a pending request holds host number `host`."""
-        return self._conn.execute("SELECT 1 FROM members WHERE host = ? UNION ALL SELECT 1 FROM pending WHERE host = ?",
-                                  (host, host)).fetchone() is not None
+        """Whether a member holds host number `host` (pending requests hold nothing)."""
+        return self._conn.execute("SELECT 1 FROM members WHERE host = ?", (host,)).fetchone() is not None
 
     @_guarded
+    def free_hosts(self, count: int = 1) -> list[int]:
+        """The `count` lowest host numbers >= 1 that no member holds."""
+        used = {row[0] for row in self._conn.execute("SELECT host FROM members")}
+        free: list[int] = []
+        candidate = 1
+        while len(free) < count:
+            if candidate not in used:
+                free.append(candidate)
+            candidate += 1
+        return free
+
     def free_host(self) -> int:
-        """The lowest host number >= 1 that no member and no pending request holds."""
-        row = self._conn.execute(
-            "WITH used(host) AS (SELECT host FROM members UNION SELECT host FROM pending) "
-            "SELECT min(candidate) FROM (SELECT 1 AS candidate UNION SELECT host + 1 FROM used) "
-            "WHERE candidate NOT IN (SELECT host FROM used)").fetchone()
-        return int(row[0])
+        return self.free_hosts(1)[0]
 
     # --- invites --------------------------------------------------------------------------------
 
@@ -426,44 +461,70 @@ class Store:
                 self._conn.execute("DELETE FROM members WHERE wg_key = ?", (wg_key,))
             return version
 
-    # --- pending join requests (admin approval) ---------------------------------------------------
+    # --- pending joins (approval requests, and invited joins waiting to be countersigned) ---------
 
     @staticmethod
     def _pending(row: sqlite3.Row) -> PendingRow:
-        return PendingRow(row["wg_key"], row["name"], row["host"], row["identity"], row["fingerprint"],
-                          row["requested"], bool(row["approved"]))
+        return PendingRow(row["wg_key"], row["name"], row["identity"], row["fingerprint"], row["requested"],
+                          row["source"], None if row["entry"] is None else _loads(row["entry"]), row["proof"],
+                          bool(row["approved"]), None if row["sealed"] is None else _loads(row["sealed"]),
+                          row["refused"])
 
     @_guarded
-    def pending(self, wg_key: str) -> PendingRow | None:
-        row = self._conn.execute("SELECT * FROM pending WHERE wg_key = ?", (wg_key,)).fetchone()
+    def pending(self, wg_key: str, fresh_since: int) -> PendingRow | None:
+        """The key's pending join, unless it was made before `fresh_since` (expired)."""
+        row = self._conn.execute("SELECT * FROM pending WHERE wg_key = ? AND requested >= ?",
+                                 (wg_key, fresh_since)).fetchone()
         return None if row is None else self._pending(row)
 
     @_guarded
-    def pending_named(self, name: str) -> PendingRow | None:
-        row = self._conn.execute("SELECT * FROM pending WHERE name = ?", (name,)).fetchone()
-        return None if row is None else self._pending(row)
-
-    @_guarded
-    def waiting(self) -> list[PendingRow]:
-        """Requests the admin has not approved yet, oldest first."""
-        rows = self._conn.execute("SELECT * FROM pending WHERE NOT approved ORDER BY requested, name")
+    def waiting(self, fresh_since: int) -> list[PendingRow]:
+        """Joins the admin has neither approved nor refused, made since `fresh_since`, oldest first."""
+        rows = self._conn.execute("SELECT * FROM pending WHERE NOT approved AND refused IS NULL AND requested >= ? "
+                                  "ORDER BY requested, name", (fresh_since,))
         return [self._pending(row) for row in rows]
 
     @_guarded
-    def add_pending(self, request: PendingRow) -> None:
-        with self.transaction():
-            self._conn.execute(
-                "INSERT INTO pending (wg_key, name, host, identity, fingerprint, requested, approved) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (request.wg_key, request.name, request.host, request.identity, request.fingerprint,
-                 request.requested, int(request.approved)))
+    def pending_count(self, fresh_since: int, *, invited: bool, source: str | None = None) -> int:
+        """How many unexpired requests for approval (invited=False) or invited joins wait,
+        from one source address or from all (admitted ones, kept to be collected, do not)."""
+        query = "SELECT count(*) FROM pending WHERE requested >= ? AND NOT approved AND (entry IS NOT NULL) = ?"
+        args: tuple[Any, ...] = (fresh_since, invited)
+        if source is not None:
+            query += " AND source = ?"
+            args += (source,)
+        return int(self._conn.execute(query, args).fetchone()[0])
 
     @_guarded
-    def mark_approved(self, wg_key: str) -> None:
+    def put_pending(self, request: PendingRow) -> None:
+        """Add a pending join, or replace the key's earlier one."""
         with self.transaction():
-            self._conn.execute("UPDATE pending SET approved = 1 WHERE wg_key = ?", (wg_key,))
+            self._conn.execute(
+                "INSERT OR REPLACE INTO pending (wg_key, name, identity, fingerprint, requested, source, entry, proof, "
+                "approved, sealed, refused) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (request.wg_key, request.name, request.identity, request.fingerprint, request.requested,
+                 request.source, None if request.entry is None else _json(request.entry), request.proof,
+                 int(request.approved), None if request.sealed is None else _json(request.sealed), request.refused))
+
+    @_guarded
+    def mark_approved(self, wg_key: str, sealed: dict[str, Any]) -> None:
+        with self.transaction():
+            self._conn.execute("UPDATE pending SET approved = 1, sealed = ? WHERE wg_key = ?", (_json(sealed), wg_key))
+
+    @_guarded
+    def mark_refused(self, wg_key: str, reason: str) -> bool:
+        with self.transaction():
+            cursor = self._conn.execute("UPDATE pending SET refused = ? WHERE wg_key = ? AND NOT approved",
+                                        (reason, wg_key))
+            return cursor.rowcount > 0
 
     @_guarded
     def delete_pending(self, wg_key: str) -> None:
         with self.transaction():
             self._conn.execute("DELETE FROM pending WHERE wg_key = ?", (wg_key,))
+
+    @_guarded
+    def purge_pending(self, before: int) -> int:
+        """Drop pending joins made before `before` (expired)."""
+        with self.transaction():
+            return self._conn.execute("DELETE FROM pending WHERE requested < ?", (before,)).rowcount
