@@ -593,3 +593,15 @@ def test_bridge_socket_header_membership_and_frames(identities: list[NodeIdentit
         assert not socket_path.exists()
 
     run(main())
+
+
+def test_the_host_key_is_made_without_following_a_planted_link(tmp_path: Path) -> None:
+    """The host key goes through the one writer: a symlink at the old fixed temp name is
+    neither followed nor truncated (issue 13, defect 7)."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    path = tmp_path / "ssh_host_key"
+    (tmp_path / f".{path.name}.tmp").symlink_to(victim)
+    key = load_or_create_host_key(path)
+    assert victim.read_text() == "keep me"
+    assert (path.stat().st_mode & 0o777) == 0o600 and load_or_create_host_key(path).public_data == key.public_data

@@ -54,6 +54,7 @@ from typing import Any, Literal, Protocol
 
 import asyncssh
 
+from tunnelmesh import files
 from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.links import Link, LinkError, LinkSink, RefusalLog
 from tunnelmesh.links.attest import SshEndpoint
@@ -142,17 +143,10 @@ def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
 
 def _create_host_key(path: Path) -> asyncssh.SSHKey:
     key = asyncssh.generate_private_key("ssh-ed25519", comment="tunnelmesh ssh host key")
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.export_private_key("openssh"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)  # never a half-written key under the real name
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise LinkError(f"cannot write SSH host key {path}: {exc.strerror}") from None
+    try:  # the one writer: a random temp name, never a planted link, never half a key
+        files.write_atomic(path, key.export_private_key("openssh"), 0o600)
+    except files.FileError as exc:
+        raise LinkError(f"cannot write SSH host key {path}: {exc.reason}") from None
     log.info("made SSH host key %s (%s)", path, key.get_fingerprint())
     return key
 
