@@ -48,12 +48,16 @@ class Admitter(Actor):
 
     async def run(self) -> None:
         backoff = BACKOFF_START
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 admin = Admin.load(self.paths)
                 async with admin.coordinator() as coordinator:
                     while True:
+                        asked = loop.time()
                         waiting = await coordinator.pending(POLL_WAIT, invited=True)
+                        if not waiting and loop.time() - asked < BACKOFF_START:
+                            await asyncio.sleep(BACKOFF_START)  # answered at once with nothing: no busy loop
                         decisions = await countersign_pending(admin, coordinator, waiting)
                         self.problem = None
                         backoff = BACKOFF_START

@@ -128,6 +128,8 @@ class CoordinatorClient(Actor):
             self.bus.publish({"event": "coordinator", "state": state, "error": error})
             self.connection, self.error, self.since = state, error, time.time()
 
+    _behind = False  # the coordinator's map went below our version: ask for full maps
+
     async def run(self) -> None:
         backoff = BACKOFF_MIN
         while True:
@@ -139,9 +141,17 @@ class CoordinatorClient(Actor):
                     backoff = BACKOFF_MIN
                     last_register = time.monotonic()
                     while True:
-                        update = await coordinator.map(self.peer_map.version, LONG_POLL)
+                        # After a refused rollback, only a full map: asking for what changed
+                        # since our version would skip what the coordinator stored below it.
+                        since = 0 if self._behind else self.peer_map.version
+                        update = await coordinator.map(since, LONG_POLL)
                         self._set_connection("connected")
-                        self.apply(update)  # refuses a version older than ours (no rollback)
+                        try:
+                            self.apply(update)  # refuses a version older than ours (no rollback)
+                        except MembershipError:
+                            self._behind = True
+                            raise
+                        self._behind = False
                         if time.monotonic() - last_register >= REGISTER_INTERVAL:
                             await self._register(coordinator)
                             last_register = time.monotonic()

@@ -67,10 +67,14 @@ class InviteRecord:
 
 
 class InviteLedger:
-    """Every invite the admin's machine made and every key each one admitted, kept for good."""
+    """Every invite the admin's machine made and every key each one admitted, and every
+    entry the admin key signed for a joiner (`admitted`: WireGuard key -> entry wire), kept
+    for good: the admin's own bindings never depend on what a coordinator echoes back."""
 
-    def __init__(self, records: dict[str, InviteRecord] | None = None) -> None:
+    def __init__(self, records: dict[str, InviteRecord] | None = None,
+                 admitted: dict[str, dict[str, Any]] | None = None) -> None:
         self.records: dict[str, InviteRecord] = records or {}
+        self.admitted: dict[str, dict[str, Any]] = admitted or {}
 
     def add(self, grant: InviteGrant) -> InviteRecord:
         record = self.records.setdefault(b64(grant.invite_key), InviteRecord(grant))
@@ -91,15 +95,25 @@ class InviteLedger:
             record.revoked_at = now
         return record
 
-    def to_wire(self) -> list[dict[str, Any]]:
-        return [record.to_wire() for record in self.records.values()]
+    def signed(self, network: NetworkInfo) -> list[MemberEntry]:
+        """The entries the admin signed for joiners (each re-verified)."""
+        return [MemberEntry.from_wire(wire, network) for wire in self.admitted.values()]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"invites": [record.to_wire() for record in self.records.values()], "admitted": self.admitted}
 
     @classmethod
     def from_wire(cls, wire: Any, network: NetworkInfo) -> InviteLedger:
-        if not isinstance(wire, list):
-            raise MembershipError("invite ledger: expected a list")
+        if not isinstance(wire, dict) or set(wire) != {"invites", "admitted"} or not isinstance(wire["invites"], list) \
+                or not isinstance(wire["admitted"], dict):
+            raise MembershipError("invite ledger: expected {\"invites\": [...], \"admitted\": {...}}")
+        admitted = wire["admitted"]
+        for key, entry in admitted.items():
+            member = MemberEntry.from_wire(entry, network)
+            if member.grant is not None or b64(member.wg_key) != key:
+                raise MembershipError("invite ledger: an admitted entry is not the admin's for its key")
         records: dict[str, InviteRecord] = {}
-        for item in wire:
+        for item in wire["invites"]:
             if not isinstance(item, dict) or set(item) != {"grant", "used_by", "revoked_at"}:
                 raise MembershipError("invite ledger: each invite has grant, used_by and revoked_at")
             grant = InviteGrant.from_wire(item["grant"], network.admin_key)
@@ -112,7 +126,7 @@ class InviteLedger:
             if revoked_at is not None and (isinstance(revoked_at, bool) or not isinstance(revoked_at, int)):
                 raise MembershipError("invite ledger: revoked_at must be a time or null")
             records[b64(grant.invite_key)] = InviteRecord(grant, list(used_by), revoked_at)
-        return cls(records)
+        return cls(records, dict(admitted))
 
 
 @dataclass(frozen=True)
@@ -191,6 +205,13 @@ def countersign_invited(*, admin: AdminKey, network: NetworkInfo, ledger: Invite
     if left is not None and left == 0 and key not in record.used_by:
         raise MembershipError(f"the invite {record.id} was already used {grant.uses} time(s), all it allows")
     verify_join_proof(member.identity, entry["body"], proof)
+    kept = ledger.admitted.get(key)
+    if kept is not None and member.wg_key not in peer_map.members:
+        signed = MemberEntry.from_wire(kept, network)
+        if peer_map.revoked(signed) is None:
+            # Signed before, but the coordinator never took it (the hand-over failed): the
+            # same entry again, never a second one under another name or address.
+            return Countersigned(signed, kept, record)
     host = choose_host(peer_map, member.ipv4, member.wg_key)
     ipv4, ipv6 = network.host(host)
     body = member_body(network.network, member.name, member.identity, ipv4, ipv6, now)
@@ -199,6 +220,7 @@ def countersign_invited(*, admin: AdminKey, network: NetworkInfo, ledger: Invite
     check_newcomer(peer_map, signed, authorized_after=grant.created)
     if key not in record.used_by:
         record.used_by.append(key)
+    ledger.admitted[key] = wire
     return Countersigned(signed, wire, record)
 
 

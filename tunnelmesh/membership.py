@@ -882,16 +882,27 @@ def bindings_of(member: MemberEntry) -> tuple[str, ...]:
     return f"name:{member.name}", f"ipv4:{member.ipv4}", f"ssh:{member.identity.fingerprint}"
 
 
-def parse_bindings(value: Any) -> dict[str, bytes]:
-    """The kept bindings as `to_wire` writes them: {"name:web": "<wg key b64>", ...}."""
+def parse_bindings(value: Any) -> tuple[dict[str, bytes], dict[bytes, int]]:
+    """The kept bindings as `bindings_to_wire` writes them: {"bindings": {"name:web":
+    "<wg key b64>", ...}, "authorized": {"<wg key b64>": time}} -- which key holds what, and
+    when the admin last authorised each holder (a revocation frees its bindings only if it
+    is as late)."""
     obj = _obj(value, "bindings")
+    _keys(obj, {"bindings", "authorized"}, "bindings")
     parsed: dict[str, bytes] = {}
-    for key, wg in obj.items():
+    for key, wg in _obj(obj["bindings"], "bindings").items():
         kind, _, rest = _str(key, "binding", 128).partition(":")
-        if kind not in ("name", "ipv4", "ssh") or not rest:
+        if kind == "ipv4":
+            try:
+                ipaddress.IPv4Address(rest)
+            except ValueError:
+                raise MembershipError(f"binding {key[:40]!r}: not an IPv4 address") from None
+        elif kind not in ("name", "ssh") or not rest:
             raise MembershipError(f"binding {key[:40]!r}: expected name:, ipv4: or ssh:")
         parsed[key] = unb64(wg, "bound key", 32)
-    return parsed
+    authorized = {unb64(k, "bound key", 32): _int(t, "authorized") for k, t in
+                  _obj(obj["authorized"], "authorized").items()}
+    return parsed, authorized
 
 
 class PeerMap:
@@ -922,6 +933,7 @@ class PeerMap:
         self.revocations: dict[bytes, Revocation] = {}
         self._revoked_ssh: dict[str, Revocation] = {}
         self.bindings: dict[str, bytes] = {}
+        self.authorized: dict[bytes, int] = {}  # bound key -> when the admin last authorised it
         self.secret: SecretRecord | None = None
         self.own: MemberEntry | None = None  # this node's entry, when a map lists it
         self.version = 0
@@ -946,9 +958,12 @@ class PeerMap:
             member = self.own
         if member is not None:
             return self.revoked(member) is not None
-        return wg_key in self.revocations or any(
-            binding[4:] in self._revoked_ssh for binding, key in self.bindings.items()
-            if key == wg_key and binding.startswith("ssh:"))
+        # Not listed now (a map may hide it): revoked only by a revocation at or after its
+        # last authorisation, never by one that a later re-admission overrode.
+        authorized = self.authorized.get(wg_key, 0)
+        found = [self.revocations.get(wg_key), *(self._revoked_ssh.get(binding[4:]) for binding, key
+                                                 in self.bindings.items() if key == wg_key and binding.startswith("ssh:"))]
+        return any(r is not None and r.at >= authorized for r in found)
 
     def keep(self, revocation: Revocation) -> None:
         """Keep a verified revocation (the latest per key and per SSH key: it covers most)."""
@@ -991,6 +1006,9 @@ class PeerMap:
             if self.bindings.get(binding) != member.wg_key:
                 self.bindings[binding] = member.wg_key
                 changes.bindings_changed = True
+        if self.authorized.get(member.wg_key, -1) < member.authorized_at:
+            self.authorized[member.wg_key] = member.authorized_at
+            changes.bindings_changed = True
 
     def apply(self, update: Any) -> MapChanges:
         changes = MapChanges()
@@ -1084,8 +1102,9 @@ class PeerMap:
             "endpoints": {b64(k): e.to_wire() for k, e in self.endpoints.items()},
         }
 
-    def bindings_to_wire(self) -> dict[str, str]:
-        return {binding: b64(key) for binding, key in sorted(self.bindings.items())}
+    def bindings_to_wire(self) -> dict[str, Any]:
+        return {"bindings": {binding: b64(key) for binding, key in sorted(self.bindings.items())},
+                "authorized": {b64(key): at for key, at in sorted(self.authorized.items())}}
 
 
 def _list(value: Any, what: str) -> list[Any]:

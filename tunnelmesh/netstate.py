@@ -132,11 +132,11 @@ def _read_revocation_wires(path: Path) -> list[Any]:
     return data
 
 
-def _read_bindings(path: Path) -> dict[str, bytes]:
+def _read_bindings(path: Path) -> tuple[dict[str, bytes], dict[bytes, int]]:
     try:
         data = _read_json(path, "bindings")
     except FileNotFoundError:
-        return {}
+        return {}, {}
     try:
         return parse_bindings(data)
     except MembershipError as exc:
@@ -150,7 +150,7 @@ def load_peer_map(path: Path, state: NetworkState) -> tuple[PeerMap, list[str]]:
     peer_map = PeerMap(state.network, state.member.wg_key)
     changes = MapChanges()
     peer_map.add_revocations(_read_revocation_wires(_revocations_path(path)), changes)
-    peer_map.bindings.update(_read_bindings(_bindings_path(path)))
+    peer_map.bindings, peer_map.authorized = _read_bindings(_bindings_path(path))
     if peer_map.binding_clash(state.member) is None:
         peer_map.bind(state.member, changes)
     rejected = changes.rejected
@@ -191,13 +191,14 @@ def save_bindings(path: Path, peer_map: PeerMap) -> None:
 def invite_ledger(path: Path, network: NetworkInfo) -> Iterator[InviteLedger]:
     """The admin's invite ledger, locked for one read-modify-write (`invite` on the command
     line and the daemon's admitter both write it) and written back atomically if changed."""
-    lock_fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock_fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                      0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
             wire = _read_json(path, "invite ledger")
         except FileNotFoundError:
-            wire = []
+            wire = {"invites": [], "admitted": {}}
         try:
             ledger = InviteLedger.from_wire(wire, network)
         except MembershipError as exc:

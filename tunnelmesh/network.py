@@ -249,9 +249,11 @@ async def _join_with_token(coordinator: Coordinator, network: NetworkInfo, token
     deadline = time.monotonic() + wait
     announced = False
     while True:
+        asked = time.monotonic()
         result = await coordinator.confirm(entry, proof)
         if not result.get("pending"):
             return result
+        await asyncio.sleep(max(0.0, APPROVAL_POLL - (time.monotonic() - asked)))  # never a tight loop
         if not announced and on_pending is not None:
             on_pending({**result, "name": member.name, "fingerprint": identity.public.fingerprint})
             announced = True
@@ -367,8 +369,15 @@ class Admin:
         node a new secret."""
         try:
             peer_map, _ = load_peer_map(self.paths.peer_map_cache, self.state)
-        except StateError as exc:
+            with invite_ledger(self.paths.invites, self.state.network) as ledger:
+                signed = ledger.signed(self.state.network)
+        except (StateError, MembershipError) as exc:
             raise NetworkError(str(exc)) from None
+        changes = MapChanges()
+        for member in signed:  # what this machine signed binds here, whatever the coordinator lists
+            if peer_map.revoked(member) is None and peer_map.binding_clash(member) is None:
+                peer_map.bind(member, changes)
+        peer_map.version = 0  # the admin takes the coordinator's whole map; what is kept still holds
         peer_map.apply(await coordinator.admin_map())
         return peer_map, [self.state.member, *peer_map.members.values()]
 
@@ -428,13 +437,21 @@ async def countersign_pending(admin: Admin, coordinator: Coordinator, waiting: l
                 signed = countersign_invited(admin=admin.key, network=admin.state.network, ledger=ledger,
                                              peer_map=peer_map, entry=entry, proof=proof, now=_now())
         except MembershipError as exc:
-            await coordinator.refuse(wg_key, str(exc)[:500])
+            try:
+                await coordinator.refuse(wg_key, str(exc)[:500])
+            except CoordinatorError as failed:  # one join that cannot be answered holds up no other
+                decisions.append(f"cannot refuse the join of {request.get('name')!r} now: {failed}")
+                continue
             decisions.append(f"refused the join of {request.get('name')!r}: {exc}")
             continue
         except StateError as exc:
             decisions.append(f"cannot countersign the join of {request.get('name')!r}: {exc}")
             continue
-        await coordinator.approve(signed.wire, admin.sealed_secret(signed.member, peer_map))
+        try:
+            await coordinator.approve(signed.wire, admin.sealed_secret(signed.member, peer_map))
+        except CoordinatorError as failed:
+            decisions.append(f"cannot hand over the countersigned join of {signed.member.name} now: {failed}")
+            continue
         peer_map.bind(signed.member, MapChanges())
         peer_map.members[signed.member.wg_key] = signed.member
         decisions.append(f"countersigned the join of {signed.member.name} as {signed.member.ipv4} "
@@ -494,7 +511,9 @@ async def approve(paths: Paths, name: str, fingerprint: str) -> MemberEntry:
             member = MemberEntry.from_wire(sign_member_as_admin(body, admin.key), admin.state.network)
             peer_map, _ = await admin.members(coordinator)
             check_newcomer(peer_map, member, authorized_after=None)  # approving a revoked key re-admits it
-        except (IdentityError, MembershipError, ValueError, KeyError) as exc:
+            with invite_ledger(paths.invites, admin.state.network) as ledger:  # kept before it goes out
+                ledger.admitted[b64(member.wg_key)] = member.to_wire()
+        except (IdentityError, MembershipError, ValueError, KeyError, StateError) as exc:
             raise NetworkError(f"pending join {name!r} cannot be approved: {exc}") from None
         await coordinator.approve(member.to_wire(), admin.sealed_secret(member, peer_map))
         return member
@@ -527,10 +546,19 @@ async def rotate_secret(paths: Paths) -> tuple[int, int]:
         epoch = (peer_map.secret.epoch if peer_map.secret is not None else 0) + 1
         secret = os.urandom(NETWORK_SECRET_BYTES)
         record = SecretRecord.create(admin.key, epoch, secret, members, _now())
-        await coordinator.rotate_secret(record.to_wire())
-    try:  # this machine seals the secret to future joiners: it keeps the current one
-        write_secret(paths.network_secret, secret)
-    except StateError as exc:
-        raise NetworkError(f"the new secret (epoch {epoch}) went out, but this machine could not keep it: {exc}; "
-                           "run `tunnelmesh rotate-secret` again") from None
+        # This machine seals the secret to future joiners: it keeps the new one before the
+        # record goes out (a join countersigned meanwhile gets the secret of the new epoch),
+        # and puts the old one back if the coordinator does not take it.
+        try:
+            old = read_network_secret(paths.network_secret)
+            write_secret(paths.network_secret, secret)
+        except ConfigError as exc:
+            raise NetworkError(f"{exc}; nothing was rotated") from None
+        except StateError as exc:
+            raise NetworkError(f"cannot keep the new secret here: {exc}; nothing was rotated") from None
+        try:
+            await coordinator.rotate_secret(record.to_wire())
+        except BaseException:
+            write_secret(paths.network_secret, old)
+            raise
     return epoch, len(members)

@@ -195,3 +195,17 @@ def test_a_forged_proof_is_refused(world: World) -> None:
     entry, _ = joining(world, 2, admin.invite())
     _, other_proof = joining(world, 3, admin.invite())
     admin.refuses(entry, other_proof, "prove")
+
+
+def test_a_key_signed_before_gets_the_same_entry_again_never_a_second_one(world: World) -> None:
+    """If the hand-over to the coordinator failed, the admin's machine signs nothing new
+    for that key: the entry it keeps goes again, whatever the new request says."""
+    admin = Admin(world)
+    entry, proof = joining(world, 2, admin.invite(uses=0))
+    first = countersign_invited(admin=world.admin, network=world.network, ledger=admin.ledger,
+                                peer_map=admin.peer_map, entry=entry, proof=proof, now=NOW)
+    other, other_proof = joining(world, 2, admin.invite(uses=0), name="renamed")
+    again = countersign_invited(admin=world.admin, network=world.network, ledger=admin.ledger,
+                                peer_map=admin.peer_map, entry=other, proof=other_proof, now=NOW + 5)
+    assert again.wire == first.wire and again.member.name == "node2"
+    assert InviteLedger.from_wire(admin.ledger.to_wire(), world.network).admitted == {b64(world.wg(2)): first.wire}

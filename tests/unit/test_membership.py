@@ -999,6 +999,19 @@ def test_full_map_leaving_a_member_out_does_not_free_its_name_or_address(peer_ma
     assert peer_map.bindings["name:node1"] == world.wg(2) and revoked.bindings_changed
 
 
+def test_a_readmitted_member_hidden_by_a_map_keeps_its_name_and_address(peer_map: PeerMap, world: World) -> None:
+    """A revocation older than the holder's re-admission frees nothing, even while a map
+    leaves the holder out."""
+    revocation = world.revocation(1, at=NOW + 1000)
+    peer_map.apply(update([world.admin_member(1)], [revocation.to_wire()]))
+    peer_map.apply(update([world.admin_member(1, joined=NOW + 2000)], [revocation.to_wire()], version=2))
+    assert world.wg(1) in peer_map.members
+    taker = world.admin_member(2, host=2, name="node1", joined=NOW + 3000)
+    changes = peer_map.apply(update([taker], [revocation.to_wire()], version=3))  # node1 left out
+    assert not changes.added and "is bound to another key" in changes.rejected[0]
+    assert peer_map.bindings["name:node1"] == world.wg(1) and not peer_map.key_revoked(world.wg(1))
+
+
 def test_bindings_of_the_node_itself_hold(world: World) -> None:
     """This node's own name and address are bound to it as well."""
     own_view = PeerMap(world.network, world.wg(0))

@@ -125,7 +125,7 @@ def test_peer_map_cache_keeps_revocations_and_survives_garbage(tmp_path: Path, w
     loaded.apply({**update, "version": 4})
     assert set(loaded.members) == {members[1].wg_key}
     # Bindings are kept beside the cache, for good.
-    assert json.loads((tmp_path / "bindings.json").read_text())[f"name:{members[1].name}"]
+    assert json.loads((tmp_path / "bindings.json").read_text())["bindings"][f"name:{members[1].name}"]
 
     path.write_text("[]")
     empty, rejected = load_peer_map(path, state)

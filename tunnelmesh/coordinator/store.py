@@ -487,8 +487,10 @@ class Store:
     @_guarded
     def pending_count(self, fresh_since: int, *, invited: bool, source: str | None = None) -> int:
         """How many unexpired requests for approval (invited=False) or invited joins wait,
-        from one source address or from all (admitted ones, kept to be collected, do not)."""
-        query = "SELECT count(*) FROM pending WHERE requested >= ? AND NOT approved AND (entry IS NOT NULL) = ?"
+        from one source address or from all (admitted and refused ones, kept to be collected,
+        do not)."""
+        query = ("SELECT count(*) FROM pending WHERE requested >= ? AND NOT approved AND refused IS NULL "
+                 "AND (entry IS NOT NULL) = ?")
         args: tuple[Any, ...] = (fresh_since, invited)
         if source is not None:
             query += " AND source = ?"
