@@ -22,6 +22,7 @@ make a member, rebind a name or an address, or bring a revoked member back.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +36,6 @@ from tunnelmesh.membership import (
     NetworkInfo,
     PeerMap,
     b64,
-    key_fingerprint,
     member_body,
     seal,
     sign_member_as_admin,
@@ -44,8 +44,9 @@ from tunnelmesh.membership import (
 )
 
 def invite_id(invite_key: bytes) -> str:
-    """The short name of an invite, as `tunnelmesh invites` shows it."""
-    return key_fingerprint(invite_key)[7:19]
+    """The short name of an invite, as `tunnelmesh invites` shows it: hex, so that it can be
+    typed, grepped and matched as it is (a base64 fingerprint carries '+' and '/')."""
+    return hashlib.sha256(invite_key).hexdigest()[:12]
 
 
 @dataclass
