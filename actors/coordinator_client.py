@@ -31,7 +31,8 @@ from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, write_s
 from tunnelmesh.wireguard import derive_psk
 
 from .control import EventBus
-from .mesh import AddPeers, Mesh, PeerSpec, RemovePeer, SetEndpoints, SetPsk
+from .mesh import Mesh
+from .messages import AddPeers, PeerSpec, RemovePeer, SetCandidates, SetPsk
 from .runtime import Actor
 
 log = logging.getLogger("tunnelmesh.coordinator")
@@ -198,7 +199,7 @@ class CoordinatorClient(Actor):
         for key, endpoints in changes.endpoints.items():
             addresses = endpoints.candidates(self.peer_map.network)
             if key not in added and addresses:
-                self.mesh.tell(SetEndpoints(key, addresses))
+                self.mesh.tell(SetCandidates(key, addresses))
 
     def _install_secret(self) -> None:
         record = self.peer_map.secret

@@ -41,10 +41,11 @@ from .control import ControlServer, EventBus
 from .admitter import Admitter
 from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath, UdpError, open_udp_socket
-from .links import RelayConnection, RelayPool, SshServer, SyncRelays
-from .mesh import FindSession, ListPeers, Mesh, PeerSpec
+from .links import RelayConnection, RelayPool, SshServer
+from .mesh import Mesh
+from .messages import FindSession, GetStatus, ListPeers, PeerSpec, Ping, Start, SyncRelays
 from .runtime import Actor, Supervisor
-from .session import Ping, Start, Status, Transports
+from .session import Transports
 from .tun import TunDevice, TunError
 
 log = logging.getLogger("tunnelmesh.daemon")
@@ -457,7 +458,7 @@ async def run_daemon(paths: Paths) -> int:
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
         me = await identity_actor.ask("whoami")
-        peers = [await session.ask(Status()) for session in await mesh.ask(ListPeers())]
+        peers = [await session.ask(GetStatus()) for session in await mesh.ask(ListPeers())]
         drops = dict(device.drops + datapath.drops)
         return {
             "node": {

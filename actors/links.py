@@ -20,7 +20,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
@@ -29,6 +28,7 @@ from tunnelmesh.links.relay import RelayClient, RelayGuard, relay_url
 from tunnelmesh.links.ssh import SshRung, SshTarget, endpoint_targets
 from tunnelmesh.membership import PeerMap
 
+from .messages import SyncRelays
 from .runtime import Actor
 
 if TYPE_CHECKING:
@@ -141,10 +141,6 @@ class RelayConnection(Actor):
 #: one WebSocket kept open, so a map offering many cannot make a node hold many.
 MAX_NODE_RELAYS = 4
 
-
-@dataclass(frozen=True)
-class SyncRelays:
-    """The peer map changed: connect to the relays it offers now, drop the others."""
 
 
 class RelayPool(Actor):

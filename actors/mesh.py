@@ -12,14 +12,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tunnelmesh.config import RUNG_NAMES, RungChoice
+from tunnelmesh.config import RUNG_NAMES
 from tunnelmesh.wireguard import Device
 
+from .messages import AddPeers, FindSession, ListPeers, PeerSpec, RemovePeer, SetCandidates, SetPsk, Start
 from .runtime import Actor
-from .session import PeerSession, Start, Transports
+from .session import PeerSession, Transports
 
 if TYPE_CHECKING:
     from .control import EventBus
@@ -28,63 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunnelmesh.mesh")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
 #: Under the transport ladder, data received and not answered gets a keepalive after this
 #: long (WireGuard waits 10 s), well inside the ladder's 3 s failure check.
 LADDER_KEEPALIVE = 1.0
-
-
-@dataclass(frozen=True)
-class PeerSpec:
-    name: str
-    mesh_ip: ipaddress.IPv4Address
-    fingerprint: str | None
-    wg_key: bytes
-    allowed_ips: tuple[IPNetwork, ...]
-    endpoint: tuple[str, int] | None
-    persistent_keepalive: int
-    choice: RungChoice = RungChoice(rungs=("udp",))  # the rungs this peer may use
-    #: Every UDP address the peer may be at (the coordinator's list: where it saw the
-    #: peer first, then the peer's own addresses); the ladder's UDP probes go to all.
-    candidates: tuple[tuple[str, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class AddPeers:
-    specs: tuple[PeerSpec, ...]
-
-
-@dataclass(frozen=True)
-class RemovePeer:
-    wg_key: bytes
-    reason: str
-
-
-@dataclass(frozen=True)
-class SetEndpoints:
-    """The coordinator's word on where a peer's UDP port may be (best first): what the
-    ladder probes next; the first is sent to at once only while the session is not up,
-    so it never overrides an endpoint learnt from authenticated packets."""
-
-    wg_key: bytes
-    addresses: tuple[tuple[str, int], ...]
-
-
-@dataclass(frozen=True)
-class SetPsk:
-    psk: bytes = field(repr=False)  # messages are what gets printed when an actor is debugged
-
-
-@dataclass(frozen=True)
-class ListPeers:
-    pass
-
-
-@dataclass(frozen=True)
-class FindSession:
-    key: str  # name or mesh IP
 
 
 class Mesh(Actor):
@@ -153,7 +99,7 @@ class Mesh(Actor):
         if isinstance(message, RemovePeer):
             await self._remove(message.wg_key, message.reason)
             return None
-        if isinstance(message, SetEndpoints):
+        if isinstance(message, SetCandidates):
             session = self.sessions.get(message.wg_key)
             if session is not None and session.peer is not None and message.addresses:
                 first = message.addresses[0]

@@ -32,6 +32,7 @@ from tunnelmesh.packets import icmp_echo
 from tunnelmesh.wireguard import EndpointChanged, Event, HandshakeCompleted, HandshakeGaveUp, KeysZeroed, Peer
 from tunnelmesh.wireguard.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
 
+from .messages import GetStatus, Ping, Start
 from .runtime import Actor
 
 if TYPE_CHECKING:
@@ -67,20 +68,6 @@ def describe(endpoint: object) -> str:
 
 log = logging.getLogger("tunnelmesh.session")
 
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    timeout: float
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    """Bring the session up: handshake now if we know where the peer is."""
 
 
 class PeerSession(Actor):
@@ -122,7 +109,7 @@ class PeerSession(Actor):
             unusable.update({r: f"the config forces {choice.force}" for r in rungs.RUNGS if r != choice.force})
         self.ladder = Ladder(choice.enabled, unusable=unusable)
         self.udp_address: tuple[str, int] | None = None  # where the peer's UDP port is, as far as we know
-        self.udp_candidates: tuple[tuple[str, int], ...] = ()  # every address it may be at (mesh.SetEndpoints)
+        self.udp_candidates: tuple[tuple[str, int], ...] = ()  # every address it may be at (SetCandidates)
         self._evidence: dict[str, object] = {}  # rung -> the endpoint a handshake last came from on it
         self._stray_seen = float("-inf")
         self._want_probe: set[str] = set()  # rungs to probe once their link is up
@@ -353,7 +340,7 @@ class PeerSession(Actor):
             if self._tick_handle is None:
                 self._tick_handle = asyncio.get_running_loop().call_later(TICK, self._tick)
             return None
-        if isinstance(message, Status):
+        if isinstance(message, GetStatus):
             return self.snapshot()
         if isinstance(message, Ping):
             # Send now, wait elsewhere: status requests must not queue behind a ping.

@@ -24,7 +24,7 @@ import pytest
 
 import actors
 import tunnelmesh
-from actors.mesh import SetPsk
+from actors.messages import SetPsk
 from tests.links import write_key
 from tunnelmesh.coordinator.store import NetworkRow
 from tunnelmesh.identity import load_identity_file

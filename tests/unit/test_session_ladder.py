@@ -47,9 +47,10 @@ import actors.datapath as datapath_module
 import actors.session as session_module
 from actors.control import EventBus
 from actors.datapath import DataPath
-from actors.mesh import Mesh, PeerSpec
+from actors.mesh import Mesh
+from actors.messages import GetStatus, PeerSpec, Ping, Start
 from actors.runtime import Supervisor
-from actors.session import TICK, Ping, PeerSession, Start, Status, Transports, describe
+from actors.session import TICK, PeerSession, Transports, describe
 from tests.support.wire import A_ADDR, A_IP, B_ADDR, B_IP, PSK, kind, seeded_rng
 from tunnelmesh.config import RungChoice
 from tunnelmesh.ladder import BETTER_PROBE, FAILING_AFTER, GIVE_UP, HAPPY_EYEBALLS, HOLD, RELAY, RESEARCH, SSH, UDP
@@ -879,7 +880,7 @@ def test_status_follows_the_ladder_down_to_the_relay_and_back_to_udp(simulate: C
         times = [t["at"] for t in snap["transitions"]]
         assert all(later - earlier >= HOLD for earlier, later in zip(times, times[1:])), times
         assert [e for e in p.a.bus_events("path")] == snap["transitions"]
-        assert await p.sa.handle(Status()) == p.sa.snapshot()
+        assert await p.sa.handle(GetStatus()) == p.sa.snapshot()
         await p.net.run_until(lambda: p.sb.ladder.current == UDP, 2 * FAILING_AFTER, "b back on UDP")
         consistent(p.sb)
         await p.net.run_for(2.0)
