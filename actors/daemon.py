@@ -41,11 +41,10 @@ from .control import ControlServer, EventBus
 from .admitter import Admitter
 from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath, UdpError, open_udp_socket
-from .links import RelayConnection, RelayPool, SshServer
+from .links import RelayConnection, RelayPool, SshServer, Transports
 from .mesh import Mesh
 from .messages import FindSession, GetStatus, ListPeers, PeerSpec, Ping, Start, SyncRelays
 from .runtime import Actor, Supervisor
-from .session import Transports
 from .tun import TunDevice, TunError
 
 log = logging.getLogger("tunnelmesh.daemon")

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
@@ -39,6 +40,18 @@ log = logging.getLogger("tunnelmesh.links")
 
 #: Hosts of a member the SSH rung dials, in order: the address the coordinator saw, then its own.
 SSH_HOSTS = 3
+
+@dataclass
+class Transports:
+    """The daemon's non-UDP rungs (None when not available in this mode)."""
+
+    ssh: SshRung | None = None
+    relay: RelayClient | None = None  # the coordinator's
+    #: Relays that members serve (relay = true), by URL, kept by actors.links.RelayPool.
+    node_relays: dict[str, RelayClient] = field(default_factory=dict)
+
+    def relays(self) -> list[RelayClient]:
+        return ([self.relay] if self.relay is not None else []) + list(self.node_relays.values())
 
 
 class PeerMapDirectory:

@@ -19,7 +19,8 @@ from tunnelmesh.wireguard import Device
 
 from .messages import AddPeers, FindSession, ListPeers, PeerSpec, RemovePeer, SetCandidates, SetPsk, Start
 from .runtime import Actor
-from .session import PeerSession, Transports
+from .links import Transports
+from .session import PeerSession
 
 if TYPE_CHECKING:
     from .control import EventBus

@@ -21,7 +21,6 @@ import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh import ladder as rungs
@@ -32,31 +31,17 @@ from tunnelmesh.packets import icmp_echo
 from tunnelmesh.wireguard import EndpointChanged, Event, HandshakeCompleted, HandshakeGaveUp, KeysZeroed, Peer
 from tunnelmesh.wireguard.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
 
+from .links import Transports
 from .messages import GetStatus, Ping, Start
 from .runtime import Actor
 
 if TYPE_CHECKING:
-    from tunnelmesh.links.relay import RelayClient
-    from tunnelmesh.links.ssh import SshRung
-
     from .control import EventBus
     from .datapath import DataPath
 
 TICK = 1.0  # the ladder's clock: failure detection and probes are in whole seconds
 UNANSWERED_AFTER = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT  # the core's new-handshake timer, set when data is sent
 
-
-@dataclass
-class Transports:
-    """The daemon's non-UDP rungs (None when not available in this mode)."""
-
-    ssh: SshRung | None = None
-    relay: RelayClient | None = None  # the coordinator's
-    #: Relays that members serve (relay = true), by URL, kept by actors.links.RelayPool.
-    node_relays: dict[str, RelayClient] = field(default_factory=dict)
-
-    def relays(self) -> list[RelayClient]:
-        return ([self.relay] if self.relay is not None else []) + list(self.node_relays.values())
 
 
 def rung_of(endpoint: object) -> str:

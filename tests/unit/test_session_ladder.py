@@ -50,7 +50,8 @@ from actors.datapath import DataPath
 from actors.mesh import Mesh
 from actors.messages import GetStatus, PeerSpec, Ping, Start
 from actors.runtime import Supervisor
-from actors.session import TICK, PeerSession, Transports, describe
+from actors.links import Transports
+from actors.session import TICK, PeerSession, describe
 from tests.support.wire import A_ADDR, A_IP, B_ADDR, B_IP, PSK, kind, seeded_rng
 from tunnelmesh.config import RungChoice
 from tunnelmesh.ladder import BETTER_PROBE, FAILING_AFTER, GIVE_UP, HAPPY_EYEBALLS, HOLD, RELAY, RESEARCH, SSH, UDP
