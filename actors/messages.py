@@ -8,7 +8,9 @@ says what it asks for; nothing here holds a live object's state.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from types import UnionType
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from tunnelmesh.config import RungChoice
 
@@ -103,3 +105,338 @@ class SyncRelays:
 
 
 # --- events and the control API (docs/control.md) ---------------------------------------
+#
+# What the daemon tells the outside: events (published on the EventBus, streamed by the
+# `events` command) and the replies of the control socket's commands. `to_json` is the
+# one way any of them becomes the socket's JSON and `from_json` the way back (the CLI, the
+# TUI, the round-trip test). Fields hold plain values only (str, int, float, bool, None,
+# tuples, string-keyed dicts, these dataclasses), so that the two are exact inverses.
+
+#: The control schema's version. Within a version fields are only added; a field removed or
+#: changed in meaning or type bumps it (docs/control.md).
+CONTROL_VERSION = 1
+
+
+class ControlSchemaError(ValueError):
+    """JSON that does not fit the control schema this side speaks."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathStatus:
+    """Where a peer's packets go now: the rung and the endpoint on it. The one key for it."""
+
+    rung: str  # "udp", "ssh" or "relay"
+    endpoint: str  # "udp 198.51.100.7:51820", "ssh to ...", "relay wss://..."
+
+
+class Event:
+    """Base of every event; `kind` is its value under the "event" key."""
+
+    __slots__ = ()
+    kind: ClassVar[str]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAdded(Event):
+    kind: ClassVar[str] = "peer_added"
+    peer: str
+    mesh_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRemoved(Event):
+    kind: ClassVar[str] = "peer_removed"
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeDone(Event):
+    kind: ClassVar[str] = "handshake"
+    peer: str
+    initiator: bool  # this node sent the initiation
+    rung: str | None  # the rung the handshake came in on
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeFailed(Event):
+    """No handshake reply for 90 s: the core gave up until traffic asks again."""
+
+    kind: ClassVar[str] = "handshake_failed"
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeysZeroed(Event):
+    kind: ClassVar[str] = "keys_zeroed"
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class PathChanged(Event):
+    """The peer's packets moved to another rung (the first choice is no change)."""
+
+    kind: ClassVar[str] = "path"
+    peer: str
+    path: PathStatus  # where they go now
+    previous: str  # the rung they left
+    why: str
+    at: float  # Unix time
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRoamed(Event):
+    """Same rung, new endpoint (a new UDP address, a reconnected link)."""
+
+    kind: ClassVar[str] = "roamed"
+    peer: str
+    path: PathStatus
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorChanged(Event):
+    kind: ClassVar[str] = "coordinator"
+    state: str  # as CoordinatorStatus.state
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRotated(Event):
+    kind: ClassVar[str] = "secret_rotated"
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked(Event):
+    """This node was revoked by the network admin; the daemon stops."""
+
+    kind: ClassVar[str] = "revoked"
+    peer: str  # this node's name, as the revocation gives it
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionDecided(Event):
+    """(Admin's machine) what the admitter did with one join made with an invite."""
+
+    kind: ClassVar[str] = "admission"
+    outcome: str  # "countersigned", "refused", or "deferred" (tried again later)
+    detail: str
+
+
+EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (
+    PeerAdded, PeerRemoved, HandshakeDone, HandshakeFailed, KeysZeroed, PathChanged, EndpointRoamed,
+    CoordinatorChanged, SecretRotated, Revoked, AdmissionDecided,
+)}
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """The reply to `events`, before the stream starts."""
+
+    control_version: int = CONTROL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    name: str
+    mesh_ip: str
+    fingerprint: str | None
+    path: PathStatus | None  # None: no endpoint known yet
+    state: str  # "up", "handshaking", "idle" or "waiting"
+    rung_changes: int
+    probe_interval: float  # seconds between probes of better rungs
+    transitions: tuple[PathChanged, ...]  # the last few, oldest first
+    last_handshake: float | None  # Unix time
+    last_handshake_ago: float | None  # seconds
+    rx_bytes: int
+    tx_bytes: int
+    persistent_keepalive: int
+    why_not_better: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PingResult:
+    peer: str
+    ok: bool
+    path: PathStatus | None  # where the echo was sent
+    rtt_ms: float | None = None  # when ok
+    answered_on: str | None = None  # the rung the reply came in on, when ok
+    error: str | None = None  # when not ok
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorStatus:
+    url: str
+    network: str
+    state: str  # "connecting", "connected" or what went wrong
+    tls_fingerprint: str | None
+    since: float  # Unix time of the last state change
+    error: str | None
+    version: int  # the peer map's
+    observed: str | None  # this node's address as the coordinator sees it
+    members: int
+    revocations: int
+    rejected: dict[str, int]  # entries refused, by reason
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionStatus:
+    countersigned: int
+    refused: int
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SshStatus:
+    port: int
+    bridge: str | None
+    links: int
+    drops: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayClientStatus:
+    url: str
+    state: str  # "connecting", "connected" or "unreachable"
+    error: str | None
+    connected_since: float | None
+    links: int
+    queued: int
+    queued_bytes: int
+    drops: dict[str, int]
+    refused: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConnectionStatus:
+    remote: str
+    since: float
+    queued: int
+    queued_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelayServerStatus:
+    connections: int
+    peers: dict[str, RelayConnectionStatus]  # by WireGuard public key (base64)
+    drops: dict[str, int]
+    refusals: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TransportsStatus:
+    ssh: SshStatus | None
+    relay: RelayClientStatus | None  # the coordinator's relay
+    node_relays: tuple[RelayClientStatus, ...]  # relays members serve
+    serving_relay: RelayServerStatus | None  # this node's own
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    name: str
+    mesh_ip: str
+    mesh_ipv6: str | None
+    interface: str
+    listen_port: int
+    version: str  # the software's
+    started: float  # Unix time
+    pid: int
+    mode: str  # "static" or "coordinator"
+    fingerprint: str
+    ssh_public_key: str
+    wireguard_public_key: str
+    coordinator: CoordinatorStatus | None
+    serving_coordinator: str | None  # where the embedded coordinator listens
+    admission: AdmissionStatus | None  # the admin's machine only
+    transports: TransportsStatus
+    events_dropped: int  # events a slow subscriber did not take
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The reply to `status`."""
+
+    node: NodeStatus
+    peers: tuple[PeerStatus, ...]
+    drops: dict[str, int]  # packets the data path dropped, by reason
+    control_version: int = CONTROL_VERSION
+
+
+def to_json(obj: object) -> Any:
+    """The control socket's JSON for an event or reply (or any value inside one)."""
+    if isinstance(obj, Event):
+        return {"event": obj.kind, **{f.name: to_json(getattr(obj, f.name)) for f in fields(obj)}}
+    if is_dataclass(obj):
+        return {f.name: to_json(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_json(item) for item in obj]
+    if isinstance(obj, dict):
+        return {str(key): to_json(value) for key, value in obj.items()}
+    if obj is None or isinstance(obj, (str, int, float)):
+        return obj
+    raise TypeError(f"{type(obj).__name__} has no control JSON")
+
+
+T = TypeVar("T")
+
+
+def from_json(cls: type[T], data: Any) -> T:
+    """The `cls` (a status type, or `Event` for any event) that `to_json` made `data` from.
+    Raises ControlSchemaError, naming the field, on anything else."""
+    return _decode(cls, data, cls.__name__)  # type: ignore[no-any-return]
+
+
+def _decode(hint: Any, data: Any, where: str) -> Any:
+    if hint is Any:
+        return data
+    origin = get_origin(hint)
+    if origin in (Union, UnionType):
+        options = get_args(hint)
+        if data is None and type(None) in options:
+            return None
+        (inner,) = [option for option in options if option is not type(None)]
+        return _decode(inner, data, where)
+    if origin is tuple:
+        item = get_args(hint)[0]
+        return tuple(_decode(item, value, f"{where}[{i}]") for i, value in enumerate(_expect(data, list, where)))
+    if origin is dict:
+        value_hint = get_args(hint)[1]
+        return {key: _decode(value_hint, value, f"{where}.{key}") for key, value in _expect(data, dict, where).items()}
+    if isinstance(hint, type) and issubclass(hint, Event):
+        kind = _expect(data, dict, where).get("event")
+        if kind not in EVENTS:
+            raise ControlSchemaError(f"{where}: unknown event kind {kind!r} (control version {CONTROL_VERSION} knows "
+                                     f"{', '.join(sorted(EVENTS))}); is the daemon newer than this client?")
+        if hint is not Event and kind != hint.kind:
+            raise ControlSchemaError(f"{where}: expected a {hint.kind!r} event, got {kind!r}")
+        body = {key: value for key, value in data.items() if key != "event"}
+        return _decode_dataclass(EVENTS[kind], body, f"{where}({kind})")
+    if is_dataclass(hint):
+        return _decode_dataclass(hint, data, where)
+    if hint is float:
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return float(data)
+        raise ControlSchemaError(f"{where}: expected a number, got {data!r}"[:300])
+    if hint is int and isinstance(data, bool):
+        raise ControlSchemaError(f"{where}: expected an integer, got {data!r}")
+    return _expect(data, hint, where)
+
+
+def _decode_dataclass(cls: Any, data: Any, where: str) -> Any:
+    data = _expect(data, dict, where)
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ControlSchemaError(f"{where}: unknown field {', '.join(map(repr, unknown))} (control version "
+                                 f"{CONTROL_VERSION}); is the daemon newer than this client?")
+    missing = [name for name, f in known.items() if name not in data and f.default is MISSING]
+    if missing:
+        raise ControlSchemaError(f"{where}: missing field {', '.join(map(repr, missing))}")
+    return cls(**{name: _decode(hints[name], value, f"{where}.{name}") for name, value in data.items()})
+
+
+def _expect(data: Any, kind: type, where: str) -> Any:
+    if not isinstance(data, kind):
+        raise ControlSchemaError(f"{where}: expected {kind.__name__}, got {type(data).__name__}")
+    return data
