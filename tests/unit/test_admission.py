@@ -20,13 +20,13 @@ import pytest
 
 from tests.support.membership import JSON, NOW, World, reattested, update
 from tunnelmesh.admission import InviteLedger, countersign_invited, sealed_secret
+from tunnelmesh.identity import PublicIdentity
 from tunnelmesh.membership import (
     JOIN_NAMESPACE,
     InviteGrant,
     MemberEntry,
     MembershipError,
     PeerMap,
-    PublicIdentity,
     Token,
     b64,
     join_proof_message,

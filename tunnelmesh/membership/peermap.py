@@ -1,0 +1,415 @@
+"""The node's verified view of the network: `PeerMap`, what an update changed
+(`MapChanges`), and the unsigned parts of the map (`Endpoints`, relay URLs).
+
+Sans-IO: no sockets, no clock reads, no asyncio.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunnelmesh.membership.records import (
+    MemberEntry,
+    MembershipError,
+    NetworkInfo,
+    Revocation,
+    SecretRecord,
+    _int,
+    _keys,
+    _obj,
+    _str,
+    b64,
+    unb64,
+)
+
+MAX_ENDPOINTS = 8
+
+
+@dataclass
+class Endpoints:
+    """Where a member was last seen: unsigned, the coordinator's word (availability only)."""
+
+    addresses: tuple[tuple[str, int], ...] = ()
+    last_seen: int | None = None
+    #: The member's SSH endpoint attestation (tunnelmesh.links.attest), signed by the member
+    #: itself: kept as given here and verified by the SSH rung before use.
+    ssh: dict[str, Any] | None = None
+    #: The URL of the WebSocket relay the member serves (relay = true), if any.
+    relay: str | None = None
+
+    def candidates(self, network: NetworkInfo) -> tuple[tuple[str, int], ...]:
+        """The addresses nodes send to: unicast ones outside the mesh's own range (one in it
+        would route the handshake into the tunnel itself). The list is the member's word."""
+        return tuple((host, port) for host, port in self.addresses
+                     if reachable_unicast(host) and ipaddress.IPv4Address(host) not in network.cidr4)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"addresses": [f"{h}:{p}" for h, p in self.addresses], "last_seen": self.last_seen}
+        if self.ssh is not None:
+            wire["ssh"] = self.ssh
+        if self.relay is not None:
+            wire["relay"] = self.relay
+        return wire
+
+
+MAX_SSH_ATTESTATION = 2048  # bytes of JSON, as the coordinator caps it
+
+
+def parse_endpoints(value: Any) -> Endpoints:
+    obj = _obj(value, "endpoints")
+    ssh = obj.get("ssh")
+    _keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh", "relay"}))
+    relay = obj.get("relay")
+    if ssh is not None and (not isinstance(ssh, dict) or len(json.dumps(ssh)) > MAX_SSH_ATTESTATION):
+        raise MembershipError(f"endpoints: ssh must be an object of at most {MAX_SSH_ATTESTATION} bytes")
+    addresses = obj["addresses"]
+    if not isinstance(addresses, list) or len(addresses) > MAX_ENDPOINTS:
+        raise MembershipError(f"endpoints: at most {MAX_ENDPOINTS} addresses")
+    parsed = []
+    for item in addresses:
+        parsed.append(parse_address(item))
+    last_seen = obj["last_seen"]
+    return Endpoints(tuple(parsed), None if last_seen is None else _int(last_seen, "last_seen"), ssh,
+                     None if relay is None else parse_relay_url(relay))
+
+
+MAX_RELAY_URL = 256
+
+
+_RELAY_URL_RE = re.compile(r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9.-]{1,253})(?::(?P<port>[0-9]{1,5}))?"
+                           r"(?P<path>(?:/[A-Za-z0-9._~-]*)*)", re.ASCII | re.IGNORECASE)
+_HOST_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: A label resolvers and URL parsers may read as a number (decimal, octal, hex): a host
+#: ending in one is an address in another spelling, not a name.
+_NUMERIC_LABEL_RE = re.compile(r"[0-9]+|0x[0-9a-f]*", re.ASCII)
+#: Names of this machine besides *.localhost (RFC 6761, and what /etc/hosts files say).
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+#: "This network" (RFC 1122): Linux reaches the local machine through 0.0.0.0, and none of it is elsewhere.
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def parse_relay_url(value: Any) -> str:
+    """A member's relay URL as the map carries it, in canonical form: http(s)://host[:port]
+    [/path] with an IPv4 address or a DNS name (LDH labels) for the host, nothing else
+    (no credentials, query, fragment or escapes; printable ASCII only, as it is shown in
+    logs and status). Not loopback, link-local, multicast or unspecified: a member's word
+    must not send every node to its own machine or its cloud's metadata service. Scheme
+    and host lowercased, the default port and a trailing slash dropped, so one relay has
+    one spelling. The relay's WebSocket is <url>/relay.
+
+    An address is taken only as a canonical dotted quad: resolvers (inet_aton) and URL
+    parsers read `0x7f.0.0.1`, `0xa9fea9fe`, `2130706433` or `127.1` as addresses too,
+    so a host whose last label looks like a number (digits, or 0x and hex) is refused
+    rather than passed on as a name. So are names that mean this machine (`localhost`,
+    `*.localhost`) and one-label names (completed by the resolver's search list, never
+    a relay elsewhere). Where a name leads is checked when a node connects
+    (tunnelmesh.links.relay.RelayGuard), as DNS answers then."""
+    text = _str(value, "relay", MAX_RELAY_URL)
+    match = _RELAY_URL_RE.fullmatch(text)
+    problem = "expected http(s)://host:port" if match is None else None
+    if match is not None:
+        scheme, host = match["scheme"].lower(), match["host"].lower().rstrip(".")
+        port = int(match["port"]) if match["port"] is not None else _DEFAULT_PORTS[scheme]
+        try:
+            address: ipaddress.IPv4Address | None = ipaddress.IPv4Address(host)
+        except ValueError:
+            address = None
+        if not 1 <= port <= 65535:
+            problem = "the port must be 1 to 65535"
+        elif address is not None:
+            if not relay_address_usable(address):
+                problem = "a loopback, link-local, multicast or reserved address is no relay for others"
+        elif not host or not all(_HOST_LABEL_RE.fullmatch(label) for label in host.split(".")):
+            problem = "the host must be an IPv4 address or a DNS name"
+        elif _NUMERIC_LABEL_RE.fullmatch(host.rsplit(".", 1)[-1]):
+            problem = "an address must be written as a dotted quad (e.g. 192.0.2.7), not in another form"
+        elif "." not in host or host in _LOCAL_NAMES or host.endswith(".localhost"):
+            problem = "the host must be a fully qualified name of another machine (not localhost or a one-label name)"
+    if problem is not None or match is None:
+        shown = text[:80].encode("ascii", "backslashreplace").decode()
+        raise MembershipError(f"relay {shown!r}: {problem}")
+    shown_port = "" if port == _DEFAULT_PORTS[scheme] else f":{port}"
+    return f"{scheme}://{host}{shown_port}{match['path'].rstrip('/')}"
+
+
+def relay_address_usable(address: ipaddress.IPv4Address) -> bool:
+    """Whether a relay may be at `address` at all, for anyone: not loopback, link-local,
+    multicast, unspecified, "this network", broadcast or reserved. (Private-use addresses
+    pass here; a node allows them only where the relay's member registered itself.)"""
+    return reachable_unicast(str(address)) and address not in _THIS_NETWORK
+
+
+def reachable_unicast(host: str) -> bool:
+    """Whether an IPv4 address can be where another machine's peer listens: not loopback,
+    unspecified, multicast, broadcast, link-local or reserved. Addresses in the map are a
+    member's word, unsigned: nodes send only to these."""
+    address = ipaddress.IPv4Address(host)
+    return not (address.is_loopback or address.is_unspecified or address.is_multicast or address.is_link_local
+                or address.is_reserved)
+
+
+def parse_address(item: Any) -> tuple[str, int]:
+    text = _str(item, "endpoint", 64)
+    host, sep, port = text.rpartition(":")
+    try:
+        address = ipaddress.IPv4Address(host)
+        number = int(port) if port.isdigit() else -1
+    except ValueError:
+        address, number = None, -1
+    if not sep or address is None or not 1 <= number <= 65535:
+        raise MembershipError(f"endpoint {text!r}: expected IPv4:port")
+    return str(address), number
+
+
+@dataclass
+class MapChanges:
+    added: list[MemberEntry] = field(default_factory=list)
+    removed: list[tuple[MemberEntry, str]] = field(default_factory=list)
+    endpoints: dict[bytes, Endpoints] = field(default_factory=dict)
+    revoked_self: Revocation | None = None
+    new_secret: SecretRecord | None = None
+    rejected: list[str] = field(default_factory=list)
+    bindings_changed: bool = False
+
+
+def bindings_of(member: MemberEntry) -> tuple[str, ...]:
+    """What a member entry binds to its key, for good: its name, its mesh IPv4 address and
+    its SSH key (one X25519 key per SSH key)."""
+    return f"name:{member.name}", f"ipv4:{member.ipv4}", f"ssh:{member.identity.fingerprint}"
+
+
+def parse_bindings(value: Any) -> tuple[dict[str, bytes], dict[bytes, int]]:
+    """The kept bindings as `bindings_to_wire` writes them: {"bindings": {"name:web":
+    "<wg key b64>", ...}, "authorized": {"<wg key b64>": time}} -- which key holds what, and
+    when the admin last authorised each holder (a revocation frees its bindings only if it
+    is as late)."""
+    obj = _obj(value, "bindings")
+    _keys(obj, {"bindings", "authorized"}, "bindings")
+    parsed: dict[str, bytes] = {}
+    for key, wg in _obj(obj["bindings"], "bindings").items():
+        kind, _, rest = _str(key, "binding", 128).partition(":")
+        if kind == "ipv4":
+            try:
+                ipaddress.IPv4Address(rest)
+            except ValueError:
+                raise MembershipError(f"binding {key[:40]!r}: not an IPv4 address") from None
+        elif kind not in ("name", "ssh") or not rest:
+            raise MembershipError(f"binding {key[:40]!r}: expected name:, ipv4: or ssh:")
+        parsed[key] = unb64(wg, "bound key", 32)
+    authorized = {unb64(k, "bound key", 32): _int(t, "authorized") for k, t in
+                  _obj(obj["authorized"], "authorized").items()}
+    return parsed, authorized
+
+
+class PeerMap:
+    """The verified peer map a node works from, and what it keeps for good.
+
+    `apply` takes an update from the coordinator (or the on-disk cache) and returns what
+    changed; records that do not verify are refused, counted in `rejected` and named in
+    the result. Kept for good, whatever any later update says (docs/coordinator.md,
+    "Threat model"):
+
+    - revocations, by WireGuard key and by SSH key: nothing can bring back a key one
+      covers, nor a fresh X25519 key attested by a revoked SSH key;
+    - bindings: the first admin-signed entry that names a name, a mesh address or an
+      SSH key binds it to that entry's WireGuard key. Another key gets it only once the
+      bound key is revoked (an admin-signed record), never because an entry claims an
+      earlier time, nor because a map leaves the holder out;
+    - the version: an update older than the one this node has is refused (no rollback).
+
+    Only admin-signed member entries are members. Invite-signed entries are what a joiner
+    hands the coordinator; the admin's machine checks them against its own invite ledger
+    and countersigns (tunnelmesh.admission), so no invite key can make or rebind a member."""
+
+    def __init__(self, network: NetworkInfo, own_wg_key: bytes) -> None:
+        self.network = network
+        self.own_wg_key = own_wg_key
+        self.members: dict[bytes, MemberEntry] = {}
+        self.endpoints: dict[bytes, Endpoints] = {}
+        self.revocations: dict[bytes, Revocation] = {}
+        self._revoked_ssh: dict[str, Revocation] = {}
+        self.bindings: dict[str, bytes] = {}
+        self.authorized: dict[bytes, int] = {}  # bound key -> when the admin last authorised it
+        self.secret: SecretRecord | None = None
+        self.own: MemberEntry | None = None  # this node's entry, when a map lists it
+        self.version = 0
+        self.rejected: Counter[str] = Counter()
+
+    def revoked(self, member: MemberEntry) -> Revocation | None:
+        for revocation in (self.revocations.get(member.wg_key), self._revoked_ssh.get(member.identity.fingerprint)):
+            if revocation is not None and revocation.covers(member):
+                return revocation
+        return None
+
+    def revocations_of(self, member: MemberEntry) -> list[Revocation]:
+        """Every kept revocation of the member's key or SSH key, whenever made."""
+        found = (self.revocations.get(member.wg_key), self._revoked_ssh.get(member.identity.fingerprint))
+        return [r for r in dict.fromkeys(found) if r is not None]
+
+    def key_revoked(self, wg_key: bytes) -> bool:
+        """Whether a bound key is out for good: its current entry is revoked or, when it is
+        not listed now, a kept revocation names it or the SSH key bound to it."""
+        member = self.members.get(wg_key)
+        if member is None and self.own is not None and self.own.wg_key == wg_key:
+            member = self.own
+        if member is not None:
+            return self.revoked(member) is not None
+        # Not listed now (a map may hide it): revoked only by a revocation at or after its
+        # last authorisation, never by one that a later re-admission overrode.
+        authorized = self.authorized.get(wg_key, 0)
+        found = [self.revocations.get(wg_key), *(self._revoked_ssh.get(binding[4:]) for binding, key
+                                                 in self.bindings.items() if key == wg_key and binding.startswith("ssh:"))]
+        return any(r is not None and r.at >= authorized for r in found)
+
+    def keep(self, revocation: Revocation) -> None:
+        """Keep a verified revocation (the latest per key and per SSH key: it covers most)."""
+        kept = self.revocations.get(revocation.wg_key)
+        if kept is None or kept.at < revocation.at:
+            self.revocations[revocation.wg_key] = revocation
+        if revocation.ssh is not None:
+            kept = self._revoked_ssh.get(revocation.ssh)
+            if kept is None or kept.at < revocation.at:
+                self._revoked_ssh[revocation.ssh] = revocation
+
+    def add_revocations(self, wires: Any, changes: MapChanges) -> None:
+        for wire in _list(wires, "revocations"):
+            try:
+                revocation = Revocation.from_wire(wire, self.network)
+            except MembershipError as exc:
+                self._reject(changes, f"revocation refused: {exc}")
+                continue
+            self.keep(revocation)
+            own = self.own
+            if revocation.wg_key == self.own_wg_key:
+                changes.revoked_self = self.revocations[revocation.wg_key]  # the latest, which covers most
+            elif own is not None and revocation.covers(own) and revocation.ssh is not None:
+                changes.revoked_self = self._revoked_ssh[revocation.ssh]
+            for member in [m for m in self.members.values() if revocation.covers(m)]:
+                del self.members[member.wg_key]
+                self.endpoints.pop(member.wg_key, None)
+                changes.removed.append((member, f"revoked by the admin at {revocation.at}"))
+
+    def binding_clash(self, member: MemberEntry) -> str | None:
+        """What of `member` is bound to another key that is not revoked, if anything."""
+        for binding in bindings_of(member):
+            holder = self.bindings.get(binding)
+            if holder is not None and holder != member.wg_key and not self.key_revoked(holder):
+                return binding.replace(":", " ", 1)
+        return None
+
+    def bind(self, member: MemberEntry, changes: MapChanges) -> None:
+        for binding in bindings_of(member):
+            if self.bindings.get(binding) != member.wg_key:
+                self.bindings[binding] = member.wg_key
+                changes.bindings_changed = True
+        if self.authorized.get(member.wg_key, -1) < member.authorized_at:
+            self.authorized[member.wg_key] = member.authorized_at
+            changes.bindings_changed = True
+
+    def apply(self, update: Any) -> MapChanges:
+        changes = MapChanges()
+        update = _obj(update, "peer map")
+        _keys(update, {"version", "full", "members", "revocations", "secret", "endpoints"}, "peer map")
+        version = _int(update["version"], "version")
+        full = update["full"]
+        if not isinstance(full, bool):
+            raise MembershipError("peer map: 'full' must be true or false")
+        if version < self.version:
+            raise MembershipError(
+                f"peer map version {version} is older than version {self.version}, which this node already has: "
+                "refused (a replayed map, or a coordinator database restored from an older backup)")
+        # Everything that can refuse the whole update is checked before anything changes.
+        revocations = _list(update["revocations"], "revocations")
+        wires = _list(update["members"], "members")
+        endpoint_items = _obj(update["endpoints"], "endpoints").items()
+        self.add_revocations(revocations, changes)
+        parsed: list[MemberEntry] = []
+        for wire in wires:
+            try:
+                parsed.append(MemberEntry.from_wire(wire, self.network))
+            except MembershipError as exc:
+                self._reject(changes, f"member refused: {exc}")
+        listed = {member.wg_key for member in parsed}
+        if full:  # availability only: an unlisted member keeps its bindings
+            for key in [k for k in self.members if k not in listed]:
+                changes.removed.append((self.members.pop(key), "no longer listed by the coordinator"))
+                self.endpoints.pop(key, None)
+        if changes.revoked_self is not None and any(
+                m.wg_key == self.own_wg_key and m.grant is None and self.revoked(m) is None for m in parsed):
+            changes.revoked_self = None  # re-admitted by an approval made after it
+        for member in parsed:
+            if member.grant is not None:
+                self._reject(changes, f"member {member.name} refused: signed with an invite key only, not "
+                                      "countersigned by the admin")
+                continue
+            revocation = self.revoked(member)
+            if revocation is not None:
+                self._reject(changes, f"member {member.name} refused: its key was revoked at {revocation.at}")
+                continue
+            clash = self.binding_clash(member)
+            if clash is not None:
+                self._reject(changes, f"member {member.name} refused: {clash} is bound to another key "
+                                      "(only a revocation of that key frees it)")
+                continue
+            self.bind(member, changes)
+            if member.wg_key == self.own_wg_key:
+                self.own = member
+                continue
+            known = self.members.get(member.wg_key)
+            if known is not None and known == member:
+                continue
+            if known is not None:
+                changes.removed.append((known, "replaced by a newer entry"))
+            self.members[member.wg_key] = member
+            changes.added.append(member)
+        for key_b64, value in endpoint_items:
+            try:
+                key = unb64(key_b64, "member key", 32)
+                endpoints = parse_endpoints(value)
+            except MembershipError as exc:
+                self._reject(changes, f"endpoints refused: {exc}")
+                continue
+            if key in self.members and self.endpoints.get(key) != endpoints:
+                self.endpoints[key] = endpoints
+                changes.endpoints[key] = endpoints
+        if update["secret"] is not None:
+            try:
+                record = SecretRecord.from_wire(update["secret"], self.network)
+            except MembershipError as exc:
+                self._reject(changes, f"secret record refused: {exc}")
+            else:
+                if self.secret is None or record.epoch > self.secret.epoch:
+                    self.secret = record
+                    changes.new_secret = record
+        self.version = max(self.version, version)
+        return changes
+
+    def _reject(self, changes: MapChanges, reason: str) -> None:
+        self.rejected[reason.split(":")[0]] += 1
+        changes.rejected.append(reason)
+
+    def to_cache(self) -> dict[str, Any]:
+        """A full update that `apply` takes back (the on-disk cache)."""
+        return {
+            "version": self.version, "full": True,
+            "members": [m.to_wire() for m in self.members.values()],
+            "revocations": [r.to_wire() for r in self.revocations.values()],
+            "secret": self.secret.to_wire() if self.secret is not None else None,
+            "endpoints": {b64(k): e.to_wire() for k, e in self.endpoints.items()},
+        }
+
+    def bindings_to_wire(self) -> dict[str, Any]:
+        return {"bindings": {binding: b64(key) for binding, key in sorted(self.bindings.items())},
+                "authorized": {b64(key): at for key, at in sorted(self.authorized.items())}}
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise MembershipError(f"{what}: expected a list")
+    return value

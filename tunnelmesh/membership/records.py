@@ -1,0 +1,601 @@
+"""The records the admin key signs and every node checks, join tokens, the admin key, sealed secrets.
+
+Sans-IO: no sockets, no clock reads (times are passed in), no asyncio.
+
+Trust model (docs/coordinator.md): the coordinator is trusted for availability,
+not for membership. Every record that changes membership is signed, and a node
+accepts it only if it verifies against the admin public key pinned at join:
+
+- ``NetworkInfo``: the network's admin key, IPv4 CIDR and IPv6 ULA /48.
+- ``InviteGrant``: the admin authorises an *invite key* (Ed25519) for a name,
+  an expiry and a number of uses. The invite token carries the invite private
+  key, so the joiner -- not the coordinator -- signs its member entry with it.
+- ``MemberEntry``: name, SSH identity (with its derived WireGuard key and the
+  SSH key's attestation of it), mesh IPv4 and IPv6; authorised either by the
+  admin's signature (the admin node itself, approvals) or by a grant plus the
+  invite key's signature.
+- ``Revocation``: the admin revokes a WireGuard key. Nodes keep revocations
+  for good; an entry for a revoked key stays refused unless its authorisation
+  is newer than the revocation (a new invite or approval made afterwards).
+- ``SecretRecord``: a new network secret, sealed to each current member's
+  X25519 key (`seal`), signed by the admin.
+
+Every signature is Ed25519 over ``DOMAIN + kind + "\\0" + canonical JSON``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tunnelmesh.identity import IdentityError, PublicIdentity
+from tunnelmesh.tls import check_pinned_url, parse_pin
+
+DOMAIN = b"tunnelmesh membership v1\x00"
+TOKEN_PREFIX = "tmjoin1-"
+ADMIN_KEY_HEADER = "tunnelmesh-admin-ed25519"
+SEAL_INFO = b"tunnelmesh sealed secret v1"
+DEFAULT_CIDR = "100.64.0.0/10"
+MAX_RECORD_BYTES = 64 * 1024
+MAX_TOKEN_CHARS = 4096
+
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+class MembershipError(ValueError):
+    """A record, token or request that must be refused; the message says why."""
+
+
+# --- encoding ----------------------------------------------------------------------------
+
+
+def canonical(obj: Any) -> bytes:
+    """The one byte string a JSON value is signed as."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(value: Any, what: str, size: int | None = None) -> bytes:
+    if not isinstance(value, str) or len(value) > 4 * MAX_RECORD_BYTES:
+        raise MembershipError(f"{what}: expected base64 text")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise MembershipError(f"{what}: not valid base64") from None
+    if size is not None and len(data) != size:
+        raise MembershipError(f"{what}: expected {size} bytes, got {len(data)}")
+    return data
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """OpenSSH-style fingerprint of a raw Ed25519 key: the network's name for its admin key."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(public_key).digest()).decode().rstrip("=")
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise MembershipError(f"{what}: expected a JSON object")
+    return value
+
+
+def _keys(obj: Mapping[str, Any], required: set[str], what: str, optional: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    missing = required - obj.keys()
+    extra = obj.keys() - required - optional
+    if missing:
+        raise MembershipError(f"{what}: missing {', '.join(sorted(missing))}")
+    if extra:
+        # Bounded and quoted: these names come from whoever sent the record.
+        shown = ", ".join(sorted(repr(str(k))[:40] for k in extra)[:5])
+        raise MembershipError(f"{what}: unexpected {shown}{', ...' if len(extra) > 5 else ''}")
+
+
+def _int(value: Any, what: str, lo: int = 0, hi: int = 2**53) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise MembershipError(f"{what}: expected an integer from {lo} to {hi}")
+    return value
+
+
+def _str(value: Any, what: str, limit: int = 1024) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise MembershipError(f"{what}: expected text of at most {limit} characters")
+    return value
+
+
+def check_name(value: Any, what: str = "name") -> str:
+    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
+        raise MembershipError(f"{what} must be 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-'")
+    return value
+
+
+def _sign(key: Ed25519PrivateKey, kind: str, body: Mapping[str, Any]) -> str:
+    return b64(key.sign(DOMAIN + kind.encode() + b"\0" + canonical(body)))
+
+
+def _canonical_form(record: Any, body: Mapping[str, Any], what: str) -> None:
+    """Refuse a signed body that is not the one the record writes back (`to_wire`), e.g. an
+    upper-case IPv6 address or non-canonical base64: it would not verify once re-serialised
+    (the peer map cache, the network state file)."""
+    if record.body() != body:
+        raise MembershipError(f"{what}: not in canonical form (a value is spelled differently from how it is written)")
+
+
+def _verify(public_key: bytes, kind: str, body: Mapping[str, Any], signature: Any, what: str) -> None:
+    sig = unb64(signature, f"{what} signature", 64)
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(sig, DOMAIN + kind.encode() + b"\0" + canonical(body))
+    except (InvalidSignature, ValueError):
+        raise MembershipError(f"{what}: signature does not verify") from None
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+class AdminKey:
+    """The network's admin key (Ed25519). Lives only on the admin's machine (0600)."""
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public: bytes = key.public_key().public_bytes_raw()
+
+    def __repr__(self) -> str:
+        return f"AdminKey({self.fingerprint})"
+
+    @property
+    def fingerprint(self) -> str:
+        return key_fingerprint(self.public)
+
+    @classmethod
+    def generate(cls) -> AdminKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    def sign(self, kind: str, body: Mapping[str, Any]) -> str:
+        return _sign(self._key, kind, body)
+
+    def sign_bytes(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+    def save(self, path: Path) -> None:
+        """Write the key, mode 0600, refusing to overwrite one."""
+        seed = self._key.private_bytes_raw()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{ADMIN_KEY_HEADER} {b64(seed)}\n")
+
+    @classmethod
+    def load(cls, path: Path) -> AdminKey:
+        try:
+            st = os.stat(path)
+            if st.st_mode & 0o077:
+                raise MembershipError(f"{path}: the admin key must be readable by its owner only (chmod 600 {path})")
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise MembershipError(f"cannot read the admin key {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise MembershipError(f"{path}: not a tunnelmesh admin key") from None
+        parts = text.split()
+        if len(parts) != 2 or parts[0] != ADMIN_KEY_HEADER:
+            raise MembershipError(f"{path}: not a tunnelmesh admin key")
+        try:
+            seed = base64.b64decode(parts[1], validate=True)
+            return cls(Ed25519PrivateKey.from_private_bytes(seed))
+        except (binascii.Error, ValueError):
+            raise MembershipError(f"{path}: not a tunnelmesh admin key") from None
+
+
+# --- sealed secrets ---------------------------------------------------------------------------
+
+
+def seal(recipient_public: bytes, plaintext: bytes, rng: Any = os.urandom) -> bytes:
+    """Encrypt to an X25519 public key: ephemeral X25519, HKDF-SHA256, ChaCha20-Poly1305."""
+    ephemeral = X25519PrivateKey.from_private_bytes(rng(32))
+    ephemeral_public = ephemeral.public_key().public_bytes_raw()
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient_public))
+    key = HKDF(hashes.SHA256(), 32, salt=ephemeral_public + recipient_public, info=SEAL_INFO).derive(shared)
+    return ephemeral_public + ChaCha20Poly1305(key).encrypt(bytes(12), plaintext, None)
+
+
+def unseal(private_key: bytes, blob: bytes) -> bytes:
+    if len(blob) < 32 + 16:
+        raise MembershipError("sealed secret too short")
+    own = X25519PrivateKey.from_private_bytes(private_key)
+    own_public = own.public_key().public_bytes_raw()
+    try:
+        shared = own.exchange(X25519PublicKey.from_public_bytes(blob[:32]))
+    except ValueError:
+        raise MembershipError("sealed secret: bad ephemeral key") from None
+    key = HKDF(hashes.SHA256(), 32, salt=blob[:32] + own_public, info=SEAL_INFO).derive(shared)
+    try:
+        return ChaCha20Poly1305(key).decrypt(bytes(12), blob[32:], None)
+    except InvalidTag:
+        raise MembershipError("sealed secret was not sealed to this node's key") from None
+
+
+# --- records -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    admin_key: bytes
+    cidr4: ipaddress.IPv4Network
+    ula6: ipaddress.IPv6Network
+    created: int
+    signature: str
+
+    @property
+    def network(self) -> str:
+        return key_fingerprint(self.admin_key)
+
+    def body(self) -> dict[str, Any]:
+        return {"admin_key": b64(self.admin_key), "cidr4": str(self.cidr4), "ula6": str(self.ula6), "created": self.created}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "sig": self.signature}
+
+    @classmethod
+    def create(cls, admin: AdminKey, cidr4: str, now: int, rng: Any = os.urandom) -> NetworkInfo:
+        try:
+            net = ipaddress.IPv4Network(cidr4)
+        except ValueError as exc:
+            raise MembershipError(f"network CIDR {cidr4!r}: {exc}") from None
+        if net.prefixlen > 28 or net.prefixlen < 8:
+            raise MembershipError(f"network CIDR {net}: prefix must be from /8 to /28")
+        ula = ipaddress.IPv6Network((b"\xfd" + rng(5) + bytes(10), 48))
+        body = {"admin_key": b64(admin.public), "cidr4": str(net), "ula6": str(ula), "created": now}
+        return cls(admin.public, net, ula, now, admin.sign("network", body))
+
+    @classmethod
+    def from_wire(cls, wire: Any, pinned: str | None = None) -> NetworkInfo:
+        """Parse and verify (self-signed by its admin key; if `pinned`, that key's fingerprint)."""
+        wire = _obj(wire, "network")
+        _keys(wire, {"body", "sig"}, "network")
+        body = _obj(wire["body"], "network body")
+        _keys(body, {"admin_key", "cidr4", "ula6", "created"}, "network body")
+        admin_key = unb64(body["admin_key"], "admin key", 32)
+        if pinned is not None and key_fingerprint(admin_key) != pinned:
+            raise MembershipError(
+                f"this coordinator serves network {key_fingerprint(admin_key)}, not {pinned} (wrong coordinator URL, "
+                "or a token for another network)"
+            )
+        try:
+            cidr4 = ipaddress.IPv4Network(_str(body["cidr4"], "cidr4", 32))
+            ula6 = ipaddress.IPv6Network(_str(body["ula6"], "ula6", 64))
+        except ValueError as exc:
+            raise MembershipError(f"network body: {exc}") from None
+        if not 8 <= cidr4.prefixlen <= 28 or ula6.prefixlen != 48 or not ula6.subnet_of(ipaddress.IPv6Network("fd00::/8")):
+            raise MembershipError("network body: CIDR must be /8 to /28 and the IPv6 prefix a ULA /48")
+        info = cls(admin_key, cidr4, ula6, _int(body["created"], "created"), wire["sig"])
+        _verify(admin_key, "network", body, wire["sig"], "network")
+        _canonical_form(info, body, "network")
+        return info
+
+    def host(self, index: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+        """The mesh addresses of host number `index` (1 = first usable)."""
+        if not 1 <= index < self.cidr4.num_addresses - 1:
+            raise MembershipError(f"no host number {index} in {self.cidr4}")
+        return self.cidr4.network_address + index, self.ula6.network_address + index
+
+    def host_index(self, ipv4: ipaddress.IPv4Address) -> int:
+        return int(ipv4) - int(self.cidr4.network_address)
+
+
+@dataclass(frozen=True)
+class InviteGrant:
+    network: str
+    invite_key: bytes
+    name: str | None
+    expires: int
+    uses: int  # 0 = reusable until it expires
+    created: int
+    signature: str
+
+    def body(self) -> dict[str, Any]:
+        return {"network": self.network, "invite_key": b64(self.invite_key), "name": self.name,
+                "expires": self.expires, "uses": self.uses, "created": self.created}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "sig": self.signature}
+
+    @classmethod
+    def from_wire(cls, wire: Any, admin_key: bytes) -> InviteGrant:
+        wire = _obj(wire, "invite")
+        _keys(wire, {"body", "sig"}, "invite")
+        body = _obj(wire["body"], "invite body")
+        _keys(body, {"network", "invite_key", "name", "expires", "uses", "created"}, "invite body")
+        network = _str(body["network"], "invite network", 64)
+        if network != key_fingerprint(admin_key):
+            raise MembershipError(f"the invite is for network {network}, not this network ({key_fingerprint(admin_key)})")
+        name = body["name"]
+        if name is not None:
+            check_name(name, "invite name")
+        grant = cls(network, unb64(body["invite_key"], "invite key", 32), name,
+                    _int(body["expires"], "expires"), _int(body["uses"], "uses", 0, 1_000_000),
+                    _int(body["created"], "created"), wire["sig"])
+        if grant.expires < grant.created:
+            raise MembershipError("the invite expires before it was made")
+        try:
+            _verify(admin_key, "invite", body, wire["sig"], "invite")
+        except MembershipError:
+            raise MembershipError("the invite is not signed by this network's admin key (forged or corrupted token)") from None
+        _canonical_form(grant, body, "invite")
+        return grant
+
+
+@dataclass(frozen=True)
+class Token:
+    """What `tunnelmesh invite` prints: where to go, which network, and the invite key."""
+
+    url: str
+    network: str
+    grant: dict[str, Any]  # InviteGrant wire form; verified once the admin key is known
+    invite_seed: bytes = field(repr=False)  # the invite's private key: never in a repr or a log
+    #: The coordinator's own TLS certificate, pinned ("sha256:<hex>"), when it serves one.
+    tls: str | None = None
+
+    def encode(self) -> str:
+        fields = {"url": self.url, "network": self.network, "grant": self.grant, "key": b64(self.invite_seed)}
+        if self.tls is not None:  # left out otherwise: a token without it reads as before
+            fields["tls"] = self.tls
+        payload = canonical(fields)
+        return TOKEN_PREFIX + base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+    @classmethod
+    def parse(cls, text: Any) -> Token:
+        if not isinstance(text, str):
+            raise MembershipError("not a join token")
+        text = text.strip()
+        if not text.startswith(TOKEN_PREFIX) or len(text) > MAX_TOKEN_CHARS:
+            raise MembershipError(f"not a join token (a token starts with {TOKEN_PREFIX!r}; get one from `tunnelmesh invite`)")
+        data = text[len(TOKEN_PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
+            payload = json.loads(raw)
+        except (binascii.Error, ValueError, RecursionError):
+            raise MembershipError("join token is damaged (copy it again, whole)") from None
+        payload = _obj(payload, "join token")
+        _keys(payload, {"url", "network", "grant", "key"}, "join token", {"tls"})
+        url = _str(payload["url"], "coordinator URL", 2048)
+        if not url.startswith(("http://", "https://")):
+            raise MembershipError("join token: the coordinator URL must be http:// or https://")
+        tls = None
+        if "tls" in payload:
+            try:
+                tls = parse_pin(payload["tls"])
+                check_pinned_url(url, tls)
+            except ValueError as exc:
+                raise MembershipError(f"join token: {exc}") from None
+        return cls(url, _str(payload["network"], "network", 64), _obj(payload["grant"], "invite"),
+                   unb64(payload["key"], "invite key", 32), tls)
+
+    def invite_key(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.invite_seed)
+
+
+def make_invite(admin: AdminKey, url: str, *, name: str | None, expires: int, uses: int, now: int,
+                rng: Any = os.urandom, tls: str | None = None) -> Token:
+    """`tls`: the coordinator's certificate pin, carried to the joiner like the admin key's fingerprint."""
+    if name is not None:
+        check_name(name, "invite name")
+    seed = rng(32)
+    invite_public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+    body = {"network": admin.fingerprint, "invite_key": b64(invite_public), "name": name,
+            "expires": expires, "uses": uses, "created": now}
+    return Token(url, admin.fingerprint, {"body": body, "sig": admin.sign("invite", body)}, seed, tls)
+
+
+@dataclass(frozen=True)
+class MemberEntry:
+    network: str
+    name: str
+    identity: PublicIdentity
+    ipv4: ipaddress.IPv4Address
+    ipv6: ipaddress.IPv6Address
+    joined: int
+    admin_sig: str | None = None
+    grant: InviteGrant | None = None
+    invite_sig: str | None = None
+
+    @property
+    def wg_key(self) -> bytes:
+        return self.identity.wg_public_key
+
+    @property
+    def authorized_at(self) -> int:
+        """When the admin authorised this entry: what a revocation is compared with."""
+        return self.grant.created if self.grant is not None else self.joined
+
+    def body(self) -> dict[str, Any]:
+        return member_body(self.network, self.name, self.identity, self.ipv4, self.ipv6, self.joined)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"body": self.body()}
+        if self.grant is not None:
+            wire["grant"] = self.grant.to_wire()
+            wire["invite_sig"] = self.invite_sig
+        else:
+            wire["admin_sig"] = self.admin_sig
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Any, network: NetworkInfo) -> MemberEntry:
+        """Parse and verify a member entry of `network` (signature chain, attestation, addresses)."""
+        wire = _obj(wire, "member")
+        if "grant" in wire:
+            _keys(wire, {"body", "grant", "invite_sig"}, "member")
+        else:
+            _keys(wire, {"body", "admin_sig"}, "member")
+        body = _obj(wire["body"], "member body")
+        _keys(body, {"network", "name", "identity", "ipv4", "ipv6", "joined"}, "member body")
+        if body["network"] != network.network:
+            raise MembershipError(f"member entry is for another network ({_str(body['network'], 'network', 64)})")
+        name = check_name(body["name"], "member name")
+        try:
+            identity = PublicIdentity.from_line(_str(body["identity"], "identity", 8192))
+        except IdentityError as exc:
+            raise MembershipError(f"member {name}: {exc}") from None
+        try:
+            ipv4 = ipaddress.IPv4Address(_str(body["ipv4"], "ipv4", 16))
+            ipv6 = ipaddress.IPv6Address(_str(body["ipv6"], "ipv6", 64))
+        except ValueError as exc:
+            raise MembershipError(f"member {name}: {exc}") from None
+        index = network.host_index(ipv4)
+        if not 1 <= index < network.cidr4.num_addresses - 1 or network.host(index) != (ipv4, ipv6):
+            raise MembershipError(f"member {name}: addresses {ipv4} / {ipv6} are not a host of {network.cidr4} / {network.ula6}")
+        joined = _int(body["joined"], "joined")
+        if "grant" in wire:
+            grant = InviteGrant.from_wire(wire["grant"], network.admin_key)
+            if grant.name is not None and grant.name != name:
+                raise MembershipError(f"member {name}: the invite was made for the name {grant.name!r}")
+            if not grant.created <= joined <= grant.expires:
+                raise MembershipError(f"member {name}: joined outside the invite's validity")
+            _verify(grant.invite_key, "member", body, wire["invite_sig"], f"member {name}")
+            entry = cls(network.network, name, identity, ipv4, ipv6, joined, None, grant, wire["invite_sig"])
+        else:
+            _verify(network.admin_key, "member", body, wire["admin_sig"], f"member {name}")
+            entry = cls(network.network, name, identity, ipv4, ipv6, joined, wire["admin_sig"])
+        _canonical_form(entry, body, f"member {name}")
+        return entry
+
+
+def member_body(network: str, name: str, identity: PublicIdentity, ipv4: ipaddress.IPv4Address,
+                ipv6: ipaddress.IPv6Address, joined: int) -> dict[str, Any]:
+    return {"network": network, "name": name, "identity": identity.to_line(), "ipv4": str(ipv4),
+            "ipv6": str(ipv6), "joined": joined}
+
+
+def sign_member_with_invite(body: dict[str, Any], token: Token) -> dict[str, Any]:
+    return {"body": body, "grant": token.grant, "invite_sig": _sign(token.invite_key(), "member", body)}
+
+
+def sign_member_as_admin(body: dict[str, Any], admin: AdminKey) -> dict[str, Any]:
+    return {"body": body, "admin_sig": admin.sign("member", body)}
+
+
+def _admin_record(wire: Any, what: str, keys: set[str], network: NetworkInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shape every admin-signed record of a network shares: {"body": {...}, "sig"}."""
+    wire = _obj(wire, what)
+    _keys(wire, {"body", "sig"}, what)
+    body = _obj(wire["body"], f"{what} body")
+    _keys(body, keys, f"{what} body")
+    if body["network"] != network.network:
+        raise MembershipError(f"{what} is for another network")
+    return wire, body
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """The admin revokes a member: its WireGuard key and, when it names one, every key its
+    SSH key attests (an SSH key can attest any X25519 key; revoking only the X25519 key
+    would let a revoked member attest a fresh one and come back)."""
+
+    network: str
+    wg_key: bytes
+    name: str
+    at: int
+    signature: str
+    ssh: str | None = None  # the SSH key's fingerprint ("SHA256:..."); absent in records made before it
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"network": self.network, "wg_key": b64(self.wg_key), "name": self.name, "at": self.at}
+        if self.ssh is not None:
+            body["ssh"] = self.ssh
+        return body
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "sig": self.signature}
+
+    @classmethod
+    def create(cls, admin: AdminKey, member: MemberEntry, now: int) -> Revocation:
+        body = {"network": admin.fingerprint, "wg_key": b64(member.wg_key), "name": member.name, "at": now,
+                "ssh": member.identity.fingerprint}
+        return cls(admin.fingerprint, member.wg_key, member.name, now, admin.sign("revoke", body),
+                   member.identity.fingerprint)
+
+    @classmethod
+    def from_wire(cls, wire: Any, network: NetworkInfo) -> Revocation:
+        wire = _obj(wire, "revocation")
+        optional = {"ssh"} if isinstance(wire.get("body"), dict) and "ssh" in wire["body"] else set()
+        wire, body = _admin_record(wire, "revocation", {"network", "wg_key", "name", "at"} | optional, network)
+        ssh = None if "ssh" not in body else _ssh_fingerprint(body["ssh"])
+        revocation = cls(network.network, unb64(body["wg_key"], "revoked key", 32), check_name(body["name"]),
+                         _int(body["at"], "at"), wire["sig"], ssh)
+        _verify(network.admin_key, "revoke", body, wire["sig"], "revocation")
+        _canonical_form(revocation, body, "revocation")
+        return revocation
+
+    def covers(self, member: MemberEntry) -> bool:
+        """A revocation refuses every entry for the key -- or, if it names one, for any key
+        the same SSH key attests -- authorised at or before it."""
+        same = member.wg_key == self.wg_key or (self.ssh is not None and member.identity.fingerprint == self.ssh)
+        return same and member.authorized_at <= self.at
+
+
+_SSH_FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+
+
+def _ssh_fingerprint(value: Any) -> str:
+    if not isinstance(value, str) or _SSH_FINGERPRINT_RE.fullmatch(value) is None:
+        raise MembershipError("revocation: ssh must be an SSH key fingerprint (SHA256:...)")
+    return value
+
+
+@dataclass(frozen=True)
+class SecretRecord:
+    network: str
+    epoch: int
+    sealed: dict[str, str]  # WireGuard key (base64) -> sealed secret (base64)
+    at: int
+    signature: str
+
+    def body(self) -> dict[str, Any]:
+        return {"network": self.network, "epoch": self.epoch, "sealed": self.sealed, "at": self.at}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "sig": self.signature}
+
+    @classmethod
+    def create(cls, admin: AdminKey, epoch: int, secret: bytes, members: list[MemberEntry], now: int) -> SecretRecord:
+        sealed = {b64(m.wg_key): b64(seal(m.wg_key, secret)) for m in members}
+        body = {"network": admin.fingerprint, "epoch": epoch, "sealed": sealed, "at": now}
+        return cls(admin.fingerprint, epoch, sealed, now, admin.sign("secret", body))
+
+    @classmethod
+    def from_wire(cls, wire: Any, network: NetworkInfo) -> SecretRecord:
+        wire, body = _admin_record(wire, "secret record", {"network", "epoch", "sealed", "at"}, network)
+        sealed = _obj(body["sealed"], "sealed secrets")
+        for key, value in sealed.items():
+            unb64(key, "sealed-for key", 32)
+            _str(value, "sealed secret", 256)
+        record = cls(network.network, _int(body["epoch"], "epoch", 1), dict(sealed), _int(body["at"], "at"), wire["sig"])
+        _verify(network.admin_key, "secret", body, wire["sig"], "secret record")
+        _canonical_form(record, body, "secret record")
+        return record
+
+    def open_for(self, wg_key: bytes, static_private: bytes) -> bytes | None:
+        """The new secret if it was sealed for this node, else None."""
+        blob = self.sealed.get(b64(wg_key))
+        if blob is None:
+            return None
+        secret = unseal(static_private, unb64(blob, "sealed secret"))
+        if len(secret) != 32:
+            raise MembershipError("sealed secret is not 32 bytes")
+        return secret
