@@ -219,7 +219,7 @@ class AdmissionDecided(Event):
     """(Admin's machine) what the admitter did with one join made with an invite."""
 
     kind: ClassVar[str] = "admission"
-    outcome: str  # "countersigned", "refused", or "deferred" (tried again later)
+    outcome: str  # "countersigned", "refused", "ignored" (malformed) or "deferred" (asked again later)
     detail: str
 
 
@@ -252,6 +252,14 @@ class PeerStatus:
     tx_bytes: int
     persistent_keepalive: int
     why_not_better: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """The reply to `peers`."""
+
+    peers: tuple[PeerStatus, ...]
+    control_version: int = CONTROL_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +296,7 @@ class AdmissionStatus:
 
 @dataclass(frozen=True, slots=True)
 class SshStatus:
-    port: int
+    port: int | None  # None: dials only, serves no SSH
     bridge: str | None
     links: int
     drops: dict[str, int]
