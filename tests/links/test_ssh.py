@@ -276,6 +276,28 @@ def test_dial_errors_are_human(identities: list[NodeIdentity], monkeypatch: pyte
     run(main())
 
 
+def test_close_cancels_and_awaits_a_dial_in_flight(identities: list[NodeIdentity]) -> None:
+    """The rung owns its dials: none outlives close(), even one stuck on a silent server."""
+    async def main() -> None:
+        directory, a, b = await pair(identities)
+        await b.rung.close()
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never speaks SSH
+        directory.where[b.wg] = [SshTarget("127.0.0.1", silent.sockets[0].getsockname()[1],
+                                           public_key_text(b.host_key), "tunnelmesh", "daemon")]
+        try:
+            dialler = asyncio.create_task(a.rung.dial(b.wg))
+            while not any(t.get_name().startswith("ssh dial ") for t in asyncio.all_tasks()):
+                await asyncio.sleep(0)
+            await a.rung.close()
+            assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("ssh dial ")]
+            with pytest.raises(asyncio.CancelledError):
+                await dialler
+        finally:
+            silent.close()
+
+    run(main())
+
+
 def test_bind_failure_names_the_port(identities: list[NodeIdentity]) -> None:
     async def main() -> None:
         _, a, b = await pair(identities)

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 
-import tunnelmesh.links as links
 from tunnelmesh.links import REFUSAL_LOG_ENTRIES, REFUSAL_LOG_INTERVAL, RefusalLog
 
 LOG = "tunnelmesh.test.refusals"
@@ -17,15 +16,16 @@ class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
 
-    def __call__(self) -> float:
+    def monotonic(self) -> float:
         return self.now
+
+    def wall(self) -> float:
+        return 1_700_000_000.0 + self.now
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    clock = Clock()
-    monkeypatch.setattr(links.time, "monotonic", clock)
-    return clock
+def clock() -> Clock:
+    return Clock()
 
 
 def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -34,7 +34,7 @@ def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_one_line_per_address_and_cause_per_interval_with_the_count_of_the_rest(
         clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
-    refusals = RefusalLog(logging.getLogger(LOG))
+    refusals = RefusalLog(logging.getLogger(LOG), clock)
     with caplog.at_level(logging.WARNING, logger=LOG):
         for i in range(100):  # a new key each time, one address
             refusals("203.0.113.9", "key of no current member", f"refused key {i} from 203.0.113.9")
@@ -51,7 +51,7 @@ def test_one_line_per_address_and_cause_per_interval_with_the_count_of_the_rest(
 
 
 def test_memory_is_bounded_by_the_entries_kept(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
-    refusals = RefusalLog(logging.getLogger(LOG))
+    refusals = RefusalLog(logging.getLogger(LOG), clock)
     with caplog.at_level(logging.WARNING, logger=LOG):
         for i in range(REFUSAL_LOG_ENTRIES * 3):
             refusals(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", "cause", "refused")

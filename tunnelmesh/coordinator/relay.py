@@ -27,7 +27,6 @@ import binascii
 import json
 import logging
 import os
-import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
@@ -35,6 +34,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.identity import (
     SSHSIG_MAGIC,
     IdentityError,
@@ -154,13 +154,14 @@ def frame_problem(frame: bytes) -> str | None:
 class _Connection:
     """One authenticated member's WebSocket."""
 
-    def __init__(self, key: bytes, ssh_key: str, ws: web.WebSocketResponse, request: web.Request) -> None:
+    def __init__(self, key: bytes, ssh_key: str, ws: web.WebSocketResponse, request: web.Request, since: float
+                 ) -> None:
         self.key = key
         self.ssh_key = ssh_key
         self.ws = ws
         self.request = request
         self.remote = request.remote or "?"
-        self.since = time.time()
+        self.since = since  # wall time
         self.queue = FrameQueue()
 
 
@@ -169,7 +170,7 @@ class Relay:
     for anyone else); call `member_changed` whenever membership may have changed."""
 
     def __init__(self, network: str, identity_for: Callable[[bytes], PublicIdentity | None],
-                 relay: str = COORDINATOR_RELAY) -> None:
+                 relay: str = COORDINATOR_RELAY, clock: Clock = SYSTEM_CLOCK) -> None:
         self.network = network
         self.identity_for = identity_for
         self.relay = relay  # this relay's id, which clients sign (links.relay.auth_message)
@@ -177,7 +178,8 @@ class Relay:
         self.refusals: Counter[str] = Counter()
         self._connections: dict[bytes, _Connection] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        self._log_refusal = RefusalLog(log)
+        self.clock = clock
+        self._log_refusal = RefusalLog(log, clock)
         self._closed = False
 
     async def handler(self, request: web.Request) -> web.StreamResponse:
@@ -239,7 +241,7 @@ class Relay:
         if self._closed:  # close() began while it authenticated
             raise Refusal(SHUTTING_DOWN, "the relay is shutting down")
         await ws.send_str(OK)
-        connection = _Connection(wg_key, identity.ssh_public_key, ws, request)
+        connection = _Connection(wg_key, identity.ssh_public_key, ws, request, self.clock.wall())
         old = self._connections.get(wg_key)
         if old is not None:
             self._kick(old, REPLACED, "replaced by a newer connection of the same member")

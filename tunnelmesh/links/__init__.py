@@ -15,8 +15,9 @@ are authenticated again by the core.
 from __future__ import annotations
 
 import logging
-import time
 from typing import ClassVar, Protocol
+
+from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 
 # Largest WireGuard message a link carries: a transport message for the largest
 # MTU we allow (9000) plus header, tag and padding. Anything bigger is a
@@ -34,12 +35,13 @@ class RefusalLog:
     logged: a scanner cannot flood the log, whatever keys it makes up. Bounded: when
     full, the oldest entries go (and may be logged again)."""
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, clock: Clock = SYSTEM_CLOCK) -> None:
         self._logger = logger
+        self._clock = clock
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
 
     def __call__(self, address: str, cause: str, message: str) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         key = (address, cause)
         last = self._last.get(key)
         if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL:

@@ -29,7 +29,6 @@ import ipaddress
 import json
 import logging
 import socket
-import time
 import urllib.parse
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Collection
@@ -39,6 +38,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.links import MAX_MESSAGE, Link, LinkError, LinkSink, RefusalLog
 from tunnelmesh.links.proxy import connect_failure, proxy_for
@@ -279,7 +279,7 @@ class RelayClient:
 
     def __init__(self, url: str, identity: NodeIdentity, network: str, sink: LinkSink, *,
                  ca_file: str | None = None, relay: str = COORDINATOR_RELAY, guard: RelayGuard | None = None,
-                 tls_fingerprint: str | None = None
+                 tls_fingerprint: str | None = None, clock: Clock = SYSTEM_CLOCK
                  ) -> None:
         self.url = url.rstrip("/")
         self.ws_url = relay_url(self.url)
@@ -294,8 +294,9 @@ class RelayClient:
         # A member's relay is checked where it leads (None: the coordinator's, or this node's
         # own, which the node's own config chose).
         self.guard = guard
+        self.clock = clock
         self.refused: Counter[str] = Counter()
-        self._refusals = RefusalLog(log)
+        self._refusals = RefusalLog(log, clock)
         self._ssl = client_ssl(ca_file, tls_fingerprint)
         self.state = "connecting"  # "connecting", "connected" or "unreachable"
         self.error: str | None = None
@@ -374,13 +375,13 @@ class RelayClient:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, LAST_RETRY)
                     continue
-                served_since = time.monotonic()
+                served_since = self.clock.monotonic()
                 reason = await self._serve(ws)
                 self._failed(reason)
                 self.state = "connecting"
                 # A connection that held a while starts the backoff afresh; one cut off at once
                 # (e.g. replaced by another connection of ours) does not retry every second.
-                delay = FIRST_RETRY if time.monotonic() - served_since >= STABLE else min(delay * 2, LAST_RETRY)
+                delay = FIRST_RETRY if self.clock.monotonic() - served_since >= STABLE else min(delay * 2, LAST_RETRY)
                 await asyncio.sleep(delay)
 
     def _failed(self, reason: str) -> None:
@@ -458,7 +459,7 @@ class RelayClient:
         """Carry frames until the connection ends; why it ended."""
         queue = FrameQueue()
         self._queue = queue
-        self.state, self.error, self.connected_since = "connected", None, time.time()
+        self.state, self.error, self.connected_since = "connected", None, self.clock.wall()
         log.info("relay %s: connected", self.ws_url)
         writer = asyncio.create_task(queue.drain(ws))
         reason = "the relay connection was closed"

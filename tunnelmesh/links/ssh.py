@@ -55,6 +55,7 @@ from typing import Any, Literal, Protocol
 import asyncssh
 
 from tunnelmesh import files
+from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.links import Link, LinkError, LinkSink, RefusalLog
 from tunnelmesh.links.attest import SshEndpoint
@@ -511,6 +512,7 @@ class SshRung:
         directory: SshDirectory,
         sink: LinkSink,
         listen_host: str = "0.0.0.0",
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if port is not None and host_key is None:
             raise ValueError("serving SSH needs a host key")
@@ -523,11 +525,11 @@ class SshRung:
         self._listen_host = listen_host
         self._own_key = identity.public.wg_public_key
         self._links: dict[bytes, SshLink] = {}
-        self._dialling: dict[bytes, asyncio.Future[SshLink]] = {}
+        self._dialling: dict[bytes, asyncio.Task[SshLink]] = {}  # owned: close() cancels and awaits them
         self._server: asyncssh.SSHAcceptor | None = None
         self._server_conns: set[asyncssh.SSHServerConnection] = set()
         self._bridge: Any = None  # links.bridge.BridgeServer once start_bridge ran
-        self._log_refusal = RefusalLog(log)
+        self._log_refusal = RefusalLog(log, clock)
 
     @property
     def port(self) -> int | None:
@@ -582,7 +584,7 @@ class SshRung:
             return live
         task = self._dialling.get(wg_key)
         if task is None:  # concurrent dials of one peer share one attempt
-            task = asyncio.ensure_future(self._dial(wg_key))
+            task = asyncio.get_running_loop().create_task(self._dial(wg_key), name=f"ssh dial {short_key(wg_key)}")
             self._dialling[wg_key] = task
             task.add_done_callback(lambda _: self._dialling.pop(wg_key, None))
         return await asyncio.shield(task)
@@ -698,8 +700,10 @@ class SshRung:
         self._log_refusal(address, cause, f"ssh: {message}")
 
     async def close(self) -> None:
-        for task in list(self._dialling.values()):
+        dials = list(self._dialling.values())
+        for task in dials:
             task.cancel()
+        await asyncio.gather(*dials, return_exceptions=True)  # no dial outlives the rung
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
