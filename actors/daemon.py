@@ -551,10 +551,10 @@ def _load_membership(paths: Paths, identity: NodeIdentity) -> tuple[NetworkState
 def _identity_config_error(config: Any, exc: IdentityError) -> ConfigError:
     """An identity that cannot be loaded (unreadable key file, no agent, ...) is a
     config problem: name the config file and the line of [node] identity."""
-    from tunnelmesh.config import _Locator
+    from tunnelmesh.config import Locator
 
     try:
-        line = _Locator(config.path.read_text(errors="replace")).line_of("node", "identity")
+        line = Locator(config.path.read_text(errors="replace")).line_of("node", "identity")
     except OSError:
         line = None
     return ConfigError(config.path, line, f"[node]: identity: {exc}")

@@ -473,13 +473,13 @@ def test_locator_finds_every_written_key(
     spelling (bare, quoted with escapes) and any value (multi-line arrays included)."""
     import tomllib
 
-    from tunnelmesh.config import _Locator
+    from tunnelmesh.config import Locator
 
     text, where = to_toml(node, peers, extra)
     try:
         tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         assume(False)
-    lines = _Locator(text).lines
+    lines = Locator(text).lines
     for path, line in where.items():
         assert lines.get(path) == line, (path, line, text)

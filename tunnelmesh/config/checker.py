@@ -1,0 +1,750 @@
+"""Reading and checking a config file: `load_config` / `parse_config` turn TOML into a
+`NodeConfig` or raise `ConfigError` naming the file and the line of the offending key,
+e.g.::
+
+    /etc/tunnelmesh/tunnelmesh.toml:14: peer "beta": mesh_ip: '100.100.0.300' is not an IPv4 address
+
+Errors never repeat the content of a secret (a value that could be a pasted private
+key). See docs/config.md for the reference of every key.
+
+Sans-IO but for `load_config` reading the file: no asyncio, no actors. It imports
+``tunnelmesh.identity`` lazily, only when a peer identity line has to be checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import re
+import tomllib
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunnelmesh.config.locator import Locator
+from tunnelmesh.config.model import (
+    DEFAULT_COORDINATOR_PORT,
+    DEFAULT_INTERFACE,
+    DEFAULT_LISTEN_PORT,
+    DEFAULT_MESH_PREFIX,
+    DEFAULT_MTU,
+    DEFAULT_RELAY_PORT,
+    DEFAULT_SSH_PORT,
+    MAX_MTU,
+    MIN_MESH_PREFIX,
+    MIN_MTU,
+    RUNG_NAMES,
+    WG_KEY_BYTES,
+    ConfigError,
+    CoordinatorConfig,
+    IPNetwork,
+    NodeConfig,
+    PeerConfig,
+    RungChoice,
+    TransportsConfig,
+)
+from tunnelmesh.paths import DEFAULT_HOST_KEY
+
+if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
+    from tunnelmesh.identity import PublicIdentity
+
+#: Refuse config files larger than this (a config is a few KiB at most).
+MAX_CONFIG_BYTES = 1 << 20
+
+TOP_KEYS = ("node", "peers", "coordinator", "transports")
+COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert", "tls_key")
+TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
+                  "relay_url", "peers")
+PEER_TRANSPORT_KEYS = ("rungs", "force")
+NODE_KEYS = (
+    "name",
+    "identity",
+    "passphrase_file",
+    "network_secret_file",
+    "mesh_ip",
+    "mesh_prefix",
+    "listen_port",
+    "interface",
+    "mtu",
+)
+PEER_KEYS = (
+    "name",
+    "identity",
+    "wireguard_public_key",
+    "mesh_ip",
+    "endpoint",
+    "persistent_keepalive",
+    "allowed_ips",
+)
+
+_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_INTERFACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
+_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_END_RE = re.compile(r"\s*\(at end of document\)\s*$")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
+
+
+def _show(value: str) -> str:
+    """A user value fit for an error message: short, one line, else not shown at all
+    (a long or multi-line string may be a pasted private key)."""
+    if len(value) > 64 or any(c in value for c in "\r\n"):
+        return f"(a {len(value)}-character string)"
+    return repr(value)
+
+
+def _is_label(name: str) -> bool:
+    return _LABEL_RE.fullmatch(name) is not None
+
+
+def _b64_32(text: str) -> bytes | None:
+    """Decode strict base64 of exactly 32 bytes, or None."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == 32 else None
+
+
+class _Checker:
+    """Validation with error construction that knows the file and the lines."""
+
+    def __init__(self, path: Path, text: str, state_dir: Path) -> None:
+        self.path = path
+        self.base = path.absolute().parent
+        self.state_dir = Path(os.path.abspath(state_dir))
+        self.loc = Locator(text)
+
+    def error(self, message: str, *where: Any) -> ConfigError:
+        return ConfigError(self.path, self.loc.line_of(*where) if where else None, message)
+
+    # -- typed getters
+
+    def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], what: str, *where: Any) -> None:
+        for key in table:
+            if key not in allowed:
+                raise self.error(
+                    f"{what}: unknown key {_show(key)}; allowed keys: {', '.join(allowed)}",
+                    *where,
+                    key,
+                )
+
+    def get_str(
+        self, table: Mapping[str, Any], key: str, what: str, *where: Any, required: bool = False
+    ) -> str | None:
+        if key not in table:
+            if required:
+                raise self.error(f"{what}: missing required key {key!r}", *where)
+            return None
+        value = table[key]
+        if not isinstance(value, str):
+            raise self.error(f"{what}: {key} must be a string, not {_type_name(value)}", *where, key)
+        return value
+
+    def get_int(
+        self, table: Mapping[str, Any], key: str, what: str, *where: Any, default: int, lo: int, hi: int, hint: str = ""
+    ) -> int:
+        if key not in table:
+            return default
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"{what}: {key} must be an integer, not {_type_name(value)}", *where, key)
+        if not lo <= value <= hi:
+            raise self.error(f"{what}: {key} must be between {lo} and {hi}{hint}, got {value}", *where, key)
+        return value
+
+    def get_path(self, table: Mapping[str, Any], key: str, what: str, *where: Any) -> Path | None:
+        value = self.get_str(table, key, what, *where)
+        if value is None:
+            return None
+        return self.to_path(value, f"{what}: {key}", *where, key)
+
+    def to_path(self, value: str, what: str, *where: Any) -> Path:
+        if not value.strip():
+            raise self.error(f"{what}: must not be empty", *where)
+        if "\x00" in value:
+            raise self.error(f"{what}: must not contain a NUL character", *where)
+        p = Path(os.path.expanduser(value))
+        return Path(os.path.abspath(self.base / p))
+
+    def get_ipv4(self, table: Mapping[str, Any], key: str, what: str, *where: Any) -> ipaddress.IPv4Address:
+        value = self.get_str(table, key, what, *where, required=True)
+        assert value is not None
+        try:
+            ip = ipaddress.IPv4Address(value)
+        except ValueError:
+            raise self.error(f"{what}: {key}: {_show(value)} is not an IPv4 address", *where, key) from None
+        if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == ipaddress.IPv4Address("255.255.255.255"):
+            raise self.error(f"{what}: {key}: {ip} cannot be a mesh address", *where, key)
+        return ip
+
+    # -- sections
+
+    def node(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        node = self.table(data, "node", NODE_KEYS)
+        if node is None:
+            raise self.error("missing the [node] table")
+        what = "[node]"
+
+        name = self.get_str(node, "name", what, "node", required=True)
+        assert name is not None
+        if not _is_label(name):
+            raise self.error(
+                f"{what}: name {_show(name)} must be 1 to 63 characters of a-z, 0-9 and '-', "
+                "not starting or ending with '-'",
+                "node",
+                "name",
+            )
+
+        identity_value = self.get_str(node, "identity", what, "node")
+        if identity_value is None:
+            identity = DEFAULT_HOST_KEY
+            is_agent = False
+        elif identity_value == "agent":
+            identity, is_agent = "agent", True
+        elif identity_value.startswith("agent:"):
+            fingerprint = identity_value[len("agent:") :]
+            if _FINGERPRINT_RE.fullmatch(fingerprint) is None:
+                raise self.error(
+                    f"{what}: identity: {_show(identity_value)} must be \"agent\" or "
+                    '"agent:SHA256:<fingerprint>" (as `ssh-add -l` prints it)',
+                    "node",
+                    "identity",
+                )
+            identity, is_agent = identity_value, True
+        else:
+            identity = str(self.to_path(identity_value, f"{what}: identity", "node", "identity"))
+            is_agent = False
+
+        passphrase_file = self.get_path(node, "passphrase_file", what, "node")
+        if passphrase_file is not None and is_agent:
+            raise self.error(
+                f"{what}: passphrase_file only applies to a key file identity, not to ssh-agent",
+                "node",
+                "passphrase_file",
+            )
+        secret = self.get_path(node, "network_secret_file", what, "node")
+        if secret is None:
+            secret = self.state_dir / "network.secret"
+
+        mesh_ip: ipaddress.IPv4Address | None = None
+        mesh_prefix = DEFAULT_MESH_PREFIX
+        if "coordinator" in data:
+            for key in ("mesh_ip", "mesh_prefix"):
+                if key in node:
+                    raise self.error(
+                        f"{what}: {key} is assigned by the coordinator; remove it (or remove [coordinator] "
+                        "for a static mesh)", "node", key,
+                    )
+        else:
+            mesh_ip = self.get_ipv4(node, "mesh_ip", what, "node")
+            mesh_prefix = self.get_int(
+                node, "mesh_prefix", what, "node", default=DEFAULT_MESH_PREFIX, lo=MIN_MESH_PREFIX, hi=32
+            )
+            net = ipaddress.IPv4Network(f"{mesh_ip}/{mesh_prefix}", strict=False)
+            if mesh_prefix <= 30 and mesh_ip in (net.network_address, net.broadcast_address):
+                kind = "network" if mesh_ip == net.network_address else "broadcast"
+                raise self.error(f"{what}: mesh_ip {mesh_ip} is the {kind} address of {net}", "node", "mesh_ip")
+        listen_port = self.get_int(
+            node, "listen_port", what, "node", default=DEFAULT_LISTEN_PORT, lo=0, hi=65535, hint=" (0 = random)"
+        )
+        interface = self.get_str(node, "interface", what, "node")
+        if interface is None:
+            interface = DEFAULT_INTERFACE
+        elif _INTERFACE_RE.fullmatch(interface) is None or interface in (".", ".."):
+            raise self.error(
+                f"{what}: interface {_show(interface)} must be 1 to 15 characters of A-Z, a-z, 0-9, '_', '.', '-'",
+                "node",
+                "interface",
+            )
+        mtu = self.get_int(node, "mtu", what, "node", default=DEFAULT_MTU, lo=MIN_MTU, hi=MAX_MTU)
+        return dict(
+            path=self.path.absolute(),
+            name=name,
+            identity=identity,
+            passphrase_file=passphrase_file,
+            network_secret_file=secret,
+            mesh_ip=mesh_ip,
+            mesh_prefix=mesh_prefix,
+            listen_port=listen_port,
+            interface=interface,
+            mtu=mtu,
+        )
+
+    def table(self, data: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any] | None:
+        """The top-level table `key` with only `allowed` keys, or None if absent."""
+        if key not in data:
+            return None
+        table = data[key]
+        if not isinstance(table, dict):
+            raise self.error(f"{key} must be a table ([{key}]), not {_type_name(table)}", key)
+        self.check_keys(table, allowed, f"[{key}]", key)
+        return table
+
+    def coordinator(self, data: Mapping[str, Any]) -> CoordinatorConfig | None:
+        table = self.table(data, "coordinator", COORDINATOR_KEYS)
+        if table is None:
+            return None
+        what = "[coordinator]"
+        url = self.get_str(table, "url", what, "coordinator", required=True)
+        assert url is not None
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise self.error(f"{what}: url {_show(url)} must be http://host:port or https://host:port", "coordinator", "url")
+        serve = None
+        serve_value = self.get_str(table, "serve", what, "coordinator")
+        if serve_value is not None:
+            from tunnelmesh.membership import MembershipError, parse_address  # lazily, as identity below
+
+            try:
+                serve = parse_address(serve_value)
+            except MembershipError:
+                raise self.error(
+                    f"{what}: serve {_show(serve_value)} must be IPv4:port, e.g. \"0.0.0.0:{DEFAULT_COORDINATOR_PORT}\"",
+                    "coordinator", "serve",
+                ) from None
+        db = self.get_path(table, "db", what, "coordinator") or self.state_dir / "coordinator.db"
+        ca_file = self.get_path(table, "ca_file", what, "coordinator")
+        proxies = table.get("trusted_proxies", [])
+        try:
+            if not isinstance(proxies, list) or not all(isinstance(p, str) for p in proxies):
+                raise ValueError
+            trusted = frozenset(str(ipaddress.ip_address(p)) for p in proxies)
+        except ValueError:
+            raise self.error(f"{what}: trusted_proxies must be a list of IP addresses, e.g. [\"192.0.2.9\"]",
+                             "coordinator", "trusted_proxies") from None
+        if trusted and serve is None:
+            raise self.error(f"{what}: trusted_proxies is for the embedded coordinator (needs serve)",
+                             "coordinator", "trusted_proxies")
+        pin = self.tls_fingerprint(table, what, parsed.scheme, ca_file)
+        tls_cert = self.get_path(table, "tls_cert", what, "coordinator")
+        tls_key = self.get_path(table, "tls_key", what, "coordinator")
+        for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
+            if value is not None and serve is None:
+                raise self.error(f"{what}: {key} is for the embedded coordinator (needs serve)", "coordinator", key)
+        if (tls_cert is None) != (tls_key is None):
+            key = "tls_key" if tls_key is None else "tls_cert"
+            raise self.error(f"{what}: tls_cert and tls_key go together (the certificate and its key); {key} is missing",
+                             "coordinator", "tls_cert" if tls_cert is not None else "tls_key")
+        return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db, ca_file=ca_file, trusted_proxies=trusted,
+                                 tls_fingerprint=pin, tls_cert=tls_cert, tls_key=tls_key)
+
+    def tls_fingerprint(self, table: Mapping[str, Any], what: str, scheme: str, ca_file: Path | None) -> str | None:
+        value = self.get_str(table, "tls_fingerprint", what, "coordinator")
+        if value is None:
+            return None
+        from tunnelmesh.tls import parse_pin  # lazily, as membership above
+
+        try:
+            pin = parse_pin(value)
+        except ValueError:
+            raise self.error(f"{what}: tls_fingerprint {_show(value)} must be \"sha256:\" and 64 hex digits (the SHA-256 "
+                             "of the coordinator's certificate)", "coordinator", "tls_fingerprint") from None
+        if scheme != "https":
+            raise self.error(f"{what}: tls_fingerprint needs an https:// url (over http:// there is no certificate "
+                             "to check it against)", "coordinator", "tls_fingerprint")
+        if ca_file is not None:
+            raise self.error(f"{what}: tls_fingerprint and ca_file both say which certificate to trust: keep one "
+                             "(tls_fingerprint for the coordinator's own certificate, ca_file for a TLS proxy's)",
+                             "coordinator", "tls_fingerprint")
+        return pin
+
+    def rung_choice(self, table: Mapping[str, Any], what: str, *where: Any, base: RungChoice) -> RungChoice:
+        rungs = base.rungs
+        if "rungs" in table:
+            value = table["rungs"]
+            if not isinstance(value, list) or not value or any(r not in RUNG_NAMES for r in value) \
+                    or len(set(value)) != len(value):
+                raise self.error(f"{what}: rungs must be a non-empty list of distinct rungs from "
+                                 f"{', '.join(map(repr, RUNG_NAMES))}, e.g. [\"udp\", \"relay\"]", *where, "rungs")
+            rungs = tuple(r for r in RUNG_NAMES if r in value)
+        force = self.get_str(table, "force", what, *where)
+        if force is not None and force not in rungs:
+            raise self.error(f"{what}: force {_show(force)} must be one of the enabled rungs "
+                             f"({', '.join(rungs)})", *where, "force")
+        return RungChoice(rungs=rungs, force=force)
+
+    def transports(self, data: Mapping[str, Any], coordinator: CoordinatorConfig | None) -> TransportsConfig:
+        table = self.table(data, "transports", TRANSPORT_KEYS)
+        if table is None:
+            return TransportsConfig()
+        what = "[transports]"
+        default = self.rung_choice(table, what, "transports", base=RungChoice())
+        if coordinator is None and default.enabled != ("udp",) and ("rungs" in table or "force" in table):
+            raise self.error(f"{what}: the SSH and relay rungs need a [coordinator] (a static mesh is UDP only)",
+                             "transports")
+        peers: dict[str, RungChoice] = {}
+        raw_peers = table.get("peers", {})
+        if not isinstance(raw_peers, dict):
+            raise self.error(f"{what}: peers must be tables, e.g. [transports.peers.beta]", "transports", "peers")
+        for name, raw in raw_peers.items():
+            where = ("transports", "peers", name)
+            label = f"[transports.peers.{name}]"
+            if not isinstance(raw, dict):
+                raise self.error(f"{label} must be a table", *where)
+            self.check_keys(raw, PEER_TRANSPORT_KEYS, label, *where)
+            peers[name] = self.rung_choice(raw, label, *where, base=default)
+        ssh_port = self.get_int(table, "ssh_port", what, "transports", default=DEFAULT_SSH_PORT, lo=0, hi=65535,
+                                hint=" (0 = serve no SSH)")
+        bridge_user = self.get_str(table, "ssh_bridge_user", what, "transports")
+        if bridge_user is not None and re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", bridge_user) is None:
+            raise self.error(f"{what}: ssh_bridge_user {_show(bridge_user)} is not a valid account name",
+                             "transports", "ssh_bridge_user")
+        bridge_port = self.get_int(table, "ssh_bridge_port", what, "transports", default=22, lo=1, hi=65535)
+        relay_listen, relay_url = self.relay_service(table, what, coordinator)
+        return TransportsConfig(default=default, peers=peers, ssh_port=ssh_port, ssh_bridge_user=bridge_user,
+                                ssh_bridge_port=bridge_port, relay_listen=relay_listen, relay_url=relay_url)
+
+    def relay_service(self, table: Mapping[str, Any], what: str, coordinator: CoordinatorConfig | None
+                      ) -> tuple[tuple[str, int] | None, str | None]:
+        """`relay = true` and where it listens and is reached; (None, None) without it."""
+        serve = table.get("relay", False)
+        if not isinstance(serve, bool):
+            raise self.error(f"{what}: relay must be true or false, not {_type_name(serve)}", "transports", "relay")
+        listen_value = self.get_str(table, "relay_listen", what, "transports")
+        url = self.get_str(table, "relay_url", what, "transports")
+        if not serve:
+            for key in ("relay_listen", "relay_url"):
+                if key in table:
+                    raise self.error(f"{what}: {key} needs relay = true", "transports", key)
+            return None, None
+        if coordinator is None:
+            raise self.error(f"{what}: relay = true needs a [coordinator] (members find the relay in the peer map)",
+                             "transports", "relay")
+        from tunnelmesh.membership import MembershipError, parse_address, parse_relay_url  # lazily, as above
+
+        listen = ("0.0.0.0", DEFAULT_RELAY_PORT)
+        if listen_value is not None:
+            try:
+                listen = parse_address(listen_value)
+            except MembershipError:
+                raise self.error(f"{what}: relay_listen {_show(listen_value)} must be IPv4:port, "
+                                 f"e.g. \"0.0.0.0:{DEFAULT_RELAY_PORT}\"", "transports", "relay_listen") from None
+        if url is not None:
+            try:
+                url = parse_relay_url(url)
+            except MembershipError as exc:
+                raise self.error(f"{what}: relay_url: {exc}", "transports", "relay_url") from None
+        return listen, url
+
+    def endpoint(self, value: str, what: str, index: int) -> tuple[str, int]:
+        where = ("peers", index, "endpoint")
+        usage = "expected host:port, or [IPv6 address]:port"
+        if value.startswith("["):
+            close = value.find("]")
+            if close < 0 or not value.startswith(":", close + 1):
+                raise self.error(f"{what}: endpoint {_show(value)}: {usage}", *where)
+            host_text, port_text = value[1:close], value[close + 2 :]
+            try:
+                host = str(ipaddress.IPv6Address(host_text))
+            except ValueError:
+                raise self.error(f"{what}: endpoint {_show(value)}: not an IPv6 address in brackets", *where) from None
+        else:
+            host_text, sep, port_text = value.rpartition(":")
+            if not sep or not host_text:
+                raise self.error(f"{what}: endpoint {_show(value)}: {usage}", *where)
+            if ":" in host_text:
+                raise self.error(f"{what}: endpoint {_show(value)}: write an IPv6 address as [address]:port", *where)
+            try:
+                host = str(ipaddress.IPv4Address(host_text))
+            except ValueError:
+                name = host_text[:-1] if host_text.endswith(".") else host_text
+                labels = name.split(".")
+                if (
+                    len(name) > 253
+                    or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+                    or all(label.isdigit() for label in labels)
+                ):
+                    raise self.error(
+                        f"{what}: endpoint {_show(value)}: {_show(host_text)} is neither an IP address nor a host name",
+                        *where,
+                    ) from None
+                host = host_text
+        if _PORT_RE.fullmatch(port_text) is None or not 1 <= int(port_text) <= 65535:
+            raise self.error(f"{what}: endpoint {_show(value)}: port must be 1 to 65535", *where)
+        return host, int(port_text)
+
+    def peer(self, raw: Any, index: int) -> PeerConfig:
+        where = ("peers", index)
+        what = f"peer #{index + 1}"
+        if not isinstance(raw, dict):
+            raise self.error(f"{what} must be a table, not {_type_name(raw)}", *where)
+        self.check_keys(raw, PEER_KEYS, what, *where)
+        name = self.get_str(raw, "name", what, *where, required=True)
+        assert name is not None
+        if not _is_label(name):
+            raise self.error(
+                f"{what}: name {_show(name)} must be 1 to 63 characters of a-z, 0-9 and '-', "
+                "not starting or ending with '-'",
+                *where,
+                "name",
+            )
+        what = f"peer {name!r}"
+
+        line_text = self.get_str(raw, "identity", what, *where)
+        key_text = self.get_str(raw, "wireguard_public_key", what, *where)
+        if line_text is not None and key_text is not None:
+            raise self.error(
+                f"{what}: give either identity (a tunnelmesh peer) or wireguard_public_key "
+                "(a plain WireGuard peer), not both",
+                *where,
+                "wireguard_public_key",
+            )
+        identity: PublicIdentity | None = None
+        if line_text is not None:
+            identity = self.identity_line(line_text, what, *where, "identity")
+            wg_key = bytes(identity.wg_public_key)
+        elif key_text is not None:
+            decoded = _b64_32(key_text)
+            if decoded is None:
+                # The value is not shown: it might be a private key pasted by mistake.
+                raise self.error(
+                    f"{what}: wireguard_public_key must be the base64 of 32 bytes (as `wg pubkey` prints it)",
+                    *where,
+                    "wireguard_public_key",
+                )
+            if decoded == bytes(32):
+                raise self.error(f"{what}: wireguard_public_key is all zeros", *where, "wireguard_public_key")
+            wg_key = decoded
+        else:
+            raise self.error(
+                f"{what}: needs identity (a tunnelmesh peer's identity line) or "
+                "wireguard_public_key (a plain WireGuard peer)",
+                *where,
+            )
+        if len(wg_key) != WG_KEY_BYTES:
+            raise self.error(f"{what}: identity carries a WireGuard key of the wrong length", *where, "identity")
+
+        mesh_ip = self.get_ipv4(raw, "mesh_ip", what, *where)
+        endpoint_text = self.get_str(raw, "endpoint", what, *where)
+        endpoint = None if endpoint_text is None else self.endpoint(endpoint_text, what, index)
+        keepalive = self.get_int(
+            raw, "persistent_keepalive", what, *where, default=0, lo=0, hi=65535, hint=" seconds (0 = off)"
+        )
+
+        mesh_net = ipaddress.IPv4Network(f"{mesh_ip}/32")
+        allowed: list[IPNetwork] = [mesh_net]
+        if "allowed_ips" in raw:
+            items = raw["allowed_ips"]
+            if not isinstance(items, list):
+                raise self.error(
+                    f"{what}: allowed_ips must be an array of strings, not {_type_name(items)}",
+                    *where,
+                    "allowed_ips",
+                )
+            for n, item in enumerate(items):
+                if not isinstance(item, str):
+                    raise self.error(
+                        f"{what}: allowed_ips entries must be strings, not {_type_name(item)}",
+                        *where,
+                        "allowed_ips",
+                        n,
+                    )
+                try:
+                    net = ipaddress.ip_network(item, strict=True)
+                except ValueError as exc:
+                    hint = ""
+                    if "host bits set" in str(exc):
+                        hint = f" (host bits set; did you mean {ipaddress.ip_network(item, strict=False)}?)"
+                    raise self.error(
+                        f"{what}: allowed_ips: {_show(item)} is not an IP network{hint}",
+                        *where,
+                        "allowed_ips",
+                        n,
+                    ) from None
+                if net not in allowed:
+                    allowed.append(net)
+
+        return PeerConfig(
+            name=name,
+            mesh_ip=mesh_ip,
+            identity=identity,
+            wireguard_public_key=wg_key,
+            endpoint=endpoint,
+            persistent_keepalive=keepalive,
+            allowed_ips=tuple(allowed),
+            line=self.loc.line_of(*where) or 1,
+        )
+
+    def identity_line(self, text: str, what: str, *where: Any) -> PublicIdentity:
+        try:
+            from tunnelmesh.identity import IdentityError, PublicIdentity
+        except Exception as exc:  # noqa: BLE001 - report, never crash
+            raise self.error(
+                f"{what}: cannot check the identity line: tunnelmesh.identity is unavailable ({type(exc).__name__})",
+                *where,
+            ) from None
+        try:
+            return PublicIdentity.from_line(text.strip())
+        except IdentityError as exc:
+            raise self.error(f"{what}: identity: {exc}", *where) from None
+        except Exception as exc:  # noqa: BLE001 - a malformed line must be a ConfigError
+            raise self.error(f"{what}: identity: not a valid identity line ({type(exc).__name__})", *where) from None
+
+    def peers(self, data: Mapping[str, Any], node: Mapping[str, Any]) -> tuple[PeerConfig, ...]:
+        raw = data.get("peers", [])
+        if not isinstance(raw, list):
+            raise self.error(
+                f"peers must be an array of tables (write [[peers]]), not {_type_name(raw)}",
+                "peers",
+            )
+        result: list[PeerConfig] = []
+        names: dict[str, PeerConfig] = {}
+        ips: dict[ipaddress.IPv4Address, PeerConfig] = {}
+        keys: dict[bytes, PeerConfig] = {}
+        routes: dict[IPNetwork, PeerConfig] = {}
+        own_ip: ipaddress.IPv4Address = node["mesh_ip"]
+        own_net = ipaddress.IPv4Network(f"{own_ip}/32")
+        for index, item in enumerate(raw):
+            peer = self.peer(item, index)
+            where = ("peers", index)
+            what = f"peer {peer.name!r}"
+            if peer.name == node["name"]:
+                raise self.error(f"{what}: has the name of this node", *where, "name")
+            if peer.name in names:
+                raise self.error(
+                    f"{what}: duplicate peer name (first at line {names[peer.name].line})", *where, "name"
+                )
+            if peer.mesh_ip == own_ip:
+                raise self.error(f"{what}: mesh_ip {peer.mesh_ip} is this node's own mesh_ip", *where, "mesh_ip")
+            if peer.mesh_ip in ips:
+                other = ips[peer.mesh_ip]
+                raise self.error(
+                    f"{what}: mesh_ip {peer.mesh_ip} is already used by peer {other.name!r} (line {other.line})",
+                    *where,
+                    "mesh_ip",
+                )
+            if peer.wireguard_public_key in keys:
+                other = keys[peer.wireguard_public_key]
+                raise self.error(
+                    f"{what}: has the same WireGuard key as peer {other.name!r} (line {other.line}); "
+                    "cloned machines?",
+                    *where,
+                )
+            for net in peer.allowed_ips:
+                if net == own_net:
+                    raise self.error(
+                        f"{what}: allowed_ips: {net} is this node's own mesh address", *where, "allowed_ips"
+                    )
+                if net in routes:
+                    other = routes[net]
+                    raise self.error(
+                        f"{what}: allowed_ips: {net} is already routed via peer {other.name!r} (line {other.line})",
+                        *where,
+                        "allowed_ips" if net != ipaddress.ip_network(f"{peer.mesh_ip}/32") else "mesh_ip",
+                    )
+            names[peer.name] = peer
+            ips[peer.mesh_ip] = peer
+            keys[peer.wireguard_public_key] = peer
+            for net in peer.allowed_ips:
+                routes[net] = peer
+            result.append(peer)
+        return tuple(result)
+
+
+def _toml_syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    message = str(exc)
+    line: int | None = None
+    m = _TOML_POS_RE.search(message)
+    if m:
+        line = int(m.group(1))
+        message = f"{message[: m.start()]} (column {m.group(2)})"
+    else:
+        m = _TOML_END_RE.search(message)
+        if m:
+            line = text.count("\n") + 1
+            message = f"{message[: m.start()]} (at end of file)"
+    return ConfigError(path, line, f"invalid TOML: {message}")
+
+
+# --------------------------------------------------------------------------- API
+
+
+def parse_config(text: str, *, path: Path, state_dir: Path) -> NodeConfig:
+    """Check the text of a config file; ``path`` is used for messages and to resolve
+    relative paths. Raises ``ConfigError`` only."""
+    path = Path(path)
+    try:
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise _toml_syntax_error(path, text, exc) from None
+        except RecursionError:
+            raise ConfigError(path, None, "invalid TOML: nested too deeply") from None
+        except ValueError as exc:  # e.g. integers beyond Python's digit limit
+            raise ConfigError(path, None, f"invalid TOML: {exc}") from None
+
+        checker = _Checker(path, text, state_dir)
+        checker.check_keys(data, TOP_KEYS, "top level")
+        node = checker.node(data)
+        coordinator = checker.coordinator(data)
+        if coordinator is not None and data.get("peers"):
+            raise checker.error("[[peers]] are not used with a [coordinator]: it tells this node its peers", "peers")
+        peers = checker.peers(data, node) if coordinator is None else ()
+        transports = checker.transports(data, coordinator)
+        return NodeConfig(peers=peers, coordinator=coordinator, transports=transports, **node)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(path, None, "config nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - load_config promises ConfigError only
+        raise ConfigError(path, None, f"cannot check config: internal error ({type(exc).__name__})") from None
+
+
+def load_config(path: Path, *, state_dir: Path) -> NodeConfig:
+    """Read and check a config file. Raises ``ConfigError`` only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(path, None, f"cannot read config: {reason}") from None
+    except (ValueError, TypeError) as exc:  # e.g. a NUL in the path
+        raise ConfigError(path, None, f"cannot read config: {exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, None, f"config file is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(path, line, "config is not valid UTF-8") from None
+    return parse_config(text, path=path, state_dir=state_dir)
+
+
+def check_peer_keys(config: NodeConfig, own_wg_public_key: bytes) -> None:
+    """Refuse a config that lists this node itself as a peer (same WireGuard key);
+    call once the node's identity is loaded."""
+    own = bytes(own_wg_public_key)
+    for peer in config.peers:
+        if peer.wireguard_public_key == own:
+            raise ConfigError(
+                config.path,
+                peer.line,
+                f"peer {peer.name!r} uses this node's own key (cloned machines, or this node listed as its own peer?)",
+            )

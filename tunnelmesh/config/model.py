@@ -1,0 +1,158 @@
+"""The checked node configuration (`NodeConfig` and its parts), its defaults, and
+`ConfigError`, the one error every part of tunnelmesh.config raises."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
+    from tunnelmesh.identity import PublicIdentity
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+DEFAULT_MESH_PREFIX = 24
+DEFAULT_LISTEN_PORT = 51820
+DEFAULT_INTERFACE = "tm0"
+DEFAULT_MTU = 1420
+MIN_MTU = 1280
+MAX_MTU = 9000
+MIN_MESH_PREFIX = 8
+NETWORK_SECRET_BYTES = 32
+WG_KEY_BYTES = 32
+RUNG_NAMES = ("udp", "ssh", "relay")  # the transport ladder, best first
+DEFAULT_SSH_PORT = 2222
+DEFAULT_RELAY_PORT = 7401
+DEFAULT_COORDINATOR_PORT = 7400
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ConfigError(Exception):
+    """A config (or network secret) file that cannot be used.
+
+    ``str()`` is ``"<path>:<line>: <message>"``, or ``"<path>: <message>"`` when the
+    problem has no line (a missing file, a missing table).
+    """
+
+    path: Path
+    line: int | None
+    message: str
+
+    def __init__(self, path: Path | str, line: int | None, message: str) -> None:
+        super().__init__(path, line, message)
+        self.path = Path(path)
+        self.line = line
+        self.message = message
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.path}: {self.message}"
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One ``[[peers]]`` entry, checked."""
+
+    name: str
+    mesh_ip: ipaddress.IPv4Address
+    identity: PublicIdentity | None
+    #: 32 bytes: the identity's derived WireGuard key, or a plain peer's key.
+    wireguard_public_key: bytes
+    endpoint: tuple[str, int] | None
+    persistent_keepalive: int
+    #: Always starts with ``mesh_ip/32``.
+    allowed_ips: tuple[IPNetwork, ...]
+    #: Line of the peer's ``[[peers]]`` header in the config file.
+    line: int
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """The ``[coordinator]`` table: this node gets its peers from a coordinator."""
+
+    #: How this node reaches the coordinator (http:// or https://).
+    url: str
+    #: Serve the embedded coordinator on this (host, port); None = do not serve.
+    serve: tuple[str, int] | None
+    #: The embedded coordinator's SQLite file.
+    db: Path
+    #: A private CA (PEM) to verify the coordinator's and relay's TLS certificates with.
+    ca_file: Path | None = None
+    #: Reverse proxies in front of the embedded coordinator, trusted for X-Forwarded-For.
+    trusted_proxies: frozenset[str] = frozenset()
+    #: The coordinator's own certificate, pinned ("sha256:<hex>"): trusted alone, no CA.
+    tls_fingerprint: str | None = None
+    #: The embedded coordinator serves TLS with this certificate and key (PEM); None = plain HTTP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class RungChoice:
+    """Which rungs of the ladder may carry a peer's traffic."""
+
+    #: Enabled rungs, best first.
+    rungs: tuple[str, ...] = RUNG_NAMES
+    #: Only this rung (for testing a path), or None.
+    force: str | None = None
+
+    @property
+    def enabled(self) -> tuple[str, ...]:
+        return (self.force,) if self.force is not None else self.rungs
+
+
+@dataclass(frozen=True)
+class TransportsConfig:
+    """The ``[transports]`` table: the ladder and the SSH rung's endpoints."""
+
+    default: RungChoice = RungChoice()
+    #: Per-peer overrides, by peer name.
+    peers: Mapping[str, RungChoice] = field(default_factory=dict)
+    #: TCP port of this daemon's own SSH server (0 = serve none).
+    ssh_port: int = DEFAULT_SSH_PORT
+    #: The account of the forced-command bridge behind this machine's sshd, if set up.
+    ssh_bridge_user: str | None = None
+    ssh_bridge_port: int = 22
+    #: Serve a WebSocket relay for the other members here (relay = true), or None.
+    relay_listen: tuple[str, int] | None = None
+    #: How members reach it, if not http://<address the coordinator sees>:<port>.
+    relay_url: str | None = None
+
+    def for_peer(self, name: str) -> RungChoice:
+        return self.peers.get(name, self.default)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A whole config file, checked. Paths in it are absolute."""
+
+    path: Path
+    name: str
+    #: A private key file path (absolute), ``"agent"`` or ``"agent:SHA256:..."``.
+    identity: str
+    passphrase_file: Path | None
+    network_secret_file: Path
+    #: Static mode: this node's mesh address. None with a coordinator (it assigns one).
+    mesh_ip: ipaddress.IPv4Address | None
+    mesh_prefix: int
+    listen_port: int
+    interface: str
+    mtu: int
+    peers: tuple[PeerConfig, ...]
+    coordinator: CoordinatorConfig | None = None
+    transports: TransportsConfig = TransportsConfig()
+
+    @property
+    def mesh_network(self) -> ipaddress.IPv4Network:
+        """The network routed into the tunnel interface (``mesh_ip/mesh_prefix``)."""
+        assert self.mesh_ip is not None, "static mode only"
+        return ipaddress.IPv4Network(f"{self.mesh_ip}/{self.mesh_prefix}", strict=False)
