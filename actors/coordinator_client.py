@@ -1,7 +1,9 @@
 """The coordinator client actor: registration, the peer map stream, the cached map.
 
 It owns the node's `PeerMap` (verified records, revocations kept for good) and
-tells the mesh actor what changed. It long-polls `GET /v1/map` with the last
+hands the mesh actor what changed: membership changes and the pre-shared key are
+awaited (`ask`), candidates go as the latest per peer (`tell_latest`), so a full
+resync of a large map loses nothing to a full mailbox. It long-polls `GET /v1/map` with the last
 version it has, so a change reaches it within a round trip and a reconnect
 fetches only what it missed. Every verified change is written to the on-disk
 cache before it is acted on. When the coordinator cannot be reached, nothing
@@ -15,7 +17,6 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.identity import NodeIdentity
@@ -32,7 +34,8 @@ from tunnelmesh.wireguard import derive_psk
 
 from .control import EventBus
 from .mesh import Mesh
-from .messages import AddPeers, PeerSpec, RemovePeer, SetCandidates, SetPsk
+from .messages import AddPeers, CoordinatorChanged, PeerSpec, RemovePeer, SecretRotated, SetCandidates, SetPsk
+from .messages import Revoked as NodeRevoked
 from .runtime import Actor
 
 log = logging.getLogger("tunnelmesh.coordinator")
@@ -85,9 +88,10 @@ class CoordinatorClient(Actor):
         transports: TransportsConfig = TransportsConfig(), ssh_record: dict[str, Any] | None = None,
         relay_offer: dict[str, Any] | None = None, ca_file: str | None = None,
         on_map_changed: list[Callable[[], None]] | None = None, interface: str = "",
-        tls_fingerprint: str | None = None,
+        tls_fingerprint: str | None = None, clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__()
+        self.clock = clock
         self.state = state
         self.identity = identity
         self.peer_map = peer_map
@@ -107,7 +111,7 @@ class CoordinatorClient(Actor):
         self.on_map_changed = on_map_changed if on_map_changed is not None else []
         self.interface = interface  # the tunnel's: its addresses are not where peers find us
         self.connection = "connecting"
-        self.since = time.time()
+        self.since = clock.wall()
         self.error: str | None = None
         self.observed: str | None = None
 
@@ -126,8 +130,8 @@ class CoordinatorClient(Actor):
                 log.info("coordinator %s: connected (peer map version %d)", self.state.url, self.peer_map.version)
             else:
                 log.warning("coordinator %s: %s%s", self.state.url, state, f": {error}" if error else "")
-            self.bus.publish({"event": "coordinator", "state": state, "error": error})
-            self.connection, self.error, self.since = state, error, time.time()
+            self.bus.publish(CoordinatorChanged(state, error))
+            self.connection, self.error, self.since = state, error, self.clock.wall()
 
     _behind = False  # the coordinator's map went below our version: ask for full maps
 
@@ -140,7 +144,7 @@ class CoordinatorClient(Actor):
                     await self._register(coordinator)
                     self._set_connection("connected")
                     backoff = BACKOFF_MIN
-                    last_register = time.monotonic()
+                    last_register = self.clock.monotonic()
                     while True:
                         # After a refused rollback, only a full map: asking for what changed
                         # since our version would skip what the coordinator stored below it.
@@ -148,14 +152,14 @@ class CoordinatorClient(Actor):
                         update = await coordinator.map(since, LONG_POLL)
                         self._set_connection("connected")
                         try:
-                            self.apply(update)  # refuses a version older than ours (no rollback)
+                            await self.apply(update)  # refuses a version older than ours (no rollback)
                         except MembershipError:
                             self._behind = True
                             raise
                         self._behind = False
-                        if time.monotonic() - last_register >= REGISTER_INTERVAL:
+                        if self.clock.monotonic() - last_register >= REGISTER_INTERVAL:
                             await self._register(coordinator)
-                            last_register = time.monotonic()
+                            last_register = self.clock.monotonic()
             except Revoked as exc:
                 if self._revoked(exc.revocation):
                     return
@@ -175,23 +179,23 @@ class CoordinatorClient(Actor):
             log.warning("coordinator: this node's relay is not offered to members: %s", str(refused)[:300])
         self.relay_refused = refused
 
-    def apply(self, update: Any) -> None:
-        """Verify an update, cache it, and tell the mesh what changed."""
+    async def apply(self, update: Any) -> None:
+        """Verify an update, cache it, and hand the mesh what changed."""
         changes = self.peer_map.apply(update)
         for reason in changes.rejected:
             log.warning("peer map: %s", reason)
         if changes.revoked_self is not None and self._revoked(changes.revoked_self.to_wire()):
             return
         if changes.new_secret is not None:
-            self._install_secret()
+            await self._install_secret()
         try:
             save_peer_map(self.cache_path, self.peer_map)
         except StateError as exc:
             log.error("%s", exc)  # the map in memory is still right; the next change retries
         for member, reason in changes.removed:
-            self.mesh.tell(RemovePeer(member.wg_key, reason))
+            await self.mesh.ask(RemovePeer(member.wg_key, reason))
         if changes.added:
-            self.mesh.tell(AddPeers(tuple(peer_spec(m, self.peer_map, self.transports) for m in changes.added)))
+            await self.mesh.ask(AddPeers(tuple(peer_spec(m, self.peer_map, self.transports) for m in changes.added)))
         if changes.added or changes.removed or changes.endpoints:
             for call in self.on_map_changed:
                 call()
@@ -199,9 +203,9 @@ class CoordinatorClient(Actor):
         for key, endpoints in changes.endpoints.items():
             addresses = endpoints.candidates(self.peer_map.network)
             if key not in added and addresses:
-                self.mesh.tell(SetCandidates(key, addresses))
+                self.mesh.tell_latest(key, SetCandidates(key, addresses))
 
-    def _install_secret(self) -> None:
+    async def _install_secret(self) -> None:
         record = self.peer_map.secret
         assert record is not None
         try:
@@ -216,9 +220,9 @@ class CoordinatorClient(Actor):
             write_secret(self.secret_path, secret)
         except StateError as exc:
             log.error("%s", exc)
-        self.mesh.tell(SetPsk(derive_psk(secret)))
+        await self.mesh.ask(SetPsk(derive_psk(secret)))
         log.info("network secret rotated to epoch %d", record.epoch)
-        self.bus.publish({"event": "secret_rotated", "epoch": record.epoch})
+        self.bus.publish(SecretRotated(record.epoch))
 
     def _revoked(self, wire: Any) -> bool:
         """Stop for good if the revocation verifies and names this node; else ignore it."""
@@ -240,6 +244,6 @@ class CoordinatorClient(Actor):
             pass
         message = f"this node ({revocation.name}) was revoked by the network admin; stopping"
         log.error("%s", message)
-        self.bus.publish({"event": "revoked", "peer": revocation.name})
+        self.bus.publish(NodeRevoked(revocation.name))
         self.on_revoked(message)
         return True
