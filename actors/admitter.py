@@ -19,6 +19,7 @@ from tunnelmesh.network import Admin, NetworkError, countersign_pending
 from tunnelmesh.paths import Paths
 
 from .control import EventBus
+from .messages import AdmissionDecided, AdmissionStatus
 from .runtime import Actor
 
 log = logging.getLogger("tunnelmesh.admitter")
@@ -43,8 +44,8 @@ class Admitter(Actor):
         self.refused = 0
         self.problem: str | None = None
 
-    def status(self) -> dict[str, object]:
-        return {"countersigned": self.countersigned, "refused": self.refused, "problem": self.problem}
+    def status(self) -> AdmissionStatus:
+        return AdmissionStatus(countersigned=self.countersigned, refused=self.refused, problem=self.problem)
 
     async def run(self) -> None:
         backoff = BACKOFF_START
@@ -63,10 +64,11 @@ class Admitter(Actor):
                         backoff = BACKOFF_START
                         for line in decisions:
                             log.info("admission: %s", line)
-                            self.bus.publish({"event": "admission", "detail": line})
-                            self.countersigned += line.startswith("countersigned")
-                            self.refused += line.startswith("refused")
-                        decided = sum(line.startswith(("countersigned", "refused")) for line in decisions)
+                            outcome = _outcome(line)
+                            self.bus.publish(AdmissionDecided(outcome=outcome, detail=line))
+                            self.countersigned += outcome == "countersigned"
+                            self.refused += outcome == "refused"
+                        decided = sum(_outcome(line) in ("countersigned", "refused") for line in decisions)
                         if decided < len(waiting):  # some could not be decided now: no busy loop
                             await asyncio.sleep(BACKOFF_START)
             except (CoordinatorError, NetworkError, MembershipError) as exc:
@@ -75,3 +77,12 @@ class Admitter(Actor):
                 self.problem = str(exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+
+def _outcome(decision: str) -> str:
+    """What `countersign_pending` did with one join, from its line: "countersigned",
+    "refused", "ignored" (malformed) or "deferred" (could not decide now, asked again)."""
+    for outcome in ("countersigned", "refused", "ignored"):
+        if decision.startswith(outcome):
+            return outcome
+    return "deferred"

@@ -1,10 +1,12 @@
 """The control actor: a Unix socket inside the state directory (mode 0600),
 speaking JSON lines. The CLI and the TUI reach the daemon only through it.
 
-Request:  {"cmd": "status" | "peers" | "ping" | "down" | "events", ...}
+Request:  {"cmd": "status" | "peers" | "ping" | "down" | "ping_daemon" | "events", ...}
 Reply:    {"ok": true, "result": ...} or {"ok": false, "error": "..."}
 `events` keeps the connection open and streams one JSON object per event.
-Nothing secret is ever put in a reply.
+Results and events are the dataclasses of actors/messages.py, made JSON by its
+`to_json` here and nowhere else; docs/control.md is the schema. The handlers are
+`ControlApi`'s (actors/control_api.py). Nothing secret is ever put in a reply.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from .messages import Event, Subscribed, to_json
 from .runtime import Actor
 
 log = logging.getLogger("tunnelmesh.control")
@@ -24,30 +27,30 @@ log = logging.getLogger("tunnelmesh.control")
 MAX_REQUEST = 64 * 1024
 EVENT_QUEUE = 256
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Handler = Callable[[dict[str, Any]], Awaitable[object]]
 
 
 class EventBus:
     """Fan-out of daemon events to `events` subscribers; a slow subscriber
-    loses events (counted) rather than slowing the daemon."""
+    loses events (counted in `dropped`, shown in status) rather than slowing the daemon."""
 
     def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._subscribers: set[asyncio.Queue[Event | dict[str, Any]]] = set()
         self.dropped = 0
 
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: Event | dict[str, Any]) -> None:  # dicts only until every publisher is typed
         for queue in self._subscribers:
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
                 self.dropped += 1
 
-    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_QUEUE)
+    def subscribe(self) -> asyncio.Queue[Event | dict[str, Any]]:
+        queue: asyncio.Queue[Event | dict[str, Any]] = asyncio.Queue(EVENT_QUEUE)
         self._subscribers.add(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[Event | dict[str, Any]]) -> None:
         self._subscribers.discard(queue)
 
 
@@ -99,7 +102,7 @@ class ControlServer(Actor):
                     await _send(writer, {"ok": False, "error": f"unknown command {request['cmd']!r}; known: {', '.join(sorted(self.handlers))}, events"})
                     continue
                 try:
-                    result = await handler(request)
+                    result = to_json(await handler(request))
                 except Exception as exc:  # the client gets the reason; the daemon lives on
                     log.debug("control %s failed", request["cmd"], exc_info=True)
                     await _send(writer, {"ok": False, "error": str(exc) or type(exc).__name__})
@@ -113,9 +116,9 @@ class ControlServer(Actor):
     async def _stream_events(self, writer: asyncio.StreamWriter) -> None:
         queue = self.bus.subscribe()
         try:
-            await _send(writer, {"ok": True, "result": "subscribed"})
+            await _send(writer, {"ok": True, "result": to_json(Subscribed())})
             while True:
-                await _send(writer, await queue.get())
+                await _send(writer, to_json(await queue.get()))
         finally:
             self.bus.unsubscribe(queue)
 

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import ipaddress
 import logging
-import math
 import os
 import pwd
 import shutil
@@ -38,12 +37,13 @@ from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import Device, derive_psk
 
 from .control import ControlServer, EventBus
+from .control_api import ControlApi
 from .admitter import Admitter
 from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath, UdpError, open_udp_socket
 from .links import RelayConnection, RelayPool, SshServer, Transports
 from .mesh import Mesh
-from .messages import FindSession, GetStatus, ListPeers, PeerSpec, Ping, Start, SyncRelays
+from .messages import PeerSpec, Start, SyncRelays
 from .runtime import Actor, Supervisor
 from .tun import TunDevice, TunError
 
@@ -455,51 +455,14 @@ async def run_daemon(paths: Paths) -> int:
             started_transports.on_map_changed.append(lambda: pool.tell(SyncRelays()))
     sessions = [mesh.add(spec) for spec in initial]
 
-    async def status(_: dict[str, Any]) -> dict[str, Any]:
-        me = await identity_actor.ask("whoami")
-        peers = [await session.ask(GetStatus()) for session in await mesh.ask(ListPeers())]
-        drops = dict(device.drops + datapath.drops)
-        return {
-            "node": {
-                "name": config.name, "mesh_ip": str(addresses.ipv4.ip),
-                "mesh_ipv6": str(addresses.ipv6.ip) if addresses.ipv6 is not None else None,
-                "interface": config.interface, "listen_port": datapath.port, "version": __version__,
-                "started": started, "pid": os.getpid(), "mode": "static" if client is None else "coordinator",
-                "coordinator": client.status() if client is not None else None,
-                "serving_coordinator": serving,
-                "admission": admitter.status() if admitter is not None else None,
-                "transports": {
-                    "ssh": transports.ssh.status() if transports.ssh is not None else None,
-                    "relay": transports.relay.status() if transports.relay is not None else None,
-                    "node_relays": [client.status() for client in transports.node_relays.values()],
-                    "serving_relay": started_transports.relay_served.status()
-                    if started_transports.relay_served is not None else None,
-                },
-                **me,
-            },
-            "peers": peers,
-            "drops": drops,
-        }
-
-    async def ping(req: dict[str, Any]) -> dict[str, Any]:
-        session = await mesh.ask(FindSession(str(req.get("peer", ""))))
-        wait = req.get("wait", 5.0)
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait):
-            raise ValueError("'wait' must be a number of seconds")
-        wait = min(max(float(wait), 0.1), 30.0)
-        reply = await session.ask(Ping(wait))  # the session sends and hands back a future
-        return await reply
-
-    async def down(_: dict[str, Any]) -> str:
-        supervisor.shutdown("down requested")
-        return "stopping"
-
-    async def alive(_: dict[str, Any]) -> str:
-        return "running"
-
-    supervisor.add(ControlServer(paths.control_socket, {
-        "status": status, "peers": status, "ping": ping, "down": down, "ping_daemon": alive,
-    }, bus))
+    api = ControlApi(
+        name=config.name, interface=config.interface, mesh_ip=addresses.ipv4.ip,
+        mesh_ipv6=addresses.ipv6.ip if addresses.ipv6 is not None else None, started=started,
+        identity=identity_actor, mesh=mesh, device=device, datapath=datapath, bus=bus, shutdown=supervisor.shutdown,
+        transports=transports, coordinator=client, serving_coordinator=serving, admitter=admitter,
+        serving_relay=started_transports.relay_served,
+    )
+    supervisor.add(ControlServer(paths.control_socket, api.handlers(), bus))
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -205,7 +205,7 @@ def last_switch(member: MeshNode, peer: str, rung: str) -> float | None:
     """Wall time of `member`'s last change to `rung` for `peer` (the daemon's own record)."""
     for p in member.status()["peers"]:
         if p["name"] == peer:
-            times = [t["at"] for t in p.get("transitions") or [] if t.get("rung") == rung]
+            times = [t["at"] for t in p["transitions"] if t["path"]["rung"] == rung]
             return times[-1] if times else None
     return None
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.messages import Status, from_json
 from tools.lab import Lab, Node, Switch, _replace_table, clean_environment
 
 TUNNELMESH = [sys.executable, "-m", "tunnelmesh"]
@@ -40,7 +41,10 @@ class MeshNode:
                              check=check, timeout=timeout, env={**clean_environment(), **self.env})
 
     def status(self) -> dict[str, Any]:
-        return json.loads(self.tm("status", "--json").stdout)
+        """`status --json`, checked against the control schema (docs/control.md)."""
+        status = json.loads(self.tm("status", "--json").stdout)
+        from_json(Status, status)  # raises naming the field that does not fit
+        return status  # type: ignore[no-any-return]
 
     def up(self) -> None:
         self.tm("up", "--detach", timeout=40)
@@ -224,5 +228,5 @@ def rung_of(member: MeshNode, peer: str) -> str | None:
     """The rung `member`'s session with `peer` sends on (from `status --json`)."""
     for p in member.status()["peers"]:
         if p["name"] == peer:
-            return p.get("rung")
+            return p["path"]["rung"] if p["path"] is not None else None
     return None

@@ -26,7 +26,9 @@ from typing import Any
 from tunnelmesh import __version__
 from tunnelmesh.config import DEFAULT_COORDINATOR_PORT, ConfigError, load_config, read_network_secret, starter_config
 from tunnelmesh.membership import DEFAULT_CIDR
-from tunnelmesh.control_client import ControlError, NotRunning, events, request
+from actors.messages import PeerStatus, to_json
+from tunnelmesh import control_client
+from tunnelmesh.control_client import ControlError, NotRunning, request
 from tunnelmesh.paths import DEFAULT_HOST_KEY, Paths, resolve_paths
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -479,66 +481,66 @@ def _read_pid(paths: Paths) -> int | None:
 
 
 def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
-    status = request(paths.control_socket, "status")
+    status = control_client.status(paths.control_socket)
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(to_json(status), indent=2))
         return EXIT_OK
-    node = status["node"]
-    print(f"{node['name']}  {node['mesh_ip']}  {node['interface']}  udp/{node['listen_port']}  {node['fingerprint']}  ({node['mode']} mode)")
-    coordinator = node.get("coordinator")
-    if coordinator:
-        since = time.strftime("%H:%M:%S", time.localtime(coordinator["since"]))
-        state = coordinator["state"] + (f" since {since}: {coordinator['error']}" if coordinator.get("error") else f" since {since}")
-        if coordinator["state"] != "connected":
+    node = status.node
+    print(f"{node.name}  {node.mesh_ip}  {node.interface}  udp/{node.listen_port}  {node.fingerprint}  ({node.mode} mode)")
+    coordinator = node.coordinator
+    if coordinator is not None:
+        since = time.strftime("%H:%M:%S", time.localtime(coordinator.since))
+        state = coordinator.state + (f" since {since}: {coordinator.error}" if coordinator.error else f" since {since}")
+        if coordinator.state != "connected":
             state += " (running from the cached peer map)"
-        print(f"network {coordinator['network']}, coordinator {coordinator['url']}: {state}; "
-              f"peer map v{coordinator['version']}, {coordinator['members']} members")
-        if coordinator.get("tls_fingerprint"):  # what joining by URL needs: --tls-fingerprint
-            print(f"coordinator TLS certificate {coordinator['tls_fingerprint']} (pinned)")
-        if coordinator.get("rejected"):
-            print("refused records: " + ", ".join(f"{k}={v}" for k, v in sorted(coordinator["rejected"].items())))
-    if node.get("serving_coordinator"):
-        print(f"serving the coordinator on {node['serving_coordinator']}")
-    transports = node.get("transports") or {}
+        print(f"network {coordinator.network}, coordinator {coordinator.url}: {state}; "
+              f"peer map v{coordinator.version}, {coordinator.members} members")
+        if coordinator.tls_fingerprint:  # what joining by URL needs: --tls-fingerprint
+            print(f"coordinator TLS certificate {coordinator.tls_fingerprint} (pinned)")
+        if coordinator.rejected:
+            print("refused records: " + ", ".join(f"{k}={v}" for k, v in sorted(coordinator.rejected.items())))
+    if node.serving_coordinator:
+        print(f"serving the coordinator on {node.serving_coordinator}")
+    transports = node.transports
     rungs = []
-    if transports.get("ssh"):
-        port = transports["ssh"].get("port")
+    if transports.ssh is not None:
+        port = transports.ssh.port
         rungs.append(f"ssh on tcp/{port}" if port else "ssh (dial only)")
-    for relay in ([transports["relay"]] if transports.get("relay") else []) + (transports.get("node_relays") or []):
-        rungs.append(f"relay {relay['url']}: {relay['state']}" + (f" ({relay['error']})" if relay.get("error") else ""))
+    for relay in ((transports.relay,) if transports.relay is not None else ()) + transports.node_relays:
+        rungs.append(f"relay {relay.url}: {relay.state}" + (f" ({relay.error})" if relay.error else ""))
     if rungs:
-        print("transports: udp/{}, {}".format(node["listen_port"], ", ".join(rungs)))
-    serving = transports.get("serving_relay")
-    if serving is not None:
-        print(f"serving a relay for members: {serving['connections']} connected")
-    _print_peers(status["peers"])
-    drops = status.get("drops") or {}
-    if drops and args.verbose:
-        print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+        print("transports: udp/{}, {}".format(node.listen_port, ", ".join(rungs)))
+    if transports.serving_relay is not None:
+        print(f"serving a relay for members: {transports.serving_relay.connections} connected")
+    _print_peers(status.peers)
+    if args.verbose:
+        counters = {**status.drops, **({"events lost by slow subscribers": node.events_dropped}
+                                       if node.events_dropped else {})}
+        if counters:
+            print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
     return EXIT_OK
 
 
 def cmd_peers(args: argparse.Namespace, paths: Paths) -> int:
-    status = request(paths.control_socket, "peers")
+    peers = control_client.peers(paths.control_socket).peers
     if args.json:
-        print(json.dumps(status["peers"], indent=2))
+        print(json.dumps(to_json(peers), indent=2))
     else:
-        _print_peers(status["peers"])
+        _print_peers(peers)
     return EXIT_OK
 
 
-def _print_peers(peers: list[dict[str, Any]]) -> None:
+def _print_peers(peers: tuple[PeerStatus, ...]) -> None:
     if not peers:
         print("no peers yet")
         return
     rows = []
     for p in peers:
-        ago = p.get("last_handshake_ago")
+        ago = p.last_handshake_ago
         handshake = f"handshake {_ago(ago)}" if ago is not None else "no handshake yet"
-        path = p.get("path") or "no endpoint (waits to be contacted)"
-        why = f"  (not better: {p['why_not_better']})" if p.get("why_not_better") else ""
-        rows.append((p["mesh_ip"], p["name"], p["state"], path, handshake,
-                     f"rx {_size(p['rx_bytes'])} tx {_size(p['tx_bytes'])}{why}"))
+        path = p.path.endpoint if p.path is not None else "no endpoint (waits to be contacted)"
+        why = f"  (not better: {p.why_not_better})" if p.why_not_better else ""
+        rows.append((p.mesh_ip, p.name, p.state, path, handshake, f"rx {_size(p.rx_bytes)} tx {_size(p.tx_bytes)}{why}"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
@@ -565,14 +567,15 @@ def cmd_ping(args: argparse.Namespace, paths: Paths) -> int:
     for i in range(args.count):
         if i:
             time.sleep(args.interval)
-        result = request(paths.control_socket, "ping", timeout=args.timeout + 10, peer=args.peer, wait=args.timeout)
-        if result["ok"]:
-            answered = f", answer came on {result['rung']}" if result.get("rung") and not result["path"].startswith(
-                result["rung"]) else ""
-            print(f"pong from {result['peer']} via {result['path']} in {result['rtt_ms']:.2f} ms{answered}")
+        result = control_client.ping(paths.control_socket, args.peer, args.timeout)
+        path = result.path.endpoint if result.path is not None else "none"
+        if result.ok:
+            answered = f", answer came on {result.answered_on}" if result.answered_on and result.path is not None \
+                and result.answered_on != result.path.rung else ""
+            print(f"pong from {result.peer} via {path} in {result.rtt_ms:.2f} ms{answered}")
         else:
             failures += 1
-            print(f"{result['error']} (path: {result['path']})")
+            print(f"{result.error} (path: {path})")
     return EXIT_OK if failures < args.count else EXIT_FAIL
 
 
@@ -637,8 +640,8 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
 
 def cmd_events(args: argparse.Namespace, paths: Paths) -> int:
     try:
-        for event in events(paths.control_socket):
-            print(json.dumps(event), flush=True)
+        for event in control_client.events(paths.control_socket):
+            print(json.dumps(to_json(event)), flush=True)
     except KeyboardInterrupt:
         pass
     return EXIT_OK

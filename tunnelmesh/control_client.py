@@ -1,4 +1,9 @@
-"""The CLI's side of the control socket (see actors/control.py)."""
+"""The CLI's side of the control socket (docs/control.md; the server is actors/control.py).
+
+`request` sends one command and returns its raw JSON result; `status`, `peers`, `ping`
+and `events` return the schema's dataclasses (actors/messages.py), after checking that
+the daemon speaks this client's CONTROL_VERSION.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,11 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from actors.messages import CONTROL_VERSION, ControlSchemaError, Event, Peers, PingResult, Status, Subscribed, from_json
+
+T = TypeVar("T")
 
 
 class ControlError(Exception):
@@ -40,13 +49,47 @@ def request(path: Path, cmd: str, timeout: float = 15.0, **args: Any) -> Any:
     return reply.get("result")
 
 
-def events(path: Path) -> Iterator[dict[str, Any]]:
+def status(path: Path) -> Status:
+    return _versioned(Status, request(path, "status"))
+
+
+def peers(path: Path) -> Peers:
+    return _versioned(Peers, request(path, "peers"))
+
+
+def ping(path: Path, peer: str, wait: float) -> PingResult:
+    return _typed(PingResult, request(path, "ping", timeout=wait + 10, peer=peer, wait=wait))
+
+
+def events(path: Path) -> Iterator[Event]:
+    """The daemon's events as they happen, until it stops or the caller does."""
     with _connect(path, 15.0) as sock:
         sock.settimeout(None)
         sock.sendall(b'{"cmd":"events"}\n')
         reader = sock.makefile("rb")
+        reply = json.loads(reader.readline() or b"{}")
+        if not reply.get("ok"):
+            raise ControlError(str(reply.get("error", "the daemon closed the connection without answering")))
+        _versioned(Subscribed, reply.get("result"))
         for line in reader:
-            yield json.loads(line)
+            yield _typed(Event, json.loads(line))
+
+
+def _versioned(cls: type[T], result: Any) -> T:
+    """A reply that carries the control version: one from a daemon of another version is
+    refused by its number, before any field can be misread."""
+    version = result.get("control_version") if isinstance(result, dict) else None
+    if version != CONTROL_VERSION:
+        raise ControlError(f"the daemon speaks control version {version}, this client {CONTROL_VERSION}: "
+                           "run the same tunnelmesh version for both (restart the daemon after an upgrade)")
+    return _typed(cls, result)
+
+
+def _typed(cls: type[T], result: Any) -> T:
+    try:
+        return from_json(cls, result)
+    except ControlSchemaError as exc:
+        raise ControlError(f"the daemon's reply does not fit control version {CONTROL_VERSION}: {exc}") from None
 
 
 def _read_line(sock: socket.socket) -> dict[str, Any]:

@@ -89,8 +89,8 @@ def test_two_nodes_behind_one_nat_find_each_other_on_their_own_addresses(lab: La
         status = wait_until_up(a, "b", b, timeout=40)
         # The coordinator saw both at the NAT's address, which does not lead back in; the
         # session runs on b's own LAN address, which b registered beside it.
-        assert status["path"].startswith(f"udp {b.node.addresses[0]}:"), (status, diagnostics(mesh))
-        assert status["rung"] == "udp"
+        assert status["path"]["endpoint"].startswith(f"udp {b.node.addresses[0]}:"), (status, diagnostics(mesh))
+        assert status["path"]["rung"] == "udp"
         assert_pong(a, "b", "udp")
         assert a.node.run("ping", "-c", "3", "-i", "0.2", "-W", "2", b.mesh_ip, check=False).returncode == 0
     finally:
@@ -139,11 +139,11 @@ def test_a_node_with_relay_true_carries_two_peers_when_the_coordinator_is_out_of
         while time.monotonic() < deadline:
             a.node.run("ping", "-c", "1", "-W", "1", b.mesh_ip, check=False)
             status = peer_status(a, "b")
-            if status is not None and status["rung"] == "relay" and rung_of(b, "a") == "relay":
+            if status is not None and status["path"] is not None and status["path"]["rung"] == "relay" and rung_of(b, "a") == "relay":
                 break
         else:
             raise AssertionError(f"a and b not on the relay within 45 s: {status}\n{diagnostics(mesh)}")
-        assert status["path"] == f"relay {url}", status
+        assert status["path"] == {"rung": "relay", "endpoint": f"relay {url}"}, status
         assert_pong(a, "b", "relay")
         assert a.node.run("ping", "-c", "3", "-i", "0.2", "-W", "2", b.mesh_ip, check=False).returncode == 0
         serving = r.status()["node"]["transports"]["serving_relay"]
@@ -160,10 +160,10 @@ def test_a_rung_forced_on_both_sides_carries_the_first_handshake(lab: Lab) -> No
     a, b = mesh["a"], mesh["b"]
     try:
         status = wait_until_up(a, "b", b, timeout=40)
-        assert status["rung"] == "ssh" and status["path"].startswith("ssh"), status
+        assert status["path"]["rung"] == "ssh" and status["path"]["endpoint"].startswith("ssh"), status
         assert status["transitions"] == [], status  # never on another rung first
         other = peer_status(b, "a")
-        assert other is not None and other["rung"] == "ssh" and other["transitions"] == [], other
+        assert other is not None and other["path"]["rung"] == "ssh" and other["transitions"] == [], other
         assert_pong(a, "b", "ssh")
         for member, peer in ((a, "b"), (b, "a")):
             assert f"{peer}: session up via ssh" in member.log_tail(20000), member.log_tail()

@@ -376,10 +376,10 @@ def test_a_daemon_session_runs_through_sshd_port_22_and_the_forced_command(bridg
             assert any(line.startswith('restrict,command="') and " ssh-bridge --peer " in line
                        and line.endswith(f" tunnelmesh:{name}") for line in keys.splitlines()), keys
         to_b, to_a = peer_status(a, "b"), peer_status(b, "a")
-        assert (to_b["rung"], to_a["rung"]) == ("ssh", "ssh"), diagnostics(mesh)
+        assert (to_b["path"]["rung"], to_a["path"]["rung"]) == ("ssh", "ssh"), diagnostics(mesh)
         # a dialled the bridge (sshd on 22), not b's daemon on 2222; b got it from its local sshd.
-        assert to_b["path"] == f"ssh-bridge {b.underlay}:{BRIDGE_PORT}", (to_b, diagnostics(mesh))
-        assert to_a["path"] == "ssh-bridge (local sshd)", (to_a, diagnostics(mesh))
+        assert to_b["path"]["endpoint"] == f"ssh-bridge {b.underlay}:{BRIDGE_PORT}", (to_b, diagnostics(mesh))
+        assert to_a["path"]["endpoint"] == "ssh-bridge (local sshd)", (to_a, diagnostics(mesh))
         assert f"Accepted publickey for {user} from {a.underlay}" in b.node.log("sshd"), b.node.log("sshd")[-3000:]
         assert rung_of(a, "hub") == "udp" and rung_of(b, "hub") == "udp"  # the others keep their direct path
 
@@ -387,7 +387,7 @@ def test_a_daemon_session_runs_through_sshd_port_22_and_the_forced_command(bridg
         pong = a.tm("ping", "b", "-c", "3", "--timeout", "5").stdout
         assert pong.count(f"pong from b via ssh-bridge {b.underlay}:{BRIDGE_PORT} in ") == 3, pong
         answer = request(resolve_paths(a.node.state_dir, None).control_socket, "ping", timeout=20, peer="b", wait=10)
-        assert answer["ok"] and answer["rung"] == "ssh", answer
+        assert answer["ok"] and answer["answered_on"] == "ssh", answer
 
         # In-tunnel traffic: ICMP, then a few MB of TCP, intact.
         assert a.node.run("ping", "-c", "5", "-i", "0.2", "-W", "5", b.mesh_ip, check=False,
@@ -408,12 +408,12 @@ def test_a_daemon_session_runs_through_sshd_port_22_and_the_forced_command(bridg
         assert (got["bytes"], got["sha256"]) == (sent["bytes"], sent["sha256"]), (sent, got)
         after = peer_status(a, "b")
         assert after["tx_bytes"] - before >= TRANSFER, (before, after)
-        assert after["rung"] == "ssh" and after["path"] == to_b["path"], (after, diagnostics(mesh))
+        assert after["path"] == to_b["path"], (after, diagnostics(mesh))
         # The pair never left the SSH rung for another (UDP is cut, the relay off for it).
         for member, peer in ((a, "b"), (b, "a")):
             transitions = peer_status(member, peer)["transitions"]
-            assert all(t["rung"] == "ssh" for t in transitions), (member.name, transitions)
-        print(f"sessions up in {session_up:.1f} s; a -> b via {to_b['path']}, b -> a via {to_a['path']}; "
+            assert all(t["path"]["rung"] == "ssh" for t in transitions), (member.name, transitions)
+        print(f"sessions up in {session_up:.1f} s; a -> b via {to_b['path']['endpoint']}, b -> a via {to_a['path']['endpoint']}; "
               f"{TRANSFER >> 20} MiB in {transfer_time:.1f} s through the bridge")
     finally:
         for member in mesh.values():

@@ -196,7 +196,7 @@ def test_every_pair_pings_both_ways_and_status_shows_recent_handshakes(lab):
             context = f"{member.name}'s peer {name}: {peer}\n{member.diagnostics()}"
             assert peer["state"] == "up", context
             assert peer["mesh_ip"] == others[name].mesh_ip, context
-            assert peer["endpoint"] == f"{others[name].underlay}:51820", context
+            assert peer["path"] == {"rung": "udp", "endpoint": f"udp {others[name].underlay}:51820"}, context
             ago = peer["last_handshake_ago"]
             assert ago is not None and 0 <= ago < 30, f"handshake not recent: {context}"
             assert peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0, f"no traffic counted after pings: {context}"

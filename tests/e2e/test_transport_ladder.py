@@ -105,9 +105,9 @@ def test_udp_then_ssh_then_relay_and_back_keeps_a_tcp_stream(lab: Lab) -> None:
         transitions = peer_status(a, "b")["transitions"]
         print(f"switches: to ssh {to_ssh:.1f} s, to relay {to_relay:.1f} s, back to udp {back:.1f} s; "
               f"ping gaps (200 ms pings lost in a row): {gaps}; stream {out['bytes']} bytes intact; "
-              f"a's transitions: {[(t['previous'], t['rung'], t['why']) for t in transitions]}")
+              f"a's transitions: {[(t['previous'], t['path']['rung'], t['why']) for t in transitions]}")
         assert all(gap * 0.2 < SWITCH_BOUND for gap in gaps), gaps
-        assert [t["rung"] for t in transitions][-3:] == ["ssh", "relay", "udp"], transitions
+        assert [t["path"]["rung"] for t in transitions][-3:] == ["ssh", "relay", "udp"], transitions
     finally:
         stop_file.touch()
         for member in mesh.values():
@@ -127,7 +127,7 @@ def probe_intervals(transitions: list[dict[str, Any]], now: float) -> set[float]
         at = change["at"]
         if stepped_down_at is not None and at - stepped_down_at >= STEP_DOWN_TRIAL:
             interval, stepped_down_at = BETTER_PROBE, None
-        if RUNGS.index(change["rung"]) < RUNGS.index(change["previous"]):
+        if RUNGS.index(change["path"]["rung"]) < RUNGS.index(change["previous"]):
             stepped_down_at = at
         elif stepped_down_at is not None:
             interval, stepped_down_at = min(interval * 2, MAX_PROBE_INTERVAL), None
@@ -161,7 +161,7 @@ def test_flapping_udp_changes_rungs_no_faster_than_the_hold(lab: Lab) -> None:
             status = peer_status(member, peer)
             transitions, changes = status["transitions"], status["rung_changes"]
             summary = (member.name, changes, status["probe_interval"],
-                       [(round(t["at"] - start_wall, 1), t["previous"], t["rung"], t["why"]) for t in transitions])
+                       [(round(t["at"] - start_wall, 1), t["previous"], t["path"]["rung"], t["why"]) for t in transitions])
             print(f"{member.name}: {changes} rung changes in {elapsed:.0f} s (probe interval now "
                   f"{status['probe_interval']:g} s): {summary[3]}")
             # Hysteresis: at most one change per HOLD (wall-clock stamps, so a little slack).
@@ -186,7 +186,7 @@ def test_flapping_udp_changes_rungs_no_faster_than_the_hold(lab: Lab) -> None:
             # While UDP flapped, every step-down waited for the (grown) interval since the change
             # before it (less FAILING_AFTER and a tick for one that followed the peer's probe).
             for before, change in zip(transitions, transitions[1:]):
-                if change["at"] < loss_wall and RUNGS.index(change["rung"]) < RUNGS.index(change["previous"]):
+                if change["at"] < loss_wall and RUNGS.index(change["path"]["rung"]) < RUNGS.index(change["previous"]):
                     earlier = [t for t in transitions if t["at"] <= before["at"]]
                     (interval,) = probe_intervals(earlier, before["at"])
                     assert change["at"] - before["at"] >= interval - FAILING_AFTER - 1.0, (change, interval, summary)
@@ -206,7 +206,7 @@ def test_flapping_udp_changes_rungs_no_faster_than_the_hold(lab: Lab) -> None:
             pong = member.tm("ping", other.name, "-c", "1", "--timeout", "5", check=False)
             assert pong.returncode == 0 and "pong from" in pong.stdout, (pong.stdout, pong.stderr, diagnostics(mesh))
             status = peer_status(member, other.name)
-            assert status["state"] == "up" and status["rung"] is not None, status
+            assert status["state"] == "up" and status["path"] is not None, status
     finally:
         for member in mesh.values():
             member.down(check=False)

@@ -1,0 +1,130 @@
+"""What the control socket's commands do (docs/control.md).
+
+`ControlApi` answers `status`, `peers`, `ping`, `down` and `ping_daemon` with the
+dataclasses of actors/messages.py; the control server (actors/control.py) turns them
+into JSON. Everything it reads is handed to it when the daemon is assembled: it
+asks actors for what they own (the mesh for its sessions, each session for its
+status) and reads the counters and status of the I/O edges directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tunnelmesh import __version__
+
+from .control import EventBus, Handler
+from .messages import (
+    CoordinatorStatus, FindSession, GetStatus, ListPeers, NodeStatus, PeerStatus, Ping, PingResult, Peers,
+    RelayClientStatus, RelayServerStatus, SshStatus, Status, TransportsStatus, from_json,
+)
+from .runtime import Actor
+
+if TYPE_CHECKING:
+    from tunnelmesh.coordinator.relay import Relay
+    from tunnelmesh.wireguard import Device
+
+    from .admitter import Admitter
+    from .coordinator_client import CoordinatorClient
+    from .datapath import DataPath
+    from .links import Transports
+    from .mesh import Mesh
+
+#: Bounds of a ping's wait, in seconds: a ping holds a control connection open that long.
+PING_WAIT_MIN, PING_WAIT_MAX, PING_WAIT_DEFAULT = 0.1, 30.0, 5.0
+
+
+class ControlApi:
+    def __init__(
+        self,
+        *,
+        name: str,
+        interface: str,
+        mesh_ip: ipaddress.IPv4Address,
+        mesh_ipv6: ipaddress.IPv6Address | None,
+        started: float,
+        identity: Actor,
+        mesh: Mesh,
+        device: Device,
+        datapath: DataPath,
+        bus: EventBus,
+        shutdown: Callable[[str], None],
+        transports: Transports,
+        coordinator: CoordinatorClient | None = None,
+        serving_coordinator: str | None = None,
+        admitter: Admitter | None = None,
+        serving_relay: Relay | None = None,
+    ) -> None:
+        self.name = name
+        self.interface = interface
+        self.mesh_ip = mesh_ip
+        self.mesh_ipv6 = mesh_ipv6
+        self.started = started
+        self.identity = identity
+        self.mesh = mesh
+        self.device = device
+        self.datapath = datapath
+        self.bus = bus
+        self.shutdown = shutdown
+        self.transports = transports
+        self.coordinator = coordinator
+        self.serving_coordinator = serving_coordinator
+        self.admitter = admitter
+        self.serving_relay = serving_relay
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"status": self.status, "peers": self.peers, "ping": self.ping, "down": self.down,
+                "ping_daemon": self.ping_daemon}
+
+    async def status(self, _: dict[str, Any]) -> Status:
+        return Status(node=await self.node(), peers=await self._peers(), drops=dict(self.device.drops + self.datapath.drops))
+
+    async def peers(self, _: dict[str, Any]) -> Peers:
+        return Peers(peers=await self._peers())
+
+    async def ping(self, request: dict[str, Any]) -> PingResult:
+        wait = request.get("wait", PING_WAIT_DEFAULT)
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait):
+            raise ValueError("'wait' must be a number of seconds")
+        session = await self.mesh.ask(FindSession(str(request.get("peer", ""))))
+        reply = await session.ask(Ping(min(max(float(wait), PING_WAIT_MIN), PING_WAIT_MAX)))
+        return await reply  # type: ignore[no-any-return]  # the session sends and hands back a future
+
+    async def down(self, _: dict[str, Any]) -> str:
+        self.shutdown("down requested")
+        return "stopping"
+
+    async def ping_daemon(self, _: dict[str, Any]) -> str:
+        return "running"
+
+    async def _peers(self) -> tuple[PeerStatus, ...]:
+        return tuple([await session.ask(GetStatus()) for session in await self.mesh.ask(ListPeers())])
+
+    async def node(self) -> NodeStatus:
+        me = await self.identity.ask("whoami")
+        transports = self.transports
+        # The edges' own status() are plain dicts (tunnelmesh/ does not import actors/): from_json
+        # checks each against the schema, so a drift fails here with the field's name.
+        return NodeStatus(
+            name=self.name, mesh_ip=str(self.mesh_ip), mesh_ipv6=str(self.mesh_ipv6) if self.mesh_ipv6 else None,
+            interface=self.interface, listen_port=self.datapath.port, version=__version__, started=self.started,
+            pid=os.getpid(), mode="static" if self.coordinator is None else "coordinator",
+            fingerprint=me["fingerprint"], ssh_public_key=me["ssh_public_key"],
+            wireguard_public_key=me["wireguard_public_key"],
+            coordinator=from_json(CoordinatorStatus, self.coordinator.status()) if self.coordinator else None,
+            serving_coordinator=self.serving_coordinator,
+            admission=self.admitter.status() if self.admitter is not None else None,
+            transports=TransportsStatus(
+                ssh=from_json(SshStatus, transports.ssh.status()) if transports.ssh is not None else None,
+                relay=from_json(RelayClientStatus, transports.relay.status()) if transports.relay is not None else None,
+                node_relays=tuple(from_json(RelayClientStatus, relay.status())
+                                  for relay in transports.node_relays.values()),
+                serving_relay=from_json(RelayServerStatus, self.serving_relay.status())
+                if self.serving_relay is not None else None,
+            ),
+            events_dropped=self.bus.dropped,
+        )
