@@ -40,7 +40,8 @@ from .control import ControlServer, EventBus
 from .control_api import ControlApi
 from .admitter import Admitter
 from .coordinator_client import CoordinatorClient, peer_spec
-from .datapath import DataPath, UdpError, open_udp_socket
+from .datapath import DataPath
+from .edges import Bind, Tun, UdpBind, UdpError
 from .links import RelayConnection, RelayPool, SshServer, Transports
 from .mesh import Mesh
 from .messages import PeerSpec, Start, SyncRelays
@@ -83,10 +84,10 @@ class EdgesActor(Actor):
     name = "edges"
     policy = "fatal"
 
-    def __init__(self, tun: TunDevice, sock: socket.socket, datapath: DataPath) -> None:
+    def __init__(self, tun: Tun, bind: Bind, datapath: DataPath) -> None:
         super().__init__()
         self.tun = tun
-        self.sock = sock
+        self.bind = bind
         self.datapath = datapath
 
     async def run(self) -> None:
@@ -96,7 +97,7 @@ class EdgesActor(Actor):
     async def stop(self) -> None:
         self.datapath.stop()
         self.tun.close()
-        self.sock.close()
+        self.bind.close()
 
 
 async def _resolve(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:
@@ -376,16 +377,16 @@ async def run_daemon(paths: Paths) -> int:
         static_endpoints = [await _resolve(peer.endpoint) for peer in config.peers]
 
     try:
-        sock = open_udp_socket(config.listen_port)
+        bind = UdpBind.open(config.listen_port)
     except UdpError as exc:
         raise StartupError(f"{exc} ({config.path})") from None
     try:
         tun = TunDevice.create(config.interface)
     except TunError as exc:
-        sock.close()
+        bind.close()
         raise StartupError(str(exc)) from None
     device = Device(identity.static_private, mtu=config.mtu)
-    datapath = DataPath(device, tun.fd, sock)
+    datapath = DataPath(device, tun, bind)
     coordinator_server: ServedSite | None = None
     serving: str | None = None  # where the embedded coordinator listens, for status
     transports = Transports()
@@ -408,7 +409,7 @@ async def run_daemon(paths: Paths) -> int:
         if coordinator_server is not None:
             await coordinator_server.stop()
         tun.close()
-        sock.close()
+        bind.close()
         raise StartupError(str(exc)) from None
 
     bus = EventBus()
@@ -417,7 +418,7 @@ async def run_daemon(paths: Paths) -> int:
     mesh = Mesh(device, datapath, supervisor, bus, addresses.ipv4.ip, psk, transports)
     identity_actor = IdentityActor(identity)
     supervisor.add(identity_actor)
-    supervisor.add(EdgesActor(tun, sock, datapath))
+    supervisor.add(EdgesActor(tun, bind, datapath))
     supervisor.add(mesh)
     if coordinator_server is not None:
         supervisor.add(coordinator_server)

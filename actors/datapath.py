@@ -2,12 +2,20 @@
 
 DESIGN.md's exception to the actor rule. Per packet there is no queue hop, no
 task switch, no log call and no buffer allocated (only small slice views):
-`loop.add_reader` callbacks drain
-the non-blocking TUN and UDP descriptors into buffers allocated once, and
-call the protocol core directly.
+`loop.add_reader` callbacks drain the non-blocking TUN and UDP edges
+(actors/edges.py) into buffers allocated once, and call the protocol core
+directly. The stages, in order:
 
-    TUN readable -> read packet -> Device.route -> Peer.encrypt -> sendto
-    UDP readable -> recvfrom_into -> Device.receive -> write to TUN
+    outbound: TUN readable -> readv -> Device.route -> [filter] -> Peer.encrypt -> send
+    inbound:  UDP readable -> recvfrom_into -> demux -> Device.receive -> deliver
+    deliver:  in-tunnel ping answers taken -> [filter] -> write to the TUN
+
+`[filter]` marks where the packet filter (issue 14) decides, one place per
+direction. The demux hands datagrams that are not WireGuard (a first byte other
+than 1-4 or non-zero reserved bytes: STUN, port-mapping answers) to whoever
+registered for them (`register_datagrams`), so other protocols share the one UDP
+port; transport messages (first byte 4) go straight to the core, which checks
+the rest.
 
 A peer's endpoint is a UDP address (a tuple) or a link of the SSH or relay
 rung (tunnelmesh.links): the send is then `link.send`, which copies the
@@ -16,25 +24,25 @@ datagram into the link's own buffer. Links deliver what they receive to
 side effects flushed once per event-loop iteration.
 
 After each batch the core's side effects are flushed: datagrams it queued
-(handshakes, keepalives, staged packets) are sent, its events go to the
-peer-session actors' mailboxes, and the sessions of touched peers re-arm
-their timers if a deadline moved earlier.
+(handshakes, keepalives, staged packets) are sent, its events go to the peer
+sessions (`on_event`, a direct call: they own the peers' paths), and the
+sessions of touched peers re-arm their timers if a deadline moved earlier.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
-import socket
-import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.packets import echo_reply_key
 from tunnelmesh.wireguard import Device, Peer
 from tunnelmesh.wireguard.constants import TRANSPORT_MIN_SIZE
+
+from .edges import Address, Bind, Tun
 
 if TYPE_CHECKING:
     from tunnelmesh.links import Link
@@ -44,44 +52,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunnelmesh.datapath")
 
 BATCH = 512  # packets per readiness callback, so TUN and UDP take turns
-SOCKET_BUFFER = 8 << 20
 # Under load (cookie replies instead of handshakes) when more than this many
 # handshake messages arrive within one second (wireguard-go: a backlog of
 # 1/8 of its handshake queue; here there is no queue, so count a rate).
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 256
 UNDER_LOAD_HOLD = 1.0
 
-
-class UdpError(Exception):
-    pass
-
-
-def open_udp_socket(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-            except OSError:
-                pass
-        sock.bind(("0.0.0.0", port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise UdpError(
-                f"UDP port {port} is in use (another tunnelmesh or WireGuard?); set listen_port in the config"
-            ) from None
-        raise UdpError(f"cannot bind UDP port {port}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
+#: Takes a datagram that is not WireGuard (and its source) and says whether it was its.
+DatagramHandler = Callable[[memoryview, Address], bool]
 
 
 class DataPath:
-    def __init__(self, device: Device, tun_fd: int, sock: socket.socket) -> None:
+    def __init__(self, device: Device, tun: Tun, bind: Bind, clock: Clock = SYSTEM_CLOCK) -> None:
         self.device = device
-        self.tun_fd = tun_fd
-        self.sock = sock
-        self.port = sock.getsockname()[1]
+        self.tun = tun
+        self.bind = bind
+        self.clock = clock
+        self.port = bind.port
         mtu = device.mtu
         # Buffers allocated once: packets from the TUN (room for padding),
         # datagrams to send, datagrams received, plaintext to the TUN.
@@ -97,6 +84,7 @@ class DataPath:
         self._handshake_window_start = 0.0
         self._handshakes_in_window = 0
         self._under_load_until = 0.0
+        self._datagram_handlers: list[DatagramHandler] = []
         self.drops: Counter[str] = Counter()
         self.pings: dict[tuple[int, int], asyncio.Future[float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,14 +92,19 @@ class DataPath:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.tun_fd, self._on_tun_readable)
-        self._loop.add_reader(self.sock.fileno(), self._on_udp_readable)
+        self._loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        self._loop.add_reader(self.bind.fileno(), self._on_udp_readable)
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._loop.remove_reader(self.tun_fd)
-            self._loop.remove_reader(self.sock.fileno())
+            self._loop.remove_reader(self.tun.fileno())
+            self._loop.remove_reader(self.bind.fileno())
             self._loop = None
+
+    def register_datagrams(self, handler: DatagramHandler) -> None:
+        """Hand `handler` the datagrams on the UDP port that are not WireGuard (the NAT
+        prober's STUN answers, port-mapping replies). Handlers are asked in turn."""
+        self._datagram_handlers.append(handler)
 
     # --- outbound ------------------------------------------------------------------
 
@@ -124,11 +117,11 @@ class DataPath:
 
     def _drain_tun(self) -> None:
         device, buf, bufs, out, out_view = self.device, self._tun_buf, self._tun_bufs, self._out_buf, self._out_view
-        fd, sock, touched = self.tun_fd, self.sock, self._touched
-        now, wall = time.monotonic(), time.time()
+        readv, sendto, touched = self.tun.readv, self.bind.sendto, self._touched
+        now, wall = self.clock.monotonic(), self.clock.wall()
         for _ in range(BATCH):
             try:
-                length = os.readv(fd, bufs)
+                length = readv(bufs)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -138,6 +131,7 @@ class DataPath:
             if peer is None:
                 self.drops["no peer for destination"] += 1
                 continue
+            # [filter] outbound: the packet filter (issue 14) decides here.
             touched.add(peer)
             size = peer.encrypt(buf, length, out, now, wall)
             if size:
@@ -149,7 +143,7 @@ class DataPath:
                         endpoint.send(out_view[:size])
                     continue
                 try:
-                    sock.sendto(out_view[:size], endpoint)
+                    sendto(out_view[:size], endpoint)
                 except BlockingIOError:
                     self.drops["udp send buffer full"] += 1
                 except OSError as exc:
@@ -174,46 +168,56 @@ class DataPath:
             log.error("datapath: %s batch failed again", direction)
 
     def _drain_udp(self) -> None:
-        device, sock, view, plain, plain_view = self.device, self.sock, self._udp_view, self._plain_buf, self._plain_view
-        fd, udp_buf = self.tun_fd, self._udp_buf
-        now, wall = time.monotonic(), time.time()
+        device, view, plain, udp_buf = self.device, self._udp_view, self._plain_buf, self._udp_buf
+        recvfrom_into, deliver = self.bind.recvfrom_into, self._deliver
+        now, wall = self.clock.monotonic(), self.clock.wall()
         under_load = now < self._under_load_until
         for _ in range(BATCH):
             try:
-                size, source = sock.recvfrom_into(udp_buf)
+                size, source = recvfrom_into(udp_buf)
             except BlockingIOError:
                 break
             except OSError as exc:
                 self.drops[f"udp receive: {exc.strerror}"] += 1
                 continue
-            if size and udp_buf[0] != 4:
+            if size == 0 or udp_buf[0] != 4:  # demux: transport messages go straight on
+                if size < 4 or not 0 < udp_buf[0] < 4 or udp_buf[1] or udp_buf[2] or udp_buf[3]:
+                    self._other_datagram(view[:size], source)
+                    continue
                 under_load = self._count_handshake(now)
             length = device.receive(view[:size], source, now, wall, plain, under_load=under_load)
             if length:
-                if self.pings and self._answer_ping(length, now):
-                    continue
-                try:
-                    os.write(fd, plain_view[:length])
-                except BlockingIOError:
-                    self.drops["tun write would block"] += 1
-                except OSError as exc:
-                    self.drops[f"tun write: {exc.strerror}"] += 1
+                deliver(length, now)
+
+    def _other_datagram(self, datagram: memoryview, source: Address) -> None:
+        for handler in self._datagram_handlers:
+            if handler(datagram, source):
+                return
+        self.drops["not a WireGuard message"] += 1
+
+    def _deliver(self, length: int, now: float) -> None:
+        """The one way a decrypted packet (at the start of the plaintext buffer) leaves
+        the tunnel: to the daemon's own ping, else through the filter to the TUN."""
+        if self.pings and self._answer_ping(length, now):
+            return
+        # [filter] inbound: the packet filter (issue 14) decides here.
+        try:
+            self.tun.write(self._plain_view[:length])
+        except BlockingIOError:
+            self.drops["tun write would block"] += 1
+        except OSError as exc:
+            self.drops[f"tun write: {exc.strerror}"] += 1
 
     # --- links (the SSH and relay rungs) ------------------------------------------------
 
     def receive(self, link: Link, message: bytes | bytearray | memoryview) -> None:
         """One WireGuard message from a link: the same path as a UDP datagram."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         try:
             under_load = self._count_handshake(now) if message and message[0] != 4 else now < self._under_load_until
-            length = self.device.receive(message, link, now, time.time(), self._plain_buf, under_load=under_load)
-            if length and not (self.pings and self._answer_ping(length, now)):
-                try:
-                    os.write(self.tun_fd, self._plain_view[:length])
-                except BlockingIOError:
-                    self.drops["tun write would block"] += 1
-                except OSError as exc:
-                    self.drops[f"tun write: {exc.strerror}"] += 1
+            length = self.device.receive(message, link, now, self.clock.wall(), self._plain_buf, under_load=under_load)
+            if length:
+                self._deliver(length, now)
         except Exception:
             self._internal_error("inbound")
         device = self.device
@@ -233,7 +237,7 @@ class DataPath:
 
     def _session_for(self, link: Link) -> PeerSession | None:
         peer = self.device.peer(link.peer_key)
-        return peer.tag if peer is not None else None
+        return peer.owner if peer is not None else None
 
     def _count_handshake(self, now: float) -> bool:
         if now - self._handshake_window_start >= 1.0:
@@ -265,18 +269,18 @@ class DataPath:
         touched = self._touched
         while device.events:
             event = device.events.popleft()
-            session: PeerSession = event.peer.tag
+            session: PeerSession = event.peer.owner
             session.on_event(event)
             touched.add(event.peer)
         for peer in touched:
-            peer.tag.reschedule()
+            peer.owner.reschedule()
         touched.clear()
 
     def send_packet(self, peer: Peer, packet: bytes) -> None:
         """Send a packet the daemon made itself (the in-tunnel ping)."""
         buf = bytearray(self.device.mtu + 64)
         buf[: len(packet)] = packet
-        size = peer.encrypt(buf, len(packet), self._out_buf, time.monotonic(), time.time())
+        size = peer.encrypt(buf, len(packet), self._out_buf, self.clock.monotonic(), self.clock.wall())
         if size and peer.endpoint is not None:
             self.send_to(self._out_view[:size], peer.endpoint)
         self._touched.add(peer)
@@ -288,7 +292,7 @@ class DataPath:
             endpoint.send(datagram)  # type: ignore[attr-defined]
             return
         try:
-            self.sock.sendto(datagram, endpoint)
+            self.bind.sendto(datagram, endpoint)  # type: ignore[arg-type]
         except BlockingIOError:
             self.drops["udp send buffer full"] += 1
         except OSError as exc:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
-from tunnelmesh.config import RUNG_NAMES
+from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.wireguard import Device
 
-from .messages import AddPeers, FindSession, ListPeers, PeerSpec, RemovePeer, SetCandidates, SetPsk, Start
+from .messages import (AddPeers, FindSession, ListPeers, PeerAdded, PeerRemoved, PeerSpec, RemovePeer, SetCandidates,
+                       SetPsk, Start)
 from .runtime import Actor
 from .links import Transports
 from .session import PeerSession
@@ -41,6 +41,7 @@ class Mesh(Actor):
     def __init__(
         self, device: Device, datapath: DataPath, supervisor: Supervisor, bus: EventBus,
         own_mesh_ip: ipaddress.IPv4Address, psk: bytes, transports: Transports | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__()
         self.device = device
@@ -50,27 +51,25 @@ class Mesh(Actor):
         self.own_mesh_ip = own_mesh_ip
         self.psk = psk
         self.transports = transports or Transports()
+        self.clock = clock
         self.sessions: dict[bytes, PeerSession] = {}
 
     def add(self, spec: PeerSpec) -> PeerSession:
         """Register a peer with the core and supervise its session (also before the daemon runs)."""
         session = PeerSession(spec.name, spec.mesh_ip, self.own_mesh_ip, spec.fingerprint, self.datapath, self.bus,
-                              wg_key=spec.wg_key, transports=self.transports, choice=spec.choice)
-        udp = "udp" in spec.choice.enabled
+                              wg_key=spec.wg_key, transports=self.transports, choice=spec.choice,
+                              candidates=spec.candidates, clock=self.clock)
+        selector = session.selector
         session.peer = self.device.add_peer(
             spec.wg_key, preshared_key=self.psk, allowed_ips=spec.allowed_ips,
-            endpoint=spec.endpoint if udp else None,  # the core sends there at once: only on an allowed rung
-            persistent_keepalive=spec.persistent_keepalive, tag=session,
+            # The core sends there at once: only on an allowed rung.
+            endpoint=spec.endpoint if selector.udp_allowed else None,
+            persistent_keepalive=spec.persistent_keepalive, owner=session,
         )
-        session.peer.roam_across_kinds = False  # rung changes are the ladder's
         if self.transports.ssh is not None or self.transports.relay is not None:
             session.peer.keepalive_timeout = LADDER_KEEPALIVE
-        if set(spec.choice.enabled) != set(RUNG_NAMES):
-            # A forced or disabled rung is neither sent nor answered on. UDP packets are
-            # checked only when UDP is the one refused (a check per packet).
-            session.peer.path_allowed = session.allows
-            session.peer.udp_refused = not udp
-        session.udp_candidates = spec.candidates
+        if selector.restricted:
+            session.peer.accepts = selector.allows  # a forced or disabled rung is neither sent nor answered on
         self.sessions[spec.wg_key] = session
         self.supervisor.add(session)
         return session
@@ -86,38 +85,29 @@ class Mesh(Actor):
         if ssh_link is not None:
             ssh_link.close()  # a removed member keeps no SSH connection to us
         log.info("%s: removed (%s)", session.peer_name, reason)
-        self.bus.publish({"event": "peer_removed", "peer": session.peer_name, "reason": reason})
+        self.bus.publish(PeerRemoved(session.peer_name, reason))
 
     async def handle(self, message: Any) -> Any:
         if isinstance(message, AddPeers):
             for spec in message.specs:
                 if spec.wg_key in self.sessions:
                     await self._remove(spec.wg_key, "replaced by a newer entry")
-                self.add(spec).tell(Start())
+                self.add(spec).tell_latest(Start, Start())
                 log.info("%s: added (%s)", spec.name, spec.mesh_ip)
-                self.bus.publish({"event": "peer_added", "peer": spec.name, "mesh_ip": str(spec.mesh_ip)})
+                self.bus.publish(PeerAdded(spec.name, str(spec.mesh_ip)))
             return None
         if isinstance(message, RemovePeer):
             await self._remove(message.wg_key, message.reason)
             return None
         if isinstance(message, SetCandidates):
             session = self.sessions.get(message.wg_key)
-            if session is not None and session.peer is not None and message.addresses:
-                first = message.addresses[0]
-                session.udp_candidates = message.addresses
-                peer = session.peer
-                if not session.is_up(time.monotonic()):
-                    session.udp_address = first
-                    if (peer.endpoint is None or isinstance(peer.endpoint, tuple)) and peer.endpoint != first \
-                            and session.allows(first):
-                        peer.endpoint = first
-                        session.tell(Start())
+            if session is not None and message.addresses:
+                session.tell_latest(SetCandidates, message)  # the session owns its path
             return None
         if isinstance(message, SetPsk):
-            self.psk = message.psk
+            self.psk = message.psk  # for peers added from now on
             for session in self.sessions.values():
-                assert session.peer is not None
-                session.peer.preshared_key = message.psk  # used from the next handshake on
+                session.tell_latest(SetPsk, message)  # each session owns its peer's keys
             return None
         if isinstance(message, ListPeers):
             return list(self.sessions.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import ipaddress
 import os
 import struct
@@ -28,9 +29,17 @@ class TunError(Exception):
 
 
 class TunDevice:
+    """The real TUN edge (actors.edges.Tun): `readv` and `write` are os.readv/os.write
+    bound to the descriptor, C functions, no Python frame per packet."""
+
     def __init__(self, name: str, fd: int) -> None:
         self.name = name
         self.fd = fd
+        self.readv = functools.partial(os.readv, fd)
+        self.write = functools.partial(os.write, fd)
+
+    def fileno(self) -> int:
+        return self.fd
 
     @classmethod
     def create(cls, name: str) -> TunDevice:

@@ -220,7 +220,7 @@ class OurSide:
         self.device = Device(x25519_private())
         self.peer = self.device.add_peer(
             wg.public, preshared_key=wg.psk, allowed_ips=(ipaddress.ip_network(f"{THEIR_IP}/32"),),
-            endpoint=("127.0.0.1", WG_PORT), tag="wireguard-go",
+            endpoint=("127.0.0.1", WG_PORT), owner="wireguard-go",
         )
         self.received: list[bytes] = []  # every datagram, in order
         self.sent: list[bytes] = []

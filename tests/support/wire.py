@@ -79,12 +79,12 @@ class PeerPair:
         self.a_peer: Peer = self.a.add_peer(
             x25519_public(self.b_private), preshared_key=PSK,
             allowed_ips=_networks(a_allows), endpoint=B_ADDR,
-            persistent_keepalive=persistent_keepalive, tag="b",
+            persistent_keepalive=persistent_keepalive, owner="b",
         )
         self.b_peer: Peer = self.b.add_peer(
             x25519_public(self.a_private), preshared_key=PSK,
             allowed_ips=_networks(b_allows), endpoint=A_ADDR,
-            persistent_keepalive=persistent_keepalive, tag="a",
+            persistent_keepalive=persistent_keepalive, owner="a",
         )
         self.delivered_to_a: list[bytes] = []
         self.delivered_to_b: list[bytes] = []

@@ -1,8 +1,8 @@
-"""What the protocol core gives the transport ladder: `Peer.send_probe` (an
-initiation on chosen paths, within the REKEY_TIMEOUT rate limit), responses
-sent back the way the initiation came, `HandshakeCompleted.source`, and
-cross-kind roaming left to the ladder (`roam_across_kinds`, `stray_source`,
-`endpoint_rx_at`).
+"""What the protocol core gives the path selector: `Peer.send_probe` (an initiation on
+chosen paths, within the REKEY_TIMEOUT rate limit), handshake messages answered and
+confirmed the way they came, `HandshakeCompleted.source`, and where authenticated
+messages come from (`NewSource`, `endpoint_rx_at`, `other_source`/`other_at`): the
+core never moves `Peer.endpoint` itself.
 
 Datagrams are carried by hand here (not `PeerPair.deliver`, which knows only
 the two UDP addresses), so each test says which path a datagram took."""
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.support.wire import A_ADDR, A_IP, B_ADDR, B_IP, PeerPair, ipv4_packet, kind
-from tunnelmesh.wireguard import EndpointChanged, HandshakeCompleted
+from tunnelmesh.wireguard import HandshakeCompleted, NewSource
 from tunnelmesh.wireguard.constants import REKEY_TIMEOUT
 
 INIT, RESP, DATA = 1, 2, 4
@@ -45,9 +45,8 @@ def carry(pair: PeerPair, side: str, source: object) -> list[tuple[bytes, object
     return moved
 
 
-def session(*, roam_across_kinds: bool = True) -> PeerPair:
+def session() -> PeerPair:
     pair = PeerPair()
-    pair.a_peer.roam_across_kinds = pair.b_peer.roam_across_kinds = roam_across_kinds
     pair.handshake()
     pair.a.events.clear()
     pair.b.events.clear()
@@ -125,85 +124,84 @@ def test_a_probe_within_the_rate_limit_of_a_finished_handshake_is_held_back(side
 
 
 @pytest.mark.parametrize("source", [OTHER_UDP, Link("ssh")], ids=["other UDP address", "link"])
-@pytest.mark.parametrize("roam", [True, False], ids=["roaming", "no cross-kind roaming"])
-def test_the_response_goes_to_the_initiations_source(source: object, roam: bool) -> None:
+def test_the_response_goes_to_the_initiations_source(source: object) -> None:
     pair = PeerPair()
-    pair.b_peer.roam_across_kinds = roam
     pair.a_peer.send_probe((source,), pair.now, pair.wall)
     carry(pair, "a", source)
     ((response, to),) = take(pair, "b")
     assert (kind(response), to) == (RESP, source)
+    assert pair.b_peer.endpoint == A_ADDR  # answered there, not moved there
 
 
-def test_a_probe_on_a_link_completes_there_and_each_side_names_its_proofs_source() -> None:
+def test_a_probe_on_a_link_completes_there_and_is_confirmed_there() -> None:
     pair = PeerPair()
-    pair.a_peer.roam_across_kinds = pair.b_peer.roam_across_kinds = False
     a_end, b_end = Link("ssh to b"), Link("ssh from a")  # one link, as each side sees it
     pair.a_peer.send_probe((a_end,), pair.now, pair.wall)
     carry(pair, "a", b_end)
     carry(pair, "b", a_end)  # the response, back on the link
     assert completed(pair, "a") == [HandshakeCompleted(pair.a_peer, True, a_end)]
-    # A's send path is still UDP: its confirming keepalive goes there, and B's
-    # proof is that packet.
+    # The confirming keepalive goes back the way the answer came, whatever the endpoint,
+    # and it is B's proof.
     ((keepalive, to),) = take(pair, "a")
-    assert (kind(keepalive), to) == (DATA, B_ADDR)
-    pair.inject("b", keepalive, source=A_ADDR)
-    assert completed(pair, "b") == [HandshakeCompleted(pair.b_peer, False, A_ADDR)]
-    assert (pair.a_peer.endpoint, pair.b_peer.endpoint) == (B_ADDR, A_ADDR)
+    assert (kind(keepalive), to) == (DATA, a_end)
+    pair.inject("b", keepalive, source=b_end)
+    assert completed(pair, "b") == [HandshakeCompleted(pair.b_peer, False, b_end)]
+    assert (pair.a_peer.endpoint, pair.b_peer.endpoint) == (B_ADDR, A_ADDR)  # the caller moves them, not the core
 
 
-# --- roaming across kinds ---------------------------------------------------------------------
-
-
-def test_without_cross_kind_roaming_a_packet_from_a_link_is_stray() -> None:
-    pair = session(roam_across_kinds=False)
-    pair.advance(1)
-    link = Link("relay")
-    assert pair.inject("b", data_from_a(pair), source=link) > 0  # delivered all the same
-    peer = pair.b_peer
-    assert (peer.endpoint, peer.stray_source, peer.stray_at) == (A_ADDR, link, pair.now)
-    assert not [e for e in pair.b.events if isinstance(e, EndpointChanged)]
-
-
-def test_without_cross_kind_roaming_another_udp_address_still_roams() -> None:
-    pair = session(roam_across_kinds=False)
-    pair.advance(1)
-    pair.inject("b", data_from_a(pair), source=OTHER_UDP)
-    peer = pair.b_peer
-    assert (peer.endpoint, peer.endpoint_rx_at, peer.stray_source) == (OTHER_UDP, pair.now, None)
-    assert [e for e in pair.b.events if isinstance(e, EndpointChanged)] == [EndpointChanged(peer, OTHER_UDP)]
-
-
-def test_without_cross_kind_roaming_links_roam_among_themselves() -> None:
+def test_staged_packets_go_back_the_way_the_answer_came() -> None:
     pair = PeerPair()
-    pair.b_peer.endpoint = Link("ssh")
-    pair.b_peer.roam_across_kinds = False
-    pair.a_peer.send_probe((B_ADDR,), pair.now, pair.wall)
-    carry(pair, "a", Link("relay"))
-    assert pair.b_peer.endpoint == Link("relay") and pair.b_peer.stray_source is None
+    pair.a_peer.endpoint = None  # nowhere to send yet: the caller probes candidates
+    pair.send("a", b"staged")
+    assert take(pair, "a") == []
+    pair.a_peer.send_probe((OTHER_UDP, B_ADDR), pair.now, pair.wall)
+    ((initiation, _), _) = take(pair, "a")
+    pair.inject("b", initiation, source=A_ADDR)
+    carry(pair, "b", B_ADDR)
+    ((staged, to),) = take(pair, "a")
+    assert (kind(staged), to) == (DATA, B_ADDR) and pair.a_peer.endpoint is None
 
 
-def test_with_cross_kind_roaming_a_link_takes_over_as_in_wireguard() -> None:
+# --- where authenticated messages come from ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", [OTHER_UDP, Link("relay")], ids=["another UDP address", "a link"])
+def test_a_message_from_elsewhere_is_reported_once_and_moves_nothing(source: object) -> None:
     pair = session()
-    link = Link("relay")
-    pair.inject("b", data_from_a(pair), source=link)
-    assert (pair.b_peer.endpoint, pair.b_peer.stray_source) == (link, None)
+    pair.advance(1)
+    assert pair.inject("b", data_from_a(pair), source=source) > 0  # delivered all the same
+    peer = pair.b_peer
+    assert (peer.endpoint, peer.other_source, peer.other_at) == (A_ADDR, source, pair.now)
+    assert [e for e in pair.b.events if isinstance(e, NewSource)] == [NewSource(peer, source)]
+    pair.advance(1)
+    pair.inject("b", data_from_a(pair), source=source)
+    assert peer.other_at == pair.now and len([e for e in pair.b.events if isinstance(e, NewSource)]) == 1
+    pair.inject("b", data_from_a(pair), source=A_ADDR)
+    assert peer.endpoint_rx_at == pair.now and peer.other_source == source
 
 
-def test_a_stray_handshake_leaves_the_endpoint_too() -> None:
-    pair = session(roam_across_kinds=False)
+def test_a_new_other_source_is_reported_again() -> None:
+    pair = session()
+    pair.inject("b", data_from_a(pair), source=OTHER_UDP)
+    pair.inject("b", data_from_a(pair), source=Link("relay"))
+    pair.inject("b", data_from_a(pair), source=OTHER_UDP)
+    assert [e.source for e in pair.b.events if isinstance(e, NewSource)] == [OTHER_UDP, Link("relay"), OTHER_UDP]
+
+
+def test_a_handshake_from_elsewhere_is_its_source_only() -> None:
+    pair = session()
     pair.advance(REKEY_TIMEOUT)
     link = Link("ssh")
     pair.a_peer.send_probe((link,), pair.now, pair.wall)
     carry(pair, "a", link)
-    assert (pair.b_peer.endpoint, pair.b_peer.stray_source, pair.b_peer.stray_at) == (A_ADDR, link, pair.now)
+    assert (pair.b_peer.endpoint, pair.b_peer.other_source) == (A_ADDR, None)
 
 
 # --- endpoint_rx_at -----------------------------------------------------------------------------
 
 
 def test_endpoint_rx_at_follows_packets_from_the_endpoint_only() -> None:
-    pair = session(roam_across_kinds=False)
+    pair = session()
     peer = pair.b_peer
     pair.advance(2)
     pair.inject("b", data_from_a(pair), source=A_ADDR)
@@ -263,7 +261,6 @@ def test_a_repeated_initiation_is_answered_again_once_per_new_path_and_only_brie
 def test_a_message_on_a_link_that_authenticated_another_peer_is_dropped() -> None:
     pair = PeerPair()
     pair.handshake()
-    pair.a_peer.roam_across_kinds = pair.b_peer.roam_across_kinds = False
     size = pair.send_packet("a", ipv4_packet(A_IP, B_IP, b"for b"))
     datagram = take(pair, "a")[0][0]
     assert size
@@ -271,7 +268,7 @@ def test_a_message_on_a_link_that_authenticated_another_peer_is_dropped() -> Non
     before = pair.b_peer.endpoint
     assert pair.inject("b", datagram, source=mallory) == 0
     assert pair.b.drops["message for one peer on another peer's link"] == 1
-    assert pair.b_peer.endpoint == before and pair.b_peer.stray_source is None
+    assert pair.b_peer.endpoint == before and pair.b_peer.other_source is None
 
 
 @dataclass(frozen=True)
@@ -291,7 +288,7 @@ def _links_only(endpoint: object) -> bool:
 
 def test_an_initiation_on_a_path_not_allowed_is_neither_answered_nor_learnt() -> None:
     pair = PeerPair()
-    pair.b_peer.path_allowed = _links_only  # b forces a link rung for a
+    pair.b_peer.accepts = _links_only  # b forces a link rung for a
     pair.b_peer.endpoint = None
     pair.a_peer.send_handshake_initiation(pair.now, pair.wall)
     carry(pair, "a", A_ADDR)
@@ -307,15 +304,15 @@ def test_an_initiation_on_a_path_not_allowed_is_neither_answered_nor_learnt() ->
 
 
 def test_data_and_responses_on_a_path_not_allowed_are_dropped() -> None:
-    pair = session(roam_across_kinds=False)
+    pair = session()
     data = data_from_a(pair)
-    pair.b_peer.path_allowed, pair.b_peer.udp_refused = _links_only, True
+    pair.b_peer.accepts = _links_only
     received_before = pair.b_peer.rx_bytes
     assert pair.inject("b", data, source=A_ADDR) == 0
     assert pair.b.drops["message on a path not allowed for its peer"] == 1
     assert pair.b_peer.rx_bytes == received_before
     # A response arriving over UDP for an initiation of a peer kept to links is dropped too.
-    pair.a_peer.path_allowed, pair.a_peer.udp_refused = _links_only, True
+    pair.a_peer.accepts = _links_only
     pair.advance(REKEY_TIMEOUT + 0.1)
     assert pair.a_peer.send_probe((B_ADDR,), pair.now, pair.wall)
     carry(pair, "a", Link("ssh"))

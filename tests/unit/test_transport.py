@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from tests.support.wire import A_IP, B_IP, PSK, PeerPair, ipv4_packet, ipv6_packet, kind, seeded_rng
-from tunnelmesh.wireguard import Device
+from tunnelmesh.wireguard import Device, NewSource
 from tunnelmesh.wireguard.crypto import x25519_public
 from tunnelmesh.wireguard.messages import TRANSPORT_HEADER
 
@@ -138,7 +138,7 @@ def test_inner_source_routed_to_another_peer_is_dropped() -> None:
     # allowedips.Lookup(src) == peer, the same longest-prefix table as sending).
     pair = session(b_allows=(f"{A_IP}/32", "10.0.0.0/8"))
     carol = x25519_public(seeded_rng(5)(32))
-    pair.b.add_peer(carol, preshared_key=PSK, allowed_ips=(ipaddress.ip_network("10.1.0.0/16"),), tag="c")
+    pair.b.add_peer(carol, preshared_key=PSK, allowed_ips=(ipaddress.ip_network("10.1.0.0/16"),), owner="c")
     pair.send_packet("a", ipv4_packet("10.1.2.3", B_IP, b"carol's"))
     pair.send_packet("a", ipv4_packet("10.2.0.1", B_IP, b"mine"))
     pair.deliver()
@@ -190,7 +190,7 @@ def routed() -> tuple[Device, dict[str, object]]:
     }
     peers = {
         name: device.add_peer(
-            x25519_public(keys(32)), preshared_key=PSK, allowed_ips=(ipaddress.ip_network(cidr),), tag=name
+            x25519_public(keys(32)), preshared_key=PSK, allowed_ips=(ipaddress.ip_network(cidr),), owner=name
         )
         for name, cidr in table.items()
     }
@@ -221,7 +221,7 @@ def test_route_picks_the_longest_matching_prefix(routed, destination: str, expec
     else:
         packet = ipv4_packet("192.0.2.99", destination, b"x")
     peer = device.route(packet, len(packet))
-    assert (peer.tag if peer else None) == expected
+    assert (peer.owner if peer else None) == expected
 
 
 @pytest.mark.parametrize(
@@ -237,7 +237,7 @@ def test_route_returns_none_for_packets_it_cannot_read(routed, packet: bytes) ->
 def test_route_follows_peer_removal(routed) -> None:
     device, peers = routed
     extra = device.add_peer(
-        x25519_public(seeded_rng(14)(32)), preshared_key=PSK, allowed_ips=(ipaddress.ip_network("192.168.0.0/16"),), tag="x"
+        x25519_public(seeded_rng(14)(32)), preshared_key=PSK, allowed_ips=(ipaddress.ip_network("192.168.0.0/16"),), owner="x"
     )
     packet = ipv4_packet("10.0.0.1", "192.168.1.1", b"x")
     assert device.route(packet, len(packet)) is extra
@@ -339,13 +339,15 @@ def test_datagram_larger_than_the_receive_buffer_is_dropped() -> None:
     assert pair.b.drops == {"packet larger than buffer": 1}
 
 
-def test_endpoint_follows_the_latest_authenticated_packet() -> None:
+def test_only_an_authenticated_packet_reports_a_new_source() -> None:
     pair = session()
+    pair.b.events.clear()
     pair.send("a", b"roaming")
     datagram = only_datagram(pair)
-    assert pair.inject("b", datagram, source=("198.51.100.7", 4242)) > 0
-    assert pair.b_peer.endpoint == ("198.51.100.7", 4242)
     forged = bytearray(datagram)
     forged[-1] ^= 1
     pair.inject("b", bytes(forged), source=("203.0.113.9", 1))
-    assert pair.b_peer.endpoint == ("198.51.100.7", 4242)
+    assert pair.b_peer.other_source is None and not pair.b.events
+    assert pair.inject("b", datagram, source=("198.51.100.7", 4242)) > 0
+    assert pair.b_peer.other_source == ("198.51.100.7", 4242)
+    assert list(pair.b.events) == [NewSource(pair.b_peer, ("198.51.100.7", 4242))]

@@ -2,11 +2,11 @@
 
 from .crypto import derive_psk
 from .device import Device, DeviceError
-from .events import EndpointChanged, Event, HandshakeCompleted, HandshakeGaveUp, KeysZeroed
+from .events import Event, HandshakeCompleted, HandshakeGaveUp, KeysZeroed, NewSource
 from .messages import MessageError
 from .peer import Peer
 
 __all__ = [
     "Device", "DeviceError", "Peer", "MessageError", "derive_psk",
-    "Event", "HandshakeCompleted", "HandshakeGaveUp", "KeysZeroed", "EndpointChanged",
+    "Event", "HandshakeCompleted", "HandshakeGaveUp", "KeysZeroed", "NewSource",
 ]

@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidTag
 from .constants import DEFAULT_MTU, MSG_COOKIE_REPLY, MSG_INITIATION, REJECT_AFTER_TIME, TRANSPORT_MIN_SIZE
 from .cookie import CookieChecker
 from .crypto import NONCE_COUNTER, x25519_private, x25519_public
-from .events import EndpointChanged, Event
+from .events import Event
 from .keypair import Keypair
 from .messages import TRANSPORT_HEADER, CookieReply, Initiation, MessageError, Response, message_type, parse
 from .noise import HandshakeError, consume_initiation, consume_response
@@ -50,11 +50,11 @@ def _refused_path(source: Endpoint, peer: Peer) -> str | None:
     A link (SSH, relay) authenticated who is at its other end: a message it carries
     must be for that very peer, or a member could replay another member's ciphertext
     over its own link and pull that member's send path onto it. And the caller may
-    keep a peer to some paths (`Peer.path_allowed`: a rung forced or disabled)."""
+    keep a peer to some paths (`Peer.accepts`: a rung forced or disabled)."""
     link_peer = getattr(source, "peer_key", None)
     if link_peer is not None and link_peer != peer.public_key:
         return "message for one peer on another peer's link"
-    if peer.path_allowed is not None and not peer.path_allowed(source):
+    if peer.accepts is not None and not peer.accepts(source):
         return "message on a path not allowed for its peer"
     return None
 
@@ -113,15 +113,15 @@ class Device:
         allowed_ips: tuple[IPNetwork, ...] = (),
         endpoint: Endpoint | None = None,
         persistent_keepalive: float = 0.0,
-        tag: object = None,
+        owner: object = None,
     ) -> Peer:
         if public_key == self.static_public:
-            raise DeviceError(f"peer {tag!r} has this node's own public key")
+            raise DeviceError(f"peer {owner!r} has this node's own public key")
         if public_key in self._peers:
-            raise DeviceError(f"peer {tag!r} has the same public key as peer {self._peers[public_key].tag!r}")
+            raise DeviceError(f"peer {owner!r} has the same public key as peer {self._peers[public_key].owner!r}")
         peer = Peer(
             self, public_key, preshared_key=preshared_key, allowed_ips=allowed_ips,
-            endpoint=endpoint, persistent_keepalive=persistent_keepalive, tag=tag,
+            endpoint=endpoint, persistent_keepalive=persistent_keepalive, owner=owner,
         )
         self._peers[public_key] = peer
         self._rebuild_routes()
@@ -208,7 +208,7 @@ class Device:
             self.drops["unknown receiver index"] += 1
             return 0
         peer, kp = entry
-        if source.__class__ is not tuple or peer.udp_refused:
+        if source.__class__ is not tuple or peer.accepts is not None:
             refused = _refused_path(source, peer)
             if refused is not None:
                 self.drops[refused] += 1
@@ -338,11 +338,12 @@ class Device:
 
     # --- services for peers ---------------------------------------------------------
 
-    def queue_transmit(self, peer: Peer, datagram: bytes) -> None:
-        if peer.endpoint is None:
+    def queue_transmit(self, peer: Peer, datagram: bytes, to: Endpoint | None = None) -> None:
+        endpoint = to if to is not None else peer.endpoint
+        if endpoint is None:
             self.drops["peer has no endpoint"] += 1
             return
-        self.transmits.append((datagram, peer.endpoint))
+        self.transmits.append((datagram, endpoint))
 
     def allocate_index(self, peer: Peer, keypair: Keypair | None) -> int:
         while True:
@@ -369,9 +370,6 @@ class Device:
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
-
-    def on_endpoint_changed(self, peer: Peer, endpoint: Endpoint) -> None:
-        self.events.append(EndpointChanged(peer, endpoint))
 
     def count_drop(self, reason: str) -> None:
         self.drops[reason] += 1

@@ -36,9 +36,13 @@ class KeysZeroed:
 
 
 @dataclass(frozen=True, slots=True)
-class EndpointChanged:
+class NewSource:
+    """An authenticated transport message came from `source`, which is not the peer's
+    endpoint (said once per change of that other source). The core does not move the
+    endpoint: the caller decides whether the peer roamed or another path carried it."""
+
     peer: Peer
-    endpoint: Hashable
+    source: Hashable
 
 
-Event = Union[HandshakeCompleted, HandshakeGaveUp, KeysZeroed, EndpointChanged]
+Event = Union[HandshakeCompleted, HandshakeGaveUp, KeysZeroed, NewSource]

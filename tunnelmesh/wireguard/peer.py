@@ -46,7 +46,7 @@ from .constants import (
 )
 from .cookie import CookieGenerator
 from .crypto import NONCE_COUNTER, dh, tai64n
-from .events import HandshakeCompleted, HandshakeGaveUp, KeysZeroed
+from .events import HandshakeCompleted, HandshakeGaveUp, KeysZeroed, NewSource
 from .keypair import Keypair
 from .messages import TRANSPORT_HEADER
 from .noise import ConsumedInitiation, NoiseState, create_initiation, create_response, derive_keys
@@ -72,7 +72,7 @@ class Peer:
         allowed_ips: tuple[IPNetwork, ...] = (),
         endpoint: Endpoint | None = None,
         persistent_keepalive: float = 0.0,
-        tag: Any = None,
+        owner: Any = None,
     ) -> None:
         if len(public_key) != 32 or len(preshared_key) != 32:
             raise ValueError("public key and pre-shared key must be 32 bytes")
@@ -80,25 +80,23 @@ class Peer:
         self.public_key = public_key
         self.preshared_key = preshared_key
         self.allowed_ips = allowed_ips
+        # Where this peer's messages go: written by the caller only (its path selector). The
+        # core never moves it; it reports where authenticated messages come from instead
+        # (`HandshakeCompleted.source`, `NewSource`, the three fields below), and answers a
+        # handshake message the way it came.
         self.endpoint = endpoint
-        # False under the transport ladder: an authenticated packet from another
-        # kind of endpoint (UDP address vs. SSH or relay link) does not move the
-        # send path; it is noted in `stray_source`/`stray_at` for the ladder to
-        # weigh. Within one kind, roaming stays as in WireGuard.
-        self.roam_across_kinds = True
-        # The caller's rule on which paths this peer's messages may come from (None:
-        # any); messages from others are dropped, so nothing is answered or learnt there.
-        self.path_allowed: Callable[[Endpoint], bool] | None = None
-        self.udp_refused = False  # path_allowed refuses UDP addresses: the one check per UDP packet
-        self.stray_source: Endpoint | None = None
-        self.stray_at = float("-inf")
         self.endpoint_rx_at = float("-inf")  # last authenticated transport message from `endpoint`
+        self.other_source: Endpoint | None = None  # the latest other source of one, and when
+        self.other_at = float("-inf")
+        # The caller's rule on which paths this peer's messages may come from (None: any);
+        # messages from others are dropped, so nothing is answered or learnt there.
+        self.accepts: Callable[[Endpoint], bool] | None = None
         self.persistent_keepalive = persistent_keepalive
         # How long after data received, with nothing sent back, a keepalive answers it
         # (WireGuard: 10 s). The transport ladder shortens it, so that its 3 s "sent and not
         # answered" check is not tripped by a peer that merely had nothing to say.
         self.keepalive_timeout = KEEPALIVE_TIMEOUT
-        self.tag = tag  # the caller's handle for this peer (name, config, ...)
+        self.owner = owner  # the caller's object for this peer (the daemon: its PeerSession)
         self.cookie = CookieGenerator(public_key)
         self.static_static = dh(device.static_private, public_key)
 
@@ -138,7 +136,7 @@ class Peer:
         self.tx_bytes = 0
 
     def __repr__(self) -> str:
-        return f"<Peer {self.tag!r}>"
+        return f"<Peer {self.owner!r}>"
 
     # --- outbound data path ------------------------------------------------
 
@@ -184,9 +182,10 @@ class Peer:
         if kp.send_counter >= REKEY_AFTER_MESSAGES or (kp.initiator and now - kp.created >= REKEY_AFTER_TIME):
             self.send_handshake_initiation(now, wall)
 
-    def _send_payload(self, payload: bytes, now: float, wall: float) -> bool:
+    def _send_payload(self, payload: bytes, now: float, wall: float, to: Endpoint | None = None) -> bool:
         """Seal and queue a packet that does not come from the caller's buffers
-        (keepalives, staged packets). Returns False if no keypair is usable."""
+        (keepalives, staged packets), to `to` or else the endpoint. Returns False if no
+        keypair is usable."""
         kp = self.current
         if kp is None or kp.send_counter >= REJECT_AFTER_MESSAGES or now - kp.created >= REJECT_AFTER_TIME:
             return False
@@ -195,7 +194,7 @@ class Peer:
         plaintext = payload + bytes(padded - len(payload))
         out = bytearray(TRANSPORT_HEADER_SIZE + padded + TAG_SIZE)
         size = self._seal(kp, plaintext, out)
-        self.device.queue_transmit(self, bytes(out))
+        self.device.queue_transmit(self, bytes(out), to)
         self._after_send(kp, len(payload), size, now, wall)
         return True
 
@@ -215,10 +214,10 @@ class Peer:
         staged.append(packet)
         self.send_handshake_initiation(now, wall)
 
-    def _flush_staged(self, now: float, wall: float) -> None:
+    def _flush_staged(self, now: float, wall: float, to: Endpoint | None = None) -> None:
         staged = self.staged
         while staged:
-            if not self._send_payload(staged[0], now, wall):
+            if not self._send_payload(staged[0], now, wall, to):
                 self.send_handshake_initiation(now, wall)
                 return
             staged.popleft()
@@ -292,16 +291,16 @@ class Peer:
         self._clear_handshake(keep_index=True)
         kp = Keypair(self, send_key, receive_key, local_index=local_index, remote_index=remote_index, created=now, initiator=True)
         self.device.set_index(local_index, self, kp)
-        self._set_endpoint(source, now)
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_received()
         self._begin_session(kp, now)
         self._timers_handshake_complete(now, initiator=True, source=source)
-        # Key confirmation: the responder waits for a packet on this keypair.
+        # Key confirmation (the responder waits for a packet on this keypair), back the way
+        # the answer came: the caller may move the endpoint there once it hears of it.
         if self.staged:
-            self._flush_staged(now, wall)
+            self._flush_staged(now, wall, source)
         else:
-            self._send_payload(b"", now, wall)
+            self._send_payload(b"", now, wall, source)
 
     def check_initiation(self, timestamp: bytes, now: float) -> str | None:
         """Why an authenticated initiation must be ignored, or None."""
@@ -348,7 +347,6 @@ class Peer:
         send_key, receive_key = derive_keys(noise, initiator=False)
         kp = Keypair(self, send_key, receive_key, local_index=local_index, remote_index=remote_index, created=now, initiator=False)
         device.set_index(local_index, self, kp)
-        self._set_endpoint(source, now)
         self._begin_session(kp, now)
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_received()
@@ -388,7 +386,7 @@ class Peer:
         self.device.release_keypair(self.previous)
         self.previous, self.current, self.next = self.current, kp, None
         self._timers_handshake_complete(now, initiator=False, source=source)
-        self._flush_staged(now, wall)
+        self._flush_staged(now, wall, source)
 
     def on_transport(self, kp: Keypair, source: Endpoint, size: int, data: bool, now: float, wall: float) -> None:
         """Bookkeeping for an authenticated, non-replayed transport message."""
@@ -397,7 +395,10 @@ class Peer:
         if source == self.endpoint:
             self.endpoint_rx_at = now
         else:
-            self._set_endpoint(source, now)
+            if source != self.other_source:
+                self.other_source = source
+                self.device.emit(NewSource(self, source))
+            self.other_at = now
         self.rx_bytes += size
         current = self.current
         if (
@@ -412,16 +413,6 @@ class Peer:
         self._timers_any_authenticated_packet_received()
         if data:
             self._timers_data_received(now)
-
-    def _set_endpoint(self, source: Endpoint, now: float) -> None:
-        if source is None or source == self.endpoint:
-            return
-        if not self.roam_across_kinds and self.endpoint is not None and type(source) is not type(self.endpoint):
-            self.stray_source, self.stray_at = source, now
-            return
-        self.endpoint = source
-        self.endpoint_rx_at = now
-        self.device.on_endpoint_changed(self, source)
 
     def zero_keys(self) -> None:
         release = self.device.release_keypair

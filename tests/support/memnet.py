@@ -1,0 +1,472 @@
+"""Whole nodes in one process, in virtual time: the in-memory doubles of the OS edges.
+
+Two (or more) nodes each run the real protocol core (`Device`), data path, mesh actor,
+peer sessions and event bus; what is not real, and why each stand-in behaves like the
+thing it replaces:
+- Time is virtual: one `VirtualClock` is every node's `Clock` and the event loop's clock
+  (`VirtualLoop.time`), so core deadlines, loop timers and the ladder's clock agree, and a
+  90 s scenario takes a fraction of a second. The clock jumps from one due timer to the
+  next (at most STEP at a time).
+- The UDP socket is a `MemoryBind` (actors.edges.Bind): `sendto` lands in the bind at the
+  address (readiness through an eventfd, so `DataPath.start`'s reader runs as for a socket).
+- The TUN device is a `MemoryTun` (actors.edges.Tun): one end of a Unix datagram
+  socketpair; at the other end a tiny "kernel" answers ICMP echo requests, so traffic is
+  answered as a real peer's would be.
+- SSH and relay links are `MemoryLink`s (real `Link` subclasses) that hand each message to
+  the other end's data path a loop iteration later than a UDP datagram would arrive (a
+  link is no faster than direct UDP); `MemorySshRung` dials at once or fails with a
+  `LinkError`, and calls `link_up` on both ends as `SshRung` does.
+- A path is cut per rung and direction (`Net.block`): its messages are lost, as a firewall
+  rule would lose them.
+
+No sockets leave the process: the only descriptors are eventfds and Unix socketpairs.
+A test never awaits anything but the clock (`Net.run_for`/`run_until`): with nothing ready,
+the loop would block in a real select() while virtual time stood still.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import ipaddress
+import os
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from actors.control import EventBus
+from actors.datapath import DataPath
+from actors.links import Transports
+from actors.mesh import Mesh
+from actors.messages import to_json
+from actors.runtime import Supervisor
+from actors.session import PeerSession
+from tests.support.wire import PSK, kind, seeded_rng
+from tunnelmesh.ladder import RELAY, SSH, UDP
+from tunnelmesh.links import Link, LinkError
+from tunnelmesh.packets import icmp_echo
+from tunnelmesh.wireguard import Device
+
+STEP = 0.125  # the longest stride of the clock between timers (conditions are checked that often)
+SPINS = 24  # loop iterations per step: enough for a handshake, its confirmation and a ping
+START = 1000.0  # the monotonic clock at the start of every scenario
+WALL0 = 1_700_000_000.0  # wall time at monotonic 0
+APP_IDENT = 0x7E57  # ICMP identifier of the test's own pings (the session's are random)
+
+
+# --- virtual time ----------------------------------------------------------------------------
+
+
+class VirtualClock:
+    """Virtual time (a tunnelmesh.clock.Clock): what the nodes are given, and the loop's clock."""
+
+    def __init__(self) -> None:
+        self.now = START
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return WALL0 + self.now
+
+
+def wall_clock(monotonic: float) -> str:
+    """How the session shows a monotonic instant in `status` ("since HH:MM:SS")."""
+    return time.strftime("%H:%M:%S", time.localtime(WALL0 + monotonic))
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock is the test's: `call_at`/`call_later` run when the test
+    has moved the clock to their time, never in real time. It keeps the times timers are
+    due, so the test can move the clock from one to the next (each timer runs at its own
+    time: two jittered retransmits are never rounded into one instant)."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__()
+        self._virtual = clock
+        self._due: list[float] = []  # a heap; entries of cancelled timers only cost a spare step
+
+    def time(self) -> float:
+        return self._virtual.now
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: object,  # type: ignore[override]
+                context: Any = None) -> asyncio.TimerHandle:
+        heapq.heappush(self._due, when)
+        return super().call_at(when, callback, *args, context=context)
+
+    def next_due(self) -> float | None:
+        """The earliest time a timer is due after now."""
+        while self._due and self._due[0] <= self._virtual.now:
+            heapq.heappop(self._due)
+        return self._due[0] if self._due else None
+
+
+# --- the in-memory network -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One message put on a path: when, on which rung, from and to which node (`to`: the
+    UDP address it was sent to), its WireGuard type, and whether the path delivered it."""
+
+    at: float
+    rung: str
+    src: str
+    dst: str
+    kind: int
+    delivered: bool
+    to: tuple[str, int] | None = None
+
+
+class Net:
+    def __init__(self, clock: VirtualClock, loop: VirtualLoop) -> None:
+        self.clock = clock
+        self.loop = loop
+        self.nodes: dict[str, Node] = {}
+        self.sockets: dict[tuple[str, int], MemoryBind] = {}
+        self.blocked: set[tuple[str, str, str]] = set()  # (rung, from, to)
+        self.log: list[Sent] = []
+        self.held: list[tuple[MemoryBind, bytes, tuple[str, int]]] = []
+        self.hold_next: tuple[str, str] | None = None  # (from, to): keep the next UDP datagram back
+        self.after_link_arrival: Callable[[MemoryLink, bytes], None] | None = None
+        self.after_link_up: Callable[[SshMemoryLink, SshMemoryLink], None] | None = None
+
+    def block(self, rung: str, src: str | None = None, dst: str | None = None) -> None:
+        """Lose `rung`'s messages from `src` to `dst` (both ways when not given)."""
+        for a, b in ((src, dst),) if src is not None else (("a", "b"), ("b", "a")):
+            self.blocked.add((rung, a, b))  # type: ignore[arg-type]
+
+    def unblock(self, rung: str) -> None:
+        self.blocked = {entry for entry in self.blocked if entry[0] != rung}
+
+    def carries(self, rung: str, src: str, dst: str) -> bool:
+        return (rung, src, dst) not in self.blocked
+
+    def record(self, rung: str, src: str, dst: str, datagram: bytes, delivered: bool,
+               to: tuple[str, int] | None = None) -> None:
+        self.log.append(Sent(self.clock.now, rung, src, dst, kind(datagram), delivered, to))
+
+    def sent(self, *, src: str | None = None, rung: str | None = None, kind: int | None = None,
+             since: float = float("-inf")) -> list[Sent]:
+        return [s for s in self.log if (src is None or s.src == src) and (rung is None or s.rung == rung)
+                and (kind is None or s.kind == kind) and s.at >= since]
+
+    def node_by_key(self, public_key: bytes) -> Node:
+        return next(n for n in self.nodes.values() if n.device.static_public == public_key)
+
+    def rebind(self, node: Node, address: tuple[str, int]) -> None:
+        """`node`'s UDP port is now reached at `address` (a NAT's new mapping); the old one is gone."""
+        del self.sockets[node.sock.address]
+        node.sock.address = address
+        self.sockets[address] = node.sock
+
+    def udp(self, datagram: bytes, sender: MemoryBind, to: tuple[str, int]) -> None:
+        target = self.sockets.get(to)
+        if target is None:  # nobody there
+            self.record(UDP, sender.node.name, "", datagram, False, to)
+            return
+        ok = self.carries(UDP, sender.node.name, target.node.name)
+        self.record(UDP, sender.node.name, target.node.name, datagram, ok, to)
+        if ok and self.hold_next == (sender.node.name, target.node.name):
+            self.hold_next = None
+            self.held.append((target, datagram, sender.address))
+        elif ok:
+            target.arrive(datagram, sender.address)
+
+    def release_held(self) -> int:
+        """Deliver the datagrams kept back (late, as a slow path would)."""
+        held, self.held = self.held, []
+        for target, datagram, source in held:
+            target.arrive(datagram, source)
+        return len(held)
+
+    # --- driving the loop ---
+
+    async def _spin(self) -> None:
+        """Run what is ready now, and what that makes ready (the network has no latency)."""
+        for _ in range(SPINS):
+            await asyncio.sleep(0)
+
+    async def _advance(self, limit: float) -> None:
+        """Move the clock to the next due timer (no further than STEP on, nor past `limit`) and run."""
+        due = self.loop.next_due()
+        self.clock.now = min(due if due is not None else limit, limit, self.clock.now + STEP)
+        await self._spin()
+
+    async def run_for(self, seconds: float) -> None:
+        """Let `seconds` of virtual time pass, running everything when it falls due."""
+        end = self.clock.now + seconds
+        await self._spin()
+        while self.clock.now < end:
+            await self._advance(end)
+
+    async def run_until(self, condition: Callable[[], bool], limit: float, what: str) -> float:
+        """Run until `condition()` holds; returns the virtual time it took (fails after `limit` s)."""
+        began = self.clock.now
+        await self._spin()
+        while not condition():
+            if self.clock.now >= began + limit:
+                pytest.fail(f"not within {limit:g} s: {what}")
+            await self._advance(began + limit)
+        return self.clock.now - began
+
+
+class MemoryBind:
+    """A node's UDP socket on the in-memory network (an actors.edges.Bind)."""
+
+    def __init__(self, net: Net, node: Node, address: tuple[str, int]) -> None:
+        self.net = net
+        self.node = node
+        self.address = address
+        self.port = address[1]
+        self.inbox: deque[tuple[bytes, tuple[str, int]]] = deque()
+        self._ready = os.eventfd(0, os.EFD_NONBLOCK)  # readable while the inbox is not empty
+        net.sockets[address] = self
+
+    def fileno(self) -> int:
+        return self._ready
+
+    def sendto(self, datagram: bytes | memoryview, address: tuple[str, int]) -> int:
+        self.net.udp(bytes(datagram), self, address)
+        return len(datagram)
+
+    def arrive(self, datagram: bytes, source: tuple[str, int]) -> None:
+        self.inbox.append((datagram, source))
+        os.eventfd_write(self._ready, 1)
+
+    def recvfrom_into(self, buf: bytearray) -> tuple[int, tuple[str, int]]:
+        if not self.inbox:
+            try:
+                os.eventfd_read(self._ready)
+            except BlockingIOError:
+                pass
+            raise BlockingIOError
+        datagram, source = self.inbox.popleft()
+        buf[: len(datagram)] = datagram
+        return len(datagram), source
+
+    def close(self) -> None:
+        os.close(self._ready)
+
+
+class MemoryTun:
+    """A node's TUN device (an actors.edges.Tun): one end of a Unix datagram socketpair; the
+    node's "kernel" (Node._kernel) holds the other end, `app`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._end, self.app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._end.setblocking(False)
+        self.app.setblocking(False)
+        self.write = self._end.send
+        self.fileno = self._end.fileno
+
+    def readv(self, buffers: list[bytearray]) -> int:
+        return self._end.recvmsg_into(buffers)[0]
+
+    def close(self) -> None:
+        self._end.close()
+        self.app.close()
+
+
+class MemoryLink(Link):
+    """One end of an in-memory SSH or relay connection between two nodes."""
+
+    def __init__(self, net: Net, owner: Node, peer: Node, description: str) -> None:
+        super().__init__(peer.device.static_public, description)
+        self.net = net
+        self.owner = owner
+        self.peer = peer
+
+    def far(self) -> MemoryLink:
+        raise NotImplementedError
+
+    def send(self, datagram: bytes | bytearray | memoryview) -> None:
+        data = bytes(datagram)
+        far = self.far()
+        ok = not self.closed and self.net.carries(self.rung, self.owner.name, self.peer.name)
+        self.net.record(self.rung, self.owner.name, self.peer.name, data, ok)
+        if ok:  # a loop iteration later than a UDP datagram: a link is a stream behind its framing
+            self.net.loop.call_soon(self.net.loop.call_soon, self._arrive, far, data)
+
+    def _arrive(self, far: MemoryLink, data: bytes) -> None:
+        if not far.closed:
+            far.owner.datapath.receive(far, data)
+            if self.net.after_link_arrival is not None:
+                self.net.after_link_arrival(far, data)
+
+    def close(self) -> None:
+        self.drop("closed")
+
+    def drop(self, reason: str) -> None:
+        raise NotImplementedError
+
+
+class SshMemoryLink(MemoryLink):
+    rung = SSH
+
+    def __init__(self, net: Net, owner: Node, peer: Node, dialler: bytes) -> None:
+        super().__init__(net, owner, peer, f"ssh {peer.address[0]}:2222")
+        self.other: SshMemoryLink | None = None
+        self.dialler = dialler  # as SshLink: the WireGuard key of the side that dialled
+
+    def far(self) -> MemoryLink:
+        assert self.other is not None
+        return self.other
+
+    def drop(self, reason: str) -> None:
+        """The connection ends: both ends closed now, each side told by `link_down`."""
+        if self.closed:
+            return
+        for end in (self, self.far()):
+            end.closed = True
+            self.net.loop.call_soon(end.owner.datapath.link_down, end, reason)
+
+
+class RelayMemoryLink(MemoryLink):
+    rung = RELAY
+
+    def __init__(self, net: Net, owner: Node, peer: Node) -> None:
+        super().__init__(net, owner, peer, "relay ws://192.0.2.9:7400")
+
+    def far(self) -> MemoryLink:
+        return self.peer.relay.link(self.owner.device.static_public)
+
+    def send(self, datagram: bytes | bytearray | memoryview) -> None:
+        if self.owner.relay.state != "connected":  # as RelayClient: a counted drop, not an error
+            self.net.record(self.rung, self.owner.name, self.peer.name, bytes(datagram), False)
+            return
+        super().send(datagram)
+
+    def drop(self, reason: str) -> None:
+        self.closed = True
+
+
+class MemorySshRung:
+    """What PeerSession uses of `SshRung`: `link` (a live link or None) and `dial`."""
+
+    def __init__(self, net: Net, node: Node) -> None:
+        self.net = net
+        self.node = node
+        self.links: dict[bytes, SshMemoryLink] = {}
+        self.refuse: str | None = None  # dials fail with this (the peer's SSH server is gone)
+        self.dials = 0
+
+    def link(self, wg_key: bytes) -> SshMemoryLink | None:
+        found = self.links.get(wg_key)
+        return found if found is not None and not found.closed else None
+
+    async def dial(self, wg_key: bytes) -> SshMemoryLink:
+        self.dials += 1
+        await asyncio.sleep(0)  # connecting takes a loop iteration at least
+        live = self.link(wg_key)
+        if live is not None:
+            return live
+        if self.refuse is not None:
+            raise LinkError(self.refuse)
+        peer = self.net.node_by_key(wg_key)
+        if not self.net.carries(SSH, self.node.name, peer.name):
+            await asyncio.sleep(5.0)
+            raise LinkError(f"timed out after 5 s connecting to {peer.address[0]}:2222")
+        dialler = self.node.device.static_public
+        mine, theirs = SshMemoryLink(self.net, self.node, peer, dialler), SshMemoryLink(self.net, peer, self.node, dialler)
+        mine.other, theirs.other = theirs, mine
+        self.links[wg_key] = mine
+        peer.ssh.links[self.node.device.static_public] = theirs
+        self.node.datapath.link_up(mine)  # as SshRung: the sink hears of both ends
+        peer.datapath.link_up(theirs)
+        if self.net.after_link_up is not None:
+            self.net.after_link_up(mine, theirs)
+        return mine
+
+
+class MemoryRelayClient:
+    """What PeerSession uses of `RelayClient`: `state`, `error` and one link per peer."""
+
+    def __init__(self, net: Net, node: Node) -> None:
+        self.net = net
+        self.node = node
+        self.state = "connected"
+        self.error: str | None = None
+        self.url = "ws://192.0.2.9:7400"
+        self._links: dict[bytes, RelayMemoryLink] = {}
+
+    def link(self, peer_key: bytes) -> RelayMemoryLink:
+        found = self._links.get(peer_key)
+        if found is None:
+            found = self._links[peer_key] = RelayMemoryLink(self.net, self.node, self.net.node_by_key(peer_key))
+            self.node.datapath.link_up(found)  # as RelayClient.link while connected
+        return found
+
+
+class Node:
+    """One daemon: its core, data path, event bus, rungs and mesh, and the "kernel" behind its TUN."""
+
+    def __init__(self, net: Net, name: str, private: bytes, address: tuple[str, int], mesh_ip: str, seed: int) -> None:
+        self.net = net
+        self.name = name
+        self.address = address
+        self.mesh_ip = ipaddress.IPv4Address(mesh_ip)
+        self.device = Device(private, rng=seeded_rng(seed))
+        self.sock = MemoryBind(net, self, address)
+        self.tun = MemoryTun(f"tm-{name}")
+        self.app = self.tun.app
+        self.datapath = DataPath(self.device, self.tun, self.sock, net.clock)
+        self.bus = EventBus()
+        self._events = self.bus.subscribe()
+        self.events: list[dict[str, Any]] = []
+        self.ssh = MemorySshRung(net, self)
+        self.relay = MemoryRelayClient(net, self)
+        transports = Transports(ssh=self.ssh, relay=self.relay)  # type: ignore[arg-type]
+        self.mesh = Mesh(self.device, self.datapath, Supervisor(net.clock), self.bus, self.mesh_ip, PSK, transports,
+                         clock=net.clock)
+        self.echo_replies: list[tuple[float, int]] = []  # (when, seq) of answers to the app's pings
+        net.nodes[name] = self
+
+    def start(self) -> None:
+        self.datapath.start()
+        self.net.loop.add_reader(self.app.fileno(), self._kernel)
+
+    def stop(self) -> None:
+        self.net.loop.remove_reader(self.app.fileno())
+        self.datapath.stop()
+        self.tun.close()
+        self.sock.close()
+
+    def session(self, peer: Node) -> PeerSession:
+        return self.mesh.sessions[peer.device.static_public]
+
+    def bus_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The events published so far, as the control socket shows them."""
+        while not self._events.empty():
+            self.events.append(to_json(self._events.get_nowait()))
+        return [e for e in self.events if event is None or e["event"] == event]
+
+    def ping(self, peer: Node, seq: int) -> None:
+        """An application's echo request to `peer`, written into the TUN."""
+        self.app.send(icmp_echo(self.mesh_ip, peer.mesh_ip, APP_IDENT, seq, b"tunnelmesh test"))
+
+    def _kernel(self) -> None:
+        """What the kernel behind the TUN does with what the tunnel delivers: echo requests
+        to us are answered (back into the TUN), answers to the app's pings are noted."""
+        while True:
+            try:
+                packet = self.app.recv(65536)
+            except BlockingIOError:
+                return
+            if len(packet) < 28 or packet[0] >> 4 != 4 or packet[9] != 1:
+                continue
+            ihl = (packet[0] & 0x0F) * 4
+            icmp_type = packet[ihl]
+            ident, seq = struct.unpack_from("!HH", packet, ihl + 4)
+            src, dst = ipaddress.IPv4Address(packet[12:16]), ipaddress.IPv4Address(packet[16:20])
+            if icmp_type == 8 and dst == self.mesh_ip:
+                self.app.send(icmp_echo(dst, src, ident, seq, packet[ihl + 8:], reply=True))
+            elif icmp_type == 0 and ident == APP_IDENT:
+                self.echo_replies.append((self.net.clock.now, seq))
