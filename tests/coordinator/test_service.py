@@ -479,10 +479,10 @@ def test_secret_rotation_takes_only_the_next_epoch(db: Path, world: World) -> No
 
 @pytest.mark.parametrize(("path", "data", "status", "pattern"), [
     ("/v1/join/propose", b"not json", 400, "not JSON"),
-    ("/v1/join/propose", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/join/propose", b"[1, 2]", 400, "the body: expected a JSON object"),
     ("/v1/join/propose", b"[" * 30_000, 400, "not JSON"),  # nested too deeply, under 32 KiB
     ("/v1/join/request", b'{"identity": "x", "name": "a", "t": NaN, "proof": ""}', 400, "not JSON"),
-    ("/v1/join/confirm", b'{"entry": {}}', 400, "lacks 'proof'"),
+    ("/v1/join/confirm", b'{"entry": {}}', 400, "the body: missing proof"),
     ("/v1/join/confirm", b'{"entry": {}, "proof": "", "more": 1}', 400, "unexpected 'more'"),
     # Cheap checks before the identity line is parsed: the grant, the name.
     ("/v1/join/propose", b'{"identity": "ssh-ed25519 AAAA", "name": "a", "grant": {}}', 403, "invite: missing body"),

@@ -13,8 +13,6 @@ Sans-IO but for `load_config` reading the file: no asyncio, no actors. It import
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import os
 import re
@@ -46,6 +44,7 @@ from tunnelmesh.config.model import (
     RungChoice,
     TransportsConfig,
 )
+from tunnelmesh.fields import NAME_RULE, FieldError, decode_base64, is_name, parse_endpoint, shown
 from tunnelmesh.paths import DEFAULT_HOST_KEY
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
@@ -80,11 +79,8 @@ PEER_KEYS = (
     "allowed_ips",
 )
 
-_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _INTERFACE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
-_HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
 _TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 _TOML_END_RE = re.compile(r"\s*\(at end of document\)\s*$")
 
@@ -108,27 +104,6 @@ def _type_name(value: object) -> str:
     return "a date/time"
 
 
-def _show(value: str) -> str:
-    """A user value fit for an error message: short, one line, else not shown at all
-    (a long or multi-line string may be a pasted private key)."""
-    if len(value) > 64 or any(c in value for c in "\r\n"):
-        return f"(a {len(value)}-character string)"
-    return repr(value)
-
-
-def _is_label(name: str) -> bool:
-    return _LABEL_RE.fullmatch(name) is not None
-
-
-def _b64_32(text: str) -> bytes | None:
-    """Decode strict base64 of exactly 32 bytes, or None."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return raw if len(raw) == 32 else None
-
-
 class _Checker:
     """Validation with error construction that knows the file and the lines."""
 
@@ -147,7 +122,7 @@ class _Checker:
         for key in table:
             if key not in allowed:
                 raise self.error(
-                    f"{what}: unknown key {_show(key)}; allowed keys: {', '.join(allowed)}",
+                    f"{what}: unknown key {shown(key)}; allowed keys: {', '.join(allowed)}",
                     *where,
                     key,
                 )
@@ -196,7 +171,7 @@ class _Checker:
         try:
             ip = ipaddress.IPv4Address(value)
         except ValueError:
-            raise self.error(f"{what}: {key}: {_show(value)} is not an IPv4 address", *where, key) from None
+            raise self.error(f"{what}: {key}: {shown(value)} is not an IPv4 address", *where, key) from None
         if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == ipaddress.IPv4Address("255.255.255.255"):
             raise self.error(f"{what}: {key}: {ip} cannot be a mesh address", *where, key)
         return ip
@@ -211,10 +186,9 @@ class _Checker:
 
         name = self.get_str(node, "name", what, "node", required=True)
         assert name is not None
-        if not _is_label(name):
+        if not is_name(name):
             raise self.error(
-                f"{what}: name {_show(name)} must be 1 to 63 characters of a-z, 0-9 and '-', "
-                "not starting or ending with '-'",
+                f"{what}: name {shown(name)} {NAME_RULE}",
                 "node",
                 "name",
             )
@@ -229,7 +203,7 @@ class _Checker:
             fingerprint = identity_value[len("agent:") :]
             if _FINGERPRINT_RE.fullmatch(fingerprint) is None:
                 raise self.error(
-                    f"{what}: identity: {_show(identity_value)} must be \"agent\" or "
+                    f"{what}: identity: {shown(identity_value)} must be \"agent\" or "
                     '"agent:SHA256:<fingerprint>" (as `ssh-add -l` prints it)',
                     "node",
                     "identity",
@@ -276,7 +250,7 @@ class _Checker:
             interface = DEFAULT_INTERFACE
         elif _INTERFACE_RE.fullmatch(interface) is None or interface in (".", ".."):
             raise self.error(
-                f"{what}: interface {_show(interface)} must be 1 to 15 characters of A-Z, a-z, 0-9, '_', '.', '-'",
+                f"{what}: interface {shown(interface)} must be 1 to 15 characters of A-Z, a-z, 0-9, '_', '.', '-'",
                 "node",
                 "interface",
             )
@@ -313,17 +287,15 @@ class _Checker:
         assert url is not None
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise self.error(f"{what}: url {_show(url)} must be http://host:port or https://host:port", "coordinator", "url")
+            raise self.error(f"{what}: url {shown(url)} must be http://host:port or https://host:port", "coordinator", "url")
         serve = None
         serve_value = self.get_str(table, "serve", what, "coordinator")
         if serve_value is not None:
-            from tunnelmesh.membership import MembershipError, parse_address  # lazily, as identity below
-
             try:
-                serve = parse_address(serve_value)
-            except MembershipError:
+                serve = parse_endpoint(serve_value, ipv4_only=True)
+            except FieldError:
                 raise self.error(
-                    f"{what}: serve {_show(serve_value)} must be IPv4:port, e.g. \"0.0.0.0:{DEFAULT_COORDINATOR_PORT}\"",
+                    f"{what}: serve {shown(serve_value)} must be IPv4:port, e.g. \"0.0.0.0:{DEFAULT_COORDINATOR_PORT}\"",
                     "coordinator", "serve",
                 ) from None
         db = self.get_path(table, "db", what, "coordinator") or self.state_dir / "coordinator.db"
@@ -356,12 +328,12 @@ class _Checker:
         value = self.get_str(table, "tls_fingerprint", what, "coordinator")
         if value is None:
             return None
-        from tunnelmesh.tls import parse_pin  # lazily, as membership above
+        from tunnelmesh.tls import parse_pin  # lazily, as membership below
 
         try:
             pin = parse_pin(value)
         except ValueError:
-            raise self.error(f"{what}: tls_fingerprint {_show(value)} must be \"sha256:\" and 64 hex digits (the SHA-256 "
+            raise self.error(f"{what}: tls_fingerprint {shown(value)} must be \"sha256:\" and 64 hex digits (the SHA-256 "
                              "of the coordinator's certificate)", "coordinator", "tls_fingerprint") from None
         if scheme != "https":
             raise self.error(f"{what}: tls_fingerprint needs an https:// url (over http:// there is no certificate "
@@ -383,7 +355,7 @@ class _Checker:
             rungs = tuple(r for r in RUNG_NAMES if r in value)
         force = self.get_str(table, "force", what, *where)
         if force is not None and force not in rungs:
-            raise self.error(f"{what}: force {_show(force)} must be one of the enabled rungs "
+            raise self.error(f"{what}: force {shown(force)} must be one of the enabled rungs "
                              f"({', '.join(rungs)})", *where, "force")
         return RungChoice(rungs=rungs, force=force)
 
@@ -411,7 +383,7 @@ class _Checker:
                                 hint=" (0 = serve no SSH)")
         bridge_user = self.get_str(table, "ssh_bridge_user", what, "transports")
         if bridge_user is not None and re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", bridge_user) is None:
-            raise self.error(f"{what}: ssh_bridge_user {_show(bridge_user)} is not a valid account name",
+            raise self.error(f"{what}: ssh_bridge_user {shown(bridge_user)} is not a valid account name",
                              "transports", "ssh_bridge_user")
         bridge_port = self.get_int(table, "ssh_bridge_port", what, "transports", default=22, lo=1, hi=65535)
         relay_listen, relay_url = self.relay_service(table, what, coordinator)
@@ -434,14 +406,14 @@ class _Checker:
         if coordinator is None:
             raise self.error(f"{what}: relay = true needs a [coordinator] (members find the relay in the peer map)",
                              "transports", "relay")
-        from tunnelmesh.membership import MembershipError, parse_address, parse_relay_url  # lazily, as above
+        from tunnelmesh.membership import MembershipError, parse_relay_url  # lazily, as identity below
 
         listen = ("0.0.0.0", DEFAULT_RELAY_PORT)
         if listen_value is not None:
             try:
-                listen = parse_address(listen_value)
-            except MembershipError:
-                raise self.error(f"{what}: relay_listen {_show(listen_value)} must be IPv4:port, "
+                listen = parse_endpoint(listen_value, ipv4_only=True)
+            except FieldError:
+                raise self.error(f"{what}: relay_listen {shown(listen_value)} must be IPv4:port, "
                                  f"e.g. \"0.0.0.0:{DEFAULT_RELAY_PORT}\"", "transports", "relay_listen") from None
         if url is not None:
             try:
@@ -451,41 +423,10 @@ class _Checker:
         return listen, url
 
     def endpoint(self, value: str, what: str, index: int) -> tuple[str, int]:
-        where = ("peers", index, "endpoint")
-        usage = "expected host:port, or [IPv6 address]:port"
-        if value.startswith("["):
-            close = value.find("]")
-            if close < 0 or not value.startswith(":", close + 1):
-                raise self.error(f"{what}: endpoint {_show(value)}: {usage}", *where)
-            host_text, port_text = value[1:close], value[close + 2 :]
-            try:
-                host = str(ipaddress.IPv6Address(host_text))
-            except ValueError:
-                raise self.error(f"{what}: endpoint {_show(value)}: not an IPv6 address in brackets", *where) from None
-        else:
-            host_text, sep, port_text = value.rpartition(":")
-            if not sep or not host_text:
-                raise self.error(f"{what}: endpoint {_show(value)}: {usage}", *where)
-            if ":" in host_text:
-                raise self.error(f"{what}: endpoint {_show(value)}: write an IPv6 address as [address]:port", *where)
-            try:
-                host = str(ipaddress.IPv4Address(host_text))
-            except ValueError:
-                name = host_text[:-1] if host_text.endswith(".") else host_text
-                labels = name.split(".")
-                if (
-                    len(name) > 253
-                    or not all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
-                    or all(label.isdigit() for label in labels)
-                ):
-                    raise self.error(
-                        f"{what}: endpoint {_show(value)}: {_show(host_text)} is neither an IP address nor a host name",
-                        *where,
-                    ) from None
-                host = host_text
-        if _PORT_RE.fullmatch(port_text) is None or not 1 <= int(port_text) <= 65535:
-            raise self.error(f"{what}: endpoint {_show(value)}: port must be 1 to 65535", *where)
-        return host, int(port_text)
+        try:
+            return parse_endpoint(value)
+        except FieldError as exc:
+            raise self.error(f"{what}: endpoint {shown(value)}: {exc}", "peers", index, "endpoint") from None
 
     def peer(self, raw: Any, index: int) -> PeerConfig:
         where = ("peers", index)
@@ -495,10 +436,9 @@ class _Checker:
         self.check_keys(raw, PEER_KEYS, what, *where)
         name = self.get_str(raw, "name", what, *where, required=True)
         assert name is not None
-        if not _is_label(name):
+        if not is_name(name):
             raise self.error(
-                f"{what}: name {_show(name)} must be 1 to 63 characters of a-z, 0-9 and '-', "
-                "not starting or ending with '-'",
+                f"{what}: name {shown(name)} {NAME_RULE}",
                 *where,
                 "name",
             )
@@ -518,7 +458,7 @@ class _Checker:
             identity = self.identity_line(line_text, what, *where, "identity")
             wg_key = bytes(identity.wg_public_key)
         elif key_text is not None:
-            decoded = _b64_32(key_text)
+            decoded = decode_base64(key_text.strip(), WG_KEY_BYTES)
             if decoded is None:
                 # The value is not shown: it might be a private key pasted by mistake.
                 raise self.error(
@@ -570,7 +510,7 @@ class _Checker:
                     if "host bits set" in str(exc):
                         hint = f" (host bits set; did you mean {ipaddress.ip_network(item, strict=False)}?)"
                     raise self.error(
-                        f"{what}: allowed_ips: {_show(item)} is not an IP network{hint}",
+                        f"{what}: allowed_ips: {shown(item)} is not an IP network{hint}",
                         *where,
                         "allowed_ips",
                         n,

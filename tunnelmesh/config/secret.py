@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 from tunnelmesh import files
-from tunnelmesh.config.checker import _b64_32
+from tunnelmesh.fields import decode_base64
 from tunnelmesh.config.model import NETWORK_SECRET_BYTES, ConfigError
 
 
@@ -48,7 +48,7 @@ def read_network_secret(path: Path) -> bytes:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         text = ""
-    secret = _b64_32(text) if len(data) <= 4096 else None
+    secret = decode_base64(text.strip(), NETWORK_SECRET_BYTES) if len(data) <= 4096 else None
     if secret is None:
         raise ConfigError(path, None, "network secret must hold the base64 of 32 bytes (and nothing else)")
     return secret

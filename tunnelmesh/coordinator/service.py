@@ -32,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tunnelmesh.fields import FieldError, Fields, parse_endpoint, shown
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
 from tunnelmesh.links import RefusalLog
 from tunnelmesh.membership import (
@@ -124,29 +125,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+#: The checks of request body fields: a value that fails is a 400 (malformed).
+body_field = Fields(functools.partial(Refused, 400))
+
+
 def _parse(raw: bytes) -> dict[str, Any]:
     try:
         value = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise Refused(400, "the body is not JSON (or nested too deeply)") from None
-    if not isinstance(value, dict):
-        raise Refused(400, "the body must be a JSON object")
-    return value
-
-
-def _fields(body: dict[str, Any], required: set[str], optional: frozenset[str] = frozenset()) -> None:
-    missing = sorted(required - body.keys())
-    extra = sorted(body.keys() - required - optional)
-    if missing:
-        raise Refused(400, f"the body lacks {', '.join(map(repr, missing))}")
-    if extra:
-        raise Refused(400, f"unexpected {', '.join(map(repr, extra))} in the body")
-
-
-def _integer(value: Any, what: str, lo: int = 0, hi: int = 2**53) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise Refused(400, f"{what} must be a whole number from {lo} to {hi}")
-    return value
+    return body_field.object(value, "the body")
 
 
 def _identity(value: Any) -> PublicIdentity:
@@ -216,7 +204,7 @@ def _relay_offer(value: Any, observed: str | None) -> str | None:
         raise Refused(400, 'relay must be {"url": "http(s)://host:port"} or {"port": N}')
     if "url" in value:
         return parse_relay_url(value["url"])
-    port = _integer(value["port"], "relay port", 1, 65535)
+    port = body_field.integer(value["port"], "relay port", 1, 65535)
     return None if observed is None else f"http://{observed}:{port}"  # the register answer says why not
 
 
@@ -225,7 +213,7 @@ def _sealed_secret(value: Any) -> dict[str, Any]:
     machine sealed to the joiner (opaque here: the joiner opens and checks it)."""
     if not isinstance(value, dict) or set(value) != {"epoch", "sealed"}:
         raise Refused(400, 'secret must be {"epoch": N, "sealed": "<base64>"}')
-    _integer(value["epoch"], "secret epoch")
+    body_field.integer(value["epoch"], "secret epoch")
     if len(unb64(value["sealed"], "sealed secret")) > 256:
         raise Refused(400, "the sealed secret is too long")
     return {"epoch": value["epoch"], "sealed": value["sealed"]}
@@ -345,7 +333,7 @@ class _Service:
         """An admin-signed request whose body is a JSON object with exactly `fields`."""
         network, raw = await self._admin(request)
         body = _parse(raw)
-        _fields(body, fields)
+        body_field.keys(body, fields, "the body")
         return network, body
 
     async def _member(self, request: web.Request) -> tuple[MemberRow, bytes]:
@@ -472,7 +460,7 @@ class _Service:
     async def propose(self, request: web.Request) -> web.Response:
         """A member body for the joiner to sign with the invite key. Stores nothing."""
         body = _parse(await request.read())
-        _fields(body, {"identity", "name", "grant"})
+        body_field.keys(body, {"identity", "name", "grant"}, "the body")
         network = self._network()
         with _status(403):
             grant = InviteGrant.from_wire(body["grant"], network.admin_key)
@@ -496,7 +484,7 @@ class _Service:
         countersign (docs/coordinator.md, "Joining"): answered with the join result once it
         did, with 403 if it refused, else with 202 after COUNTERSIGN_WAIT (ask again)."""
         body = _parse(await request.read())
-        _fields(body, {"entry", "proof"})
+        body_field.keys(body, {"entry", "proof"}, "the body")
         network = self._network()
         entry = body["entry"]
         if not isinstance(entry, dict) or "grant" not in entry or not isinstance(entry.get("body"), dict):
@@ -507,7 +495,7 @@ class _Service:
             grant = InviteGrant.from_wire(entry["grant"], network.admin_key)
         if not self._admitted_again(entry, now):
             self._check_invite(grant, now)
-            joined = _integer(entry["body"].get("joined"), "joined")
+            joined = body_field.integer(entry["body"].get("joined"), "joined")
             if abs(joined - now) > JOIN_WINDOW:
                 raise Refused(403, f"the join time is {joined - now:+d} s off the coordinator's clock "
                                    f"(more than {JOIN_WINDOW} s): fix the clock and join again")
@@ -557,10 +545,10 @@ class _Service:
         """Join by approval: the request waits, holding no name or address, until the admin
         approves it; once approved, the joiner's next request gets the join result."""
         body = _parse(await request.read())
-        _fields(body, {"identity", "name", "t", "proof"})
+        body_field.keys(body, {"identity", "name", "t", "proof"}, "the body")
         self._network()  # 503 before set-up
         name = check_name(body["name"])
-        t = _integer(body["t"], "t")
+        t = body_field.integer(body["t"], "t")
         now = int(self.clock())
         if abs(t - now) > JOIN_WINDOW:  # cheap checks before the signatures
             raise Refused(403, f"the request time is {t - now:+d} s off the coordinator's clock "
@@ -592,8 +580,8 @@ class _Service:
         what it offers for the SSH rung and as a relay (absent: nothing)."""
         member, raw = await self._member(request)
         body = _parse(raw)
-        _fields(body, {"listen_port", "addresses"}, frozenset({"ssh", "relay"}))
-        port = _integer(body["listen_port"], "listen_port", 1, 65535)
+        body_field.keys(body, {"listen_port", "addresses"}, "the body", frozenset({"ssh", "relay"}))
+        port = body_field.integer(body["listen_port"], "listen_port", 1, 65535)
         ssh = _ssh_offer(body.get("ssh"))
         given = body["addresses"]
         if not isinstance(given, list) or len(given) > MAX_ENDPOINTS:
@@ -648,7 +636,7 @@ class _Service:
         """Take a network (idempotent for the same one), with the admin node's own entry."""
         raw = await request.read()
         body = _parse(raw)
-        _fields(body, {"network"}, frozenset({"member"}))
+        body_field.keys(body, {"network"}, "the body", frozenset({"member"}))
         with _status(403):
             network = NetworkInfo.from_wire(body["network"])
         if self.admin_fingerprint is not None and network.network != self.admin_fingerprint:
@@ -930,10 +918,10 @@ async def serve(app: web.Application, host: str, port: int, ssl_context: ssl.SSL
 
 
 def _listen_address(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise OSError(errno.EINVAL, "expected IPv4:port, e.g. 0.0.0.0:7400")
-    return host, int(port)
+    try:
+        return parse_endpoint(listen)
+    except FieldError as exc:
+        raise OSError(errno.EINVAL, f"listen address {shown(listen)}: {exc}, e.g. 0.0.0.0:7400") from None
 
 
 def standalone_tls_files(db: Path) -> tuple[Path, Path]:

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
-from tunnelmesh.membership.records import DOMAIN, AdminKey, MembershipError, _int, _keys, _obj, _str, b64, canonical, unb64
+from tunnelmesh.membership.records import DOMAIN, AdminKey, MembershipError, b64, canonical, check, unb64
 
 JOIN_NAMESPACE = "tunnelmesh-join-v1@tunnelmesh"
 REQUEST_NAMESPACE = "tunnelmesh-request-v1@tunnelmesh"
@@ -73,15 +73,15 @@ class RequestAuth:
             payload = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
         except (binascii.Error, ValueError, RecursionError):
             raise MembershipError("malformed Authorization header") from None
-        payload = _obj(payload, "Authorization")
-        _keys(payload, {"who", "t", "n", "sig"}, "Authorization")
-        nonce = _str(payload["n"], "nonce", 32)
+        payload = check.object(payload, "Authorization")
+        check.keys(payload, {"who", "t", "n", "sig"}, "Authorization")
+        nonce = check.text(payload["n"], "nonce", 32)
         if _NONCE_RE.fullmatch(nonce) is None:
             raise MembershipError("Authorization: nonce must be 32 hex digits")
-        who = _str(payload["who"], "who", 64)
+        who = check.text(payload["who"], "who", 64)
         if who != "admin":
             unb64(who, "member key", 32)
-        return cls(who, _int(payload["t"], "timestamp"), nonce, unb64(payload["sig"], "request signature"))
+        return cls(who, check.integer(payload["t"], "timestamp"), nonce, unb64(payload["sig"], "request signature"))
 
 
 def sign_admin_request(admin: AdminKey, method: str, path: str, body: bytes, now: int, rng: Any = os.urandom) -> str:

@@ -13,17 +13,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunnelmesh.fields import FieldError, parse_endpoint
 from tunnelmesh.membership.records import (
     MemberEntry,
     MembershipError,
     NetworkInfo,
     Revocation,
     SecretRecord,
-    _int,
-    _keys,
-    _obj,
-    _str,
     b64,
+    check,
     unb64,
 )
 
@@ -61,9 +59,9 @@ MAX_SSH_ATTESTATION = 2048  # bytes of JSON, as the coordinator caps it
 
 
 def parse_endpoints(value: Any) -> Endpoints:
-    obj = _obj(value, "endpoints")
+    obj = check.object(value, "endpoints")
     ssh = obj.get("ssh")
-    _keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh", "relay"}))
+    check.keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh", "relay"}))
     relay = obj.get("relay")
     if ssh is not None and (not isinstance(ssh, dict) or len(json.dumps(ssh)) > MAX_SSH_ATTESTATION):
         raise MembershipError(f"endpoints: ssh must be an object of at most {MAX_SSH_ATTESTATION} bytes")
@@ -74,7 +72,7 @@ def parse_endpoints(value: Any) -> Endpoints:
     for item in addresses:
         parsed.append(parse_address(item))
     last_seen = obj["last_seen"]
-    return Endpoints(tuple(parsed), None if last_seen is None else _int(last_seen, "last_seen"), ssh,
+    return Endpoints(tuple(parsed), None if last_seen is None else check.integer(last_seen, "last_seen"), ssh,
                      None if relay is None else parse_relay_url(relay))
 
 
@@ -110,7 +108,7 @@ def parse_relay_url(value: Any) -> str:
     `*.localhost`) and one-label names (completed by the resolver's search list, never
     a relay elsewhere). Where a name leads is checked when a node connects
     (tunnelmesh.links.relay.RelayGuard), as DNS answers then."""
-    text = _str(value, "relay", MAX_RELAY_URL)
+    text = check.text(value, "relay", MAX_RELAY_URL)
     match = _RELAY_URL_RE.fullmatch(text)
     problem = "expected http(s)://host:port" if match is None else None
     if match is not None:
@@ -155,16 +153,12 @@ def reachable_unicast(host: str) -> bool:
 
 
 def parse_address(item: Any) -> tuple[str, int]:
-    text = _str(item, "endpoint", 64)
-    host, sep, port = text.rpartition(":")
+    """An address a member says it is reached at: IPv4:port."""
+    text = check.text(item, "endpoint", 64)
     try:
-        address = ipaddress.IPv4Address(host)
-        number = int(port) if port.isdigit() else -1
-    except ValueError:
-        address, number = None, -1
-    if not sep or address is None or not 1 <= number <= 65535:
-        raise MembershipError(f"endpoint {text!r}: expected IPv4:port")
-    return str(address), number
+        return parse_endpoint(text, ipv4_only=True)
+    except FieldError as exc:
+        raise MembershipError(f"endpoint {text!r}: {exc}") from None
 
 
 @dataclass
@@ -189,11 +183,11 @@ def parse_bindings(value: Any) -> tuple[dict[str, bytes], dict[bytes, int]]:
     "<wg key b64>", ...}, "authorized": {"<wg key b64>": time}} -- which key holds what, and
     when the admin last authorised each holder (a revocation frees its bindings only if it
     is as late)."""
-    obj = _obj(value, "bindings")
-    _keys(obj, {"bindings", "authorized"}, "bindings")
+    obj = check.object(value, "bindings")
+    check.keys(obj, {"bindings", "authorized"}, "bindings")
     parsed: dict[str, bytes] = {}
-    for key, wg in _obj(obj["bindings"], "bindings").items():
-        kind, _, rest = _str(key, "binding", 128).partition(":")
+    for key, wg in check.object(obj["bindings"], "bindings").items():
+        kind, _, rest = check.text(key, "binding", 128).partition(":")
         if kind == "ipv4":
             try:
                 ipaddress.IPv4Address(rest)
@@ -202,8 +196,8 @@ def parse_bindings(value: Any) -> tuple[dict[str, bytes], dict[bytes, int]]:
         elif kind not in ("name", "ssh") or not rest:
             raise MembershipError(f"binding {key[:40]!r}: expected name:, ipv4: or ssh:")
         parsed[key] = unb64(wg, "bound key", 32)
-    authorized = {unb64(k, "bound key", 32): _int(t, "authorized") for k, t in
-                  _obj(obj["authorized"], "authorized").items()}
+    authorized = {unb64(k, "bound key", 32): check.integer(t, "authorized") for k, t in
+                  check.object(obj["authorized"], "authorized").items()}
     return parsed, authorized
 
 
@@ -278,7 +272,7 @@ class PeerMap:
                 self._revoked_ssh[revocation.ssh] = revocation
 
     def add_revocations(self, wires: Any, changes: MapChanges) -> None:
-        for wire in _list(wires, "revocations"):
+        for wire in check.list(wires, "revocations"):
             try:
                 revocation = Revocation.from_wire(wire, self.network)
             except MembershipError as exc:
@@ -314,9 +308,9 @@ class PeerMap:
 
     def apply(self, update: Any) -> MapChanges:
         changes = MapChanges()
-        update = _obj(update, "peer map")
-        _keys(update, {"version", "full", "members", "revocations", "secret", "endpoints"}, "peer map")
-        version = _int(update["version"], "version")
+        update = check.object(update, "peer map")
+        check.keys(update, {"version", "full", "members", "revocations", "secret", "endpoints"}, "peer map")
+        version = check.integer(update["version"], "version")
         full = update["full"]
         if not isinstance(full, bool):
             raise MembershipError("peer map: 'full' must be true or false")
@@ -325,9 +319,9 @@ class PeerMap:
                 f"peer map version {version} is older than version {self.version}, which this node already has: "
                 "refused (a replayed map, or a coordinator database restored from an older backup)")
         # Everything that can refuse the whole update is checked before anything changes.
-        revocations = _list(update["revocations"], "revocations")
-        wires = _list(update["members"], "members")
-        endpoint_items = _obj(update["endpoints"], "endpoints").items()
+        revocations = check.list(update["revocations"], "revocations")
+        wires = check.list(update["members"], "members")
+        endpoint_items = check.object(update["endpoints"], "endpoints").items()
         self.add_revocations(revocations, changes)
         parsed: list[MemberEntry] = []
         for wire in wires:
@@ -408,8 +402,3 @@ class PeerMap:
         return {"bindings": {binding: b64(key) for binding, key in sorted(self.bindings.items())},
                 "authorized": {b64(key): at for key, at in sorted(self.authorized.items())}}
 
-
-def _list(value: Any, what: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise MembershipError(f"{what}: expected a list")
-    return value

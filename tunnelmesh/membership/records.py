@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tunnelmesh.fields import Fields
 from tunnelmesh.identity import IdentityError, PublicIdentity
 from tunnelmesh.tls import check_pinned_url, parse_pin
 
@@ -52,10 +53,8 @@ TOKEN_PREFIX = "tmjoin1-"
 ADMIN_KEY_HEADER = "tunnelmesh-admin-ed25519"
 SEAL_INFO = b"tunnelmesh sealed secret v1"
 DEFAULT_CIDR = "100.64.0.0/10"
-MAX_RECORD_BYTES = 64 * 1024
 MAX_TOKEN_CHARS = 4096
 
-_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 class MembershipError(ValueError):
     """A record, token or request that must be refused; the message says why."""
@@ -73,56 +72,15 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def unb64(value: Any, what: str, size: int | None = None) -> bytes:
-    if not isinstance(value, str) or len(value) > 4 * MAX_RECORD_BYTES:
-        raise MembershipError(f"{what}: expected base64 text")
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise MembershipError(f"{what}: not valid base64") from None
-    if size is not None and len(data) != size:
-        raise MembershipError(f"{what}: expected {size} bytes, got {len(data)}")
-    return data
-
-
 def key_fingerprint(public_key: bytes) -> str:
     """OpenSSH-style fingerprint of a raw Ed25519 key: the network's name for its admin key."""
     return "SHA256:" + base64.b64encode(hashlib.sha256(public_key).digest()).decode().rstrip("=")
 
 
-def _obj(value: Any, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise MembershipError(f"{what}: expected a JSON object")
-    return value
-
-
-def _keys(obj: Mapping[str, Any], required: set[str], what: str, optional: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-    missing = required - obj.keys()
-    extra = obj.keys() - required - optional
-    if missing:
-        raise MembershipError(f"{what}: missing {', '.join(sorted(missing))}")
-    if extra:
-        # Bounded and quoted: these names come from whoever sent the record.
-        shown = ", ".join(sorted(repr(str(k))[:40] for k in extra)[:5])
-        raise MembershipError(f"{what}: unexpected {shown}{', ...' if len(extra) > 5 else ''}")
-
-
-def _int(value: Any, what: str, lo: int = 0, hi: int = 2**53) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise MembershipError(f"{what}: expected an integer from {lo} to {hi}")
-    return value
-
-
-def _str(value: Any, what: str, limit: int = 1024) -> str:
-    if not isinstance(value, str) or len(value) > limit:
-        raise MembershipError(f"{what}: expected text of at most {limit} characters")
-    return value
-
-
-def check_name(value: Any, what: str = "name") -> str:
-    if not isinstance(value, str) or _NAME_RE.fullmatch(value) is None:
-        raise MembershipError(f"{what} must be 1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-'")
-    return value
+#: The checks of record fields, refusing with a MembershipError.
+check = Fields(MembershipError)
+unb64 = check.base64
+check_name = check.name
 
 
 def _sign(key: Ed25519PrivateKey, kind: str, body: Mapping[str, Any]) -> str:
@@ -266,10 +224,10 @@ class NetworkInfo:
     @classmethod
     def from_wire(cls, wire: Any, pinned: str | None = None) -> NetworkInfo:
         """Parse and verify (self-signed by its admin key; if `pinned`, that key's fingerprint)."""
-        wire = _obj(wire, "network")
-        _keys(wire, {"body", "sig"}, "network")
-        body = _obj(wire["body"], "network body")
-        _keys(body, {"admin_key", "cidr4", "ula6", "created"}, "network body")
+        wire = check.object(wire, "network")
+        check.keys(wire, {"body", "sig"}, "network")
+        body = check.object(wire["body"], "network body")
+        check.keys(body, {"admin_key", "cidr4", "ula6", "created"}, "network body")
         admin_key = unb64(body["admin_key"], "admin key", 32)
         if pinned is not None and key_fingerprint(admin_key) != pinned:
             raise MembershipError(
@@ -277,13 +235,13 @@ class NetworkInfo:
                 "or a token for another network)"
             )
         try:
-            cidr4 = ipaddress.IPv4Network(_str(body["cidr4"], "cidr4", 32))
-            ula6 = ipaddress.IPv6Network(_str(body["ula6"], "ula6", 64))
+            cidr4 = ipaddress.IPv4Network(check.text(body["cidr4"], "cidr4", 32))
+            ula6 = ipaddress.IPv6Network(check.text(body["ula6"], "ula6", 64))
         except ValueError as exc:
             raise MembershipError(f"network body: {exc}") from None
         if not 8 <= cidr4.prefixlen <= 28 or ula6.prefixlen != 48 or not ula6.subnet_of(ipaddress.IPv6Network("fd00::/8")):
             raise MembershipError("network body: CIDR must be /8 to /28 and the IPv6 prefix a ULA /48")
-        info = cls(admin_key, cidr4, ula6, _int(body["created"], "created"), wire["sig"])
+        info = cls(admin_key, cidr4, ula6, check.integer(body["created"], "created"), wire["sig"])
         _verify(admin_key, "network", body, wire["sig"], "network")
         _canonical_form(info, body, "network")
         return info
@@ -317,19 +275,19 @@ class InviteGrant:
 
     @classmethod
     def from_wire(cls, wire: Any, admin_key: bytes) -> InviteGrant:
-        wire = _obj(wire, "invite")
-        _keys(wire, {"body", "sig"}, "invite")
-        body = _obj(wire["body"], "invite body")
-        _keys(body, {"network", "invite_key", "name", "expires", "uses", "created"}, "invite body")
-        network = _str(body["network"], "invite network", 64)
+        wire = check.object(wire, "invite")
+        check.keys(wire, {"body", "sig"}, "invite")
+        body = check.object(wire["body"], "invite body")
+        check.keys(body, {"network", "invite_key", "name", "expires", "uses", "created"}, "invite body")
+        network = check.text(body["network"], "invite network", 64)
         if network != key_fingerprint(admin_key):
             raise MembershipError(f"the invite is for network {network}, not this network ({key_fingerprint(admin_key)})")
         name = body["name"]
         if name is not None:
             check_name(name, "invite name")
         grant = cls(network, unb64(body["invite_key"], "invite key", 32), name,
-                    _int(body["expires"], "expires"), _int(body["uses"], "uses", 0, 1_000_000),
-                    _int(body["created"], "created"), wire["sig"])
+                    check.integer(body["expires"], "expires"), check.integer(body["uses"], "uses", 0, 1_000_000),
+                    check.integer(body["created"], "created"), wire["sig"])
         if grant.expires < grant.created:
             raise MembershipError("the invite expires before it was made")
         try:
@@ -371,9 +329,9 @@ class Token:
             payload = json.loads(raw)
         except (binascii.Error, ValueError, RecursionError):
             raise MembershipError("join token is damaged (copy it again, whole)") from None
-        payload = _obj(payload, "join token")
-        _keys(payload, {"url", "network", "grant", "key"}, "join token", {"tls"})
-        url = _str(payload["url"], "coordinator URL", 2048)
+        payload = check.object(payload, "join token")
+        check.keys(payload, {"url", "network", "grant", "key"}, "join token", {"tls"})
+        url = check.text(payload["url"], "coordinator URL", 2048)
         if not url.startswith(("http://", "https://")):
             raise MembershipError("join token: the coordinator URL must be http:// or https://")
         tls = None
@@ -383,7 +341,7 @@ class Token:
                 check_pinned_url(url, tls)
             except ValueError as exc:
                 raise MembershipError(f"join token: {exc}") from None
-        return cls(url, _str(payload["network"], "network", 64), _obj(payload["grant"], "invite"),
+        return cls(url, check.text(payload["network"], "network", 64), check.object(payload["grant"], "invite"),
                    unb64(payload["key"], "invite key", 32), tls)
 
     def invite_key(self) -> Ed25519PrivateKey:
@@ -438,29 +396,29 @@ class MemberEntry:
     @classmethod
     def from_wire(cls, wire: Any, network: NetworkInfo) -> MemberEntry:
         """Parse and verify a member entry of `network` (signature chain, attestation, addresses)."""
-        wire = _obj(wire, "member")
+        wire = check.object(wire, "member")
         if "grant" in wire:
-            _keys(wire, {"body", "grant", "invite_sig"}, "member")
+            check.keys(wire, {"body", "grant", "invite_sig"}, "member")
         else:
-            _keys(wire, {"body", "admin_sig"}, "member")
-        body = _obj(wire["body"], "member body")
-        _keys(body, {"network", "name", "identity", "ipv4", "ipv6", "joined"}, "member body")
+            check.keys(wire, {"body", "admin_sig"}, "member")
+        body = check.object(wire["body"], "member body")
+        check.keys(body, {"network", "name", "identity", "ipv4", "ipv6", "joined"}, "member body")
         if body["network"] != network.network:
-            raise MembershipError(f"member entry is for another network ({_str(body['network'], 'network', 64)})")
+            raise MembershipError(f"member entry is for another network ({check.text(body['network'], 'network', 64)})")
         name = check_name(body["name"], "member name")
         try:
-            identity = PublicIdentity.from_line(_str(body["identity"], "identity", 8192))
+            identity = PublicIdentity.from_line(check.text(body["identity"], "identity", 8192))
         except IdentityError as exc:
             raise MembershipError(f"member {name}: {exc}") from None
         try:
-            ipv4 = ipaddress.IPv4Address(_str(body["ipv4"], "ipv4", 16))
-            ipv6 = ipaddress.IPv6Address(_str(body["ipv6"], "ipv6", 64))
+            ipv4 = ipaddress.IPv4Address(check.text(body["ipv4"], "ipv4", 16))
+            ipv6 = ipaddress.IPv6Address(check.text(body["ipv6"], "ipv6", 64))
         except ValueError as exc:
             raise MembershipError(f"member {name}: {exc}") from None
         index = network.host_index(ipv4)
         if not 1 <= index < network.cidr4.num_addresses - 1 or network.host(index) != (ipv4, ipv6):
             raise MembershipError(f"member {name}: addresses {ipv4} / {ipv6} are not a host of {network.cidr4} / {network.ula6}")
-        joined = _int(body["joined"], "joined")
+        joined = check.integer(body["joined"], "joined")
         if "grant" in wire:
             grant = InviteGrant.from_wire(wire["grant"], network.admin_key)
             if grant.name is not None and grant.name != name:
@@ -492,10 +450,10 @@ def sign_member_as_admin(body: dict[str, Any], admin: AdminKey) -> dict[str, Any
 
 def _admin_record(wire: Any, what: str, keys: set[str], network: NetworkInfo) -> tuple[dict[str, Any], dict[str, Any]]:
     """The shape every admin-signed record of a network shares: {"body": {...}, "sig"}."""
-    wire = _obj(wire, what)
-    _keys(wire, {"body", "sig"}, what)
-    body = _obj(wire["body"], f"{what} body")
-    _keys(body, keys, f"{what} body")
+    wire = check.object(wire, what)
+    check.keys(wire, {"body", "sig"}, what)
+    body = check.object(wire["body"], f"{what} body")
+    check.keys(body, keys, f"{what} body")
     if body["network"] != network.network:
         raise MembershipError(f"{what} is for another network")
     return wire, body
@@ -532,12 +490,12 @@ class Revocation:
 
     @classmethod
     def from_wire(cls, wire: Any, network: NetworkInfo) -> Revocation:
-        wire = _obj(wire, "revocation")
+        wire = check.object(wire, "revocation")
         optional = {"ssh"} if isinstance(wire.get("body"), dict) and "ssh" in wire["body"] else set()
         wire, body = _admin_record(wire, "revocation", {"network", "wg_key", "name", "at"} | optional, network)
         ssh = None if "ssh" not in body else _ssh_fingerprint(body["ssh"])
         revocation = cls(network.network, unb64(body["wg_key"], "revoked key", 32), check_name(body["name"]),
-                         _int(body["at"], "at"), wire["sig"], ssh)
+                         check.integer(body["at"], "at"), wire["sig"], ssh)
         _verify(network.admin_key, "revoke", body, wire["sig"], "revocation")
         _canonical_form(revocation, body, "revocation")
         return revocation
@@ -581,11 +539,11 @@ class SecretRecord:
     @classmethod
     def from_wire(cls, wire: Any, network: NetworkInfo) -> SecretRecord:
         wire, body = _admin_record(wire, "secret record", {"network", "epoch", "sealed", "at"}, network)
-        sealed = _obj(body["sealed"], "sealed secrets")
+        sealed = check.object(body["sealed"], "sealed secrets")
         for key, value in sealed.items():
             unb64(key, "sealed-for key", 32)
-            _str(value, "sealed secret", 256)
-        record = cls(network.network, _int(body["epoch"], "epoch", 1), dict(sealed), _int(body["at"], "at"), wire["sig"])
+            check.text(value, "sealed secret", 256)
+        record = cls(network.network, check.integer(body["epoch"], "epoch", 1), dict(sealed), check.integer(body["at"], "at"), wire["sig"])
         _verify(network.admin_key, "secret", body, wire["sig"], "secret record")
         _canonical_form(record, body, "secret record")
         return record
