@@ -1,7 +1,9 @@
 """The coordinator client actor: registration, the peer map stream, the cached map.
 
-It owns the node's `PeerMap` (verified records, revocations kept for good) and
-hands the mesh actor what changed: membership changes and the pre-shared key are
+It owns the node's `PeerMap` (verified records, revocations kept for good), the
+one copy anything changes; every other reader takes `snapshot`, the map at one
+version, replaced (never changed) after each update. It hands the mesh actor
+what changed: membership changes and the pre-shared key are
 awaited (`ask`), candidates go as the latest per peer (`tell_latest`), so a full
 resync of a large map loses nothing to a full mailbox. It long-polls `GET /v1/map` with the last
 version it has, so a change reaches it within a round trip and a reconnect
@@ -28,7 +30,7 @@ from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.identity import NodeIdentity
-from tunnelmesh.membership import MAX_ENDPOINTS, MemberEntry, MembershipError, PeerMap, Revocation
+from tunnelmesh.membership import MAX_ENDPOINTS, MapSnapshot, MemberEntry, MembershipError, PeerMap, Revocation
 from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, write_secret
 from tunnelmesh.wireguard import derive_psk
 
@@ -46,9 +48,10 @@ BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 PERSISTENT_KEEPALIVE = 25  # keeps NAT mappings open between members
 
 
-def peer_spec(member: MemberEntry, peer_map: PeerMap, transports: TransportsConfig = TransportsConfig()) -> PeerSpec:
-    endpoints = peer_map.endpoints.get(member.wg_key)
-    addresses = endpoints.candidates(peer_map.network) if endpoints is not None else ()
+def peer_spec(member: MemberEntry, snapshot: MapSnapshot, transports: TransportsConfig = TransportsConfig()
+              ) -> PeerSpec:
+    endpoints = snapshot.endpoints.get(member.wg_key)
+    addresses = endpoints.candidates(snapshot.network) if endpoints is not None else ()
     return PeerSpec(
         name=member.name, mesh_ip=member.ipv4, fingerprint=member.identity.fingerprint, wg_key=member.wg_key,
         allowed_ips=(ipaddress.IPv4Network(f"{member.ipv4}/32"), ipaddress.IPv6Network(f"{member.ipv6}/128")),
@@ -95,6 +98,7 @@ class CoordinatorClient(Actor):
         self.state = state
         self.identity = identity
         self.peer_map = peer_map
+        self.snapshot = peer_map.snapshot()  # what readers get: replaced after every update
         self.mesh = mesh
         self.bus = bus
         self.cache_path = cache_path
@@ -107,7 +111,8 @@ class CoordinatorClient(Actor):
         self.tls_fingerprint = tls_fingerprint  # the coordinator's certificate, pinned
         self.relay_offer = relay_offer  # the relay this node serves, registered with its address
         self.relay_refused: Any = None  # why the coordinator did not take the offer, as it last said
-        # Members or their endpoints changed. The caller's list itself: it may append later.
+        # Members or their endpoints changed (called once `snapshot` shows it). The caller's list
+        # itself: it may append later.
         self.on_map_changed = on_map_changed if on_map_changed is not None else []
         self.interface = interface  # the tunnel's: its addresses are not where peers find us
         self.connection = "connecting"
@@ -182,6 +187,7 @@ class CoordinatorClient(Actor):
     async def apply(self, update: Any) -> None:
         """Verify an update, cache it, and hand the mesh what changed."""
         changes = self.peer_map.apply(update)
+        self.snapshot = self.peer_map.snapshot()
         for reason in changes.rejected:
             log.warning("peer map: %s", reason)
         if changes.revoked_self is not None and self._revoked(changes.revoked_self.to_wire()):
@@ -195,13 +201,13 @@ class CoordinatorClient(Actor):
         for member, reason in changes.removed:
             await self.mesh.ask(RemovePeer(member.wg_key, reason))
         if changes.added:
-            await self.mesh.ask(AddPeers(tuple(peer_spec(m, self.peer_map, self.transports) for m in changes.added)))
+            await self.mesh.ask(AddPeers(tuple(peer_spec(m, self.snapshot, self.transports) for m in changes.added)))
         if changes.added or changes.removed or changes.endpoints:
             for call in self.on_map_changed:
                 call()
         added = {m.wg_key for m in changes.added}
         for key, endpoints in changes.endpoints.items():
-            addresses = endpoints.candidates(self.peer_map.network)
+            addresses = endpoints.candidates(self.snapshot.network)
             if key not in added and addresses:
                 self.mesh.tell_latest(key, SetCandidates(key, addresses))
 

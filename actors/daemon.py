@@ -31,7 +31,7 @@ from tunnelmesh.files import FileError, check_state_dir, write_atomic
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
 from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.links.relay import RelayClient
-from tunnelmesh.membership import PeerMap
+from tunnelmesh.membership import MapSnapshot, PeerMap
 from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import Device, derive_psk
@@ -212,8 +212,8 @@ class Started:
 
 
 async def _start_transports(
-    config: NodeConfig, paths: Paths, identity: NodeIdentity, state: NetworkState, peer_map: PeerMap,
-    datapath: DataPath, transports: Transports,
+    config: NodeConfig, paths: Paths, identity: NodeIdentity, state: NetworkState,
+    current_map: Callable[[], MapSnapshot], datapath: DataPath, transports: Transports,
 ) -> Started:
     """Start the SSH rung (if any peer may use it: its own server, and the bridge behind
     this machine's sshd when set up), this node's relay (relay = true) and make the
@@ -230,7 +230,7 @@ async def _start_transports(
     wanted = {rung for choice in (tcfg.default, *tcfg.peers.values()) for rung in choice.enabled}
     started = Started()
     if tcfg.relay_listen is not None:
-        await _start_relay_service(config, identity, state, peer_map, started)
+        await _start_relay_service(config, identity, state, current_map, started)
     if "relay" in wanted:
         transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=_ca_file(config),
                                        tls_fingerprint=_tls_fingerprint(config))
@@ -239,7 +239,7 @@ async def _start_transports(
     port = tcfg.ssh_port or None
     try:
         host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
-        directory = PeerMapDirectory(peer_map)
+        directory = PeerMapDirectory(current_map)
         rung = SshRung(identity=identity, host_key=host_key, port=port, directory=directory, sink=datapath)
         await rung.start()
     except LinkError as exc:
@@ -262,7 +262,7 @@ async def _start_transports(
         command = f"{_tunnelmesh_program()} --state-dir {paths.state_dir}"
 
         def authorize_members() -> None:
-            members = [(key, m.identity.ssh_public_key, m.name) for key, m in peer_map.members.items()]
+            members = [(key, m.identity.ssh_public_key, m.name) for key, m in current_map().members.items()]
             try:
                 write_authorized_keys(user, members, command)
             except (BridgeError, OSError) as exc:
@@ -277,8 +277,8 @@ async def _start_transports(
     return started
 
 
-async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state: NetworkState, peer_map: PeerMap,
-                               started: Started) -> None:
+async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state: NetworkState,
+                               current_map: Callable[[], MapSnapshot], started: Started) -> None:
     """This node's relay (relay = true): /relay on its own port for the current members."""
     from aiohttp import web
 
@@ -289,7 +289,7 @@ async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state
     assert config.transports.relay_listen is not None
     host, port = config.transports.relay_listen
     relay_id = base64.b64encode(identity.public.wg_public_key).decode()
-    relay = Relay(state.network.network, member_identities(peer_map, identity), relay_id)
+    relay = Relay(state.network.network, member_identities(current_map, identity), relay_id)
     app = web.Application()
     app.router.add_get("/relay", relay.handler)
 
@@ -391,6 +391,16 @@ async def run_daemon(paths: Paths) -> int:
     serving: str | None = None  # where the embedded coordinator listens, for status
     transports = Transports()
     started_transports = Started()
+    client: CoordinatorClient | None = None
+    cached_map = peer_map.snapshot() if peer_map is not None else None
+
+    def current_map() -> MapSnapshot:
+        """The peer map as its readers take it: the coordinator client's latest snapshot
+        (the cached map's until the client exists: the transports start before it)."""
+        snapshot = client.snapshot if client is not None else cached_map
+        assert snapshot is not None
+        return snapshot
+
     try:
         await tun.configure(addresses.ipv4, config.mtu, addresses.routes, address6=addresses.ipv6)
         if config.coordinator is not None and config.coordinator.serve is not None:
@@ -399,7 +409,7 @@ async def run_daemon(paths: Paths) -> int:
             if state is not None and paths.admin_key.exists():
                 await _set_up_network(paths, state, _ca_file(config), _tls_fingerprint(config))
         if state is not None and peer_map is not None:
-            started_transports = await _start_transports(config, paths, identity, state, peer_map, datapath,
+            started_transports = await _start_transports(config, paths, identity, state, current_map, datapath,
                                                          transports)
     except (TunError, StartupError) as exc:
         if transports.ssh is not None:
@@ -428,12 +438,11 @@ async def run_daemon(paths: Paths) -> int:
         supervisor.add(RelayConnection(transports.relay))
     if started_transports.relay_service is not None:
         supervisor.add(started_transports.relay_service)
-    client: CoordinatorClient | None = None
     admitter: Admitter | None = None
-    if state is None or peer_map is None:
+    if state is None or peer_map is None or cached_map is None:
         initial = _static_peers(config, static_endpoints)
     else:
-        initial = [peer_spec(member, peer_map, config.transports) for member in peer_map.members.values()]
+        initial = [peer_spec(member, cached_map, config.transports) for member in cached_map.members.values()]
         client = CoordinatorClient(
             state, identity, peer_map, mesh, bus, cache_path=paths.peer_map_cache,
             secret_path=config.network_secret_file, listen_port=datapath.port,
@@ -448,12 +457,12 @@ async def run_daemon(paths: Paths) -> int:
             supervisor.add(admitter)
         if transports.relay is not None:  # relays that members serve, as the map offers them
             ca_file = _ca_file(config)
-            pool = RelayPool(peer_map, started_transports.own_relay, state.url,
+            pool = RelayPool(current_map, started_transports.own_relay, state.url,
                              lambda url, relay, guard: RelayClient(url, identity, state.network.network, datapath,
                                                                    ca_file=ca_file, relay=relay, guard=guard),
-                             transports.node_relays, supervisor)
+                             transports, supervisor)
             supervisor.add(pool)
-            started_transports.on_map_changed.append(lambda: pool.tell(SyncRelays()))
+            started_transports.on_map_changed.append(lambda: pool.tell_latest(SyncRelays, SyncRelays()))
     sessions = [mesh.add(spec) for spec in initial]
 
     api = ControlApi(

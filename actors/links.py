@@ -1,15 +1,18 @@
 """The SSH and relay rungs in the daemon: what they know of the network, and their lifetimes.
 
 `PeerMapDirectory` answers the SSH rung's two questions from the node's
-verified peer map: is this SSH key a current member (server side), and where
-and with which attested host key can that member be dialled (client side).
+verified peer map (the coordinator client's current snapshot of it): is this SSH
+key a current member (server side), and where and with which attested host key
+can that member be dialled (client side).
 The coordinator only relays a member's SSH endpoint record; it is verified
 against the member's own identity here, before anyone dials it.
 
 `SshServer` and `RelayConnection` are actors holding the rungs open for the
 daemon's lifetime; the links they make deliver straight into the data path.
 `RelayPool` keeps one `RelayConnection` per relay that members serve (relay =
-true), as the peer map offers them.
+true), as the peer map offers them, and is the one writer of
+`Transports.node_relays`, which it replaces (never changes in place) so the
+sessions reading it always see a whole set.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ import asyncio
 import base64
 import json
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
 from tunnelmesh.links.attest import AttestationError, NewestAttestations, SshEndpoint, verify_attestation
 from tunnelmesh.links.relay import RelayClient, RelayGuard, relay_url
 from tunnelmesh.links.ssh import SshRung, SshTarget, endpoint_targets
-from tunnelmesh.membership import PeerMap
+from tunnelmesh.membership import MapSnapshot
 
 from .messages import SyncRelays
 from .runtime import Actor
@@ -47,37 +51,40 @@ class Transports:
 
     ssh: SshRung | None = None
     relay: RelayClient | None = None  # the coordinator's
-    #: Relays that members serve (relay = true), by URL, kept by actors.links.RelayPool.
-    node_relays: dict[str, RelayClient] = field(default_factory=dict)
+    #: Relays that members serve (relay = true), by URL: replaced as a whole by
+    #: actors.links.RelayPool, its one writer, never changed in place.
+    node_relays: Mapping[str, RelayClient] = field(default_factory=lambda: MappingProxyType({}))
 
-    def relays(self) -> list[RelayClient]:
-        return ([self.relay] if self.relay is not None else []) + list(self.node_relays.values())
+    def relays(self) -> tuple[RelayClient, ...]:
+        return ((self.relay,) if self.relay is not None else ()) + tuple(self.node_relays.values())
 
 
 class PeerMapDirectory:
-    """The SSH rung's view of the members, from the verified peer map."""
+    """The SSH rung's view of the members: `current()` is the peer map's latest snapshot."""
 
-    def __init__(self, peer_map: PeerMap, clock: Callable[[], float] = time.time) -> None:
-        self.peer_map = peer_map
+    def __init__(self, current: Callable[[], MapSnapshot], clock: Clock = SYSTEM_CLOCK) -> None:
+        self.current = current
         self.clock = clock  # wall time, for the records' issue times
         self._by_ssh_key: dict[str, bytes] = {}
-        self._indexed_version = -1
+        self._indexed: MapSnapshot | None = None  # the snapshot _by_ssh_key was made from
         self._verified: dict[bytes, tuple[str, SshEndpoint | None]] = {}  # wg key -> (record JSON, result)
         self._newest = NewestAttestations()  # an older record than one seen is a replay
 
     def member_by_ssh_key(self, ssh_public_key: str) -> bytes | None:
-        peer_map = self.peer_map
-        if self._indexed_version != peer_map.version or len(self._by_ssh_key) != len(peer_map.members):
-            self._by_ssh_key = {m.identity.ssh_public_key: key for key, m in peer_map.members.items()}
-            self._indexed_version = peer_map.version
-        key = self._by_ssh_key.get(ssh_public_key)
-        return key if key is not None and key in peer_map.members else None
+        snapshot = self.current()
+        if snapshot is not self._indexed:
+            self._by_ssh_key = {m.identity.ssh_public_key: key for key, m in snapshot.members.items()}
+            self._indexed = snapshot
+        return self._by_ssh_key.get(ssh_public_key)
 
     def endpoint(self, wg_key: bytes) -> SshEndpoint | None:
         """The member's SSH endpoint record, verified once per version of it, and only if
         no newer one of the member's was seen (else None: not dialled, logged once)."""
-        member = self.peer_map.members.get(wg_key)
-        endpoints = self.peer_map.endpoints.get(wg_key)
+        return self._endpoint(self.current(), wg_key)
+
+    def _endpoint(self, snapshot: MapSnapshot, wg_key: bytes) -> SshEndpoint | None:
+        member = snapshot.members.get(wg_key)
+        endpoints = snapshot.endpoints.get(wg_key)
         if member is None or endpoints is None or endpoints.ssh is None:
             return None
         record = json.dumps(endpoints.ssh, sort_keys=True)
@@ -86,7 +93,7 @@ class PeerMapDirectory:
             return cached[1]
         try:
             verified: SshEndpoint | None = self._newest.check(
-                wg_key, verify_attestation(endpoints.ssh, member.identity), self.clock())
+                wg_key, verify_attestation(endpoints.ssh, member.identity), self.clock.wall())
         except AttestationError as exc:
             log.warning("%s: SSH endpoint record refused: %s", member.name, exc)
             verified = None
@@ -97,20 +104,22 @@ class PeerMapDirectory:
         """Verify every member's SSH endpoint record now (after each map change), not only
         when dialled: a record is then seen as soon as it is served, and an older one served
         after it is refused even if no one dialled in between."""
-        for wg_key in list(self.peer_map.members):
-            self.endpoint(wg_key)
+        snapshot = self.current()
+        for wg_key in snapshot.members:
+            self._endpoint(snapshot, wg_key)
 
     def is_member(self, wg_key: bytes) -> bool:
-        return wg_key in self.peer_map.members
+        return wg_key in self.current().members
 
     def targets(self, wg_key: bytes) -> list[SshTarget]:
-        endpoint = self.endpoint(wg_key)
-        endpoints = self.peer_map.endpoints.get(wg_key)
+        snapshot = self.current()
+        endpoint = self._endpoint(snapshot, wg_key)
+        endpoints = snapshot.endpoints.get(wg_key)
         if endpoint is None or endpoints is None or not endpoints.addresses:
             return []
         # Where the coordinator saw the member first, then the member's own addresses; tried
         # in turn (5 s each at worst), so only the first few.
-        hosts = list(dict.fromkeys(host for host, _ in endpoints.candidates(self.peer_map.network)))
+        hosts = list(dict.fromkeys(host for host, _ in endpoints.candidates(snapshot.network)))
         return [target for host in hosts[:SSH_HOSTS] for target in endpoint_targets(endpoint, host)]
 
 
@@ -158,10 +167,11 @@ MAX_NODE_RELAYS = 4
 
 class RelayPool(Actor):
     """The node's connections to relays that members serve, as the verified peer map
-    lists them (up to MAX_NODE_RELAYS, by member name; one per relay however it is
-    spelt, never the coordinator's again), plus `own` (this node's own relay, reached on
-    loopback, so members that reach only it can reach this node too). `clients` is
-    shared with the sessions, which probe through every connected relay.
+    (`current()`, its latest snapshot) lists them (up to MAX_NODE_RELAYS, by member name;
+    one per relay however it is spelt, never the coordinator's again), plus `own` (this
+    node's own relay, reached on loopback, so members that reach only it can reach this
+    node too). After each change it puts the clients in `transports.node_relays` as a new
+    read-only mapping: the sessions probe through every connected relay.
 
     A member's relay is made with a `RelayGuard` (checked where it leads when it connects:
     a private address only if the member registered it, as its peer map endpoints say
@@ -170,22 +180,24 @@ class RelayPool(Actor):
     name = "relays"
     policy = "restart"
 
-    def __init__(self, peer_map: PeerMap, own: tuple[str, str] | None, coordinator: str,
-                 make: Callable[[str, str, RelayGuard | None], RelayClient], clients: dict[str, RelayClient],
+    def __init__(self, current: Callable[[], MapSnapshot], own: tuple[str, str] | None, coordinator: str,
+                 make: Callable[[str, str, RelayGuard | None], RelayClient], transports: Transports,
                  supervisor: Supervisor) -> None:
         super().__init__()
-        self.peer_map = peer_map
+        self.current = current
         self.own = own  # (url, relay id)
         self.coordinator = relay_url(coordinator)
         self.make = make  # (url, relay id, guard) -> client
-        self.clients = clients
+        self.transports = transports
         self.supervisor = supervisor
+        self._clients: dict[str, RelayClient] = {}
         self._actors: dict[str, RelayConnection] = {}
 
     def wanted(self) -> dict[str, str]:
         """url -> relay id (the member's key in base64) of the relays to hold."""
-        offered = sorted((m.name, e.relay, base64.b64encode(key).decode()) for key, m in self.peer_map.members.items()
-                         if (e := self.peer_map.endpoints.get(key)) is not None and e.relay is not None)
+        snapshot = self.current()
+        offered = sorted((m.name, e.relay, base64.b64encode(key).decode()) for key, m in snapshot.members.items()
+                         if (e := snapshot.endpoints.get(key)) is not None and e.relay is not None)
         urls = dict([self.own]) if self.own is not None else {}
         seen = {self.coordinator}
         for _, url, relay in offered:
@@ -207,16 +219,18 @@ class RelayPool(Actor):
 
     async def _sync(self) -> None:
         wanted = self.wanted()
-        for url in [u for u, client in self.clients.items() if wanted.get(u) != client.relay]:
+        before = dict(self._clients)
+        for url in [u for u, client in self._clients.items() if wanted.get(u) != client.relay]:
             log.info("relay %s: no longer offered", url)
             await self.supervisor.remove(self._actors.pop(url))  # its links go down with it
-            self.clients.pop(url).close()
+            self._clients.pop(url).close()
         for url, relay in wanted.items():
             if url not in self._actors:
-                client = self.clients[url] = self.make(url, relay, self.guard(url, relay))
+                client = self._clients[url] = self.make(url, relay, self.guard(url, relay))
                 self._actors[url] = connection = RelayConnection(client, name=f"relay {url}")
                 self.supervisor.add(connection)
-
+        if self._clients != before:
+            self.transports.node_relays = MappingProxyType(dict(self._clients))
 
     def guard(self, url: str, relay: str) -> RelayGuard | None:
         """The check of where a member's relay leads: against that member's registered
@@ -226,20 +240,22 @@ class RelayPool(Actor):
         key = base64.b64decode(relay)
 
         def registered() -> frozenset[str]:
-            endpoints = self.peer_map.endpoints.get(key)
+            endpoints = self.current().endpoints.get(key)
             return frozenset(host for host, _ in endpoints.addresses) if endpoints is not None else frozenset()
 
         return RelayGuard(registered)
 
 
-def member_identities(peer_map: PeerMap, own: NodeIdentity) -> Callable[[bytes], PublicIdentity | None]:
-    """Who may use this node's relay: the current members and the node itself."""
+def member_identities(current: Callable[[], MapSnapshot], own: NodeIdentity
+                      ) -> Callable[[bytes], PublicIdentity | None]:
+    """Who may use this node's relay: the members of the peer map's latest snapshot
+    (`current()`) and the node itself."""
     own_key = own.public.wg_public_key
 
     def identity_for(wg_key: bytes) -> PublicIdentity | None:
         if wg_key == own_key:
             return own.public
-        member = peer_map.members.get(wg_key)
+        member = current().members.get(wg_key)
         return member.identity if member is not None else None
 
     return identity_for

@@ -39,6 +39,19 @@ def host_keys() -> tuple[str, str]:
     return tuple(public_key_text(asyncssh.generate_private_key("ssh-ed25519")) for _ in range(2))  # type: ignore[return-value]
 
 
+class WallClock:
+    """A clock whose wall time is `now[0]` (the directory reads only that)."""
+
+    def __init__(self, now: list[float]) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now[0]
+
+    def wall(self) -> float:
+        return self.now[0]
+
+
 def record(i: int, host_key: str, issued: int) -> dict[str, Any]:
     return asyncio.run(make_attestation(world().nodes[i], port=2222, host_key=host_key, bridge=None, issued=issued))
 
@@ -71,7 +84,7 @@ def test_newest_attestations_refuse_older_and_future_records() -> None:
 def test_the_directory_refuses_a_replayed_record_after_a_host_key_change(caplog: pytest.LogCaptureFixture) -> None:
     w, now = world(), [float(T0)]
     peers = PeerMap(w.network, w.wg(0))
-    directory = PeerMapDirectory(peers, clock=lambda: now[0])
+    directory = PeerMapDirectory(peers.snapshot, clock=WallClock(now))
     key = base64.b64encode(w.wg(1)).decode()
 
     def serve(wire: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +67,22 @@ def full_map(world: World, entries: list[dict[str, Any]], members: range, round_
     return update([entries[i] for i in (0, *members)], endpoints=endpoints, version=version)
 
 
+def node0_client(world: World, mesh: RecordingMesh, tmp_path: Path,
+                 on_map_changed: list[Callable[[], None]] | None = None) -> CoordinatorClient:
+    """Node 0's coordinator client (never run: the test hands it the updates)."""
+    state = NetworkState("https://coordinator.example:7400", world.network, world.entry(0))
+    return CoordinatorClient(state, world.nodes[0], PeerMap(world.network, world.wg(0)), mesh,  # type: ignore[arg-type]
+                             EventBus(), cache_path=tmp_path / "peermap.json", secret_path=tmp_path / "secret",
+                             listen_port=51820, on_revoked=lambda why: None, on_map_changed=on_map_changed)
+
+
 def test_a_full_resync_of_a_large_map_loses_no_member_and_no_candidate(world: World, tmp_path: Path) -> None:
     everyone = range(1, MEMBERS + 1)
     entries = [world.admin_member(i) for i in range(MEMBERS + 1)]
 
     async def scenario() -> RecordingMesh:
         mesh = RecordingMesh()
-        state = NetworkState("https://coordinator.example:7400", world.network, world.entry(0))
-        client = CoordinatorClient(state, world.nodes[0],
-                                   PeerMap(world.network, world.wg(0)), mesh, EventBus(),  # type: ignore[arg-type]
-                                   cache_path=tmp_path / "peermap.json", secret_path=tmp_path / "secret",
-                                   listen_port=51820, on_revoked=lambda why: None)
+        client = node0_client(world, mesh, tmp_path)
         running = asyncio.create_task(mesh.run())
         await client.apply(full_map(world, entries, everyone, 0, 1))  # every member added
         await client.apply(full_map(world, entries, everyone, 1, 2))  # every member moved ...
@@ -92,3 +98,24 @@ def test_a_full_resync_of_a_large_map_loses_no_member_and_no_candidate(world: Wo
     kept = range(1, MEMBERS // 2 + 1)
     assert mesh.members == {world.wg(i): (candidate(i, 2),) for i in kept}
     assert sorted(mesh.removed) == sorted(world.wg(i) for i in range(MEMBERS // 2 + 1, MEMBERS + 1))
+
+
+def test_the_snapshot_is_replaced_after_each_update_and_readers_are_called_with_it(world: World,
+                                                                                  tmp_path: Path) -> None:
+    entries = [world.admin_member(i) for i in range(4)]
+
+    async def scenario() -> None:
+        mesh = RecordingMesh()
+        running = asyncio.create_task(mesh.run())
+        seen: list[int] = []
+        client = node0_client(world, mesh, tmp_path, [lambda: seen.append(len(client.snapshot.members))])
+        empty = client.snapshot
+        await client.apply(full_map(world, entries, range(1, 4), 0, 1))
+        first = client.snapshot
+        await client.apply(full_map(world, entries, range(1, 3), 0, 2))
+        assert (len(empty.members), len(first.members), len(client.snapshot.members)) == (0, 3, 2)
+        assert (first.version, client.snapshot.version) == (1, 2)
+        assert seen == [3, 2]  # each reader called once the new snapshot is in place
+        running.cancel()
+
+    asyncio.run(scenario())

@@ -8,7 +8,7 @@ import base64
 
 import pytest
 
-from actors.links import MAX_NODE_RELAYS, RelayPool
+from actors.links import MAX_NODE_RELAYS, RelayPool, Transports
 from tests.support.membership import World, update
 from tunnelmesh.links.relay import RelayClient, RelayGuard
 from tunnelmesh.membership import Endpoints, PeerMap, parse_endpoints
@@ -39,7 +39,7 @@ def pool(peers: PeerMap, own: tuple[str, str] | None = None) -> RelayPool:
     def make(url: str, relay: str, guard: RelayGuard | None) -> RelayClient:
         raise AssertionError("wanted() makes no client")
 
-    return RelayPool(peers, own, COORDINATOR, make, {}, supervisor=None)  # type: ignore[arg-type]
+    return RelayPool(peers.snapshot, own, COORDINATOR, make, Transports(), supervisor=None)  # type: ignore[arg-type]
 
 
 def test_each_offered_relay_once_by_member_name_with_its_id(world: World) -> None:

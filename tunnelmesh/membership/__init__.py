@@ -26,6 +26,7 @@ from tunnelmesh.membership.peermap import (
     MAX_ENDPOINTS,
     Endpoints,
     MapChanges,
+    MapSnapshot,
     PeerMap,
     bindings_of,
     parse_address,
@@ -61,7 +62,7 @@ from tunnelmesh.membership.records import (
 
 __all__ = [
     "DEFAULT_CIDR", "JOIN_NAMESPACE", "JOIN_WINDOW", "MAX_ENDPOINTS", "REQUEST_NAMESPACE", "REQUEST_WINDOW",
-    "TOKEN_PREFIX", "AdminKey", "Endpoints", "InviteGrant", "MapChanges", "MemberEntry", "MembershipError",
+    "TOKEN_PREFIX", "AdminKey", "Endpoints", "InviteGrant", "MapChanges", "MapSnapshot", "MemberEntry", "MembershipError",
     "NetworkInfo", "PeerMap", "ReplayGuard", "RequestAuth", "Revocation", "SecretRecord", "Token", "b64",
     "bindings_of", "canonical", "check_name", "join_proof_message", "key_fingerprint", "make_invite",
     "member_body", "parse_address", "parse_bindings", "parse_endpoints", "parse_relay_url", "reachable_unicast",

@@ -1,5 +1,6 @@
 """The node's verified view of the network: `PeerMap`, what an update changed
-(`MapChanges`), and the unsigned parts of the map (`Endpoints`, relay URLs).
+(`MapChanges`), the unsigned parts of the map (`Endpoints`, relay URLs), and what
+readers get of it (`MapSnapshot`: the map at one version, never changed).
 
 Sans-IO: no sockets, no clock reads, no asyncio.
 """
@@ -10,7 +11,9 @@ import ipaddress
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from tunnelmesh.fields import FieldError, parse_endpoint
@@ -28,7 +31,7 @@ from tunnelmesh.membership.records import (
 MAX_ENDPOINTS = 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class Endpoints:
     """Where a member was last seen: unsigned, the coordinator's word (availability only)."""
 
@@ -201,6 +204,20 @@ def parse_bindings(value: Any) -> tuple[dict[str, bytes], dict[bytes, int]]:
     return parsed, authorized
 
 
+@dataclass(frozen=True, slots=True)
+class MapSnapshot:
+    """The verified members and their endpoints at one version of the map: what every
+    reader works from (the SSH rung's directory, the relay pool, the node's relay, the
+    bridge's authorized keys). Never changed: the coordinator client, the one owner of
+    the `PeerMap`, makes a new one after each change, so a reader sees one whole
+    version, never a map half-way through an update."""
+
+    version: int
+    network: NetworkInfo
+    members: Mapping[bytes, MemberEntry]  # read-only, by WireGuard key
+    endpoints: Mapping[bytes, Endpoints]  # read-only, by WireGuard key
+
+
 class PeerMap:
     """The verified peer map a node works from, and what it keeps for good.
 
@@ -234,6 +251,11 @@ class PeerMap:
         self.own: MemberEntry | None = None  # this node's entry, when a map lists it
         self.version = 0
         self.rejected: Counter[str] = Counter()
+
+    def snapshot(self) -> MapSnapshot:
+        """The map as it is now, for readers (copies: later changes do not show in it)."""
+        return MapSnapshot(self.version, self.network, MappingProxyType(dict(self.members)),
+                           MappingProxyType(dict(self.endpoints)))
 
     def revoked(self, member: MemberEntry) -> Revocation | None:
         for revocation in (self.revocations.get(member.wg_key), self._revoked_ssh.get(member.identity.fingerprint)):
