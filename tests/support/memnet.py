@@ -1,8 +1,10 @@
 """Whole nodes in one process, in virtual time: the in-memory doubles of the OS edges.
 
 Two (or more) nodes each run the real protocol core (`Device`), data path, mesh actor,
-peer sessions and event bus; what is not real, and why each stand-in behaves like the
-thing it replaces:
+peer sessions and event bus, assembled by actors/node.py: a `Node` is its parts alone (the
+test calls the sessions' handlers), a `Daemon` the whole node with its supervisor running
+its actors and its control commands answered in-process. What is not real, and why each
+stand-in behaves like the thing it replaces:
 - Time is virtual: one `VirtualClock` is every node's `Clock` and the event loop's clock
   (`VirtualLoop.time`), so core deadlines, loop timers and the ladder's clock agree, and a
   90 s scenario takes a fraction of a second. The clock jumps from one due timer to the
@@ -11,7 +13,7 @@ thing it replaces:
   address (readiness through an eventfd, so `DataPath.start`'s reader runs as for a socket).
 - The TUN device is a `MemoryTun` (actors.edges.Tun): one end of a Unix datagram
   socketpair; at the other end a tiny "kernel" answers ICMP echo requests, so traffic is
-  answered as a real peer's would be.
+  answered as a real peer's would be. Closing the device closes both ends.
 - SSH and relay links are `MemoryLink`s (real `Link` subclasses) that hand each message to
   the other end's data path a loop iteration later than a UDP datagram would arrive (a
   link is no faster than direct UDP); `MemorySshRung` dials at once or fails with a
@@ -34,30 +36,35 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from actors.control import EventBus
 from actors.datapath import DataPath
-from actors.links import Transports
+from actors.links import SshServer, Transports
 from actors.mesh import Mesh
-from actors.messages import to_json
-from actors.runtime import Supervisor
+from actors.messages import PeerSpec, to_json
+from actors.node import Addresses, NodeParts
+from actors.node import Node as RunningNode
 from actors.session import PeerSession
 from tests.support.wire import PSK, kind, seeded_rng
+from tunnelmesh.identity import NodeIdentity
 from tunnelmesh.ladder import RELAY, SSH, UDP
 from tunnelmesh.links import Link, LinkError
 from tunnelmesh.packets import icmp_echo
 from tunnelmesh.wireguard import Device
+from tunnelmesh.wireguard.constants import DEFAULT_MTU
 
 STEP = 0.125  # the longest stride of the clock between timers (conditions are checked that often)
 SPINS = 24  # loop iterations per step: enough for a handshake, its confirmation and a ping
 START = 1000.0  # the monotonic clock at the start of every scenario
 WALL0 = 1_700_000_000.0  # wall time at monotonic 0
 APP_IDENT = 0x7E57  # ICMP identifier of the test's own pings (the session's are random)
+
+T = TypeVar("T")
 
 
 # --- virtual time ----------------------------------------------------------------------------
@@ -128,7 +135,7 @@ class Net:
     def __init__(self, clock: VirtualClock, loop: VirtualLoop) -> None:
         self.clock = clock
         self.loop = loop
-        self.nodes: dict[str, Node] = {}
+        self.nodes: dict[str, Host] = {}
         self.sockets: dict[tuple[str, int], MemoryBind] = {}
         self.blocked: set[tuple[str, str, str]] = set()  # (rung, from, to)
         self.log: list[Sent] = []
@@ -157,10 +164,10 @@ class Net:
         return [s for s in self.log if (src is None or s.src == src) and (rung is None or s.rung == rung)
                 and (kind is None or s.kind == kind) and s.at >= since]
 
-    def node_by_key(self, public_key: bytes) -> Node:
+    def node_by_key(self, public_key: bytes) -> Host:
         return next(n for n in self.nodes.values() if n.device.static_public == public_key)
 
-    def rebind(self, node: Node, address: tuple[str, int]) -> None:
+    def rebind(self, node: Host, address: tuple[str, int]) -> None:
         """`node`'s UDP port is now reached at `address` (a NAT's new mapping); the old one is gone."""
         del self.sockets[node.sock.address]
         node.sock.address = address
@@ -216,11 +223,17 @@ class Net:
             await self._advance(began + limit)
         return self.clock.now - began
 
+    async def complete(self, awaitable: Awaitable[T], limit: float, what: str) -> T:
+        """Await `awaitable` (an `ask` of an actor, a control command) while the clock runs."""
+        task = asyncio.ensure_future(awaitable)
+        await self.run_until(task.done, limit, what)
+        return task.result()
+
 
 class MemoryBind:
     """A node's UDP socket on the in-memory network (an actors.edges.Bind)."""
 
-    def __init__(self, net: Net, node: Node, address: tuple[str, int]) -> None:
+    def __init__(self, net: Net, node: Host, address: tuple[str, int]) -> None:
         self.net = net
         self.node = node
         self.address = address
@@ -252,25 +265,30 @@ class MemoryBind:
         return len(datagram), source
 
     def close(self) -> None:
+        del self.net.sockets[self.address]  # datagrams sent here now reach nobody, as to a closed port
         os.close(self._ready)
 
 
 class MemoryTun:
     """A node's TUN device (an actors.edges.Tun): one end of a Unix datagram socketpair; the
-    node's "kernel" (Node._kernel) holds the other end, `app`."""
+    host's "kernel" (`kernel`, called when a packet waits) holds the other end, `app`, for as
+    long as the device exists: closing it takes both ends, as closing a TUN removes the interface."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, kernel: Callable[[], None]) -> None:
         self.name = name
         self._end, self.app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._end.setblocking(False)
         self.app.setblocking(False)
         self.write = self._end.send
         self.fileno = self._end.fileno
+        self._loop = loop
+        loop.add_reader(self.app.fileno(), kernel)
 
     def readv(self, buffers: list[bytearray]) -> int:
         return self._end.recvmsg_into(buffers)[0]
 
     def close(self) -> None:
+        self._loop.remove_reader(self.app.fileno())
         self._end.close()
         self.app.close()
 
@@ -278,7 +296,7 @@ class MemoryTun:
 class MemoryLink(Link):
     """One end of an in-memory SSH or relay connection between two nodes."""
 
-    def __init__(self, net: Net, owner: Node, peer: Node, description: str) -> None:
+    def __init__(self, net: Net, owner: Host, peer: Host, description: str) -> None:
         super().__init__(peer.device.static_public, description)
         self.net = net
         self.owner = owner
@@ -311,7 +329,7 @@ class MemoryLink(Link):
 class SshMemoryLink(MemoryLink):
     rung = SSH
 
-    def __init__(self, net: Net, owner: Node, peer: Node, dialler: bytes) -> None:
+    def __init__(self, net: Net, owner: Host, peer: Host, dialler: bytes) -> None:
         super().__init__(net, owner, peer, f"ssh {peer.address[0]}:2222")
         self.other: SshMemoryLink | None = None
         self.dialler = dialler  # as SshLink: the WireGuard key of the side that dialled
@@ -332,7 +350,7 @@ class SshMemoryLink(MemoryLink):
 class RelayMemoryLink(MemoryLink):
     rung = RELAY
 
-    def __init__(self, net: Net, owner: Node, peer: Node) -> None:
+    def __init__(self, net: Net, owner: Host, peer: Host) -> None:
         super().__init__(net, owner, peer, "relay ws://192.0.2.9:7400")
 
     def far(self) -> MemoryLink:
@@ -351,12 +369,20 @@ class RelayMemoryLink(MemoryLink):
 class MemorySshRung:
     """What PeerSession uses of `SshRung`: `link` (a live link or None) and `dial`."""
 
-    def __init__(self, net: Net, node: Node) -> None:
+    def __init__(self, net: Net, node: Host) -> None:
         self.net = net
         self.node = node
         self.links: dict[bytes, SshMemoryLink] = {}
         self.refuse: str | None = None  # dials fail with this (the peer's SSH server is gone)
         self.dials = 0
+
+    def status(self) -> dict[str, Any]:
+        return {"port": 2222, "bridge": None, "links": len(self.links), "drops": {}}
+
+    async def close(self) -> None:
+        """As SshRung.close: every link ends (each side told by `link_down`)."""
+        for link in list(self.links.values()):
+            link.close()
 
     def link(self, wg_key: bytes) -> SshMemoryLink | None:
         found = self.links.get(wg_key)
@@ -389,13 +415,17 @@ class MemorySshRung:
 class MemoryRelayClient:
     """What PeerSession uses of `RelayClient`: `state`, `error` and one link per peer."""
 
-    def __init__(self, net: Net, node: Node) -> None:
+    def __init__(self, net: Net, node: Host) -> None:
         self.net = net
         self.node = node
         self.state = "connected"
         self.error: str | None = None
         self.url = "ws://192.0.2.9:7400"
         self._links: dict[bytes, RelayMemoryLink] = {}
+
+    def status(self) -> dict[str, Any]:
+        return {"url": self.url, "state": self.state, "error": self.error, "connected_since": None,
+                "links": len(self._links), "queued": 0, "queued_bytes": 0, "drops": {}, "refused": {}}
 
     def link(self, peer_key: bytes) -> RelayMemoryLink:
         found = self._links.get(peer_key)
@@ -405,41 +435,35 @@ class MemoryRelayClient:
         return found
 
 
-class Node:
-    """One daemon: its core, data path, event bus, rungs and mesh, and the "kernel" behind its TUN."""
+class Host:
+    """A machine on the in-memory network: its UDP port, its TUN device with the "kernel"
+    behind it, its SSH and relay rungs, and an application that pings. The node on it
+    (core, data path, mesh, event bus) is the subclass's."""
 
-    def __init__(self, net: Net, name: str, private: bytes, address: tuple[str, int], mesh_ip: str, seed: int) -> None:
+    device: Device
+    datapath: DataPath
+    mesh: Mesh
+    bus: EventBus
+
+    def __init__(self, net: Net, name: str, address: tuple[str, int], mesh_ip: str) -> None:
         self.net = net
         self.name = name
         self.address = address
         self.mesh_ip = ipaddress.IPv4Address(mesh_ip)
-        self.device = Device(private, rng=seeded_rng(seed))
         self.sock = MemoryBind(net, self, address)
-        self.tun = MemoryTun(f"tm-{name}")
+        self.tun = MemoryTun(f"tm-{name}", net.loop, self._kernel)
         self.app = self.tun.app
-        self.datapath = DataPath(self.device, self.tun, self.sock, net.clock)
-        self.bus = EventBus()
-        self._events = self.bus.subscribe()
-        self.events: list[dict[str, Any]] = []
         self.ssh = MemorySshRung(net, self)
         self.relay = MemoryRelayClient(net, self)
-        transports = Transports(ssh=self.ssh, relay=self.relay)  # type: ignore[arg-type]
-        self.mesh = Mesh(self.device, self.datapath, Supervisor(net.clock), self.bus, self.mesh_ip, PSK, transports,
-                         clock=net.clock)
+        self.transports = Transports(ssh=self.ssh, relay=self.relay)  # type: ignore[arg-type]
+        self.events: list[dict[str, Any]] = []
         self.echo_replies: list[tuple[float, int]] = []  # (when, seq) of answers to the app's pings
         net.nodes[name] = self
 
-    def start(self) -> None:
-        self.datapath.start()
-        self.net.loop.add_reader(self.app.fileno(), self._kernel)
+    def watch(self, bus: EventBus) -> None:
+        self._events = bus.subscribe()
 
-    def stop(self) -> None:
-        self.net.loop.remove_reader(self.app.fileno())
-        self.datapath.stop()
-        self.tun.close()
-        self.sock.close()
-
-    def session(self, peer: Node) -> PeerSession:
+    def session(self, peer: Host) -> PeerSession:
         return self.mesh.sessions[peer.device.static_public]
 
     def bus_events(self, event: str | None = None) -> list[dict[str, Any]]:
@@ -448,7 +472,7 @@ class Node:
             self.events.append(to_json(self._events.get_nowait()))
         return [e for e in self.events if event is None or e["event"] == event]
 
-    def ping(self, peer: Node, seq: int) -> None:
+    def ping(self, peer: Host, seq: int) -> None:
         """An application's echo request to `peer`, written into the TUN."""
         self.app.send(icmp_echo(self.mesh_ip, peer.mesh_ip, APP_IDENT, seq, b"tunnelmesh test"))
 
@@ -470,3 +494,42 @@ class Node:
                 self.app.send(icmp_echo(dst, src, ident, seq, packet[ihl + 8:], reply=True))
             elif icmp_type == 0 and ident == APP_IDENT:
                 self.echo_replies.append((self.net.clock.now, seq))
+
+
+class Node(Host):
+    """A node's parts (actors.node.NodeParts) without its actors running: the test calls
+    the sessions' handlers itself and starts and stops the data path."""
+
+    def __init__(self, net: Net, name: str, private: bytes, address: tuple[str, int], mesh_ip: str, seed: int) -> None:
+        super().__init__(net, name, address, mesh_ip)
+        parts = NodeParts(private, mtu=DEFAULT_MTU, tun=self.tun, bind=self.sock, clock=net.clock,
+                          mesh_ip=self.mesh_ip, psk=PSK, transports=self.transports, rng=seeded_rng(seed))
+        self.device, self.datapath, self.bus, self.mesh = parts.device, parts.datapath, parts.bus, parts.mesh
+        self.watch(self.bus)
+
+    def start(self) -> None:
+        self.datapath.start()
+
+    def stop(self) -> None:
+        self.datapath.stop()
+        self.tun.close()
+        self.sock.close()
+
+
+class Daemon(Host):
+    """A whole daemon as actors/node.py assembles it (its SSH rung held by the daemon's
+    own SshServer actor), run by its supervisor: `run()` until `down`; its control
+    commands are `api`'s handlers, called in-process."""
+
+    def __init__(self, net: Net, name: str, identity: NodeIdentity, address: tuple[str, int], mesh_ip: str,
+                 peers: Sequence[PeerSpec], seed: int) -> None:
+        super().__init__(net, name, address, mesh_ip)
+        self.node = RunningNode(
+            name=name, interface=self.tun.name, identity=identity, mtu=DEFAULT_MTU, tun=self.tun, bind=self.sock,
+            addresses=Addresses(ipaddress.IPv4Interface(f"{mesh_ip}/24"), None, ()), psk=PSK,
+            transports=self.transports, peers=peers, clock=net.clock, rng=seeded_rng(seed),
+        )
+        self.node.add(SshServer(self.ssh))  # type: ignore[arg-type]
+        self.device, self.datapath, self.bus, self.mesh = self.node.device, self.node.datapath, self.node.bus, self.node.mesh
+        self.api = self.node.control_api()
+        self.watch(self.bus)
