@@ -378,11 +378,11 @@ def _new_key(path: Path) -> Path:
 
     if path.exists():
         return path
-    from tunnelmesh.files import FileError, write_atomic
+    from tunnelmesh.files import FileError, write_atomic, write_secret
 
     key = asyncssh.generate_private_key("ssh-ed25519", comment=f"tunnelmesh@{socket.gethostname()}")
     try:
-        write_atomic(path, key.export_private_key("openssh"), 0o600, replace=False)
+        write_secret(path, key.export_private_key("openssh"), replace=False)
         write_atomic(Path(f"{path}.pub"), key.export_public_key("openssh"), 0o644)
     except FileError as exc:
         raise CliError(str(exc), EXIT_FAIL) from None
@@ -395,10 +395,10 @@ def _import_secret(source: Path, target: Path) -> None:
         read_network_secret(source)  # checks format and permissions
     except ConfigError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    from tunnelmesh.files import FileError, write_atomic
+    from tunnelmesh.files import FileError, write_secret
 
     try:
-        write_atomic(target, source.read_bytes(), 0o600)
+        write_secret(target, source.read_bytes())
     except (FileError, OSError) as exc:
         raise CliError(f"cannot copy the network secret {source} to {target}: {exc}", EXIT_FAIL) from None
 

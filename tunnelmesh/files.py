@@ -136,6 +136,13 @@ def write_atomic(path: Path | str, data: bytes, mode: int = 0o644, *, owner: tup
         os.close(dir_fd)
 
 
+def write_secret(path: Path | str, data: bytes, *, owner: tuple[int, int] | None = None,
+                 replace: bool = True) -> None:
+    """The one way a secret (a private key, the network secret) goes to disk: `write_atomic`
+    with mode 0600, so no reader ever sees it half written or with a wider mode."""
+    write_atomic(path, data, 0o600, owner=owner, replace=replace)
+
+
 def _user(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name

@@ -22,7 +22,6 @@ Files (all in the state directory, see `tunnelmesh.paths`):
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any
 
 from tunnelmesh import files
 from tunnelmesh.admission import InviteLedger
+from tunnelmesh.config.secret import network_secret_text
 from tunnelmesh.membership import (
     MapChanges,
     MemberEntry,
@@ -51,18 +51,22 @@ class StateError(Exception):
     """A state file is missing, unreadable or does not verify; the message says what to do."""
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes, *, secret: bool = False) -> None:
     """Replace `path` with `data` all at once (the old content survives any failure):
-    `tunnelmesh.files.write_atomic`, with its error as a `StateError`."""
+    `tunnelmesh.files.write_atomic`, or `write_secret` (0600) for a secret, with its
+    error as a `StateError`."""
     try:
-        files.write_atomic(path, data, mode)
+        if secret:
+            files.write_secret(path, data)
+        else:
+            files.write_atomic(path, data)
     except files.FileError as exc:
         raise StateError(str(exc)) from None
 
 
 def write_secret(path: Path, secret: bytes) -> None:
-    """The network secret file format of `tunnelmesh.config.read_network_secret`, mode 0600."""
-    write_atomic(path, base64.b64encode(secret) + b"\n", 0o600)
+    """The network secret file, as `tunnelmesh.config.read_network_secret` reads it."""
+    write_atomic(path, network_secret_text(secret), secret=True)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -207,7 +211,7 @@ def invite_ledger(path: Path, network: NetworkInfo) -> Iterator[InviteLedger]:
         yield ledger
         after = ledger.to_wire()
         if json.dumps(after) != before:
-            write_atomic(path, json.dumps(after, indent=1).encode() + b"\n", 0o600)
+            write_atomic(path, json.dumps(after, indent=1).encode() + b"\n", secret=True)
     finally:
         os.close(lock_fd)
 

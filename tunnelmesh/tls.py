@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
-import os
 import re
 import ssl
 from pathlib import Path
@@ -24,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tunnelmesh import files
 
 PIN_PREFIX = "sha256:"
 #: A self-made certificate is pinned, not renewed: it lasts as long as the network.
@@ -98,31 +99,16 @@ def make_certificate(host: str, *, now: datetime.datetime | None = None
     return cert, key
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """`data` as `path`, replacing it whole: written to a fresh temporary name (O_EXCL,
-    no symlink followed) and renamed over."""
-    temporary = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def write_certificate(cert_path: Path, key_path: Path, host: str) -> str:
     """Make a certificate for `host`, write it (PEM, 0644) and its key (PEM, 0600);
     returns its pin."""
     cert, key = make_certificate(host)
     try:
-        _write_new(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()), 0o600)
-        _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    except OSError as exc:
-        raise TlsError(f"cannot write the coordinator's TLS certificate: {exc.filename or cert_path}: "
-                       f"{exc.strerror or exc}") from None
+        files.write_secret(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+        files.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    except files.FileError as exc:
+        raise TlsError(f"cannot write the coordinator's TLS certificate: {exc}") from None
     return fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
 

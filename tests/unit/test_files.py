@@ -66,7 +66,7 @@ def test_symlink_at_the_old_fixed_temp_name_is_not_followed(tmp_path: Path, vict
     if writer == "files":
         write_atomic(target, b"new\n", 0o600)
     elif writer == "netstate":
-        netstate_write_atomic(target, b"new\n", 0o600)
+        netstate_write_atomic(target, b"new\n", secret=True)
     else:
         write_secret(target, secret)
     _unchanged(victim)
@@ -413,3 +413,29 @@ def test_authorized_keys_writer_refuses_a_symlinked_ssh_dir(
 def test_state_error_from_netstate_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(StateError, match=rf"cannot write {tmp_path}/missing/f"):
         netstate_write_atomic(tmp_path / "missing" / "f", b"x")
+
+
+def test_write_secret_is_the_atomic_writer_at_0600_whatever_the_umask(tmp_path: Path) -> None:
+    from tunnelmesh.files import write_secret
+
+    path = tmp_path / "key"
+    old = os.umask(0)
+    try:
+        write_secret(path, b"one")
+        write_secret(path, b"two")
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"two" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(FileExists):
+        write_secret(path, b"three", replace=False)
+    assert path.read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == ["key"]
+
+
+def test_the_tls_key_goes_through_the_secret_writer(tmp_path: Path) -> None:
+    from tunnelmesh.tls import TlsError, write_certificate
+
+    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
+    write_certificate(cert, key, "192.0.2.1")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and stat.S_IMODE(cert.stat().st_mode) == 0o644
+    with pytest.raises(TlsError, match="cannot write the coordinator's TLS certificate"):
+        write_certificate(cert, tmp_path / "missing-dir" / "tls.key", "192.0.2.1")

@@ -480,7 +480,7 @@ def test_admin_key_save_load_round_trip(tmp_path: Path) -> None:
 def test_admin_key_save_refuses_to_overwrite(tmp_path: Path) -> None:
     path = tmp_path / "admin.key"
     path.write_text("keep me")
-    with pytest.raises(FileExistsError):
+    with refused("already exists; refusing to overwrite it"):
         AdminKey.generate().save(path)
     assert path.read_text() == "keep me"
 

@@ -54,8 +54,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[AdminKey, NetworkIn
 
 def test_write_atomic_replaces_whole_and_sets_mode(tmp_path: Path) -> None:
     path = tmp_path / "f"
-    write_atomic(path, b"one", 0o600)
-    write_atomic(path, b"two", 0o600)
+    write_atomic(path, b"one", secret=True)
+    write_atomic(path, b"two", secret=True)
     assert path.read_bytes() == b"two"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["f"]

@@ -66,9 +66,14 @@ def write_network_secret(path: Path) -> bytes:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(path, None, f"cannot create network secret: {path.parent}: {reason}") from None
     try:
-        files.write_atomic(path, base64.b64encode(secret) + b"\n", 0o600, replace=False)
+        files.write_secret(path, network_secret_text(secret), replace=False)
     except files.FileExists:
         raise ConfigError(path, None, "network secret already exists; refusing to overwrite it") from None
     except files.FileError as exc:
         raise ConfigError(path, None, f"cannot create network secret: {exc.reason}") from None
     return secret
+
+
+def network_secret_text(secret: bytes) -> bytes:
+    """The network secret file's content, as `read_network_secret` reads it."""
+    return base64.b64encode(secret) + b"\n"

@@ -145,7 +145,7 @@ def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
 def _create_host_key(path: Path) -> asyncssh.SSHKey:
     key = asyncssh.generate_private_key("ssh-ed25519", comment="tunnelmesh ssh host key")
     try:  # the one writer: a random temp name, never a planted link, never half a key
-        files.write_atomic(path, key.export_private_key("openssh"), 0o600)
+        files.write_secret(path, key.export_private_key("openssh"))
     except files.FileError as exc:
         raise LinkError(f"cannot write SSH host key {path}: {exc.reason}") from None
     log.info("made SSH host key %s (%s)", path, key.get_fingerprint())

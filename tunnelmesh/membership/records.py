@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tunnelmesh import files
 from tunnelmesh.fields import Fields
 from tunnelmesh.identity import IdentityError, PublicIdentity
 from tunnelmesh.tls import check_pinned_url, parse_pin
@@ -135,9 +136,10 @@ class AdminKey:
     def save(self, path: Path) -> None:
         """Write the key, mode 0600, refusing to overwrite one."""
         seed = self._key.private_bytes_raw()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{ADMIN_KEY_HEADER} {b64(seed)}\n")
+        try:
+            files.write_secret(path, f"{ADMIN_KEY_HEADER} {b64(seed)}\n".encode(), replace=False)
+        except files.FileError as exc:
+            raise MembershipError(f"cannot write the admin key: {exc}") from None
 
     @classmethod
     def load(cls, path: Path) -> AdminKey:
