@@ -1,17 +1,19 @@
 """The control socket under hostile or awkward use: the daemon answers with an
 error and keeps running; a ping to a silent peer neither blocks `status` nor
-outlives its own timeout."""
+outlives its own timeout. Its replies and events fit the schema (docs/control.md)."""
 
 from __future__ import annotations
 
 import json
-import socket
+import queue
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from actors.messages import CONTROL_VERSION, Event, HandshakeDone, PeerAdded, from_json
 from tools.lab import clean_environment
 from tools.mesh import build_static_mesh, wait_for_handshakes
 
@@ -28,6 +30,15 @@ while not data.endswith(b"\\n"):
         break
     data += chunk
 print(data.decode().strip())
+"""
+
+
+STREAM = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(b'{"cmd":"events"}\\n')
+for line in s.makefile("rb"):
+    sys.stdout.write(line.decode()); sys.stdout.flush()
 """
 
 
@@ -75,3 +86,33 @@ def test_ping_to_a_silent_peer_times_out_and_does_not_block_status(lab):
     assert ping.returncode == 1, (out, err)
     assert "no reply" in out, (out, err)
     assert 7 <= took < 20, f"ping with --timeout 8 took {took:.1f} s"
+
+
+def test_status_and_the_event_stream_carry_the_version_and_typed_events(lab):
+    mesh = build_static_mesh(lab, ["a", "b"])
+    wait_for_handshakes(mesh)
+    a, b = mesh["a"], mesh["b"]
+    status = a.status()  # checked against the schema by MeshNode.status
+    assert status["control_version"] == CONTROL_VERSION and status["node"]["events_dropped"] == 0, status
+    peers = json.loads(a.tm("peers", "--json").stdout)
+    assert [(p["name"], p["path"]["rung"]) for p in peers] == [("b", "udp")], peers
+    stream = subprocess.Popen(["ip", "netns", "exec", a.node.netns, sys.executable, "-c", STREAM,
+                               f"{a.node.state_dir}/control.sock"], stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stream.stdout], daemon=True).start()
+    try:
+        assert json.loads(lines.get(timeout=10)) == {"ok": True, "result": {"control_version": CONTROL_VERSION}}
+        b.down()
+        b.up()  # b starts afresh: a hears its handshake
+        seen: list[Event] = []
+        deadline = time.monotonic() + 30
+        while not any(isinstance(e, HandshakeDone) and e.peer == "b" for e in seen):
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue.Empty:
+                raise AssertionError(f"no handshake event from b within 30 s; events: {seen}") from None
+            seen.append(from_json(Event, json.loads(line)))  # every event fits the schema
+        assert not [e for e in seen if isinstance(e, PeerAdded)], seen  # a's peers did not change
+    finally:
+        stream.kill()
+        stream.wait()

@@ -26,6 +26,7 @@ from actors.messages import (
     PingResult, Status, Subscribed, from_json, to_json,
 )
 from actors.runtime import Actor, Supervisor
+from tunnelmesh import control_client
 from tunnelmesh.control_client import ControlError, _versioned
 
 #: The replies, and every part of one (each status type is named ...Status).
@@ -188,6 +189,15 @@ def test_status_and_events_over_the_socket_and_a_slow_subscriber_counted(tmp_pat
         assert (status.node.fingerprint, status.node.mesh_ipv6) == ("SHA256:abc", None)
         assert status.drops == {"bad mac": 2, "no route": 1}
         assert status.node.transports.node_relays == () and status.node.coordinator is None
+
+        # The CLI's client: the subscription's version checked, each event typed.
+        stream = control_client.events(socket_path)
+        first = asyncio.ensure_future(asyncio.to_thread(next, stream))
+        while not first.done():  # until it has subscribed and taken one
+            bus.publish(event)
+            await asyncio.sleep(0.01)
+        assert first.result() == event
+        stream.close()
 
         _, writer, reply = await _request(socket_path, b'{"cmd":"peers"}\n')
         writer.close()
