@@ -271,24 +271,29 @@ class MemoryBind:
 
 class MemoryTun:
     """A node's TUN device (an actors.edges.Tun): one end of a Unix datagram socketpair; the
-    host's "kernel" (`kernel`, called when a packet waits) holds the other end, `app`, for as
-    long as the device exists: closing it takes both ends, as closing a TUN removes the interface."""
+    other end, `app`, is the kernel's side. Closing the device closes both ends, as closing
+    a TUN removes the interface."""
 
-    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, kernel: Callable[[], None]) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self._end, self.app = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._end.setblocking(False)
         self.app.setblocking(False)
         self.write = self._end.send
         self.fileno = self._end.fileno
-        self._loop = loop
+        self._kernel_loop: asyncio.AbstractEventLoop | None = None
+
+    def attach_kernel(self, loop: asyncio.AbstractEventLoop, kernel: Callable[[], None]) -> None:
+        """Call `kernel` whenever a packet waits at `app`, for as long as the device exists."""
+        self._kernel_loop = loop
         loop.add_reader(self.app.fileno(), kernel)
 
     def readv(self, buffers: list[bytearray]) -> int:
         return self._end.recvmsg_into(buffers)[0]
 
     def close(self) -> None:
-        self._loop.remove_reader(self.app.fileno())
+        if self._kernel_loop is not None:
+            self._kernel_loop.remove_reader(self.app.fileno())
         self._end.close()
         self.app.close()
 
@@ -451,7 +456,8 @@ class Host:
         self.address = address
         self.mesh_ip = ipaddress.IPv4Address(mesh_ip)
         self.sock = MemoryBind(net, self, address)
-        self.tun = MemoryTun(f"tm-{name}", net.loop, self._kernel)
+        self.tun = MemoryTun(f"tm-{name}")
+        self.tun.attach_kernel(net.loop, self._kernel)
         self.app = self.tun.app
         self.ssh = MemorySshRung(net, self)
         self.relay = MemoryRelayClient(net, self)
