@@ -45,7 +45,7 @@ from .edges import Bind, Tun, UdpBind, UdpError
 from .links import RelayConnection, RelayPool, SshServer, Transports
 from .mesh import Mesh
 from .messages import PeerSpec, Start, SyncRelays
-from .runtime import Actor, Supervisor
+from .runtime import Actor, Leftovers, Supervisor
 from .tun import TunDevice, TunError
 
 log = logging.getLogger("tunnelmesh.daemon")
@@ -338,6 +338,7 @@ def _static_peers(config: NodeConfig, endpoints: list[tuple[str, int] | None]) -
 
 async def run_daemon(paths: Paths) -> int:
     """Run until `down`, SIGTERM or SIGINT. Returns the process exit code."""
+    leftovers = Leftovers()  # what is open now is not the daemon's to close
     state: NetworkState | None = None
     peer_map: PeerMap | None = None
     try:
@@ -498,6 +499,9 @@ async def run_daemon(paths: Paths) -> int:
                 path.unlink()
             except FileNotFoundError:
                 pass
+    left = await leftovers.found()
+    if left:
+        log.error("left behind at shutdown: %s", "; ".join(left))
     log.info("tunnelmesh down: %s", result.reason)
     return result.exit_code
 

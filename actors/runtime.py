@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
@@ -46,6 +47,8 @@ CRASH_WINDOW = 60.0
 #: How long an actor's child tasks get to finish once cancelled; one still running after
 #: this is logged (and shows in the leftovers check) rather than holding up shutdown.
 CHILD_STOP_TIMEOUT = 5.0
+#: How long the leftovers check lets closings already under way finish.
+SETTLE = 1.0
 
 
 class Shutdown(Exception):
@@ -345,19 +348,43 @@ class Leftovers:
         self._fds = _open_fds()
         self._threads = set(threading.enumerate())
 
-    async def found(self) -> list[str]:
+    async def found(self, settle: float = SETTLE) -> list[str]:
         """One line per thing left behind (empty: none). Shuts the event loop's default
         executor down first, as asyncio.run would next, so that its idle worker threads
-        are not counted while one still busy is (its join would wait for it)."""
-        await asyncio.get_running_loop().shutdown_default_executor()
+        are not counted while one still busy is (its join would wait for it). What is
+        closing already (a transport closes on the loop's next iterations, TLS after its
+        close_notify exchange) gets up to `settle` seconds to finish."""
+        loop = asyncio.get_running_loop()
+        await loop.shutdown_default_executor()
+        deadline = loop.time() + settle
+        while (left := self._left()) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return left
+
+    def _left(self) -> list[str]:
         current = asyncio.current_task()
         found = [f"task {task.get_name()!r} ({task.get_coro()!r})" for task in asyncio.all_tasks()
                  if task is not current and task not in self._tasks and not task.done()]
-        found += [f"fd {fd} ({target})" for fd, target in sorted(_open_fds().items())
+        found += [f"fd {fd} ({_described(fd, target)})" for fd, target in sorted(_open_fds().items())
                   if self._fds.get(fd) != target]
         found += [f"thread {thread.name!r}" for thread in threading.enumerate()
                   if thread not in self._threads and thread.is_alive()]
         return found
+
+
+def _described(fd: int, target: str) -> str:
+    """What an fd refers to; for a socket also its kind and addresses, which say whose it is."""
+    if not target.startswith("socket:"):
+        return target
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            try:
+                peer = f" to {sock.getpeername()}"
+            except OSError:
+                peer = ""
+            return f"{target} {sock.family.name} {sock.type.name} at {sock.getsockname()}{peer}"
+    except OSError:
+        return target
 
 
 def _open_fds() -> dict[int, str]:

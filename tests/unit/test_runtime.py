@@ -217,7 +217,7 @@ def test_leftovers_names_a_task_an_fd_and_a_thread_started_after_it_and_not_stop
         read, write = os.pipe()
         thread = threading.Thread(target=stop.wait, name="leaked-thread")
         thread.start()
-        found = await check.found()
+        found = await check.found(settle=0.1)
         for task in (before, leaked):
             task.cancel()
         os.close(read)
@@ -233,3 +233,18 @@ def test_leftovers_names_a_task_an_fd_and_a_thread_started_after_it_and_not_stop
     assert all(line.startswith("fd ") and "(pipe:[" in line for line in found[1:3])
     assert after_cleanup == []
 
+
+
+def test_leftovers_lets_a_close_under_way_finish() -> None:
+    """A transport closes on the loop's next iterations: closed just before the check,
+    its socket is not left behind."""
+    async def scenario() -> list[str]:
+        check = Leftovers()
+        server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        server.close()
+        await server.wait_closed()
+        writer.close()  # the socket itself goes when the loop runs connection_lost
+        return await check.found()
+
+    assert asyncio.run(scenario()) == []
