@@ -35,22 +35,24 @@ class EventBus:
     loses events (counted in `dropped`, shown in status) rather than slowing the daemon."""
 
     def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[Event | dict[str, Any]]] = set()
+        self._subscribers: set[asyncio.Queue[Event]] = set()
         self.dropped = 0
 
-    def publish(self, event: Event | dict[str, Any]) -> None:  # dicts only until every publisher is typed
+    def publish(self, event: Event) -> None:
+        if not isinstance(event, Event):  # what subscribers get is the schema's (docs/control.md)
+            raise TypeError(f"an event is one of the Event dataclasses of actors/messages.py, not {type(event).__name__}")
         for queue in self._subscribers:
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
                 self.dropped += 1
 
-    def subscribe(self) -> asyncio.Queue[Event | dict[str, Any]]:
-        queue: asyncio.Queue[Event | dict[str, Any]] = asyncio.Queue(EVENT_QUEUE)
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(EVENT_QUEUE)
         self._subscribers.add(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[Event | dict[str, Any]]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         self._subscribers.discard(queue)
 
 

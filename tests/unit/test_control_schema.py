@@ -104,6 +104,11 @@ def test_the_client_refuses_a_reply_of_another_control_version_by_its_number() -
     assert _versioned(Peers, {"peers": [], "control_version": 1}) == Peers(peers=())
 
 
+def test_the_bus_takes_typed_events_only() -> None:
+    with pytest.raises(TypeError, match="an event is one of the Event dataclasses"):
+        EventBus().publish({"event": "handshake", "peer": "b"})  # type: ignore[arg-type]
+
+
 # --- the API over a real socket ---------------------------------------------------------
 
 
