@@ -1,6 +1,12 @@
-"""Daemon assembly: config -> identity -> I/O edges -> core -> actors.
+"""The daemon: config -> identity -> membership -> I/O edges -> the node (actors/node.py)
+-> the services and actors only a daemon has.
 
-`run_daemon` is the only entry from the CLI into `actors/` (`tunnelmesh up`).
+`run_daemon` is the only entry from the CLI into `actors/` (`tunnelmesh up`): it loads
+what the node starts from (`_load`), opens the node's edges (`_open_edges`), builds the
+node on them, starts what runs beside it (`_start_services`: the TUN's addresses, the
+embedded coordinator, the transports), adds the actors only a daemon has (coordinator
+client, admitter, relay pool, control socket) and runs it.
+
 Everything that can fail for a reason the user can fix (config, key, secret,
 port, TUN) fails before the TUN device exists or removes it again, so a failed
 start leaves no half-configured interface behind.
@@ -34,18 +40,17 @@ from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import MapSnapshot, PeerMap
 from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
-from tunnelmesh.wireguard import Device, derive_psk
+from tunnelmesh.wireguard import derive_psk
 
-from .control import ControlServer, EventBus
-from .control_api import ControlApi
+from .control import ControlServer
 from .admitter import Admitter
 from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath
-from .edges import Bind, Tun, UdpBind, UdpError
+from .edges import UdpBind, UdpError
 from .links import RelayConnection, RelayPool, SshServer, Transports
-from .mesh import Mesh
-from .messages import PeerSpec, Start, SyncRelays
-from .runtime import Actor, Leftovers, Supervisor
+from .messages import PeerSpec, SyncRelays
+from .node import Addresses, Node
+from .runtime import Actor, Leftovers
 from .tun import TunDevice, TunError
 
 log = logging.getLogger("tunnelmesh.daemon")
@@ -53,51 +58,6 @@ log = logging.getLogger("tunnelmesh.daemon")
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
-
-
-class IdentityActor(Actor):
-    """Owns the node's SSH-key identity; answers who this node is."""
-
-    name = "identity"
-    policy = "fatal"
-
-    def __init__(self, identity: NodeIdentity) -> None:
-        super().__init__()
-        self.identity = identity
-
-    async def handle(self, message: Any) -> Any:
-        if message == "whoami":
-            public = self.identity.public
-            return {
-                "fingerprint": public.fingerprint,
-                "ssh_public_key": public.ssh_public_key,
-                "wireguard_public_key": base64.b64encode(public.wg_public_key).decode(),
-            }
-        raise ValueError(f"unknown request {message!r}")
-
-
-class EdgesActor(Actor):
-    """Owns the TUN device and the UDP socket: their lifetime is the daemon's,
-    and stopping this actor closes them (which removes the interface and its
-    routes)."""
-
-    name = "edges"
-    policy = "fatal"
-
-    def __init__(self, tun: Tun, bind: Bind, datapath: DataPath) -> None:
-        super().__init__()
-        self.tun = tun
-        self.bind = bind
-        self.datapath = datapath
-
-    async def run(self) -> None:
-        self.datapath.start()
-        await asyncio.Event().wait()  # held until shutdown
-
-    async def stop(self) -> None:
-        self.datapath.stop()
-        self.tun.close()
-        self.bind.close()
 
 
 async def _resolve(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:
@@ -121,15 +81,6 @@ def _already_running(paths: Paths) -> bool:
     except Exception:
         return True
     return True
-
-
-@dataclass(frozen=True)
-class Addresses:
-    """What the TUN device gets: this node's mesh addresses and the routes into the tunnel."""
-
-    ipv4: ipaddress.IPv4Interface
-    ipv6: ipaddress.IPv6Interface | None
-    routes: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
 class ServedSite(Actor):
@@ -200,8 +151,10 @@ async def _set_up_network(paths: Paths, state: NetworkState, ca_file: str | None
 
 
 @dataclass
-class Started:
-    """What `_start_transports` started, for the rest of the assembly."""
+class TransportSetup:
+    """What starting the transports gave the rest of the assembly, beside the rungs in
+    `Transports`: the records to register with the coordinator, this node's relay, and
+    what to call when the peer map changes."""
 
     ssh_record: dict[str, Any] | None = None  # this node's signed SSH endpoint, for the coordinator
     relay_offer: dict[str, Any] | None = None  # the relay this node serves, for the coordinator
@@ -213,11 +166,12 @@ class Started:
 
 async def _start_transports(
     config: NodeConfig, paths: Paths, identity: NodeIdentity, state: NetworkState,
-    current_map: Callable[[], MapSnapshot], datapath: DataPath, transports: Transports,
-) -> Started:
+    current_map: Callable[[], MapSnapshot], datapath: DataPath, transports: Transports, setup: TransportSetup,
+) -> None:
     """Start the SSH rung (if any peer may use it: its own server, and the bridge behind
     this machine's sshd when set up), this node's relay (relay = true) and make the
-    coordinator's relay client (if any peer may use the relay rung)."""
+    coordinator's relay client (if any peer may use the relay rung). Each goes into
+    `transports` or `setup` as soon as it runs, so that a later failure closes it."""
     from tunnelmesh.links import LinkError
     from tunnelmesh.links.attest import BridgeEndpoint, make_attestation
     from tunnelmesh.links.bridge import BridgeError, read_system_host_key, write_authorized_keys
@@ -226,17 +180,17 @@ async def _start_transports(
 
     from .links import PeerMapDirectory
 
-    tcfg = config.transports
-    wanted = {rung for choice in (tcfg.default, *tcfg.peers.values()) for rung in choice.enabled}
-    started = Started()
-    if tcfg.relay_listen is not None:
-        await _start_relay_service(config, identity, state, current_map, started)
+    transports_config = config.transports
+    wanted = {rung for choice in (transports_config.default, *transports_config.peers.values())
+              for rung in choice.enabled}
+    if transports_config.relay_listen is not None:
+        await _start_relay_service(config, identity, state, current_map, setup)
     if "relay" in wanted:
         transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=_ca_file(config),
                                        tls_fingerprint=_tls_fingerprint(config))
     if "ssh" not in wanted:
-        return started
-    port = tcfg.ssh_port or None
+        return
+    port = transports_config.ssh_port or None
     try:
         host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
         directory = PeerMapDirectory(current_map)
@@ -246,13 +200,13 @@ async def _start_transports(
         raise StartupError(f"SSH rung: {exc} ([transports] ssh_port in {config.path})") from None
     transports.ssh = rung
     directory.check_all()  # every SSH endpoint record seen, so an older one served later is refused
-    started.on_map_changed.append(directory.check_all)
+    setup.on_map_changed.append(directory.check_all)
     bridge = None
-    if tcfg.ssh_bridge_user is not None:
-        user = tcfg.ssh_bridge_user
+    if transports_config.ssh_bridge_user is not None:
+        user = transports_config.ssh_bridge_user
         try:
             account = pwd.getpwnam(user)
-            bridge = BridgeEndpoint(port=tcfg.ssh_bridge_port, user=user, host_key=read_system_host_key())
+            bridge = BridgeEndpoint(port=transports_config.ssh_bridge_port, user=user, host_key=read_system_host_key())
             await rung.start_bridge(paths.bridge_socket, {account.pw_uid}, account.pw_gid)
         except KeyError:
             raise StartupError(f"[transports] ssh_bridge_user: no account {user!r}; make it with "
@@ -269,16 +223,15 @@ async def _start_transports(
                 log.error("SSH bridge: cannot update %s's authorized_keys: %s", user, exc)
 
         authorize_members()
-        started.on_map_changed.append(authorize_members)
+        setup.on_map_changed.append(authorize_members)
     host_key_line = " ".join(host_key.export_public_key("openssh").decode().split()[:2]) if host_key else None
     if port is not None or bridge is not None:
-        started.ssh_record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge,
+        setup.ssh_record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge,
                                                     issued=int(time.time()))  # its epoch: newer records win
-    return started
 
 
 async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state: NetworkState,
-                               current_map: Callable[[], MapSnapshot], started: Started) -> None:
+                               current_map: Callable[[], MapSnapshot], setup: TransportSetup) -> None:
     """This node's relay (relay = true): /relay on its own port for the current members."""
     from aiohttp import web
 
@@ -302,11 +255,11 @@ async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state
     except OSError as exc:
         raise StartupError(f"relay: cannot listen on {host}:{port}: {exc.strerror} "
                            f"([transports] relay_listen in {config.path})") from None
-    started.relay_service, started.relay_served = ServedSite("relay-service", runner), relay
+    setup.relay_service, setup.relay_served = ServedSite("relay-service", runner), relay
     url = config.transports.relay_url
-    started.relay_offer = {"url": url} if url is not None else {"port": port}
-    started.own_relay = (f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}", relay_id)
-    started.on_map_changed.append(relay.member_changed)
+    setup.relay_offer = {"url": url} if url is not None else {"port": port}
+    setup.own_relay = (f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}", relay_id)
+    setup.on_map_changed.append(relay.member_changed)
     log.info("relay: serving members on %s:%d (%s)", host, port, url or "at the address the coordinator sees")
 
 
@@ -336,15 +289,40 @@ def _static_peers(config: NodeConfig, endpoints: list[tuple[str, int] | None]) -
     ]
 
 
-async def run_daemon(paths: Paths) -> int:
-    """Run until `down`, SIGTERM or SIGINT. Returns the process exit code."""
-    leftovers = Leftovers()  # what is open now is not the daemon's to close
-    state: NetworkState | None = None
-    peer_map: PeerMap | None = None
+@dataclass(frozen=True)
+class Loaded:
+    """What the daemon starts from, read and checked: the config, the identity, in
+    coordinator mode the joined network and the cached peer map, and the PSK."""
+
+    config: NodeConfig
+    identity: NodeIdentity
+    state: NetworkState | None  # None in static mode
+    peer_map: PeerMap | None  # None in static mode
+    psk: bytes = field(repr=False)
+
+
+@dataclass
+class Services:
+    """What the daemon runs beside the node's edges, started before the actors run so that
+    a busy port or a bad record is a start-up error: the embedded coordinator, and the
+    transports (the rungs, in the node's `Transports`, and `transport_setup`)."""
+
+    coordinator: ServedSite | None = None
+    coordinator_address: str | None = None  # where the embedded coordinator listens, for status
+    transport_setup: TransportSetup = field(default_factory=TransportSetup)
+
+
+def _check_state_dir(paths: Paths) -> None:
     try:
         check_state_dir(paths.state_dir)  # root writes there: nobody else may be able to
     except FileError as exc:
         raise StartupError(str(exc)) from None
+
+
+async def _load(paths: Paths) -> Loaded:
+    """The config, the identity (a key file or ssh-agent), the membership and the network secret."""
+    state: NetworkState | None = None
+    peer_map: PeerMap | None = None
     try:
         config = load_config(paths.config, state_dir=paths.state_dir)
         try:
@@ -361,22 +339,32 @@ async def run_daemon(paths: Paths) -> int:
         psk = derive_psk(secret)
     except (ConfigError, IdentityError, StateError) as exc:
         raise StartupError(str(exc)) from None
-    if _already_running(paths):
-        raise StartupError(f"tunnelmesh is already running with state dir {paths.state_dir}; stop it with `tunnelmesh down`")
+    return Loaded(config, identity, state, peer_map, psk)
 
+
+def _addresses(loaded: Loaded) -> Addresses:
+    config, state = loaded.config, loaded.state
     if state is not None:
         network = state.network
-        addresses = Addresses(
+        return Addresses(
             ipaddress.IPv4Interface(f"{state.member.ipv4}/{network.cidr4.prefixlen}"),
             ipaddress.IPv6Interface(f"{state.member.ipv6}/{network.ula6.prefixlen}"), (),
         )
-        static_endpoints: list[tuple[str, int] | None] = []
-    else:
-        assert config.mesh_ip is not None
-        addresses = Addresses(ipaddress.IPv4Interface(f"{config.mesh_ip}/{config.mesh_prefix}"), None,
-                              tuple(net for peer in config.peers for net in peer.allowed_ips))
-        static_endpoints = [await _resolve(peer.endpoint) for peer in config.peers]
+    assert config.mesh_ip is not None
+    return Addresses(ipaddress.IPv4Interface(f"{config.mesh_ip}/{config.mesh_prefix}"), None,
+                     tuple(net for peer in config.peers for net in peer.allowed_ips))
 
+
+async def _initial_peers(config: NodeConfig, cached_map: MapSnapshot | None) -> list[PeerSpec]:
+    """The peers the node starts with: the cached map's members, or the static config's
+    peers (their endpoints resolved now: a name that does not resolve is a start-up error)."""
+    if cached_map is not None:
+        return [peer_spec(member, cached_map, config.transports) for member in cached_map.members.values()]
+    return _static_peers(config, [await _resolve(peer.endpoint) for peer in config.peers])
+
+
+def _open_edges(config: NodeConfig) -> tuple[UdpBind, TunDevice]:
+    """The UDP socket and the TUN device (not configured yet)."""
     try:
         bind = UdpBind.open(config.listen_port)
     except UdpError as exc:
@@ -386,14 +374,54 @@ async def run_daemon(paths: Paths) -> int:
     except TunError as exc:
         bind.close()
         raise StartupError(str(exc)) from None
-    device = Device(identity.static_private, mtu=config.mtu)
-    datapath = DataPath(device, tun, bind)
-    coordinator_server: ServedSite | None = None
-    serving: str | None = None  # where the embedded coordinator listens, for status
-    transports = Transports()
-    started_transports = Started()
+    return bind, tun
+
+
+async def _start_services(paths: Paths, loaded: Loaded, tun: TunDevice, node: Node,
+                          current_map: Callable[[], MapSnapshot]) -> Services:
+    """Configure the TUN, start the embedded coordinator (on the node that serves it) and
+    the transports (coordinator mode). On a start-up error everything opened so far,
+    the node's edges too, is closed again."""
+    config, state = loaded.config, loaded.state
+    addresses, transports = node.addresses, node.parts.transports
+    services = Services()
+    try:
+        await tun.configure(addresses.ipv4, config.mtu, addresses.routes, address6=addresses.ipv6)
+        if config.coordinator is not None and config.coordinator.serve is not None:
+            services.coordinator = await _start_coordinator(config)
+            services.coordinator_address = "{}:{}".format(*config.coordinator.serve)
+            if state is not None and paths.admin_key.exists():
+                await _set_up_network(paths, state, _ca_file(config), _tls_fingerprint(config))
+        if state is not None:
+            await _start_transports(config, paths, loaded.identity, state, current_map, node.datapath, transports,
+                                    services.transport_setup)
+    except (TunError, StartupError) as exc:
+        if transports.ssh is not None:
+            await transports.ssh.close()
+        if services.transport_setup.relay_service is not None:
+            await services.transport_setup.relay_service.stop()
+        if services.coordinator is not None:
+            await services.coordinator.stop()
+        tun.close()
+        node.parts.bind.close()
+        raise StartupError(str(exc)) from None
+    return services
+
+
+async def run_daemon(paths: Paths) -> int:
+    """Run until `down`, SIGTERM or SIGINT. Returns the process exit code."""
+    leftovers = Leftovers()  # what is open now is not the daemon's to close
+    _check_state_dir(paths)
+    loaded = await _load(paths)
+    config, identity, state = loaded.config, loaded.identity, loaded.state
+    if _already_running(paths):
+        raise StartupError(f"tunnelmesh is already running with state dir {paths.state_dir}; stop it with `tunnelmesh down`")
+    cached_map = loaded.peer_map.snapshot() if loaded.peer_map is not None else None
+    peers = await _initial_peers(config, cached_map)
+    bind, tun = _open_edges(config)
+    node = Node(name=config.name, interface=config.interface, identity=identity, mtu=config.mtu, tun=tun, bind=bind,
+                addresses=_addresses(loaded), psk=loaded.psk, transports=Transports(), peers=peers)
     client: CoordinatorClient | None = None
-    cached_map = peer_map.snapshot() if peer_map is not None else None
 
     def current_map() -> MapSnapshot:
         """The peer map as its readers take it: the coordinator client's latest snapshot
@@ -402,95 +430,54 @@ async def run_daemon(paths: Paths) -> int:
         assert snapshot is not None
         return snapshot
 
-    try:
-        await tun.configure(addresses.ipv4, config.mtu, addresses.routes, address6=addresses.ipv6)
-        if config.coordinator is not None and config.coordinator.serve is not None:
-            coordinator_server = await _start_coordinator(config)
-            serving = "{}:{}".format(*config.coordinator.serve)
-            if state is not None and paths.admin_key.exists():
-                await _set_up_network(paths, state, _ca_file(config), _tls_fingerprint(config))
-        if state is not None and peer_map is not None:
-            started_transports = await _start_transports(config, paths, identity, state, current_map, datapath,
-                                                         transports)
-    except (TunError, StartupError) as exc:
-        if transports.ssh is not None:
-            await transports.ssh.close()
-        if started_transports.relay_service is not None:
-            await started_transports.relay_service.stop()
-        if coordinator_server is not None:
-            await coordinator_server.stop()
-        tun.close()
-        bind.close()
-        raise StartupError(str(exc)) from None
-
-    bus = EventBus()
-    supervisor = Supervisor()
-    started = time.time()
-    mesh = Mesh(device, datapath, supervisor, bus, addresses.ipv4.ip, psk, transports)
-    identity_actor = IdentityActor(identity)
-    supervisor.add(identity_actor)
-    supervisor.add(EdgesActor(tun, bind, datapath))
-    supervisor.add(mesh)
-    if coordinator_server is not None:
-        supervisor.add(coordinator_server)
+    services = await _start_services(paths, loaded, tun, node, current_map)
+    transports, setup, datapath = node.parts.transports, services.transport_setup, node.datapath
+    if services.coordinator is not None:
+        node.add(services.coordinator)
     if transports.ssh is not None:
-        supervisor.add(SshServer(transports.ssh))
+        node.add(SshServer(transports.ssh))
     if transports.relay is not None:
-        supervisor.add(RelayConnection(transports.relay))
-    if started_transports.relay_service is not None:
-        supervisor.add(started_transports.relay_service)
+        node.add(RelayConnection(transports.relay))
+    if setup.relay_service is not None:
+        node.add(setup.relay_service)
     admitter: Admitter | None = None
-    if state is None or peer_map is None or cached_map is None:
-        initial = _static_peers(config, static_endpoints)
-    else:
-        initial = [peer_spec(member, cached_map, config.transports) for member in cached_map.members.values()]
-        client = CoordinatorClient(
-            state, identity, peer_map, mesh, bus, cache_path=paths.peer_map_cache,
+    if state is not None and loaded.peer_map is not None:
+        client = node.add(CoordinatorClient(
+            state, identity, loaded.peer_map, node.mesh, node.bus, cache_path=paths.peer_map_cache,
             secret_path=config.network_secret_file, listen_port=datapath.port,
-            on_revoked=lambda why: supervisor.shutdown(why, exit_code=1),
-            transports=config.transports, ssh_record=started_transports.ssh_record,
-            relay_offer=started_transports.relay_offer, on_map_changed=started_transports.on_map_changed,
+            on_revoked=lambda why: node.shutdown(why, exit_code=1),
+            transports=config.transports, ssh_record=setup.ssh_record,
+            relay_offer=setup.relay_offer, on_map_changed=setup.on_map_changed,
             ca_file=_ca_file(config), interface=config.interface, tls_fingerprint=_tls_fingerprint(config),
-        )
-        supervisor.add(client)
+        ))
         if paths.admin_key.exists():  # the admin's machine countersigns joins made with an invite
-            admitter = Admitter(paths, bus)
-            supervisor.add(admitter)
+            admitter = node.add(Admitter(paths, node.bus))
         if transports.relay is not None:  # relays that members serve, as the map offers them
             ca_file = _ca_file(config)
-            pool = RelayPool(current_map, started_transports.own_relay, state.url,
-                             lambda url, relay, guard: RelayClient(url, identity, state.network.network, datapath,
-                                                                   ca_file=ca_file, relay=relay, guard=guard),
-                             transports, supervisor)
-            supervisor.add(pool)
-            started_transports.on_map_changed.append(lambda: pool.tell_latest(SyncRelays, SyncRelays()))
-    sessions = [mesh.add(spec) for spec in initial]
-
-    api = ControlApi(
-        name=config.name, interface=config.interface, mesh_ip=addresses.ipv4.ip,
-        mesh_ipv6=addresses.ipv6.ip if addresses.ipv6 is not None else None, started=started,
-        identity=identity_actor, mesh=mesh, device=device, datapath=datapath, bus=bus, shutdown=supervisor.shutdown,
-        transports=transports, coordinator=client, serving_coordinator=serving, admitter=admitter,
-        serving_relay=started_transports.relay_served,
-    )
-    supervisor.add(ControlServer(paths.control_socket, api.handlers(), bus))
+            pool = node.add(RelayPool(
+                current_map, setup.own_relay, state.url,
+                lambda url, relay, guard: RelayClient(url, identity, state.network.network, datapath, ca_file=ca_file,
+                                                      relay=relay, guard=guard),
+                transports, node.supervisor))
+            setup.on_map_changed.append(lambda: pool.tell_latest(SyncRelays, SyncRelays()))
+    api = node.control_api(coordinator=client, serving_coordinator=services.coordinator_address, admitter=admitter,
+                           serving_relay=setup.relay_served)
+    node.add(ControlServer(paths.control_socket, api.handlers(), node.bus))
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, supervisor.shutdown, f"signal {signal.Signals(signum).name}")
+        loop.add_signal_handler(signum, node.shutdown, f"signal {signal.Signals(signum).name}")
     try:
         write_atomic(paths.pid_file, f"{os.getpid()}\n".encode())
     except FileError as exc:
         log.warning("%s", exc)  # `down` only waits on it: not worth failing the start for
-    for session in sessions:
-        session.tell(Start())
     log.info(
         "tunnelmesh %s up: %s %s on %s, UDP port %d, %d peers, identity %s%s",
-        __version__, config.name, addresses.ipv4.ip, config.interface, datapath.port, len(sessions),
+        __version__, config.name, node.addresses.ipv4.ip, config.interface, datapath.port, len(node.peers),
         identity.public.fingerprint, f", coordinator {state.url}" if state is not None else ", static mode",
     )
     try:
-        result = await supervisor.run()
+        result = await node.run()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
