@@ -37,7 +37,7 @@ from tunnelmesh.wireguard import derive_psk
 from .control import EventBus
 from .mesh import Mesh
 from .messages import AddPeers, CoordinatorChanged, PeerSpec, RemovePeer, SecretRotated, SetCandidates, SetPsk
-from .messages import Revoked as NodeRevoked
+from .messages import NodeRevoked
 from .runtime import Actor
 
 log = logging.getLogger("tunnelmesh.coordinator")

@@ -207,7 +207,7 @@ class SecretRotated(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class Revoked(Event):
+class NodeRevoked(Event):
     """This node was revoked by the network admin; the daemon stops."""
 
     kind: ClassVar[str] = "revoked"
@@ -225,7 +225,7 @@ class AdmissionDecided(Event):
 
 EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (
     PeerAdded, PeerRemoved, HandshakeDone, HandshakeFailed, KeysZeroed, PathChanged, EndpointRoamed,
-    CoordinatorChanged, SecretRotated, Revoked, AdmissionDecided,
+    CoordinatorChanged, SecretRotated, NodeRevoked, AdmissionDecided,
 )}
 
 
