@@ -1,0 +1,273 @@
+"""The packet filter the data path calls per packet (sans-IO: time passed in).
+
+Inbound (a decrypted packet from peer P, on its way to the TUN):
+
+1. parse the headers (packet.py); anything not understood is dropped (fail closed);
+2. P must be a peer of the compiled rules (else `unknown_peer`);
+3. the destination must be this node's mesh address or one of its routes
+   (`not_for_this_node`);
+4. anti-spoofing: the source must be one of P's origins, its mesh address or a route
+   it advertises, never another member's address (`spoofed`, also counted per peer);
+5. a packet of a tracked flow passes (after a rule swap, a flow P opened is checked
+   once against the new rules: if they no longer allow it, its packets are dropped
+   both ways as `flow_revoked` until it has been idle for its timeout);
+6. otherwise the rules decide: TCP/UDP by destination port, ICMP(v6) echo requests;
+   no rule -> `denied`. UDP flows a rule admitted are tracked (see below).
+
+Outbound (a packet read from the TUN that the router gave to peer P):
+
+1. parse; 2. P known; 3. the source must be this node's (`not_from_this_node`);
+4. the destination must be one of P's origins (`not_a_peer_address`): outbound goes
+   to known peers' addresses and routes only;
+5. a packet of a tracked flow refreshes it (dropped if the flow was revoked);
+6. a packet that opens a flow (TCP SYN without ACK, UDP, ICMP(v6) echo request)
+   is tracked as this node's, so its replies pass step 5 inbound; table full ->
+   `conntrack_full`. Other outbound packets pass untracked.
+
+Why inbound UDP flows are tracked but inbound TCP and ICMP are not: this node's
+answers must not look like flows it opened, or a UDP answer from port 53 would open
+a way back in that outlives the rule that let the question in. A TCP answer is never
+a bare SYN and an ICMP answer is a reply, so they cannot open flows; the peer's later
+TCP packets are judged by the rules (which is also what keeps a connection that was
+open before a daemon restart working). After a swap a connection stays exactly as
+long as the rules still allow it.
+
+No allocation on the common path beyond the flow key tuple and the ints the parse
+reads: the headers go into one reused `Headers`, counters are a list and Counters.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+from collections import Counter
+from typing import Any
+
+from tunnelmesh.filter.compiled import NO_RULE, Allow, Compiled
+from tunnelmesh.filter.conntrack import DEFAULT_LIMIT, Flow, FlowTable
+from tunnelmesh.filter.packet import (
+    ACK,
+    FIN,
+    ICMP_ECHO_REQUEST,
+    ICMPV6_ECHO_REQUEST,
+    RST,
+    SYN,
+    TCP,
+    UDP,
+    Headers,
+    parse,
+)
+from tunnelmesh.filter.policy import Rule
+
+UNKNOWN_PEER = "unknown_peer"
+NOT_FOR_THIS_NODE = "not_for_this_node"
+NOT_FROM_THIS_NODE = "not_from_this_node"
+SPOOFED = "spoofed"
+NOT_A_PEER_ADDRESS = "not_a_peer_address"
+DENIED = "denied"
+FLOW_REVOKED = "flow_revoked"
+CONNTRACK_FULL = "conntrack_full"
+
+#: How many recent denied new flows are kept for the daemon's rate-limited log line.
+RECENT_DENIED = 32
+#: Wheel work per `expire` call (the data path calls it once per batch).
+EXPIRE_BUDGET = 64
+_OPENING_FLAGS = SYN | ACK | RST | FIN
+_PROTO_NAMES = {TCP: "tcp", UDP: "udp", 1: "icmp", 58: "icmpv6"}
+
+
+class PacketFilter:
+    """Decides per packet, in and out; `swap` replaces the rules whole."""
+
+    def __init__(self, compiled: Compiled, *, max_flows: int = DEFAULT_LIMIT) -> None:
+        self.flows = FlowTable(max_flows)
+        self.drops: Counter[str] = Counter()
+        self.spoofed: Counter[str] = Counter()  # by peer name
+        # (peer name, protocol, destination port) of recent denied new flows: the
+        # daemon drains it into a rate-limited log line.
+        self.recent_denied: collections.deque[tuple[str, str, int]] = collections.deque(maxlen=RECENT_DENIED)
+        self._headers = Headers()
+        self._generation = 0
+        self._compiled = compiled
+        self.rule_hits: list[int] = [0] * len(compiled.rules)
+
+    @property
+    def compiled(self) -> Compiled:
+        return self._compiled
+
+    def swap(self, compiled: Compiled, now: float) -> None:
+        """Use `compiled` from now on. Tracked flows are rechecked lazily, each at its
+        next packet (no pause here, however many flows): a flow this node opened
+        stays while its remote is still that peer's; a flow the peer opened stays
+        while the new rules allow it. Hit counters carry over for unchanged rules."""
+        hits: dict[Rule, int] = {}
+        for rule, count in zip(self._compiled.rules, self.rule_hits):
+            hits[rule] = hits.get(rule, 0) + count
+        self.rule_hits = [hits.pop(rule, 0) for rule in compiled.rules]
+        self._compiled = compiled
+        self._generation += 1
+        self.flows.expire(now, EXPIRE_BUDGET)
+
+    def expire(self, now: float) -> None:
+        """Bounded expiry work: call once per data-path batch."""
+        self.flows.expire(now, EXPIRE_BUDGET)
+
+    def inbound(self, peer_key: bytes, packet: Any, length: int, now: float) -> bool:
+        h = self._headers
+        reason = parse(packet, length, h)
+        if reason is not None:
+            self.drops[reason] += 1
+            return False
+        compiled = self._compiled
+        peer = compiled.peers.get(peer_key)
+        if peer is None:
+            self.drops[UNKNOWN_PEER] += 1
+            return False
+        version = h.version
+        if not compiled.local.accepts(version, h.dst):
+            self.drops[NOT_FOR_THIS_NODE] += 1
+            return False
+        allow = peer.origin(version, h.src)
+        if allow is None:
+            self.drops[SPOOFED] += 1
+            self.spoofed[peer.name] += 1
+            return False
+        proto = h.proto
+        key = (peer_key, version, proto, h.src, h.dst, h.sport, h.dport)
+        flows = self.flows
+        flow = flows.flows.get(key)
+        if flow is not None:
+            if flow.expires > now:
+                if flow.generation != self._generation:
+                    self._recheck(flow, allow, h.dport)
+                if flow.revoked:
+                    self.drops[FLOW_REVOKED] += 1
+                    flow.expires = now + flow.timeout
+                    return False
+                flows.touch(flow, not flow.outbound, h.flags, now)
+                return True
+            flows.remove(flow)
+        if proto == TCP:
+            rule = allow.tcp.rule(h.dport)
+        elif proto == UDP:
+            rule = allow.udp.rule(h.dport)
+        elif version == 4:
+            rule = allow.icmp if h.icmp_type == ICMP_ECHO_REQUEST else NO_RULE
+        else:
+            rule = allow.icmp6 if h.icmp_type == ICMPV6_ECHO_REQUEST else NO_RULE
+        if rule == NO_RULE:
+            self.drops[DENIED] += 1
+            self.recent_denied.append((peer.name, _PROTO_NAMES[proto], h.dport))
+            return False
+        if proto == UDP and flows.add(key, False, proto, now, self._generation) is None:
+            self.drops[CONNTRACK_FULL] += 1
+            return False
+        self.rule_hits[rule] += 1
+        return True
+
+    def outbound(self, peer_key: bytes, packet: Any, length: int, now: float) -> bool:
+        h = self._headers
+        reason = parse(packet, length, h)
+        if reason is not None:
+            self.drops[reason] += 1
+            return False
+        compiled = self._compiled
+        peer = compiled.peers.get(peer_key)
+        if peer is None:
+            self.drops[UNKNOWN_PEER] += 1
+            return False
+        version = h.version
+        if not compiled.local.accepts(version, h.src):
+            self.drops[NOT_FROM_THIS_NODE] += 1
+            return False
+        allow = peer.origin(version, h.dst)
+        if allow is None:
+            self.drops[NOT_A_PEER_ADDRESS] += 1
+            return False
+        proto = h.proto
+        key = (peer_key, version, proto, h.dst, h.src, h.dport, h.sport)
+        flows = self.flows
+        flow = flows.flows.get(key)
+        if flow is not None:
+            if flow.expires > now:
+                if flow.generation != self._generation:
+                    self._recheck(flow, allow, h.sport)
+                if flow.revoked:
+                    self.drops[FLOW_REVOKED] += 1
+                    flow.expires = now + flow.timeout
+                    return False
+                flows.touch(flow, flow.outbound, h.flags, now)
+                return True
+            flows.remove(flow)
+        if proto == TCP:
+            opens = h.flags & _OPENING_FLAGS == SYN
+        elif proto == UDP:
+            opens = True
+        else:
+            opens = h.icmp_type == ICMP_ECHO_REQUEST or h.icmp_type == ICMPV6_ECHO_REQUEST
+        if opens and flows.add(key, True, proto, now, self._generation) is None:
+            self.drops[CONNTRACK_FULL] += 1
+            return False
+        return True
+
+    def _recheck(self, flow: Flow, allow: Allow, local_port: int) -> None:
+        """A tracked flow's first packet after a swap. The caller has already checked
+        that the remote is still this peer's; a flow the peer opened (UDP only) must
+        also still be allowed by a rule. A revoked flow is kept, dropping its packets
+        both ways, until it has been idle for its timeout: this node's answers then
+        cannot reopen it as a flow of its own."""
+        flow.generation = self._generation
+        flow.revoked = not flow.outbound and allow.udp.rule(local_port) == NO_RULE
+
+    # -- what `tunnelmesh filter test / show` and `status --json` read (not per packet)
+
+    def explain(self, peer_key: bytes, proto: str, port: int = 0) -> tuple[bool, str]:
+        """Would `proto`/`port` from the peer's mesh address open a new flow here,
+        and by which rule. `proto` is tcp, udp, icmp or icmpv6 (port ignored)."""
+        peer = self._compiled.peers.get(peer_key)
+        if peer is None:
+            return False, "not a peer of this node: everything from it is dropped"
+        allow = peer.allow6 if proto == "icmpv6" or peer.allow4 is None else peer.allow4
+        if allow is None:
+            return False, "the peer has no mesh address for this protocol"
+        if proto == "tcp":
+            rule = allow.tcp.rule(port)
+        elif proto == "udp":
+            rule = allow.udp.rule(port)
+        elif proto == "icmp":
+            rule = allow.icmp
+        elif proto == "icmpv6":
+            rule = allow.icmp6
+        else:
+            raise ValueError(f"protocol {proto!r}: expected tcp, udp, icmp or icmpv6")
+        if rule == NO_RULE:
+            return False, "no rule allows it (default deny; replies to this node's own flows still pass)"
+        return True, self._compiled.rules[rule].describe()
+
+    def effective(self, peer_key: bytes) -> list[dict[str, object]]:
+        """What the peer may open here, per origin (mesh addresses first, then routes
+        longest prefix first; a member's address inside a route: spoofed)."""
+        peer = self._compiled.peers.get(peer_key)
+        if peer is None:
+            return []
+        out: list[dict[str, object]] = []
+        mesh = [(peer.v4, 4, peer.allow4), (peer.v6, 6, peer.allow6)]
+        for address, version, allow in mesh:
+            if allow is not None:
+                shown = ipaddress.IPv4Address(address) if version == 4 else ipaddress.IPv6Address(address)
+                out.append({"from": str(shown), **allow.describe()})
+        for network, allow in peer.origins:
+            out.append({"from": str(network), **(allow.describe() if allow is not None else {"spoofed": True})})
+        return out
+
+    def stats(self) -> dict[str, object]:
+        """Counters for `status --json`: drops by reason, spoofed packets by peer,
+        new flows admitted by each rule, the flow table's use."""
+        return {
+            "drops": dict(self.drops),
+            "spoofed_by_peer": dict(self.spoofed),
+            "rules": [{"rule": rule.describe(), "hits": hits} for rule, hits in zip(self._compiled.rules, self.rule_hits)],
+            "flows": len(self.flows),
+            "max_flows": self.flows.limit,
+            "warnings": list(self._compiled.warnings),
+        }
