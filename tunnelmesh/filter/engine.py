@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import ipaddress
 from collections import Counter
-from typing import Any
 
 from tunnelmesh.filter.compiled import NO_RULE, Allow, Compiled
 from tunnelmesh.filter.conntrack import DEFAULT_LIMIT, Flow, FlowTable
@@ -58,6 +57,8 @@ from tunnelmesh.filter.packet import (
     parse,
 )
 from tunnelmesh.filter.policy import Rule
+
+Buffer = bytes | bytearray | memoryview
 
 UNKNOWN_PEER = "unknown_peer"
 NOT_FOR_THIS_NODE = "not_for_this_node"
@@ -112,7 +113,7 @@ class PacketFilter:
         """Bounded expiry work: call once per data-path batch."""
         self.flows.expire(now, EXPIRE_BUDGET)
 
-    def inbound(self, peer_key: bytes, packet: Any, length: int, now: float) -> bool:
+    def inbound(self, peer_key: bytes, packet: Buffer, length: int, now: float) -> bool:
         h = self._headers
         reason = parse(packet, length, h)
         if reason is not None:
@@ -165,7 +166,7 @@ class PacketFilter:
         self.rule_hits[rule] += 1
         return True
 
-    def outbound(self, peer_key: bytes, packet: Any, length: int, now: float) -> bool:
+    def outbound(self, peer_key: bytes, packet: Buffer, length: int, now: float) -> bool:
         h = self._headers
         reason = parse(packet, length, h)
         if reason is not None:
