@@ -227,9 +227,9 @@ def compile_rules(policy: Policy, node_rules: tuple[Rule, ...], local: Member, m
     # Per rule: the member names it covers, whether it covers everyone, its CIDRs.
     covered = []
     for rule in rules:
-        sets = [_members_of(s, policy) for s in rule.sources]
+        member_sets = [_members_of(s, policy) for s in rule.sources]
         everyone = any(s.kind == "any" for s in rule.sources)
-        named = frozenset().union(*(s for s in sets if s is not None)) & names
+        named = frozenset[str]().union(*(m for m in member_sets if m is not None)) & names
         cidrs = tuple((s.network.version, int(s.network.network_address), int(s.network.netmask), s.network.prefixlen)
                       for s in rule.sources if s.network is not None)
         covered.append((everyone, named, cidrs))

@@ -224,7 +224,7 @@ class _Reader:
                 raise self.error(f"{what}: missing {key!r}", *where)
         sources = tuple(self.selector(text, f"{what}: from", where + ("from",), sets, cidr=True)
                         for text in self.strings(table["from"], f"{what}: from", *where, "from"))
-        targets = (EVERYONE,)
+        targets: tuple[Selector, ...] = (EVERYONE,)
         if "to" in table:
             targets = tuple(self.selector(text, f"{what}: to", where + ("to",), sets, cidr=False)
                             for text in self.strings(table["to"], f"{what}: to", *where, "to"))
