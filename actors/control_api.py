@@ -19,7 +19,7 @@ from tunnelmesh import __version__
 
 from .control import EventBus, Handler
 from .messages import (
-    CoordinatorStatus, FindSession, GetStatus, ListPeers, NodeStatus, PeerStatus, Ping, PingResult, Peers,
+    ActorStatus, CoordinatorStatus, FindSession, GetStatus, ListPeers, NodeStatus, PeerStatus, Ping, PingResult, Peers,
     RelayClientStatus, RelayServerStatus, SshStatus, Status, TransportsStatus, from_json,
 )
 from .runtime import Actor
@@ -53,6 +53,7 @@ class ControlApi:
         datapath: DataPath,
         bus: EventBus,
         shutdown: Callable[[str], None],
+        actors: Callable[[], list[ActorStatus]],
         transports: Transports,
         coordinator: CoordinatorClient | None = None,
         serving_coordinator: str | None = None,
@@ -70,6 +71,7 @@ class ControlApi:
         self.datapath = datapath
         self.bus = bus
         self.shutdown = shutdown
+        self.actors = actors
         self.transports = transports
         self.coordinator = coordinator
         self.serving_coordinator = serving_coordinator
@@ -127,4 +129,16 @@ class ControlApi:
                 if self.serving_relay is not None else None,
             ),
             events_dropped=self.bus.dropped,
+            actors=self._actors(),
         )
+
+    def _actors(self) -> tuple[ActorStatus, ...]:
+        """Every actor's mailbox, the peer sessions summed into one entry ("sessions"): one
+        line per peer would grow the status with the mesh and say less."""
+        others, sessions = [], []
+        for stats in self.actors():
+            (sessions if stats.name.startswith("session:") else others).append(stats)
+        if sessions:
+            others.append(ActorStatus("sessions", *(sum(getattr(s, f) for s in sessions)
+                                                    for f in ("queued", "dropped", "restarts", "task_failures", "tasks"))))
+        return tuple(others)

@@ -21,9 +21,14 @@ SOCKET_BUFFER = 8 << 20
 
 
 class Tun(Protocol):
-    name: str
-    readv: Callable[[list[bytearray]], int]  # one packet into the buffers; BlockingIOError when none waits
-    write: Callable[[Any], int]  # one packet
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def readv(self) -> Callable[[list[bytearray]], int]: ...  # one packet into the buffers; BlockingIOError when none waits
+
+    @property
+    def write(self) -> Callable[[Any], int]: ...  # one packet
 
     def fileno(self) -> int: ...  # readable while a packet waits
 
@@ -31,9 +36,14 @@ class Tun(Protocol):
 
 
 class Bind(Protocol):
-    port: int
-    recvfrom_into: Callable[[bytearray], tuple[int, Address]]  # BlockingIOError when none waits
-    sendto: Callable[[Any, Address], int]
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def recvfrom_into(self) -> Callable[[bytearray], tuple[int, Address]]: ...  # BlockingIOError when none waits
+
+    @property
+    def sendto(self) -> Callable[[Any, Address], int]: ...
 
     def fileno(self) -> int: ...
 

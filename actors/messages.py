@@ -340,6 +340,18 @@ class TransportsStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ActorStatus:
+    """One actor's mailbox and health (the peer sessions are summed into one, "sessions")."""
+
+    name: str
+    queued: int  # messages waiting in its mailbox
+    dropped: int  # best-effort messages dropped because the mailbox was full
+    restarts: int
+    task_failures: int  # child tasks that ended with an exception
+    tasks: int  # child tasks running
+
+
+@dataclass(frozen=True, slots=True)
 class NodeStatus:
     name: str
     mesh_ip: str
@@ -358,6 +370,7 @@ class NodeStatus:
     admission: AdmissionStatus | None  # the admin's machine only
     transports: TransportsStatus
     events_dropped: int  # events a slow subscriber did not take
+    actors: tuple[ActorStatus, ...]  # mailboxes: what waits, what a full one dropped; restarts
 
 
 @dataclass(frozen=True, slots=True)

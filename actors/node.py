@@ -155,6 +155,7 @@ class Node:
             name=self.name, interface=self.interface, mesh_ip=self.addresses.ipv4.ip,
             mesh_ipv6=ipv6.ip if ipv6 is not None else None, started=self.started, identity=self.identity,
             mesh=self.mesh, device=self.device, datapath=self.datapath, bus=self.bus, shutdown=self.shutdown,
+            actors=self.supervisor.stats,
             transports=self.parts.transports, coordinator=coordinator, serving_coordinator=serving_coordinator,
             admitter=admitter, serving_relay=serving_relay,
         )

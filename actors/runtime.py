@@ -38,6 +38,8 @@ from typing import Any, Literal, TypeVar
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 
+from .messages import ActorStatus
+
 log = logging.getLogger("tunnelmesh.actors")
 
 T = TypeVar("T")
@@ -218,18 +220,6 @@ class Actor:
         """Release what the actor holds. Must not raise."""
 
 
-@dataclass(frozen=True, slots=True)
-class ActorStats:
-    """One actor's mailbox and health, for `status`."""
-
-    name: str
-    queued: int  # messages waiting in its mailbox
-    dropped: int  # best-effort messages dropped because the mailbox was full
-    restarts: int
-    task_failures: int  # child tasks that ended with an exception
-    tasks: int  # child tasks running
-
-
 class Supervisor:
     def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
         self.clock = clock
@@ -267,8 +257,8 @@ class Supervisor:
         if self._shutdown is not None and not self._shutdown.done():
             self._shutdown.set_result(Shutdown(reason, exit_code))
 
-    def stats(self) -> list[ActorStats]:
-        return [ActorStats(actor.name, len(actor.mailbox), actor.dropped_messages, actor.restarts,
+    def stats(self) -> list[ActorStatus]:
+        return [ActorStatus(actor.name, len(actor.mailbox), actor.dropped_messages, actor.restarts,
                            actor.task_failures, len(actor._children)) for actor in self.actors]
 
     async def run(self) -> Shutdown:

@@ -245,6 +245,8 @@ class PeerSession(Actor):
         self._dialling = self.start_task(dial(), name="ssh dial")
 
     def on_link_up(self, link: Link) -> None:
+        if self._stopped:
+            return
         assert self.peer is not None
         endpoint = self.peer.endpoint
         # SSH: one connection per pair, so a new one replaces the old. Not so for relays: a
@@ -261,7 +263,7 @@ class PeerSession(Actor):
                 self.datapath.flush()
 
     def on_link_down(self, link: Link, reason: str) -> None:
-        if self.peer is not None and self.peer.endpoint is link:
+        if not self._stopped and self.peer is not None and self.peer.endpoint is link:
             self._apply(self.selector.unavailable(link.rung, reason, self.clock.monotonic()))
 
     def _switch(self, action: Switch) -> None:

@@ -515,7 +515,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
     _print_peers(status.peers)
     if args.verbose:
         counters = {**status.drops, **({"events lost by slow subscribers": node.events_dropped}
-                                       if node.events_dropped else {})}
+                                       if node.events_dropped else {}),
+                    **{f"messages dropped by {a.name}'s full mailbox": a.dropped for a in node.actors if a.dropped}}
         if counters:
             print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
     return EXIT_OK

@@ -113,6 +113,8 @@ def test_the_bus_takes_typed_events_only() -> None:
 
 
 class _Identity(Actor):
+    name = "identity"
+
     async def handle(self, message: Any) -> Any:
         assert message == "whoami"
         return {"fingerprint": "SHA256:abc", "ssh_public_key": "ssh-ed25519 AAAA a", "wireguard_public_key": "d2c="}
@@ -121,6 +123,7 @@ class _Identity(Actor):
 class _Session(Actor):
     def __init__(self, status: PeerStatus) -> None:
         super().__init__()
+        self.name = f"session:{status.name}"
         self.status = status
 
     async def handle(self, message: Any) -> Any:
@@ -128,6 +131,8 @@ class _Session(Actor):
 
 
 class _Mesh(Actor):
+    name = "mesh"
+
     def __init__(self, sessions: list[_Session]) -> None:
         super().__init__()
         self.sessions = sessions
@@ -166,7 +171,7 @@ def test_status_and_events_over_the_socket_and_a_slow_subscriber_counted(tmp_pat
             name="a", interface="tm0", mesh_ip=ipaddress.IPv4Address("100.100.0.1"), mesh_ipv6=None,
             started=1700000000.0, identity=identity, mesh=mesh, device=_Drops({"bad mac": 2}),  # type: ignore[arg-type]
             datapath=_Drops({"no route": 1}, port=51820), bus=bus, shutdown=supervisor.shutdown,  # type: ignore[arg-type]
-            transports=Transports(),
+            actors=supervisor.stats, transports=Transports(),
         )
         supervisor.add(ControlServer(socket_path, api.handlers(), bus))
         running = asyncio.ensure_future(supervisor.run())
@@ -194,6 +199,9 @@ def test_status_and_events_over_the_socket_and_a_slow_subscriber_counted(tmp_pat
         assert (status.node.fingerprint, status.node.mesh_ipv6) == ("SHA256:abc", None)
         assert status.drops == {"bad mac": 2, "no route": 1}
         assert status.node.transports.node_relays == () and status.node.coordinator is None
+        # Every actor's mailbox, the peer sessions summed into one entry.
+        assert [a.name for a in status.node.actors] == ["identity", "mesh", "control", "sessions"], status.node.actors
+        assert all(a.dropped == a.restarts == a.task_failures == 0 for a in status.node.actors)
 
         # The CLI's client: the subscription's version checked, each event typed.
         stream = control_client.events(socket_path)

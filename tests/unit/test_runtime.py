@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from actors.runtime import ActorStats, Actor, Leftovers, Supervisor
+from actors.messages import ActorStatus
+from actors.runtime import Actor, Leftovers, Supervisor
 
 
 class Recorder(Actor):
@@ -151,7 +152,7 @@ def test_a_crashing_child_is_logged_with_the_actors_and_the_tasks_name_and_count
     async def boom() -> None:
         raise ValueError("boom")
 
-    async def scenario() -> tuple[Recorder, list[ActorStats]]:
+    async def scenario() -> tuple[Recorder, list[ActorStatus]]:
         supervisor = Supervisor()
         actor = supervisor.add(Recorder())
         task = actor.start_task(boom(), name="exploder")
@@ -164,7 +165,7 @@ def test_a_crashing_child_is_logged_with_the_actors_and_the_tasks_name_and_count
     [record] = [r for r in caplog.records if r.name == "tunnelmesh.actors"]
     assert record.getMessage() == "actor recorder: task exploder failed: boom"
     assert record.exc_info is not None and record.exc_info[0] is ValueError
-    assert stats == [ActorStats("recorder", queued=0, dropped=0, restarts=0, task_failures=1, tasks=0)]
+    assert stats == [ActorStatus("recorder", queued=0, dropped=0, restarts=0, task_failures=1, tasks=0)]
 
 
 class CrashOnce(Actor):
@@ -184,7 +185,7 @@ class CrashOnce(Actor):
 
 
 def test_stats_show_queued_dropped_and_restarts(caplog: pytest.LogCaptureFixture) -> None:
-    async def scenario() -> list[ActorStats]:
+    async def scenario() -> list[ActorStatus]:
         supervisor = Supervisor()
         crashing = supervisor.add(CrashOnce())
         idle = supervisor.add(Recorder())
@@ -202,8 +203,8 @@ def test_stats_show_queued_dropped_and_restarts(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.CRITICAL, logger="tunnelmesh.actors"):
         stats = asyncio.run(scenario())
     # The recorder took one message and waits at its gate: 3 bounded + 1 latest still queued.
-    assert stats == [ActorStats("crash-once", queued=0, dropped=0, restarts=1, task_failures=0, tasks=0),
-                     ActorStats("recorder", queued=4, dropped=2, restarts=0, task_failures=0, tasks=0)]
+    assert stats == [ActorStatus("crash-once", queued=0, dropped=0, restarts=1, task_failures=0, tasks=0),
+                     ActorStatus("recorder", queued=4, dropped=2, restarts=0, task_failures=0, tasks=0)]
 
 
 def test_leftovers_names_a_task_an_fd_and_a_thread_started_after_it_and_not_stopped() -> None:
