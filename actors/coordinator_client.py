@@ -36,8 +36,9 @@ from tunnelmesh.wireguard import derive_psk
 
 from .control import EventBus
 from .mesh import Mesh
-from .messages import AddPeers, CoordinatorChanged, PeerSpec, RemovePeer, SecretRotated, SetCandidates, SetPsk
-from .messages import NodeRevoked
+from .messages import (
+    AddPeers, CoordinatorChanged, NodeRevoked, PeerSpec, RemovePeer, SecretRotated, SetCandidates, SetPsk, SyncPeers,
+)
 from .runtime import Actor
 
 log = logging.getLogger("tunnelmesh.coordinator")
@@ -140,7 +141,14 @@ class CoordinatorClient(Actor):
 
     _behind = False  # the coordinator's map went below our version: ask for full maps
 
+    async def setup(self) -> None:
+        """At start and after a crash: the mesh gets the whole member set, so a change the
+        map took but the mesh never heard of (the client crashed between them) is not lost."""
+        snapshot = self.snapshot
+        await self.mesh.ask(SyncPeers(tuple(peer_spec(m, snapshot, self.transports) for m in snapshot.members.values())))
+
     async def run(self) -> None:
+        await self.setup()
         backoff = BACKOFF_MIN
         while True:
             try:

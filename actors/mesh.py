@@ -17,7 +17,7 @@ from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.wireguard import Device
 
 from .messages import (AddPeers, FindSession, ListPeers, PeerAdded, PeerRemoved, PeerSpec, RemovePeer, SetCandidates,
-                       SetPsk, Start)
+                       SetPsk, Start, SyncPeers)
 from .runtime import Actor
 from .links import Transports
 from .session import PeerSession
@@ -98,6 +98,14 @@ class Mesh(Actor):
             return None
         if isinstance(message, RemovePeer):
             await self._remove(message.wg_key, message.reason)
+            return None
+        if isinstance(message, SyncPeers):
+            wanted = {spec.wg_key: spec for spec in message.specs}
+            for key in [key for key in self.sessions if key not in wanted]:
+                await self._remove(key, "no longer a member")
+            missing = tuple(spec for key, spec in wanted.items() if key not in self.sessions)
+            if missing:
+                await self.handle(AddPeers(missing))
             return None
         if isinstance(message, SetCandidates):
             session = self.sessions.get(message.wg_key)

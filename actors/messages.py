@@ -53,6 +53,15 @@ class RemovePeer:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncPeers:
+    """To the mesh: these are all the peers. The ones missing are added, the others removed,
+    those it has are kept as they are. A (re)started coordinator client sends it first, so
+    that nothing it told the mesh before it crashed can have been lost."""
+
+    specs: tuple[PeerSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SetCandidates:
     """To the mesh, then the peer's session: the coordinator's word on where a peer's UDP
     port may be (best first). What the ladder probes next; the first is sent to at once

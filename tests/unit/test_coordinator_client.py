@@ -14,7 +14,7 @@ import pytest
 
 from actors.control import EventBus
 from actors.coordinator_client import CoordinatorClient
-from actors.messages import AddPeers, RemovePeer, SetCandidates
+from actors.messages import AddPeers, RemovePeer, SetCandidates, SyncPeers
 from actors.runtime import Actor
 from tests.support.membership import NOW, World, identities, update
 from tunnelmesh.membership import NetworkInfo, PeerMap
@@ -45,6 +45,9 @@ class RecordingMesh(Actor):
         elif isinstance(message, RemovePeer):
             self.removed.append(message.wg_key)
             del self.members[message.wg_key]
+        elif isinstance(message, SyncPeers):
+            wanted = {spec.wg_key: spec.candidates for spec in message.specs}
+            self.members = {key: self.members.get(key, wanted[key]) for key in wanted}
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,33 @@ def test_the_snapshot_is_replaced_after_each_update_and_readers_are_called_with_
         running.cancel()
 
     asyncio.run(scenario())
+
+
+class FailingOnceMesh(RecordingMesh):
+    """A mesh whose first AddPeers fails (as an ask that timed out would)."""
+
+    failed = False
+
+    async def handle(self, message: Any) -> None:
+        if isinstance(message, AddPeers) and not self.failed:
+            self.failed = True
+            raise TimeoutError("the mesh did not answer in time")
+        await super().handle(message)
+
+
+def test_a_client_restarted_after_a_failed_change_hands_the_mesh_the_whole_set(world: World, tmp_path: Path) -> None:
+    entries = [world.admin_member(i) for i in range(4)]
+
+    async def scenario() -> RecordingMesh:
+        mesh = FailingOnceMesh()
+        runner = asyncio.ensure_future(mesh.run())
+        client = node0_client(world, mesh, tmp_path)
+        with pytest.raises(TimeoutError):  # the actor crashes: the map took members 1-3, the mesh did not
+            await client.apply(full_map(world, entries, range(1, 4), 0, version=3))
+        assert mesh.members == {}
+        await client.setup()  # what the supervisor's restart runs first
+        runner.cancel()
+        return mesh
+
+    mesh = asyncio.run(scenario())
+    assert set(mesh.members) == {world.wg(i) for i in range(1, 4)}

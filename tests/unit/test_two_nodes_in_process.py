@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from actors.messages import AddPeers, PeerSpec, RemovePeer, SetCandidates, to_json
+from actors.messages import AddPeers, PeerSpec, RemovePeer, SetCandidates, SyncPeers, to_json
 from actors.runtime import Leftovers
 from tests.support.membership import identities
 from tests.support.memnet import Daemon, Net, VirtualClock, VirtualLoop
@@ -200,6 +200,27 @@ def test_a_removed_peer_is_refused_by_the_core_and_works_again_once_added_back(
         assert await p.path_rung(p.a) == UDP
         assert await p.pings_answered(p.a, p.b) == 3
         assert await p.pings_answered(p.b, p.a) == 3
+
+    two_daemons(body)
+
+
+def test_the_whole_member_set_adds_what_is_missing_removes_the_rest_and_keeps_the_others(
+        two_daemons: Callable[[Scenario], None]) -> None:
+    """What a restarted coordinator client tells the mesh first (SyncPeers)."""
+    async def body(p: Pair) -> None:
+        await up_on_udp(p)
+        session = p.a.session(p.b)
+        b = peer("b", p.b_id, B_IP, endpoint=B_ADDR)
+        await p.net.complete(p.a.mesh.ask(SyncPeers((b,))), 1.0, "the same set")
+        assert p.a.session(p.b) is session and p.a.bus_events("peer_removed") == []  # kept, keys and all
+        assert await p.pings_answered(p.a, p.b) == 3
+        await p.net.complete(p.a.mesh.ask(SyncPeers(())), 1.0, "an empty set")
+        assert p.a.bus_events("peer_removed") == [{"event": "peer_removed", "peer": "b", "reason": "no longer a member"}]
+        assert (await p.status(p.a))["peers"] == []
+        await p.net.complete(p.a.mesh.ask(SyncPeers((b,))), 1.0, "b again")
+        assert [e["peer"] for e in p.a.bus_events("peer_added")] == ["b"]
+        await p.net.run_until(lambda: len(p.a.bus_events("handshake")) == 2, 2.0, "a's handshake with b, synced back")
+        assert await p.pings_answered(p.a, p.b) == 3
 
     two_daemons(body)
 
