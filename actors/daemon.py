@@ -24,13 +24,13 @@ import shutil
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunnelmesh import __version__
+from tunnelmesh.clock import Clock
 from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_config, read_network_secret
 from tunnelmesh.control_client import NotRunning, request
 from tunnelmesh.files import FileError, check_state_dir, write_atomic
@@ -184,17 +184,18 @@ async def _start_transports(
     wanted = {rung for choice in (transports_config.default, *transports_config.peers.values())
               for rung in choice.enabled}
     if transports_config.relay_listen is not None:
-        await _start_relay_service(config, identity, state, current_map, setup)
+        await _start_relay_service(config, identity, state, current_map, setup, datapath.clock)
     if "relay" in wanted:
         transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=_ca_file(config),
-                                       tls_fingerprint=_tls_fingerprint(config))
+                                       tls_fingerprint=_tls_fingerprint(config), clock=datapath.clock)
     if "ssh" not in wanted:
         return
     port = transports_config.ssh_port or None
     try:
         host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
         directory = PeerMapDirectory(current_map)
-        rung = SshRung(identity=identity, host_key=host_key, port=port, directory=directory, sink=datapath)
+        rung = SshRung(identity=identity, host_key=host_key, port=port, directory=directory, sink=datapath,
+                       clock=datapath.clock)
         await rung.start()
     except LinkError as exc:
         raise StartupError(f"SSH rung: {exc} ([transports] ssh_port in {config.path})") from None
@@ -227,11 +228,11 @@ async def _start_transports(
     host_key_line = " ".join(host_key.export_public_key("openssh").decode().split()[:2]) if host_key else None
     if port is not None or bridge is not None:
         setup.ssh_record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge,
-                                                    issued=int(time.time()))  # its epoch: newer records win
+                                                    issued=int(datapath.clock.wall()))  # its epoch: newer records win
 
 
 async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state: NetworkState,
-                               current_map: Callable[[], MapSnapshot], setup: TransportSetup) -> None:
+                               current_map: Callable[[], MapSnapshot], setup: TransportSetup, clock: Clock) -> None:
     """This node's relay (relay = true): /relay on its own port for the current members."""
     from aiohttp import web
 
@@ -242,7 +243,7 @@ async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state
     assert config.transports.relay_listen is not None
     host, port = config.transports.relay_listen
     relay_id = base64.b64encode(identity.public.wg_public_key).decode()
-    relay = Relay(state.network.network, member_identities(current_map, identity), relay_id)
+    relay = Relay(state.network.network, member_identities(current_map, identity), relay_id, clock=clock)
     app = web.Application()
     app.router.add_get("/relay", relay.handler)
 
@@ -449,6 +450,7 @@ async def run_daemon(paths: Paths) -> int:
             transports=config.transports, ssh_record=setup.ssh_record,
             relay_offer=setup.relay_offer, on_map_changed=setup.on_map_changed,
             ca_file=_ca_file(config), interface=config.interface, tls_fingerprint=_tls_fingerprint(config),
+            clock=node.parts.clock,
         ))
         if paths.admin_key.exists():  # the admin's machine countersigns joins made with an invite
             admitter = node.add(Admitter(paths, node.bus))
@@ -457,7 +459,7 @@ async def run_daemon(paths: Paths) -> int:
             pool = node.add(RelayPool(
                 current_map, setup.own_relay, state.url,
                 lambda url, relay, guard: RelayClient(url, identity, state.network.network, datapath, ca_file=ca_file,
-                                                      relay=relay, guard=guard),
+                                                      relay=relay, guard=guard, clock=datapath.clock),
                 transports, node.supervisor))
             setup.on_map_changed.append(lambda: pool.tell_latest(SyncRelays, SyncRelays()))
     api = node.control_api(coordinator=client, serving_coordinator=services.coordinator_address, admitter=admitter,
