@@ -10,8 +10,14 @@ directly. The stages, in order:
     inbound:  UDP readable -> recvfrom_into -> demux -> Device.receive -> deliver
     deliver:  in-tunnel ping answers taken -> [filter] -> write to the TUN
 
-`[filter]` marks where the packet filter (issue 14) decides, one place per
-direction. The demux hands datagrams that are not WireGuard (a first byte other
+`[filter]` is where the packet filter (tunnelmesh.filter, docs/filter.md) decides,
+one place per direction: `self.filter`, a `PacketFilter` the filter actor
+(actors/filter.py) sets and swaps rules in, or None (no filter configured: no call
+per packet). It judges an inbound packet by the peer that sent it, which the core
+notes in `Device.received_from`; what it drops it counts itself. With a filter, the
+daemon's own echo request (`tunnelmesh ping`) is answered here, before the filter,
+so that it works whatever the policy says (it reveals that the daemon runs, no
+more). The demux hands datagrams that are not WireGuard (a first byte other
 than 1-4 or non-zero reserved bytes: STUN, port-mapping answers) to whoever
 registered for them (`register_datagrams`), so other protocols share the one UDP
 port; transport messages (first byte 4) go straight to the core, which checks
@@ -38,13 +44,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
-from tunnelmesh.packets import echo_reply_key
+from tunnelmesh.packets import DAEMON_PING_LENGTH, daemon_echo_request, echo_reply_in_place, echo_reply_key
 from tunnelmesh.wireguard import Device, Peer
 from tunnelmesh.wireguard.constants import TRANSPORT_MIN_SIZE
 
 from .edges import Address, Bind, Tun
 
 if TYPE_CHECKING:
+    import ipaddress
+
+    from tunnelmesh.filter import PacketFilter
     from tunnelmesh.links import Link
 
     from .session import PeerSession
@@ -63,11 +72,14 @@ DatagramHandler = Callable[[memoryview, Address], bool]
 
 
 class DataPath:
-    def __init__(self, device: Device, tun: Tun, bind: Bind, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, device: Device, tun: Tun, bind: Bind, clock: Clock = SYSTEM_CLOCK, *,
+                 mesh_ip: ipaddress.IPv4Address | None = None) -> None:
         self.device = device
         self.tun = tun
         self.bind = bind
         self.clock = clock
+        self.filter: PacketFilter | None = None
+        self._mesh_ip = mesh_ip.packed if mesh_ip is not None else b""  # where the daemon's ping comes to
         self.port = bind.port
         mtu = device.mtu
         # Buffers allocated once: packets from the TUN (room for padding),
@@ -117,8 +129,10 @@ class DataPath:
 
     def _drain_tun(self) -> None:
         device, buf, bufs, out, out_view = self.device, self._tun_buf, self._tun_bufs, self._out_buf, self._out_view
-        readv, sendto, touched = self.tun.readv, self.bind.sendto, self._touched
+        readv, sendto, touched, packet_filter = self.tun.readv, self.bind.sendto, self._touched, self.filter
         now, wall = self.clock.monotonic(), self.clock.wall()
+        if packet_filter is not None:
+            packet_filter.expire(now)
         for _ in range(BATCH):
             try:
                 length = readv(bufs)
@@ -131,7 +145,9 @@ class DataPath:
             if peer is None:
                 self.drops["no peer for destination"] += 1
                 continue
-            # [filter] outbound: the packet filter (issue 14) decides here.
+            # [filter] outbound
+            if packet_filter is not None and not packet_filter.outbound(peer.public_key, buf, length, now):
+                continue
             touched.add(peer)
             size = peer.encrypt(buf, length, out, now, wall)
             if size:
@@ -172,6 +188,8 @@ class DataPath:
         recvfrom_into, deliver = self.bind.recvfrom_into, self._deliver
         now, wall = self.clock.monotonic(), self.clock.wall()
         under_load = now < self._under_load_until
+        if self.filter is not None:
+            self.filter.expire(now)
         for _ in range(BATCH):
             try:
                 size, source = recvfrom_into(udp_buf)
@@ -200,7 +218,15 @@ class DataPath:
         the tunnel: to the daemon's own ping, else through the filter to the TUN."""
         if self.pings and self._answer_ping(length, now):
             return
-        # [filter] inbound: the packet filter (issue 14) decides here.
+        packet_filter = self.filter
+        if packet_filter is not None:  # [filter] inbound
+            peer = self.device.received_from
+            assert peer is not None  # set by the receive that returned this packet
+            if length == DAEMON_PING_LENGTH and daemon_echo_request(self._plain_buf, length, self._mesh_ip):
+                self._answer_daemon_ping(peer, length, now)
+                return
+            if not packet_filter.inbound(peer.public_key, self._plain_buf, length, now):
+                return
         try:
             self.tun.write(self._plain_view[:length])
         except BlockingIOError:
@@ -221,7 +247,7 @@ class DataPath:
         except Exception:
             self._internal_error("inbound")
         device = self.device
-        if (device.transmits or device.events) and not self._flush_pending and self._loop is not None:
+        if (device.transmits or device.events or self._touched) and not self._flush_pending and self._loop is not None:
             self._flush_pending = True
             self._loop.call_soon(self.flush)
 
@@ -256,6 +282,15 @@ class DataPath:
         if not future.done():
             future.set_result(now)
         return True
+
+    def _answer_daemon_ping(self, peer: Peer, length: int, now: float) -> None:
+        """Answer the peer daemon's echo request to this node (in the plaintext buffer)
+        straight back to it: not through the TUN, so no packet filter rule is needed."""
+        echo_reply_in_place(self._plain_buf, length)
+        size = peer.encrypt(self._plain_buf, length, self._out_buf, now, self.clock.wall())
+        if size and peer.endpoint is not None:
+            self.send_to(self._out_view[:size], peer.endpoint)
+        self._touched.add(peer)
 
     # --- side effects of the core -------------------------------------------------------
 

@@ -33,7 +33,7 @@ from tunnelmesh import ladder as rungs
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import RungChoice
 from tunnelmesh.links import Link, LinkError
-from tunnelmesh.packets import icmp_echo
+from tunnelmesh.packets import DAEMON_PING_PAYLOAD, icmp_echo
 from tunnelmesh.path_selector import PathSelector, Probe, Switch, describe, rung_of
 from tunnelmesh.wireguard import Event, HandshakeCompleted, HandshakeGaveUp, KeysZeroed, NewSource, Peer
 from tunnelmesh.wireguard.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
@@ -349,7 +349,7 @@ class PeerSession(Actor):
         key = (self._ping_ident, self._ping_seq)
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self.datapath.pings[key] = future
-        packet = icmp_echo(self.own_mesh_ip, self.mesh_ip, key[0], key[1], b"tunnelmesh ping")
+        packet = icmp_echo(self.own_mesh_ip, self.mesh_ip, key[0], key[1], DAEMON_PING_PAYLOAD)
         sent = self.clock.monotonic()
         self.datapath.send_packet(self.peer, packet)
         try:

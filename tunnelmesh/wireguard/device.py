@@ -99,6 +99,9 @@ class Device:
         self.events: deque[Event] = deque()
         self.drops: Counter[str] = Counter()
         self.cookie_replies_sent = 0
+        # The peer whose packet `receive` last returned (set, not allocated, per packet):
+        # the caller's packet filter judges a packet by who sent it.
+        self.received_from: Peer | None = None
 
     def __repr__(self) -> str:
         return f"<Device peers={len(self._peers)}>"
@@ -245,6 +248,7 @@ class Device:
         if self._lookup(version, source) is not peer:
             self.drops["inner source not allowed for peer"] += 1
             return 0
+        self.received_from = peer
         return length
 
     def _receive_handshake(
