@@ -369,7 +369,7 @@ class TestStructure:
             (MINIMAL + "colour = 1\n", 4, "colour"),
             (MINIMAL + "[node.sub]\nx = 1\n", 4, "sub"),
             (with_peer(f'name = "b"\nwireguard_public_key = "{KEY_B}"\nmesh_ip = "100.100.0.2"\nport = 1\n'), 9, "port"),
-            ("[[filter]]\n" + MINIMAL, 1, "filter"),
+            ("[[firewall]]\n" + MINIMAL, 1, "firewall"),
         ],
     )
     def test_unknown_keys(self, tmp_path: Path, text: str, line: int, key: str) -> None:
@@ -1123,3 +1123,39 @@ def test_starter_config_writes_the_pin_and_the_certificate(tmp_path: Path) -> No
         starter_config(name="alpha", identity="agent", coordinator_url="http://192.0.2.1:7400", tls_fingerprint=PIN)
     with pytest.raises(ValueError, match="coordinator"):
         starter_config(name="alpha", identity="agent", mesh_ip="100.100.0.1", tls_fingerprint=PIN)
+
+
+class TestFilterTable:
+    """`[filter]`: this node's own allow-rules (docs/filter.md); bad ones refused with line and reason."""
+
+    def test_absent_means_no_node_rules(self, tmp_path: Path) -> None:
+        assert load(tmp_path, MINIMAL).filter_rules is None
+
+    def test_empty_table_means_no_rules_but_a_filter(self, tmp_path: Path) -> None:
+        assert load(tmp_path, MINIMAL + "[filter]\n").filter_rules == ()
+
+    def test_rules_are_checked_in_file_order(self, tmp_path: Path) -> None:
+        config = load(tmp_path, MINIMAL + '[[filter.allow]]\nfrom = "alice"\nproto = "tcp"\nports = [22, "8000-8100"]\n'
+                                          '[[filter.allow]]\nfrom = ["10.2.0.0/16", "group:admins"]\nproto = "icmp"\n')
+        assert config.filter_rules is not None
+        first, second = config.filter_rules
+        assert (first.origin, first.number, first.line, first.ports) == ("node", 1, 4, ((22, 22), (8000, 8100)))
+        assert [str(s) for s in second.sources] == ["10.2.0.0/16", "group:admins"] and second.line == 8
+
+    @pytest.mark.parametrize(("rule", "line", "reason"), [
+        ('from = "alice"\nproto = "tcp"\nports = [70000]\n', 7, "node rule 1: ports: 70000: ports are 0 to 65535"),
+        ('from = "alice"\nproto = "tcp"\n', 4, "node rule 1: missing 'ports'"),
+        ('from = "alice"\nproto = "gre"\n', 6, "node rule 1: proto 'gre': expected tcp, udp, icmp, icmpv6 or any"),
+        ('from = "10.0.0.1/8"\nproto = "icmp"\n', 5, "has host bits set (did you mean 10.0.0.0/8?)"),
+        ('from = "alice"\nto = "bob"\nproto = "icmp"\n', 6, "node rule 1: unknown key 'to'"),
+        ('from = "alice"\nproto = "icmp"\nports = [1]\n', 7, "icmp and icmpv6 have no ports"),
+    ])
+    def test_a_bad_rule_is_refused_with_its_line_and_reason(self, tmp_path: Path, rule: str, line: int,
+                                                            reason: str) -> None:
+        err = load_error(tmp_path, MINIMAL + "[[filter.allow]]\n" + rule)
+        assert (err.line, reason in err.message) == (line, True), str(err)
+
+    def test_an_array_of_tables_or_an_unknown_key_is_refused(self, tmp_path: Path) -> None:
+        assert load_error(tmp_path, "[[filter]]\n" + MINIMAL).message == "[filter]: expected a table"
+        err = load_error(tmp_path, MINIMAL + "[filter]\ndeny = []\n")
+        assert err.line == 5 and "unknown key 'deny'" in err.message

@@ -8,7 +8,8 @@ Errors never repeat the content of a secret (a value that could be a pasted priv
 key). See docs/config.md for the reference of every key.
 
 Sans-IO but for `load_config` reading the file: no asyncio, no actors. It imports
-``tunnelmesh.identity`` lazily, only when a peer identity line has to be checked.
+``tunnelmesh.identity`` lazily, only when a peer identity line has to be checked, and
+``tunnelmesh.filter`` (which imports this package) only for a ``[filter]`` table.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from tunnelmesh.fields import NAME_RULE, FieldError, decode_base64, is_name, par
 from tunnelmesh.paths import DEFAULT_HOST_KEY
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
+    from tunnelmesh.filter.policy import Rule
     from tunnelmesh.identity import PublicIdentity
 
 #: Refuse config files larger than this (a config is a few KiB at most).
 MAX_CONFIG_BYTES = 1 << 20
 
-TOP_KEYS = ("node", "peers", "coordinator", "transports")
+TOP_KEYS = ("node", "peers", "coordinator", "transports", "filter")
 COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert", "tls_key")
 TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
                   "relay_url", "peers")
@@ -422,6 +424,14 @@ class _Checker:
                 raise self.error(f"{what}: relay_url: {exc}", "transports", "relay_url") from None
         return listen, url
 
+    def filter_rules(self, data: Mapping[str, Any]) -> tuple[Rule, ...] | None:
+        """The ``[filter]`` table's ``[[filter.allow]]`` rules (docs/filter.md), None without one."""
+        if "filter" not in data:
+            return None
+        from tunnelmesh.filter.policy import parse_node_rules
+
+        return parse_node_rules(data["filter"], self.loc, self.path)
+
     def endpoint(self, value: str, what: str, index: int) -> tuple[str, int]:
         try:
             return parse_endpoint(value)
@@ -647,7 +657,8 @@ def parse_config(text: str, *, path: Path, state_dir: Path) -> NodeConfig:
             raise checker.error("[[peers]] are not used with a [coordinator]: it tells this node its peers", "peers")
         peers = checker.peers(data, node) if coordinator is None else ()
         transports = checker.transports(data, coordinator)
-        return NodeConfig(peers=peers, coordinator=coordinator, transports=transports, **node)
+        return NodeConfig(peers=peers, coordinator=coordinator, transports=transports,
+                          filter_rules=checker.filter_rules(data), **node)
     except ConfigError:
         raise
     except RecursionError:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
+    from tunnelmesh.filter.policy import Rule
     from tunnelmesh.identity import PublicIdentity
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -150,6 +151,9 @@ class NodeConfig:
     peers: tuple[PeerConfig, ...]
     coordinator: CoordinatorConfig | None = None
     transports: TransportsConfig = TransportsConfig()
+    #: The ``[filter]`` table's allow-rules: what this node accepts on top of the network
+    #: policy (docs/filter.md). None: no ``[filter]`` table.
+    filter_rules: tuple[Rule, ...] | None = None
 
     @property
     def mesh_network(self) -> ipaddress.IPv4Network:
