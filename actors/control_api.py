@@ -1,6 +1,7 @@
 """What the control socket's commands do (docs/control.md).
 
-`ControlApi` answers `status`, `peers`, `ping`, `down` and `ping_daemon` with the
+`ControlApi` answers `status`, `peers`, `ping`, `down`, `ping_daemon`, `filter_show`
+and `filter_test` with the
 dataclasses of actors/messages.py; the control server (actors/control.py) turns them
 into JSON. Everything it reads is handed to it when the daemon is assembled: it
 asks actors for what they own (the mesh for its sessions, each session for its
@@ -19,8 +20,9 @@ from tunnelmesh import __version__
 
 from .control import EventBus, Handler
 from .messages import (
-    ActorStatus, CoordinatorStatus, FindSession, GetStatus, ListPeers, NodeStatus, PeerStatus, Ping, PingResult, Peers,
-    RelayClientStatus, RelayServerStatus, SshStatus, Status, TransportsStatus, from_json,
+    ActorStatus, CoordinatorStatus, FilterRules, FilterVerdict, FindSession, GetFilterStatus, GetStatus, ListPeers,
+    NodeStatus, PeerStatus, Ping, PingResult, Peers, RelayClientStatus, RelayServerStatus, ShowFilter, SshStatus, Status,
+    TestFilter, TransportsStatus, from_json,
 )
 from .runtime import Actor
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from .admitter import Admitter
     from .coordinator_client import CoordinatorClient
     from .datapath import DataPath
+    from .filter import FilterActor
     from .links import Transports
     from .mesh import Mesh
 
@@ -59,6 +62,7 @@ class ControlApi:
         serving_coordinator: str | None = None,
         admitter: Admitter | None = None,
         serving_relay: Relay | None = None,
+        packet_filter: FilterActor | None = None,
     ) -> None:
         self.name = name
         self.interface = interface
@@ -77,13 +81,33 @@ class ControlApi:
         self.serving_coordinator = serving_coordinator
         self.admitter = admitter
         self.serving_relay = serving_relay
+        self.packet_filter = packet_filter
 
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.status, "peers": self.peers, "ping": self.ping, "down": self.down,
-                "ping_daemon": self.ping_daemon}
+                "ping_daemon": self.ping_daemon, "filter_show": self.filter_show, "filter_test": self.filter_test}
 
     async def status(self, _: dict[str, Any]) -> Status:
-        return Status(node=await self.node(), peers=await self._peers(), drops=dict(self.device.drops + self.datapath.drops))
+        return Status(node=await self.node(), peers=await self._peers(), drops=dict(self.device.drops + self.datapath.drops),
+                      filter=await self.packet_filter.ask(GetFilterStatus()) if self.packet_filter is not None else None)
+
+    async def filter_show(self, _: dict[str, Any]) -> FilterRules:
+        return await self._filter().ask(ShowFilter())  # type: ignore[no-any-return]
+
+    async def filter_test(self, request: dict[str, Any]) -> FilterVerdict:
+        peer, proto, port = request.get("peer"), request.get("proto"), request.get("port", 0)
+        if not isinstance(peer, str) or not isinstance(proto, str):
+            raise ValueError("'peer' (a name or mesh address) and 'proto' (tcp, udp, icmp or icmpv6) are required")
+        if proto in ("tcp", "udp") and "port" not in request:
+            raise ValueError(f"'port' is required for {proto}")
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise ValueError("'port' must be an integer (0 to 65535)")
+        return await self._filter().ask(TestFilter(peer, proto, port))  # type: ignore[no-any-return]
+
+    def _filter(self) -> FilterActor:
+        if self.packet_filter is None:
+            raise ValueError("this daemon runs no packet filter")
+        return self.packet_filter
 
     async def peers(self, _: dict[str, Any]) -> Peers:
         return Peers(peers=await self._peers())

@@ -34,6 +34,7 @@ from tunnelmesh.clock import Clock
 from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_config, read_network_secret
 from tunnelmesh.control_client import NotRunning, request
 from tunnelmesh.files import FileError, check_state_dir, write_atomic
+from tunnelmesh.filter import Member
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
 from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.links.relay import RelayClient
@@ -47,8 +48,9 @@ from .admitter import Admitter
 from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath
 from .edges import UdpBind, UdpError
+from .filter import FilterInputs, snapshot_inputs
 from .links import RelayConnection, RelayPool, SshServer, Transports
-from .messages import PeerSpec, SyncRelays
+from .messages import PeerSpec, SyncFilter, SyncRelays
 from .node import Addresses, Node
 from .runtime import Actor, Leftovers
 from .tun import TunDevice, TunError
@@ -290,6 +292,14 @@ def _static_peers(config: NodeConfig, endpoints: list[tuple[str, int] | None]) -
     ]
 
 
+def _static_members(config: NodeConfig) -> tuple[Member, ...]:
+    """The static config's peers as the packet filter sees them: a peer's allowed IPs
+    beyond its mesh address are routes it may send from."""
+    return tuple(Member(peer.name, peer.wireguard_public_key, peer.mesh_ip, None,
+                        tuple(net for net in peer.allowed_ips if net != ipaddress.ip_network(peer.mesh_ip)))
+                 for peer in config.peers)
+
+
 @dataclass(frozen=True)
 class Loaded:
     """What the daemon starts from, read and checked: the config, the identity, in
@@ -433,6 +443,13 @@ async def run_daemon(paths: Paths) -> int:
 
     services = await _start_services(paths, loaded, tun, node, current_map)
     transports, setup, datapath = node.parts.transports, services.transport_setup, node.datapath
+    if state is None:
+        static = FilterInputs(_static_members(config), None)
+        node.add_filter(node_rules=config.filter_rules, inputs=lambda: static, network=False)
+    else:
+        packet_filter = node.add_filter(node_rules=config.filter_rules, network=True,
+                                        inputs=lambda: snapshot_inputs(current_map()))
+        setup.on_map_changed.append(lambda: packet_filter.tell_latest(SyncFilter, SyncFilter()))
     if services.coordinator is not None:
         node.add(services.coordinator)
     if transports.ssh is not None:

@@ -113,6 +113,31 @@ class SyncRelays:
     """To the relay pool: the peer map changed; hold the relays it offers now."""
 
 
+@dataclass(frozen=True, slots=True)
+class SyncFilter:
+    """To the filter actor: the members or the network policy changed; compile from the latest."""
+
+
+@dataclass(frozen=True, slots=True)
+class GetFilterStatus:
+    """To the filter actor: what is in force and its counters (a FilterStatus)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShowFilter:
+    """To the filter actor: the rules in force and what each peer may open here (FilterRules)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TestFilter:
+    """To the filter actor: would a new flow from `peer` (name or mesh address) pass, and
+    by which rule (a FilterVerdict)."""
+
+    peer: str
+    proto: str  # tcp, udp, icmp or icmpv6
+    port: int  # tcp/udp destination port; 0 for icmp
+
+
 # --- events and the control API (docs/control.md) ---------------------------------------
 #
 # What the daemon tells the outside: events (published on the EventBus, streamed by the
@@ -361,6 +386,70 @@ class ActorStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterRuleHits:
+    rule: str  # the rule as written ("network rule 2 (line 14): from group:admins to * tcp 22")
+    hits: int  # new flows it admitted (the first rule that allows a flow is credited)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterStatus:
+    """The packet filter: what is in force, and its counters since the daemon started."""
+
+    enabled: bool  # the data path filters packets (false: every packet passes, as before the filter)
+    in_force: str  # what is in force, in words
+    policy_version: int | None  # the network policy's, None: none set (or static mode)
+    node_rules: int  # [[filter.allow]] rules of this node's config
+    error: str | None  # the last network policy refused (the rules before it stay)
+    warnings: tuple[str, ...]  # e.g. a node rule naming a group the policy does not define
+    drops: dict[str, int]  # packets dropped, by reason (docs/filter.md)
+    spoofed_by_peer: dict[str, int]  # packets from a peer with a source that is not its
+    rules: tuple[FilterRuleHits, ...]  # in evaluation order
+    flows: int  # tracked flows now
+    max_flows: int  # the table's bound (new flows are dropped beyond it)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterOrigin:
+    """What one address block of a peer (its mesh address, a route) may open here."""
+
+    origin: str  # an address or a CIDR
+    tcp: str  # destination ports: "" none, "*" all, "22,8000-8100"
+    udp: str
+    icmp: bool  # ICMP echo
+    icmpv6: bool  # ICMPv6 echo
+    spoofed: bool  # another member's address inside the peer's route: always dropped
+
+
+@dataclass(frozen=True, slots=True)
+class FilterPeerRules:
+    peer: str
+    origins: tuple[FilterOrigin, ...]  # mesh addresses first, then routes (longest prefix first)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterRules:
+    """The reply to `filter_show`."""
+
+    enabled: bool
+    in_force: str
+    rules: tuple[FilterRuleHits, ...]  # in evaluation order
+    peers: tuple[FilterPeerRules, ...]  # by name; empty when the filter is not enabled
+    control_version: int = CONTROL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class FilterVerdict:
+    """The reply to `filter_test`: would a new flow from the peer's mesh address pass."""
+
+    peer: str
+    proto: str
+    port: int
+    allowed: bool
+    reason: str  # the rule that allows it, or why not
+    control_version: int = CONTROL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
 class NodeStatus:
     name: str
     mesh_ip: str
@@ -390,6 +479,7 @@ class Status:
     peers: tuple[PeerStatus, ...]
     drops: dict[str, int]  # packets the data path dropped, by reason
     control_version: int = CONTROL_VERSION
+    filter: FilterStatus | None = None  # None: the node runs no filter actor (in-process tests)
 
 
 def to_json(obj: object) -> Any:

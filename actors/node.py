@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
+from tunnelmesh.filter import Member, Rule
 from tunnelmesh.identity import NodeIdentity
 from tunnelmesh.wireguard import Device
 
@@ -30,6 +31,7 @@ from .control import EventBus
 from .control_api import ControlApi
 from .datapath import DataPath
 from .edges import Bind, Tun
+from .filter import FilterActor, FilterInputs
 from .links import Transports
 from .mesh import Mesh
 from .messages import PeerSpec, Start
@@ -112,7 +114,7 @@ class NodeParts:
         self.bind = bind
         self.transports = transports
         self.device = Device(static_private, mtu=mtu, rng=rng)
-        self.datapath = DataPath(self.device, tun, bind, clock)
+        self.datapath = DataPath(self.device, tun, bind, clock, mesh_ip=mesh_ip)
         self.bus = EventBus()
         self.supervisor = Supervisor(clock)
         self.mesh = Mesh(self.device, self.datapath, self.supervisor, self.bus, mesh_ip, psk, transports, clock=clock)
@@ -136,6 +138,7 @@ class Node:
         self.device, self.datapath, self.bus, self.mesh = parts.device, parts.datapath, parts.bus, parts.mesh
         self.supervisor = parts.supervisor
         self.peers = tuple(peers)
+        self.filter: FilterActor | None = None
         self.started = clock.wall()
         self.identity = self.add(IdentityActor(identity))  # answers `whoami` for status
         self.add(EdgesActor(tun, bind, self.datapath))
@@ -144,6 +147,18 @@ class Node:
     def add(self, actor: A) -> A:
         self.supervisor.add(actor)
         return actor
+
+    def add_filter(self, *, node_rules: tuple[Rule, ...] | None, inputs: Callable[[], FilterInputs],
+                   network: bool) -> FilterActor:
+        """The packet filter's actor (actors/filter.py), for this node as a member (its name,
+        key and mesh addresses); tell it `SyncFilter` when `inputs()` changes. It compiles
+        now, so the data path filters from its first packet on."""
+        ipv6 = self.addresses.ipv6
+        local = Member(self.name, self.device.static_public, self.addresses.ipv4.ip, ipv6.ip if ipv6 else None)
+        self.filter = self.add(FilterActor(self.datapath, local=local, node_rules=node_rules, inputs=inputs,
+                                           network=network, clock=self.parts.clock))
+        self.filter.compile()
+        return self.filter
 
     def control_api(
         self, *, coordinator: CoordinatorClient | None = None, serving_coordinator: str | None = None,
@@ -157,7 +172,7 @@ class Node:
             mesh=self.mesh, device=self.device, datapath=self.datapath, bus=self.bus, shutdown=self.shutdown,
             actors=self.supervisor.stats,
             transports=self.parts.transports, coordinator=coordinator, serving_coordinator=serving_coordinator,
-            admitter=admitter, serving_relay=serving_relay,
+            admitter=admitter, serving_relay=serving_relay, packet_filter=self.filter,
         )
 
     def shutdown(self, reason: str, exit_code: int = 0) -> None:

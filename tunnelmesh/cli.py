@@ -26,7 +26,7 @@ from typing import Any
 from tunnelmesh import __version__
 from tunnelmesh.config import DEFAULT_COORDINATOR_PORT, ConfigError, load_config, read_network_secret, starter_config
 from tunnelmesh.membership import DEFAULT_CIDR
-from actors.messages import PeerStatus, to_json
+from actors.messages import FilterStatus, PeerStatus, to_json
 from tunnelmesh import control_client
 from tunnelmesh.control_client import ControlError, NotRunning, request
 from tunnelmesh.paths import DEFAULT_HOST_KEY, Paths, resolve_paths
@@ -448,10 +448,14 @@ def _up_detached(args: argparse.Namespace, paths: Paths) -> int:
             raise CliError("tunnelmesh failed to start:\n  " + "\n  ".join(tail), EXIT_FAIL)
         try:
             request(paths.control_socket, "ping_daemon", timeout=1)
-            print(f"tunnelmesh up (pid {process.pid}, log {log_path})")
-            return EXIT_OK
         except ControlError:
             time.sleep(0.1)
+            continue
+        print(f"tunnelmesh up (pid {process.pid}, log {log_path})")
+        filter_status = control_client.status(paths.control_socket).filter
+        if filter_status is not None:  # what a network from before the filter most needs to hear
+            print(f"packet filter: {filter_status.in_force}")
+        return EXIT_OK
     raise CliError(f"tunnelmesh did not come up within 30 s; see {log_path}", EXIT_FAIL)
 
 
@@ -512,6 +516,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         print("transports: udp/{}, {}".format(node.listen_port, ", ".join(rungs)))
     if transports.serving_relay is not None:
         print(f"serving a relay for members: {transports.serving_relay.connections} connected")
+    if status.filter is not None:
+        _print_filter_status(status.filter)
     _print_peers(status.peers)
     if args.verbose:
         counters = {**status.drops, **({"events lost by slow subscribers": node.events_dropped}
@@ -520,6 +526,17 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         if counters:
             print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
     return EXIT_OK
+
+
+def _print_filter_status(f: FilterStatus) -> None:
+    print(f"packet filter: {f.in_force}")
+    if f.error:
+        print(f"  network policy refused: {f.error}")
+    for warning in f.warnings:
+        print(f"  warning: {warning}")
+    if f.enabled:
+        dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(f.drops.items()))
+        print(f"  {f.flows} flows tracked (at most {f.max_flows}); dropped: {dropped or 'none'}")
 
 
 def cmd_peers(args: argparse.Namespace, paths: Paths) -> int:
@@ -578,6 +595,45 @@ def cmd_ping(args: argparse.Namespace, paths: Paths) -> int:
             failures += 1
             print(f"{result.error} (path: {path})")
     return EXIT_OK if failures < args.count else EXIT_FAIL
+
+
+# --- filter ---------------------------------------------------------------------------
+
+
+def cmd_filter_show(args: argparse.Namespace, paths: Paths) -> int:
+    rules = control_client.filter_show(paths.control_socket)
+    if args.json:
+        print(json.dumps(to_json(rules), indent=2))
+        return EXIT_OK
+    print(f"packet filter: {rules.in_force}")
+    if not rules.enabled:
+        return EXIT_OK
+    print("rules, in evaluation order (new flows admitted):" if rules.rules else "no rules: only replies come in")
+    for rule in rules.rules:
+        print(f"  {rule.rule}  ({rule.hits})")
+    for peer in rules.peers:
+        print(f"{peer.peer} may open here:")
+        for o in peer.origins:
+            if o.spoofed:
+                print(f"  from {o.origin}: nothing (another member's address: dropped as spoofed)")
+                continue
+            opens = [f"tcp {o.tcp}" if o.tcp else "", f"udp {o.udp}" if o.udp else "", "icmp echo" if o.icmp else "",
+                     "icmpv6 echo" if o.icmpv6 else ""]
+            print(f"  from {o.origin}: {', '.join(x for x in opens if x) or 'nothing (replies only)'}")
+    return EXIT_OK
+
+
+def cmd_filter_test(args: argparse.Namespace, paths: Paths) -> int:
+    if args.proto in ("tcp", "udp") and args.port is None:
+        raise CliError(f"a port is needed for {args.proto}: tunnelmesh filter test {args.peer} {args.proto} PORT",
+                       EXIT_USAGE)
+    verdict = control_client.filter_test(paths.control_socket, args.peer, args.proto, args.port)
+    if args.json:
+        print(json.dumps(to_json(verdict), indent=2))
+    else:
+        what = f"{verdict.proto}/{verdict.port}" if verdict.proto in ("tcp", "udp") else f"{verdict.proto} echo"
+        print(f"{what} from {verdict.peer}: {'allowed' if verdict.allowed else 'denied'}: {verdict.reason}")
+    return EXIT_OK if verdict.allowed else EXIT_FAIL
 
 
 # --- id / show ----------------------------------------------------------------------
@@ -792,6 +848,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--interval", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply")
     p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("filter", help="the packet filter in force: rules per peer, or would a flow pass")
+    filter_sub = p.add_subparsers(dest="filter_command", metavar="COMMAND", required=True)
+    q = filter_sub.add_parser("show", help="the rules in force and what each peer may open on this node")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_filter_show)
+    q = filter_sub.add_parser("test", help="would a new flow from PEER pass, and by which rule (exit 1: denied)")
+    q.add_argument("peer", help="peer name or mesh address")
+    q.add_argument("proto", choices=["tcp", "udp", "icmp", "icmpv6"])
+    q.add_argument("port", nargs="?", type=int, help="destination port (tcp and udp)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_filter_test)
 
     p = sub.add_parser("id", help="print this node's identity line, to paste into peers' configs")
     p.set_defaults(func=cmd_id)

@@ -1,7 +1,7 @@
 """The CLI's side of the control socket (docs/control.md; the server is actors/control.py).
 
-`request` sends one command and returns its raw JSON result; `status`, `peers`, `ping`
-and `events` return the schema's dataclasses (actors/messages.py), after checking that
+`request` sends one command and returns its raw JSON result; `status`, `peers`, `ping`,
+`filter_show`, `filter_test` and `events` return the schema's dataclasses (actors/messages.py), after checking that
 the daemon speaks this client's CONTROL_VERSION.
 """
 
@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from actors.messages import CONTROL_VERSION, ControlSchemaError, Event, Peers, PingResult, Status, Subscribed, from_json
+from actors.messages import (
+    CONTROL_VERSION, ControlSchemaError, Event, FilterRules, FilterVerdict, Peers, PingResult, Status, Subscribed,
+    from_json,
+)
 
 T = TypeVar("T")
 
@@ -59,6 +62,15 @@ def peers(path: Path) -> Peers:
 
 def ping(path: Path, peer: str, wait: float) -> PingResult:
     return _typed(PingResult, request(path, "ping", timeout=wait + 10, peer=peer, wait=wait))
+
+
+def filter_show(path: Path) -> FilterRules:
+    return _versioned(FilterRules, request(path, "filter_show"))
+
+
+def filter_test(path: Path, peer: str, proto: str, port: int | None) -> FilterVerdict:
+    fields: dict[str, Any] = {"peer": peer, "proto": proto} | ({"port": port} if port is not None else {})
+    return _versioned(FilterVerdict, request(path, "filter_test", **fields))
 
 
 def events(path: Path) -> Iterator[Event]:

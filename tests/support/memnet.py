@@ -44,6 +44,7 @@ import pytest
 
 from actors.control import EventBus
 from actors.datapath import DataPath
+from actors.filter import FilterInputs
 from actors.links import SshServer, Transports
 from actors.mesh import Mesh
 from actors.messages import PeerSpec, to_json
@@ -51,6 +52,7 @@ from actors.node import Addresses, NodeParts
 from actors.node import Node as RunningNode
 from actors.session import PeerSession
 from tests.support.wire import PSK, kind, seeded_rng
+from tunnelmesh.filter import Rule
 from tunnelmesh.identity import NodeIdentity
 from tunnelmesh.ladder import RELAY, SSH, UDP
 from tunnelmesh.links import Link, LinkError
@@ -464,6 +466,7 @@ class Host:
         self.transports = Transports(ssh=self.ssh, relay=self.relay)  # type: ignore[arg-type]
         self.events: list[dict[str, Any]] = []
         self.echo_replies: list[tuple[float, int]] = []  # (when, seq) of answers to the app's pings
+        self.arrived: list[bytes] = []  # every packet the tunnel delivered to the TUN
         net.nodes[name] = self
 
     def watch(self, bus: EventBus) -> None:
@@ -490,6 +493,7 @@ class Host:
                 packet = self.app.recv(65536)
             except BlockingIOError:
                 return
+            self.arrived.append(packet)
             if len(packet) < 28 or packet[0] >> 4 != 4 or packet[9] != 1:
                 continue
             ihl = (packet[0] & 0x0F) * 4
@@ -525,16 +529,22 @@ class Node(Host):
 class Daemon(Host):
     """A whole daemon as actors/node.py assembles it (its SSH rung held by the daemon's
     own SshServer actor), run by its supervisor: `run()` until `down`; its control
-    commands are `api`'s handlers, called in-process."""
+    commands are `api`'s handlers, called in-process. With `filter_inputs` it runs the
+    packet filter's actor (as the daemon does, `network` as in coordinator mode)."""
 
     def __init__(self, net: Net, name: str, identity: NodeIdentity, address: tuple[str, int], mesh_ip: str,
-                 peers: Sequence[PeerSpec], seed: int) -> None:
+                 peers: Sequence[PeerSpec], seed: int, *, mesh_ipv6: str | None = None,
+                 filter_inputs: Callable[[], FilterInputs] | None = None, node_rules: tuple[Rule, ...] | None = None,
+                 network: bool = True) -> None:
         super().__init__(net, name, address, mesh_ip)
+        ipv6 = ipaddress.IPv6Interface(f"{mesh_ipv6}/64") if mesh_ipv6 is not None else None
         self.node = RunningNode(
             name=name, interface=self.tun.name, identity=identity, mtu=DEFAULT_MTU, tun=self.tun, bind=self.sock,
-            addresses=Addresses(ipaddress.IPv4Interface(f"{mesh_ip}/24"), None, ()), psk=PSK,
+            addresses=Addresses(ipaddress.IPv4Interface(f"{mesh_ip}/24"), ipv6, ()), psk=PSK,
             transports=self.transports, peers=peers, clock=net.clock, rng=seeded_rng(seed),
         )
+        if filter_inputs is not None:
+            self.node.add_filter(node_rules=node_rules, inputs=filter_inputs, network=network)
         self.node.add(SshServer(self.ssh))  # type: ignore[arg-type]
         self.device, self.datapath, self.bus, self.mesh = self.node.device, self.node.datapath, self.node.bus, self.node.mesh
         self.api = self.node.control_api()
