@@ -15,6 +15,10 @@ Files (all in the state directory, see `tunnelmesh.paths`):
 - ``bindings.json`` (beside it): which WireGuard key holds each name, mesh address
   and SSH key, kept for good like the revocations (`PeerMap` rebinds only when the
   holder is revoked).
+- ``policy.json`` (beside it): the network policy record with the highest version this
+  node verified, kept like the bindings: with the cache lost, a coordinator still cannot
+  get the node to take an older policy, nor leave it with none (the packet filter would
+  then let everything in: docs/filter.md).
 - ``network.secret``: replaced atomically when the admin rotates it.
 - ``invites.json`` (the admin's machine only): every invite made there and the keys
   each one admitted (`tunnelmesh.admission.InviteLedger`), kept for good.
@@ -40,6 +44,7 @@ from tunnelmesh.membership import (
     MembershipError,
     NetworkInfo,
     PeerMap,
+    PolicyRecord,
     Revocation,
     parse_bindings,
 )
@@ -116,6 +121,7 @@ class NetworkState:
 
 REVOCATIONS_FILE = "revocations.json"
 BINDINGS_FILE = "bindings.json"
+POLICY_FILE = "policy.json"
 
 
 def _revocations_path(cache: Path) -> Path:
@@ -124,6 +130,10 @@ def _revocations_path(cache: Path) -> Path:
 
 def _bindings_path(cache: Path) -> Path:
     return cache.with_name(BINDINGS_FILE)
+
+
+def _policy_path(cache: Path) -> Path:
+    return cache.with_name(POLICY_FILE)
 
 
 def _read_revocation_wires(path: Path) -> list[Any]:
@@ -147,14 +157,36 @@ def _read_bindings(path: Path) -> tuple[dict[str, bytes], dict[bytes, int]]:
         raise StateError(f"bindings {path} are damaged ({exc}); restore the file from a backup") from None
 
 
+def load_policy(cache: Path, network: NetworkInfo) -> PolicyRecord | None:
+    """The kept network policy (beside the peer map cache at `cache`), verified; None if
+    there is none, or only one of a network this node left (a revoked node that joined
+    another). One that does not verify is an error: with it lost, a coordinator could
+    hand the node an older policy."""
+    path = _policy_path(cache)
+    try:
+        data = _read_json(path, "network policy")
+    except FileNotFoundError:
+        return None
+    body = data.get("body") if isinstance(data, dict) else None
+    if isinstance(body, dict) and body.get("network") != network.network:
+        return None
+    try:
+        return PolicyRecord.from_wire(data, network)
+    except MembershipError as exc:
+        raise StateError(f"network policy {path} is damaged ({exc}); restore it from a backup, or remove it "
+                         "(the node then takes the coordinator's policy, whatever its version)") from None
+
+
 def load_peer_map(path: Path, state: NetworkState) -> tuple[PeerMap, list[str]]:
-    """The kept revocations and bindings, and the cached peer map (re-verified record by
-    record), and what was refused in them. A damaged revocations or bindings file is an
-    error, not ignored: they are what no coordinator can give back."""
+    """The kept revocations, bindings and network policy, and the cached peer map
+    (re-verified record by record), and what was refused in them. A damaged revocations,
+    bindings or policy file is an error, not ignored: they are what no coordinator can
+    give back."""
     peer_map = PeerMap(state.network, state.member.wg_key)
     changes = MapChanges()
     peer_map.add_revocations(_read_revocation_wires(_revocations_path(path)), changes)
     peer_map.bindings, peer_map.authorized = _read_bindings(_bindings_path(path))
+    peer_map.policy = load_policy(path, state.network)
     if peer_map.binding_clash(state.member) is None:
         peer_map.bind(state.member, changes)
     rejected = changes.rejected
@@ -173,22 +205,27 @@ def load_peer_map(path: Path, state: NetworkState) -> tuple[PeerMap, list[str]]:
 
 def save_peer_map(path: Path, peer_map: PeerMap) -> None:
     """Write the cache, after merging its revocations into the kept ones and writing the
-    bindings (both first: the cache may be lost, they may not)."""
+    bindings and the network policy (all first: the cache may be lost, they may not)."""
     save_revocations(_revocations_path(path), peer_map.revocations.values())
     save_bindings(_bindings_path(path), peer_map)
+    if peer_map.policy is not None:  # the peer map only ever replaces it with a newer one
+        _save_if_changed(_policy_path(path), peer_map.policy.to_wire(), "network policy")
     write_atomic(path, json.dumps(peer_map.to_cache()).encode() + b"\n")
+
+
+def _save_if_changed(path: Path, wire: Any, what: str) -> None:
+    try:
+        current = _read_json(path, what)
+    except (FileNotFoundError, StateError):
+        current = None
+    if current != wire:
+        write_atomic(path, json.dumps(wire, indent=1).encode() + b"\n")
 
 
 def save_bindings(path: Path, peer_map: PeerMap) -> None:
     """The bindings as the peer map holds them now (it started from this file and only
     rebinds on a revocation), written when they changed."""
-    wire = peer_map.bindings_to_wire()
-    try:
-        current = _read_json(path, "bindings")
-    except (FileNotFoundError, StateError):
-        current = None
-    if current != wire:
-        write_atomic(path, json.dumps(wire, indent=1).encode() + b"\n")
+    _save_if_changed(path, peer_map.bindings_to_wire(), "bindings")
 
 
 @contextmanager

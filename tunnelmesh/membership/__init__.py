@@ -1,7 +1,7 @@
 """Who is in the network: the records the admin key signs and every node checks.
 
 - `tunnelmesh.membership.records`: the signed records (network, invite, member,
-  revocation, secret), join tokens, the admin key and sealed secrets;
+  revocation, secret, network policy), join tokens, the admin key and sealed secrets;
 - `tunnelmesh.membership.auth`: signed coordinator requests and the join proof;
 - `tunnelmesh.membership.peermap`: the node's verified peer map and its change set.
 
@@ -38,12 +38,14 @@ from tunnelmesh.membership.peermap import (
 )
 from tunnelmesh.membership.records import (
     DEFAULT_CIDR,
+    MAX_POLICY_TEXT,
     TOKEN_PREFIX,
     AdminKey,
     InviteGrant,
     MemberEntry,
     MembershipError,
     NetworkInfo,
+    PolicyRecord,
     Revocation,
     SecretRecord,
     Token,
@@ -61,9 +63,9 @@ from tunnelmesh.membership.records import (
 )
 
 __all__ = [
-    "DEFAULT_CIDR", "JOIN_NAMESPACE", "JOIN_WINDOW", "MAX_ENDPOINTS", "REQUEST_NAMESPACE", "REQUEST_WINDOW",
+    "DEFAULT_CIDR", "JOIN_NAMESPACE", "JOIN_WINDOW", "MAX_ENDPOINTS", "MAX_POLICY_TEXT", "REQUEST_NAMESPACE", "REQUEST_WINDOW",
     "TOKEN_PREFIX", "AdminKey", "Endpoints", "InviteGrant", "MapChanges", "MapSnapshot", "MemberEntry", "MembershipError",
-    "NetworkInfo", "PeerMap", "ReplayGuard", "RequestAuth", "Revocation", "SecretRecord", "Token", "b64",
+    "NetworkInfo", "PeerMap", "PolicyRecord", "ReplayGuard", "RequestAuth", "Revocation", "SecretRecord", "Token", "b64",
     "bindings_of", "canonical", "check_name", "join_proof_message", "key_fingerprint", "make_invite",
     "member_body", "parse_address", "parse_bindings", "parse_endpoints", "parse_relay_url", "reachable_unicast",
     "relay_address_usable", "request_message", "seal", "sign_admin_request", "sign_member_as_admin",

@@ -21,6 +21,7 @@ from tunnelmesh.membership.records import (
     MemberEntry,
     MembershipError,
     NetworkInfo,
+    PolicyRecord,
     Revocation,
     SecretRecord,
     b64,
@@ -171,6 +172,7 @@ class MapChanges:
     endpoints: dict[bytes, Endpoints] = field(default_factory=dict)
     revoked_self: Revocation | None = None
     new_secret: SecretRecord | None = None
+    new_policy: PolicyRecord | None = None  # a newer network policy was verified and is now in force
     rejected: list[str] = field(default_factory=list)
     bindings_changed: bool = False
 
@@ -216,6 +218,9 @@ class MapSnapshot:
     network: NetworkInfo
     members: Mapping[bytes, MemberEntry]  # read-only, by WireGuard key
     endpoints: Mapping[bytes, Endpoints]  # read-only, by WireGuard key
+    #: The network policy in force (the highest version verified), None when the admin has
+    #: set none (a network from before the packet filter: docs/filter.md, "What is in force").
+    policy: PolicyRecord | None = None
 
 
 class PeerMap:
@@ -232,7 +237,10 @@ class PeerMap:
       SSH key binds it to that entry's WireGuard key. Another key gets it only once the
       bound key is revoked (an admin-signed record), never because an entry claims an
       earlier time, nor because a map leaves the holder out;
-    - the version: an update older than the one this node has is refused (no rollback).
+    - the version: an update older than the one this node has is refused (no rollback);
+    - the network policy: the highest version verified. An older one, or another record
+      with the same version, is refused; a map without one leaves it in force (a policy
+      is replaced, never removed).
 
     Only admin-signed member entries are members. Invite-signed entries are what a joiner
     hands the coordinator; the admin's machine checks them against its own invite ledger
@@ -248,6 +256,7 @@ class PeerMap:
         self.bindings: dict[str, bytes] = {}
         self.authorized: dict[bytes, int] = {}  # bound key -> when the admin last authorised it
         self.secret: SecretRecord | None = None
+        self.policy: PolicyRecord | None = None
         self.own: MemberEntry | None = None  # this node's entry, when a map lists it
         self.version = 0
         self.rejected: Counter[str] = Counter()
@@ -255,7 +264,7 @@ class PeerMap:
     def snapshot(self) -> MapSnapshot:
         """The map as it is now, for readers (copies: later changes do not show in it)."""
         return MapSnapshot(self.version, self.network, MappingProxyType(dict(self.members)),
-                           MappingProxyType(dict(self.endpoints)))
+                           MappingProxyType(dict(self.endpoints)), self.policy)
 
     def revoked(self, member: MemberEntry) -> Revocation | None:
         for revocation in (self.revocations.get(member.wg_key), self._revoked_ssh.get(member.identity.fingerprint)):
@@ -331,7 +340,9 @@ class PeerMap:
     def apply(self, update: Any) -> MapChanges:
         changes = MapChanges()
         update = check.object(update, "peer map")
-        check.keys(update, {"version", "full", "members", "revocations", "secret", "endpoints"}, "peer map")
+        # "policy" only when there is one to send: a node from before the filter takes the rest.
+        check.keys(update, {"version", "full", "members", "revocations", "secret", "endpoints"}, "peer map",
+                   {"policy"})
         version = check.integer(update["version"], "version")
         full = update["full"]
         if not isinstance(full, bool):
@@ -403,8 +414,30 @@ class PeerMap:
                 if self.secret is None or record.epoch > self.secret.epoch:
                     self.secret = record
                     changes.new_secret = record
+        if update.get("policy") is not None:
+            self.take_policy(update["policy"], changes)
         self.version = max(self.version, version)
         return changes
+
+    def take_policy(self, wire: Any, changes: MapChanges) -> None:
+        """Verify a network policy record and put it in force if it is newer than the one
+        kept; refuse (counted, named in `changes`) one that does not verify, an older one
+        (a replay: the coordinator cannot roll the policy back) and a second record with
+        the version kept."""
+        try:
+            record = PolicyRecord.from_wire(wire, self.network)
+        except MembershipError as exc:
+            self._reject(changes, f"network policy refused: {exc}")
+            return
+        kept = self.policy
+        if kept is None or record.version > kept.version:
+            self.policy = changes.new_policy = record
+        elif record.version < kept.version:
+            self._reject(changes, f"network policy refused: version {record.version} is older than version "
+                                  f"{kept.version}, which this node has (a replayed policy)")
+        elif record != kept:
+            self._reject(changes, f"network policy refused: another record with version {record.version}, which "
+                                  "this node has (the one it verified first stays)")
 
     def _reject(self, changes: MapChanges, reason: str) -> None:
         self.rejected[reason.split(":")[0]] += 1
@@ -418,6 +451,7 @@ class PeerMap:
             "revocations": [r.to_wire() for r in self.revocations.values()],
             "secret": self.secret.to_wire() if self.secret is not None else None,
             "endpoints": {b64(k): e.to_wire() for k, e in self.endpoints.items()},
+            **({"policy": self.policy.to_wire()} if self.policy is not None else {}),
         }
 
     def bindings_to_wire(self) -> dict[str, Any]:

@@ -19,6 +19,8 @@ accepts it only if it verifies against the admin public key pinned at join:
   is newer than the revocation (a new invite or approval made afterwards).
 - ``SecretRecord``: a new network secret, sealed to each current member's
   X25519 key (`seal`), signed by the admin.
+- ``PolicyRecord``: the network policy (the packet filter's TOML, docs/filter.md),
+  with a version that only grows, signed by the admin.
 
 Every signature is Ed25519 over ``DOMAIN + kind + "\\0" + canonical JSON``.
 """
@@ -46,6 +48,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tunnelmesh import files
 from tunnelmesh.fields import Fields
+from tunnelmesh.filter.policy import PolicyError, parse_policy
 from tunnelmesh.identity import IdentityError, PublicIdentity
 from tunnelmesh.tls import check_pinned_url, parse_pin
 
@@ -55,6 +58,9 @@ ADMIN_KEY_HEADER = "tunnelmesh-admin-ed25519"
 SEAL_INFO = b"tunnelmesh sealed secret v1"
 DEFAULT_CIDR = "100.64.0.0/10"
 MAX_TOKEN_CHARS = 4096
+#: The largest network policy text (UTF-8 bytes) a record may carry: a policy of a few
+#: hundred rules is about 20 KiB, and every node keeps and re-verifies it.
+MAX_POLICY_TEXT = 64 * 1024
 
 
 class MembershipError(ValueError):
@@ -559,3 +565,56 @@ class SecretRecord:
         if len(secret) != 32:
             raise MembershipError("sealed secret is not 32 bytes")
         return secret
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    """The network policy (docs/filter.md), signed by the admin. `version` only grows:
+    nodes keep the highest they verified and refuse an older one (no rollback), so
+    `tunnelmesh policy set` signs the current version + 1. The text is checked with
+    `parse_policy` when it is signed and again wherever it is verified: a record whose
+    text does not parse is refused with the line and the reason."""
+
+    network: str
+    version: int
+    text: str
+    issued: int
+    signature: str
+
+    def body(self) -> dict[str, Any]:
+        return {"network": self.network, "version": self.version, "text": self.text, "issued": self.issued}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "sig": self.signature}
+
+    @classmethod
+    def create(cls, admin: AdminKey, version: int, text: str, now: int) -> PolicyRecord:
+        _check_policy_text(text, version)
+        body = {"network": admin.fingerprint, "version": version, "text": text, "issued": now}
+        return cls(admin.fingerprint, version, text, now, admin.sign("policy", body))
+
+    @classmethod
+    def from_wire(cls, wire: Any, network: NetworkInfo) -> PolicyRecord:
+        """Parse and verify: the shape and the size first, then the signature, then the text
+        (parsing costs more than a signature check, and only the admin's text gets that far)."""
+        wire, body = _admin_record(wire, "network policy", {"network", "version", "text", "issued"}, network)
+        version = check.integer(body["version"], "network policy version", 1)
+        text = check.text(body["text"], "network policy text", MAX_POLICY_TEXT)
+        record = cls(network.network, version, text, check.integer(body["issued"], "issued"), wire["sig"])
+        _verify(network.admin_key, "policy", body, wire["sig"], f"network policy v{version}")
+        _canonical_form(record, body, f"network policy v{version}")
+        _check_policy_text(text, version)
+        return record
+
+
+def _check_policy_text(text: str, version: int) -> None:
+    """A policy text a record may carry: at most MAX_POLICY_TEXT bytes, and one that parses
+    (refused with its line and the reason otherwise)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_TEXT:
+        raise MembershipError(f"network policy v{version}: larger than {MAX_POLICY_TEXT // 1024} KiB")
+    if version < 1:
+        raise MembershipError(f"network policy version {version}: versions start at 1")
+    try:
+        parse_policy(text, f"network policy v{version}")
+    except PolicyError as exc:
+        raise MembershipError(str(exc)) from None
