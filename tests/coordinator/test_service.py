@@ -147,7 +147,7 @@ def test_join_by_invite_end_to_end(db: Path, world: World) -> None:
     changes = peer_map.apply(result["map"])
     assert changes.rejected == [] and [m.name for m in changes.added] == ["admin"]
     # The pending row stays (approved) until it expires: a joiner that lost the answer asks again.
-    assert row_counts(db) == {"network": 1, "members": 2, "invites": 1, "revocations": 0, "pending": 1}
+    assert row_counts(db) == {"network": 1, "members": 2, "invites": 1, "revocations": 0, "pending": 1, "policy": 0}
 
 
 def test_one_time_invite_is_used_up_even_between_propose_and_confirm(db: Path, world: World) -> None:

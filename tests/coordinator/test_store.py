@@ -92,8 +92,9 @@ def test_reopened_store_keeps_everything(db: Path, world: World) -> None:
 
 
 def test_a_version_1_file_is_migrated_and_keeps_its_members(db: Path, world: World) -> None:
-    """Schemas 2 and 3 added members.ssh and members.relay: a file from before them opens with
-    every member, offering nothing."""
+    """Schemas 2 and 3 added members.ssh and members.relay, schema 5 the network policy: a
+    file from before them opens with every member, offering nothing, and no policy (a
+    network from before the packet filter)."""
     db.parent.mkdir()
     with closing(sqlite3.connect(db)) as conn:
         for statement in MIGRATIONS[0]:
@@ -110,10 +111,11 @@ def test_a_version_1_file_is_migrated_and_keeps_its_members(db: Path, world: Wor
         assert store.set_endpoints(key(world, 0), [], 1, {"host_key": "k"}, "http://192.0.2.1:7401")
         admin = store.member(key(world, 0))
         assert admin is not None and admin.ssh == {"host_key": "k"} and admin.relay == "http://192.0.2.1:7401"
+        assert store.policy() is None
     finally:
         store.close()
     with closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
 
 
 def test_an_ssh_offer_is_kept_and_a_change_of_it_bumps_the_version(db: Path, world: World) -> None:
@@ -285,7 +287,7 @@ def test_a_version_3_file_loses_its_stored_secret_and_its_pending_reservations(d
     finally:
         store.close()
     with closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert_no_secret(db, SECRET)
 

@@ -58,7 +58,7 @@ from tunnelmesh.ratelimit import Rate, RateLimiter
 
 CIDR = "100.64.0.0/24"
 SECRET = bytes(range(32))
-TABLES = ("network", "members", "invites", "revocations", "pending")
+TABLES = ("network", "members", "invites", "revocations", "pending", "policy")
 JSON = dict[str, Any]
 #: A rate limit no test trips unless it means to (tests send from 127.0.0.1 only).
 UNLIMITED = Rate(per_second=10_000.0, burst=100_000)

@@ -196,8 +196,23 @@ class Coordinator:
 
     # --- admin ------------------------------------------------------------------------------------
 
-    async def setup(self, network: dict[str, Any], member: dict[str, Any] | None) -> dict[str, Any]:
-        return await self._call("POST", "/v1/admin/setup", {"network": network, "member": member}, sign="admin")
+    async def setup(self, network: dict[str, Any], member: dict[str, Any] | None,
+                    policy: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Give the coordinator the network (idempotent for the same one) and, with `policy`,
+        a network policy record it is to hold at least (the same record again changes
+        nothing; a newer one it holds stays)."""
+        answer = await self._call("POST", "/v1/admin/setup", {"network": network, "member": member}, sign="admin")
+        if policy is not None:
+            try:
+                await self.set_policy(policy)
+            except CoordinatorError as exc:
+                if exc.status != 409:  # 409: it holds a newer one
+                    raise
+        return answer
+
+    async def set_policy(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A network policy record of a higher version than the coordinator's (409 if not)."""
+        return await self._call("POST", "/v1/admin/policy", {"record": record}, sign="admin")
 
     async def pending(self, wait: float = 0, *, invited: bool = False) -> list[dict[str, Any]]:
         """Joins waiting for the admin (only those with an invite if `invited`), held up to

@@ -43,6 +43,7 @@ from tunnelmesh.membership import (
     MemberEntry,
     MembershipError,
     NetworkInfo,
+    PolicyRecord,
     ReplayGuard,
     RequestAuth,
     Revocation,
@@ -412,13 +413,17 @@ class _Service:
         """The peer map update: everything changed after version `since` (all for 0)."""
         row = self._network_row()
         members = self.store.members(since)
-        return {
+        update = {
             "version": row.version, "full": since == 0,
             "members": [m.entry for m in members],
             "revocations": self.store.revocations(since),
             "secret": row.secret_record if row.secret_version > since else None,
             "endpoints": {m.wg_key: _endpoints(m) for m in members},
         }
+        policy = self.store.policy()
+        if policy is not None and policy.version > since:  # left out otherwise: nodes from before it take the rest
+            update["policy"] = policy.record
+        return update
 
     def _join_result(self, member: MemberRow, waiting: PendingRow) -> dict[str, Any]:
         """What an admitted joiner collects: its admin-signed entry, the network secret the
@@ -787,6 +792,25 @@ class _Service:
         log.info("network secret rotated to epoch %d (sealed for %d nodes)", record.epoch, len(record.sealed))
         return web.json_response({"epoch": record.epoch, "version": version})
 
+    async def policy(self, request: web.Request) -> web.Response:
+        """A new network policy: a record whose version is above the stored one's (the same
+        record again changes nothing; nodes keep the highest version they verified)."""
+        network, body = await self._admin_body(request, {"record"})
+        with _status(403):
+            record = PolicyRecord.from_wire(body["record"], network)
+        with self.store.transaction():
+            stored = self.store.policy()
+            if stored is not None and stored.record == body["record"]:
+                return web.json_response({"policy_version": record.version, "changed": False})
+            version = self.store.set_policy(body["record"], record.version)
+            if version is None:
+                assert stored is not None
+                raise Refused(409, f"the network policy is at version {stored.policy_version} already: a new one "
+                                   f"must have a higher version than that, not {record.version} (`tunnelmesh policy "
+                                   "set` signs the next one)")
+        log.info("network policy v%d set (%d bytes)", record.version, len(record.text))
+        return web.json_response({"policy_version": record.version, "changed": True, "version": version})
+
     async def admin_map(self, request: web.Request) -> web.Response:
         await self._admin(request)
         return web.json_response(self._map(0))
@@ -899,6 +923,7 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
     app.router.add_post("/v1/admin/refuse", service.refuse)
     app.router.add_post("/v1/admin/revoke", service.revoke)
     app.router.add_post("/v1/admin/secret", service.secret)
+    app.router.add_post("/v1/admin/policy", service.policy)
     app.router.add_get("/v1/admin/map", service.admin_map)
     app.router.add_get("/relay", service.relay)
     return app

@@ -100,6 +100,15 @@ MIGRATIONS: list[tuple[str, ...]] = [
             refused TEXT)""",
         "CREATE INDEX pending_source ON pending (source)",
     ),
+    # 5: the network policy (the admin-signed record, as it arrived), the latest only; a
+    # network from before it has none (docs/filter.md, "What is in force").
+    (
+        """CREATE TABLE policy (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            record TEXT NOT NULL,
+            policy_version INTEGER NOT NULL,
+            version INTEGER NOT NULL)""",
+    ),
 ]
 
 _P = ParamSpec("_P")
@@ -138,6 +147,13 @@ class RevocationRow:
     record: dict[str, Any]
     at: int
     version: int
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    record: dict[str, Any]
+    policy_version: int  # the record's own version (signed)
+    version: int  # the map version of its last change
 
 
 @dataclass(frozen=True)
@@ -344,6 +360,26 @@ class Store:
             version = self._bump()
             self._conn.execute("UPDATE network SET secret_epoch = ?, secret_record = ?, secret_version = ?",
                                (epoch, _json(record), version))
+            return version
+
+    @_guarded
+    def policy(self) -> PolicyRow | None:
+        row = self._conn.execute("SELECT * FROM policy").fetchone()
+        return None if row is None else PolicyRow(_loads(row["record"]), row["policy_version"], row["version"])
+
+    @_guarded
+    def set_policy(self, record: dict[str, Any], policy_version: int) -> int | None:
+        """Keep the admin's network policy record in place of the stored one, if its version
+        is above the stored one's: the new map version, or None (nothing changed) if not."""
+        with self.transaction():
+            stored = self._conn.execute("SELECT policy_version FROM policy").fetchone()
+            if stored is not None and stored[0] >= policy_version:
+                return None
+            version = self._bump()
+            self._conn.execute(
+                "INSERT INTO policy (id, record, policy_version, version) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO "
+                "UPDATE SET record = excluded.record, policy_version = excluded.policy_version, "
+                "version = excluded.version", (_json(record), policy_version, version))
             return version
 
     # --- members ------------------------------------------------------------------------------
