@@ -112,8 +112,8 @@ class CoordinatorClient(Actor):
         self.tls_fingerprint = tls_fingerprint  # the coordinator's certificate, pinned
         self.relay_offer = relay_offer  # the relay this node serves, registered with its address
         self.relay_refused: Any = None  # why the coordinator did not take the offer, as it last said
-        # Members or their endpoints changed (called once `snapshot` shows it). The caller's list
-        # itself: it may append later.
+        # Members, their endpoints or the network policy changed (called once `snapshot` shows
+        # it). The caller's list itself: it may append later.
         self.on_map_changed = on_map_changed if on_map_changed is not None else []
         self.interface = interface  # the tunnel's: its addresses are not where peers find us
         self.connection = "connecting"
@@ -210,7 +210,10 @@ class CoordinatorClient(Actor):
             await self.mesh.ask(RemovePeer(member.wg_key, reason))
         if changes.added:
             await self.mesh.ask(AddPeers(tuple(peer_spec(m, self.snapshot, self.transports) for m in changes.added)))
-        if changes.added or changes.removed or changes.endpoints:
+        if changes.new_policy is not None:
+            log.info("network policy v%d (issued %d) verified and in force", changes.new_policy.version,
+                     changes.new_policy.issued)
+        if changes.added or changes.removed or changes.endpoints or changes.new_policy is not None:
             for call in self.on_map_changed:
                 call()
         added = {m.wg_key for m in changes.added}

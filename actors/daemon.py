@@ -38,7 +38,7 @@ from tunnelmesh.filter import Member
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
 from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.links.relay import RelayClient
-from tunnelmesh.membership import MapSnapshot, PeerMap
+from tunnelmesh.membership import MapSnapshot, PeerMap, PolicyRecord
 from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import derive_psk
@@ -134,10 +134,11 @@ async def _start_coordinator(config: NodeConfig) -> ServedSite:
     return ServedSite("coordinator", runner, store.close)
 
 
-async def _set_up_network(paths: Paths, state: NetworkState, ca_file: str | None, tls_fingerprint: str | None
-                          ) -> None:
-    """On the admin node: make sure its embedded coordinator holds the network
-    (idempotent; the first start after `init` is when it happens)."""
+async def _set_up_network(paths: Paths, state: NetworkState, ca_file: str | None, tls_fingerprint: str | None,
+                          policy: PolicyRecord | None) -> None:
+    """On the admin node: make sure its embedded coordinator holds the network and at
+    least the network policy this node keeps (idempotent; the first start after `init`
+    is when it happens)."""
     from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
     from tunnelmesh.membership import AdminKey, MembershipError
 
@@ -147,7 +148,8 @@ async def _set_up_network(paths: Paths, state: NetworkState, ca_file: str | None
         raise StartupError(str(exc)) from None
     try:
         async with Coordinator(state.url, admin=admin, ca_file=ca_file, tls_fingerprint=tls_fingerprint) as coordinator:
-            await coordinator.setup(state.network.to_wire(), state.member.to_wire())
+            await coordinator.setup(state.network.to_wire(), state.member.to_wire(),
+                                    policy.to_wire() if policy is not None else None)
     except CoordinatorError as exc:
         raise StartupError(f"embedded coordinator at {state.url}: {exc}") from None
 
@@ -402,7 +404,8 @@ async def _start_services(paths: Paths, loaded: Loaded, tun: TunDevice, node: No
             services.coordinator = await _start_coordinator(config)
             services.coordinator_address = "{}:{}".format(*config.coordinator.serve)
             if state is not None and paths.admin_key.exists():
-                await _set_up_network(paths, state, _ca_file(config), _tls_fingerprint(config))
+                await _set_up_network(paths, state, _ca_file(config), _tls_fingerprint(config),
+                                      loaded.peer_map.policy if loaded.peer_map is not None else None)
         if state is not None:
             await _start_transports(config, paths, loaded.identity, state, current_map, node.datapath, transports,
                                     services.transport_setup)

@@ -112,6 +112,9 @@ def _init_network(args: argparse.Namespace, paths: Paths) -> int:
         print(f"warning: {url} is plain HTTP: coordinator traffic (joins, the peer map, admin requests) goes in "
               "clear unless a TLS-terminating proxy fronts it; leave out --url's http:// for the coordinator's own "
               "TLS", file=sys.stderr)
+    from tunnelmesh.filter import OPEN_PORT_HINT
+
+    print(f"network policy v1 (the starter policy): `tunnelmesh policy show`\n{OPEN_PORT_HINT}")
     print("next: `tunnelmesh up`, then `tunnelmesh invite` for each machine that joins")
     return EXIT_OK
 
@@ -313,6 +316,101 @@ def cmd_rotate_secret(args: argparse.Namespace, paths: Paths) -> int:
     epoch, members = _run(rotate_secret(paths))
     print(f"network secret epoch {epoch} sealed to {members} members; nodes switch as they receive it")
     return EXIT_OK
+
+
+# --- the network policy ----------------------------------------------------------------------
+
+
+def cmd_policy_show(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import kept_policy
+
+    state, record = _run_local(kept_policy, paths)
+    if args.json:
+        shown = None if record is None else {"network": record.network, "version": record.version,
+                                             "issued": record.issued, "text": record.text}
+        print(json.dumps(shown, indent=2))
+        return EXIT_OK
+    if record is None:
+        print(f"network {state.network.network}: no network policy set (a network made before the packet filter): "
+              "every member reaches every port of every other member, as before, unless a node's own [filter] "
+              "rules say otherwise; the admin sets one with `tunnelmesh policy set FILE`")
+        return EXIT_OK
+    issued = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(record.issued))
+    print(f"# network policy v{record.version}, issued {issued}, signed by the admin key of network {record.network} "
+          "(verified by this node)")
+    print(record.text, end="" if record.text.endswith("\n") else "\n")
+    return EXIT_OK
+
+
+def cmd_policy_set(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import read_policy_file, set_policy
+
+    path = Path(args.file)
+    text = _run_local(read_policy_file, path)
+    return _policy_sent(*_run(set_policy(paths, text, path)))
+
+
+def cmd_policy_edit(args: argparse.Namespace, paths: Paths) -> int:
+    import shlex
+    import tempfile
+
+    from tunnelmesh.filter import STARTER_POLICY
+    from tunnelmesh.network import NetworkError, check_policy, policy_for_edit, set_policy
+
+    current = _run(policy_for_edit(paths))
+    base = current.text if current is not None else STARTER_POLICY
+    editor = shlex.split(os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi")
+    fd, name = tempfile.mkstemp(prefix="tunnelmesh-policy-", suffix=".toml")
+    draft = Path(name)
+    with os.fdopen(fd, "w") as f:
+        f.write(base)
+    while True:
+        if subprocess.run([*editor, str(draft)], check=False).returncode != 0:
+            raise CliError(f"the editor ({' '.join(editor)}) failed: nothing was sent; your edit is in {draft}")
+        text = draft.read_text(errors="replace")
+        if text == base:
+            draft.unlink()
+            print("no change: nothing was sent")
+            return EXIT_OK
+        try:
+            check_policy(text, draft)
+            break
+        except NetworkError as exc:
+            print(f"tunnelmesh: {exc}", file=sys.stderr)
+        if not _ask("edit it again? [Y/n] "):
+            raise CliError(f"nothing was sent; your edit is in {draft}", EXIT_USAGE)
+    sent = _run(set_policy(paths, text, draft, based_on=current.version if current is not None else 0))
+    draft.unlink()
+    return _policy_sent(*sent)
+
+
+def _ask(question: str) -> bool:
+    """A yes (the default) from the terminal; no without one (stdin closed or not a terminal)."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(question).strip().lower() in ("", "y", "yes")
+    except EOFError:
+        return False
+
+
+def _policy_sent(record: Any, changed: bool) -> int:
+    if not changed:
+        print(f"network policy v{record.version} already has this text: nothing was sent")
+    else:
+        print(f"network policy v{record.version} set: every node takes it within seconds "
+              "(`tunnelmesh policy show` on a node shows what it verified)")
+    return EXIT_OK
+
+
+def _run_local(function: Any, *args: Any) -> Any:
+    """A local network operation; its refusal becomes a CLI error with its message."""
+    from tunnelmesh.network import NetworkError
+
+    try:
+        return function(*args)
+    except NetworkError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
@@ -812,6 +910,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rotate-secret", help="(admin) give every current member a new network secret")
     p.set_defaults(func=cmd_rotate_secret)
+
+    p = sub.add_parser(
+        "policy", help="the network policy: which members may open connections to which (docs/filter.md)",
+        description="The network policy is a TOML file of allow-rules (docs/filter.md) that the admin signs and "
+                    "the coordinator hands every node; each node verifies it and refuses an older one. Traffic into a "
+                    "node that no rule allows is dropped, except replies to its own connections and `tunnelmesh "
+                    "ping`.",
+    )
+    policy_sub = p.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+    q = policy_sub.add_parser(
+        "show", help="the policy in force as this node verified it: version, issue time, text (any member)",
+        description="Print the network policy this node verified and keeps (no daemon or coordinator needed): its "
+                    "version, when the admin issued it, and its text. A network made before the packet filter has "
+                    "none until the admin sets one: then every member reaches every port, as before.")
+    q.add_argument("--json", action="store_true", help="machine-readable output (null when none is set)")
+    q.set_defaults(func=cmd_policy_show)
+    q = policy_sub.add_parser(
+        "set", help="(admin) check FILE, sign it as the next version and send it to the coordinator",
+        description="Check FILE first: an invalid policy is refused with its line and the reason, and the policy in "
+                    "force stays. Then sign it with the admin key as version = the current one + 1 and hand it to "
+                    "the coordinator, which passes it to every node within seconds.")
+    q.add_argument("file", help="the policy, a TOML file (see docs/filter.md; `policy show` prints the current one)")
+    q.set_defaults(func=cmd_policy_set)
+    q = policy_sub.add_parser(
+        "edit", help="(admin) edit the current policy in $EDITOR, then check, sign and send it as `set` does",
+        description="Open a copy of the current policy (the starter policy if none is set) in $VISUAL or $EDITOR "
+                    "(default vi). An invalid edit is refused with its line and the reason, nothing is sent, and you "
+                    "may edit it again; an unchanged file sends nothing. A policy changed meanwhile by another "
+                    "`set` is not overwritten.")
+    q.set_defaults(func=cmd_policy_edit)
 
     p = sub.add_parser("coordinator", help="run a standalone coordinator (no admin key, no tunnel)")
     p.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_COORDINATOR_PORT}", help="IPv4:port to serve on")

@@ -1,5 +1,5 @@
 """Making, joining and administering a network: what `init`, `join`, `invite`,
-`pending`, `approve`, `revoke` and `rotate-secret` do, apart from argument parsing.
+`pending`, `approve`, `revoke`, `rotate-secret` and `policy` do, apart from argument parsing.
 
 Admin operations need the admin key (``<state>/admin.key``, made by `init`) and
 talk to the coordinator with admin-signed requests; `invite` does not need the
@@ -20,9 +20,11 @@ from typing import Any
 from tunnelmesh.admission import InviteRecord, check_newcomer, countersign_invited, sealed_secret
 from tunnelmesh.config import NETWORK_SECRET_BYTES, ConfigError, load_config, read_network_secret, starter_config
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
+from tunnelmesh.filter import STARTER_POLICY, PolicyError, parse_policy
 from tunnelmesh.identity import IdentityError, NodeIdentity, PublicIdentity, load_identity
 from tunnelmesh.membership import (
     JOIN_NAMESPACE,
+    MAX_POLICY_TEXT,
     AdminKey,
     MapChanges,
     InviteGrant,
@@ -30,6 +32,7 @@ from tunnelmesh.membership import (
     MembershipError,
     NetworkInfo,
     PeerMap,
+    PolicyRecord,
     Revocation,
     SecretRecord,
     Token,
@@ -48,6 +51,7 @@ from tunnelmesh.netstate import (
     StateError,
     invite_ledger,
     load_peer_map,
+    load_policy,
     save_peer_map,
     save_revocations,
     write_secret,
@@ -122,7 +126,8 @@ async def create_network(
     paths: Paths, *, name: str, identity_spec: str, listen_port: int, cidr: str, url: str, serve: str | None,
     ca_file: str | None = None, tls_fingerprint: str | None = None,
 ) -> NetworkState:
-    """A new network with this node as its admin and first member. With `serve`, the
+    """A new network with this node as its admin and first member, and the starter
+    network policy (version 1: ping between members, nothing else). With `serve`, the
     coordinator is embedded (it takes the network at the first `up`; with an https://
     `url` it serves TLS with a certificate made here, pinned in the config and so in
     every invite); without, the coordinator at `url` must be running and is given the
@@ -148,11 +153,14 @@ async def create_network(
     member = MemberEntry.from_wire(
         sign_member_as_admin(member_body(network.network, name, identity.public, ipv4, ipv6, _now()), admin), network)
     state = NetworkState(url, network, member)
+    policy = PolicyRecord.create(admin, 1, STARTER_POLICY, _now())
+    peer_map = PeerMap(network, member.wg_key)
+    peer_map.policy = policy
     secret = os.urandom(NETWORK_SECRET_BYTES)
     if serve is None:
         try:
             async with Coordinator(url, admin=admin, ca_file=ca_file, tls_fingerprint=tls_fingerprint) as coordinator:
-                await coordinator.setup(network.to_wire(), member.to_wire())
+                await coordinator.setup(network.to_wire(), member.to_wire(), policy.to_wire())
         except CoordinatorError as exc:
             raise NetworkError(f"the coordinator at {url} did not take the network: {exc}") from None
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -164,7 +172,7 @@ async def create_network(
     admin.save(paths.admin_key)
     write_secret(paths.network_secret, secret)
     state.save(paths.network_state)
-    save_peer_map(paths.peer_map_cache, PeerMap(network, member.wg_key))
+    save_peer_map(paths.peer_map_cache, peer_map)  # the embedded coordinator takes its policy at the first `up`
     _write_config(paths, starter_config(name=name, identity=identity_spec, listen_port=listen_port,
                                         coordinator_url=url, serve=serve, ca_file=ca_file,
                                         tls_fingerprint=tls_fingerprint, tls_cert=cert, tls_key=key))
@@ -562,3 +570,78 @@ async def rotate_secret(paths: Paths) -> tuple[int, int]:
             write_secret(paths.network_secret, old)
             raise
     return epoch, len(members)
+
+
+# --- the network policy ------------------------------------------------------------------------
+
+
+def check_policy(text: str, source: Path | str) -> None:
+    """Refuse a policy that cannot be used, with its file, line and reason (NetworkError)."""
+    try:
+        parse_policy(text, source)
+    except PolicyError as exc:
+        raise NetworkError(f"{exc}; nothing was changed") from None
+
+
+def read_policy_file(path: Path) -> str:
+    """A policy file's text, checked (NetworkError with the file, line and reason)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise NetworkError(f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_POLICY_TEXT:
+        raise NetworkError(f"{path}: larger than {MAX_POLICY_TEXT // 1024} KiB, the most a network policy may be")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NetworkError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    check_policy(text, path)
+    return text
+
+
+def kept_policy(paths: Paths) -> tuple[NetworkState, PolicyRecord | None]:
+    """The network policy in force as this node verified it (any member; no coordinator
+    asked, no daemon needed): the kept record beside the peer map cache."""
+    try:
+        state = NetworkState.load(paths.network_state)
+        return state, load_policy(paths.peer_map_cache, state.network)
+    except StateError as exc:
+        raise NetworkError(str(exc)) from None
+
+
+async def current_policy(admin: Admin, coordinator: Coordinator) -> PolicyRecord | None:
+    """The newest network policy the admin's machine can verify: its own kept one or the
+    coordinator's, whichever is newer (a coordinator that lost or rolled back its record
+    cannot get the admin to sign a version nodes already have)."""
+    peer_map, _ = await admin.members(coordinator)
+    return peer_map.policy
+
+
+async def policy_for_edit(paths: Paths) -> PolicyRecord | None:
+    admin = Admin.load(paths)
+    async with admin.coordinator() as coordinator:
+        return await current_policy(admin, coordinator)
+
+
+async def set_policy(paths: Paths, text: str, source: Path | str, *, based_on: int | None = None
+                     ) -> tuple[PolicyRecord, bool]:
+    """Sign `text` (checked first: refused with its line and reason, nothing sent) as the
+    next version of the network policy and hand it to the coordinator: the record in
+    force, and whether it is new (the same text again sends nothing). With `based_on`
+    (the version an edit started from), refuse if the policy changed meanwhile."""
+    check_policy(text, source)
+    admin = Admin.load(paths)
+    async with admin.coordinator() as coordinator:
+        current = await current_policy(admin, coordinator)
+        version = current.version if current is not None else 0
+        if based_on is not None and version != based_on:
+            raise NetworkError(f"the network policy changed meanwhile (now version {version}, the edit started from "
+                               f"version {based_on}): nothing was sent; edit it again")
+        if current is not None and current.text == text:
+            return current, False
+        try:
+            record = PolicyRecord.create(admin.key, version + 1, text, _now())
+        except MembershipError as exc:
+            raise NetworkError(f"{exc}; nothing was changed") from None
+        await coordinator.set_policy(record.to_wire())
+        return record, True
