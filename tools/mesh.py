@@ -126,16 +126,24 @@ def build_static_mesh(lab: Lab, names: list[str], *, switch: Switch | None = Non
 
 
 COORDINATOR_PORT = 7400
+#: The network policy `build_network` sets unless told otherwise: every member may open
+#: anything on every other (the packet filter still runs: stateful, anti-spoofing), so
+#: that tests and benchmarks of the transports are not tests of the starter policy.
+OPEN_POLICY = '''[[allow]]
+from = "*"
+proto = "any"
+'''
 
 
 def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, start: bool = True,
-                  coordinator: Node | None = None) -> dict[str, MeshNode]:
+                  coordinator: Node | None = None, policy: str | None = OPEN_POLICY) -> dict[str, MeshNode]:
     """The way a user builds a network: `init` on the first node (admin, embedded
     coordinator unless `coordinator` -- a node already running `tunnelmesh coordinator`
     on COORDINATOR_PORT -- is given), then `invite` there and `join <token>` on each of
     the others. Nodes are started (`up`) as they join unless start=False (the admin node
     still is if it embeds the coordinator). Mesh IPs are
-    read back from the nodes (the coordinator assigns them).
+    read back from the nodes (the coordinator assigns them). `policy`: the network policy
+    the admin sets (`policy set`) before anyone joins; None keeps init's starter policy.
 
     Over the coordinator's own TLS, as by default: the embedded coordinator's certificate
     is made at `init` and pinned through the invite tokens; a standalone one's (made on
@@ -156,6 +164,10 @@ def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, s
                  "--tls-fingerprint", standalone_fingerprint(coordinator))
     if start or coordinator is None:  # an embedded coordinator must run for the others to join
         admin.up()
+    if policy is not None:
+        with open(f"{admin.node.state_dir}/network-policy.toml", "w") as f:
+            f.write(policy)
+        admin.tm("policy", "set", f"{admin.node.state_dir}/network-policy.toml")
     for member in mesh.values():
         if member is not admin:
             token = admin.tm("invite").stdout.strip()
