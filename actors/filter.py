@@ -81,7 +81,7 @@ def snapshot_inputs(snapshot: MapSnapshot) -> FilterInputs:
     """The filter's inputs from a verified peer map (coordinator mode). Members advertise
     no routes yet: a packet from one comes from its mesh addresses only."""
     members = tuple(Member(m.name, m.wg_key, m.ipv4, m.ipv6) for m in snapshot.members.values())
-    return FilterInputs(members, getattr(snapshot, "policy", None))
+    return FilterInputs(members, snapshot.policy)
 
 
 class FilterActor(Actor):
