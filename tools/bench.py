@@ -1,6 +1,6 @@
 """Benchmark TunnelMesh against wireguard-go and nebula in network namespaces.
 
-    python -m tools.bench [--time T] [--runs N] [--only tunnelmesh,wireguard-go,nebula,veth] [--json]
+    python -m tools.bench [--time T] [--runs N] [--only tunnelmesh,tunnelmesh+filter,wireguard-go,nebula,veth] [--json]
     python -m tools.bench --ladder [--rounds N] [--time T] [--json]   (tools.ladderbench: the transport ladder)
 
 For every system, in turn and never two at once, a fresh lab: two namespaces `a` and
@@ -13,9 +13,13 @@ a, pinging every 50 ms; for tunnelmesh it includes the CLI's own start, recorded
 "up_s" in --json) and the RSS of node a's tunnel daemon (/proc/<pid>/status), idle
 after connecting and again after the TCP runs (peak VmHWM in --json).
 "veth" is the same iperf3/ping workload on the underlay without any tunnel, for context.
+"tunnelmesh+filter" is "tunnelmesh" with the packet filter on (docs/filter.md): each
+node's `[filter]` table allows only what the workload needs, ICMP echo and the iperf3
+port, so every packet goes through the filter both ways; "tunnelmesh" has no filter.
 
 Every figure is only meaningful as a ratio against a peer measured in the same run
-(see PERF-NOTES.md): the table prints tunnelmesh / wireguard-go and tunnelmesh / nebula.
+(see PERF-NOTES.md): the table prints tunnelmesh / wireguard-go and tunnelmesh / nebula,
+and the filter's cost as tunnelmesh+filter / tunnelmesh.
 With --runs N > 1 each system is measured N times (runs interleave the systems) and the
 table shows medians; --json prints every raw value too. Nothing here asserts a speed.
 
@@ -48,12 +52,16 @@ from tools.mesh import build_static_mesh, wait_for_handshakes
 # ---------------------------------------------------------------------------------------
 # Pure part: metrics, medians, ratios, the table. (tests/unit/test_bench_report.py)
 
-SYSTEMS = ("tunnelmesh", "wireguard-go", "nebula", "veth")
-TUNNELS = ("tunnelmesh", "wireguard-go", "nebula")
+FILTERED = "tunnelmesh+filter"  # tunnelmesh with the packet filter on
+SYSTEMS = ("tunnelmesh", FILTERED, "wireguard-go", "nebula", "veth")
+TUNNELS = ("tunnelmesh", FILTERED, "wireguard-go", "nebula")
 BASELINE = "veth"
 COMPARED = ("wireguard-go", "nebula")  # each gets a ratio column: tunnelmesh / it
-COLUMN_TITLES = {"tunnelmesh": "tunnelmesh", "wireguard-go": "wireguard-go", "nebula": "nebula", "veth": "raw veth"}
-MTU = {"tunnelmesh": 1420, "wireguard-go": 1420, "nebula": 1300}
+#: The system whose column a ratio column follows -> (numerator, denominator).
+RATIO_OF = {FILTERED: (FILTERED, "tunnelmesh"), **{system: ("tunnelmesh", system) for system in COMPARED}}
+COLUMN_TITLES = {"tunnelmesh": "tunnelmesh", FILTERED: FILTERED, "wireguard-go": "wireguard-go", "nebula": "nebula",
+                 "veth": "raw veth"}
+MTU = {"tunnelmesh": 1420, FILTERED: 1420, "wireguard-go": 1420, "nebula": 1300}
 
 # (key, row label, format, show a ratio)
 METRICS: tuple[tuple[str, str, str, bool], ...] = (
@@ -98,12 +106,13 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
 def table_columns(shown: list[str]) -> list[tuple[str, str]]:
     """The table's columns after "metric": (kind, system) with kind "value" or "ratio".
 
-    shown: systems with a column, in any order. Order is tunnelmesh, then each compared
-    system followed by its ratio (only when tunnelmesh is shown too), then raw veth."""
+    shown: systems with a column, in any order. Order is tunnelmesh, then tunnelmesh+filter
+    and each compared system, each followed by its ratio (RATIO_OF; only when tunnelmesh
+    is shown too), then raw veth."""
     cols: list[tuple[str, str]] = []
     if "tunnelmesh" in shown:
         cols.append(("value", "tunnelmesh"))
-    for system in COMPARED:
+    for system in (FILTERED, *COMPARED):
         if system in shown:
             cols.append(("value", system))
             if "tunnelmesh" in shown:
@@ -118,7 +127,8 @@ def format_table(results: dict[str, dict[str, float | None]], shown: list[str] |
 
     results: system -> metric key -> value (medians). shown: systems with a column
     (default: those in results). Rows without any value in any shown column are left
-    out; ratio columns hold tunnelmesh / that column's system."""
+    out; a ratio column holds RATIO_OF the system to its left: tunnelmesh / it, or for
+    tunnelmesh+filter, it / tunnelmesh."""
     shown = [s for s in (shown if shown is not None else list(results)) if s in results]
     cols = table_columns(shown)
     header = ["metric"] + [COLUMN_TITLES[s] if kind == "value" else "ratio" for kind, s in cols]
@@ -132,7 +142,8 @@ def format_table(results: dict[str, dict[str, float | None]], shown: list[str] |
                 any_value = any_value or value is not None
                 cells.append(format_value(value, fmt))
             else:
-                r = ratio(results["tunnelmesh"].get(key), results[system].get(key)) if with_ratio else None
+                numerator, denominator = RATIO_OF[system]
+                r = ratio(results[numerator].get(key), results[denominator].get(key)) if with_ratio else None
                 cells.append(format_ratio(r))
         if any_value:
             rows.append(cells)
@@ -145,15 +156,28 @@ def format_table(results: dict[str, dict[str, float | None]], shown: list[str] |
 
 
 def ratios(results: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
-    """For --json: compared system -> metric -> tunnelmesh / it."""
-    ours = results.get("tunnelmesh")
-    if ours is None:
-        return {}
+    """For --json, the table's ratios: system -> metric -> RATIO_OF it (tunnelmesh / a
+    compared system; tunnelmesh+filter / tunnelmesh)."""
     return {
-        system: {key: ratio(ours.get(key), results[system].get(key)) for key, _, _, with_ratio in METRICS if with_ratio}
-        for system in COMPARED
-        if system in results
+        system: {key: ratio(results[numerator].get(key), results[denominator].get(key))
+                 for key, _, _, with_ratio in METRICS if with_ratio}
+        for system, (numerator, denominator) in RATIO_OF.items()
+        if numerator in results and denominator in results
     }
+
+
+def ratio_note(shown: list[str]) -> str:
+    """What the table's ratio columns hold, for the systems with results ("" for none)."""
+    if "tunnelmesh" not in shown:
+        return ""
+    parts = []
+    if FILTERED in shown:
+        parts.append(f"after {FILTERED}: {FILTERED} / tunnelmesh (the filter's cost)")
+    if any(system in shown for system in COMPARED):
+        parts.append(("after the others: " if parts else "") + "tunnelmesh / the column to its left")
+    if not parts:
+        return ""
+    return f"ratio {'; '.join(parts)} (Mbit/s: higher is better; ms, s, MiB: lower is better)"
 
 
 def parse_ping(output: str) -> dict[str, float | None]:
@@ -297,9 +321,29 @@ def bench_veth(lab: Lab, seconds: int, rec: dict[str, Any]) -> None:
     workload(a, b, under_b, seconds, rec)
 
 
-def bench_tunnelmesh(lab: Lab, seconds: int, rec: dict[str, Any]) -> None:
+#: Each node's `[filter]` for tunnelmesh+filter: what the workload needs (ping both ways,
+#: iperf3 from a to b's server); the answers pass as replies to the nodes' own flows.
+FILTER_CONFIG = f"""
+[filter]
+
+[[filter.allow]]
+from = "*"
+proto = "icmp"
+
+[[filter.allow]]
+from = "*"
+proto = "tcp"
+ports = [{IPERF_PORT}]
+"""
+
+
+def bench_tunnelmesh(lab: Lab, seconds: int, rec: dict[str, Any], *, packet_filter: bool = False) -> None:
+    """A static mesh of two; `packet_filter`: with FILTER_CONFIG on both nodes (checked in force)."""
     mesh = build_static_mesh(lab, ["a", "b"], start=False)
     a, b = mesh["a"], mesh["b"]
+    if packet_filter:
+        for m in mesh.values():
+            m.append_config(FILTER_CONFIG)
     try:
         a.up()
         started = time.monotonic()
@@ -308,11 +352,17 @@ def bench_tunnelmesh(lab: Lab, seconds: int, rec: dict[str, Any]) -> None:
         first_ping(b.node, a.mesh_ip)
         rec["connect_s"] = time.monotonic() - started
         wait_for_handshakes(mesh)
+        filtering = {m.name: m.status()["filter"]["enabled"] for m in mesh.values()}
+        if set(filtering.values()) != {packet_filter}:
+            raise BenchError(f"packet filter {'on' if packet_filter else 'off'} expected, in force: {filtering}")
         pid = int(a.status()["node"]["pid"])
         rec["rss_idle_mib"] = rss_mib(pid)[0]
         workload(a.node, b.node, b.mesh_ip, seconds, rec)
         rec["rss_mib"], rec["rss_peak_mib"] = rss_mib(pid)
-        rec["drops"] = {m.name: m.status().get("drops") for m in mesh.values()}
+        statuses = {m.name: m.status() for m in mesh.values()}
+        rec["drops"] = {name: status.get("drops") for name, status in statuses.items()}
+        if packet_filter:  # a denied packet would be a workload the rules do not fit
+            rec["filter_drops"] = {name: status["filter"]["drops"] for name, status in statuses.items()}
     except BaseException:
         for m in mesh.values():  # the daemon's own log, for the error report
             try:
@@ -472,8 +522,8 @@ def run_one(system: str, seconds: int) -> dict[str, Any]:
         with fresh_lab(sockets) as lab:
             if system == "veth":
                 bench_veth(lab, seconds, rec)
-            elif system == "tunnelmesh":
-                bench_tunnelmesh(lab, seconds, rec)
+            elif system in ("tunnelmesh", FILTERED):
+                bench_tunnelmesh(lab, seconds, rec, packet_filter=system == FILTERED)
             elif system == "wireguard-go":
                 bench_wireguard_go(lab, seconds, rec, sockets)
             elif system == "nebula":
@@ -524,13 +574,12 @@ def summarize(systems: list[str], records: dict[str, list[dict[str, Any]]]) -> t
 def report(args: argparse.Namespace, systems: list[str], records: dict[str, list[dict[str, Any]]],
            versions: dict[str, str]) -> str:
     results, unavailable = summarize(systems, records)
+    note = ratio_note(list(results))
     lines = [
         f"single-flow TCP iperf3 -t {args.time}, ping -c {PING_COUNT} -i 0.2, "
         f"{args.runs} run(s){' (medians)' if args.runs > 1 else ''}; "
         f"{versions['cpus']} CPUs, Linux {versions['kernel']}, Python {versions['python']}",
-        "MTU: " + ", ".join(f"{s} {MTU[s]}" for s in TUNNELS if s in systems)
-        + ("; ratio = tunnelmesh / the column to its left (Mbit/s: higher is better; ms, s, MiB: lower is better)"
-           if "tunnelmesh" in results and any(s in results for s in COMPARED) else ""),
+        "MTU: " + ", ".join(f"{s} {MTU[s]}" for s in TUNNELS if s in systems) + (f"; {note}" if note else ""),
         "",
         format_table(results, systems) if results else "(no results)",
     ]

@@ -59,8 +59,9 @@ def test_format_value():
 
 
 def test_columns_order_and_ratio_columns():
-    assert bench.table_columns(["veth", "nebula", "wireguard-go", "tunnelmesh"]) == [
+    assert bench.table_columns(["veth", "nebula", "wireguard-go", "tunnelmesh+filter", "tunnelmesh"]) == [
         ("value", "tunnelmesh"),
+        ("value", "tunnelmesh+filter"), ("ratio", "tunnelmesh+filter"),
         ("value", "wireguard-go"), ("ratio", "wireguard-go"),
         ("value", "nebula"), ("ratio", "nebula"),
         ("value", "veth"),
@@ -68,23 +69,27 @@ def test_columns_order_and_ratio_columns():
     # Without tunnelmesh there is nothing to take a ratio of.
     assert bench.table_columns(["wireguard-go", "veth"]) == [("value", "wireguard-go"), ("value", "veth")]
     assert bench.table_columns(["tunnelmesh"]) == [("value", "tunnelmesh")]
+    assert bench.table_columns(["tunnelmesh+filter", "veth"]) == [("value", "tunnelmesh+filter"), ("value", "veth")]
 
 
 def test_table_full():
     results = {
         "tunnelmesh": full(tcp_ab_mbps=450.0, tcp_ba_mbps=300.0, ping_avg_ms=0.8, connect_s=0.64, rss_mib=53.2),
+        "tunnelmesh+filter": full(tcp_ab_mbps=405.0, tcp_ba_mbps=None, ping_avg_ms=1.0, connect_s=0.64, rss_mib=53.2),
         "wireguard-go": full(tcp_ab_mbps=500.0, tcp_ba_mbps=600.0, ping_avg_ms=0.4, connect_s=0.04, rss_mib=22.7),
         "nebula": full(tcp_ab_mbps=450.0, tcp_ba_mbps=None, ping_avg_ms=0.2, connect_s=0.02, rss_mib=13.1),
         "veth": full(tcp_ab_mbps=21600.0, tcp_ba_mbps=19000.0, ping_avg_ms=0.05),
     }
-    table = bench.format_table(results, ["tunnelmesh", "wireguard-go", "nebula", "veth"])
+    table = bench.format_table(results, ["tunnelmesh", "tunnelmesh+filter", "wireguard-go", "nebula", "veth"])
     rows = lines_by_label(table)
-    assert rows["header"] == ["metric", "tunnelmesh", "wireguard-go", "ratio", "nebula", "ratio", "raw", "veth"]
-    assert rows["TCP a->b (Mbit/s)"] == ["450", "500", "0.90", "450", "1.00", "21600"]
-    assert rows["TCP b->a (Mbit/s)"] == ["300", "600", "0.50", "-", "-", "19000"]
-    assert rows["ping RTT avg (ms)"] == ["0.800", "0.400", "2.00", "0.200", "4.00", "0.050"]
-    assert rows["connect time (s)"] == ["0.64", "0.04", "16.00", "0.02", "32.00", "-"]
-    assert rows["daemon RSS after TCP (MiB)"] == ["53.2", "22.7", "2.34", "13.1", "4.06", "-"]
+    assert rows["header"] == ["metric", "tunnelmesh", "tunnelmesh+filter", "ratio", "wireguard-go", "ratio", "nebula",
+                              "ratio", "raw", "veth"]
+    # The filter's ratio is it / tunnelmesh (its cost); the others' tunnelmesh / them.
+    assert rows["TCP a->b (Mbit/s)"] == ["450", "405", "0.90", "500", "0.90", "450", "1.00", "21600"]
+    assert rows["TCP b->a (Mbit/s)"] == ["300", "-", "-", "600", "0.50", "-", "-", "19000"]
+    assert rows["ping RTT avg (ms)"] == ["0.800", "1.000", "1.25", "0.400", "2.00", "0.200", "4.00", "0.050"]
+    assert rows["connect time (s)"] == ["0.64", "0.64", "1.00", "0.04", "16.00", "0.02", "32.00", "-"]
+    assert rows["daemon RSS after TCP (MiB)"] == ["53.2", "53.2", "1.00", "22.7", "2.34", "13.1", "4.06", "-"]
     # Rows with no value anywhere are left out.
     assert "TCP a->b retransmits" not in rows
     assert "daemon RSS idle (MiB)" not in rows
@@ -114,16 +119,31 @@ def test_table_leaves_out_systems_without_results():
 def test_ratios_for_json():
     results = {
         "tunnelmesh": full(tcp_ab_mbps=400.0, ping_avg_ms=0.6, tcp_ab_retrans=3.0),
+        "tunnelmesh+filter": full(tcp_ab_mbps=300.0, ping_avg_ms=0.9),
         "wireguard-go": full(tcp_ab_mbps=500.0, ping_avg_ms=0.3, tcp_ab_retrans=6.0),
         "veth": full(tcp_ab_mbps=20000.0),
     }
     out = bench.ratios(results)
-    assert set(out) == {"wireguard-go"}
+    assert set(out) == {"tunnelmesh+filter", "wireguard-go"}
     assert out["wireguard-go"]["tcp_ab_mbps"] == pytest.approx(0.8)
     assert out["wireguard-go"]["ping_avg_ms"] == pytest.approx(2.0)
     assert out["wireguard-go"]["tcp_ba_mbps"] is None
     assert "tcp_ab_retrans" not in out["wireguard-go"]
+    assert out["tunnelmesh+filter"]["tcp_ab_mbps"] == pytest.approx(0.75)  # filter on / off
+    assert out["tunnelmesh+filter"]["ping_avg_ms"] == pytest.approx(1.5)
     assert bench.ratios({"wireguard-go": full(tcp_ab_mbps=1.0)}) == {}
+    assert bench.ratios({"tunnelmesh+filter": full(tcp_ab_mbps=1.0), "veth": full(tcp_ab_mbps=2.0)}) == {}
+
+
+def test_ratio_note_says_which_way_each_ratio_goes():
+    assert bench.ratio_note(["tunnelmesh", "tunnelmesh+filter", "wireguard-go"]).startswith(
+        "ratio after tunnelmesh+filter: tunnelmesh+filter / tunnelmesh (the filter's cost); "
+        "after the others: tunnelmesh / the column to its left (")
+    assert bench.ratio_note(["tunnelmesh", "nebula"]).startswith("ratio tunnelmesh / the column to its left (")
+    assert bench.ratio_note(["tunnelmesh", "tunnelmesh+filter"]).startswith(
+        "ratio after tunnelmesh+filter: tunnelmesh+filter / tunnelmesh (the filter's cost) (")
+    assert bench.ratio_note(["tunnelmesh", "veth"]) == ""
+    assert bench.ratio_note(["tunnelmesh+filter", "wireguard-go"]) == ""
 
 
 def test_parse_ping_summary():
@@ -159,6 +179,8 @@ def test_parse_args_only_and_defaults():
     args = bench.parse_args(["--only", "nebula, tunnelmesh,nebula", "--time", "5", "--runs", "3", "--json"])
     assert args.systems == ["tunnelmesh", "nebula"]
     assert (args.time, args.runs, args.json) == (5, 3, True)
+    args = bench.parse_args(["--only", "wireguard-go,tunnelmesh+filter,tunnelmesh"])
+    assert args.systems == ["tunnelmesh", "tunnelmesh+filter", "wireguard-go"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "tailscale"])
     with pytest.raises(SystemExit):
