@@ -25,6 +25,7 @@ from .runtime import Actor
 log = logging.getLogger("tunnelmesh.control")
 
 MAX_REQUEST = 64 * 1024
+CONNECTION_STOP_TIMEOUT = 2.0  # a connection's task ends at once when cancelled; this only bounds the wait
 EVENT_QUEUE = 256
 
 Handler = Callable[[dict[str, Any]], Awaitable[object]]
@@ -66,6 +67,9 @@ class ControlServer(Actor):
         self.handlers = handlers
         self.bus = bus
         self._server: asyncio.AbstractServer | None = None
+        # One task per connection (asyncio's server makes them): this actor's children, ended
+        # when it stops, so an `events` subscriber or a waiting ping cannot outlive the daemon.
+        self._connections: set[asyncio.Task[Any]] = set()
 
     async def run(self) -> None:
         if self.path.exists() or self.path.is_symlink():
@@ -80,6 +84,9 @@ class ControlServer(Actor):
             await self._server.serve_forever()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
         try:
             while True:
                 try:
@@ -113,6 +120,7 @@ class ControlServer(Actor):
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            self._connections.discard(task)
             writer.close()
 
     async def _stream_events(self, writer: asyncio.StreamWriter) -> None:
@@ -127,6 +135,11 @@ class ControlServer(Actor):
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        if connections:
+            await asyncio.wait(connections, timeout=CONNECTION_STOP_TIMEOUT)
         try:
             self.path.unlink()
         except FileNotFoundError:

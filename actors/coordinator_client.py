@@ -141,11 +141,27 @@ class CoordinatorClient(Actor):
 
     _behind = False  # the coordinator's map went below our version: ask for full maps
 
+    _restarted = False  # setup ran before: this one follows a crash
+
     async def setup(self) -> None:
-        """At start and after a crash: the mesh gets the whole member set, so a change the
-        map took but the mesh never heard of (the client crashed between them) is not lost."""
+        """At start and after a crash: the mesh gets the whole member set. After a crash also
+        the rest of what `apply` hands on (candidates, the PSK, the map-changed hooks), so that
+        nothing the map took before the crash is lost: the map's version has moved on, and no
+        update will bring it again."""
         snapshot = self.snapshot
         await self.mesh.ask(SyncPeers(tuple(peer_spec(m, snapshot, self.transports) for m in snapshot.members.values())))
+        if not self._restarted:
+            self._restarted = True
+            return
+        for key in snapshot.members:
+            endpoints = snapshot.endpoints.get(key)
+            addresses = endpoints.candidates(snapshot.network) if endpoints is not None else ()
+            if addresses:
+                self.mesh.tell_latest(key, SetCandidates(key, addresses))
+        if self.peer_map.secret is not None:
+            await self._install_secret()
+        for call in self.on_map_changed:
+            call()
 
     async def run(self) -> None:
         await self.setup()

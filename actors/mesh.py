@@ -53,6 +53,7 @@ class Mesh(Actor):
         self.transports = transports or Transports()
         self.clock = clock
         self.sessions: dict[bytes, PeerSession] = {}
+        self.specs: dict[bytes, PeerSpec] = {}  # what each session was made from
 
     def add(self, spec: PeerSpec) -> PeerSession:
         """Register a peer with the core and supervise its session (also before the daemon runs)."""
@@ -69,13 +70,16 @@ class Mesh(Actor):
         if self.transports.ssh is not None or self.transports.relay is not None:
             session.peer.keepalive_timeout = LADDER_KEEPALIVE
         if selector.restricted:
-            session.peer.accepts = selector.allows  # a forced or disabled rung is neither sent nor answered on
+            # A forced or disabled rung is neither sent nor answered on.
+            session.peer.accepts, session.peer.accepts_udp = selector.allows, selector.udp_allowed
         self.sessions[spec.wg_key] = session
+        self.specs[spec.wg_key] = spec
         self.supervisor.add(session)
         return session
 
     async def _remove(self, wg_key: bytes, reason: str) -> None:
         session = self.sessions.pop(wg_key, None)
+        self.specs.pop(wg_key, None)
         if session is None:
             return
         assert session.peer is not None
@@ -103,9 +107,10 @@ class Mesh(Actor):
             wanted = {spec.wg_key: spec for spec in message.specs}
             for key in [key for key in self.sessions if key not in wanted]:
                 await self._remove(key, "no longer a member")
-            missing = tuple(spec for key, spec in wanted.items() if key not in self.sessions)
-            if missing:
-                await self.handle(AddPeers(missing))
+            changed = tuple(spec for key, spec in wanted.items()
+                            if key not in self.specs or not _same_peer(self.specs[key], spec))
+            if changed:
+                await self.handle(AddPeers(changed))  # a changed entry replaces the session
             return None
         if isinstance(message, SetCandidates):
             session = self.sessions.get(message.wg_key)
@@ -129,3 +134,10 @@ class Mesh(Actor):
                 return session
         known = ", ".join(sorted(s.peer_name for s in self.sessions.values())) or "none"
         raise ValueError(f"no peer named {key!r} (peers: {known})")
+
+
+def _same_peer(old: PeerSpec, new: PeerSpec) -> bool:
+    """Whether `new` is the same entry as `old` but for where the peer may be (which its
+    session learns by itself or from SetCandidates)."""
+    return (old.name, old.mesh_ip, old.fingerprint, old.allowed_ips, old.choice, old.persistent_keepalive) == \
+        (new.name, new.mesh_ip, new.fingerprint, new.allowed_ips, new.choice, new.persistent_keepalive)

@@ -170,11 +170,8 @@ class PeerSession(Actor):
 
     def _set_endpoint(self, endpoint: object) -> None:
         """The one place the peer's send path changes."""
-        peer = self.peer
-        assert peer is not None
-        peer.endpoint = endpoint
-        if endpoint == peer.other_source:  # messages came from there: they count as the path's
-            peer.endpoint_rx_at = peer.other_at
+        assert self.peer is not None
+        self.peer.use_endpoint(endpoint)
 
     # --- the transport ladder ---------------------------------------------------------
 

@@ -91,8 +91,7 @@ def test_a_full_resync_of_a_large_map_loses_no_member_and_no_candidate(world: Wo
         await client.apply(full_map(world, entries, everyone, 1, 2))  # every member moved ...
         await client.apply(full_map(world, entries, everyone, 2, 3))  # ... twice before the mesh caught up
         await client.apply(full_map(world, entries, range(1, MEMBERS // 2 + 1), 2, 4))  # half no longer listed
-        while len(mesh.mailbox):
-            await asyncio.sleep(0)
+        await mesh.ask("barrier")  # everything told before it is handled
         running.cancel()
         assert mesh.dropped_messages == 0
         return mesh
@@ -136,19 +135,23 @@ class FailingOnceMesh(RecordingMesh):
         await super().handle(message)
 
 
-def test_a_client_restarted_after_a_failed_change_hands_the_mesh_the_whole_set(world: World, tmp_path: Path) -> None:
+def test_a_client_restarted_after_a_failed_change_hands_the_mesh_all_it_missed(world: World, tmp_path: Path) -> None:
     entries = [world.admin_member(i) for i in range(4)]
+    calls: list[int] = []
 
     async def scenario() -> RecordingMesh:
         mesh = FailingOnceMesh()
         runner = asyncio.ensure_future(mesh.run())
-        client = node0_client(world, mesh, tmp_path)
+        client = node0_client(world, mesh, tmp_path, on_map_changed=[lambda: calls.append(client.snapshot.version)])
+        await client.setup()  # the first start: nothing to hand on yet
         with pytest.raises(TimeoutError):  # the actor crashes: the map took members 1-3, the mesh did not
             await client.apply(full_map(world, entries, range(1, 4), 0, version=3))
-        assert mesh.members == {}
+        assert mesh.members == {} and calls == []
         await client.setup()  # what the supervisor's restart runs first
+        await mesh.ask("barrier")  # everything told before it is handled
         runner.cancel()
         return mesh
 
     mesh = asyncio.run(scenario())
-    assert set(mesh.members) == {world.wg(i) for i in range(1, 4)}
+    assert mesh.members == {world.wg(i): (candidate(i, 0),) for i in range(1, 4)}
+    assert calls == [3]  # the readers (SSH directory, relays, filter) hear of the map they missed

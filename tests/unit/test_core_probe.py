@@ -188,6 +188,29 @@ def test_a_new_other_source_is_reported_again() -> None:
     assert [e.source for e in pair.b.events if isinstance(e, NewSource)] == [OTHER_UDP, Link("relay"), OTHER_UDP]
 
 
+def test_after_the_caller_moves_the_endpoint_a_former_source_is_reported_again() -> None:
+    pair = session()
+    pair.inject("b", data_from_a(pair), source=OTHER_UDP)
+    peer = pair.b_peer
+    peer.use_endpoint(OTHER_UDP)  # the caller followed it
+    assert (peer.endpoint_rx_at, peer.other_source) == (pair.now, None)  # its messages count as the path's
+    pair.b.events.clear()
+    peer.use_endpoint(A_ADDR)  # and moved back (say, a handshake answered from there)
+    pair.advance(1)
+    pair.inject("b", data_from_a(pair), source=OTHER_UDP)
+    assert list(pair.b.events) == [NewSource(peer, OTHER_UDP)]  # the peer is still there: said again
+
+
+def test_a_udp_message_costs_no_call_of_the_callers_rule_while_udp_is_accepted() -> None:
+    pair = session()
+    asked: list[object] = []
+    pair.b_peer.accepts = lambda source: asked.append(source) is None and not isinstance(source, tuple)
+    assert pair.inject("b", data_from_a(pair), source=A_ADDR) > 0
+    assert asked == []
+    link = AuthenticatedLink("relay", pair.a.static_public)
+    assert pair.inject("b", data_from_a(pair), source=link) > 0 and asked == [link]  # links are asked
+
+
 def test_a_handshake_from_elsewhere_is_its_source_only() -> None:
     pair = session()
     pair.advance(REKEY_TIMEOUT)
@@ -306,13 +329,13 @@ def test_an_initiation_on_a_path_not_allowed_is_neither_answered_nor_learnt() ->
 def test_data_and_responses_on_a_path_not_allowed_are_dropped() -> None:
     pair = session()
     data = data_from_a(pair)
-    pair.b_peer.accepts = _links_only
+    pair.b_peer.accepts, pair.b_peer.accepts_udp = _links_only, False
     received_before = pair.b_peer.rx_bytes
     assert pair.inject("b", data, source=A_ADDR) == 0
     assert pair.b.drops["message on a path not allowed for its peer"] == 1
     assert pair.b_peer.rx_bytes == received_before
     # A response arriving over UDP for an initiation of a peer kept to links is dropped too.
-    pair.a_peer.accepts = _links_only
+    pair.a_peer.accepts, pair.a_peer.accepts_udp = _links_only, False
     pair.advance(REKEY_TIMEOUT + 0.1)
     assert pair.a_peer.send_probe((B_ADDR,), pair.now, pair.wall)
     carry(pair, "a", Link("ssh"))

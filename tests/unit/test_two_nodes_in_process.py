@@ -221,6 +221,12 @@ def test_the_whole_member_set_adds_what_is_missing_removes_the_rest_and_keeps_th
         assert [e["peer"] for e in p.a.bus_events("peer_added")] == ["b"]
         await p.net.run_until(lambda: len(p.a.bus_events("handshake")) == 2, 2.0, "a's handshake with b, synced back")
         assert await p.pings_answered(p.a, p.b) == 3
+        # The same key with a changed entry (here: its rungs) replaces the session.
+        before = p.a.session(p.b)
+        changed = peer("b", p.b_id, B_IP, endpoint=B_ADDR, choice=RungChoice(rungs=(UDP,)))
+        await p.net.complete(p.a.mesh.ask(SyncPeers((changed,))), 1.0, "b changed")
+        assert p.a.session(p.b) is not before and p.a.mesh.specs[b.wg_key] == changed
+        assert [e["reason"] for e in p.a.bus_events("peer_removed")] == ["no longer a member", "replaced by a newer entry"]
 
     two_daemons(body)
 

@@ -211,7 +211,7 @@ class Device:
             self.drops["unknown receiver index"] += 1
             return 0
         peer, kp = entry
-        if source.__class__ is not tuple or peer.accepts is not None:
+        if source.__class__ is not tuple or not peer.accepts_udp:
             refused = _refused_path(source, peer)
             if refused is not None:
                 self.drops[refused] += 1

@@ -89,8 +89,10 @@ class Peer:
         self.other_source: Endpoint | None = None  # the latest other source of one, and when
         self.other_at = float("-inf")
         # The caller's rule on which paths this peer's messages may come from (None: any);
-        # messages from others are dropped, so nothing is answered or learnt there.
+        # messages from others are dropped, so nothing is answered or learnt there. Its answer
+        # for UDP addresses is kept apart: the one check a UDP transport message costs.
         self.accepts: Callable[[Endpoint], bool] | None = None
+        self.accepts_udp = True
         self.persistent_keepalive = persistent_keepalive
         # How long after data received, with nothing sent back, a keepalive answers it
         # (WireGuard: 10 s). The transport ladder shortens it, so that its 3 s "sent and not
@@ -413,6 +415,16 @@ class Peer:
         self._timers_any_authenticated_packet_received()
         if data:
             self._timers_data_received(now)
+
+    def use_endpoint(self, endpoint: Endpoint | None) -> None:
+        """The caller moves the send path. What the core reports about other sources starts
+        afresh from here: a message from anywhere but the new endpoint is reported again,
+        even from where messages came before."""
+        self.endpoint = endpoint
+        if endpoint is not None and endpoint == self.other_source:
+            self.endpoint_rx_at = self.other_at  # messages came from there: they count as the path's
+        self.other_source = None
+        self.other_at = float("-inf")
 
     def zero_keys(self) -> None:
         release = self.device.release_keypair
