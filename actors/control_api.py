@@ -20,7 +20,7 @@ from tunnelmesh import __version__
 
 from .control import EventBus, Handler
 from .messages import (
-    ActorStatus, CoordinatorStatus, FilterRules, FilterVerdict, FindSession, GetFilterStatus, GetStatus, ListPeers,
+    ActorStatus, Identity, WhoAmI, FilterRules, FilterVerdict, FindSession, GetFilterStatus, GetStatus, ListPeers,
     NodeStatus, PeerStatus, Ping, PingResult, Peers, RelayClientStatus, RelayServerStatus, ShowFilter, SshStatus, Status,
     TestFilter, TransportsStatus, from_json,
 )
@@ -131,7 +131,7 @@ class ControlApi:
         return tuple([await session.ask(GetStatus()) for session in await self.mesh.ask(ListPeers())])
 
     async def node(self) -> NodeStatus:
-        me = await self.identity.ask("whoami")
+        me: Identity = await self.identity.ask(WhoAmI())
         transports = self.transports
         # The edges' own status() are plain dicts (tunnelmesh/ does not import actors/): from_json
         # checks each against the schema, so a drift fails here with the field's name.
@@ -139,9 +139,9 @@ class ControlApi:
             name=self.name, mesh_ip=str(self.mesh_ip), mesh_ipv6=str(self.mesh_ipv6) if self.mesh_ipv6 else None,
             interface=self.interface, listen_port=self.datapath.port, version=__version__, started=self.started,
             pid=os.getpid(), mode="static" if self.coordinator is None else "coordinator",
-            fingerprint=me["fingerprint"], ssh_public_key=me["ssh_public_key"],
-            wireguard_public_key=me["wireguard_public_key"],
-            coordinator=from_json(CoordinatorStatus, self.coordinator.status()) if self.coordinator else None,
+            fingerprint=me.fingerprint, ssh_public_key=me.ssh_public_key,
+            wireguard_public_key=me.wireguard_public_key,
+            coordinator=self.coordinator.status() if self.coordinator else None,
             serving_coordinator=self.serving_coordinator,
             admission=self.admitter.status() if self.admitter is not None else None,
             transports=TransportsStatus(

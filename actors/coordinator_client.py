@@ -31,13 +31,13 @@ from tunnelmesh.config import TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.identity import NodeIdentity
 from tunnelmesh.membership import MAX_ENDPOINTS, MapSnapshot, MemberEntry, MembershipError, PeerMap, Revocation
-from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, write_secret
+from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, save_network_secret
 from tunnelmesh.wireguard import derive_psk
 
 from .control import EventBus
 from .mesh import Mesh
 from .messages import (
-    AddPeers, CoordinatorChanged, NodeRevoked, PeerSpec, RemovePeer, SecretRotated, SetCandidates, SetPsk, SyncPeers,
+    AddPeers, CoordinatorChanged, CoordinatorStatus, NodeRevoked, PeerSpec, RemovePeer, SecretRotated, SetCandidates, SetPsk, SyncPeers,
 )
 from .runtime import Actor
 
@@ -121,14 +121,15 @@ class CoordinatorClient(Actor):
         self.error: str | None = None
         self.observed: str | None = None
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "url": self.state.url, "network": self.state.network.network, "state": self.connection,
-            "tls_fingerprint": self.tls_fingerprint,
-            "since": self.since, "error": self.error, "version": self.peer_map.version,
-            "observed": self.observed, "members": len(self.peer_map.members) + 1,
-            "revocations": len(self.peer_map.revocations), "rejected": dict(self.peer_map.rejected),
-        }
+    def status(self) -> CoordinatorStatus:
+        """From the snapshot (never the PeerMap itself: the control actor asks this)."""
+        snapshot = self.snapshot
+        return CoordinatorStatus(
+            url=self.state.url, network=self.state.network.network, state=self.connection,
+            tls_fingerprint=self.tls_fingerprint, since=self.since, error=self.error, version=snapshot.version,
+            observed=self.observed, members=len(snapshot.members) + 1, revocations=snapshot.revocations,
+            rejected=dict(snapshot.rejected),
+        )
 
     def _set_connection(self, state: str, error: str | None = None) -> None:
         if state != self.connection or error != self.error:
@@ -168,7 +169,7 @@ class CoordinatorClient(Actor):
         backoff = BACKOFF_MIN
         while True:
             try:
-                async with Coordinator(self.state.url, identity=self.identity, ca_file=self.ca_file,
+                async with Coordinator(self.state.url, identity=self.identity, ca_file=self.ca_file, clock=self.clock,
                                        tls_fingerprint=self.tls_fingerprint) as coordinator:
                     await self._register(coordinator)
                     self._set_connection("connected")
@@ -250,7 +251,7 @@ class CoordinatorClient(Actor):
             log.warning("network secret epoch %d was not sealed for this node", record.epoch)
             return
         try:
-            write_secret(self.secret_path, secret)
+            save_network_secret(self.secret_path, secret)
         except StateError as exc:
             log.error("%s", exc)
         await self.mesh.ask(SetPsk(derive_psk(secret)))

@@ -197,7 +197,7 @@ async def _start_transports(
     port = transports_config.ssh_port or None
     try:
         host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
-        directory = PeerMapDirectory(current_map)
+        directory = PeerMapDirectory(current_map, datapath.clock)
         rung = SshRung(identity=identity, host_key=host_key, port=port, directory=directory, sink=datapath,
                        clock=datapath.clock)
         await rung.start()

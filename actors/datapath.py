@@ -305,7 +305,11 @@ class DataPath:
         while device.events:
             event = device.events.popleft()
             session: PeerSession = event.peer.owner
-            session.on_event(event)
+            try:
+                session.on_event(event)
+            except Exception:  # one session's failure must not lose the other events of the batch
+                self.drops["internal error (event)"] += 1
+                log.exception("%s: %s failed", session.name, type(event).__name__)
             touched.add(event.peer)
         for peer in touched:
             peer.owner.reschedule()

@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from types import UnionType
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from tunnelmesh.config import RungChoice
+from tunnelmesh.config import UDP_ONLY, RungChoice
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = tuple[str, int]
@@ -31,7 +31,7 @@ class PeerSpec:
     allowed_ips: tuple[IPNetwork, ...]
     endpoint: Address | None
     persistent_keepalive: int
-    choice: RungChoice = RungChoice(rungs=("udp",))  # the rungs this peer may use
+    choice: RungChoice = UDP_ONLY  # the rungs this peer may use
     #: Every UDP address the peer may be at (the coordinator's list: where it saw the
     #: peer first, then the peer's own addresses); the ladder's UDP probes go to all.
     candidates: tuple[Address, ...] = ()
@@ -89,6 +89,20 @@ class FindSession:
     """To the mesh: the session of the peer with this name or mesh IP."""
 
     key: str
+
+
+@dataclass(frozen=True, slots=True)
+class WhoAmI:
+    """To the identity actor: this node's public identity (an `Identity`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """This node's public identity: never a secret."""
+
+    fingerprint: str
+    ssh_public_key: str
+    wireguard_public_key: str  # base64
 
 
 @dataclass(frozen=True, slots=True)

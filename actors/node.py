@@ -34,7 +34,7 @@ from .edges import Bind, Tun
 from .filter import FilterActor, FilterInputs
 from .links import Transports
 from .mesh import Mesh
-from .messages import PeerSpec, Start
+from .messages import Identity, PeerSpec, Start, WhoAmI
 from .runtime import Actor, Shutdown, Supervisor
 
 if TYPE_CHECKING:
@@ -66,14 +66,10 @@ class IdentityActor(Actor):
         self.identity = identity
 
     async def handle(self, message: Any) -> Any:
-        if message == "whoami":
+        if isinstance(message, WhoAmI):
             public = self.identity.public
-            return {
-                "fingerprint": public.fingerprint,
-                "ssh_public_key": public.ssh_public_key,
-                "wireguard_public_key": base64.b64encode(public.wg_public_key).decode(),
-            }
-        raise ValueError(f"unknown request {message!r}")
+            return Identity(public.fingerprint, public.ssh_public_key, base64.b64encode(public.wg_public_key).decode())
+        raise ValueError(f"unknown message {type(message).__name__}")
 
 
 class EdgesActor(Actor):
@@ -140,7 +136,7 @@ class Node:
         self.peers = tuple(peers)
         self.filter: FilterActor | None = None
         self.started = clock.wall()
-        self.identity = self.add(IdentityActor(identity))  # answers `whoami` for status
+        self.identity = self.add(IdentityActor(identity))  # answers WhoAmI for status
         self.add(EdgesActor(tun, bind, self.datapath))
         self.add(self.mesh)
 
@@ -182,5 +178,5 @@ class Node:
         """Start the initial peers' sessions and every actor; returns once all have stopped
         (the TUN and the socket closed), with why."""
         for spec in self.peers:
-            self.mesh.add(spec).tell(Start())
+            self.mesh.add(spec).tell_latest(Start, Start())
         return await self.supervisor.run()

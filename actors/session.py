@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from tunnelmesh import ladder as rungs
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
-from tunnelmesh.config import RungChoice
+from tunnelmesh.config import UDP_ONLY, RungChoice
 from tunnelmesh.links import Link, LinkError
 from tunnelmesh.packets import DAEMON_PING_PAYLOAD, icmp_echo
-from tunnelmesh.path_selector import PathSelector, Probe, Switch, describe, rung_of
+from tunnelmesh.path_selector import PathSelector, Probe, Switch, Transition, describe, rung_of
 from tunnelmesh.wireguard import Event, HandshakeCompleted, HandshakeGaveUp, KeysZeroed, NewSource, Peer
 from tunnelmesh.wireguard.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
 
@@ -71,7 +71,7 @@ class PeerSession(Actor):
         *,
         wg_key: bytes = b"",
         transports: Transports | None = None,
-        choice: RungChoice = RungChoice(rungs=(rungs.UDP,)),
+        choice: RungChoice = UDP_ONLY,
         candidates: tuple[tuple[str, int], ...] = (),
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -270,7 +270,7 @@ class PeerSession(Actor):
             endpoints = self._endpoints(action.rung)
             endpoint = endpoints[0] if endpoints else None
         if endpoint is None:  # gone since the evidence came: the ladder stays where the packets go
-            self.selector.ladder.revert(action)
+            self.selector.revert(action)
             return
         self._set_endpoint(endpoint)
         change = self.selector.switched(action, endpoint, self.clock.wall())
@@ -281,7 +281,7 @@ class PeerSession(Actor):
                  f"; {why}" if why else "")
         self.events.publish(self._path_changed(change))
 
-    def _path_changed(self, change: Any) -> m.PathChanged:
+    def _path_changed(self, change: Transition) -> m.PathChanged:
         return m.PathChanged(self.peer_name, m.PathStatus(change.rung, change.endpoint), change.previous, change.why,
                              change.at)
 
@@ -334,7 +334,7 @@ class PeerSession(Actor):
             self.peer.preshared_key = message.psk  # used from the next handshake on
             return None
         if isinstance(message, m.GetStatus):
-            return self.snapshot()
+            return self.status()
         if isinstance(message, m.Ping):
             # Send now, wait elsewhere: status requests must not queue behind a ping.
             return self.start_task(self._ping(message.timeout), name="ping")
@@ -368,7 +368,7 @@ class PeerSession(Actor):
         current = self.peer.current if self.peer is not None else None
         return current is not None and now - current.created < KEYS_LIFETIME
 
-    def snapshot(self) -> m.PeerStatus:
+    def status(self) -> m.PeerStatus:
         peer = self.peer
         assert peer is not None
         now = self.clock.monotonic()
@@ -386,8 +386,8 @@ class PeerSession(Actor):
             fingerprint=self.fingerprint,
             path=path_status(peer.endpoint),
             state=state,
-            rung_changes=self.selector.ladder.changes,
-            probe_interval=self.selector.ladder.probe_interval,
+            rung_changes=self.selector.changes,
+            probe_interval=self.selector.probe_interval,
             transitions=tuple(self._path_changed(change) for change in self.selector.transitions),
             last_handshake=self.last_handshake_wall,
             last_handshake_ago=round(now - peer.last_handshake, 1) if peer.last_handshake is not None else None,

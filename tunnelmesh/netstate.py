@@ -69,7 +69,7 @@ def write_atomic(path: Path, data: bytes, *, secret: bool = False) -> None:
         raise StateError(str(exc)) from None
 
 
-def write_secret(path: Path, secret: bytes) -> None:
+def save_network_secret(path: Path, secret: bytes) -> None:
     """The network secret file, as `tunnelmesh.config.read_network_secret` reads it."""
     write_atomic(path, network_secret_text(secret), secret=True)
 

@@ -54,7 +54,7 @@ from tunnelmesh.netstate import (
     load_policy,
     save_peer_map,
     save_revocations,
-    write_secret,
+    save_network_secret,
 )
 from tunnelmesh.paths import Paths
 from tunnelmesh.tls import CERT_NAME, KEY_NAME, PIN_PREFIX, TlsError, write_certificate
@@ -170,7 +170,7 @@ async def create_network(
         except TlsError as exc:
             raise NetworkError(str(exc)) from None
     admin.save(paths.admin_key)
-    write_secret(paths.network_secret, secret)
+    save_network_secret(paths.network_secret, secret)
     state.save(paths.network_state)
     save_peer_map(paths.peer_map_cache, peer_map)  # the embedded coordinator takes its policy at the first `up`
     _write_config(paths, starter_config(name=name, identity=identity_spec, listen_port=listen_port,
@@ -319,7 +319,7 @@ def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     state.save(paths.network_state)
     save_peer_map(paths.peer_map_cache, peer_map)
-    write_secret(paths.network_secret, secret)
+    save_network_secret(paths.network_secret, secret)
     return state
 
 
@@ -559,7 +559,7 @@ async def rotate_secret(paths: Paths) -> tuple[int, int]:
         # and puts the old one back if the coordinator does not take it.
         try:
             old = read_network_secret(paths.network_secret)
-            write_secret(paths.network_secret, secret)
+            save_network_secret(paths.network_secret, secret)
         except ConfigError as exc:
             raise NetworkError(f"{exc}; nothing was rotated") from None
         except StateError as exc:
@@ -567,7 +567,7 @@ async def rotate_secret(paths: Paths) -> tuple[int, int]:
         try:
             await coordinator.rotate_secret(record.to_wire())
         except BaseException:
-            write_secret(paths.network_secret, old)
+            save_network_secret(paths.network_secret, old)
             raise
     return epoch, len(members)
 

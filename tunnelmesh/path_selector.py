@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunnelmesh import ladder as rungs
-from tunnelmesh.config import RungChoice
+from tunnelmesh.config import UDP_ONLY, RungChoice
 from tunnelmesh.ladder import Action, Ladder, Probe, Switch
 
 Address = tuple[str, int]
@@ -59,7 +59,7 @@ class Transition:
 
 
 class PathSelector:
-    def __init__(self, choice: RungChoice = RungChoice(rungs=(rungs.UDP,)), *,
+    def __init__(self, choice: RungChoice = UDP_ONLY, *,
                  candidates: tuple[Address, ...] = ()) -> None:
         unusable = {r: "disabled in the config" for r in rungs.RUNGS if r not in choice.rungs}
         if choice.force is not None:
@@ -155,6 +155,19 @@ class PathSelector:
 
     def unavailable(self, rung: str, reason: str, now: float) -> list[Action]:
         return self.ladder.unavailable(rung, reason, now)
+
+    def revert(self, action: Switch) -> None:
+        """The caller could not make `action` (its path closed since): as if it never came."""
+        self.ladder.revert(action)
+
+    @property
+    def changes(self) -> int:
+        return self.ladder.changes
+
+    @property
+    def probe_interval(self) -> float:
+        """Seconds between probes of better rungs (doubled after failed step-downs)."""
+        return self.ladder.probe_interval
 
     def evidence(self, rung: str) -> object | None:
         """Where a handshake last came from on `rung`, if that path is still open."""

@@ -61,7 +61,7 @@ from tunnelmesh.membership import (
     unb64,
     unseal,
 )
-from tunnelmesh.netstate import write_secret
+from tunnelmesh.netstate import save_network_secret
 from tunnelmesh.ratelimit import Rate, RateLimiter
 
 
@@ -462,7 +462,7 @@ def test_secret_rotation_takes_only_the_next_epoch(db: Path, world: World) -> No
                 await refused(db, admin.rotate_secret(forged), 403, "does not verify")
                 first = record(1)
                 await admin.rotate_secret(first)
-                write_secret(served.machine.paths.network_secret, new_secret)  # as rotate-secret keeps it
+                save_network_secret(served.machine.paths.network_secret, new_secret)  # as rotate-secret keeps it
                 await refused(db, admin.rotate_secret(first), 409, "must have epoch 2, not 1")
                 update = await member.map(version, 0)
                 assert update["secret"] == first

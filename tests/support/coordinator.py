@@ -50,7 +50,7 @@ from tunnelmesh.netstate import (
     StateError,
     invite_ledger,
     save_peer_map,
-    write_secret,
+    save_network_secret,
 )
 from tunnelmesh.network import Admin, NetworkError, countersign_pending
 from tunnelmesh.paths import Paths
@@ -160,7 +160,7 @@ class AdminMachine:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         machine = cls(world, Paths(state_dir, state_dir / "tunnelmesh.toml"))
         world.admin.save(machine.paths.admin_key)
-        write_secret(machine.paths.network_secret, secret)
+        save_network_secret(machine.paths.network_secret, secret)
         machine.moved(url, admin_node)
         return machine
 

@@ -23,7 +23,7 @@ from actors.control_api import ControlApi
 from actors.links import Transports
 from actors.messages import (
     CONTROL_VERSION, EVENTS, ControlSchemaError, Event, HandshakeDone, PathChanged, PathStatus, Peers, PeerStatus,
-    PingResult, Status, Subscribed, from_json, to_json,
+    PingResult, Identity, Status, Subscribed, WhoAmI, from_json, to_json,
 )
 from actors.runtime import Actor, Supervisor
 from tunnelmesh import control_client
@@ -116,8 +116,8 @@ class _Identity(Actor):
     name = "identity"
 
     async def handle(self, message: Any) -> Any:
-        assert message == "whoami"
-        return {"fingerprint": "SHA256:abc", "ssh_public_key": "ssh-ed25519 AAAA a", "wireguard_public_key": "d2c="}
+        assert isinstance(message, WhoAmI)
+        return Identity("SHA256:abc", "ssh-ed25519 AAAA a", "d2c=")
 
 
 class _Session(Actor):

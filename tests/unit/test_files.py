@@ -24,7 +24,7 @@ from tunnelmesh.config import ConfigError, read_network_secret, write_network_se
 from tunnelmesh.files import FileError, FileExists, check_state_dir, write_atomic
 from tunnelmesh.links import bridge
 from tunnelmesh.links.bridge import BridgeError, setup_account, write_authorized_keys
-from tunnelmesh.netstate import StateError, write_secret
+from tunnelmesh.netstate import StateError, save_network_secret
 from tunnelmesh.netstate import write_atomic as netstate_write_atomic
 from tunnelmesh.paths import resolve_paths
 
@@ -68,7 +68,7 @@ def test_symlink_at_the_old_fixed_temp_name_is_not_followed(tmp_path: Path, vict
     elif writer == "netstate":
         netstate_write_atomic(target, b"new\n", secret=True)
     else:
-        write_secret(target, secret)
+        save_network_secret(target, secret)
     _unchanged(victim)
     assert not target.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o600
     if writer == "secret":

@@ -26,7 +26,7 @@ from tunnelmesh.membership import (
     member_body,
     sign_member_as_admin,
 )
-from tunnelmesh.netstate import NetworkState, StateError, load_peer_map, save_peer_map, write_atomic, write_secret
+from tunnelmesh.netstate import NetworkState, StateError, load_peer_map, save_peer_map, write_atomic, save_network_secret
 
 
 def make_identity(tmp_path: Path, name: str) -> NodeIdentity:
@@ -78,9 +78,9 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: py
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # no temp file left behind
 
 
-def test_write_secret_is_readable_as_network_secret(tmp_path: Path) -> None:
+def test_save_network_secret_is_readable_as_network_secret(tmp_path: Path) -> None:
     path = tmp_path / "network.secret"
-    write_secret(path, bytes(range(32)))
+    save_network_secret(path, bytes(range(32)))
     assert read_network_secret(path) == bytes(range(32))
 
 

@@ -148,7 +148,7 @@ async def udp_fails_over_to_ssh(p: Pair) -> tuple[Pinger, float, float]:
 def consistent(session: PeerSession) -> dict[str, Any]:
     """`status` for one peer, checked against the session's own state; returns it. (Every
     scenario here makes fewer than the 8 changes `transitions` keeps, and gives no handshake up.)"""
-    snap = to_json(session.snapshot())
+    snap = to_json(session.status())
     endpoint = session.peer.endpoint if session.peer is not None else None
     assert snap["path"] == ({"rung": rung_of(endpoint), "endpoint": describe(endpoint)} if endpoint is not None else None)
     assert snap["path"]["rung"] == session.selector.ladder.current, snap  # the ladder's rung is where packets go
@@ -432,7 +432,7 @@ def test_status_follows_the_ladder_down_to_the_relay_and_back_to_udp(simulate: C
         times = [t["at"] for t in snap["transitions"]]
         assert all(later - earlier >= HOLD for earlier, later in zip(times, times[1:])), times
         assert [e for e in p.a.bus_events("path")] == snap["transitions"]
-        assert await p.sa.handle(GetStatus()) == p.sa.snapshot()
+        assert await p.sa.handle(GetStatus()) == p.sa.status()
         await p.net.run_until(lambda: p.sb.selector.ladder.current == UDP, 2 * FAILING_AFTER, "b back on UDP")
         consistent(p.sb)
         await p.net.run_for(2.0)

@@ -22,6 +22,7 @@ from tunnelmesh.config.model import (
     NodeConfig,
     PeerConfig,
     RungChoice,
+    UDP_ONLY,
     TransportsConfig,
 )
 from tunnelmesh.config.secret import read_network_secret, write_network_secret
@@ -31,6 +32,6 @@ from tunnelmesh.paths import DEFAULT_HOST_KEY
 __all__ = [
     "DEFAULT_COORDINATOR_PORT", "DEFAULT_HOST_KEY", "DEFAULT_RELAY_PORT", "DEFAULT_SSH_PORT", "NETWORK_SECRET_BYTES",
     "NODE_KEYS", "PEER_KEYS", "RUNG_NAMES", "ConfigError", "CoordinatorConfig", "Locator", "NodeConfig",
-    "PeerConfig", "RungChoice", "TransportsConfig", "check_peer_keys", "load_config", "parse_config",
+    "PeerConfig", "RungChoice", "TransportsConfig", "UDP_ONLY", "check_peer_keys", "load_config", "parse_config",
     "read_network_secret", "starter_config", "write_network_secret",
 ]

@@ -111,6 +111,10 @@ class RungChoice:
         return (self.force,) if self.force is not None else self.rungs
 
 
+#: A static mesh's peers: UDP only (they have no signed SSH endpoints and no relay).
+UDP_ONLY = RungChoice(rungs=("udp",))
+
+
 @dataclass(frozen=True)
 class TransportsConfig:
     """The ``[transports]`` table: the ladder and the SSH rung's endpoints."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from types import TracebackType
 from typing import Any, Literal
 
 import aiohttp
 
+from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.links import LinkError
 from tunnelmesh.links.proxy import connect_failure, proxy_for
@@ -60,7 +60,9 @@ class Coordinator:
     only, else against the system's CAs plus those in `ca_file` for a private CA."""
 
     def __init__(self, url: str, *, identity: NodeIdentity | None = None, admin: AdminKey | None = None,
-                 timeout: float = 10.0, ca_file: str | None = None, tls_fingerprint: str | None = None) -> None:
+                 timeout: float = 10.0, ca_file: str | None = None, tls_fingerprint: str | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self.clock = clock  # the signed requests' times
         self.url = url.rstrip("/")
         self.identity = identity
         self.admin = admin
@@ -88,7 +90,7 @@ class Coordinator:
 
     async def _headers(self, sign: Signer, method: str, path: str, raw: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json"} if raw else {}
-        now = int(time.time())
+        now = int(self.clock.wall())
         if sign == "admin":
             if self.admin is None:
                 raise CoordinatorError("this request needs the admin key")

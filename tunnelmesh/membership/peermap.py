@@ -221,6 +221,8 @@ class MapSnapshot:
     #: The network policy in force (the highest version verified), None when the admin has
     #: set none (a network from before the packet filter: docs/filter.md, "What is in force").
     policy: PolicyRecord | None = None
+    revocations: int = 0  # how many the node keeps (for good)
+    rejected: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # refused so far, by reason
 
 
 class PeerMap:
@@ -264,7 +266,8 @@ class PeerMap:
     def snapshot(self) -> MapSnapshot:
         """The map as it is now, for readers (copies: later changes do not show in it)."""
         return MapSnapshot(self.version, self.network, MappingProxyType(dict(self.members)),
-                           MappingProxyType(dict(self.endpoints)), self.policy)
+                           MappingProxyType(dict(self.endpoints)), self.policy, len(self.revocations),
+                           MappingProxyType(dict(self.rejected)))
 
     def revoked(self, member: MemberEntry) -> Revocation | None:
         for revocation in (self.revocations.get(member.wg_key), self._revoked_ssh.get(member.identity.fingerprint)):
