@@ -178,7 +178,7 @@ class FilterActor(Actor):
                      "network policy: none set; " if self.network else "")
             return f"{where}{nodes or 'no rules'} only: all other inbound traffic is denied except replies"
         own = sum(1 for rule in self.filter.compiled.rules if rule.origin == "network")
-        text = f"network policy v{self.policy_version} ({own} rules for this node)"
+        text = f"network policy v{self.policy_version} ({own} rule{'' if own == 1 else 's'} for this node)"
         return text + (f" and {nodes}" if nodes else "") + ": all other inbound traffic is denied except replies"
 
     # --- what the control commands ask ------------------------------------------------------

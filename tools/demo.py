@@ -5,8 +5,10 @@ Each node is a network namespace with its own state directory, running a real
 network (`tunnelmesh init`: admin key, embedded coordinator); the others join
 with a token from `tunnelmesh invite`. The demo prints each
 node's status, pings every pair through the tunnel (kernel `ping` and the
-in-tunnel `tunnelmesh ping`, which says which path answered), sends a TCP
-transfer and checks it arrived intact, then tears everything down.
+in-tunnel `tunnelmesh ping`, which says which path answered), shows that the
+starter policy `init` wrote denies TCP (default deny), opens one port with
+`tunnelmesh policy set`, sends a TCP transfer through it and checks it arrived
+intact, then tears everything down.
 
 Run as root: `python -m tools.demo` (the README's command sets up first).
 """
@@ -19,12 +21,23 @@ import os
 import sys
 import time
 
+from tunnelmesh.filter import STARTER_POLICY
+
 from tools.lab import Lab
 from tools.mesh import build_network, wait_for_handshakes
 
 NAMES = ["alpha", "beta", "gamma"]
 TRANSFER_MB = 20
 PORT = 5001
+POLICY_REACHES = 10.0  # seconds for a policy change to be in force on every node (issue 14: within 10 s)
+TRANSFER_RULE = f"""
+# The demo's transfer: alpha may open tcp/{PORT} on gamma.
+[[allow]]
+from = ["alpha"]
+to = ["gamma"]
+proto = "tcp"
+ports = [{PORT}]
+"""
 
 RECEIVER = """
 import hashlib, socket, sys
@@ -68,7 +81,7 @@ def main() -> int:
     with Lab() as lab:
         banner("3 nodes (namespaces on a 192.0.2.0/24 switch): init + up on alpha, invite + join + up on the others")
         started = time.monotonic()
-        mesh = build_network(lab, NAMES)
+        mesh = build_network(lab, NAMES, policy=None)  # init's starter policy: ping only
         wait_for_handshakes(mesh)
         print(f"all sessions up {time.monotonic() - started:.1f} s after the first `init`")
 
@@ -90,8 +103,24 @@ def main() -> int:
                 print(f"{a.name:>5} -> {b.name:<5} {'ok  ' if ok else 'FAIL'} {' | '.join(summary)}")
                 print(f"{'':14} {inner.stdout.strip() or inner.stderr.strip()}")
 
-        banner(f"TCP transfer of {TRANSFER_MB} MB alpha -> gamma through the tunnel")
         alpha, gamma = mesh["alpha"], mesh["gamma"]
+        banner(f"default deny: may alpha open tcp/{PORT} on gamma? (`tunnelmesh filter test` on gamma)")
+        before = gamma.tm("filter", "test", "alpha", "tcp", str(PORT), check=False)
+        print(before.stdout.strip() or before.stderr.strip())
+        failures += before.returncode == 0  # the starter policy must deny it
+
+        banner("the admin opens it: `tunnelmesh policy set` on alpha (starter policy + one rule)")
+        policy_file = os.path.join(lab.workdir, "policy.toml")
+        with open(policy_file, "w") as f:
+            f.write(STARTER_POLICY + TRANSFER_RULE)
+        print(alpha.tm("policy", "set", policy_file).stdout.strip())
+        deadline, after = time.monotonic() + POLICY_REACHES, before
+        while time.monotonic() < deadline and after.returncode != 0:
+            after = gamma.tm("filter", "test", "alpha", "tcp", str(PORT), check=False)
+        print(after.stdout.strip() or after.stderr.strip())
+        failures += after.returncode != 0
+
+        banner(f"TCP transfer of {TRANSFER_MB} MB alpha -> gamma through the tunnel")
         blob = os.path.join(lab.workdir, "blob")
         data = os.urandom(TRANSFER_MB << 20)
         with open(blob, "wb") as f:
