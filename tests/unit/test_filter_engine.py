@@ -154,10 +154,77 @@ def test_replies_pass_for_every_tracked_protocol_both_versions() -> None:
     assert not f.inbound(ALICE.key, ping4(A4, H4, 43, reply=True), 32, 0.5)  # unknown echo id
 
 
-def test_mid_stream_outbound_tcp_opens_nothing() -> None:
+def test_outbound_answers_open_nothing() -> None:
     f = make("")
-    assert f.outbound(ALICE.key, tcp4(H4, A4, 22, 40000, SYN | ACK), 40, 0.0)  # our answer
-    assert not f.inbound(ALICE.key, tcp4(A4, H4, 40000, 22, ACK), 40, 0.1)
+    for flags in (SYN | ACK, RST, RST | ACK, FIN | ACK):  # answers to a packet the peer got in
+        assert f.outbound(ALICE.key, tcp4(H4, A4, 22, 40000, flags), 40, 0.0)
+        assert not f.inbound(ALICE.key, tcp4(A4, H4, 40000, 22, ACK), 40, 0.1)
+    assert len(f.flows) == 0
+
+
+def test_outbound_mid_stream_tcp_without_a_flow_is_picked_up() -> None:
+    """A connection of this node's that the table lost (restart, fresh filter, idle
+    timeout) keeps working: its next outbound ACK picks it up as established."""
+    f = make("")
+    assert f.outbound(ALICE.key, tcp4(H4, A4, 50000, 443, ACK), 40, 0.0)
+    assert f.inbound(ALICE.key, tcp4(A4, H4, 443, 50000, ACK), 40, TCP_TIMEOUTS[0] + 1)  # established timeout
+    assert not f.inbound(ALICE.key, tcp4(A4, H4, 443, 50001, ACK), 40, 1.0)  # another port: nothing
+    g = make("")
+    g.outbound(ALICE.key, tcp4(H4, A4, 50000, 443, SYN), 40, 0.0)
+    g.inbound(ALICE.key, tcp4(A4, H4, 443, 50000, SYN | ACK), 40, 0.0)
+    later = TCP_TIMEOUTS[1] + 1  # idle past the established timeout
+    assert g.outbound(ALICE.key, tcp4(H4, A4, 50000, 443, ACK), 40, later)
+    assert g.inbound(ALICE.key, tcp4(A4, H4, 443, 50000, ACK), 40, later + 1)
+
+
+def test_picked_up_connection_to_an_allowed_port_stays_revocable() -> None:
+    """An outbound ACK from a port the rules open to the peer may be the peer's
+    connection: it is tracked as the peer's, and a swap that closes the port cuts it."""
+    f = make()  # alice may reach tcp/22
+    assert f.outbound(ALICE.key, tcp4(H4, A4, 22, 40000, ACK), 40, 0.0)
+    assert f.inbound(ALICE.key, tcp4(A4, H4, 40000, 22, ACK), 40, 0.1)
+    f.swap(compile_rules(EMPTY_POLICY, (), HOME, PEERS), 1.0)
+    assert not f.outbound(ALICE.key, tcp4(H4, A4, 22, 40000, ACK), 40, 2.0)
+    assert not f.inbound(ALICE.key, tcp4(A4, H4, 40000, 22, ACK), 40, 2.0)
+    assert f.drops[e.FLOW_REVOKED] == 2
+
+
+def test_swap_revokes_a_tcp_connection_the_peer_opened() -> None:
+    f = make()
+    assert f.inbound(ALICE.key, tcp4(A4, H4, 40000, 22, SYN), 40, 0.0)
+    f.outbound(ALICE.key, tcp4(H4, A4, 22, 40000, SYN | ACK), 40, 0.0)
+    f.swap(compile_rules(EMPTY_POLICY, (), HOME, PEERS), 1.0)
+    assert not f.outbound(ALICE.key, tcp4(H4, A4, 22, 40000, ACK), 40, 2.0)  # no pickup of a revoked one
+    assert not f.inbound(ALICE.key, tcp4(A4, H4, 40000, 22, ACK), 40, 2.0)
+
+
+def test_echo_request_is_never_a_reply() -> None:
+    f = make("")  # deny all
+    assert f.outbound(ALICE.key, ping4(H4, A4, 42), 32, 0.0)
+    assert not f.inbound(ALICE.key, ping4(A4, H4, 42), 32, 0.1)  # alice's request, same identifier
+    assert f.outbound(ALICE.key, ping6(H6, A6, 42), 52, 0.0)
+    assert not f.inbound(ALICE.key, ping6(A6, H6, 42), 52, 0.1)
+    assert f.drops[e.DENIED] == 2
+    assert f.inbound(ALICE.key, ping4(A4, H4, 42, reply=True), 32, 0.2)
+
+
+def test_one_peer_cannot_take_the_whole_table() -> None:
+    f = make('[[allow]]\nfrom = "*"\nproto = "udp"\nports = "*"\n', max_flows=10)
+    f = PacketFilter(f.compiled, max_flows=10, max_flows_per_peer=4)
+    for port in range(6):
+        f.inbound(ALICE.key, udp4(A4, H4, 1000 + port, 53), 29, 0.0)
+    assert len(f.flows) == 4 and f.drops[e.CONNTRACK_PEER_FULL] == 2 and f.drops[e.CONNTRACK_FULL] == 0
+    assert f.inbound(BOB.key, udp4(B4, H4, 1000, 53), 29, 0.0)  # others unaffected
+    for port in range(5):  # this node's own flows count against the table only
+        assert f.outbound(ALICE.key, udp4(H4, A4, 2000 + port, 53), 29, 0.0)
+    assert not f.outbound(ALICE.key, udp4(H4, A4, 3000, 53), 29, 0.0)
+    assert f.drops[e.CONNTRACK_FULL] == 1
+    assert f.inbound(ALICE.key, udp4(A4, H4, 1000 + 9, 53), 29, UDP_TIMEOUTS[0] + 2)  # expired ones free the share
+
+
+def test_per_peer_share_defaults_to_an_eighth_at_least_256() -> None:
+    assert make(max_flows=65_536).flows.peer_limit == 8192
+    assert make(max_flows=1000).flows.peer_limit == 256
 
 
 def test_anti_spoofing() -> None:
@@ -263,13 +330,24 @@ def test_swap_drops_flows_of_a_peer_that_left() -> None:
 def test_rule_hits_count_new_flows_and_survive_a_swap_of_unchanged_rules() -> None:
     f = make()
     f.inbound(ALICE.key, tcp4(A4, H4, 1, 22, SYN), 40, 0.0)
-    f.inbound(ALICE.key, tcp4(A4, H4, 1, 22, ACK), 40, 0.0)
+    f.inbound(ALICE.key, tcp4(A4, H4, 1, 22, ACK), 40, 0.0)  # the same connection
+    f.inbound(CAROL.key, udp4(C4, H4, 1, 9999), 29, 0.0)
+    f.inbound(CAROL.key, udp4(C4, H4, 1, 9999), 29, 0.0)  # the same flow
+    f.inbound(CAROL.key, ping4(C4, H4), 32, 0.0)
+    f.inbound(CAROL.key, ping4(C4, H4), 32, 0.0)  # each echo request is a new exchange
     f.swap(compile_rules(parse_policy(POLICY), parse_node_rules_text(
         '[[filter.allow]]\nfrom = "bob"\nproto = "udp"\nports = "*"\n'), HOME, PEERS), 1.0)
     stats = f.stats()
     assert stats["rules"][0] == {"rule": "node rule 1 (line 1): from bob udp *", "hits": 0}  # type: ignore[index]
-    assert stats["rules"][1]["hits"] == 2  # type: ignore[index]
-    assert stats["flows"] == 0 and stats["max_flows"] == 1000
+    assert [rule["hits"] for rule in stats["rules"][1:5]] == [1, 1, 0, 2]  # type: ignore[index]
+    assert stats["flows"] == 2 and stats["max_flows"] == 1000
+
+
+def test_denied_counts_every_denied_packet_retransmits_included() -> None:
+    f = make()
+    for _ in range(3):
+        f.inbound(CAROL.key, tcp4(C4, H4, 1, 22, SYN), 40, 0.0)
+    assert f.drops[e.DENIED] == 3 and list(f.recent_denied) == [("carol", "tcp", 22)] * 3
 
 
 def test_explain_names_the_first_rule_or_says_default_deny() -> None:

@@ -196,7 +196,7 @@ def test_a_rule_swap_keeps_a_flow_still_allowed_and_stops_it_once_not(filtered_p
         assert (await p.status(p.b))["filter"]["policy_version"] == 2
         await p.set_policy(p.b, 3, '[[allow]]\nfrom = "*"\nproto = "icmp"\n')
         assert not await p.deliver(p.a, p.b, tcp4(A_IP, B_IP, 40000, 22, ACK))  # no longer allowed
-        assert drops(await p.status(p.b)) == {"denied": 1}
+        assert drops(await p.status(p.b)) == {"flow_revoked": 1}
 
     filtered_pair(body, policy=SSH_ONLY_FROM_A)
 

@@ -18,8 +18,12 @@ States and idle timeouts (seconds; refreshed by every packet of the flow):
          ESTABLISHED  180   answered (RFC 4787 REQ-5: at least 2 min; nebula 3 min)
     ICMP echo          30   (Linux icmp_timeout)
 
-Bounded memory: at most `limit` flows. `add` refuses (returns None) when the table is
-full after reaping expired flows; the caller drops that new flow and counts it.
+Bounded memory: at most `limit` flows, and at most `peer_limit` of them opened by any
+one peer (default: limit // 8, at least 256), so that one peer cannot fill the table
+and starve this node's own flows and the other peers'. Flows this node opens count
+against `limit` only. `add` refuses (returns None) when the table, or the opening
+peer's share of it, is full after reaping expired flows; the caller drops that new
+flow and counts it (`peer_full` tells which limit refused it).
 
 Bounded work: a timer wheel of one-second slots (as nebula's conntrack timer wheel).
 Each flow sits in exactly one slot, at or before its expiry; a packet only moves the
@@ -47,32 +51,44 @@ DEFAULT_LIMIT = 65_536
 ADD_BUDGET = 4
 #: Wheel work before a full table refuses a flow.
 FULL_BUDGET = 256
+#: The smallest per-peer share of the table (the default is limit // 8).
+MIN_PEER_LIMIT = 256
 SLOT = 1.0  # seconds per wheel slot
 
 
 class Flow:
-    __slots__ = ("key", "outbound", "proto", "state", "timeout", "expires", "generation", "revoked", "slot")
+    __slots__ = ("key", "peer", "proto", "state", "timeout", "expires", "generation", "revoked", "slot")
 
-    def __init__(self, key: Hashable, outbound: bool, proto: int, now: float, generation: int) -> None:
+    def __init__(self, key: Hashable, peer: Hashable | None, proto: int, state: int, now: float,
+                 generation: int) -> None:
         self.key = key
-        self.outbound = outbound  # opened by this node
+        self.peer = peer  # the peer that opened it, counted in its share; None: this node
         self.proto = proto
-        self.state = OPENING
-        self.timeout = TCP_TIMEOUTS[0] if proto == TCP else UDP_TIMEOUTS[0] if proto == UDP else ICMP_TIMEOUT
+        self.state = state
+        self.timeout = TCP_TIMEOUTS[state] if proto == TCP else UDP_TIMEOUTS[state] if proto == UDP else ICMP_TIMEOUT
         self.expires = now + self.timeout
         self.generation = generation  # the rule set it was last checked against
         self.revoked = False  # the rules no longer allow it: dropped both ways till idle
         self.slot = int(self.expires // SLOT)
 
+    @property
+    def outbound(self) -> bool:
+        """Opened by this node."""
+        return self.peer is None
+
 
 class FlowTable:
     """The flows, at most `limit` of them, and the wheel that expires them."""
 
-    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+    def __init__(self, limit: int = DEFAULT_LIMIT, peer_limit: int | None = None) -> None:
         if limit < 1:
             raise ValueError("a flow table needs room for at least one flow")
+        if peer_limit is not None and peer_limit < 1:
+            raise ValueError("a peer's share of the flow table needs room for at least one flow")
         self.limit = limit
+        self.peer_limit = max(MIN_PEER_LIMIT, limit // 8) if peer_limit is None else peer_limit
         self.flows: dict[Hashable, Flow] = {}
+        self.by_peer: dict[Hashable, int] = {}  # flows each peer opened
         self._wheel: dict[int, set[Flow]] = {}
         self._cursor: int | None = None  # the oldest slot not yet swept
 
@@ -86,17 +102,25 @@ class FlowTable:
             return None
         return flow
 
-    def add(self, key: Hashable, outbound: bool, proto: int, now: float, generation: int) -> Flow | None:
-        """A new flow, or None when the table is full (the caller drops and counts)."""
+    def add(self, key: Hashable, peer: Hashable | None, proto: int, now: float, generation: int,
+            state: int = OPENING) -> Flow | None:
+        """A new flow opened by `peer` (None: by this node), or None when the table or
+        the peer's share is full (the caller drops and counts)."""
         self.expire(now, ADD_BUDGET)
-        if len(self.flows) >= self.limit:
+        if len(self.flows) >= self.limit or self.peer_full(peer):
             self.expire(now, FULL_BUDGET)
-            if len(self.flows) >= self.limit:
+            if len(self.flows) >= self.limit or self.peer_full(peer):
                 return None
-        flow = Flow(key, outbound, proto, now, generation)
+        flow = Flow(key, peer, proto, state, now, generation)
         self.flows[key] = flow
+        if peer is not None:
+            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
         self._wheel.setdefault(flow.slot, set()).add(flow)
         return flow
+
+    def peer_full(self, peer: Hashable | None) -> bool:
+        """Whether `peer` has opened its whole share of the table (this node: never)."""
+        return peer is not None and self.by_peer.get(peer, 0) >= self.peer_limit
 
     def touch(self, flow: Flow, from_opener: bool, flags: int, now: float) -> None:
         """A packet of `flow`: its state moves on and its idle timer restarts."""
@@ -123,7 +147,7 @@ class FlowTable:
         flow.expires = now + flow.timeout
 
     def remove(self, flow: Flow) -> None:
-        del self.flows[flow.key]
+        self._forget(flow)
         bucket = self._wheel[flow.slot]
         bucket.discard(flow)
         if not bucket:
@@ -148,12 +172,22 @@ class FlowTable:
                 continue
             flow = bucket.pop()
             if flow.expires <= now:
-                del self.flows[flow.key]
+                self._forget(flow)
                 removed += 1
             else:  # refreshed since it was placed: to the slot of its expiry (> cursor)
                 flow.slot = int(flow.expires // SLOT)
                 wheel.setdefault(flow.slot, set()).add(flow)
         return removed
+
+    def _forget(self, flow: Flow) -> None:
+        del self.flows[flow.key]
+        peer = flow.peer
+        if peer is not None:
+            left = self.by_peer[peer] - 1
+            if left:
+                self.by_peer[peer] = left
+            else:
+                del self.by_peer[peer]
 
     def _move(self, flow: Flow) -> None:
         bucket = self._wheel[flow.slot]

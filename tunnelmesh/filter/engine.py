@@ -10,9 +10,13 @@ Inbound (a decrypted packet from peer P, on its way to the TUN):
    it advertises, never another member's address (`spoofed`, also counted per peer);
 5. a packet of a tracked flow passes (after a rule swap, a flow P opened is checked
    once against the new rules: if they no longer allow it, its packets are dropped
-   both ways as `flow_revoked` until it has been idle for its timeout);
+   both ways as `flow_revoked` until it has been idle for its timeout). An ICMP(v6)
+   echo request never matches a flow: only echo replies answer this node's pings;
 6. otherwise the rules decide: TCP/UDP by destination port, ICMP(v6) echo requests;
-   no rule -> `denied`. UDP flows a rule admitted are tracked (see below).
+   no rule -> `denied`. A TCP connection (its bare SYN, or any ACK-only packet seen
+   without a flow: loose pickup after a restart or a swap) and a UDP flow a rule
+   admitted are tracked as P's (see below); P's share of the table full ->
+   `conntrack_peer_full`, the whole table full -> `conntrack_full`.
 
 Outbound (a packet read from the TUN that the router gave to peer P):
 
@@ -20,17 +24,26 @@ Outbound (a packet read from the TUN that the router gave to peer P):
 4. the destination must be one of P's origins (`not_a_peer_address`): outbound goes
    to known peers' addresses and routes only;
 5. a packet of a tracked flow refreshes it (dropped if the flow was revoked);
-6. a packet that opens a flow (TCP SYN without ACK, UDP, ICMP(v6) echo request)
-   is tracked as this node's, so its replies pass step 5 inbound; table full ->
-   `conntrack_full`. Other outbound packets pass untracked.
+6. a packet that opens a flow (TCP bare SYN, UDP, ICMP(v6) echo request) is tracked
+   as this node's, so its replies pass step 5 inbound; table full -> `conntrack_full`.
+   An ACK-only TCP packet without a flow is picked up as an established connection
+   (as Linux's nf_conntrack_tcp_loose): this node's connection survives a daemon
+   restart, a fresh filter and the idle timeout. It is tracked as this node's when
+   the rules do not let P reach its local port (then the kernel only has that
+   connection because this node opened it: P's packets to that port never reached
+   it), as P's otherwise (so that a later swap can still revoke it). Other outbound
+   packets (SYN+ACK, RST, FIN without a flow; echo replies) pass untracked: they
+   answer a packet of P's that the rules or a flow let in, so they open nothing that
+   an inbound packet could not open itself.
 
-Why inbound UDP flows are tracked but inbound TCP and ICMP are not: this node's
-answers must not look like flows it opened, or a UDP answer from port 53 would open
-a way back in that outlives the rule that let the question in. A TCP answer is never
-a bare SYN and an ICMP answer is a reply, so they cannot open flows; the peer's later
-TCP packets are judged by the rules (which is also what keeps a connection that was
-open before a daemon restart working). After a swap a connection stays exactly as
-long as the rules still allow it.
+Why this node's answers never open a flow of its own: a UDP answer from port 53
+would otherwise open a way back in that outlives the rule that let the question in.
+Flows P opens are rechecked against the rules after every swap, so a connection
+stays exactly as long as the rules still allow it.
+
+Counters: every drop reason counts packets (`denied` too, retransmits included); a
+rule's hits count the new flows it admitted (a TCP connection, a UDP flow, an ICMP
+echo request).
 
 No allocation on the common path beyond the flow key tuple and the ints the parse
 reads: the headers go into one reused `Headers`, counters are a list and Counters.
@@ -43,7 +56,7 @@ import ipaddress
 from collections import Counter
 
 from tunnelmesh.filter.compiled import NO_RULE, Allow, Compiled
-from tunnelmesh.filter.conntrack import DEFAULT_LIMIT, Flow, FlowTable
+from tunnelmesh.filter.conntrack import DEFAULT_LIMIT, ESTABLISHED, OPENING, Flow, FlowTable
 from tunnelmesh.filter.packet import (
     ACK,
     FIN,
@@ -68,8 +81,9 @@ NOT_A_PEER_ADDRESS = "not_a_peer_address"
 DENIED = "denied"
 FLOW_REVOKED = "flow_revoked"
 CONNTRACK_FULL = "conntrack_full"
+CONNTRACK_PEER_FULL = "conntrack_peer_full"
 
-#: How many recent denied new flows are kept for the daemon's rate-limited log line.
+#: How many recent denied packets are kept for the daemon's rate-limited log line.
 RECENT_DENIED = 32
 #: Wheel work per `expire` call (the data path calls it once per batch).
 EXPIRE_BUDGET = 64
@@ -80,11 +94,14 @@ _PROTO_NAMES = {TCP: "tcp", UDP: "udp", 1: "icmp", 58: "icmpv6"}
 class PacketFilter:
     """Decides per packet, in and out; `swap` replaces the rules whole."""
 
-    def __init__(self, compiled: Compiled, *, max_flows: int = DEFAULT_LIMIT) -> None:
-        self.flows = FlowTable(max_flows)
+    def __init__(self, compiled: Compiled, *, max_flows: int = DEFAULT_LIMIT,
+                 max_flows_per_peer: int | None = None) -> None:
+        """`max_flows_per_peer`: the flows one peer may open (default max_flows // 8,
+        at least 256)."""
+        self.flows = FlowTable(max_flows, max_flows_per_peer)
         self.drops: Counter[str] = Counter()
         self.spoofed: Counter[str] = Counter()  # by peer name
-        # (peer name, protocol, destination port) of recent denied new flows: the
+        # (peer name, protocol, destination port) of recent denied packets: the
         # daemon drains it into a rate-limited log line.
         self.recent_denied: collections.deque[tuple[str, str, int]] = collections.deque(maxlen=RECENT_DENIED)
         self._headers = Headers()
@@ -136,7 +153,9 @@ class PacketFilter:
         proto = h.proto
         key = (peer_key, version, proto, h.src, h.dst, h.sport, h.dport)
         flows = self.flows
-        flow = flows.flows.get(key)
+        request = proto != TCP and proto != UDP and (h.icmp_type == ICMP_ECHO_REQUEST or
+                                                     h.icmp_type == ICMPV6_ECHO_REQUEST)
+        flow = None if request else flows.flows.get(key)  # a request is never a reply
         if flow is not None:
             if flow.expires > now:
                 if flow.generation != self._generation:
@@ -152,16 +171,26 @@ class PacketFilter:
             rule = allow.tcp.rule(h.dport)
         elif proto == UDP:
             rule = allow.udp.rule(h.dport)
-        elif version == 4:
-            rule = allow.icmp if h.icmp_type == ICMP_ECHO_REQUEST else NO_RULE
+        elif not request:
+            rule = NO_RULE
         else:
-            rule = allow.icmp6 if h.icmp_type == ICMPV6_ECHO_REQUEST else NO_RULE
+            rule = allow.icmp if version == 4 else allow.icmp6
         if rule == NO_RULE:
             self.drops[DENIED] += 1
             self.recent_denied.append((peer.name, _PROTO_NAMES[proto], h.dport))
             return False
-        if proto == UDP and flows.add(key, False, proto, now, self._generation) is None:
-            self.drops[CONNTRACK_FULL] += 1
+        if proto == UDP:
+            state = OPENING
+        elif proto == TCP and h.flags & _OPENING_FLAGS == SYN:
+            state = OPENING
+        elif proto == TCP and h.flags & _OPENING_FLAGS == ACK:
+            state = ESTABLISHED  # loose pickup of a connection open before a restart or swap
+        else:
+            if request:
+                self.rule_hits[rule] += 1
+            return True  # an echo request, or TCP that opens nothing (RST, FIN, SYN+ACK)
+        if flows.add(key, peer_key, proto, now, self._generation, state) is None:
+            self.drops[CONNTRACK_PEER_FULL if flows.peer_full(peer_key) else CONNTRACK_FULL] += 1
             return False
         self.rule_hits[rule] += 1
         return True
@@ -200,25 +229,37 @@ class PacketFilter:
                 flows.touch(flow, flow.outbound, h.flags, now)
                 return True
             flows.remove(flow)
-        if proto == TCP:
-            opens = h.flags & _OPENING_FLAGS == SYN
-        elif proto == UDP:
-            opens = True
+        opener: bytes | None = None  # this node
+        if proto == UDP:
+            state = OPENING
+        elif proto == TCP:
+            flags = h.flags & _OPENING_FLAGS
+            if flags == SYN:
+                state = OPENING
+            elif flags == ACK:  # loose pickup: see the module's docstring
+                state = ESTABLISHED
+                if allow.tcp.rule(h.sport) != NO_RULE:
+                    opener = peer_key
+            else:
+                return True  # SYN+ACK, RST, FIN: answers, they open nothing
+        elif h.icmp_type == ICMP_ECHO_REQUEST or h.icmp_type == ICMPV6_ECHO_REQUEST:
+            state = OPENING
         else:
-            opens = h.icmp_type == ICMP_ECHO_REQUEST or h.icmp_type == ICMPV6_ECHO_REQUEST
-        if opens and flows.add(key, True, proto, now, self._generation) is None:
-            self.drops[CONNTRACK_FULL] += 1
+            return True  # an echo reply
+        if flows.add(key, opener, proto, now, self._generation, state) is None:
+            self.drops[CONNTRACK_PEER_FULL if flows.peer_full(opener) else CONNTRACK_FULL] += 1
             return False
         return True
 
     def _recheck(self, flow: Flow, allow: Allow, local_port: int) -> None:
         """A tracked flow's first packet after a swap. The caller has already checked
-        that the remote is still this peer's; a flow the peer opened (UDP only) must
-        also still be allowed by a rule. A revoked flow is kept, dropping its packets
+        that the remote is still this peer's; a flow the peer opened must also still
+        be allowed by a rule. A revoked flow is kept, dropping its packets
         both ways, until it has been idle for its timeout: this node's answers then
         cannot reopen it as a flow of its own."""
         flow.generation = self._generation
-        flow.revoked = not flow.outbound and allow.udp.rule(local_port) == NO_RULE
+        ports = allow.tcp if flow.proto == TCP else allow.udp
+        flow.revoked = not flow.outbound and ports.rule(local_port) == NO_RULE
 
     # -- what `tunnelmesh filter test / show` and `status --json` read (not per packet)
 
@@ -270,5 +311,6 @@ class PacketFilter:
             "rules": [{"rule": rule.describe(), "hits": hits} for rule, hits in zip(self._compiled.rules, self.rule_hits)],
             "flows": len(self.flows),
             "max_flows": self.flows.limit,
+            "max_flows_per_peer": self.flows.peer_limit,
             "warnings": list(self._compiled.warnings),
         }
