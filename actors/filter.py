@@ -21,8 +21,9 @@ not happen) is logged and shown in `status`, and the policy before it stays in f
 compiled with the current members (with none before it: no network rules, fail
 closed). Compile warnings are logged and shown too.
 
-Denied new flows are logged by the actor's timer, at most one line per peer every
-DENIED_LOG_EVERY seconds, with how many flows it stands for.
+Denied inbound packets are logged by the actor's timer, at most one line per peer
+every DENIED_LOG_EVERY seconds, with how many packets it stands for (retransmits of one
+denied connection attempt count each: the line counts packets, not flows).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunnelmesh.filter")
 
-#: Seconds between the log lines about denied new flows of one peer.
+#: Seconds between the log lines about denied packets of one peer.
 DENIED_LOG_EVERY = 10.0
-#: Distinct flows named in one such line (the rest only counted).
+#: Distinct protocol/ports named in one such line (the rest only counted).
 DENIED_NAMED = 4
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
 
@@ -106,6 +107,8 @@ class FilterActor(Actor):
         self.in_force = ""
         self._warnings: tuple[str, ...] = ()
         self._denied_logged = 0  # the filter's denied count at the last log line
+        # What the rules in force were compiled from: the members and the network policy.
+        self._compiled_from: tuple[tuple[Member, ...], Policy | None] | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     async def setup(self) -> None:
@@ -133,22 +136,31 @@ class FilterActor(Actor):
         if inputs.policy is None and self.node_rules is None:
             self.filter = self.datapath.filter = None
         else:
-            compiled = compile_rules(self.network_policy or EMPTY_POLICY, self.node_rules or (), self.local,
-                                     inputs.members)
-            if self.filter is None:
-                self.filter = PacketFilter(compiled)
-                self._denied_logged = 0
-                self.datapath.filter = self.filter
-            else:
-                self.filter.swap(compiled, self.clock.monotonic())
-            if compiled.warnings != self._warnings:
-                for warning in compiled.warnings:
-                    log.warning("packet filter: %s", warning)
-            self._warnings = compiled.warnings
+            self._compile_rules(inputs.members)
         in_force = self._describe()
         if in_force != self.in_force:
             log.info("packet filter: %s", in_force)
             self.in_force = in_force
+
+    def _compile_rules(self, members: tuple[Member, ...]) -> None:
+        """Compile and swap in, unless nothing the compiler reads changed: a map change
+        of endpoints only must not cost O(members x rules) in the event loop nor make
+        every flow be rechecked (the node rules never change while running)."""
+        if (self.filter is not None and self._compiled_from is not None and self._compiled_from[0] == members
+                and self._compiled_from[1] is self.network_policy):
+            return
+        self._compiled_from = (members, self.network_policy)
+        compiled = compile_rules(self.network_policy or EMPTY_POLICY, self.node_rules or (), self.local, members)
+        if self.filter is None:
+            self.filter = PacketFilter(compiled)
+            self._denied_logged = 0
+            self.datapath.filter = self.filter
+        else:
+            self.filter.swap(compiled, self.clock.monotonic())
+        if compiled.warnings != self._warnings:
+            for warning in compiled.warnings:
+                log.warning("packet filter: %s", warning)
+        self._warnings = compiled.warnings
 
     def _take_policy(self, record: SignedPolicy | None) -> None:
         """Parse a new network policy (once per version); a refused one leaves the one before."""
@@ -247,8 +259,9 @@ class FilterActor(Actor):
             self.log_denied()
 
     def log_denied(self) -> None:
-        """One line per peer for the new flows denied since the last call: the first few
-        distinct ones named, the rest counted (the filter keeps only the latest few)."""
+        """One line per peer for the inbound packets denied since the last call: the first
+        few distinct protocol/ports named, the rest counted (the filter keeps only the
+        latest few)."""
         f = self.filter
         if f is None:
             return
@@ -258,11 +271,12 @@ class FilterActor(Actor):
         while f.recent_denied:
             peer, proto, port = f.recent_denied.popleft()
             by_peer.setdefault(peer, []).append(f"{proto}/{port}" if proto in ("tcp", "udp") else proto)
-        for peer, flows in sorted(by_peer.items()):
-            named = list(dict.fromkeys(flows))[:DENIED_NAMED]
-            more = len(flows) - len(named)
-            log.warning("packet filter: denied %d new flow%s from %s: %s%s", len(flows), "s" if len(flows) > 1 else "",
-                        peer, ", ".join(named), f" and {more} more" if more > 0 else "")
-        unnamed = new - sum(len(flows) for flows in by_peer.values())
+        for peer, packets in sorted(by_peer.items()):
+            named = list(dict.fromkeys(packets))[:DENIED_NAMED]
+            distinct = len(set(packets))
+            more = distinct - len(named)
+            log.warning("packet filter: denied %d packet%s from %s to: %s%s", len(packets),
+                        "s" if len(packets) > 1 else "", peer, ", ".join(named), f" and {more} more" if more > 0 else "")
+        unnamed = new - sum(len(packets) for packets in by_peer.values())
         if unnamed > 0:
-            log.warning("packet filter: and %d more denied new flows (status --json counts them)", unnamed)
+            log.warning("packet filter: and %d more denied packets (status --json counts them)", unnamed)

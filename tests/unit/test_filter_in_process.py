@@ -274,7 +274,7 @@ def test_filter_show_and_test_answer_per_peer_and_name_the_rule(filtered_pair: C
     filtered_pair(body, policy=SSH_ONLY_FROM_A)
 
 
-def test_denied_new_flows_are_logged_once_per_peer_per_interval_with_a_count(
+def test_denied_packets_are_logged_once_per_peer_per_interval_with_a_count(
         filtered_pair: Callable[..., None], caplog: pytest.LogCaptureFixture) -> None:
     async def body(p: Pair) -> None:
         for port in (23, 24, 23, 25, 26, 27):
@@ -282,7 +282,7 @@ def test_denied_new_flows_are_logged_once_per_peer_per_interval_with_a_count(
         caplog.clear()
         await p.net.run_for(DENIED_LOG_EVERY)
         lines = [r.getMessage() for r in caplog.records if r.name == "tunnelmesh.filter"]
-        assert lines == ["packet filter: denied 6 new flows from a: tcp/23, tcp/24, tcp/25, tcp/26 and 2 more"]
+        assert lines == ["packet filter: denied 6 packets from a to: tcp/23, tcp/24, tcp/25, tcp/26 and 1 more"]
         caplog.clear()
         await p.net.run_for(DENIED_LOG_EVERY)
         assert [r for r in caplog.records if r.name == "tunnelmesh.filter"] == []  # nothing new: nothing said
