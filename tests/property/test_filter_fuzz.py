@@ -142,10 +142,32 @@ def compiled(network: Policy, node: tuple[Rule, ...]) -> Compiled:
     return compile_rules(network, node, HOME, PEERS)
 
 
+@st.composite
+def mutated_packets(draw: st.DrawFn) -> tuple[bytes, Member]:
+    """A well-formed packet from a peer's own address to this node (so the rules decide
+    and may let it pass), then maybe a few bytes overwritten or cut short: both
+    branches of the check below run."""
+    peer = draw(st.sampled_from(PEERS))
+    version = draw(st.sampled_from((4, 6)))
+    source = str(peer.ipv4 if version == 4 else peer.ipv6)
+    destination = str(HOME.ipv4 if version == 4 else HOME.ipv6)
+    proto = draw(st.sampled_from(("tcp", "udp", "icmp" if version == 4 else "icmpv6")))
+    kind = draw(st.sampled_from((8, 0) if version == 4 else (128, 129)))
+    flags = draw(st.sampled_from((SYN, ACK, SYN | ACK, 0x04, 0x01)))
+    buf = build(version, source, destination, proto, draw(st.sampled_from(PORTS)), kind, flags)
+    if draw(st.booleans()):
+        for _ in range(draw(st.integers(1, 3))):
+            buf[draw(st.integers(0, len(buf) - 1))] = draw(st.integers(0, 255))
+        if draw(st.booleans()):
+            del buf[draw(st.integers(0, len(buf))):]
+    return bytes(buf), peer
+
+
 @SETTINGS
-@given(st.binary(max_size=120), st.sampled_from(PEERS), policies())
-def test_arbitrary_bytes_never_crash_and_pass_only_if_a_rule_allows(data: bytes, peer: Member,
+@given(st.one_of(st.tuples(st.binary(max_size=120), st.sampled_from(PEERS)), mutated_packets()), policies())
+def test_arbitrary_bytes_never_crash_and_pass_only_if_a_rule_allows(case: tuple[bytes, Member],
                                                                     policy: tuple[Policy, tuple[Rule, ...]]) -> None:
+    data, peer = case
     f = PacketFilter(compiled(*policy))
     buf = bytearray(data)
     headers = p.Headers()
@@ -211,7 +233,8 @@ def test_replies_pass_and_unsolicited_packets_do_not(flows: list[tuple[str, int,
         stray = {"tcp": tcp(remote, local ^ 1, SYN | ACK), "udp": udp(remote, local ^ 1),
                  "icmp": icmp(0, local ^ 1), "icmpv6": icmp(129, local ^ 1)}[proto]
         make = ipv6 if v6 else ipv4
-        assert f.outbound(ALICE.key, make(home, peer, number, out), 100, 0.0)
+        request = make(home, peer, number, out)
+        assert f.outbound(ALICE.key, request, len(request), 0.0)
         opened.add((proto, local))
         reply = make(peer, home, number, back)
         assert f.inbound(ALICE.key, reply, len(reply), later)
