@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from tests.e2e.test_coordinator import wait_until
 from tools.mesh import MeshNode, build_static_mesh, diagnostics, wait_for_handshakes
 
 pytestmark = pytest.mark.e2e
@@ -118,6 +119,8 @@ def test_node_rules_open_tcp_22_to_chosen_members_only_and_replies_pass(lab):
     # A packet with another member's source address never leaves its node (a's outbound check).
     before = filter_drops(mesh["a"]).get("not_from_this_node", 0)
     mesh["a"].node.run(sys.executable, "-c", SPOOF, mesh["c"].mesh_ip, mesh["b"].mesh_ip)
+    wait_until("a's filter dropped the 3 packets with c's source",
+               lambda: filter_drops(mesh["a"]).get("not_from_this_node", 0) - before >= 3, 10, mesh)
     assert filter_drops(mesh["a"]).get("not_from_this_node", 0) - before == 3, diagnostics(mesh)
     assert "spoofed" not in filter_drops(mesh["b"])
 
