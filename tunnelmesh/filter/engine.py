@@ -13,10 +13,11 @@ Inbound (a decrypted packet from peer P, on its way to the TUN):
    both ways as `flow_revoked` until it has been idle for its timeout). An ICMP(v6)
    echo request never matches a flow: only echo replies answer this node's pings;
 6. otherwise the rules decide: TCP/UDP by destination port, ICMP(v6) echo requests;
-   no rule -> `denied`. A TCP connection (its bare SYN, or any ACK-only packet seen
-   without a flow: loose pickup after a restart or a swap) and a UDP flow a rule
+   no rule -> `denied`. A TCP connection (its bare SYN) and a UDP flow a rule
    admitted are tracked as P's (see below); P's share of the table full ->
-   `conntrack_peer_full`, the whole table full -> `conntrack_full`.
+   `conntrack_peer_full`, the whole table full -> `conntrack_full`. Other TCP
+   packets the rules let in open nothing (this node's answers pick the connection
+   up, see below).
 
 Outbound (a packet read from the TUN that the router gave to peer P):
 
@@ -179,17 +180,12 @@ class PacketFilter:
             self.drops[DENIED] += 1
             self.recent_denied.append((peer.name, _PROTO_NAMES[proto], h.dport))
             return False
-        if proto == UDP:
-            state = OPENING
-        elif proto == TCP and h.flags & _OPENING_FLAGS == SYN:
-            state = OPENING
-        elif proto == TCP and h.flags & _OPENING_FLAGS == ACK:
-            state = ESTABLISHED  # loose pickup of a connection open before a restart or swap
-        else:
-            if request:
-                self.rule_hits[rule] += 1
-            return True  # an echo request, or TCP that opens nothing (RST, FIN, SYN+ACK)
-        if flows.add(key, peer_key, proto, now, self._generation, state) is None:
+        if request:
+            self.rule_hits[rule] += 1
+            return True
+        if proto == TCP and h.flags & _OPENING_FLAGS != SYN:
+            return True  # mid-connection: this node's answer picks it up (outbound)
+        if flows.add(key, peer_key, proto, now, self._generation) is None:
             self.drops[CONNTRACK_PEER_FULL if flows.peer_full(peer_key) else CONNTRACK_FULL] += 1
             return False
         self.rule_hits[rule] += 1
