@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +148,10 @@ async def _set_up_network(paths: Paths, state: NetworkState, ca_file: str | None
         raise StartupError(str(exc)) from None
     try:
         async with Coordinator(state.url, admin=admin, ca_file=ca_file, tls_fingerprint=tls_fingerprint) as coordinator:
-            await coordinator.setup(state.network.to_wire(), state.member.to_wire(),
-                                    policy.to_wire() if policy is not None else None)
+            await coordinator.setup(state.network.to_wire(), state.member.to_wire())
+            if policy is not None and await coordinator.offer_policy(policy.to_wire()):
+                log.info("network policy v%d re-sent to the coordinator (it held an older one or none: a first "
+                         "start, or a database restored from an older backup)", policy.version)
     except CoordinatorError as exc:
         raise StartupError(f"embedded coordinator at {state.url}: {exc}") from None
 
@@ -347,7 +349,7 @@ async def _load(paths: Paths) -> Loaded:
         else:
             state, peer_map = _load_membership(paths, identity)
             # The config is the word on how to reach the coordinator (network.json keeps the URL joined with).
-            state = NetworkState(config.coordinator.url, state.network, state.member)
+            state = replace(state, url=config.coordinator.url)
         secret = read_network_secret(config.network_secret_file)
         psk = derive_psk(secret)
     except (ConfigError, IdentityError, StateError) as exc:
@@ -451,7 +453,7 @@ async def run_daemon(paths: Paths) -> int:
         node.add_filter(node_rules=config.filter_rules, inputs=lambda: static, network=False)
     else:
         packet_filter = node.add_filter(node_rules=config.filter_rules, network=True,
-                                        inputs=lambda: snapshot_inputs(current_map()))
+                                        inputs=lambda: snapshot_inputs(current_map(), state.policy_expected))
         setup.on_map_changed.append(lambda: packet_filter.tell_latest(SyncFilter, SyncFilter()))
     if services.coordinator is not None:
         node.add(services.coordinator)

@@ -10,11 +10,14 @@ either the old rules or the new.
 
 What is in force (docs/filter.md, "What is in force"):
 
-- no network policy and no `[filter]` table: no filter at all (`DataPath.filter` is
-  None, every packet passes as before the filter): a static mesh without `[filter]`,
-  or a network from before the filter whose admin has not set a policy yet;
+- no network policy, none expected and no `[filter]` table: no filter at all
+  (`DataPath.filter` is None, every packet passes as before the filter): a static mesh
+  without `[filter]`, or a network from before the filter whose admin has not set a
+  policy yet;
 - otherwise the network policy's rules (none without one) and the node's own, over
-  default deny.
+  default deny. A node that knows a policy exists (its invite token said so:
+  `FilterInputs.policy_expected`) but has not verified one of at least that version
+  (the coordinator withholds it) denies: a coordinator cannot switch the filter off.
 
 A network policy that does not parse (it is admin-signed and verified, so this should
 not happen) is logged and shown in `status`, and the policy before it stays in force,
@@ -71,18 +74,20 @@ class SignedPolicy(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class FilterInputs:
-    """What the rules are compiled from besides the node's own: the members and the
-    network policy (None: none set, or static mode)."""
+    """What the rules are compiled from besides the node's own: the members, the network
+    policy (None: none set, or static mode) and the lowest policy version this node knows
+    exists (`NetworkState.policy_expected`: its invite's; 0: none known)."""
 
     members: tuple[Member, ...]
     policy: SignedPolicy | None
+    policy_expected: int = 0
 
 
-def snapshot_inputs(snapshot: MapSnapshot) -> FilterInputs:
+def snapshot_inputs(snapshot: MapSnapshot, policy_expected: int) -> FilterInputs:
     """The filter's inputs from a verified peer map (coordinator mode). Members advertise
     no routes yet: a packet from one comes from its mesh addresses only."""
     members = tuple(Member(m.name, m.wg_key, m.ipv4, m.ipv6) for m in snapshot.members.values())
-    return FilterInputs(members, snapshot.policy)
+    return FilterInputs(members, snapshot.policy, policy_expected)
 
 
 class FilterActor(Actor):
@@ -102,6 +107,7 @@ class FilterActor(Actor):
         self.clock = clock
         self.filter: PacketFilter | None = None
         self.policy_version: int | None = None  # of `network_policy`
+        self.policy_expected = 0  # a policy of at least this version exists, per the invite
         self.network_policy: Policy | None = None  # the one in force (parsed)
         self.error: str | None = None  # the last network policy refused
         self.in_force = ""
@@ -132,8 +138,10 @@ class FilterActor(Actor):
 
     def compile(self) -> None:
         inputs = self.inputs()
-        self._take_policy(inputs.policy)
-        if inputs.policy is None and self.node_rules is None:
+        self.policy_expected = inputs.policy_expected
+        self._take_policy(inputs.policy if inputs.policy is None or inputs.policy.version >= self.policy_expected
+                          else None)  # older than the invite said: withheld as much as none (fail closed)
+        if inputs.policy is None and self.node_rules is None and not self.policy_expected:
             self.filter = self.datapath.filter = None
         else:
             self._compile_rules(inputs.members)
@@ -187,6 +195,8 @@ class FilterActor(Actor):
             return "off: no [filter] table in the config (every packet is allowed)"
         if self.network_policy is None:
             where = ("network policy: refused (see error); " if self.error else
+                     f"network policy v>={self.policy_expected} expected, not received from the coordinator yet: "
+                     "denying; " if self.policy_expected else
                      "network policy: none set; " if self.network else "")
             return f"{where}{nodes or 'no rules'} only: all other inbound traffic is denied except replies"
         own = sum(1 for rule in self.filter.compiled.rules if rule.origin == "network")

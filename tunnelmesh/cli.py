@@ -394,9 +394,12 @@ def _ask(question: str) -> bool:
         return False
 
 
-def _policy_sent(record: Any, changed: bool) -> int:
-    if not changed:
+def _policy_sent(record: Any, sent: str) -> int:
+    if sent == "unchanged":
         print(f"network policy v{record.version} already has this text: nothing was sent")
+    elif sent == "re-sent":
+        print(f"network policy v{record.version} already has this text, but the coordinator held an older version "
+              f"or none (restored from an older backup?): v{record.version} was sent to it again")
     else:
         print(f"network policy v{record.version} set: every node takes it within seconds "
               "(`tunnelmesh policy show` on a node shows what it verified)")

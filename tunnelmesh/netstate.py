@@ -3,8 +3,9 @@
 Files (all in the state directory, see `tunnelmesh.paths`):
 
 - ``network.json``: the coordinator URL, the network record (its admin key is
-  what this node pinned at join) and this node's own member entry. Written
-  once by `join`/`init`; re-verified on every load.
+  what this node pinned at join), this node's own member entry and the network
+  policy version the invite said was in force (``policy_expected``; 0 or absent:
+  none known). Written once by `join`/`init`; re-verified on every load.
 - ``peermap.json``: the last verified peer map. Rewritten atomically (temp
   file, fsync, rename) after each change, so a crash or a full disk leaves the
   previous version, never half a file. A damaged cache is ignored (the node
@@ -18,7 +19,8 @@ Files (all in the state directory, see `tunnelmesh.paths`):
 - ``policy.json`` (beside it): the network policy record with the highest version this
   node verified, kept like the bindings: with the cache lost, a coordinator still cannot
   get the node to take an older policy, nor leave it with none (the packet filter would
-  then let everything in: docs/filter.md).
+  then let everything in: docs/filter.md). A node that joined after the network had a
+  policy has none kept yet: ``policy_expected`` (network.json) covers it until then.
 - ``network.secret``: replaced atomically when the admin rotates it.
 - ``invites.json`` (the admin's machine only): every invite made there and the keys
   each one admitted (`tunnelmesh.admission.InviteLedger`), kept for good.
@@ -95,9 +97,14 @@ class NetworkState:
     url: str
     network: NetworkInfo
     member: MemberEntry
+    #: The network policy version this node knows exists from what the admin handed over
+    #: (the invite token; `init`: the starter policy): until it has verified such a policy,
+    #: its packet filter denies instead of letting everything in (docs/filter.md). 0: none.
+    policy_expected: int = 0
 
     def save(self, path: Path) -> None:
-        data = {"url": self.url, "network": self.network.to_wire(), "member": self.member.to_wire()}
+        data = {"url": self.url, "network": self.network.to_wire(), "member": self.member.to_wire(),
+                "policy_expected": self.policy_expected}
         write_atomic(path, json.dumps(data, indent=1).encode() + b"\n")
 
     @classmethod
@@ -114,9 +121,12 @@ class NetworkState:
                 raise MembershipError("expected an object with url, network and member")
             network = NetworkInfo.from_wire(data.get("network"))
             member = MemberEntry.from_wire(data.get("member"), network)
+            expected = data.get("policy_expected", 0)  # absent: joined before the packet filter
+            if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+                raise MembershipError("policy_expected: expected an integer of at least 0")
         except MembershipError as exc:
             raise StateError(f"network state {path} does not verify: {exc}") from None
-        return cls(data["url"], network, member)
+        return cls(data["url"], network, member, expected)
 
 
 REVOCATIONS_FILE = "revocations.json"
@@ -211,6 +221,14 @@ def save_peer_map(path: Path, peer_map: PeerMap) -> None:
     if peer_map.policy is not None:  # the peer map only ever replaces it with a newer one
         _save_if_changed(_policy_path(path), peer_map.policy.to_wire(), "network policy")
     write_atomic(path, json.dumps(peer_map.to_cache()).encode() + b"\n")
+
+
+def keep_policy(cache: Path, network: NetworkInfo, record: PolicyRecord) -> None:
+    """Keep `record` (the admin's machine, on signing it) in place of a kept policy of a
+    lower version: what the admin re-sends to a coordinator that lost it, and puts in invites."""
+    kept = load_policy(cache, network)
+    if kept is None or kept.version < record.version:
+        _save_if_changed(_policy_path(cache), record.to_wire(), "network policy")
 
 
 def _save_if_changed(path: Path, wire: Any, what: str) -> None:

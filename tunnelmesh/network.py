@@ -13,9 +13,9 @@ import ipaddress
 import os
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tunnelmesh.admission import InviteRecord, check_newcomer, countersign_invited, sealed_secret
 from tunnelmesh.config import NETWORK_SECRET_BYTES, ConfigError, load_config, read_network_secret, starter_config
@@ -50,6 +50,7 @@ from tunnelmesh.netstate import (
     NetworkState,
     StateError,
     invite_ledger,
+    keep_policy,
     load_peer_map,
     load_policy,
     save_peer_map,
@@ -152,7 +153,7 @@ async def create_network(
     ipv4, ipv6 = network.host(1)
     member = MemberEntry.from_wire(
         sign_member_as_admin(member_body(network.network, name, identity.public, ipv4, ipv6, _now()), admin), network)
-    state = NetworkState(url, network, member)
+    state = NetworkState(url, network, member, policy_expected=1)
     policy = PolicyRecord.create(admin, 1, STARTER_POLICY, _now())
     peer_map = PeerMap(network, member.wg_key)
     peer_map.policy = policy
@@ -222,7 +223,7 @@ async def join(
         else:
             assert name is not None
             result = await _join_by_approval(coordinator, identity, name, wait, on_pending)
-    state = _accept(paths, url, network, identity, result)
+    state = _accept(paths, url, network, identity, result, token.policy if token is not None else 0)
     try:
         starter = starter_config(name=state.member.name, identity=identity_spec, listen_port=listen_port,
                                  coordinator_url=url, ca_file=ca_file, tls_fingerprint=tls_fingerprint)
@@ -291,8 +292,11 @@ async def _join_by_approval(coordinator: Coordinator, identity: NodeIdentity, na
         await asyncio.sleep(APPROVAL_POLL)
 
 
-def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity, result: Any) -> NetworkState:
-    """Check the join result and write the node's state (secret last: it completes the join)."""
+def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity, result: Any,
+            policy_expected: int) -> NetworkState:
+    """Check the join result and write the node's state (secret last: it completes the join).
+    `policy_expected`: the network policy version the token says is in force (0: none, or
+    no token), kept so the packet filter denies until this node has verified that policy."""
     try:
         if not isinstance(result, dict):
             raise MembershipError("join result is not an object")
@@ -315,7 +319,7 @@ def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity
         raise NetworkError(f"the coordinator's answer does not verify: {exc}") from None
     if peer_map.revoked(member) is not None:
         raise NetworkError("the map says this key is revoked; ask the admin for a new invite")
-    state = NetworkState(url, network, member)
+    state = NetworkState(url, network, member, policy_expected)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     state.save(paths.network_state)
     save_peer_map(paths.peer_map_cache, peer_map)
@@ -358,7 +362,7 @@ class Admin:
             if coordinator is not None:
                 url, ca_file = coordinator.url, str(coordinator.ca_file) if coordinator.ca_file else None
                 pin = coordinator.tls_fingerprint
-        return cls(paths, NetworkState(url, state.network, state.member), key, ca_file, pin)
+        return cls(paths, replace(state, url=url), key, ca_file, pin)
 
     def sealed_secret(self, member: MemberEntry, peer_map: PeerMap) -> dict[str, Any]:
         """The network secret as this machine holds it, sealed to a new member's key."""
@@ -394,8 +398,11 @@ def make_token(paths: Paths, *, expires_in: int, reusable: bool, name: str | Non
     admin = Admin.load(paths)
     now = _now()
     try:
+        kept = load_policy(paths.peer_map_cache, admin.state.network)
+        # The joiner denies until it has verified at least this version (a coordinator cannot withhold it).
+        policy = max(kept.version if kept is not None else 0, admin.state.policy_expected)
         token = make_invite(admin.key, admin.state.url, name=name, expires=now + expires_in,
-                            uses=0 if reusable else 1, now=now, tls=admin.tls_fingerprint)
+                            uses=0 if reusable else 1, now=now, tls=admin.tls_fingerprint, policy=policy)
         grant = InviteGrant.from_wire(token.grant, admin.key.public)
         with invite_ledger(paths.invites, admin.state.network) as ledger:  # before the token exists anywhere
             ledger.add(grant)
@@ -575,6 +582,11 @@ async def rotate_secret(paths: Paths) -> tuple[int, int]:
 # --- the network policy ------------------------------------------------------------------------
 
 
+#: What `set_policy` sent: a new version, nothing (the coordinator holds the same text),
+#: or the record in force again (the coordinator held an older one or none).
+PolicySent = Literal["set", "unchanged", "re-sent"]
+
+
 def check_policy(text: str, source: Path | str) -> None:
     """Refuse a policy that cannot be used, with its file, line and reason (NetworkError)."""
     try:
@@ -624,11 +636,13 @@ async def policy_for_edit(paths: Paths) -> PolicyRecord | None:
 
 
 async def set_policy(paths: Paths, text: str, source: Path | str, *, based_on: int | None = None
-                     ) -> tuple[PolicyRecord, bool]:
+                     ) -> tuple[PolicyRecord, PolicySent]:
     """Sign `text` (checked first: refused with its line and reason, nothing sent) as the
     next version of the network policy and hand it to the coordinator: the record in
-    force, and whether it is new (the same text again sends nothing). With `based_on`
-    (the version an edit started from), refuse if the policy changed meanwhile."""
+    force, and what was sent. The same text again signs nothing: the record in force is
+    offered again, which a coordinator that lost it (restored from an older backup)
+    takes back ("re-sent"). With `based_on` (the version an edit started from), refuse
+    if the policy changed meanwhile."""
     check_policy(text, source)
     admin = Admin.load(paths)
     async with admin.coordinator() as coordinator:
@@ -638,10 +652,14 @@ async def set_policy(paths: Paths, text: str, source: Path | str, *, based_on: i
             raise NetworkError(f"the network policy changed meanwhile (now version {version}, the edit started from "
                                f"version {based_on}): nothing was sent; edit it again")
         if current is not None and current.text == text:
-            return current, False
+            return current, "re-sent" if await coordinator.offer_policy(current.to_wire()) else "unchanged"
         try:
             record = PolicyRecord.create(admin.key, version + 1, text, _now())
         except MembershipError as exc:
             raise NetworkError(f"{exc}; nothing was changed") from None
         await coordinator.set_policy(record.to_wire())
-        return record, True
+    try:
+        keep_policy(paths.peer_map_cache, admin.state.network, record)  # also with no daemon running here
+    except StateError as exc:
+        raise NetworkError(f"network policy v{record.version} was set, but not kept on this machine: {exc}") from None
+    return record, "set"

@@ -20,8 +20,9 @@ from tunnelmesh import network as admin_commands
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.store import MIGRATIONS, Store
 from tunnelmesh.filter import STARTER_POLICY
-from tunnelmesh.membership import PeerMap, PolicyRecord
-from tunnelmesh.netstate import load_policy
+from tunnelmesh.membership import PeerMap, PolicyRecord, Token, make_invite
+from tunnelmesh.netstate import NetworkState, load_policy
+from tunnelmesh.paths import Paths
 
 OPEN_SSH = STARTER_POLICY + '\n[[allow]]\nfrom = "*"\nproto = "tcp"\nports = [22]\n'
 
@@ -134,9 +135,10 @@ def test_policy_set_checks_first_signs_the_next_version_and_never_goes_below_wha
                 await admin_commands.set_policy(paths, bad.read_text(), bad)
             assert snapshot(db) == before
 
-            first, changed = await admin_commands.set_policy(paths, STARTER_POLICY, "p.toml")
-            assert (first.version, changed) == (1, True)
-            assert (await admin_commands.set_policy(paths, STARTER_POLICY, "p.toml")) == (first, False)
+            first, sent = await admin_commands.set_policy(paths, STARTER_POLICY, "p.toml")
+            assert (first.version, sent) == (1, "set")
+            assert load_policy(paths.peer_map_cache, world.network) == first  # kept here, no daemon needed
+            assert (await admin_commands.set_policy(paths, STARTER_POLICY, "p.toml")) == (first, "unchanged")
             second, _ = await admin_commands.set_policy(paths, OPEN_SSH, "p.toml")
             assert second.version == 2 and served.store.policy().policy_version == 2  # type: ignore[union-attr]
             with pytest.raises(admin_commands.NetworkError, match="changed meanwhile .now version 2, the edit started "
@@ -152,5 +154,48 @@ def test_policy_set_checks_first_signs_the_next_version_and_never_goes_below_wha
                 conn.commit()
             third, _ = await admin_commands.set_policy(paths, STARTER_POLICY + "# three\n", "p.toml")
             assert third.version == 3
+
+    asyncio.run(scenario())
+
+
+def test_policy_set_with_the_same_text_re_sends_it_to_a_coordinator_restored_without_it(
+        db: Path, world: World) -> None:
+    async def scenario() -> None:
+        async with serving(db, world, admit=False) as served:
+            paths = served.machine.paths
+            first, _ = await admin_commands.set_policy(paths, OPEN_SSH, "p.toml")
+            with closing(sqlite3.connect(db)) as conn:  # a database from a backup older than the policy
+                conn.execute("DELETE FROM policy")
+                conn.commit()
+            assert (await admin_commands.set_policy(paths, OPEN_SSH, "p.toml")) == (first, "re-sent")
+            assert served.store.policy().record == first.to_wire()  # type: ignore[union-attr]
+            assert (await admin_commands.set_policy(paths, OPEN_SSH, "p.toml")) == (first, "unchanged")
+            async with Coordinator(served.url, admin=world.admin) as admin:  # the admin daemon's start
+                assert await admin.offer_policy(first.to_wire()) is False
+                with closing(sqlite3.connect(db)) as conn:
+                    conn.execute("DELETE FROM policy")
+                    conn.commit()
+                assert await admin.offer_policy(first.to_wire()) is True
+                assert served.store.policy().record == first.to_wire()  # type: ignore[union-attr]
+
+    asyncio.run(scenario())
+
+
+def test_a_joiner_keeps_the_policy_version_its_invite_names(db: Path, world: World, tmp_path: Path) -> None:
+    """What `tunnelmesh join` writes: network.json says which policy version exists, whatever
+    the coordinator's map held (here none: it withholds it)."""
+
+    async def scenario() -> None:
+        async with serving(db, world) as served:
+            token = make_invite(world.admin, served.url, name=None, expires=now() + 600, uses=1, now=now() - 10,
+                                policy=2)
+            world.invites.append(token.grant)
+            served.machine.keep_invites()
+            result = await join(served.url, world, 1, Token.parse(token.encode()), "joiner")
+            paths = Paths(tmp_path / "joiner", tmp_path / "joiner" / "tunnelmesh.toml")
+            state = admin_commands._accept(paths, served.url, world.network, world.nodes[1], result,
+                                           Token.parse(token.encode()).policy)
+            assert NetworkState.load(paths.network_state) == state and state.policy_expected == 2
+            assert load_policy(paths.peer_map_cache, world.network) is None  # withheld: the filter denies
 
     asyncio.run(scenario())

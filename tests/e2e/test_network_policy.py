@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from tests.e2e.test_coordinator import run_coordinator, start_coordinator, stop, wait_until
+from tests.e2e.test_packet_filter import LISTENER, connects
 from tools.lab import Lab
-from tools.mesh import MeshNode, build_network
+from tools.mesh import OPEN_POLICY, MeshNode, build_network, diagnostics, wait_for_handshakes
 from tunnelmesh.filter import STARTER_POLICY
 from tunnelmesh.membership import AdminKey
 
@@ -154,3 +155,49 @@ def test_the_embedded_coordinator_takes_inits_starter_policy_at_the_first_up(lab
     finally:
         for member in mesh.values():
             member.down(check=False)
+
+
+def test_a_joiner_whose_coordinator_withholds_the_policy_denies_until_the_admin_re_sends_it(lab: Lab) -> None:
+    """The invite says policy v2 is in force; the coordinator (restored from a backup older
+    than any policy) serves none: the new node denies unsolicited inbound instead of
+    running no filter, and `policy set` with the same file gives the coordinator its
+    record back."""
+    coordinator, process, db = start_coordinator(lab)
+    mesh = build_network(lab, ["admin", "b"], switch=lab.switches["sw"], coordinator=coordinator)
+    admin = mesh["admin"]
+    try:
+        assert versions(mesh) == {"admin": 2, "b": 2}
+        stop(process)
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM policy")
+        process = run_coordinator(coordinator, db)
+
+        node = lab.add_node("c")
+        mesh["c"] = joiner = MeshNode(node, lab.connect(node, lab.switches["sw"]), "")
+        joiner.tm("join", admin.tm("invite").stdout.strip(), "--name", "c", "--new-key")
+        with open(f"{node.state_dir}/network.json") as f:
+            state = json.load(f)
+        assert state["policy_expected"] == 2
+        joiner.mesh_ip = state["member"]["body"]["ipv4"]
+        joiner.up()
+        wait_for_handshakes(mesh, timeout=20.0)  # `tunnelmesh ping`: answered whatever the filter says
+        assert policy_of(joiner) is None
+        in_force = joiner.status()["filter"]
+        assert in_force["enabled"] and in_force["in_force"].startswith(
+            "network policy v>=2 expected, not received from the coordinator yet: denying"), in_force
+        for member in (mesh["b"], joiner):
+            member.node.popen(sys.executable, "-c", LISTENER, member.mesh_ip, member.name, log_name="listener")
+            member.node.wait_for_log("listener", "ready", timeout=10)
+        assert not connects(mesh["b"], joiner, 22), diagnostics(mesh)
+        assert connects(joiner, mesh["b"], 22), diagnostics(mesh)  # its own connections' replies pass
+
+        with open(f"{admin.node.state_dir}/network-policy.toml", "w") as f:
+            f.write(OPEN_POLICY)
+        sent = admin.tm("policy", "set", f"{admin.node.state_dir}/network-policy.toml").stdout
+        assert "v2 was sent to it again" in sent, sent
+        wait_until("c verified policy v2", lambda: versions({"c": joiner}) == {"c": 2}, 10, mesh)
+        wait_until("c lets b in", lambda: connects(mesh["b"], joiner, 22), 10, mesh)
+    finally:
+        for member in mesh.values():
+            member.down(check=False)
+        stop(process)

@@ -156,6 +156,21 @@ def test_an_unchanged_edit_sends_nothing_and_set_sends_the_next_version(
     assert stored(served) == (2, STARTER_POLICY + VALID_RULE)
 
 
+def test_set_with_the_same_text_says_it_re_sent_it_to_a_coordinator_that_lost_it(
+        served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(STARTER_POLICY + VALID_RULE)
+    assert tm(served.machine.paths.state_dir, "policy", "set", str(policy)) == 0
+    with closing(sqlite3.connect(served.store.path)) as conn:  # restored from a backup older than the policy
+        conn.execute("DELETE FROM policy")
+        conn.commit()
+    capsys.readouterr()
+    assert tm(served.machine.paths.state_dir, "policy", "set", str(policy)) == 0
+    assert capsys.readouterr().out == ("network policy v1 already has this text, but the coordinator held an older "
+                                       "version or none (restored from an older backup?): v1 was sent to it again\n")
+    assert stored(served) == (1, STARTER_POLICY + VALID_RULE)
+
+
 def test_policy_help_explains_each_command(capsys: pytest.CaptureFixture[str]) -> None:
     for command, words in (("show", "verified"), ("set", "refused with its line and the reason"),
                            ("edit", "$EDITOR")):

@@ -205,16 +205,24 @@ class Coordinator:
         nothing; a newer one it holds stays)."""
         answer = await self._call("POST", "/v1/admin/setup", {"network": network, "member": member}, sign="admin")
         if policy is not None:
-            try:
-                await self.set_policy(policy)
-            except CoordinatorError as exc:
-                if exc.status != 409:  # 409: it holds a newer one
-                    raise
+            await self.offer_policy(policy)
         return answer
 
     async def set_policy(self, record: dict[str, Any]) -> dict[str, Any]:
         """A network policy record of a higher version than the coordinator's (409 if not)."""
         return await self._call("POST", "/v1/admin/policy", {"record": record}, sign="admin")
+
+    async def offer_policy(self, record: dict[str, Any]) -> bool:
+        """A network policy record the coordinator is to hold at least: whether it took it
+        (it held an older one, or none: a coordinator restored from an old backup); the
+        same record, or a newer one it holds, stays."""
+        try:
+            answer = await self.set_policy(record)
+        except CoordinatorError as exc:
+            if exc.status != 409:  # 409: it holds a newer one
+                raise
+            return False
+        return answer.get("changed") is True
 
     async def pending(self, wait: float = 0, *, invited: bool = False) -> list[dict[str, Any]]:
         """Joins waiting for the admin (only those with an invite if `invited`), held up to

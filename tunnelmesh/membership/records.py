@@ -316,11 +316,18 @@ class Token:
     invite_seed: bytes = field(repr=False)  # the invite's private key: never in a repr or a log
     #: The coordinator's own TLS certificate, pinned ("sha256:<hex>"), when it serves one.
     tls: str | None = None
+    #: The network policy version in force when the invite was made (0: none, a network
+    #: from before the filter). Handed over out of band with the rest of the token, so a
+    #: coordinator cannot hide from the joiner that the network has a policy.
+    policy: int = 0
 
     def encode(self) -> str:
-        fields = {"url": self.url, "network": self.network, "grant": self.grant, "key": b64(self.invite_seed)}
+        fields: dict[str, Any] = {"url": self.url, "network": self.network, "grant": self.grant,
+                                  "key": b64(self.invite_seed)}
         if self.tls is not None:  # left out otherwise: a token without it reads as before
             fields["tls"] = self.tls
+        if self.policy:  # likewise
+            fields["policy"] = self.policy
         payload = canonical(fields)
         return TOKEN_PREFIX + base64.urlsafe_b64encode(payload).decode().rstrip("=")
 
@@ -338,7 +345,7 @@ class Token:
         except (binascii.Error, ValueError, RecursionError):
             raise MembershipError("join token is damaged (copy it again, whole)") from None
         payload = check.object(payload, "join token")
-        check.keys(payload, {"url", "network", "grant", "key"}, "join token", {"tls"})
+        check.keys(payload, {"url", "network", "grant", "key"}, "join token", {"tls", "policy"})
         url = check.text(payload["url"], "coordinator URL", 2048)
         if not url.startswith(("http://", "https://")):
             raise MembershipError("join token: the coordinator URL must be http:// or https://")
@@ -349,23 +356,25 @@ class Token:
                 check_pinned_url(url, tls)
             except ValueError as exc:
                 raise MembershipError(f"join token: {exc}") from None
+        policy = check.integer(payload.get("policy", 0), "join token: network policy version", 0)
         return cls(url, check.text(payload["network"], "network", 64), check.object(payload["grant"], "invite"),
-                   unb64(payload["key"], "invite key", 32), tls)
+                   unb64(payload["key"], "invite key", 32), tls, policy)
 
     def invite_key(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.invite_seed)
 
 
 def make_invite(admin: AdminKey, url: str, *, name: str | None, expires: int, uses: int, now: int,
-                rng: Any = os.urandom, tls: str | None = None) -> Token:
-    """`tls`: the coordinator's certificate pin, carried to the joiner like the admin key's fingerprint."""
+                rng: Any = os.urandom, tls: str | None = None, policy: int = 0) -> Token:
+    """`tls`: the coordinator's certificate pin, carried to the joiner like the admin key's fingerprint;
+    `policy`: the network policy version in force (0: none)."""
     if name is not None:
         check_name(name, "invite name")
     seed = rng(32)
     invite_public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
     body = {"network": admin.fingerprint, "invite_key": b64(invite_public), "name": name,
             "expires": expires, "uses": uses, "created": now}
-    return Token(url, admin.fingerprint, {"body": body, "sig": admin.sign("invite", body)}, seed, tls)
+    return Token(url, admin.fingerprint, {"body": body, "sig": admin.sign("invite", body)}, seed, tls, policy)
 
 
 @dataclass(frozen=True)
