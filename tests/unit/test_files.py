@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tunnelmesh import cli, files
+from tunnelmesh.cli import network as cli_network
 from tunnelmesh.config import ConfigError, read_network_secret, write_network_secret
 from tunnelmesh.files import FileError, FileExists, check_state_dir, write_atomic
 from tunnelmesh.links import bridge
@@ -192,14 +193,14 @@ def test_imported_secret_does_not_follow_a_symlink(tmp_path: Path, victim: Path)
     source.chmod(0o600)
     target = tmp_path / "network.secret"
     target.symlink_to(victim)
-    cli._import_secret(source, target)
+    cli_network._import_secret(source, target)
     _unchanged(victim)
     assert read_network_secret(target) == bytes(range(32)) and not target.is_symlink()
 
 
 def test_dedicated_key_does_not_follow_a_symlink_at_its_public_half(tmp_path: Path, victim: Path) -> None:
     (tmp_path / "identity_ed25519.pub").symlink_to(victim)
-    cli._new_key(tmp_path / "identity_ed25519")
+    cli_network._new_key(tmp_path / "identity_ed25519")
     _unchanged(victim)
     assert stat.S_IMODE((tmp_path / "identity_ed25519").stat().st_mode) == 0o600
     assert (tmp_path / "identity_ed25519.pub").read_text().startswith("ssh-ed25519 ")

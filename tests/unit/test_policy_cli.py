@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.coordinator import Served, World, serving
 from tunnelmesh import cli
+from tunnelmesh.cli import policy as cli_policy
 from tunnelmesh.filter import OPEN_PORT_HINT, STARTER_POLICY
 
 VALID_RULE = '\n[[allow]]\nfrom = "*"\nproto = "tcp"\nports = [22]\n'
@@ -118,7 +119,7 @@ def editor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *texts: str) -> None
 def test_edit_refuses_an_invalid_edit_sends_nothing_and_keeps_the_edit(
         served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     editor(tmp_path, monkeypatch, STARTER_POLICY + INVALID_RULE)
-    monkeypatch.setattr(cli, "_ask", lambda question: False)  # the user does not edit it again
+    monkeypatch.setattr(cli_policy, "_ask", lambda question: False)  # the user does not edit it again
     assert tm(served.machine.paths.state_dir, "policy", "edit") == 2
     err = capsys.readouterr().err
     assert ":36: network rule 2: ports: 70000: ports are 0 to 65535" in err and "nothing was sent" in err
@@ -132,7 +133,7 @@ def test_edit_again_after_an_invalid_edit_then_send_the_next_version(
         served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     editor(tmp_path, monkeypatch, STARTER_POLICY + INVALID_RULE, STARTER_POLICY + VALID_RULE)
     questions: list[str] = []
-    monkeypatch.setattr(cli, "_ask", lambda question: questions.append(question) or True)
+    monkeypatch.setattr(cli_policy, "_ask", lambda question: questions.append(question) or True)
     assert tm(served.machine.paths.state_dir, "policy", "edit") == 0
     assert "network policy v1 set" in capsys.readouterr().out and questions == ["edit it again? [Y/n] "]
     assert stored(served) == (1, STARTER_POLICY + VALID_RULE)

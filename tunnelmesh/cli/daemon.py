@@ -1,0 +1,293 @@
+"""`up`, `down`, `status`, `peers`, `ping`, `events`, `id`, `show`, `version`, `ssh-bridge`:
+the running daemon, reached through its control socket."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tunnelmesh import __version__
+from tunnelmesh.config import ConfigError, read_network_secret
+from actors.messages import FilterStatus, PeerStatus, to_json
+from tunnelmesh import control_client
+from tunnelmesh.control_client import ControlError, NotRunning, request
+from tunnelmesh.paths import Paths
+
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, _check_state_dir, _identity, _load
+
+
+
+
+# --- up / down --------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
+    if os.geteuid() != 0:
+        raise CliError("tunnelmesh up needs root (or CAP_NET_ADMIN) to create the TUN device; try sudo", EXIT_FAIL)
+    if args.detach:
+        return _up_detached(args, paths)
+    from actors.daemon import StartupError, configure_logging, run_daemon
+
+    configure_logging(args.log_level)
+    try:
+        return asyncio.run(run_daemon(paths))
+    except StartupError as exc:
+        raise CliError(str(exc), EXIT_USAGE if "config" in str(exc) or ".toml" in str(exc) else EXIT_FAIL) from None
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _up_detached(args: argparse.Namespace, paths: Paths) -> int:
+    # Checked here, not only in the child: otherwise the running daemon would answer
+    # the readiness check below and this would report success while the child exits.
+    try:
+        request(paths.control_socket, "ping_daemon", timeout=2)
+    except NotRunning:
+        pass
+    except ControlError:
+        raise CliError(f"tunnelmesh is already running with state dir {paths.state_dir} (its control socket "
+                       f"does not answer); stop it with `tunnelmesh down`", EXIT_FAIL) from None
+    else:
+        raise CliError(f"tunnelmesh is already running with state dir {paths.state_dir}; stop it with `tunnelmesh down`",
+                       EXIT_FAIL)
+    _check_state_dir(paths)
+    log_path = paths.log_file
+    argv = [sys.executable, "-m", "tunnelmesh", "--state-dir", str(paths.state_dir), "--config", str(paths.config),
+            "up", "--log-level", args.log_level]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise CliError("tunnelmesh failed to start:\n  " + "\n  ".join(tail), EXIT_FAIL)
+        try:
+            request(paths.control_socket, "ping_daemon", timeout=1)
+        except ControlError:
+            time.sleep(0.1)
+            continue
+        print(f"tunnelmesh up (pid {process.pid}, log {log_path})")
+        filter_status = control_client.status(paths.control_socket).filter
+        if filter_status is not None:  # what a network from before the filter most needs to hear
+            print(f"packet filter: {filter_status.in_force}")
+        return EXIT_OK
+    raise CliError(f"tunnelmesh did not come up within 30 s; see {log_path}", EXIT_FAIL)
+
+
+def cmd_down(args: argparse.Namespace, paths: Paths) -> int:
+    pid = _read_pid(paths)
+    request(paths.control_socket, "down")
+    deadline = time.monotonic() + 15
+    while pid is not None and time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.05)
+    else:
+        if pid is not None:
+            raise CliError(f"daemon (pid {pid}) did not stop within 15 s")
+    print("tunnelmesh down")
+    return EXIT_OK
+
+
+def _read_pid(paths: Paths) -> int | None:
+    try:
+        return int(paths.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+# --- status / peers / ping ---------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
+    status = control_client.status(paths.control_socket)
+    if args.json:
+        print(json.dumps(to_json(status), indent=2))
+        return EXIT_OK
+    node = status.node
+    print(f"{node.name}  {node.mesh_ip}  {node.interface}  udp/{node.listen_port}  {node.fingerprint}  ({node.mode} mode)")
+    coordinator = node.coordinator
+    if coordinator is not None:
+        since = time.strftime("%H:%M:%S", time.localtime(coordinator.since))
+        state = coordinator.state + (f" since {since}: {coordinator.error}" if coordinator.error else f" since {since}")
+        if coordinator.state != "connected":
+            state += " (running from the cached peer map)"
+        print(f"network {coordinator.network}, coordinator {coordinator.url}: {state}; "
+              f"peer map v{coordinator.version}, {coordinator.members} members")
+        if coordinator.tls_fingerprint:  # what joining by URL needs: --tls-fingerprint
+            print(f"coordinator TLS certificate {coordinator.tls_fingerprint} (pinned)")
+        if coordinator.rejected:
+            print("refused records: " + ", ".join(f"{k}={v}" for k, v in sorted(coordinator.rejected.items())))
+    if node.serving_coordinator:
+        print(f"serving the coordinator on {node.serving_coordinator}")
+    transports = node.transports
+    rungs = []
+    if transports.ssh is not None:
+        port = transports.ssh.port
+        rungs.append(f"ssh on tcp/{port}" if port else "ssh (dial only)")
+    for relay in ((transports.relay,) if transports.relay is not None else ()) + transports.node_relays:
+        rungs.append(f"relay {relay.url}: {relay.state}" + (f" ({relay.error})" if relay.error else ""))
+    if rungs:
+        print("transports: udp/{}, {}".format(node.listen_port, ", ".join(rungs)))
+    if transports.serving_relay is not None:
+        print(f"serving a relay for members: {transports.serving_relay.connections} connected")
+    if status.filter is not None:
+        _print_filter_status(status.filter)
+    _print_peers(status.peers)
+    if args.verbose:
+        counters = {**status.drops, **({"events lost by slow subscribers": node.events_dropped}
+                                       if node.events_dropped else {}),
+                    **{f"messages dropped by {a.name}'s full mailbox": a.dropped for a in node.actors if a.dropped}}
+        if counters:
+            print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+    return EXIT_OK
+
+
+def _print_filter_status(f: FilterStatus) -> None:
+    print(f"packet filter: {f.in_force}")
+    if f.error:
+        print(f"  network policy refused: {f.error}")
+    for warning in f.warnings:
+        print(f"  warning: {warning}")
+    if f.enabled:
+        dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(f.drops.items()))
+        print(f"  {f.flows} flows tracked (at most {f.max_flows}); dropped: {dropped or 'none'}")
+
+
+def cmd_peers(args: argparse.Namespace, paths: Paths) -> int:
+    peers = control_client.peers(paths.control_socket).peers
+    if args.json:
+        print(json.dumps(to_json(peers), indent=2))
+    else:
+        _print_peers(peers)
+    return EXIT_OK
+
+
+def _print_peers(peers: tuple[PeerStatus, ...]) -> None:
+    if not peers:
+        print("no peers yet")
+        return
+    rows = []
+    for p in peers:
+        ago = p.last_handshake_ago
+        handshake = f"handshake {_ago(ago)}" if ago is not None else "no handshake yet"
+        path = p.path.endpoint if p.path is not None else "no endpoint (waits to be contacted)"
+        why = f"  (not better: {p.why_not_better})" if p.why_not_better else ""
+        rows.append((p.mesh_ip, p.name, p.state, path, handshake, f"rx {_size(p.rx_bytes)} tx {_size(p.tx_bytes)}{why}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def cmd_ping(args: argparse.Namespace, paths: Paths) -> int:
+    failures = 0
+    for i in range(args.count):
+        if i:
+            time.sleep(args.interval)
+        result = control_client.ping(paths.control_socket, args.peer, args.timeout)
+        path = result.path.endpoint if result.path is not None else "none"
+        if result.ok:
+            answered = f", answer came on {result.answered_on}" if result.answered_on and result.path is not None \
+                and result.answered_on != result.path.rung else ""
+            print(f"pong from {result.peer} via {path} in {result.rtt_ms:.2f} ms{answered}")
+        else:
+            failures += 1
+            print(f"{result.error} (path: {path})")
+    return EXIT_OK if failures < args.count else EXIT_FAIL
+
+
+# --- id / show ----------------------------------------------------------------------
+
+
+def cmd_id(args: argparse.Namespace, paths: Paths) -> int:
+    identity = _identity(_load(paths))
+    print(identity.public.to_line())
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
+    if not args.wg:
+        raise CliError("say what to show: `tunnelmesh show --wg` prints what a plain WireGuard peer needs", EXIT_USAGE)
+    config = _load(paths)
+    identity = _identity(config)
+    endpoint = args.endpoint or "<this node's address>"
+    lines = [
+        f"# {config.name}: add this to a plain WireGuard peer's config (wg setconf / wg-quick)",
+        "[Peer]",
+        f"PublicKey = {base64.b64encode(identity.public.wg_public_key).decode()}",
+    ]
+    if args.show_secrets:
+        from tunnelmesh.wireguard import derive_psk
+
+        try:
+            psk = derive_psk(read_network_secret(config.network_secret_file))
+        except ConfigError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        lines.append(f"PresharedKey = {base64.b64encode(psk).decode()}")
+    else:
+        lines.append("# PresharedKey = (hidden: add --show-secrets; the peer needs it to connect)")
+    mesh_ip = config.mesh_ip
+    if mesh_ip is None:  # with a coordinator: the address it assigned at join
+        from tunnelmesh.netstate import NetworkState, StateError
+
+        try:
+            mesh_ip = NetworkState.load(paths.network_state).member.ipv4
+        except StateError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+    lines += [f"Endpoint = {endpoint}:{config.listen_port}", f"AllowedIPs = {mesh_ip}/32"]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace, paths: Paths) -> int:
+    try:
+        for event in control_client.events(paths.control_socket):
+            print(json.dumps(to_json(event)), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace, paths: Paths) -> int:
+    print(f"tunnelmesh {__version__}")
+    return EXIT_OK
+
+
+# --- ssh-bridge -----------------------------------------------------------------------
+
+
+def cmd_ssh_bridge(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.links.bridge import BridgeError, main_setup, run_bridge
+
+    try:
+        if args.setup:
+            print(main_setup(args.user, paths.state_dir))
+            return EXIT_OK
+        if args.peer is None:
+            raise CliError("say what to do: --peer KEY (as sshd's forced command) or --setup", EXIT_USAGE)
+        return run_bridge(args.peer, Path(args.socket) if args.socket else paths.bridge_socket)
+    except BridgeError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None

@@ -1,0 +1,374 @@
+"""`init`, `join`, `invite`, `invites`, `pending`, `approve`, `revoke`, `rotate-secret`,
+`coordinator`: making and running the network (tunnelmesh/network.py does the work)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import ipaddress
+import json
+import socket
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from tunnelmesh.config import DEFAULT_COORDINATOR_PORT, ConfigError, load_config, read_network_secret, starter_config
+from tunnelmesh.paths import DEFAULT_HOST_KEY, Paths
+
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, _run
+
+
+
+
+# --- init -------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
+    if not args.static:
+        return _init_network(args, paths)
+    if args.mesh_ip is None:
+        raise CliError("a static mesh needs --mesh-ip (this node's address inside the mesh)", EXIT_USAGE)
+    for option, value in (("--ca-file", args.ca_file), ("--tls-fingerprint", args.tls_fingerprint)):
+        if value is not None:
+            raise CliError(f"{option} is for a network with a coordinator, not --static", EXIT_USAGE)
+    if paths.config.exists():
+        raise CliError(f"{paths.config} already exists; edit it, or remove it to start over", EXIT_USAGE)
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths.config.parent.mkdir(parents=True, exist_ok=True)
+    identity = _choose_identity(args, paths)
+    secret_path = paths.network_secret
+    if args.secret_file:
+        _import_secret(Path(args.secret_file), secret_path)
+    elif not secret_path.exists():
+        from tunnelmesh.config import write_network_secret
+
+        write_network_secret(secret_path)
+    name = args.name or _host_name()
+    try:
+        text = starter_config(name=name, identity=identity, mesh_ip=args.mesh_ip, listen_port=args.listen_port)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    from tunnelmesh.files import FileError, write_atomic
+
+    try:
+        write_atomic(paths.config, text.encode(), 0o644, replace=False)
+    except FileError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+    print(f"wrote {paths.config}")
+    print(f"network secret: {secret_path} (copy it, mode 0600, to every node of this mesh, or pass --secret-file to their init)")
+    print("next: add [[peers]] from `tunnelmesh id` of each node, then `tunnelmesh up`")
+    return EXIT_OK
+
+
+def _init_network(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import create_network
+
+    if args.mesh_ip is not None:
+        raise CliError("--mesh-ip is for --static; with a coordinator, addresses come from --cidr", EXIT_USAGE)
+    url = (args.url or _default_url()).rstrip("/")
+    ca_file = _ca_file(args)
+    pin = _tls_fingerprint(args)
+    if pin is not None and not args.external_coordinator:
+        raise CliError("--tls-fingerprint is for --external-coordinator: the embedded coordinator's certificate "
+                       "is made here, and pinned without it", EXIT_USAGE)
+    serve = None
+    if not args.external_coordinator:
+        port = urllib.parse.urlsplit(url).port or DEFAULT_COORDINATOR_PORT
+        serve = args.listen or f"0.0.0.0:{port}"
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = _choose_identity(args, paths)
+    name = args.name or _host_name()
+    state = _run(create_network(paths, name=name, identity_spec=identity, listen_port=args.listen_port,
+                                cidr=args.cidr, url=url, serve=serve, ca_file=ca_file, tls_fingerprint=pin))
+    _ssh_host_key(paths)
+    network = state.network
+    print(f"made network {network.network}: {network.cidr4} and {network.ula6}")
+    print(f"this node: {state.member.name} {state.member.ipv4} {state.member.ipv6} (admin key {paths.admin_key}, keep it safe)")
+    print(f"coordinator: {url}" + (f" (embedded, listening on {serve})" if serve else " (standalone)"))
+    pinned = _pinned(paths)
+    if pinned is not None:
+        print(f"coordinator TLS certificate {pinned}: pinned in this node's config and in every invite")
+    if url.lower().startswith("http://"):
+        print(f"warning: {url} is plain HTTP: coordinator traffic (joins, the peer map, admin requests) goes in "
+              "clear unless a TLS-terminating proxy fronts it; leave out --url's http:// for the coordinator's own "
+              "TLS", file=sys.stderr)
+    from tunnelmesh.filter import OPEN_PORT_HINT
+
+    print(f"network policy v1 (the starter policy): `tunnelmesh policy show`\n{OPEN_PORT_HINT}")
+    print("next: `tunnelmesh up`, then `tunnelmesh invite` for each machine that joins")
+    return EXIT_OK
+
+
+def _tls_fingerprint(args: argparse.Namespace) -> str | None:
+    """--tls-fingerprint in its one spelling (sha256:<64 hex digits>)."""
+    if args.tls_fingerprint is None:
+        return None
+    from tunnelmesh.tls import parse_pin
+
+    try:
+        return parse_pin(args.tls_fingerprint)
+    except ValueError as exc:
+        raise CliError(f"--tls-fingerprint: {exc}", EXIT_USAGE) from None
+
+
+def _pinned(paths: Paths) -> str | None:
+    """The coordinator certificate this node's config pins, if any."""
+    try:
+        coordinator = load_config(paths.config, state_dir=paths.state_dir).coordinator
+    except ConfigError:
+        return None
+    return coordinator.tls_fingerprint if coordinator is not None else None
+
+
+def _ca_file(args: argparse.Namespace) -> str | None:
+    """--ca-file as an absolute path (it goes into the config), checked to hold a PEM certificate."""
+    if args.ca_file is None:
+        return None
+    from tunnelmesh.links import LinkError
+    from tunnelmesh.links.proxy import ssl_context
+
+    path = str(Path(args.ca_file).expanduser().resolve())
+    try:
+        ssl_context(path)
+    except LinkError as exc:
+        raise CliError(f"--ca-file: {exc}", EXIT_USAGE) from None
+    return path
+
+
+def _ssh_host_key(paths: Paths) -> None:
+    """The SSH rung's host key, made once (0600); the daemon attests it with the identity."""
+    from tunnelmesh.links import LinkError
+    from tunnelmesh.links.ssh import load_or_create_host_key
+
+    try:
+        load_or_create_host_key(paths.ssh_host_key)
+    except LinkError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+
+
+def _default_url() -> str:
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        address = "127.0.0.1"
+    if address.startswith("127."):
+        raise CliError("cannot tell which address other machines reach this one at: give --url "
+                       f"https://<address>:{DEFAULT_COORDINATOR_PORT}", EXIT_USAGE)
+    return f"https://{address}:{DEFAULT_COORDINATOR_PORT}"
+
+
+def _host_name() -> str:
+    return socket.gethostname().split(".")[0].lower()
+
+
+# --- join and admin -------------------------------------------------------------------------
+
+
+def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import join
+
+    ca_file = _ca_file(args)
+    identity = _choose_identity(args, paths)
+
+    def waiting(pending: dict[str, Any]) -> None:
+        if pending.get("countersign"):
+            print("waiting for the admin's machine to countersign the join (its daemon does it when it runs)",
+                  flush=True)
+            return
+        print(f"waiting for the admin to run `tunnelmesh approve {pending.get('name')} --fingerprint "
+              f"{pending.get('fingerprint')}` "
+              "(nothing is reserved until then)", flush=True)
+
+    joined = _run(join(paths, token_or_url=args.token, name=args.name, identity_spec=identity,
+                       listen_port=args.listen_port, wait=args.wait, on_pending=waiting,
+                       network_fingerprint=args.network, ca_file=ca_file, tls_fingerprint=_tls_fingerprint(args)))
+    member = joined.state.member
+    _ssh_host_key(paths)
+    print(f"joined network {joined.state.network.network} as {member.name}: {member.ipv4} {member.ipv6} "
+          f"in {joined.seconds:.2f} s")
+    print("next: `tunnelmesh up`")
+    return EXIT_OK
+
+
+def cmd_invite(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.admission import invite_id
+    from tunnelmesh.membership import Token
+    from tunnelmesh.network import NetworkError, make_token, revoke_invite
+
+    try:
+        if args.revoke is not None:
+            record = revoke_invite(paths, args.revoke)
+            print(f"invite {record.id} revoked: no further join with it is countersigned")
+            return EXIT_OK
+        token = make_token(paths, expires_in=args.expires, reusable=args.reusable, name=args.name)
+    except NetworkError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    print(token)  # alone on stdout, for scripts
+    invite = invite_id(base64.b64decode(Token.parse(token).grant["body"]["invite_key"]))
+    print(f"invite {invite}; revoke it with `tunnelmesh invite --revoke {invite}`", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_invites(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import NetworkError, invites
+
+    try:
+        records = invites(paths)
+    except NetworkError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if args.json:
+        print(json.dumps([{"id": r.id, "name": r.grant.name, "created": r.grant.created, "expires": r.grant.expires,
+                           "uses": r.grant.uses, "used_by": r.used_by, "revoked_at": r.revoked_at}
+                          for r in records], indent=2))
+        return EXIT_OK
+    if not records:
+        print("no invites made on this machine")
+    now = time.time()
+    for r in records:
+        if r.revoked_at is not None:
+            state = "revoked"
+        elif r.grant.expires < now:
+            state = "expired"
+        elif r.uses_left() == 0:
+            state = "used up"
+        else:
+            state = "valid"
+        uses = "reusable" if r.grant.uses == 0 else f"{len(r.used_by)}/{r.grant.uses} used"
+        expires = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.grant.expires))
+        print(f"{r.id}  {state:8}  {uses:12}  expires {expires}  name {r.grant.name or '(any)'}  "
+              f"admitted {len(r.used_by)}")
+    return EXIT_OK
+
+
+def cmd_pending(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import pending
+
+    waiting = _run(pending(paths))
+    if args.json:
+        print(json.dumps(waiting, indent=2))
+    elif not waiting:
+        print("no joins waiting for approval")
+    for p in waiting if not args.json else ():
+        asked = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.get("requested", 0)))
+        if p.get("kind") == "invite":
+            print(f"{p.get('name')}  {p.get('fingerprint')}  has an invite (the admin daemon countersigns it)  "
+                  f"asked {asked}")
+        else:
+            print(f"{p.get('name')}  {p.get('fingerprint')}  would get {p.get('ipv4')}  asked {asked}")
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import approve
+
+    member = _run(approve(paths, args.name, args.fingerprint))
+    print(f"approved {member.name} ({member.identity.fingerprint}) as {member.ipv4}")
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import revoke
+
+    revocation = _run(revoke(paths, args.peer))
+    print(f"revoked {revocation.name}: every node drops it within seconds, and it stops")
+    print("it still knows the network secret: run `tunnelmesh rotate-secret` to replace it")
+    return EXIT_OK
+
+
+def cmd_rotate_secret(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import rotate_secret
+
+    epoch, members = _run(rotate_secret(paths))
+    print(f"network secret epoch {epoch} sealed to {members} members; nodes switch as they receive it")
+    return EXIT_OK
+
+
+def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.coordinator.service import run_standalone
+    from tunnelmesh.coordinator.store import StoreError
+    from tunnelmesh.tls import TlsError
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together (the certificate and its key)", EXIT_USAGE)
+    if args.plain_http and args.tls_cert is not None:
+        raise CliError("--plain-http serves no TLS: drop --tls-cert/--tls-key, or --plain-http", EXIT_USAGE)
+
+    from actors.daemon import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        asyncio.run(run_standalone(args.listen, Path(args.db), args.admin, frozenset(args.trusted_proxy),
+                                   tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+                                   tls_key=Path(args.tls_key) if args.tls_key else None, plain_http=args.plain_http))
+    except (StoreError, TlsError) as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}", EXIT_FAIL) from None
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _duration(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 1h, 7d")
+    return int(number) * units[unit]
+
+
+def _choose_identity(args: argparse.Namespace, paths: Paths) -> str:
+    if args.agent is not None:
+        return "agent" if args.agent == "" else f"agent:{args.agent}"
+    if args.key:
+        return str(Path(args.key).resolve())
+    if args.new_key:
+        paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return str(_new_key(paths.dedicated_key))
+    if Path(DEFAULT_HOST_KEY).exists():
+        return DEFAULT_HOST_KEY
+    raise CliError(
+        f"no SSH host key at {DEFAULT_HOST_KEY} to take this node's identity from; use --new-key to make a "
+        f"dedicated Ed25519 key in {paths.state_dir}, or --key PATH / --agent to use an existing key",
+        EXIT_USAGE,
+    )
+
+
+def _new_key(path: Path) -> Path:
+    import asyncssh
+
+    if path.exists():
+        return path
+    from tunnelmesh.files import FileError, write_atomic, write_secret
+
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=f"tunnelmesh@{socket.gethostname()}")
+    try:
+        write_secret(path, key.export_private_key("openssh"), replace=False)
+        write_atomic(Path(f"{path}.pub"), key.export_public_key("openssh"), 0o644)
+    except FileError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+    print(f"made a dedicated Ed25519 identity key: {path}")
+    return path
+
+
+def _import_secret(source: Path, target: Path) -> None:
+    try:
+        read_network_secret(source)  # checks format and permissions
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    from tunnelmesh.files import FileError, write_secret
+
+    try:
+        write_secret(target, source.read_bytes())
+    except (FileError, OSError) as exc:
+        raise CliError(f"cannot copy the network secret {source} to {target}: {exc}", EXIT_FAIL) from None
