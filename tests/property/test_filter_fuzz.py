@@ -1,7 +1,7 @@
 """Property tests for the packet filter: arbitrary bytes never crash the parser nor pass
 unasked; the compiled lookup agrees with a plain reading of the rules; the flow table
 keeps its bound; replies pass and unsolicited packets do not; a swap keeps exactly
-the flows the new rules allow."""
+the flows the new rules allow; an ICMP error passes only when related to a flow."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tests.support.ippackets import (
     HOME,
     SYN,
     icmp,
+    icmp_error,
     ipv4,
     ipv6,
     member,
@@ -258,3 +259,118 @@ def test_swap_keeps_the_flows_still_allowed_and_drops_the_others(before: tuple[P
         answer[20:24] = port.to_bytes(2, "big") + (40000).to_bytes(2, "big")
         assert f.outbound(ALICE.key, answer, len(answer), 2.0) is allowed
         assert f.inbound(ALICE.key, build(4, "100.64.0.2", "100.64.0.1", "udp", port, 0), 36, 2.0) is allowed
+
+
+# -- RELATED: ICMP errors. This node holds the flows below; errors quoting packets
+# made of these addresses and ports (often a flow's own) go either way, maybe mutated.
+
+ADDRESSES = {4: ("100.64.0.1", "10.1.2.3", "100.64.0.2", "100.64.0.3", "10.2.3.4", "10.2.0.1"),
+             6: ("fd00::1", "fd00::2", "fd00::3", "fd00:9::80", "fd00:9::1")}
+ERROR_PORTS = (5000, 53, 40000, 443, 42)
+#: (peer, version, protocol, local, remote, local port, remote port) as the filter
+#: keys them; the first opened by this node, the last by the peer (tcp/443 allowed).
+FLOWS = ((ALICE, 4, "udp", "100.64.0.1", "100.64.0.2", 5000, 53), (ALICE, 6, "udp", "fd00::1", "fd00::2", 5000, 53),
+         (BOB, 4, "tcp", "100.64.0.1", "10.2.3.4", 5000, 443), (CAROL, 6, "tcp", "fd00::1", "fd00:9::80", 5000, 443),
+         (ALICE, 4, "icmp", "100.64.0.1", "100.64.0.2", 42, 42), (ALICE, 6, "icmpv6", "fd00::1", "fd00::2", 42, 42),
+         (ALICE, 4, "tcp", "10.1.2.3", "100.64.0.2", 443, 40000), (CAROL, 6, "tcp", "fd00::1", "fd00:9::1", 443, 40000))
+ERRORS = {4: (3, 11, 12), 6: (1, 2, 3, 4)}
+
+
+def quoted_packet(version: int, proto: str, source: str, destination: str, sport: int, dport: int,
+                  request: bool) -> bytearray:
+    number = {"tcp": p.TCP, "udp": p.UDP, "icmp": p.ICMP, "icmpv6": p.ICMPV6}[proto]
+    kind = (8 if request else 0) if version == 4 else (128 if request else 129)
+    payload = tcp(sport, dport, SYN) if proto == "tcp" else udp(sport, dport) if proto == "udp" else icmp(kind, sport)
+    return (ipv4 if version == 4 else ipv6)(source, destination, number, payload)
+
+
+def related_reference(inbound: bool, peer: Member, version: int, source: str, destination: str, proto: str,
+                      quoted_source: str, quoted_destination: str, sport: int, dport: int, request: bool) -> bool:
+    """The RELATED rule read plainly: the outer addresses pass the direction's checks,
+    the error goes back to the quoted packet's source, which belongs to a flow."""
+    src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
+    home, remote = (dst, src) if inbound else (src, dst)
+    if home not in (HOME.ipv4, HOME.ipv6) and not any(home in r for r in HOME.routes if r.version == version):
+        return False
+    if not spoken_by(peer, version, remote) or destination != quoted_source:
+        return False
+    if proto in ("icmp", "icmpv6") and request is not inbound:
+        return False
+    local, far, local_port, far_port = ((quoted_source, quoted_destination, sport, dport) if inbound else
+                                        (quoted_destination, quoted_source, dport, sport))
+    if not spoken_by(peer, version, ipaddress.ip_address(far)):
+        return False
+    return (peer, version, proto, local, far, local_port, far_port) in FLOWS
+
+
+def spoken_by(peer: Member, version: int, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    others = {a for m in (HOME, *PEERS) if m is not peer for a in (m.ipv4, m.ipv6)}
+    return address in (peer.ipv4, peer.ipv6) or (address not in others and any(
+        address in r for r in peer.routes if r.version == version))
+
+
+@st.composite
+def icmp_errors(draw: st.DrawFn) -> tuple[bool, Member, bytearray, tuple[object, ...] | None]:
+    """(inbound, peer, error, the reference's arguments or None once mutated)."""
+    inbound = draw(st.booleans())
+    if draw(st.booleans()):  # about a flow, maybe from or to the wrong peer
+        owner, version, proto, local, far, local_port, far_port = draw(st.sampled_from(FLOWS))
+        quoted = ((local, far, local_port, far_port) if inbound else (far, local, far_port, local_port))
+        peer = owner if draw(st.booleans()) else draw(st.sampled_from(PEERS))
+    else:
+        version = draw(st.sampled_from((4, 6)))
+        proto = draw(st.sampled_from(("tcp", "udp", "icmp" if version == 4 else "icmpv6")))
+        quoted = (draw(st.sampled_from(ADDRESSES[version])), draw(st.sampled_from(ADDRESSES[version])),
+                  draw(st.sampled_from(ERROR_PORTS)), draw(st.sampled_from(ERROR_PORTS)))
+        peer = draw(st.sampled_from(PEERS))
+    if proto in ("icmp", "icmpv6"):
+        quoted = (*quoted[:3], quoted[2])  # an echo's identifier plays both ports
+    request = draw(st.booleans())
+    destination = quoted[0] if draw(st.booleans()) else draw(st.sampled_from(ADDRESSES[version]))
+    source = quoted[1] if draw(st.booleans()) else draw(st.sampled_from(ADDRESSES[version]))  # the far end or a router
+    packet = quoted_packet(version, proto, *quoted, request)
+    if draw(st.booleans()):
+        packet = packet[:(20 if version == 4 else 40) + 8]  # as little as an error may quote
+    error = icmp_error(source, destination, packet, kind=draw(st.sampled_from(ERRORS[version])))
+    arguments: tuple[object, ...] | None = (inbound, peer, version, source, destination, proto, *quoted, request)
+    if draw(st.booleans()):
+        for _ in range(draw(st.integers(1, 3))):
+            error[draw(st.integers(0, len(error) - 1))] = draw(st.integers(0, 255))
+        if draw(st.booleans()):
+            del error[draw(st.integers(0, len(error))):]
+        arguments = None
+    return inbound, peer, error, arguments
+
+
+def with_flows() -> PacketFilter:
+    tcp_443 = Rule((EVERYONE,), (EVERYONE,), frozenset({"tcp"}), ((443, 443),), "node")
+    f = PacketFilter(compiled(EMPTY_POLICY, (tcp_443,)))
+    for owner, version, proto, local, far, local_port, far_port in FLOWS:
+        opener = local_port != 443
+        source, destination, sport, dport = ((local, far, local_port, far_port) if opener else
+                                             (far, local, far_port, local_port))
+        packet = quoted_packet(version, proto, source, destination, sport, dport, True)
+        assert (f.outbound if opener else f.inbound)(owner.key, packet, len(packet), 0.0)
+    return f
+
+
+@SETTINGS
+@given(icmp_errors())
+def test_icmp_errors_never_crash_open_nothing_and_pass_only_when_related(
+        case: tuple[bool, Member, bytearray, tuple[object, ...] | None]) -> None:
+    inbound, peer, error, arguments = case
+    f = with_flows()
+    expiries = {key: flow.expires for key, flow in f.flows.flows.items()}
+    passed = (f.inbound if inbound else f.outbound)(peer.key, error, len(error), 1.0)
+    if arguments is not None:
+        assert passed is related_reference(*arguments)  # type: ignore[arg-type]
+    elif passed:  # mutated: what the parser read must itself be related
+        h = p.Headers()
+        assert p.parse(error, len(error), h) is None and h.quoted_proto
+        address = ipaddress.IPv4Address if h.version == 4 else ipaddress.IPv6Address
+        proto = {p.TCP: "tcp", p.UDP: "udp", p.ICMP: "icmp", p.ICMPV6: "icmpv6"}[h.quoted_proto]
+        assert related_reference(inbound, peer, h.version, str(address(h.src)), str(address(h.dst)), proto,
+                                 str(address(h.quoted_src)), str(address(h.quoted_dst)), h.quoted_sport,
+                                 h.quoted_dport, h.quoted_request)
+    assert f.related == int(passed)
+    assert {key: flow.expires for key, flow in f.flows.flows.items()} == expiries  # none opened or refreshed

@@ -77,6 +77,16 @@ def ping6(src: str, dst: str, ident: int = 7, *, reply: bool = False) -> bytearr
     return ipv6(src, dst, ICMPV6, icmp(129 if reply else 128, ident))
 
 
+def icmp_error(src: str, dst: str, quoted: bytes, kind: int | None = None, code: int = 0, rest: int = 0) -> bytearray:
+    """An ICMP (IPv4 addresses) or ICMPv6 error from `src` to `dst` quoting `quoted`
+    (the packet it answers, or its first bytes). Default: destination unreachable;
+    `rest`: the header's last 4 bytes (the next-hop MTU, ...)."""
+    v6 = ipaddress.ip_address(src).version == 6
+    kind = (1 if v6 else 3) if kind is None else kind
+    body = struct.pack("!BBHI", kind, code, 0, rest) + bytes(quoted)
+    return ipv6(src, dst, ICMPV6, body) if v6 else ipv4(src, dst, ICMP, body)
+
+
 def member(name: str, index: int, routes: tuple[str, ...] = ()) -> Member:
     """A member with mesh addresses 100.64.0.<index> and fd00::<index> and a key
     derived from its index."""

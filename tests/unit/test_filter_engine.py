@@ -16,7 +16,9 @@ from tests.support.ippackets import (
     PEERS,
     RST,
     SYN,
+    icmp_error,
     ipv4,
+    member,
     ping4,
     ping6,
     tcp4,
@@ -371,3 +373,150 @@ def test_undefined_group_in_node_rules_is_a_warning() -> None:
     f = make(node='[[filter.allow]]\nfrom = "group:ops"\nproto = "icmp"\n')
     assert f.compiled.warnings == ("node rule 1 (line 1): from group:ops icmp: group:ops is not defined in the "
                                    "network policy: it matches no one",)
+
+
+# -- RELATED: ICMP errors about tracked flows (port unreachable, frag needed, too big)
+
+DAVE = member("dave", 5, ("fd00:9::/32",))  # a peer routing an IPv6 LAN
+TCP_443 = '[[allow]]\nfrom = "*"\nproto = "tcp"\nports = [443]\n'
+
+
+def related(policy: str = "") -> PacketFilter:
+    return PacketFilter(compile_rules(parse_policy(policy), (), HOME, (*PEERS, DAVE)))
+
+
+def test_inbound_port_unreachable_for_this_nodes_udp_flow_passes() -> None:
+    for v, home, peer, router, port_unreachable in ((4, H4, A4, A4, 3), (6, H6, A6, A6, 4)):
+        f = related()
+        sent = (udp4 if v == 4 else udp6)(home, peer, 5000, 53)
+        assert f.outbound(ALICE.key, sent, len(sent), 0.0)
+        error = icmp_error(router, home, sent, code=port_unreachable)
+        assert f.inbound(ALICE.key, error, len(error), 1.0), v
+        assert f.related == 1 and not f.drops and f.stats()["related"] == 1
+
+
+def test_inbound_frag_needed_and_packet_too_big_for_tcp_pass_from_a_router_in_the_peers_route() -> None:
+    for peer, home, remote, router, kind, code in ((BOB, H4, "10.2.3.4", "10.2.0.1", 3, 4),
+                                                   (DAVE, H6, "fd00:9::80", "fd00:9::1", 2, 0)):
+        f = related()
+        sent = (tcp4 if home == H4 else tcp6)(home, remote, 5000, 443, SYN)
+        assert f.outbound(peer.key, sent, len(sent), 0.0)
+        error = icmp_error(router, home, sent[:len(sent) - 12], kind=kind, code=code, rest=1280)  # 8 bytes of TCP
+        assert f.inbound(peer.key, error, len(error), 1.0), peer.name
+        assert f.related == 1
+
+
+def test_outbound_port_unreachable_for_the_peers_answer_passes() -> None:
+    for home, peer in ((H4, A4), (H6, A6)):
+        f = related()
+        make_udp = udp4 if home == H4 else udp6
+        f.outbound(ALICE.key, make_udp(home, peer, 5000, 53), 60, 0.0)
+        answer = make_udp(peer, home, 53, 5000)
+        assert f.inbound(ALICE.key, answer, len(answer), 0.1)
+        error = icmp_error(home, peer, answer, code=3 if home == H4 else 4)  # the socket has closed since
+        assert f.outbound(ALICE.key, error, len(error), 1.0) and f.related == 1
+
+
+def test_outbound_frag_needed_and_packet_too_big_for_a_tcp_flow_the_peer_opened() -> None:
+    for local, router, kind, code in (("10.1.2.3", "10.1.0.1", 3, 4), (H6, H6, 2, 0)):
+        f = related(TCP_443)
+        peer = A4 if local != H6 else A6
+        syn = (tcp4 if local != H6 else tcp6)(peer, local, 40000, 443, SYN)
+        assert f.inbound(ALICE.key, syn, len(syn), 0.0)
+        error = icmp_error(router, peer, syn, kind=kind, code=code, rest=1280)
+        assert f.outbound(ALICE.key, error, len(error), 1.0), local
+        assert f.related == 1
+
+
+def test_inbound_error_about_this_nodes_ping_passes_about_its_echo_reply_does_not() -> None:
+    f = related()
+    for home, peer, ping in ((H4, A4, ping4), (H6, A6, ping6)):
+        f.outbound(ALICE.key, ping(home, peer, 42), 60, 0.0)
+        exceeded = icmp_error(peer, home, ping(home, peer, 42), kind=11 if home == H4 else 3)
+        assert f.inbound(ALICE.key, exceeded, len(exceeded), 0.5)
+        reply = icmp_error(peer, home, ping(home, peer, 42, reply=True), kind=11 if home == H4 else 3)
+        assert not f.inbound(ALICE.key, reply, len(reply), 0.5)
+    assert f.related == 2 and f.drops == {e.UNRELATED: 2}
+
+
+BOTH_VERSIONS = ((H4, A4, B4, udp4, tcp4), (H6, A6, "fd00::3", udp6, tcp6))
+
+
+def unrelated_errors() -> list[tuple[str, bytes, bytearray]]:
+    """(direction, peer key, error) about no flow of that peer, with this node holding
+    udp 5000->53 to alice and bob, and alice's tcp 40000->443 (both versions)."""
+    cases: list[tuple[str, bytes, bytearray]] = []
+    for home, alice, bob, make_udp, make_tcp in BOTH_VERSIONS:
+        cases += [
+            ("in", ALICE.key, icmp_error(alice, home, make_udp(home, alice, 5001, 53))),  # untracked port
+            ("in", ALICE.key, icmp_error(alice, home, make_tcp(home, alice, 5000, 53))),  # other protocol
+            ("in", BOB.key, icmp_error(bob, home, make_udp(home, alice, 5000, 53))),  # alice's flow, from bob
+            ("in", ALICE.key, icmp_error(alice, home, make_udp(home, bob, 5000, 53))),  # bob's flow, from alice
+            ("in", ALICE.key, icmp_error(alice, home, make_udp(alice, home, 53, 5000))),  # quotes alice's own packet
+            ("out", ALICE.key, icmp_error(home, alice, make_udp(home, alice, 5000, 53))),  # quotes this node's
+            ("out", ALICE.key, icmp_error(home, alice, make_tcp(alice, home, 40001, 443, SYN))),
+            ("out", BOB.key, icmp_error(home, bob, make_tcp(alice, home, 40000, 443, SYN))),  # not to the quoted source
+        ]
+    cases.append(("in", ALICE.key, icmp_error(A4, "10.1.2.3", udp4(H4, A4, 5000, 53))))  # not to the quoted source
+    return cases
+
+
+def test_errors_about_no_flow_of_that_peer_are_dropped_both_ways() -> None:
+    for direction, key, error in unrelated_errors():
+        f = related(TCP_443)
+        for home, alice, bob, make_udp, make_tcp in BOTH_VERSIONS:
+            for peer, address in ((ALICE.key, alice), (BOB.key, bob)):
+                sent = make_udp(home, address, 5000, 53)
+                assert f.outbound(peer, sent, len(sent), 0.0)
+            syn = make_tcp(alice, home, 40000, 443, SYN)
+            assert f.inbound(ALICE.key, syn, len(syn), 0.0)
+        flows = len(f.flows)
+        passed = (f.inbound if direction == "in" else f.outbound)(key, error, len(error), 1.0)
+        assert not passed and f.drops == {e.UNRELATED: 1} and f.related == 0, (direction, bytes(error).hex())
+        assert len(f.flows) == flows
+
+
+def test_malformed_or_truncated_quote_is_dropped_with_its_reason() -> None:
+    f = related()
+    sent = udp4(H4, A4, 5000, 53)
+    f.outbound(ALICE.key, sent, len(sent), 0.0)
+    for quoted in (sent[:27], sent[:19], ipv4(H4, A4, p.UDP, bytes(sent[20:]), fragment=0x0010)):
+        error = icmp_error(A4, H4, quoted)
+        assert not f.inbound(ALICE.key, error, len(error), 1.0)
+    assert f.drops == {p.BAD_QUOTE: 3} and f.related == 0
+
+
+def test_an_error_never_opens_or_refreshes_a_flow() -> None:
+    f = related()
+    error = icmp_error(A4, H4, udp4(H4, A4, 5000, 53))
+    assert not f.inbound(ALICE.key, error, len(error), 0.0) and len(f.flows) == 0  # no flow: none opened
+    answer = icmp_error(H4, A4, udp4(A4, H4, 53, 5000))
+    assert not f.outbound(ALICE.key, answer, len(answer), 0.0) and len(f.flows) == 0
+    sent = udp4(H4, A4, 5000, 53)
+    f.outbound(ALICE.key, sent, len(sent), 0.0)
+    (flow,) = f.flows.flows.values()
+    expires = flow.expires
+    assert f.inbound(ALICE.key, error, len(error), 20.0)
+    assert flow.expires == expires and flow.state == 0 and len(f.flows) == 1  # not refreshed, not answered
+    assert not f.inbound(ALICE.key, error, len(error), UDP_TIMEOUTS[0] + 1)  # the flow has expired
+    assert f.drops == {e.UNRELATED: 3}
+
+
+def test_error_about_a_revoked_flow_is_dropped() -> None:
+    f = related(TCP_443)
+    syn = tcp4(A4, H4, 40000, 443, SYN)
+    f.inbound(ALICE.key, syn, len(syn), 0.0)
+    f.swap(compile_rules(EMPTY_POLICY, (), HOME, (*PEERS, DAVE)), 1.0)
+    error = icmp_error(H4, A4, syn, code=4, rest=1280)
+    assert not f.outbound(ALICE.key, error, len(error), 2.0)
+    assert f.drops == {e.FLOW_REVOKED: 1}
+
+
+def test_error_about_a_flow_whose_remote_left_the_peers_routes_is_dropped() -> None:
+    f = related()
+    sent = udp4(H4, "10.2.3.4", 5000, 53)
+    assert f.outbound(BOB.key, sent, len(sent), 0.0)
+    routeless = BOB.__class__("bob", BOB.key, BOB.ipv4, BOB.ipv6, ())
+    f.swap(compile_rules(EMPTY_POLICY, (), HOME, (ALICE, routeless, CAROL, DAVE)), 1.0)
+    error = icmp_error(B4, H4, sent)
+    assert not f.inbound(BOB.key, error, len(error), 2.0) and f.drops == {e.UNRELATED: 1}

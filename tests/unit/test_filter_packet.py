@@ -14,6 +14,7 @@ from tests.support.ippackets import (
     TCP,
     UDP,
     icmp,
+    icmp_error,
     ipv4,
     ipv6,
     ping4,
@@ -91,7 +92,8 @@ def test_ipv6_skippable_extension_headers() -> None:
     (ipv4(A4, B4, UDP, udp(1, 2, length=7)), None, p.BAD_HEADER),
     (ipv4(A4, B4, UDP, udp(1, 2, length=100)), None, p.BAD_HEADER),
     (ipv4(A4, B4, ICMP, icmp(8)[:7]), None, p.TRUNCATED),
-    (ipv4(A4, B4, ICMP, icmp(3)), None, p.ICMP_TYPE),  # destination unreachable
+    (ipv4(A4, B4, ICMP, icmp(5)), None, p.ICMP_TYPE),  # redirect
+    (ipv6(A6, B6, ICMPV6, icmp(137)), None, p.ICMP_TYPE),  # redirect
     (ipv4(A4, B4, ICMPV6, icmp(128)), None, p.UNKNOWN_PROTOCOL),  # ICMPv6 in IPv4
     (ipv4(A4, B4, 47, bytes(20)), None, p.UNKNOWN_PROTOCOL),  # GRE
     (ipv6(A6, B6, ICMP, icmp(8)), None, p.EXTENSION_HEADER),  # ICMP in IPv6
@@ -119,7 +121,7 @@ def test_extension_header_running_past_the_payload_is_truncated() -> None:
 
 
 def test_every_parser_reason_is_listed() -> None:
-    assert len(set(p.PARSER_DROPS)) == len(p.PARSER_DROPS) == 7
+    assert len(set(p.PARSER_DROPS)) == len(p.PARSER_DROPS) == 8
 
 
 def test_tcp6_and_ack_flags() -> None:
@@ -130,3 +132,56 @@ def test_tcp6_and_ack_flags() -> None:
 def test_udp4_ports() -> None:
     reason, h = parse(udp4(A4, B4, 5353, 53))
     assert reason is None and (h.sport, h.dport) == (5353, 53)
+
+
+def test_icmp_error_quoting_udp_reads_the_quoted_flow() -> None:
+    reason, h = parse(icmp_error(A4, B4, udp4(B4, A4, 5000, 53), code=3))  # port unreachable
+    assert reason is None and (h.proto, h.icmp_type) == (ICMP, 3)
+    assert (h.quoted_proto, h.quoted_src, h.quoted_dst) == (UDP, int(ipaddress.IPv4Address(B4)),
+                                                           int(ipaddress.IPv4Address(A4)))
+    assert (h.quoted_sport, h.quoted_dport) == (5000, 53)
+
+
+def test_packet_too_big_quoting_tcp6_with_only_8_bytes_of_tcp() -> None:
+    quoted = tcp6(B6, A6, 5000, 443, ACK)[:48]  # the IPv6 header and 8 bytes: all an error must quote
+    reason, h = parse(icmp_error(A6, B6, quoted, kind=2, rest=1280))
+    assert reason is None and (h.proto, h.icmp_type, h.quoted_proto) == (ICMPV6, 2, TCP)
+    assert (h.quoted_src, h.quoted_dst) == (int(ipaddress.IPv6Address(B6)), int(ipaddress.IPv6Address(A6)))
+    assert (h.quoted_sport, h.quoted_dport) == (5000, 443)
+
+
+def test_time_exceeded_quoting_an_echo_names_its_identifier_and_kind() -> None:
+    reason, h = parse(icmp_error(A4, B4, ping4(B4, A4, 42), kind=11))
+    assert reason is None and (h.quoted_proto, h.quoted_sport, h.quoted_dport, h.quoted_request) == (ICMP, 42, 42, True)
+    reason, h = parse(icmp_error(A6, B6, ping6(B6, A6, 42, reply=True), kind=3))
+    assert reason is None and (h.quoted_proto, h.quoted_sport, h.quoted_request) == (ICMPV6, 42, False)
+
+
+def test_echo_after_an_error_clears_the_quote() -> None:
+    headers = p.Headers()
+    error = icmp_error(A4, B4, udp4(B4, A4, 5000, 53))
+    assert p.parse(error, len(error), headers) is None and headers.quoted_proto == UDP
+    echo = ping4(A4, B4)
+    assert p.parse(echo, len(echo), headers) is None and headers.quoted_proto == 0
+
+
+@pytest.mark.parametrize("error", [
+    icmp_error(A4, B4, udp4(B4, A4, 1, 2)[:27]),  # 7 bytes of UDP
+    icmp_error(A4, B4, udp4(B4, A4, 1, 2)[:19]),  # not even the IP header
+    icmp_error(A4, B4, b""),
+    icmp_error(A4, B4, udp6(B6, A6, 1, 2)),  # IPv6 quoted in ICMP
+    icmp_error(A6, B6, udp4(B4, A4, 1, 2)),  # IPv4 quoted in ICMPv6
+    icmp_error(A4, B4, ipv4(B4, A4, UDP, udp(1, 2), ihl=4)),
+    icmp_error(A4, B4, ipv4(B4, A4, UDP, udp(1, 2), total=19)),
+    icmp_error(A4, B4, ipv4(B4, A4, UDP, udp(1, 2), fragment=0x2000)),  # a quoted first fragment
+    icmp_error(A4, B4, ipv4(B4, A4, UDP, udp(1, 2), fragment=0x0010)),  # a later one: no ports
+    icmp_error(A4, B4, ipv4(B4, A4, UDP, udp(1, 2), ihl=6)[:31]),  # options eat the 8 bytes
+    icmp_error(A4, B4, ipv4(B4, A4, 47, bytes(8))),  # GRE
+    icmp_error(A4, B4, icmp_error(B4, A4, udp4(A4, B4, 1, 2))),  # an error about an error
+    icmp_error(A6, B6, udp6(B6, A6, 1, 2)[:47]),
+    icmp_error(A6, B6, ipv6(B6, A6, UDP, udp(1, 2), extensions=((p.DESTINATION_OPTIONS, bytes(6)),))),
+    icmp_error(A6, B6, ipv6(B6, A6, ICMPV6, icmp(135))),  # neighbour solicitation
+    icmp_error(A6, B6, bytearray(b"\x40") + udp6(B6, A6, 1, 2)[1:]),  # version 4 in an IPv6 quote
+])
+def test_malformed_or_truncated_quote_is_dropped(error: bytearray) -> None:
+    assert parse(error)[0] == p.BAD_QUOTE

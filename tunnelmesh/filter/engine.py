@@ -8,11 +8,12 @@ Inbound (a decrypted packet from peer P, on its way to the TUN):
    (`not_for_this_node`);
 4. anti-spoofing: the source must be one of P's origins, its mesh address or a route
    it advertises, never another member's address (`spoofed`, also counted per peer);
-5. a packet of a tracked flow passes (after a rule swap, a flow P opened is checked
+5. an ICMP(v6) error passes only if it is RELATED (below), else `icmp_unrelated`;
+6. a packet of a tracked flow passes (after a rule swap, a flow P opened is checked
    once against the new rules: if they no longer allow it, its packets are dropped
    both ways as `flow_revoked` until it has been idle for its timeout). An ICMP(v6)
    echo request never matches a flow: only echo replies answer this node's pings;
-6. otherwise the rules decide: TCP/UDP by destination port, ICMP(v6) echo requests;
+7. otherwise the rules decide: TCP/UDP by destination port, ICMP(v6) echo requests;
    no rule -> `denied`. A TCP connection (its bare SYN) and a UDP flow a rule
    admitted are tracked as P's (see below); P's share of the table full ->
    `conntrack_peer_full`, the whole table full -> `conntrack_full`. Other TCP
@@ -24,8 +25,9 @@ Outbound (a packet read from the TUN that the router gave to peer P):
 1. parse; 2. P known; 3. the source must be this node's (`not_from_this_node`);
 4. the destination must be one of P's origins (`not_a_peer_address`): outbound goes
    to known peers' addresses and routes only;
-5. a packet of a tracked flow refreshes it (dropped if the flow was revoked);
-6. a packet that opens a flow (TCP bare SYN, UDP, ICMP(v6) echo request) is tracked
+5. an ICMP(v6) error passes only if it is RELATED (below), else `icmp_unrelated`;
+6. a packet of a tracked flow refreshes it (dropped if the flow was revoked);
+7. a packet that opens a flow (TCP bare SYN, UDP, ICMP(v6) echo request) is tracked
    as this node's, so its replies pass step 5 inbound; table full -> `conntrack_full`.
    An ACK-only TCP packet without a flow is picked up as an established connection
    (as Linux's nf_conntrack_tcp_loose): this node's connection survives a daemon
@@ -36,6 +38,18 @@ Outbound (a packet read from the TUN that the router gave to peer P):
    packets (SYN+ACK, RST, FIN without a flow; echo replies) pass untracked: they
    answer a packet of P's that the rules or a flow let in, so they open nothing that
    an inbound packet could not open itself.
+
+RELATED (as Linux conntrack): an ICMP(v6) error (port unreachable, fragmentation
+needed, packet too big, time exceeded, parameter problem) quotes the packet its
+receiver sent. It passes, either way, only when
+- its destination is the quoted packet's source (an error goes back to the sender);
+  its source was checked as any packet's (inbound: one of P's origins, so a router
+  inside a route P advertises may send it; outbound: this node's or its routes');
+- the quoted packet belongs to a flow with P that is tracked, live and not revoked:
+  inbound it is this node's packet (quoted source local, destination P's), outbound
+  P's (quoted source P's, destination local); a quoted ICMP echo is this node's
+  request inbound and P's reply outbound (only this node's pings are tracked).
+It never opens, refreshes or moves a flow on; passed errors are counted (`related`).
 
 Why this node's answers never open a flow of its own: a UDP answer from port 53
 would otherwise open a way back in that outlives the rule that let the question in.
@@ -56,7 +70,7 @@ import collections
 import ipaddress
 from collections import Counter
 
-from tunnelmesh.filter.compiled import NO_RULE, Allow, Compiled
+from tunnelmesh.filter.compiled import NO_RULE, Allow, Compiled, PeerView
 from tunnelmesh.filter.conntrack import DEFAULT_LIMIT, ESTABLISHED, OPENING, Flow, FlowTable
 from tunnelmesh.filter.packet import (
     ACK,
@@ -79,6 +93,7 @@ NOT_FOR_THIS_NODE = "not_for_this_node"
 NOT_FROM_THIS_NODE = "not_from_this_node"
 SPOOFED = "spoofed"
 NOT_A_PEER_ADDRESS = "not_a_peer_address"
+UNRELATED = "icmp_unrelated"
 DENIED = "denied"
 FLOW_REVOKED = "flow_revoked"
 CONNTRACK_FULL = "conntrack_full"
@@ -109,6 +124,7 @@ class PacketFilter:
         self._generation = 0
         self._compiled = compiled
         self.rule_hits: list[int] = [0] * len(compiled.rules)
+        self.related = 0  # ICMP(v6) errors passed for a tracked flow
 
     @property
     def compiled(self) -> Compiled:
@@ -152,6 +168,8 @@ class PacketFilter:
             self.spoofed[peer.name] += 1
             return False
         proto = h.proto
+        if proto != TCP and proto != UDP and h.quoted_proto:
+            return self._related(peer, peer_key, True, now)
         key = (peer_key, version, proto, h.src, h.dst, h.sport, h.dport)
         flows = self.flows
         request = proto != TCP and proto != UDP and (h.icmp_type == ICMP_ECHO_REQUEST or
@@ -211,6 +229,8 @@ class PacketFilter:
             self.drops[NOT_A_PEER_ADDRESS] += 1
             return False
         proto = h.proto
+        if proto != TCP and proto != UDP and h.quoted_proto:
+            return self._related(peer, peer_key, False, now)
         key = (peer_key, version, proto, h.dst, h.src, h.dport, h.sport)
         flows = self.flows
         flow = flows.flows.get(key)
@@ -245,6 +265,32 @@ class PacketFilter:
         if flows.add(key, opener, proto, now, self._generation, state) is None:
             self.drops[CONNTRACK_PEER_FULL if flows.peer_full(opener) else CONNTRACK_FULL] += 1
             return False
+        return True
+
+    def _related(self, peer: PeerView, peer_key: bytes, inbound: bool, now: float) -> bool:
+        """An ICMP(v6) error whose outer addresses passed the direction's checks: does
+        it answer a packet of a live flow with this peer (see the module's RELATED)?"""
+        h = self._headers
+        quoted = h.quoted_proto
+        if h.dst != h.quoted_src or (quoted != TCP and quoted != UDP and h.quoted_request != inbound):
+            self.drops[UNRELATED] += 1
+            return False
+        if inbound:  # the quoted packet is this node's, on its way to P
+            remote, local, remote_port, local_port = h.quoted_dst, h.quoted_src, h.quoted_dport, h.quoted_sport
+        else:  # P's, on its way here
+            remote, local, remote_port, local_port = h.quoted_src, h.quoted_dst, h.quoted_sport, h.quoted_dport
+        version = h.version
+        allow = peer.origin(version, remote)
+        flow = self.flows.flows.get((peer_key, version, quoted, remote, local, remote_port, local_port))
+        if allow is None or flow is None or flow.expires <= now:
+            self.drops[UNRELATED] += 1
+            return False
+        if flow.generation != self._generation:
+            self._recheck(flow, allow, local_port)
+        if flow.revoked:
+            self.drops[FLOW_REVOKED] += 1
+            return False
+        self.related += 1
         return True
 
     def _recheck(self, flow: Flow, allow: Allow, local_port: int) -> None:
@@ -300,9 +346,11 @@ class PacketFilter:
 
     def stats(self) -> dict[str, object]:
         """Counters for `status --json`: drops by reason, spoofed packets by peer,
-        new flows admitted by each rule, the flow table's use."""
+        ICMP errors passed as related, new flows admitted by each rule, the flow
+        table's use."""
         return {
             "drops": dict(self.drops),
+            "related": self.related,
             "spoofed_by_peer": dict(self.spoofed),
             "rules": [{"rule": rule.describe(), "hits": hits} for rule, hits in zip(self._compiled.rules, self.rule_hits)],
             "flows": len(self.flows),
