@@ -214,6 +214,8 @@ class FilterActor(Actor):
             spoofed_by_peer=dict(f.spoofed) if f is not None else {},
             rules=self._rules(), flows=len(f.flows) if f is not None else 0,
             max_flows=f.flows.limit if f is not None else 0,
+            max_flows_per_peer=f.flows.peer_limit if f is not None else 0,
+            related=f.related if f is not None else 0,
         )
 
     def _rules(self) -> tuple[FilterRuleHits, ...]:

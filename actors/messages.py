@@ -420,6 +420,8 @@ class FilterStatus:
     rules: tuple[FilterRuleHits, ...]  # in evaluation order
     flows: int  # tracked flows now
     max_flows: int  # the table's bound (new flows are dropped beyond it)
+    max_flows_per_peer: int  # what one peer's new flows may take of it
+    related: int  # ICMP errors passed because they belong to a tracked flow
 
 
 @dataclass(frozen=True, slots=True)
