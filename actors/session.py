@@ -153,6 +153,8 @@ class PeerSession(Actor):
                                             rung_of(source) if source is not None else None))
         if source is None:
             return
+        if rung_of(source) == rungs.SSH:
+            self._want_probe.discard(rungs.SSH)  # proven: no probe left to send on a new link
         if source != self.peer.endpoint:
             self._roam(source)  # within its rung the path follows the proof, as WireGuard's would
         self._apply(self.selector.handshake(source, self.clock.monotonic()))
@@ -232,7 +234,9 @@ class PeerSession(Actor):
 
         async def dial() -> None:
             try:
-                await ssh.dial(self.wg_key)  # link_up reaches us through the data path
+                link = await ssh.dial(self.wg_key)  # link_up reaches us through the data path
+                if getattr(link, "dialler", None) != self._own_key:
+                    self._want_probe.discard(rungs.SSH)  # the peer's link won: its dialler probes on it
             except LinkError as exc:
                 self._want_probe.discard(rungs.SSH)
                 self._apply(self.selector.unavailable(rungs.SSH, str(exc), self.clock.monotonic()))
@@ -240,6 +244,11 @@ class PeerSession(Actor):
                 self._dialling = None
 
         self._dialling = self.start_task(dial(), name="ssh dial")
+
+    @property
+    def _own_key(self) -> bytes:
+        assert self.peer is not None
+        return self.peer.device.static_public
 
     def on_link_up(self, link: Link) -> None:
         if self._stopped:
@@ -251,13 +260,14 @@ class PeerSession(Actor):
         # handshake through it proves (the peer may not hold that relay).
         if link.rung == rungs.SSH and endpoint is not None and endpoint is not link and rung_of(endpoint) == rungs.SSH:
             self._set_endpoint(link)
-        if link.rung in self._want_probe:
+        # Only the side that dialled probes on a new link: initiations crossing on it would
+        # each discard the other's pending one (both answers dropped, ~10 s lost). A side that
+        # hears of the peer's link keeps its wish: when both dialled at once, its own link may
+        # be the one that stays (SshRung's tie-break), and then the probe is its to send.
+        if link.rung in self._want_probe and getattr(link, "dialler", self._own_key) == self._own_key:
             self._want_probe.discard(link.rung)
-            # Only the side that dialled probes on a new link: initiations crossing on it would
-            # each discard the other's pending one (both answers dropped, ~10 s lost).
-            if getattr(link, "dialler", self.peer.device.static_public) == self.peer.device.static_public:
-                self.peer.send_probe((link,), self.clock.monotonic(), self.clock.wall())
-                self.datapath.flush()
+            self.peer.send_probe((link,), self.clock.monotonic(), self.clock.wall())
+            self.datapath.flush()
 
     def on_link_down(self, link: Link, reason: str) -> None:
         if not self._stopped and self.peer is not None and self.peer.endpoint is link:

@@ -14,14 +14,18 @@ Rules (DESIGN.md, "Transport ladder"):
 - Failing: data sent and no authenticated packet for FAILING_AFTER seconds.
 - Return: on a worse rung, probe the better ones every `probe_interval`
   (BETTER_PROBE, doubled up to MAX_PROBE_INTERVAL each time a step-down fails
-  within STEP_DOWN_TRIAL, and reset when one holds that long); a handshake on
-  a better rung steps down.
+  within STEP_DOWN_TRIAL before it carried traffic for STEP_DOWN_PROVEN, and
+  reset when one holds); a handshake on a better rung steps down. Each return
+  probe starts with the best rung alone and adds the next better one every
+  HAPPY_EYEBALLS seconds, so the best rung that answers wins (from the relay
+  straight to UDP), not whichever of them answers first.
 - Hysteresis: at most one rung change per HOLD seconds, whatever the reason;
   a change that is due but held is made when the hold ends, if its evidence
   is still fresh. Probes for a step-down are sent only when it could be made.
 - Roaming: packets that arrive on another rung move the send path only when
   the current rung has received nothing for FAILING_AFTER seconds (the peer
-  has moved); a late packet on an old rung changes nothing.
+  has moved), also in the middle of a search (the peer found a path first);
+  a late packet on an old rung changes nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ BETTER_PROBE = 20.0
 MAX_PROBE_INTERVAL = 300.0
 HOLD = 10.0
 STEP_DOWN_TRIAL = 60.0
+STEP_DOWN_PROVEN = 10.0  # a step-down that carried traffic this long held, whatever fails later
 FRESH = 5.0  # how long a handshake on a rung stays evidence for a held change
 RESEARCH = 5.0  # once every rung is being probed, re-probe at this pace
 GIVE_UP = 90.0  # a new session's search ends unanswered after this (WireGuard's REKEY_ATTEMPT_TIME)
@@ -72,7 +77,7 @@ class Reason:
 
 #: What a switch changes (Ladder.revert puts it back).
 _SWITCH_STATE = ("current", "changes", "last_change", "probe_interval", "searching", "_failing", "_last_rx_current",
-                 "_switched_at", "_next_better_probe", "_stepped_down_at", "reasons")
+                 "_switched_at", "_next_better_probe", "_stepped_down_at", "reasons", "_returning")
 
 
 class Ladder:
@@ -97,6 +102,9 @@ class Ladder:
         self._probed_at: dict[str, float] = {}
         self._answered_at: dict[str, float] = {}
         self._stepped_down_at: float | None = None
+        # Returning: the better rungs being probed, best first, and when the next one is added.
+        self._returning: list[str] = []
+        self._next_return_widen = 0.0
         self._last_rx_current = float("-inf")
         self._switched_at = float("-inf")
         self._search_started = float("-inf")
@@ -176,9 +184,17 @@ class Ladder:
             held = self._held_change(now)
             if held is not None:
                 return self._switch(held, now, self._why(held))
-        if self.current is not None and self._stepped_down_at is not None and now - self._stepped_down_at >= STEP_DOWN_TRIAL:
+        if self.current is not None and self._stepped_down_at is not None and (
+                now - self._stepped_down_at >= STEP_DOWN_TRIAL
+                or self._last_rx_current - self._stepped_down_at >= STEP_DOWN_PROVEN):
             self._stepped_down_at = None
             self.probe_interval = BETTER_PROBE  # the step-down held
+        # Roaming: the peer evidently sends on another rung and nothing comes on ours (in a
+        # search too: the peer may have found the path first, and already sends on it).
+        if self.current is not None and stray is not None and stray[0] in self.rungs and stray[0] != self.current \
+                and now - stray[1] < FAILING_AFTER and now - self._last_rx_current >= FAILING_AFTER \
+                and self._may_change(now):
+            return self._switch(stray[0], now, "peer moved")
         if self.searching:
             if self.current is None and now - self._search_started >= GIVE_UP:
                 self.searching = []  # the peer is not there: the session restarts the search on demand
@@ -194,22 +210,27 @@ class Ladder:
             return actions
         if self.current is None:
             return actions
-        # Roaming: the peer evidently sends on another rung and nothing comes on ours.
-        if stray is not None and stray[0] in self.rungs and stray[0] != self.current \
-                and now - stray[1] < FAILING_AFTER and now - self._last_rx_current >= FAILING_AFTER \
-                and self._may_change(now):
-            return self._switch(stray[0], now, "peer moved")
         if unanswered_since is not None:
             unanswered_since = max(unanswered_since, self._switched_at)  # silence on the old rung is not ours
         if unanswered_since is not None and now - unanswered_since >= FAILING_AFTER:
             self.reasons[self.current] = Reason(f"no reply for {FAILING_AFTER:g} s while sending", unanswered_since)
             self._failing = self.current
             return self._search(self._failing_set(self.current), now)
-        best = self.rungs[0]
-        if self.current != best and now >= self._next_better_probe and self._may_change(now):
-            better = tuple(r for r in self.rungs if self.rank(r) < self.rank(self.current))
+        if not self._may_change(now):
+            return actions
+        better = [r for r in self.rungs if self.rank(r) < self.rank(self.current)]
+        if better and now >= self._next_better_probe:
             self._next_better_probe = now + self.probe_interval
-            actions.append(self._probe(better, now))
+            self._returning = better[:1]
+            self._next_return_widen = now + HAPPY_EYEBALLS
+            actions.append(self._probe(self._returning, now))
+        elif self._returning and now >= self._next_return_widen:
+            if len(self._returning) < len(better):  # the best did not answer: add the next one
+                self._returning.append(better[len(self._returning)])
+                self._next_return_widen = now + HAPPY_EYEBALLS
+                actions.append(self._probe(self._returning, now))
+            else:
+                self._returning = []
         return actions
 
     def revert(self, switch: Switch) -> None:
@@ -274,6 +295,7 @@ class Ladder:
     def _switch(self, rung: str, now: float, why: str) -> list[Action]:
         self._undo = {name: getattr(self, name) for name in _SWITCH_STATE}
         self._undo["searching"] = list(self.searching)
+        self._undo["_returning"] = list(self._returning)
         self._undo["reasons"] = dict(self.reasons)
         previous = self.current
         if previous is not None:
@@ -287,6 +309,7 @@ class Ladder:
                 self._stepped_down_at = None
         self.current = rung
         self.searching = []
+        self._returning = []
         self._failing = None
         self._last_rx_current = now
         self._switched_at = now

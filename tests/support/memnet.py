@@ -143,8 +143,13 @@ class Net:
         self.log: list[Sent] = []
         self.held: list[tuple[MemoryBind, bytes, tuple[str, int]]] = []
         self.hold_next: tuple[str, str] | None = None  # (from, to): keep the next UDP datagram back
+        self.udp_delay = 0.0  # seconds each UDP datagram takes (links: none), for a path slower than a link
         self.after_link_arrival: Callable[[MemoryLink, bytes], None] | None = None
         self.after_link_up: Callable[[SshMemoryLink, SshMemoryLink], None] | None = None
+        #: While True, SSH dials wait in `held_dials` until `release_dials` lets them connect
+        #: together: two sides that dialled at once, as both do when they see UDP fail together.
+        self.hold_dials = False
+        self.held_dials: list[tuple[str, asyncio.Future[None]]] = []
 
     def block(self, rung: str, src: str | None = None, dst: str | None = None) -> None:
         """Lose `rung`'s messages from `src` to `dst` (both ways when not given)."""
@@ -185,8 +190,18 @@ class Net:
         if ok and self.hold_next == (sender.node.name, target.node.name):
             self.hold_next = None
             self.held.append((target, datagram, sender.address))
+        elif ok and self.udp_delay:
+            self.loop.call_later(self.udp_delay, target.arrive, datagram, sender.address)
         elif ok:
             target.arrive(datagram, sender.address)
+
+    def release_dials(self, first: str) -> int:
+        """Let the held SSH dials connect, `first`'s before the others, in one loop iteration."""
+        held, self.held_dials = sorted(self.held_dials, key=lambda entry: entry[0] != first), []
+        self.hold_dials = False
+        for _, gate in held:
+            gate.set_result(None)
+        return len(held)
 
     def release_held(self) -> int:
         """Deliver the datagrams kept back (late, as a slow path would)."""
@@ -407,16 +422,30 @@ class MemorySshRung:
         if not self.net.carries(SSH, self.node.name, peer.name):
             await asyncio.sleep(5.0)
             raise LinkError(f"timed out after 5 s connecting to {peer.address[0]}:2222")
+        if self.net.hold_dials:
+            gate = self.net.loop.create_future()
+            self.net.held_dials.append((self.node.name, gate))
+            await gate
         dialler = self.node.device.static_public
         mine, theirs = SshMemoryLink(self.net, self.node, peer, dialler), SshMemoryLink(self.net, peer, self.node, dialler)
         mine.other, theirs.other = theirs, mine
-        self.links[wg_key] = mine
-        peer.ssh.links[self.node.device.static_public] = theirs
-        self.node.datapath.link_up(mine)  # as SshRung: the sink hears of both ends
-        peer.datapath.link_up(theirs)
+        peer.ssh.adopt(theirs)  # as SshRung: the server's end is up first, then the dialler's
+        self.adopt(mine)
         if self.net.after_link_up is not None:
             self.net.after_link_up(mine, theirs)
-        return mine
+        return mine if not mine.closed else self.links[wg_key]
+
+    def adopt(self, end: SshMemoryLink) -> None:
+        """As SshRung.adopt_stream: one link per pair; the smaller dialler's stays, and of
+        two dialled by one side the newer one. The loser's connection ends (both ends)."""
+        current = self.link(end.peer.device.static_public)
+        if current is not None:
+            if current.dialler < end.dialler:
+                end.close()
+                return
+            current.close()
+        self.links[end.peer.device.static_public] = end
+        self.node.datapath.link_up(end)
 
 
 class MemoryRelayClient:

@@ -21,6 +21,7 @@ from tunnelmesh.ladder import (
     RESEARCH,
     RUNGS,
     SSH,
+    STEP_DOWN_PROVEN,
     STEP_DOWN_TRIAL,
     UDP,
     Action,
@@ -143,7 +144,11 @@ def test_first_handshake_in_a_search_carries_the_traffic_and_ends_the_search(win
     # No more search probes; only the better-rung probe when it is due.
     better = tuple(r for r in RUNGS if RUNGS.index(r) < RUNGS.index(winner))
     assert run.ticks(5.0, 4.5 + BETTER_PROBE) == []
-    assert run.tick(4.5 + BETTER_PROBE) == ([Probe(better)] if better else [])
+    # The way back starts with the best rung alone, then adds the next better one.
+    assert run.tick(4.5 + BETTER_PROBE) == ([Probe(better[:1])] if better else [])
+    if len(better) > 1:
+        assert run.tick(5.5 + BETTER_PROBE) == []
+        assert run.tick(4.5 + BETTER_PROBE + HAPPY_EYEBALLS) == [Probe(better)]
 
 
 def test_first_handshake_while_nothing_is_searching_still_chooses() -> None:
@@ -260,7 +265,10 @@ def test_better_rungs_are_probed_every_twenty_seconds(current: str, better: tupl
     run = settled(current)
     run.ticks(1.0, 101.0, rx=0.0)
     probes = [(t, a) for t, a in run.log if isinstance(a, Probe)]
-    assert probes == [(t, Probe(better)) for t in (20.0, 40.0, 60.0, 80.0, 100.0)]
+    # Each round: the best rung alone, then every better one HAPPY_EYEBALLS later.
+    rounds = [[(t, Probe(better[:1]))] + ([(t + HAPPY_EYEBALLS, Probe(better))] if len(better) > 1 else [])
+              for t in (20.0, 40.0, 60.0, 80.0, 100.0)]
+    assert probes == [probe for one in rounds for probe in one if probe[0] < 101.0]
 
 
 def test_no_better_rung_probe_until_a_change_is_allowed() -> None:
@@ -285,8 +293,9 @@ def test_no_better_rung_probe_while_searching() -> None:
 
 def test_a_better_rung_answering_steps_down() -> None:
     run = settled(RELAY)
-    assert run.tick(BETTER_PROBE) == [Probe((UDP, SSH))]
-    assert run.handshake(SSH, BETTER_PROBE + 0.3) == [Switch(SSH, RELAY, "step down after a probe")]
+    assert run.tick(BETTER_PROBE) == [Probe((UDP,))]
+    assert run.tick(BETTER_PROBE + HAPPY_EYEBALLS) == [Probe((UDP, SSH))]  # UDP did not answer
+    assert run.handshake(SSH, BETTER_PROBE + HAPPY_EYEBALLS + 0.3) == [Switch(SSH, RELAY, "step down after a probe")]
     assert RELAY not in run.ladder.why_not_better(BETTER_PROBE + 1)
 
 
@@ -343,6 +352,43 @@ def test_a_stray_packet_moves_the_path_once_the_current_rung_is_silent() -> None
     assert run.tick(40.0, rx=38.0, stray=(SSH, 39.5)) == []
     assert run.tick(40.9, rx=38.0, stray=(SSH, 40.5)) == []
     assert run.tick(41.0, rx=38.0, stray=(SSH, 40.5)) == [Switch(SSH, UDP, "peer moved")]
+
+
+def test_packets_already_arriving_on_another_rung_move_a_searching_session() -> None:
+    # UDP failing: the search is on. The peer found SSH first and already sends on it; the
+    # session follows it at once instead of waiting for its own probes to be answered.
+    run = settled(UDP)
+    assert run.tick(23.0, unanswered=20.0) == [Probe((UDP, SSH))]
+    assert run.ladder.searching == [UDP, SSH]
+    assert run.tick(24.0, unanswered=20.0, rx=19.0, stray=(SSH, 23.6)) == [Switch(SSH, UDP, "peer moved")]
+    assert run.ladder.current == SSH and run.ladder.searching == []
+
+
+def test_a_searching_session_is_not_moved_by_a_stale_packet_on_another_rung() -> None:
+    run = settled(UDP)
+    run.tick(23.0, unanswered=20.0)
+    assert all(not isinstance(a, Switch) for a in run.ticks(24.0, 30.0, unanswered=20.0, rx=19.0, stray=(SSH, 19.5)))
+    assert run.ladder.current == UDP
+
+
+def test_a_step_down_that_carried_traffic_is_not_a_failed_one() -> None:
+    # UDP carried traffic for STEP_DOWN_PROVEN after the step down: a cut later on is the
+    # network changing, not the step down failing, and the next return comes as soon as ever.
+    run = settled(SSH)
+    step_down(run, BETTER_PROBE)  # on UDP from 20.1
+    for now in range(21, 21 + int(STEP_DOWN_PROVEN) + 1):
+        run.tick(float(now), rx=now - 0.5)
+    changed = fail_over(run, 35.0)
+    assert changed - BETTER_PROBE < STEP_DOWN_TRIAL and run.ladder.current == SSH
+    assert run.ladder.probe_interval == BETTER_PROBE
+
+
+def test_a_step_down_that_failed_before_it_carried_traffic_backs_off() -> None:
+    run = settled(SSH)
+    step_down(run, BETTER_PROBE)
+    run.ticks(21.0, 28.0, rx=20.1)  # nothing heard on UDP after the handshake
+    fail_over(run, 28.0)
+    assert run.ladder.probe_interval == 2 * BETTER_PROBE
 
 
 def test_a_stale_stray_packet_moves_nothing() -> None:

@@ -577,3 +577,59 @@ def test_a_search_that_gave_up_stays_quiet_until_traffic_asks_for_the_peer(simul
                               "a up on the relay")
 
     simulate(body, blocked=(UDP, SSH, RELAY))
+
+
+# --- issue 17: the cases the CLI scenario found ---------------------------------------------------------
+
+
+def both_on(p: Pair, rung: str) -> bool:
+    return p.sa.selector.ladder.current == rung and p.sb.selector.ladder.current == rung
+
+
+@pytest.mark.parametrize("first", ["larger", "smaller"])
+def test_crossing_ssh_dials_end_with_a_probe_on_the_surviving_link(simulate: Callable[..., None], first: str) -> None:
+    # Both sides see UDP fail and dial SSH at once; one connection per pair survives (the
+    # smaller dialler's). Only the dialler of a link probes on it, so a side that heard of
+    # the peer's link first must keep its wish for its own, or nobody probes on the
+    # survivor and the pair waits for a retransmission (the CLI scenario lost ~11 s).
+    async def body(p: Pair) -> None:
+        await up_on_udp(p)
+        await p.net.run_for(REKEY_TIMEOUT + 1)
+        p.net.hold_dials = True
+        p.net.block(UDP)
+        pingers = Pinger(p.net, p.a, p.b), Pinger(p.net, p.b, p.a)
+        await p.net.run_until(lambda: len(p.net.held_dials) == 2, 10.0, "both sides dialling SSH")
+        ordered = sorted((p.a, p.b), key=lambda node: node.device.static_public)
+        released = p.net.clock.now
+        p.net.release_dials(first=(ordered[1] if first == "larger" else ordered[0]).name)
+        took = await p.net.run_until(
+            lambda: both_on(p, SSH) and all(pinger.answered_since(released) for pinger in pingers), 10.0,
+            "both on SSH with pings answered")
+        assert took <= 1.0 + STEP, took  # the next ping: no retransmission waited for
+        survivor = p.a.ssh.link(p.b.device.static_public)
+        assert survivor is not None and survivor.dialler == ordered[0].device.static_public
+        assert p.sa.peer.endpoint is survivor and p.sb.peer.endpoint is p.b.ssh.link(p.a.device.static_public)
+        for pinger in pingers:
+            pinger.stop()
+
+    simulate(body)
+
+
+def test_a_step_up_from_the_relay_goes_straight_to_udp_when_it_answers(simulate: Callable[..., None]) -> None:
+    # With SSH's link still up, probing UDP and SSH together let SSH answer first, and UDP
+    # waited a whole probe interval more. The way back probes the best rung first.
+    async def body(p: Pair) -> None:
+        pinger, _, switched = await udp_fails_over_to_ssh(p)
+        await p.net.run_for(HOLD + 1 - (p.net.clock.now - switched))
+        p.net.block(SSH)
+        await p.net.run_until(lambda: both_on(p, RELAY), 15.0, "both on the relay")
+        on_relay = p.net.clock.now
+        p.net.unblock(SSH)
+        p.net.unblock(UDP)
+        p.net.udp_delay = 0.1  # UDP answers, but the SSH link (still up) would answer first
+        await p.net.run_until(lambda: both_on(p, UDP), BETTER_PROBE + HOLD + 2.0, "both back on UDP")
+        assert [(t.previous, t.rung) for t in p.sa.selector.transitions] == [(UDP, SSH), (SSH, RELAY), (RELAY, UDP)]
+        assert p.net.clock.now - on_relay <= BETTER_PROBE + 1.0 + STEP
+        pinger.stop()
+
+    simulate(body)
