@@ -14,8 +14,8 @@ Rules (DESIGN.md, "Transport ladder"):
 - Failing: data sent and no authenticated packet for FAILING_AFTER seconds.
 - Return: on a worse rung, probe the better ones every `probe_interval`
   (BETTER_PROBE, doubled up to MAX_PROBE_INTERVAL each time a step-down fails
-  within STEP_DOWN_TRIAL before it carried traffic for STEP_DOWN_PROVEN, and
-  reset when one holds); a handshake on a better rung steps down. Each return
+  within STEP_DOWN_TRIAL without first carrying traffic for STEP_DOWN_PROVEN
+  with no failure, and reset when one holds); a handshake on a better rung steps down. Each return
   probe starts with the best rung alone and adds the next better one every
   HAPPY_EYEBALLS seconds, so the best rung that answers wins (from the relay
   straight to UDP), not whichever of them answers first.
@@ -77,7 +77,7 @@ class Reason:
 
 #: What a switch changes (Ladder.revert puts it back).
 _SWITCH_STATE = ("current", "changes", "last_change", "probe_interval", "searching", "_failing", "_last_rx_current",
-                 "_switched_at", "_next_better_probe", "_stepped_down_at", "reasons", "_returning")
+                 "_switched_at", "_next_better_probe", "_stepped_down_at", "_trial_failed", "reasons", "_returning")
 
 
 class Ladder:
@@ -102,6 +102,7 @@ class Ladder:
         self._probed_at: dict[str, float] = {}
         self._answered_at: dict[str, float] = {}
         self._stepped_down_at: float | None = None
+        self._trial_failed = False  # the rung stepped down to failed once in its trial (even if held there)
         # Returning: the better rungs being probed, best first, and when the next one is added.
         self._returning: list[str] = []
         self._next_return_widen = 0.0
@@ -165,8 +166,7 @@ class Ladder:
         else:
             self.reasons[rung].text, self.reasons[rung].said = reason, now
         if rung == self.current and not self.searching:
-            self._failing = rung
-            return self._search(self._failing_set(rung), now)
+            return self._fail(rung, now)
         return []
 
     def tick(self, now: float, *, unanswered_since: float | None, received_on_current: float | None,
@@ -186,7 +186,7 @@ class Ladder:
                 return self._switch(held, now, self._why(held))
         if self.current is not None and self._stepped_down_at is not None and (
                 now - self._stepped_down_at >= STEP_DOWN_TRIAL
-                or self._last_rx_current - self._stepped_down_at >= STEP_DOWN_PROVEN):
+                or not self._trial_failed and self._last_rx_current - self._stepped_down_at >= STEP_DOWN_PROVEN):
             self._stepped_down_at = None
             self.probe_interval = BETTER_PROBE  # the step-down held
         # Roaming: the peer evidently sends on another rung and nothing comes on ours (in a
@@ -214,8 +214,7 @@ class Ladder:
             unanswered_since = max(unanswered_since, self._switched_at)  # silence on the old rung is not ours
         if unanswered_since is not None and now - unanswered_since >= FAILING_AFTER:
             self.reasons[self.current] = Reason(f"no reply for {FAILING_AFTER:g} s while sending", unanswered_since)
-            self._failing = self.current
-            return self._search(self._failing_set(self.current), now)
+            return self._fail(self.current, now)
         if not self._may_change(now):
             return actions
         better = [r for r in self.rungs if self.rank(r) < self.rank(self.current)]
@@ -248,6 +247,12 @@ class Ladder:
     def _failing_set(self, rung: str) -> list[str]:
         later = [r for r in self.rungs if self.rank(r) > self.rank(rung)]
         return [rung] + later[:1]
+
+    def _fail(self, rung: str, now: float) -> list[Action]:
+        """The current rung fails: search from it and the next one."""
+        self._failing = rung
+        self._trial_failed = self._stepped_down_at is not None  # a step-down that failed has not held
+        return self._search(self._failing_set(rung), now)
 
     def _search(self, rungs: list[str], now: float) -> list[Action]:
         self.searching = list(rungs)
@@ -302,7 +307,7 @@ class Ladder:
             self.changes += 1
             self.last_change = now
             if self.rank(rung) < self.rank(previous):
-                self._stepped_down_at = now
+                self._stepped_down_at, self._trial_failed = now, False
             elif self._stepped_down_at is not None and now - self._stepped_down_at < STEP_DOWN_TRIAL:
                 # The step-down failed within its trial: probe the better rung less often.
                 self.probe_interval = min(self.probe_interval * 2, MAX_PROBE_INTERVAL)

@@ -559,3 +559,16 @@ def test_a_reverted_switch_is_undone_wholly_and_not_decided_again() -> None:
     actions = run.ticks(failing_at + 1, failing_at + FRESH + 1, unanswered=20.0)
     assert not any(isinstance(a, Switch) for a in actions), actions
     assert any(isinstance(a, Probe) for a in actions), actions
+
+
+def test_a_step_down_that_failed_in_its_trial_backs_off_even_after_traffic_came_again() -> None:
+    # Flapping: UDP fails within the hold (the ladder stays on it), then answers again for a
+    # while. The trial failed once: leaving UDP later within STEP_DOWN_TRIAL still doubles.
+    run = settled(SSH)
+    step_down(run, BETTER_PROBE)  # on UDP from 20.1
+    assert run.tick(25.0, unanswered=21.0, rx=20.5)[0] == Probe((UDP, SSH))  # failing within the hold
+    run.handshake(UDP, 25.5)  # UDP answers again: the search ends on UDP
+    for now in range(26, 40):
+        run.tick(float(now), rx=now - 0.5)
+    fail_over(run, 40.0)
+    assert run.ladder.probe_interval == 2 * BETTER_PROBE
