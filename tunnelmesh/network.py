@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from tunnelmesh import files
 from tunnelmesh.admission import InviteRecord, check_newcomer, countersign_invited, sealed_secret
 from tunnelmesh.config import NETWORK_SECRET_BYTES, ConfigError, load_config, read_network_secret, starter_config
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
@@ -86,11 +87,14 @@ async def _load(identity_spec: str, passphrase_file: Path | None = None) -> Node
         raise NetworkError(str(exc)) from None
 
 
-def _write_config(paths: Paths, text: str) -> None:
+def _write_config(paths: Paths, text: str, *, replace: bool = False) -> None:
+    """The node's config, through the one atomic writer; an existing one is kept (and
+    NetworkError raised) unless `replace` (a revoked node joining again)."""
     paths.config.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    try:
+        files.write_atomic(paths.config, text.encode(), replace=replace)
+    except files.FileError as exc:
+        raise NetworkError(str(exc)) from None
 
 
 def _refuse_existing(paths: Paths) -> None:
@@ -101,23 +105,19 @@ def _refuse_existing(paths: Paths) -> None:
                                f"(and {paths.config}), or use another --state-dir")
 
 
-def _forget_revoked_membership(paths: Paths) -> None:
-    """A node that was revoked may join again (with a new invite): its old network
-    state and config go, its key and the revocations it keeps stay."""
+def _revoked_membership(paths: Paths) -> NetworkInfo | None:
+    """The network this node was a member of until the admin revoked it, if so: such a
+    node may join again (with a new invite). Its old network state, peer map cache and
+    config stay until the new join has been checked whole, and are then replaced; its
+    key and the revocations and bindings it keeps stay for good."""
     if not paths.network_state.exists():
-        return
+        return None
     try:
         state = NetworkState.load(paths.network_state)
         peer_map, _ = load_peer_map(paths.peer_map_cache, state)
     except StateError:
-        return  # not ours to judge: _refuse_existing explains what to do
-    if peer_map.revoked(state.member) is None:
-        return
-    for path in (paths.network_state, paths.peer_map_cache, paths.config):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+        return None  # not ours to judge: _refuse_existing explains what to do
+    return state.network if peer_map.revoked(state.member) is not None else None
 
 
 # --- init ------------------------------------------------------------------------------------
@@ -192,8 +192,9 @@ async def join(
     `ca_file`: a private CA for the coordinator's TLS; `tls_fingerprint`: the pin of the
     coordinator's own certificate (a token carries it): used now and written into the config."""
     started = time.monotonic()
-    _forget_revoked_membership(paths)
-    _refuse_existing(paths)
+    revoked_from = _revoked_membership(paths)
+    if revoked_from is None:
+        _refuse_existing(paths)
     if name is not None:
         check_name(name, "node name")
     identity = await _load(identity_spec)
@@ -223,13 +224,17 @@ async def join(
         else:
             assert name is not None
             result = await _join_by_approval(coordinator, identity, name, wait, on_pending)
-    state = _accept(paths, url, network, identity, result, token.policy if token is not None else 0)
+    kept = paths.peer_map_cache if revoked_from == network else None  # joining the same network again
+    state, peer_map, secret = _check_result(url, network, identity, result, token.policy if token is not None else 0,
+                                            kept)
     try:
         starter = starter_config(name=state.member.name, identity=identity_spec, listen_port=listen_port,
                                  coordinator_url=url, ca_file=ca_file, tls_fingerprint=tls_fingerprint)
     except ValueError as exc:
         raise NetworkError(str(exc)) from None
-    _write_config(paths, starter)
+    # Everything is checked: only now is anything written (a revoked node's old state replaced).
+    _keep_joined(paths, state, peer_map, secret)
+    _write_config(paths, starter, replace=revoked_from is not None)
     return Joined(state, time.monotonic() - started)
 
 
@@ -292,11 +297,13 @@ async def _join_by_approval(coordinator: Coordinator, identity: NodeIdentity, na
         await asyncio.sleep(APPROVAL_POLL)
 
 
-def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity, result: Any,
-            policy_expected: int) -> NetworkState:
-    """Check the join result and write the node's state (secret last: it completes the join).
-    `policy_expected`: the network policy version the token says is in force (0: none, or
-    no token), kept so the packet filter denies until this node has verified that policy."""
+def _check_result(url: str, network: NetworkInfo, identity: NodeIdentity, result: Any, policy_expected: int,
+                  kept: Path | None) -> tuple[NetworkState, PeerMap, bytes]:
+    """Check the join result: the node's new state, its peer map and the network secret
+    (nothing written). `policy_expected`: the network policy version the token says is in
+    force (0: none, or no token), kept so the packet filter denies until this node has
+    verified that policy. `kept`: the peer map cache of a revoked node joining the same
+    network again, whose kept revocations, bindings and policy the new map starts from."""
     try:
         if not isinstance(result, dict):
             raise MembershipError("join result is not an object")
@@ -313,18 +320,26 @@ def _accept(paths: Paths, url: str, network: NetworkInfo, identity: NodeIdentity
         secret = unseal(identity.static_private, unb64(sealed.get("sealed"), "sealed secret"))
         if len(secret) != NETWORK_SECRET_BYTES:
             raise MembershipError("the network secret is not 32 bytes")
-        peer_map = PeerMap(network, member.wg_key)
+        state = NetworkState(url, network, member, policy_expected)
+        peer_map = load_peer_map(kept, state)[0] if kept is not None else PeerMap(network, member.wg_key)
+        peer_map.version = 0  # the coordinator's map now, whatever version the old cache had
         peer_map.apply(result.get("map"))
     except MembershipError as exc:
         raise NetworkError(f"the coordinator's answer does not verify: {exc}") from None
+    except StateError as exc:
+        raise NetworkError(str(exc)) from None
     if peer_map.revoked(member) is not None:
         raise NetworkError("the map says this key is revoked; ask the admin for a new invite")
-    state = NetworkState(url, network, member, policy_expected)
+    return state, peer_map, secret
+
+
+def _keep_joined(paths: Paths, state: NetworkState, peer_map: PeerMap, secret: bytes) -> None:
+    """Write a checked join's state (secret last: it completes the join), each file
+    replaced all at once."""
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     state.save(paths.network_state)
     save_peer_map(paths.peer_map_cache, peer_map)
     save_network_secret(paths.network_secret, secret)
-    return state
 
 
 # --- admin -----------------------------------------------------------------------------------
