@@ -32,8 +32,7 @@ from typing import Any
 from tunnelmesh import __version__
 from tunnelmesh.clock import Clock
 from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_config, read_network_secret
-from tunnelmesh.control_client import NotRunning, request
-from tunnelmesh.files import FileError, check_state_dir, write_atomic
+from tunnelmesh.files import FileError, check_state_dir, lock_dir, read_pid, write_atomic
 from tunnelmesh.filter import Member
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
 from tunnelmesh.coordinator.relay import Relay
@@ -75,14 +74,26 @@ async def _resolve(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:
     return infos[0][4][0], port
 
 
-def _already_running(paths: Paths) -> bool:
+def claim_state_dir(paths: Paths) -> int:
+    """Own the state directory for this daemon's life (`tunnelmesh.files.lock_dir`): the fd
+    holding the lock. Refuses if a live daemon holds it; otherwise a pid file and control
+    socket found there were left by a daemon that was killed or crashed, and are removed."""
     try:
-        request(paths.control_socket, "ping_daemon", timeout=2)
-    except NotRunning:
-        return False
-    except Exception:
-        return True
-    return True
+        lock = lock_dir(paths.state_dir)
+    except FileError as exc:
+        raise StartupError(str(exc)) from None
+    if lock is None:
+        pid = read_pid(paths.pid_file)
+        raise StartupError(f"tunnelmesh is already running with state dir {paths.state_dir}"
+                           f"{f' (pid {pid})' if pid is not None else ''}; stop it with `tunnelmesh down`")
+    left = [path for path in (paths.pid_file, paths.control_socket) if path.is_symlink() or path.exists()]
+    if left:
+        pid = read_pid(paths.pid_file)
+        for path in left:
+            path.unlink(missing_ok=True)
+        log.warning("removed %s left by a daemon that did not shut down (%s: killed or crashed)",
+                    " and ".join(str(path) for path in left), f"pid {pid}" if pid is not None else "no pid")
+    return lock
 
 
 class ServedSite(Actor):
@@ -428,10 +439,16 @@ async def run_daemon(paths: Paths) -> int:
     """Run until `down`, SIGTERM or SIGINT. Returns the process exit code."""
     leftovers = Leftovers()  # what is open now is not the daemon's to close
     _check_state_dir(paths)
+    lock = claim_state_dir(paths)  # held until the process ends: released by the kernel even on SIGKILL
+    try:
+        return await _run_claimed(paths, leftovers)
+    finally:
+        os.close(lock)
+
+
+async def _run_claimed(paths: Paths, leftovers: Leftovers) -> int:
     loaded = await _load(paths)
     config, identity, state = loaded.config, loaded.identity, loaded.state
-    if _already_running(paths):
-        raise StartupError(f"tunnelmesh is already running with state dir {paths.state_dir}; stop it with `tunnelmesh down`")
     cached_map = loaded.peer_map.snapshot() if loaded.peer_map is not None else None
     peers = await _initial_peers(config, cached_map)
     bind, tun = _open_edges(config)

@@ -12,17 +12,24 @@ That is only as safe as the directory: whoever can write to it can rename our fi
 away or swap a file for a symlink between two of our steps. `check_state_dir` therefore
 refuses a state directory owned by another user or writable by group or others, and
 says which chmod/chown fixes it. Every command that writes state calls it first.
+
+`lock_dir` is how a daemon owns its state directory: an exclusive flock that the kernel
+drops however the process ends (SIGKILL included), so a pid file or control socket found
+while the lock is free was left by a daemon that is gone, and one found while it is held
+belongs to a live daemon, whatever pid the file names now.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["FileError", "FileExists", "check_state_dir", "open_dir", "write_atomic", "write_atomic_at"]
+__all__ = ["FileError", "FileExists", "check_state_dir", "lock_dir", "open_dir", "read_pid", "write_atomic",
+           "write_atomic_at"]
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _TEMP_TRIES = 8  # random names clash only if planted: give up after a few, loudly
@@ -55,6 +62,33 @@ def open_dir(path: Path | str, *, follow: bool = True, dir_fd: int | None = None
     the last component (ELOOP). Raises OSError."""
     flags = os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     return os.open(path, flags, dir_fd=dir_fd)
+
+
+def lock_dir(path: Path | str) -> int | None:
+    """An fd of directory `path` holding an exclusive lock on it until the fd is closed or
+    the process ends (however), or None if another process holds the lock. Raises
+    `FileError` if the directory cannot be opened."""
+    try:
+        fd = open_dir(path)
+    except OSError as exc:
+        raise FileError(f"cannot open {path}: {_reason(exc)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as exc:
+        os.close(fd)
+        raise FileError(f"cannot lock {path}: {_reason(exc)}") from None
+    return fd
+
+
+def read_pid(path: Path | str) -> int | None:
+    """The pid a pid file names, if it names one (a stale one too: see `lock_dir`)."""
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def write_atomic_at(

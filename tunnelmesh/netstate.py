@@ -10,6 +10,10 @@ Files (all in the state directory, see `tunnelmesh.paths`):
   file, fsync, rename) after each change, so a crash or a full disk leaves the
   previous version, never half a file. A damaged cache is ignored (the node
   resyncs from the coordinator).
+
+Every file here is written through `tunnelmesh.files.write_atomic`. One that is damaged
+anyway (disk, hand edits) stops the daemon's start with its path and what to do,
+except the peer map cache (docs/architecture.md "State files and damage").
 - ``revocations.json`` (beside the cache): every revocation this node has seen,
   kept for good. Only ever merged into, never dropped with the cache: it is
   what stops a stale or replayed peer map from bringing a revoked key back.
@@ -76,6 +80,29 @@ def save_network_secret(path: Path, secret: bytes) -> None:
     write_atomic(path, network_secret_text(secret), secret=True)
 
 
+#: What to do about a damaged file that only this machine holds (no coordinator can be
+#: trusted to give it back), by what the file is.
+KEPT_FOR_GOOD = {
+    "revocations": "which members are revoked (one that dropped a revocation could bring a revoked node back)",
+    "bindings": "which key holds each name, address and SSH key",
+    "network policy": "the network policy, whatever its version",
+}
+NETWORK_STATE_REMEDY = ("restore it from a backup, or start over in a new state directory (--state-dir) with a "
+                        "new invite from the admin (`tunnelmesh join <token>`)")
+
+
+def damaged(path: Path, what: str, why: str) -> StateError:
+    """The error for a damaged state file: its path, what is wrong and what to do."""
+    if what in KEPT_FOR_GOOD:
+        remedy = (f"restore it from a backup, or remove it if there is none (this node then takes the "
+                  f"coordinator's word again for {KEPT_FOR_GOOD[what]})")
+    elif what == "network state":
+        remedy = NETWORK_STATE_REMEDY
+    else:
+        remedy = "restore it from a backup"
+    return StateError(f"{what} {path} is damaged ({why}); {remedy}")
+
+
 def _read_json(path: Path, what: str) -> Any:
     try:
         with open(path, "rb") as f:
@@ -85,11 +112,11 @@ def _read_json(path: Path, what: str) -> Any:
     except OSError as exc:
         raise StateError(f"cannot read {what} {path}: {exc.strerror}") from None
     if len(raw) > MAX_STATE_BYTES:
-        raise StateError(f"{what} {path} is larger than {MAX_STATE_BYTES} bytes")
+        raise damaged(path, what, f"larger than {MAX_STATE_BYTES} bytes")
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):
-        raise StateError(f"{what} {path} is damaged (not JSON)") from None
+        raise damaged(path, what, "not JSON: truncated or overwritten") from None
 
 
 @dataclass(frozen=True)
@@ -125,7 +152,7 @@ class NetworkState:
             if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
                 raise MembershipError("policy_expected: expected an integer of at least 0")
         except MembershipError as exc:
-            raise StateError(f"network state {path} does not verify: {exc}") from None
+            raise damaged(path, "network state", f"does not verify: {exc}") from None
         return cls(data["url"], network, member, expected)
 
 
@@ -152,7 +179,7 @@ def _read_revocation_wires(path: Path) -> list[Any]:
     except FileNotFoundError:
         return []
     if not isinstance(data, list):
-        raise StateError(f"revocations {path} is damaged (not a list); restore it from a backup")
+        raise damaged(path, "revocations", "not a list")
     return data
 
 
@@ -164,7 +191,7 @@ def _read_bindings(path: Path) -> tuple[dict[str, bytes], dict[bytes, int]]:
     try:
         return parse_bindings(data)
     except MembershipError as exc:
-        raise StateError(f"bindings {path} are damaged ({exc}); restore the file from a backup") from None
+        raise damaged(path, "bindings", str(exc)) from None
 
 
 def load_policy(cache: Path, network: NetworkInfo) -> PolicyRecord | None:
@@ -183,8 +210,7 @@ def load_policy(cache: Path, network: NetworkInfo) -> PolicyRecord | None:
     try:
         return PolicyRecord.from_wire(data, network)
     except MembershipError as exc:
-        raise StateError(f"network policy {path} is damaged ({exc}); restore it from a backup, or remove it "
-                         "(the node then takes the coordinator's policy, whatever its version)") from None
+        raise damaged(path, "network policy", str(exc)) from None
 
 
 def load_peer_map(path: Path, state: NetworkState) -> tuple[PeerMap, list[str]]:
@@ -261,7 +287,7 @@ def invite_ledger(path: Path, network: NetworkInfo) -> Iterator[InviteLedger]:
         try:
             ledger = InviteLedger.from_wire(wire, network)
         except MembershipError as exc:
-            raise StateError(f"invite ledger {path} is damaged ({exc}); restore it from a backup") from None
+            raise damaged(path, "invite ledger", str(exc)) from None
         before = json.dumps(ledger.to_wire())
         yield ledger
         after = ledger.to_wire()

@@ -10,15 +10,39 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 import pytest
 
+from actors.daemon import StartupError, _load_membership, claim_state_dir
 from tests.support.coordinator import World, now, serving
-from tunnelmesh.membership import AdminKey, MembershipError, Token, make_invite
-from tunnelmesh.netstate import NetworkState, load_peer_map, save_revocations
+from tunnelmesh.control_client import NotRunning, request
+from tunnelmesh.files import lock_dir
+from tunnelmesh.filter import STARTER_POLICY
+from tunnelmesh.membership import (
+    AdminKey,
+    MemberEntry,
+    MembershipError,
+    PeerMap,
+    PolicyRecord,
+    Revocation,
+    Token,
+    make_invite,
+)
+from tunnelmesh.netstate import (
+    NetworkState,
+    StateError,
+    invite_ledger,
+    load_peer_map,
+    save_peer_map,
+    save_revocations,
+)
 from tunnelmesh.network import NetworkError, join, revoke
 from tunnelmesh.paths import Paths
 
@@ -92,3 +116,149 @@ def test_a_revoked_nodes_join_with_a_bad_token_deletes_nothing_and_a_good_one_re
         assert peer_map.revocations_of(again.member) == [revocation]  # the old revocation is kept
 
     asyncio.run(scenario())
+
+
+# --- the daemon's start on damaged state files ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeDir:
+    """A node's state directory as its daemon leaves it: a member of a network in which
+    another member was revoked, with a network policy."""
+
+    world: World
+    paths: Paths
+    me: MemberEntry
+    gone: MemberEntry
+
+
+def joined_state(directory: Path) -> NodeDir:
+    world = World.create()
+    admin, me, gone = (world.entry(world.admin_member(i, name, i + 1)) for i, name in enumerate(("admin", "me", "gone")))
+    directory.mkdir(mode=0o700)
+    paths = Paths(directory, directory / "tunnelmesh.toml")
+    NetworkState("http://192.0.2.1:7400", world.network, me).save(paths.network_state)
+    peer_map = PeerMap(world.network, me.wg_key)
+    full = {"version": 2, "full": True, "members": [m.to_wire() for m in (admin, me, gone)], "revocations": [],
+            "secret": None, "endpoints": {}}
+    peer_map.apply(full)
+    revocation = Revocation.create(world.admin, gone, now() + 1)
+    peer_map.apply({**full, "version": 3, "full": False, "members": [], "revocations": [revocation.to_wire()]})
+    peer_map.policy = PolicyRecord.create(world.admin, 1, STARTER_POLICY, now())
+    save_peer_map(paths.peer_map_cache, peer_map)
+    return NodeDir(world, paths, me, gone)
+
+
+def files_in(paths: Paths) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(paths.state_dir.iterdir())}
+
+
+def damage(path: Path, how: str) -> None:
+    raw = path.read_bytes()
+    path.write_bytes({"truncated": raw[: len(raw) // 2], "empty": b"", "garbage": b"\x00\xff{[" * 7,
+                      "wrong shape": b'"just a string"\n'}[how])
+
+
+HOW = ("truncated", "empty", "garbage", "wrong shape")
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_damaged_peer_map_cache_is_ignored_and_no_revocation_binding_or_policy_is_lost(
+        tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    node = joined_state(tmp_path / "node")
+    damage(node.paths.peer_map_cache, how)
+    kept = {name: raw for name, raw in files_in(node.paths).items() if name != "peermap.json"}
+    state, peer_map = _load_membership(node.paths, node.world.nodes[1])
+    assert state.member == node.me and not peer_map.members  # resynced from the coordinator once it runs
+    assert peer_map.revoked(node.gone) is not None
+    assert peer_map.bindings["name:gone"] == node.gone.wg_key
+    assert peer_map.policy is not None and peer_map.policy.version == 1
+    assert "peer map cache" in caplog.text and "ignored" in caplog.text
+    assert {name: raw for name, raw in files_in(node.paths).items() if name != "peermap.json"} == kept
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("name, what, says", [
+    ("network.json", "network state", "start over in a new state directory"),
+    ("revocations.json", "revocations", "remove it if there is none (this node then takes the coordinator's word"),
+    ("bindings.json", "bindings", "remove it if there is none (this node then takes the coordinator's word"),
+    ("policy.json", "network policy", "remove it if there is none (this node then takes the coordinator's word"),
+])
+def test_a_damaged_file_no_coordinator_gives_back_stops_the_start_naming_it_and_nothing_is_deleted(
+        tmp_path: Path, how: str, name: str, what: str, says: str) -> None:
+    node = joined_state(tmp_path / "node")
+    path = node.paths.state_dir / name
+    damage(path, how)
+    before = files_in(node.paths)
+    with pytest.raises(StateError) as refused:
+        _load_membership(node.paths, node.world.nodes[1])
+    message = str(refused.value)
+    assert f"{what} {path} is damaged" in message and "restore it from a backup" in message and says in message
+    assert files_in(node.paths) == before
+
+
+def test_a_damaged_invite_ledger_is_an_error_that_says_what_to_do(tmp_path: Path) -> None:
+    node = joined_state(tmp_path / "node")
+    ledger = node.paths.invites
+    ledger.write_bytes(b'{"invites": [')
+    with pytest.raises(StateError, match=rf"invite ledger {ledger} is damaged \(not JSON.*restore it from a backup"):
+        with invite_ledger(ledger, node.world.network):
+            pass
+    assert ledger.read_bytes() == b'{"invites": ['
+
+
+# --- stale pid files and control sockets -------------------------------------------------------
+
+
+def stale_leftovers(paths: Paths, pid: int) -> None:
+    """A pid file and a control socket as a SIGKILLed daemon leaves them: the socket file
+    is there, but nothing listens (connecting is refused)."""
+    paths.pid_file.write_text(f"{pid}\n")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(paths.control_socket))
+    listener.close()
+    with pytest.raises(NotRunning):
+        request(paths.control_socket, "ping_daemon", timeout=2)
+
+
+def holder(paths: Paths) -> subprocess.Popen[str]:
+    """Another process holding the state directory's lock, as a running daemon does; its
+    pid is in the pid file. Ready once it says so."""
+    program = ("import sys, time; from tunnelmesh.files import lock_dir; "
+               f"fd = lock_dir({str(paths.state_dir)!r}); print('held' if fd is not None else 'not held', flush=True); "
+               "time.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline().strip() == "held"
+    paths.pid_file.write_text(f"{process.pid}\n")
+    return process
+
+
+def test_the_lock_is_the_daemons_and_the_kernel_drops_it_on_sigkill(tmp_path: Path) -> None:
+    paths = Paths(tmp_path, tmp_path / "tunnelmesh.toml")
+    process = holder(paths)
+    try:
+        stale_leftovers(paths, process.pid)
+        with pytest.raises(StartupError, match=rf"already running with state dir {tmp_path} \(pid {process.pid}\)"):
+            claim_state_dir(paths)
+        assert paths.pid_file.exists() and paths.control_socket.exists()  # a live daemon's: left alone
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    lock = claim_state_dir(paths)  # the killed holder's lock went with it
+    try:
+        assert not paths.pid_file.exists() and not paths.control_socket.exists()  # stale: removed
+        assert lock_dir(tmp_path) is None
+    finally:
+        os.close(lock)
+    again = lock_dir(tmp_path)
+    assert again is not None
+    os.close(again)
+
+
+def test_a_stale_pid_file_naming_a_live_process_of_someone_else_does_not_block_the_start(tmp_path: Path) -> None:
+    """After a SIGKILL the pid may be reused by any process: the lock, not the pid, decides."""
+    paths = Paths(tmp_path, tmp_path / "tunnelmesh.toml")
+    stale_leftovers(paths, os.getppid())
+    lock = claim_state_dir(paths)
+    os.close(lock)
+    assert not paths.pid_file.exists() and not paths.control_socket.exists()

@@ -17,7 +17,8 @@ from tunnelmesh import __version__
 from tunnelmesh.config import ConfigError, read_network_secret
 from actors.messages import FilterStatus, PeerStatus, to_json
 from tunnelmesh import control_client
-from tunnelmesh.control_client import ControlError, NotRunning, request
+from tunnelmesh.control_client import ControlError, request
+from tunnelmesh.files import FileError, lock_dir, read_pid
 from tunnelmesh.paths import Paths
 
 from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, _check_state_dir, _identity, _load
@@ -45,19 +46,20 @@ def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _up_detached(args: argparse.Namespace, paths: Paths) -> int:
+    _check_state_dir(paths)
     # Checked here, not only in the child: otherwise the running daemon would answer
     # the readiness check below and this would report success while the child exits.
+    # A pid file or control socket without the lock is what a killed daemon left: the
+    # child removes them.
     try:
-        request(paths.control_socket, "ping_daemon", timeout=2)
-    except NotRunning:
-        pass
-    except ControlError:
-        raise CliError(f"tunnelmesh is already running with state dir {paths.state_dir} (its control socket "
-                       f"does not answer); stop it with `tunnelmesh down`", EXIT_FAIL) from None
-    else:
-        raise CliError(f"tunnelmesh is already running with state dir {paths.state_dir}; stop it with `tunnelmesh down`",
-                       EXIT_FAIL)
-    _check_state_dir(paths)
+        probe = lock_dir(paths.state_dir)
+    except FileError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+    if probe is None:
+        pid = read_pid(paths.pid_file)
+        raise CliError(f"tunnelmesh is already running with state dir {paths.state_dir}"
+                       f"{f' (pid {pid})' if pid is not None else ''}; stop it with `tunnelmesh down`", EXIT_FAIL)
+    os.close(probe)
     log_path = paths.log_file
     argv = [sys.executable, "-m", "tunnelmesh", "--state-dir", str(paths.state_dir), "--config", str(paths.config),
             "up", "--log-level", args.log_level]
@@ -82,7 +84,7 @@ def _up_detached(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_down(args: argparse.Namespace, paths: Paths) -> int:
-    pid = _read_pid(paths)
+    pid = read_pid(paths.pid_file)
     request(paths.control_socket, "down")
     deadline = time.monotonic() + 15
     while pid is not None and time.monotonic() < deadline:
@@ -94,13 +96,6 @@ def cmd_down(args: argparse.Namespace, paths: Paths) -> int:
             raise CliError(f"daemon (pid {pid}) did not stop within 15 s")
     print("tunnelmesh down")
     return EXIT_OK
-
-
-def _read_pid(paths: Paths) -> int | None:
-    try:
-        return int(paths.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 # --- status / peers / ping ---------------------------------------------------------
