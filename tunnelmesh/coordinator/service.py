@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from tunnelmesh.fields import FieldError, Fields, parse_endpoint, shown
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
@@ -894,6 +895,33 @@ def _rate_limited(service: _Service, limiter: RateLimiter, monotonic: Callable[[
     return limit
 
 
+class MalformedRequests(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger for the coordinator. A request aiohttp cannot parse (broken
+    framing, a bad method, an oversize header: HttpProcessingError) comes from the client,
+    not from a bug: it is counted (`count`) and logged as one line, once per source and
+    minute (RefusalLog), never with a traceback. Anything else is logged as aiohttp would."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self.count = 0
+        self._log_refusal = RefusalLog(log)
+
+    def log(self, level: int, msg: object, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        if not isinstance(exc_info, HttpProcessingError):
+            super().log(level, msg, *args, exc_info=exc_info, **kwargs)
+            return
+        self.count += 1
+        # aiohttp passes the request's remote address as the one argument of this message
+        where = source_key(args[0] if args and isinstance(args[0], str) else None)
+        self._log_refusal(where, "malformed HTTP",
+                          f"malformed HTTP request from {where}: {exc_info.code} {_loggable(str(exc_info.message), 120)} "
+                          f"({self.count} malformed so far)")
+
+
+#: The malformed-request counter of a running app (`serve` hands it to aiohttp as its logger).
+MALFORMED_REQUESTS = web.AppKey("malformed_requests", MalformedRequests)
+
+
 def make_app(store: Store, *, clock: Callable[[], float] = time.time,
              admin_fingerprint: str | None = None, trusted_proxies: frozenset[str] = frozenset(),
              limiter: RateLimiter | None = None, monotonic: Callable[[], float] = time.monotonic) -> web.Application:
@@ -909,6 +937,7 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[_errors, _rate_limited(service, limiter, monotonic)])
     app[RATE_LIMITER] = limiter
+    app[MALFORMED_REQUESTS] = MalformedRequests()
     app.cleanup_ctx.append(service.lifetime)
     app.on_shutdown.append(service.on_shutdown)
     app.router.add_get("/v1/network", service.network)
@@ -932,7 +961,8 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
 async def serve(app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
                 ) -> web.AppRunner:
     """Start serving `app` on host:port (TLS with `ssl_context`); the caller cleans the runner up."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                           logger=app.get(MALFORMED_REQUESTS, logging.getLogger("aiohttp.server")))
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context).start()

@@ -1,0 +1,60 @@
+"""Malformed HTTP sent to a real coordinator on 127.0.0.1: each is answered 400 and counted,
+and the log gets one line per source a minute, never a traceback (issue 17, part 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from tunnelmesh.coordinator.service import MALFORMED_REQUESTS, make_app, serve
+from tunnelmesh.coordinator.store import Store
+
+# Each breaks HTTP/1.1 framing in another way; one per connection.
+MALFORMED = [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)),  # a TLS ClientHello to plain HTTP
+    b"GET /v1/network HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /v1/register HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /v1/network HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET /v1/network HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20_000 + b"\r\n\r\n",
+    b"GET /v1/\x00network HTTP/1.1\r\n\r\n",
+    b"GET /v1/network HTTP/1.1\r\nbad header line\r\n\r\n",
+    b"GET /v1/network HTTP/1.1\r\nHost: x\r\n\r\nNOT A METHOD / HTTP/1.1\r\n\r\n",  # the second request on a connection
+]
+
+
+async def send_raw(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()  # the coordinator answers and closes the connection
+    finally:
+        writer.close()
+
+
+def test_malformed_http_is_one_counted_line_never_a_traceback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> int:
+        store = Store.open(tmp_path / "c.db")
+        app = make_app(store)
+        runner = await serve(app, "127.0.0.1", 0)
+        try:
+            port = runner.addresses[0][1]
+            for _ in range(3):
+                for data in MALFORMED:
+                    assert b" 400 Bad Request\r\n" in await send_raw(port, data)
+            return app[MALFORMED_REQUESTS].count
+        finally:
+            await runner.cleanup()
+            store.close()
+
+    caplog.set_level(logging.DEBUG)
+    counted = asyncio.run(main())
+    assert counted == 3 * len(MALFORMED)
+    assert [r for r in caplog.records if r.exc_info or r.exc_text or "Traceback" in r.getMessage()] == []
+    lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage().lower()]
+    assert len(lines) == 1 and lines[0].startswith("malformed HTTP request from 127.0.0.1: 400"), lines
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
