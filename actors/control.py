@@ -25,6 +25,12 @@ from .runtime import Actor
 log = logging.getLogger("tunnelmesh.control")
 
 MAX_REQUEST = 64 * 1024
+# A client gets this long to send each whole request line and to take each reply: a client
+# that stalls half-way (or never reads) is dropped rather than holding its connection forever.
+REQUEST_TIMEOUT = 30.0
+# Connections open at once (`events` subscribers included); more are answered with an error
+# and closed, so a flood of connections cannot grow the daemon without bound.
+MAX_CONNECTIONS = 64
 CONNECTION_STOP_TIMEOUT = 2.0  # a connection's task ends at once when cancelled; this only bounds the wait
 EVENT_QUEUE = 256
 
@@ -61,11 +67,16 @@ class ControlServer(Actor):
     name = "control"
     policy = "fatal"
 
-    def __init__(self, path: Path, handlers: dict[str, Handler], bus: EventBus) -> None:
+    def __init__(self, path: Path, handlers: dict[str, Handler], bus: EventBus, *,
+                 request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
         super().__init__()
         self.path = path
         self.handlers = handlers
         self.bus = bus
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.refused = 0  # connections turned away because max_connections were open
+        self.timed_out = 0  # connections dropped for a request (or a reply) not done in time
         self._server: asyncio.AbstractServer | None = None
         # One task per connection (asyncio's server makes them): this actor's children, ended
         # when it stops, so an `events` subscriber or a waiting ping cannot outlive the daemon.
@@ -86,13 +97,26 @@ class ControlServer(Actor):
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:  # a flood is one line per thousand
+                log.warning("control socket: %d connections refused (more than %d at once)",
+                            self.refused, self.max_connections)
+            writer.write(_line({"ok": False, "error": f"too many control connections (over {self.max_connections})"}))
+            writer.close()  # no drain: a client that does not read cannot hold this connection
+            return
         self._connections.add(task)
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    async with asyncio.timeout(self.request_timeout):
+                        line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
-                    await _send(writer, {"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"})
+                    await self._reply(writer, {"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"})
+                    return
+                except TimeoutError:
+                    self.timed_out += 1
+                    await self._reply(writer, {"ok": False, "error": f"no whole request line within {self.request_timeout:g} s"})
                     return
                 if not line:
                     return
@@ -100,28 +124,39 @@ class ControlServer(Actor):
                     request = json.loads(line)
                     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
                         raise ValueError("a request is a JSON object with a string 'cmd'")
-                except (ValueError, RecursionError) as exc:
-                    await _send(writer, {"ok": False, "error": f"bad request: {str(exc)[:200]}"})
+                except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                    await self._reply(writer, {"ok": False, "error": f"bad request: {str(exc)[:200]}"})
                     continue
                 if request["cmd"] == "events":
                     await self._stream_events(writer)
                     return
                 handler = self.handlers.get(request["cmd"])
                 if handler is None:
-                    await _send(writer, {"ok": False, "error": f"unknown command {request['cmd']!r}; known: {', '.join(sorted(self.handlers))}, events"})
+                    await self._reply(writer, {"ok": False, "error": f"unknown command {request['cmd'][:100]!r}; known: {', '.join(sorted(self.handlers))}, events"})
                     continue
                 try:
                     result = to_json(await handler(request))
                 except Exception as exc:  # the client gets the reason; the daemon lives on
                     log.debug("control %s failed", request["cmd"], exc_info=True)
-                    await _send(writer, {"ok": False, "error": str(exc) or type(exc).__name__})
+                    await self._reply(writer, {"ok": False, "error": str(exc) or type(exc).__name__})
                     continue
-                await _send(writer, {"ok": True, "result": result})
+                await self._reply(writer, {"ok": True, "result": result})
         except (ConnectionError, asyncio.CancelledError):
+            pass
+        except TimeoutError:  # a reply the client did not take in time (counted by _reply)
             pass
         finally:
             self._connections.discard(task)
             writer.close()
+
+    async def _reply(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        """One reply, taken by the client within the request timeout (TimeoutError if not)."""
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                await _send(writer, message)
+        except TimeoutError:
+            self.timed_out += 1
+            raise
 
     async def _stream_events(self, writer: asyncio.StreamWriter) -> None:
         queue = self.bus.subscribe()
@@ -147,5 +182,9 @@ class ControlServer(Actor):
 
 
 async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-    writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    writer.write(_line(message))
     await writer.drain()
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"

@@ -20,6 +20,10 @@ from actors.messages import (
 
 T = TypeVar("T")
 
+#: The largest reply read (a status of a very large mesh is far below it): whatever is at
+#: the socket's path, the CLI's memory stays bounded.
+MAX_REPLY = 16 * 1024 * 1024
+
 
 class ControlError(Exception):
     pass
@@ -79,12 +83,12 @@ def events(path: Path) -> Iterator[Event]:
         sock.settimeout(None)
         sock.sendall(b'{"cmd":"events"}\n')
         reader = sock.makefile("rb")
-        reply = json.loads(reader.readline() or b"{}")
+        reply = _parse_reply(reader.readline(MAX_REPLY + 1) or b"{}")
         if not reply.get("ok"):
             raise ControlError(str(reply.get("error", "the daemon closed the connection without answering")))
         _versioned(Subscribed, reply.get("result"))
-        for line in reader:
-            yield _typed(Event, json.loads(line))
+        while line := reader.readline(MAX_REPLY + 1):
+            yield _typed(Event, _parse_reply(line))
 
 
 def _versioned(cls: type[T], result: Any) -> T:
@@ -105,8 +109,8 @@ def _typed(cls: type[T], result: Any) -> T:
 
 
 def _read_line(sock: socket.socket) -> dict[str, Any]:
-    chunks = []
-    while True:
+    chunks, size = [], 0
+    while size <= MAX_REPLY:
         try:
             chunk = sock.recv(65536)
         except socket.timeout:
@@ -114,14 +118,22 @@ def _read_line(sock: socket.socket) -> dict[str, Any]:
         if not chunk:
             break
         chunks.append(chunk)
+        size += len(chunk)
         if chunk.endswith(b"\n"):
             break
     data = b"".join(chunks)
     if not data:
         raise ControlError("the daemon closed the connection without answering")
+    return _parse_reply(data)
+
+
+def _parse_reply(data: bytes) -> dict[str, Any]:
+    """One reply line as a JSON object; ControlError for anything else (too long included)."""
+    if len(data) > MAX_REPLY:
+        raise ControlError(f"the daemon's reply is larger than {MAX_REPLY // (1024 * 1024)} MiB")
     try:
         reply = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ControlError("the daemon sent a malformed reply") from None
     if not isinstance(reply, dict):
         raise ControlError("the daemon sent a malformed reply")
