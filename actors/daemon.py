@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 from tunnelmesh import __version__
 from tunnelmesh.clock import Clock
 from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_config, read_network_secret
-from tunnelmesh.files import FileError, check_state_dir, lock_dir, read_pid, write_atomic
+from tunnelmesh.files import FileError, check_state_dir, lock_dir, read_pid, remove_stale_temps, write_atomic
 from tunnelmesh.filter import Member
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
 from tunnelmesh.coordinator.relay import Relay
@@ -74,10 +75,15 @@ async def _resolve(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:
     return infos[0][4][0], port
 
 
+#: How old a temp file in the state directory must be to be taken for one a kill left (s).
+STALE_TEMP_AGE = 60.0
+
+
 def claim_state_dir(paths: Paths) -> int:
     """Own the state directory for this daemon's life (`tunnelmesh.files.lock_dir`): the fd
     holding the lock. Refuses if a live daemon holds it; otherwise a pid file and control
-    socket found there were left by a daemon that was killed or crashed, and are removed."""
+    socket found there were left by a daemon that was killed or crashed, and are removed,
+    as are the temp files of writes a kill cut short."""
     try:
         lock = lock_dir(paths.state_dir)
     except FileError as exc:
@@ -93,6 +99,13 @@ def claim_state_dir(paths: Paths) -> int:
             path.unlink(missing_ok=True)
         log.warning("removed %s left by a daemon that did not shut down (%s: killed or crashed)",
                     " and ".join(str(path) for path in left), f"pid {pid}" if pid is not None else "no pid")
+    try:  # `tunnelmesh` commands write here without the lock: only temp files long past any write
+        temps = remove_stale_temps(paths.state_dir, time.time() - STALE_TEMP_AGE)
+    except OSError as exc:
+        log.warning("cannot remove the temp files of cut-short writes in %s: %s", paths.state_dir, exc)
+    else:
+        if temps:
+            log.info("removed the temp files of %d writes a kill cut short: %s", len(temps), ", ".join(temps))
     return lock
 
 
@@ -437,16 +450,16 @@ async def _start_services(paths: Paths, loaded: Loaded, tun: TunDevice, node: No
 
 async def run_daemon(paths: Paths) -> int:
     """Run until `down`, SIGTERM or SIGINT. Returns the process exit code."""
-    leftovers = Leftovers()  # what is open now is not the daemon's to close
     _check_state_dir(paths)
     lock = claim_state_dir(paths)  # held until the process ends: released by the kernel even on SIGKILL
     try:
-        return await _run_claimed(paths, leftovers)
+        return await _run_claimed(paths)
     finally:
         os.close(lock)
 
 
-async def _run_claimed(paths: Paths, leftovers: Leftovers) -> int:
+async def _run_claimed(paths: Paths) -> int:
+    leftovers = Leftovers()  # what is open now (the state directory's lock too) is not the daemon's to close
     loaded = await _load(paths)
     config, identity, state = loaded.config, loaded.identity, loaded.state
     cached_map = loaded.peer_map.snapshot() if loaded.peer_map is not None else None

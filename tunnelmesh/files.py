@@ -24,12 +24,13 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import re
 import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["FileError", "FileExists", "check_state_dir", "lock_dir", "open_dir", "read_pid", "write_atomic",
-           "write_atomic_at"]
+__all__ = ["FileError", "FileExists", "check_state_dir", "lock_dir", "open_dir", "read_pid", "remove_stale_temps",
+           "write_atomic", "write_atomic_at"]
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _TEMP_TRIES = 8  # random names clash only if planted: give up after a few, loudly
@@ -51,6 +52,26 @@ class FileExists(FileError):
 def _temp_name(name: str) -> str:
     # Random, so nobody can plant anything at the name in advance (O_EXCL refuses it anyway).
     return f".{name}.{secrets.token_hex(8)}.tmp"
+
+
+_TEMP_NAME_RE = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
+
+
+def remove_stale_temps(directory: Path | str, before: float) -> list[str]:
+    """Remove the temp files of writes that a kill cut short (names as `_temp_name` makes
+    them, last changed before the wall-clock time `before`: a write still going on is
+    younger than that); the names removed."""
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                if (_TEMP_NAME_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                        and entry.stat(follow_symlinks=False).st_mtime < before):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except FileNotFoundError:
+                continue  # its write finished or another cleaner took it
+    return sorted(removed)
 
 
 def _reason(exc: OSError) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from actors.daemon import StartupError, _load_membership, claim_state_dir
+from actors.daemon import STALE_TEMP_AGE, StartupError, _load_membership, claim_state_dir
 from tests.support.coordinator import World, now, serving
 from tunnelmesh.control_client import NotRunning, request
 from tunnelmesh.files import lock_dir
@@ -262,3 +263,62 @@ def test_a_stale_pid_file_naming_a_live_process_of_someone_else_does_not_block_t
     lock = claim_state_dir(paths)
     os.close(lock)
     assert not paths.pid_file.exists() and not paths.control_socket.exists()
+
+
+# --- a kill in the middle of a state write ----------------------------------------------------
+
+WRITER = """
+import sys
+from pathlib import Path
+from tunnelmesh.netstate import NetworkState, load_peer_map, save_peer_map, write_atomic
+state_dir = Path(sys.argv[1])
+state = NetworkState.load(state_dir / "network.json")
+peer_map, _ = load_peer_map(state_dir / "peermap.json", state)
+kept = {name: (state_dir / name).read_bytes() for name in ("revocations.json", "bindings.json", "policy.json")}
+print("writing", flush=True)
+for _ in range(1_000_000):  # bounded: killed long before
+    peer_map.version += 1
+    save_peer_map(state_dir / "peermap.json", peer_map)
+    for name, raw in kept.items():
+        write_atomic(state_dir / name, raw)
+"""
+
+
+def test_sigkill_in_the_middle_of_state_writes_leaves_every_file_whole(tmp_path: Path) -> None:
+    node = joined_state(tmp_path / "node")
+    original = files_in(node.paths)
+    rng = random.Random(17)
+    versions = []
+    for _ in range(8):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(node.paths.state_dir)], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+            time.sleep(rng.uniform(0.0, 0.05))  # the moment to kill at, drawn by the RNG
+        finally:
+            writer.kill()
+            writer.wait(timeout=10)
+        now_in = files_in(node.paths)
+        assert {name for name in now_in if not name.startswith(".")} == original.keys()  # a temp file at most
+        for name in ("network.json", "revocations.json", "bindings.json", "policy.json", "network.secret"):
+            assert now_in.get(name) == original.get(name), f"{name} changed by a killed write"
+        _, peer_map = _load_membership(node.paths, node.world.nodes[1])  # every file whole and verified
+        assert peer_map.revoked(node.gone) is not None
+        versions.append(peer_map.version)
+    assert max(versions) > 3, f"the writer never wrote before it was killed: {versions}"
+    print(f"peer map versions after each kill: {versions}; temp files left: "
+          f"{sorted(name for name in files_in(node.paths) if name.startswith('.'))}")
+
+
+def test_the_temp_files_of_writes_a_kill_cut_short_go_at_the_next_start_and_only_they(tmp_path: Path) -> None:
+    paths = Paths(tmp_path, tmp_path / "tunnelmesh.toml")
+    left = [tmp_path / ".peermap.json.0123456789abcdef.tmp", tmp_path / ".revocations.json.fedcba9876543210.tmp"]
+    young = tmp_path / ".policy.json.00112233445566aa.tmp"  # a `tunnelmesh` command may be writing it now
+    other = [tmp_path / ".notes.tmp", tmp_path / "peermap.json.0123456789abcdef.tmp", tmp_path / "keep.json"]
+    for path in [*left, young, *other]:
+        path.write_bytes(b"{")
+    long_ago = time.time() - 2 * STALE_TEMP_AGE
+    for path in [*left, *other]:
+        os.utime(path, (long_ago, long_ago))
+    os.close(claim_state_dir(paths))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (young, *other))
