@@ -27,6 +27,9 @@ from tunnelmesh.tls import check_pinned_url, client_ssl
 
 #: Extra time allowed on top of a long-poll's wait before giving up on an answer.
 LONG_POLL_SLACK = 10.0
+#: The largest answer read (after decompression): a peer map of thousands of members is far
+#: below it; whatever answers at the URL, the node's memory stays bounded.
+MAX_ANSWER = 16 * 1024 * 1024
 #: How long the coordinator holds a join with an invite for the admin's countersignature
 #: (tunnelmesh.coordinator.service.COUNTERSIGN_WAIT).
 COUNTERSIGN_WAIT = 10.0
@@ -49,6 +52,23 @@ class Revoked(CoordinatorError):
     def __init__(self, message: str, status: int, revocation: dict[str, Any]) -> None:
         super().__init__(message, status)
         self.revocation = revocation
+
+
+class AnswerTooLarge(Exception):
+    """An answer's body went past the limit (raised by `_read_bounded`)."""
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, read no further than `limit` bytes (AnswerTooLarge past it); the
+    time it may take is the request's timeout (a slow drip or an endless body ends there)."""
+    if response.content_length is not None and response.content_length > limit:
+        raise AnswerTooLarge
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge
+    return bytes(body)
 
 
 class Coordinator:
@@ -120,7 +140,7 @@ class Coordinator:
                                              proxy=self.proxy, ssl=self._ssl,
                                              timeout=aiohttp.ClientTimeout(total=total)) as response:
                 status = response.status
-                payload = await response.read()
+                payload = await _read_bounded(response, MAX_ANSWER)
         except (aiohttp.ClientConnectorError, aiohttp.ClientHttpProxyError, aiohttp.ServerFingerprintMismatch) as exc:
             hint = ""
             if isinstance(exc, aiohttp.ClientConnectorCertificateError) and not self.pinned:
@@ -130,6 +150,9 @@ class Coordinator:
                                    f"{connect_failure(exc, self.proxy)}{hint}") from None
         except asyncio.TimeoutError:
             raise CoordinatorError(f"the coordinator at {self.url} did not answer within {total:g} s") from None
+        except AnswerTooLarge:
+            raise CoordinatorError(f"{self.url} answered with more than {MAX_ANSWER // (1024 * 1024)} MiB: "
+                                   "is it a tunnelmesh coordinator?") from None
         except (aiohttp.ClientError, ValueError) as exc:
             raise CoordinatorError(f"cannot talk to the coordinator at {self.url}: {exc or type(exc).__name__}") from None
         try:
