@@ -80,6 +80,10 @@ SUBSYSTEM = "tunnelmesh"
 BRIDGE_COMMAND = "tunnelmesh"  # asked for on a bridge; sshd runs the forced command instead
 DIAL_TIMEOUT = 5.0  # seconds per target: TCP, key exchange, login and channel open
 LOGIN_TIMEOUT = 10.0  # an unauthenticated connection to our server is dropped after this
+# Connections to our server not yet logged in, at once: more are dropped as they arrive (and
+# counted), so a flood of connections that never log in costs a bounded amount; members
+# already logged in are not affected.
+MAX_UNAUTHENTICATED = 64
 KEEPALIVE_INTERVAL = 15.0  # a silent dead peer is noticed within interval * (count + 1)
 KEEPALIVE_COUNT = 3
 SEND_BUFFER_LIMIT = 512 * 1024  # bytes queued on one link before messages are dropped
@@ -398,6 +402,13 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         self._owner._server_conns.add(conn)
+        unauthenticated = self._owner._unauthenticated
+        if len(unauthenticated) >= self._owner.max_unauthenticated:
+            self.refuse("too many connections not logged in",
+                        f"a connection ({len(unauthenticated)} not logged in already)")
+            asyncio.get_running_loop().call_soon(conn.abort)  # once asyncssh is done setting it up
+            return
+        unauthenticated.add(conn)
         # asyncssh asks `validate_public_key` the same question for a key query (no
         # signature: answered PK_OK or failure) and for a signed login, before it checks the
         # signature. A PK_OK for members' keys only would tell anyone holding a public key
@@ -416,6 +427,11 @@ class _Server(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self._owner._server_conns.discard(self._conn)
+            self._owner._unauthenticated.discard(self._conn)
+
+    def auth_completed(self) -> None:
+        if self._conn is not None:
+            self._owner._unauthenticated.discard(self._conn)
 
     def begin_auth(self, username: str) -> bool:
         return True  # every login must authenticate
@@ -513,10 +529,14 @@ class SshRung:
         sink: LinkSink,
         listen_host: str = "0.0.0.0",
         clock: Clock = SYSTEM_CLOCK,
+        login_timeout: float = LOGIN_TIMEOUT,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
     ) -> None:
         if port is not None and host_key is None:
             raise ValueError("serving SSH needs a host key")
         self.identity = identity
+        self.login_timeout = login_timeout
+        self.max_unauthenticated = max_unauthenticated
         self.directory = directory
         self.sink = sink
         self.drops: collections.Counter[str] = collections.Counter()
@@ -528,6 +548,7 @@ class SshRung:
         self._dialling: dict[bytes, asyncio.Task[SshLink]] = {}  # owned: close() cancels and awaits them
         self._server: asyncssh.SSHAcceptor | None = None
         self._server_conns: set[asyncssh.SSHServerConnection] = set()
+        self._unauthenticated: set[asyncssh.SSHServerConnection] = set()  # of _server_conns: not logged in yet
         self._bridge: Any = None  # links.bridge.BridgeServer once start_bridge ran
         self._log_refusal = RefusalLog(log, clock)
 
@@ -553,7 +574,7 @@ class SshRung:
                 agent_forwarding=False,
                 x11_forwarding=False,
                 allow_scp=False,
-                login_timeout=LOGIN_TIMEOUT,
+                login_timeout=self.login_timeout,
                 encoding=None,
                 **_OPTIONS,
             )
@@ -716,6 +737,7 @@ class SshRung:
         for conn in list(self._server_conns):
             conn.close()
         self._server_conns.clear()
+        self._unauthenticated.clear()
 
     def status(self) -> dict[str, Any]:
         return {
