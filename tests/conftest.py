@@ -11,6 +11,7 @@ import os
 import secrets
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -24,8 +25,9 @@ _lab_numbers = itertools.count(1)
 _MARKERS_BY_DIR = {"e2e": "e2e", "interop": "interop"}
 
 
-def unavailable(reason: str) -> None:
-    """Skip with `reason`, or fail under CI=true."""
+def unavailable(reason: str) -> NoReturn:
+    """Skip with `reason`, or fail under CI=true: the one way a test says that a tool, root
+    or a device it needs is missing here."""
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: this test must run, not skip)", pytrace=False)
     pytest.skip(reason)

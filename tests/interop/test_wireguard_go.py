@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unavailable
 from tests.support.wireguard_go import stop_wireguard_go
 
 from tools.lab import clean_environment, find_tool
@@ -48,19 +49,12 @@ from tunnelmesh.wireguard.crypto import derive_psk, x25519_private, x25519_publi
 
 pytestmark = pytest.mark.interop
 
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")  # as tests/conftest.py
 OUR_IP = "100.100.0.1"
 THEIR_IP = "100.100.0.2"
 WG_PORT = 51820
 WAIT = 5.0  # seconds for any one thing to arrive
 CLONE_NEWNET = 0x40000000
 UAPI_DIR = Path("/var/run/wireguard")
-
-
-def unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: the interop tests must run, not skip)", pytrace=False)
-    pytest.skip(reason)
 
 
 # --- IPv4 / ICMP, with real checksums ------------------------------------------------------

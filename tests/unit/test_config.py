@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import ipaddress
 import os
-import shutil
 import stat
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from tests.links import new_identity
 from tunnelmesh.config import (
     DEFAULT_HOST_KEY,
     ConfigError,
@@ -25,6 +23,8 @@ from tunnelmesh.config import (
     starter_config,
     write_network_secret,
 )
+from tunnelmesh.identity import DEFAULT_HOST_KEY as IDENTITY_DEFAULT_HOST_KEY
+from tunnelmesh.identity import IdentityError, PublicIdentity
 from tunnelmesh.paths import DEFAULT_CONFIG, DEFAULT_STATE_DIR, Paths, resolve_paths
 
 
@@ -847,33 +847,19 @@ class TestStarterConfig:
 
 
 def test_garbage_identity_line_is_a_config_error(tmp_path: Path) -> None:
-    """Runs whether or not tunnelmesh.identity is importable: ConfigError either way."""
     text = MINIMAL + '\n[[peers]]\nname = "b"\nidentity = "ssh-ed25519 garbage wg=x att=y"\nmesh_ip = "100.100.0.2"\n'
     err = load_error(tmp_path, text)
     assert err.line == 7 and "peer 'b'" in err.message and "identit" in err.message
 
 
 @pytest.fixture(scope="module")
-def identity_lines(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Two real identity lines. Needs tunnelmesh.identity (written in parallel):
-    skipped only while that module does not exist yet."""
-    identity = pytest.importorskip("tunnelmesh.identity")
-    if shutil.which("ssh-keygen") is None:
-        pytest.skip("ssh-keygen not installed")
-    d = tmp_path_factory.mktemp("keys")
-    lines = []
-    for n in range(2):
-        key = d / f"k{n}"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-        loaded = asyncio.run(identity.load_identity_file(key))
-        lines.append(loaded.public.to_line())
-    return lines
+def identity_lines() -> list[str]:
+    """Two real identity lines, of fresh Ed25519 key files."""
+    return [new_identity().public.to_line() for _ in range(2)]
 
 
 class TestIdentityLines:
     def test_valid_identity_line(self, tmp_path: Path, identity_lines: list[str]) -> None:
-        from tunnelmesh.identity import PublicIdentity
-
         text = MINIMAL + f'\n[[peers]]\nname = "b"\nidentity = "{identity_lines[0]}"\nmesh_ip = "100.100.0.2"\n'
         cfg = load(tmp_path, text)
         peer = cfg.peers[0]
@@ -891,8 +877,6 @@ class TestIdentityLines:
         assert "cloned machines?" in err.message and err.line == 10
 
     def test_own_identity_as_peer(self, tmp_path: Path, identity_lines: list[str]) -> None:
-        from tunnelmesh.identity import PublicIdentity
-
         text = MINIMAL + f'\n[[peers]]\nname = "b"\nidentity = "{identity_lines[1]}"\nmesh_ip = "100.100.0.2"\n'
         cfg = load(tmp_path, text)
         own = PublicIdentity.from_line(identity_lines[1]).wg_public_key
@@ -903,8 +887,6 @@ class TestIdentityLines:
     def test_tampered_identity_line_fails_verification(
         self, tmp_path: Path, identity_lines: list[str], part: str
     ) -> None:
-        from tunnelmesh.identity import IdentityError, PublicIdentity
-
         fields = identity_lines[0].split()
         other = identity_lines[1].split()
         if part == "wg":  # another node's derived key with this node's attestation
@@ -923,8 +905,7 @@ class TestIdentityLines:
 
 
 def test_default_host_key_agrees_with_identity_module() -> None:
-    identity = pytest.importorskip("tunnelmesh.identity")
-    assert identity.DEFAULT_HOST_KEY == DEFAULT_HOST_KEY
+    assert IDENTITY_DEFAULT_HOST_KEY == DEFAULT_HOST_KEY
 
 
 # --- [coordinator] ------------------------------------------------------------------------------
