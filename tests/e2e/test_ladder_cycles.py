@@ -103,6 +103,7 @@ class PairRun:
             block_path(self.a, self.b)
 
 
+@pytest.mark.timeout(180 + 60 * -(-CYCLES // PAIRS))  # set-up, then at most a minute per cycle of a pair
 def test_the_ladder_meets_its_bounds_in_every_cut_and_lift_cycle(lab: Lab) -> None:
     assert CYCLES >= PAIRS >= 1
     names = ["hub"] + [f"{side}{i}" for i in range(PAIRS) for side in "ab"]
