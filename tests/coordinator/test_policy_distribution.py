@@ -193,8 +193,9 @@ def test_a_joiner_keeps_the_policy_version_its_invite_names(db: Path, world: Wor
             served.machine.keep_invites()
             result = await join(served.url, world, 1, Token.parse(token.encode()), "joiner")
             paths = Paths(tmp_path / "joiner", tmp_path / "joiner" / "tunnelmesh.toml")
-            state = admin_commands._accept(paths, served.url, world.network, world.nodes[1], result,
-                                           Token.parse(token.encode()).policy)
+            state, peer_map, secret = admin_commands._check_result(served.url, world.network, world.nodes[1], result,
+                                                                   Token.parse(token.encode()).policy, None)
+            admin_commands._keep_joined(paths, state, peer_map, secret)
             assert NetworkState.load(paths.network_state) == state and state.policy_expected == 2
             assert load_policy(paths.peer_map_cache, world.network) is None  # withheld: the filter denies
 
