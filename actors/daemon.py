@@ -33,6 +33,7 @@ from typing import Any
 from tunnelmesh import __version__
 from tunnelmesh.clock import Clock
 from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_config, read_network_secret
+from tunnelmesh.control_client import ControlError, NotRunning, request
 from tunnelmesh.files import FileError, check_state_dir, lock_dir, read_pid, remove_stale_temps, write_atomic
 from tunnelmesh.filter import Member
 from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
@@ -79,6 +80,22 @@ async def _resolve(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:
 STALE_TEMP_AGE = 60.0
 
 
+def _refuse_answering_socket(paths: Paths) -> None:
+    """With the lock free, a control socket should refuse connections (its daemon is gone);
+    one that answers, or hangs, is a live daemon that holds no lock (one started by a
+    tunnelmesh from before the lock): refused, never taken over."""
+    if not (paths.control_socket.exists() or paths.control_socket.is_symlink()):
+        return
+    try:
+        request(paths.control_socket, "ping_daemon", timeout=2)
+    except NotRunning:
+        return  # connection refused: stale
+    except (ControlError, OSError):
+        pass
+    raise StartupError(f"a daemon answers on {paths.control_socket} without holding the state directory's lock "
+                       "(started by an older tunnelmesh?); stop it with `tunnelmesh down`")
+
+
 def claim_state_dir(paths: Paths) -> int:
     """Own the state directory for this daemon's life (`tunnelmesh.files.lock_dir`): the fd
     holding the lock. Refuses if a live daemon holds it; otherwise a pid file and control
@@ -92,6 +109,11 @@ def claim_state_dir(paths: Paths) -> int:
         pid = read_pid(paths.pid_file)
         raise StartupError(f"tunnelmesh is already running with state dir {paths.state_dir}"
                            f"{f' (pid {pid})' if pid is not None else ''}; stop it with `tunnelmesh down`")
+    try:
+        _refuse_answering_socket(paths)
+    except StartupError:
+        os.close(lock)
+        raise
     left = [path for path in (paths.pid_file, paths.control_socket) if path.is_symlink() or path.exists()]
     if left:
         pid = read_pid(paths.pid_file)

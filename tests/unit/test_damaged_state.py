@@ -322,3 +322,23 @@ def test_the_temp_files_of_writes_a_kill_cut_short_go_at_the_next_start_and_only
         os.utime(path, (long_ago, long_ago))
     os.close(claim_state_dir(paths))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (young, *other))
+
+
+def test_a_control_socket_that_answers_without_the_lock_is_a_live_daemon_and_is_not_taken_over(
+        tmp_path: Path) -> None:
+    """A daemon that holds no lock (started by a tunnelmesh from before it) still answers on
+    its socket: refused, and its socket stays."""
+    paths = Paths(tmp_path, tmp_path / "tunnelmesh.toml")
+    program = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); "
+               "print('listening', flush=True); c, _ = s.accept(); c.recv(100); "
+               "c.sendall(b'{\"ok\": true, \"result\": null}\\n'); time.sleep(60)")
+    daemon = subprocess.Popen([sys.executable, "-c", program, str(paths.control_socket)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert daemon.stdout is not None and daemon.stdout.readline().strip() == "listening"
+        with pytest.raises(StartupError, match="a daemon answers on .* without holding the state directory's lock"):
+            claim_state_dir(paths)
+        assert paths.control_socket.exists()
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
