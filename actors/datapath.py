@@ -21,7 +21,11 @@ more). The demux hands datagrams that are not WireGuard (a first byte other
 than 1-4 or non-zero reserved bytes: STUN, port-mapping answers) to whoever
 registered for them (`register_datagrams`), so other protocols share the one UDP
 port; transport messages (first byte 4) go straight to the core, which checks
-the rest.
+the rest. Handshake messages (1-3), from UDP or a link, are counted by the
+under-load switch (`LoadDetector`): above UNDER_LOAD_HANDSHAKES_PER_SECOND the
+core answers those without a valid mac2 with cookie replies and passes those
+with one through its per-source rate limit (`Device.handshake_limiter`); its
+drops are counted in `Device.drops`, never logged per packet.
 
 A peer's endpoint is a UDP address (a tuple) or a link of the SSH or relay
 rung (tunnelmesh.links): the send is then `link.send`, which copies the
@@ -66,9 +70,44 @@ BATCH = 512  # packets per readiness callback, so TUN and UDP take turns
 # 1/8 of its handshake queue; here there is no queue, so count a rate).
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 256
 UNDER_LOAD_HOLD = 1.0
+UNDER_LOAD_LOG_EVERY = 60.0  # seconds between "under load" lines, however often it flaps
 
 #: Takes a datagram that is not WireGuard (and its source) and says whether it was its.
 DatagramHandler = Callable[[memoryview, Address], bool]
+
+
+class LoadDetector:
+    """The under-load switch, sans-IO: on when more than `threshold` handshake messages
+    arrive in one window of a second, and on until `hold` seconds after the last
+    message over the threshold (wireguard-go keeps it `UnderLoadAfterTime`, 1 s).
+    `entered` counts the times it went on; `handshakes` every message counted."""
+
+    __slots__ = ("entered", "handshakes", "hold", "threshold", "until", "_in_window", "_window_start")
+
+    def __init__(self, threshold: int = UNDER_LOAD_HANDSHAKES_PER_SECOND, hold: float = UNDER_LOAD_HOLD) -> None:
+        self.threshold = threshold
+        self.hold = hold
+        self.until = float("-inf")
+        self.entered = 0
+        self.handshakes = 0
+        self._window_start = float("-inf")
+        self._in_window = 0
+
+    def active(self, now: float) -> bool:
+        return now < self.until
+
+    def count(self, now: float) -> bool:
+        """One handshake message arrived at `now`: whether the node is under load."""
+        self.handshakes += 1
+        if now - self._window_start >= 1.0:
+            self._window_start = now
+            self._in_window = 0
+        self._in_window += 1
+        if self._in_window > self.threshold:
+            if now >= self.until:
+                self.entered += 1
+            self.until = now + self.hold
+        return now < self.until
 
 
 class DataPath:
@@ -93,9 +132,8 @@ class DataPath:
         self._plain_buf = bytearray(65536)
         self._plain_view = memoryview(self._plain_buf)
         self._touched: set[Peer] = set()
-        self._handshake_window_start = 0.0
-        self._handshakes_in_window = 0
-        self._under_load_until = 0.0
+        self.load = LoadDetector()
+        self._load_logged_at = float("-inf")
         self._datagram_handlers: list[DatagramHandler] = []
         self.drops: Counter[str] = Counter()
         self.pings: dict[tuple[int, int], asyncio.Future[float]] = {}
@@ -187,7 +225,7 @@ class DataPath:
         device, view, plain, udp_buf = self.device, self._udp_view, self._plain_buf, self._udp_buf
         recvfrom_into, deliver = self.bind.recvfrom_into, self._deliver
         now, wall = self.clock.monotonic(), self.clock.wall()
-        under_load = now < self._under_load_until
+        under_load = self.load.active(now)
         if self.filter is not None:
             self.filter.expire(now)
         for _ in range(BATCH):
@@ -240,7 +278,7 @@ class DataPath:
         """One WireGuard message from a link: the same path as a UDP datagram."""
         now = self.clock.monotonic()
         try:
-            under_load = self._count_handshake(now) if message and message[0] != 4 else now < self._under_load_until
+            under_load = self._count_handshake(now) if message and message[0] != 4 else self.load.active(now)
             length = self.device.receive(message, link, now, self.clock.wall(), self._plain_buf, under_load=under_load)
             if length:
                 self._deliver(length, now)
@@ -266,13 +304,14 @@ class DataPath:
         return peer.owner if peer is not None else None
 
     def _count_handshake(self, now: float) -> bool:
-        if now - self._handshake_window_start >= 1.0:
-            self._handshake_window_start = now
-            self._handshakes_in_window = 0
-        self._handshakes_in_window += 1
-        if self._handshakes_in_window > UNDER_LOAD_HANDSHAKES_PER_SECOND:
-            self._under_load_until = now + UNDER_LOAD_HOLD
-        return now < self._under_load_until
+        load = self.load
+        entered = load.entered
+        under_load = load.count(now)
+        if load.entered != entered and now - self._load_logged_at >= UNDER_LOAD_LOG_EVERY:
+            self._load_logged_at = now  # a line per flood, not per packet
+            log.warning("datapath: over %d handshake messages a second: answering with cookies, "
+                        "limiting handshakes per source", load.threshold)
+        return under_load
 
     def _answer_ping(self, length: int, now: float) -> bool:
         key = echo_reply_key(self._plain_buf, length)

@@ -1,5 +1,6 @@
 """Per-source token buckets under one overall bucket, for the coordinator's unauthenticated
-endpoints. Sans-IO: every call takes `now` (monotonic seconds); nothing here reads a clock.
+endpoints and for handshakes under load (tunnelmesh.wireguard.device). Sans-IO: every call
+takes `now` (monotonic seconds); nothing here reads a clock.
 
 Shape (after wireguard-go's ratelimiter/ratelimiter.go, written anew):
 
@@ -127,8 +128,12 @@ class RateLimiter:
     def limit(self, source: str | None, now: float) -> Limited | None:
         """None when a request from `source` may go on (a token is taken from its bucket
         and from the overall one), else which bucket refused it and how long to wait."""
+        return self.limit_key(source_key(source), now)
+
+    def limit_key(self, key: str, now: float) -> Limited | None:
+        """`limit` for a source already named: a `source_key`, or a name that is no
+        address (the data path names a link by the peer it authenticated)."""
         self._collect(now)
-        key = source_key(source)
         bucket = self._sources.get(key)
         if bucket is None:
             if len(self._sources) >= self.max_sources:

@@ -10,7 +10,12 @@ Inbound flow (the caller holds a datagram from any transport):
    of plaintext bytes to write to the TUN device, 0 if none.
 2. Handshake messages must carry a valid mac1. Under load (an input: the
    caller knows its backlog), they must also carry a valid mac2, or they are
-   answered with a cookie reply and not processed.
+   answered with a cookie reply and not processed; those with a valid mac2 then
+   pass the per-source token buckets of `handshake_limiter` (wireguard-go's
+   ratelimiter, at the same place in its receive path), or are dropped. The
+   source is the UDP address (IPv4, or an IPv6 /64), or for a link (SSH,
+   relay) the peer it authenticated: one member cannot use up another's.
+   Transport messages never touch the limiter.
 3. An initiation is matched to a peer only after its static key decrypts; a
    response and a cookie reply by their receiver index.
 
@@ -29,6 +34,8 @@ from collections.abc import Callable, Iterator
 
 from cryptography.exceptions import InvalidTag
 
+from tunnelmesh.ratelimit import UNKNOWN_SOURCE, Rate, RateLimiter, source_key
+
 from .constants import DEFAULT_MTU, MSG_COOKIE_REPLY, MSG_INITIATION, REJECT_AFTER_TIME, TRANSPORT_MIN_SIZE
 from .cookie import CookieChecker
 from .crypto import NONCE_COUNTER, x25519_private, x25519_public
@@ -38,7 +45,14 @@ from .messages import TRANSPORT_HEADER, CookieReply, Initiation, MessageError, R
 from .noise import HandshakeError, consume_initiation, consume_response
 from .peer import Endpoint, IPNetwork, Peer
 
-__all__ = ["Device", "DeviceError"]
+__all__ = ["HANDSHAKE_RATE_OVERALL", "HANDSHAKE_RATE_PER_SOURCE", "Device", "DeviceError"]
+
+#: Under load, handshakes with a valid mac2 from one source: wireguard-go's 20 a second,
+#: 5 at once. A valid mac2 proves the sender receives at its address, so spoofed floods
+#: never get here; the overall bucket bounds the Diffie-Hellman work a crowd of proven
+#: addresses can ask for (wireguard-go has none; the table evicts, see tunnelmesh.ratelimit).
+HANDSHAKE_RATE_PER_SOURCE = Rate(per_second=20, burst=5)
+HANDSHAKE_RATE_OVERALL = Rate(per_second=500, burst=100)
 
 
 class DeviceError(ValueError):
@@ -73,6 +87,16 @@ def endpoint_bytes(endpoint: Endpoint) -> bytes:
     return repr(endpoint).encode()
 
 
+def limiter_key(endpoint: Endpoint) -> str:
+    """The source `handshake_limiter` counts a message against (see the module header)."""
+    peer_key = getattr(endpoint, "peer_key", None)
+    if isinstance(peer_key, bytes):
+        return "link " + peer_key.hex()
+    if isinstance(endpoint, tuple) and endpoint:
+        return source_key(endpoint[0])
+    return UNKNOWN_SOURCE
+
+
 class Device:
     def __init__(
         self,
@@ -99,6 +123,7 @@ class Device:
         self.events: deque[Event] = deque()
         self.drops: Counter[str] = Counter()
         self.cookie_replies_sent = 0
+        self.handshake_limiter = RateLimiter(HANDSHAKE_RATE_PER_SOURCE, HANDSHAKE_RATE_OVERALL)
         # The peer whose packet `receive` last returned (set, not allocated, per packet):
         # the caller's packet filter judges a packet by who sent it.
         self.received_from: Peer | None = None
@@ -277,6 +302,10 @@ class Device:
                 sender = int.from_bytes(raw[4:8], "little")
                 self.transmits.append((checker.create_reply(raw, sender, source_key, now), source))
                 self.cookie_replies_sent += 1
+                return
+            limited = self.handshake_limiter.limit_key(limiter_key(source), now)
+            if limited is not None:
+                self.drops[f"handshake over the {limited.by} rate limit"] += 1
                 return
         if kind == MSG_INITIATION:
             assert isinstance(message, Initiation)
