@@ -1,5 +1,6 @@
-"""Malformed HTTP sent to a real coordinator on 127.0.0.1: each is answered 400 and counted,
-and the log gets one line per source a minute, never a traceback (issue 17, part 5)."""
+"""Hostile requests to a real coordinator on 127.0.0.1. Malformed HTTP: each is answered 400
+and counted, and the log gets one line per source a minute, never a traceback. Requests it
+refuses, sent in a loop: one line per source, endpoint and status a minute (issue 17, part 5)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import asyncio
 import logging
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from tests.support.coordinator import UNLIMITED
 from tunnelmesh.coordinator.service import MALFORMED_REQUESTS, make_app, serve
 from tunnelmesh.coordinator.store import Store
+from tunnelmesh.ratelimit import RateLimiter
 
 # Each breaks HTTP/1.1 framing in another way; one per connection.
 MALFORMED = [
@@ -58,3 +62,31 @@ def test_malformed_http_is_one_counted_line_never_a_traceback(tmp_path: Path, ca
     lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage().lower()]
     assert len(lines) == 1 and lines[0].startswith("malformed HTTP request from 127.0.0.1: 400"), lines
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_refused_requests_in_a_loop_are_one_line_per_kind_a_minute(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Well-framed requests the coordinator refuses (bad JSON, a member request without a
+    signature), sent over and over: each kind is logged once, the rest counted in it later."""
+    async def main() -> list[int]:
+        store = Store.open(tmp_path / "c.db")
+        runner = await serve(make_app(store, limiter=RateLimiter(UNLIMITED, UNLIMITED)), "127.0.0.1", 0)
+        try:
+            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            statuses = []
+            async with aiohttp.ClientSession() as session:
+                for _ in range(50):
+                    for path, body in (("/v1/join/propose", b"{not json"), ("/v1/register", b"{}")):
+                        async with session.post(base + path, data=body) as response:
+                            statuses.append(response.status)
+            return statuses
+        finally:
+            await runner.cleanup()
+            store.close()
+
+    caplog.set_level(logging.INFO)
+    assert sorted(set(asyncio.run(main()))) == [400, 401]
+    lines = [r.getMessage() for r in caplog.records if " refused (" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("POST /v1/join/propose refused (400) from 127.0.0.1: ")
+    assert lines[1].startswith("POST /v1/register refused (401) from 127.0.0.1: ")

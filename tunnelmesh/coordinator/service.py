@@ -230,30 +230,41 @@ def _ssh_offer(value: Any) -> dict[str, Any] | None:
     return value
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure is a JSON error with a fitting status; never a traceback."""
-    where = _loggable(f"{request.method} {request.path}")
-    try:
-        return await handler(request)
-    except Refused as exc:
-        log.warning("%s refused (%d): %s", where, exc.status, _loggable(exc.message))
-        return web.json_response({"error": exc.message, **exc.extra}, status=exc.status)
-    except (MembershipError, IdentityError) as exc:
-        log.warning("%s refused (400): %s", where, _loggable(str(exc)))
-        return web.json_response({"error": str(exc)}, status=400)
-    except StoreError as exc:
-        log.error("%s: %s", where, exc)
-        return web.json_response({"error": str(exc)}, status=503)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = (f"the body is larger than {MAX_BODY // 1024} KiB" if exc.status == 413
-                   else f"{request.method} {request.path}: {exc.reason.lower()}")
-        return web.json_response({"error": message}, status=exc.status)
-    except Exception:
-        log.exception("%s: internal error", where)
-        return web.json_response({"error": "internal error in the coordinator (see its log)"}, status=500)
+def _errors(service: _Service) -> Any:
+    """Middleware: every failure is a JSON error with a fitting status; never a traceback.
+    A refusal is logged once per source, endpoint and status a minute (RefusalLog: with how
+    many were not), so a client sending bad requests in a loop cannot flood the log."""
+    log_refusal = RefusalLog(log)
+
+    def refused(request: web.Request, where: str, status: int, message: str) -> None:
+        source = source_key(service._client_address(request))
+        log_refusal(source, f"{where} {status}", f"{where} refused ({status}) from {source}: {_loggable(message)}")
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        where = _loggable(f"{request.method} {request.path}")
+        try:
+            return await handler(request)
+        except Refused as exc:
+            refused(request, where, exc.status, exc.message)
+            return web.json_response({"error": exc.message, **exc.extra}, status=exc.status)
+        except (MembershipError, IdentityError) as exc:
+            refused(request, where, 400, str(exc))
+            return web.json_response({"error": str(exc)}, status=400)
+        except StoreError as exc:
+            log.error("%s: %s", where, exc)
+            return web.json_response({"error": str(exc)}, status=503)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = (f"the body is larger than {MAX_BODY // 1024} KiB" if exc.status == 413
+                       else f"{request.method} {request.path}: {exc.reason.lower()}")
+            return web.json_response({"error": message}, status=exc.status)
+        except Exception:
+            log.exception("%s: internal error", where)
+            return web.json_response({"error": "internal error in the coordinator (see its log)"}, status=500)
+
+    return errors
 
 
 class _Service:
@@ -935,7 +946,7 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
         limiter = RateLimiter(PER_SOURCE_RATE, OVERALL_RATE, max_sources=MAX_SOURCES, now=monotonic())
     # _errors outermost: it words the limiter's 413 like every other error (its 429 is an answer).
     app = web.Application(client_max_size=MAX_BODY,
-                          middlewares=[_errors, _rate_limited(service, limiter, monotonic)])
+                          middlewares=[_errors(service), _rate_limited(service, limiter, monotonic)])
     app[RATE_LIMITER] = limiter
     app[MALFORMED_REQUESTS] = MalformedRequests()
     app.cleanup_ctx.append(service.lifetime)
