@@ -25,6 +25,11 @@ logs in to it as the bridge account, whose authorized_keys force
 ``tunnelmesh ssh-bridge --peer <wg key>``; that command pipes the session into this
 daemon's bridge socket (`links.bridge`), where it becomes a link like any other.
 
+*Before login*: a connection must log in within the login timeout (LOGIN_TIMEOUT unless
+the rung is given another), and at most MAX_UNAUTHENTICATED connections may be waiting to
+at once; more are dropped as they arrive and counted, so a flood of connections that never
+log in costs a bounded amount.
+
 *One connection per pair*: when two links to one peer are up (both sides dialled
 at once), the one whose dialler has the smaller WireGuard public key stays; both
 sides compute the same answer. Two links dialled by the same side: the newer one
