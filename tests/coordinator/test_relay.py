@@ -15,7 +15,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from tests.support.coordinator import (
     running,
     set_up,
 )
+from tests.support.wait import until
 from tests.support.wire import PeerPair
 from tunnelmesh.coordinator import relay as relay_module
 from tunnelmesh.coordinator.client import Coordinator
@@ -84,16 +85,6 @@ class Sink:
 
     def receive(self, link: Link, message: bytes | bytearray | memoryview) -> None:
         self.received.append((link.peer_key, bytes(message)))
-
-
-async def until(what: str, condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait (polling, bounded) until `condition()` holds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-        await asyncio.sleep(0.01)
 
 
 def scenario(coroutine: Awaitable[Any], timeout: float = 60.0) -> Any:

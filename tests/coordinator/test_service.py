@@ -38,6 +38,7 @@ from tests.support.coordinator import (
     snapshot,
 )
 from tests.support.rsa import attested_line, rsa_key_with_exponent
+from tests.support.wait import until
 from tunnelmesh import network as admin_commands
 from tunnelmesh.admission import sealed_secret
 from tunnelmesh.config import read_network_secret
@@ -314,7 +315,23 @@ def test_map_full_then_only_what_changed(db: Path, world: World) -> None:
     asyncio.run(scenario())
 
 
-def test_long_poll_waits_and_wakes_within_a_second_on_a_change(db: Path, world: World) -> None:
+@pytest.fixture
+def held_polls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The `since` of every map long-poll the coordinator starts to hold: the signal that a
+    poll reached the server (a spy around the real handler's wait, which runs unchanged)."""
+    held: list[int] = []
+    hold = service._Service._wait_past
+
+    async def spied(self: Any, since: int, wait: float) -> None:
+        if wait > 0 and self.store.version == since:
+            held.append(since)
+        await hold(self, since, wait)
+
+    monkeypatch.setattr(service._Service, "_wait_past", spied)
+    return held
+
+
+def test_long_poll_waits_and_wakes_on_a_change(db: Path, world: World, held_polls: list[int]) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             await join(url, world, 1, world.invite(), "one")
@@ -326,12 +343,13 @@ def test_long_poll_waits_and_wakes_within_a_second_on_a_change(db: Path, world: 
                 assert loop.time() - started >= 0.35 and idle["version"] == version and idle["members"] == []
 
                 poll = asyncio.create_task(one.map(version, 20))
-                await asyncio.sleep(0.3)
+                await until("the coordinator holds the poll", lambda: version in held_polls)
                 assert not poll.done()
                 two = (await join(url, world, 2, world.invite(), "two"))["member"]
                 changed = loop.time()
-                update = await asyncio.wait_for(poll, 1.0)
-                assert loop.time() - changed < 1.0
+                # Woken by the change, well before its own 20 s are up (a protocol bound, not a speed).
+                update = await asyncio.wait_for(poll, 10.0)
+                assert loop.time() - changed < 10.0
                 assert update["members"] == [two] and update["version"] > version
 
     asyncio.run(scenario())
@@ -558,7 +576,7 @@ def test_connection_problems_are_phrased_for_users(tmp_path: Path) -> None:
 
 
 
-def test_shutdown_answers_held_long_polls_at_once(db: Path, world: World) -> None:
+def test_shutdown_answers_held_long_polls_at_once(db: Path, world: World, held_polls: list[int]) -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         server = AsyncExitStack()
@@ -568,11 +586,13 @@ def test_shutdown_answers_held_long_polls_at_once(db: Path, world: World) -> Non
             async with Coordinator(url, identity=world.nodes[1]) as one:
                 version = (await one.map(0, 0))["version"]
                 poll = asyncio.create_task(one.map(version, 25))
-                await asyncio.sleep(0.3)
+                await until("the coordinator holds the poll", lambda: version in held_polls)
                 stopping = loop.time()
                 await server.aclose()
-                assert loop.time() - stopping < 1.5
-                assert (await asyncio.wait_for(poll, 1.0))["version"] == version
+                # An answer (a poll still held when the shutdown grace ends is cut off, and the
+                # client raises), long before the poll's own 25 s are up.
+                assert (await asyncio.wait_for(poll, 10.0))["version"] == version
+                assert loop.time() - stopping < 10.0
         finally:
             await server.aclose()
 

@@ -17,7 +17,9 @@ from typing import Any, TypeVar
 import asyncssh
 import pytest
 
+from tests.conftest import unavailable
 from tests.links import Directory, new_identity, public_key_text, write_key
+from tests.support.wait import until
 from tunnelmesh.identity import NodeIdentity, load_identity_agent
 from tunnelmesh.links import MAX_MESSAGE, Link, LinkError
 from tunnelmesh.links import ssh as sshmod
@@ -512,13 +514,17 @@ def test_simultaneous_dials_leave_one_link_on_both_sides(identities: list[NodeId
         _, a, b = await pair(identities)
         try:
             for _ in range(3):  # the race goes differently each time; the answer must not
-                la, lb = await asyncio.gather(a.rung.dial(b.wg), b.rung.dial(a.wg))
-                await asyncio.sleep(0.3)  # let the losing connection's close reach both sides
+                await asyncio.gather(a.rung.dial(b.wg), b.rung.dial(a.wg))
+                winner = min(a.wg, b.wg)
+
+                def settled() -> bool:  # the losing connection's close has reached both sides
+                    kept = (a.rung.link(b.wg), b.rung.link(a.wg))
+                    return (all(link is not None and link.dialler == winner for link in kept)
+                            and a.rung.status()["links"] == 1 and b.rung.status()["links"] == 1)
+
+                await until("both sides keep only the link the lower key dialled", settled)
                 kept_a, kept_b = a.rung.link(b.wg), b.rung.link(a.wg)
                 assert kept_a is not None and kept_b is not None
-                winner = min(a.wg, b.wg)
-                assert kept_a.dialler == winner and kept_b.dialler == winner
-                assert a.rung.status()["links"] == 1 and b.rung.status()["links"] == 1
                 kept_a.send(b"ping")
                 await b.sink.until(lambda: any(m == b"ping" for _, m in b.sink.received))
                 assert [src for src, m in b.sink.received if m == b"ping"] == [kept_b]
@@ -537,7 +543,7 @@ def test_simultaneous_dials_leave_one_link_on_both_sides(identities: list[NodeId
 @pytest.fixture
 def agent_with_key(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     if not all(shutil.which(t) for t in ("ssh-agent", "ssh-add")):
-        pytest.skip("needs OpenSSH's ssh-agent and ssh-add")
+        unavailable("needs OpenSSH's ssh-agent and ssh-add (run tools/setup.sh)")
     sock = str(tmp_path / "agent.sock")
     proc = subprocess.Popen(["ssh-agent", "-D", "-a", sock], env={"PATH": "/usr/bin:/bin"},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -17,9 +17,10 @@ def test_stopping_with_clients_connected_leaves_nothing_behind(tmp_path: Path) -
         leftovers = Leftovers()
         socket_path = tmp_path / "control.sock"
         supervisor = Supervisor()
-        never = asyncio.Event()
+        never, started = asyncio.Event(), asyncio.Event()
 
         async def slow(_: dict[str, Any]) -> str:
+            started.set()
             await never.wait()  # a command that waits (as a ping does) when the daemon stops
             return "late"
 
@@ -32,10 +33,10 @@ def test_stopping_with_clients_connected_leaves_nothing_behind(tmp_path: Path) -
         subscriber = await asyncio.open_unix_connection(str(socket_path))
         subscriber[1].write(b'{"cmd":"events"}\n')
         assert b'"ok":true' in await subscriber[0].readline()
+        idle = await asyncio.open_unix_connection(str(socket_path))
         waiting = await asyncio.open_unix_connection(str(socket_path))
         waiting[1].write(b'{"cmd":"slow"}\n')
-        idle = await asyncio.open_unix_connection(str(socket_path))
-        await asyncio.sleep(0)  # the server takes the request in
+        await asyncio.wait_for(started.wait(), 5.0)  # the server took the request in (and idle, accepted before it)
         supervisor.shutdown("down requested")
         assert (await running).reason == "down requested"
         for reader, writer in (subscriber, waiting, idle):
