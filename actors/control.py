@@ -115,9 +115,8 @@ class ControlServer(Actor):
                     await self._reply(writer, {"ok": False, "error": f"request larger than {MAX_REQUEST} bytes"})
                     return
                 except TimeoutError:
-                    self.timed_out += 1
                     await self._reply(writer, {"ok": False, "error": f"no whole request line within {self.request_timeout:g} s"})
-                    return
+                    raise
                 if not line:
                     return
                 try:
@@ -143,20 +142,16 @@ class ControlServer(Actor):
                 await self._reply(writer, {"ok": True, "result": result})
         except (ConnectionError, asyncio.CancelledError):
             pass
-        except TimeoutError:  # a reply the client did not take in time (counted by _reply)
-            pass
+        except TimeoutError:  # a request line not sent, or a reply not taken, in time
+            self.timed_out += 1
         finally:
             self._connections.discard(task)
             writer.close()
 
     async def _reply(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         """One reply, taken by the client within the request timeout (TimeoutError if not)."""
-        try:
-            async with asyncio.timeout(self.request_timeout):
-                await _send(writer, message)
-        except TimeoutError:
-            self.timed_out += 1
-            raise
+        async with asyncio.timeout(self.request_timeout):
+            await _send(writer, message)
 
     async def _stream_events(self, writer: asyncio.StreamWriter) -> None:
         queue = self.bus.subscribe()
