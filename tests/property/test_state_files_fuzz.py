@@ -21,19 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.property.test_membership_fuzz import mutation
 from tests.unit.test_damaged_state import NodeDir, joined_state
 from tunnelmesh.admission import InviteLedger
 from tunnelmesh.membership import AdminKey, InviteGrant, MembershipError
 from tunnelmesh.netstate import NetworkState, StateError, invite_ledger, load_peer_map
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=24),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=12,
-)
-
 
 Valid = tuple[NodeDir, dict[str, bytes]]
 
@@ -135,33 +129,11 @@ def test_a_byte_changed(valid: Valid, name: str, where: int, xor: int) -> None:
     check(valid, name, bytes(raw))
 
 
-def paths_in(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every place in a JSON value (as a path of keys and indices), the root included."""
-    found = [prefix]
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            found += paths_in(inner, (*prefix, key))
-    elif isinstance(value, list):
-        for index, inner in enumerate(value):
-            found += paths_in(inner, (*prefix, index))
-    return found
-
-
-def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
-    if not path:
-        return new
-    head, rest = path[0], path[1:]
-    if isinstance(value, dict):
-        return {**value, head: replaced(value[head], rest, new)}
-    return [replaced(item, rest, new) if i == head else item for i, item in enumerate(value)]
-
-
 @FUZZ
-@given(st.sampled_from(sorted(n for n in LOADERS if n.endswith(".json"))), st.integers(min_value=0), json_values)
-def test_a_value_replaced_by_another(valid: Valid, name: str, pick: int, new: Any) -> None:
-    wire = json.loads(valid[1][name])
-    places = paths_in(wire)
-    check(valid, name, json.dumps(replaced(wire, places[pick % len(places)], new)).encode())
+@given(st.sampled_from(sorted(n for n in LOADERS if n.endswith(".json"))), st.data())
+def test_values_in_the_json_changed(valid: Valid, name: str, data: st.DataObject) -> None:
+    changed = data.draw(mutation(json.loads(valid[1][name])), label="changed")
+    check(valid, name, json.dumps(changed).encode())
 
 
 def test_the_valid_files_load(valid: Valid) -> None:

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from actors.control import MAX_REQUEST, ControlServer, EventBus
+from tests.property.test_membership_fuzz import json_values
 from tunnelmesh import control_client
 
 T = TypeVar("T")
@@ -161,13 +162,6 @@ def is_events(line: bytes) -> bool:
 
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12,
-)
-
 
 @FUZZ
 @given(st.binary(max_size=2000))
