@@ -14,6 +14,7 @@ import time
 import pytest
 
 from actors.messages import CONTROL_VERSION, Event, HandshakeDone, PeerAdded, from_json
+from tests.support.wait import wait_for
 from tools.lab import clean_environment
 from tools.mesh import build_static_mesh, wait_for_handshakes
 
@@ -67,15 +68,21 @@ def test_ping_to_a_silent_peer_times_out_and_does_not_block_status(lab):
     wait_for_handshakes(mesh)
     a, b = mesh["a"], mesh["b"]
     b.down()
+
+    def sent_to_b() -> int:
+        return next(p["tx_bytes"] for p in a.status()["peers"] if p["name"] == "b")
+
+    before = sent_to_b()
     cmd = ["ip", "netns", "exec", a.node.netns, sys.executable, "-m", "tunnelmesh",
            "--state-dir", str(a.node.state_dir), "ping", "b", "-c", "1", "--timeout", "8"]
     started = time.monotonic()
     ping = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_environment())
     try:
-        time.sleep(1.0)
+        wait_for("the ping's echo request leaves for b", lambda: sent_to_b() > before, 6)
         status_started = time.monotonic()
         status = a.status()  # must answer while the ping is waiting
         status_took = time.monotonic() - status_started
+        assert ping.poll() is None, "the ping ended before status was asked: nothing was waiting"
         out, err = ping.communicate(timeout=30)
     finally:
         if ping.poll() is None:

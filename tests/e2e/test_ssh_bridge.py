@@ -36,6 +36,7 @@ import pytest
 
 from tests.conftest import unavailable
 from tests.links import Directory, new_identity, public_key_text, write_key
+from tests.support.wait import wait_listening
 from tools.lab import PROJECT_ROOT, Lab, Node, _replace_table, clean_environment
 from tools.mesh import TUNNELMESH as TUNNELMESH_MODULE
 from tools.mesh import MeshNode, build_network, diagnostics, rung_of, wait_for_handshakes
@@ -334,13 +335,6 @@ def up_with_sshd_host_key(member: MeshNode, host_key: str, workdir: Path) -> Non
 
 def peer_status(member: MeshNode, peer: str) -> dict:
     return next(p for p in member.status()["peers"] if p["name"] == peer)
-
-
-def wait_listening(node: Node, port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not node.run("ss", "-Hltn", f"sport = :{port}").stdout.strip():
-        assert time.monotonic() < deadline, f"nothing listens on tcp/{port} in {node.name} after {timeout:g} s"
-        time.sleep(0.2)
 
 
 def test_a_daemon_session_runs_through_sshd_port_22_and_the_forced_command(bridge_user: str, lab: Lab) -> None:

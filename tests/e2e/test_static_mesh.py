@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.wait import wait_for
 from tools.mesh import MeshNode, build_static_mesh, diagnostics, wait_for_handshakes
 
 pytestmark = pytest.mark.e2e
@@ -84,20 +85,6 @@ print(f"sent in {elapsed:.2f} s")
 def ping(member: MeshNode, address: str, count: int = 2, wait: int = 2) -> subprocess.CompletedProcess:
     return member.node.run("ping", "-n", "-c", str(count), "-W", str(wait), address, check=False,
                            timeout=count * (wait + 1) + 10)
-
-
-def wait_for(check, timeout: float, what: str, details=lambda: "", interval: float = 0.5):
-    """Call check() until it returns something truthy (returned); fail saying `what`
-    did not happen within `timeout`, with details()."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / interval) + 2):
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(interval)
-    pytest.fail(f"{what} did not happen within {timeout:g} s\n{details()}", pytrace=False)
 
 
 def up_mesh(lab, names=NAMES) -> dict[str, MeshNode]:
@@ -254,8 +241,8 @@ def test_restarted_daemon_rehandshakes_and_traffic_resumes(lab):
     assert b.status()["node"]["pid"] != pids["b"], "b did not get a new daemon"
 
     for src, dst in ((a, b), (c, b), (b, a), (b, c)):
-        wait_for(lambda: ping(src, dst.mesh_ip, count=1, wait=1).returncode == 0, 30,
-                 f"ping {src.name} -> {dst.name} after b restarted", lambda: diagnostics(mesh))
+        wait_for(f"ping {src.name} -> {dst.name} after b restarted",
+                 lambda: ping(src, dst.mesh_ip, count=1, wait=1).returncode == 0, 30, lambda: diagnostics(mesh))
     for member in (a, c):
         status = member.status()
         assert status["node"]["pid"] == pids[member.name], f"{member.name}'s daemon was restarted"

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.wait import wait_listening
 from tools.lab import Lab
 from tunnelmesh.ladder import BETTER_PROBE, FAILING_AFTER, HOLD, MAX_PROBE_INTERVAL, RUNGS, STEP_DOWN_TRIAL
 from tools.mesh import MeshNode, block_path, build_network, diagnostics, rung_of, wait_for_handshakes
@@ -68,7 +69,7 @@ def test_udp_then_ssh_then_relay_and_back_keeps_a_tcp_stream(lab: Lab) -> None:
         assert rung_of(a, "b") == "udp" and rung_of(b, "a") == "udp", diagnostics(mesh)
         b.node.popen(sys.executable, "-m", "tools.stream", "serve", b.mesh_ip, str(STREAM_PORT), str(received),
                      log_name="stream-serve")
-        time.sleep(1.0)
+        wait_listening(b.node, STREAM_PORT)
         sender = a.node.popen(sys.executable, "-m", "tools.stream", "send", b.mesh_ip, str(STREAM_PORT), str(sent),
                               "--rate", "128", "--stop-file", str(stop_file), "--max-seconds", "240",
                               log_name="stream-send")
