@@ -17,8 +17,9 @@ import pytest
 
 from tools import lab as labmod
 
-# Every namespace this pytest run creates starts with RUN_PREFIX, so the end-of-session
-# sweep removes exactly this run's leftovers and never another run's live lab.
+# Every namespace this pytest process creates starts with RUN_PREFIX, so the end-of-session
+# sweep removes exactly its own leftovers and never another run's live lab. Under
+# pytest-xdist each worker is a process of its own: its own prefix, its own sweep.
 RUN_PREFIX = f"tml{secrets.token_hex(3)[:5]}-"
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 _lab_numbers = itertools.count(1)

@@ -84,7 +84,7 @@ fi
 # (the install is editable, so code changes need none).
 stamp="$venv/.tunnelmesh-setup"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [[ -f $stamp && $(cat "$stamp") == "$want" ]] && "$venv/bin/python" -c 'import tunnelmesh, pytest' 2>/dev/null; then
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]] && "$venv/bin/python" -c 'import tunnelmesh, pytest, xdist' 2>/dev/null; then
   say "python environment up to date"
 else
   say "installing tunnelmesh[test] into .venv"
