@@ -153,7 +153,7 @@ def test_bad_tokens_are_refused_and_leave_nothing_behind(lab: Lab) -> None:
         assert "already used" in refusal(joiner, "join", first, "--name", "x1", "--new-key")
 
         expired = admin.tm("invite", "--expires", "1s").stdout.strip()
-        time.sleep(2.5)
+        time.sleep(2.5)  # its lifetime passes (whole seconds); no polling: a try before then would use it
         assert "expired" in refusal(joiner, "join", expired, "--name", "x2", "--new-key")
 
         # A token whose grant was signed by another admin key (forged).

@@ -74,7 +74,7 @@ def test_udp_then_ssh_then_relay_and_back_keeps_a_tcp_stream(lab: Lab) -> None:
                               "--rate", "128", "--stop-file", str(stop_file), "--max-seconds", "240",
                               log_name="stream-send")
         pinger = a.node.popen("ping", "-O", "-i", "0.2", "-W", "1", b.mesh_ip, log_name="ping")
-        time.sleep(3.0)
+        time.sleep(3.0)  # the scenario: the stream and the pings run on UDP before the first cut
 
         block_path(a, b, udp=True)
         to_ssh = wait_for_rung(mesh, "a", "b", "ssh", SWITCH_BOUND)
@@ -91,7 +91,7 @@ def test_udp_then_ssh_then_relay_and_back_keeps_a_tcp_stream(lab: Lab) -> None:
         block_path(a, b)
         back = wait_for_rung(mesh, "a", "b", "udp", SWITCH_BOUND + 20)  # a probe every 20 s, then the hold
 
-        time.sleep(2.0)
+        time.sleep(2.0)  # the scenario: the stream runs on UDP again before it ends
         stop_file.touch()
         assert sender.wait(timeout=90) == 0
         deadline = time.monotonic() + 30
