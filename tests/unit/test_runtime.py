@@ -14,6 +14,7 @@ import pytest
 
 from actors.messages import ActorStatus
 from actors.runtime import Actor, Leftovers, Supervisor
+from tests.support.wait import until
 
 
 class Recorder(Actor):
@@ -37,8 +38,7 @@ class Recorder(Actor):
 async def drain(actor: Recorder, count: int) -> None:
     """Run the actor until it handled `count` messages."""
     task = asyncio.create_task(actor.run())
-    while len(actor.handled) < count:
-        await asyncio.sleep(0)
+    await until(f"the actor handled {count} messages", lambda: len(actor.handled) >= count)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
