@@ -278,7 +278,7 @@ class DataPath:
         """One WireGuard message from a link: the same path as a UDP datagram."""
         now = self.clock.monotonic()
         try:
-            under_load = self._count_handshake(now) if message and message[0] != 4 else self.load.active(now)
+            under_load = self._count_handshake(now) if message and message[0] != 4 else now < self.load.until
             length = self.device.receive(message, link, now, self.clock.wall(), self._plain_buf, under_load=under_load)
             if length:
                 self._deliver(length, now)
