@@ -297,10 +297,10 @@ class Device:
             self.drops["bad mac1"] += 1
             return
         if under_load:
-            source_key = endpoint_bytes(source)
-            if not checker.check_mac2(raw, source_key, now):
+            cookie_source = endpoint_bytes(source)
+            if not checker.check_mac2(raw, cookie_source, now):
                 sender = int.from_bytes(raw[4:8], "little")
-                self.transmits.append((checker.create_reply(raw, sender, source_key, now), source))
+                self.transmits.append((checker.create_reply(raw, sender, cookie_source, now), source))
                 self.cookie_replies_sent += 1
                 return
             limited = self.handshake_limiter.limit_key(limiter_key(source), now)
