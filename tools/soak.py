@@ -529,8 +529,8 @@ def soak(lab: Lab, options: Options) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
-    parser = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.splitlines()[0],
-                                     epilog="See the module docstring (tools/soak.py) for the churn cycle.")
+    parser = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Options()
     parser.add_argument("--minutes", type=float, default=defaults.minutes, help="how long to soak (default 10)")
     parser.add_argument("--json", metavar="PATH", help="also write the whole report as JSON here")
