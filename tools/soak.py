@@ -380,8 +380,12 @@ class Soak:
             event["ok"] = False
             event["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             bench.log(f"soak: {kind} failed: {event['error']}")
-        event["end"] = time.time() - self.started
-        self.events.append(event)
+        except KeyboardInterrupt:
+            event["ok"], event["error"] = False, "interrupted"
+            raise
+        finally:  # an interrupted action still marks the pairs it was disturbing
+            event["end"] = time.time() - self.started
+            self.events.append(event)
 
     def do_daemon(self, kind: str, event: dict[str, Any]) -> None:
         victim = self.mesh[next(self.turn["daemon"])]
