@@ -216,7 +216,7 @@ def render(report: dict[str, Any], summary: dict[str, Any]) -> str:
                      *(_cell(sample["procs"].get(n)) for n in names)])
     widths = [max(map(len, column)) for column in zip(*rows)]
     lines = [f"soak: {report['duration_s'] / 60:.1f} min{' (interrupted)' if report.get('interrupted') else ''}, "
-             f"5 nodes + coordinator, {len(PAIRS)} pairs pinging every {config['ping_interval_s']:g} s", ""]
+             f"{len(CORE)} nodes + coordinator, {len(PAIRS)} pairs pinging every {config['ping_interval_s']:g} s", ""]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     losses = summary["lost"]
     lines += ["", "actions: " + ", ".join(f"{kind} {n['done']}" + (f" ({n['failed']} FAILED)" if n["failed"] else "")
