@@ -312,6 +312,7 @@ def test_response_to_an_unknown_index_is_dropped() -> None:
 def test_initiation_without_mac2_under_load_gets_a_cookie_reply() -> None:
     pair = PeerPair()
     pair.under_load = "b"
+    pair.drop = lambda direction, d: direction == "a->b" and kind(d) == INIT and d[-16:] != bytes(16)
     pair.send("a", b"hi")
     initiation = pair.a.transmits[0][0]
     assert initiation[-16:] == bytes(16)  # no cookie yet: mac2 is zero
@@ -325,20 +326,37 @@ def test_initiation_without_mac2_under_load_gets_a_cookie_reply() -> None:
     assert pair.a.drops == {} and pair.b.drops == {}
 
 
-def test_retry_after_a_cookie_carries_a_valid_mac2_and_is_processed() -> None:
+def test_a_cookie_reply_makes_the_initiation_go_again_at_once_with_a_valid_mac2() -> None:
+    # WireGuard waits REKEY_TIMEOUT (5 s) for the retry; a flooded peer is reached sooner
+    # when the retry goes as soon as the cookie arrives (issue 17: within 5 s under a flood).
     pair = PeerPair()
     pair.under_load = "b"
     pair.send("a", b"hi")
     pair.deliver()
-    first_retry = pair.a_peer.t_retransmit
-    assert first_retry is not None
-    pair.run_until(first_retry)
     retry = pair.sent("a->b", INIT)[1]
     assert retry[-16:] != bytes(16)
     assert pair.b.cookie_checker.check_mac2(retry, endpoint_bytes(A_ADDR), pair.now)
     assert kinds(pair, "b->a") == [COOKIE, RESP]
     assert pair.delivered_to_b == [ipv4_packet(A_IP, B_IP, b"hi")]
     assert pair.b.cookie_replies_sent == 1
+
+
+def test_only_one_initiation_per_attempt_goes_again_for_a_cookie() -> None:
+    # Anyone on the path can make a cookie reply: each earns at most one extra initiation
+    # per initiation made otherwise, never a loop.
+    pair = PeerPair()
+    pair.under_load = "b"
+    pair.drop = lambda direction, d: direction == "a->b" and kind(d) == INIT and d[-16:] != bytes(16)
+    pair.send("a", b"hi")
+    pair.deliver()  # the cookie came; the retry with mac2 was lost
+    assert len(pair.sent("a->b", INIT)) == 2
+    retry = pair.sent("a->b", INIT)[1]
+    # A valid cookie reply to the retry too (as b, or anyone who saw the retry, can make):
+    reply = pair.b.cookie_checker.create_reply(retry, parse(retry).sender, endpoint_bytes(A_ADDR), pair.now)
+    pair.inject("a", reply)
+    assert len(pair.sent("a->b", INIT)) == 2 and pair.a.drops == {}
+    first_retry = pair.a_peer.t_retransmit
+    assert first_retry is not None and first_retry - pair.now >= 5.0  # the timer's retry, as WireGuard's
 
 
 def test_cookie_is_bound_to_the_source_address() -> None:
@@ -356,18 +374,29 @@ def test_cookie_is_bound_to_the_source_address() -> None:
 def test_response_without_mac2_under_load_gets_a_cookie_reply_too() -> None:
     pair = PeerPair()
     pair.under_load = "a"
+    pair.drop = lambda direction, d: direction == "b->a" and kind(d) == RESP and d[-16:] != bytes(16)
     pair.send("a", b"hi")
-    pair.deliver()
-    assert kinds(pair, "b->a") == [RESP]
+    pair.deliver()  # (the response b sends again with mac2 is lost here)
+    assert kinds(pair, "b->a") == [RESP, RESP]
     assert kinds(pair, "a->b") == [INIT, COOKIE]
     assert pair.a.cookie_replies_sent == 1
     assert pair.a_peer.current is None
-    # A retries; B answers with a response that now carries mac2; A accepts it.
-    pair.run_until(pair.a_peer.t_retransmit)
-    second_response = pair.sent("b->a", RESP)[1]
-    assert pair.a.cookie_checker.check_mac2(second_response, endpoint_bytes(B_ADDR), pair.now)
+
+
+def test_a_cookie_for_our_response_sends_it_again_at_once_with_a_valid_mac2() -> None:
+    # The initiator is the one under load (its own handshake, while it is flooded): the
+    # responder sends the same response again with mac2, rather than the pair waiting for
+    # the initiator's retry after REKEY_TIMEOUT.
+    pair = PeerPair()
+    pair.under_load = "a"
+    pair.send("a", b"hi")
+    pair.deliver()
+    assert kinds(pair, "b->a") == [RESP, RESP] and kinds(pair, "a->b")[:2] == [INIT, COOKIE]
+    first, second = pair.sent("b->a", RESP)
+    assert first[:60] == second[:60] and second[-16:] != bytes(16)  # the same response, now with mac2
+    assert pair.a.cookie_checker.check_mac2(second, endpoint_bytes(B_ADDR), pair.now)
     assert pair.delivered_to_b == [ipv4_packet(A_IP, B_IP, b"hi")]
-    assert pair.a.cookie_replies_sent == 1
+    assert pair.a.cookie_replies_sent == 1 and pair.a_peer.current is not None
 
 
 def test_cookie_reply_for_an_unknown_index_is_dropped() -> None:
@@ -406,6 +435,7 @@ def test_cookie_secret_rotates_after_120_seconds() -> None:
     (reply, _), = pair.b.transmits
     pair.b.transmits.clear()
     pair.inject("a", reply)
+    pair.a.transmits.clear()  # the retry with mac2 the reply made at once: not delivered here
     born = pair.now
     checker, source = pair.b.cookie_checker, endpoint_bytes(A_ADDR)
 
@@ -433,6 +463,7 @@ def test_initiator_stops_using_a_cookie_after_120_seconds() -> None:
     (reply, _), = pair.b.transmits
     pair.b.transmits.clear()
     pair.inject("a", reply)
+    pair.a.transmits.clear()  # the retry with mac2 the reply made at once: not delivered here
     pair.advance(119.9)
     assert force_initiation(pair)[-16:] != bytes(16)
     pair.advance(0.2)

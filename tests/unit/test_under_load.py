@@ -118,15 +118,10 @@ def test_another_source_is_not_limited_and_its_valid_mac2_is_accepted() -> None:
     for _ in range(50):
         pair.inject("b", hostile.initiation(with_mac2=True), source=HOSTILE)
     pair.send("a", b"hi")
-    pair.deliver()
-    assert pair.sent("b->a") and [kind(d) for d in pair.sent("b->a")] == [COOKIE]
-    for _ in range(50):  # the flood goes on up to A's retry
-        pair.inject("b", hostile.initiation(with_mac2=True), source=HOSTILE)
-    assert pair.a_peer.t_retransmit is not None
-    pair.run_until(pair.a_peer.t_retransmit)
+    pair.deliver()  # a cookie for A's first initiation; A goes again at once, with mac2
     assert [kind(d) for d in pair.sent("b->a")] == [COOKIE, RESP]
     assert pair.delivered_to_b == [ipv4_packet(A_IP, B_IP, b"hi")]
-    assert pair.b.drops[SOURCE_LIMITED] >= 90  # the flood was limited all along
+    assert pair.b.drops[SOURCE_LIMITED] >= 40  # the flood was limited all along
 
 
 def test_not_under_load_nothing_is_limited_and_transport_never_touches_the_limiter() -> None:

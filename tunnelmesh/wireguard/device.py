@@ -291,6 +291,8 @@ class Device:
             entry = self._index.get(message.receiver)
             if entry is None or not entry[0].cookie.consume_reply(message, now):
                 self.drops["cookie reply not for us"] += 1
+            else:
+                entry[0].retry_with_cookie(message.receiver, source, now, wall)
             return
         checker = self.cookie_checker
         if not checker.check_mac1(raw):

@@ -124,6 +124,8 @@ class Peer:
 
         # Timer deadlines.
         self.t_retransmit: float | None = None
+        self._cookie_retry = False  # whether a cookie reply may make our last handshake message go again now
+        self._response: tuple[int, bytes] | None = None  # our last response: its index and body (no macs)
         self.t_send_keepalive: float | None = None
         self.t_new_handshake: float | None = None
         self.t_zero_keys: float | None = None
@@ -276,9 +278,30 @@ class Peer:
         self._hs_noise = noise
         self._hs_stage = _INITIATION_SENT
         self._hs_packet = self.cookie.add_macs(body, now)
+        self._cookie_retry = True
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_sent()
         self._timers_handshake_initiated(now)
+
+    def retry_with_cookie(self, index: int, source: Endpoint, now: float, wall: float) -> None:
+        """The other side, under load, sent a cookie for our handshake message `index` (our
+        outstanding initiation, or the response we last sent): send it again with mac2 to
+        where the cookie came from, at once, rather than waiting for the initiator's retry
+        after REKEY_TIMEOUT as WireGuard does, so that a flooded peer is reached in well
+        under 5 s. An initiation goes again as a new one; a response as it was, with new
+        macs. Once per message made otherwise: a forged cookie reply (anyone on the path
+        can make one) then earns one extra message, never a loop."""
+        if not self._cookie_retry:
+            return
+        if self._hs_stage == _INITIATION_SENT and self._hs_index == index:
+            self._new_initiation(now, wall)
+            packet = self._hs_packet
+        elif self._response is not None and self._response[0] == index:
+            packet = self.cookie.add_macs(self._response[1], now)
+        else:
+            return
+        self._cookie_retry = False
+        self.device.transmits.append((packet, source))
 
     def pending_initiation(self, index: int) -> NoiseState | None:
         """The Noise state of our outstanding initiation with this index."""
@@ -357,6 +380,7 @@ class Peer:
         answer = self.cookie.add_macs(body, now)
         device.transmits.append((answer, source))
         self._answered = (raw, answer, now, [source])
+        self._response, self._cookie_retry = (local_index, body), True
         self._timers_any_authenticated_packet_sent()
 
     def _clear_handshake(self, *, keep_index: bool) -> None:
