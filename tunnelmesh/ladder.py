@@ -15,7 +15,7 @@ Rules (DESIGN.md, "Transport ladder"):
 - Return: on a worse rung, probe the better ones every `probe_interval`
   (BETTER_PROBE, doubled up to MAX_PROBE_INTERVAL each time a step-down fails
   within STEP_DOWN_TRIAL without first carrying traffic for STEP_DOWN_PROVEN
-  with no failure, and reset when one holds); a handshake on a better rung steps down. Each return
+  with no failure and no silence of FAILING_AFTER, and reset when one holds); a handshake on a better rung steps down. Each return
   probe starts with the best rung alone and adds the next better one every
   HAPPY_EYEBALLS seconds, so the best rung that answers wins (from the relay
   straight to UDP), not whichever of them answers first.
@@ -102,7 +102,9 @@ class Ladder:
         self._probed_at: dict[str, float] = {}
         self._answered_at: dict[str, float] = {}
         self._stepped_down_at: float | None = None
-        self._trial_failed = False  # the rung stepped down to failed once in its trial (even if held there)
+        # The rung stepped down to failed, or fell silent, once in its trial (even if held there):
+        # then only STEP_DOWN_TRIAL proves it, not STEP_DOWN_PROVEN of traffic.
+        self._trial_failed = False
         # Returning: the better rungs being probed, best first, and when the next one is added.
         self._returning: list[str] = []
         self._next_return_widen = 0.0
@@ -184,6 +186,8 @@ class Ladder:
             held = self._held_change(now)
             if held is not None:
                 return self._switch(held, now, self._why(held))
+        if self._stepped_down_at is not None and now - self._last_rx_current >= FAILING_AFTER:
+            self._trial_failed = True  # silent for a while: not proven by traffic (an idle pair waits the trial out)
         if self.current is not None and self._stepped_down_at is not None and (
                 now - self._stepped_down_at >= STEP_DOWN_TRIAL
                 or not self._trial_failed and self._last_rx_current - self._stepped_down_at >= STEP_DOWN_PROVEN):

@@ -572,3 +572,18 @@ def test_a_step_down_that_failed_in_its_trial_backs_off_even_after_traffic_came_
         run.tick(float(now), rx=now - 0.5)
     fail_over(run, 40.0)
     assert run.ladder.probe_interval == 2 * BETTER_PROBE
+
+
+def test_a_step_down_whose_rung_fell_silent_in_its_trial_backs_off_even_after_traffic_came_again() -> None:
+    # Flapping seen from the side that follows: its pings are answered over the old rung
+    # (no failure of its own), UDP falls silent, then carries traffic again for a while.
+    run = settled(SSH)
+    step_down(run, BETTER_PROBE)  # on UDP from 20.1
+    run.ticks(21.0, 25.0, rx=20.5)
+    run.ticks(25.0, 29.0, rx=20.5, stray=(SSH, 24.5))  # nothing on UDP; the peer answers on SSH
+    for now in range(29, 41):  # UDP carries traffic for longer than STEP_DOWN_PROVEN
+        run.tick(float(now), rx=now - 0.5)
+    assert run.ladder.current == UDP
+    run.ticks(41.0, 43.0, rx=40.5)
+    assert run.tick(43.5, rx=40.5, stray=(SSH, 43.2)) == [Switch(SSH, UDP, "peer moved")]
+    assert run.ladder.probe_interval == 2 * BETTER_PROBE
