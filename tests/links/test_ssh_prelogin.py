@@ -34,7 +34,8 @@ def identities() -> list[NodeIdentity]:
 
 @asynccontextmanager
 async def server_and_member(identities: list[NodeIdentity], *, login_timeout: float = LOGIN_TIMEOUT,
-                            max_unauthenticated: int = 64) -> AsyncIterator[tuple[Node, Node]]:
+                            max_unauthenticated: int = 64,
+                            max_unauthenticated_per_source: int = 64) -> AsyncIterator[tuple[Node, Node]]:
     """(server, member): a rung serving on 127.0.0.1 and a member that can dial it."""
     directory = Directory()
     for identity in identities:
@@ -45,7 +46,8 @@ async def server_and_member(identities: list[NodeIdentity], *, login_timeout: fl
         sink = Sink()
         rung = SshRung(identity=identity, host_key=host_key, port=0 if serve else None, directory=directory,
                        sink=sink, listen_host="127.0.0.1", login_timeout=login_timeout,
-                       max_unauthenticated=max_unauthenticated)
+                       max_unauthenticated=max_unauthenticated,
+                       max_unauthenticated_per_source=max_unauthenticated_per_source)
         await rung.start()
         nodes.append(Node(identity, host_key, sink, rung))
     server, member = nodes
@@ -154,3 +156,26 @@ def test_a_flood_of_connections_not_logged_in_is_bounded_and_counted(
     run(main())
     refusals = [r.getMessage() for r in caplog.records if "not logged in already" in r.getMessage()]
     assert len(refusals) == 1  # once per address a minute, however many
+
+
+def test_a_flood_from_one_address_leaves_room_for_members_elsewhere(identities: list[NodeIdentity]) -> None:
+    per_source, flood = 4, 100
+    hostile = "127.0.0.2"  # the member dials from 127.0.0.1
+
+    async def main() -> None:
+        async with server_and_member(identities, login_timeout=60.0, max_unauthenticated=64,
+                                     max_unauthenticated_per_source=per_source) as (server, member):
+            assert server.rung.port is not None
+            conns = [await asyncio.open_connection("127.0.0.1", server.rung.port, local_addr=(hostile, 0))
+                     for _ in range(flood)]
+            try:
+                async with asyncio.timeout(CLOSE_BOUND):
+                    while server.rung.drops[REFUSED_FLOOD] < flood - per_source:
+                        await asyncio.sleep(0.01)
+                assert sorted(server.rung._unauthenticated.values()) == [hostile] * per_source
+                await member_gets_in(server, member)  # while the flood holds its share
+            finally:
+                for _, writer in conns:
+                    writer.close()
+
+    run(main())

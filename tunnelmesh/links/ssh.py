@@ -27,8 +27,9 @@ daemon's bridge socket (`links.bridge`), where it becomes a link like any other.
 
 *Before login*: a connection must log in within the login timeout (LOGIN_TIMEOUT unless
 the rung is given another), and at most MAX_UNAUTHENTICATED connections may be waiting to
-at once; more are dropped as they arrive and counted, so a flood of connections that never
-log in costs a bounded amount.
+at once, MAX_UNAUTHENTICATED_PER_SOURCE of them from one address (an IPv6 /64); more are
+dropped as they arrive and counted, so a flood of connections that never log in costs a
+bounded amount, and one flooding address does not keep members from logging in.
 
 *One connection per pair*: when two links to one peer are up (both sides dialled
 at once), the one whose dialler has the smaller WireGuard public key stays; both
@@ -65,6 +66,7 @@ from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.links import Link, LinkError, LinkSink, RefusalLog
 from tunnelmesh.links.attest import SshEndpoint
 from tunnelmesh.links.framing import FrameDecoder, FramingError, OversizeFrame, encode_into
+from tunnelmesh.ratelimit import source_key
 
 __all__ = [
     "DIAL_TIMEOUT",
@@ -89,6 +91,7 @@ LOGIN_TIMEOUT = 10.0  # an unauthenticated connection to our server is dropped a
 # counted), so a flood of connections that never log in costs a bounded amount; members
 # already logged in are not affected.
 MAX_UNAUTHENTICATED = 64
+MAX_UNAUTHENTICATED_PER_SOURCE = 8
 KEEPALIVE_INTERVAL = 15.0  # a silent dead peer is noticed within interval * (count + 1)
 KEEPALIVE_COUNT = 3
 SEND_BUFFER_LIMIT = 512 * 1024  # bytes queued on one link before messages are dropped
@@ -408,12 +411,15 @@ class _Server(asyncssh.SSHServer):
         self._conn = conn
         self._owner._server_conns.add(conn)
         unauthenticated = self._owner._unauthenticated
-        if len(unauthenticated) >= self._owner.max_unauthenticated:
+        source = source_key(str((conn.get_extra_info("peername") or ("?",))[0]))
+        from_source = sum(1 for other in unauthenticated.values() if other == source)
+        if len(unauthenticated) >= self._owner.max_unauthenticated \
+                or from_source >= self._owner.max_unauthenticated_per_source:
             self.refuse("too many connections not logged in",
-                        f"a connection ({len(unauthenticated)} not logged in already)")
+                        f"a connection ({len(unauthenticated)} not logged in already, {from_source} from its address)")
             asyncio.get_running_loop().call_soon(conn.abort)  # once asyncssh is done setting it up
             return
-        unauthenticated.add(conn)
+        unauthenticated[conn] = source
         # asyncssh asks `validate_public_key` the same question for a key query (no
         # signature: answered PK_OK or failure) and for a signed login, before it checks the
         # signature. A PK_OK for members' keys only would tell anyone holding a public key
@@ -432,11 +438,11 @@ class _Server(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self._owner._server_conns.discard(self._conn)
-            self._owner._unauthenticated.discard(self._conn)
+            self._owner._unauthenticated.pop(self._conn, None)
 
     def auth_completed(self) -> None:
         if self._conn is not None:
-            self._owner._unauthenticated.discard(self._conn)
+            self._owner._unauthenticated.pop(self._conn, None)
 
     def begin_auth(self, username: str) -> bool:
         return True  # every login must authenticate
@@ -536,12 +542,14 @@ class SshRung:
         clock: Clock = SYSTEM_CLOCK,
         login_timeout: float = LOGIN_TIMEOUT,
         max_unauthenticated: int = MAX_UNAUTHENTICATED,
+        max_unauthenticated_per_source: int = MAX_UNAUTHENTICATED_PER_SOURCE,
     ) -> None:
         if port is not None and host_key is None:
             raise ValueError("serving SSH needs a host key")
         self.identity = identity
         self.login_timeout = login_timeout
         self.max_unauthenticated = max_unauthenticated
+        self.max_unauthenticated_per_source = max_unauthenticated_per_source
         self.directory = directory
         self.sink = sink
         self.drops: collections.Counter[str] = collections.Counter()
@@ -553,7 +561,8 @@ class SshRung:
         self._dialling: dict[bytes, asyncio.Task[SshLink]] = {}  # owned: close() cancels and awaits them
         self._server: asyncssh.SSHAcceptor | None = None
         self._server_conns: set[asyncssh.SSHServerConnection] = set()
-        self._unauthenticated: set[asyncssh.SSHServerConnection] = set()  # of _server_conns: not logged in yet
+        # Of _server_conns, those not logged in yet, with their source (ratelimit.source_key).
+        self._unauthenticated: dict[asyncssh.SSHServerConnection, str] = {}
         self._bridge: Any = None  # links.bridge.BridgeServer once start_bridge ran
         self._log_refusal = RefusalLog(log, clock)
 
