@@ -4,7 +4,7 @@ reply to this sender's address -- with a valid mac2 too. None of them authentica
 (the body is random), so each one that gets past the cookie and the rate limit costs
 the target a Diffie-Hellman and ends as "initiation does not authenticate".
 
-Sans-IO; used by tests/unit/test_handshake_flood.py and the sprayer
+Sans-IO; used by tests/unit/test_under_load.py and the sprayer
 (tests/support/handshake_sprayer.py) of tests/e2e/test_handshake_flood.py.
 """
 

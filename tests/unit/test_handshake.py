@@ -560,3 +560,20 @@ def test_transport_header_counter_starts_at_zero_for_each_session() -> None:
     pair.deliver()
     counters = [TRANSPORT_HEADER.unpack_from(d)[2] for d in pair.sent("a->b", DATA)]
     assert counters == [0, 0]
+
+
+def test_a_cookie_reply_from_elsewhere_sends_nothing_anywhere() -> None:
+    # A forged cookie reply with another source (anyone on the path can make one from the
+    # mac1 it saw) must not make us send our handshake to an address of its choosing.
+    pair = PeerPair()
+    pair.under_load = "b"
+    pair.drop = lambda direction, d: direction == "b->a"
+    pair.send("a", b"hi")
+    pair.deliver()
+    initiation = pair.sent("a->b", INIT)[0]
+    reply = pair.b.cookie_checker.create_reply(initiation, parse(initiation).sender, endpoint_bytes(A_ADDR), pair.now)
+    pair.a.transmits.clear()
+    pair.inject("a", reply, source=("203.0.113.66", 4444))
+    assert pair.a.transmits == [] and len(pair.sent("a->b", INIT)) == 1
+    # (The cookie itself is taken, as WireGuard takes one from any address: the retry after
+    # REKEY_TIMEOUT carries it, and a wrong one only earns another cookie reply.)

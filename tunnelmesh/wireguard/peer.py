@@ -107,6 +107,7 @@ class Peer:
         self._hs_noise: NoiseState | None = None
         self._hs_index = 0
         self._hs_packet = b""  # the outstanding initiation, as sent (a probe may repeat it on another path)
+        self._hs_sent_to: list[Endpoint] = []  # where it went
         self.last_timestamp = b"\x00" * 12  # greatest TAI64N consumed, against replay
         self.last_initiation_consumed = float("-inf")
         # The last initiation answered, our answer, and the paths it was sent on: the same
@@ -125,7 +126,7 @@ class Peer:
         # Timer deadlines.
         self.t_retransmit: float | None = None
         self._cookie_retry = False  # whether a cookie reply may make our last handshake message go again now
-        self._response: tuple[int, bytes] | None = None  # our last response: its index and body (no macs)
+        self._response: tuple[int, bytes, Endpoint] | None = None  # our last response: index, body (no macs), where
         self.t_send_keepalive: float | None = None
         self.t_new_handshake: float | None = None
         self.t_zero_keys: float | None = None
@@ -235,6 +236,8 @@ class Peer:
             return
         self._new_initiation(now, wall)
         self.device.queue_transmit(self, self._hs_packet)
+        if self.endpoint is not None:
+            self._hs_sent_to.append(self.endpoint)
 
     def send_probe(self, endpoints: tuple[Endpoint, ...], now: float, wall: float) -> bool:
         """Send a handshake initiation to each of `endpoints` (the transport ladder's
@@ -251,6 +254,7 @@ class Peer:
         transmits = self.device.transmits
         for endpoint in endpoints:
             transmits.append((self._hs_packet, endpoint))
+        self._hs_sent_to += endpoints
         return True
 
     def abandon_handshake(self) -> None:
@@ -278,6 +282,7 @@ class Peer:
         self._hs_noise = noise
         self._hs_stage = _INITIATION_SENT
         self._hs_packet = self.cookie.add_macs(body, now)
+        self._hs_sent_to = []
         self._cookie_retry = True
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_sent()
@@ -289,14 +294,16 @@ class Peer:
         where the cookie came from, at once, rather than waiting for the initiator's retry
         after REKEY_TIMEOUT as WireGuard does, so that a flooded peer is reached in well
         under 5 s. An initiation goes again as a new one; a response as it was, with new
-        macs. Once per message made otherwise: a forged cookie reply (anyone on the path
-        can make one) then earns one extra message, never a loop."""
+        macs. Once per message made otherwise, and only back to where that message went: a
+        forged cookie reply (anyone on the path can make one) then earns one extra message
+        to the same place, never a loop nor a message elsewhere."""
         if not self._cookie_retry:
             return
-        if self._hs_stage == _INITIATION_SENT and self._hs_index == index:
+        if self._hs_stage == _INITIATION_SENT and self._hs_index == index and source in self._hs_sent_to:
             self._new_initiation(now, wall)
+            self._hs_sent_to.append(source)
             packet = self._hs_packet
-        elif self._response is not None and self._response[0] == index:
+        elif self._response is not None and self._response[0] == index and self._response[2] == source:
             packet = self.cookie.add_macs(self._response[1], now)
         else:
             return
@@ -380,7 +387,7 @@ class Peer:
         answer = self.cookie.add_macs(body, now)
         device.transmits.append((answer, source))
         self._answered = (raw, answer, now, [source])
-        self._response, self._cookie_retry = (local_index, body), True
+        self._response, self._cookie_retry = (local_index, body, source), True
         self._timers_any_authenticated_packet_sent()
 
     def _clear_handshake(self, *, keep_index: bool) -> None:
