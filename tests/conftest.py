@@ -53,6 +53,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         if top in _MARKERS_BY_DIR:
             item.add_marker(_MARKERS_BY_DIR[top])
+    # Longest first (under pytest-xdist the workers then finish together, the short unit
+    # tests filling the gaps at the end): tests marked `long`, then the other whole-daemon
+    # tests, then the rest, each in collection order.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("long") else 1 if item.get_closest_marker("e2e")
+               or item.get_closest_marker("interop") else 2)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

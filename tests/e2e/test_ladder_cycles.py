@@ -34,7 +34,7 @@ from tools.mesh import MeshNode, block_path, build_network, diagnostics
 from tunnelmesh import control_client
 from tunnelmesh.ladder import STEP_DOWN_PROVEN
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
 CYCLES = int(os.environ.get("TUNNELMESH_LADDER_CYCLES", "20"))
 PAIRS = int(os.environ.get("TUNNELMESH_LADDER_PAIRS", "4"))

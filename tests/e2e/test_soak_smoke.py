@@ -11,7 +11,7 @@ import pytest
 from tools import soak
 from tools.lab import Lab
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
 #: Pings lost on pairs no action was disturbing, out of ~1,500 (10 pairs, 1 per second).
 UNDISTURBED_LOST_MAX = 2
