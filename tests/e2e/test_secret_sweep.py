@@ -14,8 +14,9 @@ of the coordinator's SQLite database. Sought, in raw bytes, base64 (at every
 alignment, so also inside a longer base64 text), base64url and hex: each node's SSH
 private key (its seed, so also inside its key file's base64, and the file whole), the X25519 key derived from it,
 every epoch's network secret and the PSK derived from it, the admin key's seed, every
-invite's seed, and the passphrases. Session keys live only in the daemons' memory and
-are not sought.
+invite's seed, and the passphrases. Session keys live only in the daemons' memory (no
+test can learn them from outside): tests/unit/test_session_key_sweep.py seeks them in two
+daemons run in one process.
 
 `invite` prints a token, which holds the invite seed by design: that output is not
 searched (the token itself is sought everywhere else). Nor is `show --show-secrets`,
@@ -41,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.support.secret_search import encodings, search
 from tools.lab import Lab, Node
 from tools.mesh import (COORDINATOR_PORT, OPEN_POLICY, MeshNode, block_path, diagnostics, rung_of,
                         wait_for_handshakes)
@@ -53,34 +55,6 @@ pytestmark = pytest.mark.e2e
 
 
 # --- The search -------------------------------------------------------------------------
-
-
-def base64_forms(secret: bytes, alphabet: Callable[[bytes], bytes]) -> list[bytes]:
-    """The base64 characters that `secret` alone determines, at each of the three
-    alignments it can have inside a longer base64 text (so a secret in the middle of an
-    encoded blob is found too)."""
-    forms = []
-    for shift in range(3):
-        encoded = alphabet(bytes(shift) + secret)
-        first = -(-8 * shift // 6)  # the first character with no bits of the padding bytes
-        last = 8 * (shift + len(secret)) // 6  # past the last character made of the secret's bits only
-        forms.append(encoded[first:last])
-    return forms
-
-
-def encodings(secret: bytes) -> dict[str, bytes]:
-    """The forms of `secret` sought: raw, hex (either case), base64 and base64url."""
-    forms = {"raw": secret, "hex": secret.hex().encode(), "HEX": secret.hex().upper().encode()}
-    for name, alphabet in (("base64", base64.b64encode), ("base64url", base64.urlsafe_b64encode)):
-        for shift, form in enumerate(base64_forms(secret, alphabet)):
-            forms[f"{name}@{shift}"] = form
-    return forms
-
-
-def search(text: bytes, secrets: dict[str, bytes]) -> list[str]:
-    """Every (secret, form) of `secrets` found in `text`, named."""
-    return [f"{name} ({form})" for name, secret in secrets.items()
-            for form, needle in encodings(secret).items() if needle in text]
 
 
 def test_the_search_finds_a_secret_in_every_form_and_nothing_in_clean_text() -> None:
