@@ -633,3 +633,67 @@ def test_a_step_up_from_the_relay_goes_straight_to_udp_when_it_answers(simulate:
         pinger.stop()
 
     simulate(body)
+
+
+def test_a_pair_never_cut_never_moves_while_another_pair_of_the_same_node_climbs_and_returns() -> None:
+    # The CLI scenario once saw b-a move to SSH ("peer moved") while only a-c was cut. Here
+    # a talks to b and to c; a-c is cut (UDP, then SSH too) and lifted, three times over,
+    # under pings: a-c climbs the ladder and comes back, a-b never changes rung.
+    c_addr, c_ip = ("192.0.2.3", 51820), "100.100.0.3"
+
+    async def body(net: Net) -> None:
+        rng = seeded_rng(7)
+        a = Node(net, "a", rng(32), A_ADDR, A_IP, seed=11)
+        b = Node(net, "b", rng(32), B_ADDR, B_IP, seed=12)
+        c = Node(net, "c", rng(32), c_addr, c_ip, seed=13)
+        a.mesh.add(spec(b, endpoint=B_ADDR, choice=ALL))
+        a.mesh.add(spec(c, endpoint=c_addr, choice=ALL))
+        b.mesh.add(spec(a, endpoint=None, choice=ALL))
+        c.mesh.add(spec(a, endpoint=None, choice=ALL))
+        nodes = (a, b, c)
+        for node in nodes:
+            node.start()
+        try:
+            await b.session(a).handle(Start())
+            await c.session(a).handle(Start())
+            await net.run_for(0.5)
+            await a.session(b).handle(Start())
+            await a.session(c).handle(Start())
+            sessions_ab = (a.session(b), b.session(a))
+            sessions_ac = (a.session(c), c.session(a))
+            await net.run_until(lambda: all(s.selector.ladder.current == UDP for s in sessions_ab + sessions_ac),
+                                2.0, "both pairs up on UDP")
+            pingers = [Pinger(net, b, a), Pinger(net, c, a), Pinger(net, a, c)]
+
+            def both(rung: str) -> bool:
+                return all(s.selector.ladder.current == rung for s in sessions_ac)
+
+            for _ in range(3):
+                net.block(UDP, "a", "c")
+                net.block(UDP, "c", "a")
+                await net.run_until(lambda: both(SSH), 15.0, "a-c on SSH")
+                net.block(SSH, "a", "c")
+                net.block(SSH, "c", "a")
+                await net.run_until(lambda: both(RELAY), 20.0, "a-c on the relay")
+                net.unblock(UDP)
+                net.unblock(SSH)
+                await net.run_until(lambda: both(UDP), BETTER_PROBE + HOLD + 5.0, "a-c back on UDP")
+                await net.run_for(HOLD + 2.0)
+            assert all(len(s.selector.transitions) >= 6 for s in sessions_ac)  # the cut pair did move
+            assert [s.selector.transitions for s in sessions_ab] == [(), ()]  # the other never did
+            assert all(s.selector.ladder.current == UDP for s in sessions_ab)
+            answered = [at for at, _ in b.echo_replies]
+            assert answered and max(later - earlier for earlier, later in zip(answered, answered[1:])) <= 1.0
+            for pinger in pingers:
+                pinger.stop()
+        finally:
+            for node in nodes:
+                for session in node.mesh.sessions.values():
+                    await session.stop()
+                node.stop()
+
+    clock = VirtualClock()
+    with asyncio.Runner(loop_factory=lambda: VirtualLoop(clock)) as runner:
+        loop = runner.get_loop()
+        assert isinstance(loop, VirtualLoop)
+        runner.run(body(Net(clock, loop)))
