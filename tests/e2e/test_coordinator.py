@@ -201,6 +201,7 @@ def forge_token(token: str, network_admin_key_b64: str) -> str:
     return "tmjoin1-" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+@pytest.mark.long
 def test_coordinator_outage_keeps_tunnels_and_cache(lab: Lab) -> None:
     coordinator, process, db = start_coordinator(lab)
     mesh = build_network(lab, ["admin", "b", "c"], switch=lab.switches["sw"], coordinator=coordinator)

@@ -137,6 +137,7 @@ def probe_intervals(transitions: list[dict[str, Any]], now: float) -> set[float]
     return {BETTER_PROBE} if now - stepped_down_at >= STEP_DOWN_TRIAL + 2.0 else {interval, BETTER_PROBE}
 
 
+@pytest.mark.long
 def test_flapping_udp_changes_rungs_no_faster_than_the_hold(lab: Lab) -> None:
     mesh = build_network(lab, ["hub", "a", "b"])
     a, b = mesh["a"], mesh["b"]

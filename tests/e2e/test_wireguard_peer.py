@@ -175,6 +175,7 @@ def ping_counts(output: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+@pytest.mark.long
 def test_wireguard_go_peer_exchanges_traffic_both_ways_across_a_rekey(mesh_with_wg, lab):
     mesh, wg = mesh_with_wg
 
