@@ -42,9 +42,9 @@ from tests.support.wait import until
 from tunnelmesh import network as admin_commands
 from tunnelmesh.admission import sealed_secret
 from tunnelmesh.config import read_network_secret
-from tunnelmesh.coordinator import service
+from tunnelmesh.coordinator import guards, service
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
-from tunnelmesh.coordinator.service import MAX_BODY
+from tunnelmesh.coordinator.guards import MAX_BODY
 from tunnelmesh.coordinator.store import PendingRow, StoreError
 from tunnelmesh.membership import (
     JOIN_WINDOW,
@@ -505,7 +505,7 @@ def test_secret_rotation_takes_only_the_next_epoch(db: Path, world: World) -> No
     # Cheap checks before the identity line is parsed: the grant, the name.
     ("/v1/join/propose", b'{"identity": "ssh-ed25519 AAAA", "name": "a", "grant": {}}', 403, "invite: missing body"),
     ("/v1/join/request", b'{"identity": "x", "name": "Bad Name", "t": 1, "proof": ""}', 400, "name must be"),
-    ("/v1/join/propose", b"x" * (service.UNAUTHENTICATED_MAX_BODY + 1), 413, "larger than 32 KiB"),
+    ("/v1/join/propose", b"x" * (guards.UNAUTHENTICATED_MAX_BODY + 1), 413, "larger than 32 KiB"),
     ("/v1/admin/revoke", b"x" * (MAX_BODY + 1), 413, "larger than 256 KiB"),
     ("/v1/admin/revoke", b"{}", 401, "Authorization"),
     ("/v1/nowhere", b"{}", 404, "not found"),
@@ -877,7 +877,7 @@ def test_behind_a_trusted_proxy_each_forwarded_address_has_its_own_bucket_and_ot
 def test_a_request_without_a_signature_carries_at_most_32_kib_even_chunked(db: Path) -> None:
     # Parsing JSON costs up to ~50 us per KiB: 256 KiB bodies at the overall rate would cost
     # the admin node's event loop a quarter of a core.
-    big = b'{"identity": "' + b"x" * service.UNAUTHENTICATED_MAX_BODY + b'"}'
+    big = b'{"identity": "' + b"x" * guards.UNAUTHENTICATED_MAX_BODY + b'"}'
 
     async def chunks() -> AsyncIterator[bytes]:
         for start in range(0, len(big), 4096):
@@ -896,8 +896,8 @@ def test_a_request_without_a_signature_carries_at_most_32_kib_even_chunked(db: P
 def test_the_default_limits_refuse_a_flood_after_the_burst(db: Path) -> None:
     async def scenario() -> None:
         async with running(db, limiter=None, monotonic=frozen()) as (url, _), aiohttp.ClientSession() as http:
-            statuses = [(await get_from(http, url, "/v1/network"))[0] for _ in range(service.PER_SOURCE_RATE.burst + 3)]
-            assert statuses == [503] * service.PER_SOURCE_RATE.burst + [429] * 3
+            statuses = [(await get_from(http, url, "/v1/network"))[0] for _ in range(guards.PER_SOURCE_RATE.burst + 3)]
+            assert statuses == [503] * guards.PER_SOURCE_RATE.burst + [429] * 3
 
     asyncio.run(scenario())
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunnelmesh.coordinator.service import MAX_SOURCES, OVERALL_RATE, PER_SOURCE_RATE
+from tunnelmesh.coordinator.guards import MAX_SOURCES, OVERALL_RATE, PER_SOURCE_RATE
 from tunnelmesh.ratelimit import (
     UNKNOWN_SOURCE,
     Rate,

@@ -16,28 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import ipaddress
-import json
 import logging
-import math
 import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
-from tunnelmesh.fields import FieldError, Fields, parse_endpoint, shown
-from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
-from tunnelmesh.links import RefusalLog
+from tunnelmesh.fields import FieldError, parse_endpoint, shown
+from tunnelmesh.identity import IdentityError, PublicIdentity
 from tunnelmesh.membership import (
-    JOIN_NAMESPACE,
     JOIN_WINDOW,
     MAX_ENDPOINTS,
     InviteGrant,
@@ -51,25 +44,36 @@ from tunnelmesh.membership import (
     SecretRecord,
     b64,
     check_name,
-    join_proof_message,
     member_body,
     parse_address,
-    parse_relay_url,
     reachable_unicast,
     unb64,
     verify_admin_request,
     verify_join_proof,
     verify_member_request,
 )
-from tunnelmesh.ratelimit import Rate, RateLimiter, source_key
+from tunnelmesh.ratelimit import RateLimiter
 from tunnelmesh.tls import certificate_fingerprint, load_or_make, server_context
 
+from . import bodies
+from .guards import (
+    MALFORMED_REQUESTS,
+    MAX_BODY,
+    MAX_SOURCES,
+    OVERALL_RATE,
+    PER_SOURCE_RATE,
+    RATE_LIMITER,
+    MalformedRequests,
+    Refused,
+    errors,
+    loggable,
+    rate_limited,
+)
 from .relay import Relay
 from .store import MemberRow, NetworkRow, PendingRow, Store, StoreError
 
 log = logging.getLogger("tunnelmesh.coordinator.server")
 
-MAX_BODY = 256 * 1024
 #: The longest a map long-poll is held, whatever the client asks.
 MAX_WAIT = 30.0
 #: Joins waiting for the admin: how long one waits before it expires, how many requests for
@@ -84,187 +88,6 @@ INVITED_LIMIT = 256
 COUNTERSIGN_WAIT = 10.0
 #: How long shutdown waits for requests in flight (long-polls are woken at once).
 SHUTDOWN_TIMEOUT = 2.0
-#: The largest "ssh" object a member may register (serialized compactly).
-MAX_SSH_OFFER = 2048
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-#: Parsing an identity line verifies its attestation; members sign every request.
-_identity_of = functools.lru_cache(maxsize=4096)(PublicIdentity.from_line)
-
-
-class Refused(Exception):
-    """A request answered with an error status; `extra` joins the JSON error body."""
-
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.extra = extra
-
-
-@contextmanager
-def _status(status: int) -> Iterator[None]:
-    """Answer a MembershipError with `status` (uncaught ones are 400: malformed)."""
-    try:
-        yield
-    except MembershipError as exc:
-        raise Refused(status, str(exc)) from None
-
-
-def _utc(t: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
-
-
-def _loggable(text: str, limit: int = 300) -> str:
-    """Client-influenced text made safe for one log line: bounded, control characters escaped."""
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return text.encode("unicode_escape").decode("ascii")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-#: The checks of request body fields: a value that fails is a 400 (malformed).
-body_field = Fields(functools.partial(Refused, 400))
-
-
-def _parse(raw: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
-        raise Refused(400, "the body is not JSON (or nested too deeply)") from None
-    return body_field.object(value, "the body")
-
-
-def _identity(value: Any) -> PublicIdentity:
-    if not isinstance(value, str) or len(value) > 8192:
-        raise Refused(400, "identity must be an identity line")
-    try:
-        return _identity_of(value)
-    except IdentityError as exc:
-        raise Refused(400, str(exc)) from None
-
-
-def _query_number(request: web.Request, name: str, *, whole: bool) -> float:
-    text = request.query.get(name, "0")
-    try:
-        value = int(text) if whole else float(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 2**53:  # also refuses NaN
-        raise Refused(400, f"{name} must be a {'whole ' if whole else ''}number from 0 to {2**53}")
-    return value
-
-
-def _addresses(network: NetworkInfo, host: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
-    try:
-        return network.host(host)
-    except MembershipError:
-        raise Refused(409, f"the network is full: no free address left in {network.cidr4}") from None
-
-
-def _verify_request_proof(identity: PublicIdentity, request_body: dict[str, Any], proof: Any) -> None:
-    """The approval path's proof: an SSHSIG by the joiner's key over its request."""
-    try:
-        verify_sshsig(identity.ssh_public_key, unb64(proof, "join proof"),
-                      join_proof_message({"request": request_body}), JOIN_NAMESPACE)
-    except IdentityError as exc:
-        raise Refused(401, f"the joiner did not prove it holds its identity key: {exc}") from None
-
-
-def _observed_ipv4(remote: str | None) -> str | None:
-    """The IPv4 address a request came from (IPv4-mapped IPv6 unwrapped), else None."""
-    try:
-        address = ipaddress.ip_address(remote or "")
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address):
-        return None if address.ipv4_mapped is None else str(address.ipv4_mapped)
-    return str(address)
-
-
-def _endpoints(member: MemberRow) -> dict[str, Any]:
-    """A member's endpoints object in the map: "ssh" only when the member offers it."""
-    endpoints: dict[str, Any] = {"addresses": member.addresses, "last_seen": member.last_seen}
-    if member.ssh is not None:
-        endpoints["ssh"] = member.ssh
-    if member.relay is not None:
-        endpoints["relay"] = member.relay
-    return endpoints
-
-
-def _relay_offer(value: Any, observed: str | None) -> str | None:
-    """The register body's optional "relay": {"url": ...} (how members reach the relay it
-    serves, e.g. behind TLS termination) or {"port": N} (plain HTTP at the address its
-    request came from)."""
-    if value is None:
-        return None
-    if not isinstance(value, dict) or len(value) != 1 or not value.keys() <= {"url", "port"}:
-        raise Refused(400, 'relay must be {"url": "http(s)://host:port"} or {"port": N}')
-    if "url" in value:
-        return parse_relay_url(value["url"])
-    port = body_field.integer(value["port"], "relay port", 1, 65535)
-    return None if observed is None else f"http://{observed}:{port}"  # the register answer says why not
-
-
-def _sealed_secret(value: Any) -> dict[str, Any]:
-    """The approve body's "secret": {"epoch", "sealed"}, the network secret the admin's
-    machine sealed to the joiner (opaque here: the joiner opens and checks it)."""
-    if not isinstance(value, dict) or set(value) != {"epoch", "sealed"}:
-        raise Refused(400, 'secret must be {"epoch": N, "sealed": "<base64>"}')
-    body_field.integer(value["epoch"], "secret epoch")
-    if len(unb64(value["sealed"], "sealed secret")) > 256:
-        raise Refused(400, "the sealed secret is too long")
-    return {"epoch": value["epoch"], "sealed": value["sealed"]}
-
-
-def _ssh_offer(value: Any) -> dict[str, Any] | None:
-    """The register body's optional "ssh": a JSON object, opaque here (nodes verify it)."""
-    if value is None:
-        return None
-    if not isinstance(value, dict) or len(json.dumps(value, separators=(",", ":"))) > MAX_SSH_OFFER:
-        raise Refused(400, f"ssh must be a JSON object of at most {MAX_SSH_OFFER} bytes")
-    return value
-
-
-def _errors(service: _Service) -> Any:
-    """Middleware: every failure is a JSON error with a fitting status; never a traceback.
-    A refusal is logged once per source, endpoint and status a minute (RefusalLog: with how
-    many were not), so a client sending bad requests in a loop cannot flood the log."""
-    log_refusal = RefusalLog(log)
-
-    def refused(request: web.Request, where: str, status: int, message: str) -> None:
-        source = source_key(service._client_address(request))
-        log_refusal(source, f"{where} {status}", f"{where} refused ({status}) from {source}: {_loggable(message)}")
-
-    @web.middleware
-    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        where = _loggable(f"{request.method} {request.path}")
-        try:
-            return await handler(request)
-        except Refused as exc:
-            refused(request, where, exc.status, exc.message)
-            return web.json_response({"error": exc.message, **exc.extra}, status=exc.status)
-        except (MembershipError, IdentityError) as exc:
-            refused(request, where, 400, str(exc))
-            return web.json_response({"error": str(exc)}, status=400)
-        except StoreError as exc:
-            log.error("%s: %s", where, exc)
-            return web.json_response({"error": str(exc)}, status=503)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            message = (f"the body is larger than {MAX_BODY // 1024} KiB" if exc.status == 413
-                       else f"{request.method} {request.path}: {exc.reason.lower()}")
-            return web.json_response({"error": message}, status=exc.status)
-        except Exception:
-            log.exception("%s: internal error", where)
-            return web.json_response({"error": "internal error in the coordinator (see its log)"}, status=500)
-
-    return errors
 
 
 class _Service:
@@ -322,7 +145,7 @@ class _Service:
             raise StoreError(f"the stored network record does not verify ({exc}); restore the database") from None
 
     def _auth(self, request: web.Request) -> RequestAuth:
-        with _status(401):
+        with bodies.status(401):
             return RequestAuth.parse(request.headers.get("Authorization"))
 
     def _check_admin(self, request: web.Request, raw: bytes, admin_key: bytes) -> None:
@@ -330,7 +153,7 @@ class _Service:
         if auth.who != "admin":
             raise Refused(403, "this request needs the admin key")
         now = self.clock()
-        with _status(401):
+        with bodies.status(401):
             self.guard.precheck(auth, now)  # cheap first: a stale or replayed request costs no signature check
             verify_admin_request(auth, admin_key, request.method, request.path_qs, raw)
             self.guard.record(auth, now)
@@ -345,8 +168,8 @@ class _Service:
     async def _admin_body(self, request: web.Request, fields: set[str]) -> tuple[NetworkInfo, dict[str, Any]]:
         """An admin-signed request whose body is a JSON object with exactly `fields`."""
         network, raw = await self._admin(request)
-        body = _parse(raw)
-        body_field.keys(body, fields, "the body")
+        body = bodies.parse(raw)
+        bodies.body_field.keys(body, fields, "the body")
         return network, body
 
     async def _member(self, request: web.Request) -> tuple[MemberRow, bytes]:
@@ -364,13 +187,13 @@ class _Service:
             if revocation is not None:
                 raise Refused(403, "this node was revoked by the admin", revocation=revocation.record)
             raise Refused(401, "unknown node: this key is not a member of the network (join it first)")
-        with _status(401):
+        with bodies.status(401):
             self.guard.precheck(auth, self.clock())
         raw = await request.read()
         now = self.clock()
-        with _status(401):
+        with bodies.status(401):
             try:
-                identity = _identity_of(member.identity)
+                identity = bodies.identity_of(member.identity)
             except IdentityError as exc:
                 raise StoreError(f"the stored identity of {member.name} is damaged ({exc}); restore the database") from None
             verify_member_request(auth, identity, request.method, request.path_qs, raw)
@@ -379,7 +202,7 @@ class _Service:
 
     def _check_invite(self, grant: InviteGrant, now: int) -> None:
         if grant.expires < now:
-            raise Refused(410, f"the invite expired at {_utc(grant.expires)}; ask the admin for a new one")
+            raise Refused(410, f"the invite expired at {bodies.utc(grant.expires)}; ask the admin for a new one")
         if grant.uses and self.store.invite_uses(b64(grant.invite_key)) >= grant.uses:
             times = "" if grant.uses == 1 else f" {grant.uses} times, all it allows"
             raise Refused(410, f"the invite was already used{times}; ask the admin for a new one")
@@ -430,7 +253,7 @@ class _Service:
             "members": [m.entry for m in members],
             "revocations": self.store.revocations(since),
             "secret": row.secret_record if row.secret_version > since else None,
-            "endpoints": {m.wg_key: _endpoints(m) for m in members},
+            "endpoints": {m.wg_key: bodies.endpoints(m) for m in members},
         }
         policy = self.store.policy()
         if policy is not None and policy.version > since:  # left out otherwise: nodes from before it take the rest
@@ -476,10 +299,10 @@ class _Service:
 
     async def propose(self, request: web.Request) -> web.Response:
         """A member body for the joiner to sign with the invite key. Stores nothing."""
-        body = _parse(await request.read())
-        body_field.keys(body, {"identity", "name", "grant"}, "the body")
+        body = bodies.parse(await request.read())
+        bodies.body_field.keys(body, {"identity", "name", "grant"}, "the body")
         network = self._network()
-        with _status(403):
+        with bodies.status(403):
             grant = InviteGrant.from_wire(body["grant"], network.admin_key)
         now = int(self.clock())
         self._check_invite(grant, now)  # cheap checks before the identity's signature
@@ -489,10 +312,10 @@ class _Service:
         check_name(name)
         if grant.name is not None and name != grant.name:
             raise Refused(403, f"this invite is for the name {grant.name!r}")
-        identity = _identity(body["identity"])
+        identity = bodies.identity(body["identity"])
         self._check_newcomer(identity, name)
         self._check_not_revoked(identity.wg_public_key, grant.created)
-        ipv4, ipv6 = _addresses(network, self.store.free_host())
+        ipv4, ipv6 = bodies.addresses(network, self.store.free_host())
         joined = max(now, grant.created)  # an entry must not predate its invite (clock skew)
         return web.json_response({"body": member_body(network.network, name, identity, ipv4, ipv6, joined)})
 
@@ -500,25 +323,25 @@ class _Service:
         """Check the invite-signed entry and the proof, and hold it for the admin's machine to
         countersign (docs/coordinator.md, "Joining"): answered with the join result once it
         did, with 403 if it refused, else with 202 after COUNTERSIGN_WAIT (ask again)."""
-        body = _parse(await request.read())
-        body_field.keys(body, {"entry", "proof"}, "the body")
+        body = bodies.parse(await request.read())
+        bodies.body_field.keys(body, {"entry", "proof"}, "the body")
         network = self._network()
         entry = body["entry"]
         if not isinstance(entry, dict) or "grant" not in entry or not isinstance(entry.get("body"), dict):
             raise Refused(403, "a join must be signed with an invite key (admin-signed entries come by approval)")
         now = int(self.clock())
         # Cheap checks first: the grant (one Ed25519 signature), its expiry and uses, the time.
-        with _status(403):
+        with bodies.status(403):
             grant = InviteGrant.from_wire(entry["grant"], network.admin_key)
         if not self._admitted_again(entry, now):
             self._check_invite(grant, now)
-            joined = body_field.integer(entry["body"].get("joined"), "joined")
+            joined = bodies.body_field.integer(entry["body"].get("joined"), "joined")
             if abs(joined - now) > JOIN_WINDOW:
                 raise Refused(403, f"the join time is {joined - now:+d} s off the coordinator's clock "
                                    f"(more than {JOIN_WINDOW} s): fix the clock and join again")
-        with _status(403):
+        with bodies.status(403):
             member = MemberEntry.from_wire(entry, network)
-        with _status(401):
+        with bodies.status(401):
             verify_join_proof(member.identity, entry["body"], body["proof"])
         key = b64(member.wg_key)
         source = self._client_address(request) or ""
@@ -561,17 +384,17 @@ class _Service:
     async def request_join(self, request: web.Request) -> web.Response:
         """Join by approval: the request waits, holding no name or address, until the admin
         approves it; once approved, the joiner's next request gets the join result."""
-        body = _parse(await request.read())
-        body_field.keys(body, {"identity", "name", "t", "proof"}, "the body")
+        body = bodies.parse(await request.read())
+        bodies.body_field.keys(body, {"identity", "name", "t", "proof"}, "the body")
         self._network()  # 503 before set-up
         name = check_name(body["name"])
-        t = body_field.integer(body["t"], "t")
+        t = bodies.body_field.integer(body["t"], "t")
         now = int(self.clock())
         if abs(t - now) > JOIN_WINDOW:  # cheap checks before the signatures
             raise Refused(403, f"the request time is {t - now:+d} s off the coordinator's clock "
                                f"(more than {JOIN_WINDOW} s): fix the clock")
-        identity = _identity(body["identity"])
-        _verify_request_proof(identity, {"identity": body["identity"], "name": name, "t": t}, body["proof"])
+        identity = bodies.identity(body["identity"])
+        bodies.verify_request_proof(identity, {"identity": body["identity"], "name": name, "t": t}, body["proof"])
         key = b64(identity.wg_public_key)
         source = self._client_address(request) or ""
         result = self._collect(key, now)
@@ -596,16 +419,16 @@ class _Service:
         """Where the member can be reached: the address its request came from first, and
         what it offers for the SSH rung and as a relay (absent: nothing)."""
         member, raw = await self._member(request)
-        body = _parse(raw)
-        body_field.keys(body, {"listen_port", "addresses"}, "the body", frozenset({"ssh", "relay"}))
-        port = body_field.integer(body["listen_port"], "listen_port", 1, 65535)
-        ssh = _ssh_offer(body.get("ssh"))
+        body = bodies.parse(raw)
+        bodies.body_field.keys(body, {"listen_port", "addresses"}, "the body", frozenset({"ssh", "relay"}))
+        port = bodies.body_field.integer(body["listen_port"], "listen_port", 1, 65535)
+        ssh = bodies.ssh_offer(body.get("ssh"))
         given = body["addresses"]
         if not isinstance(given, list) or len(given) > MAX_ENDPOINTS:
             raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
         parsed = [f"{host}:{number}" for host, number in map(parse_address, given) if reachable_unicast(host)]
-        observed = _observed_ipv4(self._client_address(request))
-        relay = _relay_offer(body.get("relay"), observed)
+        observed = bodies.observed_ipv4(self._client_address(request))
+        relay = bodies.relay_offer(body.get("relay"), observed)
         seen = [f"{observed}:{port}"] if observed is not None else []
         endpoints = list(dict.fromkeys(seen + parsed))[:MAX_ENDPOINTS]
         self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh, relay)
@@ -631,8 +454,8 @@ class _Service:
 
     async def map(self, request: web.Request) -> web.Response:
         await self._member(request)
-        since = int(_query_number(request, "since", whole=True))
-        wait = min(_query_number(request, "wait", whole=False), MAX_WAIT)
+        since = int(bodies.query_number(request, "since", whole=True))
+        wait = min(bodies.query_number(request, "wait", whole=False), MAX_WAIT)
         await self._wait_past(since, wait)
         return web.json_response(self._map(since))
 
@@ -652,9 +475,9 @@ class _Service:
     async def setup(self, request: web.Request) -> web.Response:
         """Take a network (idempotent for the same one), with the admin node's own entry."""
         raw = await request.read()
-        body = _parse(raw)
-        body_field.keys(body, {"network"}, "the body", frozenset({"member"}))
-        with _status(403):
+        body = bodies.parse(raw)
+        bodies.body_field.keys(body, {"network"}, "the body", frozenset({"member"}))
+        with bodies.status(403):
             network = NetworkInfo.from_wire(body["network"])
         if self.admin_fingerprint is not None and network.network != self.admin_fingerprint:
             raise Refused(403, f"this coordinator serves only network {self.admin_fingerprint} (its --admin), "
@@ -662,7 +485,7 @@ class _Service:
         self._check_admin(request, raw, network.admin_key)
         member: MemberEntry | None = None
         if body.get("member") is not None:
-            with _status(403):
+            with bodies.status(403):
                 member = MemberEntry.from_wire(body["member"], network)
             if member.grant is not None:
                 raise Refused(403, "the admin node's own entry must be signed by the admin key")
@@ -685,7 +508,7 @@ class _Service:
         by nothing); an invited join with its invite-signed entry and proof, for the
         admin's machine to check and countersign."""
         network, _ = await self._admin(request)
-        wait = min(_query_number(request, "wait", whole=False), MAX_WAIT)
+        wait = min(bodies.query_number(request, "wait", whole=False), MAX_WAIT)
         invited = request.query.get("invited") == "1"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -705,7 +528,7 @@ class _Service:
             item: dict[str, Any] = {"name": row.name, "identity": row.identity, "fingerprint": row.fingerprint,
                                     "requested": row.requested}
             if row.entry is None:
-                ipv4, ipv6 = _addresses(network, next(hosts))
+                ipv4, ipv6 = bodies.addresses(network, next(hosts))
                 item.update(kind="request", ipv4=str(ipv4), ipv6=str(ipv6))
             else:
                 item.update(kind="invite", entry=row.entry, proof=row.proof)
@@ -716,11 +539,11 @@ class _Service:
         """Admit a pending joiner with the admin-signed entry made for it, and the network
         secret the admin sealed to it."""
         network, body = await self._admin_body(request, {"member", "secret"})
-        with _status(403):
+        with bodies.status(403):
             member = MemberEntry.from_wire(body["member"], network)
         if member.grant is not None:
             raise Refused(403, "an approval must be signed by the admin key")
-        sealed = _sealed_secret(body["secret"])
+        sealed = bodies.sealed_secret(body["secret"])
         key = b64(member.wg_key)
         now = int(self.clock())
         with self.store.transaction():
@@ -741,7 +564,7 @@ class _Service:
             self._check_not_revoked(member.wg_key, member.authorized_at)
             self.store.add_member(body["member"], member, host)
             if waiting.entry is not None:
-                with _status(403):
+                with bodies.status(403):
                     invited = MemberEntry.from_wire(waiting.entry, network)
                 assert invited.grant is not None
                 self.store.use_invite(b64(invited.grant.invite_key), invited.grant.to_wire())
@@ -760,12 +583,12 @@ class _Service:
         if not self.store.mark_refused(key, reason):
             raise Refused(404, "no pending join for that key")
         self._wake_pending()
-        log.info("the admin's machine refused the join of %s: %s", key, _loggable(reason))
+        log.info("the admin's machine refused the join of %s: %s", key, loggable(reason))
         return web.json_response({"refused": key})
 
     async def revoke(self, request: web.Request) -> web.Response:
         network, body = await self._admin_body(request, {"revocation"})
-        with _status(403):
+        with bodies.status(403):
             revocation = Revocation.from_wire(body["revocation"], network)
         key = b64(revocation.wg_key)
         with self.store.transaction():
@@ -789,7 +612,7 @@ class _Service:
     async def secret(self, request: web.Request) -> web.Response:
         """A new network secret: the next epoch, sealed by the admin to the members."""
         network, body = await self._admin_body(request, {"record"})
-        with _status(403):
+        with bodies.status(403):
             record = SecretRecord.from_wire(body["record"], network)
         with self.store.transaction():
             epoch = self._network_row().epoch
@@ -808,7 +631,7 @@ class _Service:
         """A new network policy: a record whose version is above the stored one's (the same
         record again changes nothing; nodes keep the highest version they verified)."""
         network, body = await self._admin_body(request, {"record"})
-        with _status(403):
+        with bodies.status(403):
             record = PolicyRecord.from_wire(body["record"], network)
         with self.store.transaction():
             stored = self.store.policy()
@@ -834,7 +657,7 @@ class _Service:
         (and, logged, for a member whose row cannot be read: refused rather than trusted)."""
         try:
             member = self.store.member(b64(wg_key))
-            return None if member is None else _identity_of(member.identity)
+            return None if member is None else bodies.identity_of(member.identity)
         except (StoreError, IdentityError) as exc:
             log.error("relay: cannot check membership of %s: %s", b64(wg_key), exc)
             return None
@@ -847,91 +670,6 @@ class _Service:
 
 
 # --- the rate limit of what anyone may call ----------------------------------------------------
-
-#: The endpoints that take requests without a signature (the relay until its challenge is
-#: answered; set-up, whose body is parsed and checked before its admin signature can be,
-#: since the body names the admin key): each request there is charged to its source
-#: address (tunnelmesh.ratelimit).
-UNAUTHENTICATED_PATHS = frozenset({"/v1/network", "/v1/join/propose", "/v1/join/confirm", "/v1/join/request",
-                                   "/relay", "/v1/admin/setup"})
-#: Per source: a joiner makes a handful of requests and one that waits for approval asks
-#: every 2 s (0.5/s) for up to 10 min; members behind one NAT share an address. Overall:
-#: what bounds the work these endpoints can cost, whoever sends (each request checks at
-#: most a few signatures and parses at most MAX_BODY of JSON: a few ms at worst).
-PER_SOURCE_RATE = Rate(per_second=1.0, burst=30)
-OVERALL_RATE = Rate(per_second=20.0, burst=100)
-#: Sources tracked at once (about 200 bytes each); beyond, the least recently seen goes.
-MAX_SOURCES = 4096
-#: The largest body a request without a signature may carry: a join's is a few KiB (an
-#: RSA-8192 identity line and proof under 8 KiB); parsing 256 KiB of JSON costs up to 13 ms.
-UNAUTHENTICATED_MAX_BODY = 32 * 1024
-#: The rate limiter of a running app, for its counters (`limiter.refused`).
-RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
-
-
-def _rate_limited(service: _Service, limiter: RateLimiter, monotonic: Callable[[], float]) -> Any:
-    """Middleware: refuse a request to an unauthenticated endpoint with 429 and Retry-After
-    when its source (behind a trusted proxy: the X-Forwarded-For address) or everyone
-    together sent too many, before anything else is done for it; let through, its body may
-    be at most UNAUTHENTICATED_MAX_BODY (413)."""
-    log_refusal = RefusalLog(log)
-
-    @web.middleware
-    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in UNAUTHENTICATED_PATHS:
-            return await handler(request)
-        source = service._client_address(request)
-        refused = limiter.limit(source, monotonic())
-        if refused is None:
-            if request.method == "GET":
-                return await handler(request)  # no body (and /relay's WebSocket upgrade stays as it is)
-            try:
-                return await handler(request.clone(client_max_size=UNAUTHENTICATED_MAX_BODY))
-            except web.HTTPRequestEntityTooLarge:
-                raise Refused(413, f"the body is larger than {UNAUTHENTICATED_MAX_BODY // 1024} KiB, the most "
-                                   "a request without a signature may carry") from None
-        seconds = max(1, math.ceil(refused.wait))
-        if refused.by == "source":
-            error = f"too many requests from {source or 'this address'}: try again in {seconds} s"
-            hint = (" (if every client seems to come from this address, the coordinator is behind a reverse "
-                    "proxy it does not trust: see --trusted-proxy)")
-        else:
-            error = f"the coordinator is busy (too many requests without a signature): try again in {seconds} s"
-            hint = ""
-        where = source_key(source)
-        log_refusal(where, refused.by, f"rate limit: refused {_loggable(request.path)} from {where}: "
-                                       f"{error} ({limiter.refused[refused.by]} refused so far){hint}")
-        return web.json_response({"error": error}, status=429, headers={"Retry-After": str(seconds)})
-
-    return limit
-
-
-class MalformedRequests(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """aiohttp's server logger for the coordinator. A request aiohttp cannot parse (broken
-    framing, a bad method, an oversize header: HttpProcessingError) comes from the client,
-    not from a bug: it is counted (`count`) and logged as one line, once per source and
-    minute (RefusalLog), never with a traceback. Anything else is logged as aiohttp would."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.getLogger("aiohttp.server"), {})
-        self.count = 0
-        self._log_refusal = RefusalLog(log)
-
-    def log(self, level: int, msg: object, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
-        if not isinstance(exc_info, HttpProcessingError):
-            super().log(level, msg, *args, exc_info=exc_info, **kwargs)
-            return
-        self.count += 1
-        # aiohttp passes the request's remote address as the one argument of this message
-        where = source_key(args[0] if args and isinstance(args[0], str) else None)
-        self._log_refusal(where, "malformed HTTP",
-                          f"malformed HTTP request from {where}: {exc_info.code} {_loggable(str(exc_info.message), 120)} "
-                          f"({self.count} malformed so far)")
-
-
-#: The malformed-request counter of a running app (`serve` hands it to aiohttp as its logger).
-MALFORMED_REQUESTS = web.AppKey("malformed_requests", MalformedRequests)
-
 
 def make_app(store: Store, *, clock: Callable[[], float] = time.time,
              admin_fingerprint: str | None = None, trusted_proxies: frozenset[str] = frozenset(),
@@ -946,7 +684,7 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
         limiter = RateLimiter(PER_SOURCE_RATE, OVERALL_RATE, max_sources=MAX_SOURCES, now=monotonic())
     # _errors outermost: it words the limiter's 413 like every other error (its 429 is an answer).
     app = web.Application(client_max_size=MAX_BODY,
-                          middlewares=[_errors(service), _rate_limited(service, limiter, monotonic)])
+                          middlewares=[errors(service._client_address), rate_limited(service._client_address, limiter, monotonic)])
     app[RATE_LIMITER] = limiter
     app[MALFORMED_REQUESTS] = MalformedRequests()
     app.cleanup_ctx.append(service.lifetime)

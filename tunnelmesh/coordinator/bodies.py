@@ -1,0 +1,152 @@
+"""What the coordinator (tunnelmesh.coordinator.service) reads from a request and checks
+before it acts: JSON bodies and their fields (a value that fails is a 400), query numbers,
+identities (verified once and cached), request proofs, and the offers a member registers
+(endpoints, relays, SSH attestations, a sealed secret). A MembershipError inside
+`status(...)` becomes that HTTP status."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from aiohttp import web
+
+from tunnelmesh.fields import Fields
+from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
+from tunnelmesh.membership import (JOIN_NAMESPACE, MembershipError, NetworkInfo, join_proof_message, parse_relay_url,
+                                   unb64)
+
+from .guards import Refused
+from .store import MemberRow
+
+#: The largest "ssh" object a member may register (serialized compactly).
+MAX_SSH_OFFER = 2048
+
+
+#: Parsing an identity line verifies its attestation; members sign every request.
+identity_of = functools.lru_cache(maxsize=4096)(PublicIdentity.from_line)
+
+
+@contextmanager
+def status(status: int) -> Iterator[None]:
+    """Answer a MembershipError with `status` (uncaught ones are 400: malformed)."""
+    try:
+        yield
+    except MembershipError as exc:
+        raise Refused(status, str(exc)) from None
+
+
+def utc(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+#: The checks of request body fields: a value that fails is a 400 (malformed).
+body_field = Fields(functools.partial(Refused, 400))
+
+
+def parse(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw, parse_constant=no_constant)
+    except (ValueError, RecursionError):
+        raise Refused(400, "the body is not JSON (or nested too deeply)") from None
+    return body_field.object(value, "the body")
+
+
+def identity(value: Any) -> PublicIdentity:
+    if not isinstance(value, str) or len(value) > 8192:
+        raise Refused(400, "identity must be an identity line")
+    try:
+        return identity_of(value)
+    except IdentityError as exc:
+        raise Refused(400, str(exc)) from None
+
+
+def query_number(request: web.Request, name: str, *, whole: bool) -> float:
+    text = request.query.get(name, "0")
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 2**53:  # also refuses NaN
+        raise Refused(400, f"{name} must be a {'whole ' if whole else ''}number from 0 to {2**53}")
+    return value
+
+
+def addresses(network: NetworkInfo, host: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+    try:
+        return network.host(host)
+    except MembershipError:
+        raise Refused(409, f"the network is full: no free address left in {network.cidr4}") from None
+
+
+def verify_request_proof(identity: PublicIdentity, request_body: dict[str, Any], proof: Any) -> None:
+    """The approval path's proof: an SSHSIG by the joiner's key over its request."""
+    try:
+        verify_sshsig(identity.ssh_public_key, unb64(proof, "join proof"),
+                      join_proof_message({"request": request_body}), JOIN_NAMESPACE)
+    except IdentityError as exc:
+        raise Refused(401, f"the joiner did not prove it holds its identity key: {exc}") from None
+
+
+def observed_ipv4(remote: str | None) -> str | None:
+    """The IPv4 address a request came from (IPv4-mapped IPv6 unwrapped), else None."""
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        return None if address.ipv4_mapped is None else str(address.ipv4_mapped)
+    return str(address)
+
+
+def endpoints(member: MemberRow) -> dict[str, Any]:
+    """A member's endpoints object in the map: "ssh" only when the member offers it."""
+    endpoints: dict[str, Any] = {"addresses": member.addresses, "last_seen": member.last_seen}
+    if member.ssh is not None:
+        endpoints["ssh"] = member.ssh
+    if member.relay is not None:
+        endpoints["relay"] = member.relay
+    return endpoints
+
+
+def relay_offer(value: Any, observed: str | None) -> str | None:
+    """The register body's optional "relay": {"url": ...} (how members reach the relay it
+    serves, e.g. behind TLS termination) or {"port": N} (plain HTTP at the address its
+    request came from)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) != 1 or not value.keys() <= {"url", "port"}:
+        raise Refused(400, 'relay must be {"url": "http(s)://host:port"} or {"port": N}')
+    if "url" in value:
+        return parse_relay_url(value["url"])
+    port = body_field.integer(value["port"], "relay port", 1, 65535)
+    return None if observed is None else f"http://{observed}:{port}"  # the register answer says why not
+
+
+def sealed_secret(value: Any) -> dict[str, Any]:
+    """The approve body's "secret": {"epoch", "sealed"}, the network secret the admin's
+    machine sealed to the joiner (opaque here: the joiner opens and checks it)."""
+    if not isinstance(value, dict) or set(value) != {"epoch", "sealed"}:
+        raise Refused(400, 'secret must be {"epoch": N, "sealed": "<base64>"}')
+    body_field.integer(value["epoch"], "secret epoch")
+    if len(unb64(value["sealed"], "sealed secret")) > 256:
+        raise Refused(400, "the sealed secret is too long")
+    return {"epoch": value["epoch"], "sealed": value["sealed"]}
+
+
+def ssh_offer(value: Any) -> dict[str, Any] | None:
+    """The register body's optional "ssh": a JSON object, opaque here (nodes verify it)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(json.dumps(value, separators=(",", ":"))) > MAX_SSH_OFFER:
+        raise Refused(400, f"ssh must be a JSON object of at most {MAX_SSH_OFFER} bytes")
+    return value
