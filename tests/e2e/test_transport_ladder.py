@@ -39,6 +39,14 @@ def wait_for_rung(mesh: dict[str, MeshNode], a: str, b: str, rung: str, timeout:
     pytest.fail(f"{a}<->{b} not on {rung} within {timeout:g} s\n{diagnostics(mesh)}")
 
 
+def wait_out_the_hold(mesh: dict[str, MeshNode], a: str, b: str) -> None:
+    """Until HOLD has passed since the last rung change of a's session with b and of b's
+    with a, as their `status` stamps them (at most one change per HOLD: a cut before that
+    would only be acted on when the hold ends)."""
+    last = max(t["at"] for x, y in ((a, b), (b, a)) for t in peer_status(mesh[x], y)["transitions"])
+    time.sleep(max(0.0, last + HOLD + 0.5 - time.time()))
+
+
 def ping_gaps(log: str) -> list[int]:
     """Runs of unanswered echo requests in `ping -O` output (each entry: how many in a row)."""
     answered = {int(m) for m in re.findall(r"icmp_seq=(\d+) ttl=", log)}
@@ -80,13 +88,13 @@ def test_udp_then_ssh_then_relay_and_back_keeps_a_tcp_stream(lab: Lab) -> None:
         to_ssh = wait_for_rung(mesh, "a", "b", "ssh", SWITCH_BOUND)
         why = peer_status(a, "b")["why_not_better"]
         assert why and why.startswith("UDP: "), why
-        time.sleep(11.0)  # at most one change per 10 s: let the hold pass before the next cut
+        wait_out_the_hold(mesh, "a", "b")
 
         block_path(a, b, udp=True, tcp=True)
         to_relay = wait_for_rung(mesh, "a", "b", "relay", SWITCH_BOUND)
         why = peer_status(a, "b")["why_not_better"]
         assert "UDP: " in why and "SSH: " in why, why
-        time.sleep(11.0)
+        wait_out_the_hold(mesh, "a", "b")
 
         block_path(a, b)
         back = wait_for_rung(mesh, "a", "b", "udp", SWITCH_BOUND + 20)  # a probe every 20 s, then the hold
