@@ -552,6 +552,45 @@ def test_simultaneous_initiations_converge_on_one_session() -> None:
     assert a_kp.local_index == b_kp.remote_index and a_kp.remote_index == b_kp.local_index
 
 
+def test_initiations_crossing_on_one_path_complete_one_handshake_at_once() -> None:
+    # Both sides initiate at the same moment along the same path (two daemons whose
+    # ladders probe on the same tick). Each answering the other would discard its own
+    # initiation, so both answers would be dropped and the pair would wait for a retry,
+    # crossing again if the retries are in step. The smaller key's initiation goes ahead.
+    pair = PeerPair()
+    pair.send("a", b"from a")
+    pair.send("b", b"from b")
+    assert kinds(pair, "a->b") == kinds(pair, "b->a") == []
+    pair.deliver_once()  # the two initiations cross
+    smaller = "a" if pair.a.static_public < pair.b.static_public else "b"
+    larger = "b" if smaller == "a" else "a"
+    devices = {"a": pair.a, "b": pair.b}
+    assert devices[smaller].drops["initiation crossing ours (ours goes ahead)"] == 1
+    assert not devices[larger].drops
+    pair.deliver()
+    assert pair.delivered_to_b == [ipv4_packet(A_IP, B_IP, b"from a")]
+    assert pair.delivered_to_a == [ipv4_packet(B_IP, A_IP, b"from b")]
+    assert [kind(d) for _, d in pair.wire_log].count(INIT) == 2  # no retry was needed
+    kp = {"a": pair.a_peer.current, "b": pair.b_peer.current}
+    assert (kp[smaller].initiator, kp[larger].initiator) == (True, False)
+    assert kp["a"].local_index == kp["b"].remote_index and kp["a"].remote_index == kp["b"].local_index
+
+
+def test_an_initiation_on_another_path_than_ours_is_answered_even_while_ours_is_out() -> None:
+    # Ours went elsewhere (say UDP, now cut), theirs came on a new SSH link: the peer may
+    # never get ours, so theirs is answered whatever the keys.
+    pair = PeerPair()
+    pair.send("a", b"from a")
+    pair.send("b", b"from b")
+    smaller, larger = sorted((pair.a, pair.b), key=lambda device: device.static_public)
+    smaller.transmits.clear()  # the smaller key's initiation is lost on its way
+    (initiation, _), = larger.transmits
+    larger.transmits.clear()
+    pair.inject("a" if smaller is pair.a else "b", initiation, source=("198.51.100.7", 2222))  # over another path
+    assert not smaller.drops
+    assert [kind(d) for d, _ in smaller.transmits] == [RESP]
+
+
 def test_transport_header_counter_starts_at_zero_for_each_session() -> None:
     pair = PeerPair()
     pair.handshake()

@@ -24,7 +24,18 @@ from actors.session import TICK, PeerSession
 from tests.support.memnet import STEP, WALL0, MemoryLink, Net, Node, SshMemoryLink, VirtualClock, VirtualLoop, wall_clock
 from tests.support.wire import A_ADDR, A_IP, B_ADDR, B_IP, kind, seeded_rng
 from tunnelmesh.config import RungChoice
-from tunnelmesh.ladder import BETTER_PROBE, FAILING_AFTER, GIVE_UP, HAPPY_EYEBALLS, HOLD, RELAY, RESEARCH, SSH, UDP
+from tunnelmesh.ladder import (
+    BETTER_PROBE,
+    FAILING_AFTER,
+    GIVE_UP,
+    HAPPY_EYEBALLS,
+    HOLD,
+    RELAY,
+    RESEARCH,
+    SSH,
+    STEP_DOWN_PROVEN,
+    UDP,
+)
 from tunnelmesh.path_selector import Transition, describe, rung_of
 from tunnelmesh.wireguard.constants import REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
 
@@ -244,8 +255,12 @@ def test_the_current_link_going_down_probes_the_next_rung_at_once(simulate: Call
         # The ladder searched at once: an initiation of a's went out on the relay, and a
         # redial of SSH was tried (refused).
         assert [s.at for s in p.net.sent(src="a", rung=RELAY, kind=INIT)] == [down]
-        assert p.sa.selector.ladder.searching[:2] == [SSH, RELAY]
         assert p.a.ssh.dials == 2
+        # b searched at once too; the two initiations crossed on the relay and the smaller
+        # key's went ahead (the core's tie-break): a is on the relay a moment later.
+        assert [s.at for s in p.net.sent(src="b", rung=RELAY, kind=INIT)] == [down]
+        assert sum(node.device.drops["initiation crossing ours (ours goes ahead)"] for node in (p.a, p.b)) == 1
+        assert p.sa.selector.ladder.current == RELAY and p.sa.selector.ladder.searching == []
         await p.net.run_until(lambda: p.sa.selector.ladder.current == RELAY, 10.0, "a on the relay")
         change = p.sa.selector.transitions[-1]
         assert (change.previous, change.rung, change.why) == (SSH, RELAY, "ssh failing")
@@ -613,6 +628,53 @@ def test_crossing_ssh_dials_end_with_a_probe_on_the_surviving_link(simulate: Cal
             pinger.stop()
 
     simulate(body)
+
+
+def test_sessions_ticking_in_step_leave_a_cut_ssh_link_for_the_relay_within_the_bound() -> None:
+    # Two nodes whose sessions were made at the same moment tick in step: they see SSH fail
+    # on the same tick and probe the relay on the same tick, every time. Their initiations
+    # crossed on the relay and each side's answer discarded its own, so no probe ever
+    # completed and the pair sat on a dead SSH link (an e2e cycle, 20 s); and an answer
+    # from early in the failure went stale before the hold ended. UDP is cut, then SSH too
+    # right after the pair moved to it (within the hold), twice over on the same link.
+    async def body(net: Net) -> None:
+        rng = seeded_rng(7)
+        a = Node(net, "a", rng(32), A_ADDR, A_IP, seed=11)
+        b = Node(net, "b", rng(32), B_ADDR, B_IP, seed=12)
+        a.mesh.add(spec(b, endpoint=B_ADDR, choice=ALL))
+        b.mesh.add(spec(a, endpoint=A_ADDR, choice=ALL))
+        for node in (a, b):
+            node.start()
+        p = Pair(net, a, b)
+        try:
+            await asyncio.gather(p.sa.handle(Start()), p.sb.handle(Start()))  # in step from here on
+            await net.run_until(lambda: both_on(p, UDP), 1.0, "both up on UDP")  # their first probes crossed too
+            pingers = Pinger(net, a, b), Pinger(net, b, a)
+            for cycle in range(2):
+                await net.run_for(STEP_DOWN_PROVEN + 2.0)
+                net.block(UDP)
+                await net.run_until(lambda: both_on(p, SSH), 10.0, f"cycle {cycle}: both on SSH")
+                cut = net.clock.now
+                net.block(SSH)  # a blackhole: the link stays up, its messages are lost
+                await net.run_until(lambda: both_on(p, RELAY), 15.0, f"cycle {cycle}: both on the relay")
+                assert net.clock.now - cut <= HOLD + 1.0 + STEP  # at the end of the hold, not a probe later
+                net.unblock(UDP)
+                net.unblock(SSH)
+                await net.run_until(lambda: both_on(p, UDP), 30.0, f"cycle {cycle}: both back on UDP")
+            assert a.ssh.dials + b.ssh.dials <= 2  # the second cycle used the link of the first
+            for pinger in pingers:
+                pinger.stop()
+        finally:
+            for node in (a, b):
+                for session in node.mesh.sessions.values():
+                    await session.stop()
+                node.stop()
+
+    clock = VirtualClock()
+    with asyncio.Runner(loop_factory=lambda: VirtualLoop(clock)) as runner:
+        loop = runner.get_loop()
+        assert isinstance(loop, VirtualLoop)
+        runner.run(body(Net(clock, loop)))
 
 
 def test_a_step_up_from_the_relay_goes_straight_to_udp_when_it_answers(simulate: Callable[..., None]) -> None:

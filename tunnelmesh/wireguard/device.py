@@ -337,6 +337,12 @@ class Device:
             if not peer.answer_again(raw, source, now):
                 self.drops[reason] += 1
             return
+        if peer.crosses_ours(source, now) and self.static_public < consumed.remote_static:
+            # Both sides initiated along this path at once: answering would discard our own
+            # initiation, and the peer, answering ours, would discard theirs: both answers
+            # lost. The smaller key's initiation goes ahead; the peer answers it.
+            self.drops["initiation crossing ours (ours goes ahead)"] += 1
+            return
         peer.answer_initiation(consumed, message.sender, source, now, raw)
 
     def _consume_response(self, message: Response, source: Endpoint, now: float, wall: float) -> None:

@@ -334,6 +334,12 @@ class Peer:
         else:
             self._send_payload(b"", now, wall, source)
 
+    def crosses_ours(self, source: Endpoint, now: float) -> bool:
+        """Whether an initiation from `source` crossed our own outstanding one, which went
+        along that same path (so the peer will get ours, and can answer it)."""
+        return self._hs_stage == _INITIATION_SENT and now - self.last_sent_handshake < REKEY_TIMEOUT \
+            and source in self._hs_sent_to
+
     def check_initiation(self, timestamp: bytes, now: float) -> str | None:
         """Why an authenticated initiation must be ignored, or None."""
         if timestamp <= self.last_timestamp:
