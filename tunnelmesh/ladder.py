@@ -291,10 +291,15 @@ class Ladder:
     def _held_change(self, now: float) -> str | None:
         """The rung a change held back by HOLD would go to, if still due: its
         answer is fresh, came after the last change, and (for a worse rung)
-        the current one has heard nothing since."""
+        the current one has heard nothing since. While the current rung fails,
+        any answer since the failure began is fresh: the search re-probes only
+        every RESEARCH s and a probe can be lost, so FRESH alone could let the
+        hold end between two answers and keep the pair on a dead rung."""
         assert self.current is not None
         current_rank = self.rank(self.current)
-        fresh = [r for r, at in self._answered_at.items() if r != self.current and now - at < FRESH
+        failing_since = self._search_started if self._failing == self.current and self.searching else float("inf")
+        fresh = [r for r, at in self._answered_at.items() if r != self.current
+                 and (now - at < FRESH or at >= failing_since)
                  and at > (self.last_change or float("-inf"))
                  and (self.rank(r) < current_rank or at > self._last_rx_current)]
         if not fresh:

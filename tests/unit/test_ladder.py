@@ -239,14 +239,33 @@ def test_a_held_change_is_made_when_the_hold_ends_while_its_evidence_is_fresh() 
     assert run.switches[-1][0] == 31.0 and 31.0 - 26.5 < FRESH
 
 
-def test_a_held_change_with_stale_evidence_is_not_made() -> None:
+def test_a_held_change_away_from_a_failing_rung_is_made_however_old_its_answer() -> None:
+    # The answer came early in the failure (24.5), the hold ends at 30.1 and the search's
+    # next answers are lost or rate-limited: the rung that answered during the failure is
+    # still the way out (an e2e cycle once sat on a dead SSH link for 20 s this way).
     run = failing_during_hold(answer_at=24.5)
-    actions = run.ticks(25.0, 34.0)
+    assert [a for a in run.ticks(25.0, 32.0) if isinstance(a, Switch)] == [Switch(SSH, UDP, "udp failing")]
+    assert run.switches[-1][0] == 31.0 and 31.0 - 24.5 >= FRESH
+
+
+def test_a_held_change_with_stale_evidence_is_not_made_once_the_current_rung_is_heard_again() -> None:
+    run = failing_during_hold(answer_at=24.5)
+    actions = run.ticks(25.0, 34.0, rx=25.0)  # UDP carries packets again after SSH answered
     assert not [a for a in actions if isinstance(a, Switch)]
     assert run.ladder.current == UDP
     # The search goes on; a fresh answer after the hold changes at once.
     assert run.ladder.searching == [UDP, SSH, RELAY]
     assert run.handshake(SSH, 34.5) == [Switch(SSH, UDP, "udp failing")]
+
+
+def test_an_answer_from_before_the_failure_is_only_fresh_for_fresh_seconds() -> None:
+    run = settled(SSH)
+    step_down(run, BETTER_PROBE)  # on UDP from 20.1: held until 30.1
+    assert run.handshake(SSH, 22.0) == []  # held (say a late answer to an old probe)
+    assert run.tick(26.0, unanswered=23.0, rx=21.0) == [Probe((UDP, SSH))]  # UDP fails at 26
+    actions = run.ticks(27.0, 34.0, rx=21.0)
+    assert not [a for a in actions if isinstance(a, Switch)]  # 22.0 is before the failure, and stale at 30.1
+    assert run.ladder.current == UDP
 
 
 def test_a_handshake_on_another_rung_within_the_hold_does_not_switch() -> None:
