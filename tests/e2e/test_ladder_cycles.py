@@ -37,7 +37,7 @@ from tunnelmesh.ladder import STEP_DOWN_PROVEN
 pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
 CYCLES = int(os.environ.get("TUNNELMESH_LADDER_CYCLES", "20"))
-PAIRS = int(os.environ.get("TUNNELMESH_LADDER_PAIRS", "4"))
+PAIRS = int(os.environ.get("TUNNELMESH_LADDER_PAIRS", "5"))
 TO_SSH, TO_RELAY, BACK = 10.0, 15.0, 30.0  # the bounds, from the cut (or the lift)
 SETTLE = STEP_DOWN_PROVEN + 2.0
 POLL = 0.25
