@@ -10,9 +10,10 @@ import pytest
 
 from tests.support.wire import A_ADDR, A_IP, B_ADDR, B_IP, PSK, PeerPair, ipv4_packet, kind, seeded_rng
 from tunnelmesh.wireguard import Device, HandshakeCompleted
-from tunnelmesh.wireguard.constants import LABEL_MAC1
+from tunnelmesh.wireguard.constants import LABEL_MAC1, REKEY_TIMEOUT
 from tunnelmesh.wireguard.crypto import hash_, mac, x25519_public
 from tunnelmesh.wireguard.device import endpoint_bytes
+from tunnelmesh.wireguard.peer import CROSSING_WINDOW
 from tunnelmesh.wireguard.messages import TRANSPORT_HEADER, parse
 
 INIT, RESP, COOKIE, DATA = 1, 2, 3, 4
@@ -552,41 +553,90 @@ def test_simultaneous_initiations_converge_on_one_session() -> None:
     assert a_kp.local_index == b_kp.remote_index and a_kp.remote_index == b_kp.local_index
 
 
+def crossing_pair() -> tuple[PeerPair, Device, Device]:
+    """Both sides have an initiation queued for the other, sent along the same path at the
+    same moment; returns the pair and its devices, the smaller key's first."""
+    pair = PeerPair()
+    pair.send("a", b"from a")
+    pair.send("b", b"from b")
+    smaller, larger = sorted((pair.a, pair.b), key=lambda device: device.static_public)
+    return pair, smaller, larger
+
+
+def side(pair: PeerPair, device: Device) -> str:
+    return "a" if device is pair.a else "b"
+
+
 def test_initiations_crossing_on_one_path_complete_one_handshake_at_once() -> None:
     # Both sides initiate at the same moment along the same path (two daemons whose
     # ladders probe on the same tick). Each answering the other would discard its own
     # initiation, so both answers would be dropped and the pair would wait for a retry,
     # crossing again if the retries are in step. The smaller key's initiation goes ahead.
-    pair = PeerPair()
-    pair.send("a", b"from a")
-    pair.send("b", b"from b")
-    assert kinds(pair, "a->b") == kinds(pair, "b->a") == []
+    pair, smaller, larger = crossing_pair()
     pair.deliver_once()  # the two initiations cross
-    smaller = "a" if pair.a.static_public < pair.b.static_public else "b"
-    larger = "b" if smaller == "a" else "a"
-    devices = {"a": pair.a, "b": pair.b}
-    assert devices[smaller].drops["initiation crossing ours (ours goes ahead)"] == 1
-    assert not devices[larger].drops
+    assert smaller.drops == {"initiation crossing ours (ours goes ahead)": 1} and not larger.drops
     pair.deliver()
     assert pair.delivered_to_b == [ipv4_packet(A_IP, B_IP, b"from a")]
     assert pair.delivered_to_a == [ipv4_packet(B_IP, A_IP, b"from b")]
-    assert [kind(d) for _, d in pair.wire_log].count(INIT) == 2  # no retry was needed
+    # Ours went once more to where theirs came from (for a first copy lost there): the
+    # peer, having answered it, refuses the copy.
+    assert len(pair.sent(f"{side(pair, smaller)}->{side(pair, larger)}", INIT)) == 2
+    assert len(pair.sent(f"{side(pair, larger)}->{side(pair, smaller)}", INIT)) == 1  # no retry was needed
+    assert larger.drops == {"replayed or old initiation timestamp": 1}
     kp = {"a": pair.a_peer.current, "b": pair.b_peer.current}
-    assert (kp[smaller].initiator, kp[larger].initiator) == (True, False)
+    assert (kp[side(pair, smaller)].initiator, kp[side(pair, larger)].initiator) == (True, False)
     assert kp["a"].local_index == kp["b"].remote_index and kp["a"].remote_index == kp["b"].local_index
+
+
+def test_a_crossing_initiation_whose_copy_was_lost_is_sent_again_where_theirs_came_from() -> None:
+    # The smaller key's first initiation is lost (the larger one's NAT had no mapping for
+    # it yet); the larger's arrives, within the crossing window, and is left unanswered:
+    # ours goes again at once to where theirs came from, and that one is answered.
+    pair, smaller, larger = crossing_pair()
+    lost = side(pair, smaller) + "->" + side(pair, larger)
+    pair.drop, _ = drop_first(lost, INIT)
+    began = pair.now
+    pair.deliver()
+    assert pair.delivered_to_b == [ipv4_packet(A_IP, B_IP, b"from a")]
+    assert pair.delivered_to_a == [ipv4_packet(B_IP, A_IP, b"from b")]
+    assert len(pair.sent(lost, INIT)) == 2 and pair.now == began  # no wait for a retry
+
+
+def test_after_ours_went_ahead_in_vain_the_next_crossing_initiation_is_answered() -> None:
+    # The larger key refuses every initiation of the smaller's (its clock is behind the
+    # timestamps the larger has seen): ours going ahead makes no session, so the next
+    # crossing is answered and the larger's handshake completes, one retry later.
+    pair, smaller, larger = crossing_pair()
+    larger_peer = pair.a_peer if larger is pair.a else pair.b_peer
+    larger_peer.last_timestamp = b"\xff" * 12
+    pair.deliver_once()
+    assert smaller.drops["initiation crossing ours (ours goes ahead)"] == 1
+    pair.run_until(pair.now + REKEY_TIMEOUT + 1.0)
+    assert pair.a_peer.current is not None and pair.b_peer.current is not None
+    assert pair.delivered_to_a and pair.delivered_to_b
+
+
+def test_an_initiation_arriving_after_the_crossing_window_is_answered() -> None:
+    # Ours went out on this path over CROSSING_WINDOW ago: had the peer got it, its answer
+    # would be here; theirs is no crossing, and is answered as WireGuard answers it.
+    pair, smaller, larger = crossing_pair()
+    smaller.transmits.clear()  # the smaller key's initiation is lost on its way
+    (initiation, _), = larger.transmits
+    larger.transmits.clear()
+    pair.advance(CROSSING_WINDOW)
+    pair.inject(side(pair, smaller), initiation)
+    assert not smaller.drops
+    assert [kind(d) for d, _ in smaller.transmits] == [RESP]
 
 
 def test_an_initiation_on_another_path_than_ours_is_answered_even_while_ours_is_out() -> None:
     # Ours went elsewhere (say UDP, now cut), theirs came on a new SSH link: the peer may
     # never get ours, so theirs is answered whatever the keys.
-    pair = PeerPair()
-    pair.send("a", b"from a")
-    pair.send("b", b"from b")
-    smaller, larger = sorted((pair.a, pair.b), key=lambda device: device.static_public)
+    pair, smaller, larger = crossing_pair()
     smaller.transmits.clear()  # the smaller key's initiation is lost on its way
     (initiation, _), = larger.transmits
     larger.transmits.clear()
-    pair.inject("a" if smaller is pair.a else "b", initiation, source=("198.51.100.7", 2222))  # over another path
+    pair.inject(side(pair, smaller), initiation, source=("198.51.100.7", 2222))  # over another path
     assert not smaller.drops
     assert [kind(d) for d, _ in smaller.transmits] == [RESP]
 

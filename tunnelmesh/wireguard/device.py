@@ -337,7 +337,7 @@ class Device:
             if not peer.answer_again(raw, source, now):
                 self.drops[reason] += 1
             return
-        if peer.crosses_ours(source, now) and self.static_public < consumed.remote_static:
+        if self.static_public < consumed.remote_static and peer.ours_goes_ahead(consumed.timestamp, source, now):
             # Both sides initiated along this path at once: answering would discard our own
             # initiation, and the peer, answering ours, would discard theirs: both answers
             # lost. The smaller key's initiation goes ahead; the peer answers it.

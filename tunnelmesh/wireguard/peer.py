@@ -60,6 +60,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NO_HANDSHAKE = 0
 _INITIATION_SENT = 1
 _ZERO_PAD = bytes(PADDING_MULTIPLE)
+# An initiation of the peer's that arrives on a path within this long of ours going out
+# on it crossed ours in flight (a round trip, generously; see `crosses_ours`).
+CROSSING_WINDOW = 1.0
 
 
 class Peer:
@@ -107,7 +110,11 @@ class Peer:
         self._hs_noise: NoiseState | None = None
         self._hs_index = 0
         self._hs_packet = b""  # the outstanding initiation, as sent (a probe may repeat it on another path)
-        self._hs_sent_to: list[Endpoint] = []  # where it went
+        self._hs_sent_to: dict[Endpoint, float] = {}  # where it went, and when it last went there
+        self._crossing_resent = False  # whether it went again to a path where the peer's crossed it
+        # Ours went ahead of a crossing initiation of the peer's and no handshake has completed
+        # since: the next crossing is answered (the peer may be refusing ours).
+        self._went_ahead = False
         self.last_timestamp = b"\x00" * 12  # greatest TAI64N consumed, against replay
         self.last_initiation_consumed = float("-inf")
         # The last initiation answered, our answer, and the paths it was sent on: the same
@@ -237,7 +244,7 @@ class Peer:
         self._new_initiation(now, wall)
         self.device.queue_transmit(self, self._hs_packet)
         if self.endpoint is not None:
-            self._hs_sent_to.append(self.endpoint)
+            self._hs_sent_to[self.endpoint] = now
 
     def send_probe(self, endpoints: tuple[Endpoint, ...], now: float, wall: float) -> bool:
         """Send a handshake initiation to each of `endpoints` (the transport ladder's
@@ -254,7 +261,7 @@ class Peer:
         transmits = self.device.transmits
         for endpoint in endpoints:
             transmits.append((self._hs_packet, endpoint))
-        self._hs_sent_to += endpoints
+            self._hs_sent_to[endpoint] = now
         return True
 
     def abandon_handshake(self) -> None:
@@ -282,8 +289,9 @@ class Peer:
         self._hs_noise = noise
         self._hs_stage = _INITIATION_SENT
         self._hs_packet = self.cookie.add_macs(body, now)
-        self._hs_sent_to = []
+        self._hs_sent_to = {}
         self._cookie_retry = True
+        self._crossing_resent = False
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_sent()
         self._timers_handshake_initiated(now)
@@ -301,7 +309,7 @@ class Peer:
             return
         if self._hs_stage == _INITIATION_SENT and self._hs_index == index and source in self._hs_sent_to:
             self._new_initiation(now, wall)
-            self._hs_sent_to.append(source)
+            self._hs_sent_to[source] = now
             packet = self._hs_packet
         elif self._response is not None and self._response[0] == index and self._response[2] == source:
             packet = self.cookie.add_macs(self._response[1], now)
@@ -334,11 +342,28 @@ class Peer:
         else:
             self._send_payload(b"", now, wall, source)
 
-    def crosses_ours(self, source: Endpoint, now: float) -> bool:
-        """Whether an initiation from `source` crossed our own outstanding one, which went
-        along that same path (so the peer will get ours, and can answer it)."""
-        return self._hs_stage == _INITIATION_SENT and now - self.last_sent_handshake < REKEY_TIMEOUT \
-            and source in self._hs_sent_to
+    def ours_goes_ahead(self, timestamp: bytes, source: Endpoint, now: float) -> bool:
+        """Called for an initiation of the peer's (its `timestamp`) from `source`, when our
+        key is the smaller: whether to leave it unanswered because it crossed our own
+        outstanding one in flight (ours went along that same path under CROSSING_WINDOW
+        ago), so that the peer answers ours. Not if ours went ahead at the last crossing
+        and no handshake completed since: the peer may refuse ours (its clock ahead of
+        ours, say), and then only an answer to theirs makes a session.
+
+        When ours goes ahead, the peer's initiation is refused from now on, its copies
+        on other paths and its replays too (as for one answered), and ours goes to
+        `source` once more at once, for the case where it was lost there (a NAT that had
+        no mapping yet: the peer's initiation just made one)."""
+        crossed = self._hs_stage == _INITIATION_SENT and now - self._hs_sent_to.get(source, float("-inf")) < CROSSING_WINDOW
+        if not crossed or self._went_ahead:
+            self._went_ahead = False
+            return False
+        self._went_ahead = True
+        self.last_timestamp = max(self.last_timestamp, timestamp)
+        if not self._crossing_resent:
+            self._crossing_resent = True
+            self.device.transmits.append((self._hs_packet, source))
+        return True
 
     def check_initiation(self, timestamp: bytes, now: float) -> str | None:
         """Why an authenticated initiation must be ignored, or None."""
@@ -550,6 +575,7 @@ class Peer:
         self.t_retransmit = now + REKEY_TIMEOUT + self._jitter()
 
     def _timers_handshake_complete(self, now: float, *, initiator: bool, source: Endpoint) -> None:
+        self._went_ahead = False
         self.t_retransmit = None
         self.handshake_attempts = 0
         self.sent_last_minute_handshake = False
