@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,22 @@ def spec(peer: Node, *, endpoint: tuple[str, int] | None, choice: RungChoice) ->
                     persistent_keepalive=0, choice=choice)
 
 
+async def stop_all(nodes: Iterable[Node]) -> None:
+    for node in nodes:
+        for session in node.mesh.sessions.values():
+            await session.stop()
+        node.stop()
+
+
+def in_virtual_time(body: Callable[[Net], Awaitable[None]]) -> None:
+    """Run `body` on a fresh in-memory network, in virtual time."""
+    clock = VirtualClock()
+    with asyncio.Runner(loop_factory=lambda: VirtualLoop(clock)) as runner:
+        loop = runner.get_loop()
+        assert isinstance(loop, VirtualLoop)
+        runner.run(body(Net(clock, loop)))
+
+
 async def _connected(net: Net, a_choice: RungChoice, b_choice: RungChoice, blocked: tuple[str, ...],
                      body: Scenario) -> None:
     """a knows b's UDP address, b learns a's from a's first message (so only a initiates:
@@ -115,10 +131,7 @@ async def _connected(net: Net, a_choice: RungChoice, b_choice: RungChoice, block
         await pair.sa.handle(Start())
         await body(pair)
     finally:
-        for node in (a, b):
-            for session in node.mesh.sessions.values():
-                await session.stop()
-            node.stop()
+        await stop_all((a, b))
 
 
 @pytest.fixture
@@ -127,12 +140,7 @@ def simulate() -> Iterator[Callable[..., None]]:
 
     def run(body: Scenario, *, a_choice: RungChoice = ALL, b_choice: RungChoice = ALL,
             blocked: tuple[str, ...] = ()) -> None:
-        clock = VirtualClock()
-        with asyncio.Runner(loop_factory=lambda: VirtualLoop(clock)) as runner:
-            loop = runner.get_loop()
-            assert isinstance(loop, VirtualLoop)
-            net = Net(clock, loop)
-            runner.run(_connected(net, a_choice, b_choice, blocked, body))
+        in_virtual_time(lambda net: _connected(net, a_choice, b_choice, blocked, body))
 
     yield run
 
@@ -666,16 +674,9 @@ def test_sessions_ticking_in_step_leave_a_cut_ssh_link_for_the_relay_within_the_
             for pinger in pingers:
                 pinger.stop()
         finally:
-            for node in (a, b):
-                for session in node.mesh.sessions.values():
-                    await session.stop()
-                node.stop()
+            await stop_all((a, b))
 
-    clock = VirtualClock()
-    with asyncio.Runner(loop_factory=lambda: VirtualLoop(clock)) as runner:
-        loop = runner.get_loop()
-        assert isinstance(loop, VirtualLoop)
-        runner.run(body(Net(clock, loop)))
+    in_virtual_time(body)
 
 
 def test_a_step_up_from_the_relay_goes_straight_to_udp_when_it_answers(simulate: Callable[..., None]) -> None:
@@ -750,13 +751,6 @@ def test_a_pair_never_cut_never_moves_while_another_pair_of_the_same_node_climbs
             for pinger in pingers:
                 pinger.stop()
         finally:
-            for node in nodes:
-                for session in node.mesh.sessions.values():
-                    await session.stop()
-                node.stop()
+            await stop_all(nodes)
 
-    clock = VirtualClock()
-    with asyncio.Runner(loop_factory=lambda: VirtualLoop(clock)) as runner:
-        loop = runner.get_loop()
-        assert isinstance(loop, VirtualLoop)
-        runner.run(body(Net(clock, loop)))
+    in_virtual_time(body)
