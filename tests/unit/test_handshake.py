@@ -629,16 +629,22 @@ def test_an_initiation_arriving_after_the_crossing_window_is_answered() -> None:
     assert [kind(d) for d, _ in smaller.transmits] == [RESP]
 
 
-def test_an_initiation_on_another_path_than_ours_is_answered_even_while_ours_is_out() -> None:
-    # Ours went elsewhere (say UDP, now cut), theirs came on a new SSH link: the peer may
-    # never get ours, so theirs is answered whatever the keys.
+def test_an_initiation_crossing_ours_on_another_path_gets_ours_sent_that_way() -> None:
+    # Ours went one way (UDP, say, now cut, or an SSH link that is being closed because
+    # both sides dialled), theirs came another, at the same moment: a crossing all the
+    # same. Ours goes back the way theirs came, which works, and the peer answers it.
     pair, smaller, larger = crossing_pair()
     smaller.transmits.clear()  # the smaller key's initiation is lost on its way
     (initiation, _), = larger.transmits
     larger.transmits.clear()
-    pair.inject(side(pair, smaller), initiation, source=("198.51.100.7", 2222))  # over another path
-    assert not smaller.drops
-    assert [kind(d) for d, _ in smaller.transmits] == [RESP]
+    other_path = ("198.51.100.7", 2222)
+    pair.inject(side(pair, smaller), initiation, source=other_path)
+    assert smaller.drops == {"initiation crossing ours (ours goes ahead)": 1}
+    assert [(kind(d), to) for d, to in smaller.transmits] == [(INIT, other_path)]
+    (ours, _), = smaller.transmits
+    smaller.transmits.clear()
+    pair.inject(side(pair, larger), ours)
+    assert [kind(d) for d, _ in larger.transmits] == [RESP]
 
 
 def test_transport_header_counter_starts_at_zero_for_each_session() -> None:

@@ -60,8 +60,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NO_HANDSHAKE = 0
 _INITIATION_SENT = 1
 _ZERO_PAD = bytes(PADDING_MULTIPLE)
-# An initiation of the peer's that arrives on a path within this long of ours going out
-# on it crossed ours in flight (a round trip, generously; see `crosses_ours`).
+# An initiation of the peer's that arrives within this long of ours going out crossed ours
+# in flight (a round trip, generously; see `ours_goes_ahead`).
 CROSSING_WINDOW = 1.0
 
 
@@ -345,16 +345,18 @@ class Peer:
     def ours_goes_ahead(self, timestamp: bytes, source: Endpoint, now: float) -> bool:
         """Called for an initiation of the peer's (its `timestamp`) from `source`, when our
         key is the smaller: whether to leave it unanswered because it crossed our own
-        outstanding one in flight (ours went along that same path under CROSSING_WINDOW
-        ago), so that the peer answers ours. Not if ours went ahead at the last crossing
-        and no handshake completed since: the peer may refuse ours (its clock ahead of
-        ours, say), and then only an answer to theirs makes a session.
+        outstanding one in flight (ours went out under CROSSING_WINDOW ago, on this path
+        or another: two SSH links dialled at once, a probe on several rungs), so that the
+        peer answers ours. Not if ours went ahead at the last crossing and no handshake
+        completed since: the peer may refuse ours (its clock ahead of ours, say), and
+        then only an answer to theirs makes a session.
 
         When ours goes ahead, the peer's initiation is refused from now on, its copies
         on other paths and its replays too (as for one answered), and ours goes to
-        `source` once more at once, for the case where it was lost there (a NAT that had
-        no mapping yet: the peer's initiation just made one)."""
-        crossed = self._hs_stage == _INITIATION_SENT and now - self._hs_sent_to.get(source, float("-inf")) < CROSSING_WINDOW
+        `source` at once: the way theirs came works, while ours may have been lost where
+        it went (a NAT with no mapping yet, a link closing)."""
+        last_sent = max(self._hs_sent_to.values(), default=float("-inf"))
+        crossed = self._hs_stage == _INITIATION_SENT and now - last_sent < CROSSING_WINDOW
         if not crossed or self._went_ahead:
             self._went_ahead = False
             return False
