@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.support.ippackets import (
@@ -356,21 +356,29 @@ def with_flows() -> PacketFilter:
 
 @SETTINGS
 @given(icmp_errors())
+@example((False, ALICE, bytearray(  # an error whose IHL was made 6: outbound, it reads as an echo reply
+    b"F\x00\x009\x00\x01\x00\x00@\x01\x00\x00d@\x00\x01d@\x00\x02\x03\x00\x00\x00\x00\x00\x00\x00E\x00\x00\x1d"
+    b"\x00\x01\x00\x00@\x11\x00\x00d@\x00\x02d@\x00\x01\x005\x13\x88\x00\t\x00\x00x"), None))
 def test_icmp_errors_never_crash_open_nothing_and_pass_only_when_related(
         case: tuple[bool, Member, bytearray, tuple[object, ...] | None]) -> None:
     inbound, peer, error, arguments = case
     f = with_flows()
     expiries = {key: flow.expires for key, flow in f.flows.flows.items()}
     passed = (f.inbound if inbound else f.outbound)(peer.key, error, len(error), 1.0)
+    as_error = passed
     if arguments is not None:
         assert passed is related_reference(*arguments)  # type: ignore[arg-type]
-    elif passed:  # mutated: what the parser read must itself be related
+    elif passed:  # mutated: what the parser read must itself be related, if still an error
         h = p.Headers()
-        assert p.parse(error, len(error), h) is None and h.quoted_proto
-        address = ipaddress.IPv4Address if h.version == 4 else ipaddress.IPv6Address
-        proto = {p.TCP: "tcp", p.UDP: "udp", p.ICMP: "icmp", p.ICMPV6: "icmpv6"}[h.quoted_proto]
-        assert related_reference(inbound, peer, h.version, str(address(h.src)), str(address(h.dst)), proto,
-                                 str(address(h.quoted_src)), str(address(h.quoted_dst)), h.quoted_sport,
-                                 h.quoted_dport, h.quoted_request)
-    assert f.related == int(passed)
+        assert p.parse(error, len(error), h) is None
+        # A mutation can make an ordinary packet of it (a longer IPv4 header puts the ICMP
+        # type on a 0 byte: an outbound echo reply, an answer that passes and opens nothing).
+        as_error = bool(h.quoted_proto)
+        if as_error:
+            address = ipaddress.IPv4Address if h.version == 4 else ipaddress.IPv6Address
+            proto = {p.TCP: "tcp", p.UDP: "udp", p.ICMP: "icmp", p.ICMPV6: "icmpv6"}[h.quoted_proto]
+            assert related_reference(inbound, peer, h.version, str(address(h.src)), str(address(h.dst)), proto,
+                                     str(address(h.quoted_src)), str(address(h.quoted_dst)), h.quoted_sport,
+                                     h.quoted_dport, h.quoted_request)
+    assert f.related == int(as_error)
     assert {key: flow.expires for key, flow in f.flows.flows.items()} == expiries  # none opened or refreshed
