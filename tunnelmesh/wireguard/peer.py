@@ -111,7 +111,6 @@ class Peer:
         self._hs_index = 0
         self._hs_packet = b""  # the outstanding initiation, as sent (a probe may repeat it on another path)
         self._hs_sent_to: dict[Endpoint, float] = {}  # where it went, and when it last went there
-        self._crossing_resent = False  # whether it went again to a path where the peer's crossed it
         # Ours went ahead of a crossing initiation of the peer's and no handshake has completed
         # since: the next crossing is answered (the peer may be refusing ours).
         self._went_ahead = False
@@ -291,7 +290,6 @@ class Peer:
         self._hs_packet = self.cookie.add_macs(body, now)
         self._hs_sent_to = {}
         self._cookie_retry = True
-        self._crossing_resent = False
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_sent()
         self._timers_handshake_initiated(now)
@@ -360,11 +358,9 @@ class Peer:
         if not crossed or self._went_ahead:
             self._went_ahead = False
             return False
-        self._went_ahead = True
+        self._went_ahead = True  # so at most once per initiation of ours: the next crossing is answered
         self.last_timestamp = max(self.last_timestamp, timestamp)
-        if not self._crossing_resent:
-            self._crossing_resent = True
-            self.device.transmits.append((self._hs_packet, source))
+        self.device.transmits.append((self._hs_packet, source))
         return True
 
     def check_initiation(self, timestamp: bytes, now: float) -> str | None:
