@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from actors.messages import CONTROL_VERSION, Event, HandshakeDone, PeerAdded, from_json
+from actors.messages import CONTROL_VERSION, Event, HandshakeDone, PeerAdded, PingResult, from_json
 from tests.support.wait import wait_for
 from tools.lab import clean_environment
 from tools.mesh import build_static_mesh, wait_for_handshakes
@@ -67,6 +67,9 @@ def test_ping_to_a_silent_peer_times_out_and_does_not_block_status(lab):
     mesh = build_static_mesh(lab, ["a", "b"])
     wait_for_handshakes(mesh)
     a, b = mesh["a"], mesh["b"]
+    pinged = a.tm("ping", "b", "-c", "2", "-i", "0.1", "--json").stdout
+    answered = [from_json(PingResult, json.loads(line)) for line in pinged.splitlines()]
+    assert [r.ok for r in answered] == [True, True] and all(r.rtt_ms is not None and r.path for r in answered), answered
     b.down()
 
     def sent_to_b() -> int:

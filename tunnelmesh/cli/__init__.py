@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--count", type=int, default=3)
     p.add_argument("-i", "--interval", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply")
+    p.add_argument("--json", action="store_true", help="one JSON object (the control API's PingResult) per reply")
     p.set_defaults(func=cmd_ping)
 
     p = sub.add_parser("filter", help="the packet filter in force: rules per peer, or would a flow pass")
@@ -197,12 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_filter_test)
 
     p = sub.add_parser("id", help="print this node's identity line, to paste into peers' configs")
+    p.add_argument("--json", action="store_true", help="the identity's parts as JSON (line, fingerprint, keys)")
     p.set_defaults(func=cmd_id)
 
     p = sub.add_parser("show", help="print what a plain WireGuard peer needs to join (--wg)")
     p.add_argument("--wg", action="store_true", help="WireGuard [Peer] section for this node")
     p.add_argument("--endpoint", help="the address plain peers reach this node at")
     p.add_argument("--show-secrets", action="store_true", help="include the pre-shared key")
+    p.add_argument("--json", action="store_true", help="the [Peer] fields as JSON")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("events", help="stream daemon events as JSON lines")
@@ -221,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ssh_bridge)
 
     p = sub.add_parser("version", help="print the version")
+    p.add_argument("--json", action="store_true", help="the software's and the control API's versions as JSON")
     p.set_defaults(func=cmd_version)
     return parser
 

@@ -203,13 +203,16 @@ def cmd_ping(args: argparse.Namespace, paths: Paths) -> int:
         if i:
             time.sleep(args.interval)
         result = control_client.ping(paths.control_socket, args.peer, args.timeout)
+        failures += not result.ok
+        if args.json:
+            print(json.dumps(to_json(result)), flush=True)
+            continue
         path = result.path.endpoint if result.path is not None else "none"
         if result.ok:
             answered = f", answer came on {result.answered_on}" if result.answered_on and result.path is not None \
                 and result.answered_on != result.path.rung else ""
             print(f"pong from {result.peer} via {path} in {result.rtt_ms:.2f} ms{answered}")
         else:
-            failures += 1
             print(f"{result.error} (path: {path})")
     return EXIT_OK if failures < args.count else EXIT_FAIL
 
@@ -218,8 +221,13 @@ def cmd_ping(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_id(args: argparse.Namespace, paths: Paths) -> int:
-    identity = _identity(_load(paths))
-    print(identity.public.to_line())
+    public = _identity(_load(paths)).public
+    if args.json:
+        print(json.dumps({"identity": public.to_line(), "fingerprint": public.fingerprint,
+                          "ssh_public_key": public.ssh_public_key,
+                          "wireguard_public_key": base64.b64encode(public.wg_public_key).decode()}, indent=2))
+    else:
+        print(public.to_line())
     return EXIT_OK
 
 
@@ -229,19 +237,22 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
     config = _load(paths)
     identity = _identity(config)
     endpoint = args.endpoint or "<this node's address>"
+    public_key = base64.b64encode(identity.public.wg_public_key).decode()
     lines = [
         f"# {config.name}: add this to a plain WireGuard peer's config (wg setconf / wg-quick)",
         "[Peer]",
-        f"PublicKey = {base64.b64encode(identity.public.wg_public_key).decode()}",
+        f"PublicKey = {public_key}",
     ]
+    psk: str | None = None
     if args.show_secrets:
         from tunnelmesh.wireguard import derive_psk
 
         try:
-            psk = derive_psk(read_network_secret(config.network_secret_file))
+            derived = derive_psk(read_network_secret(config.network_secret_file))
         except ConfigError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
-        lines.append(f"PresharedKey = {base64.b64encode(psk).decode()}")
+        psk = base64.b64encode(derived).decode()
+        lines.append(f"PresharedKey = {psk}")
     else:
         lines.append("# PresharedKey = (hidden: add --show-secrets; the peer needs it to connect)")
     mesh_ip = config.mesh_ip
@@ -252,6 +263,11 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
             mesh_ip = NetworkState.load(paths.network_state).member.ipv4
         except StateError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
+    if args.json:  # the preshared key only with --show-secrets, as in the text form
+        print(json.dumps({"name": config.name, "public_key": public_key, "preshared_key": psk,
+                          "endpoint": f"{endpoint}:{config.listen_port}" if args.endpoint else None,
+                          "listen_port": config.listen_port, "allowed_ips": [f"{mesh_ip}/32"]}, indent=2))
+        return EXIT_OK
     lines += [f"Endpoint = {endpoint}:{config.listen_port}", f"AllowedIPs = {mesh_ip}/32"]
     print("\n".join(lines))
     return EXIT_OK
@@ -267,6 +283,11 @@ def cmd_events(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_version(args: argparse.Namespace, paths: Paths) -> int:
+    if args.json:
+        from actors.messages import CONTROL_VERSION
+
+        print(json.dumps({"version": __version__, "control_version": CONTROL_VERSION}))
+        return EXIT_OK
     print(f"tunnelmesh {__version__}")
     return EXIT_OK
 
