@@ -1,7 +1,7 @@
 """What the control socket's commands do (docs/control.md).
 
-`ControlApi` answers `status`, `peers`, `ping`, `down`, `ping_daemon`, `filter_show`
-and `filter_test` with the
+`ControlApi` answers `status`, `peers`, `ping`, `probe`, `down`, `ping_daemon`,
+`filter_show` and `filter_test` with the
 dataclasses of actors/messages.py; the control server (actors/control.py) turns them
 into JSON. Everything it reads is handed to it when the daemon is assembled: it
 asks actors for what they own (the mesh for its sessions, each session for its
@@ -21,8 +21,8 @@ from tunnelmesh import __version__
 from .control import EventBus, Handler
 from .messages import (
     ActorStatus, Identity, WhoAmI, FilterRules, FilterVerdict, FindSession, GetFilterStatus, GetStatus, ListPeers,
-    NodeStatus, PeerStatus, Ping, PingResult, Peers, RelayClientStatus, RelayServerStatus, ShowFilter, SshStatus, Status,
-    TestFilter, TransportsStatus, from_json,
+    NodeStatus, PeerStatus, Ping, PingResult, Peers, ProbeNow, ProbeResult, RelayClientStatus, RelayServerStatus,
+    ShowFilter, SshStatus, Status, TestFilter, TransportsStatus, from_json,
 )
 from .runtime import Actor
 
@@ -84,7 +84,7 @@ class ControlApi:
         self.packet_filter = packet_filter
 
     def handlers(self) -> dict[str, Handler]:
-        return {"status": self.status, "peers": self.peers, "ping": self.ping, "down": self.down,
+        return {"status": self.status, "peers": self.peers, "ping": self.ping, "probe": self.probe, "down": self.down,
                 "ping_daemon": self.ping_daemon, "filter_show": self.filter_show, "filter_test": self.filter_test}
 
     async def status(self, _: dict[str, Any]) -> Status:
@@ -119,6 +119,10 @@ class ControlApi:
         session = await self.mesh.ask(FindSession(str(request.get("peer", ""))))
         reply = await session.ask(Ping(min(max(float(wait), PING_WAIT_MIN), PING_WAIT_MAX)))
         return await reply  # type: ignore[no-any-return]  # the session sends and hands back a future
+
+    async def probe(self, request: dict[str, Any]) -> ProbeResult:
+        session = await self.mesh.ask(FindSession(str(request.get("peer", ""))))
+        return await session.ask(ProbeNow())  # type: ignore[no-any-return]
 
     async def down(self, _: dict[str, Any]) -> str:
         self.shutdown("down requested")

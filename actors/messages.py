@@ -123,6 +123,11 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeNow:
+    """To a session: probe the better rungs now, under the ladder's rules (a ProbeResult)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SyncRelays:
     """To the relay pool: the peer map changed; hold the relays it offers now."""
 
@@ -318,6 +323,15 @@ class PingResult:
     rtt_ms: float | None = None  # when ok
     answered_on: str | None = None  # the rung the reply came in on, when ok
     error: str | None = None  # when not ok
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """The reply to `probe`: whether a better-rung probe is due now, and what happens."""
+
+    peer: str
+    probing: bool  # false: nothing to probe (on the best rung, searching, no path yet)
+    detail: str  # in words: "probing UDP now", "probing UDP in 7 s (after the hold)", why not
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,8 @@ class PeerSession(Actor):
         self._ping_seq = 0
         self._ping_ident = int.from_bytes(os.urandom(2), "big")
         self.last_handshake_wall: float | None = None
+        self.handshakes = 0  # completed since the session started
+        self.rtt: float | None = None  # seconds: the last round trip measured (handshake initiated, or ping)
         self.last_error: str | None = None
         self._stopped = False  # removed from the mesh: never re-arm the timer
         self.wg_key = wg_key
@@ -145,6 +147,9 @@ class PeerSession(Actor):
         assert self.peer is not None
         first = self.last_handshake_wall is None
         self.last_handshake_wall = self.clock.wall()
+        self.handshakes += 1
+        if event.initiator and self.peer.handshake_rtt is not None:
+            self.rtt = self.peer.handshake_rtt
         self.last_error = None
         source = event.source if event.source is not None else self.peer.endpoint
         if first:
@@ -345,6 +350,9 @@ class PeerSession(Actor):
             return None
         if isinstance(message, m.GetStatus):
             return self.status()
+        if isinstance(message, m.ProbeNow):
+            probing, detail = self.selector.ladder.probe_better_now(self.clock.monotonic())
+            return m.ProbeResult(self.peer_name, probing, detail)
         if isinstance(message, m.Ping):
             # Send now, wait elsewhere: status requests must not queue behind a ping.
             return self.start_task(self._ping(message.timeout), name="ping")
@@ -370,7 +378,8 @@ class PeerSession(Actor):
         peer = self.peer
         source = peer.other_source if peer.other_source is not None and peer.other_at >= peer.endpoint_rx_at \
             else peer.endpoint
-        return m.PingResult(self.peer_name, True, path_status(peer.endpoint), rtt_ms=round((answered - sent) * 1000, 3),
+        self.rtt = answered - sent
+        return m.PingResult(self.peer_name, True, path_status(peer.endpoint), rtt_ms=round(self.rtt * 1000, 3),
                             answered_on=rung_of(source) if source is not None else None)
 
     def is_up(self, now: float) -> bool:
@@ -405,6 +414,10 @@ class PeerSession(Actor):
             tx_bytes=peer.tx_bytes,
             persistent_keepalive=int(peer.persistent_keepalive),
             why_not_better="; ".join(p for p in (self.why_not_better(), self.last_error) if p) or None,
+            rtt_ms=round(self.rtt * 1000, 3) if self.rtt is not None else None,
+            rx_packets=peer.rx_packets,
+            tx_packets=peer.tx_packets,
+            handshakes=self.handshakes,
         )
 
     async def stop(self) -> None:

@@ -236,6 +236,26 @@ class Ladder:
                 self._returning = []
         return actions
 
+    def probe_better_now(self, now: float) -> tuple[bool, str]:
+        """Someone asks (`tunnelmesh tui`, the control `probe` command) for the better-rung
+        probe now instead of at `probe_interval`: the next tick sends it, under the same
+        rules as a scheduled one (not while searching, not within HOLD, best rung first).
+        The back-off is kept: a step-down that fails still doubles the interval. Returns
+        (whether a probe is due, what happens, in words)."""
+        if self.current is None:
+            return False, "no path yet: the session is still searching for one"
+        better = [r for r in self.rungs if self.rank(r) < self.rank(self.current)]
+        if not better:
+            return False, f"already on the best enabled rung ({LABELS[self.current]})"
+        if self.searching:
+            return False, f"{LABELS[self.current]} is failing: the session is searching already"
+        self._next_better_probe = min(self._next_better_probe, now)
+        names = ", ".join(LABELS[r] for r in better)
+        if not self._may_change(now):
+            assert self.last_change is not None
+            return True, f"probing {names} in {self.last_change + HOLD - now:.0f} s (after the hold)"
+        return True, f"probing {names} now"
+
     def revert(self, switch: Switch) -> None:
         """The caller could not carry `switch` out (its path vanished): undo it wholly, as
         if it had not been decided (the search goes on, no hold starts, the rung keeps
