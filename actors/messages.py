@@ -305,6 +305,11 @@ class PeerStatus:
     tx_bytes: int
     persistent_keepalive: int
     why_not_better: str | None
+    # Added within control version 1 (defaults: a reply from an older daemon still decodes).
+    rtt_ms: float | None = None  # the last round trip measured: a handshake this node initiated, or a ping
+    rx_packets: int = 0  # transport messages, keepalives included
+    tx_packets: int = 0
+    handshakes: int = 0  # completed since the session started
 
 
 @dataclass(frozen=True, slots=True)

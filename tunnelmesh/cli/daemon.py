@@ -175,7 +175,9 @@ def _print_peers(peers: tuple[PeerStatus, ...]) -> None:
         handshake = f"handshake {_ago(ago)}" if ago is not None else "no handshake yet"
         path = p.path.endpoint if p.path is not None else "no endpoint (waits to be contacted)"
         why = f"  (not better: {p.why_not_better})" if p.why_not_better else ""
-        rows.append((p.mesh_ip, p.name, p.state, path, handshake, f"rx {_size(p.rx_bytes)} tx {_size(p.tx_bytes)}{why}"))
+        rtt = f"rtt {p.rtt_ms:.1f} ms  " if p.rtt_ms is not None else ""
+        rows.append((p.mesh_ip, p.name, p.state, path, handshake,
+                     f"{rtt}rx {_size(p.rx_bytes)} tx {_size(p.tx_bytes)}{why}"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])

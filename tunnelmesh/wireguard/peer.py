@@ -111,6 +111,9 @@ class Peer:
         self._hs_index = 0
         self._hs_packet = b""  # the outstanding initiation, as sent (a probe may repeat it on another path)
         self._hs_sent_to: dict[Endpoint, float] = {}  # where it went, and when it last went there
+        # When it went to each path, if it went there only once: an answer on a path it went
+        # to more than once cannot say which copy it answers (Karn), so it gives no round trip.
+        self._hs_sent_once: dict[Endpoint, float | None] = {}
         # Ours went ahead of a crossing initiation of the peer's and no handshake has completed
         # since: the next crossing is answered (the peer may be refusing ours).
         self._went_ahead = False
@@ -143,8 +146,13 @@ class Peer:
 
         # What `status` shows.
         self.last_handshake: float | None = None  # monotonic
+        # The round trip of our last answered initiation (seconds, from sending it to the
+        # response), None when that answer was ambiguous or this side answered instead.
+        self.handshake_rtt: float | None = None
         self.rx_bytes = 0
         self.tx_bytes = 0
+        self.rx_packets = 0  # authenticated transport messages, keepalives included
+        self.tx_packets = 0
 
     def __repr__(self) -> str:
         return f"<Peer {self.owner!r}>"
@@ -184,6 +192,7 @@ class Peer:
 
     def _after_send(self, kp: Keypair, length: int, size: int, now: float, wall: float) -> None:
         self.tx_bytes += size
+        self.tx_packets += 1
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_sent()
         if length:
@@ -243,7 +252,7 @@ class Peer:
         self._new_initiation(now, wall)
         self.device.queue_transmit(self, self._hs_packet)
         if self.endpoint is not None:
-            self._hs_sent_to[self.endpoint] = now
+            self._sent_initiation_to(self.endpoint, now)
 
     def send_probe(self, endpoints: tuple[Endpoint, ...], now: float, wall: float) -> bool:
         """Send a handshake initiation to each of `endpoints` (the transport ladder's
@@ -260,8 +269,12 @@ class Peer:
         transmits = self.device.transmits
         for endpoint in endpoints:
             transmits.append((self._hs_packet, endpoint))
-            self._hs_sent_to[endpoint] = now
+            self._sent_initiation_to(endpoint, now)
         return True
+
+    def _sent_initiation_to(self, endpoint: Endpoint, now: float) -> None:
+        self._hs_sent_once[endpoint] = None if endpoint in self._hs_sent_to else now
+        self._hs_sent_to[endpoint] = now
 
     def abandon_handshake(self) -> None:
         """The caller gave up reaching the peer (the transport ladder's search found no
@@ -289,6 +302,7 @@ class Peer:
         self._hs_stage = _INITIATION_SENT
         self._hs_packet = self.cookie.add_macs(body, now)
         self._hs_sent_to = {}
+        self._hs_sent_once = {}
         self._cookie_retry = True
         self._timers_any_authenticated_packet_traversal(now)
         self._timers_any_authenticated_packet_sent()
@@ -307,7 +321,7 @@ class Peer:
             return
         if self._hs_stage == _INITIATION_SENT and self._hs_index == index and source in self._hs_sent_to:
             self._new_initiation(now, wall)
-            self._hs_sent_to[source] = now
+            self._sent_initiation_to(source, now)
             packet = self._hs_packet
         elif self._response is not None and self._response[0] == index and self._response[2] == source:
             packet = self.cookie.add_macs(self._response[1], now)
@@ -325,6 +339,8 @@ class Peer:
     def on_response(self, noise: NoiseState, remote_index: int, source: Endpoint, now: float, wall: float) -> None:
         """Our initiation was answered: the new keypair is current at once."""
         send_key, receive_key = derive_keys(noise, initiator=True)
+        sent = self._hs_sent_once.get(source)
+        self.handshake_rtt = now - sent if sent is not None else None
         local_index = self._hs_index
         self._clear_handshake(keep_index=True)
         kp = Keypair(self, send_key, receive_key, local_index=local_index, remote_index=remote_index, created=now, initiator=True)
@@ -361,6 +377,7 @@ class Peer:
         self._went_ahead = True  # so at most once per initiation of ours: the next crossing is answered
         self.last_timestamp = max(self.last_timestamp, timestamp)
         self.device.transmits.append((self._hs_packet, source))
+        self._hs_sent_once[source] = None  # sent again: its answer gives no round trip
         return True
 
     def check_initiation(self, timestamp: bytes, now: float) -> str | None:
@@ -462,6 +479,7 @@ class Peer:
                 self.device.emit(NewSource(self, source))
             self.other_at = now
         self.rx_bytes += size
+        self.rx_packets += 1
         current = self.current
         if (
             current is not None
