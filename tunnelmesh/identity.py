@@ -80,7 +80,7 @@ import re
 import struct
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -223,14 +223,14 @@ def _fingerprint_blob(blob: bytes) -> str:
 # --- Public keys ------------------------------------------------------------------------
 
 
-def _refusal(key_type: str) -> str:
-    """Why a key type cannot be an identity, and what to do instead."""
+def _refusal_reason(key_type: str) -> str:
+    """Why a key type cannot be an identity."""
     if key_type.endswith("-cert-v01@openssh.com"):
         why = "SSH certificates are not identities; use the plain key they certify"
     elif key_type.startswith("sk-"):
         why = (
             f"FIDO security-key ({key_type}) signatures include a counter and touch "
-            "flags, so they differ every time"
+            "flags, so they differ every time (and each needs a touch)"
         )
     elif key_type.startswith("ecdsa-"):
         why = f"ECDSA ({key_type}) signatures are randomized, so they differ every time"
@@ -238,7 +238,12 @@ def _refusal(key_type: str) -> str:
         why = "DSA (ssh-dss) signatures are randomized, so they differ every time"
     else:
         why = f"key type {key_type!r} is not supported"
-    return f"{why}. {_HOW_TO_MAKE_ONE}"
+    return why
+
+
+def _refusal(key_type: str) -> str:
+    """Why a key type cannot be an identity, and what to do instead."""
+    return f"{_refusal_reason(key_type)}. {_HOW_TO_MAKE_ONE}"
 
 
 def _split_key_text(text: str, *, allow_comment: bool) -> tuple[str, bytes]:
@@ -272,25 +277,31 @@ def _shown_exponent(e: bytes) -> str:
     return f"of {len(e) * 8} bits"
 
 
+def _key_problem(key_type: str, blob: bytes) -> str | None:
+    """Why this key cannot be a mesh identity (None: it can). IdentityError for a
+    malformed RSA blob."""
+    if key_type not in _SIG_ALG:
+        return _refusal_reason(key_type)
+    if key_type == _RSA:
+        e, bits = _rsa_public_parts(blob)
+        if e != _RSA_EXPONENT_MPINT:
+            return (
+                f"RSA key with public exponent {_shown_exponent(e)} refused: only e = {RSA_EXPONENT} "
+                f"is accepted (what ssh-keygen makes; other exponents make checking its signatures "
+                f"costly)"
+            )
+        if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
+            return f"RSA key of {bits} bits refused: RSA keys need {RSA_MIN_BITS} to {RSA_MAX_BITS} bits"
+    return None
+
+
 def _check_key_type(key_type: str, blob: bytes) -> None:
     """Raise the user-facing refusal unless this key can be a mesh identity. Every RSA
     public key that enters (identity lines, key files, agent keys) passes here before it
     is decoded or any signature is checked with it."""
-    if key_type not in _SIG_ALG:
-        raise IdentityError(_refusal(key_type))
-    if key_type == _RSA:
-        e, bits = _rsa_public_parts(blob)
-        if e != _RSA_EXPONENT_MPINT:
-            raise IdentityError(
-                f"RSA key with public exponent {_shown_exponent(e)} refused: only e = {RSA_EXPONENT} "
-                f"is accepted (what ssh-keygen makes; other exponents make checking its signatures "
-                f"costly). {_HOW_TO_MAKE_ONE}"
-            )
-        if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
-            raise IdentityError(
-                f"RSA key of {bits} bits refused: RSA keys need "
-                f"{RSA_MIN_BITS} to {RSA_MAX_BITS} bits. {_HOW_TO_MAKE_ONE}"
-            )
+    problem = _key_problem(key_type, blob)
+    if problem is not None:
+        raise IdentityError(f"{problem}. {_HOW_TO_MAKE_ONE}")
 
 
 def _decode_public(key_type: str, blob: bytes) -> asyncssh.SSHKey:
@@ -443,6 +454,10 @@ class _Signer(Protocol):
         """SSH signature blob (string(alg) || string(sig)) over `data`, alg checked."""
         ...
 
+    def client_keys(self) -> AbstractAsyncContextManager[list[asyncssh.SSHKey | asyncssh.SSHKeyPair]]:
+        """This key alone, for `asyncssh.connect(client_keys=...)`, while the block lasts."""
+        ...
+
 
 class _FileSigner:
     """An SSH private key read from a file, held in this process."""
@@ -466,56 +481,12 @@ class _FileSigner:
         _raw_signature(sig, self.key_type)
         return bytes(sig)
 
+    @asynccontextmanager
+    async def client_keys(self) -> AsyncIterator[list[asyncssh.SSHKey | asyncssh.SSHKeyPair]]:
+        yield [self._key]
 
-class _AgentSigner:
-    """A key held by ssh-agent; one short connection per signature, so an identity is
-    not tied to one event loop and a restarted agent is picked up."""
 
-    __slots__ = ("_agent_path", "key_type", "blob", "source")
-
-    def __init__(self, agent_path: str, key_type: str, blob: bytes) -> None:
-        self._agent_path = agent_path
-        self.key_type = key_type
-        self.blob = blob
-        self.source = f"ssh-agent at {agent_path}"
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.key_type} from {self.source}>"
-
-    async def sign(self, data: bytes) -> bytes:
-        # The agent's low-level sign with explicit flags: SSHAgentKeyPair.set_sig_algorithm
-        # ORs flags into the key pair, so it could end up asking for something else.
-        flags = _SSH_AGENT_RSA_SHA2_256 if self.key_type == _RSA else 0
-        sig: bytes | None = None
-        try:
-            async with asyncssh.connect_agent(self._agent_path) as agent:
-                sig = await agent.sign(self.blob, data, flags)
-        except (OSError, ValueError, EOFError):
-            pass  # explained below, outside the handler so asyncssh's error is not chained
-        if sig is None:
-            await self._explain_refusal()
-            raise AssertionError("unreachable: _explain_refusal always raises")
-        try:
-            _raw_signature(sig, self.key_type)
-        except IdentityError as exc:
-            raise IdentityError(f"ssh-agent at {self._agent_path} misbehaved: {exc}") from None
-        return bytes(sig)
-
-    async def _explain_refusal(self) -> None:
-        """The agent says only "failure"; find out which failure it was."""
-        fingerprint = _fingerprint_blob(self.blob)
-        keys = await _agent_keys(self._agent_path)  # raises if the agent is gone
-        if self.blob not in (blob for blob, _ in keys):
-            raise IdentityError(
-                f"key {fingerprint} is no longer in the ssh-agent at {self._agent_path} "
-                "(it expired -- added with ssh-add -t -- or was removed); add it again "
-                "with ssh-add"
-            ) from None
-        raise IdentityError(
-            f"ssh-agent at {self._agent_path} refused to sign with key {fingerprint}: "
-            "keys added with ssh-add -c need a confirmation that was denied or had no "
-            "askpass program to ask with; add the key again without -c"
-        ) from None
+# The ssh-agent signer is tunnelmesh.identity_agent's.
 
 
 # --- Private side: NodeIdentity ---------------------------------------------------------
@@ -529,12 +500,15 @@ class NodeIdentity:
     reached with agent forwarding -- can derive the same mesh private key.
     """
 
-    __slots__ = ("public", "static_private", "_signer")
+    __slots__ = ("public", "static_private", "_signer", "origin")
 
-    def __init__(self, public: PublicIdentity, static_private: bytes, signer: _Signer) -> None:
+    def __init__(self, public: PublicIdentity, static_private: bytes, signer: _Signer, *,
+                 origin: str | None = None) -> None:
         self.public = public
         self.static_private = static_private  # 32-byte X25519 private key
         self._signer = signer
+        #: Where the mesh key came from (shown in status): the signer, or a cache.
+        self.origin = origin or signer.source
 
     def __repr__(self) -> str:
         # Never the private key: only what is public, and where the key lives.
@@ -542,6 +516,11 @@ class NodeIdentity:
             f"NodeIdentity({self.public.fingerprint} {self._signer.key_type} "
             f"from {self._signer.source})"
         )
+
+    @property
+    def agent_path(self) -> str | None:
+        """The ssh-agent socket that holds the SSH key; None for a key file."""
+        return getattr(self._signer, "agent_path", None)
 
     __str__ = __repr__
 
@@ -575,27 +554,8 @@ class NodeIdentity:
         """This key alone, as `asyncssh.connect(client_keys=...)` wants it, for logging in
         to a peer's SSH server. An agent key works only while its agent connection is
         open, so use it inside this block until the login is done."""
-        signer = self._signer
-        if isinstance(signer, _FileSigner):
-            yield [signer._key]
-            return
-        assert isinstance(signer, _AgentSigner)
-        path, fingerprint = signer._agent_path, _fingerprint_blob(signer.blob)
-        agent: asyncssh.SSHAgentClient | None = None
-        try:
-            agent = await asyncssh.connect_agent(path)
-            keys = [k for k in await agent.get_keys() if bytes(k.public_data) == signer.blob]
-        except (OSError, ValueError, EOFError):
-            if agent is not None:
-                agent.close()
-            raise IdentityError(f"cannot reach ssh-agent at {path} to log in with key {fingerprint}") from None
-        try:
-            if not keys:
-                raise IdentityError(f"key {fingerprint} is no longer in the ssh-agent at {path}; add it again with ssh-add")
+        async with self._signer.client_keys() as keys:
             yield keys
-        finally:
-            agent.close()
-            await agent.wait_closed()
 
     @classmethod
     async def _derive(cls, signer: _Signer) -> NodeIdentity:
@@ -727,101 +687,6 @@ async def load_identity_file(
     return await NodeIdentity._derive(_FileSigner(key, key_type, blob, path))
 
 
-# --- Loading from ssh-agent -------------------------------------------------------------
-
-
-async def _agent_keys(agent_path: str) -> list[tuple[bytes, str]]:
-    """(key blob, key type) of every key the agent holds, certificates included."""
-    try:
-        async with asyncssh.connect_agent(agent_path) as agent:
-            keys = await agent.get_keys()
-    except (OSError, ValueError, EOFError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer"
-        raise IdentityError(
-            f"cannot reach ssh-agent at {agent_path}: {reason} (is the agent running? "
-            "start one with `eval \"$(ssh-agent -s)\"` and add a key with ssh-add)"
-        ) from None
-    return [(bytes(k.public_data), k.algorithm.decode("ascii", errors="replace")) for k in keys]
-
-
-def _selector_blob(selector: str) -> tuple[str, bytes | str]:
-    """('fp', fingerprint) or ('blob', key blob) for a selector."""
-    if selector.startswith("SHA256:"):
-        return "fp", selector
-    text = selector
-    if os.path.isfile(selector):  # a .pub file
-        try:
-            with open(selector, encoding="utf-8") as f:
-                lines = [ln for ln in f.read().splitlines() if ln.strip() and not ln.startswith("#")]
-        except (OSError, UnicodeError):
-            raise IdentityError(f"cannot read public key file {selector}") from None
-        if not lines:
-            raise IdentityError(f"no public key in {selector}")
-        text = lines[0]
-    try:
-        _, blob = _split_key_text(text, allow_comment=True)
-    except IdentityError:
-        raise IdentityError(
-            f"cannot select an agent key by {selector!r}: give a fingerprint (SHA256:...), "
-            "a public key line, or a .pub file"
-        ) from None
-    return "blob", blob
-
-
-async def load_identity_agent(
-    selector: str | None = None, *, agent_path: str | None = None
-) -> NodeIdentity:
-    """The identity of a key in ssh-agent (`agent_path`, else $SSH_AUTH_SOCK).
-
-    `selector` is a fingerprint "SHA256:...", a public key line or a .pub file; None
-    means the agent's only Ed25519/RSA key. Anyone who can use this agent socket (e.g. a
-    host reached with agent forwarding) can derive the same mesh private key.
-    """
-    path = agent_path or os.environ.get("SSH_AUTH_SOCK") or ""
-    if not path:
-        raise IdentityError(
-            "no ssh-agent: SSH_AUTH_SOCK is not set (start one with "
-            "`eval \"$(ssh-agent -s)\"` and add a key with ssh-add)"
-        )
-    keys = await _agent_keys(path)
-
-    if selector is None:
-        usable = [(b, t) for b, t in keys if t in _SIG_ALG]
-        if not usable:
-            held = ", ".join(f"{t} {_fingerprint_blob(b)}" for b, t in keys) or "no keys"
-            raise IdentityError(
-                f"the ssh-agent at {path} holds no Ed25519 or RSA key ({held}). "
-                f"{_HOW_TO_MAKE_ONE}, then ssh-add it"
-            )
-        if len(usable) > 1:
-            listed = ", ".join(f"{t} {_fingerprint_blob(b)}" for b, t in usable)
-            raise IdentityError(
-                f"the ssh-agent at {path} holds several usable keys ({listed}): "
-                "choose one with agent:<fingerprint>"
-            )
-        blob, key_type = usable[0]
-    else:
-        kind, want = _selector_blob(selector)
-        found = [
-            (b, t)
-            for b, t in keys
-            if (kind == "fp" and _fingerprint_blob(b) == want) or (kind == "blob" and b == want)
-        ]
-        if not found:
-            shown = want if kind == "fp" else _fingerprint_blob(want)  # type: ignore[arg-type]
-            raise IdentityError(
-                f"key {shown} is not in the ssh-agent at {path} (expired with ssh-add -t, "
-                "removed, or never added: ssh-add it)"
-            )
-        blob, key_type = found[0]
-
-    try:
-        _check_key_type(key_type, blob)
-    except IdentityError as exc:
-        raise IdentityError(f"agent key {_fingerprint_blob(blob)}: {exc}") from None
-    return await NodeIdentity._derive(_AgentSigner(path, key_type, blob))
-
-
 async def load_identity(
     spec: str = DEFAULT_HOST_KEY, *, passphrase_file: str | os.PathLike[str] | None = None
 ) -> NodeIdentity:
@@ -829,10 +694,20 @@ async def load_identity(
 
     A passphrase-protected file asks at the terminal when there is one.
     """
-    if spec == "agent":
-        return await load_identity_agent(None)
-    if spec.startswith("agent:"):
+    if spec == "agent" or spec.startswith("agent:"):
+        from tunnelmesh.identity_agent import load_identity_agent
+
         return await load_identity_agent(spec[len("agent:") :] or None)
     return await load_identity_file(
         spec or DEFAULT_HOST_KEY, passphrase_file=passphrase_file, prompt=True
     )
+
+
+def __getattr__(name: str) -> object:
+    # load_identity_agent moved to tunnelmesh.identity_agent (which imports this module):
+    # still importable from here, resolved on first use.
+    if name == "load_identity_agent":
+        from tunnelmesh.identity_agent import load_identity_agent
+
+        return load_identity_agent
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
