@@ -27,10 +27,12 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
-from tunnelmesh.config import TransportsConfig
+from tunnelmesh.config import UDP_ONLY, TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.identity import NodeIdentity
-from tunnelmesh.membership import MAX_ENDPOINTS, MapSnapshot, MemberEntry, MembershipError, PeerMap, Revocation
+from tunnelmesh.membership import (
+    MAX_ENDPOINTS, DeviceEntry, MapSnapshot, MemberEntry, MembershipError, PeerMap, Revocation,
+)
 from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, save_network_secret
 from tunnelmesh.wireguard import derive_psk
 
@@ -60,6 +62,23 @@ def peer_spec(member: MemberEntry, snapshot: MapSnapshot, transports: Transports
         persistent_keepalive=PERSISTENT_KEEPALIVE, choice=transports.for_peer(member.name),
         candidates=addresses,
     )
+
+
+def device_spec(device: DeviceEntry) -> PeerSpec:
+    """A plain WireGuard device this node serves: UDP only (a phone has nothing else), no
+    SSH identity, no endpoint until it makes a handshake (it is behind NAT: it keeps the
+    mapping open with its own keepalive), only its own mesh addresses."""
+    return PeerSpec(
+        name=device.name, mesh_ip=device.ipv4, fingerprint=None, wg_key=device.wg_key,
+        allowed_ips=(ipaddress.IPv4Network(f"{device.ipv4}/32"), ipaddress.IPv6Network(f"{device.ipv6}/128")),
+        endpoint=None, persistent_keepalive=0, choice=UDP_ONLY,
+    )
+
+
+def peer_specs(snapshot: MapSnapshot, own_name: str, transports: TransportsConfig) -> tuple[PeerSpec, ...]:
+    """Every peer of this node in the map: the members, and the devices it serves."""
+    return (*(peer_spec(m, snapshot, transports) for m in snapshot.members.values()),
+            *(device_spec(d) for d in snapshot.devices.values() if d.served_by == own_name))
 
 
 async def local_addresses(tunnel: str) -> list[str]:
@@ -150,7 +169,7 @@ class CoordinatorClient(Actor):
         nothing the map took before the crash is lost: the map's version has moved on, and no
         update will bring it again."""
         snapshot = self.snapshot
-        await self.mesh.ask(SyncPeers(tuple(peer_spec(m, snapshot, self.transports) for m in snapshot.members.values())))
+        await self.mesh.ask(SyncPeers(peer_specs(snapshot, self.state.member.name, self.transports)))
         if not self._restarted:
             self._restarted = True
             return
@@ -223,20 +242,24 @@ class CoordinatorClient(Actor):
             save_peer_map(self.cache_path, self.peer_map)
         except StateError as exc:
             log.error("%s", exc)  # the map in memory is still right; the next change retries
-        for member, reason in changes.removed:
+        own = self.state.member.name
+        for member, reason in (*changes.removed, *((d, r) for d, r in changes.devices_removed if d.served_by == own)):
             await self.mesh.ask(RemovePeer(member.wg_key, reason))
-        if changes.added:
-            await self.mesh.ask(AddPeers(tuple(peer_spec(m, self.snapshot, self.transports) for m in changes.added)))
+        added = (*(peer_spec(m, self.snapshot, self.transports) for m in changes.added),
+                 *(device_spec(d) for d in changes.devices_added if d.served_by == own))
+        if added:
+            await self.mesh.ask(AddPeers(added))
         if changes.new_policy is not None:
             log.info("network policy v%d (issued %d) verified and in force", changes.new_policy.version,
                      changes.new_policy.issued)
-        if changes.added or changes.removed or changes.endpoints or changes.new_policy is not None:
+        if (changes.added or changes.removed or changes.endpoints or changes.new_policy is not None
+                or changes.devices_added or changes.devices_removed):
             for call in self.on_map_changed:
                 call()
-        added = {m.wg_key for m in changes.added}
+        added_keys = {m.wg_key for m in changes.added}
         for key, endpoints in changes.endpoints.items():
             addresses = endpoints.candidates(self.snapshot.network)
-            if key not in added and addresses:
+            if key not in added_keys and addresses:
                 self.mesh.tell_latest(key, SetCandidates(key, addresses))
 
     async def _install_secret(self) -> None:

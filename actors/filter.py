@@ -85,8 +85,10 @@ class FilterInputs:
 
 def snapshot_inputs(snapshot: MapSnapshot, policy_expected: int) -> FilterInputs:
     """The filter's inputs from a verified peer map (coordinator mode). Members advertise
-    no routes yet: a packet from one comes from its mesh addresses only."""
-    members = tuple(Member(m.name, m.wg_key, m.ipv4, m.ipv6) for m in snapshot.members.values())
+    no routes yet: a packet from one comes from its mesh addresses only. Plain WireGuard
+    devices are judged by their names and addresses like members."""
+    members = tuple(Member(m.name, m.wg_key, m.ipv4, m.ipv6)
+                    for m in (*snapshot.members.values(), *snapshot.devices.values()))
     return FilterInputs(members, snapshot.policy, policy_expected)
 
 

@@ -27,6 +27,7 @@ from tunnelmesh.membership import (
     JOIN_NAMESPACE,
     MAX_POLICY_TEXT,
     AdminKey,
+    Entry,
     MapChanges,
     InviteGrant,
     MemberEntry,
@@ -552,10 +553,11 @@ async def approve(paths: Paths, name: str, fingerprint: str) -> MemberEntry:
 async def revoke(paths: Paths, peer: str) -> Revocation:
     admin = Admin.load(paths)
     async with admin.coordinator() as coordinator:
-        _, members = await admin.members(coordinator)
-        match = next((m for m in members if peer in (m.name, str(m.ipv4), m.identity.fingerprint)), None)
+        peer_map, members = await admin.members(coordinator)
+        admitted: list[Entry] = [*members, *peer_map.devices.values()]  # plain WireGuard devices are revoked alike
+        match = next((m for m in admitted if peer in (m.name, str(m.ipv4), m.ssh_fingerprint)), None)
         if match is None:
-            names = ", ".join(sorted(m.name for m in members))
+            names = ", ".join(sorted(m.name for m in admitted))
             raise NetworkError(f"no member {peer!r} (members: {names})")
         if match.wg_key == admin.state.member.wg_key:
             raise NetworkError("refusing to revoke the admin's own node")

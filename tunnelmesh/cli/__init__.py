@@ -30,6 +30,7 @@ from .network import (
     cmd_revoke, cmd_rotate_secret,
 )
 from .policy import cmd_filter_show, cmd_filter_test, cmd_policy_edit, cmd_policy_set, cmd_policy_show
+from .wg_export import cmd_wg_export
 
 __all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "CliError", "build_parser", "main"]
 
@@ -114,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("revoke", help="(admin) remove a member: every node refuses it within seconds")
     p.add_argument("peer", help="member name, mesh IP or SSH key fingerprint")
     p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser("wg-export", help="(admin) admit a plain WireGuard device (a phone): its wg-quick config and QR",
+                       description="Admit a plain WireGuard device with its own key, served over UDP by one node "
+                                   "(docs/exports.md); `tunnelmesh revoke NAME` removes it like any member.")
+    p.add_argument("name", help="the device's name in the network")
+    p.add_argument("--via", metavar="NODE", help="the member that serves it (default: this node)")
+    p.add_argument("--endpoint", metavar="HOST:PORT", help="where the device reaches that node (default: the first "
+                                                           "address it registered with the coordinator)")
+    p.add_argument("--public-key", metavar="KEY", help="the device's own public key (`wg pubkey`): its private key "
+                                                       "never leaves it (default: make a key pair here)")
+    p.add_argument("--out", metavar="FILE", help="write the config to FILE (0600) instead of printing it")
+    p.add_argument("--no-qr", action="store_true", help="no QR code")
+    p.add_argument("--json", action="store_true", help="the device's entry and config as JSON (keys included)")
+    p.set_defaults(func=cmd_wg_export)
 
     p = sub.add_parser("rotate-secret", help="(admin) give every current member a new network secret")
     p.set_defaults(func=cmd_rotate_secret)

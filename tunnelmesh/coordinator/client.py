@@ -258,6 +258,10 @@ class Coordinator:
         """Admit a pending join: the admin-signed entry and the secret sealed to the joiner."""
         return await self._call("POST", "/v1/admin/approve", {"member": member, "secret": sealed}, sign="admin")
 
+    async def add_device(self, device: dict[str, Any]) -> dict[str, Any]:
+        """Admit a plain WireGuard device: its admin-signed entry (`tunnelmesh wg-export`)."""
+        return await self._call("POST", "/v1/admin/device", {"member": device}, sign="admin")
+
     async def refuse(self, wg_key: str, reason: str) -> dict[str, Any]:
         return await self._call("POST", "/v1/admin/refuse", {"wg_key": wg_key, "reason": reason}, sign="admin")
 

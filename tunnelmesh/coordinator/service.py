@@ -33,6 +33,7 @@ from tunnelmesh.identity import IdentityError, PublicIdentity
 from tunnelmesh.membership import (
     JOIN_WINDOW,
     MAX_ENDPOINTS,
+    DeviceEntry,
     InviteGrant,
     MemberEntry,
     MembershipError,
@@ -46,6 +47,7 @@ from tunnelmesh.membership import (
     check_name,
     member_body,
     parse_address,
+    parse_entry,
     reachable_unicast,
     unb64,
     verify_admin_request,
@@ -187,6 +189,8 @@ class _Service:
             if revocation is not None:
                 raise Refused(403, "this node was revoked by the admin", revocation=revocation.record)
             raise Refused(401, "unknown node: this key is not a member of the network (join it first)")
+        if member.is_device:
+            raise Refused(403, f"{member.name} is a plain WireGuard device: it has no SSH key to sign requests with")
         with bodies.status(401):
             self.guard.precheck(auth, self.clock())
         raw = await request.read()
@@ -573,6 +577,29 @@ class _Service:
         log.info("admitted %s as %s (%s)", member.name, member.ipv4, member.identity.fingerprint)
         return web.json_response({"approved": member.name, "ipv4": str(member.ipv4), "ipv6": str(member.ipv6)})
 
+    async def device(self, request: web.Request) -> web.Response:
+        """Admit a plain WireGuard device (`tunnelmesh wg-export`), stored like a member, served
+        by a member that exists; no pending join, nothing sealed to it (docs/exports.md)."""
+        network, body = await self._admin_body(request, {"member"})
+        with bodies.status(403):
+            device = DeviceEntry.from_wire(body["member"], network)
+        key = b64(device.wg_key)
+        with self.store.transaction():
+            existing = self.store.member(key)
+            if existing is not None:
+                raise Refused(409, f"this key is already a member (as {existing.name!r})")
+            if self.store.member_named(device.name) is not None:
+                raise Refused(409, f"the name {device.name!r} is taken by another member; choose another")
+            server = self.store.member_named(device.served_by)
+            if server is None or server.is_device:
+                raise Refused(409, f"no member {device.served_by!r} to serve the device (a device serves nothing)")
+            if self.store.host_taken(host := network.host_index(device.ipv4)):
+                raise Refused(409, f"the address {device.ipv4} was taken meanwhile: export again")
+            self._check_not_revoked(device.wg_key, device.authorized_at)
+            self.store.add_member(body["member"], device, host)
+        log.info("admitted the WireGuard device %s as %s, served by %s", device.name, device.ipv4, device.served_by)
+        return web.json_response({"admitted": device.name, "ipv4": str(device.ipv4), "ipv6": str(device.ipv6)})
+
     async def refuse(self, request: web.Request) -> web.Response:
         """The admin's machine refuses a pending join, saying why (the joiner is told)."""
         _, body = await self._admin_body(request, {"wg_key", "reason"})
@@ -605,7 +632,7 @@ class _Service:
     def _covers(revocation: Revocation, row: MemberRow, network: NetworkInfo) -> bool:
         """Whether the revocation removes this member (an entry that no longer verifies goes too)."""
         try:
-            return revocation.covers(MemberEntry.from_wire(row.entry, network))
+            return revocation.covers(parse_entry(row.entry, network))
         except MembershipError:
             return True
 
@@ -620,7 +647,7 @@ class _Service:
                 raise Refused(409, f"the new secret must have epoch {epoch + 1}, not {record.epoch}: "
                                    "fetch the map and rotate again")
             version = self.store.set_secret(body["record"], record.epoch)
-            unsealed = [m.name for m in self.store.members() if m.wg_key not in record.sealed]
+            unsealed = [m.name for m in self.store.members() if m.wg_key not in record.sealed and not m.is_device]
         if unsealed:
             log.warning("network secret epoch %d is not sealed for %s: they keep the old secret",
                         record.epoch, ", ".join(unsealed))
@@ -657,7 +684,7 @@ class _Service:
         (and, logged, for a member whose row cannot be read: refused rather than trusted)."""
         try:
             member = self.store.member(b64(wg_key))
-            return None if member is None else bodies.identity_of(member.identity)
+            return None if member is None or member.is_device else bodies.identity_of(member.identity)
         except (StoreError, IdentityError) as exc:
             log.error("relay: cannot check membership of %s: %s", b64(wg_key), exc)
             return None
@@ -698,6 +725,7 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
     app.router.add_post("/v1/admin/setup", service.setup)
     app.router.add_get("/v1/admin/pending", service.pending)
     app.router.add_post("/v1/admin/approve", service.approve)
+    app.router.add_post("/v1/admin/device", service.device)
     app.router.add_post("/v1/admin/refuse", service.refuse)
     app.router.add_post("/v1/admin/revoke", service.revoke)
     app.router.add_post("/v1/admin/secret", service.secret)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from tunnelmesh.membership import MemberEntry, b64
+from tunnelmesh.membership import Entry, MemberEntry, b64
 
 #: Schema versions, applied in order; entry i takes the file to user_version i + 1.
 MIGRATIONS: list[tuple[str, ...]] = [
@@ -140,6 +140,11 @@ class MemberRow:
     version: int
     ssh: dict[str, Any] | None
     relay: str | None = None
+
+    @property
+    def is_device(self) -> bool:
+        """A plain WireGuard device (`DeviceEntry`): stored with no identity line, as it has none."""
+        return not self.identity
 
 
 @dataclass(frozen=True)
@@ -407,15 +412,17 @@ class Store:
         return [self._member(row) for row in rows]
 
     @_guarded
-    def add_member(self, entry: dict[str, Any], member: MemberEntry, host: int) -> int:
-        """Store a verified entry as it arrived (`entry`), at host number `host`."""
+    def add_member(self, entry: dict[str, Any], member: Entry, host: int) -> int:
+        """Store a verified entry as it arrived (`entry`), at host number `host`. A device
+        has no identity: its identity and fingerprint columns are empty (`MemberRow.is_device`)."""
+        identity = member.identity.to_line() if isinstance(member, MemberEntry) else ""
         with self.transaction():
             version = self._bump()
             self._conn.execute(
                 "INSERT INTO members (wg_key, name, host, ipv4, ipv6, fingerprint, identity, entry, version) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (b64(member.wg_key), member.name, host, str(member.ipv4), str(member.ipv6),
-                 member.identity.fingerprint, member.identity.to_line(), _json(entry), version))
+                 member.ssh_fingerprint or "", identity, _json(entry), version))
             return version
 
     @_guarded

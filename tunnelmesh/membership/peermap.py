@@ -18,6 +18,8 @@ from typing import Any
 
 from tunnelmesh.fields import FieldError, parse_endpoint
 from tunnelmesh.membership.records import (
+    DeviceEntry,
+    Entry,
     MemberEntry,
     MembershipError,
     NetworkInfo,
@@ -26,6 +28,7 @@ from tunnelmesh.membership.records import (
     SecretRecord,
     b64,
     check,
+    parse_entry,
     unb64,
 )
 
@@ -175,12 +178,15 @@ class MapChanges:
     new_policy: PolicyRecord | None = None  # a newer network policy was verified and is now in force
     rejected: list[str] = field(default_factory=list)
     bindings_changed: bool = False
+    devices_added: list[DeviceEntry] = field(default_factory=list)
+    devices_removed: list[tuple[DeviceEntry, str]] = field(default_factory=list)
 
 
-def bindings_of(member: MemberEntry) -> tuple[str, ...]:
-    """What a member entry binds to its key, for good: its name, its mesh IPv4 address and
-    its SSH key (one X25519 key per SSH key)."""
-    return f"name:{member.name}", f"ipv4:{member.ipv4}", f"ssh:{member.identity.fingerprint}"
+def bindings_of(member: Entry) -> tuple[str, ...]:
+    """What an entry binds to its key, for good: its name, its mesh IPv4 address and its
+    SSH key (one X25519 key per SSH key; a device has none)."""
+    ssh = () if member.ssh_fingerprint is None else (f"ssh:{member.ssh_fingerprint}",)
+    return f"name:{member.name}", f"ipv4:{member.ipv4}", *ssh
 
 
 def parse_bindings(value: Any) -> tuple[dict[str, bytes], dict[bytes, int]]:
@@ -223,6 +229,9 @@ class MapSnapshot:
     policy: PolicyRecord | None = None
     revocations: int = 0  # how many the node keeps (for good)
     rejected: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # refused so far, by reason
+    #: Plain WireGuard devices (`DeviceEntry`), by WireGuard key: apart from `members`, whose
+    #: readers (SSH rung, relays, bridge) need an SSH identity a device does not have.
+    devices: Mapping[bytes, DeviceEntry] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class PeerMap:
@@ -244,6 +253,10 @@ class PeerMap:
       with the same version, is refused; a map without one leaves it in force (a policy
       is replaced, never removed).
 
+    Devices (`DeviceEntry`, plain WireGuard keys the admin admitted) are kept in `devices`,
+    under the same revocations and bindings (name and address), and reported apart
+    (`MapChanges.devices_added` / `devices_removed`): only their serving node peers with them.
+
     Only admin-signed member entries are members. Invite-signed entries are what a joiner
     hands the coordinator; the admin's machine checks them against its own invite ledger
     and countersigns (tunnelmesh.admission), so no invite key can make or rebind a member."""
@@ -252,6 +265,7 @@ class PeerMap:
         self.network = network
         self.own_wg_key = own_wg_key
         self.members: dict[bytes, MemberEntry] = {}
+        self.devices: dict[bytes, DeviceEntry] = {}
         self.endpoints: dict[bytes, Endpoints] = {}
         self.revocations: dict[bytes, Revocation] = {}
         self._revoked_ssh: dict[str, Revocation] = {}
@@ -267,23 +281,26 @@ class PeerMap:
         """The map as it is now, for readers (copies: later changes do not show in it)."""
         return MapSnapshot(self.version, self.network, MappingProxyType(dict(self.members)),
                            MappingProxyType(dict(self.endpoints)), self.policy, len(self.revocations),
-                           MappingProxyType(dict(self.rejected)))
+                           MappingProxyType(dict(self.rejected)), MappingProxyType(dict(self.devices)))
 
-    def revoked(self, member: MemberEntry) -> Revocation | None:
-        for revocation in (self.revocations.get(member.wg_key), self._revoked_ssh.get(member.identity.fingerprint)):
+    def _kept_for(self, member: Entry) -> tuple[Revocation | None, Revocation | None]:
+        ssh = member.ssh_fingerprint
+        return self.revocations.get(member.wg_key), None if ssh is None else self._revoked_ssh.get(ssh)
+
+    def revoked(self, member: Entry) -> Revocation | None:
+        for revocation in self._kept_for(member):
             if revocation is not None and revocation.covers(member):
                 return revocation
         return None
 
-    def revocations_of(self, member: MemberEntry) -> list[Revocation]:
+    def revocations_of(self, member: Entry) -> list[Revocation]:
         """Every kept revocation of the member's key or SSH key, whenever made."""
-        found = (self.revocations.get(member.wg_key), self._revoked_ssh.get(member.identity.fingerprint))
-        return [r for r in dict.fromkeys(found) if r is not None]
+        return [r for r in dict.fromkeys(self._kept_for(member)) if r is not None]
 
     def key_revoked(self, wg_key: bytes) -> bool:
         """Whether a bound key is out for good: its current entry is revoked or, when it is
         not listed now, a kept revocation names it or the SSH key bound to it."""
-        member = self.members.get(wg_key)
+        member: Entry | None = self.members.get(wg_key) or self.devices.get(wg_key)
         if member is None and self.own is not None and self.own.wg_key == wg_key:
             member = self.own
         if member is not None:
@@ -322,8 +339,11 @@ class PeerMap:
                 del self.members[member.wg_key]
                 self.endpoints.pop(member.wg_key, None)
                 changes.removed.append((member, f"revoked by the admin at {revocation.at}"))
+            for device in [d for d in self.devices.values() if revocation.covers(d)]:
+                del self.devices[device.wg_key]
+                changes.devices_removed.append((device, f"revoked by the admin at {revocation.at}"))
 
-    def binding_clash(self, member: MemberEntry) -> str | None:
+    def binding_clash(self, member: Entry) -> str | None:
         """What of `member` is bound to another key that is not revoked, if anything."""
         for binding in bindings_of(member):
             holder = self.bindings.get(binding)
@@ -331,7 +351,7 @@ class PeerMap:
                 return binding.replace(":", " ", 1)
         return None
 
-    def bind(self, member: MemberEntry, changes: MapChanges) -> None:
+    def bind(self, member: Entry, changes: MapChanges) -> None:
         for binding in bindings_of(member):
             if self.bindings.get(binding) != member.wg_key:
                 self.bindings[binding] = member.wg_key
@@ -359,10 +379,10 @@ class PeerMap:
         wires = check.list(update["members"], "members")
         endpoint_items = check.object(update["endpoints"], "endpoints").items()
         self.add_revocations(revocations, changes)
-        parsed: list[MemberEntry] = []
+        parsed: list[Entry] = []
         for wire in wires:
             try:
-                parsed.append(MemberEntry.from_wire(wire, self.network))
+                parsed.append(parse_entry(wire, self.network))
             except MembershipError as exc:
                 self._reject(changes, f"member refused: {exc}")
         listed = {member.wg_key for member in parsed}
@@ -370,8 +390,11 @@ class PeerMap:
             for key in [k for k in self.members if k not in listed]:
                 changes.removed.append((self.members.pop(key), "no longer listed by the coordinator"))
                 self.endpoints.pop(key, None)
+            for key in [k for k in self.devices if k not in listed]:
+                changes.devices_removed.append((self.devices.pop(key), "no longer listed by the coordinator"))
         if changes.revoked_self is not None and any(
-                m.wg_key == self.own_wg_key and m.grant is None and self.revoked(m) is None for m in parsed):
+                isinstance(m, MemberEntry) and m.wg_key == self.own_wg_key and m.grant is None
+                and self.revoked(m) is None for m in parsed):
             changes.revoked_self = None  # re-admitted by an approval made after it
         for member in parsed:
             if member.grant is not None:
@@ -382,12 +405,18 @@ class PeerMap:
             if revocation is not None:
                 self._reject(changes, f"member {member.name} refused: its key was revoked at {revocation.at}")
                 continue
+            if isinstance(member, DeviceEntry) and (member.wg_key == self.own_wg_key or member.wg_key in self.members):
+                self._reject(changes, f"device {member.name} refused: its key is a member's")
+                continue
             clash = self.binding_clash(member)
             if clash is not None:
                 self._reject(changes, f"member {member.name} refused: {clash} is bound to another key "
                                       "(only a revocation of that key frees it)")
                 continue
             self.bind(member, changes)
+            if isinstance(member, DeviceEntry):
+                self._take_device(member, changes)
+                continue
             if member.wg_key == self.own_wg_key:
                 self.own = member
                 continue
@@ -422,6 +451,15 @@ class PeerMap:
         self.version = max(self.version, version)
         return changes
 
+    def _take_device(self, device: DeviceEntry, changes: MapChanges) -> None:
+        known = self.devices.get(device.wg_key)
+        if known == device:
+            return
+        if known is not None:
+            changes.devices_removed.append((known, "replaced by a newer entry"))
+        self.devices[device.wg_key] = device
+        changes.devices_added.append(device)
+
     def take_policy(self, wire: Any, changes: MapChanges) -> None:
         """Verify a network policy record and put it in force if it is newer than the one
         kept; refuse (counted, named in `changes`) one that does not verify, an older one
@@ -450,7 +488,7 @@ class PeerMap:
         """A full update that `apply` takes back (the on-disk cache)."""
         return {
             "version": self.version, "full": True,
-            "members": [m.to_wire() for m in self.members.values()],
+            "members": [m.to_wire() for m in (*self.members.values(), *self.devices.values())],
             "revocations": [r.to_wire() for r in self.revocations.values()],
             "secret": self.secret.to_wire() if self.secret is not None else None,
             "endpoints": {b64(k): e.to_wire() for k, e in self.endpoints.items()},

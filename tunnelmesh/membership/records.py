@@ -14,6 +14,9 @@ accepts it only if it verifies against the admin public key pinned at join:
   SSH key's attestation of it), mesh IPv4 and IPv6; authorised either by the
   admin's signature (the admin node itself, approvals) or by a grant plus the
   invite key's signature.
+- ``DeviceEntry``: a plain WireGuard device (a phone): name, its own X25519 key,
+  the member that serves it (``served_by``), mesh IPv4 and IPv6; admin-signed
+  only. It has no SSH identity, so it only ever talks to its serving node, over UDP.
 - ``Revocation``: the admin revokes a WireGuard key. Nodes keep revocations
   for good; an entry for a revoked key stays refused unless its authorisation
   is newer than the revocation (a new invite or approval made afterwards).
@@ -35,7 +38,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +401,11 @@ class MemberEntry:
         """When the admin authorised this entry: what a revocation is compared with."""
         return self.grant.created if self.grant is not None else self.joined
 
+    @property
+    def ssh_fingerprint(self) -> str | None:
+        """The SSH key that speaks for this member (None only for a `DeviceEntry`)."""
+        return self.identity.fingerprint
+
     def body(self) -> dict[str, Any]:
         return member_body(self.network, self.name, self.identity, self.ipv4, self.ipv6, self.joined)
 
@@ -420,22 +428,11 @@ class MemberEntry:
             check.keys(wire, {"body", "admin_sig"}, "member")
         body = check.object(wire["body"], "member body")
         check.keys(body, {"network", "name", "identity", "ipv4", "ipv6", "joined"}, "member body")
-        if body["network"] != network.network:
-            raise MembershipError(f"member entry is for another network ({check.text(body['network'], 'network', 64)})")
-        name = check_name(body["name"], "member name")
+        name, ipv4, ipv6, joined = _entry_fields(body, network)
         try:
             identity = PublicIdentity.from_line(check.text(body["identity"], "identity", 8192))
         except IdentityError as exc:
             raise MembershipError(f"member {name}: {exc}") from None
-        try:
-            ipv4 = ipaddress.IPv4Address(check.text(body["ipv4"], "ipv4", 16))
-            ipv6 = ipaddress.IPv6Address(check.text(body["ipv6"], "ipv6", 64))
-        except ValueError as exc:
-            raise MembershipError(f"member {name}: {exc}") from None
-        index = network.host_index(ipv4)
-        if not 1 <= index < network.cidr4.num_addresses - 1 or network.host(index) != (ipv4, ipv6):
-            raise MembershipError(f"member {name}: addresses {ipv4} / {ipv6} are not a host of {network.cidr4} / {network.ula6}")
-        joined = check.integer(body["joined"], "joined")
         if "grant" in wire:
             grant = InviteGrant.from_wire(wire["grant"], network.admin_key)
             if grant.name is not None and grant.name != name:
@@ -449,6 +446,99 @@ class MemberEntry:
             entry = cls(network.network, name, identity, ipv4, ipv6, joined, wire["admin_sig"])
         _canonical_form(entry, body, f"member {name}")
         return entry
+
+
+def _entry_fields(body: dict[str, Any], network: NetworkInfo
+                  ) -> tuple[str, ipaddress.IPv4Address, ipaddress.IPv6Address, int]:
+    """What member and device entries share: the network, the name, a host's two mesh
+    addresses of this network (the same host number in both), the time it joined."""
+    if body["network"] != network.network:
+        raise MembershipError(f"member entry is for another network ({check.text(body['network'], 'network', 64)})")
+    name = check_name(body["name"], "member name")
+    try:
+        ipv4 = ipaddress.IPv4Address(check.text(body["ipv4"], "ipv4", 16))
+        ipv6 = ipaddress.IPv6Address(check.text(body["ipv6"], "ipv6", 64))
+    except ValueError as exc:
+        raise MembershipError(f"member {name}: {exc}") from None
+    index = network.host_index(ipv4)
+    if not 1 <= index < network.cidr4.num_addresses - 1 or network.host(index) != (ipv4, ipv6):
+        raise MembershipError(f"member {name}: addresses {ipv4} / {ipv6} are not a host of {network.cidr4} / {network.ula6}")
+    return name, ipv4, ipv6, check.integer(body["joined"], "joined")
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    """A plain WireGuard device admitted by the admin (`tunnelmesh wg-export`): its own
+    X25519 key and no SSH identity, so it proves nothing but that key and speaks only
+    plain WireGuard over UDP to the one member that serves it (`served_by`, by name).
+    Other nodes keep it for its bindings (name, addresses) and never handshake with it.
+    Signed by the admin only (kind "device"): there is no invite form."""
+
+    network: str
+    name: str
+    wg_key: bytes
+    served_by: str
+    ipv4: ipaddress.IPv4Address
+    ipv6: ipaddress.IPv6Address
+    joined: int
+    admin_sig: str
+
+    grant = None  # never invite-signed (what the peer map asks of every entry)
+    ssh_fingerprint = None  # no SSH key speaks for it
+
+    @property
+    def authorized_at(self) -> int:
+        return self.joined
+
+    def body(self) -> dict[str, Any]:
+        return device_body(self.network, self.name, self.wg_key, self.served_by, self.ipv4, self.ipv6, self.joined)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"body": self.body(), "admin_sig": self.admin_sig}
+
+    @classmethod
+    def create(cls, admin: AdminKey, network: NetworkInfo, name: str, wg_key: bytes, served_by: str, host: int,
+               now: int) -> DeviceEntry:
+        """Sign a device entry for host number `host`, checked as every node will check it."""
+        ipv4, ipv6 = network.host(host)
+        body = device_body(network.network, name, wg_key, served_by, ipv4, ipv6, now)
+        return cls.from_wire({"body": body, "admin_sig": admin.sign("device", body)}, network)
+
+    @classmethod
+    def from_wire(cls, wire: Any, network: NetworkInfo) -> DeviceEntry:
+        wire = check.object(wire, "device")
+        check.keys(wire, {"body", "admin_sig"}, "device")
+        body = check.object(wire["body"], "device body")
+        check.keys(body, {"network", "name", "wg_key", "served_by", "ipv4", "ipv6", "joined"}, "device body")
+        name, ipv4, ipv6, joined = _entry_fields(body, network)
+        wg_key = unb64(body["wg_key"], f"device {name}: WireGuard key", 32)
+        if wg_key == bytes(32):
+            raise MembershipError(f"device {name}: the WireGuard key is all zeros (not a public key)")
+        served_by = check_name(body["served_by"], f"device {name}: served_by")
+        if served_by == name:
+            raise MembershipError(f"device {name}: a device cannot serve itself")
+        _verify(network.admin_key, "device", body, wire["admin_sig"], f"device {name}")
+        entry = cls(network.network, name, wg_key, served_by, ipv4, ipv6, joined, wire["admin_sig"])
+        _canonical_form(entry, body, f"device {name}")
+        return entry
+
+
+#: Any admitted entry of the peer map.
+Entry = MemberEntry | DeviceEntry
+
+
+def parse_entry(wire: Any, network: NetworkInfo) -> Entry:
+    """A member entry or, when its body carries a bare "wg_key", a device entry."""
+    body = wire.get("body") if isinstance(wire, dict) else None
+    if isinstance(body, dict) and "wg_key" in body:
+        return DeviceEntry.from_wire(wire, network)
+    return MemberEntry.from_wire(wire, network)
+
+
+def device_body(network: str, name: str, wg_key: bytes, served_by: str, ipv4: ipaddress.IPv4Address,
+                ipv6: ipaddress.IPv6Address, joined: int) -> dict[str, Any]:
+    return {"network": network, "name": name, "wg_key": b64(wg_key), "served_by": served_by, "ipv4": str(ipv4),
+            "ipv6": str(ipv6), "joined": joined}
 
 
 def member_body(network: str, name: str, identity: PublicIdentity, ipv4: ipaddress.IPv4Address,
@@ -499,11 +589,9 @@ class Revocation:
         return {"body": self.body(), "sig": self.signature}
 
     @classmethod
-    def create(cls, admin: AdminKey, member: MemberEntry, now: int) -> Revocation:
-        body = {"network": admin.fingerprint, "wg_key": b64(member.wg_key), "name": member.name, "at": now,
-                "ssh": member.identity.fingerprint}
-        return cls(admin.fingerprint, member.wg_key, member.name, now, admin.sign("revoke", body),
-                   member.identity.fingerprint)
+    def create(cls, admin: AdminKey, member: Entry, now: int) -> Revocation:
+        revocation = cls(admin.fingerprint, member.wg_key, member.name, now, "", member.ssh_fingerprint)
+        return replace(revocation, signature=admin.sign("revoke", revocation.body()))
 
     @classmethod
     def from_wire(cls, wire: Any, network: NetworkInfo) -> Revocation:
@@ -517,10 +605,10 @@ class Revocation:
         _canonical_form(revocation, body, "revocation")
         return revocation
 
-    def covers(self, member: MemberEntry) -> bool:
+    def covers(self, member: Entry) -> bool:
         """A revocation refuses every entry for the key -- or, if it names one, for any key
         the same SSH key attests -- authorised at or before it."""
-        same = member.wg_key == self.wg_key or (self.ssh is not None and member.identity.fingerprint == self.ssh)
+        same = member.wg_key == self.wg_key or (self.ssh is not None and member.ssh_fingerprint == self.ssh)
         return same and member.authorized_at <= self.at
 
 

@@ -1,0 +1,130 @@
+"""`tunnelmesh wg-export`: a plain WireGuard device admitted to a coordinator network.
+
+    switch sw (192.0.2.0/24)
+    ├── a        admin, embedded coordinator      tunnelmesh up
+    ├── b        member, serves the device        tunnelmesh up
+    └── phone    wireguard-go + `wg`, configured only from what `wg-export` printed
+
+The admin runs `tunnelmesh wg-export phone --via b`; the phone's interface is set up
+from the printed wg-quick config the way `wg-quick` does (`wg setconf` with the
+wg-quick-only lines taken out, the Address on the interface, a route per AllowedIPs),
+and pings b's mesh address through it. b reports the device as a peer without an SSH
+identity; a, which does not serve it, has no session with it. Then `tunnelmesh revoke
+phone` on the admin cuts it off: its pings stop within REVOKED_WITHIN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_wireguard_peer import UAPI_DIR, WireGuardGo, wg_tools  # noqa: F401 - wg_tools is a fixture
+from tests.support.wireguard_go import stop_wireguard_go
+from tools.lab import clean_environment, find_tool
+from tools.mesh import MeshNode, build_network, diagnostics
+
+pytestmark = pytest.mark.e2e
+
+#: How long after `revoke` returns the device's pings must have stopped (generous: the
+#: serving node learns of it from its long-poll of the map, within a round trip).
+REVOKED_WITHIN = 20.0
+#: How long the device may take to reach b at first (the map reaches b, then a handshake).
+REACHES_WITHIN = 30.0
+#: wg-quick's own lines, which `wg setconf` does not take (`wg-quick strip` drops them).
+WG_QUICK_ONLY = ("Address", "DNS", "MTU", "Table", "PreUp", "PostUp", "PreDown", "PostDown", "SaveConfig")
+
+
+def strip(config: str) -> str:
+    """What `wg-quick strip` makes of a config: without the wg-quick-only lines."""
+    kept = [line for line in config.splitlines() if line.split("=", 1)[0].strip() not in WG_QUICK_ONLY]
+    return "\n".join(kept) + "\n"
+
+
+def value(config: str, key: str) -> str:
+    """The one value of `key` in a wg-quick config."""
+    found = [line.split("=", 1)[1].strip() for line in config.splitlines() if line.split("=", 1)[0].strip() == key]
+    assert len(found) == 1, f"{key}: {found} in\n{config}"
+    return found[0]
+
+
+def start_wireguard_go(lab, node, request) -> WireGuardGo:
+    ifname = f"tmwx{secrets.token_hex(5)}"  # unique per run: the control socket's path is global
+    sock_path = UAPI_DIR / f"{ifname}.sock"
+    env = {**clean_environment(), "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "verbose"}
+    proc = node.popen(find_tool("wireguard-go"), "-f", ifname, env=env, log_name="wireguard-go")
+    request.addfinalizer(lambda: stop_wireguard_go(proc, sock_path))
+    deadline = time.monotonic() + 10
+    while not sock_path.exists():
+        assert proc.poll() is None, f"wireguard-go exited with {proc.returncode}:\n{node.log('wireguard-go')}"
+        assert time.monotonic() < deadline, f"no {sock_path} after 10 s:\n{node.log('wireguard-go')}"
+        time.sleep(0.05)
+    return WireGuardGo(node, ifname, proc, "")
+
+
+def configure_from(device: WireGuardGo, config: str, workdir: str) -> None:
+    """Set the interface up as `wg-quick up` would from `config`."""
+    conf = Path(workdir) / "phone-wg.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(strip(config))
+    node, ifname = device.node, device.ifname
+    node.run("wg", "setconf", ifname, str(conf))
+    for address in value(config, "Address").split(","):
+        if ":" not in address:  # the lab's underlay is IPv4 only; so is the test's traffic
+            node.run("ip", "addr", "add", address.strip(), "dev", ifname)
+    node.run("ip", "link", "set", ifname, "up")
+    for allowed in value(config, "AllowedIPs").split(","):
+        if ":" not in allowed:
+            node.run("ip", "route", "add", allowed.strip(), "dev", ifname)
+
+
+def ping_once(node, address: str) -> bool:
+    return node.run("ping", "-n", "-c", "1", "-W", "1", address, check=False, timeout=10).returncode == 0
+
+
+def peers_of(member: MeshNode) -> dict[str, dict]:
+    return {p["name"]: p for p in member.status()["peers"]}
+
+
+def test_a_wireguard_go_device_from_wg_export_reaches_its_node_until_revoked(wg_tools, lab, request):  # noqa: F811
+    mesh = build_network(lab, ["a", "b"])
+    a, b = mesh["a"], mesh["b"]
+    phone = lab.add_node("phone")
+    lab.connect(phone, lab.switches["sw"])
+    device = start_wireguard_go(lab, phone, request)
+
+    exported = json.loads(a.tm("wg-export", "phone", "--via", "b", "--json").stdout)
+    config = exported["config"]
+    assert exported["served_by"] == "b" and exported["private_key"], exported
+    assert value(config, "AllowedIPs") == f"{b.mesh_ip}/32, {exported['allowed_ips'][1]}", config
+    assert value(config, "PublicKey") == b.status()["node"]["wireguard_public_key"], config
+    assert value(config, "Endpoint").rsplit(":", 1)[0] == b.underlay, config
+    configure_from(device, config, lab.workdir)
+
+    def details() -> str:
+        return f"config:\n{config}\n{diagnostics(mesh)}\n{device.diagnostics()}"
+
+    deadline = time.monotonic() + REACHES_WITHIN
+    while not ping_once(phone, b.mesh_ip):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the device did not reach b within {REACHES_WITHIN:g} s\n{details()}", pytrace=False)
+    served = peers_of(b).get("phone")
+    assert served is not None and served["state"] == "up" and served["fingerprint"] is None, f"{served}\n{details()}"
+    assert "phone" not in peers_of(a), f"a, which does not serve the device, has a session with it\n{details()}"
+    # b answers in the tunnel too (not only the device's own pings).
+    assert b.node.run("ping", "-n", "-c", "2", "-W", "2", exported["ipv4"], check=False).returncode == 0, details()
+
+    a.tm("revoke", "phone")
+    revoked_at = time.monotonic()
+    failures = 0
+    while failures < 3:  # three pings in a row unanswered: cut off, not one lost packet
+        failures = 0 if ping_once(phone, b.mesh_ip) else failures + 1
+        if time.monotonic() - revoked_at > REVOKED_WITHIN:
+            pytest.fail(f"the device still reaches b {REVOKED_WITHIN:g} s after `revoke`\n{details()}", pytrace=False)
+    print(f"cut off {time.monotonic() - revoked_at:.1f} s after `revoke` returned")
+    assert "phone" not in peers_of(b), details()
