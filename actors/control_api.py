@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh import __version__
@@ -24,6 +24,7 @@ from .messages import (
     NodeStatus, PeerStatus, Ping, PingResult, Peers, ProbeNow, ProbeResult, RelayClientStatus, RelayServerStatus,
     ShowFilter, SshStatus, Status, TestFilter, TransportsStatus, from_json,
 )
+from .messages import AgentStatus
 from .runtime import Actor
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ class ControlApi:
         admitter: Admitter | None = None,
         serving_relay: Relay | None = None,
         packet_filter: FilterActor | None = None,
+        identity_source: str = "",
+        agent_probe: Callable[[], Awaitable[AgentStatus | None]] | None = None,
     ) -> None:
         self.name = name
         self.interface = interface
@@ -82,6 +85,8 @@ class ControlApi:
         self.admitter = admitter
         self.serving_relay = serving_relay
         self.packet_filter = packet_filter
+        self.identity_source = identity_source
+        self.agent_probe = agent_probe  # an ssh-agent identity: asks its agent (actors/agent_identity.py)
 
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.status, "peers": self.peers, "ping": self.ping, "probe": self.probe, "down": self.down,
@@ -158,6 +163,8 @@ class ControlApi:
             ),
             events_dropped=self.bus.dropped,
             actors=self._actors(),
+            identity_source=self.identity_source,
+            agent=await self.agent_probe() if self.agent_probe is not None else None,
         )
 
     def _actors(self) -> tuple[ActorStatus, ...]:

@@ -36,7 +36,7 @@ from tunnelmesh.config import ConfigError, NodeConfig, check_peer_keys, load_con
 from tunnelmesh.control_client import ControlError, NotRunning, request
 from tunnelmesh.files import FileError, check_state_dir, lock_dir, read_pid, remove_stale_temps, write_atomic
 from tunnelmesh.filter import Member
-from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity
+from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import MapSnapshot, PeerMap, PolicyRecord
@@ -44,6 +44,7 @@ from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import derive_psk
 
+from .agent_identity import load_daemon_identity, needed_for, probe_agent
 from .control import ControlServer
 from .admitter import Admitter
 from .coordinator_client import CoordinatorClient, peer_spec
@@ -380,16 +381,19 @@ def _check_state_dir(paths: Paths) -> None:
         raise StartupError(str(exc)) from None
 
 
-async def _load(paths: Paths) -> Loaded:
-    """The config, the identity (a key file or ssh-agent), the membership and the network secret."""
+async def _load(paths: Paths) -> Loaded | None:
+    """The config, the identity (a key file or ssh-agent), the membership and the network secret.
+    None: stopped while waiting for the ssh-agent to hold the identity's key."""
     state: NetworkState | None = None
     peer_map: PeerMap | None = None
     try:
         config = load_config(paths.config, state_dir=paths.state_dir)
         try:
-            identity = await load_identity(config.identity, passphrase_file=config.passphrase_file)
+            identity = await load_daemon_identity(config, paths)
         except IdentityError as exc:
             raise _identity_config_error(config, exc) from None
+        if identity is None:
+            return None
         if config.coordinator is None:
             check_peer_keys(config, identity.public.wg_public_key)
         else:
@@ -483,6 +487,8 @@ async def run_daemon(paths: Paths) -> int:
 async def _run_claimed(paths: Paths) -> int:
     leftovers = Leftovers()  # what is open now (the state directory's lock too) is not the daemon's to close
     loaded = await _load(paths)
+    if loaded is None:
+        return 0
     config, identity, state = loaded.config, loaded.identity, loaded.state
     cached_map = loaded.peer_map.snapshot() if loaded.peer_map is not None else None
     peers = await _initial_peers(config, cached_map)
@@ -537,7 +543,8 @@ async def _run_claimed(paths: Paths) -> int:
                 transports, node.supervisor))
             setup.on_map_changed.append(lambda: pool.tell_latest(SyncRelays, SyncRelays()))
     api = node.control_api(coordinator=client, serving_coordinator=services.coordinator_address, admitter=admitter,
-                           serving_relay=setup.relay_served)
+                           serving_relay=setup.relay_served,
+                           agent_probe=lambda: probe_agent(identity, needed_for(config)))
     node.add(ControlServer(paths.control_socket, api.handlers(), node.bus))
 
     loop = asyncio.get_running_loop()

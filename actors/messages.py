@@ -407,6 +407,17 @@ class TransportsStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentStatus:
+    """The ssh-agent an agent identity's key lives in. Running sessions never need it
+    (the mesh key is in memory); `needed_for` is what does, while it is not back."""
+
+    socket: str
+    fingerprint: str  # the identity's SSH key
+    state: str  # "holds the key", "key missing" or "unreachable"
+    needed_for: tuple[str, ...]  # empty while the agent holds the key
+
+
+@dataclass(frozen=True, slots=True)
 class ActorStatus:
     """One actor's mailbox and health (the peer sessions are summed into one, "sessions")."""
 
@@ -504,6 +515,9 @@ class NodeStatus:
     transports: TransportsStatus
     events_dropped: int  # events a slow subscriber did not take
     actors: tuple[ActorStatus, ...]  # mailboxes: what waits, what a full one dropped; restarts
+    #: Where the mesh key came from: "key file PATH", "ssh-agent at PATH", or the mesh key cache.
+    identity_source: str = ""
+    agent: AgentStatus | None = None  # an ssh-agent identity's agent, asked now; None: a key file
 
 
 @dataclass(frozen=True, slots=True)

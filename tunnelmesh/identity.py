@@ -230,12 +230,12 @@ def _refusal_reason(key_type: str) -> str:
     elif key_type.startswith("sk-"):
         why = (
             f"FIDO security-key ({key_type}) signatures include a counter and touch "
-            "flags, so they differ every time (and each needs a touch)"
+            "flags, so they differ every time (and each needs a touch) and give no stable mesh key"
         )
     elif key_type.startswith("ecdsa-"):
-        why = f"ECDSA ({key_type}) signatures are randomized, so they differ every time"
+        why = f"ECDSA ({key_type}) signatures are randomized, so they differ every time and give no stable mesh key"
     elif key_type == "ssh-dss":
-        why = "DSA (ssh-dss) signatures are randomized, so they differ every time"
+        why = "DSA (ssh-dss) signatures are randomized, so they differ every time and give no stable mesh key"
     else:
         why = f"key type {key_type!r} is not supported"
     return why
@@ -558,7 +558,7 @@ class NodeIdentity:
             yield keys
 
     @classmethod
-    async def _derive(cls, signer: _Signer) -> NodeIdentity:
+    async def _derive(cls, signer: _Signer, origin: str | None = None) -> NodeIdentity:
         challenge = _sshsig_signed_data(KEY_NAMESPACE, KEY_MESSAGE)
         first = _raw_signature(await signer.sign(challenge), signer.key_type)
         second = _raw_signature(await signer.sign(challenge), signer.key_type)
@@ -578,7 +578,7 @@ class NodeIdentity:
         )
         public = PublicIdentity(f"{signer.key_type} {_b64(signer.blob)}", wg_public_raw, attestation)
         public.verify()  # a signer that signs with the wrong key is caught here, not by peers
-        return cls(public, static_private, signer)
+        return cls(public, static_private, signer, origin=origin)
 
 
 # --- Loading from a file ----------------------------------------------------------------
@@ -684,20 +684,23 @@ async def load_identity_file(
         _check_key_type(key_type, blob)
     except IdentityError as exc:
         raise IdentityError(f"{path}: {exc}") from None
-    return await NodeIdentity._derive(_FileSigner(key, key_type, blob, path))
+    return await NodeIdentity._derive(_FileSigner(key, key_type, blob, path), origin=f"key file {path}")
 
 
 async def load_identity(
-    spec: str = DEFAULT_HOST_KEY, *, passphrase_file: str | os.PathLike[str] | None = None
+    spec: str = DEFAULT_HOST_KEY, *, passphrase_file: str | os.PathLike[str] | None = None,
+    agent_path: str | os.PathLike[str] | None = None,
 ) -> NodeIdentity:
     """`spec`: a key file path, "agent" or "agent:<selector>"; "" means DEFAULT_HOST_KEY.
+    An agent key is asked of the agent at `agent_path`, else at $SSH_AUTH_SOCK.
 
     A passphrase-protected file asks at the terminal when there is one.
     """
     if spec == "agent" or spec.startswith("agent:"):
         from tunnelmesh.identity_agent import load_identity_agent
 
-        return await load_identity_agent(spec[len("agent:") :] or None)
+        return await load_identity_agent(spec[len("agent:") :] or None,
+                                         agent_path=os.fspath(agent_path) if agent_path else None)
     return await load_identity_file(
         spec or DEFAULT_HOST_KEY, passphrase_file=passphrase_file, prompt=True
     )

@@ -30,6 +30,7 @@ from .network import (
     cmd_revoke, cmd_rotate_secret,
 )
 from .policy import cmd_filter_show, cmd_filter_test, cmd_policy_edit, cmd_policy_set, cmd_policy_show
+from .keys import add_parser as _add_keys_parser
 from .wg_export import cmd_wg_export
 
 __all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "CliError", "build_parser", "main"]
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", help="state directory (default /var/lib/tunnelmesh, env TUNNELMESH_STATE_DIR)")
     parser.add_argument("--config", help="config file (default /etc/tunnelmesh/tunnelmesh.toml, or <state-dir>/tunnelmesh.toml when --state-dir is given)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_keys_parser(sub)
 
     p = sub.add_parser(
         "init", help="make a new network (this node is its admin and runs the coordinator), or a static node",
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _identity_options(p: argparse.ArgumentParser) -> None:
     who = p.add_mutually_exclusive_group()
     who.add_argument("--key", help="SSH private key file to take the identity from (Ed25519 or RSA)")
-    who.add_argument("--agent", nargs="?", const="", metavar="FINGERPRINT", help="use a key held by ssh-agent")
+    who.add_argument("--agent", nargs="?", const="", metavar="FINGERPRINT|COMMENT",
+                     help="use a key held by ssh-agent (see `tunnelmesh keys`), by fingerprint or comment")
     who.add_argument("--new-key", action="store_true", help="make a dedicated Ed25519 key in the state directory")
 
 

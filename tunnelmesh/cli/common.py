@@ -55,7 +55,8 @@ def _identity(config: Any) -> Any:
     from tunnelmesh.identity import IdentityError, load_identity
 
     try:
-        return asyncio.run(load_identity(config.identity, passphrase_file=config.passphrase_file))
+        return asyncio.run(load_identity(config.identity, passphrase_file=config.passphrase_file,
+                                         agent_path=config.agent_socket))
     except IdentityError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 

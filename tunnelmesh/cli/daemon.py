@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tunnelmesh import __version__
 from tunnelmesh.config import ConfigError, read_network_secret
-from actors.messages import FilterStatus, PeerStatus, to_json
+from actors.messages import AgentStatus, FilterStatus, PeerStatus, to_json
 from tunnelmesh import control_client
 from tunnelmesh.control_client import ControlError, request
 from tunnelmesh.files import FileError, lock_dir, read_pid
@@ -71,10 +71,14 @@ def _up_detached(args: argparse.Namespace, paths: Paths) -> int:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise CliError("tunnelmesh failed to start:\n  " + "\n  ".join(tail), EXIT_FAIL)
         try:
-            request(paths.control_socket, "ping_daemon", timeout=1)
+            answer = request(paths.control_socket, "ping_daemon", timeout=1)
         except ControlError:
             time.sleep(0.1)
             continue
+        if answer != "running":  # it waits for the ssh-agent: returns now, it comes up once the key is there
+            print(f"tunnelmesh started (pid {process.pid}, log {log_path}) and is {answer}; it comes up by "
+                  "itself then (`tunnelmesh status` says how it stands, `tunnelmesh down` stops it)")
+            return EXIT_OK
         print(f"tunnelmesh up (pid {process.pid}, log {log_path})")
         filter_status = control_client.status(paths.control_socket).filter
         if filter_status is not None:  # what a network from before the filter most needs to hear
@@ -108,6 +112,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         return EXIT_OK
     node = status.node
     print(f"{node.name}  {node.mesh_ip}  {node.interface}  udp/{node.listen_port}  {node.fingerprint}  ({node.mode} mode)")
+    if node.agent is not None:
+        _print_agent(node.identity_source, node.agent)
     coordinator = node.coordinator
     if coordinator is not None:
         since = time.strftime("%H:%M:%S", time.localtime(coordinator.since))
@@ -143,6 +149,15 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         if counters:
             print("drops: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
     return EXIT_OK
+
+
+def _print_agent(source: str, agent: AgentStatus) -> None:
+    print(f"identity from {source}")
+    if agent.state == "holds the key":
+        print(f"ssh-agent at {agent.socket}: holds the key")
+    else:  # sessions go on with the mesh key in memory; say what waits for the agent
+        print(f"ssh-agent at {agent.socket}: {agent.state} (running sessions go on); needed back for: "
+              f"{', '.join(agent.needed_for)}")
 
 
 def _print_filter_status(f: FilterStatus) -> None:

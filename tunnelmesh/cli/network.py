@@ -329,7 +329,9 @@ def _duration(text: str) -> int:
 
 def _choose_identity(args: argparse.Namespace, paths: Paths) -> str:
     if args.agent is not None:
-        return "agent" if args.agent == "" else f"agent:{args.agent}"
+        from .keys import agent_identity_spec
+
+        return agent_identity_spec(args.agent)
     if args.key:
         return str(Path(args.key).resolve())
     if args.new_key:

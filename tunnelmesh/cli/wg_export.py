@@ -33,5 +33,5 @@ def cmd_wg_export(args: argparse.Namespace, paths: Paths) -> int:
         print("no QR code: the config lacks the device's private key (--public-key); add it on the device",
               file=sys.stderr)
     elif not args.no_qr:
-        print(qr_code(export.config()))
+        print(qr_code(export.qr_text()))
     return EXIT_OK

@@ -64,6 +64,8 @@ NODE_KEYS = (
     "name",
     "identity",
     "passphrase_file",
+    "agent_socket",
+    "cache_mesh_key",
     "network_secret_file",
     "mesh_ip",
     "mesh_prefix",
@@ -222,6 +224,15 @@ class _Checker:
                 "node",
                 "passphrase_file",
             )
+        agent_socket = self.get_path(node, "agent_socket", what, "node")
+        cache_mesh_key = node.get("cache_mesh_key", False)
+        if not isinstance(cache_mesh_key, bool):
+            raise self.error(f"{what}: cache_mesh_key must be true or false, not {_type_name(cache_mesh_key)}",
+                             "node", "cache_mesh_key")
+        for key, used in (("agent_socket", agent_socket is not None), ("cache_mesh_key", cache_mesh_key)):
+            if used and not is_agent:
+                raise self.error(f"{what}: {key} only applies to an ssh-agent identity (identity = \"agent:...\")",
+                                 "node", key)
         secret = self.get_path(node, "network_secret_file", what, "node")
         if secret is None:
             secret = self.state_dir / "network.secret"
@@ -262,6 +273,8 @@ class _Checker:
             name=name,
             identity=identity,
             passphrase_file=passphrase_file,
+            agent_socket=agent_socket,
+            cache_mesh_key=cache_mesh_key,
             network_secret_file=secret,
             mesh_ip=mesh_ip,
             mesh_prefix=mesh_prefix,

@@ -158,6 +158,11 @@ class NodeConfig:
     #: The ``[filter]`` table's allow-rules: what this node accepts on top of the network
     #: policy (docs/filter.md). None: no ``[filter]`` table.
     filter_rules: tuple[Rule, ...] | None = None
+    #: An ssh-agent identity's agent socket (absolute); None: $SSH_AUTH_SOCK.
+    agent_socket: Path | None = None
+    #: Keep an ssh-agent identity's derived mesh key in the state directory (0600), for
+    #: starts without the agent (docs/identity.md: the trade-off).
+    cache_mesh_key: bool = False
 
     @property
     def mesh_network(self) -> ipaddress.IPv4Network:

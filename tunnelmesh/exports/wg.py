@@ -83,6 +83,11 @@ class WgExport:
             "",
         ])
 
+    def qr_text(self) -> str:
+        """The config without its comments, for the QR code: the apps ignore them, and a
+        shorter text is a smaller code (one that fits an 80-column terminal)."""
+        return "\n".join(line for line in self.config().splitlines() if not line.startswith("#")) + "\n"
+
     def to_json(self) -> dict[str, Any]:
         device = self.device
         return {"name": device.name, "public_key": b64(device.wg_key),
@@ -96,7 +101,7 @@ class WgExport:
 def qr_code(text: str) -> str:
     """`text` as a QR code drawn in the terminal (what the WireGuard apps scan)."""
     out = io.StringIO()
-    segno.make(text, error="l").terminal(out=out, compact=True)
+    segno.make_qr(text, error="l").terminal(out=out, compact=True)  # never a Micro QR: the apps read only QR
     return out.getvalue()
 
 
