@@ -1,7 +1,7 @@
 """What the control socket's commands do (docs/control.md).
 
 `ControlApi` answers `status`, `peers`, `ping`, `probe`, `down`, `ping_daemon`,
-`filter_show` and `filter_test` with the
+`filter_show`, `filter_test` and `ssh_hosts` with the
 dataclasses of actors/messages.py; the control server (actors/control.py) turns them
 into JSON. Everything it reads is handed to it when the daemon is assembled: it
 asks actors for what they own (the mesh for its sessions, each session for its
@@ -10,6 +10,7 @@ status) and reads the counters and status of the I/O edges directly.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import math
 import os
@@ -24,6 +25,7 @@ from .messages import (
     NodeStatus, PeerStatus, Ping, PingResult, Peers, ProbeNow, ProbeResult, RelayClientStatus, RelayServerStatus,
     ShowFilter, SshStatus, Status, TestFilter, TransportsStatus, from_json,
 )
+from .messages import SshHosts
 from .messages import AgentStatus
 from .runtime import Actor
 
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from .coordinator_client import CoordinatorClient
     from .datapath import DataPath
     from .filter import FilterActor
-    from .links import Transports
+    from .links import PeerMapDirectory, Transports
     from .mesh import Mesh
 
 #: Bounds of a ping's wait, in seconds: a ping holds a control connection open that long.
@@ -64,6 +66,7 @@ class ControlApi:
         admitter: Admitter | None = None,
         serving_relay: Relay | None = None,
         packet_filter: FilterActor | None = None,
+        ssh_directory: PeerMapDirectory | None = None,
         identity_source: str = "",
         agent_probe: Callable[[], Awaitable[AgentStatus | None]] | None = None,
     ) -> None:
@@ -85,12 +88,14 @@ class ControlApi:
         self.admitter = admitter
         self.serving_relay = serving_relay
         self.packet_filter = packet_filter
+        self.ssh_directory = ssh_directory
         self.identity_source = identity_source
         self.agent_probe = agent_probe  # an ssh-agent identity: asks its agent (actors/agent_identity.py)
 
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.status, "peers": self.peers, "ping": self.ping, "probe": self.probe, "down": self.down,
-                "ping_daemon": self.ping_daemon, "filter_show": self.filter_show, "filter_test": self.filter_test}
+                "ping_daemon": self.ping_daemon, "filter_show": self.filter_show, "filter_test": self.filter_test,
+                "ssh_hosts": self.ssh_hosts}
 
     async def status(self, _: dict[str, Any]) -> Status:
         return Status(node=await self.node(), peers=await self._peers(), drops=dict(self.device.drops + self.datapath.drops),
@@ -128,6 +133,13 @@ class ControlApi:
     async def probe(self, request: dict[str, Any]) -> ProbeResult:
         session = await self.mesh.ask(FindSession(str(request.get("peer", ""))))
         return await session.ask(ProbeNow())  # type: ignore[no-any-return]
+
+    async def ssh_hosts(self, _: dict[str, Any]) -> SshHosts:
+        if self.ssh_directory is None or self.coordinator is None:
+            raise ValueError("a static mesh has no signed SSH endpoint records, so no verified sshd host keys")
+        me: Identity = await self.identity.ask(WhoAmI())
+        return SshHosts(network=self.coordinator.state.network.network,
+                        hosts=self.ssh_directory.ssh_hosts(base64.b64decode(me.wireguard_public_key)))
 
     async def down(self, _: dict[str, Any]) -> str:
         self.shutdown("down requested")

@@ -51,7 +51,7 @@ from .coordinator_client import CoordinatorClient, peer_spec
 from .datapath import DataPath
 from .edges import UdpBind, UdpError
 from .filter import FilterInputs, snapshot_inputs
-from .links import RelayConnection, RelayPool, SshServer, Transports
+from .links import PeerMapDirectory, RelayConnection, RelayPool, SshServer, Transports
 from .messages import PeerSpec, SyncFilter, SyncRelays
 from .node import Addresses, Node
 from .runtime import Actor, Leftovers
@@ -215,6 +215,7 @@ class TransportSetup:
     relay_served: Relay | None = None  # what relay_service serves, for status
     own_relay: tuple[str, str] | None = None  # where this node reaches its own relay (loopback), its id
     on_map_changed: list[Callable[[], None]] = field(default_factory=list)
+    directory: PeerMapDirectory | None = None  # the members' verified SSH endpoints (coordinator mode)
 
 
 async def _start_transports(
@@ -231,8 +232,6 @@ async def _start_transports(
     from tunnelmesh.links.relay import RelayClient
     from tunnelmesh.links.ssh import SshRung, load_or_create_host_key
 
-    from .links import PeerMapDirectory
-
     transports_config = config.transports
     wanted = {rung for choice in (transports_config.default, *transports_config.peers.values())
               for rung in choice.enabled}
@@ -241,20 +240,26 @@ async def _start_transports(
     if "relay" in wanted:
         transports.relay = RelayClient(state.url, identity, state.network.network, datapath, ca_file=_ca_file(config),
                                        tls_fingerprint=_tls_fingerprint(config), clock=datapath.clock)
+    # Every member's SSH endpoint record verified as soon as it is served (for the SSH rung and
+    # `tunnelmesh ssh-config`), so an older one served later is refused.
+    directory = setup.directory = PeerMapDirectory(current_map, datapath.clock)
+    directory.check_all()
+    setup.on_map_changed.append(directory.check_all)
+    sshd_host_keys = _sshd_host_keys(config)
     if "ssh" not in wanted:
+        if sshd_host_keys:  # attested for `ssh <this node>` alone: no SSH rung to offer
+            setup.ssh_record = await make_attestation(identity, port=None, host_key=None, bridge=None,
+                                                        issued=int(datapath.clock.wall()), sshd_host_keys=sshd_host_keys)
         return
     port = transports_config.ssh_port or None
     try:
         host_key = load_or_create_host_key(paths.ssh_host_key) if port is not None else None
-        directory = PeerMapDirectory(current_map, datapath.clock)
         rung = SshRung(identity=identity, host_key=host_key, port=port, directory=directory, sink=datapath,
                        clock=datapath.clock)
         await rung.start()
     except LinkError as exc:
         raise StartupError(f"SSH rung: {exc} ([transports] ssh_port in {config.path})") from None
     transports.ssh = rung
-    directory.check_all()  # every SSH endpoint record seen, so an older one served later is refused
-    setup.on_map_changed.append(directory.check_all)
     bridge = None
     if transports_config.ssh_bridge_user is not None:
         user = transports_config.ssh_bridge_user
@@ -279,9 +284,38 @@ async def _start_transports(
         authorize_members()
         setup.on_map_changed.append(authorize_members)
     host_key_line = " ".join(host_key.export_public_key("openssh").decode().split()[:2]) if host_key else None
-    if port is not None or bridge is not None:
+    if port is not None or bridge is not None or sshd_host_keys:
         setup.ssh_record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge,
-                                                    issued=int(datapath.clock.wall()))  # its epoch: newer records win
+                                                    issued=int(datapath.clock.wall()),  # its epoch: newer records win
+                                                    sshd_host_keys=sshd_host_keys)
+
+
+#: Where the machine's sshd keeps its host keys, unless [transports] sshd_host_keys says.
+SSHD_HOST_KEYS = "/etc/ssh/ssh_host_*_key.pub"
+
+
+def _sshd_host_keys(config: NodeConfig) -> tuple[str, ...]:
+    """The machine sshd's host keys this node attests (for `tunnelmesh ssh-config` on the
+    others): the configured files, where one that cannot be read is a start-up error, or
+    else those of SSHD_HOST_KEYS, where a key peers would refuse (DSA) is left out."""
+    from tunnelmesh.links.attest import MAX_SSHD_HOST_KEYS, AttestationError, read_sshd_host_keys
+
+    configured = config.transports.sshd_host_keys
+    if configured is not None:
+        try:
+            keys = read_sshd_host_keys(configured)
+        except AttestationError as exc:
+            raise StartupError(f"{exc} ([transports] sshd_host_keys in {config.path})") from None
+        if len(set(keys)) > MAX_SSHD_HOST_KEYS:
+            raise StartupError(f"[transports] sshd_host_keys: at most {MAX_SSHD_HOST_KEYS} keys ({config.path})")
+        return keys
+    found: list[str] = []
+    for path in sorted(Path("/").glob(SSHD_HOST_KEYS.lstrip("/")))[:MAX_SSHD_HOST_KEYS]:
+        try:
+            found += read_sshd_host_keys([path])
+        except AttestationError as exc:
+            log.info("not attested for ssh-config: %s", exc)
+    return tuple(found)
 
 
 async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state: NetworkState,
@@ -543,7 +577,7 @@ async def _run_claimed(paths: Paths) -> int:
                 transports, node.supervisor))
             setup.on_map_changed.append(lambda: pool.tell_latest(SyncRelays, SyncRelays()))
     api = node.control_api(coordinator=client, serving_coordinator=services.coordinator_address, admitter=admitter,
-                           serving_relay=setup.relay_served,
+                           serving_relay=setup.relay_served, ssh_directory=setup.directory,
                            agent_probe=lambda: probe_agent(identity, needed_for(config)))
     node.add(ControlServer(paths.control_socket, api.handlers(), node.bus))
 

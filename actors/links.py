@@ -33,7 +33,7 @@ from tunnelmesh.links.relay import RelayClient, RelayGuard, relay_url
 from tunnelmesh.links.ssh import SshRung, SshTarget, endpoint_targets
 from tunnelmesh.membership import MapSnapshot
 
-from .messages import SyncRelays
+from .messages import SshHost, SyncRelays
 from .runtime import Actor
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ class PeerMapDirectory:
         self._indexed: MapSnapshot | None = None  # the snapshot _by_ssh_key was made from
         self._verified: dict[bytes, tuple[str, SshEndpoint | None]] = {}  # wg key -> (record JSON, result)
         self._newest = NewestAttestations()  # an older record than one seen is a replay
+        self._refused: dict[bytes, str] = {}  # wg key -> why its current record was refused
 
     def member_by_ssh_key(self, ssh_public_key: str) -> bytes | None:
         snapshot = self.current()
@@ -97,8 +98,33 @@ class PeerMapDirectory:
         except AttestationError as exc:
             log.warning("%s: SSH endpoint record refused: %s", member.name, exc)
             verified = None
+            self._refused[wg_key] = str(exc)
         self._verified[wg_key] = (record, verified)
         return verified
+
+    def ssh_hosts(self, own_wg_key: bytes) -> tuple[SshHost, ...]:
+        """Every other member's sshd host keys, as `tunnelmesh ssh-config` writes them: only
+        those its identity signed in its newest record (the refused ones say why)."""
+        snapshot = self.current()
+        hosts = []
+        for wg_key, member in snapshot.members.items():
+            if wg_key == own_wg_key:
+                continue
+            endpoint = self._endpoint(snapshot, wg_key)
+            keys = endpoint.sshd_host_keys if endpoint is not None else ()
+            if keys:
+                why = None
+            elif endpoint is not None:
+                why = "its daemon attests no sshd host keys ([transports] sshd_host_keys)"
+            elif wg_key in snapshot.endpoints and snapshot.endpoints[wg_key].ssh is not None:
+                why = f"its SSH endpoint record was refused: {self._refused.get(wg_key, 'see the log')}"
+            else:
+                why = "it registered no SSH endpoint record (not connected, or no sshd host keys)"
+            identity_key = " ".join(member.identity.ssh_public_key.split()[:2])
+            hosts.append(SshHost(name=member.name, mesh_ip=str(member.ipv4), mesh_ipv6=str(member.ipv6),
+                                 fingerprint=member.identity.fingerprint, host_keys=keys,
+                                 identity_is_host_key=identity_key in keys, why_none=why))
+        return tuple(sorted(hosts, key=lambda host: host.name))
 
     def check_all(self) -> None:
         """Verify every member's SSH endpoint record now (after each map change), not only

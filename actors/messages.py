@@ -313,6 +313,29 @@ class PeerStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class SshHost:
+    """One other member's sshd, for `tunnelmesh ssh-config`."""
+
+    name: str
+    mesh_ip: str
+    mesh_ipv6: str | None
+    fingerprint: str  # of its identity
+    #: "<type> <base64>", signed by its identity in its newest SSH endpoint record; empty: none
+    host_keys: tuple[str, ...]
+    identity_is_host_key: bool  # its identity is one of them (the machine's host key)
+    why_none: str | None  # why host_keys is empty
+
+
+@dataclass(frozen=True, slots=True)
+class SshHosts:
+    """The reply to `ssh_hosts`: the daemon's verified view of the members' sshd host keys."""
+
+    network: str
+    hosts: tuple[SshHost, ...]
+    control_version: int = CONTROL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
 class Peers:
     """The reply to `peers`."""
 

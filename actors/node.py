@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from .admitter import Admitter
     from .coordinator_client import CoordinatorClient
+    from .links import PeerMapDirectory
     from .messages import AgentStatus
 
 A = TypeVar("A", bound=Actor)
@@ -160,6 +161,7 @@ class Node:
     def control_api(
         self, *, coordinator: CoordinatorClient | None = None, serving_coordinator: str | None = None,
         admitter: Admitter | None = None, serving_relay: Relay | None = None,
+        ssh_directory: PeerMapDirectory | None = None,
         agent_probe: Callable[[], Awaitable[AgentStatus | None]] | None = None,
     ) -> ControlApi:
         """What the control commands answer, for the control socket (or a test, in-process)."""
@@ -171,7 +173,7 @@ class Node:
             actors=self.supervisor.stats,
             transports=self.parts.transports, coordinator=coordinator, serving_coordinator=serving_coordinator,
             admitter=admitter, serving_relay=serving_relay, packet_filter=self.filter,
-            identity_source=self.identity.identity.origin, agent_probe=agent_probe,
+            ssh_directory=ssh_directory, identity_source=self.identity.identity.origin, agent_probe=agent_probe,
         )
 
     def shutdown(self, reason: str, exit_code: int = 0) -> None:

@@ -1,7 +1,7 @@
 """The CLI's side of the control socket (docs/control.md; the server is actors/control.py).
 
 `request` sends one command and returns its raw JSON result; `status`, `peers`, `ping`,
-`filter_show`, `filter_test` and `events` return the schema's dataclasses (actors/messages.py), after checking that
+`filter_show`, `filter_test`, `ssh_hosts` and `events` return the schema's dataclasses (actors/messages.py), after checking that
 the daemon speaks this client's CONTROL_VERSION.
 """
 
@@ -17,6 +17,7 @@ from actors.messages import (
     CONTROL_VERSION, ControlSchemaError, Event, FilterRules, FilterVerdict, Peers, PingResult, Status, Subscribed,
     from_json,
 )
+from actors.messages import SshHosts
 
 T = TypeVar("T")
 
@@ -75,6 +76,10 @@ def filter_show(path: Path) -> FilterRules:
 def filter_test(path: Path, peer: str, proto: str, port: int | None) -> FilterVerdict:
     fields: dict[str, Any] = {"peer": peer, "proto": proto} | ({"port": port} if port is not None else {})
     return _versioned(FilterVerdict, request(path, "filter_test", **fields))
+
+
+def ssh_hosts(path: Path) -> SshHosts:
+    return _versioned(SshHosts, request(path, "ssh_hosts"))
 
 
 def events(path: Path) -> Iterator[Event]:

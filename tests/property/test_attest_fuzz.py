@@ -42,10 +42,18 @@ def host_keys() -> tuple[str, str]:
 
 
 @functools.cache
+def sshd_keys() -> tuple[str, ...]:
+    """The machine sshd's keys, as a node reads them: one of each type OpenSSH makes."""
+    return tuple(sorted([host_keys()[1], public_key_text(asyncssh.generate_private_key("ssh-ed25519")),
+                         public_key_text(asyncssh.generate_private_key("ssh-rsa", key_size=2048))]))
+
+
+@functools.cache
 def signed() -> dict[str, Any]:
     daemon_key, sshd_key = host_keys()
     bridge = BridgeEndpoint(22, "tunnelmesh", sshd_key)
-    return asyncio.run(make_attestation(nodes()[0], port=2222, host_key=daemon_key, bridge=bridge, issued=ISSUED))
+    return asyncio.run(make_attestation(nodes()[0], port=2222, host_key=daemon_key, bridge=bridge, issued=ISSUED,
+                                        sshd_host_keys=reversed(sshd_keys())))  # made sorted
 
 
 def refused(wire: Any) -> str:
@@ -57,7 +65,7 @@ def refused(wire: Any) -> str:
 def test_round_trip_and_bound_to_the_signer() -> None:
     daemon_key, sshd_key = host_keys()
     assert verify_attestation(signed(), nodes()[0].public) == SshEndpoint(
-        2222, daemon_key, BridgeEndpoint(22, "tunnelmesh", sshd_key), ISSUED
+        2222, daemon_key, BridgeEndpoint(22, "tunnelmesh", sshd_key), ISSUED, sshd_keys()
     )
     with pytest.raises(AttestationError, match="does not verify|another key"):
         verify_attestation(signed(), nodes()[1].public)
@@ -84,7 +92,17 @@ def test_serving_nothing_is_a_valid_record() -> None:
         (lambda w: w.update(issued=True), "issued must be"),
         (lambda w: w.update(issued=str(ISSUED)), "issued must be"),
         (lambda w: w.update(issued=-1), "issued must be"),
-        (lambda w: w.pop("issued"), "without an issue time"),
+        (lambda w: [w.pop("issued"), w.pop("sshd_host_keys")], "without an issue time"),
+        (lambda w: w.pop("sshd_host_keys"), "without sshd_host_keys"),
+        (lambda w: w.pop("issued"), "exactly"),
+        (lambda w: w.update(sshd_host_keys=w["sshd_host_keys"][::-1]), "sorted"),
+        (lambda w: w.update(sshd_host_keys=w["sshd_host_keys"][:1] * 2), "without repeats"),
+        (lambda w: w.update(sshd_host_keys=w["sshd_host_keys"][1:]), "does not verify"),
+        (lambda w: w.update(sshd_host_keys=sorted(w["sshd_host_keys"] + [public_key_text(
+            asyncssh.generate_private_key("ssh-ed25519"))])), "does not verify"),
+        (lambda w: w.update(sshd_host_keys=[w["sshd_host_keys"][0] + "\nHost *"]), "'<type> <base64>'"),
+        (lambda w: w.update(sshd_host_keys=w["sshd_host_keys"][0]), "must be a list"),
+        (lambda w: w.update(sshd_host_keys=[w["host_key"]] * 7), "at most 6"),
     ],
 )
 def test_refusals_say_why(change: Any, message: str) -> None:
@@ -112,12 +130,14 @@ def test_any_json_only_attestation_error(wire: Any) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(["port", "host_key", "bridge", "issued", "sig", "bridge.port", "bridge.user", "bridge.host_key"]),
+@given(st.sampled_from(["port", "host_key", "bridge", "sshd_host_keys", "issued", "sig", "bridge.port", "bridge.user",
+                        "bridge.host_key", "sshd_host_keys.0", "sshd_host_keys.2"]),
        json_values)
 def test_no_field_replacement_verifies(field: str, value: Any) -> None:
     wire = copy.deepcopy(signed())
     if "." in field:
-        wire["bridge"][field.split(".")[1]] = value
+        table, key = field.split(".")
+        wire[table][int(key) if key.isdigit() else key] = value
     else:
         wire[field] = value
     if wire != signed():

@@ -30,6 +30,7 @@ from .network import (
     cmd_revoke, cmd_rotate_secret,
 )
 from .policy import cmd_filter_show, cmd_filter_test, cmd_policy_edit, cmd_policy_set, cmd_policy_show
+from .ssh_config import cmd_ssh_config
 from .keys import add_parser as _add_keys_parser
 from .wg_export import cmd_wg_export
 
@@ -239,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", metavar="WG_KEY", help="(forced command) the WireGuard key of the member sshd authenticated")
     p.add_argument("--socket", help="(forced command) the daemon's bridge socket (default <state-dir>/bridge.sock)")
     p.set_defaults(func=cmd_ssh_bridge)
+
+    p = sub.add_parser(
+        "ssh-config", help="write known_hosts and an ssh_config snippet: `ssh <peer>` with verified host keys",
+        description="From the running daemon: each member's sshd host keys that its identity signed, into a "
+                    "known_hosts file, and an ssh_config snippet with a Host block per member (its mesh address, "
+                    "StrictHostKeyChecking yes). Prints the Include line to add to ~/.ssh/config (docs/exports.md).",
+    )
+    p.add_argument("--out", metavar="DIR", help="where to write them (default: ssh/ beside the config, "
+                                                "/etc/tunnelmesh/ssh)")
+    p.add_argument("--json", action="store_true", help="print what would be written, as JSON; write nothing")
+    p.set_defaults(func=cmd_ssh_config)
 
     p = sub.add_parser("version", help="print the version")
     p.add_argument("--json", action="store_true", help="the software's and the control API's versions as JSON")

@@ -58,7 +58,7 @@ MAX_CONFIG_BYTES = 1 << 20
 TOP_KEYS = ("node", "peers", "coordinator", "transports", "filter")
 COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert", "tls_key")
 TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
-                  "relay_url", "peers")
+                  "relay_url", "peers", "sshd_host_keys")
 PEER_TRANSPORT_KEYS = ("rungs", "force")
 NODE_KEYS = (
     "name",
@@ -402,8 +402,16 @@ class _Checker:
                              "transports", "ssh_bridge_user")
         bridge_port = self.get_int(table, "ssh_bridge_port", what, "transports", default=22, lo=1, hi=65535)
         relay_listen, relay_url = self.relay_service(table, what, coordinator)
+        sshd_host_keys = table.get("sshd_host_keys")
+        if sshd_host_keys is not None and (not isinstance(sshd_host_keys, list)
+                                           or not all(isinstance(path, str) for path in sshd_host_keys)):
+            raise self.error(f"{what}: sshd_host_keys must be a list of public key files, e.g. "
+                             '["/etc/ssh/ssh_host_ed25519_key.pub"]', "transports", "sshd_host_keys")
         return TransportsConfig(default=default, peers=peers, ssh_port=ssh_port, ssh_bridge_user=bridge_user,
-                                ssh_bridge_port=bridge_port, relay_listen=relay_listen, relay_url=relay_url)
+                                ssh_bridge_port=bridge_port, relay_listen=relay_listen, relay_url=relay_url,
+                                sshd_host_keys=None if sshd_host_keys is None else tuple(
+                                    self.to_path(path, f"{what}: sshd_host_keys", "transports", "sshd_host_keys")
+                                    for path in sshd_host_keys))
 
     def relay_service(self, table: Mapping[str, Any], what: str, coordinator: CoordinatorConfig | None
                       ) -> tuple[tuple[str, int] | None, str | None]:

@@ -127,6 +127,9 @@ class TransportsConfig:
     #: The account of the forced-command bridge behind this machine's sshd, if set up.
     ssh_bridge_user: str | None = None
     ssh_bridge_port: int = 22
+    #: The machine sshd's host public keys the node attests for `tunnelmesh ssh-config`;
+    #: None: every /etc/ssh/ssh_host_*_key.pub (of a type peers accept).
+    sshd_host_keys: tuple[Path, ...] | None = None
     #: Serve a WebSocket relay for the other members here (relay = true), or None.
     relay_listen: tuple[str, int] | None = None
     #: How members reach it, if not http://<address the coordinator sees>:<port>.

@@ -24,8 +24,9 @@ from tunnelmesh.membership import (JOIN_NAMESPACE, MembershipError, NetworkInfo,
 from .guards import Refused
 from .store import MemberRow
 
-#: The largest "ssh" object a member may register (serialized compactly).
-MAX_SSH_OFFER = 2048
+#: The largest "ssh" object a member may register (serialized compactly): an RSA identity's
+#: signature and the sshd's three host keys (one RSA) take about 2500.
+MAX_SSH_OFFER = 8192
 
 
 #: Parsing an identity line verifies its attestation; members sign every request.

@@ -10,13 +10,17 @@ Wire form (a JSON object, exactly these keys)::
      "host_key": "ssh-ed25519 AAAA..." | null, # its host key (both null or both set)
      "bridge": null | {"port": 22, "user": "tunnelmesh",
                        "host_key": "ssh-ed25519 AAAA..."},  # the machine's sshd
+     "sshd_host_keys": ["ecdsa-sha2-nistp256 AAAA...", "ssh-ed25519 AAAA..."],
+                        # every host key of the machine's sshd (sorted, no repeats, at most
+                        # MAX_SSHD_HOST_KEYS; may be empty): what `tunnelmesh ssh-config`
+                        # writes into known_hosts for `ssh <node>`
      "issued": 1767225600,                     # when the node made it (Unix seconds)
      "sig": "<standard base64 of an SSHSIG blob>"}
 
 The signature is `NodeIdentity.sign` in namespace SIGN_NAMESPACE over::
 
-    b"tunnelmesh ssh endpoint v2\\x00" || wg_public_key (32 bytes)
-        || canonical JSON of {"bridge", "host_key", "issued", "port"}
+    b"tunnelmesh ssh endpoint v3\\x00" || wg_public_key (32 bytes)
+        || canonical JSON of {"bridge", "host_key", "issued", "port", "sshd_host_keys"}
            (sorted keys, no spaces, ASCII)
 
 so the record is bound to the node's WireGuard key as well as to its SSH key, and
@@ -27,7 +31,8 @@ host key comes with a restart), and whoever keeps a member's endpoint keeps the 
 it has seen (`NewestAttestations`) and refuses an older one. Else the coordinator, or
 anyone on the path to it, could serve an old record after a host-key change, and nodes
 would accept the old host key again. Records without `issued` (tunnelmesh before it)
-are refused, saying so: every node of a network is upgraded together.
+are refused, saying so, and so are records without `sshd_host_keys` (v2): every node of
+a network is upgraded together.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ import binascii
 import json
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -50,12 +57,14 @@ __all__ = [
     "NewestAttestations",
     "SIGN_NAMESPACE",
     "SshEndpoint",
+    "check_host_key",
     "make_attestation",
+    "read_sshd_host_keys",
     "verify_attestation",
 ]
 
 SIGN_NAMESPACE = "tunnelmesh-ssh-endpoint-v1@tunnelmesh"
-_PREFIX = b"tunnelmesh ssh endpoint v2\x00"  # v1 had no `issued`
+_PREFIX = b"tunnelmesh ssh endpoint v3\x00"  # v1 had no `issued`, v2 no `sshd_host_keys`
 
 # Host keys need not sign deterministically (unlike identities), so ECDSA is fine here.
 _HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "ssh-rsa")
@@ -63,8 +72,12 @@ _HOST_KEY = re.compile(r"([a-z0-9-]+) ([A-Za-z0-9+/]+={0,2})")
 MAX_HOST_KEY = 4096  # characters: a 16384-bit RSA key is under 3000
 MAX_SIG = 12000  # characters of base64: an RSA-16384 SSHSIG is under 6000
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # what useradd accepts by default
-_KEYS = {"port", "host_key", "bridge", "issued", "sig"}
+_KEYS = {"port", "host_key", "bridge", "sshd_host_keys", "issued", "sig"}
+_V2_KEYS = {"port", "host_key", "bridge", "issued", "sig"}
 _V1_KEYS = {"port", "host_key", "bridge", "sig"}
+#: Host keys of the machine's sshd a record may name: OpenSSH makes three types, and the
+#: record must fit the coordinator's bound on it (MAX_SSH_OFFER).
+MAX_SSHD_HOST_KEYS = 6
 _BRIDGE_KEYS = {"port", "user", "host_key"}
 #: `issued` in Unix seconds: after 2001, and a JSON integer any parser keeps exactly.
 MIN_ISSUED = 1_000_000_000
@@ -95,6 +108,8 @@ class SshEndpoint:
     host_key: str | None
     bridge: BridgeEndpoint | None
     issued: int = 0  # when the node made the record (Unix seconds): newer ones win
+    #: Every host key of the machine's sshd, "<type> <base64>", sorted: for `ssh <node>`.
+    sshd_host_keys: tuple[str, ...] = ()
 
 
 def _port(value: Any, what: str) -> int:
@@ -103,8 +118,9 @@ def _port(value: Any, what: str) -> int:
     return value
 
 
-def _host_key(value: Any, what: str) -> str:
-    """A public key in "<type> <base64>" form, parsed, in its one canonical spelling."""
+def check_host_key(value: Any, what: str) -> str:
+    """A public key in "<type> <base64>" form, parsed, in its one canonical spelling;
+    AttestationError naming `what` if it is not."""
     if not isinstance(value, str) or len(value) > MAX_HOST_KEY:
         raise AttestationError(f"malformed SSH endpoint: {what} must be an SSH public key")
     match = _HOST_KEY.fullmatch(value)
@@ -133,16 +149,30 @@ def _bridge(value: Any) -> BridgeEndpoint | None:
     user = value["user"]
     if not isinstance(user, str) or _USER.fullmatch(user) is None:
         raise AttestationError("malformed SSH endpoint: bridge user is not a valid account name")
-    return BridgeEndpoint(_port(value["port"], "bridge port"), user, _host_key(value["host_key"], "bridge host key"))
+    return BridgeEndpoint(_port(value["port"], "bridge port"), user, check_host_key(value["host_key"], "bridge host key"))
+
+
+def _sshd_host_keys(value: Any) -> tuple[str, ...]:
+    """The machine sshd's host keys: a list of distinct keys in sorted order (one signed spelling)."""
+    if not isinstance(value, list) or len(value) > MAX_SSHD_HOST_KEYS:
+        raise AttestationError(f"malformed SSH endpoint: sshd_host_keys must be a list of at most "
+                               f"{MAX_SSHD_HOST_KEYS} SSH public keys")
+    keys = tuple(check_host_key(key, "an sshd host key") for key in value)
+    if list(keys) != sorted(set(keys)):
+        raise AttestationError("malformed SSH endpoint: sshd_host_keys must be sorted, without repeats")
+    return keys
 
 
 def _parse(wire: Any) -> tuple[SshEndpoint, bytes]:
     if isinstance(wire, dict) and set(wire) == _V1_KEYS:
         raise AttestationError("SSH endpoint without an issue time (made by an older tunnelmesh) refused: "
                                "an old record could be replayed after a host-key change; upgrade that node")
+    if isinstance(wire, dict) and set(wire) == _V2_KEYS:
+        raise AttestationError("SSH endpoint without sshd_host_keys (made by an older tunnelmesh) refused: "
+                               "upgrade that node")
     if not isinstance(wire, dict) or set(wire) != _KEYS:
-        raise AttestationError(
-            "malformed SSH endpoint: expected an object with exactly port, host_key, bridge, issued, sig")
+        raise AttestationError("malformed SSH endpoint: expected an object with exactly port, host_key, bridge, "
+                               "sshd_host_keys, issued, sig")
     port, host_key, issued = wire["port"], wire["host_key"], wire["issued"]
     if (port is None) != (host_key is None):
         raise AttestationError("malformed SSH endpoint: port and host_key must both be set or both be null")
@@ -150,9 +180,10 @@ def _parse(wire: Any) -> tuple[SshEndpoint, bytes]:
         raise AttestationError("malformed SSH endpoint: issued must be a time in Unix seconds")
     endpoint = SshEndpoint(
         None if port is None else _port(port, "port"),
-        None if host_key is None else _host_key(host_key, "host key"),
+        None if host_key is None else check_host_key(host_key, "host key"),
         _bridge(wire["bridge"]),
         issued,
+        _sshd_host_keys(wire["sshd_host_keys"]),
     )
     sig = wire["sig"]
     if not isinstance(sig, str) or len(sig) > MAX_SIG:
@@ -176,6 +207,7 @@ def _signed_message(wg_public_key: bytes, endpoint: SshEndpoint) -> bytes:
         "port": endpoint.port,
         "host_key": endpoint.host_key,
         "bridge": _bridge_wire(bridge),
+        "sshd_host_keys": list(endpoint.sshd_host_keys),
         "issued": endpoint.issued,
     }
     return _PREFIX + wg_public_key + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
@@ -199,7 +231,8 @@ def verify_attestation(wire: Any, identity: PublicIdentity) -> SshEndpoint:
 
 
 async def make_attestation(
-    identity: NodeIdentity, *, port: int | None, host_key: str | None, bridge: BridgeEndpoint | None, issued: int
+    identity: NodeIdentity, *, port: int | None, host_key: str | None, bridge: BridgeEndpoint | None, issued: int,
+    sshd_host_keys: Iterable[str] = (),
 ) -> dict[str, Any]:
     """The signed wire form, made at `issued` (Unix seconds: now, for a starting daemon);
     AttestationError if the fields would not verify."""
@@ -207,6 +240,7 @@ async def make_attestation(
         "port": port,
         "host_key": host_key,
         "bridge": _bridge_wire(bridge),
+        "sshd_host_keys": sorted(set(sshd_host_keys)),
         "issued": issued,
         "sig": "",
     }
@@ -214,6 +248,23 @@ async def make_attestation(
     sig = await identity.sign(_signed_message(identity.public.wg_public_key, endpoint), SIGN_NAMESPACE)
     wire["sig"] = base64.b64encode(sig).decode("ascii")
     return wire
+
+
+def read_sshd_host_keys(paths: Iterable[Path]) -> tuple[str, ...]:
+    """The public keys in `paths` (OpenSSH .pub files: "<type> <base64> [comment]"), each
+    checked as a peer will check it, for `make_attestation`; AttestationError naming the
+    file that cannot be read or holds no usable key."""
+    keys = []
+    for path in paths:
+        try:
+            words = path.read_text(encoding="ascii", errors="replace").split()
+        except OSError as exc:
+            raise AttestationError(f"sshd host key {path}: {exc.strerror}") from None
+        try:
+            keys.append(check_host_key(" ".join(words[:2]), f"sshd host key {path}"))
+        except AttestationError as exc:
+            raise AttestationError(str(exc).removeprefix("malformed SSH endpoint: ")) from None
+    return tuple(keys)
 
 
 def _when(issued: int) -> str:

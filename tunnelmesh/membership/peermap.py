@@ -62,7 +62,7 @@ class Endpoints:
         return wire
 
 
-MAX_SSH_ATTESTATION = 2048  # bytes of JSON, as the coordinator caps it
+MAX_SSH_ATTESTATION = 8192  # bytes of JSON, as the coordinator caps it (MAX_SSH_OFFER)
 
 
 def parse_endpoints(value: Any) -> Endpoints:
