@@ -8,7 +8,9 @@
 The admin runs `tunnelmesh wg-export phone --via b`; the phone's interface is set up
 from the printed wg-quick config the way `wg-quick` does (`wg setconf` with the
 wg-quick-only lines taken out, the Address on the interface, a route per AllowedIPs),
-and pings b's mesh address through it. b reports the device as a peer without an SSH
+and pings b's mesh address through it: first under a network policy that allows only a
+and b (b's packet filter drops the device's pings while its session is up), then under
+one that allows the device by name. b reports the device as a peer without an SSH
 identity; a, which does not serve it, has no session with it. Then `tunnelmesh revoke
 phone` on the admin cuts it off: its pings stop within REVOKED_WITHIN.
 """
@@ -35,6 +37,17 @@ pytestmark = pytest.mark.e2e
 REVOKED_WITHIN = 20.0
 #: How long the device may take to reach b at first (the map reaches b, then a handshake).
 REACHES_WITHIN = 30.0
+#: The network policies: the members only, then the device too (docs/filter.md).
+MEMBERS_ONLY = '''[[allow]]
+from = ["a", "b"]
+proto = "any"
+'''
+WITH_PHONE = MEMBERS_ONLY + '''
+[[allow]]
+from = "phone"
+to = "b"
+proto = "icmp"
+'''
 #: wg-quick's own lines, which `wg setconf` does not take (`wg-quick strip` drops them).
 WG_QUICK_ONLY = ("Address", "DNS", "MTU", "Table", "PreUp", "PostUp", "PreDown", "PostDown", "SaveConfig")
 
@@ -92,7 +105,7 @@ def peers_of(member: MeshNode) -> dict[str, dict]:
 
 
 def test_a_wireguard_go_device_from_wg_export_reaches_its_node_until_revoked(wg_tools, lab, request):  # noqa: F811
-    mesh = build_network(lab, ["a", "b"])
+    mesh = build_network(lab, ["a", "b"], policy=MEMBERS_ONLY)
     a, b = mesh["a"], mesh["b"]
     phone = lab.add_node("phone")
     lab.connect(phone, lab.switches["sw"])
@@ -109,14 +122,26 @@ def test_a_wireguard_go_device_from_wg_export_reaches_its_node_until_revoked(wg_
     def details() -> str:
         return f"config:\n{config}\n{diagnostics(mesh)}\n{device.diagnostics()}"
 
+    # Under a policy that does not name it: the session comes up, b's filter drops the pings.
+    deadline = time.monotonic() + REACHES_WITHIN
+    while peers_of(b).get("phone", {}).get("state") != "up":
+        assert not ping_once(phone, b.mesh_ip), f"the device reached b under a policy that does not allow it\n{details()}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"no session between the device and b within {REACHES_WITHIN:g} s\n{details()}", pytrace=False)
+    assert not any(ping_once(phone, b.mesh_ip) for _ in range(3)), f"allowed without a rule\n{details()}"
+
+    policy = Path(a.node.state_dir) / "with-phone.toml"
+    policy.write_text(WITH_PHONE)
+    a.tm("policy", "set", str(policy))
     deadline = time.monotonic() + REACHES_WITHIN
     while not ping_once(phone, b.mesh_ip):
         if time.monotonic() > deadline:
-            pytest.fail(f"the device did not reach b within {REACHES_WITHIN:g} s\n{details()}", pytrace=False)
+            pytest.fail(f"the device did not reach b within {REACHES_WITHIN:g} s of the policy allowing it\n{details()}",
+                        pytrace=False)
     served = peers_of(b).get("phone")
     assert served is not None and served["state"] == "up" and served["fingerprint"] is None, f"{served}\n{details()}"
     assert "phone" not in peers_of(a), f"a, which does not serve the device, has a session with it\n{details()}"
-    # b answers in the tunnel too (not only the device's own pings).
+    # b's own pings to the device are its own connections: the filter lets them and their answers by.
     assert b.node.run("ping", "-n", "-c", "2", "-W", "2", exported["ipv4"], check=False).returncode == 0, details()
 
     a.tm("revoke", "phone")
