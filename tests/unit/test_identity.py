@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tests.conftest import unavailable
 from tests.support.rsa import attested_line, rsa_key_with_exponent
+from tests.support.ssh_agent import Agent, keygen, openssh_fingerprint, require_openssh, running_agent
 from tunnelmesh.identity import (
     ATTEST_NAMESPACE,
     ATTEST_PREFIX,
@@ -52,9 +53,7 @@ from tunnelmesh.identity import (
 def openssh_tools() -> None:
     """Checked before the session-wide keys: this module's keys come from ssh-keygen, its
     agents are real ssh-agents."""
-    missing = [tool for tool in ("ssh-keygen", "ssh-agent", "ssh-add") if shutil.which(tool) is None]
-    if missing:
-        unavailable(f"needs OpenSSH's {', '.join(missing)} (run tools/setup.sh)")
+    require_openssh()
 
 
 T = TypeVar("T")
@@ -89,16 +88,6 @@ class Keys:
     rsa_1024: Path
     ed25519_other: Path
     passphrase_file: Path
-
-
-def keygen(path: Path, *args: str, passphrase: str = "") -> Path:
-    # -a 4: few bcrypt rounds, so passphrase tests stay fast (the format is the same).
-    subprocess.run(
-        ["ssh-keygen", "-q", "-a", "4", "-N", passphrase, "-C", "test", "-f", str(path), *args],
-        check=True,
-        stdin=subprocess.DEVNULL,
-    )
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -141,57 +130,13 @@ def pub_line(key: Path) -> str:
     return f"{kind} {b64}"
 
 
-def openssh_fingerprint(pub: Path) -> str:
-    return subprocess.run(
-        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(pub)], check=True, capture_output=True, text=True
-    ).stdout.split()[1]
-
-
 # --- a real ssh-agent -------------------------------------------------------------------
-
-
-@dataclass
-class Agent:
-    sock: str
-    proc: subprocess.Popen[bytes]
-
-    def add(self, key: Path, *options: str) -> None:
-        subprocess.run(
-            ["ssh-add", *options, str(key)],
-            check=True,
-            env={"SSH_AUTH_SOCK": self.sock, "PATH": os.environ.get("PATH", "")},
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=5)
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
-    sock = str(tmp_path / "agent.sock")
-    # Clean environment; SSH_ASKPASS=/bin/false makes `ssh-add -c` keys be refused at
-    # once and every time (no display, no prompt), so that refusal is deterministic.
-    proc = subprocess.Popen(
-        ["ssh-agent", "-D", "-a", sock],
-        env={"PATH": "/usr/bin:/bin", "SSH_ASKPASS": "/bin/false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
-    a = Agent(sock, proc)
-    try:
-        deadline = time.monotonic() + 5
-        while not os.path.exists(sock):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("ssh-agent did not start")
-            time.sleep(0.01)
+    with running_agent(str(tmp_path / "agent.sock")) as a:
         yield a
-    finally:
-        a.stop()
 
 
 # --- an independent SSHSIG implementation: OpenSSH's ssh-keygen -Y ------------------------
