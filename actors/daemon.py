@@ -53,6 +53,7 @@ from .edges import UdpBind, UdpError
 from .filter import FilterInputs, snapshot_inputs
 from .links import PeerMapDirectory, RelayConnection, RelayPool, SshServer, Transports
 from .messages import PeerSpec, SyncFilter, SyncRelays
+from .metrics import MetricsEndpoint, start_metrics
 from .node import Addresses, Node
 from .runtime import Actor, Leftovers
 from .tun import TunDevice, TunError
@@ -406,6 +407,7 @@ class Services:
     coordinator: ServedSite | None = None
     coordinator_address: str | None = None  # where the embedded coordinator listens, for status
     transport_setup: TransportSetup = field(default_factory=TransportSetup)
+    metrics: tuple[ServedSite, MetricsEndpoint] | None = None  # [metrics]: the site, and what it serves
 
 
 def _check_state_dir(paths: Paths) -> None:
@@ -495,6 +497,8 @@ async def _start_services(paths: Paths, loaded: Loaded, tun: TunDevice, node: No
         if state is not None:
             await _start_transports(config, paths, loaded.identity, state, current_map, node.datapath, transports,
                                     services.transport_setup)
+        if config.metrics_listen is not None:  # last: nothing after it can fail and leave it open
+            services.metrics = await start_metrics(config, services.coordinator)
     except (TunError, StartupError) as exc:
         if transports.ssh is not None:
             await transports.ssh.close()
@@ -580,6 +584,10 @@ async def _run_claimed(paths: Paths) -> int:
                            serving_relay=setup.relay_served, ssh_directory=setup.directory,
                            agent_probe=lambda: probe_agent(identity, needed_for(config)))
     node.add(ControlServer(paths.control_socket, api.handlers(), node.bus))
+    if services.metrics is not None:
+        metrics_site, metrics = services.metrics
+        metrics.status = lambda: api.status({})  # a scrape is a `status`: the actors answer, the data path pays nothing
+        node.add(metrics_site)
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -419,6 +419,8 @@ class RelayServerStatus:
     peers: dict[str, RelayConnectionStatus]  # by WireGuard public key (base64)
     drops: dict[str, int]
     refusals: dict[str, int]
+    relayed_frames: int = 0  # frames passed on (added within control version 1)
+    relayed_bytes: int = 0  # their WireGuard bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert")
     p.add_argument("--plain-http", action="store_true",
                    help="serve plain HTTP, behind a reverse proxy that terminates TLS")
+    p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at http://ADDR/metrics (IPv4:port or "
+                                                     "[IPv6]:port; no authentication: keep it on loopback or firewalled)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_coordinator)
 

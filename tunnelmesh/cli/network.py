@@ -289,8 +289,14 @@ def cmd_rotate_secret(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
     from tunnelmesh.coordinator.service import run_standalone
     from tunnelmesh.coordinator.store import StoreError
+    from tunnelmesh.fields import FieldError
+    from tunnelmesh.metrics import MetricsError, parse_listen
     from tunnelmesh.tls import TlsError
 
+    try:
+        metrics = parse_listen(args.metrics) if args.metrics is not None else None
+    except FieldError as exc:
+        raise CliError(f"--metrics: {exc}", EXIT_USAGE) from None
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CliError("--tls-cert and --tls-key go together (the certificate and its key)", EXIT_USAGE)
     if args.plain_http and args.tls_cert is not None:
@@ -302,8 +308,9 @@ def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
     try:
         asyncio.run(run_standalone(args.listen, Path(args.db), args.admin, frozenset(args.trusted_proxy),
                                    tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-                                   tls_key=Path(args.tls_key) if args.tls_key else None, plain_http=args.plain_http))
-    except (StoreError, TlsError) as exc:
+                                   tls_key=Path(args.tls_key) if args.tls_key else None, plain_http=args.plain_http,
+                                   metrics=metrics))
+    except (StoreError, TlsError, MetricsError) as exc:
         raise CliError(str(exc), EXIT_FAIL) from None
     except OSError as exc:
         raise CliError(f"cannot listen on {args.listen}: {exc.strerror or exc}", EXIT_FAIL) from None

@@ -55,7 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
 #: Refuse config files larger than this (a config is a few KiB at most).
 MAX_CONFIG_BYTES = 1 << 20
 
-TOP_KEYS = ("node", "peers", "coordinator", "transports", "filter")
+TOP_KEYS = ("node", "peers", "coordinator", "transports", "filter", "metrics")
+METRICS_KEYS = ("listen",)
 COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert", "tls_key")
 TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
                   "relay_url", "peers", "sshd_host_keys")
@@ -445,6 +446,21 @@ class _Checker:
                 raise self.error(f"{what}: relay_url: {exc}", "transports", "relay_url") from None
         return listen, url
 
+    def metrics_listen(self, data: Mapping[str, Any]) -> tuple[str, int] | None:
+        """`[metrics]`: where to serve them (loopback unless `listen` says), or None without the table."""
+        from tunnelmesh.metrics import DEFAULT_METRICS_LISTEN, parse_listen  # lazily: aiohttp and prometheus
+
+        table = self.table(data, "metrics", METRICS_KEYS)
+        if table is None:
+            return None
+        listen = self.get_str(table, "listen", "[metrics]", "metrics")
+        if listen is None:
+            return DEFAULT_METRICS_LISTEN
+        try:
+            return parse_listen(listen)
+        except FieldError as exc:
+            raise self.error(f"[metrics]: listen {exc}", "metrics", "listen") from None
+
     def filter_rules(self, data: Mapping[str, Any]) -> tuple[Rule, ...] | None:
         """The ``[filter]`` table's ``[[filter.allow]]`` rules (docs/filter.md), None without one."""
         if "filter" not in data:
@@ -679,7 +695,7 @@ def parse_config(text: str, *, path: Path, state_dir: Path) -> NodeConfig:
         peers = checker.peers(data, node) if coordinator is None else ()
         transports = checker.transports(data, coordinator)
         return NodeConfig(peers=peers, coordinator=coordinator, transports=transports,
-                          filter_rules=checker.filter_rules(data), **node)
+                          filter_rules=checker.filter_rules(data), metrics_listen=checker.metrics_listen(data), **node)
     except ConfigError:
         raise
     except RecursionError:

@@ -161,6 +161,9 @@ class NodeConfig:
     #: The ``[filter]`` table's allow-rules: what this node accepts on top of the network
     #: policy (docs/filter.md). None: no ``[filter]`` table.
     filter_rules: tuple[Rule, ...] | None = None
+    #: The ``[metrics]`` table: serve Prometheus metrics on this (host, port) (docs/metrics.md).
+    #: None: no ``[metrics]`` table, no metrics served.
+    metrics_listen: tuple[str, int] | None = None
     #: An ssh-agent identity's agent socket (absolute); None: $SSH_AUTH_SOCK.
     agent_socket: Path | None = None
     #: Keep an ssh-agent identity's derived mesh key in the state directory (0600), for

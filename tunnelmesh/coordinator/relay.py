@@ -176,6 +176,8 @@ class Relay:
         self.relay = relay  # this relay's id, which clients sign (links.relay.auth_message)
         self.drops: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
+        self.relayed_frames = 0  # frames passed on to their destination's queue
+        self.relayed_bytes = 0  # their WireGuard bytes (the destination key taken off)
         self._connections: dict[bytes, _Connection] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.clock = clock
@@ -278,7 +280,10 @@ class Relay:
         target = self._connections.get(frame[:KEY_SIZE])
         if target is None:
             self.drops["destination not connected"] += 1
-        elif not target.queue.put(source + memoryview(frame)[KEY_SIZE:]):
+        elif target.queue.put(source + memoryview(frame)[KEY_SIZE:]):
+            self.relayed_frames += 1
+            self.relayed_bytes += len(frame) - KEY_SIZE
+        else:
             self.drops["receiver slow"] += 1
 
     def _kick(self, connection: _Connection, code: int, reason: str) -> None:
@@ -315,6 +320,8 @@ class Relay:
                       for key, c in self._connections.items()},
             "drops": dict(self.drops),
             "refusals": dict(self.refusals),
+            "relayed_frames": self.relayed_frames,
+            "relayed_bytes": self.relayed_bytes,
         }
 
     async def close(self) -> None:

@@ -23,6 +23,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,20 @@ INVITED_LIMIT = 256
 COUNTERSIGN_WAIT = 10.0
 #: How long shutdown waits for requests in flight (long-polls are woken at once).
 SHUTDOWN_TIMEOUT = 2.0
+#: A node counts as connected while its last map request is at most MAX_WAIT + this old.
+CONNECTED_GRACE = 10.0
 
 
 class _Service:
     """The handlers, over one store, with one replay guard and one wake-up for long-polls."""
 
     def __init__(self, store: Store, clock: Callable[[], float], admin_fingerprint: str | None,
-                 trusted_proxies: frozenset[str] = frozenset()) -> None:
+                 trusted_proxies: frozenset[str] = frozenset(), monotonic: Callable[[], float] = time.monotonic
+                 ) -> None:
         self.store = store
         self.clock = clock
+        self.monotonic = monotonic
+        self.polled: dict[str, float] = {}  # member key -> when it last asked for the map (metrics)
         self.admin_fingerprint = admin_fingerprint
         self.trusted_proxies = trusted_proxies
         self.guard = ReplayGuard()
@@ -457,7 +463,8 @@ class _Service:
         return remote
 
     async def map(self, request: web.Request) -> web.Response:
-        await self._member(request)
+        member, _ = await self._member(request)
+        self.polled[member.wg_key] = self.monotonic()
         since = int(bodies.query_number(request, "since", whole=True))
         wait = min(bodies.query_number(request, "wait", whole=False), MAX_WAIT)
         await self._wait_past(since, wait)
@@ -689,6 +696,17 @@ class _Service:
             log.error("relay: cannot check membership of %s: %s", b64(wg_key), exc)
             return None
 
+    def nodes_connected(self) -> int:
+        """Members that asked for the map within MAX_WAIT + CONNECTED_GRACE: a node's client
+        long-polls again as soon as one is answered, and one is held MAX_WAIT at most."""
+        since = self.monotonic() - MAX_WAIT - CONNECTED_GRACE
+        return sum(1 for at in self.polled.values() if at >= since)
+
+    @property
+    def relay_served(self) -> Relay | None:
+        """The relay, once a member has used it."""
+        return self._relay
+
     async def relay(self, request: web.Request) -> web.StreamResponse:
         """GET /relay: made on first use, once the network exists (it never changes after)."""
         if self._relay is None:
@@ -696,7 +714,12 @@ class _Service:
         return await self._relay.handler(request)
 
 
+#: The service behind an app, for what reads its state (tunnelmesh.coordinator.metrics).
+SERVICE = web.AppKey("service", _Service)
+
+
 # --- the rate limit of what anyone may call ----------------------------------------------------
+
 
 def make_app(store: Store, *, clock: Callable[[], float] = time.time,
              admin_fingerprint: str | None = None, trusted_proxies: frozenset[str] = frozenset(),
@@ -706,13 +729,14 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
     proxies in front of it) are taken to come from their X-Forwarded-For address.
     Requests to UNAUTHENTICATED_PATHS go through `limiter` (default: PER_SOURCE_RATE
     under OVERALL_RATE), on the `monotonic` clock."""
-    service = _Service(store, clock, admin_fingerprint, trusted_proxies)
+    service = _Service(store, clock, admin_fingerprint, trusted_proxies, monotonic)
     if limiter is None:
         limiter = RateLimiter(PER_SOURCE_RATE, OVERALL_RATE, max_sources=MAX_SOURCES, now=monotonic())
     # _errors outermost: it words the limiter's 413 like every other error (its 429 is an answer).
     app = web.Application(client_max_size=MAX_BODY,
                           middlewares=[errors(service._client_address), rate_limited(service._client_address, limiter, monotonic)])
     app[RATE_LIMITER] = limiter
+    app[SERVICE] = service
     app[MALFORMED_REQUESTS] = MalformedRequests()
     app.cleanup_ctx.append(service.lifetime)
     app.on_shutdown.append(service.on_shutdown)
@@ -778,22 +802,27 @@ def _standalone_tls(host: str, db: Path, tls_cert: Path | None, tls_key: Path | 
 
 async def run_standalone(listen: str, db: Path, admin_fingerprint: str | None,
                          trusted_proxies: frozenset[str] = frozenset(), *, tls_cert: Path | None = None,
-                         tls_key: Path | None = None, plain_http: bool = False) -> None:
+                         tls_key: Path | None = None, plain_http: bool = False,
+                         metrics: tuple[str, int] | None = None) -> None:
     """`tunnelmesh coordinator`: serve the database at `db` on `listen` until cancelled:
     TLS with `tls_cert`/`tls_key`, or a certificate of its own (made on first start
-    next to `db`); plain HTTP with `plain_http` (behind a TLS-terminating proxy).
-    TlsError for a certificate it cannot use."""
+    next to `db`); plain HTTP with `plain_http` (behind a TLS-terminating proxy); its
+    Prometheus metrics on `metrics` (docs/metrics.md). TlsError for a certificate it
+    cannot use, MetricsError when the metrics' port is taken."""
+    from tunnelmesh.metrics import metrics_url, serve_metrics
+
+    from .metrics import coordinator_source
+
     host, port = _listen_address(listen)
     context = None if plain_http else _standalone_tls(host, db, tls_cert, tls_key)
     store = Store.open(db)
-    try:
-        runner = await serve(make_app(store, admin_fingerprint=admin_fingerprint, trusted_proxies=trusted_proxies),
-                             host, port, context)
-        try:
-            log.info("coordinator listening on %s://%s:%d (database %s)", "http" if context is None else "https",
-                     host, port, db)
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-    finally:
-        store.close()
+    async with AsyncExitStack() as running:
+        running.callback(store.close)
+        app = make_app(store, admin_fingerprint=admin_fingerprint, trusted_proxies=trusted_proxies)
+        running.push_async_callback((await serve(app, host, port, context)).cleanup)
+        if metrics is not None:
+            running.push_async_callback((await serve_metrics(coordinator_source(app), metrics)).cleanup)
+            log.info("coordinator metrics on %s (no authentication)", metrics_url(metrics))
+        log.info("coordinator listening on %s://%s:%d (database %s)", "http" if context is None else "https",
+                 host, port, db)
+        await asyncio.Event().wait()

@@ -1,0 +1,64 @@
+"""The coordinator's Prometheus metrics (docs/metrics.md): members, connected nodes and
+its relay, read from the service's live state at scrape time. Served by the standalone
+coordinator (`tunnelmesh coordinator --metrics ADDR`) and, for the embedded one, on
+the daemon's own metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tunnelmesh.metrics import Source, counter
+
+from .service import CONNECTED_GRACE, MAX_WAIT, SERVICE
+from .store import StoreError
+
+log = logging.getLogger("tunnelmesh.coordinator.metrics")
+
+
+class CoordinatorCollector(Collector):
+    """The metric families of the coordinator app `app` (made by service.make_app)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.service = app[SERVICE]
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        service = self.service
+        try:
+            members = len(service.store.members())
+        except StoreError as exc:  # the scrape goes on without it; the store's trouble is logged
+            log.error("metrics: cannot count the members: %s", exc)
+        else:
+            yield GaugeMetricFamily("tunnelmesh_coordinator_members", "Members of the network (devices included).",
+                                    value=members)
+        yield GaugeMetricFamily("tunnelmesh_coordinator_nodes_connected",
+                                "Members that asked for the peer map in the last "
+                                f"{MAX_WAIT + CONNECTED_GRACE:.0f} s (nodes long-poll it).",
+                                value=service.nodes_connected())
+        relay = service.relay_served
+        if relay is None:
+            return  # made on first use: no connection yet
+        yield GaugeMetricFamily("tunnelmesh_coordinator_relay_connections", "Members connected to the relay.",
+                                value=relay.status()["connections"])
+        yield CounterMetricFamily("tunnelmesh_coordinator_relayed_frames", "Frames the relay passed on.",
+                                  value=relay.relayed_frames)
+        yield CounterMetricFamily("tunnelmesh_coordinator_relayed_bytes", "WireGuard bytes the relay passed on.",
+                                  value=relay.relayed_bytes)
+        yield counter("tunnelmesh_coordinator_relay_drops", "Frames the relay dropped, by reason.",
+                      "reason", relay.drops)
+        yield counter("tunnelmesh_coordinator_relay_refusals", "Relay connections refused, by cause.",
+                      "cause", relay.refusals)
+
+
+def coordinator_source(app: web.Application) -> Source:
+    """What the standalone coordinator's metrics endpoint serves: `app`'s collector."""
+    collector = CoordinatorCollector(app)
+
+    async def collectors() -> list[Collector]:
+        return [collector]
+
+    return collectors
