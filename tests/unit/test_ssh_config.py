@@ -23,11 +23,13 @@ from actors.messages import SshHost, SshHosts
 from tests.conftest import unavailable
 from tests.links import public_key_text
 from tests.support.membership import World, update
-from tunnelmesh.exports.ssh_config import ExportError, include_line, render, write_export
+from tunnelmesh.exports.ssh_config import ExportError, include_line, network_tag, render, write_export
 from tunnelmesh.links.attest import make_attestation
 from tunnelmesh.membership import PeerMap
 
 T0 = 1_767_225_600
+NET = "SHA256:" + base64.b64encode(bytes(range(32))).decode().rstrip("=")  # a network id
+ALIAS = "beta.00010203.tunnelmesh"  # its tag: the id's first 4 bytes in hex
 
 
 class WallClock:
@@ -109,13 +111,13 @@ def host(name: str, keys: tuple[str, ...], *, mesh_ip: str = "10.99.0.2", why: s
 
 
 def test_rendering(tmp_path: Path) -> None:
-    export = render(SshHosts("lab", (host("beta", sshd_keys()), host("gamma", (), why="it attests none"))), tmp_path)
+    export = render(SshHosts(NET, (host("beta", sshd_keys()), host("gamma", (), why="it attests none"))), tmp_path)
     assert export.hosts == ("beta",) and export.left_out == {"gamma": "it attests none"}
     assert [line for line in export.known_hosts.splitlines() if not line.startswith("#")] == [
-        f"beta.lab {key}" for key in sshd_keys()]
+        f"{ALIAS} {key}" for key in sshd_keys()]
     assert "# gamma: left out: it attests none" in export.known_hosts.splitlines()
-    block = export.ssh_config.split("\nHost beta beta.lab\n")[1].splitlines()
-    assert block == ["    HostName 10.99.0.2", "    HostKeyAlias beta.lab",
+    block = export.ssh_config.split("\nHost beta beta.tunnelmesh\n")[1].splitlines()
+    assert block == ["    HostName 10.99.0.2", f"    HostKeyAlias {ALIAS}",
                      f'    UserKnownHostsFile "{tmp_path}/known_hosts"', "    GlobalKnownHostsFile none",
                      "    StrictHostKeyChecking yes", "    CheckHostIP no", "    UpdateHostKeys no"]
     assert "Host gamma" not in export.ssh_config and "# gamma: left out: it attests none" in export.ssh_config
@@ -129,26 +131,28 @@ def test_rendering(tmp_path: Path) -> None:
     ("ssh-ed25519  AAAA", "'<type> <base64>'"),
 ])
 def test_malformed_keys_leave_the_member_out(tmp_path: Path, bad: str, why: str) -> None:
-    export = render(SshHosts("lab", (host("beta", (sshd_keys()[0], bad)),)), tmp_path)
+    export = render(SshHosts(NET, (host("beta", (sshd_keys()[0], bad)),)), tmp_path)
     assert export.hosts == () and why in export.left_out["beta"]
-    assert "Host beta" not in export.ssh_config and "beta.lab " not in export.known_hosts
+    assert "Host beta" not in export.ssh_config and ALIAS not in export.known_hosts
     # Nothing of the bad value makes a line of its own in either file.
     for text in (export.ssh_config, export.known_hosts):
         assert all(line == "" or line.startswith(("#", "Host ", "    ")) for line in text.splitlines()), text
 
 
 def test_bad_address_or_name_or_network(tmp_path: Path) -> None:
-    export = render(SshHosts("lab", (host("beta", sshd_keys(), mesh_ip="10.0.0.2\nHost *"),
+    export = render(SshHosts(NET, (host("beta", sshd_keys(), mesh_ip="10.0.0.2\nHost *"),
                                       host("Bad Name", sshd_keys()))), tmp_path)
     assert export.hosts == () and "not an IPv4 address" in export.left_out["beta"]
     assert "Bad Name" not in export.ssh_config + export.known_hosts
-    with pytest.raises(ExportError, match="network's name"):
-        render(SshHosts("lab *", ()), tmp_path)
+    for bad in ("lab", "SHA256:AAAA", "SHA256:" + "A" * 42 + "\nHost *"):
+        with pytest.raises(ExportError, match="not an id"):
+            render(SshHosts(bad, ()), tmp_path)
+    assert network_tag(world().network.network) == base64.b64decode(world().network.network[7:] + "=")[:4].hex()
 
 
 def test_output_paths_are_quoted_for_ssh(tmp_path: Path) -> None:
     spaced = tmp_path / "my keys %d"
-    export = render(SshHosts("lab", (host("beta", sshd_keys()),)), spaced)
+    export = render(SshHosts(NET, (host("beta", sshd_keys()),)), spaced)
     assert f'UserKnownHostsFile "{tmp_path}/my keys %%d/known_hosts"' in export.ssh_config
     with pytest.raises(ExportError, match="quotes"):
         include_line(tmp_path / 'a"b')
@@ -156,7 +160,7 @@ def test_output_paths_are_quoted_for_ssh(tmp_path: Path) -> None:
 
 def test_written_atomically_world_readable(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    export = render(SshHosts("lab", (host("beta", sshd_keys()),)), out)
+    export = render(SshHosts(NET, (host("beta", sshd_keys()),)), out)
     write_export(export, out)
     second = dataclasses.replace(export, known_hosts=export.known_hosts + "# again\n")
     write_export(second, out)  # replaced whole
@@ -175,18 +179,18 @@ def openssh(tool: str) -> str:
 
 
 def test_openssh_reads_the_files_as_meant(tmp_path: Path) -> None:
-    export = render(SshHosts("lab", (host("beta", sshd_keys()),)), tmp_path)
+    export = render(SshHosts(NET, (host("beta", sshd_keys()),)), tmp_path)
     write_export(export, tmp_path)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
-    for name in ("beta", "beta.lab"):
+    for name in ("beta", "beta.tunnelmesh"):
         shown = subprocess.run([openssh("ssh"), "-G", "-F", str(tmp_path / "ssh_config"), name], capture_output=True,
                                text=True, timeout=30, check=True, env=env).stdout.splitlines()
-        for line in ("hostname 10.99.0.2", "hostkeyalias beta.lab", "stricthostkeychecking true",
+        for line in ("hostname 10.99.0.2", f"hostkeyalias {ALIAS.lower()}", "stricthostkeychecking true",
                      f"userknownhostsfile {tmp_path}/known_hosts", "globalknownhostsfile none", "checkhostip no",
                      "updatehostkeys false"):
             assert line in shown, (line, shown)
     for key in sshd_keys():
-        found = subprocess.run([openssh("ssh-keygen"), "-F", "beta.lab", "-f", str(tmp_path / "known_hosts")],
+        found = subprocess.run([openssh("ssh-keygen"), "-F", ALIAS, "-f", str(tmp_path / "known_hosts")],
                                capture_output=True, text=True, timeout=30, check=True).stdout
         assert key in found, found
 

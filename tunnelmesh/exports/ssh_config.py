@@ -10,18 +10,20 @@ member with no such key gets no Host block, only a comment saying why.
 
 For each member with keys, the snippet has::
 
-    Host beta beta.<network>
+    Host beta beta.tunnelmesh
         HostName <its mesh IPv4>
-        HostKeyAlias beta.<network>
+        HostKeyAlias beta.<network tag>.tunnelmesh
         UserKnownHostsFile <out>/known_hosts
         GlobalKnownHostsFile none
         StrictHostKeyChecking yes
         CheckHostIP no
         UpdateHostKeys no
 
-and known_hosts has `beta.<network> <key>` per key. The alias (not the mesh address)
-names the keys, so a mesh address that passes to another member after a revocation
-never carries the old member's keys; StrictHostKeyChecking yes makes a key that is not
+and known_hosts has `beta.<network tag>.tunnelmesh <key>` per key, where the tag is the
+first 8 hex digits of the network's id (its admin key's fingerprint). The alias (not the
+mesh address) names the keys, so a mesh address that passes to another member after a
+revocation never carries the old member's keys, nor does a member of the same name in
+another network; StrictHostKeyChecking yes makes a key that is not
 there a refusal, never a prompt. The values are checked again here (names, addresses,
 keys in canonical form) before anything is written: a line break in a key must not
 become an ssh_config directive.
@@ -29,16 +31,19 @@ become an ssh_config directive.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from actors.messages import SshHost, SshHosts
 from tunnelmesh import files
-from tunnelmesh.fields import NAME_RULE, is_name
+from tunnelmesh.fields import is_name
 from tunnelmesh.links.attest import AttestationError, check_host_key
 
-__all__ = ["KNOWN_HOSTS", "SSH_CONFIG", "ExportError", "SshExport", "include_line", "render", "write_export"]
+__all__ = ["KNOWN_HOSTS", "SSH_CONFIG", "ExportError", "SshExport", "include_line", "network_tag", "render",
+           "write_export"]
 
 KNOWN_HOSTS = "known_hosts"
 SSH_CONFIG = "ssh_config"
@@ -81,10 +86,20 @@ def _checked(host: SshHost) -> tuple[str, tuple[str, ...]] | str:
     return address, keys
 
 
+def network_tag(network: str) -> str:
+    """The network's short name in host key aliases: 8 hex digits of its id, "SHA256:<base64>"."""
+    try:
+        digest = base64.b64decode(network.removeprefix("SHA256:") + "=", validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if not network.startswith("SHA256:") or len(digest) != 32:
+        raise ExportError(f"the daemon named the network {network!r}, not an id SHA256:<base64>")
+    return digest[:4].hex()
+
+
 def render(hosts: SshHosts, out_dir: Path) -> SshExport:
     """Both files for the members in `hosts`, naming `out_dir`/known_hosts (absolute)."""
-    if not is_name(hosts.network):
-        raise ExportError(f"the network's name {hosts.network!r} {NAME_RULE}")
+    tag = network_tag(hosts.network)
     known_hosts_file = _quoted(out_dir.absolute() / KNOWN_HOSTS)
     header = (f"# Written by `tunnelmesh ssh-config` for network {hosts.network}: sshd host keys the members'\n"
               "# identities signed (docs/exports.md). Rewritten whole on each run; do not edit.\n")
@@ -98,12 +113,12 @@ def render(hosts: SshHosts, out_dir: Path) -> SshExport:
             left_out[host.name] = checked
             continue
         address, keys = checked
-        alias = f"{host.name}.{hosts.network}"
+        alias = f"{host.name}.{tag}.tunnelmesh"
         origin = "its identity is its host key" if host.identity_is_host_key else "attested by its identity"
         known.append(f"# {host.name} ({host.fingerprint}): {origin}\n")
         known.extend(f"{alias} {key}\n" for key in keys)
         config.append(
-            f"\nHost {host.name} {alias}\n"
+            f"\nHost {host.name} {host.name}.tunnelmesh\n"
             f"    HostName {address}\n"
             f"    HostKeyAlias {alias}\n"
             f"    UserKnownHostsFile {known_hosts_file}\n"
