@@ -23,6 +23,7 @@ from actors.messages import SshHost, SshHosts
 from tests.conftest import unavailable
 from tests.links import public_key_text
 from tests.support.membership import World, update
+from tests.unit.test_attest_epoch import WallClock
 from tunnelmesh.exports.ssh_config import ExportError, include_line, network_tag, render, write_export
 from tunnelmesh.links.attest import make_attestation
 from tunnelmesh.membership import PeerMap
@@ -30,17 +31,6 @@ from tunnelmesh.membership import PeerMap
 T0 = 1_767_225_600
 NET = "SHA256:" + base64.b64encode(bytes(range(32))).decode().rstrip("=")  # a network id
 ALIAS = "beta.00010203.tunnelmesh"  # its tag: the id's first 4 bytes in hex
-
-
-class WallClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def wall(self) -> float:
-        return self.now
 
 
 @functools.cache
@@ -66,7 +56,7 @@ def directory_with(records: dict[int, dict[str, Any]]) -> tuple[PeerMap, PeerMap
     endpoints = {base64.b64encode(w.wg(i)).decode(): {"addresses": [f"192.0.2.{i + 1}:51820"], "last_seen": None,
                                                       "ssh": wire} for i, wire in records.items()}
     assert not peers.apply(update([w.admin_member(i) for i in range(5)], endpoints=endpoints)).rejected
-    directory = PeerMapDirectory(peers.snapshot, clock=WallClock(T0 + 10))
+    directory = PeerMapDirectory(peers.snapshot, clock=WallClock([T0 + 10]))
     directory.check_all()
     return peers, directory
 
