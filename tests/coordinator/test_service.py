@@ -43,6 +43,7 @@ from tunnelmesh import network as admin_commands
 from tunnelmesh.admission import sealed_secret
 from tunnelmesh.config import read_network_secret
 from tunnelmesh.coordinator import guards, service
+from tunnelmesh.coordinator.bodies import MAX_SSH_OFFER
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.coordinator.guards import MAX_BODY
 from tunnelmesh.coordinator.store import PendingRow, StoreError
@@ -393,7 +394,8 @@ def test_register_keeps_an_opaque_ssh_offer_and_serves_it_in_the_map(db: Path, w
                 assert "ssh" not in update["endpoints"].get(key(world, 0), {})
                 await one.register(51820, [], ssh=offer)  # the same offer: no new version
                 assert (await one.map(0, 0))["version"] == version + 1
-                await refused(db, one.register(51820, [], ssh={"pad": "x" * 2048}), 400, "at most 2048 bytes")
+                await refused(db, one.register(51820, [], ssh={"pad": "x" * MAX_SSH_OFFER}), 400,
+                              f"at most {MAX_SSH_OFFER} bytes")
                 for wrong in ([offer], "ssh", 7):
                     await refused(db, one.register(51820, [], ssh=wrong), 400, "ssh must be a JSON object")  # type: ignore[arg-type]
                 await one.register(51820, [])  # said again without it: withdrawn
