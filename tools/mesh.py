@@ -100,16 +100,21 @@ def peer_block(name: str, *, identity: str | None = None, wireguard_public_key: 
     return "\n".join(lines) + "\n"
 
 
-def build_static_mesh(lab: Lab, names: list[str], *, switch: Switch | None = None, start: bool = True) -> dict[str, MeshNode]:
-    """N nodes on one switch, each listing all others as peers; started unless start=False."""
+def build_static_mesh(lab: Lab, names: list[str], *, switch: Switch | None = None, start: bool = True,
+                      identity_args: dict[str, list[str]] | None = None,
+                      env: dict[str, str] | None = None) -> dict[str, MeshNode]:
+    """N nodes on one switch, each listing all others as peers; started unless start=False.
+    `identity_args`: a node's identity options for `init` (default --new-key); `env`: every
+    node's MeshNode.env."""
     switch = switch or lab.add_switch("sw")
     mesh: dict[str, MeshNode] = {}
     for i, name in enumerate(names, 1):
         node = lab.add_node(name)
-        mesh[name] = MeshNode(node, lab.connect(node, switch), f"{MESH_PREFIX}{i}")
+        mesh[name] = MeshNode(node, lab.connect(node, switch), f"{MESH_PREFIX}{i}", env=dict(env or {}))
     first = next(iter(mesh.values()))
     for member in mesh.values():
-        args = ["init", "--static", "--name", member.name, "--mesh-ip", member.mesh_ip, "--new-key"]
+        args = ["init", "--static", "--name", member.name, "--mesh-ip", member.mesh_ip,
+                *(identity_args or {}).get(member.name, ["--new-key"])]
         if member is not first:
             args += ["--secret-file", f"{first.node.state_dir}/network.secret"]
         member.tm(*args)

@@ -1,0 +1,133 @@
+"""A real ssh-agent drives a two-node static mesh in the netns lab (docs/identity.md).
+
+One agent holds an Ed25519 and an RSA key (ssh-keygen's); `init --agent` picks one per
+node (by fingerprint, by comment); the daemons reach the agent through the configured
+`[node] agent_socket` (their environment has no SSH_AUTH_SOCK). Killing the agent while
+the mesh runs keeps the sessions up and status says the agent is gone; a daemon started
+before its key is in the agent waits, says so, and comes up once `ssh-add` adds it.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.ssh_agent import Agent, keygen, openssh_fingerprint, require_openssh, running_agent
+from tests.support.wait import wait_for
+from tools.lab import Lab
+from tools.mesh import MeshNode, build_static_mesh, diagnostics, wait_for_handshakes
+
+pytestmark = pytest.mark.e2e
+
+WAIT = 30.0  # s: generous bound for a daemon to come up or a status to change
+
+
+@dataclass(frozen=True)
+class AgentKeys:
+    agent: Agent
+    ed25519: Path
+    rsa: Path
+
+    def fingerprint(self, key: Path) -> str:
+        return openssh_fingerprint(Path(f"{key}.pub"))
+
+
+@pytest.fixture
+def agent_keys(tmp_path: Path) -> Iterator[AgentKeys]:
+    require_openssh()
+    ed25519 = keygen(tmp_path / "id_ed25519", "-t", "ed25519", comment="node-a@lab")
+    rsa = keygen(tmp_path / "id_rsa", "-t", "rsa", "-b", "3072", comment="node-b@lab")
+    with running_agent(str(tmp_path / "agent.sock")) as agent:
+        agent.add(ed25519)
+        agent.add(rsa)
+        yield AgentKeys(agent, ed25519, rsa)
+
+
+def agent_mesh(lab: Lab, keys: AgentKeys) -> dict[str, MeshNode]:
+    """Nodes a (Ed25519, chosen by fingerprint) and b (RSA, chosen by comment), not started;
+    their configs name the agent socket and their environment has none."""
+    mesh = build_static_mesh(lab, ["a", "b"], start=False, env={"SSH_AUTH_SOCK": keys.agent.sock},
+                             identity_args={"a": ["--agent", keys.fingerprint(keys.ed25519)],
+                                            "b": ["--agent", "node-b@lab"]})
+    for member, key in ((mesh["a"], keys.ed25519), (mesh["b"], keys.rsa)):
+        config = Path(member.config_path)
+        text = config.read_text()
+        identity_line = f'identity = "agent:{keys.fingerprint(key)}"\n'
+        assert identity_line in text, text  # init pinned the key by fingerprint
+        config.write_text(text.replace(identity_line, identity_line + f'agent_socket = "{keys.agent.sock}"\n', 1))
+        member.env = {}
+    return mesh
+
+
+def agent_status(member: MeshNode) -> dict[str, object]:
+    status = member.status()["node"]
+    assert status["agent"] is not None, status
+    return status  # type: ignore[no-any-return]
+
+
+def ping(src: MeshNode, dst: MeshNode) -> None:
+    result = src.tm("ping", dst.name, "-c", "1", "--timeout", "3", check=False)
+    assert result.returncode == 0, f"{src.name} -> {dst.name}: {result.stdout}{result.stderr}"
+
+
+def test_agent_mesh_survives_the_agent_going_away(lab: Lab, agent_keys: AgentKeys) -> None:
+    mesh = agent_mesh(lab, agent_keys)
+    a, b = mesh["a"], mesh["b"]
+    for member in mesh.values():
+        member.up()
+    try:
+        wait_for_handshakes(mesh)
+        ping(a, b)
+        ping(b, a)
+        for member, key in ((a, agent_keys.ed25519), (b, agent_keys.rsa)):
+            node = agent_status(member)
+            assert node["fingerprint"] == agent_keys.fingerprint(key)
+            assert node["identity_source"] == f"ssh-agent at {agent_keys.agent.sock}"
+            assert node["agent"] == {"socket": agent_keys.agent.sock, "fingerprint": node["fingerprint"],
+                                     "state": "holds the key", "needed_for": []}
+
+        agent_keys.agent.stop()
+        for member in mesh.values():
+            node = agent_status(member)
+            agent = node["agent"]
+            assert agent["state"] == "unreachable" and "a restart" in agent["needed_for"], agent  # type: ignore[index]
+            text = member.tm("status").stdout
+            assert f"ssh-agent at {agent_keys.agent.sock}: unreachable (running sessions go on)" in text, text
+        for _ in range(3):  # the sessions go on: the mesh key is in memory
+            ping(a, b)
+            ping(b, a)
+        assert all(p["state"] == "up" for member in mesh.values() for p in member.status()["peers"])
+    except Exception:
+        print(diagnostics(mesh))
+        raise
+
+
+def test_daemon_waits_for_its_key_then_comes_up(lab: Lab, agent_keys: AgentKeys) -> None:
+    mesh = agent_mesh(lab, agent_keys)
+    a, b = mesh["a"], mesh["b"]
+    ssh_add = {"SSH_AUTH_SOCK": agent_keys.agent.sock, "PATH": "/usr/bin:/bin"}
+    subprocess.run(["ssh-add", "-d", f"{agent_keys.ed25519}.pub"], env=ssh_add, check=True, capture_output=True)
+    b.up()
+    try:
+        started = a.tm("up", "--detach", timeout=40).stdout  # returns: it does not wait for the agent
+        fingerprint = agent_keys.fingerprint(agent_keys.ed25519)
+        waiting = f"waiting for the ssh-agent at {agent_keys.agent.sock} to hold key {fingerprint}: ssh-add it"
+        assert "tunnelmesh started" in started and waiting in started, started
+        status = a.tm("status", check=False)
+        assert status.returncode == 1 and waiting in status.stderr and "tunnelmesh down" in status.stderr, status
+        assert re.search(r"WARNING tunnelmesh.daemon: " + re.escape(waiting), a.log_tail()), a.log_tail()
+
+        subprocess.run(["ssh-add", str(agent_keys.ed25519)], env=ssh_add, check=True, capture_output=True)
+        wait_for("a up once its key is in the agent", lambda: a.tm("status", check=False).returncode == 0, WAIT,
+                 a.diagnostics, interval=0.5)
+        assert agent_status(a)["agent"]["state"] == "holds the key"  # type: ignore[index]
+        wait_for_handshakes(mesh)
+        ping(a, b)
+    except Exception:
+        print(diagnostics(mesh))
+        raise
