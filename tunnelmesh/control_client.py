@@ -39,21 +39,30 @@ def _connect(path: Path, timeout: float) -> socket.socket:
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
         sock.close()
-        raise NotRunning(f"tunnelmesh is not running (no daemon at {path}); start it with `tunnelmesh up`") from None
-    except PermissionError:
-        sock.close()
-        raise ControlError(f"permission denied on {path}: run as root (the control socket is owner-only)") from None
+        raise _connect_error(path, exc) from None
     return sock
+
+
+def _connect_error(path: Path, exc: OSError) -> ControlError:
+    """What a failed connect to the control socket means, for people (the CLI and the TUI)."""
+    if isinstance(exc, PermissionError):
+        return ControlError(f"permission denied on {path}: run as root (the control socket is owner-only)")
+    return NotRunning(f"tunnelmesh is not running (no daemon at {path}); start it with `tunnelmesh up`")
 
 
 def request(path: Path, cmd: str, timeout: float = 15.0, **args: Any) -> Any:
     with _connect(path, timeout) as sock:
         sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         reply = _read_line(sock)
+    return _result(reply)
+
+
+def _result(reply: dict[str, Any], missing: str = "unknown error") -> Any:
+    """A reply's result; its error as a ControlError."""
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "unknown error")))
+        raise ControlError(str(reply.get("error", missing)))
     return reply.get("result")
 
 
@@ -89,9 +98,7 @@ def events(path: Path) -> Iterator[Event]:
         sock.sendall(b'{"cmd":"events"}\n')
         reader = sock.makefile("rb")
         reply = _parse_reply(reader.readline(MAX_REPLY + 1) or b"{}")
-        if not reply.get("ok"):
-            raise ControlError(str(reply.get("error", "the daemon closed the connection without answering")))
-        _versioned(Subscribed, reply.get("result"))
+        _versioned(Subscribed, _result(reply, "the daemon closed the connection without answering"))
         while line := reader.readline(MAX_REPLY + 1):
             yield _typed(Event, _parse_reply(line))
 

@@ -30,6 +30,7 @@ from .network import (
     cmd_revoke, cmd_rotate_secret,
 )
 from .policy import cmd_filter_show, cmd_filter_test, cmd_policy_edit, cmd_policy_set, cmd_policy_show
+from .tui import add_parser as _add_tui_parser
 from .ssh_config import cmd_ssh_config
 from .keys import add_parser as _add_keys_parser
 from .wg_export import cmd_wg_export
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "/etc/tunnelmesh/ssh)")
     p.add_argument("--json", action="store_true", help="print what would be written, as JSON; write nothing")
     p.set_defaults(func=cmd_ssh_config)
+
+    _add_tui_parser(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.add_argument("--json", action="store_true", help="the software's and the control API's versions as JSON")

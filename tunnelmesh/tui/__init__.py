@@ -1,0 +1,1 @@
+"""`tunnelmesh tui`: a terminal UI over the daemon's control socket (docs/tui.md)."""
