@@ -5,20 +5,25 @@ choosing a key by comment, the daemon's mesh key cache, and the daemon waiting f
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors.agent_identity import CACHE_NAME, load_daemon_identity, probe_agent
 from tests.support.ssh_agent import Agent, keygen, openssh_fingerprint, require_openssh, running_agent
 from tunnelmesh.cli import main
-from tunnelmesh.config import load_config
+from tunnelmesh.config import ConfigError, load_config
 from tunnelmesh.control_client import ControlError, request
 from tunnelmesh.identity import IdentityError, load_identity_file
+from tunnelmesh.identity_agent import cache_record, cached_identity
 from tunnelmesh.paths import Paths
 
 
@@ -257,3 +262,46 @@ def test_down_stops_a_waiting_daemon(tmp_path: Path, keys: Keys) -> None:
 
     assert asyncio.run(scenario()) is None
     assert not paths.pid_file.exists() and not paths.control_socket.exists()
+
+
+# --- the config and the cache record as input ----------------------------------------------
+
+
+@pytest.mark.parametrize("line, error", [
+    ('agent_socket = "/run/agent.sock"', "agent_socket only applies to an ssh-agent identity"),
+    ("cache_mesh_key = true", "cache_mesh_key only applies to an ssh-agent identity"),
+])
+def test_agent_options_are_refused_with_a_key_file(tmp_path: Path, line: str, error: str) -> None:
+    config = tmp_path / "tunnelmesh.toml"
+    config.write_text(f'[node]\nname = "a"\nidentity = "/etc/key"\nmesh_ip = "10.77.0.1"\n{line}\n')
+    with pytest.raises(ConfigError, match=error) as info:
+        load_config(config, state_dir=tmp_path)
+    assert info.value.line == 5
+
+
+def test_cache_mesh_key_must_be_a_boolean(tmp_path: Path) -> None:
+    config = tmp_path / "tunnelmesh.toml"
+    config.write_text('[node]\nname = "a"\nidentity = "agent"\nmesh_ip = "10.77.0.1"\ncache_mesh_key = "yes"\n')
+    with pytest.raises(ConfigError, match="cache_mesh_key must be true or false, not a string"):
+        load_config(config, state_dir=tmp_path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(
+    st.sampled_from(["identity", "mesh_key", "other"]),
+    st.one_of(st.text(max_size=80), st.integers(), st.none(), st.lists(st.integers(), max_size=3)), max_size=3))))
+def test_a_mangled_cache_record_is_a_clear_error(record: bytes) -> None:
+    with pytest.raises(IdentityError, match="mesh key cache is not usable"):
+        cached_identity(record, "/nowhere.sock", None, origin="test")
+
+
+def test_a_cache_record_with_another_private_key_or_fingerprint_is_refused(keys: Keys) -> None:
+    identity = asyncio.run(load_identity_file(keys.ed25519))
+    record = json.loads(cache_record(identity))
+    assert cached_identity(json.dumps(record).encode(), "/nowhere.sock", fp(keys.ed25519), "test").public == \
+        identity.public
+    with pytest.raises(IdentityError, match=re.escape(f"holds {fp(keys.ed25519)}, not the configured {fp(keys.rsa)}")):
+        cached_identity(json.dumps(record).encode(), "/nowhere.sock", fp(keys.rsa), "test")
+    swapped = {**record, "mesh_key": base64.b64encode(bytes(range(32))).decode()}
+    with pytest.raises(IdentityError, match="its private key is not its identity's"):
+        cached_identity(json.dumps(swapped).encode(), "/nowhere.sock", None, "test")
