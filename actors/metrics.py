@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from tunnelmesh.config import RUNG_NAMES
-from tunnelmesh.metrics import MetricsError, counter, gauge, metrics_url, serve_metrics, state_set
+from tunnelmesh.metrics import MetricsError, counter, gauge, metrics_url, relay_families, serve_metrics, state_set
 
 from .messages import PeerStatus, Status
 
@@ -86,14 +86,9 @@ class StatusCollector(Collector):
                                     value=coordinator.members)
         relay = node.transports.serving_relay
         if relay is not None:
-            yield GaugeMetricFamily("tunnelmesh_relay_connections", "Members connected to this node's relay.",
-                                    value=relay.connections)
-            yield CounterMetricFamily("tunnelmesh_relay_relayed_frames", "Frames this node's relay passed on.",
-                                      value=relay.relayed_frames)
-            yield CounterMetricFamily("tunnelmesh_relay_relayed_bytes", "WireGuard bytes this node's relay passed on.",
-                                      value=relay.relayed_bytes)
-            yield counter("tunnelmesh_relay_drops", "Frames this node's relay dropped, by reason.",
-                          "reason", relay.drops)
+            yield from relay_families("tunnelmesh_relay", "this node's relay", connections=relay.connections,
+                                      frames=relay.relayed_frames, relayed_bytes=relay.relayed_bytes,
+                                      drops=relay.drops, refusals=relay.refusals)
 
 
 def _peers(peers: tuple[PeerStatus, ...]) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:

@@ -11,7 +11,8 @@ The endpoint has no authentication: it listens on loopback unless told otherwise
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import os
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -71,8 +72,9 @@ async def serve_metrics(source: Source, listen: tuple[str, int]) -> web.AppRunne
 
     try:
         return await serve(metrics_app(source), *listen)
-    except OSError as exc:
-        raise MetricsError(f"metrics: cannot listen on {metrics_url(listen)}: {exc.strerror or exc}") from None
+    except OSError as exc:  # aiohttp words a bind error at length: the errno says it
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise MetricsError(f"metrics: cannot listen on {metrics_url(listen)}: {reason}") from None
 
 
 def metrics_url(listen: tuple[str, int]) -> str:
@@ -106,3 +108,15 @@ def state_set(name: str, documentation: str, owner_label: str, state_label: str,
         for candidate in states:
             family.add_metric([owner, candidate], 1 if candidate == state else 0)
     return family
+
+
+def relay_families(prefix: str, whose: str, *, connections: int, frames: int, relayed_bytes: int,
+                   drops: Mapping[str, int], refusals: Mapping[str, int]
+                   ) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """A relay server's families (the coordinator's, or a node's with relay = true), named
+    `prefix`_...; `whose` says whose relay in their help."""
+    yield GaugeMetricFamily(f"{prefix}_connections", f"Members connected to {whose}.", value=connections)
+    yield CounterMetricFamily(f"{prefix}_relayed_frames", f"Frames {whose} passed on.", value=frames)
+    yield CounterMetricFamily(f"{prefix}_relayed_bytes", f"WireGuard bytes {whose} passed on.", value=relayed_bytes)
+    yield counter(f"{prefix}_drops", f"Frames {whose} dropped, by reason.", "reason", drops)
+    yield counter(f"{prefix}_refusals", f"Connections {whose} refused, by cause.", "cause", refusals)

@@ -50,7 +50,7 @@ def test_members_connected_nodes_and_relayed_traffic(tmp_path: Path) -> None:
                 first = await scrape()
                 assert first[("tunnelmesh_coordinator_members", ())] == 3
                 assert first[("tunnelmesh_coordinator_nodes_connected", ())] == 0  # nobody asked for the map yet
-                assert ("tunnelmesh_coordinator_relayed_frames_total", ()) not in first  # no relay before its first use
+                assert ("tunnelmesh_coordinator_relay_relayed_frames_total", ()) not in first  # no relay before its first use
 
                 for i in (1, 2):
                     async with Coordinator(url, identity=world.nodes[i]) as node:
@@ -70,8 +70,8 @@ def test_members_connected_nodes_and_relayed_traffic(tmp_path: Path) -> None:
                 await until("two got three", lambda: len(sinks[1].received) == 3)
                 relayed = await scrape()
                 assert relayed[("tunnelmesh_coordinator_relay_connections", ())] == 2
-                assert relayed[("tunnelmesh_coordinator_relayed_frames_total", ())] == 3
-                assert relayed[("tunnelmesh_coordinator_relayed_bytes_total", ())] == 1110
+                assert relayed[("tunnelmesh_coordinator_relay_relayed_frames_total", ())] == 3
+                assert relayed[("tunnelmesh_coordinator_relay_relayed_bytes_total", ())] == 1110
         finally:
             for task in tasks:
                 task.cancel()

@@ -66,9 +66,9 @@ def start_coordinator(lab: Lab, name: str = "coord") -> tuple[Node, subprocess.P
     return node, process, db
 
 
-def run_coordinator(node: Node, db: str) -> subprocess.Popen:
+def run_coordinator(node: Node, db: str, *options: str) -> subprocess.Popen:
     process = node.popen(sys.executable, "-m", "tunnelmesh", "coordinator", "--listen",
-                         f"{node.addresses[0]}:{COORDINATOR_PORT}", "--db", db, log_name="coordinator")
+                         f"{node.addresses[0]}:{COORDINATOR_PORT}", "--db", db, *options, log_name="coordinator")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         probe = node.run("python3", "-c", f"import socket; socket.create_connection(('{node.addresses[0]}', "

@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tunnelmesh.metrics import Source, counter
+from tunnelmesh.metrics import Source, relay_families
 
 from .service import CONNECTED_GRACE, MAX_WAIT, SERVICE
 from .store import StoreError
@@ -42,16 +42,10 @@ class CoordinatorCollector(Collector):
         relay = service.relay_served
         if relay is None:
             return  # made on first use: no connection yet
-        yield GaugeMetricFamily("tunnelmesh_coordinator_relay_connections", "Members connected to the relay.",
-                                value=relay.status()["connections"])
-        yield CounterMetricFamily("tunnelmesh_coordinator_relayed_frames", "Frames the relay passed on.",
-                                  value=relay.relayed_frames)
-        yield CounterMetricFamily("tunnelmesh_coordinator_relayed_bytes", "WireGuard bytes the relay passed on.",
-                                  value=relay.relayed_bytes)
-        yield counter("tunnelmesh_coordinator_relay_drops", "Frames the relay dropped, by reason.",
-                      "reason", relay.drops)
-        yield counter("tunnelmesh_coordinator_relay_refusals", "Relay connections refused, by cause.",
-                      "cause", relay.refusals)
+        status = relay.status()
+        yield from relay_families("tunnelmesh_coordinator_relay", "the coordinator's relay",
+                                  connections=status["connections"], frames=relay.relayed_frames,
+                                  relayed_bytes=relay.relayed_bytes, drops=relay.drops, refusals=relay.refusals)
 
 
 def coordinator_source(app: web.Application) -> Source:
