@@ -8,6 +8,7 @@ import asyncio
 import base64
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import stat
@@ -209,3 +210,11 @@ def test_reading_sshd_host_key_files(tmp_path: Path) -> None:
         read_sshd_host_keys([good, bad])
     with pytest.raises(AttestationError, match="No such file"):
         read_sshd_host_keys([tmp_path / "missing.pub"])
+
+
+def test_the_reply_round_trips_through_the_control_schema() -> None:
+    from actors.messages import from_json, to_json
+
+    _, directory = directory_with({1: record(1, sshd_keys())})
+    reply = SshHosts(world().network.network, directory.ssh_hosts(world().wg(0)))
+    assert from_json(SshHosts, json.loads(json.dumps(to_json(reply)))) == reply
