@@ -153,3 +153,20 @@ def test_a_wireguard_go_device_from_wg_export_reaches_its_node_until_revoked(wg_
             pytest.fail(f"the device still reaches b {REVOKED_WITHIN:g} s after `revoke`\n{details()}", pytrace=False)
     print(f"cut off {time.monotonic() - revoked_at:.1f} s after `revoke` returned")
     assert "phone" not in peers_of(b), details()
+
+    # The text form: the config to a 0600 file, a QR code of it on stdout, no key in the text.
+    out = Path(lab.workdir) / "tablet.conf"
+    shown = a.tm("wg-export", "tablet", "--via", "b", "--out", str(out))
+    assert os.stat(out).st_mode & 0o777 == 0o600
+    written = out.read_text()
+    assert value(written, "PublicKey") == value(config, "PublicKey")  # (its address may be the revoked phone's)
+    assert "▀" in shown.stdout and value(written, "PrivateKey") not in shown.stdout, shown.stdout
+    assert "admitted tablet" in shown.stderr and "tablet" in {d for d in peers_until(b, "tablet")}, shown.stderr
+
+
+def peers_until(member: MeshNode, name: str, timeout: float = REACHES_WITHIN) -> dict[str, dict]:
+    """`member`'s peers once `name` is among them (the map reaches it within a round trip)."""
+    deadline = time.monotonic() + timeout
+    while name not in (peers := peers_of(member)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return peers
