@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from textual.widgets import DataTable, Input, RichLog, Static
+from textual.widgets import DataTable, Input, RichLog, Static, TextArea
 
 from tests.support.wait import until
 from tools.lab import PROJECT_ROOT, Lab
@@ -131,9 +131,12 @@ async def admin_views(state_dir: str, shots: str, victim: str) -> None:
         assert app.admin and "admin key here" in str(app.query_one("#node", Static).render())
         await pilot.press("i")
         await until("the invite token dialog", lambda: isinstance(app.screen, ShowToken), 20)
-        token = app.screen.query_one("#token", Input).value
+        token = app.screen.query_one("#token", TextArea).text
         assert Token.parse(token).grant["body"]["uses"] == 1  # a real token, for one machine
         assert token not in event_log(app)  # shown to copy, never logged
+        await pilot.press("c")  # the dialog's key, not typed into the token
+        assert app.clipboard == token and app.screen.query_one("#token", TextArea).text == token
+        app.save_screenshot("tui-invite.svg", shots)
         await pilot.press("escape")
 
         await pilot.press("a")

@@ -16,7 +16,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, DataTable, Footer, Input, Static
+from textual.widgets import Button, DataTable, Footer, Static, TextArea
 
 from tunnelmesh.cli.common import CliError, _run, _run_local
 from tunnelmesh.paths import Paths
@@ -69,7 +69,7 @@ class Confirm(ModalScreen[bool]):
 
 
 class ShowToken(ModalScreen[None]):
-    """An invite token, selectable in a field; c copies it (the terminal's clipboard, OSC 52)."""
+    """An invite token, selectable in a read-only field; c copies it (the terminal's clipboard, OSC 52)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("c", "copy", "Copy"), Binding("escape,q", "dismiss", "Close"),
@@ -83,10 +83,8 @@ class ShowToken(ModalScreen[None]):
         with Vertical(classes="dialog"):
             yield Static(f"Invite for one machine, valid {INVITE_VALID // 60} min. On it: "
                          "`tunnelmesh join <token>` (c: copy, escape: close)", classes="question")
-            yield Input(self.token, id="token")
-
-    def on_mount(self) -> None:
-        self.query_one("#token", Input).focus()  # selectable, for terminals without OSC 52
+            # Read-only: selectable (for terminals without OSC 52), and the keys stay this dialog's.
+            yield TextArea(self.token, id="token", read_only=True, soft_wrap=True)
 
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.token)

@@ -68,6 +68,7 @@ class TunnelMeshApp(App[None]):
         self.client = AsyncControlClient(self.socket)
         self.poll = poll
         self.status: Status | None = None
+        self.status_at = 0.0  # wall time of the last status
         self.connected = False
         self.query_text = ""
         self.rates = model.RateMeter()
@@ -98,6 +99,8 @@ class TunnelMeshApp(App[None]):
         self.stay_connected()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("ping", "probe", "detail", "search", "admin", "invite", "revoke") and len(self.screen_stack) > 1:
+            return False  # about the main screen's table (a screen above has its own keys)
         if action in ("admin", "invite", "revoke"):
             return self.admin  # the admin key is on this machine
         return True
@@ -139,7 +142,7 @@ class TunnelMeshApp(App[None]):
         was_down = not self.connected and self.status is not None
         self.connected = True
         self.query_one("#banner", Static).display = False
-        self.screen.remove_class("offline")
+        self._dim(False)
         self.log_line(f"connected to the daemon at {self.socket}" + (" again" if was_down else ""))
         self._update(status)
 
@@ -153,12 +156,21 @@ class TunnelMeshApp(App[None]):
         banner.update(f"daemon not running at {self.socket} - start it with `tunnelmesh up`\n"
                       f"{detail}trying again in {retry_in:g} s (attempt {self.backoff.attempts})")
         banner.display = True
-        self.screen.add_class("offline")
+        self._dim(True)
+        if self.status is not None:
+            self.query_one("#node", Static).update(
+                f"{self._node_text(self.status)}\n[i]as last known, at {model.clock(self.status_at)}[/i]")
+
+    def _dim(self, offline: bool) -> None:
+        """The last known view stays while the daemon is away, dimmed."""
+        for widget in ("#node", "#peers", "#bottom"):
+            self.query_one(widget).set_class(offline, "offline")
 
     # --- what the screen shows --------------------------------------------------------
 
     def _update(self, status: Status) -> None:
         self.status = status
+        self.status_at = time.time()
         now = time.monotonic()
         for peer in status.peers:
             self.rates.sample(peer.name, now, peer.rx_bytes, peer.tx_bytes)
