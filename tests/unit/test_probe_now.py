@@ -1,9 +1,14 @@
-"""The `probe` control command's core: `Ladder.probe_better_now` brings the better-rung
-probe forward to the next tick, under the ladder's own rules (never while searching,
-never within HOLD, best rung first, the back-off kept)."""
+"""The `probe` control command: `Ladder.probe_better_now` brings the better-rung probe
+forward to the next tick, under the ladder's own rules (never while searching, never
+within HOLD, best rung first, the back-off kept); a session asked `ProbeNow` steps down
+as soon as the rules allow."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from actors.messages import ProbeNow
+from tests.unit.test_session_ladder import Pair, simulate, udp_fails_over_to_ssh  # noqa: F401 - simulate: a fixture
 from tunnelmesh.ladder import BETTER_PROBE, FAILING_AFTER, HAPPY_EYEBALLS, HOLD, RELAY, RUNGS, SSH, UDP, Ladder, Probe
 
 
@@ -48,3 +53,23 @@ def test_nothing_to_probe_on_the_best_rung_while_searching_or_without_a_path() -
     # The search goes on as the ladder widens it (the failing rung and the next, then the rest).
     assert failing.tick(5.0 + HAPPY_EYEBALLS, unanswered_since=2.0, received_on_current=None,
                         stray=None) == [Probe((SSH, RELAY, UDP))]
+
+
+# --- through the session, with real cores in virtual time (tests/unit/test_session_ladder.py's pair) ---
+
+
+def test_a_session_asked_to_probe_steps_down_long_before_its_scheduled_probe(simulate: Callable[..., None]) -> None:
+    async def body(p: Pair) -> None:
+        pinger, _, switched = await udp_fails_over_to_ssh(p)
+        p.net.unblock(UDP)
+        within_hold = await p.sa.handle(ProbeNow())
+        assert within_hold.peer == "b" and within_hold.probing and "(after the hold)" in within_hold.detail
+        await p.net.run_until(lambda: p.sa.selector.ladder.current == UDP, HOLD + 3.0, "a back on UDP")
+        stepped_down = p.net.clock.now
+        assert stepped_down - switched < BETTER_PROBE  # the scheduled probe was not due yet
+        assert p.sa.selector.transitions[-1].why == "step down after a probe"
+        on_best = await p.sa.handle(ProbeNow())
+        assert (on_best.probing, on_best.detail) == (False, "already on the best enabled rung (UDP)")
+        pinger.stop()
+
+    simulate(body)
