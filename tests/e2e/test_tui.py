@@ -51,7 +51,8 @@ async def wait(what: str, condition: Callable[[], object], timeout: float, app: 
         await until(what, condition, timeout=timeout, interval=0.1)
     except AssertionError as exc:
         details = await asyncio.to_thread(diagnostics, mesh)
-        pytest.fail(f"{exc} (screen {app.screen!r})\n--- the TUI's event log ---\n{event_log(app)}\n--- its table ---\n{table_rows(app)}\n"
+        pytest.fail(f"{exc} (screen {app.screen!r})\n--- the TUI's event log ---\n{event_log(app)}\n"
+                    f"--- its table ---\n{table_rows(app)}\n"
                     f"{details}", pytrace=False)
 
 

@@ -11,6 +11,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -53,7 +54,7 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Static(self.question, classes="question")
+            yield Static(self.question, classes="question", markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("Yes (y)", variant="error", id="yes")
                 yield Button("No (n)", variant="primary", id="no")
@@ -136,7 +137,8 @@ class PendingJoins(Screen[None]):
     """`tunnelmesh pending`, live on request (r), and `approve` for the selected join (a)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("a", "approve", "Approve"), Binding("r", "reload", "Reload"), Binding("escape,q", "app.pop_screen", "Back"),
+        Binding("a", "approve", "Approve"), Binding("r", "reload", "Reload"),
+        Binding("escape,q", "app.pop_screen", "Back"),
     ]
 
     def __init__(self, paths: Paths) -> None:
@@ -145,7 +147,7 @@ class PendingJoins(Screen[None]):
         self.waiting: list[dict[str, Any]] = []
 
     def compose(self) -> ComposeResult:
-        yield Static("joins waiting for approval: loading ...", id="pending-title")
+        yield Static("joins waiting for approval: loading ...", id="pending-title", markup=False)
         yield DataTable(id="pending", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
@@ -167,7 +169,7 @@ class PendingJoins(Screen[None]):
         table.clear()
         for i, p in enumerate(self.waiting):
             invited = p.get("kind") == "invite"
-            table.add_row(str(p.get("name")), str(p.get("fingerprint")),
+            table.add_row(Text(str(p.get("name"))), Text(str(p.get("fingerprint"))),  # the coordinator's words
                           "invite (the admin daemon countersigns)" if invited else "request",
                           "" if invited else str(p.get("ipv4")),
                           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.get("requested", 0))), key=str(i))

@@ -16,7 +16,9 @@ from typing import ClassVar
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from rich.text import Text
 from textual.containers import Horizontal, Vertical
+from textual.markup import escape
 from textual.widgets import DataTable, Footer, Input, RichLog, Sparkline, Static
 
 from actors.messages import PeerStatus, Status
@@ -79,12 +81,12 @@ class TunnelMeshApp(App[None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="top"):
             yield Static("connecting ...", id="node")
-            yield Static("", id="banner")
+            yield Static("", id="banner", markup=False)
         yield SearchBox(placeholder="search peers by name or address (enter: keep, escape: clear)", id="search")
         yield DataTable(id="peers", cursor_type="row", zebra_stripes=True)
         with Horizontal(id="bottom"):
             with Vertical(id="throughput"):
-                yield Static("throughput", id="throughput-title")
+                yield Static("throughput", id="throughput-title", markup=False)
                 yield Sparkline([], id="sparkline")
             yield RichLog(id="events", max_lines=1000)
         yield Footer()
@@ -182,16 +184,19 @@ class TunnelMeshApp(App[None]):
     def _node_text(self, status: Status) -> str:
         node = status.node
         addresses = " ".join(a for a in (node.mesh_ip, node.mesh_ipv6) if a)
-        line = f"[b]{node.name}[/b]  {addresses}  {node.mode}  {node.interface} udp/{node.listen_port}  v{node.version}"
+        # What the daemon says is text, never markup: an error may hold "[...]".
+        line = f"[b]{escape(node.name)}[/b]  " + escape(
+            f"{addresses}  {node.mode}  {node.interface} udp/{node.listen_port}  v{node.version}")
         coordinator = node.coordinator
         if coordinator is not None:
-            line += (f"\ncoordinator {coordinator.url} ({coordinator.network}): {coordinator.state}"
-                     f"{f' - {coordinator.error}' if coordinator.error else ''}; {coordinator.members} members, "
-                     f"map v{coordinator.version}" + (f", seen as {coordinator.observed}" if coordinator.observed else ""))
+            seen = f", seen as {coordinator.observed}" if coordinator.observed else ""
+            line += escape(f"\ncoordinator {coordinator.url} ({coordinator.network}): {coordinator.state}"
+                           f"{f' - {coordinator.error}' if coordinator.error else ''}; {coordinator.members} "
+                           f"members, map v{coordinator.version}{seen}")
         drops = {**status.drops, **(status.filter.drops if status.filter is not None else {})}
         counted = ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n)
         up = sum(p.state == "up" for p in status.peers)
-        line += f"\npeers {up}/{len(status.peers)} up" + (f"; drops: {counted}" if counted else "")
+        line += f"\npeers {up}/{len(status.peers)} up" + (f"; drops: {escape(counted)}" if counted else "")
         if self.admin:
             line += "; admin key here"
         return line
@@ -215,12 +220,13 @@ class TunnelMeshApp(App[None]):
         if [row.key.value for row in table.ordered_rows] != wanted:
             table.sort("name")
 
-    def _cells(self, peer: PeerStatus, spoofed: int) -> tuple[str, ...]:
+    def _cells(self, peer: PeerStatus, spoofed: int) -> tuple[str | Text, ...]:
         rates = self.rates.rates(peer.name)
         measured = peer.rtt_ms if peer.rtt_ms is not None else self.last_ping.get(peer.name)
         return (peer.name, peer.mesh_ip, peer.state, peer.path.rung if peer.path else "-", model.rtt(measured),
                 model.ago(peer.last_handshake_ago), model.rate(rates.rx if rates else None),
-                model.rate(rates.tx if rates else None), str(spoofed) if spoofed else "", peer.why_not_better or "")
+                model.rate(rates.tx if rates else None), str(spoofed) if spoofed else "",
+                Text(peer.why_not_better or ""))  # free text: a Text, which the table does not read as markup
 
     def _show_throughput(self) -> None:
         name = self.selected()

@@ -7,7 +7,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from textual.app import ComposeResult
+from rich.text import Text
 from textual.binding import Binding, BindingType
+from textual.markup import escape
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
@@ -50,19 +52,20 @@ class PeerDetail(Screen[None]):
         detail = self.query_one("#detail", Static)
         if peer is None:
             gone = "the daemon is not reachable" if not self.tm.connected else "no such peer any more"
-            detail.update(f"[b]{self.peer}[/b]: {gone}")
+            detail.update(f"[b]{escape(self.peer)}[/b]: {gone}")
             return
         detail.update(self.describe(peer))
         table = self.query_one("#transitions", DataTable)
         table.clear()
         for change in peer.transitions:
-            table.add_row(model.clock(change.at), change.previous, change.path.rung, change.path.endpoint, change.why)
+            table.add_row(model.clock(change.at), change.previous, change.path.rung, Text(change.path.endpoint),
+                          Text(change.why))
 
     def describe(self, peer: PeerStatus) -> str:
         rates = self.tm.rates.rates(peer.name)
         measured = peer.rtt_ms if peer.rtt_ms is not None else self.tm.last_ping.get(peer.name)
         lines = [
-            f"[b]{peer.name}[/b]  {peer.mesh_ip}  {peer.state}",
+            f"{peer.mesh_ip}  {peer.state}",
             f"fingerprint     {peer.fingerprint or '(a plain WireGuard peer)'}",
             f"path            {peer.path.endpoint if peer.path else 'no endpoint known yet (waits to be contacted)'}",
             f"why not better  {peer.why_not_better or '-'}",
@@ -75,7 +78,8 @@ class PeerDetail(Screen[None]):
             f"{model.rate(rates.tx if rates else None)}",
             f"keepalive       {f'every {peer.persistent_keepalive} s' if peer.persistent_keepalive else 'off'}",
         ]
-        return "\n".join(lines)
+        # The daemon's words are text, never markup (a reason may hold "[...]").
+        return f"[b]{escape(peer.name)}[/b]  " + escape("\n".join(lines))
 
     def action_ping(self) -> None:
         self.tm.ping(self.peer)
