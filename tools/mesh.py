@@ -189,7 +189,7 @@ def standalone_fingerprint(coordinator: Node, db: str = "coordinator.db") -> str
     """The pin of the certificate a standalone coordinator made next to `db` in its state dir."""
     from pathlib import Path
 
-    from tunnelmesh.coordinator.service import standalone_tls_files
+    from tunnelmesh.coordinator.standalone import standalone_tls_files
     from tunnelmesh.tls import certificate_fingerprint
 
     cert, _ = standalone_tls_files(Path(coordinator.state_dir) / db)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tunnelmesh.coordinator.service import _listen_address
+from tunnelmesh.coordinator.standalone import _listen_address
 from tunnelmesh.fields import FieldError, Fields, decode_base64, is_name, parse_endpoint, shown
 
 

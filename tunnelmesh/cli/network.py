@@ -287,7 +287,7 @@ def cmd_rotate_secret(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
-    from tunnelmesh.coordinator.service import run_standalone
+    from tunnelmesh.coordinator.standalone import run_standalone
     from tunnelmesh.coordinator.store import StoreError
     from tunnelmesh.fields import FieldError
     from tunnelmesh.metrics import MetricsError, parse_listen
