@@ -3,13 +3,15 @@ textual's Pilot, pointed at a node's control socket (a Unix socket in its state 
 on this host's file system). The peer table fills, a rung change (UDP cut with nftables)
 reaches the event log, the ping and re-probe keys answer, the detail view shows the
 change, a stopped daemon shows as down and a restarted one is picked up again; on the
-admin's node, an invite comes as a token to copy. An SVG of the main screen is kept in the
+admin's node, an invite comes as a token to copy, a pending join is approved and a
+member revoked, each after a confirmation. An SVG of the main screen is kept in the
 test's directory (and in TUNNELMESH_TUI_SNAPSHOT, when set, for a person to look at)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -19,8 +21,8 @@ import pytest
 from textual.widgets import DataTable, Input, RichLog, Static, TextArea
 
 from tests.support.wait import until
-from tools.lab import PROJECT_ROOT, Lab
-from tools.mesh import MeshNode, block_path, build_network, diagnostics, wait_for_handshakes
+from tools.lab import PROJECT_ROOT, Lab, clean_environment
+from tools.mesh import TUNNELMESH, MeshNode, block_path, build_network, diagnostics, wait_for_handshakes
 from tunnelmesh.membership import Token
 from tunnelmesh.paths import resolve_paths
 from tunnelmesh.tui.admin import Confirm, PendingJoins, ShowToken
@@ -118,10 +120,10 @@ async def follow_a_live_node(mesh: dict[str, MeshNode], shots: Path) -> None:
         await wait("the table refilled by the new daemon", lambda: set(table_rows(app)) == {"hub", "b"}, 20, app, mesh)
 
 
-async def admin_views(state_dir: str, shots: str, victim: str) -> None:
+async def admin_views(state_dir: str, shots: str, victim: str, joiner: str, joiner_fingerprint: str) -> None:
     """On the admin's node, in its namespace (the admin's calls go to the coordinator, as
-    `tunnelmesh pending`'s do): an invite as a token to copy, the pending joins, and a
-    revocation that only a "yes" carries out."""
+    `tunnelmesh pending`'s do): an invite as a token to copy, a pending join approved with
+    the fingerprint the joiner printed, and a revocation that only a "yes" carries out."""
     app = TunnelMeshApp(resolve_paths(state_dir, None), poll=0.5)
 
     def log_has(text: str) -> Callable[[], bool]:
@@ -142,8 +144,17 @@ async def admin_views(state_dir: str, shots: str, victim: str) -> None:
 
         await pilot.press("a")
         await until("the pending joins screen, loaded", lambda: isinstance(app.screen, PendingJoins) and str(
-            app.screen.query_one("#pending-title", Static).render()).startswith("joins waiting for approval: none"), 20)
+            app.screen.query_one("#pending-title", Static).render()).startswith("joins waiting for approval: 1 "), 20)
+        pending = app.screen.query_one("#pending", DataTable)
+        row = [str(cell) for cell in pending.get_row_at(0)]
+        assert row[:3] == [joiner, joiner_fingerprint, "request"], row  # the key the joiner printed
         app.save_screenshot("tui-pending.svg", shots)
+        await pilot.press("a")
+        await until("the approve confirmation", lambda: isinstance(app.screen, Confirm), 5)
+        assert joiner_fingerprint in str(app.screen.query_one(".question", Static).render())
+        await pilot.press("y")
+        await until("the pending joins empty after the approval", lambda: isinstance(app.screen, PendingJoins) and str(
+            app.screen.query_one("#pending-title", Static).render()).startswith("joins waiting for approval: none"), 30)
         await pilot.press("escape")
 
         table = app.query_one("#peers", DataTable)
@@ -168,14 +179,26 @@ ADMIN_DRIVER = ("import asyncio, sys; sys.path.insert(0, sys.argv[1]); from test
 
 
 def test_the_tui_follows_a_live_node_and_its_daemon_going_and_coming_back(lab: Lab, tmp_path: Path) -> None:
-    mesh = build_network(lab, ["hub", "a", "b"])
+    switch = lab.add_switch("sw")
+    mesh = build_network(lab, ["hub", "a", "b"], switch=switch)
     try:
         wait_for_handshakes(mesh, timeout=40)
         asyncio.run(follow_a_live_node(mesh, tmp_path))
+        # A join without a token waits for the admin: the TUI approves it.
         hub = mesh["hub"]
+        coordinator = hub.status()["node"]["coordinator"]
+        c = lab.add_node("c")
+        lab.connect(c, switch)
+        joining = c.popen(*TUNNELMESH, "--state-dir", str(c.state_dir), "join", coordinator["url"], "--name", "c",
+                          "--network", coordinator["network"], "--tls-fingerprint", coordinator["tls_fingerprint"],
+                          "--new-key", "--wait", "120", log_name="join", env=clean_environment())
+        asked = c.wait_for_log("join", r"approve c --fingerprint (SHA256:\S+)`", timeout=60)
+        fingerprint = re.search(r"approve c --fingerprint (SHA256:\S+)`", asked).group(1)  # type: ignore[union-attr]
         driver = hub.node.run(sys.executable, "-c", ADMIN_DRIVER, str(PROJECT_ROOT), str(hub.node.state_dir),
-                              str(tmp_path), "b", check=False, timeout=150)
+                              str(tmp_path), "b", "c", fingerprint, check=False, timeout=150)
         assert driver.returncode == 0, f"{driver.stdout}\n{driver.stderr}\n{diagnostics(mesh)}"
+        assert joining.wait(timeout=60) == 0, c.log("join")
+        assert "joined network" in c.log("join")
         main = tmp_path / "tui-main.svg"
         assert main.read_text().startswith("<svg")
         keep = os.environ.get("TUNNELMESH_TUI_SNAPSHOT")
