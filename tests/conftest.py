@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tools import lab as labmod
+
+# Timing is not what the property tests check: with three workers on two shared cores an
+# example (a whole nested Status, say) can take longer than hypothesis's 200 ms deadline, and
+# drawing one can trip the too_slow health check. Neither is a failure of the code under test.
+settings.register_profile("shared-cores", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("shared-cores")
 
 # Every namespace this pytest process creates starts with RUN_PREFIX, so the end-of-session
 # sweep removes exactly its own leftovers and never another run's live lab. Under
