@@ -31,8 +31,8 @@ from .network import (
 )
 from .policy import cmd_filter_show, cmd_filter_test, cmd_policy_edit, cmd_policy_set, cmd_policy_show
 from .tui import add_parser as _add_tui_parser
-from .ssh_config import cmd_ssh_config
 from .keys import add_parser as _add_keys_parser
+from .ssh_config import cmd_ssh_config
 from .wg_export import cmd_wg_export
 
 __all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "CliError", "build_parser", "main"]
@@ -47,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", help="state directory (default /var/lib/tunnelmesh, env TUNNELMESH_STATE_DIR)")
     parser.add_argument("--config", help="config file (default /etc/tunnelmesh/tunnelmesh.toml, or <state-dir>/tunnelmesh.toml when --state-dir is given)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_keys_parser(sub)
 
     p = sub.add_parser(
         "init", help="make a new network (this node is its admin and runs the coordinator), or a static node",
@@ -256,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ssh_config)
 
     _add_tui_parser(sub)
+    _add_keys_parser(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.add_argument("--json", action="store_true", help="the software's and the control API's versions as JSON")
