@@ -310,6 +310,7 @@ class PeerStatus:
     rx_packets: int = 0  # transport messages, keepalives included
     tx_packets: int = 0
     handshakes: int = 0  # completed since the session started
+    candidates: tuple[str, ...] = ()  # "host:port" UDP addresses a probe goes to, the one known to work first
 
 
 @dataclass(frozen=True, slots=True)

@@ -418,6 +418,7 @@ class PeerSession(Actor):
             rx_packets=peer.rx_packets,
             tx_packets=peer.tx_packets,
             handshakes=self.handshakes,
+            candidates=tuple(f"{host}:{port}" for host, port in self.selector.udp_targets()),
         )
 
     async def stop(self) -> None:

@@ -8,8 +8,6 @@ embedded and the standalone coordinator count members and connected nodes; a bad
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_bad_config import leftovers, line_number, member, up
 from tests.e2e.test_coordinator import run_coordinator, stop
+from tests.support.wait import wait_for
 from tools.lab import Lab, Node, clean_environment
 from tools.mesh import MeshNode, build_network, diagnostics, wait_for_handshakes
 
@@ -47,14 +46,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[key]
 
 
-def eventually(what: str, check: Callable[[], bool], timeout: float, context: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g} s\n{context()}")
-        time.sleep(0.5)
-
-
 def with_metrics(member: MeshNode) -> None:
     member.append_config(f'\n[metrics]\nlisten = "{LISTEN}"\n')
 
@@ -75,8 +66,8 @@ def test_peer_counters_move_with_traffic_and_the_embedded_coordinator_counts_its
     context = lambda: diagnostics(mesh)  # noqa: E731 - for failure messages
 
     # The embedded coordinator's metrics are on the admin node's own endpoint.
-    eventually("both nodes polling a's coordinator", lambda: value(
-        scrape(a.node), "tunnelmesh_coordinator_nodes_connected") == 2, 30, context)
+    wait_for("both nodes polling a's coordinator", lambda: value(
+        scrape(a.node), "tunnelmesh_coordinator_nodes_connected") == 2, 30, context, interval=0.5)
     first = scrape(a.node)
     assert value(first, "tunnelmesh_coordinator_members") == 2
     assert value(first, "tunnelmesh_peer_map_members") == 2
@@ -123,8 +114,8 @@ def test_the_standalone_coordinator_serves_its_metrics(lab: Lab) -> None:
         mesh = build_network(lab, ["a", "b"], switch=switch, coordinator=coordinator)
         wait_for_handshakes(mesh, timeout=40)
         context = lambda: diagnostics(mesh) + coordinator.log("coordinator")[-3000:]  # noqa: E731
-        eventually("both nodes polling the coordinator", lambda: value(
-            scrape(coordinator), "tunnelmesh_coordinator_nodes_connected") == 2, 30, context)
+        wait_for("both nodes polling the coordinator", lambda: value(
+            scrape(coordinator), "tunnelmesh_coordinator_nodes_connected") == 2, 30, context, interval=0.5)
         assert value(scrape(coordinator), "tunnelmesh_coordinator_members") == 2
         assert f"{URL} (no authentication)" in coordinator.log("coordinator")
     finally:
@@ -152,7 +143,7 @@ def test_a_taken_metrics_port_stops_up_and_leaves_nothing(member: MeshNode) -> N
     holder = member.node.popen(sys.executable, "-c", "import socket, time; s = socket.socket(); "
                                f"s.bind(('127.0.0.1', {LISTEN.rsplit(':', 1)[1]})); s.listen(); print('bound', flush=True); "
                                "time.sleep(120)", log_name="holder")
-    eventually("the port is taken", lambda: "bound" in member.node.log("holder"), 10, lambda: "")
+    wait_for("the port is taken", lambda: "bound" in member.node.log("holder"), 10, lambda: "")
     with_metrics(member)
     refused = up(member)
     assert refused.returncode != 0, refused

@@ -91,13 +91,15 @@ async def follow_a_live_node(mesh: dict[str, MeshNode], shots: Path) -> None:
             await pilot.press("r")
             await wait("the re-probe key's answer", lambda: "re-probe b: probing UDP" in event_log(app), 10, app,
                        mesh)
-            await pilot.pause(1.5)  # a few polls: rates and the sparkline have samples
+            await wait("a few polls of b's rates for the sparkline",
+                       lambda: len(app.rates.history.get("b", ())) >= 3, 10, app, mesh)
             app.save_screenshot("tui-main.svg", str(shots))
 
             await pilot.press("d")
             await wait("the detail view", lambda: isinstance(app.screen, PeerDetail), 5, app, mesh)
             detail = str(app.screen.query_one("#detail", Static).render())
             assert "why not better  UDP: " in detail and "packets" in detail, detail
+            assert f"UDP candidates  {b.underlay}:" in detail, detail  # b's UDP address, from the map or proven
             await wait("the rung change in the detail's history",
                        lambda: app.screen.query_one("#transitions", DataTable).row_count >= 1, 5, app, mesh)
             app.save_screenshot("tui-detail.svg", str(shots))

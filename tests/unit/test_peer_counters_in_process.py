@@ -1,4 +1,4 @@
-"""The per-peer counters of `status` (rtt_ms, rx/tx packets, handshakes), filled by two
+"""The per-peer counters of `status` (rtt_ms, rx/tx packets, handshakes, UDP candidates), filled by two
 whole daemons in virtual time on a UDP path with a known delay: the round trip each
 side reports is the one the network gives, and the counters move with the traffic."""
 
@@ -32,6 +32,8 @@ def test_the_round_trip_and_the_counters_follow_the_network_and_the_traffic(
         assert b_sees["rtt_ms"] is None  # b only answered: nothing measured yet
         assert a_sees["handshakes"] == b_sees["handshakes"] == 1
         assert a_sees["tx_packets"] >= 1 and b_sees["rx_packets"] == a_sees["tx_packets"]  # the confirmation
+        for seen in (a_sees, b_sees):  # the address that works leads the UDP candidates
+            assert seen["path"]["endpoint"] == f"udp {seen['candidates'][0]}", seen
 
         assert await p.pings_answered(p.a, p.b, count=5) == 5
         a_after, b_after = await peer_of(p.a), await peer_of(p.b)

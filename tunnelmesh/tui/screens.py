@@ -68,6 +68,7 @@ class PeerDetail(Screen[None]):
             f"{peer.mesh_ip}  {peer.state}",
             f"fingerprint     {peer.fingerprint or '(a plain WireGuard peer)'}",
             f"path            {peer.path.endpoint if peer.path else 'no endpoint known yet (waits to be contacted)'}",
+            f"UDP candidates  {', '.join(peer.candidates) or 'none known (waits to be contacted)'}",
             f"why not better  {peer.why_not_better or '-'}",
             f"rung changes    {peer.rung_changes}; better rungs probed every {peer.probe_interval:g} s",
             f"last handshake  {model.ago(peer.last_handshake_ago)}; {peer.handshakes} since the session started",
