@@ -16,15 +16,18 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from textual.widgets import Static
 
 from actors.agent_identity import CACHE_NAME, load_daemon_identity, probe_agent
 from tests.support.ssh_agent import Agent, keygen, openssh_fingerprint, require_openssh, running_agent
+from tests.support.wait import until
 from tunnelmesh.cli import main
 from tunnelmesh.config import ConfigError, load_config
 from tunnelmesh.control_client import ControlError, request
 from tunnelmesh.identity import IdentityError, load_identity_file
 from tunnelmesh.identity_agent import cache_record, cached_identity
 from tunnelmesh.paths import Paths
+from tunnelmesh.tui.app import TunnelMeshApp
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,28 @@ def test_down_stops_a_waiting_daemon(tmp_path: Path, keys: Keys) -> None:
 
     assert asyncio.run(scenario()) is None
     assert not paths.pid_file.exists() and not paths.control_socket.exists()
+
+
+def test_the_tui_shows_a_waiting_daemon_in_its_own_words(tmp_path: Path, keys: Keys) -> None:
+    nowhere = tmp_path / "no-agent.sock"
+    paths = write_config(tmp_path, f"agent:{fp(keys.rsa)}", agent_socket=str(nowhere))
+    config = load_config(paths.config, state_dir=paths.state_dir)
+
+    async def scenario() -> object:
+        task = asyncio.create_task(load_daemon_identity(config, paths))
+        await wait_answer(paths, "ping_daemon")
+        app = TunnelMeshApp(paths)
+        async with app.run_test(size=(160, 40)):
+            banner = app.query_one("#banner", Static)
+            await until("the banner", lambda: banner.display, 5.0)
+            shown = str(banner.render())
+            assert shown.startswith(f"the daemon at {paths.control_socket}: tunnelmesh (pid "), shown
+            assert "is starting: waiting for the ssh-agent" in shown, shown
+            assert "not running" not in shown and not app.connected
+        assert await wait_answer(paths, "down") == "stopping"
+        return await asyncio.wait_for(task, 10)
+
+    assert asyncio.run(scenario()) is None
 
 
 # --- the config and the cache record as input ----------------------------------------------

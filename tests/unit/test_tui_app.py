@@ -1,6 +1,6 @@
 """The TUI app without a daemon (tests/e2e/test_tui.py has it with real ones): it says
 where it looked and how to start one, and keeps trying with the bounded back-off; what a
-daemon says is shown as text, never read as markup (a reason may hold "[...]")."""
+daemon says is shown as text, never read as markup (a reason may hold "[...]"), and an ssh-agent that is gone is named with what waits for it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from textual.widgets import DataTable, Static
 
 from actors.messages import (
-    CoordinatorStatus, NodeStatus, PathChanged, PathStatus, PeerStatus, Status, TransportsStatus,
+    AgentStatus, CoordinatorStatus, NodeStatus, PathChanged, PathStatus, PeerStatus, Status, TransportsStatus,
 )
 from tests.support.wait import until
 from tunnelmesh.paths import resolve_paths
@@ -43,7 +43,8 @@ def test_what_the_daemon_says_is_shown_as_text_not_markup(tmp_path: Path) -> Non
     node = NodeStatus(name="a", mesh_ip="100.64.0.1", mesh_ipv6=None, interface="tm0", listen_port=51820,
                       version="0", started=0.0, pid=1, mode="coordinator", fingerprint="SHA256:x", ssh_public_key="k",
                       wireguard_public_key="w", coordinator=coordinator, serving_coordinator=None, admission=None,
-                      transports=TransportsStatus(None, None, (), None), events_dropped=0, actors=())
+                      transports=TransportsStatus(None, None, (), None), events_dropped=0, actors=(),
+                      agent=AgentStatus("/run/[b]agent.sock", "SHA256:x", "unreachable", ("a restart", "SSH logins")))
 
     async def scenario() -> None:
         app = TunnelMeshApp(resolve_paths(str(tmp_path), None))
@@ -51,6 +52,7 @@ def test_what_the_daemon_says_is_shown_as_text_not_markup(tmp_path: Path) -> Non
             app._update(Status(node=node, peers=(peer,), drops={"[/y]": 1}))  # as a poll would
             header = str(app.query_one("#node", Static).render())
             assert f"unreachable - {HOSTILE};" in header and "drops: [/y] 1" in header, header
+            assert "ssh-agent at /run/[b]agent.sock: unreachable; needed for a restart, SSH logins" in header, header
             assert str(app.query_one("#peers", DataTable).get_row("b")[-1]) == HOSTILE
             await pilot.press("d")
             await until("the detail view", lambda: isinstance(app.screen, PeerDetail), 5.0)

@@ -153,10 +153,11 @@ class TunnelMeshApp(App[None]):
             self.log_line(f"lost the daemon: {why}")
         self.connected = False
         banner = self.query_one("#banner", Static)
-        # Not running is the usual case, and the first line says it; anything else is news.
-        detail = "" if isinstance(why, NotRunning) else f"{why}; "
-        banner.update(f"daemon not running at {self.socket} - start it with `tunnelmesh up`\n"
-                      f"{detail}trying again in {retry_in:g} s (attempt {self.backoff.attempts})")
+        # Not running is the usual case; a daemon that answers but cannot say its status (it
+        # waits for its ssh-agent key, say) gives its own words.
+        first = (f"daemon not running at {self.socket} - start it with `tunnelmesh up`" if isinstance(why, NotRunning)
+                 else f"the daemon at {self.socket}: {why}")
+        banner.update(f"{first}\ntrying again in {retry_in:g} s (attempt {self.backoff.attempts})")
         banner.display = True
         self._dim(True)
         if self.status is not None:
@@ -199,6 +200,9 @@ class TunnelMeshApp(App[None]):
         line += f"\npeers {up}/{len(status.peers)} up" + (f"; drops: {escape(counted)}" if counted else "")
         if self.admin:
             line += "; admin key here"
+        agent = node.agent
+        if agent is not None and agent.needed_for:  # the agent is gone or lost the key: say what waits for it
+            line += escape(f"\nssh-agent at {agent.socket}: {agent.state}; needed for {', '.join(agent.needed_for)}")
         return line
 
     def _fill_table(self) -> None:
