@@ -21,12 +21,10 @@ from tunnelmesh import __version__
 
 from .control import EventBus, Handler
 from .messages import (
-    ActorStatus, Identity, WhoAmI, FilterRules, FilterVerdict, FindSession, GetFilterStatus, GetStatus, ListPeers,
-    NodeStatus, PeerStatus, Ping, PingResult, Peers, ProbeNow, ProbeResult, RelayClientStatus, RelayServerStatus,
-    ShowFilter, SshStatus, Status, TestFilter, TransportsStatus, from_json,
+    ActorStatus, AgentStatus, Identity, WhoAmI, FilterRules, FilterVerdict, FindSession, GetFilterStatus, GetStatus,
+    ListPeers, NodeStatus, PeerStatus, Ping, PingResult, Peers, ProbeNow, ProbeResult, RelayClientStatus,
+    RelayServerStatus, ShowFilter, SshHosts, SshStatus, Status, TestFilter, TransportsStatus, from_json,
 )
-from .messages import SshHosts
-from .messages import AgentStatus
 from .runtime import Actor
 
 if TYPE_CHECKING:

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from actors.messages import (
-    CONTROL_VERSION, ControlSchemaError, Event, FilterRules, FilterVerdict, Peers, PingResult, Status, Subscribed,
-    from_json,
+    CONTROL_VERSION, ControlSchemaError, Event, FilterRules, FilterVerdict, Peers, PingResult, SshHosts, Status,
+    Subscribed, from_json,
 )
-from actors.messages import SshHosts
 
 T = TypeVar("T")
 
