@@ -1,8 +1,10 @@
 """What `tunnelmesh wg-export` prints: the wg-quick config, its QR code, the checks of
-what the user gives (a public key), the address it picks and the 0600 file."""
+what the user gives (a public key), the address it picks, the 0600 file, and what it says
+on a static node."""
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import os
 from pathlib import Path
@@ -11,9 +13,11 @@ import pytest
 import segno
 
 from tests.support.membership import NOW, World
-from tunnelmesh.exports.wg import WgExport, free_host, parse_public_key, qr_code, write_config
+from tunnelmesh.config import starter_config
+from tunnelmesh.exports.wg import WgExport, export_device, free_host, parse_public_key, qr_code, write_config
 from tunnelmesh.membership import DeviceEntry, PeerMap, b64
 from tunnelmesh.network import NetworkError
+from tunnelmesh.paths import Paths
 
 SERVER_KEY = bytes(range(100, 132))
 PSK = bytes(range(200, 232))
@@ -105,3 +109,13 @@ def test_the_config_file_is_written_0600(tmp_path: Path) -> None:
     write_config(target, made)
     assert target.read_text() == made.config()
     assert os.stat(target).st_mode & 0o777 == 0o600
+
+
+def test_on_a_static_node_it_says_it_needs_a_coordinator_network_and_what_a_static_mesh_does(tmp_path: Path) -> None:
+    config = tmp_path / "tunnelmesh.toml"
+    config.write_text(starter_config(name="a", identity=str(tmp_path / "id"), mesh_ip="10.99.0.1"))
+    with pytest.raises(NetworkError) as refused:
+        asyncio.run(export_device(Paths(tmp_path, config), "phone"))
+    assert "a network with a coordinator" in str(refused.value) and "static mesh" in str(refused.value)
+    assert "[[peers]]" in str(refused.value) and "`tunnelmesh show --wg`" in str(refused.value)
+    assert "tunnelmesh join" not in str(refused.value)

@@ -25,7 +25,7 @@ import segno
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tunnelmesh import files
-from tunnelmesh.config import ConfigError
+from tunnelmesh.config import ConfigError, load_config
 from tunnelmesh.config.secret import read_network_secret
 from tunnelmesh.fields import FieldError, parse_endpoint
 from tunnelmesh.membership import (
@@ -130,12 +130,29 @@ def free_host(network: NetworkInfo, peer_map: PeerMap, admitted: list[Entry]) ->
     return host
 
 
+def _refuse_a_static_mesh(paths: Paths) -> None:
+    """A static mesh has no coordinator to admit a device to (Admin.load would only say
+    "join or init"): say so, and what a static mesh does instead."""
+    if paths.network_state.exists() or not paths.config.exists():
+        return  # joined, or nothing here: Admin.load says what is missing
+    try:
+        static = load_config(paths.config, state_dir=paths.state_dir).coordinator is None
+    except ConfigError:
+        return  # Admin.load's own message stands
+    if static:
+        raise NetworkError(f"wg-export admits a device to a network with a coordinator; {paths.config} is a static "
+                           "mesh (no [coordinator]): there, a plain WireGuard device is one more [[peers]] entry in "
+                           "the nodes' configs, and `tunnelmesh show --wg` prints the [Peer] section it needs for "
+                           "this node")
+
+
 async def export_device(paths: Paths, name: str, *, via: str | None = None, endpoint: str | None = None,
                         public_key: str | None = None) -> WgExport:
     """Admit the device `name` (a new key made here, or `public_key`), served by the member
     `via` (default: this node), and return its config. The serving node's endpoint is
     `endpoint`, else the first address it registered with the coordinator."""
     check_name(name, "the device's name")
+    _refuse_a_static_mesh(paths)
     admin = Admin.load(paths)
     network = admin.state.network
     private: bytes | None = None
