@@ -31,6 +31,7 @@ from tunnelmesh.membership import PeerMap
 
 T0 = 1_767_225_600
 NET = "SHA256:" + base64.b64encode(bytes(range(32))).decode().rstrip("=")  # a network id
+FINGERPRINT = "SHA256:" + base64.b64encode(bytes(range(1, 33))).decode().rstrip("=")  # a member's identity
 ALIAS = "beta.00010203.tunnelmesh"  # its tag: the id's first 4 bytes in hex
 
 
@@ -96,8 +97,9 @@ def test_a_replayed_older_record_gives_no_keys() -> None:
     assert node1.host_keys == () and "older than the one already seen" in (node1.why_none or "")
 
 
-def host(name: str, keys: tuple[str, ...], *, mesh_ip: str = "10.99.0.2", why: str | None = None) -> SshHost:
-    return SshHost(name=name, mesh_ip=mesh_ip, mesh_ipv6=None, fingerprint="SHA256:x", host_keys=keys,
+def host(name: str, keys: tuple[str, ...], *, mesh_ip: str = "10.99.0.2", why: str | None = None,
+         fingerprint: str = FINGERPRINT) -> SshHost:
+    return SshHost(name=name, mesh_ip=mesh_ip, mesh_ipv6=None, fingerprint=fingerprint, host_keys=keys,
                    identity_is_host_key=False, why_none=why)
 
 
@@ -130,11 +132,17 @@ def test_malformed_keys_leave_the_member_out(tmp_path: Path, bad: str, why: str)
         assert all(line == "" or line.startswith(("#", "Host ", "    ")) for line in text.splitlines()), text
 
 
-def test_bad_address_or_name_or_network(tmp_path: Path) -> None:
+def test_bad_address_name_fingerprint_or_network(tmp_path: Path) -> None:
     export = render(SshHosts(NET, (host("beta", sshd_keys(), mesh_ip="10.0.0.2\nHost *"),
                                       host("Bad Name", sshd_keys()))), tmp_path)
     assert export.hosts == () and "not an IPv4 address" in export.left_out["beta"]
     assert "Bad Name" not in export.ssh_config + export.known_hosts
+    for fingerprint in ("SHA256:x", "SHA256:" + "A" * 42 + "\nHost *\n  ProxyCommand evil", FINGERPRINT + "\nx y"):
+        export = render(SshHosts(NET, (host("beta", sshd_keys(), fingerprint=fingerprint),)), tmp_path)
+        assert export.hosts == () and "is not SHA256:<base64>" in export.left_out["beta"], fingerprint
+        assert ALIAS not in export.known_hosts and "Host beta" not in export.ssh_config
+        for text in (export.ssh_config, export.known_hosts):  # the value makes no line of its own
+            assert all(line == "" or line.startswith(("#", "Host ", "    ")) for line in text.splitlines()), text
     for bad in ("lab", "SHA256:AAAA", "SHA256:" + "A" * 42 + "\nHost *"):
         with pytest.raises(ExportError, match="not an id"):
             render(SshHosts(bad, ()), tmp_path)

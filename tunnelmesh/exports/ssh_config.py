@@ -25,7 +25,7 @@ mesh address) names the keys, so a mesh address that passes to another member af
 revocation never carries the old member's keys, nor does a member of the same name in
 another network; StrictHostKeyChecking yes makes a key that is not
 there a refusal, never a prompt. The values are checked again here (names, addresses,
-keys in canonical form) before anything is written: a line break in a key must not
+keys in canonical form, identity fingerprints) before anything is written: a line break in a key must not
 become an ssh_config directive.
 """
 
@@ -71,10 +71,23 @@ def _quoted(path: Path) -> str:
     return '"' + text.replace("%", "%%") + '"'
 
 
+def _sha256_digest(value: str) -> bytes | None:
+    """The 32 bytes of an id or fingerprint "SHA256:<base64, unpadded>"; None if it is not one."""
+    if not value.startswith("SHA256:"):
+        return None
+    try:
+        digest = base64.b64decode(value.removeprefix("SHA256:") + "=", validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return digest if len(digest) == 32 and "=" not in value else None
+
+
 def _checked(host: SshHost) -> tuple[str, tuple[str, ...]] | str:
     """The member's mesh address and host keys, each checked again; else why it is left out."""
     if host.why_none is not None or not host.host_keys:
         return host.why_none or "no verified sshd host keys"
+    if _sha256_digest(host.fingerprint) is None:  # it goes into a known_hosts comment
+        return f"its fingerprint {host.fingerprint!r} is not SHA256:<base64>"
     try:
         address = str(ipaddress.IPv4Address(host.mesh_ip))
     except ValueError:
@@ -88,11 +101,8 @@ def _checked(host: SshHost) -> tuple[str, tuple[str, ...]] | str:
 
 def network_tag(network: str) -> str:
     """The network's short name in host key aliases: 8 hex digits of its id, "SHA256:<base64>"."""
-    try:
-        digest = base64.b64decode(network.removeprefix("SHA256:") + "=", validate=True)
-    except (binascii.Error, ValueError):
-        digest = b""
-    if not network.startswith("SHA256:") or len(digest) != 32:
+    digest = _sha256_digest(network)
+    if digest is None:
         raise ExportError(f"the daemon named the network {network!r}, not an id SHA256:<base64>")
     return digest[:4].hex()
 
