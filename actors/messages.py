@@ -311,6 +311,8 @@ class PeerStatus:
     tx_packets: int = 0
     handshakes: int = 0  # completed since the session started
     candidates: tuple[str, ...] = ()  # "host:port" UDP addresses a probe goes to, the one known to work first
+    #: datagrams for this peer the core dropped, by reason (once it knew the peer they were for)
+    drops: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,7 +627,8 @@ def _decode_dataclass(cls: Any, data: Any, where: str) -> Any:
     if unknown:
         raise ControlSchemaError(f"{where}: unknown field {', '.join(map(repr, unknown))} (control version "
                                  f"{CONTROL_VERSION}); is the daemon newer than this client?")
-    missing = [name for name, f in known.items() if name not in data and f.default is MISSING]
+    missing = [name for name, f in known.items()
+               if name not in data and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise ControlSchemaError(f"{where}: missing field {', '.join(map(repr, missing))}")
     return cls(**{name: _decode(hints[name], value, f"{where}.{name}") for name, value in data.items()})

@@ -116,6 +116,13 @@ def _peers(peers: tuple[PeerStatus, ...]) -> Iterator[CounterMetricFamily | Gaug
                 "peer", {n: p.rtt_ms / 1000 for n, p in by_name.items() if p.rtt_ms is not None})
     yield gauge("tunnelmesh_peer_last_handshake_timestamp_seconds", "When the last handshake completed (Unix time).",
                 "peer", {n: p.last_handshake for n, p in by_name.items() if p.last_handshake is not None})
+    drops = CounterMetricFamily("tunnelmesh_peer_drops", "Packets for the peer the protocol core dropped, by reason "
+                                "(those dropped once it knew the peer; also in tunnelmesh_drops).",
+                                labels=["peer", "reason"])
+    for name, peer in sorted(by_name.items()):
+        for reason, count in sorted(peer.drops.items()):
+            drops.add_metric([name, reason], count)
+    yield drops
 
 
 class MetricsEndpoint:

@@ -419,6 +419,7 @@ class PeerSession(Actor):
             tx_packets=peer.tx_packets,
             handshakes=self.handshakes,
             candidates=tuple(f"{host}:{port}" for host, port in self.selector.udp_targets()),
+            drops=dict(peer.drops),
         )
 
     async def stop(self) -> None:

@@ -1,13 +1,15 @@
 """What the core counts for `status` and /metrics: transport messages each way
 (`rx_packets`, `tx_packets`, next to the byte counters) and the initiator's
 handshake round trip (`handshake_rtt`), measured only when the answer can only be
-to one copy of the initiation (Karn's rule)."""
+to one copy of the initiation (Karn's rule); and each peer's drops by reason
+(`Peer.drops`), for datagrams dropped once the peer they are for is known."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.support.wire import A_ADDR, B_ADDR, PeerPair, kind
+from tests.support.wire import A_ADDR, A_IP, B_ADDR, B_IP, PeerPair, ipv4_packet, kind
+from tunnelmesh.wireguard.constants import MAX_STAGED_PACKETS, REJECT_AFTER_TIME
 
 INIT, RESP = 1, 2
 OTHER_UDP = ("198.51.100.7", 4242)
@@ -74,3 +76,46 @@ def test_transport_messages_are_counted_each_way_with_their_bytes() -> None:
     assert pair.a_peer.rx_packets == 3 and pair.a_peer.rx_bytes == sum(sizes)
     pair.inject("a", bytes(pair.wire_log[-1][1]))  # a replay is dropped, not counted
     assert pair.a_peer.rx_packets == 3 and pair.a.drops["replayed counter"] == 1
+
+
+def test_drops_after_the_peer_is_known_are_counted_for_that_peer_and_node_wide() -> None:
+    pair = PeerPair()
+    pair.handshake()
+    pair.send("b", b"first")
+    pair.deliver()
+    assert pair.a_peer.drops == {}  # packets that pass leave a peer's drops untouched
+    pair.inject("a", bytes(pair.wire_log[-1][1]))  # replayed
+    pair.send("b", b"tampered")
+    ((sealed, _),) = pair.b.transmits
+    pair.b.transmits.clear()
+    pair.inject("a", sealed[:-1] + bytes([sealed[-1] ^ 1]))  # its tag no longer authenticates
+    pair.send_packet("b", ipv4_packet("100.100.0.9", A_IP, b"not b's address"))
+    bad_length = bytearray(ipv4_packet(B_IP, A_IP, b"short"))
+    bad_length[2:4] = (0xFFFF).to_bytes(2, "big")  # claims more than it holds
+    pair.send_packet("b", bytes(bad_length))
+    pair.deliver()
+    pair.send("b", b"late")
+    ((late, _),) = pair.b.transmits
+    pair.b.transmits.clear()
+    pair.advance(REJECT_AFTER_TIME)
+    pair.inject("a", late)
+    expected = {"replayed counter": 1, "authentication failed": 1, "inner source not allowed for peer": 1,
+                "malformed inner packet": 1, "keypair expired": 1}
+    assert pair.a_peer.drops == expected
+    assert {reason: pair.a.drops[reason] for reason in expected} == expected  # node-wide as before
+
+
+def test_drops_before_any_peer_is_known_are_counted_node_wide_only() -> None:
+    pair = PeerPair()
+    pair.handshake()
+    pair.inject("a", bytes([4, 0, 0, 0]) + bytes(4) + bytes(8) + bytes(16))  # no such receiver index
+    pair.inject("a", b"\x09junk")  # not a WireGuard message
+    assert pair.a.drops["unknown receiver index"] == 1 and pair.a.drops["malformed message"] == 1
+    assert pair.a_peer.drops == {}
+
+
+def test_packets_staged_past_the_queue_are_that_peers_drops() -> None:
+    pair = PeerPair()  # no handshake: every packet is staged
+    for n in range(MAX_STAGED_PACKETS + 2):
+        assert pair.send("a", bytes([n])) == 0
+    assert pair.a_peer.drops == {"staged queue full": 2} and pair.a.drops["staged queue full"] == 2

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from actors.messages import (
-    ActorStatus, CoordinatorStatus, NodeStatus, RelayServerStatus, Status, TransportsStatus,
+    ActorStatus, CoordinatorStatus, NodeStatus, PeerStatus, RelayServerStatus, Status, TransportsStatus, from_json,
+    to_json,
 )
 from actors.metrics import MetricsEndpoint, StatusCollector
 from tests.unit.test_config import load, load_error
@@ -60,7 +61,8 @@ def node(**changes: Any) -> NodeStatus:
     return dataclasses.replace(base, **changes)
 
 
-BETA = dataclasses.replace(PEER, rx_packets=7, tx_packets=9, handshakes=2, rtt_ms=12.5)
+BETA = dataclasses.replace(PEER, rx_packets=7, tx_packets=9, handshakes=2, rtt_ms=12.5,
+                           drops={"replayed counter": 3, "inner source not allowed for peer": 1})
 GAMMA = dataclasses.replace(PEER, name="gamma", path=None, state="waiting", last_handshake=None, rx_bytes=0,
                             tx_bytes=0)  # no path, nothing measured yet
 
@@ -93,6 +95,9 @@ def test_a_status_snapshot_reads_back_as_the_same_values() -> None:
     assert ("tunnelmesh_peer_rtt_seconds", (("peer", "gamma"),)) not in values  # none measured: no sample
     assert at("tunnelmesh_peer_last_handshake_timestamp_seconds", peer="b") == 1700000001.0
     assert at("tunnelmesh_drops_total", reason="no peer for destination") == 6
+    assert at("tunnelmesh_peer_drops_total", peer="b", reason="replayed counter") == 3
+    assert at("tunnelmesh_peer_drops_total", peer="b", reason="inner source not allowed for peer") == 1
+    assert not any(name == "tunnelmesh_peer_drops_total" and ("peer", "gamma") in labels for name, labels in values)
     assert at("tunnelmesh_actor_restarts_total", actor="mesh") == 1
     assert at("tunnelmesh_actor_mailbox_depth", actor="mesh") == 2
     assert at("tunnelmesh_actor_mailbox_dropped_total", actor="sessions") == 5
@@ -121,6 +126,8 @@ def test_any_status_renders_and_parses_with_each_peers_counters(status: Status) 
     last = {p.name: p for p in status.peers}  # a name given twice: the last one's values
     for name, peer in last.items():
         assert values[("tunnelmesh_peer_rx_bytes_total", (("peer", name),))] == peer.rx_bytes
+        for reason, count in peer.drops.items():
+            assert values[("tunnelmesh_peer_drops_total", (("peer", name), ("reason", reason)))] == count
         ones = [values[("tunnelmesh_peer_rung", (("peer", name), ("rung", r)))] for r in ("udp", "ssh", "relay")]
         assert sum(ones) == (1 if peer.path is not None and peer.path.rung in ("udp", "ssh", "relay") else 0)
 
@@ -191,3 +198,9 @@ def test_a_bad_metrics_table_is_a_clear_error_with_its_line(tmp_path: Path, tabl
 
 def test_metrics_must_be_a_table(tmp_path: Path) -> None:
     assert "metrics must be a table ([metrics])" in str(load_error(tmp_path, 'metrics = "127.0.0.1:9469"\n' + MINIMAL))
+
+
+def test_a_peer_status_without_drops_from_an_older_daemon_decodes_with_none() -> None:
+    older = {key: value for key, value in to_json(BETA).items() if key != "drops"}
+    assert from_json(PeerStatus, older) == dataclasses.replace(BETA, drops={})
+    assert from_json(PeerStatus, to_json(BETA)) == BETA

@@ -20,7 +20,10 @@ Inbound flow (the caller holds a datagram from any transport):
    response and a cookie reply by their receiver index.
 
 Anything to send is appended to `transmits` as (datagram, endpoint); events
-go to `events`; every dropped datagram is counted in `drops` by reason.
+go to `events`; every dropped datagram is counted in `drops` by reason, and
+once the peer it is for is known (a receiver index, an initiation's static key)
+also in that `Peer.drops`: for a message that has not authenticated yet that is
+the peer it names, not a proven sender.
 Nothing here reads a clock, opens a socket or awaits: `now` (monotonic
 seconds) and `wall` (Unix time, for TAI64N) are passed in.
 """
@@ -239,31 +242,31 @@ class Device:
         if source.__class__ is not tuple or not peer.accepts_udp:
             refused = _refused_path(source, peer)
             if refused is not None:
-                self.drops[refused] += 1
+                self.count_drop(refused, peer)
                 return 0
         if now - kp.created >= REJECT_AFTER_TIME:
-            self.drops["keypair expired"] += 1
+            self.count_drop("keypair expired", peer)
             return 0
         plain = size - TRANSPORT_MIN_SIZE
         if plain > len(out):
-            self.drops["packet larger than buffer"] += 1
+            self.count_drop("packet larger than buffer", peer)
             return 0
         nonce = self._nonce
         NONCE_COUNTER.pack_into(nonce, 4, counter)  # already unpacked: no slice of the datagram
         try:
             kp.receiver.decrypt_into(nonce, data[16:size], None, memoryview(out)[:plain])
         except InvalidTag:
-            self.drops["authentication failed"] += 1
+            self.count_drop("authentication failed", peer)
             return 0
         if not kp.replay.check_and_update(counter):
-            self.drops["replayed counter"] += 1
+            self.count_drop("replayed counter", peer)
             return 0
         peer.on_transport(kp, source, size, plain > 0, now, wall)
         if plain == 0:
             return 0  # keepalive
         length = _ip_length(out, plain)
         if length == 0:
-            self.drops["malformed inner packet"] += 1
+            self.count_drop("malformed inner packet", peer)
             return 0
         # Cryptokey routing: the source must route back to this very peer
         # (wireguard-go: allowedips.Lookup(src) != peer), so a peer cannot
@@ -271,7 +274,7 @@ class Device:
         version = out[0] >> 4
         source = bytes(out[12:16]) if version == 4 else bytes(out[8:24])
         if self._lookup(version, source) is not peer:
-            self.drops["inner source not allowed for peer"] += 1
+            self.count_drop("inner source not allowed for peer", peer)
             return 0
         self.received_from = peer
         return length
@@ -289,8 +292,10 @@ class Device:
         if kind == MSG_COOKIE_REPLY:
             assert isinstance(message, CookieReply)
             entry = self._index.get(message.receiver)
-            if entry is None or not entry[0].cookie.consume_reply(message, now):
+            if entry is None:
                 self.drops["cookie reply not for us"] += 1
+            elif not entry[0].cookie.consume_reply(message, now):
+                self.count_drop("cookie reply not for us", entry[0])
             else:
                 entry[0].retry_with_cookie(message.receiver, source, now, wall)
             return
@@ -330,18 +335,18 @@ class Device:
             return
         refused = _refused_path(source, peer)
         if refused is not None:
-            self.drops[refused] += 1
+            self.count_drop(refused, peer)
             return
         reason = peer.check_initiation(consumed.timestamp, now)
         if reason is not None:
             if not peer.answer_again(raw, source, now):
-                self.drops[reason] += 1
+                self.count_drop(reason, peer)
             return
         if self.static_public < consumed.remote_static and peer.ours_goes_ahead(consumed.timestamp, source, now):
             # Both sides initiated along this path at once: answering would discard our own
             # initiation, and the peer, answering ours, would discard theirs: both answers
             # lost. The smaller key's initiation goes ahead; the peer answers it.
-            self.drops["initiation crossing ours (ours goes ahead)"] += 1
+            self.count_drop("initiation crossing ours (ours goes ahead)", peer)
             return
         peer.answer_initiation(consumed, message.sender, source, now, raw)
 
@@ -354,14 +359,14 @@ class Device:
         peer = entry[0]
         refused = _refused_path(source, peer)
         if refused is not None:
-            self.drops[refused] += 1
+            self.count_drop(refused, peer)
             return
         try:
             final = consume_response(
                 message, noise, local_static_private=self.static_private, preshared_key=peer.preshared_key
             )
         except HandshakeError:
-            self.drops["response does not authenticate"] += 1
+            self.count_drop("response does not authenticate", peer)
             return
         peer.on_response(final, message.sender, source, now, wall)
 
@@ -382,7 +387,7 @@ class Device:
     def queue_transmit(self, peer: Peer, datagram: bytes, to: Endpoint | None = None) -> None:
         endpoint = to if to is not None else peer.endpoint
         if endpoint is None:
-            self.drops["peer has no endpoint"] += 1
+            self.count_drop("peer has no endpoint", peer)
             return
         self.transmits.append((datagram, endpoint))
 
@@ -412,8 +417,12 @@ class Device:
     def emit(self, event: Event) -> None:
         self.events.append(event)
 
-    def count_drop(self, reason: str) -> None:
+    def count_drop(self, reason: str, peer: Peer | None = None) -> None:
+        """Count a dropped datagram by `reason`, node-wide and, when the drop is
+        after the peer it is for is known, in that peer's `drops` too."""
         self.drops[reason] += 1
+        if peer is not None:
+            peer.drops[reason] += 1
 
 
 def _ip_length(packet: bytearray, size: int) -> int:

@@ -24,7 +24,7 @@ earliest deadline; `handle_timer(now, wall)` runs whatever is due.
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Hashable
 
@@ -153,6 +153,9 @@ class Peer:
         self.tx_bytes = 0
         self.rx_packets = 0  # authenticated transport messages, keepalives included
         self.tx_packets = 0
+        # Datagrams for this peer the core dropped, by reason (`Device.count_drop`; also
+        # counted node-wide): touched on the drop path only.
+        self.drops: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         return f"<Peer {self.owner!r}>"
@@ -230,7 +233,7 @@ class Peer:
         staged = self.staged
         if len(staged) >= MAX_STAGED_PACKETS:
             staged.popleft()
-            self.device.count_drop("staged queue full")
+            self.device.count_drop("staged queue full", self)
         staged.append(packet)
         self.send_handshake_initiation(now, wall)
 
