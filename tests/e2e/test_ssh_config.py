@@ -99,8 +99,11 @@ def test_ssh_reaches_the_peers_sshd_with_its_attested_key_and_refuses_a_changed_
         shown = wait_for_attested(a, "b", first_key)
         assert shown["hosts"] == ["b"] and shown["left_out"] == {}, shown
         assert not out.exists()  # --json writes nothing
-        printed = a.tm("ssh-config", "--out", str(out)).stdout
+        written = a.tm("ssh-config", "--out", str(out))
+        printed = written.stdout
         assert printed.splitlines()[-1] == f'Include "{out}/ssh_config"', printed
+        # The lab's work directory is 0700 (mkdtemp): other users' ssh could not read the files; it says so.
+        assert f"other users cannot read {workdir} (mode 0700)" in written.stderr, written.stderr
         snippet = out / "ssh_config"
         assert (out / "known_hosts").read_text() == shown["known_hosts"]["text"]
         assert f"HostName {b.mesh_ip}\n" in snippet.read_text()

@@ -25,9 +25,13 @@ from tests.conftest import unavailable
 from tests.links import public_key_text
 from tests.support.membership import World, update
 from tests.unit.test_attest_epoch import WallClock
-from tunnelmesh.exports.ssh_config import ExportError, include_line, network_tag, render, write_export
+from tunnelmesh.cli.ssh_config import closed_note, default_out_dir
+from tunnelmesh.exports.ssh_config import (
+    ExportError, closed_to_others, include_line, network_tag, render, write_export,
+)
 from tunnelmesh.links.attest import make_attestation
 from tunnelmesh.membership import PeerMap
+from tunnelmesh.paths import resolve_paths
 
 T0 = 1_767_225_600
 NET = "SHA256:" + base64.b64encode(bytes(range(32))).decode().rstrip("=")  # a network id
@@ -168,6 +172,25 @@ def test_written_atomically_world_readable(tmp_path: Path) -> None:
     for name in ("known_hosts", "ssh_config"):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o644
     assert sorted(p.name for p in out.iterdir()) == ["known_hosts", "ssh_config"]  # no temp files left
+
+
+def test_with_state_dir_the_default_place_is_closed_to_other_users_and_it_says_so(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)  # pytest makes it 0700
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    out = default_out_dir(resolve_paths(str(state), None))  # --state-dir, no --config
+    assert out == state / "ssh"
+    write_export(render(SshHosts(NET, (host("beta", sshd_keys()),)), out), out)
+    assert closed_to_others(out) == (state, 0o700)
+    note = closed_note(out) or ""
+    assert f"other users cannot read {state} (mode 0700)" in note and "works for root only" in note, note
+    assert "`tunnelmesh ssh-config --out DIR`" in note, note
+    state.chmod(0o755)  # now only what is above tmp_path may be closed (pytest's own directories)
+    closed = closed_to_others(out)
+    assert closed is None or not closed[0].is_relative_to(tmp_path), closed
+    (out / "known_hosts").chmod(0o600)
+    assert closed_to_others(out) == (out / "known_hosts", 0o600)
+    assert f"other users cannot read {out / 'known_hosts'} (mode 0600)" in (closed_note(out) or "")
 
 
 def openssh(tool: str) -> str:

@@ -249,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "known_hosts file, and an ssh_config snippet with a Host block per member (its mesh address, "
                     "StrictHostKeyChecking yes). Prints the Include line to add to ~/.ssh/config (docs/exports.md).",
     )
-    p.add_argument("--out", metavar="DIR", help="where to write them (default: ssh/ beside the config, "
-                                                "/etc/tunnelmesh/ssh)")
+    p.add_argument("--out", metavar="DIR", help="where to write them, a place every user's ssh can read (default: "
+                                                "ssh/ beside the config, /etc/tunnelmesh/ssh; with --state-dir, in "
+                                                "the state directory, which only root can read: give --out)")
     p.add_argument("--json", action="store_true", help="print what would be written, as JSON; write nothing")
     p.set_defaults(func=cmd_ssh_config)
 

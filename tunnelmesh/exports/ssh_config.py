@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +43,8 @@ from tunnelmesh import files
 from tunnelmesh.fields import is_name
 from tunnelmesh.links.attest import AttestationError, check_host_key
 
-__all__ = ["KNOWN_HOSTS", "SSH_CONFIG", "ExportError", "SshExport", "include_line", "network_tag", "render",
-           "write_export"]
+__all__ = ["KNOWN_HOSTS", "SSH_CONFIG", "ExportError", "SshExport", "closed_to_others", "include_line", "network_tag",
+           "render", "write_export"]
 
 KNOWN_HOSTS = "known_hosts"
 SSH_CONFIG = "ssh_config"
@@ -145,6 +146,27 @@ def render(hosts: SshHosts, out_dir: Path) -> SshExport:
 def include_line(out_dir: Path) -> str:
     """The line a user adds to ~/.ssh/config (before any Host block) to use the snippet."""
     return f"Include {_quoted(out_dir.absolute() / SSH_CONFIG)}"
+
+
+def closed_to_others(out_dir: Path) -> tuple[Path, int] | None:
+    """The innermost of `out_dir` and its parents that other users cannot pass (no o+x), or
+    a written file there they cannot read (no o+r), with its mode; None if they can reach
+    both files. Their ssh reads the Include as themselves: in there, it works for root only."""
+    for written in (out_dir / KNOWN_HOSTS, out_dir / SSH_CONFIG):
+        try:
+            mode = written.stat().st_mode
+        except OSError:
+            continue  # not written yet (--json): write_export makes it 0644
+        if not mode & stat.S_IROTH:
+            return written, stat.S_IMODE(mode)
+    for directory in (out_dir, *out_dir.parents):
+        try:
+            mode = directory.stat().st_mode
+        except OSError:
+            continue  # not made yet: write_export makes it 0755
+        if not mode & stat.S_IXOTH:
+            return directory, stat.S_IMODE(mode)
+    return None
 
 
 def write_export(export: SshExport, out_dir: Path) -> None:
