@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunnelmesh import __version__
 from tunnelmesh.clock import Clock
@@ -40,6 +40,7 @@ from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import MapSnapshot, PeerMap, PolicyRecord
+from tunnelmesh.membership.peermap import MAX_SSH_ATTESTATION, ssh_record_size
 from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import derive_psk
@@ -57,6 +58,9 @@ from .metrics import MetricsEndpoint, start_metrics
 from .node import Addresses, Node
 from .runtime import Actor, Leftovers
 from .tun import TunDevice, TunError
+
+if TYPE_CHECKING:
+    from tunnelmesh.links.attest import BridgeEndpoint
 
 log = logging.getLogger("tunnelmesh.daemon")
 
@@ -228,7 +232,7 @@ async def _start_transports(
     coordinator's relay client (if any peer may use the relay rung). Each goes into
     `transports` or `setup` as soon as it runs, so that a later failure closes it."""
     from tunnelmesh.links import LinkError
-    from tunnelmesh.links.attest import BridgeEndpoint, make_attestation
+    from tunnelmesh.links.attest import BridgeEndpoint
     from tunnelmesh.links.bridge import BridgeError, read_system_host_key, write_authorized_keys
     from tunnelmesh.links.relay import RelayClient
     from tunnelmesh.links.ssh import SshRung, load_or_create_host_key
@@ -249,8 +253,8 @@ async def _start_transports(
     sshd_host_keys = _sshd_host_keys(config)
     if "ssh" not in wanted:
         if sshd_host_keys:  # attested for `ssh <this node>` alone: no SSH rung to offer
-            setup.ssh_record = await make_attestation(identity, port=None, host_key=None, bridge=None,
-                                                        issued=int(datapath.clock.wall()), sshd_host_keys=sshd_host_keys)
+            setup.ssh_record = await _ssh_record(config, identity, port=None, host_key=None, bridge=None,
+                                                 issued=int(datapath.clock.wall()), sshd_host_keys=sshd_host_keys)
         return
     port = transports_config.ssh_port or None
     try:
@@ -286,9 +290,28 @@ async def _start_transports(
         setup.on_map_changed.append(authorize_members)
     host_key_line = " ".join(host_key.export_public_key("openssh").decode().split()[:2]) if host_key else None
     if port is not None or bridge is not None or sshd_host_keys:
-        setup.ssh_record = await make_attestation(identity, port=port, host_key=host_key_line, bridge=bridge,
-                                                    issued=int(datapath.clock.wall()),  # its epoch: newer records win
-                                                    sshd_host_keys=sshd_host_keys)
+        setup.ssh_record = await _ssh_record(config, identity, port=port, host_key=host_key_line, bridge=bridge,
+                                             issued=int(datapath.clock.wall()),  # its epoch: newer records win
+                                             sshd_host_keys=sshd_host_keys)
+
+
+async def _ssh_record(config: NodeConfig, identity: NodeIdentity, *, port: int | None, host_key: str | None,
+                      bridge: BridgeEndpoint | None, issued: int, sshd_host_keys: tuple[str, ...]) -> dict[str, Any]:
+    """This node's signed SSH endpoint record, which must fit the coordinator's bound on it:
+    one it refuses (400 on /v1/register) would keep the node from ever getting its peers."""
+    from tunnelmesh.links.attest import make_attestation
+
+    record = await make_attestation(identity, port=port, host_key=host_key, bridge=bridge, issued=issued,
+                                    sshd_host_keys=sshd_host_keys)
+    size = ssh_record_size(record)
+    if size > MAX_SSH_ATTESTATION:
+        keys_size = ssh_record_size({"sshd_host_keys": sorted(set(sshd_host_keys))})
+        found = "" if config.transports.sshd_host_keys is not None else f", found as {SSHD_HOST_KEYS}"
+        raise StartupError(
+            f"[transports] sshd_host_keys: the SSH endpoint record is {size} bytes, over the coordinator's limit "
+            f"of {MAX_SSH_ATTESTATION}; its {len(set(sshd_host_keys))} sshd host keys{found} take {keys_size} of "
+            f"them: list fewer or smaller keys (e.g. the ed25519 one) ({config.path})")
+    return record
 
 
 #: Where the machine's sshd keeps its host keys, unless [transports] sshd_host_keys says.

@@ -20,13 +20,14 @@ from tunnelmesh.fields import Fields
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
 from tunnelmesh.membership import (JOIN_NAMESPACE, MembershipError, NetworkInfo, join_proof_message, parse_relay_url,
                                    unb64)
+from tunnelmesh.membership.peermap import MAX_SSH_ATTESTATION, ssh_record_size
 
 from .guards import Refused
 from .store import MemberRow
 
-#: The largest "ssh" object a member may register (serialized compactly): an RSA identity's
+#: The largest "ssh" object a member may register (its `ssh_record_size`): an RSA identity's
 #: signature and the sshd's three host keys (one RSA) take about 2500.
-MAX_SSH_OFFER = 8192
+MAX_SSH_OFFER = MAX_SSH_ATTESTATION
 
 
 #: Parsing an identity line verifies its attestation; members sign every request.
@@ -148,6 +149,6 @@ def ssh_offer(value: Any) -> dict[str, Any] | None:
     """The register body's optional "ssh": a JSON object, opaque here (nodes verify it)."""
     if value is None:
         return None
-    if not isinstance(value, dict) or len(json.dumps(value, separators=(",", ":"))) > MAX_SSH_OFFER:
+    if not isinstance(value, dict) or ssh_record_size(value) > MAX_SSH_OFFER:
         raise Refused(400, f"ssh must be a JSON object of at most {MAX_SSH_OFFER} bytes")
     return value

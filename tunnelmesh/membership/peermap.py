@@ -62,7 +62,15 @@ class Endpoints:
         return wire
 
 
-MAX_SSH_ATTESTATION = 8192  # bytes of JSON, as the coordinator caps it (MAX_SSH_OFFER)
+#: The largest SSH endpoint record (its `ssh_record_size`) the coordinator takes on
+#: /v1/register (MAX_SSH_OFFER) and a node takes from the peer map.
+MAX_SSH_ATTESTATION = 8192
+
+
+def ssh_record_size(ssh: Mapping[str, Any]) -> int:
+    """An SSH endpoint record's size as the coordinator, the nodes and a starting daemon
+    all measure it: bytes of compact JSON (what a node sends; ASCII, so bytes = characters)."""
+    return len(json.dumps(ssh, separators=(",", ":")))
 
 
 def parse_endpoints(value: Any) -> Endpoints:
@@ -70,7 +78,7 @@ def parse_endpoints(value: Any) -> Endpoints:
     ssh = obj.get("ssh")
     check.keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh", "relay"}))
     relay = obj.get("relay")
-    if ssh is not None and (not isinstance(ssh, dict) or len(json.dumps(ssh)) > MAX_SSH_ATTESTATION):
+    if ssh is not None and (not isinstance(ssh, dict) or ssh_record_size(ssh) > MAX_SSH_ATTESTATION):
         raise MembershipError(f"endpoints: ssh must be an object of at most {MAX_SSH_ATTESTATION} bytes")
     addresses = obj["addresses"]
     if not isinstance(addresses, list) or len(addresses) > MAX_ENDPOINTS:
