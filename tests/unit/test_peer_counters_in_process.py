@@ -1,4 +1,4 @@
-"""The per-peer counters of `status` (rtt_ms, rx/tx packets, handshakes, UDP candidates), filled by two
+"""The per-peer counters of `status` (rtt_ms, rx/tx packets, handshakes, UDP candidates, drops), filled by two
 whole daemons in virtual time on a UDP path with a known delay: the round trip each
 side reports is the one the network gives, and the counters move with the traffic."""
 
@@ -44,5 +44,17 @@ def test_the_round_trip_and_the_counters_follow_the_network_and_the_traffic(
         pong = to_json(await p.net.complete(p.b.api.ping({"peer": "a", "wait": 2}), 3.0, "b's ping of a"))
         assert pong["ok"], pong
         assert (await peer_of(p.b))["rtt_ms"] == pong["rtt_ms"] == pytest.approx(2 * ONE_WAY * 1000)
+
+        assert b_after["drops"] == {}  # nothing b took was dropped
+        p.net.hold_next = ("a", "b")  # a's next datagram to b is kept back, then arrives twice
+        p.a.ping(p.b, p.seq)
+        p.seq += 1
+        await p.net.run_until(lambda: bool(p.net.held), 2.0, "a datagram from a held")
+        ((target, datagram, source),) = p.net.held
+        target.arrive(datagram, source)
+        p.net.release_held()  # the same one again: its counter is already taken
+        await p.net.run_for(ONE_WAY)
+        assert (await peer_of(p.b))["drops"] == {"replayed counter": 1}
+        assert (await p.status(p.b))["drops"]["replayed counter"] == 1  # and node-wide
 
     two_daemons(body)
