@@ -248,11 +248,29 @@ def cmd_pending(args: argparse.Namespace, paths: Paths) -> int:
 
     waiting = _run(pending(paths))
     if args.json:
+#: The latest time shown as a date: the end of year 9999 (what strftime's %Y can show).
+LAST_SHOWN_TIME = 253_402_300_799
+
+
+def asked_at(requested: Any) -> str:
+    """When a pending join asked, from the coordinator's `requested` (Unix seconds), as local
+    time; "?" for anything that is not a sane Unix time (a string, a bool, a huge number):
+    the coordinator's word must not crash the CLI or the TUI (tunnelmesh/tui/admin.py)."""
+    if isinstance(requested, bool) or not isinstance(requested, int | float):
+        return "?"
+    if not 0 <= requested <= LAST_SHOWN_TIME:  # also NaN, which compares false
+        return "?"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(requested))
+    except (OverflowError, OSError, ValueError):  # the platform's own limits
+        return "?"
+
+
         print(json.dumps(waiting, indent=2))
     elif not waiting:
         print("no joins waiting for approval")
     for p in waiting if not args.json else ():
-        asked = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.get("requested", 0)))
+        asked = asked_at(p.get("requested"))
         if p.get("kind") == "invite":
             print(f"{p.get('name')}  {p.get('fingerprint')}  has an invite (the admin daemon countersigns it)  "
                   f"asked {asked}")

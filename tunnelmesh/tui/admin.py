@@ -7,7 +7,6 @@ screen never waits for it."""
 from __future__ import annotations
 
 import asyncio
-import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,6 +19,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Static, TextArea
 
 from tunnelmesh.cli.common import CliError, _run, _run_local
+from tunnelmesh.cli.network import asked_at
 from tunnelmesh.paths import Paths
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ class PendingJoins(Screen[None]):
             table.add_row(Text(str(p.get("name"))), Text(str(p.get("fingerprint"))),  # the coordinator's words
                           "invite (the admin daemon countersigns)" if invited else "request",
                           "" if invited else str(p.get("ipv4")),
-                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.get("requested", 0))), key=str(i))
+                          asked_at(p.get("requested")), key=str(i))
         title.update(f"joins waiting for approval: {len(self.waiting) or 'none'} "
                      "(a: approve the selected one, after comparing its fingerprint with what its `join` printed)")
 
