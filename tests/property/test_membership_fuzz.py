@@ -107,6 +107,18 @@ def parse_or_none(parser: Callable[[Any], Any], value: Any) -> Any:
         return None
 
 
+def applied_or_unchanged(peer_map: PeerMap, update: Any) -> bool:
+    """Apply `update` to `peer_map`: True if it was taken; a refused one (MembershipError)
+    must have left the map as it was."""
+    before = canonical(peer_map.to_cache())
+    try:
+        peer_map.apply(update)
+    except MembershipError:
+        assert canonical(peer_map.to_cache()) == before, "a refused update changed the map"
+        return False
+    return True
+
+
 def test_samples_are_valid() -> None:
     """Every mutation starts from a record that is accepted as it is."""
     for kind, value in samples().items():
@@ -267,11 +279,7 @@ def test_mutated_peer_map_update(data: st.DataObject) -> None:
     original = samples()["update"]
     mutated = data.draw(mutation(original))
     peer_map = fresh_map()
-    before = canonical(peer_map.to_cache())
-    try:
-        peer_map.apply(mutated)
-    except MembershipError:
-        assert canonical(peer_map.to_cache()) == before, "a refused update changed the map"
+    if not applied_or_unchanged(peer_map, mutated):
         return
     # Whatever got in is one of the records that were signed, unchanged.
     members = {canonical(m["body"]) for m in original["members"]} | {canonical(samples()["member-admin"]["body"])}
