@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncssh
 import pytest
+from hypothesis import given, strategies as st
 
 from actors.daemon import StartupError, _ssh_record, _sshd_host_keys
 from tests.links import public_key_text
@@ -56,6 +57,27 @@ def test_the_node_and_the_coordinator_take_and_refuse_the_same_records() -> None
         ssh_offer(too_large)
     with pytest.raises(MembershipError, match=f"at most {MAX_SSH_ATTESTATION} bytes"):
         parse_endpoints(endpoints(too_large))
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                    max_size=4), max_leaves=12)
+
+
+@given(ssh=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=6), pad=st.integers(0, 60))
+def test_any_record_near_the_bound_is_taken_by_both_or_by_neither(ssh: dict[str, Any], pad: int) -> None:
+    ssh["pad"] = "x" * max(0, MAX_SSH_ATTESTATION - 30 - ssh_record_size(ssh) + pad)
+    try:
+        ssh_offer(ssh)
+        coordinator_takes = True
+    except Refused:
+        coordinator_takes = False
+    try:
+        parse_endpoints(endpoints(ssh))
+        node_takes = True
+    except MembershipError:
+        node_takes = False
+    assert coordinator_takes == node_takes == (ssh_record_size(ssh) <= MAX_SSH_ATTESTATION)
 
 
 def big_rsa_key(seed: int) -> str:
