@@ -8,9 +8,13 @@ otherwise WAITS: it polls the agent every POLL_INTERVAL seconds, logs that it wa
 (`status` says what it waits for, `ping_daemon` too, `down` stops it). The cache is
 written (0600) while the option is on and removed when it is off.
 
-While running (`probe_agent`): status asks the agent whether it still holds the key.
+While running (`AgentProbe`): status asks the agent whether it still holds the key, at
+most once per PROBE_KEPT seconds (TUI polls and metrics scrapes share the answer).
 Running sessions never need it (the mesh key is in memory); what does is said in
 `AgentStatus.needed_for`.
+
+Every exchange with the agent is bounded (tunnelmesh.identity_agent.AGENT_TIMEOUT): a
+hung agent at start is waited for like an absent one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,8 @@ log = logging.getLogger("tunnelmesh.daemon")
 CACHE_NAME = "mesh-key.cache"
 POLL_INTERVAL = 2.0  # s between looks at the agent while waiting for it
 LOG_EVERY = 60.0  # s between "still waiting" lines in the log
-PROBE_TIMEOUT = 2.0  # s a status gives the agent to answer
+PROBE_TIMEOUT = 2.0  # s a status gives the agent to answer (below AGENT_TIMEOUT: a status is quick)
+PROBE_KEPT = 5.0  # s a status's answer about the agent is reused
 
 
 def cache_path(paths: Paths) -> Path:
@@ -226,3 +232,32 @@ async def probe_agent(identity: NodeIdentity, needs: tuple[str, ...]) -> AgentSt
         state = "holds the key" if held else "key missing"
     return AgentStatus(socket=socket, fingerprint=identity.fingerprint, state=state,
                        needed_for=() if state == "holds the key" else needs)
+
+
+class AgentProbe:
+    """`status`'s look at the agent (probe_agent), kept PROBE_KEPT seconds and shared by
+    callers that ask while it runs: TUI polls and metrics scrapes do not each open an
+    agent connection, nor each wait PROBE_TIMEOUT for a hung agent."""
+
+    def __init__(self, identity: NodeIdentity, needs: tuple[str, ...],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.identity = identity
+        self.needs = needs
+        self.clock = clock
+        self._kept: tuple[float, AgentStatus | None] | None = None  # (good until, answer)
+        self._probing: asyncio.Task[AgentStatus | None] | None = None
+
+    async def __call__(self) -> AgentStatus | None:
+        if self._kept is not None and self.clock() < self._kept[0]:
+            return self._kept[1]
+        if self._probing is None:
+            self._probing = asyncio.create_task(self._probe(), name="ssh-agent probe")
+        return await asyncio.shield(self._probing)  # a caller that gives up does not cancel the others' probe
+
+    async def _probe(self) -> AgentStatus | None:
+        try:
+            status = await probe_agent(self.identity, self.needs)
+            self._kept = (self.clock() + PROBE_KEPT, status)
+            return status
+        finally:
+            self._probing = None

@@ -45,7 +45,7 @@ from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import derive_psk
 
-from .agent_identity import load_daemon_identity, needed_for, probe_agent
+from .agent_identity import AgentProbe, load_daemon_identity, needed_for
 from .control import ControlServer
 from .admitter import Admitter
 from .coordinator_client import CoordinatorClient, peer_spec
@@ -605,7 +605,7 @@ async def _run_claimed(paths: Paths) -> int:
             setup.on_map_changed.append(lambda: pool.tell_latest(SyncRelays, SyncRelays()))
     api = node.control_api(coordinator=client, serving_coordinator=services.coordinator_address, admitter=admitter,
                            serving_relay=setup.relay_served, ssh_directory=setup.directory,
-                           agent_probe=lambda: probe_agent(identity, needed_for(config)))
+                           agent_probe=AgentProbe(identity, needed_for(config)))
     node.add(ControlServer(paths.control_socket, api.handlers(), node.bus))
     if services.metrics is not None:
         metrics_site, metrics = services.metrics

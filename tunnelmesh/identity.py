@@ -102,7 +102,6 @@ __all__ = [
     "PublicIdentity",
     "fingerprint_of",
     "load_identity",
-    "load_identity_agent",
     "load_identity_file",
     "verify_sshsig",
 ]
@@ -705,12 +704,3 @@ async def load_identity(
         spec or DEFAULT_HOST_KEY, passphrase_file=passphrase_file, prompt=True
     )
 
-
-def __getattr__(name: str) -> object:
-    # load_identity_agent moved to tunnelmesh.identity_agent (which imports this module):
-    # still importable from here, resolved on first use.
-    if name == "load_identity_agent":
-        from tunnelmesh.identity_agent import load_identity_agent
-
-        return load_identity_agent
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,7 @@ the key is ssh-added): a daemon waits on it; every other IdentityError is final.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -39,6 +40,7 @@ from tunnelmesh.identity import (
 )
 
 __all__ = [
+    "AGENT_TIMEOUT",
     "AgentKey",
     "AgentUnavailable",
     "agent_socket",
@@ -51,9 +53,36 @@ __all__ = [
 
 _START_ONE = "start one with `eval \"$(ssh-agent -s)\"` and add a key with ssh-add"
 
+#: s any one exchange with the agent (connect and list, or connect and sign) may take.
+#: ssh-agent serves one client at a time, so an agent busy with another (an `ssh-add -c`
+#: confirmation left open) or wedged would otherwise stall its caller for good: a start,
+#: a coordinator request, a login.
+AGENT_TIMEOUT = 5.0
+
+#: asyncssh's words for the agent's SSH_AGENT_FAILURE answer to a sign request (a refusal,
+#: explained by _AgentSigner._explain_refusal); any other ValueError is a protocol violation.
+_SIGN_REFUSED = "Unable to sign with requested key"
+
 
 class AgentUnavailable(IdentityError):
-    """The agent cannot be reached, or does not hold the key (yet): may pass by itself."""
+    """The agent cannot be reached, does not answer, or does not hold the key (yet): may
+    pass by itself."""
+
+
+def _agent_failure(agent_path: str, exc: BaseException) -> AgentUnavailable:
+    """What went wrong in an exchange with the agent, in words: no answer in time, no
+    agent to connect to, or an answer that breaks the protocol."""
+    if isinstance(exc, TimeoutError):  # before OSError: TimeoutError is one
+        return AgentUnavailable(
+            f"the ssh-agent at {agent_path} did not answer within {AGENT_TIMEOUT:g} s (busy with another "
+            "client, e.g. an open ssh-add -c confirmation, or hung)"
+        )
+    if isinstance(exc, OSError):
+        return AgentUnavailable(
+            f"cannot reach ssh-agent at {agent_path}: {exc.strerror or exc} (is the agent running? {_START_ONE})"
+        )
+    # asyncssh reports a broken answer (and a connection closed mid-answer) as ValueError.
+    return AgentUnavailable(f"the ssh-agent at {agent_path} misbehaved: {exc or type(exc).__name__}")
 
 
 # --- The agent's keys -------------------------------------------------------------------
@@ -92,15 +121,13 @@ def _problem(key_type: str, blob: bytes) -> str | None:
 
 async def list_agent_keys(agent_path: str) -> list[AgentKey]:
     """Every key the agent holds, certificates included, in the agent's order.
-    AgentUnavailable when the agent cannot be reached."""
+    AgentUnavailable when the agent cannot be reached, does not answer within
+    AGENT_TIMEOUT or breaks the protocol."""
     try:
-        async with asyncssh.connect_agent(agent_path) as agent:
+        async with asyncio.timeout(AGENT_TIMEOUT), asyncssh.connect_agent(agent_path) as agent:
             keys = await agent.get_keys()
     except (OSError, ValueError, EOFError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer"
-        raise AgentUnavailable(
-            f"cannot reach ssh-agent at {agent_path}: {reason} (is the agent running? {_START_ONE})"
-        ) from None
+        raise _agent_failure(agent_path, exc) from None
     listed = []
     for key in keys:
         blob = bytes(key.public_data)
@@ -115,32 +142,36 @@ def agent_socket(configured: str | os.PathLike[str] | None = None) -> str:
     path = os.fspath(configured) if configured else os.environ.get("SSH_AUTH_SOCK") or ""
     if not path:
         raise IdentityError(
-            "no ssh-agent: SSH_AUTH_SOCK is not set and no agent socket is configured "
-            f"([node] agent_socket for a daemon, --agent-socket for a command; or {_START_ONE})"
+            "no ssh-agent: SSH_AUTH_SOCK is not set and no agent socket is given: pass --agent-socket PATH to "
+            "`keys`, `init` or `join` (sudo drops SSH_AUTH_SOCK: `sudo tunnelmesh init ... --agent-socket "
+            "\"$SSH_AUTH_SOCK\"`), set [node] agent_socket in the config for the daemon and the other "
+            f"commands, or {_START_ONE}"
         )
     return path
 
 
 def _selector_blob(selector: str) -> bytes | None:
-    """The key blob a public key line or .pub file names; None if `selector` is neither
-    (then it may be a comment)."""
-    text = selector
-    if os.path.isfile(selector):  # a .pub file
-        try:
-            with open(selector, encoding="utf-8") as f:
-                lines = [ln for ln in f.read().splitlines() if ln.strip() and not ln.startswith("#")]
-        except (OSError, UnicodeError):
-            raise IdentityError(f"cannot read public key file {selector}") from None
-        if not lines:
-            raise IdentityError(f"no public key in {selector}")
-        text = lines[0]
+    """The key blob a public key line or a public key file names; None if `selector` is
+    neither (then it may be a comment). It is a file only if it reads as a path -- ends in
+    .pub or holds a path separator -- so a comment that happens to name a file in the
+    current directory (`--agent ec`) stays a comment."""
     try:
-        _, blob = _split_key_text(text, allow_comment=True)
+        return _split_key_text(selector, allow_comment=True)[1]
     except IdentityError:
-        if text is not selector:
-            raise IdentityError(f"no public key in {selector}") from None
+        pass
+    if not (selector.endswith(".pub") or os.sep in selector):
         return None
-    return blob
+    try:
+        with open(selector, encoding="utf-8") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip() and not ln.startswith("#")]
+    except OSError as exc:
+        raise IdentityError(f"cannot read public key file {selector}: {exc.strerror or exc}") from None
+    except UnicodeError:
+        raise IdentityError(f"cannot read public key file {selector}: not text") from None
+    try:
+        return _split_key_text(lines[0] if lines else "", allow_comment=True)[1]
+    except IdentityError:
+        raise IdentityError(f"no public key in {selector}") from None
 
 
 def _listing(keys: list[AgentKey]) -> str:
@@ -216,11 +247,12 @@ class _AgentSigner:
         flags = _SSH_AGENT_RSA_SHA2_256 if self.key_type == _RSA else 0
         sig: bytes | None = None
         try:
-            async with asyncssh.connect_agent(self.agent_path) as agent:
+            async with asyncio.timeout(AGENT_TIMEOUT), asyncssh.connect_agent(self.agent_path) as agent:
                 sig = await agent.sign(self.blob, data, flags)
-        except (OSError, ValueError, EOFError):
-            pass  # explained below, outside the handler so asyncssh's error is not chained
-        if sig is None:
+        except (OSError, ValueError, EOFError) as exc:
+            if str(exc) != _SIGN_REFUSED:
+                raise _agent_failure(self.agent_path, exc) from None
+        if sig is None:  # refused: explained outside the handler, so asyncssh's error is not chained
             await self._explain_refusal()
             raise AssertionError("unreachable: _explain_refusal always raises")
         try:
@@ -250,12 +282,13 @@ class _AgentSigner:
         path, fingerprint = self.agent_path, _fingerprint_blob(self.blob)
         agent: asyncssh.SSHAgentClient | None = None
         try:
-            agent = await asyncssh.connect_agent(path)
-            keys = [k for k in await agent.get_keys() if bytes(k.public_data) == self.blob]
-        except (OSError, ValueError, EOFError):
+            async with asyncio.timeout(AGENT_TIMEOUT):
+                agent = await asyncssh.connect_agent(path)
+                keys = [k for k in await agent.get_keys() if bytes(k.public_data) == self.blob]
+        except (OSError, ValueError, EOFError) as exc:
             if agent is not None:
                 agent.close()
-            raise AgentUnavailable(f"cannot reach ssh-agent at {path} to log in with key {fingerprint}") from None
+            raise AgentUnavailable(f"{_agent_failure(path, exc)} (asked for key {fingerprint} to log in)") from None
         try:
             if not keys:
                 raise AgentUnavailable(f"key {fingerprint} is no longer in the ssh-agent at {path}; add it again with ssh-add")

@@ -81,9 +81,10 @@ def _now() -> int:
     return int(time.time())
 
 
-async def _load(identity_spec: str, passphrase_file: Path | None = None) -> NodeIdentity:
+async def _load(identity_spec: str, passphrase_file: Path | None = None,
+                agent_socket: str | None = None) -> NodeIdentity:
     try:
-        return await load_identity(identity_spec, passphrase_file=passphrase_file)
+        return await load_identity(identity_spec, passphrase_file=passphrase_file, agent_path=agent_socket)
     except IdentityError as exc:
         raise NetworkError(str(exc)) from None
 
@@ -126,7 +127,7 @@ def _revoked_membership(paths: Paths) -> NetworkInfo | None:
 
 async def create_network(
     paths: Paths, *, name: str, identity_spec: str, listen_port: int, cidr: str, url: str, serve: str | None,
-    ca_file: str | None = None, tls_fingerprint: str | None = None,
+    ca_file: str | None = None, tls_fingerprint: str | None = None, agent_socket: str | None = None,
 ) -> NetworkState:
     """A new network with this node as its admin and first member, and the starter
     network policy (version 1: ping between members, nothing else). With `serve`, the
@@ -134,19 +135,21 @@ async def create_network(
     `url` it serves TLS with a certificate made here, pinned in the config and so in
     every invite); without, the coordinator at `url` must be running and is given the
     network now (`tls_fingerprint`: its certificate's pin). `ca_file`: a private CA for
-    a TLS proxy in front of the coordinator, used now and written into the config."""
+    a TLS proxy in front of the coordinator, used now and written into the config.
+    `agent_socket`: an agent identity's ssh-agent, used now and written into the config."""
     _refuse_existing(paths)
     check_name(name, "node name")
     if paths.admin_key.exists():
         raise NetworkError(f"{paths.admin_key} already exists; remove it to make a new network")
-    identity = await _load(identity_spec)
+    identity = await _load(identity_spec, agent_socket=agent_socket)
     own_tls = serve is not None and url.lower().startswith("https://") and ca_file is None
     cert, key = (str(paths.state_dir / CERT_NAME), str(paths.state_dir / KEY_NAME)) if own_tls else (None, None)
     if own_tls:
         tls_fingerprint = PIN_PREFIX + "0" * 64  # checked with a stand-in: the certificate is made last
     try:
         starter_config(name=name, identity=identity_spec, listen_port=listen_port, coordinator_url=url, serve=serve,
-                       ca_file=ca_file, tls_fingerprint=tls_fingerprint, tls_cert=cert, tls_key=key)
+                       ca_file=ca_file, tls_fingerprint=tls_fingerprint, tls_cert=cert, tls_key=key,
+                       agent_socket=agent_socket)
     except ValueError as exc:
         raise NetworkError(str(exc)) from None
     admin = AdminKey.generate()
@@ -177,7 +180,8 @@ async def create_network(
     save_peer_map(paths.peer_map_cache, peer_map)  # the embedded coordinator takes its policy at the first `up`
     _write_config(paths, starter_config(name=name, identity=identity_spec, listen_port=listen_port,
                                         coordinator_url=url, serve=serve, ca_file=ca_file,
-                                        tls_fingerprint=tls_fingerprint, tls_cert=cert, tls_key=key))
+                                        tls_fingerprint=tls_fingerprint, tls_cert=cert, tls_key=key,
+                                        agent_socket=agent_socket))
     return state
 
 
@@ -187,18 +191,19 @@ async def create_network(
 async def join(
     paths: Paths, *, token_or_url: str, name: str | None, identity_spec: str, listen_port: int,
     wait: float = APPROVAL_WAIT, on_pending: Any = None, network_fingerprint: str | None = None,
-    ca_file: str | None = None, tls_fingerprint: str | None = None,
+    ca_file: str | None = None, tls_fingerprint: str | None = None, agent_socket: str | None = None,
 ) -> Joined:
     """Join with a token, or (given a coordinator URL) by asking the admin's approval.
     `ca_file`: a private CA for the coordinator's TLS; `tls_fingerprint`: the pin of the
-    coordinator's own certificate (a token carries it): used now and written into the config."""
+    coordinator's own certificate (a token carries it); `agent_socket`: an agent identity's
+    ssh-agent: used now and written into the config."""
     started = time.monotonic()
     revoked_from = _revoked_membership(paths)
     if revoked_from is None:
         _refuse_existing(paths)
     if name is not None:
         check_name(name, "node name")
-    identity = await _load(identity_spec)
+    identity = await _load(identity_spec, agent_socket=agent_socket)
     token: Token | None = None
     if token_or_url.startswith(("http://", "https://")):
         url, pinned = token_or_url.rstrip("/"), network_fingerprint
@@ -230,7 +235,8 @@ async def join(
                                             kept)
     try:
         starter = starter_config(name=state.member.name, identity=identity_spec, listen_port=listen_port,
-                                 coordinator_url=url, ca_file=ca_file, tls_fingerprint=tls_fingerprint)
+                                 coordinator_url=url, ca_file=ca_file, tls_fingerprint=tls_fingerprint,
+                                 agent_socket=agent_socket)
     except ValueError as exc:
         raise NetworkError(str(exc)) from None
     # Everything is checked: only now is anything written (a revoked node's old state replaced).

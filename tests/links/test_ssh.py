@@ -20,7 +20,8 @@ import pytest
 from tests.conftest import unavailable
 from tests.links import Directory, new_identity, public_key_text, write_key
 from tests.support.wait import until
-from tunnelmesh.identity import NodeIdentity, load_identity_agent
+from tunnelmesh.identity import NodeIdentity
+from tunnelmesh.identity_agent import load_identity_agent
 from tunnelmesh.links import MAX_MESSAGE, Link, LinkError
 from tunnelmesh.links import ssh as sshmod
 from tunnelmesh.links.framing import FrameDecoder, frame

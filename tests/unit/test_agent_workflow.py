@@ -8,8 +8,10 @@ import asyncio
 import base64
 import json
 import re
+import socket
 import stat
-from collections.abc import Iterator
+import struct
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +20,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from textual.widgets import Static
 
-from actors.agent_identity import CACHE_NAME, load_daemon_identity, probe_agent
-from tests.support.ssh_agent import Agent, keygen, openssh_fingerprint, require_openssh, running_agent
+from actors import agent_identity
+from actors.agent_identity import CACHE_NAME, PROBE_KEPT, AgentProbe, load_daemon_identity, probe_agent
+from actors.messages import AgentStatus
+from tests.support.ssh_agent import (
+    Agent, ScriptedAgent, keygen, openssh_fingerprint, require_openssh, running_agent, scripted_agent, wait_accepting,
+)
 from tests.support.wait import until
+from tunnelmesh import identity_agent
 from tunnelmesh.cli import main
 from tunnelmesh.config import ConfigError, load_config
 from tunnelmesh.control_client import ControlError, request
-from tunnelmesh.identity import IdentityError, load_identity_file
-from tunnelmesh.identity_agent import cache_record, cached_identity
+from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
+from tunnelmesh.identity import IdentityError, NodeIdentity, load_identity_file
+from tunnelmesh.identity_agent import (
+    AgentUnavailable, cache_record, cached_identity, list_agent_keys, load_identity_agent,
+)
 from tunnelmesh.paths import Paths
 from tunnelmesh.tui.app import TunnelMeshApp
 
@@ -330,3 +340,187 @@ def test_a_cache_record_with_another_private_key_or_fingerprint_is_refused(keys:
     swapped = {**record, "mesh_key": base64.b64encode(bytes(range(32))).decode()}
     with pytest.raises(IdentityError, match="its private key is not its identity's"):
         cached_identity(json.dumps(swapped).encode(), "/nowhere.sock", None, "test")
+
+
+# --- the test agent itself: ready when it accepts, ssh-add failures say why ----------------
+
+
+def test_an_agent_socket_is_ready_when_it_accepts_not_when_its_file_exists(tmp_path: Path) -> None:
+    path = str(tmp_path / "slow.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)  # the file exists from here; connections are refused until listen()
+        with pytest.raises(RuntimeError, match="nothing accepted connections .* Connection refused"):
+            wait_accepting(path, timeout=0.3)
+        server.listen(1)
+        wait_accepting(path)
+
+
+def test_a_failed_ssh_add_says_why(agent: Agent, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"ssh-add .*missing failed \(exit \d+\): .*No such file"):
+        agent.add(tmp_path / "missing")
+
+
+# --- a hung or misbehaving agent: every exchange bounded, said as what happened -------------
+
+
+@pytest.fixture
+def short_agent_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(identity_agent, "AGENT_TIMEOUT", 0.5)
+    return 0.5
+
+
+@pytest.fixture
+def hung(tmp_path: Path) -> Iterator[ScriptedAgent]:
+    """A real socket that accepts and never answers (an agent busy with another client)."""
+    with scripted_agent(str(tmp_path / "hung.sock")) as peer:
+        yield peer
+
+
+def through_agent_at(keys: Keys, sock: str) -> NodeIdentity:
+    """ed25519's identity, signing through the agent at `sock` (as a cached mesh key does)."""
+    return cached_identity(cache_record(asyncio.run(load_identity_file(keys.ed25519))), sock, None, "test")
+
+
+async def bounded(coro: Awaitable[object]) -> object:
+    return await asyncio.wait_for(coro, 15)  # without a bound of its own, the test fails here
+
+
+def test_a_hung_agent_is_a_clear_error_for_every_exchange(
+    hung: ScriptedAgent, keys: Keys, short_agent_timeout: float
+) -> None:
+    no_answer = f"the ssh-agent at {hung.sock} did not answer within {short_agent_timeout:g} s"
+    with pytest.raises(AgentUnavailable, match=re.escape(no_answer)):
+        asyncio.run(bounded(list_agent_keys(hung.sock)))
+    with pytest.raises(AgentUnavailable, match=re.escape(no_answer)):
+        asyncio.run(bounded(load_identity_agent(None, agent_path=hung.sock)))
+    identity = through_agent_at(keys, hung.sock)
+    with pytest.raises(AgentUnavailable, match=re.escape(no_answer)):
+        asyncio.run(bounded(identity.sign(b"x", "test@tunnelmesh")))
+
+    async def log_in() -> None:
+        async with identity.ssh_client_keys():
+            raise AssertionError("a hung agent gave keys")
+
+    with pytest.raises(AgentUnavailable, match=re.escape(no_answer) + ".*to log in"):
+        asyncio.run(bounded(log_in()))
+    assert hung.settle() == 4  # list; load (its list); sign; log in: each gave up and hung up
+
+
+def test_a_hung_agent_does_not_stall_a_coordinator_request(
+    hung: ScriptedAgent, keys: Keys, short_agent_timeout: float
+) -> None:
+    # The request is signed before its HTTP timeout starts: the agent's own bound is all there is.
+    identity = through_agent_at(keys, hung.sock)
+
+    async def scenario() -> None:
+        async with Coordinator("http://127.0.0.1:9", identity=identity, timeout=30) as coordinator:
+            await coordinator.register(51820, [])
+
+    with pytest.raises(CoordinatorError, match=f"cannot sign the request: the ssh-agent at {hung.sock} did not "
+                                               "answer within"):
+        asyncio.run(bounded(scenario()))
+
+
+def test_a_daemon_starting_with_a_hung_agent_waits_with_its_control_socket_up(
+    hung: ScriptedAgent, keys: Keys, tmp_path: Path, short_agent_timeout: float
+) -> None:
+    paths = write_config(tmp_path, f"agent:{fp(keys.rsa)}", agent_socket=hung.sock)
+    config = load_config(paths.config, state_dir=paths.state_dir)
+
+    async def scenario() -> object:
+        task = asyncio.create_task(load_daemon_identity(config, paths))
+        message = await wait_answer(paths, "ping_daemon")
+        assert f"waiting for the ssh-agent at {hung.sock}" in message and "did not answer within" in message
+        with pytest.raises(ControlError, match="is starting: waiting for the ssh-agent"):
+            await asyncio.to_thread(request, paths.control_socket, "status", 2)
+        assert await wait_answer(paths, "down") == "stopping"
+        return await asyncio.wait_for(task, 15)
+
+    assert asyncio.run(scenario()) is None
+
+
+def test_keys_with_a_hung_agent_says_so(
+    hung: ScriptedAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str], short_agent_timeout: float
+) -> None:
+    assert main(tm(tmp_path, "keys", "--agent-socket", hung.sock)) == 1
+    assert f"the ssh-agent at {hung.sock} did not answer within 0.5 s" in capsys.readouterr().err
+
+
+def test_an_agent_breaking_the_protocol_is_said_to_misbehave(keys: Keys, tmp_path: Path) -> None:
+    unknown = struct.pack(">IB", 1, 99)  # an answer of a type no request has
+    with scripted_agent(str(tmp_path / "odd.sock"), unknown) as odd:
+        for attempt in (list_agent_keys(odd.sock), through_agent_at(keys, odd.sock).sign(b"x", "test@tunnelmesh")):
+            with pytest.raises(AgentUnavailable) as info:
+                asyncio.run(bounded(attempt))
+            message = str(info.value)
+            assert message == f"the ssh-agent at {odd.sock} misbehaved: Unknown SSH agent response: 99", message
+        assert odd.settle() == 2
+
+
+def test_status_asks_the_agent_at_most_once_per_interval(
+    hung: ScriptedAgent, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent_identity, "PROBE_TIMEOUT", 0.3)
+    now = [1000.0]
+    probe = AgentProbe(through_agent_at(keys, hung.sock), ("a restart",), clock=lambda: now[0])
+
+    async def three_at_once() -> list[AgentStatus | None]:
+        return list(await bounded(asyncio.gather(probe(), probe(), probe())))  # type: ignore[arg-type]
+
+    answers = asyncio.run(three_at_once())
+    assert all(a is not None and a.state == "unreachable" and a.needed_for == ("a restart",) for a in answers)
+    assert hung.settle() == 1  # one look, shared
+    now[0] += PROBE_KEPT - 0.5
+    assert asyncio.run(three_at_once()) == answers and hung.settle() == 1  # kept
+    now[0] += 1.0
+    assert asyncio.run(three_at_once()) == answers and hung.settle() == 2  # looked again
+
+
+# --- choosing a key: comments, files; --agent-socket for init ---------------------------------
+
+
+def test_a_comment_naming_a_file_here_is_a_comment(
+    agent: Agent, keys: Keys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent.add(keys.ed25519)
+    agent.add(keys.rsa)
+    monkeypatch.chdir(tmp_path)
+    Path("alice@laptop").write_text(Path(f"{keys.rsa}.pub").read_text())  # a file named like the comment
+    Path("mine.pub").write_text(Path(f"{keys.rsa}.pub").read_text())
+    chosen = asyncio.run(load_identity_agent("alice@laptop", agent_path=agent.sock))
+    assert chosen.fingerprint == fp(keys.ed25519)
+    assert asyncio.run(load_identity_agent("mine.pub", agent_path=agent.sock)).fingerprint == fp(keys.rsa)
+    assert asyncio.run(load_identity_agent("./alice@laptop", agent_path=agent.sock)).fingerprint == fp(keys.rsa)
+    with pytest.raises(IdentityError, match="cannot read public key file gone.pub: No such file"):
+        asyncio.run(load_identity_agent("gone.pub", agent_path=agent.sock))
+
+
+def test_init_agent_socket_is_used_and_written_for_the_daemon(
+    agent: Agent, keys: Keys, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # as under sudo
+    agent.add(keys.ed25519)
+    agent.add(keys.rsa)
+    init = ("init", "--static", "--mesh-ip", "10.77.0.1")
+    assert main(tm(tmp_path, *init, "--agent-socket", agent.sock)) == 2
+    assert "--agent-socket goes with --agent" in capsys.readouterr().err
+    assert main(tm(tmp_path, *init, "--agent", "alice@desktop")) == 2
+    err = capsys.readouterr().err
+    assert "SSH_AUTH_SOCK is not set" in err and '--agent-socket "$SSH_AUTH_SOCK"' in err
+
+    assert main(tm(tmp_path, *init, "--agent", "alice@desktop", "--agent-socket", agent.sock)) == 0
+    paths = Paths(tmp_path / "state", tmp_path / "state" / "tunnelmesh.toml")
+    config = load_config(paths.config, state_dir=paths.state_dir)
+    assert (config.identity, config.agent_socket) == (f"agent:{fp(keys.rsa)}", Path(agent.sock))
+    identity = asyncio.run(load_daemon_identity(config, paths))  # what `up` does, without SSH_AUTH_SOCK
+    assert identity is not None and identity.fingerprint == fp(keys.rsa) and identity.agent_path == agent.sock
+    capsys.readouterr()
+    assert main(tm(tmp_path, "id")) == 0
+    assert capsys.readouterr().out.startswith("ssh-rsa ")
+
+
+def test_the_identity_module_has_no_agent_loader_left() -> None:
+    import tunnelmesh.identity
+
+    assert not hasattr(tunnelmesh.identity, "load_identity_agent")  # it is tunnelmesh.identity_agent's
+    assert "load_identity_agent" not in tunnelmesh.identity.__all__

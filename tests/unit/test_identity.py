@@ -43,10 +43,10 @@ from tunnelmesh.identity import (
     PublicIdentity,
     fingerprint_of,
     load_identity,
-    load_identity_agent,
     load_identity_file,
     verify_sshsig,
 )
+from tunnelmesh.identity_agent import load_identity_agent
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -270,6 +270,9 @@ def _identity_options(p: argparse.ArgumentParser) -> None:
     who.add_argument("--agent", nargs="?", const="", metavar="FINGERPRINT|COMMENT",
                      help="use a key held by ssh-agent (see `tunnelmesh keys`), by fingerprint or comment")
     who.add_argument("--new-key", action="store_true", help="make a dedicated Ed25519 key in the state directory")
+    p.add_argument("--agent-socket", metavar="PATH",
+                   help="(--agent) the ssh-agent's socket (default $SSH_AUTH_SOCK, which sudo drops): used now and "
+                        "written into the config as [node] agent_socket, so the daemon finds the agent")
 
 
 # Commands that write into the state directory, often as root: it must be safe to write into.

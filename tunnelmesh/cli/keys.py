@@ -80,13 +80,14 @@ def cmd_keys(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
-def agent_identity_spec(selector: str) -> str:
+def agent_identity_spec(selector: str, socket: str | None) -> str:
     """`--agent [SELECTOR]` of init/join -> the config's "agent:SHA256:...": the key the
     selector (fingerprint, comment, public key or .pub file; "": the only usable key)
-    names in the agent at $SSH_AUTH_SOCK, pinned by fingerprint (a comment can change)."""
+    names in the agent at `socket` (None: $SSH_AUTH_SOCK), pinned by fingerprint (a
+    comment can change)."""
     try:
-        socket = agent_socket()
-        key = resolve_agent_key(asyncio.run(list_agent_keys(socket)), selector or None, socket)
+        path = agent_socket(socket)
+        key = resolve_agent_key(asyncio.run(list_agent_keys(path)), selector or None, path)
     except IdentityError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     return f"agent:{key.fingerprint}"

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import ipaddress
 import json
+import os
 import socket
 import sys
 import time
@@ -39,6 +40,7 @@ def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     paths.config.parent.mkdir(parents=True, exist_ok=True)
     identity = _choose_identity(args, paths)
+    agent_socket = _agent_socket(args)
     secret_path = paths.network_secret
     if args.secret_file:
         _import_secret(Path(args.secret_file), secret_path)
@@ -48,7 +50,8 @@ def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
         write_network_secret(secret_path)
     name = args.name or _host_name()
     try:
-        text = starter_config(name=name, identity=identity, mesh_ip=args.mesh_ip, listen_port=args.listen_port)
+        text = starter_config(name=name, identity=identity, mesh_ip=args.mesh_ip, listen_port=args.listen_port,
+                              agent_socket=agent_socket)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     from tunnelmesh.files import FileError, write_atomic
@@ -82,7 +85,8 @@ def _init_network(args: argparse.Namespace, paths: Paths) -> int:
     identity = _choose_identity(args, paths)
     name = args.name or _host_name()
     state = _run(create_network(paths, name=name, identity_spec=identity, listen_port=args.listen_port,
-                                cidr=args.cidr, url=url, serve=serve, ca_file=ca_file, tls_fingerprint=pin))
+                                cidr=args.cidr, url=url, serve=serve, ca_file=ca_file, tls_fingerprint=pin,
+                                agent_socket=_agent_socket(args)))
     _ssh_host_key(paths)
     network = state.network
     print(f"made network {network.network}: {network.cidr4} and {network.ula6}")
@@ -184,7 +188,8 @@ def cmd_join(args: argparse.Namespace, paths: Paths) -> int:
 
     joined = _run(join(paths, token_or_url=args.token, name=args.name, identity_spec=identity,
                        listen_port=args.listen_port, wait=args.wait, on_pending=waiting,
-                       network_fingerprint=args.network, ca_file=ca_file, tls_fingerprint=_tls_fingerprint(args)))
+                       network_fingerprint=args.network, ca_file=ca_file, tls_fingerprint=_tls_fingerprint(args),
+                       agent_socket=_agent_socket(args)))
     member = joined.state.member
     _ssh_host_key(paths)
     print(f"joined network {joined.state.network.network} as {member.name}: {member.ipv4} {member.ipv6} "
@@ -243,11 +248,6 @@ def cmd_invites(args: argparse.Namespace, paths: Paths) -> int:
     return EXIT_OK
 
 
-def cmd_pending(args: argparse.Namespace, paths: Paths) -> int:
-    from tunnelmesh.network import pending
-
-    waiting = _run(pending(paths))
-    if args.json:
 #: The latest time shown as a date: the end of year 9999 (what strftime's %Y can show).
 LAST_SHOWN_TIME = 253_402_300_799
 
@@ -266,6 +266,11 @@ def asked_at(requested: Any) -> str:
         return "?"
 
 
+def cmd_pending(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.network import pending
+
+    waiting = _run(pending(paths))
+    if args.json:
         print(json.dumps(waiting, indent=2))
     elif not waiting:
         print("no joins waiting for approval")
@@ -352,11 +357,22 @@ def _duration(text: str) -> int:
     return int(number) * units[unit]
 
 
+def _agent_socket(args: argparse.Namespace) -> str | None:
+    """--agent-socket as an absolute path (it goes into the config), only with --agent. Not
+    resolved: a symlink that follows the agent (a login's forwarded socket) stays one."""
+    if args.agent_socket is None:
+        return None
+    if args.agent is None:
+        raise CliError("--agent-socket goes with --agent (the identity is then a key in that ssh-agent)", EXIT_USAGE)
+    return os.path.abspath(os.path.expanduser(args.agent_socket))
+
+
 def _choose_identity(args: argparse.Namespace, paths: Paths) -> str:
+    agent_socket = _agent_socket(args)  # checked first: --agent-socket without --agent is a mistake
     if args.agent is not None:
         from .keys import agent_identity_spec
 
-        return agent_identity_spec(args.agent)
+        return agent_identity_spec(args.agent, agent_socket)
     if args.key:
         return str(Path(args.key).resolve())
     if args.new_key:

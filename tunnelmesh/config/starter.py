@@ -36,12 +36,14 @@ def starter_config(
     tls_fingerprint: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    agent_socket: str | None = None,
 ) -> str:
     """A commented starter config: static mode (``mesh_ip``, peers listed in the file) or,
     with ``coordinator_url``, a node whose peers and address come from a coordinator
     (``serve`` = run the embedded coordinator on that IPv4:port; ``ca_file`` = a private
     CA for the coordinator's TLS certificate; ``tls_fingerprint`` = the coordinator's own
-    certificate, pinned; ``tls_cert``/``tls_key`` = what the embedded coordinator serves).
+    certificate, pinned; ``tls_cert``/``tls_key`` = what the embedded coordinator serves;
+    ``agent_socket`` = an agent identity's ssh-agent socket).
 
     Raises ``ValueError`` if the values would not make a valid config."""
     if isinstance(listen_port, bool) or not isinstance(listen_port, int):
@@ -49,6 +51,8 @@ def starter_config(
     static = coordinator_url is None
     if static and (ca_file, tls_fingerprint, tls_cert, tls_key) != (None,) * 4:
         raise ValueError("ca_file and the tls_ keys are for a node with a coordinator")
+    agent_line = "" if agent_socket is None else (
+        f"agent_socket = {_toml_string(agent_socket)}  # the ssh-agent that holds it\n")
     mode = "static mode: peers are listed in this file" if static else "peers and address come from the coordinator"
     text = f"""\
 # TunnelMesh node configuration ({mode}).
@@ -61,7 +65,7 @@ name = {_toml_string(name)}
 # The SSH key that is this node's identity: a private key file, "agent", or
 # "agent:SHA256:<fingerprint>" to pick one key of ssh-agent.
 identity = {_toml_string(identity)}
-# passphrase_file = "key.pass"          # for a passphrase-protected key file
+{agent_line}# passphrase_file = "key.pass"          # for a passphrase-protected key file
 # Shared by every node of the mesh: base64 of 32 bytes, mode 0600.
 # Default: network.secret in the state directory.
 # network_secret_file = "network.secret"
