@@ -166,8 +166,11 @@ async def admin_views(state_dir: str, shots: str, victim: str, joiner: str, join
         app.save_screenshot("tui-revoke.svg", shots)
         await pilot.press("n")
         await until("the confirmation gone", lambda: not isinstance(app.screen, Confirm), 5)
-        await pilot.pause(1.0)
-        assert "revoked" not in event_log(app) and victim in table_rows(app)  # "no" revokes nothing
+        for poll in ("a", "a second"):  # the answer handled, then the daemon asked twice since (not a fixed sleep)
+            await until(f"{poll} status poll after the no", lambda before=app.status_at: app.status_at > before, 10)
+        # "no" revokes nothing: no revoke under way (a "yes" starts it at once), none done, the victim still listed.
+        assert not [w for w in app.workers if w.group == "admin"], list(app.workers)
+        assert "revoked" not in event_log(app) and victim in table_rows(app)
         await pilot.press("x")
         await until("the revoke confirmation again", lambda: isinstance(app.screen, Confirm), 5)
         await pilot.press("y")
