@@ -1,7 +1,8 @@
 """`tunnelmesh pending` and the TUI's pending joins view against a hostile coordinator (a
 real aiohttp server on 127.0.0.1 answering the real admin client): a `requested` time that
 is a string, a bool, huge, negative or NaN is shown as "?", never a crash of the CLI or of
-the TUI (whose workers end the app when they raise)."""
+the TUI (whose workers end the app when they raise); a list of other things than objects is
+a clear error, and control characters in names never reach the terminal."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import contextlib
 import io
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,15 @@ def rows(world: World, answered: int) -> list[dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def hostile_coordinator(world: World, state_dir: Path) -> AsyncIterator[AdminMachine]:
-    """A coordinator whose pending list holds the hostile rows, and the admin's machine
-    (admin key, network state) pointing at it."""
+async def hostile_coordinator(world: World, state_dir: Path,
+                              listed: Callable[[World, int], list[Any]] = rows) -> AsyncIterator[AdminMachine]:
+    """A coordinator whose pending list is `listed` (the hostile rows by default), and the
+    admin's machine (admin key, network state) pointing at it."""
     answered = 0
 
     async def pending(_: web.Request) -> web.Response:
         nonlocal answered
-        answer = rows(world, answered)
+        answer = listed(world, answered)
         answered += 1
         return web.json_response({"pending": answer})  # json.dumps writes NaN as NaN; json.loads reads it
 
@@ -70,25 +72,47 @@ def test_only_a_sane_unix_time_is_shown_as_a_date() -> None:
     assert asked_at(float(SANE)) == asked_at(SANE) and asked_at(0) != "?"
 
 
-def test_the_cli_lists_hostile_times_as_unknown(tmp_path: Path) -> None:
-    world = World.create()  # outside the loop: it loads SSH identities with asyncio.run
-
-    async def scenario() -> tuple[int, str]:
-        async with hostile_coordinator(world, tmp_path / "admin") as machine:
-            out = io.StringIO()
+def pending_through_the_cli(world: World, state_dir: Path,
+                            listed: Callable[[World, int], list[Any]] = rows) -> tuple[int, str, str]:
+    """`tunnelmesh pending` against the hostile coordinator: exit code, stdout, stderr."""
+    async def scenario() -> tuple[int, str, str]:
+        async with hostile_coordinator(world, state_dir, listed) as machine:
+            out, err = io.StringIO(), io.StringIO()
 
             def run() -> int:
-                with contextlib.redirect_stdout(out):
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                     return main(["--state-dir", str(machine.paths.state_dir), "pending"])
 
-            return await asyncio.to_thread(run), out.getvalue()  # main runs its own event loop
+            return await asyncio.to_thread(run), out.getvalue(), err.getvalue()  # main runs its own event loop
 
-    code, printed = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_the_cli_lists_hostile_times_as_unknown(tmp_path: Path) -> None:
+    world = World.create()  # outside the loop: it loads SSH identities with asyncio.run
+    code, printed, _ = pending_through_the_cli(world, tmp_path / "admin")
     assert code == 0, printed
     lines = printed.splitlines()
     assert [line.split()[0] for line in lines] == [f"h{i}" for i in range(len(HOSTILE_TIMES))] + ["sane0"], printed
     assert all(line.endswith("asked ?") for line in lines[:-1]), printed
     assert lines[-1].endswith(f"asked {asked_at(SANE)}"), printed
+
+
+def test_a_pending_list_of_other_things_than_objects_is_a_clear_error(tmp_path: Path) -> None:
+    world = World.create()
+    code, printed, said = pending_through_the_cli(world, tmp_path / "admin", lambda _world, _n: ["h0", 7, None])
+    assert code != 0 and printed == "", printed
+    assert "answered a pending list that is not a list of objects" in said and "Traceback" not in said, said
+
+
+def test_the_cli_never_hands_the_coordinators_control_characters_to_the_terminal(tmp_path: Path) -> None:
+    def listed(world: World, _n: int) -> list[Any]:
+        (row,) = rows(world, 0)[-1:]
+        return [{**row, "name": "evil\x1b]0;owned\x07", "ipv4": "\x1b[2J"}]
+
+    code, printed, _ = pending_through_the_cli(World.create(), tmp_path / "admin", listed)
+    assert code == 0 and "\x1b" not in printed and "\x07" not in printed, repr(printed)
+    assert printed.startswith("'evil\\x1b]0;owned\\x07'  SHA256:") and "would get '\\x1b[2J'" in printed, printed
 
 
 def test_the_tui_pending_view_shows_hostile_times_as_unknown_and_carries_on(tmp_path: Path) -> None:

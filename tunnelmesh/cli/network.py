@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tunnelmesh.config import DEFAULT_COORDINATOR_PORT, ConfigError, load_config, read_network_secret, starter_config
+from tunnelmesh.fields import shown
 from tunnelmesh.paths import DEFAULT_HOST_KEY, Paths
 
 from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, _run
@@ -276,12 +277,18 @@ def cmd_pending(args: argparse.Namespace, paths: Paths) -> int:
         print("no joins waiting for approval")
     for p in waiting if not args.json else ():
         asked = asked_at(p.get("requested"))
+        name = _their_words(p.get("name"))
         if p.get("kind") == "invite":
-            print(f"{p.get('name')}  {p.get('fingerprint')}  has an invite (the admin daemon countersigns it)  "
-                  f"asked {asked}")
+            print(f"{name}  {p.get('fingerprint')}  has an invite (the admin daemon countersigns it)  asked {asked}")
         else:
-            print(f"{p.get('name')}  {p.get('fingerprint')}  would get {p.get('ipv4')}  asked {asked}")
+            print(f"{name}  {p.get('fingerprint')}  would get {_their_words(p.get('ipv4'))}  asked {asked}")
     return EXIT_OK
+
+
+def _their_words(value: Any) -> str:
+    """The coordinator's text as a terminal may show it: printable, short, else quoted."""
+    text = str(value)
+    return text if text.isprintable() and len(text) <= 64 else shown(text)
 
 
 def cmd_approve(args: argparse.Namespace, paths: Paths) -> int:

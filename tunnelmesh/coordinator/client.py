@@ -252,7 +252,10 @@ class Coordinator:
         `wait` s until there is one."""
         answer = await self._call("GET", f"/v1/admin/pending?wait={wait:g}&invited={int(invited)}", sign="admin",
                                   timeout=wait + LONG_POLL_SLACK)
-        return self._field(answer, "pending", list)
+        waiting = self._field(answer, "pending", list)
+        if not all(isinstance(item, dict) for item in waiting):
+            raise CoordinatorError(f"{self.url} answered a pending list that is not a list of objects")
+        return waiting
 
     async def approve(self, member: dict[str, Any], sealed: dict[str, Any]) -> dict[str, Any]:
         """Admit a pending join: the admin-signed entry and the secret sealed to the joiner."""
