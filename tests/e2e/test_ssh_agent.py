@@ -1,8 +1,9 @@
 """A real ssh-agent drives a two-node static mesh in the netns lab (docs/identity.md).
 
-One agent holds an Ed25519 and an RSA key (ssh-keygen's); `init --agent` picks one per
-node (by fingerprint, by comment); the daemons reach the agent through the configured
-`[node] agent_socket` (their environment has no SSH_AUTH_SOCK). Killing the agent while
+One agent holds an Ed25519 and an RSA key (ssh-keygen's); `init --agent ... --agent-socket
+PATH` picks one per node (by fingerprint, by comment) in an environment without
+SSH_AUTH_SOCK (as under sudo) and writes `[node] agent_socket`, through which the daemons
+reach the agent. Killing the agent while
 the mesh runs keeps the sessions up and status says the agent is gone; a daemon started
 before its key is in the agent waits, says so, and comes up once `ssh-add` adds it.
 """
@@ -50,17 +51,15 @@ def agent_keys(tmp_path: Path) -> Iterator[AgentKeys]:
 
 def agent_mesh(lab: Lab, keys: AgentKeys) -> dict[str, MeshNode]:
     """Nodes a (Ed25519, chosen by fingerprint) and b (RSA, chosen by comment), not started;
-    their configs name the agent socket and their environment has none."""
-    mesh = build_static_mesh(lab, ["a", "b"], start=False, env={"SSH_AUTH_SOCK": keys.agent.sock},
-                             identity_args={"a": ["--agent", keys.fingerprint(keys.ed25519)],
-                                            "b": ["--agent", "node-b@lab"]})
+    init was given the agent socket, their environment has none."""
+    socket = ["--agent-socket", keys.agent.sock]
+    mesh = build_static_mesh(lab, ["a", "b"], start=False,
+                             identity_args={"a": ["--agent", keys.fingerprint(keys.ed25519), *socket],
+                                            "b": ["--agent", "node-b@lab", *socket]})
     for member, key in ((mesh["a"], keys.ed25519), (mesh["b"], keys.rsa)):
-        config = Path(member.config_path)
-        text = config.read_text()
-        identity_line = f'identity = "agent:{keys.fingerprint(key)}"\n'
-        assert identity_line in text, text  # init pinned the key by fingerprint
-        config.write_text(text.replace(identity_line, identity_line + f'agent_socket = "{keys.agent.sock}"\n', 1))
-        member.env = {}
+        text = Path(member.config_path).read_text()
+        assert f'identity = "agent:{keys.fingerprint(key)}"\n' in text, text  # init pinned the key by fingerprint
+        assert f'agent_socket = "{keys.agent.sock}"' in text, text
     return mesh
 
 
@@ -92,10 +91,12 @@ def test_agent_mesh_survives_the_agent_going_away(lab: Lab, agent_keys: AgentKey
                                      "state": "holds the key", "needed_for": []}
 
         agent_keys.agent.stop()
-        for member in mesh.values():
-            node = agent_status(member)
-            agent = node["agent"]
-            assert agent["state"] == "unreachable" and "a restart" in agent["needed_for"], agent  # type: ignore[index]
+        for member in mesh.values():  # status keeps its look at the agent for a few seconds
+            wait_for(f"{member.name}'s status to see the agent gone",
+                     lambda m=member: agent_status(m)["agent"]["state"] == "unreachable",  # type: ignore[index]
+                     WAIT, member.diagnostics, interval=0.5)
+            agent = agent_status(member)["agent"]
+            assert "a restart" in agent["needed_for"], agent  # type: ignore[index]
             text = member.tm("status").stdout
             assert f"ssh-agent at {agent_keys.agent.sock}: unreachable (running sessions go on)" in text, text
         for _ in range(3):  # the sessions go on: the mesh key is in memory
