@@ -518,6 +518,13 @@ def test_init_agent_socket_is_used_and_written_for_the_daemon(
     assert main(tm(tmp_path, "id")) == 0
     assert capsys.readouterr().out.startswith("ssh-rsa ")
 
+    # A network's first node (create_network) the same way.
+    network = tmp_path / "network"
+    assert main(["--state-dir", str(network / "state"), "init", "--agent", "alice@laptop", "--agent-socket",
+                 agent.sock, "--url", "https://192.0.2.1:7400"]) == 0
+    config = load_config(network / "state" / "tunnelmesh.toml", state_dir=network / "state")
+    assert (config.identity, config.agent_socket) == (f"agent:{fp(keys.ed25519)}", Path(agent.sock))
+
 
 def test_the_identity_module_has_no_agent_loader_left() -> None:
     import tunnelmesh.identity
