@@ -260,7 +260,7 @@ def test_daemon_waits_for_the_key_says_so_and_goes_on_once_added(agent: Agent, k
     asyncio.run(scenario())
 
 
-def test_down_stops_a_waiting_daemon(tmp_path: Path, keys: Keys) -> None:
+def test_down_stops_a_waiting_daemon_which_the_tui_shows_in_its_own_words(tmp_path: Path, keys: Keys) -> None:
     nowhere = tmp_path / "no-agent.sock"
     paths = write_config(tmp_path, f"agent:{fp(keys.rsa)}", agent_socket=str(nowhere))
     config = load_config(paths.config, state_dir=paths.state_dir)
@@ -270,25 +270,10 @@ def test_down_stops_a_waiting_daemon(tmp_path: Path, keys: Keys) -> None:
         answer = await wait_answer(paths, "ping_daemon")
         assert f"cannot reach ssh-agent at {nowhere}" in answer
         assert paths.pid_file.read_text().strip().isdigit()
-        assert await wait_answer(paths, "down") == "stopping"
-        return await asyncio.wait_for(task, 10)
-
-    assert asyncio.run(scenario()) is None
-    assert not paths.pid_file.exists() and not paths.control_socket.exists()
-
-
-def test_the_tui_shows_a_waiting_daemon_in_its_own_words(tmp_path: Path, keys: Keys) -> None:
-    nowhere = tmp_path / "no-agent.sock"
-    paths = write_config(tmp_path, f"agent:{fp(keys.rsa)}", agent_socket=str(nowhere))
-    config = load_config(paths.config, state_dir=paths.state_dir)
-
-    async def scenario() -> object:
-        task = asyncio.create_task(load_daemon_identity(config, paths))
-        await wait_answer(paths, "ping_daemon")
         app = TunnelMeshApp(paths)
         async with app.run_test(size=(160, 40)):
             banner = app.query_one("#banner", Static)
-            await until("the banner", lambda: banner.display, 5.0)
+            await until("the TUI's banner", lambda: banner.display, 5.0)
             shown = str(banner.render())
             assert shown.startswith(f"the daemon at {paths.control_socket}: tunnelmesh (pid "), shown
             assert "is starting: waiting for the ssh-agent" in shown, shown
@@ -297,6 +282,7 @@ def test_the_tui_shows_a_waiting_daemon_in_its_own_words(tmp_path: Path, keys: K
         return await asyncio.wait_for(task, 10)
 
     assert asyncio.run(scenario()) is None
+    assert not paths.pid_file.exists() and not paths.control_socket.exists()
 
 
 # --- the config and the cache record as input ----------------------------------------------
