@@ -218,6 +218,7 @@ class FilterActor(Actor):
             max_flows=f.flows.limit if f is not None else 0,
             max_flows_per_peer=f.flows.peer_limit if f is not None else 0,
             related=f.related if f is not None else 0,
+            denied_by_peer=dict(f.denied) if f is not None else {},
         )
 
     def _rules(self) -> tuple[FilterRuleHits, ...]:

@@ -480,6 +480,8 @@ class FilterStatus:
     max_flows: int  # the table's bound (new flows are dropped beyond it)
     max_flows_per_peer: int  # what one peer's new flows may take of it
     related: int  # ICMP errors passed because they belong to a tracked flow
+    # Added within control version 1 (a reply from an older daemon still decodes).
+    denied_by_peer: dict[str, int] = field(default_factory=dict)  # inbound packets no rule allows, by peer name
 
 
 @dataclass(frozen=True, slots=True)

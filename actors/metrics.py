@@ -61,6 +61,8 @@ class StatusCollector(Collector):
                           "reason", status.filter.drops)
             yield counter("tunnelmesh_filter_spoofed", "Packets from a peer with a source address not its own.",
                           "peer", status.filter.spoofed_by_peer)
+            yield counter("tunnelmesh_filter_denied", "Inbound packets from a peer that no rule allows.",
+                          "peer", status.filter.denied_by_peer)
             yield GaugeMetricFamily("tunnelmesh_filter_flows", "Flows the packet filter tracks now.",
                                     value=status.filter.flows)
         actors = {a.name: a for a in node.actors}

@@ -107,6 +107,9 @@ def test_node_rules_open_tcp_22_to_chosen_members_only_and_replies_pass(lab):
         assert status["enabled"] and status["in_force"].startswith(f"this node's [filter] rules ({len(ACCEPTS[name])})")
         denied = sum(1 for src, dst, port in outcomes if dst == name and not expected[(src, dst, port)])
         assert status["drops"].get("denied", 0) >= denied, diagnostics(mesh)  # a refused SYN is retried
+        refused_by = {src for src, dst, port in outcomes if dst == name and not expected[(src, dst, port)]}
+        assert set(status["denied_by_peer"]) == refused_by, status["denied_by_peer"]  # whose packets were denied
+        assert sum(status["denied_by_peer"].values()) == status["drops"].get("denied", 0), status
         assert [rule["hits"] > 0 for rule in status["rules"]] == [True] * len(ACCEPTS[name]), status
 
     verdict = mesh["b"].tm("filter", "test", "a", "tcp", "22")

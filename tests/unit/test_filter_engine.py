@@ -84,8 +84,9 @@ def test_group_and_tag_rule_opens_one_port_to_one_member_only() -> None:
     assert f.inbound(ALICE.key, tcp4(A4, H4, 40000, 22, SYN), 60, 0.0)
     assert not f.inbound(ALICE.key, tcp4(A4, H4, 40000, 23, SYN), 60, 0.0)
     assert not f.inbound(CAROL.key, tcp4(C4, H4, 40000, 22, SYN), 60, 0.0)
-    assert f.drops[e.DENIED] == 2
+    assert f.drops[e.DENIED] == 2 and f.denied == {"alice": 1, "carol": 1}  # also counted per peer
     assert f.recent_denied[-1] == ("carol", "tcp", 22)
+    assert f.stats()["denied_by_peer"] == {"alice": 1, "carol": 1}
 
 
 def test_same_rule_applies_to_ipv6() -> None:

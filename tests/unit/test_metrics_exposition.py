@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from actors.messages import (
-    ActorStatus, CoordinatorStatus, NodeStatus, PeerStatus, RelayServerStatus, Status, TransportsStatus, from_json,
+    ActorStatus, CoordinatorStatus, FilterStatus, NodeStatus, PeerStatus, RelayServerStatus, Status, TransportsStatus, from_json,
     to_json,
 )
 from actors.metrics import MetricsEndpoint, StatusCollector
@@ -77,7 +77,11 @@ def test_a_status_snapshot_reads_back_as_the_same_values() -> None:
                               relayed_bytes=4096)
     status = Status(node=node(coordinator=coordinator("connected"),
                               transports=TransportsStatus(ssh=None, relay=None, node_relays=(), serving_relay=relay)),
-                    peers=(BETA, GAMMA), drops={"no peer for destination": 6, "udp send: No buffer space available": 1})
+                    peers=(BETA, GAMMA), drops={"no peer for destination": 6, "udp send: No buffer space available": 1},
+                    filter=FilterStatus(enabled=True, in_force="", policy_version=1, node_rules=0, error=None,
+                                        warnings=(), drops={"denied": 5, "spoofed": 1}, spoofed_by_peer={"b": 1},
+                                        rules=(), flows=2, max_flows=10, max_flows_per_peer=4, related=0,
+                                        denied_by_peer={"b": 4, "gamma": 1}))
     values, types = samples(scrape_text(StatusCollector(status)))
 
     def at(name: str, **labels: str) -> float:
@@ -98,6 +102,9 @@ def test_a_status_snapshot_reads_back_as_the_same_values() -> None:
     assert at("tunnelmesh_peer_drops_total", peer="b", reason="replayed counter") == 3
     assert at("tunnelmesh_peer_drops_total", peer="b", reason="inner source not allowed for peer") == 1
     assert not any(name == "tunnelmesh_peer_drops_total" and ("peer", "gamma") in labels for name, labels in values)
+    assert at("tunnelmesh_filter_drops_total", reason="denied") == 5 and at("tunnelmesh_filter_flows") == 2
+    assert at("tunnelmesh_filter_denied_total", peer="b") == 4 and at("tunnelmesh_filter_denied_total", peer="gamma") == 1
+    assert at("tunnelmesh_filter_spoofed_total", peer="b") == 1
     assert at("tunnelmesh_actor_restarts_total", actor="mesh") == 1
     assert at("tunnelmesh_actor_mailbox_depth", actor="mesh") == 2
     assert at("tunnelmesh_actor_mailbox_dropped_total", actor="sessions") == 5

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.messages import PathChanged, PathStatus, PeerStatus
+from actors.messages import FilterStatus, PathChanged, PathStatus, PeerStatus
 from tunnelmesh.tui import model
 
 
@@ -105,3 +105,11 @@ def test_rates_for_people(value: float | None, text: str) -> None:
 def test_a_rung_change_in_the_event_log_says_from_where_to_where_and_why() -> None:
     change = PathChanged("b", PathStatus("ssh", "ssh 192.0.2.2:2222"), "udp", "udp failing", 0.0)
     assert model.describe(change) == "b: udp -> ssh (udp failing); now ssh 192.0.2.2:2222"
+
+
+def test_the_filter_column_says_what_was_dropped_of_each_peer() -> None:
+    status = FilterStatus(enabled=True, in_force="", policy_version=1, node_rules=0, error=None, warnings=(), drops={},
+                          spoofed_by_peer={"b": 1, "c": 0}, rules=(), flows=0, max_flows=1, max_flows_per_peer=1,
+                          related=0, denied_by_peer={"b": 3, "d": 2})
+    assert model.filter_drops(status) == {"b": "3 denied, 1 spoofed", "d": "2 denied"}
+    assert model.filter_drops(None) == {}

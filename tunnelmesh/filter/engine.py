@@ -117,6 +117,7 @@ class PacketFilter:
         self.flows = FlowTable(max_flows, max_flows_per_peer)
         self.drops: Counter[str] = Counter()
         self.spoofed: Counter[str] = Counter()  # by peer name
+        self.denied: Counter[str] = Counter()  # by peer name: inbound packets no rule allows
         # (peer name, protocol, destination port) of recent denied packets: the
         # daemon drains it into a rate-limited log line.
         self.recent_denied: collections.deque[tuple[str, str, int]] = collections.deque(maxlen=RECENT_DENIED)
@@ -196,6 +197,7 @@ class PacketFilter:
             rule = allow.icmp if version == 4 else allow.icmp6
         if rule == NO_RULE:
             self.drops[DENIED] += 1
+            self.denied[peer.name] += 1
             self.recent_denied.append((peer.name, _PROTO_NAMES[proto], h.dport))
             return False
         if request:
@@ -352,6 +354,7 @@ class PacketFilter:
             "drops": dict(self.drops),
             "related": self.related,
             "spoofed_by_peer": dict(self.spoofed),
+            "denied_by_peer": dict(self.denied),
             "rules": [{"rule": rule.describe(), "hits": hits} for rule, hits in zip(self._compiled.rules, self.rule_hits)],
             "flows": len(self.flows),
             "max_flows": self.flows.limit,

@@ -34,7 +34,7 @@ POLL = 1.0
 PING_WAIT = 3.0
 
 COLUMNS = (("name", "Peer"), ("mesh_ip", "Mesh IP"), ("state", "State"), ("rung", "Rung"), ("rtt", "RTT"),
-           ("handshake", "Handshake"), ("rx", "RX"), ("tx", "TX"), ("drops", "Spoofed"), ("why", "Why not better"))
+           ("handshake", "Handshake"), ("rx", "RX"), ("tx", "TX"), ("drops", "Filtered"), ("why", "Why not better"))
 
 
 class SearchBox(Input):
@@ -209,13 +209,13 @@ class TunnelMeshApp(App[None]):
         assert self.status is not None
         table = self.query_one("#peers", DataTable)
         shown = model.visible(self.status.peers, self.query_text)
-        spoofed = self.status.filter.spoofed_by_peer if self.status.filter is not None else {}
+        filtered = model.filter_drops(self.status.filter)
         wanted = [p.name for p in shown]
         for row in list(table.rows):
             if row.value not in wanted:
                 table.remove_row(row)
         for peer in shown:
-            cells = self._cells(peer, spoofed.get(peer.name, 0))
+            cells = self._cells(peer, filtered.get(peer.name, ""))
             if peer.name in table.rows:
                 for (key, _), value in zip(COLUMNS, cells):
                     table.update_cell(peer.name, key, value, update_width=True)
@@ -224,12 +224,12 @@ class TunnelMeshApp(App[None]):
         if [row.key.value for row in table.ordered_rows] != wanted:
             table.sort("name")
 
-    def _cells(self, peer: PeerStatus, spoofed: int) -> tuple[str | Text, ...]:
+    def _cells(self, peer: PeerStatus, filtered: str) -> tuple[str | Text, ...]:
         rates = self.rates.rates(peer.name)
         measured = peer.rtt_ms if peer.rtt_ms is not None else self.last_ping.get(peer.name)
         return (peer.name, peer.mesh_ip, peer.state, peer.path.rung if peer.path else "-", model.rtt(measured),
                 model.ago(peer.last_handshake_ago), model.rate(rates.rx if rates else None),
-                model.rate(rates.tx if rates else None), str(spoofed) if spoofed else "",
+                model.rate(rates.tx if rates else None), filtered,
                 Text(peer.why_not_better or ""))  # free text: a Text, which the table does not read as markup
 
     def _show_throughput(self) -> None:

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from actors.messages import (
-    AdmissionDecided, CoordinatorChanged, EndpointRoamed, Event, HandshakeDone, HandshakeFailed, KeysZeroed,
-    NodeRevoked, PathChanged, PeerAdded, PeerRemoved, PeerStatus, SecretRotated,
+    AdmissionDecided, CoordinatorChanged, EndpointRoamed, Event, FilterStatus, HandshakeDone, HandshakeFailed,
+    KeysZeroed, NodeRevoked, PathChanged, PeerAdded, PeerRemoved, PeerStatus, SecretRotated,
 )
 
 #: Samples of throughput kept per peer for the sparkline (one per status poll).
@@ -121,6 +121,16 @@ def ago(seconds: float | None) -> str:
 
 def rtt(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+def filter_drops(status: FilterStatus | None) -> dict[str, str]:
+    """Per peer name, what the packet filter dropped of its packets, in words ("3 denied,
+    1 spoofed"); a peer with none is left out (an empty cell)."""
+    if status is None:
+        return {}
+    kinds = (("denied", status.denied_by_peer), ("spoofed", status.spoofed_by_peer))
+    names = {name for _, counts in kinds for name, n in counts.items() if n}
+    return {name: ", ".join(f"{counts[name]} {kind}" for kind, counts in kinds if counts.get(name)) for name in names}
 
 
 def describe(event: Event) -> str:
