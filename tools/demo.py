@@ -8,7 +8,8 @@ node's status, pings every pair through the tunnel (kernel `ping` and the
 in-tunnel `tunnelmesh ping`, which says which path answered), shows that the
 starter policy `init` wrote denies TCP (default deny), opens one port with
 `tunnelmesh policy set`, sends a TCP transfer through it and checks it arrived
-intact, then tears everything down.
+intact, shows what Prometheus would scrape on the receiver (`[metrics]`), then tears
+everything down.
 
 Run as root: `python -m tools.demo` (the README's command sets up first).
 """
@@ -30,6 +31,8 @@ NAMES = ["alpha", "beta", "gamma"]
 TRANSFER_MB = 20
 PORT = 5001
 POLICY_REACHES = 10.0  # seconds for a policy change to be in force on every node (issue 14: within 10 s)
+METRICS = "127.0.0.1:9469"  # gamma's /metrics, on its namespace's own loopback
+SCRAPE = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
 TRANSFER_RULE = f"""
 # The demo's transfer: alpha may open tcp/{PORT} on gamma.
 [[allow]]
@@ -89,6 +92,14 @@ def main() -> int:
             banner(f"tunnelmesh status on {member.name} (underlay {member.underlay})")
             print(member.tm("status").stdout, end="")
 
+        banner(f"gamma restarts with Prometheus metrics on: [metrics] listen = \"{METRICS}\"")
+        gamma = mesh["gamma"]
+        gamma.down()
+        gamma.append_config(f'\n[metrics]\nlisten = "{METRICS}"\n')
+        gamma.up()
+        wait_for_handshakes(mesh)
+        print("gamma is up again and every session with it has handshaken")
+
         banner("every pair pings through the tunnel")
         failures = 0
         for a in mesh.values():
@@ -103,7 +114,7 @@ def main() -> int:
                 print(f"{a.name:>5} -> {b.name:<5} {'ok  ' if ok else 'FAIL'} {' | '.join(summary)}")
                 print(f"{'':14} {inner.stdout.strip() or inner.stderr.strip()}")
 
-        alpha, gamma = mesh["alpha"], mesh["gamma"]
+        alpha = mesh["alpha"]
         banner(f"default deny: may alpha open tcp/{PORT} on gamma? (`tunnelmesh filter test` on gamma)")
         before = gamma.tm("filter", "test", "alpha", "tcp", str(PORT), check=False)
         print(before.stdout.strip() or before.stderr.strip())
@@ -133,6 +144,15 @@ def main() -> int:
         intact = int(got_size) == len(data) and got_hash == hashlib.sha256(data).hexdigest()
         failures += not intact
         print(f"sent {len(data)} bytes at {rate} Mbit/s; received {got_size} bytes, sha256 {'matches' if intact else 'DIFFERS'}")
+
+        banner("what Prometheus scrapes on gamma: its counters for alpha")
+        scraped = gamma.node.run(sys.executable, "-c", SCRAPE, f"http://{METRICS}/metrics").stdout
+        one_of = ('rung="', 'state="')  # a state-set gauge: show the member that is set
+        shown = [line for line in scraped.splitlines() if line.startswith("tunnelmesh_peer_") and 'peer="alpha"' in line
+                 and (not any(label in line for label in one_of) or line.endswith(" 1.0"))]
+        print("\n".join(shown))
+        received = next((float(line.split()[-1]) for line in shown if line.startswith("tunnelmesh_peer_rx_bytes_total")), 0.0)
+        failures += received < len(data)  # the transfer came from alpha: gamma counted at least its bytes
 
         banner("status on alpha after the transfer")
         print(alpha.tm("status").stdout, end="")
