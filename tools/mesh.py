@@ -141,7 +141,8 @@ proto = "any"
 
 
 def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, start: bool = True,
-                  coordinator: Node | None = None, policy: str | None = OPEN_POLICY) -> dict[str, MeshNode]:
+                  coordinator: Node | None = None, policy: str | None = OPEN_POLICY,
+                  identity_args: dict[str, list[str]] | None = None) -> dict[str, MeshNode]:
     """The way a user builds a network: `init` on the first node (admin, embedded
     coordinator unless `coordinator` -- a node already running `tunnelmesh coordinator`
     on COORDINATOR_PORT -- is given), then `invite` there and `join <token>` on each of
@@ -149,6 +150,7 @@ def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, s
     still is if it embeds the coordinator). Mesh IPs are
     read back from the nodes (the coordinator assigns them). `policy`: the network policy
     the admin sets (`policy set`) before anyone joins; None keeps init's starter policy.
+    `identity_args`: a node's identity options for `init` or `join` (default --new-key).
 
     Over the coordinator's own TLS, as by default: the embedded coordinator's certificate
     is made at `init` and pinned through the invite tokens; a standalone one's (made on
@@ -160,12 +162,13 @@ def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, s
         node = lab.add_node(name)
         mesh[name] = MeshNode(node, lab.connect(node, switch), "")
     admin = next(iter(mesh.values()))
+    identity = {name: (identity_args or {}).get(name, ["--new-key"]) for name in names}
     if coordinator is None:
         url = f"https://{admin.underlay}:{COORDINATOR_PORT}"
-        admin.tm("init", "--name", admin.name, "--new-key", "--url", url)
+        admin.tm("init", "--name", admin.name, *identity[admin.name], "--url", url)
     else:
         url = f"https://{coordinator.addresses[0]}:{COORDINATOR_PORT}"
-        admin.tm("init", "--name", admin.name, "--new-key", "--url", url, "--external-coordinator",
+        admin.tm("init", "--name", admin.name, *identity[admin.name], "--url", url, "--external-coordinator",
                  "--tls-fingerprint", standalone_fingerprint(coordinator))
     if start or coordinator is None:  # an embedded coordinator must run for the others to join
         admin.up()
@@ -176,7 +179,7 @@ def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, s
     for member in mesh.values():
         if member is not admin:
             token = admin.tm("invite").stdout.strip()
-            member.tm("join", token, "--name", member.name, "--new-key")
+            member.tm("join", token, "--name", member.name, *identity[member.name])
             if start:
                 member.up()
     for member in mesh.values():

@@ -1,4 +1,5 @@
-"""A real ssh-agent drives a two-node static mesh in the netns lab (docs/identity.md).
+"""A real ssh-agent drives a two-node static mesh in the netns lab (docs/identity.md), and
+a member that joins a coordinator network with an agent key.
 
 One agent holds an Ed25519 and an RSA key (ssh-keygen's); `init --agent ... --agent-socket
 PATH` picks one per node (by fingerprint, by comment) in an environment without
@@ -21,7 +22,7 @@ import pytest
 from tests.support.ssh_agent import Agent, keygen, openssh_fingerprint, require_openssh, running_agent
 from tests.support.wait import wait_for
 from tools.lab import Lab
-from tools.mesh import MeshNode, build_static_mesh, diagnostics, wait_for_handshakes
+from tools.mesh import MeshNode, build_network, build_static_mesh, diagnostics, wait_for_handshakes
 
 pytestmark = pytest.mark.e2e
 
@@ -129,6 +130,37 @@ def test_daemon_waits_for_its_key_then_comes_up(lab: Lab, agent_keys: AgentKeys)
         assert agent_status(a)["agent"]["state"] == "holds the key"  # type: ignore[index]
         wait_for_handshakes(mesh)
         ping(a, b)
+    except Exception:
+        print(diagnostics(mesh))
+        raise
+
+
+def test_a_member_joins_a_network_with_an_agent_key_and_keeps_its_tunnel_without_the_agent(
+        lab: Lab, agent_keys: AgentKeys) -> None:
+    """`join TOKEN --agent COMMENT --agent-socket PATH` (no SSH_AUTH_SOCK): the member's
+    config pins the key and names the socket; it joins, comes up and pings the admin's
+    node; with the agent gone its tunnel goes on and status names the coordinator requests
+    among what needs the agent back."""
+    mesh = build_network(lab, ["hub", "b"], identity_args={
+        "b": ["--agent", "node-b@lab", "--agent-socket", agent_keys.agent.sock]})
+    hub, b = mesh["hub"], mesh["b"]
+    try:
+        text = Path(b.config_path).read_text()
+        assert f'identity = "agent:{agent_keys.fingerprint(agent_keys.rsa)}"\n' in text, text
+        assert f'agent_socket = "{agent_keys.agent.sock}"' in text, text
+        wait_for_handshakes(mesh)
+        ping(b, hub)
+        assert agent_status(b)["identity_source"] == f"ssh-agent at {agent_keys.agent.sock}"
+
+        agent_keys.agent.stop()
+        wait_for("b's status to see the agent gone",
+                 lambda: agent_status(b)["agent"]["state"] == "unreachable",  # type: ignore[index]
+                 WAIT, b.diagnostics, interval=0.5)
+        needed = agent_status(b)["agent"]["needed_for"]  # type: ignore[index]
+        assert "a restart" in needed and any(n.startswith("requests to the coordinator") for n in needed), needed
+        for _ in range(3):
+            ping(b, hub)
+            ping(hub, b)
     except Exception:
         print(diagnostics(mesh))
         raise
