@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import asyncssh
 
 from tests.conftest import unavailable
 from tests.links import public_key_text
+from tests.support.wait import wait_for
 from tools.lab import Lab, Node, clean_environment, find_tool
 from tools.mesh import MeshNode, build_network, diagnostics, wait_for_handshakes
 from tunnelmesh.exports.ssh_config import network_tag
@@ -66,13 +66,13 @@ def ssh_to(member: MeshNode, peer: str, snippet: Path, client_key: Path, home: P
 
 def wait_for_attested(member: MeshNode, peer: str, key: str, timeout: float = 30.0) -> dict:
     """`ssh-config --json` on `member` until `peer`'s known_hosts lines hold `key`."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def attested() -> dict | None:
         shown = json.loads(member.tm("ssh-config", "--json").stdout)
-        if f"{peer}.{network_tag(shown['network'])}.tunnelmesh {key}" in shown["known_hosts"]["text"].splitlines():
-            return shown
-        assert time.monotonic() < deadline, (shown, diagnostics({member.name: member}))
-        time.sleep(0.5)
+        lines = shown["known_hosts"]["text"].splitlines()
+        return shown if f"{peer}.{network_tag(shown['network'])}.tunnelmesh {key}" in lines else None
+
+    return wait_for(f"{peer}'s key {key[:40]}... in {member.name}'s ssh-config", attested, timeout,
+                    lambda: diagnostics({member.name: member}), interval=0.5)
 
 
 def test_ssh_reaches_the_peers_sshd_with_its_attested_key_and_refuses_a_changed_one(lab: Lab) -> None:

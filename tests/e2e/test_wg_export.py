@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_wireguard_peer import UAPI_DIR, WireGuardGo, wg_tools  # noqa: F401 - wg_tools is a fixture
-from tests.support.wireguard_go import stop_wireguard_go
-from tools.lab import clean_environment, find_tool
+from tests.e2e.test_wireguard_peer import WireGuardGo, wg_tools  # noqa: F401 - wg_tools is a fixture
+from tests.support.wait import wait_for
+from tests.support.wireguard_go import start_wireguard_go
 from tools.mesh import MeshNode, build_network, diagnostics
 
 pytestmark = pytest.mark.e2e
@@ -65,18 +65,10 @@ def value(config: str, key: str) -> str:
     return found[0]
 
 
-def start_wireguard_go(lab, node, request) -> WireGuardGo:
+def device_in(node, request) -> WireGuardGo:
+    """A wireguard-go device in `node`, with no config yet."""
     ifname = f"tmwx{secrets.token_hex(5)}"  # unique per run: the control socket's path is global
-    sock_path = UAPI_DIR / f"{ifname}.sock"
-    env = {**clean_environment(), "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "verbose"}
-    proc = node.popen(find_tool("wireguard-go"), "-f", ifname, env=env, log_name="wireguard-go")
-    request.addfinalizer(lambda: stop_wireguard_go(proc, sock_path))
-    deadline = time.monotonic() + 10
-    while not sock_path.exists():
-        assert proc.poll() is None, f"wireguard-go exited with {proc.returncode}:\n{node.log('wireguard-go')}"
-        assert time.monotonic() < deadline, f"no {sock_path} after 10 s:\n{node.log('wireguard-go')}"
-        time.sleep(0.05)
-    return WireGuardGo(node, ifname, proc, "")
+    return WireGuardGo(node, ifname, start_wireguard_go(node, ifname, request.addfinalizer), "")
 
 
 def configure_from(device: WireGuardGo, config: str, workdir: str) -> None:
@@ -109,7 +101,7 @@ def test_a_wireguard_go_device_from_wg_export_reaches_its_node_until_revoked(wg_
     a, b = mesh["a"], mesh["b"]
     phone = lab.add_node("phone")
     lab.connect(phone, lab.switches["sw"])
-    device = start_wireguard_go(lab, phone, request)
+    device = device_in(phone, request)
 
     exported = json.loads(a.tm("wg-export", "phone", "--via", "b", "--json").stdout)
     config = exported["config"]
@@ -166,7 +158,9 @@ def test_a_wireguard_go_device_from_wg_export_reaches_its_node_until_revoked(wg_
 
 def peers_until(member: MeshNode, name: str, timeout: float = REACHES_WITHIN) -> dict[str, dict]:
     """`member`'s peers once `name` is among them (the map reaches it within a round trip)."""
-    deadline = time.monotonic() + timeout
-    while name not in (peers := peers_of(member)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return peers
+    def with_name() -> dict[str, dict] | None:
+        peers = peers_of(member)
+        return peers if name in peers else None
+
+    return wait_for(f"{name} among {member.name}'s peers", with_name, timeout, lambda: diagnostics({member.name: member}),
+                    interval=0.2)

@@ -26,17 +26,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.wireguard_go import stop_wireguard_go
+from tests.support.wireguard_go import start_wireguard_go
 
 from tests.conftest import unavailable
-from tools.lab import clean_environment, find_tool
+from tools.lab import find_tool
 from tools.mesh import build_static_mesh, diagnostics, peer_block, wait_for_handshakes
 
 pytestmark = pytest.mark.e2e
 
 WG_MESH_IP = "100.100.0.9"
 WG_PORT = 51820
-UAPI_DIR = Path("/var/run/wireguard")
 REKEY_AFTER_TIME = 120
 REKEY_WAIT = 160  # seconds from the first handshake until a new one must have happened
 PORT = 5002
@@ -125,19 +124,7 @@ def mesh_with_wg(wg_tools, lab, request):
     underlay = lab.connect(node, lab.switches["sw"])
 
     ifname = f"tmwg{secrets.token_hex(5)}"  # 14 characters, unique per run
-    sock_path = UAPI_DIR / f"{ifname}.sock"
-    assert not sock_path.exists(), f"{sock_path} exists already"
-    env = {**clean_environment(), "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "verbose"}
-    proc = node.popen(find_tool("wireguard-go"), "-f", ifname, env=env, log_name="wireguard-go")
-    request.addfinalizer(lambda: stop_wireguard_go(proc, sock_path))
-    deadline = time.monotonic() + 10
-    for _ in range(400):
-        if sock_path.exists():
-            break
-        assert proc.poll() is None, f"wireguard-go exited with {proc.returncode}:\n{node.log('wireguard-go')}"
-        assert time.monotonic() < deadline, f"no {sock_path} after 10 s:\n{node.log('wireguard-go')}"
-        time.sleep(0.05)
-    wg = WireGuardGo(node, ifname, proc, underlay)
+    wg = WireGuardGo(node, ifname, start_wireguard_go(node, ifname, request.addfinalizer), underlay)
 
     # The wireguard-go side, configured only from what `tunnelmesh show --wg` prints.
     private = node.run("wg", "genkey").stdout.strip()

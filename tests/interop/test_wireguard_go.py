@@ -41,9 +41,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import unavailable
-from tests.support.wireguard_go import stop_wireguard_go
+from tests.support.wireguard_go import UAPI_DIR, start_wireguard_go
 
-from tools.lab import clean_environment, find_tool
+from tools.lab import find_tool
 from tunnelmesh.wireguard import Device, HandshakeCompleted
 from tunnelmesh.wireguard.crypto import derive_psk, x25519_private, x25519_public
 
@@ -54,7 +54,6 @@ THEIR_IP = "100.100.0.2"
 WG_PORT = 51820
 WAIT = 5.0  # seconds for any one thing to arrive
 CLONE_NEWNET = 0x40000000
-UAPI_DIR = Path("/var/run/wireguard")
 
 
 # --- IPv4 / ICMP, with real checksums ------------------------------------------------------
@@ -182,17 +181,8 @@ def interop_tools() -> None:
 def wg_go(interop_tools, lab, request) -> tuple[WireGuardGo, Path]:
     node = lab.add_node("wg")
     ifname = f"tmwg{secrets.token_hex(4)}"  # 12 characters, unique per run
+    proc = start_wireguard_go(node, ifname, request.addfinalizer, WAIT)
     sock_path = UAPI_DIR / f"{ifname}.sock"
-    assert not sock_path.exists(), f"{sock_path} exists already"
-    env = {**clean_environment(), "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "verbose"}
-    proc = node.popen(find_tool("wireguard-go"), "-f", ifname, env=env, log_name="wireguard-go")
-    request.addfinalizer(lambda: stop_wireguard_go(proc, sock_path))
-
-    deadline = time.monotonic() + WAIT
-    while not sock_path.exists():
-        assert proc.poll() is None, f"wireguard-go exited with {proc.returncode}:\n{node.log('wireguard-go')}"
-        assert time.monotonic() < deadline, f"no {sock_path} after {WAIT}s:\n{node.log('wireguard-go')}"
-        time.sleep(0.05)
 
     private = x25519_private()
     psk = derive_psk(secrets.token_bytes(32))
