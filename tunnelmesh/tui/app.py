@@ -124,21 +124,24 @@ class TunnelMeshApp(App[None]):
                 await asyncio.sleep(delay)
 
     async def _follow(self) -> None:
-        """Poll status and read events until one of them fails (a ControlError)."""
-        events = asyncio.ensure_future(self._read_events())
+        """Poll status and read events until one of them fails (a ControlError); the
+        task group ends the other with it."""
         try:
-            while True:
-                await asyncio.wait({events}, timeout=self.poll)
-                if events.done():
-                    events.result()  # its ControlError, if it failed
-                    raise ControlError("the daemon closed the event stream")
-                self._update(await self.client.status())
-        finally:
-            events.cancel()
+            async with asyncio.TaskGroup() as both:
+                both.create_task(self._read_events())
+                both.create_task(self._poll_status())
+        except* ControlError as failed:
+            raise failed.exceptions[0] from None
+
+    async def _poll_status(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll)
+            self._update(await self.client.status())
 
     async def _read_events(self) -> None:
         async for event in self.client.events():
             self.log_line(model.describe(event))
+        raise ControlError("the daemon closed the event stream")
 
     def _show_up(self, status: Status) -> None:
         was_down = not self.connected and self.status is not None
