@@ -134,12 +134,17 @@ def test_keys_without_an_agent_says_what_to_do(
 # --- init --agent by comment -------------------------------------------------------------
 
 
+def as_the_users_agent(monkeypatch: pytest.MonkeyPatch, agent: Agent, *held: Path) -> None:
+    """`agent`, holding `held`, is the one $SSH_AUTH_SOCK names."""
+    monkeypatch.setenv("SSH_AUTH_SOCK", agent.sock)
+    for key in held:
+        agent.add(key)
+
+
 def test_init_agent_by_comment_pins_the_fingerprint(
     agent: Agent, keys: Keys, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SSH_AUTH_SOCK", agent.sock)
-    for key in (keys.ed25519, keys.rsa, keys.ecdsa):
-        agent.add(key)
+    as_the_users_agent(monkeypatch, agent, keys.ed25519, keys.rsa, keys.ecdsa)
     assert main(tm(tmp_path, "init", "--static", "--mesh-ip", "10.77.0.1", "--agent", "alice@laptop")) == 0
     config = load_config(tmp_path / "state" / "tunnelmesh.toml", state_dir=tmp_path / "state")
     assert config.identity == f"agent:{fp(keys.ed25519)}"
@@ -151,9 +156,7 @@ def test_init_agent_by_comment_pins_the_fingerprint(
 def test_init_agent_ambiguous_or_missing_lists_the_candidates(
     agent: Agent, keys: Keys, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SSH_AUTH_SOCK", agent.sock)
-    for key in (keys.ed25519, keys.rsa, keys.twin):
-        agent.add(key)
+    as_the_users_agent(monkeypatch, agent, keys.ed25519, keys.rsa, keys.twin)
     init = ("init", "--static", "--mesh-ip", "10.77.0.1", "--agent")
 
     assert main(tm(tmp_path, *init, "alice@desktop")) == 2
