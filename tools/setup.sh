@@ -23,6 +23,8 @@ packages=(
   openssh-client openssh-server  # SSH transport rung (and its forced-command bridge); host keys as identities
   tinyproxy nginx openssl        # relay rung tests: HTTP CONNECT proxy, TLS-terminating proxy, test certificates
   nebula                         # benchmark peer
+  coturn                         # NAT lab: an independent STUN server (RFC 5780 NAT behaviour discovery)
+  miniupnpd miniupnpd-nftables   # NAT lab: a real UPnP IGD / NAT-PMP / PCP gateway in a router namespace
   systemd                        # systemd-analyze for the unit-file test
   procps iputils-ping            # sysctl, ps; ping in e2e tests
   python3-venv                   # .venv (pulls python3)
