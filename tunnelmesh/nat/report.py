@@ -77,3 +77,18 @@ class NatReport:
         """Whether the mapping depends on the destination: peers cannot use our reflexive
         port, and punching needs the other side to spray ports near it."""
         return self.mapping in (ADDRESS_DEPENDENT, ADDRESS_AND_PORT_DEPENDENT)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerNat:
+    """What a peer said of its NAT in its signed candidate record: how to punch towards it.
+    `reflexive` is where STUN servers saw it; behind a hard NAT the peer's mapping towards
+    us is another port of the same address, so the easy side sprays ports near these."""
+
+    mapping: str = UNKNOWN
+    filtering: str = UNKNOWN
+    reflexive: tuple[Address, ...] = ()
+
+    @property
+    def hard(self) -> bool:
+        return self.mapping in (ADDRESS_DEPENDENT, ADDRESS_AND_PORT_DEPENDENT)
