@@ -203,21 +203,30 @@ class Coordinator:
     # --- members ----------------------------------------------------------------------------------
 
     async def register(self, listen_port: int, addresses: list[str],
-                       ssh: dict[str, Any] | None = None, relay: dict[str, Any] | None = None) -> dict[str, Any]:
+                       ssh: dict[str, Any] | None = None, relay: dict[str, Any] | None = None,
+                       candidates: dict[str, Any] | None = None) -> dict[str, Any]:
         """Where this node listens; `ssh` is what it offers for the SSH rung, `relay` the
         relay it serves ({"url": ...} or {"port": N}); each register says them again:
-        leaving one out withdraws it."""
+        leaving one out withdraws it. `candidates`, its signed candidate record, replaces
+        the stored one only if newer; left out, the stored one stays."""
         body: dict[str, Any] = {"listen_port": listen_port, "addresses": addresses}
         if ssh is not None:
             body["ssh"] = ssh
         if relay is not None:
             body["relay"] = relay
+        if candidates is not None:
+            body["candidates"] = candidates
         return await self._call("POST", "/v1/register", body, sign="member")
 
-    async def map(self, since: int, wait: float) -> dict[str, Any]:
-        """The peer map update after version `since`, held up to `wait` s for a change."""
-        return await self._call("GET", f"/v1/map?since={since}&wait={wait:g}", sign="member",
-                                timeout=wait + LONG_POLL_SLACK)
+    async def map(self, since: int, wait: float, *, punch: bool = False) -> dict[str, Any]:
+        """The peer map update after version `since`, held up to `wait` s for a change.
+        With `punch`, the reply may carry "punch" notices (and a notice ends the wait)."""
+        return await self._call("GET", f"/v1/map?since={since}&wait={wait:g}{'&punch=1' if punch else ''}",
+                                sign="member", timeout=wait + LONG_POLL_SLACK)
+
+    async def punch(self, peer_key: bytes) -> dict[str, Any]:
+        """Ask the coordinator to tell this node and the peer to punch towards each other now."""
+        return await self._call("POST", "/v1/punch", {"peer": b64(peer_key)}, sign="member")
 
     # --- admin ------------------------------------------------------------------------------------
 

@@ -66,6 +66,8 @@ from .guards import (
     loggable,
     rate_limited,
 )
+from .punch import PunchBoard
+from .punch import handler as punch_handler
 from .relay import Relay
 from .store import MemberRow, NetworkRow, PendingRow, Store, StoreError
 
@@ -106,12 +108,17 @@ class _Service:
         self._pending_changed = asyncio.Event()
         self._closing = False
         self._relay: Relay | None = None
+        self.punches = PunchBoard()  # punch notices waiting for members' long-polls (tunnelmesh/coordinator/punch.py)
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._wake_polls()
         if self._relay is not None:
             self._relay.member_changed()
+
+    def _wake_polls(self) -> None:
+        """Wake every map long-poll: each checks whether it has something to answer."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def _wake_pending(self) -> None:
         """A pending join came, or was approved or refused: wake who waits on one."""
@@ -421,12 +428,14 @@ class _Service:
 
     async def register(self, request: web.Request) -> web.Response:
         """Where the member can be reached: the address its request came from first, and
-        what it offers for the SSH rung and as a relay (absent: nothing)."""
+        what it offers for the SSH rung and as a relay (absent: nothing); its signed
+        candidate record replaces the stored one if newer (absent: the stored one stays)."""
         member, raw = await self._member(request)
         body = bodies.parse(raw)
-        bodies.body_field.keys(body, {"listen_port", "addresses"}, "the body", frozenset({"ssh", "relay"}))
+        bodies.body_field.keys(body, {"listen_port", "addresses"}, "the body", frozenset({"ssh", "relay", "candidates"}))
         port = bodies.body_field.integer(body["listen_port"], "listen_port", 1, 65535)
         ssh = bodies.ssh_offer(body.get("ssh"))
+        candidates = bodies.candidate_offer(body.get("candidates"), bodies.identity_of(member.identity), self.clock())
         given = body["addresses"]
         if not isinstance(given, list) or len(given) > MAX_ENDPOINTS:
             raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
@@ -437,6 +446,10 @@ class _Service:
         endpoints = list(dict.fromkeys(seen + parsed))[:MAX_ENDPOINTS]
         self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh, relay)
         reply: dict[str, Any] = {"observed": f"{observed or f'[{self._client_address(request)}]'}:{port}"}
+        if candidates is not None and (stored := self.store.set_candidates(
+                member.wg_key, body["candidates"], candidates.version)) is not None:
+            reply["candidates_refused"] = (f"the candidate record's version {candidates.version} is not newer than "
+                                           f"the stored one's ({stored}): a replay, or this node's clock went back")
         if relay is None and body.get("relay") is not None:
             reply["relay_refused"] = ("the relay's port alone needs an IPv4 address to go with, and this request "
                                       "came from none: set [transports] relay_url")
@@ -461,14 +474,25 @@ class _Service:
         self.polled[member.wg_key] = self.monotonic()
         since = int(bodies.query_number(request, "since", whole=True))
         wait = min(bodies.query_number(request, "wait", whole=False), MAX_WAIT)
-        await self._wait_past(since, wait)
-        return web.json_response(self._map(since))
+        takes_punch = request.query.get("punch") == "1"  # it parses "punch" in the reply
+        if takes_punch:
+            self.punches.polled(member.wg_key, self.monotonic())
+            await self._wait_past(since, wait, punch_for=member.wg_key)
+        else:
+            await self._wait_past(since, wait)
+        reply = self._map(since)
+        notices = self.punches.take(member.wg_key, self.monotonic()) if takes_punch else []
+        if notices:
+            reply["punch"] = notices
+        return web.json_response(reply)
 
-    async def _wait_past(self, since: int, wait: float) -> None:
-        """Hold a long-poll until the version moves past `since` (if it is there now)."""
+    async def _wait_past(self, since: int, wait: float, *, punch_for: str | None = None) -> None:
+        """Hold a long-poll until the version moves past `since` (if it is there now), or
+        a punch notice waits for `punch_for`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        while not self._closing and self.store.version == since:
+        while not self._closing and self.store.version == since and not (
+                punch_for is not None and self.punches.waiting(punch_for, self.monotonic())):
             changed = self._changed
             try:
                 await asyncio.wait_for(changed.wait(), deadline - loop.time())
@@ -740,6 +764,7 @@ def make_app(store: Store, *, clock: Callable[[], float] = time.time,
     app.router.add_post("/v1/join/request", service.request_join)
     app.router.add_post("/v1/register", service.register)
     app.router.add_get("/v1/map", service.map)
+    app.router.add_post("/v1/punch", punch_handler(service, service._wake_polls))
     app.router.add_post("/v1/admin/setup", service.setup)
     app.router.add_get("/v1/admin/pending", service.pending)
     app.router.add_post("/v1/admin/approve", service.approve)
