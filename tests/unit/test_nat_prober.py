@@ -1,0 +1,301 @@
+"""The NAT prober actor (actors/nat_prober.py) over real loopback sockets: its requests
+leave through a real data path's UDP socket (UdpBind) and its answers come back through
+the data path's demux, from a small RFC 5780 STUN responder made of tunnelmesh.nat.stun
+(two ports on 127.0.0.1, optionally two more on 127.0.0.2, as coturn with two IPs)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from actors.datapath import DataPath
+from actors.edges import UdpBind
+from actors.nat_prober import TRIES, CheckNat, NatProber
+from actors.runtime import Supervisor
+from tests.support.memnet import MemoryTun
+from tests.support.wait import until
+from tests.support.wire import seeded_rng
+from tunnelmesh.nat.report import (
+    ADDRESS_AND_PORT_DEPENDENT, ADDRESS_DEPENDENT, ENDPOINT_INDEPENDENT, NONE, UNKNOWN, NatReport,
+)
+from tunnelmesh.nat.stun import StunError, binding_request, binding_response, parse_binding_request
+from tunnelmesh.wireguard import Device
+
+
+@dataclass
+class Responder:
+    """A STUN server on `ips` x two ports; `changes` says whether it honours CHANGE-REQUEST
+    ("yes"), answers it from the primary address anyway ("ignore") or never ("drop")."""
+
+    ips: tuple[str, ...]
+    changes: str = "yes"
+    sockets: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
+    requests: int = 0
+
+    def open(self) -> None:
+        first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        first.bind((self.ips[0], 0))
+        port = first.getsockname()[1]
+        self.sockets[(self.ips[0], port)] = first
+        for ip, p in [(ip, q) for ip in self.ips for q in (port, port + 1)][1:]:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((ip, p))
+            self.sockets[(ip, p)] = sock
+        loop = asyncio.get_running_loop()
+        for address, sock in self.sockets.items():
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._answer, address, sock)
+
+    @property
+    def primary(self) -> tuple[str, int]:
+        return next(iter(self.sockets))
+
+    def name(self, address: tuple[str, int] | None = None) -> str:
+        host, port = address or self.primary
+        return f"{host}:{port}"
+
+    def _other(self, at: tuple[str, int]) -> tuple[str, int]:
+        ip, port = at
+        ips = self.ips if len(self.ips) > 1 else self.ips * 2
+        base = self.primary[1]
+        return ips[1 - ips.index(ip)] if len(self.ips) > 1 else ip, base + 1 if port == base else base
+
+    def _answer(self, at: tuple[str, int], sock: socket.socket) -> None:
+        data, source = sock.recvfrom(2048)
+        try:
+            request = parse_binding_request(data)
+        except StunError:
+            return
+        self.requests += 1
+        origin = at
+        if request.change_ip or request.change_port:
+            if self.changes == "drop":
+                return
+            if self.changes == "yes":
+                other = self._other(at)
+                origin = (other[0] if request.change_ip else at[0], other[1] if request.change_port else at[1])
+        other_address = self._other(at)
+        self.sockets[origin].sendto(binding_response(request, source, origin=origin, other=other_address), source)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets.values():
+            loop.remove_reader(sock.fileno())
+            sock.close()
+
+
+@pytest.fixture
+def datapath() -> Iterator[DataPath]:
+    rng = seeded_rng(5)
+    tun, bind = MemoryTun("tm-nat"), UdpBind.open(0)
+    try:
+        yield DataPath(Device(rng(32), rng=seeded_rng(6)), tun, bind)
+    finally:
+        bind.close()
+        tun.close()
+
+
+def run(datapath: DataPath, scenario: Callable[[DataPath], Awaitable[None]]) -> None:
+    """Run `scenario` in a new event loop with the data path reading its socket."""
+    async def started() -> None:
+        datapath.start()
+        try:
+            await scenario(datapath)
+        finally:
+            datapath.stop()
+
+    asyncio.run(started())
+
+
+async def responder(ips: tuple[str, ...] = ("127.0.0.1",), changes: str = "yes") -> Responder:
+    server = Responder(ips, changes)
+    server.open()
+    return server
+
+
+def prober(datapath: DataPath, servers: list[str], local: list[str] | None = None,
+           seen: list[NatReport] | None = None, probe_interval: float = 300.0) -> NatProber:
+    async def local_addresses() -> list[str]:
+        return list(local or [])
+
+    return NatProber(send=datapath.bind.sendto, register=datapath.register_datagrams, port=datapath.port,
+                     servers=lambda: servers, local_addresses=local_addresses,
+                     on_change=[seen.append] if seen is not None else (), probe_interval=probe_interval)
+
+
+def test_no_nat_on_loopback_and_the_port_is_the_wireguard_port(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        server = await responder()
+        try:
+            seen: list[NatReport] = []
+            nat = prober(running, [server.name()], local=["127.0.0.1"], seen=seen)
+            report = await nat.check()
+        finally:
+            server.close()
+        assert report.mapping == NONE
+        assert report.reflexive == (("127.0.0.1", running.port),)
+        assert report.udp_works and report.error is None and report.checked_at is not None
+        assert report.servers[0].server == server.name() and report.servers[0].rtt_ms is not None
+        assert nat.report is report and seen == [report]
+    run(datapath, scenario)
+
+
+def test_one_ip_two_ports_tell_mapping_and_port_filtering(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        """As the coordinator's reflection service: the same outside address on both ports
+        (nothing translates on loopback, and it is not called ours here), the change-port
+        answer came through: address-dependent filtering is all one IP can tell."""
+        server = await responder()
+        try:
+            report = await prober(running, [server.name()]).check()
+        finally:
+            server.close()
+        assert (report.mapping, report.filtering) == (ENDPOINT_INDEPENDENT, ADDRESS_DEPENDENT)
+        assert server.requests == 3  # test I, change port, the other port
+    run(datapath, scenario)
+
+
+def test_two_ips_tell_endpoint_independent_filtering(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        server = await responder(("127.0.0.1", "127.0.0.2"))
+        try:
+            report = await prober(running, [server.name()]).check()
+        finally:
+            server.close()
+        assert (report.mapping, report.filtering) == (ENDPOINT_INDEPENDENT, ENDPOINT_INDEPENDENT)
+        assert server.requests == 5  # test I, both filtering tests, tests II and III
+    run(datapath, scenario)
+
+
+def test_unanswered_change_requests_are_port_dependent_filtering(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        server = await responder(changes="drop")
+        try:
+            report = await prober(running, [server.name()]).check()
+        finally:
+            server.close()
+        assert (report.mapping, report.filtering) == (ENDPOINT_INDEPENDENT, ADDRESS_AND_PORT_DEPENDENT)
+        assert server.requests == 2 + TRIES  # the change-port request retried to the end
+    run(datapath, scenario)
+
+
+def test_a_server_that_ignores_change_requests_tells_no_filtering(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        server = await responder(changes="ignore")
+        try:
+            report = await prober(running, [server.name()]).check()
+        finally:
+            server.close()
+        assert (report.mapping, report.filtering) == (ENDPOINT_INDEPENDENT, UNKNOWN)
+    run(datapath, scenario)
+
+
+def test_filtering_not_retested_while_the_nat_may_remember_the_other_port(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        server = await responder()
+        try:
+            nat = prober(running, [server.name()])
+            first = await nat.check()
+            before = server.requests
+            second = await nat.check()
+        finally:
+            server.close()
+        assert first.filtering == second.filtering == ADDRESS_DEPENDENT
+        assert server.requests - before == 2  # test I and the other port; no change-port test
+    run(datapath, scenario)
+
+
+def test_silent_and_unresolvable_servers_are_reported(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        quiet.bind(("127.0.0.1", 0))  # takes the requests, answers nothing
+        try:
+            report = await prober(running, [f"127.0.0.1:{quiet.getsockname()[1]}", "no-such-host.invalid:3478"]).check()
+        finally:
+            quiet.close()
+        assert not report.udp_works and report.mapping == UNKNOWN and report.reflexive == ()
+        assert report.error is not None and "no STUN server answered" in report.error
+        assert [result.error for result in report.servers] == [f"no answer to {TRIES} tries",
+                                                              "cannot resolve no-such-host.invalid:3478"]
+    run(datapath, scenario)
+
+
+def test_no_server_known(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        report = await prober(running, []).check()
+        assert report.error is not None and "no STUN server known" in report.error
+        assert report.checked_at is not None and report.servers == ()
+    run(datapath, scenario)
+
+
+def test_unsolicited_and_malformed_answers_are_dropped_and_counted(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        nat = prober(running, [])
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            # A well-formed STUN answer no request waits for: a request's own bytes serve (a
+            # STUN message whose transaction id is unknown).
+            sender.sendto(binding_request()[1], ("127.0.0.1", running.port))
+            await until("the answer is counted", lambda: nat.unsolicited == 1)
+            assert running.drops["not a WireGuard message"] == 0
+            # An answer with a pending id that does not parse: the request gets "bad answer".
+            transaction_id, request = binding_request()
+            answer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            nat._pending[transaction_id] = answer  # as _ask would hold it
+            sender.sendto(request[:8] + transaction_id + request[20:], ("127.0.0.1", running.port))
+            result = await asyncio.wait_for(answer, 5)
+            assert isinstance(result, str) and result.startswith("bad answer") and nat.malformed == 1
+            # Not STUN at all: left for the data path to count.
+            sender.sendto(b"\x00garbage", ("127.0.0.1", running.port))
+            await until("the data path counts it", lambda: running.drops["not a WireGuard message"] == 1)
+        finally:
+            sender.close()
+    run(datapath, scenario)
+
+
+def test_the_actor_checks_at_start_and_when_asked(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        server = await responder()
+        supervisor = Supervisor()
+        seen: list[NatReport] = []
+        nat = supervisor.add(prober(running, [server.name()], local=["127.0.0.1"], seen=seen))
+        run = asyncio.create_task(supervisor.run())
+        try:
+            await until("the first check", lambda: len(seen) == 1, timeout=30)
+            assert seen[0].mapping == NONE
+            asked = await nat.ask(CheckNat(), timeout=30)
+            assert asked is nat.report and asked.mapping == NONE
+            assert len(seen) == 1  # nothing changed: no callback
+        finally:
+            supervisor.shutdown("test over")
+            await run
+            server.close()
+    run(datapath, scenario)
+
+
+def test_the_actor_checks_again_when_the_servers_change(datapath: DataPath) -> None:
+    async def scenario(running: DataPath) -> None:
+        first, second = await responder(), await responder(("127.0.0.1", "127.0.0.2"))
+        servers = [first.name()]
+        supervisor = Supervisor()
+        seen: list[NatReport] = []
+        nat = prober(running, servers, seen=seen)
+        supervisor.add(nat)
+        run = asyncio.create_task(supervisor.run())
+        try:
+            await until("the first check", lambda: len(seen) == 1, timeout=30)
+            servers.append(second.name())  # the list the prober reads at each comparison
+            await until("a check of both servers", lambda: len(nat.report.servers) == 2, timeout=30)
+            assert [result.reflexive for result in nat.report.servers] == [("127.0.0.1", running.port)] * 2
+        finally:
+            supervisor.shutdown("test over")
+            await run
+            first.close()
+            second.close()
+    run(datapath, scenario)
+
+
