@@ -7,7 +7,14 @@ what changed: membership changes and the pre-shared key are
 awaited (`ask`), candidates go as the latest per peer (`tell_latest`), so a full
 resync of a large map loses nothing to a full mailbox. It long-polls `GET /v1/map` with the last
 version it has, so a change reaches it within a round trip and a reconnect
-fetches only what it missed. Every verified change is written to the on-disk
+fetches only what it missed.
+
+It also registers this node's candidates (tunnelmesh.nat.candidates): its interface
+addresses, the NAT prober's reflexive addresses (`set_nat_report`), the port mapper's
+address (`set_mapped`) and the configured public endpoint, in a record it signs anew
+only when they change, registered again at once (beside the long-poll, on the same
+session) when they do. Peers' records are verified here (`VerifiedCandidates`) and
+their candidates handed on best first (same LAN first). Every verified change is written to the on-disk
 cache before it is acted on. When the coordinator cannot be reached, nothing
 else changes: the sessions keep running on what is known, and the client
 retries with backoff (1 s doubling to 30 s).
@@ -19,7 +26,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +36,24 @@ from pyroute2.netlink.exceptions import NetlinkError
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import UDP_ONLY, TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
-from tunnelmesh.identity import NodeIdentity
+from tunnelmesh.coordinator.punch import take_notices
+from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.membership import (
     MAX_ENDPOINTS, DeviceEntry, MapSnapshot, MemberEntry, MembershipError, PeerMap, Revocation,
 )
+from tunnelmesh.membership.peermap import sendable
+from tunnelmesh.nat.candidates import (
+    CandidateError, CandidateRecord, VerifiedCandidates, make_candidate_record, order_candidates, own_candidates,
+)
+from tunnelmesh.nat.report import UNKNOWN, Address, Candidate, NatReport, PeerNat
 from tunnelmesh.netstate import NetworkState, StateError, save_peer_map, save_network_secret
 from tunnelmesh.wireguard import derive_psk
 
 from .control import EventBus
 from .mesh import Mesh
 from .messages import (
-    AddPeers, CoordinatorChanged, CoordinatorStatus, NodeRevoked, PeerSpec, RemovePeer, SecretRotated, SetCandidates, SetPsk, SyncPeers,
+    AddPeers, CoordinatorChanged, CoordinatorStatus, NodeRevoked, PeerSpec, Punch, RemovePeer, SecretRotated, SetCandidates,
+    SetPsk, SyncPeers,
 )
 from .runtime import Actor
 
@@ -51,16 +65,29 @@ BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 PERSISTENT_KEEPALIVE = 25  # keeps NAT mappings open between members
 
 
-def peer_spec(member: MemberEntry, snapshot: MapSnapshot, transports: TransportsConfig = TransportsConfig()
+def peer_candidates(wg_key: bytes, snapshot: MapSnapshot, record: CandidateRecord | None,
+                    lan: Sequence[ipaddress.IPv4Network]) -> tuple[tuple[Address, ...], PeerNat]:
+    """A member's addresses best first (its verified candidate record, ordered for this
+    node's subnets `lan`, then where the coordinator saw it) and what it said of its NAT."""
+    endpoints = snapshot.endpoints.get(wg_key)
+    observed = endpoints.candidates(snapshot.network) if endpoints is not None else ()
+    ordered = order_candidates(record, observed, lan)
+    return (tuple(a for a in ordered if sendable(a[0], snapshot.network)),
+            record.nat if record is not None else PeerNat())
+
+
+def peer_spec(member: MemberEntry, snapshot: MapSnapshot, transports: TransportsConfig = TransportsConfig(), *,
+              records: Mapping[bytes, CandidateRecord] | None = None, lan: Sequence[ipaddress.IPv4Network] = ()
               ) -> PeerSpec:
-    endpoints = snapshot.endpoints.get(member.wg_key)
-    addresses = endpoints.candidates(snapshot.network) if endpoints is not None else ()
+    """`records`: the verified candidate records (none: only the coordinator's addresses)."""
+    record = records.get(member.wg_key) if records is not None else None
+    addresses, nat = peer_candidates(member.wg_key, snapshot, record, lan)
     return PeerSpec(
         name=member.name, mesh_ip=member.ipv4, fingerprint=member.identity.fingerprint, wg_key=member.wg_key,
         allowed_ips=(ipaddress.IPv4Network(f"{member.ipv4}/32"), ipaddress.IPv6Network(f"{member.ipv6}/128")),
         endpoint=addresses[0] if addresses else None,
         persistent_keepalive=PERSISTENT_KEEPALIVE, choice=transports.for_peer(member.name),
-        candidates=addresses,
+        candidates=addresses, nat=nat,
     )
 
 
@@ -75,30 +102,34 @@ def device_spec(device: DeviceEntry) -> PeerSpec:
     )
 
 
-def peer_specs(snapshot: MapSnapshot, own_name: str, transports: TransportsConfig) -> tuple[PeerSpec, ...]:
+def peer_specs(snapshot: MapSnapshot, own_name: str, transports: TransportsConfig,
+               records: Mapping[bytes, CandidateRecord], lan: Sequence[ipaddress.IPv4Network]
+               ) -> tuple[PeerSpec, ...]:
     """Every peer of this node in the map: the members, and the devices it serves."""
-    return (*(peer_spec(m, snapshot, transports) for m in snapshot.members.values()),
+    return (*(peer_spec(m, snapshot, transports, records=records, lan=lan) for m in snapshot.members.values()),
             *(device_spec(d) for d in snapshot.devices.values() if d.served_by == own_name))
 
 
-async def local_addresses(tunnel: str) -> list[str]:
-    """This machine's own IPv4 addresses that a peer on a shared network could reach
-    directly (registered beside the address the coordinator sees, so two nodes behind one
-    NAT or on one LAN find each other): global scope, not the tunnel's, not loopback or
-    link-local. Empty if they cannot be read (logged)."""
+async def local_interfaces(tunnel: str) -> list[ipaddress.IPv4Interface]:
+    """This machine's own IPv4 addresses (with their subnets) that a peer on a shared
+    network could reach directly (its "local" candidates, so two nodes behind one NAT or
+    on one LAN find each other; the subnets say which peers' candidates are on our LAN):
+    global scope, not the tunnel's, not loopback or link-local. Empty if they cannot be
+    read (logged)."""
     try:
         async with AsyncIPRoute() as ipr:
-            found = [(msg.get("IFA_LABEL"), msg.get("IFA_ADDRESS"))
+            found = [(msg.get("IFA_LABEL"), msg.get("IFA_ADDRESS"), msg["prefixlen"])
                      async for msg in await ipr.addr("dump", family=socket.AF_INET) if msg["scope"] == 0]
     except (NetlinkError, OSError) as exc:
         log.warning("cannot list this machine's addresses for the coordinator: %s", exc)
         return []
-    addresses = []
-    for label, text in found:
-        address = ipaddress.ip_address(text) if isinstance(text, str) else None
-        if address is not None and label != tunnel and not (address.is_loopback or address.is_link_local):
-            addresses.append(str(address))
-    return addresses
+    interfaces = []
+    for label, text, prefix in found:
+        address = ipaddress.ip_interface(f"{text}/{prefix}") if isinstance(text, str) else None
+        if (isinstance(address, ipaddress.IPv4Interface) and label != tunnel
+                and not (address.is_loopback or address.is_link_local)):
+            interfaces.append(address)
+    return interfaces
 
 
 class CoordinatorClient(Actor):
@@ -111,7 +142,7 @@ class CoordinatorClient(Actor):
         transports: TransportsConfig = TransportsConfig(), ssh_record: dict[str, Any] | None = None,
         relay_offer: dict[str, Any] | None = None, ca_file: str | None = None,
         on_map_changed: list[Callable[[], None]] | None = None, interface: str = "",
-        tls_fingerprint: str | None = None, clock: Clock = SYSTEM_CLOCK,
+        tls_fingerprint: str | None = None, clock: Clock = SYSTEM_CLOCK, public_endpoint: Candidate | None = None,
     ) -> None:
         super().__init__()
         self.clock = clock
@@ -139,6 +170,23 @@ class CoordinatorClient(Actor):
         self.since = clock.wall()
         self.error: str | None = None
         self.observed: str | None = None
+        # Hole punching: sessions ask through the mesh; the coordinator session in use, and
+        # the peers a punch request is in flight for (one at a time per peer).
+        self._coordinator: Coordinator | None = None
+        self._punching: set[bytes] = set()
+        mesh.punch_requester = self.request_punch
+        # This node's candidates: what it has learnt, the record it last signed and what that
+        # says (signed anew only when this changes), and the wake-up for a prompt register.
+        self.public_endpoint = public_endpoint  # [nat] public_endpoint, kind "configured"
+        self.nat_report: NatReport | None = None
+        self.mapped: Candidate | None = None
+        self.lan: tuple[ipaddress.IPv4Interface, ...] = ()  # this machine's addresses, as last read
+        self._record: dict[str, Any] | None = None
+        self._record_says: tuple[object, ...] | None = None
+        self._record_version = 0
+        self._candidates_refused: str | None = None
+        self._candidates_changed = asyncio.Event()
+        self.verified = VerifiedCandidates()  # peers' candidate records, the newest verified
 
     def status(self) -> CoordinatorStatus:
         """From the snapshot (never the PeerMap itself: the control actor asks this)."""
@@ -169,15 +217,13 @@ class CoordinatorClient(Actor):
         nothing the map took before the crash is lost: the map's version has moved on, and no
         update will bring it again."""
         snapshot = self.snapshot
-        await self.mesh.ask(SyncPeers(peer_specs(snapshot, self.state.member.name, self.transports)))
+        self._verify_records(snapshot.members)
+        await self.mesh.ask(SyncPeers(peer_specs(snapshot, self.state.member.name, self.transports,
+                                                 self.verified.records, self._lan_networks())))
         if not self._restarted:
             self._restarted = True
             return
-        for key in snapshot.members:
-            endpoints = snapshot.endpoints.get(key)
-            addresses = endpoints.candidates(snapshot.network) if endpoints is not None else ()
-            if addresses:
-                self.mesh.tell_latest(key, SetCandidates(key, addresses))
+        self._send_candidates(snapshot.members)
         if self.peer_map.secret is not None:
             await self._install_secret()
         for call in self.on_map_changed:
@@ -192,13 +238,15 @@ class CoordinatorClient(Actor):
                                        tls_fingerprint=self.tls_fingerprint) as coordinator:
                     await self._register(coordinator)
                     self._set_connection("connected")
+                    self._coordinator = coordinator
                     backoff = BACKOFF_MIN
                     last_register = self.clock.monotonic()
                     while True:
                         # After a refused rollback, only a full map: asking for what changed
                         # since our version would skip what the coordinator stored below it.
                         since = 0 if self._behind else self.peer_map.version
-                        update = await coordinator.map(since, LONG_POLL)
+                        update = await self._poll(coordinator, since)
+                        notices = self._take_punch_notices(update)
                         self._set_connection("connected")
                         try:
                             await self.apply(update)  # refuses a version older than ours (no rollback)
@@ -206,6 +254,7 @@ class CoordinatorClient(Actor):
                             self._behind = True
                             raise
                         self._behind = False
+                        self._tell_punches(notices)
                         if self.clock.monotonic() - last_register >= REGISTER_INTERVAL:
                             await self._register(coordinator)
                             last_register = self.clock.monotonic()
@@ -215,18 +264,138 @@ class CoordinatorClient(Actor):
                 self._set_connection("unreachable", "it claims this node was revoked, with a revocation that does not verify")
             except (CoordinatorError, MembershipError) as exc:
                 self._set_connection("unreachable", str(exc))
+            self._coordinator = None
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
+    def request_punch(self, wg_key: bytes) -> None:
+        """A session wants a punch with its peer (on the event loop; never waits): asked
+        of the coordinator now, unless it is unreachable or a request for the peer is on."""
+        coordinator = self._coordinator
+        if coordinator is None or wg_key in self._punching:
+            return
+        self._punching.add(wg_key)
+        self.start_task(self._ask_punch(coordinator, wg_key), name="punch request")
+
+    async def _ask_punch(self, coordinator: Coordinator, wg_key: bytes) -> None:
+        member = self.snapshot.members.get(wg_key)
+        try:
+            await coordinator.punch(wg_key)
+        except CoordinatorError as exc:  # e.g. the peer runs a daemon from before punching
+            log.info("punch with %s: %s", member.name if member is not None else "a peer", exc)
+        finally:
+            self._punching.discard(wg_key)
+
+    def _take_punch_notices(self, update: Any) -> list[bytes]:
+        keys, dropped = take_notices(update)
+        if dropped:
+            log.warning("coordinator: %d malformed punch notice(s) dropped", dropped)
+        return keys
+
+    def _tell_punches(self, keys: list[bytes]) -> None:
+        """The coordinator told this node to punch towards these members, now."""
+        for key in keys:
+            if key in self.snapshot.members:
+                self.mesh.tell_latest((Punch, key), Punch(key))
+
+    async def _poll(self, coordinator: Coordinator, since: int) -> Any:
+        """The long-poll's answer. Meanwhile, whenever this node's candidates change, it
+        registers again on the same session (a change during a register is not lost: it
+        sets the flag again, for another register after this one)."""
+        poll = asyncio.ensure_future(coordinator.map(since, LONG_POLL, punch=True))
+        try:
+            while True:
+                changed = asyncio.ensure_future(self._candidates_changed.wait())
+                try:
+                    await asyncio.wait((poll, changed), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if poll.done():
+                    return poll.result()
+                self._candidates_changed.clear()
+                await self._register(coordinator)
+        finally:
+            if not poll.done():
+                poll.cancel()
+                await asyncio.gather(poll, return_exceptions=True)
+
+    def set_nat_report(self, report: NatReport) -> None:
+        """The NAT prober's latest report (on the event loop): its reflexive addresses and
+        NAT behaviour go into the record, registered at once if that changes it."""
+        self.nat_report = report
+        self._wake_if_changed()
+
+    def set_mapped(self, candidate: Candidate | None) -> None:
+        """The port mapper's address (kind "mapped"; None: no mapping now), as for set_nat_report."""
+        self.mapped = candidate
+        self._wake_if_changed()
+
+    def _record_content(self) -> tuple[tuple[Candidate, ...], str, str]:
+        """What this node's candidate record says now: its candidates and NAT behaviour."""
+        local = [(str(interface.ip), self.listen_port) for interface in self.lan]
+        report = self.nat_report
+        candidates = own_candidates(local, report=report, mapped=self.mapped, configured=self.public_endpoint)
+        return (candidates, *((report.mapping, report.filtering) if report is not None else (UNKNOWN, UNKNOWN)))
+
+    def _wake_if_changed(self) -> None:
+        if self._record_content() != self._record_says:
+            self._candidates_changed.set()
+
+    async def _candidate_record(self) -> dict[str, Any] | None:
+        """This node's signed record, made anew only if what it says changed (with an
+        ssh-agent identity, signing is an agent call, bounded at 5 s); if signing fails,
+        the last one (logged, tried again at the next register)."""
+        says = self._record_content()
+        if says == self._record_says:
+            return self._record
+        candidates, mapping, filtering = says
+        version = max(int(self.clock.wall() * 1000), self._record_version + 1)  # strictly increasing
+        try:
+            self._record = await make_candidate_record(self.identity, candidates, mapping=mapping,
+                                                       filtering=filtering, version=version)
+        except (IdentityError, CandidateError) as exc:
+            log.warning("cannot sign this node's candidate record: %s", exc)
+            return self._record
+        self._record_says, self._record_version = says, version
+        return self._record
+
+    def _lan_networks(self) -> list[ipaddress.IPv4Network]:
+        return [interface.network for interface in self.lan]
+
     async def _register(self, coordinator: Coordinator) -> None:
-        own = [f"{address}:{self.listen_port}" for address in await local_addresses(self.interface)]
+        lan = tuple(await local_interfaces(self.interface))
+        lan_changed, self.lan = lan != self.lan, lan
+        own = [f"{interface.ip}:{self.listen_port}" for interface in lan]
         reply = await coordinator.register(self.listen_port, own[:MAX_ENDPOINTS - 1], ssh=self.ssh_record,
-                                           relay=self.relay_offer)
+                                           relay=self.relay_offer, candidates=await self._candidate_record())
         self.observed = reply.get("observed") if isinstance(reply, dict) else None
         refused = reply.get("relay_refused") if isinstance(reply, dict) else None
         if refused != self.relay_refused and refused is not None:
             log.warning("coordinator: this node's relay is not offered to members: %s", str(refused)[:300])
         self.relay_refused = refused
+        refused = reply.get("candidates_refused") if isinstance(reply, dict) else None
+        if refused != self._candidates_refused and refused is not None:
+            log.warning("coordinator: this node's candidate record was not taken: %s", str(refused)[:300])
+        self._candidates_refused = refused
+        if lan_changed:  # which peers' candidates are on our LAN may have changed
+            self._send_candidates(self.snapshot.members)
+
+    def _verify_records(self, keys: Mapping[bytes, Any]) -> None:
+        """Verify the candidate records of the members `keys` names (the map's endpoints)."""
+        snapshot, now = self.snapshot, self.clock.wall()
+        self.verified.keep_only(snapshot.members)
+        for key in keys:
+            member, endpoints = snapshot.members.get(key), snapshot.endpoints.get(key)
+            if member is not None and endpoints is not None:
+                self.verified.take(member.name, key, member.identity, endpoints.candidate_record, now)
+
+    def _send_candidates(self, keys: Mapping[bytes, Any]) -> None:
+        """Each of these members' sessions gets its addresses, best first, and its NAT."""
+        lan = self._lan_networks()
+        for key in keys:
+            addresses, nat = peer_candidates(key, self.snapshot, self.verified.records.get(key), lan)
+            if addresses:
+                self.mesh.tell_latest(key, SetCandidates(key, addresses, nat))
 
     async def apply(self, update: Any) -> None:
         """Verify an update, cache it, and hand the mesh what changed."""
@@ -245,7 +414,10 @@ class CoordinatorClient(Actor):
         own = self.state.member.name
         for member, reason in (*changes.removed, *((d, r) for d, r in changes.devices_removed if d.served_by == own)):
             await self.mesh.ask(RemovePeer(member.wg_key, reason))
-        added = (*(peer_spec(m, self.snapshot, self.transports) for m in changes.added),
+        self._verify_records(changes.endpoints)
+        lan = self._lan_networks()
+        added = (*(peer_spec(m, self.snapshot, self.transports, records=self.verified.records, lan=lan)
+                   for m in changes.added),
                  *(device_spec(d) for d in changes.devices_added if d.served_by == own))
         if added:
             await self.mesh.ask(AddPeers(added))
@@ -257,10 +429,7 @@ class CoordinatorClient(Actor):
             for call in self.on_map_changed:
                 call()
         added_keys = {m.wg_key for m in changes.added}
-        for key, endpoints in changes.endpoints.items():
-            addresses = endpoints.candidates(self.snapshot.network)
-            if key not in added_keys and addresses:
-                self.mesh.tell_latest(key, SetCandidates(key, addresses))
+        self._send_candidates({key: None for key in changes.endpoints if key not in added_keys})
 
     async def _install_secret(self) -> None:
         record = self.peer_map.secret

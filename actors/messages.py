@@ -13,6 +13,7 @@ from types import UnionType
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from tunnelmesh.config import UDP_ONLY, RungChoice
+from tunnelmesh.nat.report import PeerNat
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = tuple[str, int]
@@ -32,9 +33,12 @@ class PeerSpec:
     endpoint: Address | None
     persistent_keepalive: int
     choice: RungChoice = UDP_ONLY  # the rungs this peer may use
-    #: Every UDP address the peer may be at (the coordinator's list: where it saw the
-    #: peer first, then the peer's own addresses); the ladder's UDP probes go to all.
+    #: Every UDP address the peer may be at, best first (tunnelmesh.nat.candidates.
+    #: order_candidates: its verified candidate record, then where the coordinator saw
+    #: it); the ladder's UDP probes go to all.
     candidates: tuple[Address, ...] = ()
+    #: What the peer's verified candidate record says of its NAT (unknown without one).
+    nat: PeerNat = PeerNat()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,7 @@ class SetCandidates:
 
     wg_key: bytes
     addresses: tuple[Address, ...]
+    nat: PeerNat = PeerNat()  # as in PeerSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,15 @@ class Ping:
     """To a session: send an in-tunnel ping; the reply is a future of the result."""
 
     timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Punch:
+    """To the mesh, then the peer's session: the coordinator told both ends of the pair to
+    punch now (tunnelmesh/punch.py: handshake initiations to the peer's UDP candidates on a
+    short schedule, and a port spray towards a NAT that maps per destination)."""
+
+    wg_key: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,9 +92,9 @@ def test_reopened_store_keeps_everything(db: Path, world: World) -> None:
 
 
 def test_a_version_1_file_is_migrated_and_keeps_its_members(db: Path, world: World) -> None:
-    """Schemas 2 and 3 added members.ssh and members.relay, schema 5 the network policy: a
-    file from before them opens with every member, offering nothing, and no policy (a
-    network from before the packet filter)."""
+    """Schemas 2 and 3 added members.ssh and members.relay, schema 5 the network policy,
+    schema 6 members' candidate records: a file from before them opens with every member,
+    offering nothing, and no policy (a network from before the packet filter)."""
     db.parent.mkdir()
     with closing(sqlite3.connect(db)) as conn:
         for statement in MIGRATIONS[0]:
@@ -107,15 +107,18 @@ def test_a_version_1_file_is_migrated_and_keeps_its_members(db: Path, world: Wor
         store.close()
         store = Store.open(db)
         admin = store.member(key(world, 0))
-        assert admin is not None and admin.ssh is None and admin.relay is None
+        assert admin is not None and admin.ssh is None and admin.relay is None and admin.candidates is None
         assert store.set_endpoints(key(world, 0), [], 1, {"host_key": "k"}, "http://192.0.2.1:7401")
         admin = store.member(key(world, 0))
         assert admin is not None and admin.ssh == {"host_key": "k"} and admin.relay == "http://192.0.2.1:7401"
         assert store.policy() is None
+        assert store.set_candidates(key(world, 0), {"version": 2}, 2) is None  # taken: none stored before
+        assert store.set_candidates(key(world, 0), {"version": 1}, 1) == 2  # older than the stored one
+        assert store.member(key(world, 0)).candidates == {"version": 2}  # type: ignore[union-attr]
     finally:
         store.close()
     with closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
 
 
 def test_an_ssh_offer_is_kept_and_a_change_of_it_bumps_the_version(db: Path, world: World) -> None:

@@ -18,9 +18,11 @@ from aiohttp import web
 
 from tunnelmesh.fields import Fields
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
+from tunnelmesh.links.attest import refuse_stale
 from tunnelmesh.membership import (JOIN_NAMESPACE, MembershipError, NetworkInfo, join_proof_message, parse_relay_url,
                                    unb64)
 from tunnelmesh.membership.peermap import MAX_SSH_ATTESTATION, ssh_record_size
+from tunnelmesh.nat.candidates import CandidateError, CandidateRecord, verify_candidate_record
 
 from .guards import Refused
 from .store import MemberRow
@@ -117,6 +119,8 @@ def endpoints(member: MemberRow) -> dict[str, Any]:
         endpoints["ssh"] = member.ssh
     if member.relay is not None:
         endpoints["relay"] = member.relay
+    if member.candidates is not None:
+        endpoints["candidates"] = member.candidates
     return endpoints
 
 
@@ -152,3 +156,17 @@ def ssh_offer(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict) or ssh_record_size(value) > MAX_SSH_OFFER:
         raise Refused(400, f"ssh must be a JSON object of at most {MAX_SSH_OFFER} bytes")
     return value
+
+
+def candidate_offer(value: Any, identity: PublicIdentity, now: float) -> CandidateRecord | None:
+    """The register body's optional "candidates": the member's candidate record, checked as
+    its peers will check it (size, shape, its signature, not from the future); whether it
+    is newer than the stored one is the store's check."""
+    if value is None:
+        return None
+    try:
+        record = verify_candidate_record(value, identity)
+        refuse_stale("candidate record", record.version / 1000, 0, now, CandidateError)
+    except CandidateError as exc:
+        raise Refused(400, str(exc)) from None
+    return record

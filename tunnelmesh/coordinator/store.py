@@ -109,6 +109,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
             policy_version INTEGER NOT NULL,
             version INTEGER NOT NULL)""",
     ),
+    # 6: a member's candidate record (tunnelmesh.nat.candidates, as it arrived: nodes verify
+    # it too) and its version, the newest taken; NULL until the member registers one.
+    ("ALTER TABLE members ADD COLUMN candidates TEXT", "ALTER TABLE members ADD COLUMN candidates_version INTEGER"),
 ]
 
 _P = ParamSpec("_P")
@@ -140,6 +143,7 @@ class MemberRow:
     version: int
     ssh: dict[str, Any] | None
     relay: str | None = None
+    candidates: dict[str, Any] | None = None  # the member's signed candidate record, the newest taken
 
     @property
     def is_device(self) -> bool:
@@ -393,7 +397,8 @@ class Store:
     def _member(row: sqlite3.Row) -> MemberRow:
         return MemberRow(row["wg_key"], row["name"], row["host"], row["identity"], _loads(row["entry"]),
                          _loads(row["addresses"]), row["last_seen"], row["version"],
-                         None if row["ssh"] is None else _loads(row["ssh"]), row["relay"])
+                         None if row["ssh"] is None else _loads(row["ssh"]), row["relay"],
+                         None if row["candidates"] is None else _loads(row["candidates"]))
 
     @_guarded
     def member(self, wg_key: str) -> MemberRow | None:
@@ -442,6 +447,24 @@ class Store:
                                     wg_key))
             self._conn.execute("UPDATE members SET last_seen = ? WHERE wg_key = ?", (now, wg_key))
             return changed
+
+    @_guarded
+    def set_candidates(self, wg_key: str, record: dict[str, Any], version: int) -> int | None:
+        """Keep a member's candidate record (verified) in place of the stored one if its
+        version is above the stored one's (bumping the map version): None then, and for the
+        stored record again; else the stored version that refuses it (a replay, or the
+        member's clock went back)."""
+        with self.transaction():
+            row = self._conn.execute("SELECT candidates, candidates_version FROM members WHERE wg_key = ?",
+                                     (wg_key,)).fetchone()
+            if row is None or (row["candidates"] is not None and _loads(row["candidates"]) == record):
+                return None
+            stored = row["candidates_version"]
+            if stored is not None and stored >= version:
+                return int(stored)
+            self._conn.execute("UPDATE members SET candidates = ?, candidates_version = ?, version = ? WHERE wg_key = ?",
+                               (_json(record), version, self._bump(), wg_key))
+            return None
 
     @_guarded
     def host_taken(self, host: int) -> bool:

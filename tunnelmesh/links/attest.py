@@ -55,12 +55,18 @@ __all__ = [
     "AttestationError",
     "BridgeEndpoint",
     "NewestAttestations",
+    "NewestRecords",
     "SIGN_NAMESPACE",
     "SshEndpoint",
     "check_host_key",
     "make_attestation",
+    "parse_signature",
+    "refuse_stale",
     "read_sshd_host_keys",
+    "sign_record",
+    "signed_message",
     "verify_attestation",
+    "verify_signed",
 ]
 
 SIGN_NAMESPACE = "tunnelmesh-ssh-endpoint-v1@tunnelmesh"
@@ -185,16 +191,43 @@ def _parse(wire: Any) -> tuple[SshEndpoint, bytes]:
         issued,
         _sshd_host_keys(wire["sshd_host_keys"]),
     )
-    sig = wire["sig"]
+    return endpoint, parse_signature(wire["sig"], "malformed SSH endpoint", AttestationError)
+
+
+def parse_signature(sig: Any, what: str, error: type[ValueError]) -> bytes:
+    """A member-signed record's "sig": canonical standard base64 of at most MAX_SIG
+    characters, decoded; else `error` saying "<what>: ..."."""
     if not isinstance(sig, str) or len(sig) > MAX_SIG:
-        raise AttestationError("malformed SSH endpoint: sig must be base64 text")
+        raise error(f"{what}: sig must be base64 text")
     try:
         raw = binascii.a2b_base64(sig.encode("ascii"), strict_mode=True)
     except (binascii.Error, UnicodeError, ValueError):
-        raise AttestationError("malformed SSH endpoint: sig is not base64") from None
+        raise error(f"{what}: sig is not base64") from None
     if base64.b64encode(raw).decode("ascii") != sig:
-        raise AttestationError("malformed SSH endpoint: sig is not canonical base64")
-    return endpoint, raw
+        raise error(f"{what}: sig is not canonical base64")
+    return raw
+
+
+def signed_message(prefix: bytes, wg_public_key: bytes, body: dict[str, Any]) -> bytes:
+    """What a member signs of a record: `prefix` (the record type and version), its
+    WireGuard key (the record is bound to it as well as to the SSH key) and the canonical
+    JSON of `body` (sorted keys, no spaces, ASCII: one signed spelling)."""
+    return prefix + wg_public_key + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def verify_signed(identity: PublicIdentity, sig: bytes, message: bytes, namespace: str, what: str,
+                  error: type[ValueError]) -> None:
+    """Whether `identity`'s SSH key made `sig` over `message`; else `error` naming the node."""
+    try:
+        verify_sshsig(identity.ssh_public_key, sig, message, namespace)
+    except IdentityError as exc:
+        raise error(f"{what} of {_who(identity)} refused: {exc}") from None
+
+
+async def sign_record(identity: NodeIdentity, message: bytes, namespace: str) -> str:
+    """The "sig" of a record: `identity`'s SSHSIG over `message`, standard base64 (with an
+    ssh-agent identity one agent call, bounded by identity_agent.AGENT_TIMEOUT)."""
+    return base64.b64encode(await identity.sign(message, namespace)).decode("ascii")
 
 
 def _bridge_wire(bridge: BridgeEndpoint | None) -> dict[str, Any] | None:
@@ -202,15 +235,14 @@ def _bridge_wire(bridge: BridgeEndpoint | None) -> dict[str, Any] | None:
 
 
 def _signed_message(wg_public_key: bytes, endpoint: SshEndpoint) -> bytes:
-    bridge = endpoint.bridge
     body = {
         "port": endpoint.port,
         "host_key": endpoint.host_key,
-        "bridge": _bridge_wire(bridge),
+        "bridge": _bridge_wire(endpoint.bridge),
         "sshd_host_keys": list(endpoint.sshd_host_keys),
         "issued": endpoint.issued,
     }
-    return _PREFIX + wg_public_key + json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+    return signed_message(_PREFIX, wg_public_key, body)
 
 
 def _who(identity: PublicIdentity) -> str:
@@ -223,10 +255,8 @@ def _who(identity: PublicIdentity) -> str:
 def verify_attestation(wire: Any, identity: PublicIdentity) -> SshEndpoint:
     """The endpoint in `wire`, if `identity` signed exactly it; else AttestationError."""
     endpoint, sig = _parse(wire)
-    try:
-        verify_sshsig(identity.ssh_public_key, sig, _signed_message(identity.wg_public_key, endpoint), SIGN_NAMESPACE)
-    except IdentityError as exc:
-        raise AttestationError(f"SSH endpoint of {_who(identity)} refused: {exc}") from None
+    verify_signed(identity, sig, _signed_message(identity.wg_public_key, endpoint), SIGN_NAMESPACE, "SSH endpoint",
+                  AttestationError)
     return endpoint
 
 
@@ -245,8 +275,7 @@ async def make_attestation(
         "sig": "",
     }
     endpoint, _ = _parse(wire)  # the same checks a peer makes, before signing anything
-    sig = await identity.sign(_signed_message(identity.public.wg_public_key, endpoint), SIGN_NAMESPACE)
-    wire["sig"] = base64.b64encode(sig).decode("ascii")
+    wire["sig"] = await sign_record(identity, _signed_message(identity.public.wg_public_key, endpoint), SIGN_NAMESPACE)
     return wire
 
 
@@ -267,28 +296,47 @@ def read_sshd_host_keys(paths: Iterable[Path]) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _when(issued: int) -> str:
+def _when(issued: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(issued))
 
 
+def refuse_stale(what: str, issued: float, newest: float, now: float, error: type[ValueError]) -> None:
+    """`error` if a record issued at `issued` (Unix seconds) is older than `newest`, the
+    newest of its member's records seen, or issued more than MAX_FUTURE ahead of `now`."""
+    if issued > now + MAX_FUTURE:
+        raise error(f"{what} issued in the future ({_when(issued)}) refused: fix that node's clock")
+    if issued < newest:
+        raise error(f"{what} issued {_when(issued)} refused: older than the one already seen (issued "
+                    f"{_when(newest)}), so a replay, or that node's clock went back")
+
+
+class NewestRecords:
+    """The newest version of one kind of member-signed record seen per member (by
+    WireGuard key), so that an older one, served again after the member made a new one,
+    is refused. Kept for members that leave too: one that comes back must not get its old
+    record accepted either. A version counts `per_second` per second of Unix time."""
+
+    def __init__(self, what: str, error: type[ValueError], *, per_second: int = 1) -> None:
+        self.what, self.error, self.per_second = what, error, per_second
+        self._newest: dict[bytes, int] = {}
+
+    def check(self, wg_key: bytes, version: int, now: float) -> None:
+        """Keep `version` as `wg_key`'s newest if it is no older than the newest seen and
+        not issued more than MAX_FUTURE ahead of `now`; `error` saying why not."""
+        newest = self._newest.get(wg_key, 0)
+        refuse_stale(self.what, version / self.per_second, newest / self.per_second, now, self.error)
+        self._newest[wg_key] = version
+
+
 class NewestAttestations:
-    """The newest SSH endpoint record seen per member (by WireGuard key), so that an older
-    one, served again after the member changed its host key, is refused. Kept for members
-    that leave too: one that comes back must not get its old record accepted either."""
+    """The newest SSH endpoint record seen per member (`NewestRecords` of `issued`): an
+    older one, served again after the member changed its host key, is refused."""
 
     def __init__(self) -> None:
-        self._newest: dict[bytes, int] = {}
+        self._records = NewestRecords("SSH endpoint", AttestationError)
 
     def check(self, wg_key: bytes, endpoint: SshEndpoint, now: float) -> SshEndpoint:
         """`endpoint` (verified) if it is no older than the newest seen for `wg_key` and not
         issued more than MAX_FUTURE ahead of `now`; AttestationError saying why not."""
-        if endpoint.issued > now + MAX_FUTURE:
-            raise AttestationError(f"SSH endpoint issued in the future ({_when(endpoint.issued)}) refused: "
-                                   "fix that node's clock")
-        newest = self._newest.get(wg_key, 0)
-        if endpoint.issued < newest:
-            raise AttestationError(f"SSH endpoint issued {_when(endpoint.issued)} refused: older than the one "
-                                   f"already seen (issued {_when(newest)}), so a replay, or that node's clock "
-                                   "went back")
-        self._newest[wg_key] = endpoint.issued
+        self._records.check(wg_key, endpoint.issued, now)
         return endpoint

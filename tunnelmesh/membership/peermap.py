@@ -46,12 +46,14 @@ class Endpoints:
     ssh: dict[str, Any] | None = None
     #: The URL of the WebSocket relay the member serves (relay = true), if any.
     relay: str | None = None
+    #: The member's candidate record (tunnelmesh.nat.candidates), signed by the member
+    #: itself: kept as given here and verified by the coordinator client before use.
+    candidate_record: dict[str, Any] | None = None
 
     def candidates(self, network: NetworkInfo) -> tuple[tuple[str, int], ...]:
-        """The addresses nodes send to: unicast ones outside the mesh's own range (one in it
-        would route the handshake into the tunnel itself). The list is the member's word."""
-        return tuple((host, port) for host, port in self.addresses
-                     if reachable_unicast(host) and ipaddress.IPv4Address(host) not in network.cidr4)
+        """The unsigned addresses nodes may send to: where the coordinator saw the member,
+        then the member's own word (`sendable` ones)."""
+        return tuple((host, port) for host, port in self.addresses if sendable(host, network))
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"addresses": [f"{h}:{p}" for h, p in self.addresses], "last_seen": self.last_seen}
@@ -59,27 +61,41 @@ class Endpoints:
             wire["ssh"] = self.ssh
         if self.relay is not None:
             wire["relay"] = self.relay
+        if self.candidate_record is not None:
+            wire["candidates"] = self.candidate_record
         return wire
+
+
+def sendable(host: str, network: NetworkInfo) -> bool:
+    """Whether nodes send to a member's address: a unicast one outside the mesh's own range
+    (one in it would route the handshake into the tunnel itself)."""
+    return reachable_unicast(host) and ipaddress.IPv4Address(host) not in network.cidr4
 
 
 #: The largest SSH endpoint record (its `ssh_record_size`) the coordinator takes on
 #: /v1/register (MAX_SSH_OFFER) and a node takes from the peer map.
 MAX_SSH_ATTESTATION = 8192
+#: The largest candidate record (tunnelmesh.nat.candidates), measured the same way.
+MAX_CANDIDATE_RECORD = 8192
 
 
 def ssh_record_size(ssh: Mapping[str, Any]) -> int:
-    """An SSH endpoint record's size as the coordinator, the nodes and a starting daemon
-    all measure it: bytes of compact JSON (what a node sends; ASCII, so bytes = characters)."""
+    """An SSH endpoint (or candidate) record's size as the coordinator, the nodes and a
+    starting daemon all measure it: bytes of compact JSON (what a node sends; ASCII, so
+    bytes = characters)."""
     return len(json.dumps(ssh, separators=(",", ":")))
 
 
 def parse_endpoints(value: Any) -> Endpoints:
     obj = check.object(value, "endpoints")
     ssh = obj.get("ssh")
-    check.keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh", "relay"}))
+    check.keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh", "relay", "candidates"}))
     relay = obj.get("relay")
     if ssh is not None and (not isinstance(ssh, dict) or ssh_record_size(ssh) > MAX_SSH_ATTESTATION):
         raise MembershipError(f"endpoints: ssh must be an object of at most {MAX_SSH_ATTESTATION} bytes")
+    record = obj.get("candidates")
+    if record is not None and (not isinstance(record, dict) or ssh_record_size(record) > MAX_CANDIDATE_RECORD):
+        raise MembershipError(f"endpoints: candidates must be an object of at most {MAX_CANDIDATE_RECORD} bytes")
     addresses = obj["addresses"]
     if not isinstance(addresses, list) or len(addresses) > MAX_ENDPOINTS:
         raise MembershipError(f"endpoints: at most {MAX_ENDPOINTS} addresses")
@@ -88,7 +104,7 @@ def parse_endpoints(value: Any) -> Endpoints:
         parsed.append(parse_address(item))
     last_seen = obj["last_seen"]
     return Endpoints(tuple(parsed), None if last_seen is None else check.integer(last_seen, "last_seen"), ssh,
-                     None if relay is None else parse_relay_url(relay))
+                     None if relay is None else parse_relay_url(relay), record)
 
 
 MAX_RELAY_URL = 256
