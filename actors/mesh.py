@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
+from tunnelmesh.nat.report import NatReport
 from tunnelmesh.wireguard import Device
 
-from .messages import (AddPeers, FindSession, ListPeers, PeerAdded, PeerRemoved, PeerSpec, RemovePeer, SetCandidates,
-                       SetPsk, Start, SyncPeers)
+from .messages import (AddPeers, FindSession, ListPeers, PeerAdded, PeerRemoved, PeerSpec, Punch, RemovePeer,
+                       SetCandidates, SetPsk, Start, SyncPeers)
 from .runtime import Actor
 from .links import Transports
 from .session import PeerSession
@@ -54,12 +56,18 @@ class Mesh(Actor):
         self.clock = clock
         self.sessions: dict[bytes, PeerSession] = {}
         self.specs: dict[bytes, PeerSpec] = {}  # what each session was made from
+        # Hole punching: who asks the coordinator for a punch (the coordinator client sets
+        # it; None in a static mesh), and this node's NAT as its prober last found it (the
+        # node sets the prober's getter). Sessions read both when they need them.
+        self.punch_requester: Callable[[bytes], None] | None = None
+        self.own_nat: Callable[[], NatReport | None] = lambda: None
 
     def add(self, spec: PeerSpec) -> PeerSession:
         """Register a peer with the core and supervise its session (also before the daemon runs)."""
         session = PeerSession(spec.name, spec.mesh_ip, self.own_mesh_ip, spec.fingerprint, self.datapath, self.bus,
                               wg_key=spec.wg_key, transports=self.transports, choice=spec.choice,
-                              candidates=spec.candidates, clock=self.clock)
+                              candidates=spec.candidates, clock=self.clock, request_punch=self._request_punch,
+                              own_nat=lambda: self.own_nat(), peer_nat=spec.nat)
         selector = session.selector
         session.peer = self.device.add_peer(
             spec.wg_key, preshared_key=self.psk, allowed_ips=spec.allowed_ips,
@@ -117,6 +125,11 @@ class Mesh(Actor):
             if session is not None and message.addresses:
                 session.tell_latest(SetCandidates, message)  # the session owns its path
             return None
+        if isinstance(message, Punch):
+            session = self.sessions.get(message.wg_key)
+            if session is not None:
+                session.tell_latest(Punch, message)
+            return None
         if isinstance(message, SetPsk):
             self.psk = message.psk  # for peers added from now on
             for session in self.sessions.values():
@@ -127,6 +140,10 @@ class Mesh(Actor):
         if isinstance(message, FindSession):
             return self._find(message.key)
         raise ValueError(f"unknown message {type(message).__name__}")
+
+    def _request_punch(self, wg_key: bytes) -> None:
+        if self.punch_requester is not None:
+            self.punch_requester(wg_key)
 
     def _find(self, key: str) -> PeerSession:
         for session in self.sessions.values():

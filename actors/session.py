@@ -27,14 +27,17 @@ import ipaddress
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh import ladder as rungs
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import UDP_ONLY, RungChoice
 from tunnelmesh.links import Link, LinkError
+from tunnelmesh.nat.report import NatReport, PeerNat
 from tunnelmesh.packets import DAEMON_PING_PAYLOAD, icmp_echo
 from tunnelmesh.path_selector import PathSelector, Probe, Switch, Transition, describe, rung_of
+from tunnelmesh.punch import Punch, spray_targets, why_not_direct
 from tunnelmesh.wireguard import Event, HandshakeCompleted, HandshakeGaveUp, KeysZeroed, NewSource, Peer
 from tunnelmesh.wireguard.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
 
@@ -74,6 +77,9 @@ class PeerSession(Actor):
         choice: RungChoice = UDP_ONLY,
         candidates: tuple[tuple[str, int], ...] = (),
         clock: Clock = SYSTEM_CLOCK,
+        request_punch: Callable[[bytes], None] | None = None,
+        own_nat: Callable[[], NatReport | None] = lambda: None,
+        peer_nat: PeerNat = PeerNat(),
     ) -> None:
         super().__init__()
         self.name = f"session:{name}"
@@ -100,6 +106,16 @@ class PeerSession(Actor):
         self._want_probe: set[str] = set()  # rungs to probe once their link is up
         self._dialling: asyncio.Task[None] | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
+        # Hole punching (tunnelmesh/punch.py): asking the coordinator to tell both ends, and
+        # the punch in progress when told. `request_punch` is None without a coordinator.
+        self.request_punch = request_punch
+        self.own_nat = own_nat  # this node's NAT, as its prober last found it
+        self.peer_nat = peer_nat  # the peer's, as its candidate record says
+        self._punch: Punch | None = None
+        self._punch_handle: asyncio.TimerHandle | None = None
+        self._punch_asked = float("-inf")
+        self._udp_handshake_at = float("-inf")
+        self.punches_unanswered = 0  # punches since the last UDP handshake that none answered
 
     # --- timers (called by the data path, on the event loop thread) ----------------
 
@@ -160,6 +176,8 @@ class PeerSession(Actor):
             return
         if rung_of(source) == rungs.SSH:
             self._want_probe.discard(rungs.SSH)  # proven: no probe left to send on a new link
+        if rung_of(source) == rungs.UDP:
+            self._udp_handshake_at, self.punches_unanswered = self.clock.monotonic(), 0
         if source != self.peer.endpoint:
             self._roam(source)  # within its rung the path follows the proof, as WireGuard's would
         self._apply(self.selector.handshake(source, self.clock.monotonic()))
@@ -229,8 +247,78 @@ class PeerSession(Actor):
             if not on_rung and rung == rungs.SSH and self._dialling is not None:
                 self._want_probe.add(rung)  # sent when the link is up
         if endpoints:
-            self.peer.send_probe(tuple(endpoints), self.clock.monotonic(), self.clock.wall())
+            self.peer.send_probe(tuple(endpoints), self.clock.monotonic(), self.clock.wall(),
+                                 retransmit=self._core_retries())
             self.datapath.flush()
+        if rungs.UDP in probe_rungs:
+            self._ask_punch()
+
+    def _core_retries(self) -> bool:
+        """Whether the core retries a probe's initiation (to the path in use) when nobody
+        answers: only while there is no working path (a new session, a failing rung). A
+        probe for a better path is the ladder's to repeat: retried on the path in use, it
+        would redo the handshake there every probe interval."""
+        ladder = self.selector.ladder
+        return ladder.current is None or bool(ladder.searching)
+
+    # --- hole punching (tunnelmesh/punch.py) ------------------------------------------
+
+    def _ask_punch(self) -> None:
+        """A UDP probe goes out after one went unanswered: ask the coordinator to have both
+        ends punch (at most once per probe interval)."""
+        now = self.clock.monotonic()
+        if self.request_punch is None or rungs.UDP not in self.selector.ladder.reasons \
+                or not self.selector.udp_targets() or now - self._punch_asked < self.selector.probe_interval:
+            return
+        self._punch_asked = now
+        self.request_punch(self.wg_key)
+
+    def _start_punch(self) -> None:
+        """The coordinator told both ends to punch now."""
+        targets = tuple(self.selector.udp_targets())
+        if not self.selector.udp_allowed or not targets or self._stopped:
+            return
+        self._end_punch()
+        spray = spray_targets(self.own_nat(), self.peer_nat)
+        self._punch = Punch(self.clock.monotonic(), targets, spray)
+        log.info("%s: punching towards %d candidate(s)%s", self.peer_name, len(targets),
+                 f" and {len(spray)} guessed port(s)" if spray else "")
+        self._punch_step()
+
+    def _punch_step(self) -> None:
+        self._punch_handle = None
+        punch, peer = self._punch, self.peer
+        if punch is None or peer is None or self._stopped:
+            return
+        now = self.clock.monotonic()
+        candidates, batch = punch.due(now)
+        if candidates:
+            peer.send_probe(candidates, now, self.clock.wall(), retransmit=self._core_retries())
+        if batch:
+            peer.spray(list(batch))
+        self.datapath.flush()
+        next_at = punch.next_at
+        if next_at is None:
+            self._end_punch()
+        else:
+            self._punch_handle = asyncio.get_running_loop().call_at(next_at, self._punch_step)
+
+    def _end_punch(self) -> None:
+        """The punch in progress is over (or replaced): unanswered if no UDP handshake came since."""
+        if self._punch_handle is not None:
+            self._punch_handle.cancel()
+            self._punch_handle = None
+        if self._punch is not None and self._udp_handshake_at < self._punch.started:
+            self.punches_unanswered += 1
+        self._punch = None
+
+    def _punch_story(self) -> str | None:
+        """Why punching found no direct path, for `status`."""
+        if not self.punches_unanswered:
+            return None
+        times = "once" if self.punches_unanswered == 1 else f"{self.punches_unanswered} times"
+        nats = why_not_direct(self.own_nat(), self.peer_nat)
+        return f"punched {times}, no answer" + (f": {nats}" if nats else "")
 
     def _dial(self) -> None:
         ssh = self.transports.ssh
@@ -271,7 +359,7 @@ class PeerSession(Actor):
         # be the one that stays (SshRung's tie-break), and then the probe is its to send.
         if link.rung in self._want_probe and getattr(link, "dialler", self._own_key) == self._own_key:
             self._want_probe.discard(link.rung)
-            self.peer.send_probe((link,), self.clock.monotonic(), self.clock.wall())
+            self.peer.send_probe((link,), self.clock.monotonic(), self.clock.wall(), retransmit=self._core_retries())
             self.datapath.flush()
 
     def on_link_down(self, link: Link, reason: str) -> None:
@@ -338,6 +426,7 @@ class PeerSession(Actor):
             return None
         if isinstance(message, m.SetCandidates):
             assert self.peer is not None
+            self.peer_nat = message.nat
             send_to = self.selector.set_candidates(message.addresses, up=self.is_up(self.clock.monotonic()),
                                                    current=self.peer.endpoint)
             if send_to is not None:
@@ -350,6 +439,9 @@ class PeerSession(Actor):
             return None
         if isinstance(message, m.GetStatus):
             return self.status()
+        if isinstance(message, m.Punch):
+            self._start_punch()
+            return None
         if isinstance(message, m.ProbeNow):
             probing, detail = self.selector.ladder.probe_better_now(self.clock.monotonic())
             return m.ProbeResult(self.peer_name, probing, detail)
@@ -413,7 +505,8 @@ class PeerSession(Actor):
             rx_bytes=peer.rx_bytes,
             tx_bytes=peer.tx_bytes,
             persistent_keepalive=int(peer.persistent_keepalive),
-            why_not_better="; ".join(p for p in (self.why_not_better(), self.last_error) if p) or None,
+            why_not_better="; ".join(p for p in (self.why_not_better(), self._punch_story(), self.last_error) if p)
+            or None,
             rtt_ms=round(self.rtt * 1000, 3) if self.rtt is not None else None,
             rx_packets=peer.rx_packets,
             tx_packets=peer.tx_packets,
@@ -430,3 +523,6 @@ class PeerSession(Actor):
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
+        if self._punch_handle is not None:
+            self._punch_handle.cancel()
+            self._punch_handle = None

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tunnelmesh.membership import b64, unb64
+from tunnelmesh.membership import MembershipError, b64, unb64
 
 from . import bodies
 from .guards import Refused
@@ -88,6 +88,26 @@ class PunchBoard:
         """The fresh notices for `key`, removed from its inbox."""
         inbox = self._inbox.pop(key, None)
         return [notice for at, notice in inbox or () if now - at < NOTICE_TTL]
+
+
+def take_notices(update: Any) -> tuple[list[bytes], int]:
+    """The node's side: the peers' keys a map reply's "punch" notices name (at most INBOX),
+    with the notices removed from the reply (the peer map's parser takes no such key),
+    and how many were malformed and dropped."""
+    if not isinstance(update, dict) or "punch" not in update:
+        return [], 0
+    notices = update.pop("punch")
+    if not isinstance(notices, list):
+        return [], 1
+    keys, dropped = [], max(0, len(notices) - INBOX)
+    for notice in notices[:INBOX]:
+        try:
+            if not isinstance(notice, dict) or notice.keys() != {"peer"}:
+                raise MembershipError("not a notice")
+            keys.append(unb64(notice["peer"], "peer", 32))
+        except MembershipError:
+            dropped += 1
+    return keys, dropped
 
 
 def handler(service: _Service, wake: Callable[[], None]) -> Callable[[web.Request], Any]:

@@ -257,22 +257,42 @@ class Peer:
         if self.endpoint is not None:
             self._sent_initiation_to(self.endpoint, now)
 
-    def send_probe(self, endpoints: tuple[Endpoint, ...], now: float, wall: float) -> bool:
+    def send_probe(self, endpoints: tuple[Endpoint, ...], now: float, wall: float, *,
+                   retransmit: bool = True) -> bool:
         """Send a handshake initiation to each of `endpoints` (the transport ladder's
         probe: only a handshake gets an answer). An initiation still outstanding is
         repeated as it is, so whichever path carries it first completes the one
         handshake; otherwise a new one starts, within the REKEY_TIMEOUT rate limit.
-        Returns False when the rate limit held it back."""
+        Returns False when the rate limit held it back.
+
+        With `retransmit` False a new initiation is not retried by the core's timer
+        (unless a handshake was being retried already): the caller probes again on its
+        own schedule. A retry goes to `endpoint`, the path in use: a probe for a better
+        path that nobody answers would end in a needless handshake there."""
         outstanding = self._hs_stage == _INITIATION_SENT and now - self.last_sent_handshake < REKEY_TIMEOUT
         if not outstanding:
             if now - self.last_sent_handshake < REKEY_TIMEOUT:
                 return False
             self.handshake_attempts = 0
+            retrying = self.t_retransmit is not None
             self._new_initiation(now, wall)
+            if not retransmit and not retrying:
+                self.t_retransmit = None
         transmits = self.device.transmits
         for endpoint in endpoints:
             transmits.append((self._hs_packet, endpoint))
             self._sent_initiation_to(endpoint, now)
+        return True
+
+    def spray(self, endpoints: list[Endpoint]) -> bool:
+        """Send the outstanding initiation, as it is, to more `endpoints` without noting
+        them (a port spray towards a NAT that maps per destination: hundreds of guesses,
+        of which one at most answers): no bookkeeping grows per port, and an answer from
+        one gives no round trip. False if no initiation is outstanding."""
+        if self._hs_stage != _INITIATION_SENT:
+            return False
+        packet = self._hs_packet
+        self.device.transmits.extend((packet, endpoint) for endpoint in endpoints)
         return True
 
     def _sent_initiation_to(self, endpoint: Endpoint, now: float) -> None:
