@@ -20,6 +20,7 @@ packages=(
   wireguard-go wireguard-tools   # interop peer and its `wg` tool
   iperf3                         # benchmarks
   nftables iproute2              # the netns lab: namespaces, veth, bridges, NAT, faults
+  conntrack                      # NAT lab: flush a router's mappings (conntrack -F) to expire them mid-test
   openssh-client openssh-server  # SSH transport rung (and its forced-command bridge); host keys as identities
   tinyproxy nginx openssl        # relay rung tests: HTTP CONNECT proxy, TLS-terminating proxy, test certificates
   nebula                         # benchmark peer
