@@ -26,6 +26,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import UDP_ONLY, TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.coordinator.punch import take_notices
+from tunnelmesh.coordinator.reflection import stun_servers
 from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.membership import (
     MAX_ENDPOINTS, DeviceEntry, MapSnapshot, MemberEntry, MembershipError, PeerMap, Revocation,
@@ -170,6 +172,7 @@ class CoordinatorClient(Actor):
         self.since = clock.wall()
         self.error: str | None = None
         self.observed: str | None = None
+        self.stun_servers: tuple[Address, ...] = ()  # the coordinator's STUN reflection service (register reply)
         # Hole punching: sessions ask through the mesh; the coordinator session in use, and
         # the peers a punch request is in flight for (one at a time per peer).
         self._coordinator: Coordinator | None = None
@@ -369,6 +372,8 @@ class CoordinatorClient(Actor):
         reply = await coordinator.register(self.listen_port, own[:MAX_ENDPOINTS - 1], ssh=self.ssh_record,
                                            relay=self.relay_offer, candidates=await self._candidate_record())
         self.observed = reply.get("observed") if isinstance(reply, dict) else None
+        self.stun_servers = stun_servers(reply.get("stun") if isinstance(reply, dict) else None,
+                                         urllib.parse.urlsplit(self.state.url).hostname or "")
         refused = reply.get("relay_refused") if isinstance(reply, dict) else None
         if refused != self.relay_refused and refused is not None:
             log.warning("coordinator: this node's relay is not offered to members: %s", str(refused)[:300])

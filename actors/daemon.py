@@ -161,6 +161,7 @@ class ServedSite(Actor):
 
 
 async def _start_coordinator(config: NodeConfig) -> ServedSite:
+    from tunnelmesh.coordinator.reflection import start_reflection
     from tunnelmesh.coordinator.service import make_app, serve
     from tunnelmesh.coordinator.store import Store, StoreError
     from tunnelmesh.tls import TlsError, server_context
@@ -177,13 +178,28 @@ async def _start_coordinator(config: NodeConfig) -> ServedSite:
         store = Store.open(config.coordinator.db)
     except StoreError as exc:
         raise StartupError(f"embedded coordinator: {exc}") from None
-    try:
-        runner = await serve(make_app(store, trusted_proxies=config.coordinator.trusted_proxies), host, port, tls)
-    except OSError as exc:
+    app = make_app(store, trusted_proxies=config.coordinator.trusted_proxies)
+    reflection = None
+    if config.coordinator.stun is not None:  # before serving: the register reply and the metrics find it in app
+        try:
+            reflection = await start_reflection(app, config.coordinator.stun)
+        except OSError as exc:
+            store.close()
+            raise StartupError(f"embedded coordinator: STUN reflection cannot listen on {exc.strerror} (set "
+                               f"[coordinator] stun and stun_alternate, or stun = false, in {config.path})") from None
+
+    def close() -> None:
+        if reflection is not None:
+            reflection.close()
         store.close()
+
+    try:
+        runner = await serve(app, host, port, tls)
+    except OSError as exc:
+        close()
         raise StartupError(f"embedded coordinator: cannot listen on {host}:{port}: {exc.strerror} "
                            f"(set [coordinator] serve in {config.path})") from None
-    return ServedSite("coordinator", runner, store.close)
+    return ServedSite("coordinator", runner, close)
 
 
 async def _set_up_network(paths: Paths, state: NetworkState, ca_file: str | None, tls_fingerprint: str | None,

@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve plain HTTP, behind a reverse proxy that terminates TLS")
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at http://ADDR/metrics (IPv4:port or "
                                                      "[IPv6]:port; no authentication: keep it on loopback or firewalled)")
+    stun = p.add_mutually_exclusive_group()
+    stun.add_argument("--stun", metavar="IP:PORT", help="answer STUN Binding requests (nodes learn their reflexive "
+                                                       "address) on this UDP address (default: --listen's, over UDP)")
+    stun.add_argument("--no-stun", action="store_true", help="no STUN reflection service")
+    p.add_argument("--stun-alternate", metavar="IP:PORT", help="the STUN service's second socket, for RFC 5780 "
+                   "change requests (default: --stun's address, port + 1; another IP lets nodes test address filtering)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_coordinator)
 

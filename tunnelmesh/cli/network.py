@@ -317,6 +317,7 @@ def cmd_rotate_secret(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.coordinator.reflection import StunSettingError
     from tunnelmesh.coordinator.standalone import run_standalone
     from tunnelmesh.coordinator.store import StoreError
     from tunnelmesh.fields import FieldError
@@ -339,7 +340,9 @@ def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
         asyncio.run(run_standalone(args.listen, Path(args.db), args.admin, frozenset(args.trusted_proxy),
                                    tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                                    tls_key=Path(args.tls_key) if args.tls_key else None, plain_http=args.plain_http,
-                                   metrics=metrics))
+                                   metrics=metrics, stun=(False if args.no_stun else args.stun, args.stun_alternate)))
+    except StunSettingError as exc:
+        raise CliError(f"--{exc.key.replace('_', '-')}: {exc.detail}", EXIT_USAGE) from None
     except (StoreError, TlsError, MetricsError) as exc:
         raise CliError(str(exc), EXIT_FAIL) from None
     except OSError as exc:

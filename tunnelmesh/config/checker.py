@@ -49,15 +49,18 @@ from tunnelmesh.fields import NAME_RULE, FieldError, decode_base64, is_name, par
 from tunnelmesh.paths import DEFAULT_HOST_KEY
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
+    from tunnelmesh.coordinator.reflection import ReflectionAddresses
     from tunnelmesh.filter.policy import Rule
     from tunnelmesh.identity import PublicIdentity
 
 #: Refuse config files larger than this (a config is a few KiB at most).
 MAX_CONFIG_BYTES = 1 << 20
 
-TOP_KEYS = ("node", "peers", "coordinator", "transports", "filter", "metrics")
+TOP_KEYS = ("node", "peers", "coordinator", "transports", "filter", "metrics", "nat")
 METRICS_KEYS = ("listen",)
-COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert", "tls_key")
+NAT_KEYS = ("stun_servers", "probe_interval", "port_mapping", "port_mapping_protocols", "port_mapping_lifetime")
+COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert", "tls_key",
+                    "stun", "stun_alternate")
 TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
                   "relay_url", "peers", "sshd_host_keys")
 PEER_TRANSPORT_KEYS = ("rungs", "force")
@@ -338,7 +341,22 @@ class _Checker:
             raise self.error(f"{what}: tls_cert and tls_key go together (the certificate and its key); {key} is missing",
                              "coordinator", "tls_cert" if tls_cert is not None else "tls_key")
         return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db, ca_file=ca_file, trusted_proxies=trusted,
-                                 tls_fingerprint=pin, tls_cert=tls_cert, tls_key=tls_key)
+                                 tls_fingerprint=pin, tls_cert=tls_cert, tls_key=tls_key, stun=self.stun(table, serve))
+
+    def stun(self, table: Mapping[str, Any], serve: tuple[str, int] | None) -> ReflectionAddresses | None:
+        """`stun` and `stun_alternate`: the embedded coordinator's STUN reflection (on by default)."""
+        from tunnelmesh.coordinator.reflection import StunSettingError, reflection_addresses  # lazily: aiohttp
+
+        if serve is None:
+            for key in ("stun", "stun_alternate"):
+                if key in table:
+                    raise self.error(f"[coordinator]: {key} is for the embedded coordinator (needs serve)",
+                                     "coordinator", key)
+            return None
+        try:
+            return reflection_addresses(table.get("stun"), table.get("stun_alternate"), serve)
+        except StunSettingError as exc:
+            raise self.error(f"[coordinator]: {exc}", "coordinator", exc.key) from None
 
     def tls_fingerprint(self, table: Mapping[str, Any], what: str, scheme: str, ca_file: Path | None) -> str | None:
         value = self.get_str(table, "tls_fingerprint", what, "coordinator")

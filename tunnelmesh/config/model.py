@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:  # pragma: no cover - import only for type checkers
+    from tunnelmesh.coordinator.reflection import ReflectionAddresses
     from tunnelmesh.filter.policy import Rule
     from tunnelmesh.identity import PublicIdentity
 
@@ -95,6 +96,8 @@ class CoordinatorConfig:
     #: The embedded coordinator serves TLS with this certificate and key (PEM); None = plain HTTP.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: The embedded coordinator's STUN reflection service (`stun`, `stun_alternate`); None = off.
+    stun: ReflectionAddresses | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from tunnelmesh.metrics import Source, relay_families
 
+from .reflection import REFLECTION
 from .service import CONNECTED_GRACE, MAX_WAIT, SERVICE
 from .store import StoreError
 
@@ -25,6 +26,7 @@ class CoordinatorCollector(Collector):
 
     def __init__(self, app: web.Application) -> None:
         self.service = app[SERVICE]
+        self.reflection = app.get(REFLECTION)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         service = self.service
@@ -39,6 +41,14 @@ class CoordinatorCollector(Collector):
                                 "Members that asked for the peer map in the last "
                                 f"{MAX_WAIT + CONNECTED_GRACE:.0f} s (nodes long-poll it).",
                                 value=service.nodes_connected())
+        if self.reflection is not None:
+            yield CounterMetricFamily("tunnelmesh_coordinator_stun_answered", "STUN Binding requests answered.",
+                                      value=self.reflection.answered)
+            dropped = CounterMetricFamily("tunnelmesh_coordinator_stun_dropped", "Datagrams to the STUN reflection "
+                                          "service left unanswered, by reason.", labels=["reason"])
+            for reason, count in self.reflection.dropped.items():
+                dropped.add_metric([reason], count)
+            yield dropped
         relay = service.relay_served
         if relay is None:
             return  # made on first use: no connection yet

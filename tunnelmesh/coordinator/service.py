@@ -68,6 +68,7 @@ from .guards import (
 )
 from .punch import PunchBoard
 from .punch import handler as punch_handler
+from .reflection import REFLECTION
 from .relay import Relay
 from .store import MemberRow, NetworkRow, PendingRow, Store, StoreError
 
@@ -446,6 +447,8 @@ class _Service:
         endpoints = list(dict.fromkeys(seen + parsed))[:MAX_ENDPOINTS]
         self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh, relay)
         reply: dict[str, Any] = {"observed": f"{observed or f'[{self._client_address(request)}]'}:{port}"}
+        if (reflection := request.app.get(REFLECTION)) is not None:  # where to ask for the reflexive address
+            reply["stun"] = reflection.advertised()
         if candidates is not None and (stored := self.store.set_candidates(
                 member.wg_key, body["candidates"], candidates.version)) is not None:
             reply["candidates_refused"] = (f"the candidate record's version {candidates.version} is not newer than "

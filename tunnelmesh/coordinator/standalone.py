@@ -16,6 +16,7 @@ from tunnelmesh.metrics import metrics_url, serve_metrics
 from tunnelmesh.tls import certificate_fingerprint, load_or_make, server_context
 
 from .metrics import coordinator_source
+from .reflection import reflection_addresses, start_reflection
 from .service import make_app, serve
 from .store import Store
 
@@ -52,18 +53,23 @@ def _standalone_tls(host: str, db: Path, tls_cert: Path | None, tls_key: Path | 
 async def run_standalone(listen: str, db: Path, admin_fingerprint: str | None,
                          trusted_proxies: frozenset[str] = frozenset(), *, tls_cert: Path | None = None,
                          tls_key: Path | None = None, plain_http: bool = False,
-                         metrics: tuple[str, int] | None = None) -> None:
+                         metrics: tuple[str, int] | None = None, stun: tuple[object, object] = (None, None)) -> None:
     """`tunnelmesh coordinator`: serve the database at `db` on `listen` until cancelled:
     TLS with `tls_cert`/`tls_key`, or a certificate of its own (made on first start
     next to `db`); plain HTTP with `plain_http` (behind a TLS-terminating proxy); its
-    Prometheus metrics on `metrics` (docs/metrics.md). TlsError for a certificate it
-    cannot use, MetricsError when the metrics' port is taken."""
+    Prometheus metrics on `metrics` (docs/metrics.md); its STUN reflection service as
+    `stun` (the `--stun` and `--stun-alternate` settings) says. TlsError for a certificate
+    it cannot use, MetricsError when the metrics' port is taken, StunSettingError for a
+    wrong `stun`."""
     host, port = _listen_address(listen)
+    reflection_at = reflection_addresses(*stun, (host, port))
     context = None if plain_http else _standalone_tls(host, db, tls_cert, tls_key)
     store = Store.open(db)
     async with AsyncExitStack() as running:
         running.callback(store.close)
         app = make_app(store, admin_fingerprint=admin_fingerprint, trusted_proxies=trusted_proxies)
+        if reflection_at is not None:  # before serving: the register reply and the metrics find it in app
+            running.callback((await start_reflection(app, reflection_at)).close)
         running.push_async_callback((await serve(app, host, port, context)).cleanup)
         if metrics is not None:
             running.push_async_callback((await serve_metrics(coordinator_source(app), metrics)).cleanup)
