@@ -13,13 +13,19 @@ from typing import Any
 
 import pytest
 
+from actors import coordinator_client
+from actors.control import EventBus
+from actors.messages import SetCandidates
+from actors.runtime import Actor, Supervisor
 from tests.coordinator.test_service import key, refused, with_network
 from tests.support.coordinator import World, join, now
+from tests.support.wait import until
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.links.attest import MAX_FUTURE
 from tunnelmesh.membership import PeerMap
 from tunnelmesh.nat.candidates import VerifiedCandidates, make_candidate_record
-from tunnelmesh.nat.report import LOCAL, REFLEXIVE, Candidate
+from tunnelmesh.nat.report import LOCAL, MAPPED, REFLEXIVE, Candidate, NatReport
+from tunnelmesh.netstate import NetworkState
 
 
 @pytest.fixture(scope="module")
@@ -81,5 +87,83 @@ def test_register_takes_a_newer_record_serves_it_and_refuses_an_older_one(db: Pa
                 for wrong in ([second], "x", {"candidates": []}, {**second, "pad": "x" * 9000}):
                     await refused(db, one.register(51820, [], candidates=wrong), 400,  # type: ignore[arg-type]
                                   "malformed candidate record")
+
+    asyncio.run(scenario())
+
+
+class QuietMesh(Actor):
+    """The mesh's side of the client's messages, kept: the candidates each peer was given."""
+
+    name = "mesh"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.candidates: dict[bytes, tuple[tuple[str, int], ...]] = {}
+
+    async def handle(self, message: Any) -> None:
+        if isinstance(message, SetCandidates):
+            self.candidates[message.wg_key] = message.addresses
+
+
+def test_changed_candidates_are_registered_at_once_during_the_long_poll_and_none_is_lost(
+        db: Path, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """set_nat_report / set_mapped while the client waits in its long-poll: a register on
+    the same session carries a newly signed record (the periodic register is pushed out of
+    the test's reach), the last of several quick changes is what the map ends with, and an
+    unchanged report registers nothing."""
+    monkeypatch.setattr(coordinator_client, "REGISTER_INTERVAL", 3600.0)
+    registers: list[dict[str, Any] | None] = []
+    real_register = Coordinator.register
+
+    async def counted(self: Coordinator, *args: Any, candidates: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        registers.append(candidates)
+        return await real_register(self, *args, candidates=candidates, **kwargs)
+
+    monkeypatch.setattr(Coordinator, "register", counted)
+    reflexive = NatReport(now(), "endpoint-independent", "address-and-port-dependent",
+                          reflexive=(("198.51.100.9", 40000),))
+    mapped = Candidate("198.51.100.9", 40100, MAPPED)
+
+    async def record_served(url: str) -> dict[str, Any] | None:
+        async with Coordinator(url, identity=world.nodes[1]) as one:
+            return (await one.map(0, 0))["endpoints"][key(world, 1)].get("candidates")
+
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            joined = await join(url, world, 1, world.invite(), "one")
+            state = NetworkState(url, world.network, world.entry(joined["member"]))
+            supervisor = Supervisor()
+            mesh = supervisor.add(QuietMesh())
+            client = coordinator_client.CoordinatorClient(
+                state, world.nodes[1], PeerMap(world.network, world.nodes[1].public.wg_public_key), mesh,  # type: ignore[arg-type]
+                EventBus(), cache_path=tmp_path / "peermap.json", secret_path=tmp_path / "secret", listen_port=51820,
+                on_revoked=lambda why: None)
+            supervisor.add(client)
+            running = asyncio.create_task(supervisor.run())
+            try:
+                await until("the first register", lambda: client.connection == "connected" and registers, 20)
+                first = await record_served(url)
+                assert first is not None and first == registers[0]
+                client.set_nat_report(reflexive)  # the client sits in its long-poll (25 s)
+                await until("the reflexive address registered", lambda: len(registers) == 2, 20)
+                served = await record_served(url)
+                assert served is not None and served["version"] > first["version"]
+                assert {"address": "198.51.100.9:40000", "kind": "reflexive"} in served["candidates"]
+                assert served["mapping"] == "endpoint-independent"
+                client.set_nat_report(reflexive)  # the same again: nothing to register
+                client.set_mapped(mapped)  # two changes in a row: the last one wins
+                client.set_mapped(None)
+                client.set_mapped(mapped)
+                await until("the mapped address registered", lambda: any(
+                    r is not None and {"address": "198.51.100.9:40100", "kind": "mapped"} in r["candidates"]
+                    for r in registers), 20)
+                await asyncio.sleep(1)  # a window in which a stray register (a busy loop) would show
+                served = await record_served(url)
+                assert served is not None and {"address": "198.51.100.9:40100", "kind": "mapped"} in served["candidates"]
+                # The connect, the report, one for the three quick calls; the same report again: none.
+                assert len(registers) == 3, registers
+            finally:
+                supervisor.shutdown("test over")
+                await running
 
     asyncio.run(scenario())
