@@ -17,7 +17,7 @@ from actors import coordinator_client
 from actors.control import EventBus
 from actors.messages import SetCandidates
 from actors.runtime import Actor, Supervisor
-from tests.coordinator.test_service import key, refused, with_network
+from tests.coordinator.test_service import db, key, refused, with_network, world  # noqa: F401 (fixtures)
 from tests.support.coordinator import World, join, now
 from tests.support.wait import until
 from tunnelmesh.coordinator.client import Coordinator
@@ -26,16 +26,6 @@ from tunnelmesh.membership import PeerMap
 from tunnelmesh.nat.candidates import VerifiedCandidates, make_candidate_record
 from tunnelmesh.nat.report import LOCAL, MAPPED, REFLEXIVE, Candidate, NatReport
 from tunnelmesh.netstate import NetworkState
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World.create()
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "coordinator.db"
 
 
 def record(world: World, i: int, version: int, *candidates: Candidate) -> dict[str, Any]:
