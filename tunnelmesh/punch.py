@@ -10,10 +10,12 @@ handshake completes on wins: the session's path selector moves there.
 
 A NAT that maps per destination ("hard": a symmetric NAT) gives its node a new port
 for us, not the one STUN servers saw. Facing such a peer from an easy NAT, this side
-also sprays the outstanding initiation at ports near the peer's reflexive ones,
-nearest first: the peer's own initiations to us opened one of them, and ours to it
-opens our NAT's filter for it. Bounded: at most SPRAY_PORTS ports per punch, in
-batches of SPRAY_BATCH every SPRAY_STEP seconds (a punch sprays for about 1.6 s).
+also sprays the outstanding initiation at the other ports of the aligned 1024-port
+block that holds each of the peer's reflexive ports (carrier-grade NATs give a
+subscriber such a block; RFC 7422), nearest first: the peer's own initiations to us
+opened one of them, and ours to it opens our NAT's filter for it. Bounded: at most
+SPRAY_PORTS ports per punch, in batches of SPRAY_BATCH every SPRAY_STEP seconds (a
+punch sprays for about 1.6 s).
 Two hard NATs are left alone: each would have to guess the other's port.
 
 Time is passed in; the session actor (actors/session.py) sends what `due` returns.
@@ -48,8 +50,10 @@ def spray_targets(own: NatReport | None, peer: PeerNat) -> tuple[Address, ...]:
     out: list[Address] = []
     for distance in range(1, SPRAY_PORTS):
         for host, port in peer.reflexive:
+            block = port - port % SPRAY_PORTS  # NATs that give out port blocks align them
             for guess in (port + distance, port - distance):
-                if LOWEST_PORT <= guess <= 65535 and (host, guess) not in seen:
+                if block <= guess < block + SPRAY_PORTS and LOWEST_PORT <= guess <= 65535 \
+                        and (host, guess) not in seen:
                     seen.add((host, guess))
                     out.append((host, guess))
                     if len(out) >= SPRAY_PORTS:

@@ -59,11 +59,15 @@ def test_steps_missed_while_late_go_out_once() -> None:
 
 def test_the_easy_side_sprays_near_the_hard_sides_reflexive_port_bounded_in_count_and_rate() -> None:
     spray = spray_targets(EASY, HARD_PEER)
-    host, port = HARD_PEER.reflexive[0]
-    assert len(spray) == SPRAY_PORTS == len(set(spray))
+    host, port = HARD_PEER.reflexive[0]  # 40000: in the block 39936-40959
+    assert len(spray) == SPRAY_PORTS - 1 == len(set(spray))  # the rest of the block
     assert (host, port) not in spray  # a candidate already
     assert spray[:4] == ((host, port + 1), (host, port - 1), (host, port + 2), (host, port - 2))  # nearest first
-    assert all(h == host and abs(p - port) <= SPRAY_PORTS // 2 + 1 for h, p in spray)
+    assert {p for _, p in spray} | {port} == set(range(39936, 39936 + SPRAY_PORTS))
+    assert all(h == host for h, _ in spray)
+    two = spray_targets(EASY, PeerNat(ADDRESS_AND_PORT_DEPENDENT, reflexive=(("203.0.113.9", 40_000),
+                                                                              ("203.0.113.10", 50_000))))
+    assert len(two) == SPRAY_PORTS and {h for h, _ in two[:4]} == {"203.0.113.9", "203.0.113.10"}  # shared fairly
 
     punch = Punch(10.0, (HARD_PEER.reflexive[0],), spray)
     sent = run(punch, 100.0)
@@ -82,7 +86,7 @@ def test_no_spray_unless_only_the_peer_maps_per_destination() -> None:
     assert spray_targets(EASY, PeerNat(ADDRESS_AND_PORT_DEPENDENT)) == ()  # no reflexive port to start from
     assert spray_targets(None, HARD_PEER) != ()  # this node's NAT unknown yet: try
     low = spray_targets(EASY, PeerNat(ADDRESS_AND_PORT_DEPENDENT, reflexive=(("203.0.113.9", 1100),)))
-    assert min(p for _, p in low) >= LOWEST_PORT and len(low) == SPRAY_PORTS
+    assert {p for _, p in low} == set(range(LOWEST_PORT, 2048)) - {1100}  # no privileged port
 
 
 def test_why_not_direct_in_words() -> None:
