@@ -134,6 +134,11 @@ async def local_interfaces(tunnel: str) -> list[ipaddress.IPv4Interface]:
     return interfaces
 
 
+async def local_addresses(tunnel: str) -> list[str]:
+    """The addresses of `local_interfaces` alone (what the NAT prober takes as its own)."""
+    return [str(interface.ip) for interface in await local_interfaces(tunnel)]
+
+
 class CoordinatorClient(Actor):
     name = "coordinator-client"
     policy = "restart"
