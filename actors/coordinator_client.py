@@ -389,7 +389,9 @@ class CoordinatorClient(Actor):
         if refused != self._candidates_refused and refused is not None:
             log.warning("coordinator: this node's candidate record was not taken: %s", str(refused)[:300])
         self._candidates_refused = refused
-        if lan_changed:  # which peers' candidates are on our LAN may have changed
+        # Which peers' candidates are on our LAN may have changed; at the first register, the
+        # sessions have only what they began with (the daemon's initial peers: unverified).
+        if lan_changed:
             self._send_candidates(self.snapshot.members)
 
     def _verify_records(self, keys: Mapping[bytes, Any]) -> None:
