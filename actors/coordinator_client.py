@@ -220,18 +220,19 @@ class CoordinatorClient(Actor):
     _restarted = False  # setup ran before: this one follows a crash
 
     async def setup(self) -> None:
-        """At start and after a crash: the mesh gets the whole member set. After a crash also
-        the rest of what `apply` hands on (candidates, the PSK, the map-changed hooks), so that
-        nothing the map took before the crash is lost: the map's version has moved on, and no
-        update will bring it again."""
+        """At start and after a crash: the mesh gets the whole member set, and every session
+        its verified candidates (sessions made before, as the daemon's initial peers from the
+        cache, began with unverified ones). After a crash also the rest of what `apply` hands
+        on (the PSK, the map-changed hooks), so that nothing the map took before the crash is
+        lost: the map's version has moved on, and no update will bring it again."""
         snapshot = self.snapshot
         self._verify_records(snapshot.members)
         await self.mesh.ask(SyncPeers(peer_specs(snapshot, self.state.member.name, self.transports,
                                                  self.verified.records, self._lan_networks())))
+        self._send_candidates(snapshot.members)
         if not self._restarted:
             self._restarted = True
             return
-        self._send_candidates(snapshot.members)
         if self.peer_map.secret is not None:
             await self._install_secret()
         for call in self.on_map_changed:
@@ -389,9 +390,7 @@ class CoordinatorClient(Actor):
         if refused != self._candidates_refused and refused is not None:
             log.warning("coordinator: this node's candidate record was not taken: %s", str(refused)[:300])
         self._candidates_refused = refused
-        # Which peers' candidates are on our LAN may have changed; at the first register, the
-        # sessions have only what they began with (the daemon's initial peers: unverified).
-        if lan_changed:
+        if lan_changed:  # which peers' candidates are on our LAN may have changed
             self._send_candidates(self.snapshot.members)
 
     def _verify_records(self, keys: Mapping[bytes, Any]) -> None:
