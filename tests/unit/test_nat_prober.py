@@ -9,6 +9,7 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,8 @@ from actors.runtime import Supervisor
 from tests.support.memnet import MemoryTun
 from tests.support.wait import until
 from tests.support.wire import seeded_rng
+from tunnelmesh.config import ConfigError, parse_config
+from tunnelmesh.config.model import NatConfig
 from tunnelmesh.nat.report import (
     ADDRESS_AND_PORT_DEPENDENT, ADDRESS_DEPENDENT, ENDPOINT_INDEPENDENT, NONE, UNKNOWN, NatReport,
 )
@@ -299,3 +302,32 @@ def test_the_actor_checks_again_when_the_servers_change(datapath: DataPath) -> N
     run(datapath, scenario)
 
 
+
+
+# --- the [nat] table ------------------------------------------------------------------------
+
+BASE = '[node]\nname = "a"\nmesh_ip = "10.9.0.1"\n'
+
+
+def nat_config(tmp_path: Path, table: str) -> NatConfig:
+    return parse_config(BASE + table, path=tmp_path / "config.toml", state_dir=tmp_path).nat
+
+
+def test_nat_table_defaults_and_values(tmp_path: Path) -> None:
+    assert nat_config(tmp_path, "") == NatConfig((), 300)
+    assert nat_config(tmp_path, '[nat]\nstun_servers = ["198.51.100.7:3478", "stun.example.org:3478"]\n'
+                                'probe_interval = 60\n') == NatConfig(("198.51.100.7:3478", "stun.example.org:3478"), 60)
+
+
+@pytest.mark.parametrize(("table", "expected"), [
+    ('[nat]\nstun_servers = "198.51.100.7:3478"\n', ':5: [nat]: stun_servers must be a list of "host:port"'),
+    ('[nat]\nstun_servers = ["198.51.100.7"]\n', ":5: [nat]: stun_servers: '198.51.100.7': expected host:port"),
+    ('[nat]\nstun_servers = [' + ", ".join(f'"198.51.100.{i}:3478"' for i in range(9)) + "]\n",
+     ":5: [nat]: stun_servers: at most 8"),
+    ("[nat]\nprobe_interval = 5\n", ":5: [nat]: probe_interval must be between 30 and 86400 seconds, got 5"),
+    ("[nat]\nport = 1\n", ":5: [nat]: unknown key 'port'"),
+])
+def test_nat_table_refusals_name_the_line(tmp_path: Path, table: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        nat_config(tmp_path, table)
+    assert expected in str(caught.value)

@@ -30,16 +30,25 @@ from tunnelmesh.config.model import (
     DEFAULT_LISTEN_PORT,
     DEFAULT_MESH_PREFIX,
     DEFAULT_MTU,
+    DEFAULT_PORT_MAPPING_LIFETIME,
+    DEFAULT_PROBE_INTERVAL,
     DEFAULT_RELAY_PORT,
     DEFAULT_SSH_PORT,
     MAX_MTU,
+    MAX_PORT_MAPPING_LIFETIME,
+    MAX_PROBE_INTERVAL,
+    MAX_STUN_SERVERS,
     MIN_MESH_PREFIX,
     MIN_MTU,
+    MIN_PORT_MAPPING_LIFETIME,
+    MIN_PROBE_INTERVAL,
+    PORT_MAPPING_PROTOCOLS,
     RUNG_NAMES,
     WG_KEY_BYTES,
     ConfigError,
     CoordinatorConfig,
     IPNetwork,
+    NatConfig,
     NodeConfig,
     PeerConfig,
     RungChoice,
@@ -58,7 +67,8 @@ MAX_CONFIG_BYTES = 1 << 20
 
 TOP_KEYS = ("node", "peers", "coordinator", "transports", "filter", "metrics", "nat")
 METRICS_KEYS = ("listen",)
-NAT_KEYS = ("stun_servers", "probe_interval", "port_mapping", "port_mapping_protocols", "port_mapping_lifetime")
+NAT_KEYS = ("stun_servers", "probe_interval", "port_mapping", "port_mapping_protocols", "port_mapping_lifetime",
+            "public_endpoint")
 COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert", "tls_key",
                     "stun", "stun_alternate")
 TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
@@ -479,6 +489,48 @@ class _Checker:
         except FieldError as exc:
             raise self.error(f"[metrics]: listen {exc}", "metrics", "listen") from None
 
+    def nat(self, data: Mapping[str, Any]) -> NatConfig:
+        """`[nat]`: the NAT prober's extra STUN servers ("host:port") and its interval."""
+        table = self.table(data, "nat", NAT_KEYS)
+        if table is None:
+            return NatConfig()
+        servers = table.get("stun_servers", [])
+        if not isinstance(servers, list) or not all(isinstance(server, str) for server in servers):
+            raise self.error('[nat]: stun_servers must be a list of "host:port", e.g. ["stun.example.org:3478"]',
+                             "nat", "stun_servers")
+        if len(servers) > MAX_STUN_SERVERS:
+            raise self.error(f"[nat]: stun_servers: at most {MAX_STUN_SERVERS}", "nat", "stun_servers")
+        for server in servers:
+            try:
+                parse_endpoint(server)
+            except FieldError as exc:
+                raise self.error(f"[nat]: stun_servers: {shown(server)}: {exc}", "nat", "stun_servers") from None
+        interval = self.get_int(table, "probe_interval", "[nat]", "nat", default=DEFAULT_PROBE_INTERVAL,
+                                lo=MIN_PROBE_INTERVAL, hi=MAX_PROBE_INTERVAL, hint=" seconds")
+        public = self.get_str(table, "public_endpoint", "[nat]", "nat")
+        try:
+            public_endpoint = None if public is None else parse_endpoint(public, ipv4_only=True)
+        except FieldError as exc:
+            raise self.error(f"[nat]: public_endpoint {shown(public)}: {exc} (e.g. \"198.51.100.7:51820\")", "nat",
+                             "public_endpoint") from None
+        return NatConfig(stun_servers=tuple(servers), probe_interval=interval, public_endpoint=public_endpoint,
+                         **self.port_mapping(table))
+
+    def port_mapping(self, table: Mapping[str, Any]) -> dict[str, Any]:
+        """`[nat]`'s port_mapping (bool), port_mapping_protocols and port_mapping_lifetime."""
+        enabled = table.get("port_mapping", True)
+        if not isinstance(enabled, bool):
+            raise self.error(f"[nat]: port_mapping must be true or false, not {_type_name(enabled)}", "nat",
+                             "port_mapping")
+        protocols = table.get("port_mapping_protocols", list(PORT_MAPPING_PROTOCOLS))
+        if (not isinstance(protocols, list) or not protocols or len(set(protocols)) != len(protocols)
+                or not all(protocol in PORT_MAPPING_PROTOCOLS for protocol in protocols)):
+            raise self.error(f"[nat]: port_mapping_protocols must be a list of distinct names out of "
+                             f"{', '.join(map(repr, PORT_MAPPING_PROTOCOLS))}", "nat", "port_mapping_protocols")
+        lifetime = self.get_int(table, "port_mapping_lifetime", "[nat]", "nat", default=DEFAULT_PORT_MAPPING_LIFETIME,
+                                lo=MIN_PORT_MAPPING_LIFETIME, hi=MAX_PORT_MAPPING_LIFETIME, hint=" seconds")
+        return {"port_mapping": enabled, "port_mapping_protocols": tuple(protocols), "port_mapping_lifetime": lifetime}
+
     def filter_rules(self, data: Mapping[str, Any]) -> tuple[Rule, ...] | None:
         """The ``[filter]`` table's ``[[filter.allow]]`` rules (docs/filter.md), None without one."""
         if "filter" not in data:
@@ -713,7 +765,8 @@ def parse_config(text: str, *, path: Path, state_dir: Path) -> NodeConfig:
         peers = checker.peers(data, node) if coordinator is None else ()
         transports = checker.transports(data, coordinator)
         return NodeConfig(peers=peers, coordinator=coordinator, transports=transports,
-                          filter_rules=checker.filter_rules(data), metrics_listen=checker.metrics_listen(data), **node)
+                          filter_rules=checker.filter_rules(data), metrics_listen=checker.metrics_listen(data),
+                          nat=checker.nat(data), **node)
     except ConfigError:
         raise
     except RecursionError:

@@ -142,6 +142,33 @@ class TransportsConfig:
         return self.peers.get(name, self.default)
 
 
+#: The NAT prober's default check interval (seconds) and its bounds.
+DEFAULT_PROBE_INTERVAL, MIN_PROBE_INTERVAL, MAX_PROBE_INTERVAL = 300, 30, 86400
+MAX_STUN_SERVERS = 8
+#: Port mapping (docs/nat.md): the protocols, in the order tried, and the lifetime asked for.
+PORT_MAPPING_PROTOCOLS = ("pcp", "nat-pmp", "upnp")
+DEFAULT_PORT_MAPPING_LIFETIME, MIN_PORT_MAPPING_LIFETIME, MAX_PORT_MAPPING_LIFETIME = 7200, 20, 86400
+
+
+@dataclass(frozen=True)
+class NatConfig:
+    """The ``[nat]`` table: the NAT prober's extra STUN servers and its interval (docs/nat.md)."""
+
+    #: STUN servers asked besides the coordinator's reflection service, "host:port" each.
+    stun_servers: tuple[str, ...] = ()
+    #: Seconds between checks (also on address changes and when asked).
+    probe_interval: int = DEFAULT_PROBE_INTERVAL
+    #: Ask the gateway for a UDP mapping of the WireGuard port (PCP, NAT-PMP, UPnP IGD).
+    port_mapping: bool = True
+    #: Which of "pcp", "nat-pmp", "upnp" to try, in order.
+    port_mapping_protocols: tuple[str, ...] = PORT_MAPPING_PROTOCOLS
+    #: The lifetime asked for (seconds); the mapping is renewed at half what is granted.
+    port_mapping_lifetime: int = DEFAULT_PORT_MAPPING_LIFETIME
+    #: An IPv4 address:port that reaches this node's WireGuard port (a port forward made by
+    #: hand): a candidate of kind "configured" in its record (docs/nat.md, "Candidates").
+    public_endpoint: tuple[str, int] | None = None
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """A whole config file, checked. Paths in it are absolute."""
@@ -172,6 +199,7 @@ class NodeConfig:
     #: Keep an ssh-agent identity's derived mesh key in the state directory (0600), for
     #: starts without the agent (docs/identity.md: the trade-off).
     cache_mesh_key: bool = False
+    nat: NatConfig = NatConfig()
 
     @property
     def mesh_network(self) -> ipaddress.IPv4Network:
