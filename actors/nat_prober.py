@@ -141,37 +141,45 @@ class NatProber(Actor):
             return NatReport(checked_at, error="no STUN server known: the coordinator offers none (yet) "
                                                "and [nat] stun_servers is empty")
         resolved = await asyncio.gather(*(self._resolve(name) for name in names))
-        # Test I at every server.
-        primaries = await asyncio.gather(*(self._ask(address) if address is not None else _none()
-                                           for address in resolved))
-        results, bindings = [], []
-        testable: list[tuple[Address, Address]] = []  # (primary, other) of servers that answered
-        for name, address, answer in zip(names, resolved, primaries):
-            if address is None:
-                results.append(ServerResult(name, None, None, f"cannot resolve {name}"))
-            elif isinstance(answer, str):
-                results.append(ServerResult(name, None, None, answer))
-                bindings.append(Binding(address, None))
-            else:
-                response, _, rtt = answer
-                results.append(ServerResult(name, response.mapped, round(rtt, 2)))
-                bindings.append(Binding(address, response.mapped))
-                if response.other is not None:
-                    testable.append((address, response.other))
+        # Test I at the first server alone, then at the others at once, but not at the first's
+        # other addresses (the coordinator lists its alternate too): a packet there would open
+        # the NAT for the first's change-port answer before that test (see classify).
+        first = await self._test_one(names[0], resolved[0])
+        skip = set(_alternates(*first[2:]))
+        rest = await asyncio.gather(*(self._test_one(name, address) for name, address in zip(names[1:], resolved[1:])
+                                      if address not in skip))
+        results = tuple(result for result, *_ in (first, *rest))
+        asked = {binding.destination: binding for _, binding, *_ in (first, *rest) if binding is not None}
+        testable = [(primary, other) for _, _, primary, other in (first, *rest) if primary and other]
         if not any(result.reflexive for result in results):
-            return NatReport(checked_at, servers=tuple(results),
+            return NatReport(checked_at, servers=results,
                              error="no STUN server answered over UDP (UDP blocked, or the servers are down)")
-        # The filtering tests, before anything goes to an other address (see classify).
+        # The filtering tests, before anything goes to an other address.
         if self.clock.monotonic() - self._alternates_asked_at >= FILTER_MEMORY:
             self._filter_tests = await self._filtering(testable)
-        alternates = [destination for primary, other in testable for destination in mapping_destinations(primary, other)]
+        alternates = [address for address in dict.fromkeys(a for pair in testable for a in _alternates(*pair))
+                      if address not in asked]
         if alternates:
             self._alternates_asked_at = self.clock.monotonic()
         for destination, answer in zip(alternates, await asyncio.gather(*(self._ask(d) for d in alternates))):
-            bindings.append(Binding(destination, None if isinstance(answer, str) else answer[0].mapped))
+            asked[destination] = Binding(destination, None if isinstance(answer, str) else answer[0].mapped)
+        bindings = tuple(asked.values())
         change_port, change_address = self._filter_tests
-        mapping, filtering = classify(Observations(tuple(bindings), local, change_port, change_address))
-        return NatReport(checked_at, mapping, filtering, reflexive_addresses(bindings), tuple(results))
+        mapping, filtering = classify(Observations(bindings, local, change_port, change_address))
+        return NatReport(checked_at, mapping, filtering, reflexive_addresses(bindings), results)
+
+    async def _test_one(self, name: str, address: Address | None
+                        ) -> tuple[ServerResult, Binding | None, Address | None, Address | None]:
+        """Test I at one server: its result, the binding, and (its address, its OTHER-ADDRESS)
+        when it answered with one."""
+        if address is None:
+            return ServerResult(name, None, None, f"cannot resolve {name}"), None, None, None
+        answer = await self._ask(address)
+        if isinstance(answer, str):
+            return ServerResult(name, None, None, answer), Binding(address, None), None, None
+        response, _, rtt = answer
+        return (ServerResult(name, response.mapped, round(rtt, 2)), Binding(address, response.mapped), address,
+                response.other)
 
     async def _filtering(self, testable: list[tuple[Address, Address]]) -> tuple[bool | None, bool | None]:
         """(change port answered, change IP and port answered) at the first server that can
@@ -248,9 +256,9 @@ def _changed(primary: Address, answer: Answer | str, *, change_ip: bool) -> bool
     return True if moved else None
 
 
+def _alternates(primary: Address | None, other: Address | None) -> tuple[Address, ...]:
+    return mapping_destinations(primary, other) if primary is not None else ()
+
+
 def _facts(report: NatReport) -> tuple[Any, ...]:
     return report.mapping, report.filtering, report.reflexive, report.error
-
-
-async def _none() -> str:
-    return "not asked"

@@ -1,7 +1,7 @@
 """The NAT prober actor (actors/nat_prober.py) over real loopback sockets: its requests
 leave through a real data path's UDP socket (UdpBind) and its answers come back through
-the data path's demux, from a small RFC 5780 STUN responder made of tunnelmesh.nat.stun
-(two ports on 127.0.0.1, optionally two more on 127.0.0.2, as coturn with two IPs)."""
+the data path's demux, from the coordinator's real reflection service (one or two
+addresses) or, for the failures it never makes, a small faulty server."""
 
 from __future__ import annotations
 
@@ -22,72 +22,47 @@ from tests.support.wait import until
 from tests.support.wire import seeded_rng
 from tunnelmesh.config import ConfigError, parse_config
 from tunnelmesh.config.model import NatConfig
+from tunnelmesh.coordinator.reflection import Reflection, ReflectionAddresses, stun_servers
 from tunnelmesh.nat.report import (
     ADDRESS_AND_PORT_DEPENDENT, ADDRESS_DEPENDENT, ENDPOINT_INDEPENDENT, NONE, UNKNOWN, NatReport,
 )
-from tunnelmesh.nat.stun import StunError, binding_request, binding_response, parse_binding_request
+from tunnelmesh.nat.stun import binding_request, binding_response, parse_binding_request
 from tunnelmesh.wireguard import Device
 
 
 @dataclass
-class Responder:
-    """A STUN server on `ips` x two ports; `changes` says whether it honours CHANGE-REQUEST
-    ("yes"), answers it from the primary address anyway ("ignore") or never ("drop")."""
+class Faulty:
+    """A STUN server on two ports of 127.0.0.1 that fails RFC 5780's change requests in a
+    way the real service (tunnelmesh.coordinator.reflection) never does: it answers them
+    from the address asked ("ignore") or not at all ("drop")."""
 
-    ips: tuple[str, ...]
-    changes: str = "yes"
-    sockets: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
+    changes: str
+    sockets: list[socket.socket] = field(default_factory=list)
     requests: int = 0
 
     def open(self) -> None:
-        first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        first.bind((self.ips[0], 0))
-        port = first.getsockname()[1]
-        self.sockets[(self.ips[0], port)] = first
-        for ip, p in [(ip, q) for ip in self.ips for q in (port, port + 1)][1:]:
+        for _ in range(2):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind((ip, p))
-            self.sockets[(ip, p)] = sock
-        loop = asyncio.get_running_loop()
-        for address, sock in self.sockets.items():
+            sock.bind(("127.0.0.1", 0))
             sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._answer, address, sock)
+            self.sockets.append(sock)
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._answer, sock)
 
-    @property
-    def primary(self) -> tuple[str, int]:
-        return next(iter(self.sockets))
+    def name(self) -> str:
+        return "127.0.0.1:%d" % self.sockets[0].getsockname()[1]
 
-    def name(self, address: tuple[str, int] | None = None) -> str:
-        host, port = address or self.primary
-        return f"{host}:{port}"
-
-    def _other(self, at: tuple[str, int]) -> tuple[str, int]:
-        ip, port = at
-        ips = self.ips if len(self.ips) > 1 else self.ips * 2
-        base = self.primary[1]
-        return ips[1 - ips.index(ip)] if len(self.ips) > 1 else ip, base + 1 if port == base else base
-
-    def _answer(self, at: tuple[str, int], sock: socket.socket) -> None:
+    def _answer(self, sock: socket.socket) -> None:
         data, source = sock.recvfrom(2048)
-        try:
-            request = parse_binding_request(data)
-        except StunError:
-            return
+        request = parse_binding_request(data)
         self.requests += 1
-        origin = at
-        if request.change_ip or request.change_port:
-            if self.changes == "drop":
-                return
-            if self.changes == "yes":
-                other = self._other(at)
-                origin = (other[0] if request.change_ip else at[0], other[1] if request.change_port else at[1])
-        other_address = self._other(at)
-        self.sockets[origin].sendto(binding_response(request, source, origin=origin, other=other_address), source)
+        if (request.change_ip or request.change_port) and self.changes == "drop":
+            return
+        here, other = (s.getsockname() for s in (sock, self.sockets[1] if sock is self.sockets[0] else self.sockets[0]))
+        sock.sendto(binding_response(request, source, origin=here, other=other), source)
 
     def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sock in self.sockets.values():
-            loop.remove_reader(sock.fileno())
+        for sock in self.sockets:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
             sock.close()
 
 
@@ -114,8 +89,16 @@ def run(datapath: DataPath, scenario: Callable[[DataPath], Awaitable[None]]) -> 
     asyncio.run(started())
 
 
-async def responder(ips: tuple[str, ...] = ("127.0.0.1",), changes: str = "yes") -> Responder:
-    server = Responder(ips, changes)
+async def reflection(second_ip: str | None = None) -> tuple[Reflection, list[str]]:
+    """The coordinator's real reflection service on ephemeral ports of 127.0.0.1 (and of
+    `second_ip`), and its servers as a node reads them from the register reply."""
+    service = Reflection(ReflectionAddresses(("127.0.0.1", 0), (second_ip or "127.0.0.1", 0)))
+    await service.start()
+    return service, [f"{host}:{port}" for host, port in stun_servers(service.advertised(), "127.0.0.1")]
+
+
+async def faulty(changes: str) -> Faulty:
+    server = Faulty(changes)
     server.open()
     return server
 
@@ -132,51 +115,53 @@ def prober(datapath: DataPath, servers: list[str], local: list[str] | None = Non
 
 def test_no_nat_on_loopback_and_the_port_is_the_wireguard_port(datapath: DataPath) -> None:
     async def scenario(running: DataPath) -> None:
-        server = await responder()
+        service, names = await reflection()
         try:
             seen: list[NatReport] = []
-            nat = prober(running, [server.name()], local=["127.0.0.1"], seen=seen)
+            nat = prober(running, names, local=["127.0.0.1"], seen=seen)
             report = await nat.check()
         finally:
-            server.close()
+            service.close()
         assert report.mapping == NONE
         assert report.reflexive == (("127.0.0.1", running.port),)
         assert report.udp_works and report.error is None and report.checked_at is not None
-        assert report.servers[0].server == server.name() and report.servers[0].rtt_ms is not None
+        assert report.servers[0].server == names[0] and report.servers[0].rtt_ms is not None
         assert nat.report is report and seen == [report]
     run(datapath, scenario)
 
 
-def test_one_ip_two_ports_tell_mapping_and_port_filtering(datapath: DataPath) -> None:
+def test_the_coordinators_reflection_service_as_it_advertises_itself(datapath: DataPath) -> None:
+    """The real service, found as a node finds it (the register reply's "stun", primary and
+    alternate): the alternate is not asked before the change-port test, so that test still
+    says something; it is asked as the mapping test."""
     async def scenario(running: DataPath) -> None:
-        """As the coordinator's reflection service: the same outside address on both ports
-        (nothing translates on loopback, and it is not called ours here), the change-port
-        answer came through: address-dependent filtering is all one IP can tell."""
-        server = await responder()
+        service, names = await reflection()
         try:
-            report = await prober(running, [server.name()]).check()
+            assert len(names) == 2
+            report = await prober(running, names).check()
         finally:
-            server.close()
+            service.close()
         assert (report.mapping, report.filtering) == (ENDPOINT_INDEPENDENT, ADDRESS_DEPENDENT)
-        assert server.requests == 3  # test I, change port, the other port
+        assert [result.server for result in report.servers] == names[:1]
+        assert service.answered == 3  # test I, change port, the alternate
     run(datapath, scenario)
 
 
-def test_two_ips_tell_endpoint_independent_filtering(datapath: DataPath) -> None:
+def test_a_reflection_service_on_two_addresses_tells_everything(datapath: DataPath) -> None:
     async def scenario(running: DataPath) -> None:
-        server = await responder(("127.0.0.1", "127.0.0.2"))
+        service, names = await reflection("127.0.0.2")
         try:
-            report = await prober(running, [server.name()]).check()
+            report = await prober(running, names, local=["127.0.0.1"]).check()
         finally:
-            server.close()
-        assert (report.mapping, report.filtering) == (ENDPOINT_INDEPENDENT, ENDPOINT_INDEPENDENT)
-        assert server.requests == 5  # test I, both filtering tests, tests II and III
+            service.close()
+        assert (report.mapping, report.filtering) == (NONE, ENDPOINT_INDEPENDENT)
+        assert report.reflexive == (("127.0.0.1", running.port),)
     run(datapath, scenario)
 
 
 def test_unanswered_change_requests_are_port_dependent_filtering(datapath: DataPath) -> None:
     async def scenario(running: DataPath) -> None:
-        server = await responder(changes="drop")
+        server = await faulty("drop")
         try:
             report = await prober(running, [server.name()]).check()
         finally:
@@ -188,7 +173,7 @@ def test_unanswered_change_requests_are_port_dependent_filtering(datapath: DataP
 
 def test_a_server_that_ignores_change_requests_tells_no_filtering(datapath: DataPath) -> None:
     async def scenario(running: DataPath) -> None:
-        server = await responder(changes="ignore")
+        server = await faulty("ignore")
         try:
             report = await prober(running, [server.name()]).check()
         finally:
@@ -199,16 +184,16 @@ def test_a_server_that_ignores_change_requests_tells_no_filtering(datapath: Data
 
 def test_filtering_not_retested_while_the_nat_may_remember_the_other_port(datapath: DataPath) -> None:
     async def scenario(running: DataPath) -> None:
-        server = await responder()
+        service, names = await reflection()
         try:
-            nat = prober(running, [server.name()])
+            nat = prober(running, names)
             first = await nat.check()
-            before = server.requests
+            before = service.answered
             second = await nat.check()
         finally:
-            server.close()
+            service.close()
         assert first.filtering == second.filtering == ADDRESS_DEPENDENT
-        assert server.requests - before == 2  # test I and the other port; no change-port test
+        assert service.answered - before == 2  # test I and the other port; no change-port test
     run(datapath, scenario)
 
 
@@ -262,11 +247,11 @@ def test_unsolicited_and_malformed_answers_are_dropped_and_counted(datapath: Dat
 
 def test_the_actor_checks_at_start_and_when_asked(datapath: DataPath) -> None:
     async def scenario(running: DataPath) -> None:
-        server = await responder()
+        service, names = await reflection()
         supervisor = Supervisor()
         seen: list[NatReport] = []
-        nat = supervisor.add(prober(running, [server.name()], local=["127.0.0.1"], seen=seen))
-        run = asyncio.create_task(supervisor.run())
+        nat = supervisor.add(prober(running, names, local=["127.0.0.1"], seen=seen))
+        task = asyncio.create_task(supervisor.run())
         try:
             await until("the first check", lambda: len(seen) == 1, timeout=30)
             assert seen[0].mapping == NONE
@@ -275,28 +260,28 @@ def test_the_actor_checks_at_start_and_when_asked(datapath: DataPath) -> None:
             assert len(seen) == 1  # nothing changed: no callback
         finally:
             supervisor.shutdown("test over")
-            await run
-            server.close()
+            await task
+            service.close()
     run(datapath, scenario)
 
 
 def test_the_actor_checks_again_when_the_servers_change(datapath: DataPath) -> None:
     async def scenario(running: DataPath) -> None:
-        first, second = await responder(), await responder(("127.0.0.1", "127.0.0.2"))
-        servers = [first.name()]
+        (first, first_names), (second, second_names) = await reflection(), await reflection("127.0.0.2")
+        servers = first_names[:1]
         supervisor = Supervisor()
         seen: list[NatReport] = []
         nat = prober(running, servers, seen=seen)
         supervisor.add(nat)
-        run = asyncio.create_task(supervisor.run())
+        task = asyncio.create_task(supervisor.run())
         try:
             await until("the first check", lambda: len(seen) == 1, timeout=30)
-            servers.append(second.name())  # the list the prober reads at each comparison
+            servers.append(second_names[0])  # the list the prober reads at each comparison
             await until("a check of both servers", lambda: len(nat.report.servers) == 2, timeout=30)
             assert [result.reflexive for result in nat.report.servers] == [("127.0.0.1", running.port)] * 2
         finally:
             supervisor.shutdown("test over")
-            await run
+            await task
             first.close()
             second.close()
     run(datapath, scenario)
