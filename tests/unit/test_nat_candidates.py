@@ -10,6 +10,7 @@ import copy
 import functools
 import ipaddress
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.links import new_identity
+from tunnelmesh.config import ConfigError
+from tunnelmesh.config.checker import parse_config
 from tunnelmesh.identity import NodeIdentity
 from tunnelmesh.links.attest import MAX_FUTURE
 from tunnelmesh.membership.peermap import MAX_CANDIDATE_RECORD
@@ -203,3 +206,14 @@ def test_any_change_to_a_signed_record_is_refused(key: str, value: Any, index: i
         return  # hypothesis drew the value already there
     with pytest.raises(CandidateError):
         verify_candidate_record(wire, nodes()[0].public)
+
+
+def test_a_configured_public_endpoint_is_an_ipv4_address_and_port(tmp_path: Path) -> None:
+    base = '[node]\nname = "x"\nidentity = "/tmp/key"\n[coordinator]\nurl = "https://192.0.2.1:7400"\n[nat]\n'
+    parse = functools.partial(parse_config, path=tmp_path / "tunnelmesh.toml", state_dir=tmp_path)
+    assert parse(base + 'public_endpoint = "198.51.100.7:51820"\n').nat.public_endpoint == ("198.51.100.7", 51820)
+    assert parse(base).nat.public_endpoint is None
+    for wrong, says in (('"vpn.example.org:51820"', "is not an IPv4 address"), ('"198.51.100.7"', "expected IPv4:port"),
+                        ("51820", "must be a string")):
+        with pytest.raises(ConfigError, match=f"tunnelmesh.toml:7: \\[nat\\]: public_endpoint.*{says}"):
+            parse(base + f"public_endpoint = {wrong}\n")
