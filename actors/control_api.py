@@ -1,7 +1,7 @@
 """What the control socket's commands do (docs/control.md).
 
 `ControlApi` answers `status`, `peers`, `ping`, `probe`, `down`, `ping_daemon`,
-`filter_show`, `filter_test` and `ssh_hosts` with the
+`filter_show`, `filter_test`, `ssh_hosts` and `netcheck` with the
 dataclasses of actors/messages.py; the control server (actors/control.py) turns them
 into JSON. Everything it reads is handed to it when the daemon is assembled: it
 asks actors for what they own (the mesh for its sessions, each session for its
@@ -22,9 +22,10 @@ from tunnelmesh import __version__
 from .control import EventBus, Handler
 from .messages import (
     ActorStatus, AgentStatus, Identity, WhoAmI, FilterRules, FilterVerdict, FindSession, GetFilterStatus, GetStatus,
-    ListPeers, NodeStatus, PeerStatus, Ping, PingResult, Peers, ProbeNow, ProbeResult, RelayClientStatus,
+    ListPeers, Netcheck, NodeStatus, PeerStatus, Ping, PingResult, Peers, ProbeNow, ProbeResult, RelayClientStatus,
     RelayServerStatus, ShowFilter, SshHosts, SshStatus, Status, TestFilter, TransportsStatus, from_json,
 )
+from .netcheck import netcheck, ssh_endpoints
 from .runtime import Actor
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from .filter import FilterActor
     from .links import PeerMapDirectory, Transports
     from .mesh import Mesh
+    from .nat_prober import NatProber
+    from .port_mapper import PortMapper
 
 #: Bounds of a ping's wait, in seconds: a ping holds a control connection open that long.
 PING_WAIT_MIN, PING_WAIT_MAX, PING_WAIT_DEFAULT = 0.1, 30.0, 5.0
@@ -67,6 +70,8 @@ class ControlApi:
         ssh_directory: PeerMapDirectory | None = None,
         identity_source: str = "",
         agent_probe: Callable[[], Awaitable[AgentStatus | None]] | None = None,
+        nat_prober: NatProber | None = None,
+        port_mapper: PortMapper | None = None,
     ) -> None:
         self.name = name
         self.interface = interface
@@ -89,11 +94,13 @@ class ControlApi:
         self.ssh_directory = ssh_directory
         self.identity_source = identity_source
         self.agent_probe = agent_probe  # an ssh-agent identity: asks its agent (actors/agent_identity.py)
+        self.nat_prober = nat_prober
+        self.port_mapper = port_mapper  # its `mapping`: the gateway's mapping of the UDP port, or None
 
     def handlers(self) -> dict[str, Handler]:
         return {"status": self.status, "peers": self.peers, "ping": self.ping, "probe": self.probe, "down": self.down,
                 "ping_daemon": self.ping_daemon, "filter_show": self.filter_show, "filter_test": self.filter_test,
-                "ssh_hosts": self.ssh_hosts}
+                "ssh_hosts": self.ssh_hosts, "netcheck": self.netcheck}
 
     async def status(self, _: dict[str, Any]) -> Status:
         return Status(node=await self.node(), peers=await self._peers(), drops=dict(self.device.drops + self.datapath.drops),
@@ -139,6 +146,17 @@ class ControlApi:
         return SshHosts(network=self.coordinator.state.network.network,
                         hosts=self.ssh_directory.ssh_hosts(base64.b64decode(me.wireguard_public_key)))
 
+    async def netcheck(self, _: dict[str, Any]) -> Netcheck:
+        if self.nat_prober is None:
+            raise ValueError("this daemon runs no NAT prober")
+        ssh: list[tuple[str, str, int]] = []
+        if self.ssh_directory is not None and self.coordinator is not None:
+            me: Identity = await self.identity.ask(WhoAmI())
+            ssh = ssh_endpoints(self.ssh_directory, self.coordinator.snapshot, base64.b64decode(me.wireguard_public_key))
+        return await netcheck(self.nat_prober, port_mapping=self.port_mapper.mapping if self.port_mapper else None,
+                              coordinator_url=self.coordinator.state.url if self.coordinator is not None else None,
+                              relay_urls=[relay.url for relay in self.transports.relays()], ssh=ssh)
+
     async def down(self, _: dict[str, Any]) -> str:
         self.shutdown("down requested")
         return "stopping"
@@ -175,6 +193,8 @@ class ControlApi:
             actors=self._actors(),
             identity_source=self.identity_source,
             agent=await self.agent_probe() if self.agent_probe is not None else None,
+            nat=self.nat_prober.report if self.nat_prober is not None else None,
+            port_mapping=self.port_mapper.mapping if self.port_mapper is not None else None,
         )
 
     def _actors(self) -> tuple[ActorStatus, ...]:

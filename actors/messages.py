@@ -13,7 +13,7 @@ from types import UnionType
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from tunnelmesh.config import UDP_ONLY, RungChoice
-from tunnelmesh.nat.report import PeerNat
+from tunnelmesh.nat.report import Candidate, NatReport, PeerNat
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = tuple[str, int]
@@ -353,6 +353,29 @@ class SshHosts:
 
 
 @dataclass(frozen=True, slots=True)
+class Reach:
+    """One TCP connect `netcheck` made: to what, and how long it took (None: it failed)."""
+
+    what: str  # "coordinator", "relay", "ssh to <member>"
+    target: str  # "host:port"
+    latency_ms: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Netcheck:
+    """The reply to `netcheck`: a fresh NAT check and what this node can reach."""
+
+    nat: NatReport
+    udp: bool  # a STUN server answered over UDP from the WireGuard port
+    port_mapping: Candidate | None  # the router's mapping (UPnP IGD, NAT-PMP, PCP), if any
+    coordinator: Reach | None  # None: a static mesh
+    relays: tuple[Reach, ...]
+    ssh: tuple[Reach, ...]  # a few members' SSH endpoints
+    control_version: int = CONTROL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
 class Peers:
     """The reply to `peers`."""
 
@@ -562,6 +585,8 @@ class NodeStatus:
     #: Where the mesh key came from: "key file PATH", "ssh-agent at PATH", or the mesh key cache.
     identity_source: str = ""
     agent: AgentStatus | None = None  # an ssh-agent identity's agent, asked now; None: a key file
+    nat: NatReport | None = None  # the NAT prober's latest report; None: no prober (in-process tests)
+    port_mapping: Candidate | None = None  # the router's mapping of the WireGuard port, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -610,8 +635,13 @@ def _decode(hint: Any, data: Any, where: str) -> Any:
         (inner,) = [option for option in options if option is not type(None)]
         return _decode(inner, data, where)
     if origin is tuple:
-        item = get_args(hint)[0]
-        return tuple(_decode(item, value, f"{where}[{i}]") for i, value in enumerate(_expect(data, list, where)))
+        items = get_args(hint)
+        values = _expect(data, list, where)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return tuple(_decode(items[0], value, f"{where}[{i}]") for i, value in enumerate(values))
+        if len(values) != len(items):  # a fixed-length tuple (an address: host and port)
+            raise ControlSchemaError(f"{where}: expected {len(items)} items, got {len(values)}")
+        return tuple(_decode(item, value, f"{where}[{i}]") for i, (item, value) in enumerate(zip(items, values)))
     if origin is dict:
         value_hint = get_args(hint)[1]
         return {key: _decode(value_hint, value, f"{where}.{key}") for key, value in _expect(data, dict, where).items()}

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from .coordinator_client import CoordinatorClient
     from .links import PeerMapDirectory
     from .messages import AgentStatus
+    from .nat_prober import NatProber
+    from .port_mapper import PortMapper
 
 A = TypeVar("A", bound=Actor)
 
@@ -163,6 +165,7 @@ class Node:
         admitter: Admitter | None = None, serving_relay: Relay | None = None,
         ssh_directory: PeerMapDirectory | None = None,
         agent_probe: Callable[[], Awaitable[AgentStatus | None]] | None = None,
+        nat_prober: NatProber | None = None, port_mapper: PortMapper | None = None,
     ) -> ControlApi:
         """What the control commands answer, for the control socket (or a test, in-process)."""
         ipv6 = self.addresses.ipv6
@@ -174,6 +177,7 @@ class Node:
             transports=self.parts.transports, coordinator=coordinator, serving_coordinator=serving_coordinator,
             admitter=admitter, serving_relay=serving_relay, packet_filter=self.filter,
             ssh_directory=ssh_directory, identity_source=self.identity.identity.origin, agent_probe=agent_probe,
+            nat_prober=nat_prober, port_mapper=port_mapper,
         )
 
     def shutdown(self, reason: str, exit_code: int = 0) -> None:

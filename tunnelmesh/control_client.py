@@ -1,7 +1,7 @@
 """The CLI's side of the control socket (docs/control.md; the server is actors/control.py).
 
 `request` sends one command and returns its raw JSON result; `status`, `peers`, `ping`,
-`filter_show`, `filter_test`, `ssh_hosts` and `events` return the schema's dataclasses (actors/messages.py), after checking that
+`filter_show`, `filter_test`, `ssh_hosts`, `netcheck` and `events` return the schema's dataclasses (actors/messages.py), after checking that
 the daemon speaks this client's CONTROL_VERSION.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from actors.messages import (
-    CONTROL_VERSION, ControlSchemaError, Event, FilterRules, FilterVerdict, Peers, PingResult, SshHosts, Status,
-    Subscribed, from_json,
+    CONTROL_VERSION, ControlSchemaError, Event, FilterRules, FilterVerdict, Netcheck, Peers, PingResult, SshHosts,
+    Status, Subscribed, from_json,
 )
 
 T = TypeVar("T")
@@ -88,6 +88,12 @@ def filter_test(path: Path, peer: str, proto: str, port: int | None) -> FilterVe
 
 def ssh_hosts(path: Path) -> SshHosts:
     return _versioned(SshHosts, request(path, "ssh_hosts"))
+
+
+def netcheck(path: Path) -> Netcheck:
+    """A fresh NAT check and reachability report: the daemon's STUN retries and TCP
+    connects take up to a minute at worst."""
+    return _versioned(Netcheck, request(path, "netcheck", timeout=90.0))
 
 
 def events(path: Path) -> Iterator[Event]:

@@ -30,7 +30,7 @@ from tunnelmesh import control_client
 from tunnelmesh.control_client import ControlError, _versioned
 
 #: The replies, and every part of one (each status type is named ...Status).
-REPLIES = [Peers, PingResult, Subscribed] + [
+REPLIES = [Peers, PingResult, Subscribed, messages.Netcheck] + [
     cls for name, cls in vars(messages).items() if name.endswith("Status") and is_dataclass(cls)]
 
 
@@ -40,7 +40,10 @@ def instances(hint: Any) -> st.SearchStrategy[Any]:
     if origin in (Union, UnionType):
         return st.one_of(*(instances(option) for option in get_args(hint)))
     if origin is tuple:
-        return st.lists(instances(get_args(hint)[0]), max_size=3).map(tuple)
+        items = get_args(hint)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return st.lists(instances(items[0]), max_size=3).map(tuple)
+        return st.tuples(*(instances(item) for item in items))  # fixed length: an address
     if origin is dict:
         return st.dictionaries(st.text(max_size=8), instances(get_args(hint)[1]), max_size=3)
     if hint is type(None):

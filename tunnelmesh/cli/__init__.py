@@ -32,6 +32,7 @@ from .network import (
 from .policy import cmd_filter_show, cmd_filter_test, cmd_policy_edit, cmd_policy_set, cmd_policy_show
 from .tui import add_parser as _add_tui_parser
 from .keys import add_parser as _add_keys_parser
+from .netcheck import add_parser as _add_netcheck_parser
 from .ssh_config import cmd_ssh_config
 from .wg_export import cmd_wg_export
 
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_tui_parser(sub)
     _add_keys_parser(sub)
+    _add_netcheck_parser(sub)
 
     p = sub.add_parser("version", help="print the version")
     p.add_argument("--json", action="store_true", help="the software's and the control API's versions as JSON")

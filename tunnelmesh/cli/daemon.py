@@ -22,6 +22,7 @@ from tunnelmesh.files import FileError, lock_dir, read_pid
 from tunnelmesh.paths import Paths
 
 from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, _check_state_dir, _identity, _load
+from .netcheck import nat_summary
 
 
 
@@ -139,6 +140,8 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
         print("transports: udp/{}, {}".format(node.listen_port, ", ".join(rungs)))
     if transports.serving_relay is not None:
         print(f"serving a relay for members: {transports.serving_relay.connections} connected")
+    if node.nat is not None:
+        print(nat_summary(node.nat, node.port_mapping))
     if status.filter is not None:
         _print_filter_status(status.filter)
     _print_peers(status.peers)
