@@ -178,6 +178,7 @@ class PeerSession(Actor):
             self._want_probe.discard(rungs.SSH)  # proven: no probe left to send on a new link
         if rung_of(source) == rungs.UDP:
             self._udp_handshake_at, self.punches_unanswered = self.clock.monotonic(), 0
+            self._end_punch()  # answered: the rest of its schedule and spray are not needed
         if source != self.peer.endpoint:
             self._roam(source)  # within its rung the path follows the proof, as WireGuard's would
         self._apply(self.selector.handshake(source, self.clock.monotonic()))
@@ -274,16 +275,17 @@ class PeerSession(Actor):
         self.request_punch(self.wg_key)
 
     def _start_punch(self) -> None:
-        """The coordinator told both ends to punch now."""
+        """The coordinator told both ends to punch now: now, or as soon as WireGuard's rate
+        limit lets an initiation go (a handshake under 5 s ago: the peer's is as recent)."""
         targets = tuple(self.selector.udp_targets())
-        if not self.selector.udp_allowed or not targets or self._stopped:
+        if not self.selector.udp_allowed or not targets or self._stopped or self.peer is None:
             return
         self._end_punch()
         spray = spray_targets(self.own_nat(), self.peer_nat)
-        self._punch = Punch(self.clock.monotonic(), targets, spray)
+        self._punch = Punch(self.peer.next_initiation_at(self.clock.monotonic()), targets, spray)
         log.info("%s: punching towards %d candidate(s)%s", self.peer_name, len(targets),
                  f" and {len(spray)} guessed port(s)" if spray else "")
-        self._punch_step()
+        self._punch_handle = asyncio.get_running_loop().call_at(self._punch.started, self._punch_step)
 
     def _punch_step(self) -> None:
         self._punch_handle = None

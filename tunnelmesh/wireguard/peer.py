@@ -284,6 +284,13 @@ class Peer:
             self._sent_initiation_to(endpoint, now)
         return True
 
+    def next_initiation_at(self, now: float) -> float:
+        """When `send_probe` can next send an initiation: now if one is outstanding or the
+        REKEY_TIMEOUT rate limit allows a new one, else when the limit ends."""
+        if self._hs_stage == _INITIATION_SENT and now - self.last_sent_handshake < REKEY_TIMEOUT:
+            return now
+        return max(now, self.last_sent_handshake + REKEY_TIMEOUT)
+
     def spray(self, endpoints: list[Endpoint]) -> bool:
         """Send the outstanding initiation, as it is, to more `endpoints` without noting
         them (a port spray towards a NAT that maps per destination: hundreds of guesses,
