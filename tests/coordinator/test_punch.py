@@ -6,6 +6,8 @@ would refuse; requests are member-signed and rate-limited per pair and per node.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,18 @@ class Clock:
         return self.now
 
 
+@asynccontextmanager
+async def members(tmp_path: Path, world: World, clock: Clock) -> AsyncIterator[tuple[str, Coordinator, Coordinator]]:
+    """A coordinator on `clock` with members "one" and "two" (identities 1 and 2), and a
+    client signed by each."""
+    async with serving(tmp_path / "c.db", world, monotonic=clock) as served:
+        await join(served.url, world, 1, world.invite(), "one")
+        await join(served.url, world, 2, world.invite(), "two")
+        async with Coordinator(served.url, identity=world.nodes[1]) as one, \
+                Coordinator(served.url, identity=world.nodes[2]) as two:
+            yield served.url, one, two
+
+
 async def fails(call: object, status: int, text: str) -> None:
     with pytest.raises(CoordinatorError) as info:
         await call  # type: ignore[misc]
@@ -41,44 +55,40 @@ def test_both_members_are_told_through_their_long_polls(tmp_path: Path, world: W
     clock = Clock()
 
     async def scenario() -> None:
-        async with serving(tmp_path / "c.db", world, monotonic=clock) as served:
-            await join(served.url, world, 1, world.invite(), "one")
-            await join(served.url, world, 2, world.invite(), "two")
+        async with members(tmp_path, world, clock) as (url, one, two):
             key_one, key_two = (world.nodes[i].public.wg_public_key for i in (1, 2))
-            async with Coordinator(served.url, identity=world.nodes[1]) as one, \
-                    Coordinator(served.url, identity=world.nodes[2]) as two:
-                version = (await one.map(0, 0))["version"]
-                # Neither has said it takes notices: refused, and nothing is queued for later.
-                await fails(one.punch(key_two), 409, "punch=1")
-                await one.map(version, 0, punch=True)
-                await fails(one.punch(key_two), 409, "takes no punch notices")
-                await two.map(version, 0, punch=True)
+            version = (await one.map(0, 0))["version"]
+            # Neither has said it takes notices: refused, and nothing is queued for later.
+            await fails(one.punch(key_two), 409, "punch=1")
+            await one.map(version, 0, punch=True)
+            await fails(one.punch(key_two), 409, "takes no punch notices")
+            await two.map(version, 0, punch=True)
 
-                polls = [asyncio.create_task(node.map(version, 20, punch=True)) for node in (one, two)]
-                assert await one.punch(key_two) == {"told": True}
-                replies = await asyncio.wait_for(asyncio.gather(*polls), 10.0)  # woken, not timed out
-                assert replies[0]["punch"] == [{"peer": b64(key_two)}]
-                assert replies[1]["punch"] == [{"peer": b64(key_one)}]
-                assert replies[0]["version"] == version  # the map did not change: only the notice woke it
+            polls = [asyncio.create_task(node.map(version, 20, punch=True)) for node in (one, two)]
+            assert await one.punch(key_two) == {"told": True}
+            replies = await asyncio.wait_for(asyncio.gather(*polls), 10.0)  # woken, not timed out
+            assert replies[0]["punch"] == [{"peer": b64(key_two)}]
+            assert replies[1]["punch"] == [{"peer": b64(key_one)}]
+            assert replies[0]["version"] == version  # the map did not change: only the notice woke it
 
-                # Within PAIR_INTERVAL the pair was told already, whoever asks.
-                assert await two.punch(key_one) == {"told": False}
-                assert "punch" not in await one.map(version, 0, punch=True)
-                clock.now += punch.PAIR_INTERVAL
-                assert await two.punch(key_one) == {"told": True}
+            # Within PAIR_INTERVAL the pair was told already, whoever asks.
+            assert await two.punch(key_one) == {"told": False}
+            assert "punch" not in await one.map(version, 0, punch=True)
+            clock.now += punch.PAIR_INTERVAL
+            assert await two.punch(key_one) == {"told": True}
 
-                # A poll without punch=1 (a node from before punching) never gets the key,
-                # and its map parser takes the reply; the notice stays for a punch=1 poll.
-                plain = await one.map(0, 0)
-                assert "punch" not in plain
-                PeerMap(world.network, key_one).apply(plain)
-                assert (await one.map(version, 0, punch=True))["punch"] == [{"peer": b64(key_two)}]
+            # A poll without punch=1 (a node from before punching) never gets the key,
+            # and its map parser takes the reply; the notice stays for a punch=1 poll.
+            plain = await one.map(0, 0)
+            assert "punch" not in plain
+            PeerMap(world.network, key_one).apply(plain)
+            assert (await one.map(version, 0, punch=True))["punch"] == [{"peer": b64(key_two)}]
 
-                # Notices expire unread.
-                clock.now += punch.PAIR_INTERVAL
-                assert await one.punch(key_two) == {"told": True}
-                clock.now += punch.NOTICE_TTL
-                assert "punch" not in await two.map(version, 0, punch=True)
+            # Notices expire unread.
+            clock.now += punch.PAIR_INTERVAL
+            assert await one.punch(key_two) == {"told": True}
+            clock.now += punch.NOTICE_TTL
+            assert "punch" not in await two.map(version, 0, punch=True)
 
     asyncio.run(scenario())
 
@@ -87,14 +97,9 @@ def test_refusals_and_the_per_node_limit(tmp_path: Path, world: World) -> None:
     clock = Clock()
 
     async def scenario() -> None:
-        async with serving(tmp_path / "c.db", world, monotonic=clock) as served:
-            await join(served.url, world, 1, world.invite(), "one")
-            await join(served.url, world, 2, world.invite(), "two")
+        async with members(tmp_path, world, clock) as (url, one, two):
             key_one, key_two = (world.nodes[i].public.wg_public_key for i in (1, 2))
-            async with Coordinator(served.url, identity=world.nodes[1]) as one, \
-                    Coordinator(served.url, identity=world.nodes[2]) as two, \
-                    Coordinator(served.url, identity=world.nodes[3]) as outsider, \
-                    Coordinator(served.url) as anonymous:
+            async with Coordinator(url, identity=world.nodes[3]) as outsider, Coordinator(url) as anonymous:
                 for node in (one, two):
                     await node.map(0, 0, punch=True)
                 await fails(one.punch(key_one), 400, "itself")
