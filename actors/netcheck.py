@@ -7,6 +7,7 @@ coordinator over UDP is in the report's STUN answers."""
 from __future__ import annotations
 
 import asyncio
+import os
 import urllib.parse
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -68,7 +69,7 @@ async def reach(what: str, host: str, port: int, clock: Clock = SYSTEM_CLOCK) ->
     except TimeoutError:
         return Reach(what, target, None, f"no answer within {CONNECT_TIMEOUT:g} s")
     except OSError as exc:
-        return Reach(what, target, None, exc.strerror or str(exc))
+        return Reach(what, target, None, os.strerror(exc.errno) if exc.errno else str(exc))  # asyncio's text names no cause
     latency = (clock.monotonic() - started) * 1000
     writer.close()
     try:
