@@ -135,8 +135,8 @@ def _message(method: codec.Method, klass: codec.Class, attributes: dict[str, obj
 
 def test_garbage_oversized_and_other_messages_get_nothing_and_are_counted() -> None:
     unwanted = {
-        "not-binding-request": [b"", b"\x01\x00\x00\x00" + bytes(144),  # a WireGuard initiation's shape
-                                _message(codec.Method.ALLOCATE, codec.Class.REQUEST, {"SOFTWARE": "x" * 100}),
+        "not-stun": [b"", b"\x01\x00\x00\x00" + bytes(144), bytes(100)],  # a WireGuard initiation's shape
+        "not-binding-request": [_message(codec.Method.ALLOCATE, codec.Class.REQUEST, {"SOFTWARE": "x" * 100}),
                                 _message(codec.Method.BINDING, codec.Class.RESPONSE,
                                          {"XOR-MAPPED-ADDRESS": ("192.0.2.1", 1), "SOFTWARE": "x" * 80}),
                                 _message(codec.Method.BINDING, codec.Class.REQUEST,
@@ -156,6 +156,22 @@ def test_garbage_oversized_and_other_messages_get_nothing_and_are_counted() -> N
             assert {reason: reflection.dropped[reason] for reason in unwanted} == \
                 {reason: len(datagrams) for reason, datagrams in unwanted.items()}
             assert reflection.dropped["rate-limited"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_garbage_takes_no_token_from_those_who_send_requests() -> None:
+    clock = [100.0]
+    limiter = RateLimiter(Rate(per_second=1.0, burst=2), Rate(per_second=1.0, burst=2), now=clock[0])
+
+    async def scenario() -> None:
+        async with reflecting(("127.0.0.1", 0), None, limiter=limiter, clock=clock) as reflection, client() as sock:
+            server = ("127.0.0.1", reflection.bound[0][1])
+            for _ in range(50):
+                await asyncio.get_running_loop().sock_sendto(sock, bytes(100), server)
+            await ask(sock, server)
+            await ask(sock, server)
+            assert reflection.dropped["not-stun"] == 50 and reflection.answered == 2
 
     asyncio.run(scenario())
 
@@ -248,7 +264,7 @@ def test_nodes_learn_it_in_the_register_reply_and_it_is_in_the_metrics(tmp_path:
             assert families["tunnelmesh_coordinator_stun_answered"].samples[0].value == 1
             dropped = {sample.labels["reason"]: sample.value
                        for sample in families["tunnelmesh_coordinator_stun_dropped"].samples}
-            assert dropped["not-binding-request"] == 1 and sum(dropped.values()) == 1
+            assert dropped["not-stun"] == 1 and sum(dropped.values()) == 1
         finally:
             await runner.cleanup()
             reflection.close()

@@ -12,15 +12,18 @@ answered. A socket on the wildcard address learns which of the host's addresses 
 request was sent to (IP_PKTINFO / IPV6_PKTINFO) and answers from that same address.
 
 Per datagram, in order (each drop is counted by its reason, in `dropped`):
-1. the source's bucket and the overall one (tunnelmesh.ratelimit: PER_SOURCE_RATE under
-   OVERALL_RATE, at most MAX_SOURCES sources remembered): "rate-limited". This comes
-   first so that nothing else costs more than the limiter allows;
-2. larger than MAX_REQUEST: "oversized";
-3. anything but a Binding request tunnelmesh.nat.stun accepts: "not-binding-request";
-4. a change of address or port it has no socket for: "cannot-change";
-5. an answer would be larger than the request (tunnelmesh.nat.stun: no amplification):
+1. larger than MAX_REQUEST: "oversized";
+2. no STUN header (tunnelmesh.nat.stun.looks_like_stun): "not-stun". These two cost a
+   length and a few bytes' comparison, and take no token: a flood of garbage does not
+   use up the tokens of those who send requests;
+3. the source's bucket and the overall one (tunnelmesh.ratelimit: PER_SOURCE_RATE under
+   OVERALL_RATE, at most MAX_SOURCES sources remembered): "rate-limited". Everything
+   that costs more (parsing, answering) comes after it;
+4. anything but a Binding request tunnelmesh.nat.stun accepts: "not-binding-request";
+5. a change of address or port it has no socket for: "cannot-change";
+6. an answer would be larger than the request (tunnelmesh.nat.stun: no amplification):
    "undersized";
-6. the socket's send buffer full or the send refused: "send-failed".
+7. the socket's send buffer full or the send refused: "send-failed".
 Nothing else is ever sent: no error responses. The answer carries the transaction id,
 the source address, and this service's own addresses (RESPONSE-ORIGIN, OTHER-ADDRESS).
 
@@ -50,7 +53,7 @@ from typing import Any
 from aiohttp import web
 
 from tunnelmesh.fields import FieldError, parse_endpoint, shown
-from tunnelmesh.nat.stun import StunError, binding_response, parse_binding_request
+from tunnelmesh.nat.stun import StunError, binding_response, looks_like_stun, parse_binding_request
 from tunnelmesh.ratelimit import Rate, RateLimiter
 
 log = logging.getLogger("tunnelmesh.coordinator.reflection")
@@ -67,7 +70,8 @@ MAX_REQUEST = 548
 #: Datagrams read per wake-up of one socket, so that a flooded socket yields to the loop.
 BATCH = 64
 _IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module lacks the constant
-_DROP_REASONS = ("rate-limited", "oversized", "not-binding-request", "cannot-change", "undersized", "send-failed")
+_DROP_REASONS = ("oversized", "not-stun", "rate-limited", "not-binding-request", "cannot-change", "undersized",
+                 "send-failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +273,14 @@ class Reflection:
                          _destination(ancillary, bound.sock.getsockname()[0]))
 
     def _handle(self, received: _Socket, data: bytes, truncated: bool, source: Address, here: str) -> None:
-        if self.limiter.limit(source[0], self.monotonic()) is not None:
-            self.dropped["rate-limited"] += 1
-            return
         if truncated:
             self.dropped["oversized"] += 1
+            return
+        if not looks_like_stun(data):
+            self.dropped["not-stun"] += 1
+            return
+        if self.limiter.limit(source[0], self.monotonic()) is not None:
+            self.dropped["rate-limited"] += 1
             return
         try:
             request = parse_binding_request(data)
