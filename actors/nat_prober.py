@@ -115,9 +115,9 @@ class NatProber(Actor):
     # --- one check --------------------------------------------------------------------
 
     async def check(self) -> NatReport:
-        async with self._checking:
+        async with self._checking:  # one at a time: reports replace each other in order
             report = await self._check()
-        previous, self.report = self.report, report
+            previous, self.report = self.report, report
         if _facts(report) != _facts(previous):
             if report.error:
                 log.info("nat: %s", report.error)
