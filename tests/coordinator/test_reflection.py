@@ -129,6 +129,25 @@ def test_on_the_wildcard_it_answers_from_the_address_asked() -> None:
     asyncio.run(scenario())
 
 
+def test_on_the_ipv6_wildcard_it_answers_ipv4_and_ipv6_clients_in_their_own_family() -> None:
+    async def scenario() -> None:
+        async with reflecting(("::", 0), ("::", 0)) as reflection, client() as v4:
+            (_, primary), (_, alternate) = reflection.bound
+            answer, source = await ask(v4, ("127.0.0.1", primary), change_port=True)
+            assert answer.mapped == v4.getsockname() and source == ("127.0.0.1", alternate) == answer.origin
+            v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            try:
+                v6.setblocking(False)
+                v6.bind(("::1", 0))
+                answer, source = await ask(v6, ("::1", primary))
+                assert answer.mapped == v6.getsockname()[:2] and answer.origin == ("::1", primary)
+                assert answer.other == ("::1", alternate)
+            finally:
+                v6.close()
+
+    asyncio.run(scenario())
+
+
 def _message(method: codec.Method, klass: codec.Class, attributes: dict[str, object]) -> bytes:
     return bytes(codec.Message(method, klass, attributes=attributes))
 

@@ -154,6 +154,8 @@ class _Socket:
 
     def send(self, data: bytes, destination: Address, source_ip: str) -> None:
         """Send from `source_ip` (which matters on the wildcard address)."""
+        if self.v6:  # a dual-stack socket speaks IPv4 as IPv4-mapped IPv6 addresses
+            destination, source_ip = (_as_ipv6(destination[0]), destination[1]), _as_ipv6(source_ip)
         packed = ipaddress.ip_address(source_ip).packed
         if self.v6:
             pktinfo = (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, struct.pack("=16sI", packed, 0))
@@ -179,22 +181,27 @@ def _open(address: Address) -> _Socket:
     return _Socket(sock)
 
 
+def _as_ipv6(host: str) -> str:
+    ip = ipaddress.ip_address(host)
+    return f"::ffff:{ip}" if ip.version == 4 else host
+
+
+def _unmapped(host: str) -> str:
+    """An IPv4-mapped IPv6 address as IPv4 (what the client sent from or to), others as they are."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
 def _destination(ancillary: list[tuple[int, int, bytes]], fallback: str) -> str:
     """The address a datagram was sent to, from its PKTINFO (`fallback` without one)."""
     for level, kind, data in ancillary:
         if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= 12:
             return str(ipaddress.IPv4Address(data[8:12]))
         if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 16:
-            return str(ipaddress.IPv6Address(data[:16]))
+            return _unmapped(str(ipaddress.IPv6Address(data[:16])))
     return fallback
-
-
-def _source(address: tuple[Any, ...]) -> Address:
-    """A datagram's source as a STUN address: an IPv4-mapped IPv6 one as IPv4."""
-    ip = ipaddress.ip_address(address[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip), address[1]
 
 
 class Reflection:
@@ -269,7 +276,7 @@ class Reflection:
             except OSError as exc:  # an ICMP error for an earlier answer, say: nothing to do with this read
                 log.debug("STUN reflection: receive: %s", exc)
                 continue
-            self._handle(bound, data, bool(flags & socket.MSG_TRUNC), _source(source),
+            self._handle(bound, data, bool(flags & socket.MSG_TRUNC), (_unmapped(source[0]), source[1]),
                          _destination(ancillary, bound.sock.getsockname()[0]))
 
     def _handle(self, received: _Socket, data: bytes, truncated: bool, source: Address, here: str) -> None:
