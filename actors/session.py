@@ -114,7 +114,6 @@ class PeerSession(Actor):
         self._punch: Punch | None = None
         self._punch_handle: asyncio.TimerHandle | None = None
         self._punch_asked = float("-inf")
-        self._udp_handshake_at = float("-inf")
         self.punches_unanswered = 0  # punches since the last UDP handshake that none answered
 
     # --- timers (called by the data path, on the event loop thread) ----------------
@@ -177,8 +176,8 @@ class PeerSession(Actor):
         if rung_of(source) == rungs.SSH:
             self._want_probe.discard(rungs.SSH)  # proven: no probe left to send on a new link
         if rung_of(source) == rungs.UDP:
-            self._udp_handshake_at, self.punches_unanswered = self.clock.monotonic(), 0
-            self._end_punch()  # answered: the rest of its schedule and spray are not needed
+            self._end_punch(answered=True)  # the rest of its schedule and spray are not needed
+            self.punches_unanswered = 0
         if source != self.peer.endpoint:
             self._roam(source)  # within its rung the path follows the proof, as WireGuard's would
         self._apply(self.selector.handshake(source, self.clock.monotonic()))
@@ -305,12 +304,13 @@ class PeerSession(Actor):
         else:
             self._punch_handle = asyncio.get_running_loop().call_at(next_at, self._punch_step)
 
-    def _end_punch(self) -> None:
-        """The punch in progress is over (or replaced): unanswered if no UDP handshake came since."""
+    def _end_punch(self, *, answered: bool = False) -> None:
+        """The punch in progress is over: answered (a UDP handshake came), or not (its
+        schedule ran out, or a new notice replaces it)."""
         if self._punch_handle is not None:
             self._punch_handle.cancel()
             self._punch_handle = None
-        if self._punch is not None and self._udp_handshake_at < self._punch.started:
+        if self._punch is not None and not answered:
             self.punches_unanswered += 1
         self._punch = None
 
