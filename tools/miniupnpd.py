@@ -19,8 +19,10 @@ home router that answers PCP, NAT-PMP and UPnP IGD port-mapping requests.
 
 from __future__ import annotations
 
+import re
 import secrets
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -98,14 +100,16 @@ def start_miniupnpd(site: Site, stun_host: str, *, natpmp: bool = True, upnp: bo
     with open(config_path, "w") as f:
         f.write(config)
     log_name = f"miniupnpd-{secrets.token_hex(3)}"
-    # -d: stay in the foreground, log to stderr (the lab's log file); -f: only our config.
-    process = router.popen(binary, "-d", "-f", config_path, log_name=log_name)
+    # -d: stay in the foreground, log to stderr (the lab's log file); -f: only our config;
+    # -P: its own pid file (the default /var/run/miniupnpd.pid would stop a second one).
+    process = router.popen(binary, "-d", "-f", config_path, "-P", f"{router.state_dir}/miniupnpd.pid",
+                           log_name=log_name)
     daemon = Miniupnpd(site, process, config_path, log_name)
     ready = [FORWARDING, *([READY] if natpmp else []), *([UPNP_READY] if upnp else [])]
-    for pattern in ready:
-        try:
-            router.wait_for_log(log_name, pattern, timeout=timeout)
-        except LabError:
-            raise LabError(f"miniupnpd on {router.name} not ready (exit {process.poll()}): no /{pattern}/ "
-                           f"in its log:\n{daemon.log()[-3000:]}") from None
+    deadline = time.monotonic() + timeout
+    while not all(re.search(pattern, daemon.log()) for pattern in ready):
+        if process.poll() is not None or time.monotonic() >= deadline:
+            raise LabError(f"miniupnpd on {router.name} not ready (exit {process.poll()}); its log:\n"
+                           f"{daemon.log()[-3000:]}")
+        time.sleep(0.1)
     return daemon

@@ -1,0 +1,112 @@
+"""Port mapping against a real miniupnpd (tools/miniupnpd.py) on a NAT-lab router, through
+the real daemon: the mapping is made, renewed and deleted on `down`, by each of PCP,
+NAT-PMP and UPnP IGD; and a pair behind two symmetric NATs, each router running miniupnpd,
+ends on a direct UDP path through the mapped candidates.
+
+What miniupnpd holds is read from its own side: its nftables table (a `dnat` rule per
+mapping) and its log, not from our client.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+
+from tools.lab import Lab
+from tools.mesh import MeshNode, build_network, diagnostics
+from tools.miniupnpd import Miniupnpd, start_miniupnpd
+from tools.natlab import NatLab, Site, start_coturn
+
+pytestmark = pytest.mark.e2e
+
+LIFETIME = 20  # s asked for: renewed every 10 s, so a mapping alive after 2 lifetimes was renewed
+WG_PORT = 51820
+
+
+def mapped_to(router: Miniupnpd, address: str) -> bool:
+    """Whether miniupnpd's table forwards UDP to address:51820 (a mapping exists)."""
+    return re.search(rf"dnat ip to {re.escape(address)}:{WG_PORT}\b", router.ruleset()) is not None
+
+
+def wait_until(condition, timeout: float, what: str, details) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"not {what} within {timeout:g} s\n{details()}")
+        time.sleep(0.5)
+
+
+def home_network(lab: Lab, sites: dict[str, str], nat_config: str) -> tuple[dict[str, MeshNode], dict[str, Miniupnpd]]:
+    """A coordinator (`hub`, public) and one node per site (name -> NAT type), each site's
+    router running miniupnpd; the nodes join with `nat_config` in their [nat] table."""
+    natlab = NatLab(lab)
+    stun = natlab.add_public("stun", addresses=2)
+    start_coturn(stun, stun.addresses[0], stun.addresses[1])
+    homes: dict[str, Site] = {name: natlab.add_site(f"r-{name}", nat_type) for name, nat_type in sites.items()}
+    daemons = {name: start_miniupnpd(site, stun.addresses[0]) for name, site in homes.items()}
+    mesh = build_network(lab, ["hub"], switch=natlab.outside)
+    hub = mesh["hub"]
+    for name, site in homes.items():
+        node = natlab.add_inside_node(site, name)
+        member = mesh[name] = MeshNode(node, node.addresses[0], "")
+        member.tm("join", hub.tm("invite").stdout.strip(), "--name", name, "--new-key")
+        member.append_config(f"\n[nat]\n{nat_config}\n")
+        member.up()
+    return mesh, daemons
+
+
+@pytest.mark.parametrize("protocol", ["pcp", "nat-pmp", "upnp"])
+def test_mapping_is_made_renewed_and_deleted_on_down(lab: Lab, protocol: str) -> None:
+    mesh, daemons = home_network(lab, {"alpha": "port-restricted"},
+                                 f'port_mapping_protocols = ["{protocol}"]\nport_mapping_lifetime = {LIFETIME}')
+    alpha, router = mesh["alpha"], daemons["alpha"]
+
+    def details() -> str:
+        return f"{diagnostics(mesh)}\n--- miniupnpd ---\n{router.log()[-3000:]}\n{router.ruleset()}"
+
+    wait_until(lambda: mapped_to(router, alpha.underlay), 30, "mapped", details)
+    made = re.search(r"port mapping UDP ([\d.]+):(\d+) -> [\d.]+:51820 by (\S+) \((\d+) s\)", alpha.log_tail(20000))
+    assert made is not None, details()
+    assert made[1] == router.site.public and made[3] == protocol, made[0]
+
+    time.sleep(2 * LIFETIME + 2)  # unrenewed, miniupnpd would have removed it by now
+    assert mapped_to(router, alpha.underlay), f"mapping gone after {2 * LIFETIME} s: not renewed\n{details()}"
+
+    alpha.down()
+    wait_until(lambda: not mapped_to(router, alpha.underlay), 5, "deleted by `down`", details)
+    assert f"port mapping UDP {made[1]}:{made[2]} deleted" in alpha.log_tail(20000)
+
+
+def peer(member: MeshNode, name: str) -> dict[str, Any]:
+    return next(p for p in member.status()["peers"] if p["name"] == name)
+
+
+def direct(member: MeshNode, name: str) -> bool:
+    """The session is up (handshake done) on a UDP path (the rung is "udp" before then too)."""
+    state = peer(member, name)
+    return state["state"] == "up" and state["path"] is not None and state["path"]["rung"] == "udp"
+
+
+def test_pair_behind_two_symmetric_nats_with_port_mapping_ends_direct(lab: Lab) -> None:
+    # Without port mapping this pair ends on the relay (the issue's table; checked by hand
+    # with port_mapping = false: relay for 45 s): each router maps every new flow to a
+    # random port of its block, so neither reflexive port reaches the other node.
+    mesh, daemons = home_network(lab, {"alpha": "symmetric", "beta": "symmetric"}, "port_mapping = true")
+    for name, router in daemons.items():
+        wait_until(lambda: mapped_to(router, mesh[name].underlay), 30, f"{name} mapped", lambda: diagnostics(mesh))
+    alpha, beta = mesh["alpha"], mesh["beta"]
+    mapped = {name: f"{router.site.public}:{WG_PORT}" for name, router in daemons.items()}
+    deadline = time.monotonic() + 90
+    while not (direct(alpha, "beta") and direct(beta, "alpha")):
+        if time.monotonic() >= deadline:
+            pytest.fail(f"alpha<->beta not direct within 90 s\n{diagnostics(mesh)}")
+        alpha.tm("ping", "beta", "-c", "1", "--timeout", "1", check=False)
+        time.sleep(1)
+    # Each learnt the other's mapped address from its signed candidates (a symmetric
+    # NAT's reflexive ports are in its 20480-21503 block: 51820 is only the mapping's).
+    assert mapped["beta"] in peer(alpha, "beta")["candidates"], diagnostics(mesh)
+    assert mapped["alpha"] in peer(beta, "alpha")["candidates"], diagnostics(mesh)
+    assert alpha.tm("ping", "beta", "-c", "3", "--timeout", "2").returncode == 0
