@@ -8,6 +8,7 @@ Used by the demo, the end-to-end tests and the benchmarks.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 from actors.messages import Status, from_json
 from tools.lab import Lab, Node, Switch, _replace_table, clean_environment
+from tools.natlab import NatLab, Site, wait_listening
 
 TUNNELMESH = [sys.executable, "-m", "tunnelmesh"]
 MESH_PREFIX = "100.100.0."
@@ -142,35 +144,44 @@ proto = "any"
 
 def build_network(lab: Lab, names: list[str], *, switch: Switch | None = None, start: bool = True,
                   coordinator: Node | None = None, policy: str | None = OPEN_POLICY,
-                  identity_args: dict[str, list[str]] | None = None) -> dict[str, MeshNode]:
+                  identity_args: dict[str, list[str]] | None = None, placed: dict[str, Node] | None = None,
+                  coordinator_port: int = COORDINATOR_PORT) -> dict[str, MeshNode]:
     """The way a user builds a network: `init` on the first node (admin, embedded
     coordinator unless `coordinator` -- a node already running `tunnelmesh coordinator`
-    on COORDINATOR_PORT -- is given), then `invite` there and `join <token>` on each of
+    on `coordinator_port` -- is given), then `invite` there and `join <token>` on each of
     the others. Nodes are started (`up`) as they join unless start=False (the admin node
-    still is if it embeds the coordinator). Mesh IPs are
-    read back from the nodes (the coordinator assigns them). `policy`: the network policy
+    still is if it embeds the coordinator or anyone joins: its daemon countersigns
+    joins). Mesh IPs are read back from the nodes (the coordinator assigns them). `policy`: the network policy
     the admin sets (`policy set`) before anyone joins; None keeps init's starter policy.
     `identity_args`: a node's identity options for `init` or `join` (default --new-key).
+    `placed`: nodes already made and wired (behind NAT routers, say: build_nat_network),
+    by name; their first address is their underlay; the others are made on `switch`.
+    `coordinator_port`: where the coordinator listens (embedded or standalone).
 
     Over the coordinator's own TLS, as by default: the embedded coordinator's certificate
     is made at `init` and pinned through the invite tokens; a standalone one's (made on
     its first start next to its database, `<state dir>/coordinator.db`) is given to
     `init --tls-fingerprint`."""
-    switch = switch or lab.add_switch("sw")
+    placed = placed or {}
+    if switch is None and set(names) - set(placed):
+        switch = lab.add_switch("sw")
     mesh: dict[str, MeshNode] = {}
     for name in names:
-        node = lab.add_node(name)
-        mesh[name] = MeshNode(node, lab.connect(node, switch), "")
+        if name in placed:
+            mesh[name] = MeshNode(placed[name], placed[name].addresses[0], "")
+        else:
+            node = lab.add_node(name)
+            mesh[name] = MeshNode(node, lab.connect(node, switch), "")  # type: ignore[arg-type]
     admin = next(iter(mesh.values()))
     identity = {name: (identity_args or {}).get(name, ["--new-key"]) for name in names}
     if coordinator is None:
-        url = f"https://{admin.underlay}:{COORDINATOR_PORT}"
+        url = f"https://{admin.underlay}:{coordinator_port}"
         admin.tm("init", "--name", admin.name, *identity[admin.name], "--url", url)
     else:
-        url = f"https://{coordinator.addresses[0]}:{COORDINATOR_PORT}"
+        url = f"https://{coordinator.addresses[0]}:{coordinator_port}"
         admin.tm("init", "--name", admin.name, *identity[admin.name], "--url", url, "--external-coordinator",
                  "--tls-fingerprint", standalone_fingerprint(coordinator))
-    if start or coordinator is None:  # an embedded coordinator must run for the others to join
+    if start or coordinator is None or len(mesh) > 1:  # the others' joins wait for the admin's daemon
         admin.up()
     if policy is not None:
         with open(f"{admin.node.state_dir}/network-policy.toml", "w") as f:
@@ -250,3 +261,45 @@ def rung_of(member: MeshNode, peer: str) -> str | None:
         if p["name"] == peer:
             return p["path"]["rung"] if p["path"] is not None else None
     return None
+
+
+# --------------------------------------------------------------------------- behind NAT routers
+
+WEB_PORT = 443  # the standalone coordinator's port in NAT networks: a tcp-web-only node reaches it
+
+
+def start_coordinator(node: Node, port: int = COORDINATOR_PORT, timeout: float = 30) -> subprocess.Popen:
+    """`tunnelmesh coordinator` in `node` on its first address and `port` (its own TLS,
+    database `<state dir>/coordinator.db`), its STUN reflection service on the same
+    address and port over UDP with the alternate socket on the node's second address, if
+    it has one, port + 1 (so that nodes can test address-dependent filtering). Returns
+    once it listens on TCP and UDP; the lab stops it."""
+    listen = f"{node.addresses[0]}:{port}"
+    alternate = ["--stun-alternate", f"{node.addresses[1]}:{port + 1}"] if len(node.addresses) > 1 else []
+    proc = node.popen(*TUNNELMESH, "coordinator", "--listen", listen, "--db", f"{node.state_dir}/coordinator.db",
+                      "--stun", listen, *alternate, log_name="coordinator")
+    wait_listening(node, proc, {listen}, "tcp", timeout)
+    wait_listening(node, proc, {listen}, "udp", timeout)
+    return proc
+
+
+@dataclass
+class NatNetwork:
+    mesh: dict[str, MeshNode]
+    sites: dict[str, Site]  # each member's router, by member name
+    coordinator: Node
+
+
+def build_nat_network(nat: NatLab, types: dict[str, str], *, coordinator_name: str = "coord",
+                      **options: Any) -> NatNetwork:
+    """A network whose members each sit behind a router of their own (`types`: member
+    name -> NAT type of tools.natlab; the router is `<name>-r`), with a standalone
+    coordinator on the outside switch on TCP 443 (a tcp-web-only member reaches it) with
+    two addresses (start_coordinator). `options` go to build_network (start, policy, ...)."""
+    coordinator = nat.add_public(coordinator_name, addresses=2)
+    start_coordinator(coordinator, WEB_PORT)
+    sites = {name: nat.add_site(f"{name}-r", nat_type) for name, nat_type in types.items()}
+    placed = {name: nat.add_inside_node(site, name) for name, site in sites.items()}
+    mesh = build_network(nat.lab, list(types), coordinator=coordinator, coordinator_port=WEB_PORT,
+                         placed=placed, **options)
+    return NatNetwork(mesh, sites, coordinator)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from itertools import chain
@@ -57,6 +58,7 @@ from itertools import chain
 from tools.lab import Lab, LabError, Node, Switch, _replace_table, find_tool
 
 __all__ = [
+    "BEHAVIOUR",
     "NAT_TYPES",
     "SYMMETRIC_PORTS",
     "NatLab",
@@ -66,10 +68,23 @@ __all__ = [
     "natdiscovery",
     "set_conntrack_timeouts",
     "start_coturn",
+    "wait_listening",
 ]
 
 NAT_TYPES = ("none", "full-cone", "address-restricted", "port-restricted", "symmetric", "udp-blocked", "tcp-web-only")
 SYMMETRIC_PORTS = (20480, 21503)  # the symmetric NAT's block of 1024 ports
+#: What a STUN client inside sees of each type (RFC 4787 mapping, RFC 5780 filtering, in
+#: tunnelmesh/nat/report.py's names): coturn's natdiscovery agrees (tests/e2e/test_natlab.py).
+#: "unknown": no UDP answer at all.
+BEHAVIOUR = {
+    "none": ("none", "endpoint-independent"),
+    "full-cone": ("endpoint-independent", "endpoint-independent"),
+    "address-restricted": ("endpoint-independent", "address-dependent"),
+    "port-restricted": ("endpoint-independent", "address-and-port-dependent"),
+    "symmetric": ("address-and-port-dependent", "address-and-port-dependent"),
+    "udp-blocked": ("unknown", "unknown"),
+    "tcp-web-only": ("unknown", "unknown"),
+}
 OUTSIDE_SUBNET = "192.0.2.0/24"
 INSIDE_POOLS = ("198.51.100.0/24", "203.0.113.0/24")
 INSIDE_PREFIX = 29  # router + a node + room to roam back: 6 hosts; 64 sites in all
@@ -145,7 +160,9 @@ def _rules(nat_type: str, outside_if: str, inside_if: str, router_ip: str, insid
 
 
 class NatLab:
-    """An outside switch, public hosts on it, and sites (NAT routers with nodes behind)."""
+    """An outside switch, public hosts on it, and sites (NAT routers with nodes behind).
+    Its methods may be called from several threads (they take turns: the lab's address
+    and port allocation is not thread-safe)."""
 
     def __init__(self, lab: Lab, outside_subnet: str = OUTSIDE_SUBNET, switch_name: str = "wan"):
         self.lab = lab
@@ -154,10 +171,15 @@ class NatLab:
         self._outside_hosts: list[Node] = []  # everyone on the outside switch: needs routes to public sites
         self._subnets = chain.from_iterable(
             ipaddress.ip_network(pool).subnets(new_prefix=INSIDE_PREFIX) for pool in INSIDE_POOLS)
+        self._lock = threading.RLock()
 
     def add_public(self, name: str, addresses: int = 1) -> Node:
         """A host on the outside switch with `addresses` addresses on its one interface
         (coturn and the coordinator's reflection service need two)."""
+        with self._lock:
+            return self._add_public(name, addresses)
+
+    def _add_public(self, name: str, addresses: int) -> Node:
         node = self.lab.add_node(name)
         self.lab.connect(node, self.outside)
         for _ in range(addresses - 1):
@@ -173,6 +195,10 @@ class NatLab:
         behind it with `add_inside_node` (the NAT rules name the first one)."""
         if nat_type not in NAT_TYPES:
             raise ValueError(f"NAT type must be one of {NAT_TYPES}, not {nat_type!r}")
+        with self._lock:
+            return self._add_site(name, nat_type, udp_timeout, stream_timeout)
+
+    def _add_site(self, name: str, nat_type: str, udp_timeout: int, stream_timeout: int) -> Site:
         subnet = next(self._subnets, None)
         if subnet is None:
             raise LabError("no inside subnet left for another site")
@@ -189,13 +215,18 @@ class NatLab:
 
     def add_inside_node(self, site: Site, name: str) -> Node:
         """A node behind `site`'s router (default route via it)."""
-        node = self.lab.add_node(name)
-        self._attach(node, site)
-        return node
+        with self._lock:
+            node = self.lab.add_node(name)
+            self._attach(node, site)
+            return node
 
     def move(self, node: Node, site: Site) -> str:
         """Roam `node` to `site`: its old underlay link goes away (with its address and
         routes), a new one comes up behind the other router; returns the new address."""
+        with self._lock:
+            return self._move(node, site)
+
+    def _move(self, node: Node, site: Site) -> str:
         old = next(s for s in self.sites.values() if node in s.nodes)
         index = next(i for i, (switch, _, _) in enumerate(node.links) if switch is old.inside)
         switch, _, ifname = node.links.pop(index)
@@ -269,15 +300,23 @@ def start_coturn(node: Node, primary: str, alternate: str, port: int = STUN_PORT
         "--pidfile", f"{node.state_dir}/turnserver.pid", "--no-software-attribute",
         log_name="turnserver")
     # coturn logs no line for its UDP listeners: wait until the kernel shows all four.
-    wanted = {f"{address}:{p}" for address in (primary, alternate) for p in (port, port + 1)}
+    wait_listening(node, proc, {f"{address}:{p}" for address in (primary, alternate) for p in (port, port + 1)},
+                   "udp", timeout)
+    return proc
+
+
+def wait_listening(node: Node, proc: subprocess.Popen, wanted: set[str], proto: str, timeout: float) -> None:
+    """Wait until `proc` (in `node`) listens on every "ip:port" of `wanted` ("tcp" or
+    "udp", as `ss` shows them); LabError naming what is missing if it exits or times out."""
     deadline = time.monotonic() + timeout
     while True:
-        listening = {line.split()[3] for line in node.run("ss", "-Hlun").stdout.splitlines() if len(line.split()) > 3}
+        shown = node.run("ss", "-Hln", "--udp" if proto == "udp" else "--tcp").stdout.splitlines()
+        listening = {fields[3] for fields in map(str.split, shown) if len(fields) > 3}
         if wanted <= listening:
-            return proc
+            return
         if proc.poll() is not None or time.monotonic() >= deadline:
-            raise LabError(f"coturn in {node.name} not listening on {sorted(wanted - listening)} "
-                           f"(exit {proc.poll()}); log:\n{node.log('turnserver')[-3000:]}")
+            raise LabError(f"{node.name}: not listening on {proto} {sorted(wanted - listening)} (exit "
+                           f"{proc.poll()}); log:\n{node.log(getattr(proc, 'log_name', ''))[-3000:]}")
         time.sleep(0.05)
 
 

@@ -21,7 +21,7 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from tools.natlab import (NAT_TYPES, SYMMETRIC_PORTS, NatLab, flush_conntrack, natdiscovery,
+from tools.natlab import (BEHAVIOUR, NAT_TYPES, SYMMETRIC_PORTS, NatLab, flush_conntrack, natdiscovery,
                           start_coturn)
 
 # On the outside host. Datagrams to (a1, 5000) "probe <cold port>": first the filtering
@@ -87,16 +87,6 @@ for port in (80, 443, 8080):
 print(json.dumps(result))
 """
 
-# coturn's verdict (mapping, filtering) for each type; "unknown": no UDP answer at all.
-COTURN_VERDICT = {
-    "none": ("none", "endpoint-independent"),
-    "full-cone": ("endpoint-independent", "endpoint-independent"),
-    "address-restricted": ("endpoint-independent", "address-dependent"),
-    "port-restricted": ("endpoint-independent", "address-and-port-dependent"),
-    "symmetric": ("address-and-port-dependent", "address-and-port-dependent"),
-    "udp-blocked": ("unknown", "unknown"),
-    "tcp-web-only": ("unknown", "unknown"),
-}
 # Which of the filtering probes reach the node.
 INBOUND = {
     "none": {"port", "addr", "cold"},
@@ -177,7 +167,7 @@ def test_every_nat_type_behaves_as_named(lab) -> None:
     for t in NAT_TYPES:
         check_type(t, results[t], nodes[t].addresses[0], sites[t].public)
     seen_by_coturn = {t: (v.mapping, v.filtering) for t, v in coturn.items()}
-    assert seen_by_coturn == COTURN_VERDICT, "\n\n".join(f"== {t}\n{v.output}" for t, v in coturn.items())
+    assert seen_by_coturn == BEHAVIOUR, "\n\n".join(f"== {t}\n{v.output}" for t, v in coturn.items())
 
     # Flushing the full cone's conntrack and sets forgets its mappings: inbound from the
     # other address to the port that was open comes in before the flush, not after.
