@@ -357,12 +357,6 @@ class _Checker:
         """`stun` and `stun_alternate`: the embedded coordinator's STUN reflection (on by default)."""
         from tunnelmesh.coordinator.reflection import StunSettingError, reflection_addresses  # lazily: aiohttp
 
-        if serve is None:
-            for key in ("stun", "stun_alternate"):
-                if key in table:
-                    raise self.error(f"[coordinator]: {key} is for the embedded coordinator (needs serve)",
-                                     "coordinator", key)
-            return None
         try:
             return reflection_addresses(table.get("stun"), table.get("stun_alternate"), serve)
         except StunSettingError as exc:

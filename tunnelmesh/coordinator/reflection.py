@@ -91,10 +91,15 @@ class StunSettingError(FieldError):
         self.detail = detail
 
 
-def reflection_addresses(stun: object, alternate: object, serve: Address) -> ReflectionAddresses | None:
+def reflection_addresses(stun: object, alternate: object, serve: Address | None) -> ReflectionAddresses | None:
     """The `stun` and `stun_alternate` settings (config keys, or the command line's flags;
-    None when not given) of a coordinator serving on `serve`: None when `stun` is false.
-    StunSettingError naming the setting that is wrong."""
+    None when not given) of a coordinator serving on `serve` (None: a node that serves
+    none): None when `stun` is false. StunSettingError naming the setting that is wrong."""
+    if serve is None:
+        for key, value in (("stun", stun), ("stun_alternate", alternate)):
+            if value is not None:
+                raise StunSettingError(key, "is for the embedded coordinator (needs serve)")
+        return None
     if stun is False:
         if alternate is not None:
             raise StunSettingError("stun_alternate", "needs stun (it is false)")
