@@ -374,11 +374,11 @@ class CoordinatorClient(Actor):
     async def _register(self, coordinator: Coordinator) -> None:
         lan = tuple(await local_interfaces(self.interface))
         lan_changed, self.lan = lan != self.lan, lan
-        record = await self._candidate_record()
-        # The interface addresses unsigned too only while there is no signed record to carry them.
-        own = [f"{interface.ip}:{self.listen_port}" for interface in lan] if record is None else []
+        # The interface addresses go unsigned too: the SSH rung dials the hosts of the unsigned
+        # list (actors/links.py), and a node whose record cannot be signed is still found.
+        own = [f"{interface.ip}:{self.listen_port}" for interface in lan]
         reply = await coordinator.register(self.listen_port, own[:MAX_ENDPOINTS - 1], ssh=self.ssh_record,
-                                           relay=self.relay_offer, candidates=record)
+                                           relay=self.relay_offer, candidates=await self._candidate_record())
         self.observed = reply.get("observed") if isinstance(reply, dict) else None
         self.stun_servers = stun_servers(reply.get("stun") if isinstance(reply, dict) else None,
                                          urllib.parse.urlsplit(self.state.url).hostname or "")
