@@ -6,6 +6,7 @@ the old. Untrusted JSON gives CandidateError only (hypothesis)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import functools
 import ipaddress
@@ -17,11 +18,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actors.coordinator_client import peer_spec
 from tests.links import new_identity
+from tests.support.membership import World, update
 from tunnelmesh.config import ConfigError
 from tunnelmesh.config.checker import parse_config
 from tunnelmesh.identity import NodeIdentity
 from tunnelmesh.links.attest import MAX_FUTURE
+from tunnelmesh.membership import PeerMap
 from tunnelmesh.membership.peermap import MAX_CANDIDATE_RECORD
 from tunnelmesh.nat.candidates import (
     MAX_CANDIDATES,
@@ -217,3 +221,26 @@ def test_a_configured_public_endpoint_is_an_ipv4_address_and_port(tmp_path: Path
                         ("51820", "must be a string")):
         with pytest.raises(ConfigError, match=f"tunnelmesh.toml:7: \\[nat\\]: public_endpoint.*{says}"):
             parse(base + f"public_endpoint = {wrong}\n")
+
+
+def test_a_peer_spec_carries_the_verified_candidates_best_first_and_the_peers_nat() -> None:
+    """What the coordinator client hands the mesh for a member (actors.coordinator_client.
+    peer_spec): its record's candidates ordered for this node's LAN, then the coordinator's
+    observation; its NAT. A record that does not verify leaves the observation alone."""
+    world = World.create()
+    network_world = World(world.admin, world.network, nodes())
+    key = nodes()[0].public.wg_public_key
+    wire = make(candidates=(Candidate("192.168.1.10", 51820, LOCAL), Candidate("198.51.100.7", 61000, REFLEXIVE)))
+    endpoints = {base64.b64encode(key).decode(): {"addresses": ["203.0.113.50:51820"], "last_seen": 1,
+                                                  "candidates": wire}}
+    peers = PeerMap(world.network, nodes()[1].public.wg_public_key)
+    peers.apply(update([network_world.admin_member(0)], endpoints=endpoints))
+    snapshot = peers.snapshot()
+    member = snapshot.members[key]
+    held = VerifiedCandidates()
+    held.take(member.name, key, member.identity, snapshot.endpoints[key].candidate_record, NOW)
+    spec = peer_spec(member, snapshot, records=held.records, lan=[ipaddress.IPv4Network("192.168.1.0/24")])
+    assert spec.candidates == (("192.168.1.10", 51820), ("198.51.100.7", 61000), ("203.0.113.50", 51820))
+    assert spec.endpoint == ("192.168.1.10", 51820) and spec.nat.hard
+    assert peer_spec(member, snapshot).candidates == (("203.0.113.50", 51820),)  # no verified record
+    assert peer_spec(member, snapshot).nat == PeerNat()
