@@ -159,26 +159,20 @@ def test_a_reflection_service_on_two_addresses_tells_everything(datapath: DataPa
     run(datapath, scenario)
 
 
-def test_unanswered_change_requests_are_port_dependent_filtering(datapath: DataPath) -> None:
+@pytest.mark.parametrize(("changes", "filtering", "requests"), [
+    ("drop", ADDRESS_AND_PORT_DEPENDENT, 2 + TRIES),  # no answer to "change port" (retried to the end)
+    ("ignore", UNKNOWN, 3),  # answered from the address asked: the test says nothing
+])
+def test_change_requests_unanswered_or_ignored(datapath: DataPath, changes: str, filtering: str,
+                                               requests: int) -> None:
     async def scenario(running: DataPath) -> None:
-        server = await faulty("drop")
+        server = await faulty(changes)
         try:
             report = await prober(running, [server.name()]).check()
         finally:
             server.close()
-        assert (report.mapping, report.filtering) == (ENDPOINT_INDEPENDENT, ADDRESS_AND_PORT_DEPENDENT)
-        assert server.requests == 2 + TRIES  # the change-port request retried to the end
-    run(datapath, scenario)
-
-
-def test_a_server_that_ignores_change_requests_tells_no_filtering(datapath: DataPath) -> None:
-    async def scenario(running: DataPath) -> None:
-        server = await faulty("ignore")
-        try:
-            report = await prober(running, [server.name()]).check()
-        finally:
-            server.close()
-        assert (report.mapping, report.filtering) == (ENDPOINT_INDEPENDENT, UNKNOWN)
+        assert (report.mapping, report.filtering) == (ENDPOINT_INDEPENDENT, filtering)
+        assert server.requests == requests
     run(datapath, scenario)
 
 
