@@ -41,6 +41,7 @@ from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import MapSnapshot, PeerMap, PolicyRecord
 from tunnelmesh.membership.peermap import MAX_SSH_ATTESTATION, ssh_record_size
+from tunnelmesh.nat.report import CONFIGURED, Candidate
 from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import derive_psk
@@ -48,14 +49,16 @@ from tunnelmesh.wireguard import derive_psk
 from .agent_identity import AgentProbe, load_daemon_identity, needed_for
 from .control import ControlServer
 from .admitter import Admitter
-from .coordinator_client import CoordinatorClient, peer_spec
+from .coordinator_client import CoordinatorClient, local_addresses, peer_spec
 from .datapath import DataPath
 from .edges import UdpBind, UdpError
 from .filter import FilterInputs, snapshot_inputs
 from .links import PeerMapDirectory, RelayConnection, RelayPool, SshServer, Transports
 from .messages import PeerSpec, SyncFilter, SyncRelays
 from .metrics import MetricsEndpoint, start_metrics
+from .nat_prober import NatProber
 from .node import Addresses, Node
+from .port_mapper import PortMapper
 from .runtime import Actor, Leftovers
 from .tun import TunDevice, TunError
 
@@ -599,6 +602,7 @@ async def _run_claimed(paths: Paths) -> int:
     if setup.relay_service is not None:
         node.add(setup.relay_service)
     admitter: Admitter | None = None
+    port_mapper: PortMapper | None = None
     if state is not None and loaded.peer_map is not None:
         client = node.add(CoordinatorClient(
             state, identity, loaded.peer_map, node.mesh, node.bus, cache_path=paths.peer_map_cache,
@@ -608,7 +612,13 @@ async def _run_claimed(paths: Paths) -> int:
             relay_offer=setup.relay_offer, on_map_changed=setup.on_map_changed,
             ca_file=_ca_file(config), interface=config.interface, tls_fingerprint=_tls_fingerprint(config),
             clock=node.parts.clock,
+            public_endpoint=None if config.nat.public_endpoint is None else Candidate(*config.nat.public_endpoint,
+                                                                                      CONFIGURED),
         ))
+        if config.nat.port_mapping:  # the gateway's mapping of our UDP port, registered as a candidate
+            port_mapper = node.add(PortMapper(datapath.port, [client.set_mapped],
+                                              protocols=config.nat.port_mapping_protocols,
+                                              lifetime=config.nat.port_mapping_lifetime))
         if paths.admin_key.exists():  # the admin's machine countersigns joins made with an invite
             admitter = node.add(Admitter(paths, node.bus))
         if transports.relay is not None:  # relays that members serve, as the map offers them
@@ -619,9 +629,17 @@ async def _run_claimed(paths: Paths) -> int:
                                                       relay=relay, guard=guard, clock=datapath.clock),
                 transports, node.supervisor))
             setup.on_map_changed.append(lambda: pool.tell_latest(SyncRelays, SyncRelays()))
+    prober = node.add(NatProber(  # from the WireGuard port: the coordinator's reflection service, [nat] stun_servers
+        send=datapath.bind.sendto, register=datapath.register_datagrams, port=datapath.port,
+        servers=lambda: [*(f"{host}:{port}" for host, port in (client.stun_servers if client else ())),
+                         *config.nat.stun_servers],
+        local_addresses=lambda: local_addresses(config.interface), probe_interval=config.nat.probe_interval,
+        on_change=[client.set_nat_report] if client is not None else [], clock=node.parts.clock))
+    node.mesh.own_nat = lambda: prober.report  # sessions choose how to punch by it (tunnelmesh/punch.py)
     api = node.control_api(coordinator=client, serving_coordinator=services.coordinator_address, admitter=admitter,
                            serving_relay=setup.relay_served, ssh_directory=setup.directory,
-                           agent_probe=AgentProbe(identity, needed_for(config)))
+                           agent_probe=AgentProbe(identity, needed_for(config)), nat_prober=prober,
+                           port_mapper=port_mapper)
     node.add(ControlServer(paths.control_socket, api.handlers(), node.bus))
     if services.metrics is not None:
         metrics_site, metrics = services.metrics
