@@ -24,7 +24,7 @@ from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.links.attest import MAX_FUTURE
 from tunnelmesh.membership import PeerMap
 from tunnelmesh.nat.candidates import VerifiedCandidates, make_candidate_record
-from tunnelmesh.nat.report import LOCAL, MAPPED, REFLEXIVE, Candidate, NatReport
+from tunnelmesh.nat.report import CONFIGURED, LOCAL, MAPPED, REFLEXIVE, Candidate, NatReport
 from tunnelmesh.netstate import NetworkState
 
 
@@ -127,13 +127,14 @@ def test_changed_candidates_are_registered_at_once_during_the_long_poll_and_none
             client = coordinator_client.CoordinatorClient(
                 state, world.nodes[1], PeerMap(world.network, world.nodes[1].public.wg_public_key), mesh,  # type: ignore[arg-type]
                 EventBus(), cache_path=tmp_path / "peermap.json", secret_path=tmp_path / "secret", listen_port=51820,
-                on_revoked=lambda why: None)
+                on_revoked=lambda why: None, public_endpoint=Candidate("203.0.113.77", 51820, CONFIGURED))
             supervisor.add(client)
             running = asyncio.create_task(supervisor.run())
             try:
                 await until("the first register", lambda: client.connection == "connected" and registers, 20)
                 first = await record_served(url)
                 assert first is not None and first == registers[0]
+                assert {"address": "203.0.113.77:51820", "kind": "configured"} in first["candidates"]  # [nat] public_endpoint
                 client.set_nat_report(reflexive)  # the client sits in its long-poll (25 s)
                 await until("the reflexive address registered", lambda: len(registers) == 2, 20)
                 served = await record_served(url)
