@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from actors.datapath import DataPath
 from actors.edges import UdpBind
@@ -310,3 +313,37 @@ def test_nat_table_refusals_name_the_line(tmp_path: Path, table: str, expected: 
     with pytest.raises(ConfigError) as caught:
         nat_config(tmp_path, table)
     assert expected in str(caught.value)
+
+
+# --- untrusted datagrams -----------------------------------------------------------------------
+
+@given(st.binary(max_size=200), st.booleans())
+def test_any_stun_looking_datagram_is_taken_counted_or_answered_never_raised(body: bytes, pending: bool) -> None:
+    """Whatever follows a STUN header (with an id a request waits for, or not), the
+    handler takes it: an unknown id is counted, a known one gets its answer or "bad
+    answer"; nothing is raised into the data path."""
+    nat = prober_without_socket()
+    transaction_id = bytes(range(12))
+    body = body[: len(body) // 4 * 4]
+    datagram = struct.pack("!HHI", 0x0101, len(body), 0x2112A442) + transaction_id + body
+
+    async def scenario() -> None:
+        answer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if pending:
+            nat._pending[transaction_id] = answer  # as _ask holds it
+        assert nat._on_datagram(memoryview(datagram), ("192.0.2.1", 3478)) is True
+        if pending:
+            result = answer.result()
+            assert isinstance(result, str) and result.startswith("bad answer") or isinstance(result, tuple)
+        else:
+            assert nat.unsolicited == 1
+
+    asyncio.run(scenario())
+
+
+def prober_without_socket() -> NatProber:
+    async def no_addresses() -> list[str]:
+        return []
+
+    return NatProber(send=lambda data, address: 0, register=lambda handler: None, port=51820, servers=list,
+                     local_addresses=no_addresses)
