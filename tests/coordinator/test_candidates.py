@@ -125,7 +125,8 @@ def test_changed_candidates_are_registered_at_once_during_the_long_poll_and_none
             supervisor = Supervisor()
             mesh = supervisor.add(QuietMesh())
             client = coordinator_client.CoordinatorClient(
-                state, world.nodes[1], PeerMap(world.network, world.nodes[1].public.wg_public_key), mesh,  # type: ignore[arg-type]
+                state, world.nodes[1], PeerMap(world.network, world.nodes[1].public.wg_public_key),
+                mesh,  # type: ignore[arg-type]
                 EventBus(), cache_path=tmp_path / "peermap.json", secret_path=tmp_path / "secret", listen_port=51820,
                 on_revoked=lambda why: None, public_endpoint=Candidate("203.0.113.77", 51820, CONFIGURED))
             supervisor.add(client)
@@ -134,7 +135,8 @@ def test_changed_candidates_are_registered_at_once_during_the_long_poll_and_none
                 await until("the first register", lambda: client.connection == "connected" and registers, 20)
                 first = await record_served(url)
                 assert first is not None and first == registers[0]
-                assert {"address": "203.0.113.77:51820", "kind": "configured"} in first["candidates"]  # [nat] public_endpoint
+                # [nat] public_endpoint, from the first record on
+                assert {"address": "203.0.113.77:51820", "kind": "configured"} in first["candidates"]
                 client.set_nat_report(reflexive)  # the client sits in its long-poll (25 s)
                 await until("the reflexive address registered", lambda: len(registers) == 2, 20)
                 served = await record_served(url)
@@ -150,7 +152,8 @@ def test_changed_candidates_are_registered_at_once_during_the_long_poll_and_none
                     for r in registers), 20)
                 await asyncio.sleep(1)  # a window in which a stray register (a busy loop) would show
                 served = await record_served(url)
-                assert served is not None and {"address": "198.51.100.9:40100", "kind": "mapped"} in served["candidates"]
+                assert served is not None
+                assert {"address": "198.51.100.9:40100", "kind": "mapped"} in served["candidates"]
                 # The connect, the report, one for the three quick calls; the same report again: none.
                 assert len(registers) == 3, registers
             finally:

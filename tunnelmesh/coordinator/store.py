@@ -462,8 +462,9 @@ class Store:
             stored = row["candidates_version"]
             if stored is not None and stored >= version:
                 return int(stored)
-            self._conn.execute("UPDATE members SET candidates = ?, candidates_version = ?, version = ? WHERE wg_key = ?",
-                               (_json(record), version, self._bump(), wg_key))
+            self._conn.execute(
+                "UPDATE members SET candidates = ?, candidates_version = ?, version = ? WHERE wg_key = ?",
+                (_json(record), version, self._bump(), wg_key))
             return None
 
     @_guarded
