@@ -19,6 +19,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from tunnelmesh.nat.portmap.client import (
     MAP_ERRORS, PROTOCOLS, Mapping, PortMapClient, PortMapError, default_gateway, local_address_towards,
 )
@@ -73,7 +75,10 @@ class PortMapper(Actor):
             await asyncio.sleep(max(granted.lifetime / 2, MIN_RENEW))
 
     async def _ask(self) -> Mapping:
-        gateway = await default_gateway()
+        try:
+            gateway = await default_gateway()
+        except NetlinkError as exc:
+            raise NoGateway(f"cannot read the routes: {exc}") from None
         if gateway is None:
             raise NoGateway("no IPv4 default route")
         local = local_address_towards(gateway)

@@ -185,9 +185,13 @@ class PortMapClient:
     async def _map_upnp(self, internal_port: int, lifetime: int, previous: Mapping | None) -> Mapping:
         gateway = await self._upnp_gateway()
         external_port = previous.external_port if previous is not None else internal_port
-        await gateway.add_udp(self.local_address, internal_port, external_port, lifetime)
-        return Mapping(UPNP, self.gateway, self.local_address, internal_port, await gateway.external_address(),
-                       external_port, lifetime)
+        try:
+            await gateway.add_udp(self.local_address, internal_port, external_port, lifetime)
+            external_address = await gateway.external_address()
+        except UpnpUnavailable:
+            self._upnp = None  # found again next time: the router may have restarted on another HTTP port
+            raise
+        return Mapping(UPNP, self.gateway, self.local_address, internal_port, external_address, external_port, lifetime)
 
     async def _upnp_gateway(self) -> UpnpGateway:
         if self._upnp is None:
