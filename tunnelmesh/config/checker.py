@@ -15,7 +15,6 @@ Sans-IO but for `load_config` reading the file: no asyncio, no actors. It import
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import tomllib
 import urllib.parse
@@ -23,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunnelmesh.config.locator import Locator
+from tunnelmesh.config.reader import TableReader, type_name
 from tunnelmesh.config.model import (
     DEFAULT_COORDINATOR_PORT,
     DEFAULT_INTERFACE,
@@ -103,96 +102,8 @@ _TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 _TOML_END_RE = re.compile(r"\s*\(at end of document\)\s*$")
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _type_name(value: object) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return "a date/time"
-
-
-class _Checker:
-    """Validation with error construction that knows the file and the lines."""
-
-    def __init__(self, path: Path, text: str, state_dir: Path) -> None:
-        self.path = path
-        self.base = path.absolute().parent
-        self.state_dir = Path(os.path.abspath(state_dir))
-        self.loc = Locator(text)
-
-    def error(self, message: str, *where: Any) -> ConfigError:
-        return ConfigError(self.path, self.loc.line_of(*where) if where else None, message)
-
-    # -- typed getters
-
-    def check_keys(self, table: Mapping[str, Any], allowed: tuple[str, ...], what: str, *where: Any) -> None:
-        for key in table:
-            if key not in allowed:
-                raise self.error(
-                    f"{what}: unknown key {shown(key)}; allowed keys: {', '.join(allowed)}",
-                    *where,
-                    key,
-                )
-
-    def get_str(
-        self, table: Mapping[str, Any], key: str, what: str, *where: Any, required: bool = False
-    ) -> str | None:
-        if key not in table:
-            if required:
-                raise self.error(f"{what}: missing required key {key!r}", *where)
-            return None
-        value = table[key]
-        if not isinstance(value, str):
-            raise self.error(f"{what}: {key} must be a string, not {_type_name(value)}", *where, key)
-        return value
-
-    def get_int(
-        self, table: Mapping[str, Any], key: str, what: str, *where: Any, default: int, lo: int, hi: int, hint: str = ""
-    ) -> int:
-        if key not in table:
-            return default
-        value = table[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(f"{what}: {key} must be an integer, not {_type_name(value)}", *where, key)
-        if not lo <= value <= hi:
-            raise self.error(f"{what}: {key} must be between {lo} and {hi}{hint}, got {value}", *where, key)
-        return value
-
-    def get_path(self, table: Mapping[str, Any], key: str, what: str, *where: Any) -> Path | None:
-        value = self.get_str(table, key, what, *where)
-        if value is None:
-            return None
-        return self.to_path(value, f"{what}: {key}", *where, key)
-
-    def to_path(self, value: str, what: str, *where: Any) -> Path:
-        if not value.strip():
-            raise self.error(f"{what}: must not be empty", *where)
-        if "\x00" in value:
-            raise self.error(f"{what}: must not contain a NUL character", *where)
-        p = Path(os.path.expanduser(value))
-        return Path(os.path.abspath(self.base / p))
-
-    def get_ipv4(self, table: Mapping[str, Any], key: str, what: str, *where: Any) -> ipaddress.IPv4Address:
-        value = self.get_str(table, key, what, *where, required=True)
-        assert value is not None
-        try:
-            ip = ipaddress.IPv4Address(value)
-        except ValueError:
-            raise self.error(f"{what}: {key}: {shown(value)} is not an IPv4 address", *where, key) from None
-        if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == ipaddress.IPv4Address("255.255.255.255"):
-            raise self.error(f"{what}: {key}: {ip} cannot be a mesh address", *where, key)
-        return ip
+class _Checker(TableReader):
+    """The sections of a config, checked with the reader's getters."""
 
     # -- sections
 
@@ -241,7 +152,7 @@ class _Checker:
         agent_socket = self.get_path(node, "agent_socket", what, "node")
         cache_mesh_key = node.get("cache_mesh_key", False)
         if not isinstance(cache_mesh_key, bool):
-            raise self.error(f"{what}: cache_mesh_key must be true or false, not {_type_name(cache_mesh_key)}",
+            raise self.error(f"{what}: cache_mesh_key must be true or false, not {type_name(cache_mesh_key)}",
                              "node", "cache_mesh_key")
         for key, used in (("agent_socket", agent_socket is not None), ("cache_mesh_key", cache_mesh_key)):
             if used and not is_agent:
@@ -303,7 +214,7 @@ class _Checker:
             return None
         table = data[key]
         if not isinstance(table, dict):
-            raise self.error(f"{key} must be a table ([{key}]), not {_type_name(table)}", key)
+            raise self.error(f"{key} must be a table ([{key}]), not {type_name(table)}", key)
         self.check_keys(table, allowed, f"[{key}]", key)
         return table
 
@@ -441,7 +352,7 @@ class _Checker:
         """`relay = true` and where it listens and is reached; (None, None) without it."""
         serve = table.get("relay", False)
         if not isinstance(serve, bool):
-            raise self.error(f"{what}: relay must be true or false, not {_type_name(serve)}", "transports", "relay")
+            raise self.error(f"{what}: relay must be true or false, not {type_name(serve)}", "transports", "relay")
         listen_value = self.get_str(table, "relay_listen", what, "transports")
         url = self.get_str(table, "relay_url", what, "transports")
         if not serve:
@@ -514,7 +425,7 @@ class _Checker:
         """`[nat]`'s port_mapping (bool), port_mapping_protocols and port_mapping_lifetime."""
         enabled = table.get("port_mapping", True)
         if not isinstance(enabled, bool):
-            raise self.error(f"[nat]: port_mapping must be true or false, not {_type_name(enabled)}", "nat",
+            raise self.error(f"[nat]: port_mapping must be true or false, not {type_name(enabled)}", "nat",
                              "port_mapping")
         protocols = table.get("port_mapping_protocols", list(PORT_MAPPING_PROTOCOLS))
         if (not isinstance(protocols, list) or not protocols or len(set(protocols)) != len(protocols)
@@ -543,7 +454,7 @@ class _Checker:
         where = ("peers", index)
         what = f"peer #{index + 1}"
         if not isinstance(raw, dict):
-            raise self.error(f"{what} must be a table, not {_type_name(raw)}", *where)
+            raise self.error(f"{what} must be a table, not {type_name(raw)}", *where)
         self.check_keys(raw, PEER_KEYS, what, *where)
         name = self.get_str(raw, "name", what, *where, required=True)
         assert name is not None
@@ -602,14 +513,14 @@ class _Checker:
             items = raw["allowed_ips"]
             if not isinstance(items, list):
                 raise self.error(
-                    f"{what}: allowed_ips must be an array of strings, not {_type_name(items)}",
+                    f"{what}: allowed_ips must be an array of strings, not {type_name(items)}",
                     *where,
                     "allowed_ips",
                 )
             for n, item in enumerate(items):
                 if not isinstance(item, str):
                     raise self.error(
-                        f"{what}: allowed_ips entries must be strings, not {_type_name(item)}",
+                        f"{what}: allowed_ips entries must be strings, not {type_name(item)}",
                         *where,
                         "allowed_ips",
                         n,
@@ -659,7 +570,7 @@ class _Checker:
         raw = data.get("peers", [])
         if not isinstance(raw, list):
             raise self.error(
-                f"peers must be an array of tables (write [[peers]]), not {_type_name(raw)}",
+                f"peers must be an array of tables (write [[peers]]), not {type_name(raw)}",
                 "peers",
             )
         result: list[PeerConfig] = []
