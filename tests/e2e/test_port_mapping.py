@@ -71,6 +71,8 @@ def test_mapping_is_made_renewed_and_deleted_on_down(lab: Lab, protocol: str) ->
     made = re.search(r"port mapping UDP ([\d.]+):(\d+) -> [\d.]+:51820 by (\S+) \((\d+) s\)", alpha.log_tail(20000))
     assert made is not None, details()
     assert made[1] == router.site.public and made[3] == protocol, made[0]
+    shown = alpha.status()["node"]["port_mapping"]  # what `status` and the candidate record carry
+    assert shown == {"host": made[1], "port": int(made[2]), "kind": "mapped"}, shown
 
     time.sleep(2 * LIFETIME + 2)  # unrenewed, miniupnpd would have removed it by now
     assert mapped_to(router, alpha.underlay), f"mapping gone after {2 * LIFETIME} s: not renewed\n{details()}"
