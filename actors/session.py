@@ -141,6 +141,11 @@ class PeerSession(Actor):
             self.peer.handle_timer(self.clock.monotonic(), self.clock.wall())
         except Exception:  # logged with the session's name; the timer is re-armed
             log.exception("%s: timer handler failed", self.name)
+        self._send_now()
+
+    def _send_now(self) -> None:
+        """Send what the core queued outside a data-path batch, and re-arm the timer it may
+        have set (a probe's retry): the data path re-arms only the peers its batches touched."""
         self.datapath.flush()
         self.reschedule()
 
@@ -249,7 +254,7 @@ class PeerSession(Actor):
         if endpoints:
             self.peer.send_probe(tuple(endpoints), self.clock.monotonic(), self.clock.wall(),
                                  retransmit=self._core_retries())
-            self.datapath.flush()
+            self._send_now()
         if rungs.UDP in probe_rungs:
             self._ask_punch()
 
@@ -297,7 +302,7 @@ class PeerSession(Actor):
             peer.send_probe(candidates, now, self.clock.wall(), retransmit=self._core_retries())
         if batch:
             peer.spray(list(batch))
-        self.datapath.flush()
+        self._send_now()
         next_at = punch.next_at
         if next_at is None:
             self._end_punch()
@@ -362,7 +367,7 @@ class PeerSession(Actor):
         if link.rung in self._want_probe and getattr(link, "dialler", self._own_key) == self._own_key:
             self._want_probe.discard(link.rung)
             self.peer.send_probe((link,), self.clock.monotonic(), self.clock.wall(), retransmit=self._core_retries())
-            self.datapath.flush()
+            self._send_now()
 
     def on_link_down(self, link: Link, reason: str) -> None:
         if not self._stopped and self.peer is not None and self.peer.endpoint is link:
