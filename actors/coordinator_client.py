@@ -215,7 +215,10 @@ class CoordinatorClient(Actor):
             self.bus.publish(CoordinatorChanged(state, error))
             self.connection, self.error, self.since = state, error, self.clock.wall()
 
-    _behind = False  # the coordinator's map went below our version: ask for full maps
+    # The coordinator's map went below our version: ask for full maps. Also the first poll of
+    # a run: a cache from a join or from before candidate records (maps leave them out unless
+    # asked, docs/coordinator.md) lacks the records of members unchanged since.
+    _behind = True
 
     _restarted = False  # setup ran before: this one follows a crash
 
@@ -263,7 +266,6 @@ class CoordinatorClient(Actor):
                             self._behind = True
                             raise
                         self._behind = False
-                        self._tell_punches(notices)
                         if self.clock.monotonic() - last_register >= REGISTER_INTERVAL:
                             await self._register(coordinator)
                             last_register = self.clock.monotonic()

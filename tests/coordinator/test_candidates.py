@@ -1,7 +1,8 @@
 """The coordinator carries members' candidate records (tunnelmesh.nat.candidates):
 /v1/register checks a record as peers will (size, shape, signature by the member, not
-from the future) and keeps it only if newer than the stored one; the map serves it in
-the member's endpoints, where a node verifies it again. Real service on 127.0.0.1, real
+from the future; a record that fails is dropped, not the register) and keeps it only if
+newer than the stored one; the map serves it in the member's endpoints to nodes that ask
+for it, where a node verifies it again. Real service on 127.0.0.1, real
 SQLite file, real SSH identities."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from actors import coordinator_client
 from actors.control import EventBus
 from actors.messages import SetCandidates
 from actors.runtime import Actor, Supervisor
-from tests.coordinator.test_service import db, key, refused, with_network, world  # noqa: F401 (fixtures)
+from tests.coordinator.test_service import db, key, with_network, world  # noqa: F401 (fixtures)
 from tests.support.coordinator import World, join, now
 from tests.support.wait import until
 from tunnelmesh.coordinator.client import Coordinator
@@ -69,14 +70,38 @@ def test_register_takes_a_newer_record_serves_it_and_refuses_an_older_one(db: Pa
                 assert (await one.map(0, 0))["endpoints"][key(world, 1)]["candidates"] == second
                 assert (await one.map(0, 0))["version"] == version + 2
 
-                await refused(db, one.register(51820, [], candidates=by_other), 400, "by another key")
+                # A record that fails (another key's, altered, 11 minutes ahead, malformed) is
+                # dropped with the reason; the rest of the register is taken (its "ssh" here).
                 tampered = copy.deepcopy(second)
                 tampered["candidates"][0]["address"] = "192.168.7.3:51820"
-                await refused(db, one.register(51820, [], candidates=tampered), 400, "does not verify")
-                await refused(db, one.register(51820, [], candidates=future), 400, "in the future")
-                for wrong in ([second], "x", {"candidates": []}, {**second, "pad": "x" * 9000}):
-                    await refused(db, one.register(51820, [], candidates=wrong), 400,  # type: ignore[arg-type]
-                                  "malformed candidate record")
+                bad: list[tuple[Any, str]] = [(by_other, "by another key"), (tampered, "does not verify"),
+                                              (future, "in the future")]
+                bad += [(wrong, "malformed candidate record")
+                        for wrong in ([second], "x", {"candidates": []}, {**second, "pad": "x" * 9000})]
+                for n, (wrong, why) in enumerate(bad):
+                    answer = await one.register(51820, [], ssh={"n": n}, candidates=wrong)
+                    assert answer["observed"] == "127.0.0.1:51820" and why in answer["candidates_refused"], answer
+                    served = (await one.map(0, 0))["endpoints"][key(world, 1)]
+                    assert served["ssh"] == {"n": n} and served["candidates"] == second
+
+    asyncio.run(scenario())
+
+
+def test_only_a_poll_that_asks_gets_candidate_records(db: Path, world: World) -> None:
+    """Nodes from before candidate records refuse endpoint keys they do not know (and with
+    them the whole map): a map request gets the records only with `candidates=1`."""
+    signed = record(world, 1, now() * 1000, Candidate("192.168.7.2", 51820, LOCAL))
+
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            await join(url, world, 1, world.invite(), "one")
+            async with Coordinator(url, identity=world.nodes[1]) as one:
+                await one.register(51820, [], candidates=signed)
+                for query, served in (("", False), ("&punch=1", False), ("&candidates=1", True),
+                                      ("&candidates=1&punch=1", True)):
+                    update = await one._call("GET", f"/v1/map?since=0&wait=0{query}", sign="member")
+                    assert ("candidates" in update["endpoints"][key(world, 1)]) is served, query
+                assert (await one.map(0, 0))["endpoints"][key(world, 1)]["candidates"] == signed  # the client asks
 
     asyncio.run(scenario())
 

@@ -22,10 +22,10 @@ from tunnelmesh.links.attest import refuse_stale
 from tunnelmesh.membership import (JOIN_NAMESPACE, MembershipError, NetworkInfo, join_proof_message, parse_relay_url,
                                    unb64)
 from tunnelmesh.membership.peermap import MAX_SSH_ATTESTATION, ssh_record_size
-from tunnelmesh.nat.candidates import CandidateError, CandidateRecord, verify_candidate_record
+from tunnelmesh.nat.candidates import CandidateError, verify_candidate_record
 
 from .guards import Refused
-from .store import MemberRow
+from .store import MemberRow, Store
 
 #: The largest "ssh" object a member may register (its `ssh_record_size`): an RSA identity's
 #: signature and the sshd's three host keys (one RSA) take about 2500.
@@ -112,14 +112,22 @@ def observed_ipv4(remote: str | None) -> str | None:
     return str(address)
 
 
-def endpoints(member: MemberRow) -> dict[str, Any]:
-    """A member's endpoints object in the map: "ssh" only when the member offers it."""
+def takes_candidates(request: web.Request) -> bool:
+    """Whether a map request opted in to members' candidate records (`candidates=1`)."""
+    return request.query.get("candidates") == "1"
+
+
+def endpoints(member: MemberRow, *, candidates: bool) -> dict[str, Any]:
+    """A member's endpoints object in the map: "ssh" only when the member offers it, and
+    "candidates" only when it registered a record and the request asked for records
+    (`candidates`): nodes from before them refuse endpoint keys they do not know, and would
+    refuse the whole map."""
     endpoints: dict[str, Any] = {"addresses": member.addresses, "last_seen": member.last_seen}
     if member.ssh is not None:
         endpoints["ssh"] = member.ssh
     if member.relay is not None:
         endpoints["relay"] = member.relay
-    if member.candidates is not None:
+    if candidates and member.candidates is not None:
         endpoints["candidates"] = member.candidates
     return endpoints
 
@@ -158,15 +166,21 @@ def ssh_offer(value: Any) -> dict[str, Any] | None:
     return value
 
 
-def candidate_offer(value: Any, identity: PublicIdentity, now: float) -> CandidateRecord | None:
-    """The register body's optional "candidates": the member's candidate record, checked as
-    its peers will check it (size, shape, its signature, not from the future); whether it
-    is newer than the stored one is the store's check."""
+def take_candidates(store: Store, member: MemberRow, value: Any, now: float) -> str | None:
+    """The register body's optional "candidates", the member's candidate record: checked as
+    its peers will check it (size, shape, its signature, not from the future), then kept if
+    newer than the stored one (the store's check). A record refused says why (the register's
+    "candidates_refused") and refuses nothing else: the rest of the register is taken, so a
+    node whose clock is fast, or whose record a proxy mangled, is still found."""
     if value is None:
         return None
     try:
-        record = verify_candidate_record(value, identity)
+        record = verify_candidate_record(value, identity_of(member.identity))
         refuse_stale("candidate record", record.version / 1000, 0, now, CandidateError)
     except CandidateError as exc:
-        raise Refused(400, str(exc)) from None
-    return record
+        return f"{exc}: the record was dropped (the rest of the register is taken)"
+    stored = store.set_candidates(member.wg_key, value, record.version)
+    if stored is None:
+        return None
+    return (f"the candidate record's version {record.version} is not newer than the stored one's ({stored}): "
+            "a replay, or this node's clock went back")

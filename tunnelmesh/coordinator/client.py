@@ -220,8 +220,9 @@ class Coordinator:
 
     async def map(self, since: int, wait: float, *, punch: bool = False) -> dict[str, Any]:
         """The peer map update after version `since`, held up to `wait` s for a change.
-        With `punch`, the reply may carry "punch" notices (and a notice ends the wait)."""
-        return await self._call("GET", f"/v1/map?since={since}&wait={wait:g}{'&punch=1' if punch else ''}",
+        With `punch`, the reply may carry "punch" notices (and a notice ends the wait). It
+        asks for members' candidate records (`candidates=1`): this version's map parser takes them."""
+        return await self._call("GET", f"/v1/map?since={since}&wait={wait:g}&candidates=1{'&punch=1' if punch else ''}",
                                 sign="member", timeout=wait + LONG_POLL_SLACK)
 
     async def punch(self, peer_key: bytes) -> dict[str, Any]:

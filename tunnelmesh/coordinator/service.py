@@ -256,8 +256,9 @@ class _Service:
         if revocation is not None and authorized_at <= revocation.at:
             raise Refused(403, "this key was revoked; ask the admin for a new invite")
 
-    def _map(self, since: int) -> dict[str, Any]:
-        """The peer map update: everything changed after version `since` (all for 0)."""
+    def _map(self, since: int, *, candidates: bool = False) -> dict[str, Any]:
+        """The peer map update: everything changed after version `since` (all for 0); the
+        members' candidate records only for `candidates` (bodies.endpoints says why)."""
         row = self._network_row()
         members = self.store.members(since)
         update = {
@@ -265,7 +266,7 @@ class _Service:
             "members": [m.entry for m in members],
             "revocations": self.store.revocations(since),
             "secret": row.secret_record if row.secret_version > since else None,
-            "endpoints": {m.wg_key: bodies.endpoints(m) for m in members},
+            "endpoints": {m.wg_key: bodies.endpoints(m, candidates=candidates) for m in members},
         }
         policy = self.store.policy()
         if policy is not None and policy.version > since:  # left out otherwise: nodes from before it take the rest
@@ -436,7 +437,6 @@ class _Service:
         bodies.body_field.keys(body, {"listen_port", "addresses"}, "the body", frozenset({"ssh", "relay", "candidates"}))
         port = bodies.body_field.integer(body["listen_port"], "listen_port", 1, 65535)
         ssh = bodies.ssh_offer(body.get("ssh"))
-        candidates = bodies.candidate_offer(body.get("candidates"), bodies.identity_of(member.identity), self.clock())
         given = body["addresses"]
         if not isinstance(given, list) or len(given) > MAX_ENDPOINTS:
             raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
@@ -449,10 +449,8 @@ class _Service:
         reply: dict[str, Any] = {"observed": f"{observed or f'[{self._client_address(request)}]'}:{port}"}
         if (reflection := request.app.get(REFLECTION)) is not None:  # where to ask for the reflexive address
             reply["stun"] = reflection.advertised()
-        if candidates is not None and (stored := self.store.set_candidates(
-                member.wg_key, body["candidates"], candidates.version)) is not None:
-            reply["candidates_refused"] = (f"the candidate record's version {candidates.version} is not newer than "
-                                           f"the stored one's ({stored}): a replay, or this node's clock went back")
+        if (refused := bodies.take_candidates(self.store, member, body.get("candidates"), self.clock())) is not None:
+            reply["candidates_refused"] = refused
         if relay is None and body.get("relay") is not None:
             reply["relay_refused"] = ("the relay's port alone needs an IPv4 address to go with, and this request "
                                       "came from none: set [transports] relay_url")
@@ -483,7 +481,7 @@ class _Service:
             await self._wait_past(since, wait, punch_for=member.wg_key)
         else:
             await self._wait_past(since, wait)
-        reply = self._map(since)
+        reply = self._map(since, candidates=bodies.takes_candidates(request))
         notices = self.punches.take(member.wg_key, self.monotonic()) if takes_punch else []
         if notices:
             reply["punch"] = notices
@@ -703,7 +701,7 @@ class _Service:
 
     async def admin_map(self, request: web.Request) -> web.Response:
         await self._admin(request)
-        return web.json_response(self._map(0))
+        return web.json_response(self._map(0, candidates=bodies.takes_candidates(request)))
 
     # --- the WebSocket relay (tunnelmesh.coordinator.relay) --------------------------------------
 
