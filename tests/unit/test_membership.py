@@ -772,6 +772,9 @@ def test_parse_endpoints() -> None:
     assert parse_endpoints({"addresses": [], "last_seen": None}) == Endpoints()
     relayed = parse_endpoints({"addresses": [], "last_seen": None, "relay": "https://relay.example.org:8443/"})
     assert relayed.relay == "https://relay.example.org:8443" and relayed.to_wire()["relay"] == relayed.relay
+    # A key from a newer coordinator is ignored (dropped), not a reason to refuse the map.
+    later = parse_endpoints({"addresses": ["192.0.2.7:51820"], "last_seen": NOW, "hole": {"x": 1}})
+    assert later == Endpoints((("192.0.2.7", 51820),), NOW) and "hole" not in later.to_wire()
 
 
 @pytest.mark.parametrize(("value", "match"), [

@@ -89,7 +89,10 @@ def ssh_record_size(ssh: Mapping[str, Any]) -> int:
 def parse_endpoints(value: Any) -> Endpoints:
     obj = check.object(value, "endpoints")
     ssh = obj.get("ssh")
-    check.keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset({"ssh", "relay", "candidates"}))
+    # Keys this version does not know are ignored, in endpoints alone (the rest of the map is
+    # strict): they are the coordinator's unsigned hints, and a newer coordinator's additions
+    # must not make a node refuse the whole map, its new members and revocations with it.
+    check.keys(obj, {"addresses", "last_seen"}, "endpoints", frozenset(obj))
     relay = obj.get("relay")
     if ssh is not None and (not isinstance(ssh, dict) or ssh_record_size(ssh) > MAX_SSH_ATTESTATION):
         raise MembershipError(f"endpoints: ssh must be an object of at most {MAX_SSH_ATTESTATION} bytes")
