@@ -23,6 +23,7 @@ retries with backoff (1 s doubling to 30 s).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -70,12 +71,17 @@ PERSISTENT_KEEPALIVE = 25  # keeps NAT mappings open between members
 def peer_candidates(wg_key: bytes, snapshot: MapSnapshot, record: CandidateRecord | None,
                     lan: Sequence[ipaddress.IPv4Network]) -> tuple[tuple[Address, ...], PeerNat]:
     """A member's addresses best first (its verified candidate record, ordered for this
-    node's subnets `lan`, then where the coordinator saw it) and what it said of its NAT."""
+    node's subnets `lan`, then where the coordinator saw it) and what it said of its NAT.
+    Of its reflexive addresses (where a punch sprays ports: tunnelmesh/punch.py) only those
+    at the IP the coordinator saw it connect from stay, so that a member cannot point other
+    nodes' sprays at an address of its choosing."""
     endpoints = snapshot.endpoints.get(wg_key)
     observed = endpoints.candidates(snapshot.network) if endpoints is not None else ()
     ordered = order_candidates(record, observed, lan)
-    return (tuple(a for a in ordered if sendable(a[0], snapshot.network)),
-            record.nat if record is not None else PeerNat())
+    nat = record.nat if record is not None else PeerNat()
+    seen_from = endpoints.addresses[0][0] if endpoints is not None and endpoints.addresses else None
+    reflexive = tuple(a for a in nat.reflexive if a[0] == seen_from and sendable(a[0], snapshot.network))
+    return tuple(a for a in ordered if sendable(a[0], snapshot.network)), dataclasses.replace(nat, reflexive=reflexive)
 
 
 def peer_spec(member: MemberEntry, snapshot: MapSnapshot, transports: TransportsConfig = TransportsConfig(), *,
@@ -258,7 +264,8 @@ class CoordinatorClient(Actor):
                         # since our version would skip what the coordinator stored below it.
                         since = 0 if self._behind else self.peer_map.version
                         update = await self._poll(coordinator, since)
-                        notices = self._take_punch_notices(update)
+                        # Punches first: they need only the members known, not the map applied.
+                        self._tell_punches(self._take_punch_notices(update))
                         self._set_connection("connected")
                         try:
                             await self.apply(update)  # refuses a version older than ours (no rollback)
@@ -283,17 +290,23 @@ class CoordinatorClient(Actor):
         """A session wants a punch with its peer (on the event loop; never waits): asked
         of the coordinator now, unless it is unreachable or a request for the peer is on."""
         coordinator = self._coordinator
-        if coordinator is None or wg_key in self._punching:
+        if coordinator is None:
+            self.mesh.punch_refusals[wg_key] = "no punch: the coordinator is unreachable"
+            return
+        if wg_key in self._punching:
             return
         self._punching.add(wg_key)
         self.start_task(self._ask_punch(coordinator, wg_key), name="punch request")
 
     async def _ask_punch(self, coordinator: Coordinator, wg_key: bytes) -> None:
+        """Ask; why it failed, if it did, goes to the peer's status (Mesh.punch_refusals)."""
         member = self.snapshot.members.get(wg_key)
         try:
             await coordinator.punch(wg_key)
+            self.mesh.punch_refusals.pop(wg_key, None)
         except CoordinatorError as exc:  # e.g. the peer runs a daemon from before punching
             log.info("punch with %s: %s", member.name if member is not None else "a peer", exc)
+            self.mesh.punch_refusals[wg_key] = f"punch request failed: {exc}"
         finally:
             self._punching.discard(wg_key)
 

@@ -61,13 +61,16 @@ class Mesh(Actor):
         # node sets the prober's getter). Sessions read both when they need them.
         self.punch_requester: Callable[[bytes], None] | None = None
         self.own_nat: Callable[[], NatReport | None] = lambda: None
+        #: Why the last punch request for a peer failed (the coordinator client keeps it).
+        self.punch_refusals: dict[bytes, str] = {}
 
     def add(self, spec: PeerSpec) -> PeerSession:
         """Register a peer with the core and supervise its session (also before the daemon runs)."""
         session = PeerSession(spec.name, spec.mesh_ip, self.own_mesh_ip, spec.fingerprint, self.datapath, self.bus,
                               wg_key=spec.wg_key, transports=self.transports, choice=spec.choice,
                               candidates=spec.candidates, clock=self.clock, request_punch=self._request_punch,
-                              own_nat=lambda: self.own_nat(), peer_nat=spec.nat)
+                              own_nat=lambda: self.own_nat(), peer_nat=spec.nat,
+                              punch_refused=lambda: self.punch_refusals.get(spec.wg_key))
         selector = session.selector
         session.peer = self.device.add_peer(
             spec.wg_key, preshared_key=self.psk, allowed_ips=spec.allowed_ips,
@@ -88,6 +91,7 @@ class Mesh(Actor):
     async def _remove(self, wg_key: bytes, reason: str) -> None:
         session = self.sessions.pop(wg_key, None)
         self.specs.pop(wg_key, None)
+        self.punch_refusals.pop(wg_key, None)
         if session is None:
             return
         assert session.peer is not None

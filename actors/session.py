@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 TICK = 1.0  # the ladder's clock: failure detection and probes are in whole seconds
 UNANSWERED_AFTER = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT  # the core's new-handshake timer, set when data is sent
 KEYS_LIFETIME = 180.0  # WireGuard's reject-after time: keys younger than this make a session "up"
+#: A peer's punch notices are acted on at most this often: each end asks at most once per
+#: probe interval (BETTER_PROBE at the shortest), less a margin for the notices' delivery.
+PUNCH_SPACING = rungs.BETTER_PROBE - 2.0
 
 log = logging.getLogger("tunnelmesh.session")
 
@@ -80,6 +83,7 @@ class PeerSession(Actor):
         request_punch: Callable[[bytes], None] | None = None,
         own_nat: Callable[[], NatReport | None] = lambda: None,
         peer_nat: PeerNat = PeerNat(),
+        punch_refused: Callable[[], str | None] = lambda: None,
     ) -> None:
         super().__init__()
         self.name = f"session:{name}"
@@ -111,10 +115,13 @@ class PeerSession(Actor):
         self.request_punch = request_punch
         self.own_nat = own_nat  # this node's NAT, as its prober last found it
         self.peer_nat = peer_nat  # the peer's, as its candidate record says
+        self.punch_refused = punch_refused  # why the last punch request failed, if it did (status)
         self._punch: Punch | None = None
         self._punch_handle: asyncio.TimerHandle | None = None
         self._punch_asked = float("-inf")
         self.punches_unanswered = 0  # punches since the last UDP handshake that none answered
+        self._punch_told = float("-inf")  # when a notice was last acted on
+        self.punch_notices_ignored = 0  # notices while UDP worked, or within a probe interval of the last
 
     # --- timers (called by the data path, on the event loop thread) ----------------
 
@@ -277,6 +284,17 @@ class PeerSession(Actor):
             return
         self._punch_asked = now
         self.request_punch(self.wg_key)
+
+    def _punch_wanted(self) -> bool:
+        """Whether to act on a punch notice: not while UDP carries the session (nothing to
+        punch for), and at most one per PUNCH_SPACING (a member may ask, and a coordinator
+        tell, as often as it likes; each punch sends bursts). Others are counted."""
+        now, ladder = self.clock.monotonic(), self.selector.ladder
+        if (ladder.current == rungs.UDP and not ladder.searching) or now - self._punch_told < PUNCH_SPACING:
+            self.punch_notices_ignored += 1
+            return False
+        self._punch_told = now
+        return True
 
     def _start_punch(self) -> None:
         """The coordinator told both ends to punch now: now, or as soon as WireGuard's rate
@@ -447,7 +465,8 @@ class PeerSession(Actor):
         if isinstance(message, m.GetStatus):
             return self.status()
         if isinstance(message, m.Punch):
-            self._start_punch()
+            if self._punch_wanted():
+                self._start_punch()
             return None
         if isinstance(message, m.ProbeNow):
             probing, detail = self.selector.ladder.probe_better_now(self.clock.monotonic())
@@ -498,6 +517,7 @@ class PeerSession(Actor):
             state = "handshaking"
         else:
             state = "idle"
+        refused = self.punch_refused() if self.selector.ladder.current != rungs.UDP else None  # moot on UDP
         return m.PeerStatus(
             name=self.peer_name,
             mesh_ip=str(self.mesh_ip),
@@ -512,7 +532,8 @@ class PeerSession(Actor):
             rx_bytes=peer.rx_bytes,
             tx_bytes=peer.tx_bytes,
             persistent_keepalive=int(peer.persistent_keepalive),
-            why_not_better="; ".join(p for p in (self.why_not_better(), self._punch_story(), self.last_error) if p)
+            why_not_better="; ".join(p for p in (self.why_not_better(), self._punch_story(), refused,
+                                                   self.last_error) if p)
             or None,
             rtt_ms=round(self.rtt * 1000, 3) if self.rtt is not None else None,
             rx_packets=peer.rx_packets,
