@@ -24,6 +24,7 @@ duplicate, forged) is dropped and counted in `unsolicited`, one that does not pa
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
+from tunnelmesh.membership import reachable_ipv4
 from tunnelmesh.nat.classify import (
     FILTER_MEMORY, Binding, Observations, can_change_address, can_change_port, classify, mapping_destinations,
     reflexive_addresses,
@@ -179,7 +181,7 @@ class NatProber(Actor):
             return ServerResult(name, None, None, answer), Binding(address, None), None, None
         response, _, rtt = answer
         return (ServerResult(name, response.mapped, round(rtt, 2)), Binding(address, response.mapped), address,
-                response.other)
+                _trusted_other(address, response.other))
 
     async def _filtering(self, testable: list[tuple[Address, Address]]) -> tuple[bool | None, bool | None]:
         """(change port answered, change IP and port answered) at the first server that can
@@ -254,6 +256,16 @@ def _changed(primary: Address, answer: Answer | str, *, change_ip: bool) -> bool
     source = answer[1]
     moved = source[1] != primary[1] and (source[0] != primary[0] or not change_ip)
     return True if moved else None
+
+
+def _trusted_other(server: Address, other: Address | None) -> Address | None:
+    """A server's OTHER-ADDRESS if requests may go there (else None: no change tests there):
+    the server's word must not aim the prober at this machine or its network's internal
+    services, so a reachable unicast IPv4 address, or loopback from a server on loopback."""
+    if other is None or reachable_ipv4(other[0]):
+        return other
+    # Both are IP addresses: the server's from resolving its name, the other from the answer.
+    return other if all(ipaddress.ip_address(host).is_loopback for host in (server[0], other[0])) else None
 
 
 def _alternates(primary: Address | None, other: Address | None) -> tuple[Address, ...]:

@@ -38,8 +38,9 @@ ANSWER_WAIT = 5.0  # generous: an answer on loopback takes well under a millisec
 
 @asynccontextmanager
 async def reflecting(primary: Address, alternate: Address | None, *, limiter: RateLimiter | None = None,
-                     clock: list[float] | None = None) -> AsyncIterator[Reflection]:
-    reflection = Reflection(ReflectionAddresses(primary, alternate), limiter=limiter,
+                     clock: list[float] | None = None, named: frozenset[str] = frozenset()
+                     ) -> AsyncIterator[Reflection]:
+    reflection = Reflection(ReflectionAddresses(primary, alternate, named), limiter=limiter,
                             **({"monotonic": lambda: clock[0]} if clock is not None else {}))
     await reflection.start()
     try:
@@ -92,15 +93,18 @@ def test_it_answers_with_the_source_address_and_changes_port_from_the_alternate(
             answer, source = await ask(sock, ("127.0.0.1", alternate))  # the next thing to come back
             assert source == ("127.0.0.1", alternate) and answer.other == ("127.0.0.1", primary)
             assert reflection.answered == 3 and reflection.dropped["cannot-change"] == 1
-            assert reflection.advertised() == [{"host": "127.0.0.1", "port": primary},
-                                               {"host": "127.0.0.1", "port": alternate}]
+            # Not named by a setting (it is where the coordinator serves): by port alone, so
+            # that nodes send to their coordinator URL's host, not to a private or loopback
+            # address seen from behind a port-forward or a reverse proxy.
+            assert reflection.advertised() == [{"port": primary}, {"port": alternate}]
 
     asyncio.run(scenario())
 
 
 def test_with_two_addresses_every_change_is_answered_from_the_right_socket() -> None:
     async def scenario() -> None:
-        async with reflecting(("127.0.0.1", 0), ("127.0.0.2", 0)) as reflection, client() as sock:
+        async with reflecting(("127.0.0.1", 0), ("127.0.0.2", 0), named=frozenset({"127.0.0.1", "127.0.0.2"})
+                              ) as reflection, client() as sock:
             assert len(reflection.bound) == 4
             primary, alternate = (port for ip, port in reflection.bound if ip == "127.0.0.1")
             server = ("127.0.0.1", primary)
@@ -110,7 +114,8 @@ def test_with_two_addresses_every_change_is_answered_from_the_right_socket() -> 
                 answer, source = await ask(sock, server, change_ip=change_ip, change_port=change_port)
                 assert source == expected == answer.origin
                 assert answer.other == ("127.0.0.2", alternate)
-            assert reflection.advertised()[1] == {"host": "127.0.0.2", "port": alternate}
+            assert reflection.advertised() == [{"host": "127.0.0.1", "port": primary},  # the settings named them
+                                               {"host": "127.0.0.2", "port": alternate}]
 
     asyncio.run(scenario())
 
@@ -207,7 +212,7 @@ def test_each_source_and_the_whole_service_are_rate_limited(overall: Rate, answe
     async def scenario() -> None:
         async with reflecting(("127.0.0.1", 0), None, limiter=limiter, clock=clock) as reflection:
             server = ("127.0.0.1", reflection.bound[0][1])
-            assert reflection.advertised() == [{"host": "127.0.0.1", "port": server[1]}]  # no alternate
+            assert reflection.advertised() == [{"port": server[1]}]  # no alternate
             answers = []
             for last in range(10, 26):  # 16 sources, 5 requests each
                 async with client(f"127.0.0.{last}") as sock:
@@ -247,6 +252,29 @@ async def until_counted(reflection: Reflection, datagrams: int) -> None:
         await asyncio.sleep(0.01)
 
 
+def test_a_taken_default_alternate_port_is_a_warning_and_the_primary_serves_alone(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The alternate as a default (port + 1, no setting) may be taken by something else on
+    the host: the service runs without it rather than the daemon not at all."""
+    async def scenario() -> None:
+        async with client() as taken:
+            port = taken.getsockname()[1]
+            addresses = ReflectionAddresses(("127.0.0.1", 0), ("127.0.0.1", port), alternate_optional=True)
+            reflection = Reflection(addresses)
+            with caplog.at_level("WARNING", logger="tunnelmesh.coordinator.reflection"):
+                await reflection.start()
+            try:
+                assert len(reflection.bound) == 1 and reflection.advertised() == [{"port": reflection.bound[0][1]}]
+                assert "without its alternate socket" in caplog.text and "stun_alternate" in caplog.text
+                async with client() as sock:
+                    answer, _ = await ask(sock, ("127.0.0.1", reflection.bound[0][1]))
+                    assert answer.mapped == sock.getsockname() and answer.other is None
+            finally:
+                reflection.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_taken_port_is_an_error_naming_it_and_leaves_nothing_open() -> None:
     async def scenario() -> None:
         async with client() as taken:
@@ -273,7 +301,7 @@ def test_nodes_learn_it_in_the_register_reply_and_it_is_in_the_metrics(tmp_path:
             async with Coordinator(url, identity=world.nodes[0]) as node:
                 reply = await node.register(51820, [])
             ports = [port for _, port in reflection.bound]
-            assert reply["stun"] == [{"port": ports[0]}, {"port": ports[1]}]
+            assert reply["stun"] == [{"port": ports[0]}, {"port": ports[1]}]  # at the URL's host
             assert stun_servers(reply["stun"], "127.0.0.1") == (("127.0.0.1", ports[0]), ("127.0.0.1", ports[1]))
             async with client() as sock:
                 await ask(sock, ("127.0.0.1", ports[0]))
@@ -299,7 +327,14 @@ def test_the_register_reply_is_read_with_care() -> None:
                {"host": 5, "port": 2}, "x", {"host": "192.0.2.1", "port": 7401}, {"port": 7400}]
     assert stun_servers(hostile, "c.example") == (("c.example", 7400),)  # at most 4 looked at, duplicates once
     assert stun_servers([{"port": 7400}], "") == ()  # no host to send to
-    assert stun_servers([{"host": "2001:db8::0:1", "port": 3478}], "c") == (("2001:db8::1", 3478),)
+    # A host the coordinator names must be one the prober may use: IPv4, not loopback,
+    # link-local, unspecified, multicast or reserved (its word must not aim nodes inward).
+    for inward in ("127.0.0.1", "169.254.169.254", "0.0.0.0", "224.0.0.1", "240.0.0.1", "2001:db8::1", "::1", "c"):
+        assert stun_servers([{"host": inward, "port": 3478}], "c.example") == (), inward
+    assert stun_servers([{"host": "198.51.100.7", "port": 3478}], "c") == (("198.51.100.7", 3478),)
+    # The URL's host is where this node reaches its coordinator: a name or IPv4, not IPv6 (the prober's IPv4 only).
+    assert stun_servers([{"port": 7400}], "127.0.0.1") == (("127.0.0.1", 7400),)
+    assert stun_servers([{"port": 7400}], "2001:db8::1") == ()
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
@@ -319,11 +354,16 @@ def test_settings_default_to_the_coordinators_port_and_the_next(tmp_path: Path) 
         assert coordinator is not None
         return coordinator.stun
 
-    assert stun_of("") == ReflectionAddresses(("0.0.0.0", 7400), ("0.0.0.0", 7401))
+    assert stun_of("") == ReflectionAddresses(("0.0.0.0", 7400), ("0.0.0.0", 7401), alternate_optional=True)
     assert stun_of("stun = false\n") is None
     assert stun_of('stun = "192.0.2.1:3478"\nstun_alternate = "192.0.2.2:3479"\n') == \
-        ReflectionAddresses(("192.0.2.1", 3478), ("192.0.2.2", 3479))
+        ReflectionAddresses(("192.0.2.1", 3478), ("192.0.2.2", 3479), frozenset({"192.0.2.1", "192.0.2.2"}))
+    assert stun_of('stun = "192.0.2.1:3478"\n') == \
+        ReflectionAddresses(("192.0.2.1", 3478), ("192.0.2.1", 3479), frozenset({"192.0.2.1"}), alternate_optional=True)
     assert stun_of("stun_alternate = false\n") == ReflectionAddresses(("0.0.0.0", 7400), None)
+    # Serving on a specific address: used, not advertised (it may be private behind a port-forward).
+    assert reflection_addresses(None, None, ("10.1.2.3", 7400)) == \
+        ReflectionAddresses(("10.1.2.3", 7400), ("10.1.2.3", 7401), alternate_optional=True)
 
 
 @pytest.mark.parametrize(("extra", "key", "message"), [
@@ -349,7 +389,7 @@ def test_settings_without_serve_are_refused(tmp_path: Path) -> None:
 
 def test_a_host_name_to_serve_on_gives_the_wildcard() -> None:
     assert reflection_addresses(None, None, ("coordinator.example", 7400)) == \
-        ReflectionAddresses(("0.0.0.0", 7400), ("0.0.0.0", 7401))
+        ReflectionAddresses(("0.0.0.0", 7400), ("0.0.0.0", 7401), alternate_optional=True)
     with pytest.raises(StunSettingError) as info:
         reflection_addresses("nope", None, ("0.0.0.0", 7400))
     assert info.value.key == "stun"

@@ -40,6 +40,7 @@ class Faulty:
     from the address asked ("ignore") or not at all ("drop")."""
 
     changes: str
+    says_other: tuple[str, int] | None = None  # OTHER-ADDRESS in its answers (None: its other socket)
     sockets: list[socket.socket] = field(default_factory=list)
     requests: int = 0
 
@@ -61,7 +62,7 @@ class Faulty:
         if (request.change_ip or request.change_port) and self.changes == "drop":
             return
         here, other = (s.getsockname() for s in (sock, self.sockets[1] if sock is self.sockets[0] else self.sockets[0]))
-        sock.sendto(binding_response(request, source, origin=here, other=other), source)
+        sock.sendto(binding_response(request, source, origin=here, other=self.says_other or other), source)
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -191,6 +192,31 @@ def test_filtering_not_retested_while_the_nat_may_remember_the_other_port(datapa
             service.close()
         assert first.filtering == second.filtering == ADDRESS_DEPENDENT
         assert service.answered - before == 2  # test I and the other port; no change-port test
+    run(datapath, scenario)
+
+
+def test_an_other_address_aiming_inward_is_not_followed(datapath: DataPath) -> None:
+    """A server's OTHER-ADDRESS is its word: a link-local one (a cloud's metadata service,
+    say) gets no request, and without a trusted other address no change test is made."""
+    async def scenario(running: DataPath) -> None:
+        server = Faulty("ignore", says_other=("169.254.169.254", 80))
+        server.open()
+        nat = prober(running, [server.name()])
+        sent: list[tuple[str, int]] = []
+        send = nat.send
+
+        def recorded(data: bytes, to: tuple[str, int]) -> None:
+            sent.append(to)
+            if to[0] == "127.0.0.1":  # a regression must not send off this machine either
+                send(data, to)
+
+        nat.send = recorded
+        try:
+            report = await nat.check()
+            assert server.requests == 1 and {f"{host}:{port}" for host, port in sent} == {server.name()}
+        finally:
+            server.close()
+        assert report.udp_works and report.filtering == UNKNOWN
     run(datapath, scenario)
 
 

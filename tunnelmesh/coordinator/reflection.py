@@ -32,8 +32,10 @@ is one (else this one) and the other port. A client compares it with the address
 asked to know which changes this service can make.
 
 Nodes find the service in the /v1/register reply: "stun": a list of {"port": N} (send to
-the coordinator URL's host) or {"host": IP, "port": N} (a socket on a specific address),
-the primary first; `advertised` writes it and `stun_servers` reads it.
+the coordinator URL's host) or {"host": IP, "port": N} (an address the `stun` or
+`stun_alternate` setting named), the primary first; `advertised` writes it and
+`stun_servers` reads it. An address taken from where the coordinator serves is never
+advertised: behind a port-forward it is a private one, behind a reverse proxy loopback.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from typing import Any
 from aiohttp import web
 
 from tunnelmesh.fields import FieldError, parse_endpoint, shown
+from tunnelmesh.membership.peermap import reachable_ipv4
 from tunnelmesh.nat.stun import StunError, binding_response, looks_like_stun, parse_binding_request
 from tunnelmesh.ratelimit import Rate, RateLimiter
 
@@ -80,6 +83,12 @@ class ReflectionAddresses:
 
     primary: Address
     alternate: Address | None
+    #: The addresses the settings named (`stun`, `stun_alternate`): advertised with their
+    #: host. Others are advertised by port alone (nodes send to the coordinator URL's host).
+    named: frozenset[str] = frozenset()
+    #: The alternate is the default (port + 1), not a setting: if that port is taken the
+    #: service runs without it (a warning), rather than not at all.
+    alternate_optional: bool = False
 
 
 class StunSettingError(FieldError):
@@ -104,18 +113,21 @@ def reflection_addresses(stun: object, alternate: object, serve: Address | None)
         if alternate is not None:
             raise StunSettingError("stun_alternate", "needs stun (it is false)")
         return None
+    named: set[str] = set()
     if stun is None or stun is True:  # the coordinator's own address (a host name: every address) and port
         primary = serve if _is_ip(serve[0]) else ("0.0.0.0", serve[1])
     else:
         primary = _ip_endpoint(stun, "stun")
+        named.add(primary[0])
     if alternate is False:
-        return ReflectionAddresses(primary, None)
+        return ReflectionAddresses(primary, None, frozenset(named))
     if alternate is None:
         if primary[1] == 65535:
             raise StunSettingError("stun", "on port 65535 leaves no port + 1 for the alternate: set stun_alternate")
         other = (primary[0], primary[1] + 1 if primary[1] else 0)
     else:
         other = _ip_endpoint(alternate, "stun_alternate")
+        named.add(other[0])
     first, second = ipaddress.ip_address(primary[0]), ipaddress.ip_address(other[0])
     if first.version != second.version:
         raise StunSettingError("stun_alternate", "must be of the same address family as stun")
@@ -124,7 +136,7 @@ def reflection_addresses(stun: object, alternate: object, serve: Address | None)
     if first != second and (first.is_unspecified or second.is_unspecified):
         raise StunSettingError("stun_alternate", "on another address than stun needs both on specific addresses "
                                "(not 0.0.0.0 or ::)")
-    return ReflectionAddresses(primary, other)
+    return ReflectionAddresses(primary, other, frozenset(named), alternate_optional=alternate is None)
 
 
 def _is_ip(host: str) -> bool:
@@ -133,6 +145,10 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_ipv4(host: str) -> bool:
+    return _is_ip(host) and ipaddress.ip_address(host).version == 4
 
 
 def _ip_endpoint(value: object, key: str) -> Address:
@@ -235,7 +251,15 @@ class Reflection:
             ports = [self._add(_open(primary))]
             # port 0 asks for ephemeral ports: the alternate's is then another one
             if alternate is not None and (alternate[1] != primary[1] or alternate[1] == 0):
-                ports.append(self._add(_open((primary[0], alternate[1]))))
+                try:
+                    ports.append(self._add(_open((primary[0], alternate[1]))))
+                except OSError as exc:
+                    if not self.addresses.alternate_optional:
+                        raise
+                    log.warning("STUN reflection without its alternate socket (%s): nodes' NAT probers cannot "
+                                "tell how their NATs map ports; set a free one in [coordinator] stun_alternate "
+                                "(tunnelmesh coordinator --stun-alternate)", exc.strerror)
+                    alternate = None
             if alternate is not None and alternate[0] != primary[0]:  # the other address, on each port
                 for port in ports:
                     self._add(_open((alternate[0], port)))
@@ -265,11 +289,13 @@ class Reflection:
         return [(bound.sock.getsockname()[0], port) for (_, port), bound in self._sockets.items()]
 
     def advertised(self) -> list[dict[str, Any]]:
-        """The register reply's "stun": the primary socket, then the other address and port."""
+        """The register reply's "stun": the primary socket, then the other address and port;
+        with its host only if a setting named it (the module's docstring says why)."""
         servers = [next(iter(self._sockets))]
         if len(self._sockets) > 1:
             servers.append((self._ips[-1], self._ports[-1]))
-        return [{"port": port} if ip is None else {"host": ip, "port": port} for ip, port in servers]
+        named = self.addresses.named
+        return [{"host": ip, "port": port} if ip in named else {"port": port} for ip, port in servers]
 
     def _readable(self, bound: _Socket) -> None:
         space = socket.CMSG_SPACE(20)  # in6_pktinfo, the larger of the two
@@ -345,7 +371,9 @@ def stun_servers(value: object, coordinator_host: str) -> tuple[Address, ...]:
     """A register reply's "stun" as (host, port) pairs to send Binding requests to: an
     entry without a host is at `coordinator_host` (the host of the coordinator URL).
     Entries that are not well formed are left out (a coordinator's word, checked, never
-    trusted to be sane)."""
+    trusted to be sane), and so are hosts the prober cannot or must not use: it speaks IPv4
+    only, and a host the coordinator names must pass `reachable_ipv4` (not loopback,
+    link-local, ...: a coordinator's word must not aim nodes at their own machine)."""
     if not isinstance(value, list):
         return ()
     servers: list[Address] = []
@@ -355,10 +383,7 @@ def stun_servers(value: object, coordinator_host: str) -> tuple[Address, ...]:
         port, host = entry.get("port"), entry.get("host", coordinator_host)
         if type(port) is not int or not 1 <= port <= 65535 or not isinstance(host, str) or not host:
             continue
-        if "host" in entry:
-            try:
-                host = str(ipaddress.ip_address(host))
-            except ValueError:
-                continue
+        if not (reachable_ipv4(host) if "host" in entry else not _is_ip(host) or _is_ipv4(host)):
+            continue
         servers.append((host, port))
     return tuple(dict.fromkeys(servers))

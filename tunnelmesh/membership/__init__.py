@@ -33,6 +33,7 @@ from tunnelmesh.membership.peermap import (
     parse_bindings,
     parse_endpoints,
     parse_relay_url,
+    reachable_ipv4,
     reachable_unicast,
     relay_address_usable,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "NetworkInfo", "PeerMap", "PolicyRecord", "ReplayGuard", "RequestAuth", "Revocation", "SecretRecord", "Token", "b64",
     "bindings_of", "canonical", "check_name", "device_body", "join_proof_message", "key_fingerprint", "make_invite",
     "member_body", "parse_address", "parse_bindings", "parse_endpoints", "parse_entry", "parse_relay_url",
+    "reachable_ipv4",
     "reachable_unicast",
     "relay_address_usable", "request_message", "seal", "sign_admin_request", "sign_member_as_admin",
     "sign_member_with_invite", "unb64", "unseal", "verify_admin_request", "verify_join_proof",

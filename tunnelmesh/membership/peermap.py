@@ -186,6 +186,15 @@ def reachable_unicast(host: str) -> bool:
                 or address.is_reserved)
 
 
+def reachable_ipv4(host: str) -> bool:
+    """Whether `host` is an IPv4 address that passes `reachable_unicast` (a name or an IPv6
+    address: False)."""
+    try:
+        return reachable_unicast(host)
+    except ValueError:
+        return False
+
+
 def parse_address(item: Any) -> tuple[str, int]:
     """An address a member says it is reached at: IPv4:port."""
     text = check.text(item, "endpoint", 64)
