@@ -186,3 +186,39 @@ def test_changed_candidates_are_registered_at_once_during_the_long_poll_and_none
                 await running
 
     asyncio.run(scenario())
+
+
+def test_a_node_starting_from_a_map_without_records_gets_those_of_unchanged_members(
+        db: Path, world: World, tmp_path: Path) -> None:
+    """A join's map and the cache of a node from before candidate records carry none (maps
+    leave them out unless asked): the client's first poll is a full one, so the records of
+    members that have not changed since arrive at once, not at their next change."""
+    two = record(world, 2, now() * 1000, Candidate("198.51.100.20", 51820, LOCAL))
+
+    async def scenario() -> None:
+        async with with_network(db, world) as url:
+            joined = await join(url, world, 1, world.invite(), "one")
+            await join(url, world, 2, world.invite(), "two")
+            async with Coordinator(url, identity=world.nodes[2]) as node:
+                await node.register(51820, [], candidates=two)
+            peers = PeerMap(world.network, world.nodes[1].public.wg_public_key)
+            async with Coordinator(url, identity=world.nodes[1]) as node:  # as an older node asked
+                peers.apply(await node._call("GET", "/v1/map?since=0&wait=0", sign="member"))
+            assert peers.endpoints[world.nodes[2].public.wg_public_key].candidate_record is None
+            state = NetworkState(url, world.network, world.entry(joined["member"]))
+            supervisor = Supervisor()
+            mesh = supervisor.add(QuietMesh())
+            client = coordinator_client.CoordinatorClient(
+                state, world.nodes[1], peers, mesh,  # type: ignore[arg-type]
+                EventBus(), cache_path=tmp_path / "peermap.json", secret_path=tmp_path / "secret", listen_port=51820,
+                on_revoked=lambda why: None)
+            supervisor.add(client)
+            running = asyncio.create_task(supervisor.run())
+            try:  # within the long-poll's 25 s, which a poll for changes since the map's version would wait out
+                await until("member two's record", lambda: ("198.51.100.20", 51820) in mesh.candidates.get(
+                    world.nodes[2].public.wg_public_key, ()), 15)
+            finally:
+                supervisor.shutdown("test over")
+                await running
+
+    asyncio.run(scenario())
