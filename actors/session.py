@@ -37,7 +37,7 @@ from tunnelmesh.links import Link, LinkError
 from tunnelmesh.nat.report import NatReport, PeerNat
 from tunnelmesh.packets import DAEMON_PING_PAYLOAD, icmp_echo
 from tunnelmesh.path_selector import PathSelector, Probe, Switch, Transition, describe, rung_of
-from tunnelmesh.punch import Punch, spray_targets, why_not_direct
+from tunnelmesh.punch import KEEP_OPEN_SCHEDULE, SCHEDULE, Punch, keeps_open, spray_targets, sweep_due, why_not_direct
 from tunnelmesh.wireguard import Event, HandshakeCompleted, HandshakeGaveUp, KeysZeroed, NewSource, Peer
 from tunnelmesh.wireguard.constants import KEEPALIVE_TIMEOUT, REKEY_TIMEOUT
 
@@ -118,6 +118,7 @@ class PeerSession(Actor):
         self.punch_refused = punch_refused  # why the last punch request failed, if it did (status)
         self._punch: Punch | None = None
         self._punch_handle: asyncio.TimerHandle | None = None
+        self._swept_at = float("-inf")  # when a punch last began a sweep of the whole port range
         self._punch_asked = float("-inf")
         self.punches_unanswered = 0  # punches since the last UDP handshake that none answered
         self._punch_told = float("-inf")  # when a notice was last acted on
@@ -297,17 +298,28 @@ class PeerSession(Actor):
         return True
 
     def _start_punch(self) -> None:
-        """The coordinator told both ends to punch now: now, or as soon as WireGuard's rate
-        limit lets an initiation go (a handshake under 5 s ago: the peer's is as recent)."""
+        """The coordinator told both ends to punch now: on a schedule anchored at now, from
+        when WireGuard's rate limit lets an initiation go (a handshake under 5 s ago). A
+        spray still going on (a sweep takes ~32 s) goes on in the new punch."""
         targets = tuple(self.selector.udp_targets())
         if not self.selector.udp_allowed or not targets or self._stopped or self.peer is None:
             return
+        now, own, earlier = self.clock.monotonic(), self.own_nat(), self._punch
         self._end_punch()
-        spray = spray_targets(self.own_nat(), self.peer_nat)
-        self._punch = Punch(self.peer.next_initiation_at(self.clock.monotonic()), targets, spray)
-        log.info("%s: punching towards %d candidate(s)%s", self.peer_name, len(targets),
-                 f" and {len(spray)} guessed port(s)" if spray else "")
-        self._punch_handle = asyncio.get_running_loop().call_at(self._punch.started, self._punch_step)
+        sweep = False
+        if earlier is not None and earlier.spraying:
+            spray, what = earlier.spray_left(), "the rest of the spray"
+        else:
+            sweep = sweep_due(self._swept_at, now, self.selector.probe_interval)
+            spray = spray_targets(own, self.peer_nat, sweep=sweep)
+            what = "the port block, then the range" if sweep else "the port block"
+        schedule = KEEP_OPEN_SCHEDULE if keeps_open(own, self.peer_nat) else SCHEDULE
+        self._punch = punch = Punch(now, self.peer.next_initiation_at(now), targets, spray, schedule)
+        if punch.spraying and sweep:
+            self._swept_at = now
+        log.info("%s: punching towards %d candidate(s) for %.1f s%s", self.peer_name, len(targets), schedule[-1],
+                 f" and guessed port(s): {what}" if punch.spraying else "")
+        self._punch_handle = asyncio.get_running_loop().call_at(punch.next_at or now, self._punch_step)
 
     def _punch_step(self) -> None:
         self._punch_handle = None
@@ -318,8 +330,9 @@ class PeerSession(Actor):
         candidates, batch = punch.due(now)
         if candidates:
             peer.send_probe(candidates, now, self.clock.wall(), retransmit=self._core_retries())
-        if batch:
-            peer.spray(list(batch))
+        if batch and not peer.spray(list(batch)):  # a handshake (the relay's rekey) took the initiation
+            if peer.send_probe(punch.candidates, now, self.clock.wall(), retransmit=self._core_retries()):
+                peer.spray(list(batch))
         self._send_now()
         next_at = punch.next_at
         if next_at is None:

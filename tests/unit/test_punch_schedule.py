@@ -1,5 +1,6 @@
 """Hole punching, sans-IO (tunnelmesh/punch.py): the schedule of a punch, the port spray
-towards a NAT that maps per destination (bounded in count and rate), and what the
+towards a NAT that maps per destination (the predicted port block first, then a sweep of
+the range; bounded in count and rate), and what the
 protocol core gives it: a probe the core does not retry on the path in use, and a spray
 that grows no bookkeeping per port. The map reply's notices parse (hypothesis)."""
 
@@ -17,7 +18,8 @@ from tunnelmesh.nat.report import (
     ADDRESS_AND_PORT_DEPENDENT, ENDPOINT_INDEPENDENT, NONE, NatReport, PeerNat, ServerResult,
 )
 from tunnelmesh.punch import (
-    LOWEST_PORT, SCHEDULE, SPRAY_BATCH, SPRAY_PORTS, SPRAY_STEP, Punch, spray_targets, why_not_direct,
+    BLOCK, KEEP_OPEN_SCHEDULE, LOWEST_PORT, SCHEDULE, SPRAY_BATCH, SPRAY_LIMIT, SPRAY_STEP, SWEEP_EVERY, SWEEP_SECONDS,
+    Punch, keeps_open, spray_targets, sweep_due, why_not_direct,
 )
 from tunnelmesh.wireguard.constants import REKEY_TIMEOUT
 
@@ -42,50 +44,96 @@ def run(punch: Punch, until: float) -> list[tuple[float, tuple[Any, ...], tuple[
 
 def test_candidates_go_out_on_the_schedule_and_the_punch_ends() -> None:
     targets = (("192.0.2.5", 51820), ("198.51.100.7", 51820))
-    punch = Punch(100.0, targets)
+    punch = Punch(100.0, 100.0, targets)
     sent = run(punch, 200.0)
     assert [round(at - 100.0, 3) for at, _, _ in sent] == list(SCHEDULE)
     assert all(candidates == targets and batch == () for _, candidates, batch in sent)
     assert punch.next_at is None
+    # Longer than WireGuard's rate limit: a side that must wait for it still overlaps the other.
+    assert SCHEDULE[-1] > REKEY_TIMEOUT + 1
 
 
 def test_steps_missed_while_late_go_out_once() -> None:
-    punch = Punch(0.0, (("192.0.2.5", 51820),))
+    punch = Punch(0.0, 0.0, (("192.0.2.5", 51820),))
     candidates, _ = punch.due(1.0)  # the loop was busy: 0, 0.1, 0.3 and 0.7 are all due
     assert candidates == (("192.0.2.5", 51820),)
     assert punch.next_at == SCHEDULE[4]
     assert punch.due(1.2) == ((), ())
 
 
-def test_the_easy_side_sprays_near_the_hard_sides_reflexive_port_bounded_in_count_and_rate() -> None:
-    spray = spray_targets(EASY, HARD_PEER)
-    host, port = HARD_PEER.reflexive[0]  # 40000: in the block 39936-40959
-    assert len(spray) == SPRAY_PORTS - 1 == len(set(spray))  # the rest of the block
-    assert (host, port) not in spray  # a candidate already
-    assert spray[:4] == ((host, port + 1), (host, port - 1), (host, port + 2), (host, port - 2))  # nearest first
-    assert {p for _, p in spray} | {port} == set(range(39936, 39936 + SPRAY_PORTS))
-    assert all(h == host for h, _ in spray)
-    two = spray_targets(EASY, PeerNat(ADDRESS_AND_PORT_DEPENDENT, reflexive=(("203.0.113.9", 40_000),
-                                                                              ("203.0.113.10", 50_000))))
-    assert len(two) == SPRAY_PORTS and {h for h, _ in two[:4]} == {"203.0.113.9", "203.0.113.10"}  # shared fairly
+def test_the_schedule_is_anchored_at_the_notice_so_both_sides_windows_overlap() -> None:
+    """One side may send at once, the other only when WireGuard's rate limit ends (up to
+    REKEY_TIMEOUT later), its notice a round trip later still: they overlap."""
+    target = (("192.0.2.5", 51820),)
+    prompt = [at for at, _, _ in run(Punch(0.0, 0.0, target), 100.0)]
+    held = [at for at, _, _ in run(Punch(0.5, 0.5 + REKEY_TIMEOUT, target), 100.0)]
+    assert held[0] == 0.5 + REKEY_TIMEOUT  # the steps that fell in the wait: once, when it ends
+    assert held[-1] == 0.5 + SCHEDULE[-1]  # and the rest on the notice's schedule
+    assert held[0] < prompt[-1]  # both send at once for a while
 
-    punch = Punch(10.0, (HARD_PEER.reflexive[0],), spray)
-    sent = run(punch, 100.0)
+
+def test_the_easy_side_sprays_the_block_first_then_the_range_bounded_in_count_and_rate() -> None:
+    host, port = HARD_PEER.reflexive[0]  # 40000: in the block 39936-40959
+    block = list(spray_targets(EASY, HARD_PEER))
+    assert len(block) == BLOCK - 1 == len(set(block))  # the rest of the block, each once
+    assert (host, port) not in block  # a candidate already
+    assert block[:4] == [(host, port + 1), (host, port - 1), (host, port + 2), (host, port - 2)]  # nearest first
+    assert {p for _, p in block} | {port} == set(range(39936, 39936 + BLOCK))
+
+    swept = list(spray_targets(EASY, HARD_PEER, sweep=True))
+    assert swept[:len(block)] == block  # the prediction first
+    assert len(swept) == len(set(swept)) <= SPRAY_LIMIT  # each once, bounded
+    assert {p for _, p in swept} | {port} == set(range(LOWEST_PORT, 65536))  # the whole range, no privileged port
+    rest = [p for _, p in swept[len(block):]]
+    assert [abs(p - port) for p in rest] == sorted(abs(p - port) for p in rest)  # then nearest first
+
+    punch = Punch(10.0, 10.0, (HARD_PEER.reflexive[0],), spray_targets(EASY, HARD_PEER, sweep=True))
+    sent = run(punch, 1000.0)
     batches = [(at, batch) for at, _, batch in sent if batch]
-    assert [p for _, batch in batches for p in batch] == list(spray)  # every port once, in order
+    assert [a for _, batch in batches for a in batch] == swept  # every address once, in order
     assert max(len(batch) for _, batch in batches) <= SPRAY_BATCH
     times = [at for at, _ in batches]
-    assert all(b - a >= SPRAY_STEP - 1e-9 for a, b in zip(times, times[1:]))  # spread over time: no burst
-    assert times[-1] - times[0] >= (SPRAY_PORTS / SPRAY_BATCH - 1) * SPRAY_STEP - 1e-9
+    assert all(b - a >= SPRAY_STEP - 1e-9 for a, b in zip(times, times[1:]))  # at most SPRAY_BATCH per step
+    assert times[-1] - times[0] >= (len(swept) / SPRAY_BATCH - 1) * SPRAY_STEP - 1e-9  # ~32 s: 2000 a second
+    assert times[-1] - times[0] <= SWEEP_SECONDS
     assert punch.next_at is None
 
 
+def test_a_spray_goes_on_in_the_next_punch() -> None:
+    first = Punch(0.0, 0.0, (HARD_PEER.reflexive[0],), spray_targets(EASY, HARD_PEER, sweep=True))
+    early = [a for _, _, batch in run(first, 5.0) for a in batch]
+    assert len(early) < SPRAY_LIMIT // 2 and first.spraying
+    second = Punch(5.05, 5.05, (HARD_PEER.reflexive[0],), first.spray_left())
+    late = [a for _, _, batch in run(second, 1000.0) for a in batch]
+    assert early + late == list(spray_targets(EASY, HARD_PEER, sweep=True))  # no gap, no repeat
+
+
+def test_two_reflexive_addresses_each_get_their_block() -> None:
+    two = list(spray_targets(EASY, PeerNat(ADDRESS_AND_PORT_DEPENDENT, reflexive=(("203.0.113.9", 40_000),
+                                                                                  ("203.0.113.10", 50_000)))))
+    assert len(two) == 2 * (BLOCK - 1) == len(set(two))
+    assert {h for h, _ in two} == {"203.0.113.9", "203.0.113.10"}
+
+
+def test_a_sweep_is_rare_and_the_hard_side_keeps_its_mapping_open_for_it() -> None:
+    assert sweep_due(float("-inf"), 0.0, 20.0)  # never swept
+    assert not sweep_due(100.0, 100.0 + SWEEP_EVERY * 20.0 - 1, 20.0)
+    assert sweep_due(100.0, 100.0 + SWEEP_EVERY * 20.0, 20.0)
+    assert keeps_open(HARD, PeerNat(ENDPOINT_INDEPENDENT, ADDRESS_AND_PORT_DEPENDENT, (("203.0.113.9", 51820),)))
+    assert not keeps_open(HARD, HARD_PEER) and not keeps_open(EASY, PeerNat(ENDPOINT_INDEPENDENT))
+    assert not keeps_open(HARD, PeerNat())  # the peer's NAT unknown: it will not spray
+    # Every REPEAT seconds at most, for as long as the peer's sweep can last after its notice.
+    gaps = [b - a for a, b in zip(KEEP_OPEN_SCHEDULE, KEEP_OPEN_SCHEDULE[1:])]
+    assert max(gaps) <= 2.0 and KEEP_OPEN_SCHEDULE[-1] >= REKEY_TIMEOUT + SWEEP_SECONDS
+
+
 def test_no_spray_unless_only_the_peer_maps_per_destination() -> None:
-    assert spray_targets(HARD, HARD_PEER) == ()  # two hard NATs: guessing cannot meet
-    assert spray_targets(EASY, PeerNat(ENDPOINT_INDEPENDENT, ENDPOINT_INDEPENDENT, (("203.0.113.9", 1),))) == ()
-    assert spray_targets(EASY, PeerNat(ADDRESS_AND_PORT_DEPENDENT)) == ()  # no reflexive port to start from
-    assert spray_targets(None, HARD_PEER) != ()  # this node's NAT unknown yet: try
-    low = spray_targets(EASY, PeerNat(ADDRESS_AND_PORT_DEPENDENT, reflexive=(("203.0.113.9", 1100),)))
+    assert list(spray_targets(HARD, HARD_PEER, sweep=True)) == []  # two hard NATs: guessing cannot meet
+    easy_peer = PeerNat(ENDPOINT_INDEPENDENT, ENDPOINT_INDEPENDENT, (("203.0.113.9", 1),))
+    assert list(spray_targets(EASY, easy_peer, sweep=True)) == []
+    assert list(spray_targets(EASY, PeerNat(ADDRESS_AND_PORT_DEPENDENT), sweep=True)) == []  # no port to start from
+    assert list(spray_targets(None, HARD_PEER)) != []  # this node's NAT unknown yet: try
+    low = list(spray_targets(EASY, PeerNat(ADDRESS_AND_PORT_DEPENDENT, reflexive=(("203.0.113.9", 1100),))))
     assert {p for _, p in low} == set(range(LOWEST_PORT, 2048)) - {1100}  # no privileged port
 
 
@@ -125,7 +173,7 @@ def test_a_spray_repeats_the_outstanding_initiation_and_notes_no_port() -> None:
     assert peer.send_probe((B_ADDR,), pair.now, pair.wall, retransmit=False)
     ((initiation, _),) = pair.a.transmits
     pair.a.transmits.clear()
-    ports = [("203.0.113.9", 40_000 + i) for i in range(SPRAY_PORTS)]
+    ports = [("203.0.113.9", 40_000 + i) for i in range(SPRAY_BATCH)]
     assert peer.spray(ports)
     assert pair.a.transmits == [(initiation, p) for p in ports]
     assert kind(initiation) == INIT
