@@ -19,8 +19,8 @@ from aiohttp import web
 from tunnelmesh.fields import Fields
 from tunnelmesh.identity import IdentityError, PublicIdentity, verify_sshsig
 from tunnelmesh.links.attest import refuse_stale
-from tunnelmesh.membership import (JOIN_NAMESPACE, MembershipError, NetworkInfo, join_proof_message, parse_relay_url,
-                                   unb64)
+from tunnelmesh.membership import (JOIN_NAMESPACE, MAX_ENDPOINTS, MembershipError, NetworkInfo, join_proof_message,
+                                   parse_address, parse_relay_url, reachable_unicast, unb64)
 from tunnelmesh.membership.peermap import MAX_SSH_ATTESTATION, ssh_record_size
 from tunnelmesh.nat.candidates import CandidateError, verify_candidate_record
 
@@ -130,6 +130,16 @@ def endpoints(member: MemberRow, *, candidates: bool) -> dict[str, Any]:
     if candidates and member.candidates is not None:
         endpoints["candidates"] = member.candidates
     return endpoints
+
+
+def member_addresses(value: Any, seen: str | None) -> list[str]:
+    """A member's endpoints: `seen` (where its register came from, with its port) first, then
+    the register body's "addresses" (IPv4:port, its interface addresses, unsigned: those no
+    other machine could reach are left out), at most MAX_ENDPOINTS in all."""
+    if not isinstance(value, list) or len(value) > MAX_ENDPOINTS:
+        raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
+    given = [f"{host}:{port}" for host, port in map(parse_address, value) if reachable_unicast(host)]
+    return list(dict.fromkeys([seen, *given] if seen is not None else given))[:MAX_ENDPOINTS]
 
 
 def relay_offer(value: Any, observed: str | None) -> str | None:

@@ -28,7 +28,6 @@ from aiohttp import web
 from tunnelmesh.identity import IdentityError, PublicIdentity
 from tunnelmesh.membership import (
     JOIN_WINDOW,
-    MAX_ENDPOINTS,
     DeviceEntry,
     InviteGrant,
     MemberEntry,
@@ -42,9 +41,7 @@ from tunnelmesh.membership import (
     b64,
     check_name,
     member_body,
-    parse_address,
     parse_entry,
-    reachable_unicast,
     unb64,
     verify_admin_request,
     verify_join_proof,
@@ -437,14 +434,9 @@ class _Service:
         bodies.body_field.keys(body, {"listen_port", "addresses"}, "the body", frozenset({"ssh", "relay", "candidates"}))
         port = bodies.body_field.integer(body["listen_port"], "listen_port", 1, 65535)
         ssh = bodies.ssh_offer(body.get("ssh"))
-        given = body["addresses"]
-        if not isinstance(given, list) or len(given) > MAX_ENDPOINTS:
-            raise Refused(400, f"addresses must be a list of at most {MAX_ENDPOINTS} 'IPv4:port'")
-        parsed = [f"{host}:{number}" for host, number in map(parse_address, given) if reachable_unicast(host)]
         observed = bodies.observed_ipv4(self._client_address(request))
+        endpoints = bodies.member_addresses(body["addresses"], None if observed is None else f"{observed}:{port}")
         relay = bodies.relay_offer(body.get("relay"), observed)
-        seen = [f"{observed}:{port}"] if observed is not None else []
-        endpoints = list(dict.fromkeys(seen + parsed))[:MAX_ENDPOINTS]
         self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh, relay)
         reply: dict[str, Any] = {"observed": f"{observed or f'[{self._client_address(request)}]'}:{port}"}
         if (reflection := request.app.get(REFLECTION)) is not None:  # where to ask for the reflexive address
