@@ -8,9 +8,12 @@ keeps it. A granted mapping is renewed at half its lifetime, by the protocol tha
 granted it (same external port, same PCP nonce). When nothing grants one (no gateway,
 no server answers, a refusal) it tries again after a back-off doubling from RETRY_FIRST
 to RETRY_MAX, and says so once per distinct reason: a network without any of the three
-protocols costs one log line and a few datagrams an hour. A new gateway or a new local
-address starts afresh (the old mapping is on another network). On stop (`down`) the
-mapping is deleted (lifetime 0), bounded by DELETE_TIMEOUT.
+protocols costs one log line and a few datagrams an hour. Any other exception (a
+library's bug, a gateway's odd answer) is handled the same way, with its traceback, so
+no dead task leaves the mapping unrenewed. `error` says why there is no mapping
+(netcheck shows it). A new gateway or a new local address starts afresh (the old
+mapping is on another network). On stop (`down`) the mapping is deleted (lifetime 0),
+bounded by DELETE_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class NoGateway(Exception):
     pass
 
 
+#: How an attempt fails on a network without a mapping; anything else is logged with its traceback.
+EXPECTED = (NoGateway, PortMapError, TimeoutError, *MAP_ERRORS)
+
+
 class PortMapper(Actor):
     name = "port-mapper"
     policy = "restart"
@@ -65,14 +72,18 @@ class PortMapper(Actor):
         while True:
             try:
                 granted = await asyncio.wait_for(self._ask(), ATTEMPT_TIMEOUT)
-            except (NoGateway, PortMapError, TimeoutError, *MAP_ERRORS) as exc:
+            except EXPECTED as exc:
                 self._failed(str(exc) or type(exc).__name__)
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX)
+            except Exception as exc:  # noqa: BLE001 - a library's bug, a gateway's odd answer: keep renewing
+                self._client = None  # start afresh (discover the gateway's IGD again)
+                self._failed(f"unexpected {type(exc).__name__}: {exc}", unexpected=exc)
+            else:
+                retry = RETRY_FIRST
+                self._got(granted)
+                await asyncio.sleep(max(granted.lifetime / 2, MIN_RENEW))
                 continue
-            retry = RETRY_FIRST
-            self._got(granted)
-            await asyncio.sleep(max(granted.lifetime / 2, MIN_RENEW))
+            await asyncio.sleep(retry)
+            retry = min(retry * 2, RETRY_MAX)
 
     async def _ask(self) -> Mapping:
         try:
@@ -100,10 +111,10 @@ class PortMapper(Actor):
         elif renewal:
             log.debug("nat: port mapping renewed by %s (%d s)", granted.protocol, granted.lifetime)
 
-    def _failed(self, why: str) -> None:
+    def _failed(self, why: str, unexpected: Exception | None = None) -> None:
         self.granted = None
         if why != self.error:
-            log.info("nat: no port mapping: %s", why)
+            log.info("nat: no port mapping: %s", why, exc_info=unexpected)
         self.error = why
         if self.mapping is not None:
             self._publish(None)
