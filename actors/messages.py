@@ -373,6 +373,7 @@ class Netcheck:
     relays: tuple[Reach, ...]
     ssh: tuple[Reach, ...]  # a few members' SSH endpoints
     control_version: int = CONTROL_VERSION
+    port_mapping_error: str | None = None  # why there is no port mapping (the port mapper's last failure)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,8 +30,9 @@ CHECK_TIMEOUT = 60.0  # the prober's check, queued behind a running one, takes ~
 
 async def netcheck(prober: NatProber, *, port_mapping: Candidate | None, coordinator_url: str | None,
                    relay_urls: Iterable[str], ssh: Iterable[tuple[str, str, int]],
-                   clock: Clock = SYSTEM_CLOCK) -> Netcheck:
-    """`ssh`: (member name, host, port) of the SSH endpoints to try."""
+                   clock: Clock = SYSTEM_CLOCK, port_mapping_error: str | None = None) -> Netcheck:
+    """`ssh`: (member name, host, port) of the SSH endpoints to try; `port_mapping_error`:
+    why there is no port mapping."""
     relays = [reach("relay", *url_address(url), clock) for url in relay_urls]
     coordinator = [reach("coordinator", *url_address(coordinator_url), clock)] if coordinator_url else []
     sshs = [reach(f"ssh to {name}", host, port, clock) for name, host, port in ssh]
@@ -40,7 +41,7 @@ async def netcheck(prober: NatProber, *, port_mapping: Candidate | None, coordin
     return Netcheck(nat=report, udp=report.udp_works, port_mapping=port_mapping,
                     coordinator=reached[0] if coordinator else None,
                     relays=tuple(reached[len(coordinator):len(coordinator) + len(relays)]),
-                    ssh=tuple(reached[len(coordinator) + len(relays):]))
+                    ssh=tuple(reached[len(coordinator) + len(relays):]), port_mapping_error=port_mapping_error)
 
 
 def ssh_endpoints(directory: PeerMapDirectory, snapshot: MapSnapshot, own_wg_key: bytes) -> list[tuple[str, str, int]]:

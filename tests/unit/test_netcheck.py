@@ -72,3 +72,12 @@ def test_the_status_line() -> None:
     blocked = NatReport(checked_at=1.0, error="no STUN server answered over UDP (UDP blocked, or the servers are down)")
     assert nat_summary(blocked, None) == ("nat: no STUN server answered over UDP (UDP blocked, or the servers are "
                                           "down); seen as nowhere; port mapping none")
+
+
+def test_the_report_says_why_there_is_no_port_mapping() -> None:
+    why = "pcp: no answer from 192.0.2.1:5351 after 4 tries; upnp: AddPortMapping: Received UPnP error 718"
+    lines = report_lines(Netcheck(nat=REPORT, udp=True, port_mapping=None, coordinator=None, relays=(), ssh=(),
+                                  port_mapping_error=why))
+    assert f"  * Port mapping: none ({why})" in lines
+    assert "  * Port mapping: none" in report_lines(Netcheck(nat=REPORT, udp=True, port_mapping=None,
+                                                              coordinator=None, relays=(), ssh=()))

@@ -58,7 +58,7 @@ def cmd_netcheck(args: argparse.Namespace, paths: Paths) -> int:
 
 def report_lines(result: Netcheck) -> list[str]:
     lines = ["Report:", f"  * UDP: {'yes' if result.udp else 'no (no STUN server answered from the WireGuard port)'}"]
-    lines += [f"  * {line}" for line in nat_lines(result.nat, result.port_mapping)]
+    lines += [f"  * {line}" for line in nat_lines(result.nat, result.port_mapping, result.port_mapping_error)]
     if result.nat.servers:
         lines.append("  * STUN servers:")
         for server in result.nat.servers:
@@ -75,8 +75,9 @@ def report_lines(result: Netcheck) -> list[str]:
     return lines
 
 
-def nat_lines(report: NatReport, port_mapping: Candidate | None) -> list[str]:
-    """The NAT facts, one per line (netcheck's report and `status`)."""
+def nat_lines(report: NatReport, port_mapping: Candidate | None, port_mapping_error: str | None = None) -> list[str]:
+    """The NAT facts, one per line (netcheck's report and `status`); `port_mapping_error`:
+    why there is no port mapping."""
     if report.checked_at is None:
         return ["NAT: not checked yet"]
     lines = []
@@ -88,7 +89,8 @@ def nat_lines(report: NatReport, port_mapping: Candidate | None) -> list[str]:
         words = MAPPING_WORDS.get(report.mapping, "not enough servers answered to tell")
         lines.append(f"Mapping: {report.mapping} ({words})")
         lines.append(f"Filtering: {report.filtering}")
-    lines.append("Port mapping: " + (_address(port_mapping.address) if port_mapping is not None else "none"))
+    none = f"none ({port_mapping_error})" if port_mapping_error else "none"
+    lines.append("Port mapping: " + (_address(port_mapping.address) if port_mapping is not None else none))
     return lines
 
 
