@@ -17,7 +17,9 @@ session) when they do. Peers' records are verified here (`VerifiedCandidates`) a
 their candidates handed on best first (same LAN first). Every verified change is written to the on-disk
 cache before it is acted on. When the coordinator cannot be reached, nothing
 else changes: the sessions keep running on what is known, and the client
-retries with backoff (1 s doubling to 30 s).
+retries with backoff (1 s doubling to 30 s). When one of this machine's addresses has
+gone (the node roamed), the session in use is dropped at its next register, not used:
+its connections may be bound to the old address; a new session dials from the new one.
 """
 
 from __future__ import annotations
@@ -388,6 +390,11 @@ class CoordinatorClient(Actor):
 
     async def _register(self, coordinator: Coordinator) -> None:
         lan = tuple(await local_interfaces(self.interface))
+        gone = {interface.ip for interface in self.lan} - {interface.ip for interface in lan}
+        if gone and coordinator is self._coordinator:
+            # The session's connections may be bound to an address that went away (the node
+            # roamed): they would hang until a timeout. A new session dials from the new one.
+            raise CoordinatorError(f"this node's address {', '.join(map(str, sorted(gone)))} went away: reconnecting")
         lan_changed, self.lan = lan != self.lan, lan
         # The interface addresses go unsigned too: the SSH rung dials the hosts of the unsigned
         # list (actors/links.py), and a node whose record cannot be signed is still found.
