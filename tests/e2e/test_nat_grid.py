@@ -12,7 +12,9 @@ import pytest
 from tools.natgrid import cells, expected_rungs, run_grid, table
 from tools.natlab import NAT_TYPES
 
-pytestmark = [pytest.mark.e2e, pytest.mark.long]
+# 28 cells of two daemons and two routers each: about 200 s alone, twice that beside the
+# rest of the suite on two cores.
+pytestmark = [pytest.mark.e2e, pytest.mark.long, pytest.mark.timeout(900)]
 
 
 def test_every_pair_of_nat_types_ends_on_the_expected_rung(make_lab) -> None:
