@@ -13,6 +13,8 @@ home router that answers PCP, NAT-PMP and UPnP IGD port-mapping requests.
   That check needs the STUN server's answers from its other address to reach the router,
   which the site's NAT rules drop (they drop UDP to the router from outside): start
   miniupnpd before the site's first inside node, while the router has no rules yet.
+- The router counts the SSDP searches that reach it (table `inet ssdp_seen`): to the
+  multicast group, and unicast to itself (`ssdp_searches`).
 - Ready when it logs that it listens for NAT-PMP/PCP (and UPnP's HTTP port); the lab
   stops it with its other processes.
 """
@@ -30,6 +32,7 @@ from tools.lab import LabError, _replace_table, find_tool
 from tools.natlab import STUN_PORT, Site
 
 TABLE = "miniupnpd"
+SSDP_TABLE = "ssdp_seen"
 READY = r"Listening for NAT-PMP/PCP traffic on port 5351"
 UPNP_READY = r"HTTP listening on port \d+"
 FORWARDING = r"Port forwarding is now enabled"
@@ -48,6 +51,12 @@ class Miniupnpd:
     def ruleset(self) -> str:
         """Its nftables table as `nft list` shows it (the mappings are its rules)."""
         return self.site.router.run("nft", "list", "table", "inet", TABLE).stdout
+
+    def ssdp_searches(self) -> dict[str, int]:
+        """SSDP datagrams (UDP to port 1900) that reached the router so far: "multicast"
+        (to 239.255.255.250) and "unicast" (to one of its own addresses)."""
+        listed = self.site.router.run("nft", "list", "counters", "table", "inet", SSDP_TABLE).stdout
+        return {name: int(packets) for name, packets in re.findall(r"counter (\w+) \{\s*packets (\d+)", listed)}
 
 
 def start_miniupnpd(site: Site, stun_host: str, *, natpmp: bool = True, upnp: bool = True,
@@ -74,6 +83,13 @@ def start_miniupnpd(site: Site, stun_host: str, *, natpmp: bool = True, upnp: bo
         "    jump postrouting_miniupnpd", "  }",
         "  chain prerouting_miniupnpd {", "  }",
         "  chain postrouting_miniupnpd {", "  }",
+    ]))
+    router.nft(_replace_table("inet", SSDP_TABLE, [
+        "  counter multicast {", "  }", "  counter unicast {", "  }",
+        "  chain prerouting {", "    type filter hook prerouting priority raw; policy accept;",
+        "    fib saddr type local return",  # its own NOTIFYs, looped back
+        "    ip daddr 239.255.255.250 udp dport 1900 counter name multicast",
+        "    fib daddr type local udp dport 1900 counter name unicast", "  }",
     ]))
     yes = {True: "yes", False: "no"}
     config = "\n".join([

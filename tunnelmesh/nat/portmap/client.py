@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import TypeVar
 from pyroute2 import AsyncIPRoute
 
 from . import natpmp, pcp
-from .upnp import UpnpGateway, UpnpUnavailable
+from .upnp import CONFLICT_IN_MAPPING_ENTRY, UpnpGateway, UpnpUnavailable
 
 PCP, NAT_PMP, UPNP = "pcp", "nat-pmp", "upnp"
 PROTOCOLS = (PCP, NAT_PMP, UPNP)
@@ -28,6 +29,10 @@ SERVER_PORT = 5351
 FIRST_WAIT = 0.25  # RFC 6886 3.1 / RFC 6887 8.1.1: the first retransmission interval
 TRIES = 4  # 0.25 + 0.5 + 1 + 2: 3.75 s without an answer means no server
 MAIN_TABLE = 254
+#: UPnP: external ports tried after the first is mapped to another host (718), e.g. another
+#: node behind the same router holding the WireGuard port; each is one AddPortMapping.
+CONFLICT_TRIES = 8
+RANDOM_PORTS = (1024, 65535)
 T = TypeVar("T")
 
 
@@ -178,18 +183,29 @@ class PortMapClient:
                                   natpmp.parse_external_address)
         suggested = previous.external_port if previous is not None else internal_port
         request = natpmp.map_request(internal_port, suggested, lifetime)
-        answer = await exchange(self.local_address, self.gateway, request, lambda data: natpmp.parse_map(data, internal_port))
+        answer = await exchange(self.local_address, self.gateway, request,
+                                lambda data: natpmp.parse_map(data, internal_port))
         return Mapping(NAT_PMP, self.gateway, self.local_address, internal_port, external.address,
                        answer.external_port, answer.lifetime)
 
     async def _map_upnp(self, internal_port: int, lifetime: int, previous: Mapping | None) -> Mapping:
+        """The same external port as before (a renewal) or as the internal one; if the
+        gateway has it mapped to another host, random ones (IGD v1 has no AddAnyPortMapping)."""
         gateway = await self._upnp_gateway()
-        external_port = previous.external_port if previous is not None else internal_port
+        first = previous.external_port if previous is not None else internal_port
+        candidates = [first, *(random.randint(*RANDOM_PORTS) for _ in range(CONFLICT_TRIES))]
         try:
-            await gateway.add_udp(self.local_address, internal_port, external_port, lifetime)
+            for tried, external_port in enumerate(candidates, 1):
+                try:
+                    await gateway.add_udp(self.local_address, internal_port, external_port, lifetime)
+                    break
+                except UpnpUnavailable as exc:
+                    if exc.code != CONFLICT_IN_MAPPING_ENTRY or tried == len(candidates):
+                        raise
             external_address = await gateway.external_address()
-        except UpnpUnavailable:
-            self._upnp = None  # found again next time: the router may have restarted on another HTTP port
+        except UpnpUnavailable as exc:
+            if exc.code is None:
+                self._upnp = None  # found again next time: the router may have restarted on another HTTP port
             raise
         return Mapping(UPNP, self.gateway, self.local_address, internal_port, external_address, external_port, lifetime)
 

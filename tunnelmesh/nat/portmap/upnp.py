@@ -1,9 +1,10 @@
 """UPnP IGD port mapping over async-upnp-client (its IgdDevice profile): SSDP discovery of
-the gateway's InternetGatewayDevice, GetExternalIPAddress, AddPortMapping,
-DeletePortMapping, and the gateway's list of mappings (GetGenericPortMappingEntry).
+the gateway's InternetGatewayDevice, GetExternalIPAddress, AddPortMapping and
+DeletePortMapping.
 
-Only the default gateway's own device is used: another LAN host answering SSDP could
-otherwise offer itself as the router. Every step is bounded in time.
+Only the default gateway's own device is used: the M-SEARCH goes unicast to the gateway's
+port 1900 (UDA 1.1 1.3.2), not to the SSDP multicast group, so no other LAN host hears it,
+and an answer from any other host is ignored. Every step is bounded in time.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from urllib.parse import urlsplit
 
 from async_upnp_client.aiohttp import AiohttpRequester
 from async_upnp_client.client_factory import UpnpFactory
-from async_upnp_client.exceptions import UpnpError
-from async_upnp_client.profiles.igd import IgdDevice, PortMappingEntry
+from async_upnp_client.exceptions import UpnpActionError, UpnpError
+from async_upnp_client.profiles.igd import IgdDevice
 from async_upnp_client.search import SsdpSearchListener
+from async_upnp_client.ssdp import SSDP_PORT
 from async_upnp_client.utils import CaseInsensitiveDict
 
 IGD_TYPES = tuple(IgdDevice.DEVICE_TYPES)
@@ -26,13 +28,20 @@ WAN_SERVICES = ("urn:schemas-upnp-org:service:WANIPConnection:2", "urn:schemas-u
                 "urn:schemas-upnp-org:service:WANPPPConnection:1")
 SEARCH_SECONDS = 2  # SSDP MX: how long devices may wait before answering
 HTTP_SECONDS = 5
-MAX_ENTRIES = 256  # bound on the listing of the gateway's mappings
 DESCRIPTION = "tunnelmesh"
 T = TypeVar("T")
 
 
+CONFLICT_IN_MAPPING_ENTRY = 718  # the external port is mapped to another host (IGD WANIPConnection)
+
+
 class UpnpUnavailable(Exception):
-    """No usable InternetGatewayDevice at the gateway, or it refused the request."""
+    """No usable InternetGatewayDevice at the gateway, or it refused the request
+    (`code`: the UPnP error code of its refusal, if it gave one)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class UpnpGateway:
@@ -44,8 +53,8 @@ class UpnpGateway:
 
     @classmethod
     async def discover(cls, local_address: str, gateway: str, timeout: float = SEARCH_SECONDS + 1) -> UpnpGateway:
-        """SSDP M-SEARCH from `local_address` for an IGD; the first answer from `gateway`
-        wins. UpnpUnavailable when none answers within `timeout` seconds."""
+        """SSDP M-SEARCH from `local_address`, unicast to `gateway`, for an IGD; the first
+        answer from `gateway` wins. UpnpUnavailable when none answers within `timeout` seconds."""
         found: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         def on_answer(headers: CaseInsensitiveDict) -> None:
@@ -54,7 +63,8 @@ class UpnpGateway:
                     and not found.done()):
                 found.set_result(location)
 
-        listener = SsdpSearchListener(callback=on_answer, source=(ipaddress.IPv4Address(local_address), 0),
+        listener = SsdpSearchListener(callback=on_answer, source=(local_address, 0),
+                                      target=(gateway, SSDP_PORT),
                                       timeout=SEARCH_SECONDS, search_target=IGD_TYPES[0],
                                       connect_callback=lambda: listener.async_search())
         try:
@@ -102,23 +112,10 @@ class UpnpGateway:
             raise UpnpUnavailable(f"the gateway's IGD has no {action}")
         await self._call(services[0].action(action).async_call(**arguments), action)
 
-    async def mappings(self) -> list[PortMappingEntry]:
-        """The gateway's port mappings (GetGenericPortMappingEntry from index 0 until it
-        answers that there is no such entry)."""
-        entries: list[PortMappingEntry] = []
-        for index in range(MAX_ENTRIES):
-            try:
-                entry = await asyncio.wait_for(self.device.async_get_generic_port_mapping_entry(index), HTTP_SECONDS)
-            except UpnpError:  # SpecifiedArrayIndexInvalid (713): past the last entry
-                break
-            if entry is None:
-                break
-            entries.append(entry)
-        return entries
-
     @staticmethod
     async def _call(call: Awaitable[T], action: str) -> T:
         try:
             return await asyncio.wait_for(call, HTTP_SECONDS)
         except (UpnpError, TimeoutError) as exc:
-            raise UpnpUnavailable(f"{action}: {exc or type(exc).__name__}") from None
+            code = exc.error_code if isinstance(exc, UpnpActionError) else None
+            raise UpnpUnavailable(f"{action}: {exc or type(exc).__name__}", code) from None
