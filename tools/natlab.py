@@ -23,12 +23,10 @@ is nftables rules (`inet lab_nat` table) chosen by its NAT type:
     Plain `masquerade` (conntrack keeps the source port when free: endpoint-independent
     mapping; only replies to a flow come in: address-and-port-dependent filtering).
 ``symmetric``
-    `masquerade to :20480-21503 fully-random`: every new flow (new destination address or
-    port) gets a random port out of a block of 1024, as a carrier-grade NAT gives a
-    subscriber a block of ports; address-and-port-dependent filtering. The block keeps
-    port spraying honest: a peer that sprays ports near the reflexive ports a prober saw
-    can hit a mapping within the block, where a full-range random NAT would need ~64k
-    probes.
+    `masquerade random,fully-random`: every new flow (new destination address or port)
+    gets a random port of the whole range (1024-65535), unrelated to the ports STUN
+    servers saw; address-and-port-dependent filtering. A peer reaches such a mapping only
+    by sweeping the range (tunnelmesh/punch.py).
 ``udp-blocked``
     All forwarded UDP from inside is dropped; TCP (and ICMP) masqueraded.
 ``tcp-web-only``
@@ -60,7 +58,6 @@ from tools.lab import Lab, LabError, Node, Switch, _replace_table, find_tool
 __all__ = [
     "BEHAVIOUR",
     "NAT_TYPES",
-    "SYMMETRIC_PORTS",
     "NatLab",
     "NatDiscovery",
     "Site",
@@ -72,7 +69,6 @@ __all__ = [
 ]
 
 NAT_TYPES = ("none", "full-cone", "address-restricted", "port-restricted", "symmetric", "udp-blocked", "tcp-web-only")
-SYMMETRIC_PORTS = (20480, 21503)  # the symmetric NAT's block of 1024 ports
 #: What a STUN client inside sees of each type (RFC 4787 mapping, RFC 5780 filtering, in
 #: tunnelmesh/nat/report.py's names): coturn's natdiscovery agrees (tests/e2e/test_natlab.py).
 #: "unknown": no UDP answer at all.
@@ -131,8 +127,7 @@ def _rules(nat_type: str, outside_if: str, inside_if: str, router_ip: str, insid
         learn = [f"    iifname {inside} meta nfproto ipv4 update @contacted {{ ip daddr . udp sport }}"]
         dnat = [f"    iifname {out} meta nfproto ipv4 ip saddr . udp dport @contacted dnat ip to {inside_node}"]
     elif nat_type == "symmetric":
-        lo, hi = SYMMETRIC_PORTS
-        snat = [f"    oifname {out} meta l4proto {{ tcp, udp }} masquerade to :{lo}-{hi} fully-random", *snat]
+        snat = [f"    oifname {out} meta l4proto {{ tcp, udp }} masquerade random,fully-random", *snat]
     elif nat_type == "udp-blocked":
         egress = [f"    iifname {inside} meta l4proto udp drop"]
     elif nat_type == "tcp-web-only":
