@@ -6,10 +6,12 @@
   initiation on the path in use.
 - Two nodes behind two port-restricted NATs (masquerade that drops unsolicited inbound),
   the coordinator outside, kept on the relay while UDP between the sites is cut: once the
-  cut is lifted, the ladder's next probe asks for a punch, both ends are told at the same
-  moment, and the pair ends direct within a bound. Unanswered UDP mappings last 2 s on
-  the routers, so a probe of one side opens its NAT only briefly: the other side's
-  probes must come at the same moment.
+  cut is lifted, the pair ends direct within a bound at the ladder's next probe.
+  Unanswered UDP mappings last 2 s on the routers, so a probe of one side opens its NAT
+  only briefly: the other side's probes must come at the same moment. Here they do (b
+  followed a onto the relay, so their return probes are in phase) and cross; the punch
+  notices that follow find UDP working and are ignored (docs/transports.md, "Hole
+  punching"), so this test does not count punches: the next test needs its punch.
 - A node behind a symmetric NAT (`masquerade random,fully-random`: a new random port of
   the whole range per destination) facing one behind a port-restricted NAT: the easy side
   knows from the peer's candidate record that its NAT is hard, and sweeps the range while
@@ -96,7 +98,7 @@ def cut_udp(node: Node, other: str) -> None:
     ]))
 
 
-def test_two_port_restricted_nats_end_direct_through_a_coordinated_punch(lab: Lab) -> None:
+def test_two_port_restricted_nats_end_direct_at_the_next_probe_once_the_cut_is_lifted(lab: Lab) -> None:
     net = build_nat_network(NatLab(lab), {"a": "port-restricted", "b": "port-restricted"})
     mesh, a, b = net.mesh, net.mesh["a"], net.mesh["b"]
     for site in net.sites.values():  # an unanswered mapping opens the NAT only briefly
@@ -108,14 +110,11 @@ def test_two_port_restricted_nats_end_direct_through_a_coordinated_punch(lab: La
         cut_since = time.monotonic()
         time.sleep(max(0.0, HOLD + 1 - (time.monotonic() - cut_since)))
         a.node.nft(_replace_table("inet", "tm_cut", []))
-        punched_before = punches(a, "b"), punches(b, "a")
         took = wait_for_rung(mesh, "a", "b", "udp", BETTER_PROBE + HOLD + 15)
         status = peer_status(a, "b")
         print(f"direct {took:.1f} s after the cut was lifted; a's path {status['path']}; "
               f"punches a {punches(a, 'b')}, b {punches(b, 'a')}")
         assert status["path"]["endpoint"].startswith(f"udp {public_b}:"), status
-        # Both ends punched after the cut was lifted: the coordinator told both.
-        assert punches(a, "b") > punched_before[0] and punches(b, "a") > punched_before[1], diagnostics(mesh)
         assert status["transitions"][-1]["why"] == "step down after a probe", status
         assert a.node.run("ping", "-c", "3", "-i", "0.2", "-W", "2", b.mesh_ip, check=False).returncode == 0
     finally:
