@@ -57,14 +57,11 @@ def cells(types: Iterable[str]) -> list[tuple[str, str]]:
 
 def expected_rungs(a: str, b: str) -> frozenset[str]:
     """Issue 18's expectation: direct UDP for every pair with at least one side neither
-    symmetric nor without UDP; SSH or relay where no UDP goes out on one side. Symmetric
-    against symmetric may end either way: neither mapping can be predicted, but with the
-    lab's block of 1024 ports, both sides spraying 1024 probes meet by the birthday
-    paradox about as often as not (one hit expected: 1024 x 1024 / 1024^2)."""
-    if a in NO_UDP or b in NO_UDP:
+    symmetric nor without UDP; SSH or relay where no UDP goes out on one side, and
+    between two symmetric NATs (each maps a random port of the whole range per flow, and
+    a hard side does not spray: neither can guess the other's mapping)."""
+    if a in NO_UDP or b in NO_UDP or a == b == "symmetric":
         return frozenset({"ssh", "relay"})
-    if a == b == "symmetric":
-        return frozenset({"udp", "ssh", "relay"})
     return frozenset({"udp"})
 
 

@@ -18,9 +18,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.long, pytest.mark.timeout(900)]
 
 
 def test_every_pair_of_nat_types_ends_on_the_expected_rung(make_lab) -> None:
-    # All 28 cells in one batch (about 3.5 min): the rungs are what is checked here, not
-    # the times, which the crowded start stretches (hence the long window too).
-    results = run_grid(NAT_TYPES, runs=1, batch=len(cells(NAT_TYPES)), window=90, make_lab=make_lab)
+    # All 28 cells in one batch: the rungs are what is checked here, not the times, which
+    # the crowded start stretches. The window is generous: symmetric x port-restricted
+    # waits for a punch that sweeps the port range (about 32 s), which took 61 s of 90 in
+    # one grid run alone on two cores.
+    results = run_grid(NAT_TYPES, runs=1, batch=len(cells(NAT_TYPES)), window=150, make_lab=make_lab)
     grid = table(results)
     print(grid)
     assert set(results) == set(cells(NAT_TYPES)) and all(len(runs) == 1 for runs in results.values()), grid
