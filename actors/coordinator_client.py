@@ -34,8 +34,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import UDP_ONLY, TransportsConfig
@@ -56,6 +54,7 @@ from tunnelmesh.wireguard import derive_psk
 
 from .control import EventBus
 from .mesh import Mesh
+from .nat_prober import local_interfaces
 from .messages import (
     AddPeers, CoordinatorChanged, CoordinatorStatus, NodeRevoked, PeerSpec, Punch, RemovePeer, SecretRotated, SetCandidates,
     SetPsk, SyncPeers,
@@ -118,33 +117,6 @@ def peer_specs(snapshot: MapSnapshot, own_name: str, transports: TransportsConfi
     """Every peer of this node in the map: the members, and the devices it serves."""
     return (*(peer_spec(m, snapshot, transports, records=records, lan=lan) for m in snapshot.members.values()),
             *(device_spec(d) for d in snapshot.devices.values() if d.served_by == own_name))
-
-
-async def local_interfaces(tunnel: str) -> list[ipaddress.IPv4Interface]:
-    """This machine's own IPv4 addresses (with their subnets) that a peer on a shared
-    network could reach directly (its "local" candidates, so two nodes behind one NAT or
-    on one LAN find each other; the subnets say which peers' candidates are on our LAN):
-    global scope, not the tunnel's, not loopback or link-local. Empty if they cannot be
-    read (logged)."""
-    try:
-        async with AsyncIPRoute() as ipr:
-            found = [(msg.get("IFA_LABEL"), msg.get("IFA_ADDRESS"), msg["prefixlen"])
-                     async for msg in await ipr.addr("dump", family=socket.AF_INET) if msg["scope"] == 0]
-    except (NetlinkError, OSError) as exc:
-        log.warning("cannot list this machine's addresses for the coordinator: %s", exc)
-        return []
-    interfaces = []
-    for label, text, prefix in found:
-        address = ipaddress.ip_interface(f"{text}/{prefix}") if isinstance(text, str) else None
-        if (isinstance(address, ipaddress.IPv4Interface) and label != tunnel
-                and not (address.is_loopback or address.is_link_local)):
-            interfaces.append(address)
-    return interfaces
-
-
-async def local_addresses(tunnel: str) -> list[str]:
-    """The addresses of `local_interfaces` alone (what the NAT prober takes as its own)."""
-    return [str(interface.ip) for interface in await local_interfaces(tunnel)]
 
 
 class CoordinatorClient(Actor):

@@ -37,33 +37,35 @@ from tunnelmesh.control_client import ControlError, NotRunning, request
 from tunnelmesh.files import FileError, check_state_dir, lock_dir, read_pid, remove_stale_temps, write_atomic
 from tunnelmesh.filter import Member
 from tunnelmesh.identity import IdentityError, NodeIdentity
-from tunnelmesh.coordinator.relay import Relay
-from tunnelmesh.links.relay import RelayClient
-from tunnelmesh.membership import MapSnapshot, PeerMap, PolicyRecord
-from tunnelmesh.membership.peermap import MAX_SSH_ATTESTATION, ssh_record_size
-from tunnelmesh.nat.report import CONFIGURED, Candidate
-from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
 from tunnelmesh.paths import Paths
 from tunnelmesh.wireguard import derive_psk
 
 from .agent_identity import AgentProbe, load_daemon_identity, needed_for
 from .control import ControlServer
-from .admitter import Admitter
-from .coordinator_client import CoordinatorClient, local_addresses, peer_spec
 from .datapath import DataPath
 from .edges import UdpBind, UdpError
-from .filter import FilterInputs, snapshot_inputs
-from .links import PeerMapDirectory, RelayConnection, RelayPool, SshServer, Transports
+from .filter import FilterInputs
+from .links import Transports
 from .messages import PeerSpec, SyncFilter, SyncRelays
-from .metrics import MetricsEndpoint, start_metrics
-from .nat_prober import NatProber
+from .nat_prober import NatProber, local_addresses
 from .node import Addresses, Node
-from .port_mapper import PortMapper
 from .runtime import Actor, Leftovers
 from .tun import TunDevice, TunError
 
+# A static node imports only what it runs: what coordinator mode, the relays, the SSH rung,
+# the metrics and port mapping need (aiohttp, asyncssh, prometheus_client, async_upnp_client,
+# SQLite) is imported where they start (tests/unit/test_startup_imports.py holds it so).
 if TYPE_CHECKING:
+    from tunnelmesh.coordinator.relay import Relay
     from tunnelmesh.links.attest import BridgeEndpoint
+    from tunnelmesh.membership import MapSnapshot, PeerMap, PolicyRecord
+    from tunnelmesh.netstate import NetworkState
+
+    from .admitter import Admitter
+    from .coordinator_client import CoordinatorClient
+    from .links import PeerMapDirectory
+    from .metrics import MetricsEndpoint
+    from .port_mapper import PortMapper
 
 log = logging.getLogger("tunnelmesh.daemon")
 
@@ -256,6 +258,8 @@ async def _start_transports(
     from tunnelmesh.links.relay import RelayClient
     from tunnelmesh.links.ssh import SshRung, load_or_create_host_key
 
+    from .links import PeerMapDirectory
+
     transports_config = config.transports
     wanted = {rung for choice in (transports_config.default, *transports_config.peers.values())
               for rung in choice.enabled}
@@ -319,6 +323,7 @@ async def _ssh_record(config: NodeConfig, identity: NodeIdentity, *, port: int |
     """This node's signed SSH endpoint record, which must fit the coordinator's bound on it:
     one it refuses (400 on /v1/register) would keep the node from ever getting its peers."""
     from tunnelmesh.links.attest import make_attestation
+    from tunnelmesh.membership.peermap import MAX_SSH_ATTESTATION, ssh_record_size
 
     record = await make_attestation(identity, port=port, host_key=host_key, bridge=bridge, issued=issued,
                                     sshd_host_keys=sshd_host_keys)
@@ -366,6 +371,7 @@ async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state
     """This node's relay (relay = true): /relay on its own port for the current members."""
     from aiohttp import web
 
+    from tunnelmesh.coordinator.relay import Relay
     from tunnelmesh.coordinator.service import serve
 
     from .links import member_identities
@@ -475,12 +481,17 @@ async def _load(paths: Paths) -> Loaded | None:
         if config.coordinator is None:
             check_peer_keys(config, identity.public.wg_public_key)
         else:
-            state, peer_map = _load_membership(paths, identity)
+            from tunnelmesh.netstate import StateError  # lazily: membership is coordinator mode's
+
+            try:
+                state, peer_map = _load_membership(paths, identity)
+            except StateError as exc:
+                raise StartupError(str(exc)) from None
             # The config is the word on how to reach the coordinator (network.json keeps the URL joined with).
             state = replace(state, url=config.coordinator.url)
         secret = read_network_secret(config.network_secret_file)
         psk = derive_psk(secret)
-    except (ConfigError, IdentityError, StateError) as exc:
+    except (ConfigError, IdentityError) as exc:
         raise StartupError(str(exc)) from None
     return Loaded(config, identity, state, peer_map, psk)
 
@@ -502,6 +513,8 @@ async def _initial_peers(config: NodeConfig, cached_map: MapSnapshot | None) -> 
     """The peers the node starts with: the cached map's members, or the static config's
     peers (their endpoints resolved now: a name that does not resolve is a start-up error)."""
     if cached_map is not None:
+        from .coordinator_client import peer_spec
+
         return [peer_spec(member, cached_map, config.transports) for member in cached_map.members.values()]
     return _static_peers(config, [await _resolve(peer.endpoint) for peer in config.peers])
 
@@ -540,6 +553,8 @@ async def _start_services(paths: Paths, loaded: Loaded, tun: TunDevice, node: No
             await _start_transports(config, paths, loaded.identity, state, current_map, node.datapath, transports,
                                     services.transport_setup)
         if config.metrics_listen is not None:  # last: nothing after it can fail and leave it open
+            from .metrics import start_metrics
+
             services.metrics = await start_metrics(config, services.coordinator)
     except (TunError, StartupError) as exc:
         if transports.ssh is not None:
@@ -589,7 +604,16 @@ async def _run_claimed(paths: Paths) -> int:
     if state is None:
         static = FilterInputs(_static_members(config), None)
         node.add_filter(node_rules=config.filter_rules, inputs=lambda: static, network=False)
-    else:
+    else:  # coordinator mode's actors, imported here alone: a static node never loads them
+        from tunnelmesh.links.relay import RelayClient
+        from tunnelmesh.nat.report import CONFIGURED, Candidate
+
+        from .admitter import Admitter
+        from .coordinator_client import CoordinatorClient
+        from .filter import snapshot_inputs
+        from .links import RelayConnection, RelayPool, SshServer
+        from .port_mapper import PortMapper
+
         packet_filter = node.add_filter(node_rules=config.filter_rules, network=True,
                                         inputs=lambda: snapshot_inputs(current_map(), state.policy_expected))
         setup.on_map_changed.append(lambda: packet_filter.tell_latest(SyncFilter, SyncFilter()))
@@ -678,6 +702,8 @@ async def _run_claimed(paths: Paths) -> int:
 def _load_membership(paths: Paths, identity: NodeIdentity) -> tuple[NetworkState, PeerMap]:
     """The joined network and the cached peer map; refuses a node that was revoked or
     whose key is not the one that joined."""
+    from tunnelmesh.netstate import NetworkState, StateError, load_peer_map
+
     state = NetworkState.load(paths.network_state)
     if state.member.wg_key != identity.public.wg_public_key:
         raise StateError(

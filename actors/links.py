@@ -27,16 +27,19 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
-from tunnelmesh.identity import NodeIdentity, PublicIdentity
-from tunnelmesh.links.attest import AttestationError, NewestAttestations, SshEndpoint, verify_attestation
-from tunnelmesh.links.relay import RelayClient, RelayGuard, relay_url
-from tunnelmesh.links.ssh import SshRung, SshTarget, endpoint_targets
-from tunnelmesh.membership import MapSnapshot
 
 from .messages import SshHost, SyncRelays
 from .runtime import Actor
 
+# The rungs themselves (asyncssh, aiohttp) are imported where coordinator mode first uses
+# them: every node imports `Transports`, a static node needs nothing else of this module.
 if TYPE_CHECKING:
+    from tunnelmesh.identity import NodeIdentity, PublicIdentity
+    from tunnelmesh.links.attest import SshEndpoint
+    from tunnelmesh.links.relay import RelayClient, RelayGuard
+    from tunnelmesh.links.ssh import SshRung, SshTarget
+    from tunnelmesh.membership import MapSnapshot
+
     from .runtime import Supervisor
 
 log = logging.getLogger("tunnelmesh.links")
@@ -63,6 +66,8 @@ class PeerMapDirectory:
     """The SSH rung's view of the members: `current()` is the peer map's latest snapshot."""
 
     def __init__(self, current: Callable[[], MapSnapshot], clock: Clock = SYSTEM_CLOCK) -> None:
+        from tunnelmesh.links.attest import NewestAttestations
+
         self.current = current
         self.clock = clock  # wall time, for the records' issue times
         self._by_ssh_key: dict[str, bytes] = {}
@@ -84,6 +89,8 @@ class PeerMapDirectory:
         return self._endpoint(self.current(), wg_key)
 
     def _endpoint(self, snapshot: MapSnapshot, wg_key: bytes) -> SshEndpoint | None:
+        from tunnelmesh.links.attest import AttestationError, verify_attestation
+
         member = snapshot.members.get(wg_key)
         endpoints = snapshot.endpoints.get(wg_key)
         if member is None or endpoints is None or endpoints.ssh is None:
@@ -138,6 +145,8 @@ class PeerMapDirectory:
         return wg_key in self.current().members
 
     def targets(self, wg_key: bytes) -> list[SshTarget]:
+        from tunnelmesh.links.ssh import endpoint_targets
+
         snapshot = self.current()
         endpoint = self._endpoint(snapshot, wg_key)
         endpoints = snapshot.endpoints.get(wg_key)
@@ -209,6 +218,8 @@ class RelayPool(Actor):
     def __init__(self, current: Callable[[], MapSnapshot], own: tuple[str, str] | None, coordinator: str,
                  make: Callable[[str, str, RelayGuard | None], RelayClient], transports: Transports,
                  supervisor: Supervisor) -> None:
+        from tunnelmesh.links.relay import relay_url
+
         super().__init__()
         self.current = current
         self.own = own  # (url, relay id)
@@ -221,6 +232,8 @@ class RelayPool(Actor):
 
     def wanted(self) -> dict[str, str]:
         """url -> relay id (the member's key in base64) of the relays to hold."""
+        from tunnelmesh.links.relay import relay_url
+
         snapshot = self.current()
         offered = sorted((m.name, e.relay, base64.b64encode(key).decode()) for key, m in snapshot.members.items()
                          if (e := snapshot.endpoints.get(key)) is not None and e.relay is not None)
@@ -261,6 +274,8 @@ class RelayPool(Actor):
     def guard(self, url: str, relay: str) -> RelayGuard | None:
         """The check of where a member's relay leads: against that member's registered
         addresses as they are when it connects (none for this node's own relay)."""
+        from tunnelmesh.links.relay import RelayGuard
+
         if self.own is not None and url == self.own[0]:
             return None
         key = base64.b64decode(relay)

@@ -32,13 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
-from tunnelmesh.membership import reachable_ipv4
 from tunnelmesh.nat.classify import (
     FILTER_MEMORY, Binding, Observations, can_change_address, can_change_port, classify, mapping_destinations,
     reflexive_addresses,
 )
 from tunnelmesh.nat.report import Address, NatReport, ServerResult
-from tunnelmesh.nat.stun import TRANSACTION_ID_SIZE, StunError, binding_request, looks_like_stun, parse_binding_response
 
 from .datapath import DatagramHandler
 from .runtime import Actor
@@ -58,6 +56,36 @@ Answer = tuple[Any, Address, float]
 @dataclass(frozen=True, slots=True)
 class CheckNat:
     """Ask: run a check now (after any running one) and reply with its NatReport."""
+
+
+async def local_interfaces(tunnel: str) -> list[ipaddress.IPv4Interface]:
+    """This machine's own IPv4 addresses (with their subnets) that a peer on a shared
+    network could reach directly (its "local" candidates, so two nodes behind one NAT or
+    on one LAN find each other; the subnets say which peers' candidates are on our LAN):
+    global scope, not the tunnel's, not loopback or link-local. Empty if they cannot be
+    read (logged)."""
+    from pyroute2 import AsyncIPRoute  # lazily: ~0.1 s of imports that a start can skip
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        async with AsyncIPRoute() as ipr:
+            found = [(msg.get("IFA_LABEL"), msg.get("IFA_ADDRESS"), msg["prefixlen"])
+                     async for msg in await ipr.addr("dump", family=socket.AF_INET) if msg["scope"] == 0]
+    except (NetlinkError, OSError) as exc:
+        log.warning("cannot list this machine's addresses for the coordinator: %s", exc)
+        return []
+    interfaces = []
+    for label, text, prefix in found:
+        address = ipaddress.ip_interface(f"{text}/{prefix}") if isinstance(text, str) else None
+        if (isinstance(address, ipaddress.IPv4Interface) and label != tunnel
+                and not (address.is_loopback or address.is_link_local)):
+            interfaces.append(address)
+    return interfaces
+
+
+async def local_addresses(tunnel: str) -> list[str]:
+    """The addresses of `local_interfaces` alone (what the NAT prober takes as its own)."""
+    return [str(interface.ip) for interface in await local_interfaces(tunnel)]
 
 
 class NatProber(Actor):
@@ -208,6 +236,8 @@ class NatProber(Actor):
 
     async def _ask(self, destination: Address, *, change_ip: bool = False, change_port: bool = False) -> Answer | str:
         """One Binding request, retried: the answer, or why there is none."""
+        from tunnelmesh.nat.stun import binding_request  # lazily, as in _on_datagram
+
         transaction_id, request = binding_request(change_ip=change_ip, change_port=change_port)
         answer: asyncio.Future[Answer | str] = asyncio.get_running_loop().create_future()
         self._pending[transaction_id] = answer
@@ -234,6 +264,10 @@ class NatProber(Actor):
 
     def _on_datagram(self, datagram: memoryview, source: Address) -> bool:
         """The data path's handler for non-WireGuard datagrams: takes STUN messages."""
+        # lazily: aioice's codec, ~0.1 s of imports, only once a STUN server is asked or a
+        # datagram that is not WireGuard's comes (rare: a dict look-up each time after)
+        from tunnelmesh.nat.stun import TRANSACTION_ID_SIZE, StunError, looks_like_stun, parse_binding_response
+
         if not looks_like_stun(datagram):  # type: ignore[arg-type]  # slices and compares only
             return False
         answer = self._pending.get(bytes(datagram[8:8 + TRANSACTION_ID_SIZE]))
@@ -262,6 +296,8 @@ def _trusted_other(server: Address, other: Address | None) -> Address | None:
     """A server's OTHER-ADDRESS if requests may go there (else None: no change tests there):
     the server's word must not aim the prober at this machine or its network's internal
     services, so a reachable unicast IPv4 address, or loopback from a server on loopback."""
+    from tunnelmesh.membership import reachable_ipv4  # lazily: membership is coordinator mode's
+
     if other is None or reachable_ipv4(other[0]):
         return other
     # Both are IP addresses: the server's from resolving its name, the other from the answer.

@@ -381,11 +381,11 @@ class _Checker(TableReader):
 
     def metrics_listen(self, data: Mapping[str, Any]) -> tuple[str, int] | None:
         """`[metrics]`: where to serve them (loopback unless `listen` says), or None without the table."""
-        from tunnelmesh.metrics import DEFAULT_METRICS_LISTEN, parse_listen  # lazily: aiohttp and prometheus
-
         table = self.table(data, "metrics", METRICS_KEYS)
         if table is None:
             return None
+        from tunnelmesh.metrics import DEFAULT_METRICS_LISTEN, parse_listen  # lazily: aiohttp and prometheus
+
         listen = self.get_str(table, "listen", "[metrics]", "metrics")
         if listen is None:
             return DEFAULT_METRICS_LISTEN
