@@ -82,12 +82,24 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, Union
 
-import asyncssh
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+# asyncssh (~0.15 s of imports) only where it is needed: key files cryptography does not
+# read (encrypted, PEM), key types other than ours, SSH logins. Checking identities and
+# loading an unencrypted OpenSSH key file, what every start does, need only cryptography.
+if TYPE_CHECKING:
+    import asyncssh
+
+#: An identity key (Ed25519 or RSA), public or private, as cryptography holds it.
+PublicKey = Union[Ed25519PublicKey, RSAPublicKey]
+PrivateKey = Union[Ed25519PrivateKey, RSAPrivateKey]
 
 __all__ = [
     "ATTEST_NAMESPACE",
@@ -303,18 +315,29 @@ def _check_key_type(key_type: str, blob: bytes) -> None:
         raise IdentityError(f"{problem}. {_HOW_TO_MAKE_ONE}")
 
 
-def _decode_public(key_type: str, blob: bytes) -> asyncssh.SSHKey:
+def _decode_public(key_type: str, blob: bytes) -> object:
+    """The key of a blob whose type `_split_key_text` checked: an identity key by
+    cryptography, any other type (a fingerprint's) by asyncssh."""
     try:
+        if key_type in _SIG_ALG:
+            key = serialization.load_ssh_public_key(f"{key_type} {_b64(blob)}".encode("ascii"))
+            if not isinstance(key, (Ed25519PublicKey, RSAPublicKey)):
+                raise ValueError("not the key type the blob names")
+            return key
+        import asyncssh
+
         return asyncssh.import_public_key(f"{key_type} {_b64(blob)}")
     except Exception:  # asyncssh/cryptography raise many types for hostile input
         raise IdentityError("malformed SSH public key: not a valid key") from None
 
 
-def _parse_identity_key(text: str) -> tuple[str, bytes, asyncssh.SSHKey]:
+def _parse_identity_key(text: str) -> tuple[str, bytes, PublicKey]:
     """A usable identity public key ('<type> <base64>'), fully checked."""
     key_type, blob = _split_key_text(text, allow_comment=False)
     _check_key_type(key_type, blob)
-    return key_type, blob, _decode_public(key_type, blob)
+    key = _decode_public(key_type, blob)
+    assert isinstance(key, (Ed25519PublicKey, RSAPublicKey))  # _check_key_type let only ours through
+    return key_type, blob, key
 
 
 def _raw_signature(sig_blob: bytes, key_type: str) -> bytes:
@@ -331,14 +354,15 @@ def _raw_signature(sig_blob: bytes, key_type: str) -> bytes:
     return raw
 
 
-def _check_signature(key_type: str, key: asyncssh.SSHKey, signed: bytes, sig_blob: bytes) -> None:
-    _raw_signature(sig_blob, key_type)  # structure and algorithm first
+def _check_signature(key_type: str, key: PublicKey, signed: bytes, sig_blob: bytes) -> None:
+    raw = _raw_signature(sig_blob, key_type)  # structure and algorithm first
     try:
-        ok = key.verify(signed, sig_blob)
+        if isinstance(key, Ed25519PublicKey):
+            key.verify(raw, signed)
+        else:  # rsa-sha2-256, the one RSA algorithm _raw_signature lets through
+            key.verify(raw, signed, PKCS1v15(), hashes.SHA256())
     except Exception:  # a hostile signature must only ever mean "invalid"
-        ok = False
-    if not ok:
-        raise IdentityError("signature does not verify")
+        raise IdentityError("signature does not verify") from None
 
 
 def fingerprint_of(ssh_public_key: str) -> str:
@@ -463,7 +487,7 @@ class _FileSigner:
 
     __slots__ = ("_key", "key_type", "blob", "source")
 
-    def __init__(self, key: asyncssh.SSHKey, key_type: str, blob: bytes, source: str) -> None:
+    def __init__(self, key: PrivateKey, key_type: str, blob: bytes, source: str) -> None:
         self._key = key
         self.key_type = key_type
         self.blob = blob
@@ -474,15 +498,20 @@ class _FileSigner:
 
     async def sign(self, data: bytes) -> bytes:
         try:
-            sig = self._key.sign(data, _SIG_ALG[self.key_type])
+            if isinstance(self._key, Ed25519PrivateKey):
+                raw = self._key.sign(data)
+            else:  # deterministic, as asyncssh signs it: the same mesh key as ever
+                raw = self._key.sign(data, PKCS1v15(), hashes.SHA256())
         except Exception:
             raise IdentityError(f"signing with the key from {self.source} failed") from None
-        _raw_signature(sig, self.key_type)
-        return bytes(sig)
+        return _string(_SIG_ALG[self.key_type]) + _string(raw)
 
     @asynccontextmanager
     async def client_keys(self) -> AsyncIterator[list[asyncssh.SSHKey | asyncssh.SSHKeyPair]]:
-        yield [self._key]
+        import asyncssh  # an SSH login: the rung has imported it already
+
+        yield [asyncssh.import_private_key(self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))]
 
 
 # The ssh-agent signer is tunnelmesh.identity_agent's.
@@ -617,9 +646,24 @@ def _get_passphrase(
     )
 
 
+def _unencrypted_openssh_key(data: bytes) -> PrivateKey | None:
+    """The key of an unencrypted OpenSSH-format Ed25519 or RSA key file (what ssh-keygen and
+    `tunnelmesh init --new-key` make) read by cryptography alone; None for anything else,
+    which `load_identity_file` reads with asyncssh as before (its messages, its formats)."""
+    if not data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
+        return None
+    try:
+        key = serialization.load_ssh_private_key(data, None)
+    except Exception:  # encrypted, damaged, or a type cryptography lacks
+        return None
+    return key if isinstance(key, (Ed25519PrivateKey, RSAPrivateKey)) else None
+
+
 def _key_type_from_public_part(data: bytes) -> tuple[str, bytes] | None:
     """The key's type and blob before decrypting, when the format shows them (OpenSSH
     format and unencrypted PEM do), so a refused key type is refused before a prompt."""
+    import asyncssh
+
     try:
         key = asyncssh.import_public_key(data)
     except Exception:
@@ -648,6 +692,17 @@ async def load_identity_file(
     for pem_type, key_type in ((b"EC", "ecdsa-sha2-*"), (b"DSA", "ssh-dss")):
         if b"-----BEGIN " + pem_type + b" PRIVATE KEY-----" in data:
             raise IdentityError(f"{path}: {_refusal(key_type)}")
+    fast = _unencrypted_openssh_key(data)
+    if fast is not None:
+        public = fast.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        key_type, blob = _split_key_text(public.decode("ascii"), allow_comment=False)
+        try:
+            _check_key_type(key_type, blob)
+        except IdentityError as exc:
+            raise IdentityError(f"{path}: {exc}") from None
+        return await NodeIdentity._derive(_FileSigner(fast, key_type, blob, path), origin=f"key file {path}")
+    import asyncssh
+
     early = _key_type_from_public_part(data)
     if early is not None:
         try:
@@ -683,7 +738,10 @@ async def load_identity_file(
         _check_key_type(key_type, blob)
     except IdentityError as exc:
         raise IdentityError(f"{path}: {exc}") from None
-    return await NodeIdentity._derive(_FileSigner(key, key_type, blob, path), origin=f"key file {path}")
+    # Held as cryptography's key, as the fast path holds it: one signer for every key file.
+    private = serialization.load_ssh_private_key(key.export_private_key("openssh"), None)
+    assert isinstance(private, (Ed25519PrivateKey, RSAPrivateKey))  # _check_key_type let only ours through
+    return await NodeIdentity._derive(_FileSigner(private, key_type, blob, path), origin=f"key file {path}")
 
 
 async def load_identity(

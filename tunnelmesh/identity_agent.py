@@ -20,8 +20,8 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import asyncssh
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tunnelmesh.identity import (
@@ -38,6 +38,10 @@ from tunnelmesh.identity import (
     _raw_signature,
     _split_key_text,
 )
+
+# asyncssh (~0.15 s of imports) only once an agent is asked: a key file's node never loads it.
+if TYPE_CHECKING:
+    import asyncssh
 
 __all__ = [
     "AGENT_TIMEOUT",
@@ -123,6 +127,8 @@ async def list_agent_keys(agent_path: str) -> list[AgentKey]:
     """Every key the agent holds, certificates included, in the agent's order.
     AgentUnavailable when the agent cannot be reached, does not answer within
     AGENT_TIMEOUT or breaks the protocol."""
+    import asyncssh
+
     try:
         async with asyncio.timeout(AGENT_TIMEOUT), asyncssh.connect_agent(agent_path) as agent:
             keys = await agent.get_keys()
@@ -244,6 +250,8 @@ class _AgentSigner:
     async def sign(self, data: bytes) -> bytes:
         # The agent's low-level sign with explicit flags: SSHAgentKeyPair.set_sig_algorithm
         # ORs flags into the key pair, so it could end up asking for something else.
+        import asyncssh
+
         flags = _SSH_AGENT_RSA_SHA2_256 if self.key_type == _RSA else 0
         sig: bytes | None = None
         try:
@@ -279,6 +287,8 @@ class _AgentSigner:
 
     @asynccontextmanager
     async def client_keys(self) -> AsyncIterator[list[asyncssh.SSHKey | asyncssh.SSHKeyPair]]:
+        import asyncssh
+
         path, fingerprint = self.agent_path, _fingerprint_blob(self.blob)
         agent: asyncssh.SSHAgentClient | None = None
         try:
