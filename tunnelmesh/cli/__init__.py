@@ -18,8 +18,7 @@ import sys
 
 from tunnelmesh.config import DEFAULT_COORDINATOR_PORT, ConfigError
 from tunnelmesh.control_client import ControlError
-from tunnelmesh.membership import DEFAULT_CIDR
-from tunnelmesh.paths import resolve_paths
+from tunnelmesh.paths import Paths, resolve_paths
 
 from .common import _WRITES_STATE, EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, _check_state_dir
 from .daemon import (
@@ -33,8 +32,12 @@ from .policy import cmd_filter_show, cmd_filter_test, cmd_policy_edit, cmd_polic
 from .tui import add_parser as _add_tui_parser
 from .keys import add_parser as _add_keys_parser
 from .netcheck import add_parser as _add_netcheck_parser
-from .ssh_config import cmd_ssh_config
 from .wg_export import cmd_wg_export
+
+#: tunnelmesh.membership.DEFAULT_CIDR as `init --help` shows it: membership is ~0.1 s of
+#: imports that every command (`up` above all) would pay for; `init` takes the real one
+#: (tests/unit/test_startup_imports.py checks that the two agree).
+DEFAULT_CIDR_SHOWN = "100.64.0.0/10"
 
 __all__ = ["EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "CliError", "build_parser", "main"]
 
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="this node's name (default: host name)")
     p.add_argument("--listen-port", type=int, default=51820, help="UDP port (default 51820)")
     _identity_options(p)
-    p.add_argument("--cidr", default=DEFAULT_CIDR, help=f"the network's IPv4 range (default {DEFAULT_CIDR})")
+    p.add_argument("--cidr", help=f"the network's IPv4 range (default {DEFAULT_CIDR_SHOWN})")
     p.add_argument("--url", help=f"the URL other machines reach the coordinator at, put in invites (default "
                                  f"https://<this host's address>:{DEFAULT_COORDINATOR_PORT}: the embedded coordinator "
                                  "serves TLS with a certificate made now, pinned in every invite; http:// for plain "
@@ -260,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "ssh/ beside the config, /etc/tunnelmesh/ssh; with --state-dir, in "
                                                 "the state directory, which only root can read: give --out)")
     p.add_argument("--json", action="store_true", help="print what would be written, as JSON; write nothing")
-    p.set_defaults(func=cmd_ssh_config)
+    p.set_defaults(func=_cmd_ssh_config)
 
     _add_tui_parser(sub)
     _add_keys_parser(sub)
@@ -270,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the software's and the control API's versions as JSON")
     p.set_defaults(func=cmd_version)
     return parser
+
+
+def _cmd_ssh_config(args: argparse.Namespace, paths: Paths) -> int:
+    """`ssh-config`, its module imported when it runs: it needs asyncssh, which no other
+    command's start (`up` above all) should pay for."""
+    from .ssh_config import cmd_ssh_config
+
+    return cmd_ssh_config(args, paths)
 
 
 def _identity_options(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,6 @@ or a blocking call, the node's config and identity."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from tunnelmesh.config import ConfigError, load_config
@@ -21,6 +20,8 @@ class CliError(Exception):
 
 def _run(coro: Any) -> Any:
     """Run a network operation; its refusals become CLI errors with their message."""
+    import asyncio  # lazily: most commands, `up --detach` too, run no event loop
+
     from tunnelmesh.coordinator.client import CoordinatorError
     from tunnelmesh.membership import MembershipError
     from tunnelmesh.netstate import StateError
@@ -52,6 +53,8 @@ def _load(paths: Paths) -> Any:
 
 
 def _identity(config: Any) -> Any:
+    import asyncio  # lazily: most commands, `up --detach` too, run no event loop
+
     from tunnelmesh.identity import IdentityError, load_identity
 
     try:

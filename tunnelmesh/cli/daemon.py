@@ -4,7 +4,6 @@ the running daemon, reached through its control socket."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
@@ -35,6 +34,8 @@ def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
         raise CliError("tunnelmesh up needs root (or CAP_NET_ADMIN) to create the TUN device; try sudo", EXIT_FAIL)
     if args.detach:
         return _up_detached(args, paths)
+    import asyncio  # lazily: most commands, `up --detach` too, run no event loop
+
     from actors.daemon import StartupError, configure_logging, run_daemon
 
     configure_logging(args.log_level)

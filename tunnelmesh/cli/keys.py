@@ -4,17 +4,19 @@ and which one this node's config uses; and the agent key `init`/`join --agent` c
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunnelmesh.config import ConfigError, load_config
-from tunnelmesh.identity import IdentityError
-from tunnelmesh.identity_agent import AgentKey, agent_socket, list_agent_keys, resolve_agent_key
 from tunnelmesh.paths import Paths
 
 from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError
+
+# The identity modules (cryptography) where the commands run: every `tunnelmesh` start
+# builds this parser (tests/unit/test_startup_imports.py).
+if TYPE_CHECKING:
+    from tunnelmesh.identity_agent import AgentKey
 
 
 def add_parser(sub: Any) -> None:
@@ -42,6 +44,9 @@ def _configured(paths: Paths) -> tuple[str | None, str | None]:
 
 def _in_use(keys: list[AgentKey], spec: str | None, socket: str) -> AgentKey | None:
     """The key the config's identity names, if this agent holds it."""
+    from tunnelmesh.identity import IdentityError
+    from tunnelmesh.identity_agent import resolve_agent_key
+
     if spec is None:
         return None
     try:
@@ -51,6 +56,11 @@ def _in_use(keys: list[AgentKey], spec: str | None, socket: str) -> AgentKey | N
 
 
 def cmd_keys(args: argparse.Namespace, paths: Paths) -> int:
+    import asyncio  # lazily: most commands, `up --detach` too, run no event loop
+
+    from tunnelmesh.identity import IdentityError
+    from tunnelmesh.identity_agent import agent_socket, list_agent_keys
+
     spec, configured_socket = _configured(paths)
     try:
         socket = agent_socket(args.agent_socket or configured_socket)
@@ -85,6 +95,11 @@ def agent_identity_spec(selector: str, socket: str | None) -> str:
     selector (fingerprint, comment, public key or .pub file; "": the only usable key)
     names in the agent at `socket` (None: $SSH_AUTH_SOCK), pinned by fingerprint (a
     comment can change)."""
+    import asyncio  # lazily: most commands, `up --detach` too, run no event loop
+
+    from tunnelmesh.identity import IdentityError
+    from tunnelmesh.identity_agent import agent_socket, list_agent_keys, resolve_agent_key
+
     try:
         path = agent_socket(socket)
         key = resolve_agent_key(asyncio.run(list_agent_keys(path)), selector or None, path)

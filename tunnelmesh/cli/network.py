@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import ipaddress
 import json
@@ -68,6 +67,7 @@ def cmd_init(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def _init_network(args: argparse.Namespace, paths: Paths) -> int:
+    from tunnelmesh.membership import DEFAULT_CIDR
     from tunnelmesh.network import create_network
 
     if args.mesh_ip is not None:
@@ -86,7 +86,7 @@ def _init_network(args: argparse.Namespace, paths: Paths) -> int:
     identity = _choose_identity(args, paths)
     name = args.name or _host_name()
     state = _run(create_network(paths, name=name, identity_spec=identity, listen_port=args.listen_port,
-                                cidr=args.cidr, url=url, serve=serve, ca_file=ca_file, tls_fingerprint=pin,
+                                cidr=args.cidr or DEFAULT_CIDR, url=url, serve=serve, ca_file=ca_file, tls_fingerprint=pin,
                                 agent_socket=_agent_socket(args)))
     _ssh_host_key(paths)
     network = state.network
@@ -317,6 +317,8 @@ def cmd_rotate_secret(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
+    import asyncio  # lazily: most commands, `up --detach` too, run no event loop
+
     from tunnelmesh.coordinator.reflection import StunSettingError
     from tunnelmesh.coordinator.standalone import run_standalone
     from tunnelmesh.coordinator.store import StoreError
