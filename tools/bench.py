@@ -1,272 +1,123 @@
 """Benchmark TunnelMesh against wireguard-go and nebula in network namespaces.
 
-    python -m tools.bench [--time T] [--runs N] [--only tunnelmesh,tunnelmesh+filter,wireguard-go,nebula,veth] [--json]
+    python -m tools.bench [--time T] [--runs N] [--only tunnelmesh,tunnelmesh+filter,wireguard-go,nebula,veth]
+                          [--json] [--json-out FILE] [--chart FILE.png]
     python -m tools.bench --ladder [--rounds N] [--time T] [--json]   (tools.ladderbench: the transport ladder)
 
 For every system, in turn and never two at once, a fresh lab: two namespaces `a` and
 `b` joined by a switch (192.0.2.0/24), the tunnel between them (mesh IPs 100.100.0.1 and
-.2). Then from `a`: `ping -c 20 -i 0.2` to b's mesh IP (RTT avg), and single-flow TCP
-`iperf3 -c <b> -t T -J` both ways (a->b, and b->a with -R) against `iperf3 -s` in `b`.
+.2). Then from `a`, against `iperf3 -s` in `b` (each iperf3 test for T seconds):
+- `ping -c 200 -i 0.01` to b's mesh IP: RTT avg, and median and p99 of the replies;
+- single-flow TCP `iperf3 -c <b> -t T -J` both ways (a->b, and b->a with -R);
+- 4 parallel TCP flows a->b (`-P 4`), Mbit/s summed;
+- UDP a->b at 64 B and at 1400 B of payload, unlimited rate (`-u -l SIZE -b 0`): packets/s
+  that b received and the loss %. 1400 B datagrams exceed every tunnel's MTU (1420 and
+  1300 less the IP and UDP headers), so each crosses as two fragments through all of them;
+- CPU seconds per GB: the two tunnel daemons' utime + stime (/proc/<pid>/stat, with any
+  child processes) over the single-flow TCP a->b run, per 10^9 bytes iperf3 moved.
 Also measured: connect time (from starting the second node, `tunnelmesh up --detach` of
 `b` or its wireguard-go/nebula process and configuration, to b's first answered ping of
 a, pinging every 50 ms; for tunnelmesh it includes the CLI's own start, recorded alone as
-"up_s" in --json) and the RSS of node a's tunnel daemon (/proc/<pid>/status), idle
-after connecting and again after the TCP runs (peak VmHWM in --json).
-"veth" is the same iperf3/ping workload on the underlay without any tunnel, for context.
-"tunnelmesh+filter" is "tunnelmesh" with the packet filter on (docs/filter.md): each
-node's `[filter]` table allows only what the workload needs, ICMP echo and the iperf3
-port, so every packet goes through the filter both ways; "tunnelmesh" has no filter.
+"up_s" in the JSON), the RSS of node a's tunnel daemon (/proc/<pid>/status), idle after
+connecting and again after the TCP runs (peak VmHWM in the JSON), and RSS per peer: one
+daemon alone with 1, 10, 100 and 1,000 made-up static peers, its idle RSS at each and the
+slope in KiB per peer (tools/footprint.py says how each system is given its peers).
+
+Checks that each tunnel really carried the traffic: after the workload, the tunnel
+interfaces' byte counters on both nodes (`ip -s link`, each way) and the daemons' own
+counters (tunnelmesh's `status`, wireguard-go's `wg show transfer`; nebula has none) must
+have risen by at least the bytes iperf3 reported moving that way. A run that fails the
+check is marked failed and its figures are kept only under "unverified" in the JSON,
+never shown.
+"veth" is the same iperf3/ping workload on the underlay without any tunnel, for context
+(no CPU, check or footprint). "tunnelmesh+filter" is "tunnelmesh" with the packet filter
+on (docs/filter.md): each node's `[filter]` table allows only what the workload needs,
+ICMP echo and the iperf3 port (TCP and UDP), so every packet goes through the filter both
+ways; "tunnelmesh" has no filter. The footprint is measured for tunnelmesh, wireguard-go
+and nebula (the filter does not change what a peer costs).
 
 Every figure is only meaningful as a ratio against a peer measured in the same run
 (see PERF-NOTES.md): the table prints tunnelmesh / wireguard-go and tunnelmesh / nebula,
 and the filter's cost as tunnelmesh+filter / tunnelmesh.
 With --runs N > 1 each system is measured N times (runs interleave the systems) and the
-table shows medians; --json prints every raw value too. Nothing here asserts a speed.
+table shows medians. --json prints, and --json-out FILE writes, every raw value, the
+medians, the ratios and the machine (CPU model, cores, kernel, Python, tool versions,
+date); --chart FILE.png draws the key figures per system (tools/benchchart.py, needs the
+`bench` extra: matplotlib). Nothing here asserts a speed.
 
-Exit status: 0 when every requested system was measured, 1 when one failed or was
-unavailable (the table still shows the rest), 2 for bad usage, 130 when interrupted.
-Labs are torn down on failure, Ctrl-C and SIGTERM.
+Exit status: 0 when every requested system was measured and passed its checks, 1 when
+one failed, failed a check or was unavailable (the table still shows the rest), 2 for bad
+usage, 130 when interrupted. Labs are torn down on failure, Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import re
 import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from tools.lab import Lab, Node, clean_environment, find_tool
+from tools import footprint
+from tools.benchlab import (MESH_PREFIXLEN, NEBULA_PORT, WG_PORT, BenchError, cpu_seconds, fresh_lab, link_counters,
+                            log, nebula_ca, nebula_config, need_nebula, process_alive, rss_mib, start_nebula,
+                            start_wireguard_go, wait_until, wg_key_pair)
+from tools.benchreport import (FILTERED, METRIC_KEYS, MTU, SYSTEMS, TUNNELS, UDP_SIZES,
+                               counter_shortfalls, cpu_per_gb, document, format_table, parse_cpu_model, parse_iperf3,
+                               parse_iperf3_udp, parse_ping, parse_wg_transfer, ratio_note, summarize)
+# median, ratio, format_value, format_ratio: tools.ladderbench uses them as bench.<name>.
+from tools.benchreport import format_ratio, format_value, median, ratio  # noqa: F401
+from tools.lab import Lab, Node, find_tool
 from tools.mesh import build_static_mesh, wait_for_handshakes
 
-# ---------------------------------------------------------------------------------------
-# Pure part: metrics, medians, ratios, the table. (tests/unit/test_bench_report.py)
-
-FILTERED = "tunnelmesh+filter"  # tunnelmesh with the packet filter on
-SYSTEMS = ("tunnelmesh", FILTERED, "wireguard-go", "nebula", "veth")
-TUNNELS = ("tunnelmesh", FILTERED, "wireguard-go", "nebula")
-BASELINE = "veth"
-COMPARED = ("wireguard-go", "nebula")  # each gets a ratio column: tunnelmesh / it
-#: The system whose column a ratio column follows -> (numerator, denominator).
-RATIO_OF = {FILTERED: (FILTERED, "tunnelmesh"), **{system: ("tunnelmesh", system) for system in COMPARED}}
-COLUMN_TITLES = {"tunnelmesh": "tunnelmesh", FILTERED: FILTERED, "wireguard-go": "wireguard-go", "nebula": "nebula",
-                 "veth": "raw veth"}
-MTU = {"tunnelmesh": 1420, FILTERED: 1420, "wireguard-go": 1420, "nebula": 1300}
-
-# (key, row label, format, show a ratio)
-METRICS: tuple[tuple[str, str, str, bool], ...] = (
-    ("tcp_ab_mbps", "TCP a->b (Mbit/s)", "{:.0f}", True),
-    ("tcp_ba_mbps", "TCP b->a (Mbit/s)", "{:.0f}", True),
-    ("ping_avg_ms", "ping RTT avg (ms)", "{:.3f}", True),
-    ("tcp_ab_retrans", "TCP a->b retransmits", "{:.0f}", False),
-    ("tcp_ba_retrans", "TCP b->a retransmits", "{:.0f}", False),
-    ("connect_s", "connect time (s)", "{:.2f}", True),
-    ("rss_idle_mib", "daemon RSS idle (MiB)", "{:.1f}", True),
-    ("rss_mib", "daemon RSS after TCP (MiB)", "{:.1f}", True),
-)
-METRIC_KEYS = tuple(m[0] for m in METRICS)
-
-
-def median(values: list[float | None]) -> float | None:
-    """Median of the values that are not None (None if there are none)."""
-    present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return statistics.median(present) if present else None
-
-
-def ratio(ours: float | None, theirs: float | None) -> float | None:
-    """ours / theirs, or None when either is missing or theirs is zero."""
-    if ours is None or theirs is None or theirs == 0:
-        return None
-    return ours / theirs
-
-
-def format_value(value: float | None, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
-
-
-def format_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Per metric, the median over the runs' records."""
-    return {key: median([run.get(key) for run in runs]) for key in METRIC_KEYS}
-
-
-def table_columns(shown: list[str]) -> list[tuple[str, str]]:
-    """The table's columns after "metric": (kind, system) with kind "value" or "ratio".
-
-    shown: systems with a column, in any order. Order is tunnelmesh, then tunnelmesh+filter
-    and each compared system, each followed by its ratio (RATIO_OF; only when tunnelmesh
-    is shown too), then raw veth."""
-    cols: list[tuple[str, str]] = []
-    if "tunnelmesh" in shown:
-        cols.append(("value", "tunnelmesh"))
-    for system in (FILTERED, *COMPARED):
-        if system in shown:
-            cols.append(("value", system))
-            if "tunnelmesh" in shown:
-                cols.append(("ratio", system))
-    if BASELINE in shown:
-        cols.append(("value", BASELINE))
-    return cols
-
-
-def format_table(results: dict[str, dict[str, float | None]], shown: list[str] | None = None) -> str:
-    """The comparison table.
-
-    results: system -> metric key -> value (medians). shown: systems with a column
-    (default: those in results). Rows without any value in any shown column are left
-    out; a ratio column holds RATIO_OF the system to its left: tunnelmesh / it, or for
-    tunnelmesh+filter, it / tunnelmesh."""
-    shown = [s for s in (shown if shown is not None else list(results)) if s in results]
-    cols = table_columns(shown)
-    header = ["metric"] + [COLUMN_TITLES[s] if kind == "value" else "ratio" for kind, s in cols]
-    rows = [header]
-    for key, label, fmt, with_ratio in METRICS:
-        cells = [label]
-        any_value = False
-        for kind, system in cols:
-            if kind == "value":
-                value = results[system].get(key)
-                any_value = any_value or value is not None
-                cells.append(format_value(value, fmt))
-            else:
-                numerator, denominator = RATIO_OF[system]
-                r = ratio(results[numerator].get(key), results[denominator].get(key)) if with_ratio else None
-                cells.append(format_ratio(r))
-        if any_value:
-            rows.append(cells)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = []
-    for row in rows:
-        parts = [row[0].ljust(widths[0])] + [cell.rjust(widths[i]) for i, cell in enumerate(row[1:], 1)]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
-
-
-def ratios(results: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
-    """For --json, the table's ratios: system -> metric -> RATIO_OF it (tunnelmesh / a
-    compared system; tunnelmesh+filter / tunnelmesh)."""
-    return {
-        system: {key: ratio(results[numerator].get(key), results[denominator].get(key))
-                 for key, _, _, with_ratio in METRICS if with_ratio}
-        for system, (numerator, denominator) in RATIO_OF.items()
-        if numerator in results and denominator in results
-    }
-
-
-def ratio_note(shown: list[str]) -> str:
-    """What the table's ratio columns hold, for the systems with results ("" for none)."""
-    if "tunnelmesh" not in shown:
-        return ""
-    parts = []
-    if FILTERED in shown:
-        parts.append(f"after {FILTERED}: {FILTERED} / tunnelmesh (the filter's cost)")
-    if any(system in shown for system in COMPARED):
-        parts.append(("after the others: " if parts else "") + "tunnelmesh / the column to its left")
-    if not parts:
-        return ""
-    return f"ratio {'; '.join(parts)} (Mbit/s: higher is better; ms, s, MiB: lower is better)"
-
-
-def parse_ping(output: str) -> dict[str, float | None]:
-    """Loss % and min/avg/max RTT (ms) from iputils ping's summary."""
-    loss = re.search(r"([\d.]+)% packet loss", output)
-    rtt = re.search(r"rtt min/avg/max/mdev = ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms", output)
-    return {
-        "loss_pct": float(loss.group(1)) if loss else None,
-        "min_ms": float(rtt.group(1)) if rtt else None,
-        "avg_ms": float(rtt.group(2)) if rtt else None,
-        "max_ms": float(rtt.group(3)) if rtt else None,
-    }
-
-
-def parse_iperf3(output: str) -> dict[str, float | None]:
-    """Received Mbit/s and sender retransmits from `iperf3 -J` output; ValueError when it
-    reports an error or has no result."""
-    try:
-        data = json.loads(output)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"iperf3 printed no JSON: {output[-300:]!r}") from exc
-    if data.get("error"):
-        raise ValueError(f"iperf3: {data['error']}")
-    end = data.get("end") or {}
-    received = (end.get("sum_received") or {}).get("bits_per_second")
-    if received is None:
-        raise ValueError("iperf3 JSON has no end.sum_received.bits_per_second")
-    retrans = (end.get("sum_sent") or {}).get("retransmits")
-    return {"mbps": received / 1e6, "retransmits": float(retrans) if retrans is not None else None}
-
-
-# ---------------------------------------------------------------------------------------
-# The lab part.
-
 MESH_A, MESH_B = "100.100.0.1", "100.100.0.2"
-MESH_PREFIXLEN = 24
-WG_PORT = 51820
-NEBULA_PORT = 4242
 IPERF_PORT = 5201
-PING_COUNT = 20
-READY_TIMEOUT = 20.0  # for each "wait until X is there" loop
+PING_COUNT, PING_INTERVAL = 200, 0.01
 CONNECT_TIMEOUT = 20  # seconds ping waits for the first answer
+FOOTPRINT_SYSTEMS = ("tunnelmesh", "wireguard-go", "nebula")
 
 
-class BenchError(RuntimeError):
-    pass
+class TrafficCheckFailed(BenchError):
+    """The tunnel's counters did not rise by what iperf3 reported moving through it."""
 
 
-def log(text: str) -> None:
-    print(f"bench: {text}", file=sys.stderr, flush=True)
+@dataclass
+class Tunnel:
+    """What the workload reads of a tunnel under test: its interface on each node, the
+    two daemons' pids, and the daemons' own byte counters (node name -> rx_bytes/tx_bytes;
+    None: the system has none)."""
+    a: Node
+    b: Node
+    a_if: str
+    b_if: str
+    pids: list[int]
+    own_counters: Callable[[], dict[str, dict[str, int]]] | None = None
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        found = {f"{self.a.name} {self.a_if}": link_counters(self.a, self.a_if),
+                 f"{self.b.name} {self.b_if}": link_counters(self.b, self.b_if)}
+        if self.own_counters is not None:
+            found.update({f"{name} daemon": values for name, values in self.own_counters().items()})
+        return found
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = READY_TIMEOUT, interval: float = 0.05,
-               alive: Callable[[], str | None] | None = None) -> None:
-    """Poll check() until true, bounded in time. alive() returns a reason to give up early."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return
-        if alive is not None:
-            dead = alive()
-            if dead:
-                raise BenchError(f"{what}: {dead}")
-        if time.monotonic() >= deadline:
-            raise BenchError(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
-
-
-def process_alive(proc: subprocess.Popen, node: Node, log_name: str) -> Callable[[], str | None]:
-    def check() -> str | None:
-        if proc.poll() is None:
-            return None
-        tail = " | ".join(node.log(log_name).strip().splitlines()[-5:])
-        return f"process exited with {proc.returncode}: {tail}"
-    return check
-
-
-def rss_mib(pid: int) -> tuple[float | None, float | None]:
-    """(VmRSS, VmHWM) of a process in MiB, from /proc/<pid>/status."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None, None
-    values = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0]) / 1024  # kB
-    return values.get("VmRSS"), values.get("VmHWM")
+    def check(self, before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], a_to_b: float,
+              b_to_a: float) -> list[str]:
+        """Shortfalls: a's side must have sent a_to_b and received b_to_a, b's side the reverse."""
+        problems = []
+        for where in after:
+            sends = a_to_b if where.startswith(f"{self.a.name} ") else b_to_a
+            receives = b_to_a if where.startswith(f"{self.a.name} ") else a_to_b
+            problems += counter_shortfalls(where, before[where], after[where],
+                                           {"tx_bytes": sends, "rx_bytes": receives})
+        return problems
 
 
 def two_nodes(lab: Lab) -> tuple[Node, Node, str, str]:
@@ -283,34 +134,61 @@ def first_ping(node: Node, address: str) -> None:
         raise BenchError(f"{node.name}: no answer from {address} within {CONNECT_TIMEOUT} s")
 
 
-def has_address(node: Node, ifname: str, address: str) -> bool:
-    proc = node.run("ip", "-o", "-4", "addr", "show", "dev", ifname, check=False)
-    return proc.returncode == 0 and f" {address}/" in proc.stdout
+def iperf3(client: Node, server_ip: str, seconds: int, *extra: str) -> str:
+    proc = client.run("iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
+                      "--connect-timeout", "5000", *extra, check=False, timeout=seconds + 40)
+    return proc.stdout
 
 
-def workload(client: Node, server: Node, server_ip: str, seconds: int, rec: dict[str, Any]) -> None:
-    """ping and iperf3 both ways from client to server_ip; results into rec as they come."""
+def measured(what: str, parse: Callable[[str], dict[str, Any]], output: str) -> dict[str, Any]:
+    try:
+        return parse(output)
+    except ValueError as exc:
+        raise BenchError(f"iperf3 {what}: {exc}") from None
+
+
+def workload(client: Node, server: Node, server_ip: str, seconds: int, rec: dict[str, Any],
+             tunnel: Tunnel | None) -> None:
+    """ping and iperf3 from client to server_ip; results into rec as they come. With a
+    tunnel: CPU per GB of the TCP a->b run, and the traffic check (TrafficCheckFailed)."""
     srv = server.popen("iperf3", "-s", "-p", str(IPERF_PORT), log_name="iperf3-server")
     wait_until("iperf3 server listening",
                lambda: f":{IPERF_PORT}" in server.run("ss", "-Hltn", check=False).stdout,
                alive=process_alive(srv, server, "iperf3-server"))
 
-    proc = client.run("ping", "-n", "-q", "-c", str(PING_COUNT), "-i", "0.2", "-W", "2", server_ip,
-                      check=False, timeout=PING_COUNT * 0.2 + 20)
+    proc = client.run("ping", "-n", "-c", str(PING_COUNT), "-i", str(PING_INTERVAL), "-W", "2", server_ip,
+                      check=False, timeout=PING_COUNT * PING_INTERVAL + 20)
     ping = parse_ping(proc.stdout)
-    rec["ping_avg_ms"], rec["ping_min_ms"], rec["ping_max_ms"], rec["ping_loss_pct"] = (
-        ping["avg_ms"], ping["min_ms"], ping["max_ms"], ping["loss_pct"])
+    for key in ("avg", "min", "max", "median", "p99"):
+        rec[f"ping_{key}_ms"] = ping[f"{key}_ms"]
+    rec["ping_loss_pct"], rec["ping_replies"] = ping["loss_pct"], ping["replies"]
     if ping["avg_ms"] is None:
         raise BenchError(f"ping {server_ip}: no RTT ({proc.stdout.strip()[-200:]} {proc.stderr.strip()[-200:]})")
 
-    for key, extra in (("tcp_ab", []), ("tcp_ba", ["-R"])):
-        proc = client.run("iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
-                          "--connect-timeout", "5000", *extra, check=False, timeout=seconds + 40)
-        try:
-            result = parse_iperf3(proc.stdout)
-        except ValueError as exc:
-            raise BenchError(f"iperf3 {' '.join(extra) or 'forward'} to {server_ip}: {exc}") from None
-        rec[f"{key}_mbps"], rec[f"{key}_retrans"] = result["mbps"], result["retransmits"]
+    before = tunnel.counters() if tunnel else {}
+    cpu_before = cpu_seconds(tunnel.pids) if tunnel else 0.0
+    tcp_ab = measured("a->b", parse_iperf3, iperf3(client, server_ip, seconds))
+    if tunnel:
+        rec["cpu_s_tcp_ab"] = cpu_seconds(tunnel.pids) - cpu_before
+        rec["cpu_s_per_gb"] = cpu_per_gb(rec["cpu_s_tcp_ab"], tcp_ab["bytes"])
+    tcp_ba = measured("b->a (-R)", parse_iperf3, iperf3(client, server_ip, seconds, "-R"))
+    tcp_p4 = measured("a->b -P 4", parse_iperf3, iperf3(client, server_ip, seconds, "-P", "4"))
+    for key, result in (("tcp_ab", tcp_ab), ("tcp_ba", tcp_ba), ("tcp_p4", tcp_p4)):
+        rec[f"{key}_mbps"], rec[f"{key}_retrans"], rec[f"{key}_bytes"] = (
+            result["mbps"], result["retransmits"], result["bytes"])
+    a_to_b = tcp_ab["bytes"] + tcp_p4["bytes"]
+    for size in UDP_SIZES:
+        udp = measured(f"UDP {size} B", parse_iperf3_udp,
+                       iperf3(client, server_ip, seconds, "-u", "-l", str(size), "-b", "0"))
+        for key, value in udp.items():
+            rec[f"udp{size}_{key}"] = value
+        a_to_b += udp["bytes"]
+    if tunnel:
+        after = tunnel.counters()
+        rec["counters_before"], rec["counters_after"] = before, after
+        problems = tunnel.check(before, after, a_to_b, tcp_ba["bytes"])
+        if problems:
+            raise TrafficCheckFailed("traffic check failed: " + "; ".join(problems))
 
 
 # --- the systems -------------------------------------------------------------------------
@@ -318,11 +196,12 @@ def workload(client: Node, server: Node, server_ip: str, seconds: int, rec: dict
 
 def bench_veth(lab: Lab, seconds: int, rec: dict[str, Any]) -> None:
     a, b, _, under_b = two_nodes(lab)
-    workload(a, b, under_b, seconds, rec)
+    workload(a, b, under_b, seconds, rec, None)
 
 
 #: Each node's `[filter]` for tunnelmesh+filter: what the workload needs (ping both ways,
-#: iperf3 from a to b's server); the answers pass as replies to the nodes' own flows.
+#: iperf3 from a to b's server over TCP and UDP); the answers pass as replies to the
+#: nodes' own flows.
 FILTER_CONFIG = f"""
 [filter]
 
@@ -333,6 +212,11 @@ proto = "icmp"
 [[filter.allow]]
 from = "*"
 proto = "tcp"
+ports = [{IPERF_PORT}]
+
+[[filter.allow]]
+from = "*"
+proto = "udp"
 ports = [{IPERF_PORT}]
 """
 
@@ -352,13 +236,24 @@ def bench_tunnelmesh(lab: Lab, seconds: int, rec: dict[str, Any], *, packet_filt
         first_ping(b.node, a.mesh_ip)
         rec["connect_s"] = time.monotonic() - started
         wait_for_handshakes(mesh)
-        filtering = {m.name: m.status()["filter"]["enabled"] for m in mesh.values()}
+        statuses = {m.name: m.status() for m in mesh.values()}
+        filtering = {name: status["filter"]["enabled"] for name, status in statuses.items()}
         if set(filtering.values()) != {packet_filter}:
             raise BenchError(f"packet filter {'on' if packet_filter else 'off'} expected, in force: {filtering}")
-        pid = int(a.status()["node"]["pid"])
-        rec["rss_idle_mib"] = rss_mib(pid)[0]
-        workload(a.node, b.node, b.mesh_ip, seconds, rec)
-        rec["rss_mib"], rec["rss_peak_mib"] = rss_mib(pid)
+        pids = {name: int(status["node"]["pid"]) for name, status in statuses.items()}
+        rec["rss_idle_mib"] = rss_mib(pids["a"])[0]
+
+        def own_counters() -> dict[str, dict[str, int]]:
+            totals = {}
+            for m in mesh.values():
+                peers = m.status()["peers"]
+                totals[m.name] = {k: sum(int(p[k]) for p in peers) for k in ("rx_bytes", "tx_bytes")}
+            return totals
+
+        tunnel = Tunnel(a.node, b.node, statuses["a"]["node"]["interface"], statuses["b"]["node"]["interface"],
+                        [pids["a"], pids["b"]], own_counters)
+        workload(a.node, b.node, b.mesh_ip, seconds, rec, tunnel)
+        rec["rss_mib"], rec["rss_peak_mib"] = rss_mib(pids["a"])
         statuses = {m.name: m.status() for m in mesh.values()}
         rec["drops"] = {name: status.get("drops") for name, status in statuses.items()}
         if packet_filter:  # a denied packet would be a workload the rules do not fit
@@ -366,7 +261,7 @@ def bench_tunnelmesh(lab: Lab, seconds: int, rec: dict[str, Any], *, packet_filt
     except BaseException:
         for m in mesh.values():  # the daemon's own log, for the error report
             try:
-                tail = Path(m.node.state_dir, "tunnelmesh.log").read_text(errors="replace").splitlines()[-8:]
+                tail = Path(m.log_path).read_text(errors="replace").splitlines()[-8:]
                 if tail:
                     rec.setdefault("log_tail", {})[m.name] = tail
             except OSError:
@@ -378,26 +273,13 @@ def bench_wireguard_go(lab: Lab, seconds: int, rec: dict[str, Any], sockets: lis
     a, b, under_a, under_b = two_nodes(lab)
     tag = secrets.token_hex(2)
     nodes = {"a": (a, f"wgb{tag}a", MESH_A, under_a), "b": (b, f"wgb{tag}b", MESH_B, under_b)}
-    keys = {}
-    for name, (node, *_rest) in nodes.items():
-        private = node.run("wg", "genkey").stdout.strip()
-        public = node.run("wg", "pubkey", input=private + "\n").stdout.strip()
-        key_file = Path(node.state_dir, "wg.key")
-        key_file.touch(mode=0o600)
-        key_file.write_text(private + "\n")
-        keys[name] = (key_file, public)
+    keys = {name: wg_key_pair(node) for name, (node, *_rest) in nodes.items()}
     procs: dict[str, subprocess.Popen] = {}
 
     def start(name: str, other: str) -> None:
         node, ifname, mesh_ip, _ = nodes[name]
         _, _, other_ip, other_under = nodes[other]
-        sockets.append(Path("/var/run/wireguard", f"{ifname}.sock"))
-        env = dict(clean_environment(), WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
-        proc = node.popen("wireguard-go", "-f", ifname, env=env, log_name="wireguard-go")
-        procs[name] = proc
-        wait_until(f"{name}: wireguard-go interface {ifname}",
-                   lambda: node.run("wg", "show", ifname, check=False).returncode == 0,
-                   alive=process_alive(proc, node, "wireguard-go"))
+        procs[name] = start_wireguard_go(node, ifname, sockets)
         node.run("wg", "set", ifname, "listen-port", str(WG_PORT), "private-key", str(keys[name][0]),
                  "peer", keys[other][1], "allowed-ips", f"{other_ip}/32", "endpoint", f"{other_under}:{WG_PORT}")
         node.run("ip", "addr", "add", f"{mesh_ip}/{MESH_PREFIXLEN}", "dev", ifname)
@@ -408,113 +290,48 @@ def bench_wireguard_go(lab: Lab, seconds: int, rec: dict[str, Any], sockets: lis
     start("b", "a")
     first_ping(b, MESH_A)
     rec["connect_s"] = time.monotonic() - started
-    pid = procs["a"].pid  # `ip netns exec` execs the program: same pid
+    pid = procs["a"].pid
     rec["rss_idle_mib"] = rss_mib(pid)[0]
-    workload(a, b, MESH_B, seconds, rec)
+
+    def own_counters() -> dict[str, dict[str, int]]:
+        return {name: parse_wg_transfer(node.run("wg", "show", ifname, "transfer").stdout)
+                for name, (node, ifname, _, _) in nodes.items()}
+
+    tunnel = Tunnel(a, b, nodes["a"][1], nodes["b"][1], [procs["a"].pid, procs["b"].pid], own_counters)
+    workload(a, b, MESH_B, seconds, rec, tunnel)
     rec["rss_mib"], rec["rss_peak_mib"] = rss_mib(pid)
 
 
-NEBULA_CONFIG = """\
-pki:
-  ca: {ca}
-  cert: {cert}
-  key: {key}
-static_host_map:
-  "{other_ip}": ["{other_under}:{port}"]
-lighthouse:
-  am_lighthouse: false
-  interval: 60
-  hosts: []
-listen:
-  host: 0.0.0.0
-  port: {port}
-punchy:
-  punch: false
-cipher: aes
-tun:
-  disabled: false
-  dev: {dev}
-  drop_local_broadcast: false
-  drop_multicast: false
-  tx_queue: 500
-  mtu: {mtu}
-logging:
-  level: info
-  format: text
-firewall:
-  outbound:
-    - port: any
-      proto: any
-      host: any
-  inbound:
-    - port: any
-      proto: any
-      host: any
-"""
-
-
 def bench_nebula(lab: Lab, seconds: int, rec: dict[str, Any]) -> None:
-    for tool in ("nebula", "nebula-cert"):
-        if find_tool(tool) is None:
-            raise BenchError(f"`{tool}` not installed (apt-get install --no-install-recommends nebula)")
+    need_nebula()
     a, b, under_a, under_b = two_nodes(lab)
     tag = secrets.token_hex(2)
     nodes = {"a": (a, f"neb{tag}a", MESH_A, under_a), "b": (b, f"neb{tag}b", MESH_B, under_b)}
-    pki = Path(lab.workdir, "nebula-pki")
-    pki.mkdir(mode=0o700)
-    a.run("nebula-cert", "ca", "-name", "tunnelmesh-bench", "-out-crt", str(pki / "ca.crt"), "-out-key", str(pki / "ca.key"))
+    pki = nebula_ca(lab, a)
     configs = {}
     for name, (node, dev, mesh_ip, _) in nodes.items():
-        other = "b" if name == "a" else "a"
-        a.run("nebula-cert", "sign", "-name", name, "-ip", f"{mesh_ip}/{MESH_PREFIXLEN}",
-              "-ca-crt", str(pki / "ca.crt"), "-ca-key", str(pki / "ca.key"),
-              "-out-crt", str(pki / f"{name}.crt"), "-out-key", str(pki / f"{name}.key"))
-        config = Path(node.state_dir, "nebula.yml")
-        config.write_text(NEBULA_CONFIG.format(
-            ca=pki / "ca.crt", cert=pki / f"{name}.crt", key=pki / f"{name}.key", other_ip=nodes[other][2],
-            other_under=nodes[other][3], port=NEBULA_PORT, dev=dev, mtu=MTU["nebula"]))
-        configs[name] = config
-    procs: dict[str, subprocess.Popen] = {}
-
-    def start(name: str) -> None:
-        node, dev, mesh_ip, _ = nodes[name]
-        proc = node.popen("nebula", "-config", str(configs[name]), log_name="nebula")
-        procs[name] = proc
-        wait_until(f"{name}: nebula interface {dev} with {mesh_ip}", lambda: has_address(node, dev, mesh_ip),
-                   alive=process_alive(proc, node, "nebula"))
-
-    start("a")
+        _, _, other_ip, other_under = nodes["b" if name == "a" else "a"]
+        configs[name] = nebula_config(node, pki, name, f"{mesh_ip}/{MESH_PREFIXLEN}", dev,
+                                      {other_ip: f"{other_under}:{NEBULA_PORT}"})
+    procs = {"a": start_nebula(a, configs["a"], nodes["a"][1], MESH_A)}
     started = time.monotonic()
-    start("b")
+    procs["b"] = start_nebula(b, configs["b"], nodes["b"][1], MESH_B)
     first_ping(b, MESH_A)
     rec["connect_s"] = time.monotonic() - started
     pid = procs["a"].pid
     rec["rss_idle_mib"] = rss_mib(pid)[0]
-    workload(a, b, MESH_B, seconds, rec)
+    tunnel = Tunnel(a, b, nodes["a"][1], nodes["b"][1], [procs["a"].pid, procs["b"].pid])
+    workload(a, b, MESH_B, seconds, rec, tunnel)
     rec["rss_mib"], rec["rss_peak_mib"] = rss_mib(pid)
 
 
 # --- running -----------------------------------------------------------------------------
 
 
-@contextmanager
-def fresh_lab(sockets: list[Path]) -> Iterator[Lab]:
-    """A lab torn down however the block ends; a second Ctrl-C cannot cut the teardown short."""
-    lab = Lab()
-    try:
-        yield lab
-    finally:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            lab.cleanup()
-            for sock in sockets:  # wireguard-go's UAPI socket, if it died without removing it
-                sock.unlink(missing_ok=True)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
 def run_one(system: str, seconds: int) -> dict[str, Any]:
-    """One measurement of one system in a fresh lab: its record, with "error" on failure."""
+    """One measurement of one system in fresh labs (the workload's, then the footprint's):
+    its record, with "error" on failure. A run that fails the traffic check keeps its
+    figures only under "unverified", so that they are never shown."""
     rec: dict[str, Any] = {}
     sockets: list[Path] = []
     started = time.monotonic()
@@ -530,67 +347,69 @@ def run_one(system: str, seconds: int) -> dict[str, Any]:
                 bench_nebula(lab, seconds, rec)
             else:
                 raise ValueError(system)
+        if system in FOOTPRINT_SYSTEMS:
+            footprint.measure(system, rec)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - one system failing must not stop the others
         reason = str(exc).strip().splitlines()
         kind = "" if isinstance(exc, BenchError) else f"{type(exc).__name__}: "
-        rec["error"] = f"{kind}{reason[0] if reason else ''}"[:300]
+        rec["error"] = f"{kind}{reason[0] if reason else ''}"[:600]
         rec["error_detail"] = str(exc)[-3000:]
+        if isinstance(exc, TrafficCheckFailed):
+            rec["unverified"] = {key: rec.pop(key) for key in METRIC_KEYS if key in rec}
     rec["wall_s"] = time.monotonic() - started
     return rec
 
 
-def tool_versions() -> dict[str, str]:
-    def first_line(*argv: str) -> str:
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"unavailable ({exc})"
-        text = (proc.stdout + proc.stderr).strip()
-        return text.splitlines()[0] if text else f"exit {proc.returncode}"
-
-    versions = {"kernel": platform.release(), "python": platform.python_version(), "cpus": str(os.cpu_count())}
-    for name, argv in (("iperf3", ["iperf3", "--version"]), ("wireguard-go", ["wireguard-go", "--version"]),
-                       ("nebula", ["nebula", "-version"])):
-        versions[name] = first_line(*argv) if find_tool(argv[0]) else "not installed"
-    return versions
+def first_line(*argv: str) -> str:
+    """The first line a tool prints (its version), or why there is none."""
+    if find_tool(argv[0]) is None:
+        return "not installed"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    text = (proc.stdout + proc.stderr).strip()
+    return text.splitlines()[0] if text else f"exit {proc.returncode}"
 
 
-def summarize(systems: list[str], records: dict[str, list[dict[str, Any]]]) -> tuple[dict, dict]:
-    """(medians of the systems with at least one value, system -> reason it has none)."""
-    results, unavailable = {}, {}
-    for system in systems:
-        runs = records[system]
-        meds = medians(runs)
-        if any(v is not None for v in meds.values()):
-            results[system] = meds
-        else:
-            errors = [r["error"] for r in runs if r.get("error")]
-            unavailable[system] = errors[0] if errors else "no results"
-    return results, unavailable
+def machine() -> dict[str, Any]:
+    """What the figures were measured on, and when."""
+    try:
+        cpu_model = parse_cpu_model(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        cpu_model = "unknown"
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "iperf3": first_line("iperf3", "--version"),
+        "wireguard-go": first_line("wireguard-go", "--version"),
+        "nebula": first_line("nebula", "-version"),
+    }
 
 
-def report(args: argparse.Namespace, systems: list[str], records: dict[str, list[dict[str, Any]]],
-           versions: dict[str, str]) -> str:
-    results, unavailable = summarize(systems, records)
+def report(args: argparse.Namespace, records: dict[str, list[dict[str, Any]]], host: dict[str, Any]) -> str:
+    results, unavailable = summarize(args.systems, records)
     note = ratio_note(list(results))
     lines = [
-        f"single-flow TCP iperf3 -t {args.time}, ping -c {PING_COUNT} -i 0.2, "
-        f"{args.runs} run(s){' (medians)' if args.runs > 1 else ''}; "
-        f"{versions['cpus']} CPUs, Linux {versions['kernel']}, Python {versions['python']}",
-        "MTU: " + ", ".join(f"{s} {MTU[s]}" for s in TUNNELS if s in systems) + (f"; {note}" if note else ""),
+        f"iperf3 -t {args.time} (TCP 1 and 4 flows, UDP {' and '.join(map(str, UDP_SIZES))} B), "
+        f"ping -c {PING_COUNT} -i {PING_INTERVAL}, {args.runs} run(s){' (medians)' if args.runs > 1 else ''}; "
+        f"{host['date']}, {host['cpu_model']}, {host['cpus']} CPUs, Linux {host['kernel']}, Python {host['python']}",
+        "MTU: " + ", ".join(f"{s} {MTU[s]}" for s in TUNNELS if s in args.systems) + (f"; {note}" if note else ""),
         "",
-        format_table(results, systems) if results else "(no results)",
+        format_table(results, args.systems) if results else "(no results)",
     ]
     notes = []
-    for system in systems:
+    for system in args.systems:
         if system in unavailable:
             notes.append(f"{system}: unavailable ({unavailable[system]})")
         else:
-            for i, run in enumerate(records[system], 1):
-                if run.get("error"):
-                    notes.append(f"{system}: run {i} failed: {run['error']}")
+            notes += [f"{system}: run {i} failed: {run['error']}"
+                      for i, run in enumerate(records[system], 1) if run.get("error")]
     if notes:
         lines += [""] + notes
     return "\n".join(lines)
@@ -598,11 +417,14 @@ def report(args: argparse.Namespace, systems: list[str], records: dict[str, list
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--time", type=int, default=10, metavar="T", help="iperf3 seconds per direction (default 10)")
+    parser.add_argument("--time", type=int, default=10, metavar="T",
+                        help="iperf3 seconds per TCP and UDP test (default 10)")
     parser.add_argument("--runs", type=int, default=1, metavar="N", help="measurements per system; medians (default 1)")
     parser.add_argument("--only", default=",".join(SYSTEMS), metavar="LIST",
                         help=f"comma-separated systems to measure (default: {','.join(SYSTEMS)})")
     parser.add_argument("--json", action="store_true", help="print machine-readable results instead of the table")
+    parser.add_argument("--json-out", metavar="FILE", help="also write the machine-readable results to FILE")
+    parser.add_argument("--chart", metavar="FILE.png", help="also draw the key figures per system to FILE.png")
     parser.add_argument("--ladder", action="store_true",
                         help="run tools.ladderbench instead (switch times and throughput per rung of the transport "
                              "ladder); the other options are then its own: see python -m tools.ladderbench --help")
@@ -638,8 +460,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing {', '.join(missing)}: run tools/setup.sh", file=sys.stderr)
         return 2
+    if args.chart:
+        try:
+            import matplotlib  # noqa: F401 - only whether it is there, before minutes of measuring
+        except ImportError:
+            print("--chart needs matplotlib: run tools/setup.sh (the `bench` extra)", file=sys.stderr)
+            return 2
     signal.signal(signal.SIGHUP, _hangup)
-    versions = tool_versions()
+    host = machine()
     records: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
     try:
         for run in range(1, args.runs + 1):
@@ -657,23 +485,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbench: interrupted; labs torn down", file=sys.stderr)
         return 130
-    results, unavailable = summarize(args.systems, records)
-    if args.json:
-        print(json.dumps({
-            "time_s": args.time,
-            "runs": args.runs,
-            "systems": args.systems,
-            "mtu": MTU,
-            "versions": versions,
-            "medians": results,
-            "ratios": ratios(results),
-            "unavailable": unavailable,
-            "raw": records,
-        }, indent=2))
-    else:
-        print(report(args, args.systems, records, versions))
-    failed = bool(unavailable) or any(r.get("error") for runs in records.values() for r in runs)
-    return 1 if failed else 0
+    doc = document({"time_s": args.time, "runs": args.runs, "ping": {"count": PING_COUNT, "interval_s": PING_INTERVAL},
+                    "udp_sizes": list(UDP_SIZES)}, host, args.systems, records)
+    text = json.dumps(doc, indent=2)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    if args.chart:
+        from tools import benchchart
+        try:
+            benchchart.draw(doc, args.chart)
+        except ValueError as exc:
+            log(f"no chart: {exc}")
+    print(text if args.json else report(args, records, host))
+    return 1 if doc["unavailable"] or doc["failed"] else 0
 
 
 if __name__ == "__main__":
