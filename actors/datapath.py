@@ -6,9 +6,20 @@ task switch, no log call and no buffer allocated (only small slice views):
 (actors/edges.py) into buffers allocated once, and call the protocol core
 directly. The stages, in order:
 
-    outbound: TUN readable -> readv -> Device.route -> [filter] -> Peer.encrypt -> send
-    inbound:  UDP readable -> recvfrom_into -> demux -> Device.receive -> deliver
-    deliver:  in-tunnel ping answers taken -> [filter] -> write to the TUN
+    outbound: TUN readable -> readv -> Device.route -> [filter] -> [segment] -> Peer.encrypt -> batch -> send
+    inbound:  UDP readable -> recvmsg_into -> [split] -> demux -> Device.receive -> deliver
+    deliver:  in-tunnel ping answers taken -> [filter] -> [coalesce] -> write to the TUN
+
+The offloads (docs/architecture.md, "Data path"): with a TUN that has the virtio-net
+header (actors/tun.py), a read may be a TCP or UDP super-packet of up to 64 KiB;
+`[segment]` splits it in place into MTU-sized packets (tunnelmesh.offload.segments),
+each sealed as it is made, and `[coalesce]` joins consecutive received segments of a TCP
+flow into one super-packet for one write (tunnelmesh.offload.Coalescer), written at the
+end of the batch at the latest. Sealed datagrams to one UDP address are laid end to end
+in one buffer and leave in one `sendmsg` with UDP_SEGMENT (`batch`, up to 64), and what
+the kernel joined on receive (UDP_GRO) is `[split]` back. The filter judges a
+super-packet once: its headers are every segment's. Without the offloads (older
+kernels, the in-memory doubles of the tests) each stage passes single packets through.
 
 `[filter]` is where the packet filter (tunnelmesh.filter, docs/filter.md) decides,
 one place per direction: `self.filter`, a `PacketFilter` the filter actor
@@ -42,17 +53,22 @@ sessions of touched peers re-arm their timers if a deadline moved earlier.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
+from tunnelmesh.offload import (
+    MAX_PACKET, NEEDS_CSUM, VNET_HDR, VNET_HDR_SIZE, Coalescer, complete_checksum, segments, super_packet_layout,
+)
 from tunnelmesh.packets import DAEMON_PING_LENGTH, daemon_echo_request, echo_reply_in_place, echo_reply_key
 from tunnelmesh.wireguard import Device, Peer
 from tunnelmesh.wireguard.constants import TRANSPORT_MIN_SIZE
 
-from .edges import Address, Bind, Tun
+from .edges import GRO_CMSG_SPACE, SOL_UDP, UDP_SEGMENT, Address, Bind, Tun, gro_segment_size
 
 if TYPE_CHECKING:
     import ipaddress
@@ -64,7 +80,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunnelmesh.datapath")
 
-BATCH = 512  # packets per readiness callback, so TUN and UDP take turns
+BATCH = 512  # reads per readiness callback, so TUN and UDP take turns
+GSO_SEGMENTS = 64  # datagrams per sendmsg at most (the kernel's UDP_MAX_SEGMENTS)
+GSO_BYTES = 65507 - 1500  # a batch stops short of the largest UDP payload, with room for one more
+#: sendmsg errors that mean "no GSO on this path" (a device without checksum offload):
+#: the batch goes again a datagram at a time, and batching stays off.
+GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+_ONE_DATAGRAM = (0,)
 # Under load (cookie replies instead of handshakes) when more than this many
 # handshake messages arrive within one second (wireguard-go: a backlog of
 # 1/8 of its handshake queue; here there is no queue, so count a rate).
@@ -121,16 +143,34 @@ class DataPath:
         self._mesh_ip = mesh_ip.packed if mesh_ip is not None else b""  # where the daemon's ping comes to
         self.port = bind.port
         mtu = device.mtu
-        # Buffers allocated once: packets from the TUN (room for padding),
-        # datagrams to send, datagrams received, plaintext to the TUN.
-        self._tun_buf = bytearray(mtu + 64)
+        # The virtio-net header's room before every TUN packet (0 without offloads).
+        self._hdr = hdr = VNET_HDR_SIZE if tun.vnet_hdr else 0
+        # Buffers allocated once: packets from the TUN (super-packets with the
+        # offloads; room for padding), a segment that must be padded, the send batch of
+        # sealed datagrams, datagrams received, plaintext to the TUN (after the header).
+        self._tun_buf = bytearray(hdr + (MAX_PACKET if hdr else mtu) + 64)
         self._tun_bufs = [self._tun_buf]
-        self._out_buf = bytearray(mtu + 64 + TRANSPORT_MIN_SIZE)
+        self._tun_packet = memoryview(self._tun_buf)[hdr:]
+        self._scratch = bytearray(mtu + 64)
+        self._scratch_view = memoryview(self._scratch)
+        self._out_buf = bytearray(GSO_BYTES + mtu + 64 + TRANSPORT_MIN_SIZE)
         self._out_view = memoryview(self._out_buf)
         self._udp_buf = bytearray(65536)
+        self._udp_bufs = [self._udp_buf]
         self._udp_view = memoryview(self._udp_buf)
-        self._plain_buf = bytearray(65536)
+        self._plain_buf = bytearray(hdr + 65536)
         self._plain_view = memoryview(self._plain_buf)
+        self._plain = self._plain_view[hdr:]
+        self._coalescer = Coalescer() if hdr else None
+        # The send batch: datagrams to one UDP address, all `_batch_size` long but the
+        # last, end to end at the start of `_out_buf`.
+        self._batch_to: Address | None = None
+        self._batch_len = 0
+        self._batch_size = 0
+        self._batch_count = 0
+        self._batch_closed = False  # a shorter datagram ended it
+        self._gso_max = GSO_SEGMENTS if bind.gso else 1
+        self._segment_cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
         self._touched: set[Peer] = set()
         self.load = LoadDetector()
         self._load_logged_at = float("-inf")
@@ -163,45 +203,116 @@ class DataPath:
             self._drain_tun()
         except Exception:
             self._internal_error("outbound")
+        if self._batch_count:  # what the batch holds leaves before the callback returns
+            self._send_batch()
         self.flush()
 
     def _drain_tun(self) -> None:
-        device, buf, bufs, out, out_view = self.device, self._tun_buf, self._tun_bufs, self._out_buf, self._out_view
-        readv, sendto, touched, packet_filter = self.tun.readv, self.bind.sendto, self._touched, self.filter
+        device, buf, bufs, packet, hdr = self.device, self._tun_buf, self._tun_bufs, self._tun_packet, self._hdr
+        readv, touched, packet_filter, seal = self.tun.readv, self._touched, self.filter, self._seal
         now, wall = self.clock.monotonic(), self.clock.wall()
         if packet_filter is not None:
             packet_filter.expire(now)
         for _ in range(BATCH):
             try:
-                length = readv(bufs)
+                length = readv(bufs) - hdr
             except BlockingIOError:
                 break
             except OSError as exc:
                 self.drops[f"tun read: {exc.strerror}"] += 1
                 break
-            peer = device.route(buf, length)
+            peer = device.route(packet, length)
             if peer is None:
                 self.drops["no peer for destination"] += 1
                 continue
             # [filter] outbound
-            if packet_filter is not None and not packet_filter.outbound(peer.public_key, buf, length, now):
+            if packet_filter is not None and not packet_filter.outbound(peer.public_key, packet, length, now):
                 continue
             touched.add(peer)
-            size = peer.encrypt(buf, length, out, now, wall)
-            if size:
-                endpoint = peer.endpoint
-                if endpoint.__class__ is not tuple:
-                    if endpoint is None:
-                        self.drops["peer has no endpoint"] += 1
-                    else:
-                        endpoint.send(out_view[:size])
+            if hdr and (buf[0] or buf[1]):  # the kernel left a checksum or a segmentation to us
+                flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(buf)
+                if gso_type:
+                    self._seal_segments(peer, length, gso_type, gso_size, csum_start, now, wall)
                     continue
-                try:
-                    sendto(out_view[:size], endpoint)
-                except BlockingIOError:
-                    self.drops["udp send buffer full"] += 1
-                except OSError as exc:
-                    self.drops[f"udp send: {exc.strerror}"] += 1
+                if flags & NEEDS_CSUM and not complete_checksum(packet, length, csum_start, csum_offset):
+                    self.drops["bad checksum offsets from the TUN"] += 1
+                    continue
+            seal(peer, packet, length, now, wall)
+
+    def _seal_segments(self, peer: Peer, length: int, gso_type: int, gso_size: int, csum_start: int,
+                       now: float, wall: float) -> None:
+        """[segment]: seal the super-packet in the TUN buffer a segment at a time."""
+        packet = self._tun_packet
+        layout = super_packet_layout(packet, length, gso_type, gso_size, csum_start)
+        if layout is None:
+            self.drops["malformed super-packet from the TUN"] += 1
+            return
+        full = layout[1] + layout[2] + gso_size
+        mtu, scratch, seal = self.device.mtu, self._scratch, self._seal
+        for start in segments(packet, length, layout, gso_size):
+            size = full if start + full < length else length - start
+            if size & 15 and size < mtu and start + size < length:
+                # Its padding would land on the next segment's payload: pad a copy.
+                scratch[:size] = packet[start:start + size]
+                seal(peer, self._scratch_view, size, now, wall)
+            else:
+                seal(peer, packet[start:], size, now, wall)
+
+    def _seal(self, peer: Peer, packet: memoryview, length: int, now: float, wall: float) -> None:
+        """Seal one packet into the send batch, or hand it to the peer's link."""
+        at = self._batch_len
+        size = peer.encrypt(packet, length, self._out_view[at:], now, wall)
+        if not size:
+            return  # staged until a session is up
+        endpoint = peer.endpoint
+        if endpoint.__class__ is not tuple:
+            if endpoint is None:
+                self.drops["peer has no endpoint"] += 1
+            else:
+                endpoint.send(self._out_view[at:at + size])
+            return
+        if self._batch_count:
+            if (not self._batch_closed and size <= self._batch_size and at + size <= GSO_BYTES
+                    and (endpoint is self._batch_to or endpoint == self._batch_to)):
+                self._batch_len = at + size
+                self._batch_count += 1
+                self._batch_closed = size < self._batch_size
+                if self._batch_count >= self._gso_max:
+                    self._send_batch()
+                return
+            self._send_batch()
+            self._out_buf[:size] = bytes(self._out_view[at:at + size])  # a copy: the two may overlap
+        self._batch_to = endpoint
+        self._batch_len = self._batch_size = size
+        self._batch_count = 1
+        if self._gso_max == 1:
+            self._send_batch()
+
+    def _send_batch(self) -> None:
+        """Send the batch: one datagram with sendto, several in one GSO sendmsg."""
+        count, length, size, to = self._batch_count, self._batch_len, self._batch_size, self._batch_to
+        self._batch_count = self._batch_len = 0
+        self._batch_closed = False
+        datagrams = self._out_view[:length]
+        try:
+            if count == 1:
+                self.bind.sendto(datagrams, to)
+            else:
+                cmsg = self._segment_cmsgs.get(size)
+                if cmsg is None:
+                    cmsg = self._segment_cmsgs[size] = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+                self.bind.sendmsg([datagrams], cmsg, 0, to)
+        except BlockingIOError:
+            self.drops["udp send buffer full"] += count
+        except OSError as exc:
+            if count > 1 and exc.errno in GSO_REFUSED:
+                self._gso_max = 1
+                log.warning("datapath: the kernel refused a batched UDP send (%s): sending a datagram per call",
+                            exc.strerror)
+                for start in range(0, length, size):
+                    self.send_to(datagrams[start:start + size], to)
+            else:
+                self.drops[f"udp send: {exc.strerror}"] += count
 
     # --- inbound --------------------------------------------------------------------
 
@@ -210,6 +321,7 @@ class DataPath:
             self._drain_udp()
         except Exception:
             self._internal_error("inbound")
+        self._write_coalesced()  # the pending super-packet leaves with its batch
         self.flush()
 
     def _internal_error(self, direction: str) -> None:
@@ -222,28 +334,38 @@ class DataPath:
             log.error("datapath: %s batch failed again", direction)
 
     def _drain_udp(self) -> None:
-        device, view, plain, udp_buf = self.device, self._udp_view, self._plain_buf, self._udp_buf
-        recvfrom_into, deliver = self.bind.recvfrom_into, self._deliver
+        device, view, plain, udp_buf, udp_bufs = self.device, self._udp_view, self._plain, self._udp_buf, self._udp_bufs
+        bind, deliver = self.bind, self._deliver
+        gro, recvmsg_into, recvfrom_into = bind.gro, bind.recvmsg_into if bind.gro else None, bind.recvfrom_into
         now, wall = self.clock.monotonic(), self.clock.wall()
         under_load = self.load.active(now)
         if self.filter is not None:
             self.filter.expire(now)
         for _ in range(BATCH):
             try:
-                size, source = recvfrom_into(udp_buf)
+                if gro:
+                    size, ancillary, _, source = recvmsg_into(udp_bufs, GRO_CMSG_SPACE)
+                    step = gro_segment_size(ancillary, size) if ancillary else size
+                else:
+                    size, source = recvfrom_into(udp_buf)
+                    step = size
             except BlockingIOError:
                 break
             except OSError as exc:
                 self.drops[f"udp receive: {exc.strerror}"] += 1
                 continue
-            if size == 0 or udp_buf[0] != 4:  # demux: transport messages go straight on
-                if size < 4 or not 0 < udp_buf[0] < 4 or udp_buf[1] or udp_buf[2] or udp_buf[3]:
-                    self._other_datagram(view[:size], source)
-                    continue
-                under_load = self._count_handshake(now)
-            length = device.receive(view[:size], source, now, wall, plain, under_load=under_load)
-            if length:
-                deliver(length, now)
+            # [split]: the datagrams the kernel joined (UDP_GRO), each `step` long but the last
+            for start in range(0, size, step) if step < size else _ONE_DATAGRAM:
+                end = start + step if start + step < size else size
+                if end == start or udp_buf[start] != 4:  # demux: transport messages go straight on
+                    if (end - start < 4 or not 0 < udp_buf[start] < 4 or udp_buf[start + 1] or udp_buf[start + 2]
+                            or udp_buf[start + 3]):
+                        self._other_datagram(view[start:end], source)
+                        continue
+                    under_load = self._count_handshake(now)
+                length = device.receive(view[start:end], source, now, wall, plain, under_load=under_load)
+                if length:
+                    deliver(length, now)
 
     def _other_datagram(self, datagram: memoryview, source: Address) -> None:
         for handler in self._datagram_handlers:
@@ -253,20 +375,39 @@ class DataPath:
 
     def _deliver(self, length: int, now: float) -> None:
         """The one way a decrypted packet (at the start of the plaintext buffer) leaves
-        the tunnel: to the daemon's own ping, else through the filter to the TUN."""
+        the tunnel: to the daemon's own ping, else through the filter to the TUN, joined
+        to the pending super-packet when it continues it."""
         if self.pings and self._answer_ping(length, now):
             return
+        plain = self._plain
         packet_filter = self.filter
         if packet_filter is not None:  # [filter] inbound
             peer = self.device.received_from
             assert peer is not None  # set by the receive that returned this packet
-            if length == DAEMON_PING_LENGTH and daemon_echo_request(self._plain_buf, length, self._mesh_ip):
+            if length == DAEMON_PING_LENGTH and daemon_echo_request(plain, length, self._mesh_ip):
                 self._answer_daemon_ping(peer, length, now)
                 return
-            if not packet_filter.inbound(peer.public_key, self._plain_buf, length, now):
+            if not packet_filter.inbound(peer.public_key, plain, length, now):
                 return
+        coalescer = self._coalescer
+        if coalescer is not None:  # [coalesce]
+            if coalescer.pending:
+                if coalescer.continues(plain, length):
+                    coalescer.append(plain, length)
+                    return
+                self._write_tun(coalescer.finish())
+            if coalescer.start(plain, length):
+                return
+        self._write_tun(self._plain_view[:self._hdr + length])  # behind an empty header, with offloads
+
+    def _write_coalesced(self) -> None:
+        coalescer = self._coalescer
+        if coalescer is not None and coalescer.pending:
+            self._write_tun(coalescer.finish())
+
+    def _write_tun(self, data: memoryview) -> None:
         try:
-            self.tun.write(self._plain_view[:length])
+            self.tun.write(data)
         except BlockingIOError:
             self.drops["tun write would block"] += 1
         except OSError as exc:
@@ -279,9 +420,10 @@ class DataPath:
         now = self.clock.monotonic()
         try:
             under_load = self._count_handshake(now) if message and message[0] != 4 else now < self.load.until
-            length = self.device.receive(message, link, now, self.clock.wall(), self._plain_buf, under_load=under_load)
+            length = self.device.receive(message, link, now, self.clock.wall(), self._plain, under_load=under_load)
             if length:
                 self._deliver(length, now)
+                self._write_coalesced()
         except Exception:
             self._internal_error("inbound")
         device = self.device
@@ -314,7 +456,7 @@ class DataPath:
         return under_load
 
     def _answer_ping(self, length: int, now: float) -> bool:
-        key = echo_reply_key(self._plain_buf, length)
+        key = echo_reply_key(self._plain, length)
         future = self.pings.pop(key, None) if key is not None else None
         if future is None:
             return False
@@ -325,8 +467,8 @@ class DataPath:
     def _answer_daemon_ping(self, peer: Peer, length: int, now: float) -> None:
         """Answer the peer daemon's echo request to this node (in the plaintext buffer)
         straight back to it: not through the TUN, so no packet filter rule is needed."""
-        echo_reply_in_place(self._plain_buf, length)
-        size = peer.encrypt(self._plain_buf, length, self._out_buf, now, self.clock.wall())
+        echo_reply_in_place(self._plain, length)
+        size = peer.encrypt(self._plain, length, self._out_buf, now, self.clock.wall())
         if size and peer.endpoint is not None:
             self.send_to(self._out_view[:size], peer.endpoint)
         self._touched.add(peer)

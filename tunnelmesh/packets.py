@@ -46,17 +46,19 @@ def echo_reply_key(packet: bytes | bytearray | memoryview, length: int) -> tuple
     return ident, seq
 
 
-def daemon_echo_request(packet: bytearray, length: int, to: bytes) -> bool:
+def daemon_echo_request(packet: bytearray | memoryview, length: int, to: bytes) -> bool:
     """Whether the packet is the daemon's own echo request (as `icmp_echo` builds it with
     DAEMON_PING_PAYLOAD) to the IPv4 address `to` (4 bytes). Cheap first: the length."""
     return (length == DAEMON_PING_LENGTH and packet[0] == 0x45 and packet[9] == ICMP
             and packet[20] == ICMP_ECHO_REQUEST and packet[16:20] == to and packet[28:length] == DAEMON_PING_PAYLOAD)
 
 
-def echo_reply_in_place(packet: bytearray, length: int) -> None:
+def echo_reply_in_place(packet: bytearray | memoryview, length: int) -> None:
     """Turn an IPv4 echo request (no IP options) into its reply: addresses swapped, type 0,
     ICMP checksum recomputed (the IP header's sum does not change with the swap)."""
-    packet[12:16], packet[16:20] = packet[16:20], packet[12:16]
+    source = bytes(packet[12:16])  # a copy: `packet` may be a memoryview
+    packet[12:16] = packet[16:20]
+    packet[16:20] = source
     packet[20] = ICMP_ECHO_REPLY
     packet[22:24] = b"\x00\x00"
     packet[22:24] = struct.pack("!H", checksum(bytes(packet[20:length])))

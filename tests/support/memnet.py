@@ -248,7 +248,11 @@ class Net:
 
 
 class MemoryBind:
-    """A node's UDP socket on the in-memory network (an actors.edges.Bind)."""
+    """A node's UDP socket on the in-memory network (an actors.edges.Bind), without
+    offloads: a datagram per call."""
+
+    gso = False
+    gro = False
 
     def __init__(self, net: Net, node: Host, address: tuple[str, int]) -> None:
         self.net = net
@@ -289,7 +293,9 @@ class MemoryBind:
 class MemoryTun:
     """A node's TUN device (an actors.edges.Tun): one end of a Unix datagram socketpair; the
     other end, `app`, is the kernel's side. Closing the device closes both ends, as closing
-    a TUN removes the interface."""
+    a TUN removes the interface. Plain packets, no virtio-net header."""
+
+    vnet_hdr = False
 
     def __init__(self, name: str) -> None:
         self.name = name
