@@ -47,6 +47,12 @@ def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
         return EXIT_OK
 
 
+#: How often `up --detach` asks whether the daemon answers yet (s): a refused connect to a
+#: socket not there yet costs microseconds, a coarse poll would add its whole period to
+#: the connect time.
+READY_POLL = 0.02
+
+
 def _up_detached(args: argparse.Namespace, paths: Paths) -> int:
     _check_state_dir(paths)
     # Checked here, not only in the child: otherwise the running daemon would answer
@@ -75,7 +81,7 @@ def _up_detached(args: argparse.Namespace, paths: Paths) -> int:
         try:
             answer = request(paths.control_socket, "ping_daemon", timeout=1)
         except ControlError:
-            time.sleep(0.1)
+            time.sleep(READY_POLL)
             continue
         if answer != "running":  # it waits for the ssh-agent: returns now, it comes up once the key is there
             print(f"tunnelmesh started (pid {process.pid}, log {log_path}) and is {answer}; it comes up by "
