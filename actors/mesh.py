@@ -22,7 +22,7 @@ from .messages import (AddPeers, FindSession, ListPeers, PeerAdded, PeerRemoved,
                        SetCandidates, SetPsk, Start, SyncPeers)
 from .runtime import Actor
 from .links import Transports
-from .session import PeerSession
+from .session import PeerSession, Ticker
 
 if TYPE_CHECKING:
     from .control import EventBus
@@ -55,6 +55,7 @@ class Mesh(Actor):
         self.transports = transports or Transports()
         self.clock = clock
         self.sessions: dict[bytes, PeerSession] = {}
+        self.ticker = Ticker()  # every session's ladder tick on one timer
         self.specs: dict[bytes, PeerSpec] = {}  # what each session was made from
         # Hole punching: who asks the coordinator for a punch (the coordinator client sets
         # it; None in a static mesh), and this node's NAT as its prober last found it (the
@@ -70,7 +71,7 @@ class Mesh(Actor):
                               wg_key=spec.wg_key, transports=self.transports, choice=spec.choice,
                               candidates=spec.candidates, clock=self.clock, request_punch=self._request_punch,
                               own_nat=lambda: self.own_nat(), peer_nat=spec.nat,
-                              punch_refused=lambda: self.punch_refusals.get(spec.wg_key))
+                              punch_refused=lambda: self.punch_refusals.get(spec.wg_key), ticker=self.ticker)
         selector = session.selector
         session.peer = self.device.add_peer(
             spec.wg_key, preshared_key=self.psk, allowed_ips=spec.allowed_ips,

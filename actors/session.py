@@ -12,7 +12,8 @@ batch: the hot path's documented exception to message passing.
 
 It turns core events into one log line each and typed events on the bus, feeds
 the selector (handshakes with the path they came on, link failures and, once a
-second, the core's view of unanswered traffic) and carries out what it returns:
+second, on the mesh's `Ticker` that ticks every session on one timer, the core's
+view of unanswered traffic) and carries out what it returns:
 probes (handshake initiations on chosen rungs, dialling an SSH link first if need
 be) and switches (setting `peer.endpoint` to the rung's UDP address or link).
 
@@ -59,6 +60,37 @@ PUNCH_SPACING = rungs.BETTER_PROBE - 2.0
 log = logging.getLogger("tunnelmesh.session")
 
 
+class Ticker:
+    """The sessions' once-a-second ladder tick on one loop timer: a node's N peers wake the
+    daemon once a second, not N times at N phases of it. A session subscribes at Start
+    (its first tick comes within a period) and unsubscribes when it stops; the timer runs
+    while anyone is subscribed."""
+
+    def __init__(self, period: float = TICK) -> None:
+        self.period = period
+        self._callbacks: dict[Callable[[], None], None] = {}  # an ordered set: ticked in subscription order
+        self._handle: asyncio.TimerHandle | None = None
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks[callback] = None
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.period, self._fire)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks.pop(callback, None)
+        if not self._callbacks and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = asyncio.get_running_loop().call_later(self.period, self._fire)
+        for callback in list(self._callbacks):  # one may unsubscribe (itself) while ticked
+            try:
+                callback()
+            except Exception:  # one session's failure must not cost the others their tick
+                log.exception("ladder tick failed")
+
+
 def path_status(endpoint: object | None) -> m.PathStatus | None:
     return m.PathStatus(rung_of(endpoint), describe(endpoint)) if endpoint is not None else None
 
@@ -84,6 +116,7 @@ class PeerSession(Actor):
         own_nat: Callable[[], NatReport | None] = lambda: None,
         peer_nat: PeerNat = PeerNat(),
         punch_refused: Callable[[], str | None] = lambda: None,
+        ticker: Ticker | None = None,
     ) -> None:
         super().__init__()
         self.name = f"session:{name}"
@@ -109,7 +142,8 @@ class PeerSession(Actor):
         self.selector = PathSelector(choice, candidates=candidates)
         self._want_probe: set[str] = set()  # rungs to probe once their link is up
         self._dialling: asyncio.Task[None] | None = None
-        self._tick_handle: asyncio.TimerHandle | None = None
+        self.ticker = ticker or Ticker()  # the mesh's, shared by its sessions
+        self._ticking = False  # subscribed to the ticker
         # Hole punching (tunnelmesh/punch.py): asking the coordinator to tell both ends, and
         # the punch in progress when told. `request_punch` is None without a coordinator.
         self.request_punch = request_punch
@@ -427,8 +461,8 @@ class PeerSession(Actor):
                              change.at)
 
     def _tick(self) -> None:
-        self._tick_handle = None
         if self._stopped or self.peer is None:
+            self._stop_ticking()
             return
         peer = self.peer
         now = self.clock.monotonic()
@@ -442,7 +476,11 @@ class PeerSession(Actor):
                 peer.abandon_handshake()  # the search gave up: quiet until new traffic asks for the peer
         except Exception:
             log.exception("%s: ladder tick failed", self.peer_name)
-        self._tick_handle = asyncio.get_running_loop().call_later(TICK, self._tick)
+
+    def _stop_ticking(self) -> None:
+        if self._ticking:
+            self.ticker.unsubscribe(self._tick)
+            self._ticking = False
 
     def why_not_better(self) -> str:
         now, wall = self.clock.monotonic(), self.clock.wall()
@@ -459,8 +497,9 @@ class PeerSession(Actor):
             assert self.peer is not None
             self._apply(self.selector.start(self.peer.endpoint, self.clock.monotonic()))
             self.reschedule()
-            if self._tick_handle is None:
-                self._tick_handle = asyncio.get_running_loop().call_later(TICK, self._tick)
+            if not self._ticking:
+                self.ticker.subscribe(self._tick)
+                self._ticking = True
             return None
         if isinstance(message, m.SetCandidates):
             assert self.peer is not None
@@ -561,9 +600,7 @@ class PeerSession(Actor):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
-            self._tick_handle = None
+        self._stop_ticking()
         if self._punch_handle is not None:
             self._punch_handle.cancel()
             self._punch_handle = None
