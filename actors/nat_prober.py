@@ -129,11 +129,14 @@ class NatProber(Actor):
         raise ValueError(f"unknown message {type(message).__name__}")
 
     async def _schedule(self) -> None:
-        """Check at start, every probe_interval, and when the addresses or servers change."""
+        """Check at start, every probe_interval, and when the addresses or servers change.
+        Without a server the addresses are not read (a netlink dump every ADDRESS_POLL on
+        an idle static node): a check then only says that no server is known."""
         seen: tuple[list[str], list[str]] | None = None
         last = float("-inf")
         while True:
-            now_seen = (sorted(await self.local_addresses()), list(self.servers()))
+            servers = list(self.servers())
+            now_seen = (sorted(await self.local_addresses()) if servers else [], servers)
             if now_seen != seen or self.clock.monotonic() - last >= self.probe_interval:
                 if seen is not None and now_seen != seen:
                     log.info("nat: addresses or STUN servers changed: checking again")
