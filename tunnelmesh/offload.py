@@ -36,6 +36,7 @@ MAX_SEGMENTS = 64  # what one coalesced packet may hold (the kernel's UDP_MAX_SE
 
 TCP = 6
 UDP = 17
+DONT_FRAGMENT = 0x40  # in IPv4 header byte 6
 TCP_FIN = 0x01
 TCP_PSH = 0x08
 TCP_ACK = 0x10
@@ -126,7 +127,7 @@ def super_packet_layout(packet: memoryview, length: int, gso_type: int, gso_size
 def segments(packet: memoryview, length: int, layout: tuple[int, int, int], gso_size: int) -> Iterator[int]:
     """Split the super-packet at the start of `packet` (`length` bytes) into packets of
     at most `gso_size` payload bytes, in place: each is made whole in turn and its start
-    yielded; its length is `segment_length(start)`.
+    yielded; it ends `header + gso_size` later, or at `length` for the last.
 
     Segment i's payload already lies at `header + i * gso_size`, so its headers are
     written just before it, over the end of segment i-1's payload, which the caller has
@@ -182,10 +183,13 @@ class Coalescer:
     write `finish()` (when `pending`) and then `start` with it, or write it alone when
     it cannot start one. Only segments that the kernel would merge itself are joined: the
     same addresses, ports, ACK, window and options, the next sequence number, flags ACK
-    or ACK|PSH, every segment but the last of the same size."""
+    or ACK|PSH, every segment but the last of the same size; IPv4 with the same DF and,
+    without DF, IP ids counting up (Linux's inet_gro_receive and tcp_gro_receive).
+    Segment checksums are not checked: the tunnel authenticated every byte, and the
+    joined packet's checksum is the kernel's to complete."""
 
-    __slots__ = ("buf", "view", "pending", "_version", "_l4", "_header", "_size", "_count", "_next_seq", "_closed",
-                 "_psh")
+    __slots__ = ("buf", "view", "pending", "_version", "_l4", "_header", "_size", "_count", "_next_seq", "_next_id",
+                 "_closed", "_psh")
 
     def __init__(self) -> None:
         self.buf = bytearray(VNET_HDR_SIZE + MAX_PACKET)
@@ -197,6 +201,7 @@ class Coalescer:
         self._size = 0  # payload bytes of the first segment: the gso_size
         self._count = 0
         self._next_seq = 0
+        self._next_id = -1  # the IPv4 id the next segment must have; -1: any (DF set, or IPv6)
         self._closed = False
         self._psh = False
 
@@ -205,9 +210,11 @@ class Coalescer:
         """(L4 offset, header length) of a TCP data segment with flags ACK or ACK|PSH that
         can be joined (IPv4 without options or fragmentation, IPv6 without extension
         headers), else None."""
+        if length < 40:
+            return None
         first = packet[0]
         if first == 0x45:
-            if length < 40 or packet[9] != TCP or (packet[6] & 0x3F) or packet[7]:
+            if packet[9] != TCP or (packet[6] & ~DONT_FRAGMENT) or packet[7]:  # fragments, the reserved flag
                 return None
             l4 = 20
         elif first >> 4 == 6:
@@ -234,6 +241,7 @@ class Coalescer:
         self._size = length - self._header
         self._count = 1
         self._next_seq = (_U32.unpack_from(packet, self._l4 + 4)[0] + self._size) & 0xFFFFFFFF
+        self._next_id = -1 if self._version == 6 or packet[6] else (_U16.unpack_from(packet, 4)[0] + 1) & 0xFFFF
         self._closed = self._psh = False
         self.buf[VNET_HDR_SIZE:VNET_HDR_SIZE + length] = packet[:length]
         self.pending = length
@@ -245,13 +253,15 @@ class Coalescer:
             return False
         l4, header = self._l4, self._header
         size = length - header
-        if (size < 1 or size > self._size or self.pending + size > MAX_PACKET or length <= l4 + 13
-                or packet[l4 + 13] & ~TCP_PSH != TCP_ACK or (packet[l4 + 12] >> 4) * 4 != header - l4):
+        if size < 1 or size > self._size or self.pending + size > MAX_PACKET or packet[l4 + 13] & ~TCP_PSH != TCP_ACK:
             return False
         mine = self.view[VNET_HDR_SIZE:]
+        if packet[l4 + 12] != mine[l4 + 12]:  # data offset, reserved bits, AE
+            return False
         if self._version == 4:
-            if (packet[0] != 0x45 or packet[9] != TCP or (packet[6] & 0x3F) or packet[7] or packet[1] != mine[1]
-                    or packet[8] != mine[8] or packet[12:24] != mine[12:24]):
+            if (packet[0] != 0x45 or packet[9] != TCP or packet[6] != mine[6] or packet[7] or packet[1] != mine[1]
+                    or packet[8] != mine[8] or packet[12:24] != mine[12:24]
+                    or (self._next_id >= 0 and _U16.unpack_from(packet, 4)[0] != self._next_id)):
                 return False
         elif (packet[0] >> 4 != 6 or packet[6] != TCP or packet[:4] != mine[:4] or packet[7] != mine[7]
               or packet[8:44] != mine[8:44]):
@@ -266,6 +276,8 @@ class Coalescer:
         self.pending += size
         self._count += 1
         self._next_seq = (self._next_seq + size) & 0xFFFFFFFF
+        if self._next_id >= 0:
+            self._next_id = (self._next_id + 1) & 0xFFFF
         if packet[self._l4 + 13] & TCP_PSH:
             self._psh = self._closed = True
         elif size < self._size:

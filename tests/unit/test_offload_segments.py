@@ -617,22 +617,11 @@ def test_ipv4_segments_without_dont_fragment_are_joined() -> None:
     assert coalesced(flow(4, [1000, 1000, 1000], fragment=0)) == [3]
 
 
-def _kernel_would_not_join(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"offload.Coalescer joins them: {reason}")
-
-
 @pytest.mark.parametrize(("fragment", "at", "value"), [
-    pytest.param(DF, 6, b"\x00", id="dont-fragment-changes", marks=_kernel_would_not_join(
-        "continues() does not compare DF; the kernel's inet_gro_receive flushes on a DF change "
-        "(the joined packet takes the first's DF)")),
-    pytest.param(0, 4, struct.pack("!H", 9999), id="ip-id-jumps-without-dont-fragment", marks=_kernel_would_not_join(
-        "IP ids are not checked; the kernel joins IPv4 segments without DF only when their ids count up by one")),
-    pytest.param(DF, 6, b"\xc0", id="reserved-flag", marks=_kernel_would_not_join(
-        "only the fragment bits of IPv4 byte 6 are checked (& 0x3F); the kernel's inet_gro_receive does not join "
-        "a packet with the reserved flag bit (0x8000) set")),
-    pytest.param(DF, V4_TCP + 12, bytes((0x81,)), id="tcp-ae-bit-differs", marks=_kernel_would_not_join(
-        "only the data offset of TCP byte 12 is compared, not its low bits (reserved, AE of AccECN's ACE "
-        "counter); the kernel's tcp_gro_receive flushes when they differ")),
+    pytest.param(DF, 6, b"\x00", id="dont-fragment-changes"),
+    pytest.param(0, 4, struct.pack("!H", 9999), id="ip-id-jumps-without-dont-fragment"),
+    pytest.param(DF, 6, b"\xc0", id="reserved-flag"),
+    pytest.param(DF, V4_TCP + 12, bytes((0x81,)), id="tcp-ae-bit-differs"),
 ])
 def test_header_differences_the_kernel_would_not_join(fragment: int, at: int, value: bytes) -> None:
     packets = flow(4, [1000, 1000], fragment=fragment)
