@@ -196,6 +196,7 @@ class ControlApi:
             agent=await self.agent_probe() if self.agent_probe is not None else None,
             nat=self.nat_prober.report if self.nat_prober is not None else None,
             port_mapping=self.port_mapper.mapping if self.port_mapper is not None else None,
+            offloads=self.datapath.offloads,
         )
 
     def _actors(self) -> tuple[ActorStatus, ...]:

@@ -522,11 +522,11 @@ async def _initial_peers(config: NodeConfig, cached_map: MapSnapshot | None) -> 
 def _open_edges(config: NodeConfig) -> tuple[UdpBind, TunDevice]:
     """The UDP socket and the TUN device (not configured yet)."""
     try:
-        bind = UdpBind.open(config.listen_port)
+        bind = UdpBind.open(config.listen_port, offload=config.offload)
     except UdpError as exc:
         raise StartupError(f"{exc} ({config.path})") from None
     try:
-        tun = TunDevice.create(config.interface)
+        tun = TunDevice.create(config.interface, offload=config.offload)
     except TunError as exc:
         bind.close()
         raise StartupError(str(exc)) from None

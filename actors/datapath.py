@@ -180,6 +180,15 @@ class DataPath:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_pending = False
 
+    @property
+    def offloads(self) -> str:
+        """The kernel offloads in use, for `status`: "tun csum tso uso, udp gso gro", "none"."""
+        parts = [f"tun {self.tun.offloads}"] if self._hdr and self.tun.offloads != "none" else []
+        udp = " ".join(name for name, on in (("gso", self._gso_max > 1), ("gro", self.bind.gro)) if on)
+        if udp:
+            parts.append(f"udp {udp}")
+        return ", ".join(parts) or "none"
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.tun.fileno(), self._on_tun_readable)

@@ -34,6 +34,7 @@ GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 class Tun(Protocol):
     vnet_hdr: bool  # every packet behind a virtio-net header; super-packets possible
+    offloads: str  # what the kernel took: "csum tso uso", "csum", "none"; "" without the header
 
     @property
     def name(self) -> str: ...

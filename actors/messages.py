@@ -588,6 +588,8 @@ class NodeStatus:
     agent: AgentStatus | None = None  # an ssh-agent identity's agent, asked now; None: a key file
     nat: NatReport | None = None  # the NAT prober's latest report; None: no prober (in-process tests)
     port_mapping: Candidate | None = None  # the router's mapping of the WireGuard port, if any
+    #: The data path's kernel offloads in use, e.g. "tun csum tso uso, udp gso gro"; "none".
+    offloads: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -296,6 +296,7 @@ class MemoryTun:
     a TUN removes the interface. Plain packets, no virtio-net header."""
 
     vnet_hdr = False
+    offloads = ""
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -145,6 +145,8 @@ class _Mesh(Actor):
 
 
 class _Drops:
+    offloads = "tun csum tso, udp gso"
+
     def __init__(self, drops: dict[str, int], port: int = 0) -> None:
         self.drops, self.port = Counter(drops), port
 

@@ -85,6 +85,7 @@ NODE_KEYS = (
     "listen_port",
     "interface",
     "mtu",
+    "offload",
 )
 PEER_KEYS = (
     "name",
@@ -193,6 +194,9 @@ class _Checker(TableReader):
                 "interface",
             )
         mtu = self.get_int(node, "mtu", what, "node", default=DEFAULT_MTU, lo=MIN_MTU, hi=MAX_MTU)
+        offload = node.get("offload", True)
+        if not isinstance(offload, bool):
+            raise self.error(f"{what}: offload must be true or false, not {type_name(offload)}", "node", "offload")
         return dict(
             path=self.path.absolute(),
             name=name,
@@ -206,6 +210,7 @@ class _Checker(TableReader):
             listen_port=listen_port,
             interface=interface,
             mtu=mtu,
+            offload=offload,
         )
 
     def table(self, data: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any] | None:

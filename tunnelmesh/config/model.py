@@ -200,6 +200,9 @@ class NodeConfig:
     #: starts without the agent (docs/identity.md: the trade-off).
     cache_mesh_key: bool = False
     nat: NatConfig = NatConfig()
+    #: Let the kernel hand the data path super-packets (TUN TSO/USO, UDP GSO/GRO) where it
+    #: can; false: a packet per system call (for a kernel or device that misbehaves).
+    offload: bool = True
 
     @property
     def mesh_network(self) -> ipaddress.IPv4Network:
