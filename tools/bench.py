@@ -10,9 +10,9 @@ For every system, in turn and never two at once, a fresh lab: two namespaces `a`
 - `ping -c 200 -i 0.01` to b's mesh IP: RTT avg, and median and p99 of the replies;
 - single-flow TCP `iperf3 -c <b> -t T -J` both ways (a->b, and b->a with -R);
 - 4 parallel TCP flows a->b (`-P 4`), Mbit/s summed;
-- UDP a->b at 64 B and at 1400 B of payload, unlimited rate (`-u -l SIZE -b 0`): packets/s
-  that b received and the loss %. 1400 B datagrams exceed every tunnel's MTU (1420 and
-  1300 less the IP and UDP headers), so each crosses as two fragments through all of them;
+- UDP a->b in IP packets of 64 B and of 1400 B, unlimited rate (`-u -l SIZE-28 -b 0`):
+  packets/s that b received and the loss %. 1400 B packets fit the 1420 MTU of
+  tunnelmesh and wireguard-go; through nebula (MTU 1300) each crosses as two fragments;
 - CPU seconds per GB: the two tunnel daemons' utime + stime (/proc/<pid>/stat, with any
   child processes) over the single-flow TCP a->b run, per 10^9 bytes iperf3 moved.
 Also measured: connect time (from starting the second node, `tunnelmesh up --detach` of
@@ -70,7 +70,7 @@ from tools import footprint
 from tools.benchlab import (MESH_PREFIXLEN, NEBULA_PORT, WG_PORT, BenchError, cpu_seconds, fresh_lab, link_counters,
                             log, nebula_ca, nebula_config, need_nebula, process_alive, rss_mib, start_nebula,
                             start_wireguard_go, wait_until, wg_key_pair)
-from tools.benchreport import (FILTERED, METRIC_KEYS, MTU, SYSTEMS, TUNNELS, UDP_SIZES,
+from tools.benchreport import (FILTERED, METRIC_KEYS, MTU, SYSTEMS, TUNNELS, UDP_HEADERS, UDP_SIZES,
                                counter_shortfalls, cpu_per_gb, document, format_table, parse_cpu_model, parse_iperf3,
                                parse_iperf3_udp, parse_ping, parse_wg_transfer, ratio_note, summarize)
 # median, ratio, format_value, format_ratio: tools.ladderbench uses them as bench.<name>.
@@ -179,7 +179,7 @@ def workload(client: Node, server: Node, server_ip: str, seconds: int, rec: dict
     a_to_b = tcp_ab["bytes"] + tcp_p4["bytes"]
     for size in UDP_SIZES:
         udp = measured(f"UDP {size} B", parse_iperf3_udp,
-                       iperf3(client, server_ip, seconds, "-u", "-l", str(size), "-b", "0"))
+                       iperf3(client, server_ip, seconds, "-u", "-l", str(size - UDP_HEADERS), "-b", "0"))
         for key, value in udp.items():
             rec[f"udp{size}_{key}"] = value
         a_to_b += udp["bytes"]

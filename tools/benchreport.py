@@ -21,7 +21,8 @@ RATIO_OF = {FILTERED: (FILTERED, "tunnelmesh"), **{system: ("tunnelmesh", system
 COLUMN_TITLES = {"tunnelmesh": "tunnelmesh", FILTERED: FILTERED, "wireguard-go": "wireguard-go", "nebula": "nebula",
                  "veth": "raw veth"}
 MTU = {"tunnelmesh": 1420, FILTERED: 1420, "wireguard-go": 1420, "nebula": 1300}
-UDP_SIZES = (64, 1400)  # iperf3 -u -l: datagram payload bytes
+UDP_SIZES = (64, 1400)  # IP packet bytes of the UDP tests (iperf3 -u -l takes the payload: less UDP_HEADERS)
+UDP_HEADERS = 28  # IPv4 and UDP
 PEER_COUNTS = (1, 10, 100, 1000)  # static peers configured for the RSS-per-peer footprint
 GB = 1e9  # bytes: CPU seconds per GB are per 10^9 bytes iperf3 moved
 
@@ -30,7 +31,7 @@ METRICS: tuple[tuple[str, str, str, bool], ...] = (
     ("tcp_ab_mbps", "TCP a->b (Mbit/s)", "{:.0f}", True),
     ("tcp_ba_mbps", "TCP b->a (Mbit/s)", "{:.0f}", True),
     ("tcp_p4_mbps", "TCP a->b 4 flows (Mbit/s)", "{:.0f}", True),
-    *((f"udp{size}_pps", f"UDP {size} B a->b (received packets/s)", "{:.0f}", True) for size in UDP_SIZES),
+    *((f"udp{size}_pps", f"UDP {size} B packets a->b (received/s)", "{:.0f}", True) for size in UDP_SIZES),
     *((f"udp{size}_loss_pct", f"UDP {size} B loss (%)", "{:.1f}", False) for size in UDP_SIZES),
     ("ping_avg_ms", "ping RTT avg (ms)", "{:.3f}", True),
     ("ping_median_ms", "ping RTT median (ms)", "{:.3f}", True),
