@@ -58,4 +58,4 @@ def test_bench_measures_checks_and_draws(tmp_path: Path):
     assert {"cpu_model", "cpus", "kernel", "python", "iperf3", "wireguard-go", "nebula", "date"} <= set(doc["machine"])
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The table went to stdout with the new rows.
-    assert "UDP 64 B a->b (received packets/s)" in proc.stdout and "RSS per static peer (KiB)" in proc.stdout
+    assert "UDP 64 B packets a->b (received/s)" in proc.stdout and "RSS per static peer (KiB)" in proc.stdout

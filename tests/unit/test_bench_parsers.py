@@ -134,7 +134,7 @@ def test_table_has_the_new_rows_with_ratios():
     results = {"tunnelmesh": full(udp64_pps=100000.0, ping_p99_ms=2.0, cpu_s_per_gb=10.0, rss_per_peer_kib=8.0),
                "nebula": full(udp64_pps=200000.0, ping_p99_ms=1.0, cpu_s_per_gb=4.0, rss_per_peer_kib=2.0)}
     lines = {line.split("  ")[0]: line.split() for line in benchreport.format_table(results).splitlines()}
-    assert lines["UDP 64 B a->b (received packets/s)"][-3:] == ["100000", "200000", "0.50"]
+    assert lines["UDP 64 B packets a->b (received/s)"][-3:] == ["100000", "200000", "0.50"]
     assert lines["ping RTT p99 (ms)"][-3:] == ["2.000", "1.000", "2.00"]
     assert lines["CPU s per GB, TCP a->b (2 daemons)"][-3:] == ["10.00", "4.00", "2.50"]
     assert lines["RSS per static peer (KiB)"][-3:] == ["8.00", "2.00", "4.00"]
