@@ -47,6 +47,39 @@ def test_the_cli_parses_up_without_the_heavy_modules() -> None:
                        "import tunnelmesh.cli.daemon") == []
 
 
+def test_up_detach_starts_the_daemon_before_it_imports_the_control_client() -> None:
+    """Until the daemon process is started, `up --detach` has imported neither actors/ nor
+    the control client (whose schema is actors.messages): what it imports after, it
+    imports while the daemon starts."""
+    done = subprocess.run([sys.executable, "-c", UP_UNTIL_POPEN], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []
+
+
+#: Runs `tunnelmesh up --detach` (its root check passed over) up to the daemon's Popen,
+#: which prints what of actors/ and the control client is imported by then and stops.
+UP_UNTIL_POPEN = """
+import json, os, subprocess, sys, tempfile
+os.geteuid = lambda: 0
+
+class Started(Exception):
+    pass
+
+def popen(*args, **kwargs):
+    print(json.dumps(sorted(m for m in sys.modules if m.startswith(("actors", "tunnelmesh.control_client")))))
+    raise Started
+
+subprocess.Popen = popen
+from tunnelmesh.cli import main
+state = tempfile.mkdtemp()
+try:
+    main(["--state-dir", state, "up", "--detach"])
+except Started:
+    pass
+"""
+
+
 def test_the_daemon_module_imports_nothing_heavy() -> None:
     assert heavy_after("import actors.daemon") == []
 

@@ -7,32 +7,41 @@ Exit codes: 0 success, 1 runtime failure (daemon not running, peer did not
 answer), 2 bad usage or configuration (the message names the file and line).
 
 This module is the parser and `main`; the commands are in network.py (making and
-running the network), policy.py (the network policy and the packet filter) and
-daemon.py (the running daemon), what they share in common.py.
+running the network), policy.py (the network policy and the packet filter), up.py
+(starting the daemon) and daemon.py (the running daemon), what they share in
+common.py. A command's module is imported when it runs (`_command`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import ipaddress
 import sys
+from collections.abc import Callable
 
 from tunnelmesh.config import DEFAULT_COORDINATOR_PORT, ConfigError
-from tunnelmesh.control_client import ControlError
 from tunnelmesh.paths import Paths, resolve_paths
 
 from .common import _WRITES_STATE, EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError, _check_state_dir
-from .daemon import (
-    cmd_down, cmd_events, cmd_id, cmd_peers, cmd_ping, cmd_show, cmd_ssh_bridge, cmd_status, cmd_up, cmd_version,
-)
-from .network import (
-    _duration, _ip_address, cmd_approve, cmd_coordinator, cmd_init, cmd_invite, cmd_invites, cmd_join, cmd_pending,
-    cmd_revoke, cmd_rotate_secret,
-)
-from .policy import cmd_filter_show, cmd_filter_test, cmd_policy_edit, cmd_policy_set, cmd_policy_show
-from .tui import add_parser as _add_tui_parser
 from .keys import add_parser as _add_keys_parser
 from .netcheck import add_parser as _add_netcheck_parser
-from .wg_export import cmd_wg_export
+from .tui import add_parser as _add_tui_parser
+
+Command = Callable[[argparse.Namespace, Paths], int]
+
+
+def _command(module: str, name: str) -> Command:
+    """`tunnelmesh.cli.<module>.<name>`, imported when the command runs: each command pays
+    for its own imports only, and `up --detach` starts the daemon after ~30 ms, not ~100
+    (the daemon's connect time counts from there)."""
+
+    def run(args: argparse.Namespace, paths: Paths) -> int:
+        command: Command = getattr(importlib.import_module(f"tunnelmesh.cli.{module}"), name)
+        return command(args, paths)
+
+    run.__name__ = run.__qualname__ = name
+    return run
 
 #: tunnelmesh.membership.DEFAULT_CIDR as `init --help` shows it: membership is ~0.1 s of
 #: imports that every command (`up` above all) would pay for; `init` takes the real one
@@ -78,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-fingerprint", metavar="sha256:HEX",
                    help="(--external-coordinator) the standalone coordinator's own certificate, which it logs at "
                         "start: pinned in the config and in every invite")
-    p.set_defaults(func=cmd_init)
+    p.set_defaults(func=_command("network", "cmd_init"))
 
     p = sub.add_parser("join", help="join a network with a token from `tunnelmesh invite` (or ask for approval)",
                        description="Join a network. With a token: admitted at once. With the coordinator's URL "
@@ -95,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without a token: the coordinator's own certificate, pinned (the admin's `tunnelmesh status` "
                         "shows it; a token carries it)")
     _identity_options(p)
-    p.set_defaults(func=cmd_join)
+    p.set_defaults(func=_command("network", "cmd_join"))
 
     p = sub.add_parser("invite", help="(admin) print a one-line join token")
     p.add_argument("--expires", type=_duration, default=3600, help="valid for this long: 30m, 1h, 7d (default 1h)")
@@ -103,25 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the joining node must take this name")
     p.add_argument("--revoke", metavar="ID", help="revoke the invite with this id (from `tunnelmesh invites`) "
                                                   "instead of making one: no further join with it is admitted")
-    p.set_defaults(func=cmd_invite)
+    p.set_defaults(func=_command("network", "cmd_invite"))
 
     p = sub.add_parser("invites", help="(admin) list the invites made on this machine and whom they admitted")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_invites)
+    p.set_defaults(func=_command("network", "cmd_invites"))
 
     p = sub.add_parser("pending", help="(admin) list joins waiting for approval")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_pending)
+    p.set_defaults(func=_command("network", "cmd_pending"))
 
     p = sub.add_parser("approve", help="(admin) admit a pending join by name and key fingerprint")
     p.add_argument("name")
     p.add_argument("--fingerprint", required=True, metavar="SHA256:...",
                    help="the joiner's SSH key fingerprint, as its `tunnelmesh join` printed it (checked)")
-    p.set_defaults(func=cmd_approve)
+    p.set_defaults(func=_command("network", "cmd_approve"))
 
     p = sub.add_parser("revoke", help="(admin) remove a member: every node refuses it within seconds")
     p.add_argument("peer", help="member name, mesh IP or SSH key fingerprint")
-    p.set_defaults(func=cmd_revoke)
+    p.set_defaults(func=_command("network", "cmd_revoke"))
 
     p = sub.add_parser("wg-export", help="(admin) admit a plain WireGuard device (a phone): its wg-quick config and QR",
                        description="Admit a plain WireGuard device with its own key, served over UDP by one node "
@@ -135,10 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write the config to FILE (0600) instead of printing it")
     p.add_argument("--no-qr", action="store_true", help="no QR code")
     p.add_argument("--json", action="store_true", help="the device's entry and config as JSON (keys included)")
-    p.set_defaults(func=cmd_wg_export)
+    p.set_defaults(func=_command("wg_export", "cmd_wg_export"))
 
     p = sub.add_parser("rotate-secret", help="(admin) give every current member a new network secret")
-    p.set_defaults(func=cmd_rotate_secret)
+    p.set_defaults(func=_command("network", "cmd_rotate_secret"))
 
     p = sub.add_parser(
         "policy", help="the network policy: which members may open connections to which (docs/filter.md)",
@@ -154,21 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "version, when the admin issued it, and its text. A network made before the packet filter has "
                     "none until the admin sets one: then every member reaches every port, as before.")
     q.add_argument("--json", action="store_true", help="machine-readable output (null when none is set)")
-    q.set_defaults(func=cmd_policy_show)
+    q.set_defaults(func=_command("policy", "cmd_policy_show"))
     q = policy_sub.add_parser(
         "set", help="(admin) check FILE, sign it as the next version and send it to the coordinator",
         description="Check FILE first: an invalid policy is refused with its line and the reason, and the policy in "
                     "force stays. Then sign it with the admin key as version = the current one + 1 and hand it to "
                     "the coordinator, which passes it to every node within seconds.")
     q.add_argument("file", help="the policy, a TOML file (see docs/filter.md; `policy show` prints the current one)")
-    q.set_defaults(func=cmd_policy_set)
+    q.set_defaults(func=_command("policy", "cmd_policy_set"))
     q = policy_sub.add_parser(
         "edit", help="(admin) edit the current policy in $EDITOR, then check, sign and send it as `set` does",
         description="Open a copy of the current policy (the starter policy if none is set) in $VISUAL or $EDITOR "
                     "(default vi). An invalid edit is refused with its line and the reason, nothing is sent, and you "
                     "may edit it again; an unchanged file sends nothing. A policy changed meanwhile by another "
                     "`set` is not overwritten.")
-    q.set_defaults(func=cmd_policy_edit)
+    q.set_defaults(func=_command("policy", "cmd_policy_edit"))
 
     p = sub.add_parser("coordinator", help="run a standalone coordinator (no admin key, no tunnel)")
     p.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_COORDINATOR_PORT}", help="IPv4:port to serve on")
@@ -191,17 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stun-alternate", metavar="IP:PORT", help="the STUN service's second socket, for RFC 5780 "
                    "change requests (default: --stun's address, port + 1; another IP lets nodes test address filtering)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=cmd_coordinator)
+    p.set_defaults(func=_command("network", "cmd_coordinator"))
 
     p = sub.add_parser("up", help="start the daemon (foreground unless --detach)")
     p.add_argument("--detach", action="store_true", help="run in the background; log to <state-dir>/tunnelmesh.log")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=cmd_up)
+    p.set_defaults(func=_command("up", "cmd_up"))
 
     p = sub.add_parser("down", help="stop the daemon; removes its interface and routes")
-    p.set_defaults(func=cmd_down)
+    p.set_defaults(func=_command("daemon", "cmd_down"))
 
-    for name, func, text in (("status", cmd_status, "this node and its peers"), ("peers", cmd_peers, "one line per peer")):
+    for name, func, text in (("status", _command("daemon", "cmd_status"), "this node and its peers"),
+                             ("peers", _command("daemon", "cmd_peers"), "one line per peer")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("-v", "--verbose", action="store_true", help="also show drop counters")
@@ -213,33 +223,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--interval", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply")
     p.add_argument("--json", action="store_true", help="one JSON object (the control API's PingResult) per reply")
-    p.set_defaults(func=cmd_ping)
+    p.set_defaults(func=_command("daemon", "cmd_ping"))
 
     p = sub.add_parser("filter", help="the packet filter in force: rules per peer, or would a flow pass")
     filter_sub = p.add_subparsers(dest="filter_command", metavar="COMMAND", required=True)
     q = filter_sub.add_parser("show", help="the rules in force and what each peer may open on this node")
     q.add_argument("--json", action="store_true", help="machine-readable output")
-    q.set_defaults(func=cmd_filter_show)
+    q.set_defaults(func=_command("policy", "cmd_filter_show"))
     q = filter_sub.add_parser("test", help="would a new flow from PEER pass, and by which rule (exit 1: denied)")
     q.add_argument("peer", help="peer name or mesh address")
     q.add_argument("proto", choices=["tcp", "udp", "icmp", "icmpv6"])
     q.add_argument("port", nargs="?", type=int, help="destination port (tcp and udp)")
     q.add_argument("--json", action="store_true", help="machine-readable output")
-    q.set_defaults(func=cmd_filter_test)
+    q.set_defaults(func=_command("policy", "cmd_filter_test"))
 
     p = sub.add_parser("id", help="print this node's identity line, to paste into peers' configs")
     p.add_argument("--json", action="store_true", help="the identity's parts as JSON (line, fingerprint, keys)")
-    p.set_defaults(func=cmd_id)
+    p.set_defaults(func=_command("daemon", "cmd_id"))
 
     p = sub.add_parser("show", help="print what a plain WireGuard peer needs to join (--wg)")
     p.add_argument("--wg", action="store_true", help="WireGuard [Peer] section for this node")
     p.add_argument("--endpoint", help="the address plain peers reach this node at")
     p.add_argument("--show-secrets", action="store_true", help="include the pre-shared key")
     p.add_argument("--json", action="store_true", help="the [Peer] fields as JSON")
-    p.set_defaults(func=cmd_show)
+    p.set_defaults(func=_command("daemon", "cmd_show"))
 
     p = sub.add_parser("events", help="stream daemon events as JSON lines")
-    p.set_defaults(func=cmd_events)
+    p.set_defaults(func=_command("daemon", "cmd_events"))
 
     p = sub.add_parser(
         "ssh-bridge", help="the SSH rung through this machine's sshd: set up its account, or run as its forced command",
@@ -251,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="tunnelmesh", help="(--setup) the account's name (default tunnelmesh)")
     p.add_argument("--peer", metavar="WG_KEY", help="(forced command) the WireGuard key of the member sshd authenticated")
     p.add_argument("--socket", help="(forced command) the daemon's bridge socket (default <state-dir>/bridge.sock)")
-    p.set_defaults(func=cmd_ssh_bridge)
+    p.set_defaults(func=_command("daemon", "cmd_ssh_bridge"))
 
     p = sub.add_parser(
         "ssh-config", help="write known_hosts and an ssh_config snippet: `ssh <peer>` with verified host keys",
@@ -263,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "ssh/ beside the config, /etc/tunnelmesh/ssh; with --state-dir, in "
                                                 "the state directory, which only root can read: give --out)")
     p.add_argument("--json", action="store_true", help="print what would be written, as JSON; write nothing")
-    p.set_defaults(func=_cmd_ssh_config)
+    p.set_defaults(func=_command("ssh_config", "cmd_ssh_config"))
 
     _add_tui_parser(sub)
     _add_keys_parser(sub)
@@ -271,16 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("version", help="print the version")
     p.add_argument("--json", action="store_true", help="the software's and the control API's versions as JSON")
-    p.set_defaults(func=cmd_version)
+    p.set_defaults(func=_command("daemon", "cmd_version"))
     return parser
 
 
-def _cmd_ssh_config(args: argparse.Namespace, paths: Paths) -> int:
-    """`ssh-config`, its module imported when it runs: it needs asyncssh, which no other
-    command's start (`up` above all) should pay for."""
-    from .ssh_config import cmd_ssh_config
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
-    return cmd_ssh_config(args, paths)
+
+def _duration(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 1h, 7d")
+    return int(number) * units[unit]
 
 
 def _identity_options(p: argparse.ArgumentParser) -> None:
@@ -313,12 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"tunnelmesh: {exc}", file=sys.stderr)
         return exc.code
-    except ControlError as exc:
-        print(f"tunnelmesh: {exc}", file=sys.stderr)
-        return EXIT_FAIL
     except ConfigError as exc:
         print(f"tunnelmesh: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        from tunnelmesh.control_client import ControlError  # lazily: `up --detach` must not wait for it
+
+        if not isinstance(exc, ControlError):
+            raise
+        print(f"tunnelmesh: {exc}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

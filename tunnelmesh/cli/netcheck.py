@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from actors.messages import Netcheck, Reach, to_json
-from tunnelmesh import control_client
-from tunnelmesh.control_client import NotRunning
+from typing import TYPE_CHECKING
+
 from tunnelmesh.nat.report import ADDRESS_AND_PORT_DEPENDENT, ADDRESS_DEPENDENT, ENDPOINT_INDEPENDENT, NONE, Candidate, NatReport
 from tunnelmesh.paths import Paths
 
 from .common import EXIT_FAIL, EXIT_OK, CliError
+
+# The control client where the command runs: every `tunnelmesh` start builds this parser.
+if TYPE_CHECKING:
+    from actors.messages import Netcheck, Reach
 
 DESCRIPTION = (
     "Runs a fresh NAT check in the running daemon, from its WireGuard UDP port: STUN Binding requests to the "
@@ -44,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def cmd_netcheck(args: argparse.Namespace, paths: Paths) -> int:
+    from actors.messages import to_json
+    from tunnelmesh import control_client
+    from tunnelmesh.control_client import NotRunning
+
     try:
         result = control_client.netcheck(paths.control_socket)
     except NotRunning:

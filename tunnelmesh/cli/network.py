@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import ipaddress
 import json
 import os
 import socket
@@ -352,21 +351,6 @@ def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
     except KeyboardInterrupt:
         pass
     return EXIT_OK
-
-
-def _ip_address(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
-
-
-def _duration(text: str) -> int:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
-    if not number.isdigit() or int(number) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 1h, 7d")
-    return int(number) * units[unit]
 
 
 def _agent_socket(args: argparse.Namespace) -> str | None:
