@@ -221,7 +221,7 @@ def test_a_refused_segmented_send_goes_a_datagram_at_a_time_from_then_on(
 
     sealing.bind.sendmsg = refuse  # type: ignore[method-assign]
     assert "gso" in sealing.datapath.offloads
-    packets = packets_of([1000] * 5)
+    packets = packets_of([1000] * 4 + [300])  # the last shorter: split at the others' size
     with caplog.at_level(logging.WARNING, logger="tunnelmesh.datapath"):
         groups = sealing.send(packets)
         assert [len(group) for group in groups] == [1] * 5  # the batch still arrived
