@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import ipaddress
 import logging
 import os
@@ -682,6 +683,9 @@ async def _run_claimed(paths: Paths) -> int:
         __version__, config.name, node.addresses.ipv4.ip, config.interface, datapath.port, len(node.peers),
         identity.public.fingerprint, f", coordinator {state.url}" if state is not None else ", static mode",
     )
+    # What start-up made (modules, config, actors) lives as long as the daemon: out of the
+    # collector's reach, a full collection no longer walks it (a pause in the data path).
+    gc.freeze()
     try:
         result = await node.run()
     finally:
