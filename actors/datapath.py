@@ -80,12 +80,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunnelmesh.datapath")
 
-BATCH = 512  # reads per readiness callback, so TUN and UDP take turns
+BATCH = 512  # packets per readiness callback (a super-packet's segments each count), so TUN and UDP take turns
 GSO_SEGMENTS = 64  # datagrams per sendmsg at most (the kernel's UDP_MAX_SEGMENTS)
 GSO_BYTES = 65507 - 1500  # a batch stops short of the largest UDP payload, with room for one more
-#: sendmsg errors that mean "no GSO on this path" (a device without checksum offload):
-#: the batch goes again a datagram at a time, and batching stays off.
-GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+#: sendmsg errors that mean "no GSO here" (a device without checksum offload, a kernel
+#: without it): the batch goes again a datagram at a time, and batching stays off.
+GSO_REFUSED = frozenset({errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+#: "not this batch" (segments larger than the route's MTU): it goes again a datagram at a
+#: time, batching stays on for the others.
+GSO_NOT_THIS_BATCH = errno.EINVAL
 _ONE_DATAGRAM = (0,)
 # Under load (cookie replies instead of handshakes) when more than this many
 # handshake messages arrive within one second (wireguard-go: a backlog of
@@ -183,7 +186,7 @@ class DataPath:
     @property
     def offloads(self) -> str:
         """The kernel offloads in use, for `status`: "tun csum tso uso, udp gso gro", "none"."""
-        parts = [f"tun {self.tun.offloads}"] if self._hdr and self.tun.offloads != "none" else []
+        parts = [f"tun {self.tun.offloads}"] if self._hdr else []  # "tun none": the header without offloads
         udp = " ".join(name for name, on in (("gso", self._gso_max > 1), ("gro", self.bind.gro)) if on)
         if udp:
             parts.append(f"udp {udp}")
@@ -222,7 +225,9 @@ class DataPath:
         now, wall = self.clock.monotonic(), self.clock.wall()
         if packet_filter is not None:
             packet_filter.expire(now)
-        for _ in range(BATCH):
+        budget, mtu = BATCH, device.mtu
+        while budget > 0:
+            budget -= 1
             try:
                 length = readv(bufs) - hdr
             except BlockingIOError:
@@ -241,23 +246,31 @@ class DataPath:
             if hdr and (buf[0] or buf[1]):  # the kernel left a checksum or a segmentation to us
                 flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(buf)
                 if gso_type:
-                    self._seal_segments(peer, length, gso_type, gso_size, csum_start, now, wall)
+                    budget -= self._seal_segments(peer, length, gso_type, gso_size, csum_start, now, wall)
                     continue
                 if flags & NEEDS_CSUM and not complete_checksum(packet, length, csum_start, csum_offset):
                     self.drops["bad checksum offsets from the TUN"] += 1
                     continue
+            if length > mtu:  # the interface's MTU raised under us (`ip link set ... mtu`)
+                self.drops["packet larger than the MTU"] += 1
+                continue
             seal(peer, packet, length, now, wall)
 
     def _seal_segments(self, peer: Peer, length: int, gso_type: int, gso_size: int, csum_start: int,
-                       now: float, wall: float) -> None:
-        """[segment]: seal the super-packet in the TUN buffer a segment at a time."""
+                       now: float, wall: float) -> int:
+        """[segment]: seal the super-packet in the TUN buffer a segment at a time; how many
+        segments it had (0 when it was dropped)."""
         packet = self._tun_packet
         layout = super_packet_layout(packet, length, gso_type, gso_size, csum_start)
         if layout is None:
             self.drops["malformed super-packet from the TUN"] += 1
-            return
-        full = layout[1] + layout[2] + gso_size
+            return 0
+        header = layout[1] + layout[2]
+        full = header + gso_size
         mtu, scratch, seal = self.device.mtu, self._scratch, self._seal
+        if full > mtu:
+            self.drops["packet larger than the MTU"] += 1
+            return 0
         for start in segments(packet, length, layout, gso_size):
             size = full if start + full < length else length - start
             if size & 15 and size < mtu and start + size < length:
@@ -266,6 +279,7 @@ class DataPath:
                 seal(peer, self._scratch_view, size, now, wall)
             else:
                 seal(peer, packet[start:], size, now, wall)
+        return -(-(length - header) // gso_size)
 
     def _seal(self, peer: Peer, packet: memoryview, length: int, now: float, wall: float) -> None:
         """Seal one packet into the send batch, or hand it to the peer's link."""
@@ -290,7 +304,7 @@ class DataPath:
                     self._send_batch()
                 return
             self._send_batch()
-            self._out_buf[:size] = bytes(self._out_view[at:at + size])  # a copy: the two may overlap
+            self._out_view[:size] = self._out_view[at:at + size]  # a memmove: the two may overlap
         self._batch_to = endpoint
         self._batch_len = self._batch_size = size
         self._batch_count = 1
@@ -314,10 +328,11 @@ class DataPath:
         except BlockingIOError:
             self.drops["udp send buffer full"] += count
         except OSError as exc:
-            if count > 1 and exc.errno in GSO_REFUSED:
-                self._gso_max = 1
-                log.warning("datapath: the kernel refused a batched UDP send (%s): sending a datagram per call",
-                            exc.strerror)
+            if count > 1 and (exc.errno in GSO_REFUSED or exc.errno == GSO_NOT_THIS_BATCH):
+                if exc.errno in GSO_REFUSED:
+                    self._gso_max = 1
+                    log.warning("datapath: the kernel refused a batched UDP send (%s): sending a datagram per call",
+                                exc.strerror)
                 for start in range(0, length, size):
                     self.send_to(datagrams[start:start + size], to)
             else:
@@ -350,7 +365,9 @@ class DataPath:
         under_load = self.load.active(now)
         if self.filter is not None:
             self.filter.expire(now)
-        for _ in range(BATCH):
+        budget = BATCH
+        while budget > 0:
+            budget -= 1
             try:
                 if gro:
                     size, ancillary, _, source = recvmsg_into(udp_bufs, GRO_CMSG_SPACE)
@@ -364,6 +381,8 @@ class DataPath:
                 self.drops[f"udp receive: {exc.strerror}"] += 1
                 continue
             # [split]: the datagrams the kernel joined (UDP_GRO), each `step` long but the last
+            if step < size:
+                budget -= -(-size // step) - 1  # each joined datagram counts
             for start in range(0, size, step) if step < size else _ONE_DATAGRAM:
                 end = start + step if start + step < size else size
                 if end == start or udp_buf[start] != 4:  # demux: transport messages go straight on

@@ -236,6 +236,34 @@ def test_a_refused_segmented_send_goes_a_datagram_at_a_time_from_then_on(
     assert not sealing.datapath.drops
 
 
+@pytest.mark.parametrize("sealing", [True], indirect=True, ids=["offload"])
+def test_segments_too_large_for_the_route_are_sent_one_by_one_for_that_batch_only(
+        sealing: Sealing, caplog: pytest.LogCaptureFixture) -> None:
+    """EINVAL (segments larger than the route's MTU, e.g. one peer behind a smaller link)
+    is about that batch: it goes a datagram at a time, batching stays on for the next."""
+    real_sendmsg = sealing.bind.sendmsg
+    refusals: list[tuple[object, ...]] = []
+
+    def refuse_once(*args: object) -> int:
+        if not refusals:
+            refusals.append(args)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_sendmsg(*args)  # type: ignore[no-any-return]
+
+    sealing.bind.sendmsg = refuse_once  # type: ignore[method-assign]
+    packets = packets_of([1000] * 4)
+    with caplog.at_level(logging.WARNING, logger="tunnelmesh.datapath"):
+        groups = sealing.send(packets)
+        assert [len(group) for group in groups] == [1] * 4  # the refused batch still arrived
+        assert sealing.opened(groups) == packets
+        again = packets_of([1000] * 3)
+        groups = sealing.send(again)
+    assert [len(group) for group in groups] == [3]  # batched again
+    assert sealing.opened(groups) == again
+    assert "gso" in sealing.datapath.offloads and not caplog.records
+    assert not sealing.datapath.drops
+
+
 # --------------------------------------------------------------------------- status and config
 
 
