@@ -166,13 +166,13 @@ class NatProber(Actor):
 
     async def _check(self) -> NatReport:
         names = list(dict.fromkeys(self.servers()))[:MAX_SERVERS]
+        checked_at = self.clock.wall()
+        if not names:  # the addresses unread: a static node then never loads pyroute2
+            return NatReport(checked_at, error="no STUN server known: the coordinator offers none (yet) "
+                                               "and [nat] stun_servers is empty")
         local = frozenset((host, self.port) for host in await self.local_addresses())
         if local != self._local:  # another network: what opened the old NAT says nothing of this one
             self._local, self._alternates_asked_at = local, float("-inf")
-        checked_at = self.clock.wall()
-        if not names:
-            return NatReport(checked_at, error="no STUN server known: the coordinator offers none (yet) "
-                                               "and [nat] stun_servers is empty")
         resolved = await asyncio.gather(*(self._resolve(name) for name in names))
         # Test I at the first server alone, then at the others at once, but not at the first's
         # other addresses (the coordinator lists its alternate too): a packet there would open
