@@ -3,26 +3,17 @@ together on one loop timer, so N idle peers wake the daemon once a second, not N
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-from collections.abc import Awaitable, Callable
 
 import pytest
 
 from actors.messages import PeerSpec, Start
 from actors.session import TICK, Ticker
-from tests.support.memnet import Net, Node, VirtualClock, VirtualLoop
+from tests.support.memnet import Net, Node
 from tests.support.wire import A_ADDR, A_IP, B_ADDR, B_IP, seeded_rng
+from tests.unit.test_session_ladder import in_virtual_time
 
 C_ADDR, C_IP = ("192.0.2.3", 51820), "100.100.0.3"
-
-
-def in_virtual_time(body: Callable[[Net], Awaitable[None]]) -> None:
-    clock = VirtualClock()
-    with asyncio.Runner(loop_factory=lambda: VirtualLoop(clock)) as runner:
-        loop = runner.get_loop()
-        assert isinstance(loop, VirtualLoop)
-        runner.run(body(Net(clock, loop)))
 
 
 def test_sessions_subscribed_at_different_times_are_ticked_at_the_same_instants() -> None:
