@@ -299,23 +299,38 @@ class CoordinatorClient(Actor):
     async def _poll(self, coordinator: Coordinator, since: int) -> Any:
         """The long-poll's answer. Meanwhile, whenever this node's candidates change, it
         registers again on the same session (a change during a register is not lost: it
-        sets the flag again, for another register after this one)."""
-        poll = asyncio.ensure_future(coordinator.map(since, LONG_POLL, punch=True))
-        try:
-            while True:
-                changed = asyncio.ensure_future(self._candidates_changed.wait())
-                try:
-                    await asyncio.wait((poll, changed), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    changed.cancel()
-                if poll.done():
-                    return poll.result()
-                self._candidates_changed.clear()
-                await self._register(coordinator)
-        finally:
-            if not poll.done():
-                poll.cancel()
-                await asyncio.gather(poll, return_exceptions=True)
+        sets the flag again, for another register after this one). Either one's failure
+        ends both and is raised as itself (not inside an ExceptionGroup): the run loop
+        backs off on a CoordinatorError."""
+        outcome: list[Any] = []  # the long-poll's answer, or the first failure
+
+        async def long_poll() -> None:
+            try:
+                outcome.append(await coordinator.map(since, LONG_POLL, punch=True))
+            except Exception as exc:
+                outcome.append(exc)
+            registering.cancel()
+
+        async def register_on_change() -> None:
+            try:
+                while True:
+                    await self._candidates_changed.wait()
+                    self._candidates_changed.clear()
+                    try:
+                        await self._register(coordinator)
+                    except asyncio.CancelledError:  # the poll ended mid-register: not known to have
+                        self._candidates_changed.set()  # reached the coordinator, so again next poll
+                        raise
+            except Exception as exc:
+                outcome.append(exc)
+                polling.cancel()
+
+        async with asyncio.TaskGroup() as group:
+            polling = group.create_task(long_poll(), name="long-poll")
+            registering = group.create_task(register_on_change(), name="register on change")
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
 
     def set_nat_report(self, report: NatReport) -> None:
         """The NAT prober's latest report (on the event loop): its reflexive addresses and
