@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 
@@ -115,6 +116,9 @@ class Device:
         self.static_public = x25519_public(static_private)
         self.mtu = mtu
         self._rng = rng
+        # Timer jitter needs no secret randomness (wireguard-go: fastrandn); drawing it
+        # from `rng` cost a getrandom system call per packet sent after a reply.
+        self._jitter = random.Random(int.from_bytes(rng(8), "little"))
         self.new_ephemeral = ephemeral_source
         self.cookie_checker = CookieChecker(self.static_public, rng)
         self._peers: dict[bytes, Peer] = {}
@@ -412,7 +416,8 @@ class Device:
                 del self._index[keypair.local_index]
 
     def random_below(self, bound: int) -> int:
-        return int.from_bytes(self._rng(4), "little") % bound
+        """A number in [0, bound) for timer jitter: not for anything secret."""
+        return self._jitter.randrange(bound)
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
