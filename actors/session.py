@@ -129,6 +129,7 @@ class PeerSession(Actor):
         self.clock = clock
         self.peer: Peer | None = None  # set by the mesh right after add_peer
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the timer's; asked once (a getpid per ask)
         self._armed_at: float | None = None
         self._ping_seq = 0
         self._ping_ident = int.from_bytes(os.urandom(2), "big")
@@ -173,7 +174,10 @@ class PeerSession(Actor):
         self._armed_at = deadline
         if deadline is not None:
             # The loop's clock is the clock's monotonic, the core's `now`.
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._fire)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(deadline, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
