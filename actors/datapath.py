@@ -1,7 +1,8 @@
 """The hot data path: the one place that does not pass messages.
 
 DESIGN.md's exception to the actor rule. Per packet there is no queue hop, no
-task switch, no log call and no buffer allocated (only small slice views):
+task switch, no log call and no buffer allocated (only small slice views, and the
+integers a segment's checksums are summed in; a super-packet's header template):
 `loop.add_reader` callbacks drain the non-blocking TUN and UDP edges
 (actors/edges.py) into buffers allocated once, and call the protocol core
 directly. The stages, in order:
