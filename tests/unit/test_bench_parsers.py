@@ -141,7 +141,6 @@ def test_table_has_the_new_rows_with_ratios():
 
 
 def test_chart_draws_a_png_with_the_figures_there(tmp_path: Path):
-    pytest.importorskip("matplotlib")
     medians = {"tunnelmesh": {"tcp_ab_mbps": 400.0, "udp64_pps": 90000.0},
                "wireguard-go": {"tcp_ab_mbps": 500.0, "udp64_pps": None},
                "veth": {"tcp_ab_mbps": 20000.0}}
