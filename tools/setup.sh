@@ -5,8 +5,9 @@
 #
 # Idempotent and non-interactive (no stdin needed). Installs the missing system packages
 # (always --no-install-recommends: otherwise wireguard-tools pulls in a kernel image),
-# then creates .venv in the project root and installs the project with its test extra
-# and its bench extra (matplotlib, for `python -m tools.bench --chart`).
+# then creates .venv in the project root and installs the project with its test extra,
+# its bench extra (matplotlib, for `python -m tools.bench --chart`) and its postgresql
+# extra (asyncpg, for coordinators on PostgreSQL).
 # Services shipped by those packages are not started during the install: the lab runs
 # its own daemons inside network namespaces.
 set -euo pipefail
@@ -30,6 +31,7 @@ packages=(
   systemd                        # systemd-analyze for the unit-file test
   procps iputils-ping            # sysctl, ps; ping in e2e tests
   python3-venv                   # .venv (pulls python3)
+  postgresql                     # several coordinators on one database: tests start a throwaway server (tools/pgserver.py)
 )
 
 missing=()
@@ -88,11 +90,11 @@ fi
 # (the install is editable, so code changes need none).
 stamp="$venv/.tunnelmesh-setup"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [[ -f $stamp && $(cat "$stamp") == "$want" ]] && "$venv/bin/python" -c 'import tunnelmesh, pytest, xdist, matplotlib' 2>/dev/null; then
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]] && "$venv/bin/python" -c 'import tunnelmesh, pytest, xdist, matplotlib, asyncpg' 2>/dev/null; then
   say "python environment up to date"
 else
-  say "installing tunnelmesh[test,bench] into .venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,bench]' </dev/null
+  say "installing tunnelmesh[test,bench,postgresql] into .venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,bench,postgresql]' </dev/null
   printf '%s\n' "$want" >"$stamp"
 fi
 
