@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,11 +147,11 @@ class ServedSite(Actor):
     """An aiohttp site the daemon serves: the embedded coordinator (on the node that made
     the network) or this node's relay (relay = true). Started before the actors run, so
     a busy port is a start-up error; this actor holds it open and closes it at shutdown,
-    then calls `after` (the coordinator's SQLite store)."""
+    then awaits `after` (closes the coordinator's store)."""
 
     policy = "fatal"
 
-    def __init__(self, name: str, runner: Any, after: Callable[[], None] | None = None) -> None:
+    def __init__(self, name: str, runner: Any, after: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__()
         self.name = name
         self.runner = runner
@@ -163,13 +163,13 @@ class ServedSite(Actor):
     async def stop(self) -> None:
         await self.runner.cleanup()
         if self.after is not None:
-            self.after()
+            await self.after()
 
 
 async def _start_coordinator(config: NodeConfig) -> ServedSite:
     from tunnelmesh.coordinator.reflection import start_reflection
     from tunnelmesh.coordinator.service import make_app, serve
-    from tunnelmesh.coordinator.store import Store, StoreError
+    from tunnelmesh.coordinator.store import StoreError, open_store
     from tunnelmesh.tls import TlsError, server_context
 
     assert config.coordinator is not None and config.coordinator.serve is not None
@@ -181,7 +181,7 @@ async def _start_coordinator(config: NodeConfig) -> ServedSite:
         except TlsError as exc:
             raise StartupError(f"embedded coordinator: {exc} ([coordinator] tls_cert, tls_key in {config.path})") from None
     try:
-        store = Store.open(config.coordinator.db)
+        store = await open_store(config.coordinator.db)
     except StoreError as exc:
         raise StartupError(f"embedded coordinator: {exc}") from None
     app = make_app(store, trusted_proxies=config.coordinator.trusted_proxies)
@@ -190,19 +190,19 @@ async def _start_coordinator(config: NodeConfig) -> ServedSite:
         try:
             reflection = await start_reflection(app, config.coordinator.stun)
         except OSError as exc:
-            store.close()
+            await store.close()
             raise StartupError(f"embedded coordinator: STUN reflection cannot listen on {exc.strerror} (set "
                                f"[coordinator] stun and stun_alternate, or stun = false, in {config.path})") from None
 
-    def close() -> None:
+    async def close() -> None:
         if reflection is not None:
             reflection.close()
-        store.close()
+        await store.close()
 
     try:
         runner = await serve(app, host, port, tls)
     except OSError as exc:
-        close()
+        await close()
         raise StartupError(f"embedded coordinator: cannot listen on {host}:{port}: {exc.strerror} "
                            f"(set [coordinator] serve in {config.path})") from None
     return ServedSite("coordinator", runner, close)
@@ -639,6 +639,9 @@ async def _run_claimed(paths: Paths) -> int:
             clock=node.parts.clock,
             public_endpoint=None if config.nat.public_endpoint is None else Candidate(*config.nat.public_endpoint,
                                                                                       CONFIGURED),
+            urls=config.coordinator.urls if config.coordinator is not None else (),
+            # The coordinator's relay rung follows the client to the coordinator in use.
+            on_coordinator_url=[transports.relay.move_to] if transports.relay is not None else [],
         ))
         if config.nat.port_mapping:  # the gateway's mapping of our UDP port, registered as a candidate
             port_mapper = node.add(PortMapper(datapath.port, [client.set_mapped],

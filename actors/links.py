@@ -21,7 +21,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -288,12 +288,12 @@ class RelayPool(Actor):
 
 
 def member_identities(current: Callable[[], MapSnapshot], own: NodeIdentity
-                      ) -> Callable[[bytes], PublicIdentity | None]:
+                      ) -> Callable[[bytes], Awaitable[PublicIdentity | None]]:
     """Who may use this node's relay: the members of the peer map's latest snapshot
-    (`current()`) and the node itself."""
+    (`current()`) and the node itself (the relay awaits it: the coordinator's reads a database)."""
     own_key = own.public.wg_public_key
 
-    def identity_for(wg_key: bytes) -> PublicIdentity | None:
+    async def identity_for(wg_key: bytes) -> PublicIdentity | None:
         if wg_key == own_key:
             return own.public
         member = current().members.get(wg_key)

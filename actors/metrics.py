@@ -28,6 +28,7 @@ from .messages import PeerStatus, Status
 
 if TYPE_CHECKING:
     from tunnelmesh.config import NodeConfig
+    from tunnelmesh.coordinator.metrics import CoordinatorCollector
 
     from .daemon import ServedSite
 
@@ -131,7 +132,7 @@ class MetricsEndpoint:
     """The daemon's metrics source (tunnelmesh.metrics.Source): the status snapshot once
     `status` is set, and `coordinator`'s collector where the node embeds one."""
 
-    def __init__(self, coordinator: Collector | None = None) -> None:
+    def __init__(self, coordinator: CoordinatorCollector | None = None) -> None:
         self.status: Callable[[], Awaitable[Status]] | None = None
         self.coordinator = coordinator
 
@@ -140,6 +141,7 @@ class MetricsEndpoint:
             return None
         collectors: list[Collector] = [StatusCollector(await self.status())]
         if self.coordinator is not None:
+            await self.coordinator.count()
             collectors.append(self.coordinator)
         return collectors
 

@@ -131,3 +131,26 @@ def _sweep_lab_leftovers():
     removed = labmod.cleanup_leftovers(RUN_PREFIX)
     if removed:
         warnings.warn(f"lab leftovers removed at end of session: {removed}", stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server per test worker (tools/pgserver.py), removed at the end."""
+    from tools.pgserver import PostgresUnavailable, TemporaryPostgres
+
+    try:
+        server = TemporaryPostgres().start()
+    except PostgresUnavailable as exc:
+        unavailable(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path):
+    """The coordinator's database on each backend in turn (tests/support/databases.py)."""
+    from tests.support.databases import postgres_database, sqlite_database
+
+    if request.param == "sqlite":
+        return sqlite_database(tmp_path)
+    return postgres_database(request.getfixturevalue("postgres_server"))

@@ -13,11 +13,10 @@ import asyncio
 import functools
 import logging
 import os
-import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, closing
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ import asyncssh
 
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
 from tunnelmesh.coordinator.service import make_app, serve
-from tunnelmesh.coordinator.store import Store
+from tunnelmesh.coordinator.store import Store, open_store
+from tunnelmesh.coordinator.store.schema import TABLES
 from tunnelmesh.identity import NodeIdentity, load_identity
 from tunnelmesh.membership import (
     JOIN_NAMESPACE,
@@ -45,6 +45,7 @@ from tunnelmesh.membership import (
     sign_member_with_invite,
     unb64,
 )
+from tests.support.databases import Database
 from tunnelmesh.netstate import (
     NetworkState,
     StateError,
@@ -58,7 +59,6 @@ from tunnelmesh.ratelimit import Rate, RateLimiter
 
 CIDR = "100.64.0.0/24"
 SECRET = bytes(range(32))
-TABLES = ("network", "members", "invites", "revocations", "pending", "policy")
 JSON = dict[str, Any]
 #: A rate limit no test trips unless it means to (tests send from 127.0.0.1 only).
 UNLIMITED = Rate(per_second=10_000.0, burst=100_000)
@@ -122,18 +122,29 @@ class World:
 
 
 @asynccontextmanager
-async def running(db: Path, **options: Any) -> AsyncIterator[tuple[str, Store]]:
-    """The coordinator over the database at `db`, serving on 127.0.0.1: (url, store).
-    Without a `limiter` in `options`, one that no test trips by accident."""
-    store = Store.open(db)
+async def running(db: Path | Database, **options: Any) -> AsyncIterator[tuple[str, Store]]:
+    """The coordinator over the database `db` (a SQLite file, or a test `Database` on
+    either backend), serving on 127.0.0.1: (url, store). Without a `limiter` in
+    `options`, one that no test trips by accident."""
+    store = await open_store(db.url if isinstance(db, Database) else db)
+    try:
+        async with serving(store, **options) as url:
+            yield url, store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def serving(store: Store, **options: Any) -> AsyncIterator[str]:
+    """One coordinator over `store` (several may share one store, as coordinators share a
+    PostgreSQL database), serving on 127.0.0.1: its URL."""
     options.setdefault("limiter", RateLimiter(UNLIMITED, UNLIMITED))
     runner = await serve(make_app(store, **options), "127.0.0.1", 0)
     try:
         host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}", store
+        yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
-        store.close()
 
 
 async def set_up(url: str, world: World) -> JSON:
@@ -297,11 +308,10 @@ async def post_from(http: aiohttp.ClientSession, url: str, path: str, body: JSON
         return response.status, await response.json()
 
 
-def snapshot(db: Path) -> dict[str, list[tuple[Any, ...]]]:
+def snapshot(db: Path | Database) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table, read over a connection of its own."""
-    with closing(sqlite3.connect(db)) as conn:
-        return {table: conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall() for table in TABLES}
+    return (db if isinstance(db, Database) else Database("sqlite", str(db))).snapshot()
 
 
-def row_counts(db: Path) -> dict[str, int]:
+def row_counts(db: Path | Database) -> dict[str, int]:
     return {table: len(rows) for table, rows in snapshot(db).items()}

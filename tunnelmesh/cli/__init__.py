@@ -179,9 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "`set` is not overwritten.")
     q.set_defaults(func=_command("policy", "cmd_policy_edit"))
 
-    p = sub.add_parser("coordinator", help="run a standalone coordinator (no admin key, no tunnel)")
+    p = sub.add_parser(
+        "coordinator", help="run a standalone coordinator (no admin key, no tunnel), or migrate its database",
+        description="Serve a network's coordinator on its own. `tunnelmesh coordinator migrate --from OLD --to NEW` "
+                    "instead copies a coordinator's database to another (e.g. its SQLite file to PostgreSQL, to run "
+                    "several coordinators), every record and signature as stored, and checks the copy.")
+    p.add_argument("action", nargs="?", choices=["migrate"], help="migrate: copy --from's database into --to's")
+    p.add_argument("--from", dest="source", metavar="DB", help="(migrate) the database to copy: a SQLite file or a "
+                   "PostgreSQL connection string; stop the coordinator using it first")
+    p.add_argument("--to", dest="target", metavar="DB", help="(migrate) the empty database to copy into")
     p.add_argument("--listen", default=f"0.0.0.0:{DEFAULT_COORDINATOR_PORT}", help="IPv4:port to serve on")
-    p.add_argument("--db", required=True, help="its SQLite file (made if missing, mode 0600)")
+    p.add_argument("--db", help="its database: a SQLite file (made if missing, mode 0600), or a "
+                   "PostgreSQL connection string postgresql://USER@HOST/DB that several coordinators share (see "
+                   "docs/coordinator.md, 'Running several coordinators'); its password from --db-password-file or "
+                   "PGPASSWORD, not the command line")
+    p.add_argument("--db-password-file", metavar="FILE", help="PostgreSQL's password, the file's first line "
+                   "(keep it mode 0600); default: PGPASSWORD, or ~/.pgpass")
     p.add_argument("--admin", metavar="FINGERPRINT", help="accept only the network of this admin key")
     p.add_argument("--trusted-proxy", metavar="IP", action="append", default=[], type=_ip_address,
                    help="a reverse proxy in front of the coordinator (e.g. TLS termination) whose "

@@ -319,7 +319,7 @@ def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
     import asyncio  # lazily: most commands, `up --detach` too, run no event loop
 
     from tunnelmesh.coordinator.reflection import StunSettingError
-    from tunnelmesh.coordinator.standalone import run_standalone
+    from tunnelmesh.coordinator.standalone import TlsSettingError, run_standalone
     from tunnelmesh.coordinator.store import StoreError
     from tunnelmesh.fields import FieldError
     from tunnelmesh.metrics import MetricsError, parse_listen
@@ -336,12 +336,20 @@ def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
 
     from actors.daemon import configure_logging
 
+    if args.action == "migrate":
+        return _migrate(args)
+    if args.db is None:
+        raise CliError("--db is required: the coordinator's SQLite file or PostgreSQL connection string", EXIT_USAGE)
+    db, password = _database(args.db, args.db_password_file)
     configure_logging(args.log_level)
     try:
-        asyncio.run(run_standalone(args.listen, Path(args.db), args.admin, frozenset(args.trusted_proxy),
+        asyncio.run(run_standalone(args.listen, db, args.admin, frozenset(args.trusted_proxy),
                                    tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                                    tls_key=Path(args.tls_key) if args.tls_key else None, plain_http=args.plain_http,
-                                   metrics=metrics, stun=(False if args.no_stun else args.stun, args.stun_alternate)))
+                                   metrics=metrics, stun=(False if args.no_stun else args.stun, args.stun_alternate),
+                                   db_password=password))
+    except TlsSettingError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     except StunSettingError as exc:
         raise CliError(f"--{exc.key.replace('_', '-')}: {exc.detail}", EXIT_USAGE) from None
     except (StoreError, TlsError, MetricsError) as exc:
@@ -351,6 +359,71 @@ def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """`tunnelmesh coordinator migrate --from DB --to DB`."""
+    import asyncio
+
+    from tunnelmesh.coordinator.store import StoreError, open_store
+    from tunnelmesh.coordinator.store.copy import migrate
+
+    if args.source is None or args.target is None:
+        raise CliError("migrate needs --from DB and --to DB (a SQLite file or a postgresql:// connection string)",
+                       EXIT_USAGE)
+    if args.db is not None:
+        raise CliError("migrate takes --from and --to, not --db", EXIT_USAGE)
+    source, source_password = _database(args.source, None)
+    target, target_password = _database(args.target, args.db_password_file)
+    if isinstance(target, Path) and target.exists() and target.stat().st_size:
+        raise CliError(f"--to {target} exists already: migrate into a new file", EXIT_USAGE)
+
+    async def run() -> str:
+        old = await open_store(source, source_password)
+        try:
+            new = await open_store(target, target_password)
+            try:
+                done = await migrate(old, new)
+            finally:
+                await new.close()
+        finally:
+            await old.close()
+        rows = ", ".join(f"{count} {table}" for table, count in done.rows.items())
+        return f"migrated {old.where} to {new.where}: {rows} (map version {done.version}); checked row by row"
+
+    try:
+        print(asyncio.run(run()))
+    except StoreError as exc:
+        raise CliError(str(exc), EXIT_FAIL) from None
+    print("now start the coordinators with --db on the new database (and keep the old one as a backup)")
+    return EXIT_OK
+
+
+def _database(db: str, password_file: str | None) -> tuple[str | Path, str | None]:
+    """--db as the store takes it (a path, or a PostgreSQL connection string) and the
+    password from --db-password-file. A password written in the string is refused:
+    the command line is readable by every user of the machine (ps)."""
+    from tunnelmesh.coordinator.store import is_postgres
+
+    if not is_postgres(db):
+        if password_file is not None:
+            raise CliError("--db-password-file goes with a PostgreSQL --db (postgresql://...), not a SQLite file",
+                           EXIT_USAGE)
+        return Path(db), None
+    if urllib.parse.urlsplit(db).password is not None or "password=" in urllib.parse.urlsplit(db).query.lower():
+        raise CliError("--db holds a password, which every user of this machine can read (ps): take it out and "
+                       "give it with --db-password-file FILE or PGPASSWORD", EXIT_USAGE)
+    if password_file is None:
+        return db, None
+    try:
+        with open(password_file, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--db-password-file {password_file}: cannot read it ({getattr(exc, 'strerror', None) or exc})",
+                       EXIT_FAIL) from None
+    if not password:
+        raise CliError(f"--db-password-file {password_file}: its first line is empty", EXIT_USAGE)
+    return db, password
 
 
 def _agent_socket(args: argparse.Namespace) -> str | None:

@@ -176,7 +176,7 @@ def ssh_offer(value: Any) -> dict[str, Any] | None:
     return value
 
 
-def take_candidates(store: Store, member: MemberRow, value: Any, now: float) -> str | None:
+async def take_candidates(store: Store, member: MemberRow, value: Any, now: float) -> str | None:
     """The register body's optional "candidates", the member's candidate record: checked as
     its peers will check it (size, shape, its signature, not from the future), then kept if
     newer than the stored one (the store's check). A record refused says why (the register's
@@ -189,7 +189,7 @@ def take_candidates(store: Store, member: MemberRow, value: Any, now: float) -> 
         refuse_stale("candidate record", record.version / 1000, 0, now, CandidateError)
     except CandidateError as exc:
         return f"{exc}: the record was dropped (the rest of the register is taken)"
-    stored = store.set_candidates(member.wg_key, value, record.version)
+    stored = await store.set_candidates(member.wg_key, value, record.version)
     if stored is None:
         return None
     return (f"the candidate record's version {record.version} is not newer than the stored one's ({stored}): "

@@ -27,16 +27,20 @@ class CoordinatorCollector(Collector):
     def __init__(self, app: web.Application) -> None:
         self.service = app[SERVICE]
         self.reflection = app.get(REFLECTION)
+        self.members: int | None = None  # counted before each scrape (the store is async; collect is not)
+
+    async def count(self) -> None:
+        try:
+            self.members = await self.service.store.member_count()
+        except StoreError as exc:  # the scrape goes on without it; the store's trouble is logged
+            log.error("metrics: cannot count the members: %s", exc)
+            self.members = None
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         service = self.service
-        try:
-            members = len(service.store.members())
-        except StoreError as exc:  # the scrape goes on without it; the store's trouble is logged
-            log.error("metrics: cannot count the members: %s", exc)
-        else:
+        if self.members is not None:
             yield GaugeMetricFamily("tunnelmesh_coordinator_members", "Members of the network (devices included).",
-                                    value=members)
+                                    value=self.members)
         yield GaugeMetricFamily("tunnelmesh_coordinator_nodes_connected",
                                 "Members that asked for the peer map in the last "
                                 f"{MAX_WAIT + CONNECTED_GRACE:.0f} s (nodes long-poll it).",
@@ -63,6 +67,7 @@ def coordinator_source(app: web.Application) -> Source:
     collector = CoordinatorCollector(app)
 
     async def collectors() -> list[Collector]:
+        await collector.count()
         return [collector]
 
     return collectors

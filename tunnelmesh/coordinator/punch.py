@@ -119,7 +119,7 @@ def handler(service: _Service, wake: Callable[[], None]) -> Callable[[web.Reques
         bodies.body_field.keys(body, {"peer"}, "the body")
         with bodies.status(400):
             peer_key = b64(unb64(body["peer"], "peer", 32))
-        peer = service.store.member(peer_key)
+        peer = await service.store.member(peer_key)
         if peer is None or peer.is_device:
             raise Refused(404, "no member with that key (a plain WireGuard device cannot punch)")
         told = service.punches.ask(member.wg_key, peer_key, service.monotonic())

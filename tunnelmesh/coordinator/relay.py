@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import suppress
 from typing import Any
 
@@ -167,9 +167,10 @@ class _Connection:
 
 class Relay:
     """The relay for one network. `identity_for(wg_key)` names the current members (None
-    for anyone else); call `member_changed` whenever membership may have changed."""
+    for anyone else; awaited: the coordinator's asks its database); call `member_changed`
+    whenever membership may have changed."""
 
-    def __init__(self, network: str, identity_for: Callable[[bytes], PublicIdentity | None],
+    def __init__(self, network: str, identity_for: Callable[[bytes], Awaitable[PublicIdentity | None]],
                  relay: str = COORDINATOR_RELAY, clock: Clock = SYSTEM_CLOCK) -> None:
         self.network = network
         self.identity_for = identity_for
@@ -179,7 +180,7 @@ class Relay:
         self.relayed_frames = 0  # frames passed on to their destination's queue
         self.relayed_bytes = 0  # their WireGuard bytes (the destination key taken off)
         self._connections: dict[bytes, _Connection] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # closes and membership checks in flight
         self.clock = clock
         self._log_refusal = RefusalLog(log, clock)
         self._closed = False
@@ -219,7 +220,7 @@ class Relay:
                 raise Refusal(MALFORMED, "expected the authentication message (JSON text)")
             wg_key, signature = parse_auth(message.data)
             who = base64.b64encode(wg_key).decode()
-            identity = self.identity_for(wg_key)
+            identity = await self.identity_for(wg_key)
             # A stranger's signature is checked too (against the key it names), so that it is
             # refused after the same work as a member's bad one, with the same answer.
             checked = identity.ssh_public_key if identity is not None else signer_key(signature)
@@ -290,9 +291,12 @@ class Relay:
         """Close `connection` soon (from sync code); its socket is cut if closing stalls."""
         if self._connections.get(connection.key) is connection:
             del self._connections[connection.key]
-        task = asyncio.get_running_loop().create_task(self._close(connection, code, reason))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._in_background(self._close(connection, code, reason))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     async def _close(connection: _Connection, code: int, reason: str) -> None:
@@ -305,9 +309,13 @@ class Relay:
                 transport.abort()
 
     def member_changed(self) -> None:
-        """Close the connections of keys that are no longer (the same) members."""
+        """Close (soon) the connections of keys that are no longer (the same) members."""
+        if self._connections:
+            self._in_background(self._recheck())
+
+    async def _recheck(self) -> None:
         for key, connection in list(self._connections.items()):
-            identity = self.identity_for(key)
+            identity = await self.identity_for(key)
             if identity is None or identity.ssh_public_key != connection.ssh_key:
                 log.info("relay: closing %s: no longer a member", base64.b64encode(key).decode())
                 self._kick(connection, NOT_MEMBER, "no longer a member of this network")
@@ -329,5 +337,5 @@ class Relay:
         self._closed = True
         for connection in list(self._connections.values()):
             self._kick(connection, SHUTTING_DOWN, "the relay is shutting down")
-        if self._closing:
-            await asyncio.wait(set(self._closing))
+        if self._background:
+            await asyncio.wait(set(self._background))

@@ -67,6 +67,7 @@ from .punch import PunchBoard
 from .punch import handler as punch_handler
 from .reflection import REFLECTION
 from .relay import Relay
+from .replies import MapReplies
 from .store import MemberRow, NetworkRow, PendingRow, Store, StoreError
 
 log = logging.getLogger("tunnelmesh.coordinator.server")
@@ -107,6 +108,7 @@ class _Service:
         self._closing = False
         self._relay: Relay | None = None
         self.punches = PunchBoard()  # punch notices waiting for members' long-polls (tunnelmesh/coordinator/punch.py)
+        self.replies = MapReplies()  # the map replies of the current version, shared by the long-polls it wakes
 
     def _wake(self) -> None:
         self._wake_polls()
@@ -138,16 +140,16 @@ class _Service:
 
     # --- shared checks ------------------------------------------------------------------------
 
-    def _network_row(self) -> NetworkRow:
-        row = self.store.network()
+    async def _network_row(self) -> NetworkRow:
+        row = await self.store.network()
         if row is None:
             raise Refused(503, "this coordinator has no network yet: run `tunnelmesh init --url` with its URL "
                                "(or start the admin node that embeds it)")
         return row
 
-    def _network(self) -> NetworkInfo:
+    async def _network(self) -> NetworkInfo:
         try:
-            return NetworkInfo.from_wire(self._network_row().record)
+            return NetworkInfo.from_wire((await self._network_row()).record)
         except MembershipError as exc:
             raise StoreError(f"the stored network record does not verify ({exc}); restore the database") from None
 
@@ -168,7 +170,7 @@ class _Service:
     async def _admin(self, request: web.Request) -> tuple[NetworkInfo, bytes]:
         """An admin-signed request: the network and the raw body."""
         raw = await request.read()
-        network = self._network()
+        network = await self._network()
         self._check_admin(request, raw, network.admin_key)
         return network, raw
 
@@ -188,9 +190,9 @@ class _Service:
         if auth.who == "admin":
             raise Refused(403, "this request needs a member's key, not the admin key")
         key = b64(unb64(auth.who, "member key", 32))
-        member = self.store.member(key)
+        member = await self.store.member(key)
         if member is None:
-            revocation = self.store.revocation(key)
+            revocation = await self.store.revocation(key)
             if revocation is not None:
                 raise Refused(403, "this node was revoked by the admin", revocation=revocation.record)
             raise Refused(401, "unknown node: this key is not a member of the network (join it first)")
@@ -209,113 +211,122 @@ class _Service:
             self.guard.record(auth, now)  # checks the window's nonces again: the body read may have let a copy by
         return member, raw
 
-    def _check_invite(self, grant: InviteGrant, now: int) -> None:
+    async def _check_invite(self, grant: InviteGrant, now: int) -> None:
         if grant.expires < now:
             raise Refused(410, f"the invite expired at {bodies.utc(grant.expires)}; ask the admin for a new one")
-        if grant.uses and self.store.invite_uses(b64(grant.invite_key)) >= grant.uses:
+        await self._check_uses(grant)
+
+    async def _check_uses(self, grant: InviteGrant) -> None:
+        if grant.uses and await self.store.invite_uses(b64(grant.invite_key)) >= grant.uses:
             times = "" if grant.uses == 1 else f" {grant.uses} times, all it allows"
             raise Refused(410, f"the invite was already used{times}; ask the admin for a new one")
 
-    def _check_newcomer(self, identity: PublicIdentity, name: str) -> None:
+    async def _check_newcomer(self, identity: PublicIdentity, name: str) -> None:
         """The key is not a member yet (cloned machines share one) and no member has the name.
         Pending joins hold nothing: the admin decides between them."""
         key = b64(identity.wg_public_key)
-        existing = self.store.member(key)
+        existing = await self.store.member(key)
         if existing is not None:
             raise Refused(409, f"this key is already a member (as {existing.name!r}): is this a cloned machine? "
                                "give it a key of its own with `tunnelmesh join --new-key`")
-        if self.store.member_named(name) is not None:
+        if await self.store.member_named(name) is not None:
             raise Refused(409, f"the name {name!r} is taken by another member; choose another with --name")
 
     def _fresh_since(self, now: int) -> int:
         """Pending joins made before this have expired (wherever pending rows are read)."""
         return now - PENDING_TTL
 
-    def _check_room(self, now: int, source: str, *, invited: bool) -> None:
+    async def _check_room(self, now: int, source: str, *, invited: bool) -> None:
         """Bound pending joins: requests for approval per source address and in all, invited
         joins in all (apart, so a flood of requests never blocks invited joins)."""
         fresh = self._fresh_since(now)
-        self.store.purge_pending(fresh)
+        await self.store.purge_pending(fresh)
         if invited:
-            if self.store.pending_count(fresh, invited=True) >= INVITED_LIMIT:
+            if await self.store.pending_count(fresh, invited=True) >= INVITED_LIMIT:
                 raise Refused(429, f"{INVITED_LIMIT} invited joins are already waiting for the admin's machine to "
                                    "countersign them: is its daemon running? try again later")
             return
-        if self.store.pending_count(fresh, invited=False, source=source) >= PENDING_PER_SOURCE:
+        if await self.store.pending_count(fresh, invited=False, source=source) >= PENDING_PER_SOURCE:
             raise Refused(429, f"{PENDING_PER_SOURCE} joins from {source} are already waiting for approval; "
                                f"try again later (unapproved requests expire after {PENDING_TTL // 60} minutes)")
-        if self.store.pending_count(fresh, invited=False) >= PENDING_LIMIT:
+        if await self.store.pending_count(fresh, invited=False) >= PENDING_LIMIT:
             raise Refused(429, f"{PENDING_LIMIT} joins are already waiting for approval; try again later "
                                f"(unapproved requests expire after {PENDING_TTL // 60} minutes)")
 
-    def _check_not_revoked(self, wg_key: bytes, authorized_at: int) -> None:
-        revocation = self.store.revocation(b64(wg_key))
+    async def _check_not_revoked(self, wg_key: bytes, authorized_at: int) -> None:
+        revocation = await self.store.revocation(b64(wg_key))
         if revocation is not None and authorized_at <= revocation.at:
             raise Refused(403, "this key was revoked; ask the admin for a new invite")
 
-    def _map(self, since: int, *, candidates: bool = False) -> dict[str, Any]:
+    async def _map(self, since: int, *, candidates: bool = False) -> dict[str, Any]:
         """The peer map update: everything changed after version `since` (all for 0); the
-        members' candidate records only for `candidates` (bodies.endpoints says why)."""
-        row = self._network_row()
-        members = self.store.members(since)
-        update = {
-            "version": row.version, "full": since == 0,
-            "members": [m.entry for m in members],
-            "revocations": self.store.revocations(since),
-            "secret": row.secret_record if row.secret_version > since else None,
-            "endpoints": {m.wg_key: bodies.endpoints(m, candidates=candidates) for m in members},
-        }
-        policy = self.store.policy()
+        members' candidate records only for `candidates` (bodies.endpoints says why). Read
+        once per (version, since, candidates) however many long-polls a change wakes: they
+        share the answer (`MapReplies`)."""
+        return await self.replies.get(self.store.version, since, candidates, self._read_map)
+
+    async def _read_map(self, since: int, candidates: bool) -> dict[str, Any]:
+        async with self.store.transaction(write=False):  # one moment: the version and the rows agree
+            row = await self._network_row()
+            members = await self.store.members(since)
+            update = {
+                "version": row.version, "full": since == 0,
+                "members": [m.entry for m in members],
+                "revocations": await self.store.revocations(since),
+                "secret": row.secret_record if row.secret_version > since else None,
+                "endpoints": {m.wg_key: bodies.endpoints(m, candidates=candidates) for m in members},
+            }
+            policy = await self.store.policy()
         if policy is not None and policy.version > since:  # left out otherwise: nodes from before it take the rest
             update["policy"] = policy.record
         return update
 
-    def _join_result(self, member: MemberRow, waiting: PendingRow) -> dict[str, Any]:
+    async def _join_result(self, member: MemberRow, waiting: PendingRow) -> dict[str, Any]:
         """What an admitted joiner collects: its admin-signed entry, the network secret the
         admin's machine sealed to it, and the map."""
-        return {"network": self._network_row().record, "member": member.entry, "secret": waiting.sealed,
-                "map": self._map(0)}
+        return {"network": (await self._network_row()).record, "member": member.entry, "secret": waiting.sealed,
+                "map": await self._map(0)}
 
-    def _collect(self, key: str, now: int) -> dict[str, Any] | None:
+    async def _collect(self, key: str, now: int) -> dict[str, Any] | None:
         """The join result if the admin admitted this key (the approved row stays until it
         expires: a joiner that lost the answer asks again within the TTL; the sealed secret
         is nowhere else). Raises if the admin's machine refused it: the refused row goes
         (told once; asking again starts a new join). Call it outside a transaction, or the
         refusal's rollback would keep the refused row."""
-        waiting = self.store.pending(key, self._fresh_since(now))
+        waiting = await self.store.pending(key, self._fresh_since(now))
         if waiting is None:
             return None
         if waiting.refused is not None:
-            self.store.delete_pending(key)
+            await self.store.delete_pending(key)
             raise Refused(403, f"the admin's machine refused this join: {waiting.refused}")
-        member = self.store.member(key)
+        member = await self.store.member(key)
         if not waiting.approved or member is None or waiting.sealed is None:
             return None
         log.info("%s collected its admitted join", member.name)
-        return self._join_result(member, waiting)
+        return await self._join_result(member, waiting)
 
-    def _admitted_again(self, entry: dict[str, Any], now: int) -> bool:
+    async def _admitted_again(self, entry: dict[str, Any], now: int) -> bool:
         """Whether this very invite-signed entry was admitted and waits to be collected: a
         joiner whose answer was lost asks again after its own join used the invite up (or
         after the join window). A cheap lookup; the proof is checked before any answer."""
         match = re.search(r" wg=(\S+) ", str(entry["body"].get("identity")))
-        waiting = None if match is None else self.store.pending(match[1], self._fresh_since(now))
+        waiting = None if match is None else await self.store.pending(match[1], self._fresh_since(now))
         return waiting is not None and waiting.approved and waiting.entry == entry
 
     # --- joining --------------------------------------------------------------------------------
 
     async def network(self, request: web.Request) -> web.Response:
-        return web.json_response({"network": self._network_row().record})
+        return web.json_response({"network": (await self._network_row()).record})
 
     async def propose(self, request: web.Request) -> web.Response:
         """A member body for the joiner to sign with the invite key. Stores nothing."""
         body = bodies.parse(await request.read())
         bodies.body_field.keys(body, {"identity", "name", "grant"}, "the body")
-        network = self._network()
+        network = await self._network()
         with bodies.status(403):
             grant = InviteGrant.from_wire(body["grant"], network.admin_key)
         now = int(self.clock())
-        self._check_invite(grant, now)  # cheap checks before the identity's signature
+        await self._check_invite(grant, now)  # cheap checks before the identity's signature
         name = body["name"] if body["name"] is not None else grant.name
         if name is None:
             raise Refused(400, "this invite does not name the node: give a name (--name)")
@@ -323,9 +334,9 @@ class _Service:
         if grant.name is not None and name != grant.name:
             raise Refused(403, f"this invite is for the name {grant.name!r}")
         identity = bodies.identity(body["identity"])
-        self._check_newcomer(identity, name)
-        self._check_not_revoked(identity.wg_public_key, grant.created)
-        ipv4, ipv6 = bodies.addresses(network, self.store.free_host())
+        await self._check_newcomer(identity, name)
+        await self._check_not_revoked(identity.wg_public_key, grant.created)
+        ipv4, ipv6 = bodies.addresses(network, await self.store.free_host())
         joined = max(now, grant.created)  # an entry must not predate its invite (clock skew)
         return web.json_response({"body": member_body(network.network, name, identity, ipv4, ipv6, joined)})
 
@@ -335,7 +346,7 @@ class _Service:
         did, with 403 if it refused, else with 202 after COUNTERSIGN_WAIT (ask again)."""
         body = bodies.parse(await request.read())
         bodies.body_field.keys(body, {"entry", "proof"}, "the body")
-        network = self._network()
+        network = await self._network()
         entry = body["entry"]
         if not isinstance(entry, dict) or "grant" not in entry or not isinstance(entry.get("body"), dict):
             raise Refused(403, "a join must be signed with an invite key (admin-signed entries come by approval)")
@@ -343,8 +354,8 @@ class _Service:
         # Cheap checks first: the grant (one Ed25519 signature), its expiry and uses, the time.
         with bodies.status(403):
             grant = InviteGrant.from_wire(entry["grant"], network.admin_key)
-        if not self._admitted_again(entry, now):
-            self._check_invite(grant, now)
+        if not await self._admitted_again(entry, now):
+            await self._check_invite(grant, now)
             joined = bodies.body_field.integer(entry["body"].get("joined"), "joined")
             if abs(joined - now) > JOIN_WINDOW:
                 raise Refused(403, f"the join time is {joined - now:+d} s off the coordinator's clock "
@@ -355,17 +366,17 @@ class _Service:
             verify_join_proof(member.identity, entry["body"], body["proof"])
         key = b64(member.wg_key)
         source = self._client_address(request) or ""
-        result = self._collect(key, now)
+        result = await self._collect(key, now)
         if result is not None:
             return web.json_response(result)
-        with self.store.transaction():
-            self._check_newcomer(member.identity, member.name)
-            self._check_not_revoked(member.wg_key, member.authorized_at)
-            waiting = self.store.pending(key, self._fresh_since(now))
+        async with self.store.transaction():
+            await self._check_newcomer(member.identity, member.name)
+            await self._check_not_revoked(member.wg_key, member.authorized_at)
+            waiting = await self.store.pending(key, self._fresh_since(now))
             if waiting is None or waiting.entry != entry:
                 if waiting is None:
-                    self._check_room(now, source, invited=True)
-                self.store.put_pending(PendingRow(key, member.name, member.identity.to_line(),
+                    await self._check_room(now, source, invited=True)
+                await self.store.put_pending(PendingRow(key, member.name, member.identity.to_line(),
                                                   member.identity.fingerprint, now, source, entry,
                                                   str(body["proof"])))
                 log.info("%s (%s) joins with an invite; waiting for the admin's machine to countersign",
@@ -378,10 +389,10 @@ class _Service:
         deadline = loop.time() + COUNTERSIGN_WAIT
         while not self._closing:
             changed = self._pending_changed
-            result = self._collect(key, now)
+            result = await self._collect(key, now)
             if result is not None:
                 return web.json_response(result)
-            if self.store.pending(key, self._fresh_since(now)) is None:
+            if await self.store.pending(key, self._fresh_since(now)) is None:
                 raise Refused(409, "the join request is gone (expired or replaced): run the join again")
             try:
                 await asyncio.wait_for(changed.wait(), deadline - loop.time())
@@ -396,7 +407,7 @@ class _Service:
         approves it; once approved, the joiner's next request gets the join result."""
         body = bodies.parse(await request.read())
         bodies.body_field.keys(body, {"identity", "name", "t", "proof"}, "the body")
-        self._network()  # 503 before set-up
+        await self._network()  # 503 before set-up
         name = check_name(body["name"])
         t = bodies.body_field.integer(body["t"], "t")
         now = int(self.clock())
@@ -407,19 +418,19 @@ class _Service:
         bodies.verify_request_proof(identity, {"identity": body["identity"], "name": name, "t": t}, body["proof"])
         key = b64(identity.wg_public_key)
         source = self._client_address(request) or ""
-        result = self._collect(key, now)
+        result = await self._collect(key, now)
         if result is not None:
             return web.json_response(result)
-        with self.store.transaction():
-            self._check_newcomer(identity, name)
-            waiting = self.store.pending(key, self._fresh_since(now))
+        async with self.store.transaction():
+            await self._check_newcomer(identity, name)
+            waiting = await self.store.pending(key, self._fresh_since(now))
             if waiting is not None and waiting.entry is not None:
                 raise Refused(409, "this key already joins with an invite; wait for that join")
             if waiting is None:
-                self._check_room(now, source, invited=False)
+                await self._check_room(now, source, invited=False)
                 log.info("%s (%s) asks to join; waiting for `tunnelmesh approve %s`", name, identity.fingerprint, name)
             if waiting is None or waiting.name != name or waiting.approved:
-                self.store.put_pending(PendingRow(key, name, identity.to_line(), identity.fingerprint, now, source))
+                await self.store.put_pending(PendingRow(key, name, identity.to_line(), identity.fingerprint, now, source))
                 self._wake_pending()
         return web.json_response({"pending": True, "name": name}, status=202)
 
@@ -437,11 +448,11 @@ class _Service:
         observed = bodies.observed_ipv4(self._client_address(request))
         endpoints = bodies.member_addresses(body["addresses"], None if observed is None else f"{observed}:{port}")
         relay = bodies.relay_offer(body.get("relay"), observed)
-        self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh, relay)
+        await self.store.set_endpoints(member.wg_key, endpoints, int(self.clock()), ssh, relay)
         reply: dict[str, Any] = {"observed": f"{observed or f'[{self._client_address(request)}]'}:{port}"}
         if (reflection := request.app.get(REFLECTION)) is not None:  # where to ask for the reflexive address
             reply["stun"] = reflection.advertised()
-        if (refused := bodies.take_candidates(self.store, member, body.get("candidates"), self.clock())) is not None:
+        if (refused := await bodies.take_candidates(self.store, member, body.get("candidates"), self.clock())) is not None:
             reply["candidates_refused"] = refused
         if relay is None and body.get("relay") is not None:
             reply["relay_refused"] = ("the relay's port alone needs an IPv4 address to go with, and this request "
@@ -473,24 +484,31 @@ class _Service:
             await self._wait_past(since, wait, punch_for=member.wg_key)
         else:
             await self._wait_past(since, wait)
-        reply = self._map(since, candidates=bodies.takes_candidates(request))
+        reply = await self._map(since, candidates=bodies.takes_candidates(request))
         notices = self.punches.take(member.wg_key, self.monotonic()) if takes_punch else []
         if notices:
-            reply["punch"] = notices
+            reply = {**reply, "punch": notices}  # the map part is shared with other long-polls
         return web.json_response(reply)
 
     async def _wait_past(self, since: int, wait: float, *, punch_for: str | None = None) -> None:
         """Hold a long-poll until the version moves past `since` (if it is there now), or
-        a punch notice waits for `punch_for`."""
+        a punch notice waits for `punch_for`. The store's version moves with this and other
+        coordinators' commits; while it cannot hear the others (`poll_interval`), the
+        wait reads the version itself now and then."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        await self.store.catch_up()  # at most once a second, whoever asks: a lost announcement
         while not self._closing and self.store.version == since and not (
                 punch_for is not None and self.punches.waiting(punch_for, self.monotonic())):
             changed = self._changed
+            remaining = deadline - loop.time()
+            interval = self.store.poll_interval
             try:
-                await asyncio.wait_for(changed.wait(), deadline - loop.time())
+                await asyncio.wait_for(changed.wait(), remaining if interval is None else min(remaining, interval))
             except TimeoutError:
-                return
+                if loop.time() >= deadline:
+                    return
+                await self.store.catch_up()
 
     # --- admin ----------------------------------------------------------------------------------
 
@@ -511,15 +529,15 @@ class _Service:
                 member = MemberEntry.from_wire(body["member"], network)
             if member.grant is not None:
                 raise Refused(403, "the admin node's own entry must be signed by the admin key")
-        with self.store.transaction():
-            row = self.store.network()
+        async with self.store.transaction():
+            row = await self.store.network()
             if row is not None:
                 if row.record == body["network"]:
                     return web.json_response({"network": network.network, "created": False})
-                raise Refused(409, f"this coordinator already serves network {self._network().network}")
-            self.store.set_network(body["network"])
+                raise Refused(409, f"this coordinator already serves network {(await self._network()).network}")
+            await self.store.set_network(body["network"])
             if member is not None:
-                self.store.add_member(body["member"], member, network.host_index(member.ipv4))
+                await self.store.add_member(body["member"], member, network.host_index(member.ipv4))
         log.info("serving network %s (%s, %s)", network.network, network.cidr4, network.ula6)
         return web.json_response({"network": network.network, "created": True})
 
@@ -536,7 +554,7 @@ class _Service:
         deadline = loop.time() + wait
         while True:
             changed = self._pending_changed
-            rows = [row for row in self.store.waiting(self._fresh_since(int(self.clock())))
+            rows = [row for row in await self.store.waiting(self._fresh_since(int(self.clock())))
                     if row.entry is not None or not invited]
             if rows or self._closing or loop.time() >= deadline:
                 break
@@ -544,7 +562,7 @@ class _Service:
                 await asyncio.wait_for(changed.wait(), deadline - loop.time())
             except TimeoutError:
                 break
-        hosts = iter(self.store.free_hosts(sum(1 for row in rows if row.entry is None)))
+        hosts = iter(await self.store.free_hosts(sum(1 for row in rows if row.entry is None)))
         waiting = []
         for row in rows:
             item: dict[str, Any] = {"name": row.name, "identity": row.identity, "fingerprint": row.fingerprint,
@@ -568,8 +586,8 @@ class _Service:
         sealed = bodies.sealed_secret(body["secret"])
         key = b64(member.wg_key)
         now = int(self.clock())
-        with self.store.transaction():
-            waiting = self.store.pending(key, self._fresh_since(now))
+        async with self.store.transaction():
+            waiting = await self.store.pending(key, self._fresh_since(now))
             if waiting is None:
                 raise Refused(404, f"no pending join for {member.identity.fingerprint} (expired, or never made)")
             if waiting.approved:
@@ -580,17 +598,18 @@ class _Service:
                 raise Refused(409, "the approved entry does not match the pending join (name or identity differ): "
                                    "run `tunnelmesh pending` and approve again")
             host = network.host_index(member.ipv4)
-            if self.store.host_taken(host):
+            if await self.store.host_taken(host):
                 raise Refused(409, f"the address {member.ipv4} was taken meanwhile: approve again")
-            self._check_newcomer(member.identity, member.name)
-            self._check_not_revoked(member.wg_key, member.authorized_at)
-            self.store.add_member(body["member"], member, host)
-            if waiting.entry is not None:
+            await self._check_newcomer(member.identity, member.name)
+            await self._check_not_revoked(member.wg_key, member.authorized_at)
+            if waiting.entry is not None:  # checked again here: other joins may have used it since it waited
                 with bodies.status(403):
                     invited = MemberEntry.from_wire(waiting.entry, network)
                 assert invited.grant is not None
-                self.store.use_invite(b64(invited.grant.invite_key), invited.grant.to_wire())
-            self.store.mark_approved(key, sealed)
+                await self._check_uses(invited.grant)
+                await self.store.use_invite(b64(invited.grant.invite_key), invited.grant.to_wire())
+            await self.store.add_member(body["member"], member, host)
+            await self.store.mark_approved(key, sealed)
         self._wake_pending()
         log.info("admitted %s as %s (%s)", member.name, member.ipv4, member.identity.fingerprint)
         return web.json_response({"approved": member.name, "ipv4": str(member.ipv4), "ipv6": str(member.ipv6)})
@@ -602,19 +621,19 @@ class _Service:
         with bodies.status(403):
             device = DeviceEntry.from_wire(body["member"], network)
         key = b64(device.wg_key)
-        with self.store.transaction():
-            existing = self.store.member(key)
+        async with self.store.transaction():
+            existing = await self.store.member(key)
             if existing is not None:
                 raise Refused(409, f"this key is already a member (as {existing.name!r})")
-            if self.store.member_named(device.name) is not None:
+            if await self.store.member_named(device.name) is not None:
                 raise Refused(409, f"the name {device.name!r} is taken by another member; choose another")
-            server = self.store.member_named(device.served_by)
+            server = await self.store.member_named(device.served_by)
             if server is None or server.is_device:
                 raise Refused(409, f"no member {device.served_by!r} to serve the device (a device serves nothing)")
-            if self.store.host_taken(host := network.host_index(device.ipv4)):
+            if await self.store.host_taken(host := network.host_index(device.ipv4)):
                 raise Refused(409, f"the address {device.ipv4} was taken meanwhile: export again")
-            self._check_not_revoked(device.wg_key, device.authorized_at)
-            self.store.add_member(body["member"], device, host)
+            await self._check_not_revoked(device.wg_key, device.authorized_at)
+            await self.store.add_member(body["member"], device, host)
         log.info("admitted the WireGuard device %s as %s, served by %s", device.name, device.ipv4, device.served_by)
         return web.json_response({"admitted": device.name, "ipv4": str(device.ipv4), "ipv6": str(device.ipv6)})
 
@@ -625,7 +644,7 @@ class _Service:
         reason = body["reason"]
         if not isinstance(reason, str) or not 0 < len(reason) <= 500:
             raise Refused(400, "reason must be text of 1 to 500 characters")
-        if not self.store.mark_refused(key, reason):
+        if not await self.store.mark_refused(key, reason):
             raise Refused(404, "no pending join for that key")
         self._wake_pending()
         log.info("the admin's machine refused the join of %s: %s", key, loggable(reason))
@@ -636,12 +655,12 @@ class _Service:
         with bodies.status(403):
             revocation = Revocation.from_wire(body["revocation"], network)
         key = b64(revocation.wg_key)
-        with self.store.transaction():
-            kept = self.store.revocation(key)
+        async with self.store.transaction():
+            kept = await self.store.revocation(key)
             if kept is not None and kept.at >= revocation.at:
                 return web.json_response({"version": self.store.version, "changed": False})
-            row = self.store.member(key)
-            version = self.store.revoke(key, body["revocation"], revocation.at,
+            row = await self.store.member(key)
+            version = await self.store.revoke(key, body["revocation"], revocation.at,
                                         drop_member=row is not None and self._covers(revocation, row, network))
         log.info("revoked %s (%s)", revocation.name, key)
         return web.json_response({"version": version, "changed": True})
@@ -659,13 +678,13 @@ class _Service:
         network, body = await self._admin_body(request, {"record"})
         with bodies.status(403):
             record = SecretRecord.from_wire(body["record"], network)
-        with self.store.transaction():
-            epoch = self._network_row().epoch
+        async with self.store.transaction():
+            epoch = (await self._network_row()).epoch
             if record.epoch != epoch + 1:
                 raise Refused(409, f"the new secret must have epoch {epoch + 1}, not {record.epoch}: "
                                    "fetch the map and rotate again")
-            version = self.store.set_secret(body["record"], record.epoch)
-            unsealed = [m.name for m in self.store.members() if m.wg_key not in record.sealed and not m.is_device]
+            version = await self.store.set_secret(body["record"], record.epoch)
+            unsealed = [m.name for m in await self.store.members() if m.wg_key not in record.sealed and not m.is_device]
         if unsealed:
             log.warning("network secret epoch %d is not sealed for %s: they keep the old secret",
                         record.epoch, ", ".join(unsealed))
@@ -678,11 +697,11 @@ class _Service:
         network, body = await self._admin_body(request, {"record"})
         with bodies.status(403):
             record = PolicyRecord.from_wire(body["record"], network)
-        with self.store.transaction():
-            stored = self.store.policy()
+        async with self.store.transaction():
+            stored = await self.store.policy()
             if stored is not None and stored.record == body["record"]:
                 return web.json_response({"policy_version": record.version, "changed": False})
-            version = self.store.set_policy(body["record"], record.version)
+            version = await self.store.set_policy(body["record"], record.version)
             if version is None:
                 assert stored is not None
                 raise Refused(409, f"the network policy is at version {stored.policy_version} already: a new one "
@@ -693,15 +712,15 @@ class _Service:
 
     async def admin_map(self, request: web.Request) -> web.Response:
         await self._admin(request)
-        return web.json_response(self._map(0, candidates=bodies.takes_candidates(request)))
+        return web.json_response(await self._map(0, candidates=bodies.takes_candidates(request)))
 
     # --- the WebSocket relay (tunnelmesh.coordinator.relay) --------------------------------------
 
-    def _relay_identity(self, wg_key: bytes) -> PublicIdentity | None:
+    async def _relay_identity(self, wg_key: bytes) -> PublicIdentity | None:
         """The relay's view of membership: the member's stored identity, None for anyone else
         (and, logged, for a member whose row cannot be read: refused rather than trusted)."""
         try:
-            member = self.store.member(b64(wg_key))
+            member = await self.store.member(b64(wg_key))
             return None if member is None or member.is_device else bodies.identity_of(member.identity)
         except (StoreError, IdentityError) as exc:
             log.error("relay: cannot check membership of %s: %s", b64(wg_key), exc)
@@ -721,7 +740,7 @@ class _Service:
     async def relay(self, request: web.Request) -> web.StreamResponse:
         """GET /relay: made on first use, once the network exists (it never changes after)."""
         if self._relay is None:
-            self._relay = Relay(self._network().network, self._relay_identity)
+            self._relay = Relay((await self._network()).network, self._relay_identity)
         return await self._relay.handler(request)
 
 

@@ -18,7 +18,7 @@ from tunnelmesh.tls import certificate_fingerprint, load_or_make, server_context
 from .metrics import coordinator_source
 from .reflection import reflection_addresses, start_reflection
 from .service import make_app, serve
-from .store import Store
+from .store import is_postgres, open_store
 
 log = logging.getLogger("tunnelmesh.coordinator.server")
 
@@ -35,11 +35,20 @@ def standalone_tls_files(db: Path) -> tuple[Path, Path]:
     return db.with_name(db.stem + "-tls.pem"), db.with_name(db.stem + "-tls.key")
 
 
-def _standalone_tls(host: str, db: Path, tls_cert: Path | None, tls_key: Path | None) -> ssl.SSLContext:
+class TlsSettingError(ValueError):
+    """A coordinator on PostgreSQL has no file to keep a certificate of its own beside."""
+
+
+def _standalone_tls(host: str, db: str | Path, tls_cert: Path | None, tls_key: Path | None) -> ssl.SSLContext:
     """The standalone coordinator's TLS: the given certificate, or its own (made on first
-    start next to `db`); its fingerprint is logged for `init --tls-fingerprint`."""
+    start next to a SQLite `db`); its fingerprint is logged for `init --tls-fingerprint`.
+    Coordinators on PostgreSQL are several and must serve one certificate: given."""
     if tls_cert is None or tls_key is None:
-        tls_cert, tls_key = standalone_tls_files(db)
+        if is_postgres(db):
+            raise TlsSettingError("a coordinator on PostgreSQL needs --tls-cert and --tls-key (every coordinator of "
+                                  "the network serves the same certificate, so nodes pin one), or --plain-http "
+                                  "behind a TLS-terminating proxy")
+        tls_cert, tls_key = standalone_tls_files(Path(db))
         pin, made = load_or_make(tls_cert, tls_key, host if host != "0.0.0.0" else socket.gethostname())
         log.info("coordinator TLS: %s certificate %s", "made the" if made else "serving its", tls_cert)
     else:
@@ -50,23 +59,25 @@ def _standalone_tls(host: str, db: Path, tls_cert: Path | None, tls_key: Path | 
     return context
 
 
-async def run_standalone(listen: str, db: Path, admin_fingerprint: str | None,
+async def run_standalone(listen: str, db: str | Path, admin_fingerprint: str | None,
                          trusted_proxies: frozenset[str] = frozenset(), *, tls_cert: Path | None = None,
                          tls_key: Path | None = None, plain_http: bool = False,
-                         metrics: tuple[str, int] | None = None, stun: tuple[object, object] = (None, None)) -> None:
-    """`tunnelmesh coordinator`: serve the database at `db` on `listen` until cancelled:
-    TLS with `tls_cert`/`tls_key`, or a certificate of its own (made on first start
-    next to `db`); plain HTTP with `plain_http` (behind a TLS-terminating proxy); its
+                         metrics: tuple[str, int] | None = None, stun: tuple[object, object] = (None, None),
+                         db_password: str | None = None) -> None:
+    """`tunnelmesh coordinator`: serve the database `db` on `listen` until cancelled: a
+    SQLite file, or a PostgreSQL connection string (several coordinators may share one;
+    `db_password` in place of one in it). TLS with `tls_cert`/`tls_key`, or a certificate
+    of its own (made on first start next to a SQLite `db`); plain HTTP with `plain_http` (behind a TLS-terminating proxy); its
     Prometheus metrics on `metrics` (docs/metrics.md); its STUN reflection service as
     `stun` (the `--stun` and `--stun-alternate` settings) says. TlsError for a certificate
     it cannot use, MetricsError when the metrics' port is taken, StunSettingError for a
-    wrong `stun`."""
+    wrong `stun`, TlsSettingError for PostgreSQL without a certificate."""
     host, port = _listen_address(listen)
     reflection_at = reflection_addresses(*stun, (host, port))
     context = None if plain_http else _standalone_tls(host, db, tls_cert, tls_key)
-    store = Store.open(db)
+    store = await open_store(db, db_password)
     async with AsyncExitStack() as running:
-        running.callback(store.close)
+        running.push_async_callback(store.close)
         app = make_app(store, admin_fingerprint=admin_fingerprint, trusted_proxies=trusted_proxies)
         if reflection_at is not None:  # before serving: the register reply and the metrics find it in app
             running.callback((await start_reflection(app, reflection_at)).close)
@@ -74,6 +85,6 @@ async def run_standalone(listen: str, db: Path, admin_fingerprint: str | None,
         if metrics is not None:
             running.push_async_callback((await serve_metrics(coordinator_source(app), metrics)).cleanup)
             log.info("coordinator metrics on %s (no authentication)", metrics_url(metrics))
-        log.info("coordinator listening on %s://%s:%d (database %s)", "http" if context is None else "https",
-                 host, port, db)
+        log.info("coordinator listening on %s://%s:%d (%s database %s)", "http" if context is None else "https",
+                 host, port, store.backend, store.where)
         await asyncio.Event().wait()

@@ -1,0 +1,520 @@
+"""The coordinator's state (docs/coordinator.md, "Storage"): what both backends share.
+
+`Store` holds every operation the service needs, written once over four primitives
+that a backend provides (`_fetchone`, `_fetchall`, `_execute`, `_begin`): SQLite
+(tunnelmesh.coordinator.store.sqlite, the default, embedded) and PostgreSQL
+(tunnelmesh.coordinator.store.postgres, for several coordinators on one database).
+The queries are written in the SQL both engines take, with ``?`` placeholders.
+
+Every write is one transaction (`Store.transaction`), and write transactions are
+serialised across every coordinator on the database (SQLite: ``BEGIN IMMEDIATE``;
+PostgreSQL: a transaction-scoped advisory lock), so a check made inside one still
+holds at its commit: no address is given twice, no one-time invite used twice, under
+any interleaving of coordinators. A refused or failed operation leaves no row behind.
+
+Signed records are stored as the JSON they arrived as and served as stored: nodes
+verify them, the coordinator is not trusted to. Every change that nodes must see
+bumps one version counter (``network.version``) and writes the new value on the
+changed row, so ``GET /v1/map?since=N`` is "rows with version > N". Pending join
+requests and invite use counts are not part of the map and do not bump it.
+
+`version` is the newest version this process knows committed, kept without a query:
+its own commits move it, and so do other coordinators' (PostgreSQL NOTIFY, and
+`catch_up`, a read at most once a second, for a notification that was missed).
+Listeners hear of each move (they wake the long-polls). Every database error becomes
+a `StoreError` whose message says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tunnelmesh.membership import Entry, MemberEntry, b64
+
+#: The longest a coordinator goes without reading the version itself (a missed notification).
+CATCH_UP_INTERVAL = 1.0
+
+
+class StoreError(Exception):
+    """The coordinator's database cannot be used; the message says what to do."""
+
+
+class Row(Protocol):
+    """A result row: sqlite3.Row and asyncpg.Record both read by column name and position."""
+
+    def __getitem__(self, key: str | int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class NetworkRow:
+    record: dict[str, Any]
+    epoch: int
+    secret_record: dict[str, Any] | None
+    secret_version: int
+    version: int
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    wg_key: str
+    name: str
+    host: int
+    identity: str
+    entry: dict[str, Any]
+    addresses: list[str]
+    last_seen: int | None
+    version: int
+    ssh: dict[str, Any] | None
+    relay: str | None = None
+    candidates: dict[str, Any] | None = None  # the member's signed candidate record, the newest taken
+
+    @property
+    def is_device(self) -> bool:
+        """A plain WireGuard device (`DeviceEntry`): stored with no identity line, as it has none."""
+        return not self.identity
+
+
+@dataclass(frozen=True)
+class RevocationRow:
+    record: dict[str, Any]
+    at: int
+    version: int
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    record: dict[str, Any]
+    policy_version: int  # the record's own version (signed)
+    version: int  # the map version of its last change
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """A join waiting for the admin: a request for approval (`entry` None), or a join with
+    an invite (`entry`: the invite-signed entry, `proof`: the SSHSIG over its body) waiting
+    for the admin's machine to countersign. Nothing is reserved by it."""
+
+    wg_key: str
+    name: str
+    identity: str
+    fingerprint: str
+    requested: int
+    source: str
+    entry: dict[str, Any] | None = None
+    proof: str | None = None
+    approved: bool = False
+    sealed: dict[str, Any] | None = None  # the network secret the admin sealed to the joiner
+    refused: str | None = None  # why the admin's machine refused it
+
+
+@dataclass
+class Transaction:
+    """The transaction the current task is in (a backend keeps its connection here)."""
+
+    write: bool
+    connection: Any = None
+    bumped: int | None = None  # the version this transaction moved the counter to
+    depth: int = 1
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _loads(text: str) -> Any:
+    """A stored JSON column; a damaged one is a StoreError, not a crash."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise StoreError("a row of the coordinator database holds damaged JSON (was it edited by hand?); "
+                         "restore the database from a backup") from None
+
+
+def _maybe(text: str | None) -> Any:
+    return None if text is None else _loads(text)
+
+
+class Store:
+    """The coordinator's database, over a backend's primitives. One event loop uses it;
+    its tasks may run transactions concurrently (each in its own context)."""
+
+    #: "sqlite" or "postgresql": what `tunnelmesh coordinator` logs and status shows.
+    backend = ""
+
+    def __init__(self, where: str, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.where = where  # the database, for messages (no secret: a PostgreSQL DSN's password is cut)
+        self.version = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._current: ContextVar[Transaction | None] = ContextVar(f"store-transaction-{id(self)}", default=None)
+        self._monotonic = monotonic
+        self._caught_up_at = float("-inf")
+
+    # --- what a backend provides -------------------------------------------------------------
+
+    async def _fetchone(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
+        raise NotImplementedError
+
+    async def _fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        raise NotImplementedError
+
+    async def _execute(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run a statement; how many rows it changed."""
+        raise NotImplementedError
+
+    def _begin(self, transaction: Transaction) -> AbstractAsyncContextManager[None]:
+        """Open `transaction` (a write one serialised against every other writer), commit
+        it when the block ends, roll it back if it raises."""
+        raise NotImplementedError
+
+    async def _announce(self, version: int) -> None:
+        """Inside the bumping transaction: tell the other coordinators (at commit)."""
+
+    async def _watch(self) -> None:
+        """Make sure the other coordinators' announcements reach this process."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    # --- transactions and change notification ------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self, *, write: bool = True) -> AsyncIterator[None]:
+        """All or nothing: every write inside commits together, or none does. Nests (only
+        the outermost commits; a write inside a read-only one is a bug). Listeners hear of
+        a version bump after commit. `write=False`: a consistent read of one moment."""
+        current = self._current.get()
+        if current is not None:
+            if write and not current.write:
+                raise RuntimeError("a write inside a read-only store transaction")
+            current.depth += 1
+            try:
+                yield
+            finally:
+                current.depth -= 1
+            return
+        transaction = Transaction(write)
+        token = self._current.set(transaction)
+        try:
+            async with self._begin(transaction):
+                yield
+        finally:
+            self._current.reset(token)
+        if transaction.bumped is not None:
+            self._advance(transaction.bumped)
+
+    def _in_transaction(self) -> Transaction | None:
+        return self._current.get()
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` each time the known version moves (wakes long-polls)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.remove(listener)
+
+    def _advance(self, version: int) -> None:
+        """A version committed (here, or by another coordinator): move to it, tell listeners."""
+        if version <= self.version:
+            return
+        self.version = version
+        for listener in list(self._listeners):
+            listener()
+
+    async def catch_up(self) -> None:
+        """Read the version (at most once per CATCH_UP_INTERVAL, whoever asks): a change
+        whose announcement was lost still reaches this coordinator's long-polls."""
+        now = self._monotonic()
+        if now - self._caught_up_at < CATCH_UP_INTERVAL:
+            return
+        self._caught_up_at = now
+        await self._watch()
+        self._advance(await self.read_version())
+
+    @property
+    def poll_interval(self) -> float | None:
+        """How often a waiting long-poll should `catch_up` itself: None while every commit
+        that matters is heard of as it happens (this backend's announcements work)."""
+        return None
+
+    async def read_version(self) -> int:
+        """The version counter as the database holds it now (0 before setup)."""
+        row = await self._fetchone("SELECT version FROM network")
+        return 0 if row is None else int(row[0])
+
+    async def _bump(self) -> int:
+        transaction = self._in_transaction()
+        assert transaction is not None and transaction.write, "a version bump outside a write transaction"
+        row = await self._fetchone("UPDATE network SET version = version + 1 RETURNING version")
+        if row is None:
+            raise StoreError(f"coordinator database {self.where}: no network is set up")
+        transaction.bumped = version = int(row[0])
+        await self._announce(version)
+        return version
+
+    # --- network ----------------------------------------------------------------------------
+
+    async def network(self) -> NetworkRow | None:
+        row = await self._fetchone("SELECT * FROM network")
+        if row is None:
+            return None
+        return NetworkRow(_loads(row["record"]), int(row["secret_epoch"]), _maybe(row["secret_record"]),
+                          int(row["secret_version"]), int(row["version"]))
+
+    async def set_network(self, record: dict[str, Any]) -> int:
+        """Take a network (secret epoch 0, no secret record yet). Setting up is a change: version 1."""
+        async with self.transaction():
+            await self._execute(
+                "INSERT INTO network (id, record, secret, secret_epoch, secret_record, secret_version, version) "
+                "VALUES (1, ?, '', 0, NULL, 0, 0)", (_json(record),))
+            return await self._bump()
+
+    async def set_secret(self, record: dict[str, Any], epoch: int) -> int:
+        """The admin's record of a new secret (sealed to each member; the secret itself is not here)."""
+        async with self.transaction():
+            version = await self._bump()
+            await self._execute("UPDATE network SET secret_epoch = ?, secret_record = ?, secret_version = ?",
+                                (epoch, _json(record), version))
+            return version
+
+    async def policy(self) -> PolicyRow | None:
+        row = await self._fetchone("SELECT * FROM policy")
+        return None if row is None else PolicyRow(_loads(row["record"]), int(row["policy_version"]),
+                                                  int(row["version"]))
+
+    async def set_policy(self, record: dict[str, Any], policy_version: int) -> int | None:
+        """Keep the admin's network policy record in place of the stored one, if its version
+        is above the stored one's: the new map version, or None (nothing changed) if not."""
+        async with self.transaction():
+            stored = await self._fetchone("SELECT policy_version FROM policy")
+            if stored is not None and stored[0] >= policy_version:
+                return None
+            version = await self._bump()
+            await self._execute(
+                "INSERT INTO policy (id, record, policy_version, version) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO "
+                "UPDATE SET record = excluded.record, policy_version = excluded.policy_version, "
+                "version = excluded.version", (_json(record), policy_version, version))
+            return version
+
+    # --- members ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _member(row: Row) -> MemberRow:
+        last_seen = row["last_seen"]
+        return MemberRow(row["wg_key"], row["name"], int(row["host"]), row["identity"], _loads(row["entry"]),
+                         _loads(row["addresses"]), None if last_seen is None else int(last_seen), int(row["version"]),
+                         _maybe(row["ssh"]), row["relay"], _maybe(row["candidates"]))
+
+    async def member(self, wg_key: str) -> MemberRow | None:
+        row = await self._fetchone("SELECT * FROM members WHERE wg_key = ?", (wg_key,))
+        return None if row is None else self._member(row)
+
+    async def member_named(self, name: str) -> MemberRow | None:
+        row = await self._fetchone("SELECT * FROM members WHERE name = ?", (name,))
+        return None if row is None else self._member(row)
+
+    async def members(self, since: int = 0) -> list[MemberRow]:
+        """Members whose row changed after version `since` (all of them for 0)."""
+        rows = await self._fetchall("SELECT * FROM members WHERE version > ? ORDER BY host", (since,))
+        return [self._member(row) for row in rows]
+
+    async def member_count(self) -> int:
+        row = await self._fetchone("SELECT count(*) FROM members")
+        return 0 if row is None else int(row[0])
+
+    async def add_member(self, entry: dict[str, Any], member: Entry, host: int) -> int:
+        """Store a verified entry as it arrived (`entry`), at host number `host`. A device
+        has no identity: its identity and fingerprint columns are empty (`MemberRow.is_device`)."""
+        identity = member.identity.to_line() if isinstance(member, MemberEntry) else ""
+        async with self.transaction():
+            version = await self._bump()
+            await self._execute(
+                "INSERT INTO members (wg_key, name, host, ipv4, ipv6, fingerprint, identity, entry, version) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (b64(member.wg_key), member.name, host, str(member.ipv4), str(member.ipv6),
+                 member.ssh_fingerprint or "", identity, _json(entry), version))
+            return version
+
+    async def set_endpoints(self, wg_key: str, addresses: list[str], now: int, ssh: dict[str, Any] | None = None,
+                            relay: str | None = None) -> bool:
+        """Record where a member was seen, what it offers for the SSH rung and the relay it
+        serves (None: nothing); bumps the version only if any of them changed. A register
+        that changes nothing (most: nodes register every 15 s) writes only the time seen,
+        outside the writers' lock."""
+        row = await self._fetchone("SELECT addresses, ssh, relay FROM members WHERE wg_key = ?", (wg_key,))
+        if row is None:
+            return False
+        if _loads(row["addresses"]) == addresses and _maybe(row["ssh"]) == ssh and row["relay"] == relay:
+            await self._execute("UPDATE members SET last_seen = ? WHERE wg_key = ?", (now, wg_key))
+            return False
+        async with self.transaction():  # read again under the lock: another coordinator may have written
+            row = await self._fetchone("SELECT addresses, ssh, relay FROM members WHERE wg_key = ?", (wg_key,))
+            if row is None:
+                return False
+            changed = _loads(row["addresses"]) != addresses or _maybe(row["ssh"]) != ssh or row["relay"] != relay
+            if changed:
+                await self._execute(
+                    "UPDATE members SET addresses = ?, ssh = ?, relay = ?, version = ? WHERE wg_key = ?",
+                    (_json(addresses), None if ssh is None else _json(ssh), relay, await self._bump(), wg_key))
+            await self._execute("UPDATE members SET last_seen = ? WHERE wg_key = ?", (now, wg_key))
+            return changed
+
+    async def set_candidates(self, wg_key: str, record: dict[str, Any], version: int) -> int | None:
+        """Keep a member's candidate record (verified) in place of the stored one if its
+        version is above the stored one's (bumping the map version): None then, and for the
+        stored record again; else the stored version that refuses it (a replay, or the
+        member's clock went back)."""
+        async with self.transaction():
+            row = await self._fetchone("SELECT candidates, candidates_version FROM members WHERE wg_key = ?",
+                                       (wg_key,))
+            if row is None or (row["candidates"] is not None and _loads(row["candidates"]) == record):
+                return None
+            stored = row["candidates_version"]
+            if stored is not None and stored >= version:
+                return int(stored)
+            await self._execute(
+                "UPDATE members SET candidates = ?, candidates_version = ?, version = ? WHERE wg_key = ?",
+                (_json(record), version, await self._bump(), wg_key))
+            return None
+
+    async def host_taken(self, host: int) -> bool:
+        """Whether a member holds host number `host` (pending requests hold nothing)."""
+        return await self._fetchone("SELECT 1 FROM members WHERE host = ?", (host,)) is not None
+
+    async def free_hosts(self, count: int = 1) -> list[int]:
+        """The `count` lowest host numbers >= 1 that no member holds."""
+        used = {int(row[0]) for row in await self._fetchall("SELECT host FROM members")}
+        free: list[int] = []
+        candidate = 1
+        while len(free) < count:
+            if candidate not in used:
+                free.append(candidate)
+            candidate += 1
+        return free
+
+    async def free_host(self) -> int:
+        return (await self.free_hosts(1))[0]
+
+    # --- invites --------------------------------------------------------------------------------
+
+    async def invite_uses(self, invite_key: str) -> int:
+        row = await self._fetchone("SELECT used FROM invites WHERE invite_key = ?", (invite_key,))
+        return 0 if row is None else int(row[0])
+
+    async def use_invite(self, invite_key: str, grant: dict[str, Any]) -> None:
+        async with self.transaction():
+            await self._execute(
+                "INSERT INTO invites (invite_key, record, used) VALUES (?, ?, 1) "
+                "ON CONFLICT (invite_key) DO UPDATE SET used = invites.used + 1", (invite_key, _json(grant)))
+
+    # --- revocations ------------------------------------------------------------------------------
+
+    async def revocation(self, wg_key: str) -> RevocationRow | None:
+        row = await self._fetchone("SELECT * FROM revocations WHERE wg_key = ?", (wg_key,))
+        return None if row is None else RevocationRow(_loads(row["record"]), int(row["at"]), int(row["version"]))
+
+    async def revocations(self, since: int = 0) -> list[dict[str, Any]]:
+        rows = await self._fetchall("SELECT record FROM revocations WHERE version > ? ORDER BY version", (since,))
+        return [_loads(row["record"]) for row in rows]
+
+    async def revoke(self, wg_key: str, record: dict[str, Any], at: int, *, drop_member: bool) -> int:
+        """Keep the revocation (replacing an older one for the key), drop the key's pending
+        request and, if the revocation covers its entry, its member row."""
+        async with self.transaction():
+            version = await self._bump()
+            await self._execute(
+                "INSERT INTO revocations (wg_key, record, at, version) VALUES (?, ?, ?, ?) ON CONFLICT (wg_key) "
+                "DO UPDATE SET record = excluded.record, at = excluded.at, version = excluded.version",
+                (wg_key, _json(record), at, version))
+            await self._execute("DELETE FROM pending WHERE wg_key = ?", (wg_key,))
+            if drop_member:
+                await self._execute("DELETE FROM members WHERE wg_key = ?", (wg_key,))
+            return version
+
+    # --- pending joins (approval requests, and invited joins waiting to be countersigned) ---------
+
+    @staticmethod
+    def _pending(row: Row) -> PendingRow:
+        return PendingRow(row["wg_key"], row["name"], row["identity"], row["fingerprint"], int(row["requested"]),
+                          row["source"], _maybe(row["entry"]), row["proof"], bool(row["approved"]),
+                          _maybe(row["sealed"]), row["refused"])
+
+    async def pending(self, wg_key: str, fresh_since: int) -> PendingRow | None:
+        """The key's pending join, unless it was made before `fresh_since` (expired)."""
+        row = await self._fetchone("SELECT * FROM pending WHERE wg_key = ? AND requested >= ?", (wg_key, fresh_since))
+        return None if row is None else self._pending(row)
+
+    async def waiting(self, fresh_since: int) -> list[PendingRow]:
+        """Joins the admin has neither approved nor refused, made since `fresh_since`, oldest first."""
+        rows = await self._fetchall("SELECT * FROM pending WHERE approved = 0 AND refused IS NULL AND requested >= ? "
+                                    "ORDER BY requested, name", (fresh_since,))
+        return [self._pending(row) for row in rows]
+
+    async def pending_count(self, fresh_since: int, *, invited: bool, source: str | None = None) -> int:
+        """How many unexpired requests for approval (invited=False) or invited joins wait,
+        from one source address or from all (admitted and refused ones, kept to be collected,
+        do not)."""
+        query = (f"SELECT count(*) FROM pending WHERE requested >= ? AND approved = 0 AND refused IS NULL "
+                 f"AND entry IS {'NOT ' if invited else ''}NULL")
+        args: tuple[Any, ...] = (fresh_since,)
+        if source is not None:
+            query += " AND source = ?"
+            args += (source,)
+        row = await self._fetchone(query, args)
+        return 0 if row is None else int(row[0])
+
+    async def put_pending(self, request: PendingRow) -> None:
+        """Add a pending join, or replace the key's earlier one."""
+        async with self.transaction():
+            await self._execute(
+                "INSERT INTO pending (wg_key, name, identity, fingerprint, requested, source, entry, proof, approved, "
+                "sealed, refused) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (wg_key) DO UPDATE SET "
+                "name = excluded.name, identity = excluded.identity, fingerprint = excluded.fingerprint, "
+                "requested = excluded.requested, source = excluded.source, entry = excluded.entry, "
+                "proof = excluded.proof, approved = excluded.approved, sealed = excluded.sealed, "
+                "refused = excluded.refused",
+                (request.wg_key, request.name, request.identity, request.fingerprint, request.requested,
+                 request.source, None if request.entry is None else _json(request.entry), request.proof,
+                 int(request.approved), None if request.sealed is None else _json(request.sealed), request.refused))
+
+    async def mark_approved(self, wg_key: str, sealed: dict[str, Any]) -> None:
+        async with self.transaction():
+            await self._execute("UPDATE pending SET approved = 1, sealed = ? WHERE wg_key = ?", (_json(sealed), wg_key))
+
+    async def mark_refused(self, wg_key: str, reason: str) -> bool:
+        async with self.transaction():
+            return await self._execute("UPDATE pending SET refused = ? WHERE wg_key = ? AND approved = 0",
+                                       (reason, wg_key)) > 0
+
+    async def delete_pending(self, wg_key: str) -> None:
+        async with self.transaction():
+            await self._execute("DELETE FROM pending WHERE wg_key = ?", (wg_key,))
+
+    async def purge_pending(self, before: int) -> int:
+        """Drop pending joins made before `before` (expired)."""
+        async with self.transaction():
+            return await self._execute("DELETE FROM pending WHERE requested < ?", (before,))
+
+    # --- whole tables (tunnelmesh coordinator migrate) ---------------------------------------------
+
+    async def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every row of `table` (one of schema.TABLES) as column -> value, in a stable order."""
+        rows = await self._fetchall(f"SELECT * FROM {table} ORDER BY 1")
+        return [dict(zip(_columns(row), tuple(row))) for row in rows]
+
+    async def insert_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Insert rows as `rows` returns them (inside the caller's transaction)."""
+        for row in rows:
+            columns = list(row)
+            await self._execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                                f"({', '.join('?' for _ in columns)})", [row[c] for c in columns])
+
+
+def _columns(row: Row) -> list[str]:
+    keys = getattr(row, "keys", None)
+    return list(keys()) if keys is not None else []
