@@ -259,9 +259,9 @@ class PostgresStore(Store):
 
 def _connect_error(where: str, exc: BaseException) -> StoreError:
     name = type(exc).__name__
-    if name == "InvalidPasswordError":
-        return StoreError(f"cannot log in to {where}: wrong password or user ({exc}); give the password with "
-                          "--db-password-file or PGPASSWORD")
+    if (getattr(exc, "sqlstate", "") or "").startswith("28"):  # a wrong password, an unknown role, pg_hba.conf
+        return StoreError(f"cannot log in to {where}: {exc}; check the user in --db, give the password with "
+                          "--db-password-file or PGPASSWORD, and that the server's pg_hba.conf admits this host")
     if name == "InvalidCatalogNameError":
         return StoreError(f"{where}: {exc}; create it first (createdb), then start the coordinator again")
     if isinstance(exc, ValueError):
