@@ -214,32 +214,23 @@ def test_a_row_of_damaged_json_is_a_store_error_that_says_what_to_do(db: Databas
     asyncio.run(scenario())
 
 
-def test_an_ssh_offer_is_kept_and_a_change_of_it_bumps_the_version(db: Database, world: World) -> None:
+@pytest.mark.parametrize("offer", [{"ssh": {"port": 22}}, {"relay": "http://192.0.2.1:7401"}], ids=["ssh", "relay"])
+def test_an_offer_for_the_ssh_or_relay_rung_is_kept_and_a_change_of_it_bumps_the_version(
+        db: Database, world: World, offer: dict[str, Any]) -> None:
+    [(column, value)] = offer.items()
+
     async def scenario() -> None:
         async with opened(db, world) as store:
             await add(store, world, 0, "admin", 1)
             version = store.version
-            assert await store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 200, {"port": 22})
-            assert not await store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 201, {"port": 22})  # no bump
+            assert await store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 200, **offer)
+            assert not await store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 201, **offer)  # the same: no bump
             admin = await store.member(key(world, 0))
-            assert admin is not None and admin.ssh == {"port": 22} and admin.last_seen == 201
+            assert admin is not None and getattr(admin, column) == value and admin.last_seen == 201
             assert await store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 202)  # withdrawn: a change too
             admin = await store.member(key(world, 0))
-            assert store.version == version + 2 and admin is not None and admin.ssh is None and admin.last_seen == 202
-
-    asyncio.run(scenario())
-
-
-def test_a_relay_offer_is_kept_and_a_change_of_it_bumps_the_version(db: Database, world: World) -> None:
-    async def scenario() -> None:
-        async with opened(db, world) as store:
-            await add(store, world, 0, "admin", 1)
-            version = store.version
-            assert await store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 200, None, "http://192.0.2.1:7401")
-            assert not await store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 201, None, "http://192.0.2.1:7401")
-            assert await store.set_endpoints(key(world, 0), ["192.0.2.1:1"], 202)  # withdrawn
-            admin = await store.member(key(world, 0))
-            assert store.version == version + 2 and admin is not None and admin.relay is None
+            assert store.version == version + 2 and admin is not None and getattr(admin, column) is None
+            assert admin.last_seen == 202
 
     asyncio.run(scenario())
 

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.coordinator.test_store import add
 from tests.support.coordinator import World
 from tests.support.databases import Database, postgres_database
 from tests.support.wait import until
@@ -49,11 +50,6 @@ async def two_coordinators(db: Database) -> AsyncIterator[tuple[Store, Store]]:
             await second.close()
     finally:
         await first.close()
-
-
-async def add(store: Store, world: World, i: int, name: str, host: int) -> int:
-    wire = world.admin_member(i, name, host)
-    return await store.add_member(wire, world.entry(wire), host)
 
 
 def test_a_commit_through_one_coordinator_moves_the_others_version_and_wakes_its_listeners(
