@@ -234,14 +234,14 @@ class PostgresStore(Store):
         try:
             isolation = "read_committed" if transaction.write else "repeatable_read"
             handle = connection.transaction(isolation=isolation, readonly=not transaction.write)
-            try:
-                await handle.start()
-                if transaction.write:
-                    await connection.execute("SELECT pg_advisory_xact_lock($1)", WRITERS_LOCK)
-            except Exception as exc:
-                raise self.error(exc) from None
             transaction.connection = connection
             try:
+                try:
+                    await handle.start()
+                    if transaction.write:  # a wait for the lock may be cancelled too: rolled back below
+                        await connection.execute("SELECT pg_advisory_xact_lock($1)", WRITERS_LOCK)
+                except Exception as exc:
+                    raise self.error(exc) from None
                 yield
             except BaseException:
                 try:
