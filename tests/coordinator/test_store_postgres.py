@@ -100,6 +100,44 @@ def test_a_lost_listener_connection_is_polled_for_until_catch_up_listens_again(p
     asyncio.run(scenario())
 
 
+def test_a_writer_cancelled_waiting_for_the_lock_or_holding_it_leaves_the_lock_free(pg: Database,
+                                                                                    world: World) -> None:
+    """A request whose client went away is cancelled wherever it is; its transaction is
+    rolled back before its connection goes back to the pool, and the writers' lock, which
+    every coordinator on the database waits for, is free again."""
+    def lock_waiters() -> int:
+        return int(pg.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")[0][0])
+
+    async def scenario() -> None:
+        reported: list[str] = []  # asyncpg tells the loop of a connection reset mid-transaction
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context["message"]))
+        async with two_coordinators(pg) as (first, second):
+            await first.set_network(world.network.to_wire())
+            holding = asyncio.Event()
+
+            async def hold() -> None:
+                async with first.transaction():
+                    await add(first, world, 0, "admin", 1)
+                    holding.set()
+                    await asyncio.Event().wait()  # until cancelled
+
+            holder = asyncio.create_task(hold())
+            await holding.wait()
+            waiter = asyncio.create_task(add(second, world, 1, "one", 2))
+            await until("the second coordinator waits for the writers' lock", lambda: lock_waiters() == 1)
+            for task in (waiter, holder):
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert await second.members() == [] and await second.read_version() == 1
+            assert await asyncio.wait_for(add(second, world, 1, "one", 2), 10) == 2  # the lock is free
+            assert await asyncio.wait_for(add(first, world, 0, "admin", 1), 10) == 3
+        assert reported == []
+        assert pg.query("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'") == [(0,)]
+
+    asyncio.run(scenario())
+
+
 # --- admissions through two coordinators at once --------------------------------------------------
 
 
