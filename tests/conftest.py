@@ -153,4 +153,4 @@ def database(request: pytest.FixtureRequest, tmp_path: Path):
 
     if request.param == "sqlite":
         return sqlite_database(tmp_path)
-    return postgres_database(request.getfixturevalue("postgres_server"))
+    return postgres_database(request.getfixturevalue("postgres_server"), tmp_path)

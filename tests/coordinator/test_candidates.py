@@ -20,6 +20,7 @@ from actors.messages import SetCandidates
 from actors.runtime import Actor, Supervisor
 from tests.coordinator.test_service import db, key, with_network, world  # noqa: F401 (fixtures)
 from tests.support.coordinator import World, join, now
+from tests.support.databases import Database
 from tests.support.wait import until
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.links.attest import MAX_FUTURE
@@ -34,7 +35,7 @@ def record(world: World, i: int, version: int, *candidates: Candidate) -> dict[s
                                              filtering="address-dependent", version=version))
 
 
-def test_register_takes_a_newer_record_serves_it_and_refuses_an_older_one(db: Path, world: World) -> None:
+def test_register_takes_a_newer_record_serves_it_and_refuses_an_older_one(db: Database, world: World) -> None:
     v1 = now() * 1000
     first = record(world, 1, v1, Candidate("192.168.7.2", 51820, LOCAL), Candidate("198.51.100.4", 6000, REFLEXIVE))
     second = record(world, 1, v1 + 1, Candidate("192.168.7.2", 51820, LOCAL))
@@ -87,7 +88,7 @@ def test_register_takes_a_newer_record_serves_it_and_refuses_an_older_one(db: Pa
     asyncio.run(scenario())
 
 
-def test_only_a_poll_that_asks_gets_candidate_records(db: Path, world: World) -> None:
+def test_only_a_poll_that_asks_gets_candidate_records(db: Database, world: World) -> None:
     """Nodes from before candidate records refuse endpoint keys they do not know (and with
     them the whole map): a map request gets the records only with `candidates=1`."""
     signed = record(world, 1, now() * 1000, Candidate("192.168.7.2", 51820, LOCAL))
@@ -121,7 +122,7 @@ class QuietMesh(Actor):
 
 
 def test_changed_candidates_are_registered_at_once_during_the_long_poll_and_none_is_lost(
-        db: Path, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        db: Database, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """set_nat_report / set_mapped while the client waits in its long-poll: a register on
     the same session carries a newly signed record (the periodic register is pushed out of
     the test's reach), the last of several quick changes is what the map ends with, and an
@@ -131,8 +132,9 @@ def test_changed_candidates_are_registered_at_once_during_the_long_poll_and_none
     real_register = Coordinator.register
 
     async def counted(self: Coordinator, *args: Any, candidates: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        registers.append(candidates)
-        return await real_register(self, *args, candidates=candidates, **kwargs)
+        answer = await real_register(self, *args, candidates=candidates, **kwargs)
+        registers.append(candidates)  # once answered: the coordinator has stored it
+        return answer
 
     monkeypatch.setattr(Coordinator, "register", counted)
     reflexive = NatReport(now(), "endpoint-independent", "address-and-port-dependent",
@@ -189,7 +191,7 @@ def test_changed_candidates_are_registered_at_once_during_the_long_poll_and_none
 
 
 def test_a_node_starting_from_a_map_without_records_gets_those_of_unchanged_members(
-        db: Path, world: World, tmp_path: Path) -> None:
+        db: Database, world: World, tmp_path: Path) -> None:
     """A join's map and the cache of a node from before candidate records carry none (maps
     leave them out unless asked): the client's first poll is a full one, so the records of
     members that have not changed since arrive at once, not at their next change."""

@@ -17,7 +17,7 @@ from tests.unit.test_metrics_exposition import Samples, samples
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.metrics import coordinator_source
 from tunnelmesh.coordinator.service import CONNECTED_GRACE, MAX_WAIT, make_app, serve
-from tunnelmesh.coordinator.store import Store
+from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.metrics import serve_metrics
 from tunnelmesh.ratelimit import RateLimiter
@@ -28,7 +28,7 @@ def test_members_connected_nodes_and_relayed_traffic(tmp_path: Path) -> None:
     clock = [1000.0]  # the coordinator's monotonic clock
 
     async def run() -> None:
-        store = Store.open(tmp_path / "coordinator.db")
+        store = await open_store(tmp_path / "coordinator.db")
         app = make_app(store, limiter=RateLimiter(UNLIMITED, UNLIMITED), monotonic=lambda: clock[0])
         runner = await serve(app, "127.0.0.1", 0)
         metrics = await serve_metrics(coordinator_source(app), ("127.0.0.1", 0))
@@ -78,6 +78,6 @@ def test_members_connected_nodes_and_relayed_traffic(tmp_path: Path) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
             await metrics.cleanup()
             await runner.cleanup()
-            store.close()
+            await store.close()
 
     scenario(run())

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.coordinator import UNLIMITED
 from tunnelmesh.coordinator.service import MALFORMED_REQUESTS, make_app, serve
-from tunnelmesh.coordinator.store import Store
+from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.ratelimit import RateLimiter
 
 # Each breaks HTTP/1.1 framing in another way; one per connection.
@@ -42,7 +42,7 @@ async def send_raw(port: int, data: bytes) -> bytes:
 
 def test_malformed_http_is_one_counted_line_never_a_traceback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> int:
-        store = Store.open(tmp_path / "c.db")
+        store = await open_store(tmp_path / "c.db")
         app = make_app(store)
         runner = await serve(app, "127.0.0.1", 0)
         try:
@@ -53,7 +53,7 @@ def test_malformed_http_is_one_counted_line_never_a_traceback(tmp_path: Path, ca
             return app[MALFORMED_REQUESTS].count
         finally:
             await runner.cleanup()
-            store.close()
+            await store.close()
 
     caplog.set_level(logging.DEBUG)
     counted = asyncio.run(main())
@@ -69,7 +69,7 @@ def test_refused_requests_in_a_loop_are_one_line_per_kind_a_minute(tmp_path: Pat
     """Well-framed requests the coordinator refuses (bad JSON, a member request without a
     signature), sent over and over: each kind is logged once, the rest counted in it later."""
     async def main() -> list[int]:
-        store = Store.open(tmp_path / "c.db")
+        store = await open_store(tmp_path / "c.db")
         runner = await serve(make_app(store, limiter=RateLimiter(UNLIMITED, UNLIMITED)), "127.0.0.1", 0)
         try:
             base = f"http://127.0.0.1:{runner.addresses[0][1]}"
@@ -82,7 +82,7 @@ def test_refused_requests_in_a_loop_are_one_line_per_kind_a_minute(tmp_path: Pat
             return statuses
         finally:
             await runner.cleanup()
-            store.close()
+            await store.close()
 
     caplog.set_level(logging.INFO)
     assert sorted(set(asyncio.run(main()))) == [400, 401]

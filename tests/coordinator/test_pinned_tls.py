@@ -15,7 +15,7 @@ import pytest
 from tests.support.coordinator import identities
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
 from tunnelmesh.coordinator.service import make_app, serve
-from tunnelmesh.coordinator.store import Store
+from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.links import LinkError
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.tls import server_context, write_certificate
@@ -44,14 +44,14 @@ def _serving_tls(tmp_path: Path, scenario: Any) -> Any:
     pin = write_certificate(tmp_path / "c.pem", tmp_path / "c.key", "127.0.0.1")
 
     async def main() -> Any:
-        store = Store.open(tmp_path / "coordinator.db")
+        store = await open_store(tmp_path / "coordinator.db")
         runner = await serve(make_app(store), "127.0.0.1", 0, server_context(tmp_path / "c.pem", tmp_path / "c.key"))
         try:
             host, port = runner.addresses[0][:2]
             return await scenario(f"https://{host}:{port}", pin)
         finally:
             await runner.cleanup()
-            store.close()
+            await store.close()
 
     return asyncio.run(main())
 

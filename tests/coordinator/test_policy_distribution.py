@@ -8,17 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
-from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from tests.coordinator.test_service import refused
 from tests.support.coordinator import World, join, now, serving, snapshot
+from tests.support.databases import Database
 from tunnelmesh import network as admin_commands
 from tunnelmesh.coordinator.client import Coordinator
-from tunnelmesh.coordinator.store import MIGRATIONS, Store
+from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.filter import STARTER_POLICY
 from tunnelmesh.membership import PeerMap, PolicyRecord, Token, make_invite
 from tunnelmesh.netstate import NetworkState, load_policy
@@ -33,34 +32,36 @@ def world() -> World:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "coordinator.db"
+def db(database: Database) -> Database:
+    """Every test here runs on both backends (tests/conftest.py `database`)."""
+    return database
 
 
 def signed(world: World, version: int, text: str = STARTER_POLICY) -> dict[str, object]:
     return PolicyRecord.create(world.admin, version, text, now()).to_wire()
 
 
-def test_the_store_keeps_the_latest_policy_only_and_never_an_older_version(db: Path, world: World) -> None:
-    store = Store.open(db)
-    try:
-        store.set_network(world.network.to_wire())
-        assert store.policy() is None
-        v1 = store.set_policy({"p": 1}, 1)
-        assert v1 == store.version == 2
-        v3 = store.set_policy({"p": 3}, 3)
-        row = store.policy()
-        assert row is not None and (row.record, row.policy_version, row.version) == ({"p": 3}, 3, v3)
-        assert store.set_policy({"p": 2}, 2) is None and store.set_policy({"p": 3, "again": 1}, 3) is None
-        assert store.version == v3 and store.policy() == row  # refused: nothing changed, no bump
-    finally:
-        store.close()
-    with closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-        assert conn.execute("SELECT count(*) FROM policy").fetchone()[0] == 1
+def test_the_store_keeps_the_latest_policy_only_and_never_an_older_version(db: Database, world: World) -> None:
+    async def scenario() -> None:
+        store = await open_store(db.url)
+        try:
+            await store.set_network(world.network.to_wire())
+            assert await store.policy() is None
+            v1 = await store.set_policy({"p": 1}, 1)
+            assert v1 == store.version == 2
+            v3 = await store.set_policy({"p": 3}, 3)
+            row = await store.policy()
+            assert row is not None and (row.record, row.policy_version, row.version) == ({"p": 3}, 3, v3)
+            assert await store.set_policy({"p": 2}, 2) is None and await store.set_policy({"p": 3, "again": 1}, 3) is None
+            assert store.version == v3 and await store.policy() == row  # refused: nothing changed, no bump
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    assert db.query("SELECT count(*) FROM policy") == [(1,)]
 
 
-def test_the_endpoint_takes_only_admin_signed_newer_policies_and_the_map_serves_them(db: Path, world: World) -> None:
+def test_the_endpoint_takes_only_admin_signed_newer_policies_and_the_map_serves_them(db: Database, world: World) -> None:
     other = World.create()
 
     async def scenario() -> None:
@@ -101,7 +102,7 @@ def test_the_endpoint_takes_only_admin_signed_newer_policies_and_the_map_serves_
     asyncio.run(scenario())
 
 
-def test_setup_hands_over_a_policy_and_keeps_a_newer_one(db: Path, world: World) -> None:
+def test_setup_hands_over_a_policy_and_keeps_a_newer_one(db: Database, world: World) -> None:
     """What `init --external-coordinator` and the admin node's daemon do at each start."""
 
     async def scenario() -> None:
@@ -113,13 +114,13 @@ def test_setup_hands_over_a_policy_and_keeps_a_newer_one(db: Path, world: World)
                 newer = signed(world, 2, OPEN_SSH)
                 await admin.set_policy(newer)
                 await admin.setup(world.network.to_wire(), admin_node, signed(world, 1))  # an older kept one
-                assert served.store.policy().record == newer  # type: ignore[union-attr]
+                assert (await served.store.policy()).record == newer  # type: ignore[union-attr]
 
     asyncio.run(scenario())
 
 
 def test_policy_set_checks_first_signs_the_next_version_and_never_goes_below_what_the_admin_keeps(
-        db: Path, world: World, tmp_path: Path) -> None:
+        db: Database, world: World, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[allow]]\nfrom = "*"\nproto = "tcp"\nports = [70000]\n')
 
@@ -140,7 +141,7 @@ def test_policy_set_checks_first_signs_the_next_version_and_never_goes_below_wha
             assert load_policy(paths.peer_map_cache, world.network) == first  # kept here, no daemon needed
             assert (await admin_commands.set_policy(paths, STARTER_POLICY, "p.toml")) == (first, "unchanged")
             second, _ = await admin_commands.set_policy(paths, OPEN_SSH, "p.toml")
-            assert second.version == 2 and served.store.policy().policy_version == 2  # type: ignore[union-attr]
+            assert second.version == 2 and (await served.store.policy()).policy_version == 2  # type: ignore[union-attr]
             with pytest.raises(admin_commands.NetworkError, match="changed meanwhile .now version 2, the edit started "
                                                                   "from version 1.: nothing was sent"):
                 await admin_commands.set_policy(paths, STARTER_POLICY + "# edited\n", "p.toml", based_on=1)
@@ -149,9 +150,7 @@ def test_policy_set_checks_first_signs_the_next_version_and_never_goes_below_wha
             # database is rolled back to v1: the next version signed is still 3.
             await served.machine.countersign()  # keeps the map as the admin node's daemon does
             assert load_policy(paths.peer_map_cache, world.network) == second
-            with closing(sqlite3.connect(db)) as conn:
-                conn.execute("UPDATE policy SET record = ?, policy_version = 1", (json.dumps(first.to_wire()),))
-                conn.commit()
+            db.execute("UPDATE policy SET record = ?, policy_version = 1", json.dumps(first.to_wire()))
             third, _ = await admin_commands.set_policy(paths, STARTER_POLICY + "# three\n", "p.toml")
             assert third.version == 3
 
@@ -159,29 +158,25 @@ def test_policy_set_checks_first_signs_the_next_version_and_never_goes_below_wha
 
 
 def test_policy_set_with_the_same_text_re_sends_it_to_a_coordinator_restored_without_it(
-        db: Path, world: World) -> None:
+        db: Database, world: World) -> None:
     async def scenario() -> None:
         async with serving(db, world, admit=False) as served:
             paths = served.machine.paths
             first, _ = await admin_commands.set_policy(paths, OPEN_SSH, "p.toml")
-            with closing(sqlite3.connect(db)) as conn:  # a database from a backup older than the policy
-                conn.execute("DELETE FROM policy")
-                conn.commit()
+            db.execute("DELETE FROM policy")  # a database from a backup older than the policy
             assert (await admin_commands.set_policy(paths, OPEN_SSH, "p.toml")) == (first, "re-sent")
-            assert served.store.policy().record == first.to_wire()  # type: ignore[union-attr]
+            assert (await served.store.policy()).record == first.to_wire()  # type: ignore[union-attr]
             assert (await admin_commands.set_policy(paths, OPEN_SSH, "p.toml")) == (first, "unchanged")
             async with Coordinator(served.url, admin=world.admin) as admin:  # the admin daemon's start
                 assert await admin.offer_policy(first.to_wire()) is False
-                with closing(sqlite3.connect(db)) as conn:
-                    conn.execute("DELETE FROM policy")
-                    conn.commit()
+                db.execute("DELETE FROM policy")
                 assert await admin.offer_policy(first.to_wire()) is True
-                assert served.store.policy().record == first.to_wire()  # type: ignore[union-attr]
+                assert (await served.store.policy()).record == first.to_wire()  # type: ignore[union-attr]
 
     asyncio.run(scenario())
 
 
-def test_a_joiner_keeps_the_policy_version_its_invite_names(db: Path, world: World, tmp_path: Path) -> None:
+def test_a_joiner_keeps_the_policy_version_its_invite_names(db: Database, world: World, tmp_path: Path) -> None:
     """What `tunnelmesh join` writes: network.json says which policy version exists, whatever
     the coordinator's map held (here none: it withholds it)."""
 

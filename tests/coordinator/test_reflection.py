@@ -28,7 +28,7 @@ from tunnelmesh.coordinator.reflection import (
     stun_servers,
 )
 from tunnelmesh.coordinator.service import make_app, serve
-from tunnelmesh.coordinator.store import Store
+from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.nat.stun import BindingResponse, binding_request, parse_binding_response
 from tunnelmesh.ratelimit import Rate, RateLimiter
 
@@ -291,7 +291,7 @@ def test_nodes_learn_it_in_the_register_reply_and_it_is_in_the_metrics(tmp_path:
     world = World.create()
 
     async def scenario() -> None:
-        store = Store.open(tmp_path / "coordinator.db")
+        store = await open_store(tmp_path / "coordinator.db")
         app = make_app(store, limiter=RateLimiter(UNLIMITED, UNLIMITED))
         reflection = await start_reflection(app, ReflectionAddresses(("0.0.0.0", 0), ("0.0.0.0", 0)))
         runner = await serve(app, "127.0.0.1", 0)
@@ -315,7 +315,7 @@ def test_nodes_learn_it_in_the_register_reply_and_it_is_in_the_metrics(tmp_path:
         finally:
             await runner.cleanup()
             reflection.close()
-            store.close()
+            await store.close()
 
     asyncio.run(scenario())
 

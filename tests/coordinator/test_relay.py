@@ -96,7 +96,10 @@ def scenario(coroutine: Awaitable[Any], timeout: float = 60.0) -> Any:
 @asynccontextmanager
 async def relay_server(members: dict[bytes, PublicIdentity]) -> AsyncIterator[tuple[str, Relay]]:
     """A bare app with only the relay, over `members` (change the dict, then call member_changed)."""
-    relay = Relay(NETWORK, members.get)
+    async def identity_for(wg_key: bytes) -> PublicIdentity | None:
+        return members.get(wg_key)
+
+    relay = Relay(NETWORK, identity_for)
     app = web.Application()
     app.router.add_get("/relay", relay.handler)
 

@@ -7,17 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import AsyncExitStack, asynccontextmanager, closing
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.coordinator.test_store import assert_no_secret
+from tests.support.databases import Database, assert_no_secret, sqlite_database
 from tests.support.coordinator import (
     JSON,
     SECRET,
@@ -47,6 +46,7 @@ from tunnelmesh.coordinator.bodies import MAX_SSH_OFFER
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
 from tunnelmesh.coordinator.guards import MAX_BODY
 from tunnelmesh.coordinator.store import PendingRow, StoreError
+from tunnelmesh.coordinator.store.sqlite import SqliteStore
 from tunnelmesh.membership import (
     JOIN_WINDOW,
     REQUEST_NAMESPACE,
@@ -73,12 +73,13 @@ def world() -> World:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "coordinator.db"
+def db(database: Database) -> Database:
+    """Every test here runs on both backends (tests/conftest.py `database`)."""
+    return database
 
 
 @asynccontextmanager
-async def with_network(db: Path, world: World, **options: Any) -> AsyncIterator[str]:
+async def with_network(db: Database, world: World, **options: Any) -> AsyncIterator[str]:
     """A running coordinator that holds the world's network (admin node at host 1), with
     the admin's machine countersigning joins with an invite as they come."""
     async with serving(db, world, **options) as served:
@@ -133,7 +134,7 @@ def test_setup_takes_one_network_idempotently(db: Path, tmp_path: Path, world: W
     asyncio.run(scenario())
 
 
-def test_join_by_invite_end_to_end(db: Path, world: World) -> None:
+def test_join_by_invite_end_to_end(db: Database, world: World) -> None:
     async def scenario() -> JSON:
         async with with_network(db, world) as url:
             return await join(url, world, 1, world.invite(), "one")
@@ -152,7 +153,7 @@ def test_join_by_invite_end_to_end(db: Path, world: World) -> None:
     assert row_counts(db) == {"network": 1, "members": 2, "invites": 1, "revocations": 0, "pending": 1, "policy": 0}
 
 
-def test_one_time_invite_is_used_up_even_between_propose_and_confirm(db: Path, world: World) -> None:
+def test_one_time_invite_is_used_up_even_between_propose_and_confirm(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             token = world.invite()
@@ -166,7 +167,7 @@ def test_one_time_invite_is_used_up_even_between_propose_and_confirm(db: Path, w
     asyncio.run(scenario())
 
 
-def test_expired_invite_is_refused_at_propose_and_at_confirm(db: Path, world: World) -> None:
+def test_expired_invite_is_refused_at_propose_and_at_confirm(db: Database, world: World) -> None:
     shift = [0.0]
 
     async def scenario() -> None:
@@ -183,7 +184,7 @@ def test_expired_invite_is_refused_at_propose_and_at_confirm(db: Path, world: Wo
     asyncio.run(scenario())
 
 
-def test_forged_grant_and_foreign_token_are_refused(db: Path, world: World) -> None:
+def test_forged_grant_and_foreign_token_are_refused(db: Database, world: World) -> None:
     other = World.create()
     foreign = other.invite()
     body = dict(foreign.grant["body"], network=world.admin.fingerprint)
@@ -202,7 +203,7 @@ def test_forged_grant_and_foreign_token_are_refused(db: Path, world: World) -> N
     asyncio.run(scenario())
 
 
-def test_cloned_key_and_taken_name_are_conflicts(db: Path, world: World) -> None:
+def test_cloned_key_and_taken_name_are_conflicts(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             await join(url, world, 1, world.invite(), "one")
@@ -215,7 +216,7 @@ def test_cloned_key_and_taken_name_are_conflicts(db: Path, world: World) -> None
     asyncio.run(scenario())
 
 
-def test_join_proof_and_clock_are_checked_at_confirm(db: Path, world: World) -> None:
+def test_join_proof_and_clock_are_checked_at_confirm(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             token = world.invite(created=now() - 1000)
@@ -229,7 +230,7 @@ def test_join_proof_and_clock_are_checked_at_confirm(db: Path, world: World) -> 
     asyncio.run(scenario())
 
 
-def test_revoked_key_needs_an_invite_newer_than_the_revocation(db: Path, world: World) -> None:
+def test_revoked_key_needs_an_invite_newer_than_the_revocation(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             reusable = world.invite(uses=0)
@@ -248,7 +249,7 @@ def test_revoked_key_needs_an_invite_newer_than_the_revocation(db: Path, world: 
     asyncio.run(scenario())
 
 
-def test_join_by_approval(db: Path, world: World) -> None:
+def test_join_by_approval(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with serving(db, world) as served:
             url, machine = served.url, served.machine
@@ -289,7 +290,7 @@ def test_join_by_approval(db: Path, world: World) -> None:
     asyncio.run(scenario())
 
 
-def test_map_full_then_only_what_changed(db: Path, world: World) -> None:
+def test_map_full_then_only_what_changed(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             await join(url, world, 1, world.invite(), "one")
@@ -332,7 +333,7 @@ def held_polls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return held
 
 
-def test_long_poll_waits_and_wakes_on_a_change(db: Path, world: World, held_polls: list[int]) -> None:
+def test_long_poll_waits_and_wakes_on_a_change(db: Database, world: World, held_polls: list[int]) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             await join(url, world, 1, world.invite(), "one")
@@ -356,7 +357,7 @@ def test_long_poll_waits_and_wakes_on_a_change(db: Path, world: World, held_poll
     asyncio.run(scenario())
 
 
-def test_register_records_the_observed_address_first(db: Path, world: World) -> None:
+def test_register_records_the_observed_address_first(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             await join(url, world, 1, world.invite(), "one")
@@ -378,7 +379,7 @@ def test_register_records_the_observed_address_first(db: Path, world: World) -> 
     asyncio.run(scenario())
 
 
-def test_register_keeps_an_opaque_ssh_offer_and_serves_it_in_the_map(db: Path, world: World) -> None:
+def test_register_keeps_an_opaque_ssh_offer_and_serves_it_in_the_map(db: Database, world: World) -> None:
     offer = {"host_key": "ssh-ed25519 AAAA", "port": 2222, "sig": "anything: nodes verify it"}
 
     async def scenario() -> None:
@@ -405,7 +406,7 @@ def test_register_keeps_an_opaque_ssh_offer_and_serves_it_in_the_map(db: Path, w
     asyncio.run(scenario())
 
 
-def test_register_takes_a_relay_offer_by_url_or_port_and_serves_it_in_the_map(db: Path, world: World) -> None:
+def test_register_takes_a_relay_offer_by_url_or_port_and_serves_it_in_the_map(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             await join(url, world, 1, world.invite(), "one")
@@ -426,7 +427,7 @@ def test_register_takes_a_relay_offer_by_url_or_port_and_serves_it_in_the_map(db
     asyncio.run(scenario())
 
 
-def test_signed_requests_are_not_replayable_or_stale(db: Path, world: World) -> None:
+def test_signed_requests_are_not_replayable_or_stale(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url, aiohttp.ClientSession() as http:
             path = "/v1/admin/map"
@@ -445,7 +446,7 @@ def test_signed_requests_are_not_replayable_or_stale(db: Path, world: World) -> 
     asyncio.run(scenario())
 
 
-def test_unknown_node_is_401_and_revoked_node_is_403_with_its_revocation(db: Path, world: World) -> None:
+def test_unknown_node_is_401_and_revoked_node_is_403_with_its_revocation(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url:
             one = (await join(url, world, 1, world.invite(), "one"))["member"]
@@ -461,7 +462,7 @@ def test_unknown_node_is_401_and_revoked_node_is_403_with_its_revocation(db: Pat
     asyncio.run(scenario())
 
 
-def test_secret_rotation_takes_only_the_next_epoch(db: Path, world: World) -> None:
+def test_secret_rotation_takes_only_the_next_epoch(db: Database, world: World) -> None:
     other = World.create()
     new_secret = bytes(range(100, 132))
 
@@ -513,7 +514,7 @@ def test_secret_rotation_takes_only_the_next_epoch(db: Path, world: World) -> No
     ("/v1/nowhere", b"{}", 404, "not found"),
 ])
 def test_malformed_requests_get_a_json_error_that_says_what_is_wrong(
-        db: Path, world: World, path: str, data: bytes, status: int, pattern: str) -> None:
+        db: Database, world: World, path: str, data: bytes, status: int, pattern: str) -> None:
     async def scenario() -> None:
         async with with_network(db, world) as url, aiohttp.ClientSession() as http:
             before = snapshot(db)
@@ -526,15 +527,14 @@ def test_malformed_requests_get_a_json_error_that_says_what_is_wrong(
     asyncio.run(scenario())
 
 
-def test_members_are_served_as_stored_and_nodes_refuse_tampered_ones(db: Path, world: World) -> None:
+def test_members_are_served_as_stored_and_nodes_refuse_tampered_ones(db: Database, world: World) -> None:
     async def scenario() -> JSON:
         async with with_network(db, world) as url:
             await join(url, world, 1, world.invite(), "one")
-            with closing(sqlite3.connect(db)) as conn, conn:
-                (text,) = conn.execute("SELECT entry FROM members WHERE name = 'one'").fetchone()
-                entry = json.loads(text)
-                entry["body"]["name"] = "intruder"
-                conn.execute("UPDATE members SET entry = ? WHERE name = 'one'", (json.dumps(entry),))
+            [(text,)] = db.query("SELECT entry FROM members WHERE name = 'one'")
+            entry = json.loads(text)
+            entry["body"]["name"] = "intruder"
+            db.execute("UPDATE members SET entry = ? WHERE name = 'one'", json.dumps(entry))
             async with Coordinator(url, admin=world.admin) as admin:
                 return await admin.admin_map()
 
@@ -545,7 +545,7 @@ def test_members_are_served_as_stored_and_nodes_refuse_tampered_ones(db: Path, w
     assert peer_map.members == {} and any("member refused" in reason for reason in changes.rejected)
 
 
-def test_a_restarted_coordinator_keeps_its_state(db: Path, world: World) -> None:
+def test_a_restarted_coordinator_keeps_its_state(db: Database, world: World) -> None:
     async def scenario() -> None:
         async with serving(db, world) as served:
             url, machine = served.url, served.machine
@@ -578,7 +578,7 @@ def test_connection_problems_are_phrased_for_users(tmp_path: Path) -> None:
 
 
 
-def test_shutdown_answers_held_long_polls_at_once(db: Path, world: World, held_polls: list[int]) -> None:
+def test_shutdown_answers_held_long_polls_at_once(db: Database, world: World, held_polls: list[int]) -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         server = AsyncExitStack()
@@ -601,24 +601,28 @@ def test_shutdown_answers_held_long_polls_at_once(db: Path, world: World, held_p
     asyncio.run(scenario())
 
 
-def test_storage_failure_is_503_with_what_to_do_and_stores_nothing(db: Path, world: World) -> None:
+def test_storage_failure_is_503_with_what_to_do_and_stores_nothing(tmp_path: Path, world: World) -> None:
+    db = sqlite_database(tmp_path)  # a full disk as SQLite sees it (PostgreSQL's: test_store_postgres)
+
     async def scenario() -> None:
         async with running(db) as (url, store):
             await set_up(url, world)
+            assert isinstance(store, SqliteStore)
             pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
             store._conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full, as SQLite sees it
             with pytest.raises(StoreError):
                 for filler in range(1000):  # use up the room left in the pages there are
-                    store.use_invite(f"filler{filler}", {"padding": "x" * 200})
+                    await store.use_invite(f"filler{filler}", {"padding": "x" * 200})
             with pytest.raises(StoreError):  # the pending table's too (a join is held there first)
                 for filler in range(1000):
-                    store.put_pending(PendingRow(f"filler{filler}", "filler", "x" * 200, "", now(), "192.0.2.1"))
+                    await store.put_pending(PendingRow(f"filler{filler}", "filler", "x" * 200, "", now(),
+                                                       "192.0.2.1"))
             await refused(db, join(url, world, 1, world.invite(), "one"), 503, "^coordinator database .* disk is full")
 
     asyncio.run(scenario())
 
 
-def test_a_lost_join_answer_can_be_fetched_again(db: Path, world: World) -> None:
+def test_a_lost_join_answer_can_be_fetched_again(db: Database, world: World) -> None:
     """The same signed entry confirmed twice (the first answer was lost) gets the same
     result, and does not spend another use of the invite."""
     async def scenario() -> None:
@@ -638,7 +642,7 @@ def test_a_lost_join_answer_can_be_fetched_again(db: Path, world: World) -> None
 
 
 def test_an_invite_signed_entry_is_no_member_until_the_admins_machine_countersigns(
-        db: Path, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        db: Database, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """Defect 1: an invite holder and a coordinator cannot make a member. The join waits in
     the coordinator (202, ask again) and is in no map until the admin's machine checked
     it and signed its own entry; an invite-signed entry is no approval. (Before, confirm
@@ -652,7 +656,7 @@ def test_an_invite_signed_entry_is_no_member_until_the_admins_machine_countersig
             async with Coordinator(url) as joiner:
                 waiting = await joiner.confirm(entry, proof)
             assert waiting["pending"] is True and waiting["countersign"] is True
-            assert served.store.member(key(world, 1)) is None
+            assert await served.store.member(key(world, 1)) is None
             async with Coordinator(url, admin=world.admin) as admin:
                 assert [m["body"]["name"] for m in (await admin.admin_map())["members"]] == ["admin"]
                 listed = await admin.pending(0, invited=True)
@@ -671,7 +675,7 @@ def test_an_invite_signed_entry_is_no_member_until_the_admins_machine_countersig
 
 
 def test_a_refused_join_is_told_why_and_a_new_invite_can_be_used_after(
-        db: Path, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        db: Database, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The admin's machine refuses a join with an invite it did not make; the joiner is
     told why, once, and a join with a proper invite then goes through (the refused row
     is gone: it did not stay, rolled back with the refusal, refusing every later join)."""
@@ -698,7 +702,7 @@ def test_a_refused_join_is_told_why_and_a_new_invite_can_be_used_after(
 
 
 def test_rotate_secret_seals_only_to_admin_signed_members_and_the_database_keeps_no_secret(
-        db: Path, world: World) -> None:
+        db: Database, world: World) -> None:
     """Defect 1 (the next rotate-secret) and defect 6 (seal end to end): an invite-signed
     entry put into the coordinator's members (its operator holds an invite key) gets no
     sealed secret from `tunnelmesh rotate-secret`, which seals to the admin's own view of
@@ -708,7 +712,7 @@ def test_rotate_secret_seals_only_to_admin_signed_members_and_the_database_keeps
             url, machine = served.url, served.machine
             await join(url, world, 1, world.invite(), "one")
             intruder = (await invited(world, 4, world.body(4, "intruder", 5), world.invite(uses=0)))[0]
-            served.store.add_member(intruder, world.entry(intruder), 5)  # the coordinator's word only
+            await served.store.add_member(intruder, world.entry(intruder), 5)  # the coordinator's word only
             epoch, count = await admin_commands.rotate_secret(machine.paths)
             assert (epoch, count) == (1, 2)
             new_secret = read_network_secret(machine.paths.network_secret)  # kept on the admin's machine
@@ -726,7 +730,7 @@ def test_rotate_secret_seals_only_to_admin_signed_members_and_the_database_keeps
     assert_no_secret(db, SECRET, new_secret)
 
 
-def test_a_request_for_approval_reserves_no_name_and_no_address(db: Path, world: World) -> None:
+def test_a_request_for_approval_reserves_no_name_and_no_address(db: Database, world: World) -> None:
     """Defect 3: an unauthenticated request holds nothing. Two keys may ask for one name;
     a joiner with an invite takes that name and the address proposed for it meanwhile;
     the admin is offered distinct addresses and cannot approve a name taken since.
@@ -751,7 +755,7 @@ def test_a_request_for_approval_reserves_no_name_and_no_address(db: Path, world:
 
 
 def test_expired_pending_joins_are_ignored_wherever_they_are_read(
-        db: Path, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        db: Database, world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """Defect 3: a pending join older than PENDING_TTL is not listed, approved, counted or
     countersigned, whether or not another request came since (before, expired requests
     were cleaned only when a new one arrived). Joins are made on a clock an hour back;
@@ -781,7 +785,7 @@ def test_expired_pending_joins_are_ignored_wherever_they_are_read(
 
 
 def test_requests_for_approval_are_bounded_per_source_and_in_all_and_never_block_invited_joins(
-        db: Path, world: World) -> None:
+        db: Database, world: World) -> None:
     """Defect 3: at most PENDING_PER_SOURCE requests wait from one source address (as its
     trusted proxy says) while others still may, at most PENDING_LIMIT in all, and a flood
     of them leaves a join with an invite unaffected (it has its own limit)."""
@@ -925,7 +929,7 @@ def signature_checks(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 def test_stale_and_replayed_requests_are_refused_before_their_signature_is_checked(
-        db: Path, world: World, signature_checks: dict[str, int]) -> None:
+        db: Database, world: World, signature_checks: dict[str, int]) -> None:
     offset = [0.0]
 
     async def scenario() -> None:
@@ -960,7 +964,7 @@ def test_stale_and_replayed_requests_are_refused_before_their_signature_is_check
 
 @pytest.mark.parametrize("e", [3, 2**31 - 1])
 def test_an_rsa_identity_with_a_costly_exponent_is_refused_before_any_signature_check(
-        db: Path, world: World, e: int, signature_checks: dict[str, int]) -> None:
+        db: Database, world: World, e: int, signature_checks: dict[str, int]) -> None:
     line = attested_line(rsa_key_with_exponent(e))
 
     async def scenario() -> None:

@@ -128,14 +128,14 @@ async def running(db: Path | Database, **options: Any) -> AsyncIterator[tuple[st
     `options`, one that no test trips by accident."""
     store = await open_store(db.url if isinstance(db, Database) else db)
     try:
-        async with serving(store, **options) as url:
+        async with serve_store(store, **options) as url:
             yield url, store
     finally:
         await store.close()
 
 
 @asynccontextmanager
-async def serving(store: Store, **options: Any) -> AsyncIterator[str]:
+async def serve_store(store: Store, **options: Any) -> AsyncIterator[str]:
     """One coordinator over `store` (several may share one store, as coordinators share a
     PostgreSQL database), serving on 127.0.0.1: its URL."""
     options.setdefault("limiter", RateLimiter(UNLIMITED, UNLIMITED))
@@ -240,13 +240,14 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(db: Path, world: World, *, admit: bool = True, **options: Any) -> AsyncIterator[Served]:
+async def serving(db: Path | Database, world: World, *, admit: bool = True, **options: Any) -> AsyncIterator[Served]:
     """A running coordinator that holds the world's network (admin node: identity 0, host
-    1) and the admin's machine (state next to `db`), countersigning joins in the
+    1) and the admin's machine (state next to `db`, or in its home), countersigning joins in the
     background unless `admit` is False."""
     async with running(db, **options) as (url, store):
         admin_node = await set_up(url, world)
-        machine = AdminMachine.create(db.parent / f"{db.stem}-admin", url, world, admin_node)
+        home = db.home if isinstance(db, Database) else db.parent / f"{db.stem}-admin"
+        machine = AdminMachine.create(home, url, world, admin_node)
         if not admit:
             yield Served(url, store, admin_node, machine)
             return
@@ -310,7 +311,7 @@ async def post_from(http: aiohttp.ClientSession, url: str, path: str, body: JSON
 
 def snapshot(db: Path | Database) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table, read over a connection of its own."""
-    return (db if isinstance(db, Database) else Database("sqlite", str(db))).snapshot()
+    return (db if isinstance(db, Database) else Database("sqlite", str(db), db.parent)).snapshot()
 
 
 def row_counts(db: Path | Database) -> dict[str, int]:

@@ -11,6 +11,7 @@ sqlite3 would have it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import itertools
 import sqlite3
@@ -29,6 +30,7 @@ _numbers = itertools.count(1)
 class Database:
     backend: str
     url: str  # a SQLite file's path, or a PostgreSQL connection string
+    home: Path  # a private directory of the test's (the admin machine's state goes there)
 
     @property
     def path(self) -> Path:
@@ -72,6 +74,18 @@ class Database:
         return {table: len(rows) for table, rows in self.snapshot().items()}
 
 
+def assert_no_secret(db: Database, *secrets: bytes) -> None:
+    """No secret, raw or in base64 or hex, in the database: the SQLite file and its WAL
+    byte for byte, or every row of a PostgreSQL database as text."""
+    if db.backend == "sqlite":
+        files = [path.read_bytes() for path in (db.path, db.path.with_name(db.path.name + "-wal")) if path.exists()]
+    else:
+        files = [repr(db.snapshot()).encode()]
+    for secret in secrets:
+        for form in (secret, base64.b64encode(secret), base64.b64encode(secret)[:40], secret.hex().encode()):
+            assert not any(form in data for data in files), f"the secret is in {db.url}"
+
+
 def _in_thread(work: Any) -> Any:
     """Run a coroutine to completion on a loop of its own (the caller's may be running)."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -79,9 +93,9 @@ def _in_thread(work: Any) -> Any:
 
 
 def sqlite_database(tmp_path: Path) -> Database:
-    return Database("sqlite", str(tmp_path / "state" / "coordinator.db"))
+    return Database("sqlite", str(tmp_path / "state" / "coordinator.db"), tmp_path / "admin")
 
 
-def postgres_database(server: Any) -> Database:
+def postgres_database(server: Any, tmp_path: Path) -> Database:
     """A new empty database on `server` (a started tools.pgserver.TemporaryPostgres)."""
-    return Database("postgresql", server.create_database(f"t{next(_numbers)}"))
+    return Database("postgresql", server.create_database(f"t{next(_numbers)}"), tmp_path / "admin")

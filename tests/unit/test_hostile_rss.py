@@ -49,12 +49,12 @@ COORDINATOR = """
 import asyncio, sys
 from pathlib import Path
 from tunnelmesh.coordinator.service import make_app, serve
-from tunnelmesh.coordinator.store import Store
+from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.ratelimit import Rate, RateLimiter
 
 async def main():
     unlimited = Rate(per_second=1e9, burst=10**9)  # every request parsed, none turned away early
-    runner = await serve(make_app(Store.open(Path(sys.argv[1])), limiter=RateLimiter(unlimited, unlimited)),
+    runner = await serve(make_app(await open_store(Path(sys.argv[1])), limiter=RateLimiter(unlimited, unlimited)),
                          "127.0.0.1", 0)
     print("ready", runner.addresses[0][1], flush=True)
     await asyncio.Event().wait()

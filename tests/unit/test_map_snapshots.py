@@ -15,6 +15,7 @@ from actors.links import PeerMapDirectory, RelayPool, Transports, member_identit
 from actors.messages import SyncRelays
 from actors.runtime import Supervisor
 from tests.support.membership import World, update
+from tunnelmesh.identity import PublicIdentity
 from tunnelmesh.links.relay import RelayGuard
 from tunnelmesh.membership import PeerMap
 
@@ -59,7 +60,11 @@ def test_readers_follow_the_current_snapshot(world: World) -> None:
     peers.apply(listed(world, [1, 2]))
     current = [peers.snapshot()]
     directory = PeerMapDirectory(lambda: current[0])
-    identity_for = member_identities(lambda: current[0], world.nodes[0])
+    relay_identity = member_identities(lambda: current[0], world.nodes[0])
+
+    def identity_for(wg_key: bytes) -> PublicIdentity | None:
+        return asyncio.run(relay_identity(wg_key))
+
     ssh_key_1 = world.nodes[1].public.ssh_public_key
     assert directory.member_by_ssh_key(ssh_key_1) == world.wg(1) and directory.is_member(world.wg(1))
     assert identity_for(world.wg(1)) == world.nodes[1].public

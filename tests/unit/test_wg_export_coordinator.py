@@ -66,7 +66,7 @@ def test_a_device_is_admitted_served_in_the_map_and_revoked_like_a_member(tmp_pa
             async with Coordinator(served.url, admin=world.admin) as admin:
                 changes = node.apply(await admin.admin_map())
             assert [d.name for d, _ in changes.devices_removed] == ["tablet"]
-            assert served.store.member(b64(PHONE_KEY)) is None
+            assert await served.store.member(b64(PHONE_KEY)) is None
 
     asyncio.run(scenario())
 
@@ -98,6 +98,6 @@ def test_the_coordinator_refuses_a_device_that_clashes_and_changes_nothing(tmp_p
                 async with http.get(served.url + "/v1/map", headers={"Authorization": auth.header()}) as response:
                     answer = await response.json()
             assert response.status == 403 and "plain WireGuard device" in answer["error"], answer
-            assert DeviceEntry.from_wire(served.store.member(b64(PHONE_KEY)).entry, world.network).name == "phone"
+            assert DeviceEntry.from_wire((await served.store.member(b64(PHONE_KEY))).entry, world.network).name == "phone"
 
     asyncio.run(scenario())

@@ -259,7 +259,10 @@ class Relay:
             while True:
                 message = await ws.receive()
                 if message.type is WSMsgType.BINARY:
-                    self._forward(connection.key, message.data)
+                    if self._connections.get(connection.key) is connection:
+                        self._forward(connection.key, message.data)
+                    else:  # cut off (no longer a member, or replaced): nothing more goes through
+                        self.drops["sender cut off"] += 1
                 elif message.type is WSMsgType.TEXT:
                     self.drops["text frame"] += 1
                 else:

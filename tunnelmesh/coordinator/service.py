@@ -712,7 +712,8 @@ class _Service:
 
     async def admin_map(self, request: web.Request) -> web.Response:
         await self._admin(request)
-        return web.json_response(await self._map(0, candidates=bodies.takes_candidates(request)))
+        # Read afresh, not shared: what the admin inspects is what the database holds now.
+        return web.json_response(await self._read_map(0, bodies.takes_candidates(request)))
 
     # --- the WebSocket relay (tunnelmesh.coordinator.relay) --------------------------------------
 
