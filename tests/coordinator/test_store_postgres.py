@@ -23,6 +23,7 @@ from tests.support.databases import Database, postgres_database
 from tests.support.wait import until
 from tunnelmesh.coordinator.store import Store, open_store
 from tunnelmesh.coordinator.store.base import CATCH_UP_INTERVAL
+from tunnelmesh.coordinator.store.schema import MIGRATIONS
 
 #: The invite the concurrent admissions share, and how many uses it grants.
 INVITE, INVITE_USES = "invite-key", 2
@@ -50,6 +51,19 @@ async def two_coordinators(db: Database) -> AsyncIterator[tuple[Store, Store]]:
             await second.close()
     finally:
         await first.close()
+
+
+def test_coordinators_starting_together_on_a_new_database_set_it_up_once(pg: Database) -> None:
+    async def scenario() -> None:
+        stores = await asyncio.gather(*(open_store(pg.url) for _ in range(3)))
+        try:
+            assert [store.version for store in stores] == [0, 0, 0]
+        finally:
+            for store in stores:
+                await store.close()
+
+    asyncio.run(scenario())
+    assert pg.query("SELECT id, version FROM schema_version") == [(1, len(MIGRATIONS))]
 
 
 def test_a_commit_through_one_coordinator_moves_the_others_version_and_wakes_its_listeners(
