@@ -68,8 +68,10 @@ TOP_KEYS = ("node", "peers", "coordinator", "transports", "filter", "metrics", "
 METRICS_KEYS = ("listen",)
 NAT_KEYS = ("stun_servers", "probe_interval", "port_mapping", "port_mapping_protocols", "port_mapping_lifetime",
             "public_endpoint")
-COORDINATOR_KEYS = ("url", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert", "tls_key",
-                    "stun", "stun_alternate")
+COORDINATOR_KEYS = ("url", "urls", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert",
+                    "tls_key", "stun", "stun_alternate")
+#: `[coordinator] urls`: a node fails over between at most this many coordinators.
+MAX_COORDINATOR_URLS = 16
 TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
                   "relay_url", "peers", "sshd_host_keys")
 PEER_TRANSPORT_KEYS = ("rungs", "force")
@@ -228,11 +230,7 @@ class _Checker(TableReader):
         if table is None:
             return None
         what = "[coordinator]"
-        url = self.get_str(table, "url", what, "coordinator", required=True)
-        assert url is not None
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise self.error(f"{what}: url {shown(url)} must be http://host:port or https://host:port", "coordinator", "url")
+        urls = self.coordinator_urls(table, what)
         serve = None
         serve_value = self.get_str(table, "serve", what, "coordinator")
         if serve_value is not None:
@@ -256,7 +254,7 @@ class _Checker(TableReader):
         if trusted and serve is None:
             raise self.error(f"{what}: trusted_proxies is for the embedded coordinator (needs serve)",
                              "coordinator", "trusted_proxies")
-        pin = self.tls_fingerprint(table, what, parsed.scheme, ca_file)
+        pin = self.tls_fingerprint(table, what, urls, ca_file)
         tls_cert = self.get_path(table, "tls_cert", what, "coordinator")
         tls_key = self.get_path(table, "tls_key", what, "coordinator")
         for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
@@ -266,8 +264,41 @@ class _Checker(TableReader):
             key = "tls_key" if tls_key is None else "tls_cert"
             raise self.error(f"{what}: tls_cert and tls_key go together (the certificate and its key); {key} is missing",
                              "coordinator", "tls_cert" if tls_cert is not None else "tls_key")
-        return CoordinatorConfig(url=url.rstrip("/"), serve=serve, db=db, ca_file=ca_file, trusted_proxies=trusted,
+        return CoordinatorConfig(url=urls[0], urls=urls, serve=serve, db=db, ca_file=ca_file, trusted_proxies=trusted,
                                  tls_fingerprint=pin, tls_cert=tls_cert, tls_key=tls_key, stun=self.stun(table, serve))
+
+    def coordinator_urls(self, table: Mapping[str, Any], what: str) -> tuple[str, ...]:
+        """`url`, or `urls` (several coordinators of one network, in order of preference):
+        exactly one of the two; each http(s)://host:port, without its trailing slash."""
+        if "url" in table and "urls" in table:
+            raise self.error(f"{what}: url and urls both say where the coordinator is: keep one (urls for several "
+                             "coordinators, url for one)", "coordinator", "urls")
+        if "urls" in table:
+            key, values = "urls", table["urls"]
+            if not isinstance(values, list) or not values or len(values) > MAX_COORDINATOR_URLS:
+                raise self.error(f"{what}: urls must be a list of 1 to {MAX_COORDINATOR_URLS} URLs, e.g. "
+                                 '["https://c1.example.org:7400", "https://c2.example.org:7400"]', "coordinator", "urls")
+        elif "url" in table:
+            key, values = "url", [table["url"]]
+        else:
+            raise self.error(f"{what}: missing required key 'url' (or 'urls' for several coordinators)", "coordinator")
+        urls: list[str] = []
+        for index, value in enumerate(values):
+            where = ("coordinator", key, index) if key == "urls" else ("coordinator", key)
+            if not isinstance(value, str):
+                raise self.error(f"{what}: {key} must be {'strings' if key == 'urls' else 'a string'}, not "
+                                 f"{type_name(value)}", *where)
+            try:
+                parsed = urllib.parse.urlsplit(value)
+                usable = parsed.scheme in ("http", "https") and bool(parsed.hostname) and parsed.port != 0
+            except ValueError:  # a bracketed host that is no IPv6 address, a port out of range
+                usable = False
+            if not usable:
+                raise self.error(f"{what}: {key} {shown(value)} must be http://host:port or https://host:port", *where)
+            if value.rstrip("/") in urls:
+                raise self.error(f"{what}: urls lists {shown(value)} twice", *where)
+            urls.append(value.rstrip("/"))
+        return tuple(urls)
 
     def stun(self, table: Mapping[str, Any], serve: tuple[str, int] | None) -> ReflectionAddresses | None:
         """`stun` and `stun_alternate`: the embedded coordinator's STUN reflection (on by default)."""
@@ -278,7 +309,9 @@ class _Checker(TableReader):
         except StunSettingError as exc:
             raise self.error(f"[coordinator]: {exc}", "coordinator", exc.key) from None
 
-    def tls_fingerprint(self, table: Mapping[str, Any], what: str, scheme: str, ca_file: Path | None) -> str | None:
+    def tls_fingerprint(self, table: Mapping[str, Any], what: str, urls: tuple[str, ...], ca_file: Path | None
+                        ) -> str | None:
+        """The pin, one for every coordinator of the list (they serve the same certificate)."""
         value = self.get_str(table, "tls_fingerprint", what, "coordinator")
         if value is None:
             return None
@@ -289,9 +322,10 @@ class _Checker(TableReader):
         except ValueError:
             raise self.error(f"{what}: tls_fingerprint {shown(value)} must be \"sha256:\" and 64 hex digits (the SHA-256 "
                              "of the coordinator's certificate)", "coordinator", "tls_fingerprint") from None
-        if scheme != "https":
+        plain = [url for url in urls if urllib.parse.urlsplit(url).scheme != "https"]
+        if plain:
             raise self.error(f"{what}: tls_fingerprint needs an https:// url (over http:// there is no certificate "
-                             "to check it against)", "coordinator", "tls_fingerprint")
+                             f"to check it against), not {shown(plain[0])}", "coordinator", "tls_fingerprint")
         if ca_file is not None:
             raise self.error(f"{what}: tls_fingerprint and ca_file both say which certificate to trust: keep one "
                              "(tls_fingerprint for the coordinator's own certificate, ca_file for a TLS proxy's)",

@@ -81,8 +81,11 @@ class PeerConfig:
 class CoordinatorConfig:
     """The ``[coordinator]`` table: this node gets its peers from a coordinator."""
 
-    #: How this node reaches the coordinator (http:// or https://).
+    #: How this node reaches the coordinator (http:// or https://): the first of `urls`.
     url: str
+    #: Every coordinator of the network this node may use, in order of preference
+    #: (`urls`, or `url` alone): it fails over between them (tunnelmesh.coordinator.failover).
+    urls: tuple[str, ...]
     #: Serve the embedded coordinator on this (host, port); None = do not serve.
     serve: tuple[str, int] | None
     #: The embedded coordinator's SQLite file.
