@@ -17,7 +17,11 @@ session) when they do. Peers' records are verified here (`VerifiedCandidates`) a
 their candidates handed on best first (same LAN first). Every verified change is written to the on-disk
 cache before it is acted on. When the coordinator cannot be reached, nothing
 else changes: the sessions keep running on what is known, and the client
-retries with backoff (1 s doubling to 30 s). When one of this machine's addresses has
+retries with backoff (1 s doubling to 30 s). With several coordinator URLs it
+fails over between them instead (tunnelmesh/coordinator/failover.py: the next at
+once, backoff after a whole round, back to the preferred one when it answers),
+keeping its map and version and telling the mesh nothing; the relay client
+follows it (`on_coordinator_url`). When one of this machine's addresses has
 gone (the node roamed), the session in use is dropped at its next register, not used:
 its connections may be bound to the old address; a new session dials from the new one.
 """
@@ -30,7 +34,7 @@ import ipaddress
 import logging
 import socket
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ from typing import Any
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import UDP_ONLY, TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
+from tunnelmesh.coordinator.failover import PREFERRED_RETRY, CoordinatorUrls
 from tunnelmesh.coordinator.punch import take_notices
 from tunnelmesh.coordinator.reflection import stun_servers
 from tunnelmesh.identity import IdentityError, NodeIdentity
@@ -65,8 +70,27 @@ log = logging.getLogger("tunnelmesh.coordinator")
 
 REGISTER_INTERVAL = 15.0
 LONG_POLL = 25.0
-BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 PERSISTENT_KEEPALIVE = 25  # keeps NAT mappings open between members
+#: Asking the preferred coordinator whether it answers again: a cheap unsigned GET, bounded.
+PREFERRED_ASK_TIMEOUT = 5.0
+
+
+class AddressGone(CoordinatorError):
+    """This node's address went away (it roamed): a new session, at the same coordinator."""
+
+
+class _BackToPreferred:
+    """The long-poll ended because the preferred coordinator answers again."""
+
+
+BACK_TO_PREFERRED = _BackToPreferred()
+
+
+def fails_over(exc: CoordinatorError) -> bool:
+    """Whether the coordinator in use failed (no answer, a 5xx, an answer that is no
+    coordinator's), rather than answered: a 4xx (revoked, unknown key) is the network's
+    answer, the same from each of its coordinators."""
+    return not isinstance(exc, AddressGone) and not (exc.status is not None and 400 <= exc.status < 500)
 
 
 def peer_candidates(wg_key: bytes, snapshot: MapSnapshot, record: CandidateRecord | None,
@@ -130,10 +154,18 @@ class CoordinatorClient(Actor):
         relay_offer: dict[str, Any] | None = None, ca_file: str | None = None,
         on_map_changed: list[Callable[[], None]] | None = None, interface: str = "",
         tls_fingerprint: str | None = None, clock: Clock = SYSTEM_CLOCK, public_endpoint: Candidate | None = None,
+        urls: Sequence[str] = (), on_coordinator_url: Sequence[Callable[[str], None]] = (),
+        preferred_retry: float = PREFERRED_RETRY,
     ) -> None:
+        """`urls`: the coordinators to fail over between, best first (none: `state.url`
+        alone); `preferred_retry`: how often, on a later one, the first is asked again;
+        `on_coordinator_url`: called with the URL of each coordinator connected to (the
+        relay client follows it)."""
         super().__init__()
         self.clock = clock
         self.state = state
+        self.urls = CoordinatorUrls(urls or (state.url,), preferred_retry=preferred_retry)
+        self.on_coordinator_url = on_coordinator_url
         self.identity = identity
         self.peer_map = peer_map
         self.snapshot = peer_map.snapshot()  # what readers get: replaced after every update
@@ -154,6 +186,7 @@ class CoordinatorClient(Actor):
         self.on_map_changed = on_map_changed if on_map_changed is not None else []
         self.interface = interface  # the tunnel's: its addresses are not where peers find us
         self.connection = "connecting"
+        self._published_url = self.url  # the URL CoordinatorChanged last named
         self.since = clock.wall()
         self.error: str | None = None
         self.observed: str | None = None
@@ -180,20 +213,26 @@ class CoordinatorClient(Actor):
         """From the snapshot (never the PeerMap itself: the control actor asks this)."""
         snapshot = self.snapshot
         return CoordinatorStatus(
-            url=self.state.url, network=self.state.network.network, state=self.connection,
+            url=self.url, network=self.state.network.network, state=self.connection,
             tls_fingerprint=self.tls_fingerprint, since=self.since, error=self.error, version=snapshot.version,
             observed=self.observed, members=len(snapshot.members) + 1, revocations=snapshot.revocations,
-            rejected=dict(snapshot.rejected),
+            rejected=dict(snapshot.rejected), urls=self.urls.urls,
         )
 
-    def _set_connection(self, state: str, error: str | None = None) -> None:
-        if state != self.connection or error != self.error:
+    @property
+    def url(self) -> str:
+        """The coordinator in use (or being connected to)."""
+        return self.urls.current
+
+    def _set_connection(self, state: str, error: str | None = None, *, logged: bool = False) -> None:
+        """`logged`: the caller said why in the log already (a switch)."""
+        if state != self.connection or error != self.error or self.url != self._published_url:
             if state == "connected":
-                log.info("coordinator %s: connected (peer map version %d)", self.state.url, self.peer_map.version)
-            else:
-                log.warning("coordinator %s: %s%s", self.state.url, state, f": {error}" if error else "")
-            self.bus.publish(CoordinatorChanged(state, error))
-            self.connection, self.error, self.since = state, error, self.clock.wall()
+                log.info("coordinator %s: connected (peer map version %d)", self.url, self.peer_map.version)
+            elif not logged:
+                log.warning("coordinator %s: %s%s", self.url, state, f": {error}" if error else "")
+            self.bus.publish(CoordinatorChanged(state, error, self.url))
+            self.connection, self.error, self.since, self._published_url = state, error, self.clock.wall(), self.url
 
     # The coordinator's map went below our version: ask for full maps. Also the first poll of
     # a run: a cache from a join or from before candidate records (maps leave them out unless
@@ -222,43 +261,77 @@ class CoordinatorClient(Actor):
             call()
 
     async def run(self) -> None:
+        """Connect to the coordinator in use and follow its peer map, failing over between
+        `urls` (tunnelmesh/coordinator/failover.py) without touching the peers: the map,
+        its version and the sessions stay as they are across a switch."""
         await self.setup()
-        backoff = BACKOFF_MIN
         while True:
+            url = self.url
             try:
-                async with Coordinator(self.state.url, identity=self.identity, ca_file=self.ca_file, clock=self.clock,
+                async with Coordinator(url, identity=self.identity, ca_file=self.ca_file, clock=self.clock,
                                        tls_fingerprint=self.tls_fingerprint) as coordinator:
-                    await self._register(coordinator)
-                    self._set_connection("connected")
-                    self._coordinator = coordinator
-                    backoff = BACKOFF_MIN
-                    last_register = self.clock.monotonic()
-                    while True:
-                        # After a refused rollback, only a full map: asking for what changed
-                        # since our version would skip what the coordinator stored below it.
-                        since = 0 if self._behind else self.peer_map.version
-                        update = await self._poll(coordinator, since)
-                        # Punches first: they need only the members known, not the map applied.
-                        self._tell_punches(self._take_punch_notices(update))
-                        self._set_connection("connected")
-                        try:
-                            await self.apply(update)  # refuses a version older than ours (no rollback)
-                        except MembershipError:
-                            self._behind = True
-                            raise
-                        self._behind = False
-                        if self.clock.monotonic() - last_register >= REGISTER_INTERVAL:
-                            await self._register(coordinator)
-                            last_register = self.clock.monotonic()
+                    await self._follow(coordinator)
+                log.info("coordinator %s answers again: switching back from %s", self.urls.preferred, url)
+                self.urls.preferred_answered()
+                continue
             except Revoked as exc:
                 if self._revoked(exc.revocation):
                     return
-                self._set_connection("unreachable", "it claims this node was revoked, with a revocation that does not verify")
+                wait = self._failed(url, CoordinatorError(
+                    "it claims this node was revoked, with a revocation that does not verify", exc.status))
             except (CoordinatorError, MembershipError) as exc:
-                self._set_connection("unreachable", str(exc))
-            self._coordinator = None
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+                wait = self._failed(url, exc)
+            finally:
+                self._coordinator = None
+            await asyncio.sleep(wait)
+
+    async def _follow(self, coordinator: Coordinator) -> None:
+        """Register, then long-poll the map and apply it, until something fails (raised) or
+        the preferred coordinator answers again (returns)."""
+        await self._register(coordinator)
+        self.urls.connected(self.clock.monotonic())
+        self._set_connection("connected")
+        self._coordinator = coordinator
+        for follow in self.on_coordinator_url:
+            follow(coordinator.url)
+        last_register = self.clock.monotonic()
+        while True:
+            # After a refused rollback, only a full map: asking for what changed
+            # since our version would skip what the coordinator stored below it.
+            since = 0 if self._behind else self.peer_map.version
+            update = await self._poll(coordinator, since)
+            if update is BACK_TO_PREFERRED:
+                return
+            # Punches first: they need only the members known, not the map applied.
+            self._tell_punches(self._take_punch_notices(update))
+            self._set_connection("connected")
+            try:
+                await self.apply(update)  # refuses a version older than ours (no rollback)
+            except MembershipError:
+                self._behind = True
+                raise
+            self._behind = False
+            if self.clock.monotonic() - last_register >= REGISTER_INTERVAL:
+                await self._register(coordinator)
+                last_register = self.clock.monotonic()
+
+    def _failed(self, url: str, exc: CoordinatorError | MembershipError) -> float:
+        """What a failure at `url` leads to (a switch, said in one line, or a wait); the
+        seconds to wait before the next try."""
+        if not isinstance(exc, CoordinatorError) or not fails_over(exc):
+            wait = self.urls.stay()
+            self._set_connection("unreachable", str(exc))
+            return wait
+        wait = self.urls.unreachable()
+        if self.url == url:  # the only one
+            self._set_connection("unreachable", str(exc))
+            return wait
+        # Each switch of a streak's first round is said; of later rounds (all down) only at debug.
+        level = logging.WARNING if self.urls.failures <= len(self.urls.urls) else logging.DEBUG
+        log.log(level, "coordinator %s unreachable (%s); switched to %s%s", url, exc, self.url,
+                f" in {wait:g} s: none of the {len(self.urls.urls)} answered" if wait else "")
+        self._set_connection("unreachable" if wait else "connecting", str(exc), logged=True)
+        return wait
 
     def request_punch(self, wg_key: bytes) -> None:
         """A session wants a punch with its peer (on the event loop; never waits): asked
@@ -297,40 +370,59 @@ class CoordinatorClient(Actor):
                 self.mesh.tell_latest((Punch, key), Punch(key))
 
     async def _poll(self, coordinator: Coordinator, since: int) -> Any:
-        """The long-poll's answer. Meanwhile, whenever this node's candidates change, it
-        registers again on the same session (a change during a register is not lost: it
-        sets the flag again, for another register after this one). Either one's failure
-        ends both and is raised as itself (not inside an ExceptionGroup): the run loop
-        backs off on a CoordinatorError."""
-        outcome: list[Any] = []  # the long-poll's answer, or the first failure
-
-        async def long_poll() -> None:
-            try:
-                outcome.append(await coordinator.map(since, LONG_POLL, punch=True))
-            except Exception as exc:
-                outcome.append(exc)
-            registering.cancel()
-
+        """The long-poll's answer, or BACK_TO_PREFERRED. Meanwhile, whenever this node's
+        candidates change, it registers again on the same session (a change during a
+        register is not lost: it sets the flag again, for another register after this one),
+        and on a later coordinator than the preferred one it asks that one, when due,
+        whether it answers again. The first of them to end ends the others; a failure is
+        raised as itself (not inside an ExceptionGroup): the run loop fails over or backs
+        off on a CoordinatorError."""
         async def register_on_change() -> None:
+            while True:
+                await self._candidates_changed.wait()
+                self._candidates_changed.clear()
+                try:
+                    await self._register(coordinator)
+                except asyncio.CancelledError:  # the poll ended mid-register: not known to have
+                    self._candidates_changed.set()  # reached the coordinator, so again next poll
+                    raise
+
+        works: list[Coroutine[Any, Any, Any]] = [coordinator.map(since, LONG_POLL, punch=True), register_on_change()]
+        if self.urls.preferred_due() is not None:
+            works.append(self._preferred_answers())
+        outcome: list[Any] = []  # the first result or failure
+        tasks: list[asyncio.Task[None]] = []
+
+        async def first_ends_all(work: Coroutine[Any, Any, Any]) -> None:
             try:
-                while True:
-                    await self._candidates_changed.wait()
-                    self._candidates_changed.clear()
-                    try:
-                        await self._register(coordinator)
-                    except asyncio.CancelledError:  # the poll ended mid-register: not known to have
-                        self._candidates_changed.set()  # reached the coordinator, so again next poll
-                        raise
+                outcome.append(await work)
             except Exception as exc:
                 outcome.append(exc)
-                polling.cancel()
+            for task in tasks:
+                if task is not asyncio.current_task():
+                    task.cancel()
 
         async with asyncio.TaskGroup() as group:
-            polling = group.create_task(long_poll(), name="long-poll")
-            registering = group.create_task(register_on_change(), name="register on change")
+            tasks.extend(group.create_task(first_ends_all(work)) for work in works)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]
+
+    async def _preferred_answers(self) -> _BackToPreferred:
+        """Ask the preferred coordinator whenever due, until it answers (a cheap unsigned
+        GET: whether the node gets on there is for the register after the switch)."""
+        while True:
+            due = self.urls.preferred_due()
+            assert due is not None, "asked only on a later coordinator"
+            await asyncio.sleep(max(0.0, due - self.clock.monotonic()))
+            try:
+                async with Coordinator(self.urls.preferred, ca_file=self.ca_file, tls_fingerprint=self.tls_fingerprint,
+                                       timeout=PREFERRED_ASK_TIMEOUT) as preferred:
+                    await preferred.network()
+                return BACK_TO_PREFERRED
+            except CoordinatorError as exc:
+                log.debug("coordinator %s: still not answering: %s", self.urls.preferred, exc)
+            self.urls.preferred_silent(self.clock.monotonic())
 
     def set_nat_report(self, report: NatReport) -> None:
         """The NAT prober's latest report (on the event loop): its reflexive addresses and
@@ -381,7 +473,7 @@ class CoordinatorClient(Actor):
         if gone and coordinator is self._coordinator:
             # The session's connections may be bound to an address that went away (the node
             # roamed): they would hang until a timeout. A new session dials from the new one.
-            raise CoordinatorError(f"this node's address {', '.join(map(str, sorted(gone)))} went away: reconnecting")
+            raise AddressGone(f"this node's address {', '.join(map(str, sorted(gone)))} went away: reconnecting")
         lan_changed, self.lan = lan != self.lan, lan
         # The interface addresses go unsigned too: the SSH rung dials the hosts of the unsigned
         # list (actors/links.py), and a node whose record cannot be signed is still found.
@@ -390,7 +482,7 @@ class CoordinatorClient(Actor):
                                            relay=self.relay_offer, candidates=await self._candidate_record())
         self.observed = reply.get("observed") if isinstance(reply, dict) else None
         self.stun_servers = stun_servers(reply.get("stun") if isinstance(reply, dict) else None,
-                                         urllib.parse.urlsplit(self.state.url).hostname or "")
+                                         urllib.parse.urlsplit(self.url).hostname or "")
         refused = reply.get("relay_refused") if isinstance(reply, dict) else None
         if refused != self.relay_refused and refused is not None:
             log.warning("coordinator: this node's relay is not offered to members: %s", str(refused)[:300])

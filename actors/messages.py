@@ -265,6 +265,8 @@ class CoordinatorChanged(Event):
     kind: ClassVar[str] = "coordinator"
     state: str  # as CoordinatorStatus.state
     error: str | None
+    # Added within control version 1 (a default: an event from an older daemon still decodes).
+    url: str | None = None  # the coordinator in use (as CoordinatorStatus.url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +407,7 @@ class ProbeResult:
 
 @dataclass(frozen=True, slots=True)
 class CoordinatorStatus:
-    url: str
+    url: str  # the coordinator in use (one of `urls`)
     network: str
     state: str  # "connecting", "connected" or what went wrong
     tls_fingerprint: str | None
@@ -416,6 +418,8 @@ class CoordinatorStatus:
     members: int
     revocations: int
     rejected: dict[str, int]  # entries refused, by reason
+    # Added within control version 1 (a default: a reply from an older daemon still decodes).
+    urls: tuple[str, ...] = ()  # every coordinator the node may use, in order of preference
 
 
 @dataclass(frozen=True, slots=True)

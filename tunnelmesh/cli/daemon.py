@@ -59,6 +59,9 @@ def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
             state += " (running from the cached peer map)"
         print(f"network {coordinator.network}, coordinator {coordinator.url}: {state}; "
               f"peer map v{coordinator.version}, {coordinator.members} members")
+        if len(coordinator.urls) > 1:  # [coordinator] urls: it fails over between them, best first
+            print("coordinators in order of preference: "
+                  + ", ".join(url + (" (in use)" if url == coordinator.url else "") for url in coordinator.urls))
         if coordinator.tls_fingerprint:  # what joining by URL needs: --tls-fingerprint
             print(f"coordinator TLS certificate {coordinator.tls_fingerprint} (pinned)")
         if coordinator.rejected:

@@ -281,12 +281,8 @@ class RelayClient:
                  ca_file: str | None = None, relay: str = COORDINATOR_RELAY, guard: RelayGuard | None = None,
                  tls_fingerprint: str | None = None, clock: Clock = SYSTEM_CLOCK
                  ) -> None:
-        self.url = url.rstrip("/")
-        self.ws_url = relay_url(self.url)
-        try:  # the coordinator's relay is pinned like the coordinator (the same certificate)
-            check_pinned_url(self.ws_url, tls_fingerprint)
-        except ValueError as exc:
-            raise LinkError(str(exc)) from None
+        self.pin = tls_fingerprint
+        self.url, self.ws_url = self._checked(url)
         self.identity = identity
         self.network = network
         self.sink = sink
@@ -304,6 +300,7 @@ class RelayClient:
         self.connected_since: float | None = None
         self._links: dict[bytes, RelayLink] = {}
         self._queue: FrameQueue | None = None  # while connected
+        self._moved = asyncio.Event()  # move_to gave another URL: connect there at once
 
     # --- the links --------------------------------------------------------------------------
 
@@ -352,8 +349,42 @@ class RelayClient:
 
     # --- the connection ---------------------------------------------------------------------
 
+    def _checked(self, url: str) -> tuple[str, str]:
+        """(url, its relay's WebSocket URL); LinkError if the pin would go unchecked."""
+        ws_url = relay_url(url.rstrip("/"))
+        try:  # the coordinator's relay is pinned like the coordinator (the same certificate)
+            check_pinned_url(ws_url, self.pin)
+        except ValueError as exc:
+            raise LinkError(str(exc)) from None
+        return url.rstrip("/"), ws_url
+
+    def move_to(self, url: str) -> None:
+        """Use the relay of the coordinator at `url` from now on (the node's coordinator
+        client switched to it: tunnelmesh/coordinator/failover.py): the connection to the
+        one left is closed and one to the new made at once. The links stay, as across any
+        reconnect; the same URL again changes nothing."""
+        url, ws_url = self._checked(url)
+        if ws_url == self.ws_url:
+            return
+        log.info("relay %s: following the coordinator to %s", self.ws_url, ws_url)
+        self.url, self.ws_url = url, ws_url
+        for link in self._links.values():
+            link.description = f"relay {url}"
+        self._moved.set()
+
     async def run(self) -> None:
-        """Hold the connection, reconnecting with backoff, until cancelled."""
+        """Hold the connection, reconnecting with backoff, until cancelled; after a
+        `move_to`, to the new URL at once (whatever the old connection was doing)."""
+        while True:
+            self._moved.clear()
+            async with asyncio.TaskGroup() as group:
+                holding = group.create_task(self._hold(), name=f"relay {self.ws_url}")
+                await self._moved.wait()
+                holding.cancel()
+            self.state, self.error = "connecting", None
+
+    async def _hold(self) -> None:
+        """Hold the connection to `ws_url`, reconnecting with backoff."""
         delay = FIRST_RETRY
         host = urllib.parse.urlsplit(self.ws_url).hostname or ""
         connector = None if self.guard is None else aiohttp.TCPConnector(
@@ -482,6 +513,8 @@ class RelayClient:
             with suppress(asyncio.CancelledError):
                 await writer
             await ws.close()
+            if self._moved.is_set():  # cancelled by run: the coordinator in use moved
+                reason = f"following the coordinator to {self.ws_url}"
             for link in list(self._links.values()):
                 self.sink.link_down(link, reason)
 
