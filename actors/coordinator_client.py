@@ -273,6 +273,7 @@ class CoordinatorClient(Actor):
                     await self._follow(coordinator)
                 log.info("coordinator %s answers again: switching back from %s", self.urls.preferred, url)
                 self.urls.preferred_answered()
+                self._set_connection("connecting", logged=True)
                 continue
             except Revoked as exc:
                 if self._revoked(exc.revocation):
