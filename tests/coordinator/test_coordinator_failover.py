@@ -26,12 +26,12 @@ from actors.control import EventBus
 from actors.coordinator_client import CoordinatorClient
 from actors.messages import AddPeers, RemovePeer, SyncPeers
 from actors.runtime import Actor, Supervisor
+from tests.coordinator.test_relay import Sink
 from tests.support.coordinator import UNLIMITED, AdminMachine, World, join, now, running, set_up
 from tests.support.wait import until
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.service import make_app, serve
 from tunnelmesh.coordinator.store import Store
-from tunnelmesh.links import Link
 from tunnelmesh.links import relay as relay_module
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import PeerMap, Revocation
@@ -252,24 +252,6 @@ def test_a_refusal_is_the_networks_answer_and_moves_the_node_nowhere(tmp_path: P
             assert second.requests == [] and len(stopped) == 1
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
-
-
-class Sink:
-    """A LinkSink that keeps what it is told."""
-
-    def __init__(self) -> None:
-        self.up: list[Link] = []
-        self.down: list[tuple[Link, str]] = []
-        self.received: list[tuple[bytes, bytes]] = []
-
-    def link_up(self, link: Link) -> None:
-        self.up.append(link)
-
-    def link_down(self, link: Link, reason: str) -> None:
-        self.down.append((link, reason))
-
-    def receive(self, link: Link, message: bytes | bytearray | memoryview) -> None:
-        self.received.append((link.peer_key, bytes(message)))
 
 
 @asynccontextmanager
