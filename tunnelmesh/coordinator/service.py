@@ -127,7 +127,9 @@ class _Service:
 
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         self.store.add_listener(self._wake)
+        self.store.add_pending_listener(self._wake_pending)
         yield
+        self.store.remove_pending_listener(self._wake_pending)
         self.store.remove_listener(self._wake)
 
     async def on_shutdown(self, app: web.Application) -> None:
@@ -381,7 +383,6 @@ class _Service:
                                                   str(body["proof"])))
                 log.info("%s (%s) joins with an invite; waiting for the admin's machine to countersign",
                          member.name, member.identity.fingerprint)
-        self._wake_pending()
         return await self._await_countersign(key, now)
 
     async def _await_countersign(self, key: str, now: int) -> web.Response:
@@ -431,7 +432,6 @@ class _Service:
                 log.info("%s (%s) asks to join; waiting for `tunnelmesh approve %s`", name, identity.fingerprint, name)
             if waiting is None or waiting.name != name or waiting.approved:
                 await self.store.put_pending(PendingRow(key, name, identity.to_line(), identity.fingerprint, now, source))
-                self._wake_pending()
         return web.json_response({"pending": True, "name": name}, status=202)
 
     # --- members --------------------------------------------------------------------------------
@@ -610,7 +610,6 @@ class _Service:
                 await self.store.use_invite(b64(invited.grant.invite_key), invited.grant.to_wire())
             await self.store.add_member(body["member"], member, host)
             await self.store.mark_approved(key, sealed)
-        self._wake_pending()
         log.info("admitted %s as %s (%s)", member.name, member.ipv4, member.identity.fingerprint)
         return web.json_response({"approved": member.name, "ipv4": str(member.ipv4), "ipv6": str(member.ipv6)})
 
@@ -646,7 +645,6 @@ class _Service:
             raise Refused(400, "reason must be text of 1 to 500 characters")
         if not await self.store.mark_refused(key, reason):
             raise Refused(404, "no pending join for that key")
-        self._wake_pending()
         log.info("the admin's machine refused the join of %s: %s", key, loggable(reason))
         return web.json_response({"refused": key})
 

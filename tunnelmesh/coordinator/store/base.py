@@ -120,6 +120,7 @@ class Transaction:
     write: bool
     connection: Any = None
     bumped: int | None = None  # the version this transaction moved the counter to
+    pending_changed: bool = False  # a pending join came, went, or was decided
     depth: int = 1
 
 
@@ -151,6 +152,7 @@ class Store:
         self.where = where  # the database, for messages (no secret: a PostgreSQL DSN's password is cut)
         self.version = 0
         self._listeners: list[Callable[[], None]] = []
+        self._pending_listeners: list[Callable[[], None]] = []
         self._current: ContextVar[Transaction | None] = ContextVar(f"store-transaction-{id(self)}", default=None)
         self._monotonic = monotonic
         self._caught_up_at = float("-inf")
@@ -172,8 +174,9 @@ class Store:
         it when the block ends, roll it back if it raises."""
         raise NotImplementedError
 
-    async def _announce(self, version: int) -> None:
-        """Inside the bumping transaction: tell the other coordinators (at commit)."""
+    async def _announce(self, transaction: Transaction) -> None:
+        """Last thing in a transaction that changed the version or a pending join: tell the
+        other coordinators (at its commit)."""
 
     async def _watch(self) -> None:
         """Make sure the other coordinators' announcements reach this process."""
@@ -203,10 +206,14 @@ class Store:
         try:
             async with self._begin(transaction):
                 yield
+                if transaction.bumped is not None or transaction.pending_changed:
+                    await self._announce(transaction)
         finally:
             self._current.reset(token)
         if transaction.bumped is not None:
             self._advance(transaction.bumped)
+        if transaction.pending_changed:
+            self._pending_moved()
 
     def _in_transaction(self) -> Transaction | None:
         return self._current.get()
@@ -217,6 +224,23 @@ class Store:
 
     def remove_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.remove(listener)
+
+    def add_pending_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` when a pending join came, went or was decided, through this
+        coordinator or another (wakes the admin's wait and the joiners' confirms)."""
+        self._pending_listeners.append(listener)
+
+    def remove_pending_listener(self, listener: Callable[[], None]) -> None:
+        self._pending_listeners.remove(listener)
+
+    def _pending_moved(self) -> None:
+        for listener in list(self._pending_listeners):
+            listener()
+
+    def _touch_pending(self) -> None:
+        transaction = self._in_transaction()
+        assert transaction is not None and transaction.write, "a pending join changed outside a write transaction"
+        transaction.pending_changed = True
 
     def _advance(self, version: int) -> None:
         """A version committed (here, or by another coordinator): move to it, tell listeners."""
@@ -254,7 +278,6 @@ class Store:
         if row is None:
             raise StoreError(f"coordinator database {self.where}: no network is set up")
         transaction.bumped = version = int(row[0])
-        await self._announce(version)
         return version
 
     # --- network ----------------------------------------------------------------------------
@@ -431,7 +454,8 @@ class Store:
                 "INSERT INTO revocations (wg_key, record, at, version) VALUES (?, ?, ?, ?) ON CONFLICT (wg_key) "
                 "DO UPDATE SET record = excluded.record, at = excluded.at, version = excluded.version",
                 (wg_key, _json(record), at, version))
-            await self._execute("DELETE FROM pending WHERE wg_key = ?", (wg_key,))
+            if await self._execute("DELETE FROM pending WHERE wg_key = ?", (wg_key,)):
+                self._touch_pending()
             if drop_member:
                 await self._execute("DELETE FROM members WHERE wg_key = ?", (wg_key,))
             return version
@@ -481,19 +505,25 @@ class Store:
                 (request.wg_key, request.name, request.identity, request.fingerprint, request.requested,
                  request.source, None if request.entry is None else _json(request.entry), request.proof,
                  int(request.approved), None if request.sealed is None else _json(request.sealed), request.refused))
+            self._touch_pending()
 
     async def mark_approved(self, wg_key: str, sealed: dict[str, Any]) -> None:
         async with self.transaction():
             await self._execute("UPDATE pending SET approved = 1, sealed = ? WHERE wg_key = ?", (_json(sealed), wg_key))
+            self._touch_pending()
 
     async def mark_refused(self, wg_key: str, reason: str) -> bool:
         async with self.transaction():
-            return await self._execute("UPDATE pending SET refused = ? WHERE wg_key = ? AND approved = 0",
-                                       (reason, wg_key)) > 0
+            refused = await self._execute("UPDATE pending SET refused = ? WHERE wg_key = ? AND approved = 0",
+                                          (reason, wg_key)) > 0
+            if refused:
+                self._touch_pending()
+            return refused
 
     async def delete_pending(self, wg_key: str) -> None:
         async with self.transaction():
-            await self._execute("DELETE FROM pending WHERE wg_key = ?", (wg_key,))
+            if await self._execute("DELETE FROM pending WHERE wg_key = ?", (wg_key,)):
+                self._touch_pending()
 
     async def purge_pending(self, before: int) -> int:
         """Drop pending joins made before `before` (expired)."""

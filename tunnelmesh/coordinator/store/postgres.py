@@ -5,10 +5,10 @@ Every write transaction first takes one transaction-scoped advisory lock, so wri
 are serialised across all coordinators as SQLite's ``BEGIN IMMEDIATE`` serialises
 them within one: a check made in a transaction (an address free, an invite unused)
 still holds at its commit. Reads need no lock (READ COMMITTED; a consistent read of
-one moment is a REPEATABLE READ, read-only transaction). The map version is
-announced at each bump with ``NOTIFY`` (delivered at commit, to every coordinator
-LISTENing on its own connection); `catch_up` reads it too, for a notification lost
-with a dropped connection. The schema version is the ``schema_version`` row.
+one moment is a REPEATABLE READ, read-only transaction). A transaction that moved the
+map version, or changed a pending join, says so with ``NOTIFY`` (delivered at commit,
+to every coordinator LISTENing on its own connection); `catch_up` reads the version
+too, for a notification lost with a dropped connection. The schema version is the ``schema_version`` row.
 
 The connection string's password never appears in a message or a log line: `where`
 shows the string without it.
@@ -32,8 +32,10 @@ log = logging.getLogger("tunnelmesh.coordinator.store")
 
 #: The advisory lock every write transaction takes (an arbitrary constant: "tm" + "writ").
 WRITERS_LOCK = 0x746D_77726974
-#: The NOTIFY channel of map version bumps (payload: the new version).
-CHANNEL = "tunnelmesh_map_version"
+#: The NOTIFY channel of changes (payload: the new map version, or PENDING: a pending join
+#: came, went or was decided, which wakes the admin's wait and the joiners' confirms).
+CHANNEL = "tunnelmesh_changes"
+PENDING = "pending"
 #: Connections per coordinator (the listener's is apart).
 POOL_SIZE = 10
 #: How long a connection attempt or a statement may take before the request gets a 503.
@@ -155,8 +157,11 @@ class PostgresStore(Store):
 
     # --- announcements ---------------------------------------------------------------------
 
-    async def _announce(self, version: int) -> None:
-        await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, str(version)))
+    async def _announce(self, transaction: Transaction) -> None:
+        if transaction.bumped is not None:
+            await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, str(transaction.bumped)))
+        if transaction.pending_changed:
+            await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, PENDING))
 
     @property
     def poll_interval(self) -> float | None:
@@ -164,6 +169,9 @@ class PostgresStore(Store):
         return None if listening else CATCH_UP_INTERVAL
 
     def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        if payload == PENDING:
+            self._pending_moved()
+            return
         try:
             version = int(payload)
         except ValueError:
