@@ -232,3 +232,15 @@ def test_a_password_file_that_cannot_be_read_is_a_clear_error(pg: Database, tmp_
     assert refused.returncode == 1, refused.stderr
     assert f"--db-password-file {missing}: cannot read it (No such file or directory)" in refused.stderr
     assert pg.query("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+
+
+def test_a_missing_source_file_is_refused_and_a_failed_migration_leaves_no_target_file(tmp_path: Path) -> None:
+    missing, target = tmp_path / "nope.db", tmp_path / "new.db"
+    done = tunnelmesh("coordinator", "migrate", "--from", str(missing), "--to", str(target))
+    assert done.returncode == 2 and "no such file" in done.stderr, done.stderr
+    assert not missing.exists() and not target.exists()  # neither made by the attempt
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")  # a file, but no network in it
+    done = tunnelmesh("coordinator", "migrate", "--from", str(empty), "--to", str(target))
+    assert done.returncode == 1 and "holds no network" in done.stderr, done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty.db"]  # the target (and its WAL) went again

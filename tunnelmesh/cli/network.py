@@ -373,10 +373,19 @@ def _migrate(args: argparse.Namespace) -> int:
                        EXIT_USAGE)
     if args.db is not None:
         raise CliError("migrate takes --from and --to, not --db", EXIT_USAGE)
-    source, source_password = _database(args.source, None)
-    target, target_password = _database(args.target, args.db_password_file)
-    if isinstance(target, Path) and target.exists() and target.stat().st_size:
-        raise CliError(f"--to {target} exists already: migrate into a new file", EXIT_USAGE)
+    from tunnelmesh.coordinator.store import is_postgres
+
+    # --db-password-file is PostgreSQL's password: for whichever side is on PostgreSQL.
+    source, source_password = _database(args.source, args.db_password_file if is_postgres(args.source) else None)
+    target, target_password = _database(args.target, args.db_password_file if is_postgres(args.target) else None)
+    if isinstance(source, Path) and not source.is_file():
+        raise CliError(f"--from {source}: no such file (the coordinator's database, e.g. the --db it runs with)",
+                       EXIT_USAGE)
+    made: Path | None = None  # a --to file this command makes, removed again if the migration fails
+    if isinstance(target, Path):
+        if target.exists():
+            raise CliError(f"--to {target} exists already: migrate into a new file", EXIT_USAGE)
+        made = target
 
     async def run() -> str:
         old = await open_store(source, source_password)
@@ -393,8 +402,13 @@ def _migrate(args: argparse.Namespace) -> int:
 
     try:
         print(asyncio.run(run()))
-    except StoreError as exc:
-        raise CliError(str(exc), EXIT_FAIL) from None
+    except BaseException as exc:
+        if made is not None:
+            for leftover in (made, made.with_name(made.name + "-wal"), made.with_name(made.name + "-shm")):
+                leftover.unlink(missing_ok=True)
+        if isinstance(exc, StoreError):
+            raise CliError(str(exc), EXIT_FAIL) from None
+        raise
     print("now start the coordinators with --db on the new database (and keep the old one as a backup)")
     return EXIT_OK
 
