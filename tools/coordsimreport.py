@@ -155,13 +155,20 @@ def series_label(run: dict[str, Any]) -> str:
     return f"{run['backend']}, {run['coordinators']} coordinator{'s' if run['coordinators'] != 1 else ''}"
 
 
-#: (run key, panel title): the chart's panels, N on a log axis.
-PANELS: tuple[tuple[str, str], ...] = (
-    ("time_to_all_s", "one change to every node, s (median of changes)"),
-    ("change_p50_s", "one change, p50 over nodes, s"),
-    ("joins_per_s", "joins/s (approval flow, rate-limited)"),
-    ("coordinator_cpu_s", "coordinator CPU, s (whole run)"),
-    ("kib_per_node", "coordinator RSS per connected node, KiB"),
+def cpu_per_change(run: dict[str, Any]) -> float | None:
+    """The coordinators' CPU seconds while the changes went out, per change."""
+    seconds = (run.get("coordinator_cpu_by_phase_s") or {}).get("changes")
+    changes = len(run.get("changes") or [])
+    return seconds / changes if seconds is not None and changes else None
+
+
+#: (figure, panel title, log y axis): the chart's panels, N on a log axis.
+PANELS: tuple[tuple[str, str, bool], ...] = (
+    ("time_to_all_s", "one change to every node, s (median of changes)", True),
+    ("change_p50_s", "one change, p50 over nodes, s", True),
+    ("joins_per_s", "joins/s (approval flow; 20 unsigned requests/s\nper coordinator, 2 per join)", False),
+    ("cpu_per_change_s", "coordinator CPU per change, s", True),
+    ("kib_per_node", "coordinator RSS per connected node, KiB", False),
 )
 
 
@@ -172,14 +179,18 @@ def draw(doc: dict[str, Any], path: str | Path) -> list[str]:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    runs = [run for run in doc.get("runs", []) if not run.get("failed")]
-    panels = [(key, title) for key, title in PANELS if any(run.get(key) is not None for run in runs)]
+    runs = [{**run, "cpu_per_change_s": cpu_per_change(run)} for run in doc.get("runs", []) if not run.get("failed")]
+    panels = [panel for panel in PANELS if any(run.get(panel[0]) is not None for run in runs)]
     if not panels:
         raise ValueError("no figures to draw: no run finished with a value for any charted figure")
     labels = list(dict.fromkeys(series_label(run) for run in runs))
-    figure, axes = pyplot.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    columns = 3
+    rows = -(-len(panels) // columns)
+    figure, axes = pyplot.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows + 1), squeeze=False)
     try:
-        for axis, (key, title) in zip(axes.flat, panels):
+        for axis in axes.flat[len(panels):]:
+            axis.set_visible(False)
+        for axis, (key, title, log_y) in zip(axes.flat, panels):
             for label in labels:
                 points = sorted((run["nodes"], run[key]) for run in runs
                                 if series_label(run) == label and run.get(key) is not None)
@@ -189,6 +200,8 @@ def draw(doc: dict[str, Any], path: str | Path) -> list[str]:
                         axis.annotate(f"{value:.3g}", (n, value), fontsize=7, xytext=(3, 3),
                                       textcoords="offset points")
             axis.set_xscale("log")
+            if log_y:
+                axis.set_yscale("log")
             axis.set_xlabel("simulated nodes (N)", fontsize=8)
             axis.set_title(title, fontsize=9)
             axis.margins(y=0.2)
@@ -202,5 +215,5 @@ def draw(doc: dict[str, Any], path: str | Path) -> list[str]:
         figure.savefig(path, dpi=100)
     finally:
         pyplot.close(figure)
-    return [key for key, _ in panels]
+    return [key for key, _, _ in panels]
 

@@ -97,14 +97,22 @@ def test_table_aligns_columns_and_says_why_a_run_failed():
     assert lines[4] == "N=10000 postgresql x2: RuntimeError: only 9000 of 10000 nodes counted connected"
 
 
+def test_cpu_per_change_divides_the_change_phase_by_the_changes():
+    assert report.cpu_per_change(run(100, coordinator_cpu_by_phase_s={"join": 9.0, "changes": 1.5},
+                                     changes=[{}, {}, {}])) == 0.5
+    assert report.cpu_per_change(run(100, coordinator_cpu_by_phase_s={"join": 9.0}, changes=[{}])) is None
+    assert report.cpu_per_change(run(100)) is None
+
+
 def test_chart_draws_each_series_and_refuses_a_document_without_figures(tmp_path):
     runs = [run(n, backend, count, time_to_all_s=0.01 * n, change_p50_s=0.005 * n, joins_per_s=10.0,
-                coordinator_cpu_s=0.1 * n, kib_per_node=5.0)
+                coordinator_cpu_by_phase_s={"join": 1.0, "changes": 0.003 * n}, changes=[{}, {}, {}],
+                kib_per_node=5.0)
             for n in (100, 1000) for backend, count in (("sqlite", 1), ("postgresql", 2))]
     doc = report.document(runs, {"date": "2026-12-05 02:00 UTC", "cpus": 2}, "python -m tools.coordsim")
     assert doc["runs"] == runs and doc["command"] == "python -m tools.coordsim"
     path = tmp_path / "chart.png"
-    assert report.draw(doc, path) == [key for key, _ in report.PANELS]
+    assert report.draw(doc, path) == [key for key, _, _ in report.PANELS]
     assert path.read_bytes().startswith(b"\x89PNG")
     failed_only = report.document([{**run(100), "failed": "no"}], {}, "")
     with pytest.raises(ValueError, match="no figures"):
