@@ -161,7 +161,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_members(db: Database, wo
             assert admin is not None and admin.candidates == {"version": 2}
 
     asyncio.run(scenario())
-    assert schema_version(db) == len(MIGRATIONS) == 6
+    assert schema_version(db) == len(MIGRATIONS) == 7
 
 
 def test_a_version_3_database_loses_its_stored_secret_and_its_pending_reservations(db: Database,

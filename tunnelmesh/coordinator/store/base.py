@@ -27,8 +27,11 @@ a `StoreError` whose message says what to do.
 
 from __future__ import annotations
 
+import binascii
 import json
+import os
 import time
+from base64 import b64decode
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
@@ -39,6 +42,17 @@ from tunnelmesh.membership import Entry, MemberEntry, b64
 
 #: The longest a coordinator goes without reading the version itself (a missed notification).
 CATCH_UP_INTERVAL = 1.0
+#: An announcement of where a member's relay connection is: "relay KEY COORDINATOR URL", URL
+#: GONE when that coordinator no longer holds it, KEY EVERY_KEY when it holds none any more.
+PRESENCE = "relay"
+GONE = "-"
+EVERY_KEY = "*"
+#: How many random bytes the coordinators' shared secret has.
+CLUSTER_SECRET_SIZE = 32
+
+#: Hears an announcement of relay presence: (member key in base64 or EVERY_KEY, coordinator id,
+#: its URL or None for gone).
+PresenceListener = Callable[[str, str, str | None], None]
 
 
 class StoreError(Exception):
@@ -147,12 +161,15 @@ class Store:
 
     #: "sqlite" or "postgresql": what `tunnelmesh coordinator` logs and status shows.
     backend = ""
+    #: Whether other coordinators may share this database (and forward relay frames among them).
+    shared = False
 
     def __init__(self, where: str, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.where = where  # the database, for messages (no secret: a PostgreSQL DSN's password is cut)
         self.version = 0
         self._listeners: list[Callable[[], None]] = []
         self._pending_listeners: list[Callable[[], None]] = []
+        self._presence_listeners: list[PresenceListener] = []
         self._current: ContextVar[Transaction | None] = ContextVar(f"store-transaction-{id(self)}", default=None)
         self._monotonic = monotonic
         self._caught_up_at = float("-inf")
@@ -180,6 +197,10 @@ class Store:
 
     async def _watch(self) -> None:
         """Make sure the other coordinators' announcements reach this process."""
+
+    async def _announce_presence(self, payload: str) -> None:
+        """Tell every coordinator (this one too) of a PRESENCE change: here, this one alone."""
+        self._presence_notified(payload)
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -529,6 +550,67 @@ class Store:
         """Drop pending joins made before `before` (expired)."""
         async with self.transaction():
             return await self._execute("DELETE FROM pending WHERE requested < ?", (before,))
+
+    # --- relays across coordinators (tunnelmesh.coordinator.cluster) -------------------------------
+
+    def add_presence_listener(self, listener: PresenceListener) -> None:
+        """Call `listener` for each announcement of relay presence, this coordinator's own too."""
+        self._presence_listeners.append(listener)
+
+    def remove_presence_listener(self, listener: PresenceListener) -> None:
+        self._presence_listeners.remove(listener)
+
+    def _presence_notified(self, payload: str) -> bool:
+        """Pass a PRESENCE announcement to the listeners; False if `payload` is not one."""
+        parts = payload.split(" ")
+        if len(parts) != 4 or parts[0] != PRESENCE:
+            return False
+        _, key, coordinator, url = parts
+        for listener in list(self._presence_listeners):
+            listener(key, coordinator, None if url == GONE else url)
+        return True
+
+    async def relay_presence(self) -> list[tuple[str, str, str]]:
+        """Every (member key, coordinator id, its URL) of the relay connections held now."""
+        rows = await self._fetchall("SELECT wg_key, coordinator, url FROM relay_presence")
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def set_relay_presence(self, wg_key: str, coordinator: str, url: str | None, now: int) -> None:
+        """Record that `coordinator`, reached at `url`, holds the relay connection of `wg_key`,
+        or (url None) that it no longer does: only its own row goes, so a member that moved to
+        another coordinator meanwhile stays where it is. Announced to every coordinator. No
+        writers' lock: the row is one member's, and no check depends on it."""
+        if url is None:
+            await self._execute("DELETE FROM relay_presence WHERE wg_key = ? AND coordinator = ?", (wg_key, coordinator))
+        else:
+            await self._execute(
+                "INSERT INTO relay_presence (wg_key, coordinator, url, since) VALUES (?, ?, ?, ?) ON CONFLICT (wg_key) "
+                "DO UPDATE SET coordinator = excluded.coordinator, url = excluded.url, since = excluded.since",
+                (wg_key, coordinator, url, now))
+        await self._announce_presence(f"{PRESENCE} {wg_key} {coordinator} {url or GONE}")
+
+    async def drop_relay_presence(self, coordinator: str) -> None:
+        """`coordinator` holds no relay connection any more (it is stopping): announced."""
+        await self._execute("DELETE FROM relay_presence WHERE coordinator = ?", (coordinator,))
+        await self._announce_presence(f"{PRESENCE} {EVERY_KEY} {coordinator} {GONE}")
+
+    async def cluster_secret(self) -> bytes:
+        """The secret the coordinators on this database prove themselves to each other with,
+        made (under the writers' lock, once) by the first that asks. Never logged, never served."""
+        row = await self._fetchone("SELECT secret FROM cluster")
+        if row is None:
+            async with self.transaction():
+                await self._execute("INSERT INTO cluster (id, secret) VALUES (1, ?) ON CONFLICT (id) DO NOTHING",
+                                    (b64(os.urandom(CLUSTER_SECRET_SIZE)),))
+            row = await self._fetchone("SELECT secret FROM cluster")
+        try:
+            secret = b64decode(row[0], validate=True) if row is not None else b""
+        except (binascii.Error, ValueError, TypeError):
+            secret = b""
+        if len(secret) != CLUSTER_SECRET_SIZE:
+            raise StoreError(f"coordinator database {self.where}: the cluster secret is damaged (was it edited by "
+                             "hand?); delete the row of table cluster and restart every coordinator")
+        return secret
 
     # --- whole tables (tunnelmesh coordinator migrate) ---------------------------------------------
 

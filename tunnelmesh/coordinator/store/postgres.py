@@ -8,7 +8,8 @@ still holds at its commit. Reads need no lock (READ COMMITTED; a consistent read
 one moment is a REPEATABLE READ, read-only transaction). A transaction that moved the
 map version, or changed a pending join, says so with ``NOTIFY`` (delivered at commit,
 to every coordinator LISTENing on its own connection); `catch_up` reads the version
-too, for a notification lost with a dropped connection. The schema version is the ``schema_version`` row.
+too, for a notification lost with a dropped connection. A member's relay connection
+coming to or leaving a coordinator is announced on the same channel (`set_relay_presence`). The schema version is the ``schema_version`` row.
 
 The connection string's password never appears in a message or a log line: `where`
 shows the string without it.
@@ -79,6 +80,7 @@ class PostgresStore(Store):
     """The coordinator's PostgreSQL database, shared with other coordinators."""
 
     backend = "postgresql"
+    shared = True
 
     def __init__(self, dsn: str, pool: Any, password: str | None) -> None:
         super().__init__(without_password(dsn))
@@ -163,6 +165,9 @@ class PostgresStore(Store):
         if transaction.pending_changed:
             await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, PENDING))
 
+    async def _announce_presence(self, payload: str) -> None:
+        await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, payload))
+
     @property
     def poll_interval(self) -> float | None:
         listening = self._listener is not None and not self._listener.is_closed()
@@ -171,6 +176,8 @@ class PostgresStore(Store):
     def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         if payload == PENDING:
             self._pending_moved()
+            return
+        if self._presence_notified(payload):
             return
         try:
             version = int(payload)

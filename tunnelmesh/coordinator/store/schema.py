@@ -91,6 +91,19 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # 6: a member's candidate record (tunnelmesh.nat.candidates, as it arrived: nodes verify
     # it too) and its version, the newest taken; NULL until the member registers one.
     ("ALTER TABLE members ADD COLUMN candidates TEXT", "ALTER TABLE members ADD COLUMN candidates_version INTEGER"),
+    # 7: several coordinators' relays (tunnelmesh.coordinator.cluster): which coordinator holds
+    # each member's relay connection and the URL it is reached at by the others, and the secret
+    # the coordinators prove themselves to each other with (made by the first one that needs it).
+    (
+        """CREATE TABLE relay_presence (
+            wg_key TEXT PRIMARY KEY,
+            coordinator TEXT NOT NULL,
+            url TEXT NOT NULL,
+            since INTEGER NOT NULL)""",
+        """CREATE TABLE cluster (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            secret TEXT NOT NULL)""",
+    ),
 ]
 
 #: The tables a migration (tunnelmesh.coordinator.store.copy) carries over, parents first.
