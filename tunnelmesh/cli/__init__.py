@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve plain HTTP, behind a reverse proxy that terminates TLS")
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at http://ADDR/metrics (IPv4:port or "
                                                      "[IPv6]:port; no authentication: keep it on loopback or firewalled)")
+    p.add_argument("--cluster-url", metavar="URL", help="(PostgreSQL) where the other coordinators reach this one, "
+                   "http(s)://host:port, to forward relay frames between members connected to different "
+                   "coordinators (default: from --listen; with --listen 0.0.0.0 it must be given, else this "
+                   "coordinator's members cannot be reached through the others' relays, as its log says)")
     stun = p.add_mutually_exclusive_group()
     stun.add_argument("--stun", metavar="IP:PORT", help="answer STUN Binding requests (nodes learn their reflexive "
                                                        "address) on this UDP address (default: --listen's, over UDP)")

@@ -318,6 +318,7 @@ def cmd_rotate_secret(args: argparse.Namespace, paths: Paths) -> int:
 def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
     import asyncio  # lazily: most commands, `up --detach` too, run no event loop
 
+    from tunnelmesh.coordinator.cluster import ClusterSettingError
     from tunnelmesh.coordinator.reflection import StunSettingError
     from tunnelmesh.coordinator.standalone import TlsSettingError, run_standalone
     from tunnelmesh.coordinator.store import StoreError
@@ -347,8 +348,8 @@ def cmd_coordinator(args: argparse.Namespace, paths: Paths) -> int:
                                    tls_cert=Path(args.tls_cert) if args.tls_cert else None,
                                    tls_key=Path(args.tls_key) if args.tls_key else None, plain_http=args.plain_http,
                                    metrics=metrics, stun=(False if args.no_stun else args.stun, args.stun_alternate),
-                                   db_password=password))
-    except TlsSettingError as exc:
+                                   db_password=password, cluster_url=args.cluster_url))
+    except (TlsSettingError, ClusterSettingError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     except StunSettingError as exc:
         raise CliError(f"--{exc.key.replace('_', '-')}: {exc.detail}", EXIT_USAGE) from None

@@ -17,6 +17,11 @@ Nothing a client sends can crash it or make it hold more than the bounds:
 malformed frames are counted drops, each connection's outbound queue is bounded
 in frames and bytes (a slow reader loses messages, counted), refusals close the
 socket with a 4xxx code and are logged once per (address, reason) per minute.
+
+Several coordinators on one database (tunnelmesh.coordinator.cluster): a frame whose
+destination is not connected here goes to `remote`, which passes it to the coordinator
+holding that member's connection; frames from there come in through `deliver`, and
+`presence` hears of each member that connects here or leaves.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ NOT_MEMBER = 4003  # only to a connected member that is removed or revoked (it p
 AUTH_TIMED_OUT = 4008
 REPLACED = 4009
 SHUTTING_DOWN = 1001
+#: The drop of a frame whose destination is connected neither here nor (known) elsewhere.
+NOT_CONNECTED = "destination not connected"
 _REFUSED = {MALFORMED: "malformed", AUTH_FAILED: "bad signature", NOT_MEMBER: "not a member",
             AUTH_TIMED_OUT: "timed out", SHUTTING_DOWN: "shutting down"}
 
@@ -165,16 +172,26 @@ class _Connection:
         self.queue = FrameQueue()
 
 
+#: Takes (source key, frame as the member sent it) for a destination not connected here:
+#: None if it passed the frame on, else why it dropped it.
+Remote = Callable[[bytes, bytes], str | None]
+#: Hears (member key, True) when a member's connection is here, (key, False) when it is gone.
+Presence = Callable[[bytes, bool], None]
+
+
 class Relay:
     """The relay for one network. `identity_for(wg_key)` names the current members (None
     for anyone else; awaited: the coordinator's asks its database); call `member_changed`
-    whenever membership may have changed."""
+    whenever membership may have changed. `remote` and `presence`: see the module's doc."""
 
     def __init__(self, network: str, identity_for: Callable[[bytes], Awaitable[PublicIdentity | None]],
-                 relay: str = COORDINATOR_RELAY, clock: Clock = SYSTEM_CLOCK) -> None:
+                 relay: str = COORDINATOR_RELAY, clock: Clock = SYSTEM_CLOCK, *, remote: Remote | None = None,
+                 presence: Presence | None = None) -> None:
         self.network = network
         self.identity_for = identity_for
         self.relay = relay  # this relay's id, which clients sign (links.relay.auth_message)
+        self.remote = remote
+        self.presence = presence
         self.drops: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
         self.relayed_frames = 0  # frames passed on to their destination's queue
@@ -200,8 +217,7 @@ class Relay:
         try:
             await self._carry(connection)
         finally:
-            if self._connections.get(connection.key) is connection:
-                del self._connections[connection.key]
+            self._drop(connection)
         return ws
 
     async def _authenticate(self, ws: web.WebSocketResponse, request: web.Request) -> _Connection:
@@ -249,6 +265,8 @@ class Relay:
         if old is not None:
             self._kick(old, REPLACED, "replaced by a newer connection of the same member")
         self._connections[wg_key] = connection
+        if self.presence is not None:
+            self.presence(wg_key, True)
         log.info("relay: %s connected from %s", who, connection.remote)
         return connection
 
@@ -278,23 +296,45 @@ class Relay:
         """One frame from `source`: to its destination, stamped with `source` (never the
         frame's say), or a counted drop. The packet path: no logging, one copy."""
         problem = frame_problem(frame)
-        if problem is not None:
-            self.drops[problem] += 1
-            return
-        target = self._connections.get(frame[:KEY_SIZE])
-        if target is None:
-            self.drops["destination not connected"] += 1
-        elif target.queue.put(source + memoryview(frame)[KEY_SIZE:]):
+        if problem is None:
+            target = self._connections.get(frame[:KEY_SIZE])
+            if target is not None:
+                problem = self._put(target, source + memoryview(frame)[KEY_SIZE:])
+            elif self.remote is not None:
+                problem = self.remote(source, frame)
+            else:
+                problem = NOT_CONNECTED
+        self._count(problem, len(frame) - KEY_SIZE)
+
+    def deliver(self, destination: bytes, stamped: bytes) -> None:
+        """A frame another coordinator's relay took from a member connected there: to
+        `destination` here as `stamped` (source key + message, stamped there), or a counted drop."""
+        target = self._connections.get(destination)
+        self._count(NOT_CONNECTED if target is None else self._put(target, stamped), len(stamped) - KEY_SIZE)
+
+    @staticmethod
+    def _put(target: _Connection, stamped: bytes) -> str | None:
+        return None if target.queue.put(stamped) else "receiver slow"
+
+    def _count(self, problem: str | None, size: int) -> None:
+        """A frame passed on (`size` WireGuard bytes), or dropped for `problem`."""
+        if problem is None:
             self.relayed_frames += 1
-            self.relayed_bytes += len(frame) - KEY_SIZE
+            self.relayed_bytes += size
         else:
-            self.drops["receiver slow"] += 1
+            self.drops[problem] += 1
 
     def _kick(self, connection: _Connection, code: int, reason: str) -> None:
         """Close `connection` soon (from sync code); its socket is cut if closing stalls."""
+        self._drop(connection)
+        self._in_background(self._close(connection, code, reason))
+
+    def _drop(self, connection: _Connection) -> None:
+        """`connection` no longer carries its member's frames (unless already replaced)."""
         if self._connections.get(connection.key) is connection:
             del self._connections[connection.key]
-        self._in_background(self._close(connection, code, reason))
+            if self.presence is not None:
+                self.presence(connection.key, False)
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

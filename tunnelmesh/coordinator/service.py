@@ -50,6 +50,7 @@ from tunnelmesh.membership import (
 from tunnelmesh.ratelimit import RateLimiter
 
 from . import bodies
+from .cluster import CLUSTER
 from .guards import (
     MALFORMED_REQUESTS,
     MAX_BODY,
@@ -739,7 +740,11 @@ class _Service:
     async def relay(self, request: web.Request) -> web.StreamResponse:
         """GET /relay: made on first use, once the network exists (it never changes after)."""
         if self._relay is None:
-            self._relay = Relay((await self._network()).network, self._relay_identity)
+            network = (await self._network()).network
+            if self._relay is None:  # not made by another connection meanwhile: one relay, or members miss each other
+                self._relay = Relay(network, self._relay_identity)
+                if (cluster := request.app.get(CLUSTER)) is not None:  # other coordinators on its database
+                    cluster.serve(self._relay)
         return await self._relay.handler(request)
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from tunnelmesh.fields import FieldError, parse_endpoint, shown
 from tunnelmesh.metrics import metrics_url, serve_metrics
-from tunnelmesh.tls import certificate_fingerprint, load_or_make, server_context
+from tunnelmesh.tls import certificate_fingerprint, client_ssl, load_or_make, server_context
 
+from .cluster import Cluster, check_cluster_url, default_cluster_url
 from .metrics import coordinator_source
 from .reflection import reflection_addresses, start_reflection
 from .service import make_app, serve
@@ -39,10 +40,12 @@ class TlsSettingError(ValueError):
     """A coordinator on PostgreSQL has no file to keep a certificate of its own beside."""
 
 
-def _standalone_tls(host: str, db: str | Path, tls_cert: Path | None, tls_key: Path | None) -> ssl.SSLContext:
-    """The standalone coordinator's TLS: the given certificate, or its own (made on first
-    start next to a SQLite `db`); its fingerprint is logged for `init --tls-fingerprint`.
-    Coordinators on PostgreSQL are several and must serve one certificate: given."""
+def _standalone_tls(host: str, db: str | Path, tls_cert: Path | None, tls_key: Path | None
+                    ) -> tuple[ssl.SSLContext, str]:
+    """The standalone coordinator's TLS and its certificate's pin: the given certificate, or
+    its own (made on first start next to a SQLite `db`); its fingerprint is logged for `init
+    --tls-fingerprint`. Coordinators on PostgreSQL are several and must serve one
+    certificate: given (and each checks the others' against it: tunnelmesh.coordinator.cluster)."""
     if tls_cert is None or tls_key is None:
         if is_postgres(db):
             raise TlsSettingError("a coordinator on PostgreSQL needs --tls-cert and --tls-key (every coordinator of "
@@ -56,14 +59,14 @@ def _standalone_tls(host: str, db: str | Path, tls_cert: Path | None, tls_key: P
     context = server_context(tls_cert, tls_key)
     log.info("coordinator TLS fingerprint %s (give it to `tunnelmesh init --external-coordinator "
              "--tls-fingerprint`)", pin)
-    return context
+    return context, pin
 
 
 async def run_standalone(listen: str, db: str | Path, admin_fingerprint: str | None,
                          trusted_proxies: frozenset[str] = frozenset(), *, tls_cert: Path | None = None,
                          tls_key: Path | None = None, plain_http: bool = False,
                          metrics: tuple[str, int] | None = None, stun: tuple[object, object] = (None, None),
-                         db_password: str | None = None) -> None:
+                         db_password: str | None = None, cluster_url: str | None = None) -> None:
     """`tunnelmesh coordinator`: serve the database `db` on `listen` until cancelled: a
     SQLite file, or a PostgreSQL connection string (several coordinators may share one;
     `db_password` in place of one in it). TLS with `tls_cert`/`tls_key`, or a certificate
@@ -71,14 +74,22 @@ async def run_standalone(listen: str, db: str | Path, admin_fingerprint: str | N
     Prometheus metrics on `metrics` (docs/metrics.md); its STUN reflection service as
     `stun` (the `--stun` and `--stun-alternate` settings) says. TlsError for a certificate
     it cannot use, MetricsError when the metrics' port is taken, StunSettingError for a
-    wrong `stun`, TlsSettingError for PostgreSQL without a certificate."""
+    wrong `stun`, TlsSettingError for PostgreSQL without a certificate. On PostgreSQL it
+    forwards relay frames with the other coordinators, which reach it at `cluster_url`
+    (default: from `listen`, unless that is 0.0.0.0); ClusterSettingError for a wrong one."""
     host, port = _listen_address(listen)
     reflection_at = reflection_addresses(*stun, (host, port))
-    context = None if plain_http else _standalone_tls(host, db, tls_cert, tls_key)
+    if cluster_url is not None:
+        cluster_url = check_cluster_url(cluster_url)
+    tls = None if plain_http else _standalone_tls(host, db, tls_cert, tls_key)
+    context = None if tls is None else tls[0]
     store = await open_store(db, db_password)
     async with AsyncExitStack() as running:
         running.push_async_callback(store.close)
         app = make_app(store, admin_fingerprint=admin_fingerprint, trusted_proxies=trusted_proxies)
+        if store.shared:  # the others serve the same certificate: theirs is checked against it
+            Cluster(store, cluster_url or default_cluster_url(host, port, tls is not None),
+                    True if tls is None else client_ssl(None, tls[1])).attach(app)
         if reflection_at is not None:  # before serving: the register reply and the metrics find it in app
             running.callback((await start_reflection(app, reflection_at)).close)
         running.push_async_callback((await serve(app, host, port, context)).cleanup)
