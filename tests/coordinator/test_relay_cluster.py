@@ -42,6 +42,7 @@ from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import Revocation
 from tunnelmesh.ratelimit import RateLimiter
+from tunnelmesh.tls import client_ssl, server_context, write_certificate
 
 LOG = "tunnelmesh.coordinator.cluster"
 
@@ -71,32 +72,51 @@ class Side:
         return place is not None and place[0] == side.cluster.id and link is not None and link.queue is not None
 
 
+@dataclass(frozen=True)
+class Certificate:
+    """The certificate every coordinator serves, and its pin."""
+
+    cert: Path
+    key: Path
+    pin: str
+
+
 @asynccontextmanager
-async def coordinator(stack: AsyncExitStack, db: Database) -> AsyncIterator[Side]:
+async def coordinator(stack: AsyncExitStack, db: Database, tls: Certificate | None = None,
+                      checks: Certificate | None = None) -> AsyncIterator[Side]:
     """A coordinator over its own store on `db`, with its cluster, as `tunnelmesh
-    coordinator --cluster-url` runs it (on a port chosen first: the URL is its own)."""
+    coordinator --cluster-url` runs it (on a port chosen first: the URL is its own). With
+    `tls`, the cluster URL is a second site serving that certificate (members and the
+    admin's machine keep the plain one), and the others' is checked against `checks`
+    (default: the same)."""
     store = await open_store(db.url)
     stack.push_async_callback(store.close)
-    listening = socket.socket()
-    listening.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+    sockets = [socket.socket() for _ in range(1 if tls is None else 2)]
+    for listening in sockets:
+        listening.bind(("127.0.0.1", 0))
+    url, cluster_url = (f"{scheme}://127.0.0.1:{s.getsockname()[1]}" for s, scheme in zip(
+        sockets * 2, ("http", "http" if tls is None else "https")))
     app = make_app(store, limiter=RateLimiter(UNLIMITED, UNLIMITED))
-    cluster = Cluster(store, url)
+    checks = checks or tls
+    cluster = Cluster(store, cluster_url, True if checks is None else client_ssl(None, checks.pin))
     cluster.attach(app)
     runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await web.SockSite(runner, listening).start()
+    await web.SockSite(runner, sockets[0]).start()
+    if tls is not None:
+        await web.SockSite(runner, sockets[1], ssl_context=server_context(tls.cert, tls.key)).start()
     yield Side(url, cluster)
 
 
 @asynccontextmanager
-async def mesh(db: Database, world: World, on: dict[int, int]) -> AsyncIterator[tuple[list[Side], dict[int, Any]]]:
+async def mesh(db: Database, world: World, on: dict[int, int], tls: Certificate | None = None
+               ) -> AsyncIterator[tuple[list[Side], dict[int, Any]]]:
     """Coordinators A and B on `db` (the network set up through A), members `on`'s keys
     joined and each connected (a RelayClient) to the relay of coordinator on[i]:
     (sides, i -> (client, sink, its member entry as joined))."""
     async with AsyncExitStack() as stack:
-        sides = [await stack.enter_async_context(coordinator(stack, db)) for _ in range(2)]
+        sides = [await stack.enter_async_context(coordinator(stack, db, tls)) for _ in range(2)]
         admin_node = await set_up(sides[0].url, world)
         machine = AdminMachine.create(db.home, sides[0].url, world, admin_node)
         async with machine.admitting():
@@ -347,5 +367,29 @@ def test_tunnelmesh_coordinator_on_postgresql_serves_the_cluster_link_at_its_lis
         finally:
             serving.cancel()
             await asyncio.gather(serving, return_exceptions=True)
+
+    scenario(run())
+
+
+def test_links_over_tls_check_the_certificate_the_coordinators_serve(
+        postgres_server: Any, tmp_path: Path, world: World) -> None:
+    """Over https the link is pinned to the one certificate every coordinator serves: it
+    carries frames; a coordinator serving another certificate gets no link."""
+    db = postgres_database(postgres_server, tmp_path)
+    certificates = [Certificate(tmp_path / f"{n}.pem", tmp_path / f"{n}.key", write_certificate(
+        tmp_path / f"{n}.pem", tmp_path / f"{n}.key", "127.0.0.1")) for n in ("ours", "other")]
+
+    async def run() -> None:
+        async with mesh(db, world, {1: 0, 2: 1}, certificates[0]) as (sides, clients):
+            (one, _, _), (_, two_sink, _) = clients[1], clients[2]
+            assert all((side.cluster.url or "").startswith("https://") for side in sides)
+            one.link(key(world, 2)).send(b"\x04over TLS")
+            await until("two got it", lambda: two_sink.received == [(key(world, 1), b"\x04over TLS")])
+            async with AsyncExitStack() as stack:  # a third coordinator serving (so pinning) another certificate
+                third = await stack.enter_async_context(coordinator(stack, db, certificates[1]))
+                link = third.cluster._link_to(sides[1].cluster.id, sides[1].cluster.url or "")
+                assert link is not None
+                await until("its link is refused", lambda: "another TLS certificate" in (link.error or ""))
+                assert link.queue is None
 
     scenario(run())

@@ -181,6 +181,9 @@ class _Link:
                         await ws.close()
                     reason = "the other coordinator " + (
                         "is stopping" if ws.close_code == aiohttp.WSCloseCode.GOING_AWAY else "closed the link")
+                except aiohttp.ServerFingerprintMismatch:
+                    reason = ("it serves another TLS certificate than this coordinator (every coordinator on the "
+                              "database serves the same --tls-cert; someone may be intercepting the connection)")
                 except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                     reason = str(exc) or type(exc).__name__
                 self.queue = None
