@@ -8,10 +8,12 @@ Used by the demo, the end-to-end tests and the benchmarks.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from actors.messages import Status, from_json
@@ -303,3 +305,74 @@ def build_nat_network(nat: NatLab, types: dict[str, str], *, coordinator_name: s
     mesh = build_network(nat.lab, list(types), coordinator=coordinator, coordinator_port=WEB_PORT,
                          placed=placed, **options)
     return NatNetwork(mesh, sites, coordinator)
+
+
+# --------------------------------------------------------------------------- several coordinators, one database
+
+
+@dataclass
+class SharedCoordinator:
+    """One of several `tunnelmesh coordinator`s of a network on one database (PostgreSQL),
+    in a node of its own, serving the certificate they all share; killed and started
+    again at the same URL (the lab stops it)."""
+
+    node: Node
+    db: str  # the connection string they share
+    tls: tuple[str, str]  # the shared certificate and key files
+    port: int = COORDINATOR_PORT
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.node.addresses[0]}:{self.port}"
+
+    def start(self, timeout: float = 30) -> None:
+        """Start it (STUN on its own address and port over UDP); returns once it listens
+        on TCP and UDP. Its log `<node>.coordinator.log` goes on across restarts."""
+        listen = f"{self.node.addresses[0]}:{self.port}"
+        self.process = self.node.popen(*TUNNELMESH, "coordinator", "--listen", listen, "--db", self.db,
+                                       "--tls-cert", self.tls[0], "--tls-key", self.tls[1], log_name="coordinator")
+        wait_listening(self.node, self.process, {listen}, "tcp", timeout)
+        wait_listening(self.node, self.process, {listen}, "udp", timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to answer or close anything; its nodes see their connections reset."""
+        assert self.process is not None, "not started"
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def start_shared_coordinators(lab: Lab, names: list[str], db: str, *, switch: Switch,
+                              port: int = COORDINATOR_PORT) -> list[SharedCoordinator]:
+    """A node per name on `switch`, each running a coordinator on the database `db` (a
+    PostgreSQL connection string: tools/pgserver.py), all with one certificate, made for
+    the first one's address. It lies where a standalone coordinator keeps a certificate
+    of its own (standalone_tls_files), so that `build_network(coordinator=<the first's
+    node>)` pins it as it would a standalone one's."""
+    from tunnelmesh.coordinator.standalone import standalone_tls_files
+    from tunnelmesh.tls import write_certificate
+
+    nodes = [lab.add_node(name) for name in names]
+    for node in nodes:
+        lab.connect(node, switch)
+    cert, key = standalone_tls_files(Path(nodes[0].state_dir) / "coordinator.db")
+    write_certificate(cert, key, nodes[0].addresses[0])
+    coordinators = [SharedCoordinator(node, db, (str(cert), str(key)), port) for node in nodes]
+    for coordinator in coordinators:
+        coordinator.start()
+    return coordinators
+
+
+def use_coordinators(member: MeshNode, urls: list[str]) -> None:
+    """Replace the `[coordinator] url` that init or join wrote in the node's config (or
+    the `urls` written before) by `urls`, best first, as its user would edit it for a
+    network of several coordinators (neither command writes `urls`). Read at the
+    daemon's next start; by the admin commands at once."""
+    with open(member.config_path) as f:
+        text = f.read()
+    listed = ", ".join(json.dumps(url) for url in urls)
+    text, replaced = re.subn(r"^urls? = .*$", f"urls = [{listed}]", text, count=1, flags=re.MULTILINE)
+    if replaced != 1:
+        raise ValueError(f"{member.config_path}: no [coordinator] url or urls line to replace")
+    with open(member.config_path, "w") as f:
+        f.write(text)
