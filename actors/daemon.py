@@ -168,7 +168,7 @@ class ServedSite(Actor):
 
 async def _start_coordinator(config: NodeConfig) -> ServedSite:
     from tunnelmesh.coordinator.reflection import start_reflection
-    from tunnelmesh.coordinator.service import make_app, serve
+    from tunnelmesh.coordinator.app import make_app, serve
     from tunnelmesh.coordinator.store import StoreError, open_store
     from tunnelmesh.tls import TlsError, server_context
 
@@ -373,7 +373,7 @@ async def _start_relay_service(config: NodeConfig, identity: NodeIdentity, state
     from aiohttp import web
 
     from tunnelmesh.coordinator.relay import Relay
-    from tunnelmesh.coordinator.service import serve
+    from tunnelmesh.coordinator.app import serve
 
     from .links import member_identities
 

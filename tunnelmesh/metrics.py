@@ -68,7 +68,7 @@ class MetricsError(Exception):
 
 async def serve_metrics(source: Source, listen: tuple[str, int]) -> web.AppRunner:
     """Serve `source` at http://listen/metrics; the caller cleans the runner up."""
-    from tunnelmesh.coordinator.service import serve  # lazily: the coordinator serves metrics too
+    from tunnelmesh.coordinator.app import serve  # lazily: the coordinator serves metrics too
 
     try:
         return await serve(metrics_app(source), *listen)

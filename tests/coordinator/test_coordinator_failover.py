@@ -30,7 +30,7 @@ from tests.coordinator.test_relay import Sink
 from tests.support.coordinator import UNLIMITED, AdminMachine, World, join, now, running, set_up
 from tests.support.wait import until
 from tunnelmesh.coordinator.client import Coordinator
-from tunnelmesh.coordinator.service import make_app, serve
+from tunnelmesh.coordinator.app import make_app, serve
 from tunnelmesh.coordinator.store import Store
 from tunnelmesh.links import relay as relay_module
 from tunnelmesh.links.relay import RelayClient

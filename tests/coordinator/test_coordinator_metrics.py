@@ -16,7 +16,8 @@ from tests.support.wait import until
 from tests.unit.test_metrics_exposition import Samples, samples
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.metrics import coordinator_source
-from tunnelmesh.coordinator.service import CONNECTED_GRACE, MAX_WAIT, make_app, serve
+from tunnelmesh.coordinator.app import make_app, serve
+from tunnelmesh.coordinator.service import CONNECTED_GRACE, MAX_WAIT
 from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.metrics import serve_metrics

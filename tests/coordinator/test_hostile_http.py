@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 
 from tests.support.coordinator import UNLIMITED
-from tunnelmesh.coordinator.service import MALFORMED_REQUESTS, make_app, serve
+from tunnelmesh.coordinator.app import make_app, serve
+from tunnelmesh.coordinator.guards import MALFORMED_REQUESTS
 from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.ratelimit import RateLimiter
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.coordinator import identities
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
-from tunnelmesh.coordinator.service import make_app, serve
+from tunnelmesh.coordinator.app import make_app, serve
 from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.links import LinkError
 from tunnelmesh.links.relay import RelayClient

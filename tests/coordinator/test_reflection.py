@@ -27,7 +27,7 @@ from tunnelmesh.coordinator.reflection import (
     start_reflection,
     stun_servers,
 )
-from tunnelmesh.coordinator.service import make_app, serve
+from tunnelmesh.coordinator.app import make_app, serve
 from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.nat.stun import BindingResponse, binding_request, parse_binding_response
 from tunnelmesh.ratelimit import Rate, RateLimiter

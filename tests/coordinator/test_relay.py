@@ -38,7 +38,7 @@ from tests.support.wire import PeerPair
 from tunnelmesh.coordinator import relay as relay_module
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.relay import Relay
-from tunnelmesh.coordinator.service import serve
+from tunnelmesh.coordinator.app import serve
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
 from tunnelmesh.links import MAX_MESSAGE, Link
 from tunnelmesh.links.relay import (

@@ -36,7 +36,7 @@ from tunnelmesh.coordinator import cluster as cluster_module
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.cluster import AUTH_FAILED, CLUSTER_PATH, Cluster, proof
 from tunnelmesh.coordinator.relay import Relay
-from tunnelmesh.coordinator.service import make_app
+from tunnelmesh.coordinator.app import make_app
 from tunnelmesh.coordinator.standalone import run_standalone
 from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.links.relay import RelayClient

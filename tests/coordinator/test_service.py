@@ -848,14 +848,15 @@ def test_a_flood_of_unauthenticated_requests_from_one_source_gets_429_while_anot
             for path in ("/v1/join/propose", "/v1/join/confirm", "/v1/join/request", "/v1/admin/setup"):
                 async with http.post(url + path, json={}) as response:
                     assert response.status == 429 and response.headers["Retry-After"] == "100", path
-            async with http.get(url + "/relay") as response:  # before any WebSocket upgrade or challenge
-                assert response.status == 429
+            for path in ("/relay", "/v1/cluster/relay"):  # before any WebSocket upgrade or challenge
+                async with http.get(url + path) as response:
+                    assert response.status == 429, path
             # ...signed requests are not charged to it (their signature is what they cost)...
             async with http.get(url + "/v1/map") as response:
                 assert response.status == 401
             # ...and another source still gets through.
             assert (await get_from(other, url, "/v1/network"))[0] == 503
-            assert limiter.refused == {"source": 6, "overall": 0}
+            assert limiter.refused == {"source": 7, "overall": 0}
 
     asyncio.run(scenario())
 

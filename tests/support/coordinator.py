@@ -25,9 +25,8 @@ import aiohttp
 import asyncssh
 
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
-from tunnelmesh.coordinator.service import make_app, serve
+from tunnelmesh.coordinator.app import make_app, serve
 from tunnelmesh.coordinator.store import Store, open_store
-from tunnelmesh.coordinator.store.schema import TABLES
 from tunnelmesh.identity import NodeIdentity, load_identity
 from tunnelmesh.membership import (
     JOIN_NAMESPACE,

@@ -48,7 +48,7 @@ asyncio.run(main())
 COORDINATOR = """
 import asyncio, sys
 from pathlib import Path
-from tunnelmesh.coordinator.service import make_app, serve
+from tunnelmesh.coordinator.app import make_app, serve
 from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.ratelimit import Rate, RateLimiter
 

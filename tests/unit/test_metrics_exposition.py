@@ -24,7 +24,7 @@ from actors.messages import (
 from actors.metrics import MetricsEndpoint, StatusCollector
 from tests.unit.test_config import load, load_error
 from tests.unit.test_control_schema import PEER, instances
-from tunnelmesh.coordinator.service import serve
+from tunnelmesh.coordinator.app import serve
 from tunnelmesh.fields import FieldError
 from tunnelmesh.metrics import DEFAULT_METRICS_LISTEN, metrics_app, parse_listen
 

@@ -32,8 +32,11 @@ from .store import MemberRow, Store
 MAX_SSH_OFFER = MAX_SSH_ATTESTATION
 
 
-#: Parsing an identity line verifies its attestation; members sign every request.
-identity_of = functools.lru_cache(maxsize=4096)(PublicIdentity.from_line)
+#: Parsing an identity line verifies its attestation; members sign every request (each
+#: long-poll), so the cache holds a large network's every member: at 4,096 a 10,000-node
+#: network evicted on every poll and spent a fifth of the coordinator's CPU here
+#: (tools.coordsim). An entry is a few KiB; only members that ask make one.
+identity_of = functools.lru_cache(maxsize=65536)(PublicIdentity.from_line)
 
 
 @contextmanager

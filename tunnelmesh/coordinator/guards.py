@@ -87,7 +87,7 @@ def errors(client_address: Callable[[web.Request], str | None]) -> Any:
 #: since the body names the admin key): each request there is charged to its source
 #: address (tunnelmesh.ratelimit).
 UNAUTHENTICATED_PATHS = frozenset({"/v1/network", "/v1/join/propose", "/v1/join/confirm", "/v1/join/request",
-                                   "/relay", "/v1/admin/setup"})
+                                   "/relay", "/v1/admin/setup", "/v1/cluster/relay"})
 #: Per source: a joiner makes a handful of requests and one that waits for approval asks
 #: every 2 s (0.5/s) for up to 10 min; members behind one NAT share an address. Overall:
 #: what bounds the work these endpoints can cost, whoever sends (each request checks at

@@ -15,14 +15,15 @@ from prometheus_client.registry import Collector
 from tunnelmesh.metrics import Source, relay_families
 
 from .reflection import REFLECTION
-from .service import CONNECTED_GRACE, MAX_WAIT, SERVICE
+from .app import SERVICE
+from .service import CONNECTED_GRACE, MAX_WAIT
 from .store import StoreError
 
 log = logging.getLogger("tunnelmesh.coordinator.metrics")
 
 
 class CoordinatorCollector(Collector):
-    """The metric families of the coordinator app `app` (made by service.make_app)."""
+    """The metric families of the coordinator app `app` (made by app.make_app)."""
 
     def __init__(self, app: web.Application) -> None:
         self.service = app[SERVICE]

@@ -18,7 +18,7 @@ from tunnelmesh.tls import certificate_fingerprint, client_ssl, load_or_make, se
 from .cluster import Cluster, check_cluster_url, default_cluster_url
 from .metrics import coordinator_source
 from .reflection import reflection_addresses, start_reflection
-from .service import make_app, serve
+from .app import make_app, serve
 from .store import is_postgres, open_store
 
 log = logging.getLogger("tunnelmesh.coordinator.server")
