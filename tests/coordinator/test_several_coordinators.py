@@ -173,3 +173,28 @@ def test_two_approvals_of_one_one_time_invite_through_two_coordinators_admit_one
     used = db.query("SELECT used FROM invites WHERE invite_key = ?",
                     b64(InviteGrant.from_wire(token.grant, world.admin.public).invite_key))
     assert used == [(1,)]
+
+
+def test_a_punch_asked_through_one_coordinator_reaches_the_peer_long_polling_the_other(
+        postgres_server: Any, tmp_path: Path, world: World) -> None:
+    db = postgres_database(postgres_server, tmp_path)
+
+    async def scenario() -> None:
+        async with two_coordinators(db, world) as (a, b, _):
+            await join(a, world, 1, world.invite(), "one")
+            await join(b, world, 2, world.invite(), "two")
+            key_one, key_two = (world.nodes[i].public.wg_public_key for i in (1, 2))
+            async with Coordinator(a, identity=world.nodes[1]) as one, \
+                    Coordinator(b, identity=world.nodes[2]) as two:
+                version = (await one.map(0, 0, punch=True))["version"]  # each takes notices where it polls
+                await two.map(version, 0, punch=True)
+                polls = [asyncio.ensure_future(node.map(version, 20, punch=True)) for node in (one, two)]
+                await asyncio.sleep(0)  # both polls are on their way
+                assert await one.punch(key_two) == {"told": True}  # at A, naming a peer that polls B
+                replies = await asyncio.wait_for(asyncio.gather(*polls), 10.0)  # woken, not timed out
+                assert replies[0]["punch"] == [{"peer": b64(key_two)}]
+                assert replies[1]["punch"] == [{"peer": b64(key_one)}]
+                assert replies[1]["version"] == version  # only the notice woke B's poll
+                assert await one.punch(key_two) == {"told": False}  # the pair was told: within PAIR_INTERVAL
+
+    asyncio.run(scenario())

@@ -11,6 +11,10 @@ then carries `"punch": [{"peer": <key>}, ...]` when there are any. A node that n
 says so gets replies without the key (its map parser refuses unknown keys), and is
 never asked to punch: a request naming it is refused (409).
 
+Coordinators on one PostgreSQL database: a request naming a peer that long-polls
+another coordinator is announced to them (NOTIFY, tunnelmesh.coordinator.store), and the
+one the peer polls puts the notice in its inbox (`PunchBoard.notice`) and wakes it.
+
 Bounded, in memory only, nothing persisted: at most INBOX notices wait per member,
 each for NOTICE_TTL s; one punch per pair per PAIR_INTERVAL s (a second request in
 that time, from either side, is answered as already told); at most NODE_LIMIT
@@ -58,14 +62,16 @@ class PunchBoard:
     def takes(self, key: str, now: float) -> bool:
         return now - self._takers.get(key, float("-inf")) <= TAKER_GRACE
 
-    def ask(self, key: str, peer: str, now: float) -> bool:
+    def ask(self, key: str, peer: str, now: float, *, peer_here: bool = True) -> bool:
         """`key` asks for a punch with `peer` (both members, checked by the caller).
-        Whether both were told now (False: they were, under PAIR_INTERVAL ago)."""
+        Whether both were told now (False: they were, under PAIR_INTERVAL ago). With
+        `peer_here` False the peer long-polls another coordinator on the same database:
+        only `key` is told here, and the caller announces the request to the others."""
         if peer == key:
             raise Refused(400, "a node cannot punch towards itself")
         if not self.takes(key, now):
             raise Refused(409, "long-poll the map with punch=1 first: the notice for this node comes there")
-        if not self.takes(peer, now):
+        if peer_here and not self.takes(peer, now):
             raise Refused(409, "that peer is not connected to the coordinator, or its daemon takes no punch notices "
                                "(an older version)")
         asked = self._asked.setdefault(key, deque(maxlen=NODE_LIMIT))
@@ -77,8 +83,17 @@ class PunchBoard:
         if pair in self._pairs:
             return False
         self._pairs[pair] = now
-        for own, other in ((key, peer), (peer, key)):
-            self._inbox.setdefault(own, deque(maxlen=INBOX)).append((now, {"peer": other}))
+        self.notice(key, peer, now)
+        if peer_here:
+            self.notice(peer, key, now)
+        return True
+
+    def notice(self, key: str, peer: str, now: float) -> bool:
+        """Put a notice "punch towards `peer`" in `key`'s inbox, if `key` takes notices here
+        (for a request made through another coordinator: whether it was put)."""
+        if not self.takes(key, now):
+            return False
+        self._inbox.setdefault(key, deque(maxlen=INBOX)).append((now, {"peer": peer}))
         return True
 
     def waiting(self, key: str, now: float) -> bool:
@@ -122,8 +137,13 @@ def handler(service: _Service, wake: Callable[[], None]) -> Callable[[web.Reques
         peer = await service.store.member(peer_key)
         if peer is None or peer.is_device:
             raise Refused(404, "no member with that key (a plain WireGuard device cannot punch)")
-        told = service.punches.ask(member.wg_key, peer_key, service.monotonic())
+        now = service.monotonic()
+        # On a shared database the peer may long-poll another coordinator: told through it.
+        elsewhere = service.store.shared and not service.punches.takes(peer_key, now)
+        told = service.punches.ask(member.wg_key, peer_key, now, peer_here=not elsewhere)
         if told:
+            if elsewhere:
+                await service.store.announce_punch(member.wg_key, peer_key)
             wake()
         return web.json_response({"told": told})
 

@@ -114,9 +114,16 @@ class _Service:
     async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
         self.store.add_listener(self._wake)
         self.store.add_pending_listener(self._wake_pending)
+        self.store.add_punch_listener(self._punch_from_elsewhere)
         yield
+        self.store.remove_punch_listener(self._punch_from_elsewhere)
         self.store.remove_pending_listener(self._wake_pending)
         self.store.remove_listener(self._wake)
+
+    def _punch_from_elsewhere(self, asker: str, peer: str) -> None:
+        """A punch request made through another coordinator: the notice, if `peer` polls here."""
+        if self.punches.notice(peer, asker, self.monotonic()):
+            self._wake_polls()
 
     async def on_shutdown(self, app: web.Application) -> None:
         """Answer held long-polls now and close relay connections rather than holding shutdown up."""

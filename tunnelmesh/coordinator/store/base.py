@@ -46,6 +46,9 @@ CATCH_UP_INTERVAL = 1.0
 #: GONE when that coordinator no longer holds it, KEY EVERY_KEY when it holds none any more.
 PRESENCE = "relay"
 GONE = "-"
+#: The announcement of a punch request, PUNCH ASKER PEER (member keys in base64): the
+#: coordinator the peer long-polls hands it its notice (tunnelmesh.coordinator.punch).
+PUNCH = "punch"
 EVERY_KEY = "*"
 #: How many random bytes the coordinators' shared secret has.
 CLUSTER_SECRET_SIZE = 32
@@ -170,6 +173,7 @@ class Store:
         self._listeners: list[Callable[[], None]] = []
         self._pending_listeners: list[Callable[[], None]] = []
         self._presence_listeners: list[PresenceListener] = []
+        self._punch_listeners: list[Callable[[str, str], None]] = []
         self._current: ContextVar[Transaction | None] = ContextVar(f"store-transaction-{id(self)}", default=None)
         self._monotonic = monotonic
         self._caught_up_at = float("-inf")
@@ -552,6 +556,28 @@ class Store:
         """Drop pending joins made before `before` (expired)."""
         async with self.transaction():
             return await self._execute("DELETE FROM pending WHERE requested < ?", (before,))
+
+    # --- punch requests across coordinators (tunnelmesh.coordinator.punch) ---------------------------
+
+    async def announce_punch(self, asker: str, peer: str) -> None:
+        """Tell the other coordinators that `asker` asked for a punch with `peer`: the one
+        `peer` long-polls hands it its notice. With no other coordinator, nothing to do."""
+
+    def add_punch_listener(self, listener: Callable[[str, str], None]) -> None:
+        """Call `listener(asker, peer)` for each punch request announced by a coordinator."""
+        self._punch_listeners.append(listener)
+
+    def remove_punch_listener(self, listener: Callable[[str, str], None]) -> None:
+        self._punch_listeners.remove(listener)
+
+    def _punch_notified(self, payload: str) -> bool:
+        """Pass a PUNCH announcement to the listeners; False if `payload` is not one."""
+        parts = payload.split(" ")
+        if len(parts) != 3 or parts[0] != PUNCH:
+            return False
+        for listener in list(self._punch_listeners):
+            listener(parts[1], parts[2])
+        return True
 
     # --- relays across coordinators (tunnelmesh.coordinator.cluster) -------------------------------
 

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import Any
 
-from .base import CATCH_UP_INTERVAL, Row, Store, StoreError, Transaction
+from .base import CATCH_UP_INTERVAL, PUNCH, Row, Store, StoreError, Transaction
 from .schema import MIGRATIONS, postgres_ddl
 
 log = logging.getLogger("tunnelmesh.coordinator.store")
@@ -173,11 +173,14 @@ class PostgresStore(Store):
         listening = self._listener is not None and not self._listener.is_closed()
         return None if listening else CATCH_UP_INTERVAL
 
+    async def announce_punch(self, asker: str, peer: str) -> None:
+        await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, f"{PUNCH} {asker} {peer}"))
+
     def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
         if payload == PENDING:
             self._pending_moved()
             return
-        if self._presence_notified(payload):
+        if self._presence_notified(payload) or self._punch_notified(payload):
             return
         try:
             version = int(payload)
