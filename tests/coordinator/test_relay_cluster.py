@@ -37,6 +37,7 @@ from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.cluster import AUTH_FAILED, CLUSTER_PATH, Cluster, proof
 from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.coordinator.app import make_app
+from tunnelmesh.coordinator.metrics import CoordinatorCollector
 from tunnelmesh.coordinator.standalone import run_standalone
 from tunnelmesh.coordinator.store import open_store
 from tunnelmesh.links.relay import RelayClient
@@ -54,10 +55,11 @@ def world() -> World:
 
 @dataclass
 class Side:
-    """One coordinator: its URL and its cluster."""
+    """One coordinator: its URL, its cluster and its app."""
 
     url: str
     cluster: Cluster
+    app: web.Application
 
     @property
     def relay(self) -> Relay:
@@ -106,7 +108,7 @@ async def coordinator(stack: AsyncExitStack, db: Database, tls: Certificate | No
     await web.SockSite(runner, sockets[0]).start()
     if tls is not None:
         await web.SockSite(runner, sockets[1], ssl_context=server_context(tls.cert, tls.key)).start()
-    yield Side(url, cluster)
+    yield Side(url, cluster, app)
 
 
 @asynccontextmanager
@@ -159,6 +161,9 @@ def test_members_on_two_coordinators_reach_each_other_and_a_moved_member_is_reac
             assert one_sink.received == [(key(world, 2), b"\x04two to one" + bytes(1400))]
             assert a.relay.relayed_frames == 2 == b.relay.relayed_frames  # each: the one it sent, the one it took
             assert a.relay.drops == {} and b.relay.drops == {} and a.cluster.drops == {} == b.cluster.drops
+            metrics = {family.name: family for family in CoordinatorCollector(a.app).collect()}
+            assert [(sample.labels["url"], sample.value)
+                    for sample in metrics["tunnelmesh_coordinator_cluster_link_up"].samples] == [(b.cluster.url, 1)]
 
             two.move_to(a.url)  # two fails over to A: B's members reach it there
             await until("two is at A", lambda: b.knows(2, world, a) and two.state == "connected")

@@ -1,5 +1,5 @@
-"""The coordinator's Prometheus metrics (docs/metrics.md): members, connected nodes and
-its relay, read from the service's live state at scrape time. Served by the standalone
+"""The coordinator's Prometheus metrics (docs/metrics.md): members, connected nodes, its
+relay and its links to other coordinators, read from the service's live state at scrape time. Served by the standalone
 coordinator (`tunnelmesh coordinator --metrics ADDR`) and, for the embedded one, on
 the daemon's own metrics endpoint."""
 
@@ -12,10 +12,11 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tunnelmesh.metrics import Source, relay_families
+from tunnelmesh.metrics import Source, counter, gauge, relay_families
 
-from .reflection import REFLECTION
 from .app import SERVICE
+from .cluster import CLUSTER
+from .reflection import REFLECTION
 from .service import CONNECTED_GRACE, MAX_WAIT
 from .store import StoreError
 
@@ -28,6 +29,7 @@ class CoordinatorCollector(Collector):
     def __init__(self, app: web.Application) -> None:
         self.service = app[SERVICE]
         self.reflection = app.get(REFLECTION)
+        self.cluster = app.get(CLUSTER)
         self.members: int | None = None  # counted before each scrape (the store is async; collect is not)
 
     async def count(self) -> None:
@@ -54,6 +56,15 @@ class CoordinatorCollector(Collector):
             for reason, count in self.reflection.dropped.items():
                 dropped.add_metric([reason], count)
             yield dropped
+        if self.cluster is not None:  # coordinators on one PostgreSQL database
+            status = self.cluster.status()
+            yield gauge("tunnelmesh_coordinator_cluster_link_up", "Links to the other coordinators (relays across "
+                        "coordinators): 1 up, 0 not.", "url", {url: int(state == "up")
+                                                               for url, state in status["links"].items()})
+            yield counter("tunnelmesh_coordinator_cluster_refusals", "Cluster links refused, by reason.", "reason",
+                          status["refusals"])
+            yield counter("tunnelmesh_coordinator_cluster_drops", "Frames from other coordinators' links dropped, by "
+                          "reason (frames for them: tunnelmesh_coordinator_relay_drops).", "reason", status["drops"])
         relay = service.relay_served
         if relay is None:
             return  # made on first use: no connection yet
