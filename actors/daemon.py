@@ -167,10 +167,11 @@ class ServedSite(Actor):
 
 
 async def _start_coordinator(config: NodeConfig) -> ServedSite:
-    from tunnelmesh.coordinator.reflection import start_reflection
     from tunnelmesh.coordinator.app import make_app, serve
-    from tunnelmesh.coordinator.store import StoreError, open_store
-    from tunnelmesh.tls import TlsError, server_context
+    from tunnelmesh.coordinator.cluster import ClusterSettingError, join_cluster
+    from tunnelmesh.coordinator.reflection import start_reflection
+    from tunnelmesh.coordinator.store import StoreError, open_store, read_password_file
+    from tunnelmesh.tls import TlsError, certificate_fingerprint, server_context
 
     assert config.coordinator is not None and config.coordinator.serve is not None
     host, port = config.coordinator.serve
@@ -180,11 +181,23 @@ async def _start_coordinator(config: NodeConfig) -> ServedSite:
             tls = server_context(config.coordinator.tls_cert, config.coordinator.tls_key)
         except TlsError as exc:
             raise StartupError(f"embedded coordinator: {exc} ([coordinator] tls_cert, tls_key in {config.path})") from None
+    coordinator = config.coordinator
     try:
-        store = await open_store(config.coordinator.db)
+        password = None if coordinator.db_password_file is None else read_password_file(coordinator.db_password_file)
+    except StoreError as exc:
+        raise StartupError(f"embedded coordinator: [coordinator] db_password_file {exc}") from None
+    try:
+        store = await open_store(coordinator.db, password)
     except StoreError as exc:
         raise StartupError(f"embedded coordinator: {exc}") from None
-    app = make_app(store, trusted_proxies=config.coordinator.trusted_proxies)
+    app = make_app(store, trusted_proxies=coordinator.trusted_proxies)
+    try:  # on PostgreSQL: relays across the coordinators sharing the database
+        pin = None if coordinator.tls_cert is None else certificate_fingerprint(coordinator.tls_cert)
+        join_cluster(app, store, (host, port), pin, coordinator.cluster_url)
+    except (TlsError, ClusterSettingError) as exc:
+        await store.close()
+        raise StartupError(f"embedded coordinator: {exc} ([coordinator] cluster_url, tls_cert in {config.path})"
+                           ) from None
     reflection = None
     if config.coordinator.stun is not None:  # before serving: the register reply and the metrics find it in app
         try:

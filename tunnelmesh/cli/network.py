@@ -418,7 +418,7 @@ def _database(db: str, password_file: str | None) -> tuple[str | Path, str | Non
     """--db as the store takes it (a path, or a PostgreSQL connection string) and the
     password from --db-password-file. A password written in the string is refused:
     the command line is readable by every user of the machine (ps)."""
-    from tunnelmesh.coordinator.store import is_postgres
+    from tunnelmesh.coordinator.store import StoreError, is_postgres, read_password_file
 
     if not is_postgres(db):
         if password_file is not None:
@@ -431,14 +431,9 @@ def _database(db: str, password_file: str | None) -> tuple[str | Path, str | Non
     if password_file is None:
         return db, None
     try:
-        with open(password_file, encoding="utf-8") as f:
-            password = f.readline().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"--db-password-file {password_file}: cannot read it ({getattr(exc, 'strerror', None) or exc})",
-                       EXIT_FAIL) from None
-    if not password:
-        raise CliError(f"--db-password-file {password_file}: its first line is empty", EXIT_USAGE)
-    return db, password
+        return db, read_password_file(password_file)
+    except StoreError as exc:
+        raise CliError(f"--db-password-file {exc}", EXIT_FAIL) from None
 
 
 def _agent_socket(args: argparse.Namespace) -> str | None:

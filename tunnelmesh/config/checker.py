@@ -68,8 +68,8 @@ TOP_KEYS = ("node", "peers", "coordinator", "transports", "filter", "metrics", "
 METRICS_KEYS = ("listen",)
 NAT_KEYS = ("stun_servers", "probe_interval", "port_mapping", "port_mapping_protocols", "port_mapping_lifetime",
             "public_endpoint")
-COORDINATOR_KEYS = ("url", "urls", "serve", "db", "ca_file", "trusted_proxies", "tls_fingerprint", "tls_cert",
-                    "tls_key", "stun", "stun_alternate")
+COORDINATOR_KEYS = ("url", "urls", "serve", "db", "db_password_file", "cluster_url", "ca_file", "trusted_proxies",
+                    "tls_fingerprint", "tls_cert", "tls_key", "stun", "stun_alternate")
 #: `[coordinator] urls`: a node fails over between at most this many coordinators.
 MAX_COORDINATOR_URLS = 16
 TRANSPORT_KEYS = ("rungs", "force", "ssh_port", "ssh_bridge_user", "ssh_bridge_port", "relay", "relay_listen",
@@ -241,7 +241,13 @@ class _Checker(TableReader):
                     f"{what}: serve {shown(serve_value)} must be IPv4:port, e.g. \"0.0.0.0:{DEFAULT_COORDINATOR_PORT}\"",
                     "coordinator", "serve",
                 ) from None
-        db = self.get_path(table, "db", what, "coordinator") or self.state_dir / "coordinator.db"
+        db = self.coordinator_db(table, what)
+        db_password_file = self.get_path(table, "db_password_file", what, "coordinator")
+        cluster_url = self.get_str(table, "cluster_url", what, "coordinator")
+        for key, value in (("db_password_file", db_password_file), ("cluster_url", cluster_url)):
+            if value is not None and not isinstance(db, str):
+                raise self.error(f"{what}: {key} goes with a PostgreSQL db (postgresql://...), not a SQLite file",
+                                 "coordinator", key)
         ca_file = self.get_path(table, "ca_file", what, "coordinator")
         proxies = table.get("trusted_proxies", [])
         try:
@@ -265,7 +271,28 @@ class _Checker(TableReader):
             raise self.error(f"{what}: tls_cert and tls_key go together (the certificate and its key); {key} is missing",
                              "coordinator", "tls_cert" if tls_cert is not None else "tls_key")
         return CoordinatorConfig(url=urls[0], urls=urls, serve=serve, db=db, ca_file=ca_file, trusted_proxies=trusted,
-                                 tls_fingerprint=pin, tls_cert=tls_cert, tls_key=tls_key, stun=self.stun(table, serve))
+                                 tls_fingerprint=pin, tls_cert=tls_cert, tls_key=tls_key, stun=self.stun(table, serve),
+                                 db_password_file=db_password_file, cluster_url=cluster_url)
+
+    def coordinator_db(self, table: Mapping[str, Any], what: str) -> Path | str:
+        """`db`: the embedded coordinator's SQLite file (default: in the state directory), or
+        a PostgreSQL connection string (several coordinators share it), kept as written. A
+        password written in it is refused: db_password_file holds it."""
+        value = self.get_str(table, "db", what, "coordinator")
+        if value is None:
+            return self.state_dir / "coordinator.db"
+        if not value.startswith(("postgresql://", "postgres://")):
+            return self.to_path(value, f"{what}: db", "coordinator", "db")
+        try:
+            parts = urllib.parse.urlsplit(value)
+            has_password = parts.password is not None or "password=" in parts.query.lower()
+        except ValueError:
+            raise self.error(f"{what}: db is not a PostgreSQL connection string, e.g. "
+                             "\"postgresql://tunnelmesh@db.example/tunnelmesh\"", "coordinator", "db") from None
+        if has_password:
+            raise self.error(f"{what}: db holds a password: take it out and put it in a file named by "
+                             "db_password_file (mode 0600)", "coordinator", "db")
+        return value
 
     def coordinator_urls(self, table: Mapping[str, Any], what: str) -> tuple[str, ...]:
         """`url`, or `urls` (several coordinators of one network, in order of preference):

@@ -88,8 +88,9 @@ class CoordinatorConfig:
     urls: tuple[str, ...]
     #: Serve the embedded coordinator on this (host, port); None = do not serve.
     serve: tuple[str, int] | None
-    #: The embedded coordinator's SQLite file.
-    db: Path
+    #: The embedded coordinator's database: its SQLite file, or a PostgreSQL connection
+    #: string (without a password) that several coordinators share.
+    db: Path | str
     #: A private CA (PEM) to verify the coordinator's and relay's TLS certificates with.
     ca_file: Path | None = None
     #: Reverse proxies in front of the embedded coordinator, trusted for X-Forwarded-For.
@@ -101,6 +102,10 @@ class CoordinatorConfig:
     tls_key: Path | None = None
     #: The embedded coordinator's STUN reflection service (`stun`, `stun_alternate`); None = off.
     stun: ReflectionAddresses | None = None
+    #: On PostgreSQL: the file whose first line is the database's password, and where the
+    #: other coordinators reach this one's relay links (default: from `serve`).
+    db_password_file: Path | None = None
+    cluster_url: str | None = None
 
 
 @dataclass(frozen=True)

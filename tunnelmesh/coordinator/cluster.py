@@ -50,6 +50,7 @@ from tunnelmesh.links.relay import (
     STABLE,
     FrameQueue,
 )
+from tunnelmesh.tls import client_ssl
 
 from .relay import CLOSE_TIMEOUT, NOT_CONNECTED, READ_LIMIT, Relay
 from .store import Store, StoreError
@@ -110,6 +111,17 @@ def default_cluster_url(host: str, port: int, tls: bool) -> str | None:
         return None
     shown = f"[{host}]" if ":" in host else host
     return f"{'https' if tls else 'http'}://{shown}:{port}"
+
+
+def join_cluster(app: web.Application, store: Store, listen: tuple[str, int], pin: str | None,
+                 cluster_url: str | None) -> None:
+    """On a shared store (PostgreSQL), forward relay frames with the other coordinators:
+    they reach this one at `cluster_url` (checked; default: from `listen`) and serve the
+    certificate pinned by `pin` (None: plain HTTP). Nothing on a store of its own."""
+    if not store.shared:
+        return
+    url = check_cluster_url(cluster_url) if cluster_url is not None else default_cluster_url(*listen, pin is not None)
+    Cluster(store, url, True if pin is None else client_ssl(None, pin)).attach(app)
 
 
 def _link_url(url: str) -> str:

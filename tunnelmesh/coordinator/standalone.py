@@ -13,12 +13,12 @@ from pathlib import Path
 
 from tunnelmesh.fields import FieldError, parse_endpoint, shown
 from tunnelmesh.metrics import metrics_url, serve_metrics
-from tunnelmesh.tls import certificate_fingerprint, client_ssl, load_or_make, server_context
+from tunnelmesh.tls import certificate_fingerprint, load_or_make, server_context
 
-from .cluster import Cluster, check_cluster_url, default_cluster_url
+from .cluster import check_cluster_url, join_cluster
+from .app import make_app, serve
 from .metrics import coordinator_source
 from .reflection import reflection_addresses, start_reflection
-from .app import make_app, serve
 from .store import is_postgres, open_store
 
 log = logging.getLogger("tunnelmesh.coordinator.server")
@@ -80,16 +80,15 @@ async def run_standalone(listen: str, db: str | Path, admin_fingerprint: str | N
     host, port = _listen_address(listen)
     reflection_at = reflection_addresses(*stun, (host, port))
     if cluster_url is not None:
-        cluster_url = check_cluster_url(cluster_url)
+        check_cluster_url(cluster_url)  # before anything starts
     tls = None if plain_http else _standalone_tls(host, db, tls_cert, tls_key)
     context = None if tls is None else tls[0]
     store = await open_store(db, db_password)
     async with AsyncExitStack() as running:
         running.push_async_callback(store.close)
         app = make_app(store, admin_fingerprint=admin_fingerprint, trusted_proxies=trusted_proxies)
-        if store.shared:  # the others serve the same certificate: theirs is checked against it
-            Cluster(store, cluster_url or default_cluster_url(host, port, tls is not None),
-                    True if tls is None else client_ssl(None, tls[1])).attach(app)
+        # The others serve the same certificate: theirs is checked against it.
+        join_cluster(app, store, (host, port), None if tls is None else tls[1], cluster_url)
         if reflection_at is not None:  # before serving: the register reply and the metrics find it in app
             running.callback((await start_reflection(app, reflection_at)).close)
         running.push_async_callback((await serve(app, host, port, context)).cleanup)

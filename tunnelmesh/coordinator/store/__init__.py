@@ -23,6 +23,19 @@ def is_postgres(db: str | Path) -> bool:
     return isinstance(db, str) and db.startswith(POSTGRES_SCHEMES)
 
 
+def read_password_file(path: str | Path) -> str:
+    """PostgreSQL's password: the first line of `path` (StoreError if it cannot be read
+    or is empty; the message never holds the password)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+    if not password:
+        raise StoreError(f"{path}: its first line is empty")
+    return password
+
+
 async def open_store(db: str | Path, password: str | None = None) -> Store:
     """The store `db` names, opened and migrated (`password`: PostgreSQL's, in place of one
     in the connection string or PGPASSWORD): StoreError says what is wrong."""
@@ -36,4 +49,4 @@ async def open_store(db: str | Path, password: str | None = None) -> Store:
 
 
 __all__ = ["MemberRow", "NetworkRow", "PendingRow", "PolicyRow", "RevocationRow", "Store", "StoreError",
-           "is_postgres", "open_store"]
+           "is_postgres", "open_store", "read_password_file"]
