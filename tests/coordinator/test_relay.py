@@ -37,7 +37,7 @@ from tests.support.wait import until
 from tests.support.wire import PeerPair
 from tunnelmesh.coordinator import relay as relay_module
 from tunnelmesh.coordinator.client import Coordinator
-from tunnelmesh.coordinator.relay import Relay
+from tunnelmesh.coordinator.relay import MembershipUnknown, Relay
 from tunnelmesh.coordinator.app import serve
 from tunnelmesh.identity import NodeIdentity, PublicIdentity
 from tunnelmesh.links import MAX_MESSAGE, Link
@@ -94,9 +94,12 @@ def scenario(coroutine: Awaitable[Any], timeout: float = 60.0) -> Any:
 
 
 @asynccontextmanager
-async def relay_server(members: dict[bytes, PublicIdentity]) -> AsyncIterator[tuple[str, Relay]]:
-    """A bare app with only the relay, over `members` (change the dict, then call member_changed)."""
+async def relay_server(members: dict[bytes, PublicIdentity | None]) -> AsyncIterator[tuple[str, Relay]]:
+    """A bare app with only the relay, over `members` (change the dict, then call
+    member_changed; a key mapped to None: its membership cannot be checked now)."""
     async def identity_for(wg_key: bytes) -> PublicIdentity | None:
+        if wg_key in members and members[wg_key] is None:
+            raise MembershipUnknown("the database cannot be reached")
         return members.get(wg_key)
 
     relay = Relay(NETWORK, identity_for)
@@ -511,5 +514,30 @@ def test_what_the_relay_forwards_never_contains_the_plaintext() -> None:
                 assert len(forwarded) >= 4  # initiation, response, and the two data messages
                 for message in forwarded:
                     assert secret not in message and secret[::-1] not in message and secret[:12] not in message
+
+    scenario(run())
+
+
+def test_membership_that_cannot_be_checked_keeps_a_connected_member_and_asks_a_new_one_to_try_later() -> None:
+    """The coordinator's database out of reach: a recheck keeps who is connected (a member
+    is not cut off for that), a newcomer is told 1013 'try again later', and the checks a
+    burst of changes starts run one at a time."""
+    async def run() -> None:
+        current: dict[bytes, PublicIdentity | None] = dict(members(1, 2))
+        async with relay_server(current) as (url, relay), aiohttp.ClientSession() as http:
+            one = await member(http, url, 1)
+            current[key(1)] = None  # its membership cannot be checked now
+            for _ in range(5):
+                relay.member_changed()
+            await until("the checks are done", lambda: not relay._checking)
+            assert relay.status()["connections"] == 1  # kept
+            current[key(2)] = None
+            ws, _ = await raw_auth(http, url, identities()[2])
+            assert await closed_with(ws) == (relay_module.TRY_LATER, "the relay cannot check membership now; "
+                                                                     "try again later")
+            assert relay.refusals["membership unknown"] == 1
+            del current[key(1)]  # now it can be told: no longer a member
+            relay.member_changed()
+            assert await closed_with(one) == (relay_module.NOT_MEMBER, "no longer a member of this network")
 
     scenario(run())

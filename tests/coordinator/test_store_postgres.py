@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from tests.support.databases import Database, postgres_database
 from tests.support.wait import until
 from tunnelmesh.coordinator.store import Store, open_store
 from tunnelmesh.coordinator.store.base import CATCH_UP_INTERVAL
+from tunnelmesh.coordinator.store.postgres import CHANNEL, PostgresStore
 from tunnelmesh.coordinator.store.schema import MIGRATIONS
 
 #: The invite the concurrent admissions share, and how many uses it grants.
@@ -225,5 +227,32 @@ def test_concurrent_admissions_through_two_coordinators_never_give_an_address_tw
             assert await stores[0].read_version() == version
             await until("both coordinators know the last version",
                         lambda: stores[0].version == stores[1].version == version)
+
+    asyncio.run(scenario())
+
+
+def test_a_notification_without_a_coordinators_mac_is_ignored_and_counted(pg: Database, world: World) -> None:
+    """Any role that may connect may NOTIFY on any channel: a forged version (which would
+    make every long-poll return at once, forever), a forged pending or punch, a replayed
+    payload with another MAC: all ignored, counted; a real change is still heard."""
+    async def scenario() -> None:
+        async with two_coordinators(pg) as (first, second):
+            assert isinstance(second, PostgresStore)
+            await first.set_network(world.network.to_wire())
+            await until("the second coordinator hears of the network", lambda: second.version == 1)
+            woken: list[str] = []
+            second.add_pending_listener(lambda: woken.append("pending"))
+            second.add_punch_listener(lambda asker, peer: woken.append("punch"))
+            outsider = await asyncpg.connect(pg.url)
+            try:
+                for payload in ("1000000", "pending", "punch a b", "AAAAAAAAAAAAAAAAAAAAAA 1000000",
+                                second._mac("999") + " 1000000", "", "x y"):
+                    await outsider.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+                await until("all seven counted", lambda: second.forged_notifications == 7)
+            finally:
+                await outsider.close()
+            assert second.version == 1 and woken == []
+            await add(first, world, 0, "admin", 1)  # a coordinator's own: heard
+            await until("the real change is heard", lambda: second.version == 2)
 
     asyncio.run(scenario())

@@ -84,10 +84,11 @@ NOT_MEMBER = 4003  # only to a connected member that is removed or revoked (it p
 AUTH_TIMED_OUT = 4008
 REPLACED = 4009
 SHUTTING_DOWN = 1001
+TRY_LATER = 1013  # WebSocket's "try again later": membership cannot be checked now (its database)
 #: The drop of a frame whose destination is connected neither here nor (known) elsewhere.
 NOT_CONNECTED = "destination not connected"
 _REFUSED = {MALFORMED: "malformed", AUTH_FAILED: "bad signature", NOT_MEMBER: "not a member",
-            AUTH_TIMED_OUT: "timed out", SHUTTING_DOWN: "shutting down"}
+            AUTH_TIMED_OUT: "timed out", SHUTTING_DOWN: "shutting down", TRY_LATER: "membership unknown"}
 
 
 class Refusal(Exception):
@@ -158,6 +159,11 @@ def frame_problem(frame: bytes) -> str | None:
     return None
 
 
+class MembershipUnknown(Exception):
+    """`identity_for` cannot tell now whether a key is a member (the coordinator's database
+    cannot be reached): a new connection is told to try later, a connected one is kept."""
+
+
 class _Connection:
     """One authenticated member's WebSocket."""
 
@@ -198,6 +204,7 @@ class Relay:
         self.relayed_bytes = 0  # their WireGuard bytes (the destination key taken off)
         self._connections: dict[bytes, _Connection] = {}
         self._background: set[asyncio.Task[None]] = set()  # closes and membership checks in flight
+        self._checking = self._check_again = False  # a membership check runs; another is due after it
         self.clock = clock
         self._log_refusal = RefusalLog(log, clock)
         self._closed = False
@@ -236,7 +243,11 @@ class Relay:
                 raise Refusal(MALFORMED, "expected the authentication message (JSON text)")
             wg_key, signature = parse_auth(message.data)
             who = base64.b64encode(wg_key).decode()
-            identity = await self.identity_for(wg_key)
+            try:
+                identity = await self.identity_for(wg_key)
+            except MembershipUnknown as exc:
+                raise Refusal(TRY_LATER, "the relay cannot check membership now; try again later",
+                              "membership unknown") from exc
             # A stranger's signature is checked too (against the key it names), so that it is
             # refused after the same work as a member's bad one, with the same answer.
             checked = identity.ssh_public_key if identity is not None else signer_key(signature)
@@ -352,16 +363,29 @@ class Relay:
                 transport.abort()
 
     def member_changed(self) -> None:
-        """Close (soon) the connections of keys that are no longer (the same) members."""
-        if self._connections:
+        """Close (soon) the connections of keys that are no longer (the same) members. One
+        check runs at a time; changes during it make one more after it."""
+        if self._checking:
+            self._check_again = True
+        elif self._connections:
+            self._checking = True
             self._in_background(self._recheck())
 
     async def _recheck(self) -> None:
-        for key, connection in list(self._connections.items()):
-            identity = await self.identity_for(key)
-            if identity is None or identity.ssh_public_key != connection.ssh_key:
-                log.info("relay: closing %s: no longer a member", base64.b64encode(key).decode())
-                self._kick(connection, NOT_MEMBER, "no longer a member of this network")
+        try:
+            self._check_again = True
+            while self._check_again:
+                self._check_again = False
+                for key, connection in list(self._connections.items()):
+                    try:
+                        identity = await self.identity_for(key)
+                    except MembershipUnknown:
+                        continue  # kept: its database cannot say now, and a member is not cut off for that
+                    if identity is None or identity.ssh_public_key != connection.ssh_key:
+                        log.info("relay: closing %s: no longer a member", base64.b64encode(key).decode())
+                        self._kick(connection, NOT_MEMBER, "no longer a member of this network")
+        finally:
+            self._checking = False
 
     def status(self) -> dict[str, Any]:
         return {

@@ -52,7 +52,7 @@ from .cluster import CLUSTER
 from .guards import Refused, loggable
 from .punch import PunchBoard
 from .reflection import REFLECTION
-from .relay import Relay
+from .relay import MembershipUnknown, Relay
 from .replies import MapReplies
 from .store import MemberRow, NetworkRow, PendingRow, Store, StoreError
 
@@ -710,11 +710,16 @@ class _Service:
 
     async def _relay_identity(self, wg_key: bytes) -> PublicIdentity | None:
         """The relay's view of membership: the member's stored identity, None for anyone else
-        (and, logged, for a member whose row cannot be read: refused rather than trusted)."""
+        (and, logged, for a member whose stored identity is damaged: refused rather than
+        trusted). MembershipUnknown while the database cannot be read."""
         try:
             member = await self.store.member(b64(wg_key))
+        except StoreError as exc:
+            log.error("relay: cannot check membership of %s: %s", b64(wg_key), exc)
+            raise MembershipUnknown(str(exc)) from None
+        try:
             return None if member is None or member.is_device else bodies.identity_of(member.identity)
-        except (StoreError, IdentityError) as exc:
+        except IdentityError as exc:
             log.error("relay: cannot check membership of %s: %s", b64(wg_key), exc)
             return None
 

@@ -8,7 +8,9 @@ still holds at its commit. Reads need no lock (READ COMMITTED; a consistent read
 one moment is a REPEATABLE READ, read-only transaction). A transaction that moved the
 map version, or changed a pending join, says so with ``NOTIFY`` (delivered at commit,
 to every coordinator LISTENing on its own connection); `catch_up` reads the version
-too, for a notification lost with a dropped connection. A member's relay connection
+too, for a notification lost with a dropped connection. Any role that may connect may
+NOTIFY on any channel: every payload carries a MAC with a key derived from the
+database's cluster secret, and one without is ignored (counted). A member's relay connection
 coming to or leaving a coordinator is announced on the same channel (`set_relay_presence`). The schema version is the ``schema_version`` row.
 
 The connection string's password never appears in a message or a log line: `where`
@@ -18,6 +20,9 @@ shows the string without it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import logging
 import re
 import urllib.parse
@@ -37,6 +42,10 @@ WRITERS_LOCK = 0x746D_77726974
 #: came, went or was decided, which wakes the admin's wait and the joiners' confirms).
 CHANNEL = "tunnelmesh_changes"
 PENDING = "pending"
+#: Bytes of the MAC every notification carries (128 bits).
+MAC_SIZE = 16
+#: How often the listening connection must answer a query to be kept (a half-open one hears nothing).
+LISTENER_CHECK = 30.0
 #: Connections per coordinator (the listener's is apart).
 POOL_SIZE = 10
 #: How long a connection attempt or a statement may take before the request gets a 503.
@@ -88,6 +97,10 @@ class PostgresStore(Store):
         self._password = password
         self._pool = pool
         self._listener: Any = None
+        self._notify_key = b""  # set at open, from the cluster secret
+        self._watching = False  # a (re)connect of the listener in flight
+        self._listener_checked = float("-inf")
+        self.forged_notifications = 0
         self._asyncpg = _asyncpg()
 
     @classmethod
@@ -103,6 +116,7 @@ class PostgresStore(Store):
         store = cls(dsn, pool, password)
         try:
             await store._prepare()
+            store._notify_key = hmac.new(await store.cluster_secret(), b"tunnelmesh notify", hashlib.sha256).digest()
             await store._watch()
         except BaseException:
             await store.close()
@@ -161,12 +175,22 @@ class PostgresStore(Store):
 
     async def _announce(self, transaction: Transaction) -> None:
         if transaction.bumped is not None:
-            await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, str(transaction.bumped)))
+            await self._notify(str(transaction.bumped))
         if transaction.pending_changed:
-            await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, PENDING))
+            await self._notify(PENDING)
 
     async def _announce_presence(self, payload: str) -> None:
-        await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, payload))
+        await self._notify(payload)
+
+    async def _notify(self, body: str) -> None:
+        """NOTIFY `body`, authenticated: any role that may connect to the database may
+        NOTIFY on any channel, so the coordinators take only payloads that carry a MAC
+        made with a key only they hold (derived from the cluster secret, in the database)."""
+        await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, f"{self._mac(body)} {body}"))
+
+    def _mac(self, body: str) -> str:
+        digest = hmac.new(self._notify_key, body.encode(), hashlib.sha256).digest()[:MAC_SIZE]
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     @property
     def poll_interval(self) -> float | None:
@@ -174,9 +198,16 @@ class PostgresStore(Store):
         return None if listening else CATCH_UP_INTERVAL
 
     async def announce_punch(self, asker: str, peer: str) -> None:
-        await self._fetchone("SELECT pg_notify(?, ?)", (CHANNEL, f"{PUNCH} {asker} {peer}"))
+        await self._notify(f"{PUNCH} {asker} {peer}")
 
-    def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+    def _notified(self, connection: Any, pid: int, channel: str, signed: str) -> None:
+        mac, _, payload = signed.partition(" ")
+        if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+            self.forged_notifications += 1  # not from a coordinator: ignored (status/metrics count it)
+            if self.forged_notifications == 1:
+                log.warning("ignored a %s notification without a coordinator's MAC (another role on the database "
+                            "server sends on the channel?); further ones are counted, not logged", CHANNEL)
+            return
         if payload == PENDING:
             self._pending_moved()
             return
@@ -190,18 +221,43 @@ class PostgresStore(Store):
         self._advance(version)
 
     async def _watch(self) -> None:
-        """(Re)open the LISTEN connection if it is gone; a failure is logged, and
-        `catch_up`'s reads carry the changes meanwhile."""
-        if self._listener is not None and not self._listener.is_closed():
+        """(Re)open the LISTEN connection if it is gone, or silent: one that does not answer
+        a query every LISTENER_CHECK s is dropped (a half-open connection hears nothing).
+        One attempt at a time: a caller finding one in flight goes on. A failure is logged,
+        and `catch_up`'s reads carry the changes meanwhile."""
+        if self._watching:
             return
+        self._watching = True
         try:
-            connection = await self._asyncpg.connect(self._dsn, password=self._password, timeout=TIMEOUT)
-            await connection.add_listener(CHANNEL, self._notified)
-        except Exception as exc:
-            log.warning("%s; changes made through other coordinators reach this one's nodes within %g s instead "
-                        "of at once until it can listen again", self.error(exc), CATCH_UP_INTERVAL)
+            await self._check_listener()
+            if self._listener is not None:
+                return
+            try:
+                connection = await self._asyncpg.connect(self._dsn, password=self._password, timeout=TIMEOUT)
+                await connection.add_listener(CHANNEL, self._notified)
+            except Exception as exc:
+                log.warning("%s; changes made through other coordinators reach this one's nodes within %g s "
+                            "instead of at once until it can listen again", self.error(exc), CATCH_UP_INTERVAL)
+                return
+            self._listener, self._listener_checked = connection, self._monotonic()
+        finally:
+            self._watching = False
+
+    async def _check_listener(self) -> None:
+        listener = self._listener
+        if listener is None:
             return
-        self._listener = connection
+        if not listener.is_closed():
+            if self._monotonic() - self._listener_checked < LISTENER_CHECK:
+                return
+            self._listener_checked = self._monotonic()
+            try:
+                await listener.fetchval("SELECT 1", timeout=TIMEOUT)
+                return
+            except Exception:  # gone or stuck: a new one is made
+                pass
+        listener.terminate()
+        self._listener = None
 
     # --- the primitives --------------------------------------------------------------------
 
