@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http
 import ipaddress
 import logging
 import socket
@@ -42,7 +43,7 @@ from typing import Any
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import UDP_ONLY, TransportsConfig
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError, Revoked
-from tunnelmesh.coordinator.failover import PREFERRED_RETRY, CoordinatorUrls
+from tunnelmesh.coordinator.failover import PREFERRED_RETRY, REFUSALS_TO_MOVE, CoordinatorUrls
 from tunnelmesh.coordinator.punch import take_notices
 from tunnelmesh.coordinator.reflection import stun_servers
 from tunnelmesh.identity import IdentityError, NodeIdentity
@@ -86,11 +87,11 @@ class _BackToPreferred:
 BACK_TO_PREFERRED = _BackToPreferred()
 
 
-def fails_over(exc: CoordinatorError) -> bool:
-    """Whether the coordinator in use failed (no answer, a 5xx, an answer that is no
-    coordinator's), rather than answered: a 4xx (revoked, unknown key) is the network's
-    answer, the same from each of its coordinators."""
-    return not isinstance(exc, AddressGone) and not (exc.status is not None and 400 <= exc.status < 500)
+def is_refusal(exc: CoordinatorError) -> bool:
+    """Whether the coordinator in use answered with a refusal (a 4xx: an unknown key, a
+    revocation that does not verify) rather than failed (no answer, a 5xx, an answer that
+    is no coordinator's)."""
+    return exc.status is not None and 400 <= exc.status < 500
 
 
 def peer_candidates(wg_key: bytes, snapshot: MapSnapshot, record: CandidateRecord | None,
@@ -271,9 +272,7 @@ class CoordinatorClient(Actor):
                 async with Coordinator(url, identity=self.identity, ca_file=self.ca_file, clock=self.clock,
                                        tls_fingerprint=self.tls_fingerprint) as coordinator:
                     await self._follow(coordinator)
-                log.info("coordinator %s answers again: switching back from %s", self.urls.preferred, url)
-                self.urls.preferred_answered()
-                self._set_connection("connecting", logged=True)
+                self._back_to_preferred()
                 continue
             except Revoked as exc:
                 if self._revoked(exc.revocation):
@@ -284,13 +283,33 @@ class CoordinatorClient(Actor):
                 wait = self._failed(url, exc)
             finally:
                 self._coordinator = None
+            if await self._preferred_answers_within(wait):
+                self._back_to_preferred()
+
+    def _back_to_preferred(self) -> None:
+        log.info("coordinator %s answers again: switching back from %s", self.urls.preferred, self.url)
+        self.urls.preferred_answered()
+        self._set_connection("connecting", logged=True)
+
+    async def _preferred_answers_within(self, wait: float) -> bool:
+        """Wait `wait` seconds before the next try; on a later coordinator, one that refuses
+        this node or cannot be reached too, asking the preferred one meanwhile whenever
+        due. Whether it answered (then the wait is over)."""
+        if self.urls.preferred_due() is None:
             await asyncio.sleep(wait)
+            return False
+        try:
+            async with asyncio.timeout(wait):
+                await self._preferred_answers()
+        except TimeoutError:
+            return False
+        return True
 
     async def _follow(self, coordinator: Coordinator) -> None:
         """Register, then long-poll the map and apply it, until something fails (raised) or
         the preferred coordinator answers again (returns)."""
         await self._register(coordinator)
-        self.urls.connected(self.clock.monotonic())
+        self.urls.connected()
         self._set_connection("connected")
         self._coordinator = coordinator
         for follow in self.on_coordinator_url:
@@ -319,17 +338,20 @@ class CoordinatorClient(Actor):
     def _failed(self, url: str, exc: CoordinatorError | MembershipError) -> float:
         """What a failure at `url` leads to (a switch, said in one line, or a wait); the
         seconds to wait before the next try."""
-        if not isinstance(exc, CoordinatorError) or not fails_over(exc):
+        refused = isinstance(exc, CoordinatorError) and is_refusal(exc)
+        if refused:  # a later coordinator refusing again and again may be the one wrong: moves on
+            wait = self.urls.refused(self.clock.monotonic())
+        elif isinstance(exc, CoordinatorError) and not isinstance(exc, AddressGone):
+            wait = self.urls.unreachable(self.clock.monotonic())
+        else:  # the node's own
             wait = self.urls.stay()
-            self._set_connection("unreachable", str(exc))
-            return wait
-        wait = self.urls.unreachable()
-        if self.url == url:  # the only one
+        if self.url == url:  # stays
             self._set_connection("unreachable", str(exc))
             return wait
         # Each switch of a streak's first round is said; of later rounds (all down) only at debug.
         level = logging.WARNING if self.urls.failures <= len(self.urls.urls) else logging.DEBUG
-        log.log(level, "coordinator %s unreachable (%s); switched to %s%s", url, exc, self.url,
+        log.log(level, "coordinator %s %s (%s); switched to %s%s", url,
+                f"refused this node {REFUSALS_TO_MOVE} times in a row" if refused else "unreachable", exc, self.url,
                 f" in {wait:g} s: none of the {len(self.urls.urls)} answered" if wait else "")
         self._set_connection("unreachable" if wait else "connecting", str(exc), logged=True)
         return wait
@@ -411,7 +433,9 @@ class CoordinatorClient(Actor):
 
     async def _preferred_answers(self) -> _BackToPreferred:
         """Ask the preferred coordinator whenever due, until it answers (a cheap unsigned
-        GET: whether the node gets on there is for the register after the switch)."""
+        GET: whether the node gets on there is for the register after the switch). A 429
+        is an answer: it is up, its unsigned requests only rate-limited (a register is
+        signed: not limited so)."""
         while True:
             due = self.urls.preferred_due()
             assert due is not None, "asked only on a later coordinator"
@@ -422,6 +446,8 @@ class CoordinatorClient(Actor):
                     await preferred.network()
                 return BACK_TO_PREFERRED
             except CoordinatorError as exc:
+                if exc.status == http.HTTPStatus.TOO_MANY_REQUESTS:
+                    return BACK_TO_PREFERRED
                 log.debug("coordinator %s: still not answering: %s", self.urls.preferred, exc)
             self.urls.preferred_silent(self.clock.monotonic())
 

@@ -2,8 +2,10 @@
 coordinators of its network (tunnelmesh/coordinator/failover.py) and never touches its
 peers for it: its map and the map's version stay, the mesh is told no membership change,
 it long-polls the next coordinator for what changed since its version, and goes back to
-the preferred one once that answers again. A refusal (revoked, unknown key) is the
-network's answer and moves it nowhere.
+the preferred one once that answers again (a 429 is an answer), asking it whatever the
+one in use answers. A refusal (unknown key) from the preferred one is the network's
+answer and moves it nowhere; a later one refusing again and again is left for the next;
+a revocation stops the node wherever it comes from.
 
 Real coordinators on 127.0.0.1, each an aiohttp app of its own over one store (as
 coordinators share a PostgreSQL database), stopped and started again at the same URL;
@@ -29,6 +31,7 @@ from actors.runtime import Actor, Supervisor
 from tests.coordinator.test_relay import Sink
 from tests.support.coordinator import UNLIMITED, AdminMachine, World, join, now, running, set_up
 from tests.support.wait import until
+from tunnelmesh.coordinator import failover
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.app import make_app, serve
 from tunnelmesh.coordinator.store import Store
@@ -36,7 +39,7 @@ from tunnelmesh.links import relay as relay_module
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import PeerMap, Revocation
 from tunnelmesh.netstate import NetworkState
-from tunnelmesh.ratelimit import RateLimiter
+from tunnelmesh.ratelimit import Rate, RateLimiter
 
 #: How often a node on a later coordinator asks the preferred one again (60 s in a daemon).
 PREFERRED_RETRY = 0.2
@@ -46,11 +49,13 @@ JSON = dict[str, Any]
 
 class Recorded:
     """A coordinator of its own over a shared store, stopped and started again at the same
-    URL; the requests it answered, in order ("GET /v1/map?since=..."). A held long-poll
-    shows once it is answered."""
+    URL (with the same `limiter`: its buckets stay as they were); the requests it answered,
+    in order, with the status ("GET /v1/map?since=... 200"). A held long-poll shows once
+    it is answered."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limiter: RateLimiter | None = None) -> None:
         self.store = store
+        self.limiter = limiter if limiter is not None else RateLimiter(UNLIMITED, UNLIMITED)  # one is falsy while empty
         self.port = 0
         self.requests: list[str] = []
         self._runner: web.AppRunner | None = None
@@ -60,10 +65,10 @@ class Recorded:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        app = make_app(self.store, limiter=RateLimiter(UNLIMITED, UNLIMITED))
+        app = make_app(self.store, limiter=self.limiter)
 
         async def answered(request: web.Request, response: web.StreamResponse) -> None:
-            self.requests.append(f"{request.method} {request.path_qs}")
+            self.requests.append(f"{request.method} {request.path_qs} {response.status}")
 
         app.on_response_prepare.append(answered)
         self._runner = await serve(app, "127.0.0.1", self.port)
@@ -189,14 +194,17 @@ def test_a_stopped_coordinator_moves_the_node_to_the_next_and_back_without_touch
 
 
 @asynccontextmanager
-async def proxy_without_backend() -> AsyncIterator[str]:
-    """What a reverse proxy in front of a coordinator that is down answers: 502 and a page
-    of HTML, to every request. Its URL."""
-    async def bad_gateway(request: web.Request) -> web.Response:
-        return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+async def proxy_answering(status: int, asked: list[str] | None = None) -> AsyncIterator[str]:
+    """What a reverse proxy in front of a coordinator answers when that is down (502) or
+    under maintenance (403, 404): `status` and a page of HTML, to every request (listed
+    in `asked`). Its URL."""
+    async def page(request: web.Request) -> web.Response:
+        if asked is not None:
+            asked.append(f"{request.method} {request.path}")
+        return web.Response(status=status, text=f"<html><body>{status}</body></html>", content_type="text/html")
 
     app = web.Application()
-    app.router.add_route("*", "/{path:.*}", bad_gateway)
+    app.router.add_route("*", "/{path:.*}", page)
     runner = await serve(app, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
@@ -214,7 +222,7 @@ def test_a_5xx_answer_is_failed_over_at_once_and_the_preferred_one_asked_until_i
 
     async def scenario() -> None:
         async with network(tmp_path, world) as (_, store, _, one), coordinators(store, 1) as (second,), \
-                proxy_without_backend() as proxy:
+                proxy_answering(502) as proxy:
             async with node(world, 1, one, [proxy, second.url], tmp_path, on_revoked=lambda why: None) as (client, _):
                 await until("connected to the second", lambda: client.url == second.url
                             and client.connection == "connected", 20)
@@ -250,6 +258,105 @@ def test_a_refusal_is_the_networks_answer_and_moves_the_node_nowhere(tmp_path: P
                 assert client.url == first.url and client.connection == "unreachable"
                 assert client.error is not None and "unknown node" in client.error
             assert second.requests == [] and len(stopped) == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_later_coordinator_that_refuses_the_node_does_not_keep_it_from_the_preferred_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The preferred coordinator is down at start; the next URL answers 404 (a proxy's
+    maintenance page) to the node's every register, so it is never connected there. It
+    keeps asking the preferred one while it backs off, and goes back once that answers."""
+    monkeypatch.setattr(failover, "REFUSALS_TO_MOVE", 1000)  # no leaving the proxy but by the asks
+    caplog.set_level(logging.INFO, LOG)
+    world = World.create()
+    asked: list[str] = []
+
+    async def scenario() -> None:
+        async with network(tmp_path, world) as (_, store, _, one), coordinators(store, 1) as (first,), \
+                proxy_answering(404, asked) as proxy:
+            await first.stop()
+            async with node(world, 1, one, [first.url, proxy], tmp_path, on_revoked=lambda why: None) as (client, _):
+                await until("refused by the proxy", lambda: asked and client.url == proxy, 20)
+                assert client.connection == "unreachable" and "HTTP 404" in (client.error or "")
+                await first.start()
+                await until("back on the first", lambda: client.url == first.url
+                            and client.connection == "connected", 20)
+                assert f"switching back from {proxy}" in caplog.text
+                assert set(asked) == {"POST /v1/register"}  # the proxy was asked only to register
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_later_coordinator_refusing_again_and_again_is_left_for_the_next(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The preferred one down, the next answers 403 (a proxy's maintenance page): after
+    REFUSALS_TO_MOVE refusals in a row the node tries the URL after it."""
+    caplog.set_level(logging.INFO, LOG)
+    world = World.create()
+    asked: list[str] = []
+
+    async def scenario() -> None:
+        async with network(tmp_path, world) as (_, store, _, one), coordinators(store, 2) as (first, third), \
+                proxy_answering(403, asked) as proxy:
+            await first.stop()
+            async with node(world, 1, one, [first.url, proxy, third.url], tmp_path,
+                            on_revoked=lambda why: None) as (client, _):
+                await until("connected to the third", lambda: client.url == third.url
+                            and client.connection == "connected", 30)
+                assert asked == ["POST /v1/register"] * failover.REFUSALS_TO_MOVE
+                switched = [r.getMessage() for r in caplog.records if "switched to" in r.getMessage()]
+                assert switched[-1].startswith(
+                    f"coordinator {proxy} refused this node {failover.REFUSALS_TO_MOVE} times in a row (")
+                assert switched[-1].endswith(f"); switched to {third.url}")
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_revocation_from_a_later_coordinator_stops_the_node_there(tmp_path: Path) -> None:
+    world = World.create()
+    stopped: list[str] = []
+
+    async def scenario() -> None:
+        async with network(tmp_path, world) as (url, store, _, one), coordinators(store, 3) as (first, second, third):
+            async with Coordinator(url, admin=world.admin) as admin:
+                await admin.revoke(Revocation.create(world.admin, world.entry(one), now()).to_wire())
+            await first.stop()
+            async with node(world, 1, one, [first.url, second.url, third.url], tmp_path,
+                            on_revoked=stopped.append) as (client, _):
+                await until("node one stopped", lambda: stopped, 20)
+                assert "was revoked by the network admin" in stopped[0]
+                assert client.url == second.url and len(second.asked("POST /v1/register")) == 1
+            assert third.requests == [] and len(stopped) == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_preferred_coordinator_that_rate_limits_the_ask_answers_and_the_node_goes_back(tmp_path: Path) -> None:
+    """429 to `GET /v1/network` (the unsigned requests' budget spent): the coordinator is
+    up, and the node's register there (signed) is not limited so."""
+    world = World.create()
+    spent = Rate(per_second=1e-6, burst=1)  # one request, then none for days
+
+    async def scenario() -> None:
+        async with network(tmp_path, world) as (_, store, _, one), coordinators(store, 1) as (second,):
+            first = Recorded(store, RateLimiter(spent, spent))
+            await first.start()
+            try:
+                async with Coordinator(first.url) as anyone:
+                    await anyone.network()  # the one request both its buckets allow
+                await first.stop()
+                async with node(world, 1, one, [first.url, second.url], tmp_path,
+                                on_revoked=lambda why: None) as (client, _):
+                    await until("connected to the second", lambda: client.url == second.url
+                                and client.connection == "connected", 20)
+                    await first.start()  # its buckets still empty
+                    await until("back on the first", lambda: client.url == first.url
+                                and client.connection == "connected", 20)
+                answers = [request.rsplit(" ", 1)[1] for request in first.asked("GET /v1/network")]
+                assert answers[0] == "200" and set(answers[1:]) == {"429"}, answers
+            finally:
+                await first.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
