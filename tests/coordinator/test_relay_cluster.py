@@ -7,7 +7,9 @@ What must hold: members on different coordinators reach each other both ways, ea
 stamped with its true source; a member that moves to the other coordinator is reached
 there; a link that does not prove the cluster secret is refused (logged once, the secret
 nowhere in the log); a link that goes down costs counted drops and comes back; a revoked
-member's frames go nowhere.
+member's frames go nowhere; two coordinators given one URL keep each other's presence, a
+crashed one's is dropped once its heartbeat is stale, and presence lost to a database
+outage is recorded again.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from tests.support.databases import Database, postgres_database
 from tests.support.wait import until
 from tunnelmesh.coordinator import cluster as cluster_module
 from tunnelmesh.coordinator.client import Coordinator
-from tunnelmesh.coordinator.cluster import AUTH_FAILED, CLUSTER_PATH, Cluster, proof
+from tunnelmesh.coordinator.cluster import AUTH_FAILED, CLUSTER_PATH, STALE_AFTER, Cluster, default_cluster_url, proof
 from tunnelmesh.coordinator.relay import Relay
 from tunnelmesh.coordinator.app import make_app
 from tunnelmesh.coordinator.metrics import CoordinatorCollector
 from tunnelmesh.coordinator.standalone import run_standalone
-from tunnelmesh.coordinator.store import open_store
+from tunnelmesh.coordinator.store import StoreError, open_store
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import Revocation
 from tunnelmesh.ratelimit import RateLimiter
@@ -85,12 +87,12 @@ class Certificate:
 
 @asynccontextmanager
 async def coordinator(stack: AsyncExitStack, db: Database, tls: Certificate | None = None,
-                      checks: Certificate | None = None) -> AsyncIterator[Side]:
+                      checks: Certificate | None = None, same_url_as: Side | None = None) -> AsyncIterator[Side]:
     """A coordinator over its own store on `db`, with its cluster, as `tunnelmesh
-    coordinator --cluster-url` runs it (on a port chosen first: the URL is its own). With
-    `tls`, the cluster URL is a second site serving that certificate (members and the
-    admin's machine keep the plain one), and the others' is checked against `checks`
-    (default: the same)."""
+    coordinator --cluster-url` runs it (on a port chosen first: the URL is its own, or
+    `same_url_as`'s cluster URL, given by mistake). With `tls`, the cluster URL is a second
+    site serving that certificate (members and the admin's machine keep the plain one), and
+    the others' is checked against `checks` (default: the same)."""
     store = await open_store(db.url)
     stack.push_async_callback(store.close)
     sockets = [socket.socket() for _ in range(1 if tls is None else 2)]
@@ -100,6 +102,8 @@ async def coordinator(stack: AsyncExitStack, db: Database, tls: Certificate | No
         sockets * 2, ("http", "http" if tls is None else "https")))
     app = make_app(store, limiter=RateLimiter(UNLIMITED, UNLIMITED))
     checks = checks or tls
+    if same_url_as is not None:
+        cluster_url = same_url_as.cluster.url or ""
     cluster = Cluster(store, cluster_url, True if checks is None else client_ssl(None, checks.pin))
     cluster.attach(app)
     runner = web.AppRunner(app, shutdown_timeout=2.0)
@@ -348,10 +352,12 @@ def test_presence_rows_move_with_the_member_and_the_secret_is_made_once(database
     scenario(run())
 
 
-def test_tunnelmesh_coordinator_on_postgresql_serves_the_cluster_link_at_its_listen_address(
-        postgres_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("given", [True, False], ids=["cluster-url", "loopback-listen-only"])
+def test_tunnelmesh_coordinator_on_postgresql_serves_the_cluster_link_and_says_where_it_is_reached(
+        postgres_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, given: bool) -> None:
     """`tunnelmesh coordinator --db postgresql://... --listen 127.0.0.1:PORT --plain-http`: the
-    link's greeting at the URL derived from --listen, and the log says where it is reached."""
+    link's greeting at its address; with --cluster-url the log says it is reached there,
+    without one it says (a warning) that a loopback --listen gives the others no URL."""
     db = postgres_database(postgres_server, tmp_path)
     caplog.set_level(logging.INFO, LOG)
     probe = socket.socket()
@@ -360,12 +366,14 @@ def test_tunnelmesh_coordinator_on_postgresql_serves_the_cluster_link_at_its_lis
     probe.close()  # free for the coordinator to take
 
     async def run() -> None:
+        url = f"http://127.0.0.1:{port}"
         serving = asyncio.create_task(run_standalone(f"127.0.0.1:{port}", db.url, None, plain_http=True,
-                                                     stun=(False, None)))
+                                                     stun=(False, None), cluster_url=url if given else None))
+        said = f"reach it at {url}" if given else "no --cluster-url, and --listen gives none"
         try:
-            url = f"http://127.0.0.1:{port}"
-            await until("it says where the others reach it", lambda: f"reach it at {url}" in caplog.text or
-                        serving.done(), 10)
+            await until("it says where the others reach it", lambda: said in caplog.text or serving.done(), 10)
+            assert said in caplog.text, caplog.text
+            assert given or any(r.levelno == logging.WARNING and said in r.getMessage() for r in caplog.records)
             async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{port}{CLUSTER_PATH}") as ws:
                 hello = json.loads((await ws.receive()).data)
             assert hello["cluster"] == 1 and len(base64.b64decode(hello["challenge"])) == 32
@@ -396,5 +404,132 @@ def test_links_over_tls_check_the_certificate_the_coordinators_serve(
                 assert link is not None
                 await until("its link is refused", lambda: "another TLS certificate" in (link.error or ""))
                 assert link.queue is None
+
+    scenario(run())
+
+
+def test_no_default_cluster_url_from_a_loopback_or_wildcard_listen_address() -> None:
+    """Two hosts each listening on 127.0.0.1:7400 behind a local TLS proxy would share a
+    derived URL: only an address the others can reach gives one."""
+    for host in ("127.0.0.1", "127.0.1.1", "::1", "[::1]", "localhost", "c1.localhost", "0.0.0.0", "::", ""):
+        assert default_cluster_url(host, 7400, True) is None, host
+    assert default_cluster_url("10.0.0.11", 0, True) is None
+    assert default_cluster_url("10.0.0.11", 7400, True) == "https://10.0.0.11:7400"
+    assert default_cluster_url("2001:db8::1", 7400, False) == "http://[2001:db8::1]:7400"
+    assert default_cluster_url("c1.example", 7400, True) == "https://c1.example:7400"
+
+
+def test_two_coordinators_given_one_url_keep_each_others_presence(postgres_server: Any, tmp_path: Path,
+                                                                  world: World) -> None:
+    """A coordinator starting at a URL another one holds rows at does not take them for a
+    crashed predecessor's: the other is alive, its members stay reachable."""
+    db = postgres_database(postgres_server, tmp_path)
+
+    async def run() -> None:
+        async with mesh(db, world, {1: 0, 2: 1}) as (sides, _), AsyncExitStack() as stack:
+            a, b = sides
+            third = await stack.enter_async_context(coordinator(stack, db, same_url_as=a))  # started: it loaded
+            assert third.cluster.url == a.cluster.url and third.cluster.where[key(world, 1)][0] == a.cluster.id
+            assert sorted(db.query("SELECT coordinator FROM relay_presence")) == sorted(
+                [(a.cluster.id,), (b.cluster.id,)])
+            assert b.knows(1, world, a)
+
+    scenario(run())
+
+
+def test_a_crashed_coordinators_presence_is_dropped_once_its_heartbeat_is_stale(
+        postgres_server: Any, tmp_path: Path, world: World) -> None:
+    """A coordinator that touches its rows stays however old they are; one that stopped
+    touching them (crashed, at any URL) loses them to whoever refreshes next."""
+    db = postgres_database(postgres_server, tmp_path)
+
+    async def run() -> None:
+        async with mesh(db, world, {1: 0, 2: 1}) as (sides, _):
+            a, b = sides
+            crashed = base64.b64encode(key(world, 3)).decode()
+            long_ago = int(now()) - int(STALE_AFTER) - 60
+            await a.cluster.store.set_relay_presence(crashed, "crashed", "http://127.0.0.1:1", long_ago)
+            db.execute("UPDATE relay_presence SET since = ? WHERE coordinator = ?", long_ago, b.cluster.id)
+            await b.cluster._check_presence()  # B beats: alive, its rows old
+            await a.cluster._check_presence()
+            assert sorted(db.query("SELECT coordinator FROM relay_presence")) == sorted(
+                [(a.cluster.id,), (b.cluster.id,)])
+            await until("B forgets the crashed coordinator's member", lambda: key(world, 3) not in b.cluster.where)
+            assert b.knows(1, world, a) and a.knows(2, world, b) and "crashed" not in a.cluster._links
+
+    scenario(run())
+
+
+def test_presence_heartbeat_and_stale_drop_in_the_store(database: Database) -> None:
+    """Both backends: a touch stamps one of the coordinator's rows; a coordinator whose
+    newest row is older than the cut-off loses all of them, announced; the others keep theirs."""
+
+    async def run() -> None:
+        store = await open_store(database.url)
+        heard: list[tuple[str, str, str | None]] = []
+        store.add_presence_listener(lambda *announced: heard.append(announced))
+        try:
+            for wg_key, coordinator in (("k1", "a"), ("k2", "a"), ("k3", "b"), ("k4", "b")):
+                await store.set_relay_presence(wg_key, coordinator, f"http://{coordinator}.example:7400", 100)
+            await store.touch_relay_presence("b", 300)
+            await store.touch_relay_presence("nobody", 300)  # holds no row: nothing
+            assert await store.drop_stale_relay_presence(200) == ["a"]
+            assert sorted(row[0] for row in await store.relay_presence()) == ["k3", "k4"]
+            assert heard[-1] == ("*", "a", None)
+            assert await store.drop_stale_relay_presence(200) == []
+        finally:
+            await store.close()
+
+    scenario(run())
+
+
+def test_a_failed_presence_write_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database out of reach for two writes: the member's row is written once it answers."""
+    monkeypatch.setattr(cluster_module, "FIRST_RETRY", 0.01)
+
+    async def run() -> None:
+        store = await open_store(tmp_path / "coordinator.db")
+        write = store.set_relay_presence
+        failures = [StoreError("the database server cannot be reached")] * 2
+
+        async def flaky(*args: Any) -> None:
+            if failures:
+                raise failures.pop()
+            await write(*args)
+
+        monkeypatch.setattr(store, "set_relay_presence", flaky)
+        cluster = Cluster(store, "http://127.0.0.1:1")
+        writer = asyncio.create_task(cluster._write_presence())
+        try:
+            cluster.present(bytes(32), True)
+            await until("the row is written", lambda: failures == [] and not cluster._dirty and
+                        not cluster._store_failing)
+            assert await store.relay_presence() == [(base64.b64encode(bytes(32)).decode(), cluster.id,
+                                                     "http://127.0.0.1:1")]
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await store.close()
+
+    scenario(run())
+
+
+def test_a_refresh_records_again_a_member_here_whose_row_went_missing(postgres_server: Any, tmp_path: Path,
+                                                                      world: World) -> None:
+    """A member connected to A whose row is gone (its write lost, or dropped while A could
+    not reach the database) is reachable from B again after A's next refresh."""
+    db = postgres_database(postgres_server, tmp_path)
+
+    async def run() -> None:
+        async with mesh(db, world, {1: 0, 2: 1}) as (sides, clients):
+            a, b = sides
+            (_, one_sink, _), (two, _, _) = clients[1], clients[2]
+            db.execute("DELETE FROM relay_presence WHERE coordinator = ?", a.cluster.id)
+            await b.cluster._load()
+            assert key(world, 1) not in b.cluster.where
+            await a.cluster._check_presence()
+            await until("B knows where one is again", lambda: b.knows(1, world, a))
+            two.link(key(world, 1)).send(b"\x04two to one, after")
+            await until("one got it", lambda: one_sink.received == [(key(world, 2), b"\x04two to one, after")])
 
     scenario(run())

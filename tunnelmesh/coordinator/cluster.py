@@ -9,6 +9,17 @@ deletes only its own row) and announces it (NOTIFY); every coordinator keeps the
 member -> (coordinator id, URL) in memory, loaded at start, moved by announcements and
 read again every PRESENCE_REFRESH s (an announcement lost with a dropped LISTEN
 connection). No database read per frame. The id is random per coordinator process.
+A write that fails (the database is out of reach) is retried with backoff, and every
+PRESENCE_REFRESH s a coordinator records again each member connected here whose row is
+missing or another's, so an outage costs reachability only while it lasts.
+
+Liveness: a coordinator that crashed leaves its rows behind. Each coordinator touches one
+of its rows every PRESENCE_REFRESH s (the `since` column: the newest of a coordinator's
+rows is its heartbeat), and whoever sees a coordinator whose newest row is older than
+STALE_AFTER drops all of its rows. Not "rows at my URL": two coordinators given one URL
+by mistake would delete each other's. The coordinators' clocks must agree to well within
+STALE_AFTER (as they must for pending joins' ages); one whose rows were dropped while it
+lived (a long database outage) records them again at its next refresh.
 
 Link: coordinator A passes a frame for a member connected at B over one WebSocket A->B
 (GET CLUSTER_PATH on B's --cluster-url), opened as soon as A learns of B. Both ends prove
@@ -30,6 +41,7 @@ import hashlib
 import hmac
 import json
 import logging
+import ipaddress
 import os
 import time
 import urllib.parse
@@ -68,6 +80,8 @@ PROOF_CONTEXT = b"tunnelmesh-cluster-v1\0"
 AUTH_TIMEOUT = 10.0
 #: The longest the presence map goes without being read from the database.
 PRESENCE_REFRESH = 30.0
+#: A coordinator whose newest presence row is older than this is gone: its rows are dropped.
+STALE_AFTER = 3 * PRESENCE_REFRESH
 #: The most links one coordinator keeps (one per other coordinator).
 MAX_LINKS = 64
 #: A frame on a link: the relay's frame with the source key after the destination key.
@@ -104,10 +118,18 @@ def check_cluster_url(url: str) -> str:
 
 
 def default_cluster_url(host: str, port: int, tls: bool) -> str | None:
-    """The URL other coordinators reach this one at, from where it listens: None for 0.0.0.0
-    (it listens everywhere; which address the others can reach is for --cluster-url to say)
-    or port 0 (any port: known only once it listens)."""
-    if host in {"0.0.0.0", "::", ""} or port == 0:
+    """The URL other coordinators reach this one at, from where it listens. None (for
+    --cluster-url to say) for an address on every interface (0.0.0.0, ::: which one the
+    others reach is unknown), a loopback one (127.0.0.0/8, ::1, localhost: every host has
+    its own, so two coordinators behind local TLS proxies would share a URL) or port 0
+    (known only once it listens)."""
+    if port == 0 or host in {"", "localhost"} or host.endswith(".localhost"):
+        return None
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        address = None  # a name: the others resolve it
+    if address is not None and (address.is_unspecified or address.is_loopback):
         return None
     shown = f"[{host}]" if ":" in host else host
     return f"{'https' if tls else 'http'}://{shown}:{port}"
@@ -268,6 +290,7 @@ class Cluster:
         self._links: dict[str, _Link] = {}
         self._inbound: set[web.WebSocketResponse] = set()
         self._dirty: dict[bytes, bool] = {}  # presence to write: key -> connected here
+        self._here: set[bytes] = set()  # members whose relay connection is here (recorded again on refresh)
         self._written = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._log_refusal = RefusalLog(log)
@@ -293,13 +316,11 @@ class Cluster:
         self.store.add_presence_listener(self._heard)
         try:
             await self._load()
-            # A coordinator that served at this URL before and stopped without withdrawing
-            # (it crashed): its members are gone, as it is.
-            for old in {coordinator for coordinator, url in self.where.values() if url == self.url}:
-                await self.store.drop_relay_presence(old)
             if self.url is None:
-                log.warning("cluster: no --cluster-url (and --listen is 0.0.0.0): members connected to this "
-                            "coordinator's relay cannot be reached through the other coordinators' relays")
+                log.warning("cluster: no --cluster-url, and --listen gives none the other coordinators could reach "
+                            "(an address on every interface, a loopback one, or port 0): members connected to this "
+                            "coordinator's relay cannot be reached through the other coordinators' relays (it still "
+                            "forwards to theirs); give --cluster-url http(s)://HOST:PORT, where the others reach it")
             else:
                 log.info("cluster: coordinator %s forwards relay frames with the others; they reach it at %s",
                          self.id, self.url)
@@ -341,9 +362,26 @@ class Cluster:
         while True:
             await asyncio.sleep(PRESENCE_REFRESH)
             try:
-                await self._load()
+                await self._check_presence()
             except StoreError as exc:
                 log.warning("cluster: cannot read relay presence: %s", exc)
+
+    async def _check_presence(self) -> None:
+        """One refresh: beat, drop the rows of coordinators that are gone, read the map
+        again, and record again each member here whose row is missing or another's."""
+        now = int(time.time())
+        if self.url is not None:
+            await self.store.touch_relay_presence(self.id, now)
+        for gone in await self.store.drop_stale_relay_presence(now - int(STALE_AFTER)):
+            log.info("cluster: coordinator %s wrote no relay presence for %.0f s: its members' rows are dropped",
+                     gone, STALE_AFTER)
+        await self._load()
+        if self.url is not None:
+            for key in self._here:
+                if self.where.get(key, ("",))[0] != self.id:
+                    self._dirty.setdefault(key, True)
+            if self._dirty:
+                self._written.set()
 
     def _heard(self, key: str, coordinator: str, url: str | None) -> None:
         """An announcement (this coordinator's own too) of where a member's connection is."""
@@ -362,11 +400,16 @@ class Cluster:
 
     def present(self, key: bytes, connected: bool) -> None:
         """The relay's hook: `key`'s connection came here or left (recorded in order, soon)."""
+        if connected:
+            self._here.add(key)
+        else:
+            self._here.discard(key)
         if self.url is not None:
             self._dirty[key] = connected
             self._written.set()
 
     async def _write_presence(self) -> None:
+        delay = FIRST_RETRY
         while True:
             await self._written.wait()
             self._written.clear()
@@ -377,12 +420,16 @@ class Cluster:
                     await self.store.set_relay_presence(_b64(key), self.id, self.url if connected else None,
                                                         int(time.time()))
                 except StoreError as exc:
+                    self._dirty.setdefault(key, connected)  # again, unless it changed meanwhile
                     if not self._store_failing:  # once until it works again
                         log.warning("cluster: cannot record relay presence (frames for members here from other "
-                                    "coordinators are dropped meanwhile): %s", exc)
+                                    "coordinators are dropped meanwhile; retrying): %s", exc)
                     self._store_failing = True
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, LAST_RETRY)
                 else:
                     self._store_failing = False
+                    delay = FIRST_RETRY
 
     # --- forwarding -------------------------------------------------------------------------------
 

@@ -622,6 +622,28 @@ class Store:
         await self._execute("DELETE FROM relay_presence WHERE coordinator = ?", (coordinator,))
         await self._announce_presence(f"{PRESENCE} {EVERY_KEY} {coordinator} {GONE}")
 
+    async def touch_relay_presence(self, coordinator: str, now: int) -> None:
+        """`coordinator` is alive: one of its rows (any: the newest `since` of a coordinator's
+        rows is its heartbeat) is stamped `now`. Not announced; nothing if it holds none."""
+        await self._execute("UPDATE relay_presence SET since = ? WHERE coordinator = ? AND wg_key = "
+                            "(SELECT wg_key FROM relay_presence WHERE coordinator = ? LIMIT 1)",
+                            (now, coordinator, coordinator))
+
+    async def drop_stale_relay_presence(self, before: int) -> list[str]:
+        """Drop every row of each coordinator whose newest row is older than `before` (it is
+        gone: it would have touched one); the coordinators dropped, each announced."""
+        rows = await self._fetchall("SELECT coordinator FROM relay_presence GROUP BY coordinator "
+                                    "HAVING max(since) < ?", (before,))
+        dropped = []
+        for coordinator in (row[0] for row in rows):
+            # Unless it wrote a row since the read: then it lives.
+            if await self._execute("DELETE FROM relay_presence WHERE coordinator = ? AND NOT EXISTS (SELECT 1 FROM "
+                                   "relay_presence WHERE coordinator = ? AND since >= ?)",
+                                   (coordinator, coordinator, before)):
+                await self._announce_presence(f"{PRESENCE} {EVERY_KEY} {coordinator} {GONE}")
+                dropped.append(coordinator)
+        return dropped
+
     async def cluster_secret(self) -> bytes:
         """The secret the coordinators on this database prove themselves to each other with,
         made (under the writers' lock, once) by the first that asks. Never logged, never served."""
