@@ -198,3 +198,21 @@ def test_a_punch_asked_through_one_coordinator_reaches_the_peer_long_polling_the
                 assert await one.punch(key_two) == {"told": False}  # the pair was told: within PAIR_INTERVAL
 
     asyncio.run(scenario())
+
+
+def test_a_database_failure_is_503_that_names_no_connection_string(
+        postgres_server: Any, tmp_path: Path, world: World) -> None:
+    """The answer says what failed, not where the database is (host, user, name): that
+    stays in the coordinator's log."""
+    db = postgres_database(postgres_server, tmp_path)
+
+    async def scenario() -> CoordinatorError:
+        async with two_coordinators(db, world) as (a, _, _):
+            db.execute("DROP TABLE pending")  # the database broken under the coordinator
+            with pytest.raises(CoordinatorError) as info:
+                await join(a, world, 1, world.invite(), "one")
+            return info.value
+
+    error = asyncio.run(scenario())
+    assert error.status == 503 and "(its PostgreSQL database)" in str(error), str(error)
+    assert db.url.split("?")[0] not in str(error) and "host=" not in str(error)

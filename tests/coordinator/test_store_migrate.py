@@ -244,3 +244,19 @@ def test_a_missing_source_file_is_refused_and_a_failed_migration_leaves_no_targe
     done = tunnelmesh("coordinator", "migrate", "--from", str(empty), "--to", str(target))
     assert done.returncode == 1 and "holds no network" in done.stderr, done.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty.db"]  # the target (and its WAL) went again
+
+
+@pytest.mark.parametrize(("db", "message"), [
+    ("postgresql://u@[::1/db", "--db: not a PostgreSQL connection string (Invalid IPv6 URL)"),
+    ("POSTGRESQL://u@h/db", "write the scheme in lower case, postgresql://"),
+    ("postgres:/x", "--db 'postgres:/x' is neither a file nor a postgresql:// connection string"),
+    ("mysql://u:secret@h/db", "--db mysql://... is neither a file nor a postgresql:// connection string"),
+])
+def test_a_db_string_meant_as_postgresql_but_not_one_is_a_usage_error_and_makes_no_file(
+        tmp_path: Path, db: str, message: str) -> None:
+    done = subprocess.run([str(Path(sys.executable).parent / "tunnelmesh"), "coordinator", "--db", db, "--listen",
+                           "127.0.0.1:1", "--plain-http", "--no-stun"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "secret" not in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no SQLite file made from a typo

@@ -374,11 +374,9 @@ def _migrate(args: argparse.Namespace) -> int:
                        EXIT_USAGE)
     if args.db is not None:
         raise CliError("migrate takes --from and --to, not --db", EXIT_USAGE)
-    from tunnelmesh.coordinator.store import is_postgres
-
     # --db-password-file is PostgreSQL's password: for whichever side is on PostgreSQL.
-    source, source_password = _database(args.source, args.db_password_file if is_postgres(args.source) else None)
-    target, target_password = _database(args.target, args.db_password_file if is_postgres(args.target) else None)
+    source, source_password = _database(args.source, args.db_password_file if _postgres(args.source) else None)
+    target, target_password = _database(args.target, args.db_password_file if _postgres(args.target) else None)
     if isinstance(source, Path) and not source.is_file():
         raise CliError(f"--from {source}: no such file (the coordinator's database, e.g. the --db it runs with)",
                        EXIT_USAGE)
@@ -414,18 +412,35 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _postgres(db: str) -> bool:
+    """Whether --db (or --from, --to) names a PostgreSQL database; a usage error for a
+    string that looks meant as one but is not."""
+    from tunnelmesh.coordinator.store import StoreError, is_postgres
+
+    try:
+        return is_postgres(db)
+    except StoreError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
 def _database(db: str, password_file: str | None) -> tuple[str | Path, str | None]:
     """--db as the store takes it (a path, or a PostgreSQL connection string) and the
     password from --db-password-file. A password written in the string is refused:
     the command line is readable by every user of the machine (ps)."""
-    from tunnelmesh.coordinator.store import StoreError, is_postgres, read_password_file
+    from tunnelmesh.coordinator.store import StoreError, read_password_file
 
-    if not is_postgres(db):
+    if not _postgres(db):
         if password_file is not None:
             raise CliError("--db-password-file goes with a PostgreSQL --db (postgresql://...), not a SQLite file",
                            EXIT_USAGE)
         return Path(db), None
-    if urllib.parse.urlsplit(db).password is not None or "password=" in urllib.parse.urlsplit(db).query.lower():
+    try:
+        parts = urllib.parse.urlsplit(db)
+        has_password = parts.password is not None or "password=" in parts.query.lower()
+    except ValueError as exc:
+        raise CliError(f"--db: not a PostgreSQL connection string ({exc}); e.g. "
+                       "postgresql://tunnelmesh@db.example/tunnelmesh", EXIT_USAGE) from None
+    if has_password:
         raise CliError("--db holds a password, which every user of this machine can read (ps): take it out and "
                        "give it with --db-password-file FILE or PGPASSWORD", EXIT_USAGE)
     if password_file is None:

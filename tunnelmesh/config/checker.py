@@ -281,7 +281,13 @@ class _Checker(TableReader):
         value = self.get_str(table, "db", what, "coordinator")
         if value is None:
             return self.state_dir / "coordinator.db"
-        if not value.startswith(("postgresql://", "postgres://")):
+        from tunnelmesh.coordinator.store import StoreError, is_postgres  # lazily: a node without db= needs neither
+
+        try:
+            postgres = is_postgres(value)
+        except StoreError as exc:
+            raise self.error(f"{what}: db: {str(exc).removeprefix('--db ')}", "coordinator", "db") from None
+        if not postgres:
             return self.to_path(value, f"{what}: db", "coordinator", "db")
         try:
             parts = urllib.parse.urlsplit(value)

@@ -68,7 +68,8 @@ def errors(client_address: Callable[[web.Request], str | None]) -> Any:
             return web.json_response({"error": str(exc)}, status=400)
         except StoreError as exc:
             log.error("%s: %s", where, exc)
-            return web.json_response({"error": str(exc)}, status=503)
+            told = str(exc) if exc.where is None else str(exc).replace(exc.where, "(its PostgreSQL database)")
+            return web.json_response({"error": told}, status=503)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

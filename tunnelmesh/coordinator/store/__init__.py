@@ -20,7 +20,19 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def is_postgres(db: str | Path) -> bool:
-    return isinstance(db, str) and db.startswith(POSTGRES_SCHEMES)
+    """Whether `db` names a PostgreSQL database (StoreError for a string that looks meant
+    as one but is not: a typo must not become an empty SQLite file and an empty network)."""
+    if not isinstance(db, str):
+        return False
+    if db.lower().startswith(POSTGRES_SCHEMES):
+        if not db.startswith(POSTGRES_SCHEMES):
+            raise StoreError(f"--db {db.split('://', 1)[0]}://...: write the scheme in lower case, postgresql://")
+        return True
+    if db.lower().startswith("postgres") or "://" in db:
+        shown = f"{db.split('://', 1)[0]}://..." if "://" in db else repr(db)
+        raise StoreError(f"--db {shown} is neither a file nor a postgresql:// connection string (e.g. "
+                         "postgresql://tunnelmesh@db.example/tunnelmesh)")
+    return False
 
 
 def read_password_file(path: str | Path) -> str:

@@ -59,7 +59,11 @@ PresenceListener = Callable[[str, str, str | None], None]
 
 
 class StoreError(Exception):
-    """The coordinator's database cannot be used; the message says what to do."""
+    """The coordinator's database cannot be used; the message says what to do. `where`:
+    the database as the message names it, if that is not for everyone's eyes (a
+    PostgreSQL connection string: its host, user and name stay out of HTTP answers)."""
+
+    where: str | None = None
 
 
 class Row(Protocol):

@@ -136,16 +136,28 @@ class PostgresStore(Store):
             self._pool.terminate()
 
     def error(self, exc: BaseException) -> StoreError:
-        """What an asyncpg error means for whoever runs this coordinator."""
+        """What an asyncpg error means for whoever runs this coordinator (its `where`: the
+        connection string, which the HTTP answers leave out)."""
+        error = self._error(exc)
+        error.where = self.where
+        return error
+
+    def _error(self, exc: BaseException) -> StoreError:
         where = f"coordinator database {self.where}"
         state = getattr(exc, "sqlstate", "") or ""
+        if state == "53300":
+            return StoreError(f"{where}: the database server has no connection left (max_connections): raise it, "
+                              f"or run fewer coordinators (each holds up to {POOL_SIZE + 1})")
+        if isinstance(exc, asyncio.TimeoutError) or state in {"57014", "55P03"}:
+            return StoreError(f"{where}: the database did not answer within {TIMEOUT:g} s (overloaded, a lock held "
+                              "long, or the server unreachable); the change was not saved")
         if state == "53100":
             return StoreError(f"{where}: the database server's disk is full; free some space (the change was not "
                               "saved)")
         if state.startswith("23"):
             return StoreError(f"{where}: the change conflicts with what is stored ({exc}); was the database edited "
                               "by hand?")
-        if state.startswith(("08", "57P")) or isinstance(exc, (OSError, asyncio.TimeoutError)) or (
+        if state.startswith(("08", "57P")) or isinstance(exc, OSError) or (
                 type(exc).__name__ in {"ConnectionDoesNotExistError", "InterfaceError"}):
             return StoreError(f"{where}: the database server cannot be reached ({type(exc).__name__}: {exc}); "
                               "is it running? (the change was not saved)")
@@ -338,8 +350,11 @@ def _connect_error(where: str, exc: BaseException) -> StoreError:
                           "--db-password-file or PGPASSWORD, and that the server's pg_hba.conf admits this host")
     if name == "InvalidCatalogNameError":
         return StoreError(f"{where}: {exc}; create it first (createdb), then start the coordinator again")
-    if isinstance(exc, ValueError):
+    if isinstance(exc, (ValueError, OverflowError)):
         return StoreError(f"--db {where}: not a PostgreSQL connection string ({exc}); e.g. "
                           "postgresql://tunnelmesh@db.example/tunnelmesh")
+    if (getattr(exc, "sqlstate", "") or "") == "53300":
+        return StoreError(f"{where}: the database server has no connection left (max_connections): raise it, or "
+                          "run fewer coordinators")
     return StoreError(f"cannot reach the coordinator database {where}: {name}: {exc} (is PostgreSQL running there, "
                       "and does it accept this host?)")
