@@ -76,7 +76,9 @@ async def run_standalone(listen: str, db: str | Path, admin_fingerprint: str | N
     it cannot use, MetricsError when the metrics' port is taken, StunSettingError for a
     wrong `stun`, TlsSettingError for PostgreSQL without a certificate. On PostgreSQL it
     forwards relay frames with the other coordinators, which reach it at `cluster_url`
-    (default: from `listen`, unless that is 0.0.0.0); ClusterSettingError for a wrong one."""
+    (default: from `listen`, unless that is on every interface, loopback or port 0: then
+    its log says its members cannot be reached from the others); ClusterSettingError for
+    a wrong one."""
     host, port = _listen_address(listen)
     reflection_at = reflection_addresses(*stun, (host, port))
     if cluster_url is not None:
