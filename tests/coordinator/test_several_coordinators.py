@@ -23,8 +23,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.coordinator import SECRET, AdminMachine, World, join, now, serve_store, set_up
+from tests.support.coordinator import SECRET, AdminMachine, World, join, join_request, now, serve_store, set_up
 from tests.support.databases import Database, postgres_database
+from tests.support.wait import until
 from tunnelmesh.admission import sealed_secret
 from tunnelmesh.coordinator import service
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
@@ -58,8 +59,24 @@ async def two_coordinators(db: Database, world: World, *, admit: bool = True
         yield urls[0], urls[1], machine
 
 
+@pytest.fixture
+def holding(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The `since` of every map long-poll a coordinator starts to hold (a spy around the real
+    wait, which runs unchanged): the signal that a poll reached its coordinator."""
+    held: list[int] = []
+    hold = service._Service._wait_past
+
+    async def spied(self: Any, since: int, wait: float, **kwargs: Any) -> None:
+        if wait > 0:
+            held.append(since)
+        await hold(self, since, wait, **kwargs)
+
+    monkeypatch.setattr(service._Service, "_wait_past", spied)
+    return held
+
+
 def test_a_revocation_through_one_coordinator_reaches_long_polls_on_the_other(
-        postgres_server: Any, tmp_path: Path, world: World) -> None:
+        postgres_server: Any, tmp_path: Path, world: World, holding: list[int]) -> None:
     db = postgres_database(postgres_server, tmp_path)
 
     async def scenario() -> float:
@@ -70,7 +87,7 @@ def test_a_revocation_through_one_coordinator_reaches_long_polls_on_the_other(
                 current = await two.map(0, 0)
                 assert {world.entry(m).name for m in current["members"]} == {"admin", "one", "two"}
                 poll = asyncio.ensure_future(two.map(current["version"], 25))
-                await asyncio.sleep(0)  # the poll is on its way before the change is made
+                await until("B holds the poll", lambda: current["version"] in holding)  # before the change
                 revocation = Revocation.create(world.admin, world.entry(one["member"]), now()).to_wire()
                 started = time.monotonic()
                 async with Coordinator(a, admin=world.admin) as admin:
@@ -176,7 +193,7 @@ def test_two_approvals_of_one_one_time_invite_through_two_coordinators_admit_one
 
 
 def test_a_punch_asked_through_one_coordinator_reaches_the_peer_long_polling_the_other(
-        postgres_server: Any, tmp_path: Path, world: World) -> None:
+        postgres_server: Any, tmp_path: Path, world: World, holding: list[int]) -> None:
     db = postgres_database(postgres_server, tmp_path)
 
     async def scenario() -> None:
@@ -189,7 +206,7 @@ def test_a_punch_asked_through_one_coordinator_reaches_the_peer_long_polling_the
                 version = (await one.map(0, 0, punch=True))["version"]  # each takes notices where it polls
                 await two.map(version, 0, punch=True)
                 polls = [asyncio.ensure_future(node.map(version, 20, punch=True)) for node in (one, two)]
-                await asyncio.sleep(0)  # both polls are on their way
+                await until("both polls are held", lambda: holding.count(version) == 2)
                 assert await one.punch(key_two) == {"told": True}  # at A, naming a peer that polls B
                 replies = await asyncio.wait_for(asyncio.gather(*polls), 10.0)  # woken, not timed out
                 assert replies[0]["punch"] == [{"peer": b64(key_two)}]
@@ -216,3 +233,31 @@ def test_a_database_failure_is_503_that_names_no_connection_string(
     error = asyncio.run(scenario())
     assert error.status == 503 and "(its PostgreSQL database)" in str(error), str(error)
     assert db.url.split("?")[0] not in str(error) and "host=" not in str(error)
+
+
+def test_two_approvals_giving_one_address_through_two_coordinators_admit_one(
+        postgres_server: Any, tmp_path: Path, world: World) -> None:
+    """Two joins by approval wait (one asked at each coordinator); two approvals giving
+    both the same free address (each made from a listing taken before the other joined),
+    one through each coordinator at once: one is admitted, the other is told the address
+    was taken meanwhile (409), and the address is held once."""
+    db = postgres_database(postgres_server, tmp_path)
+
+    async def approve(url: str, i: int, name: str) -> int:
+        member = world.admin_member(i, name, 2)  # both at host 2, the lowest free one
+        async with Coordinator(url, admin=world.admin) as admin:
+            try:
+                await admin.approve(member, sealed_secret(world.entry(member), SECRET, 0))
+            except CoordinatorError as exc:
+                assert exc.status == 409 and "taken meanwhile" in str(exc), str(exc)
+                return exc.status
+        return 200
+
+    async def scenario() -> list[int]:
+        async with two_coordinators(db, world, admit=False) as (a, b, _):
+            await join_request(a, world, 1, "one")
+            await join_request(b, world, 2, "two")
+            return await asyncio.gather(approve(a, 1, "one"), approve(b, 2, "two"))
+
+    assert sorted(asyncio.run(scenario())) == [200, 409]
+    assert db.query("SELECT count(*) FROM members WHERE host = 2") == [(1,)]
