@@ -208,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "[IPv6]:port; no authentication: keep it on loopback or firewalled)")
     p.add_argument("--cluster-url", metavar="URL", help="(PostgreSQL) where the other coordinators reach this one, "
                    "http(s)://host:port, to forward relay frames between members connected to different "
-                   "coordinators (default: from --listen; with --listen 0.0.0.0 it must be given, else this "
-                   "coordinator's members cannot be reached through the others' relays, as its log says)")
+                   "coordinators; give https:// (links to and from it are then checked against the certificate "
+                   "it serves) or keep plain links on a private network (default: from --listen, unless that is "
+                   "every interface, loopback or port 0: then it must be given, else this coordinator's members "
+                   "cannot be reached through the others' relays, as its log says)")
     stun = p.add_mutually_exclusive_group()
     stun.add_argument("--stun", metavar="IP:PORT", help="answer STUN Binding requests (nodes learn their reflexive "
                                                        "address) on this UDP address (default: --listen's, over UDP)")
