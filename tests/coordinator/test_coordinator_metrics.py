@@ -14,6 +14,7 @@ from tests.coordinator.test_relay import Sink, scenario
 from tests.support.coordinator import UNLIMITED, AdminMachine, World, join, set_up
 from tests.support.wait import until
 from tests.unit.test_metrics_exposition import Samples, samples
+from tests.support.databases import Database
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.metrics import coordinator_source
 from tunnelmesh.coordinator.app import make_app, serve
@@ -24,12 +25,12 @@ from tunnelmesh.metrics import serve_metrics
 from tunnelmesh.ratelimit import RateLimiter
 
 
-def test_members_connected_nodes_and_relayed_traffic(tmp_path: Path) -> None:
+def test_members_connected_nodes_and_relayed_traffic(database: Database, tmp_path: Path) -> None:
     world = World.create()
     clock = [1000.0]  # the coordinator's monotonic clock
 
     async def run() -> None:
-        store = await open_store(tmp_path / "coordinator.db")
+        store = await open_store(database.url)
         app = make_app(store, limiter=RateLimiter(UNLIMITED, UNLIMITED), monotonic=lambda: clock[0])
         runner = await serve(app, "127.0.0.1", 0)
         metrics = await serve_metrics(coordinator_source(app), ("127.0.0.1", 0))
