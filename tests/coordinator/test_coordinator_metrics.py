@@ -12,9 +12,9 @@ import aiohttp
 
 from tests.coordinator.test_relay import Sink, scenario
 from tests.support.coordinator import UNLIMITED, AdminMachine, World, join, set_up
+from tests.support.databases import Database
 from tests.support.wait import until
 from tests.unit.test_metrics_exposition import Samples, samples
-from tests.support.databases import Database
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.metrics import coordinator_source
 from tunnelmesh.coordinator.app import make_app, serve

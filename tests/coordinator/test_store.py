@@ -482,3 +482,18 @@ def test_an_open_postgresql_store_shows_its_connection_string_without_the_passwo
                 await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_task_started_inside_a_transaction_is_not_in_it(database: Database, world: World) -> None:
+    """A task copies its starter's context, transaction included: it must not write on the
+    starter's connection outside its lock, nor lose its version bump."""
+    async def scenario() -> None:
+        async with opened(database, world) as store:
+            heard: list[int] = []
+            store.add_listener(lambda: heard.append(store.version))
+            async with store.transaction():
+                child = asyncio.get_running_loop().create_task(add(store, world, 1, "one", 2))
+            await child  # its own transaction, after the starter's
+            assert store.version == await store.read_version() == 2 and heard == [2]
+
+    asyncio.run(scenario())

@@ -28,6 +28,7 @@ a `StoreError` whose message says what to do.
 from __future__ import annotations
 
 import binascii
+import asyncio
 import json
 import os
 import time
@@ -139,6 +140,7 @@ class Transaction:
     """The transaction the current task is in (a backend keeps its connection here)."""
 
     write: bool
+    task: asyncio.Task[Any] | None  # the one task it belongs to (a task started inside does not inherit it)
     connection: Any = None
     bumped: int | None = None  # the version this transaction moved the counter to
     pending_changed: bool = False  # a pending join came, went, or was decided
@@ -220,7 +222,7 @@ class Store:
         """All or nothing: every write inside commits together, or none does. Nests (only
         the outermost commits; a write inside a read-only one is a bug). Listeners hear of
         a version bump after commit. `write=False`: a consistent read of one moment."""
-        current = self._current.get()
+        current = self._in_transaction()
         if current is not None:
             if write and not current.write:
                 raise RuntimeError("a write inside a read-only store transaction")
@@ -230,7 +232,7 @@ class Store:
             finally:
                 current.depth -= 1
             return
-        transaction = Transaction(write)
+        transaction = Transaction(write, asyncio.current_task())
         token = self._current.set(transaction)
         try:
             async with self._begin(transaction):
@@ -245,7 +247,11 @@ class Store:
             self._pending_moved()
 
     def _in_transaction(self) -> Transaction | None:
-        return self._current.get()
+        """The transaction the current task is in: a task started inside one copies the
+        context but is not in it (its connection and lock are the starter's, for as long as
+        the starter holds them)."""
+        transaction = self._current.get()
+        return transaction if transaction is not None and transaction.task is asyncio.current_task() else None
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call `listener` each time the known version moves (wakes long-polls)."""
