@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from tunnelmesh.coordinator.client import CoordinatorError
 from tunnelmesh.membership import MembershipError
@@ -36,10 +37,13 @@ class Admitter(Actor):
     name = "admitter"
     policy = "restart"
 
-    def __init__(self, paths: Paths, bus: EventBus) -> None:
+    def __init__(self, paths: Paths, bus: EventBus, coordinator_url: Callable[[], str] | None = None) -> None:
         super().__init__()
         self.paths = paths
         self.bus = bus
+        # The coordinator the node's client uses now (it fails over between [coordinator]
+        # urls); None: the one the network state names.
+        self.coordinator_url = coordinator_url
         self.countersigned = 0
         self.refused = 0
         self.problem: str | None = None
@@ -53,7 +57,8 @@ class Admitter(Actor):
         while True:
             try:
                 admin = Admin.load(self.paths)
-                async with admin.coordinator() as coordinator:
+                url = self.coordinator_url() if self.coordinator_url is not None else None
+                async with admin.coordinator(url) as coordinator:
                     while True:
                         asked = loop.time()
                         waiting = await coordinator.pending(POLL_WAIT, invited=True)

@@ -154,7 +154,7 @@ class ControlApi:
             me: Identity = await self.identity.ask(WhoAmI())
             ssh = ssh_endpoints(self.ssh_directory, self.coordinator.snapshot, base64.b64decode(me.wireguard_public_key))
         return await netcheck(self.nat_prober, port_mapping=self.port_mapper.mapping if self.port_mapper else None,
-                              coordinator_url=self.coordinator.state.url if self.coordinator is not None else None,
+                              coordinator_url=self.coordinator.url if self.coordinator is not None else None,
                               relay_urls=[relay.url for relay in self.transports.relays()], ssh=ssh,
                               port_mapping_error=self.port_mapper.error if self.port_mapper else None)
 

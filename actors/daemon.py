@@ -661,7 +661,7 @@ async def _run_claimed(paths: Paths) -> int:
                                               protocols=config.nat.port_mapping_protocols,
                                               lifetime=config.nat.port_mapping_lifetime))
         if paths.admin_key.exists():  # the admin's machine countersigns joins made with an invite
-            admitter = node.add(Admitter(paths, node.bus))
+            admitter = node.add(Admitter(paths, node.bus, lambda: client.url))  # the coordinator in use
         if transports.relay is not None:  # relays that members serve, as the map offers them
             ca_file = _ca_file(config)
             pool = node.add(RelayPool(

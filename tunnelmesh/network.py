@@ -394,8 +394,11 @@ class Admin:
             raise NetworkError(f"{exc}: the admin's machine seals the network secret to each new member") from None
         return sealed_secret(member, secret, peer_map.secret.epoch if peer_map.secret is not None else 0)
 
-    def coordinator(self) -> Coordinator:
-        return Coordinator(self.state.url, admin=self.key, ca_file=self.ca_file, tls_fingerprint=self.tls_fingerprint)
+    def coordinator(self, url: str | None = None) -> Coordinator:
+        """A client of the network's coordinator as the admin: at `url` (one of several on
+        one database, the one the daemon uses now), or the one the network state names."""
+        return Coordinator(url or self.state.url, admin=self.key, ca_file=self.ca_file,
+                           tls_fingerprint=self.tls_fingerprint)
 
     async def members(self, coordinator: Coordinator) -> tuple[PeerMap, list[MemberEntry]]:
         """Every verified member, this node included. Starts from the revocations this
