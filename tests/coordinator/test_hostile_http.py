@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.support.coordinator import UNLIMITED
+from tests.support.databases import Database
 from tunnelmesh.coordinator.app import make_app, serve
 from tunnelmesh.coordinator.guards import MALFORMED_REQUESTS
 from tunnelmesh.coordinator.store import open_store
@@ -41,9 +41,10 @@ async def send_raw(port: int, data: bytes) -> bytes:
         writer.close()
 
 
-def test_malformed_http_is_one_counted_line_never_a_traceback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_malformed_http_is_one_counted_line_never_a_traceback(database: Database,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> int:
-        store = await open_store(tmp_path / "c.db")
+        store = await open_store(database.url)
         app = make_app(store)
         runner = await serve(app, "127.0.0.1", 0)
         try:
@@ -65,12 +66,12 @@ def test_malformed_http_is_one_counted_line_never_a_traceback(tmp_path: Path, ca
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_refused_requests_in_a_loop_are_one_line_per_kind_a_minute(tmp_path: Path,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_refused_requests_in_a_loop_are_one_line_per_kind_a_minute(database: Database,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Well-framed requests the coordinator refuses (bad JSON, a member request without a
     signature), sent over and over: each kind is logged once, the rest counted in it later."""
     async def main() -> list[int]:
-        store = await open_store(tmp_path / "c.db")
+        store = await open_store(database.url)
         runner = await serve(make_app(store, limiter=RateLimiter(UNLIMITED, UNLIMITED)), "127.0.0.1", 0)
         try:
             base = f"http://127.0.0.1:{runner.addresses[0][1]}"

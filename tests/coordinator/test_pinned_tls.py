@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from tests.support.coordinator import identities
+from tests.support.databases import Database
 from tunnelmesh.coordinator.client import Coordinator, CoordinatorError
 from tunnelmesh.coordinator.app import make_app, serve
 from tunnelmesh.coordinator.store import open_store
@@ -39,12 +40,12 @@ async def _network_call(url: str, **options: Any) -> CoordinatorError:
     return info.value
 
 
-def _serving_tls(tmp_path: Path, scenario: Any) -> Any:
-    """Run `scenario(url, pin)` against a fresh coordinator serving TLS on 127.0.0.1."""
+def _serving_tls(tmp_path: Path, scenario: Any, db: Database) -> Any:
+    """Run `scenario(url, pin)` against a fresh coordinator over `db` serving TLS on 127.0.0.1."""
     pin = write_certificate(tmp_path / "c.pem", tmp_path / "c.key", "127.0.0.1")
 
     async def main() -> Any:
-        store = await open_store(tmp_path / "coordinator.db")
+        store = await open_store(db.url)
         runner = await serve(make_app(store), "127.0.0.1", 0, server_context(tmp_path / "c.pem", tmp_path / "c.key"))
         try:
             host, port = runner.addresses[0][:2]
@@ -56,7 +57,7 @@ def _serving_tls(tmp_path: Path, scenario: Any) -> Any:
     return asyncio.run(main())
 
 
-def test_the_right_pin_talks_to_the_coordinator_and_a_wrong_one_is_refused(tmp_path: Path) -> None:
+def test_the_right_pin_talks_to_the_coordinator_and_a_wrong_one_is_refused(tmp_path: Path, database: Database) -> None:
     async def scenario(url: str, pin: str) -> None:
         right = await _network_call(url, tls_fingerprint=pin)
         assert right.status == 503, str(right)  # the coordinator's own answer, over TLS: not set up yet
@@ -70,10 +71,10 @@ def test_the_right_pin_talks_to_the_coordinator_and_a_wrong_one_is_refused(tmp_p
         assert unpinned.status is None and "certificate verify failed" in str(unpinned), str(unpinned)
         assert "--tls-fingerprint" in str(unpinned) and "tunnelmesh status" in str(unpinned)
 
-    _serving_tls(tmp_path, scenario)
+    _serving_tls(tmp_path, scenario, database)
 
 
-def test_the_coordinators_relay_is_pinned_too(tmp_path: Path) -> None:
+def test_the_coordinators_relay_is_pinned_too(tmp_path: Path, database: Database) -> None:
     identity = identities()[0]
 
     async def scenario(url: str, pin: str) -> tuple[str, str]:
@@ -86,7 +87,7 @@ def test_the_coordinators_relay_is_pinned_too(tmp_path: Path) -> None:
             answers.append(str(info.value))
         return answers[0], answers[1]
 
-    right, wrong = _serving_tls(tmp_path, scenario)
+    right, wrong = _serving_tls(tmp_path, scenario, database)
     assert "answered HTTP 503" in right, right  # past TLS: the relay is there once the network is set up
     # Both fingerprints named: the pinned one and the one the server presented.
     assert WRONG in wrong and len(set(re.findall(r"sha256:[0-9a-f]{64}", wrong))) == 2 and "refusing" in wrong, wrong

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.coordinator import UNLIMITED, World, set_up
+from tests.support.databases import Database
 from tests.unit.test_config import load, load_error
 from tunnelmesh.coordinator.client import Coordinator
 from tunnelmesh.coordinator.metrics import CoordinatorCollector
@@ -287,11 +288,11 @@ def test_a_taken_port_is_an_error_naming_it_and_leaves_nothing_open() -> None:
     asyncio.run(scenario())
 
 
-def test_nodes_learn_it_in_the_register_reply_and_it_is_in_the_metrics(tmp_path: Path) -> None:
+def test_nodes_learn_it_in_the_register_reply_and_it_is_in_the_metrics(database: Database) -> None:
     world = World.create()
 
     async def scenario() -> None:
-        store = await open_store(tmp_path / "coordinator.db")
+        store = await open_store(database.url)
         app = make_app(store, limiter=RateLimiter(UNLIMITED, UNLIMITED))
         reflection = await start_reflection(app, ReflectionAddresses(("0.0.0.0", 0), ("0.0.0.0", 0)))
         runner = await serve(app, "127.0.0.1", 0)
