@@ -43,6 +43,21 @@ def caption(doc: dict[str, Any]) -> str:
             f"{' (medians)' if runs != 1 else ''}")
 
 
+def panel_grid(count: int, row_height: float) -> tuple[Any, list[Any]]:
+    """A matplotlib figure (Agg) of `count` panels, three a row, the rest of the last row
+    hidden: (figure, the panels' axes). The caller closes the figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    columns = 3
+    rows = -(-count // columns)
+    figure, axes = pyplot.subplots(rows, columns, figsize=(5 * columns, row_height * rows + 1), squeeze=False)
+    for axis in axes.flat[count:]:
+        axis.set_visible(False)
+    return figure, list(axes.flat[:count])
+
+
 def draw(doc: dict[str, Any], path: str | Path) -> list[str]:
     """Draw the document's medians (system -> metric -> value) to a PNG at `path`; raw veth
     is left out (its throughput would flatten every other bar). Returns the panels' metric
@@ -56,13 +71,9 @@ def draw(doc: dict[str, Any], path: str | Path) -> list[str]:
     panels = [(key, title) for key, title in PANELS if any(medians[s].get(key) is not None for s in systems)]
     if not panels:
         raise ValueError("no figures to draw: no system has a value for any charted metric")
-    columns = 3
-    rows = -(-len(panels) // columns)
-    figure, axes = pyplot.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows + 1), squeeze=False)
+    figure, axes = panel_grid(len(panels), 3.2)
     try:
-        for axis in axes.flat[len(panels):]:
-            axis.set_visible(False)
-        for axis, (key, title) in zip(axes.flat, panels):
+        for axis, (key, title) in zip(axes, panels):
             values = [medians[s].get(key) for s in systems]
             heights = [0.0 if v is None else v * SCALE.get(key, 1.0) for v in values]
             bars = axis.bar([COLUMN_TITLES[s] for s in systems], heights, color=[COLORS[s] for s in systems])

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from tools.benchchart import panel_grid
 from tools.benchreport import percentile
 
 BACKENDS = ("sqlite", "postgresql")
@@ -184,13 +185,9 @@ def draw(doc: dict[str, Any], path: str | Path) -> list[str]:
     if not panels:
         raise ValueError("no figures to draw: no run finished with a value for any charted figure")
     labels = list(dict.fromkeys(series_label(run) for run in runs))
-    columns = 3
-    rows = -(-len(panels) // columns)
-    figure, axes = pyplot.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows + 1), squeeze=False)
+    figure, axes = panel_grid(len(panels), 3.6)
     try:
-        for axis in axes.flat[len(panels):]:
-            axis.set_visible(False)
-        for axis, (key, title, log_y) in zip(axes.flat, panels):
+        for axis, (key, title, log_y) in zip(axes, panels):
             for label in labels:
                 points = sorted((run["nodes"], run[key]) for run in runs
                                 if series_label(run) == label and run.get(key) is not None)
