@@ -203,7 +203,7 @@ def draw(doc: dict[str, Any], path: str | Path) -> list[str]:
             axis.set_title(title, fontsize=9)
             axis.margins(y=0.2)
             axis.tick_params(labelsize=8)
-        axes.flat[0].legend(fontsize=8)
+        axes[0].legend(fontsize=8)
         machine = doc.get("machine") or {}
         figure.suptitle(f"tools.coordsim: simulated nodes against real coordinators\n{machine.get('date', '?')}: "
                         f"{machine.get('cpu_model', '?')}, {machine.get('cpus', '?')} cores, "
