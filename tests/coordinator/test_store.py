@@ -20,6 +20,7 @@ import pytest
 from tests.support.coordinator import SECRET, World
 from tests.support.databases import Database, assert_no_secret, sqlite_database
 from tunnelmesh.coordinator.store import PendingRow, Store, StoreError, open_store
+from tunnelmesh.coordinator.store.postgres import without_password
 from tunnelmesh.coordinator.store.schema import MIGRATIONS, TABLES, postgres_ddl
 from tunnelmesh.coordinator.store.sqlite import SqliteStore
 from tunnelmesh.membership import SecretRecord, b64
@@ -497,3 +498,15 @@ def test_a_task_started_inside_a_transaction_is_not_in_it(database: Database, wo
             assert store.version == await store.read_version() == 2 and heard == [2]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("dsn", "shown"), [
+    ("postgresql://tm:hunter2@db.example/tm", "postgresql://tm@db.example/tm"),
+    ("postgresql://tm@db.example/tm?sslpassword=hunter2&sslmode=require",
+     "postgresql://tm@db.example/tm?sslmode=require"),
+    ("postgresql://tm:hunter2@db.example/tm?password=hunter2", "postgresql://tm@db.example/tm"),
+    ("postgresql://:hunter2@db.example/tm", "postgresql://db.example/tm"),
+    ("postgresql://tm@/tm?host=/run/postgresql", "postgresql://tm@/tm?host=/run/postgresql"),
+])
+def test_a_connection_string_is_shown_without_any_password(dsn: str, shown: str) -> None:
+    assert without_password(dsn) == shown

@@ -65,13 +65,13 @@ def without_password(dsn: str) -> str:
     """The connection string as it may be shown: its password (if any) cut out."""
     try:
         parts = urllib.parse.urlsplit(dsn)
-        if parts.password is None:
-            query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-            kept = [(k, v) for k, v in query if k.lower() != "password"]
-            return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept, safe="/")))
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}@{netloc}" if user else netloc))
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        kept = [(k, v) for k, v in query if "password" not in k.lower()]  # password, sslpassword
+        parts = parts._replace(query=urllib.parse.urlencode(kept, safe="/"))
+        if parts.password is not None:
+            host = parts.netloc.rsplit("@", 1)[1]
+            parts = parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host)
+        return urllib.parse.urlunsplit(parts)
     except ValueError:
         return "postgresql://(a connection string that does not parse)"
 
