@@ -104,7 +104,7 @@ class CoordinatorConfig:
     stun: ReflectionAddresses | None = None
     #: On PostgreSQL: the file whose first line is the database's password, and where the
     #: other coordinators reach this one's relay links (default: from `serve`).
-    db_password_file: Path | None = None
+    db_password_file: Path | None = field(default=None, repr=False)  # where the secret is: kept out of reprs all the same
     cluster_url: str | None = None
 
 
