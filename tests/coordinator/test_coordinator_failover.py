@@ -38,6 +38,7 @@ from tunnelmesh.coordinator.store import Store
 from tunnelmesh.links import relay as relay_module
 from tunnelmesh.links.relay import RelayClient
 from tunnelmesh.membership import PeerMap, Revocation
+from tunnelmesh.nat.report import MAPPED, Candidate
 from tunnelmesh.netstate import NetworkState
 from tunnelmesh.ratelimit import Rate, RateLimiter
 
@@ -254,8 +255,9 @@ def test_a_refusal_is_the_networks_answer_and_moves_the_node_nowhere(tmp_path: P
             ghost = world.admin_member(3, "ghost", 9)  # signed by the admin, never given to a coordinator
             async with node(world, 3, ghost, [first.url, second.url], tmp_path, on_revoked=stopped.append) as (
                     client, _):
-                await until("refused twice", lambda: len(first.asked("POST /v1/register")) == 3, 20)
-                assert client.url == first.url and client.connection == "unreachable"
+                await until("refused twice", lambda: len(first.asked("POST /v1/register")) == 3
+                            and client.connection == "unreachable", 20)
+                assert client.url == first.url
                 assert client.error is not None and "unknown node" in client.error
             assert second.requests == [] and len(stopped) == 1
 
@@ -277,13 +279,18 @@ def test_a_later_coordinator_that_refuses_the_node_does_not_keep_it_from_the_pre
                 proxy_answering(404, asked) as proxy:
             await first.stop()
             async with node(world, 1, one, [first.url, proxy], tmp_path, on_revoked=lambda why: None) as (client, _):
-                await until("refused by the proxy", lambda: asked and client.url == proxy, 20)
-                assert client.connection == "unreachable" and "HTTP 404" in (client.error or "")
+                # Its answer handled, not only asked (the proxy records the request before the client reads the 404).
+                await until("refused by the proxy", lambda: asked and client.url == proxy
+                            and client.connection == "unreachable", 20)
+                assert "HTTP 404" in (client.error or "")
                 await first.start()
                 await until("back on the first", lambda: client.url == first.url
                             and client.connection == "connected", 20)
                 assert f"switching back from {proxy}" in caplog.text
                 assert set(asked) == {"POST /v1/register"}  # the proxy was asked only to register
+                registers = len(first.asked("POST /v1/register"))
+                client.set_mapped(Candidate("198.51.100.9", 40100, MAPPED))  # registered beside the long-poll
+                await until("following the first's map", lambda: len(first.asked("POST /v1/register")) > registers, 20)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
@@ -309,6 +316,9 @@ def test_a_later_coordinator_refusing_again_and_again_is_left_for_the_next(
                 assert switched[-1].startswith(
                     f"coordinator {proxy} refused this node {failover.REFUSALS_TO_MOVE} times in a row (")
                 assert switched[-1].endswith(f"); switched to {third.url}")
+                registers = len(third.asked("POST /v1/register"))
+                client.set_mapped(Candidate("198.51.100.9", 40100, MAPPED))  # registered beside the long-poll
+                await until("following the third's map", lambda: len(third.asked("POST /v1/register")) > registers, 20)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
