@@ -175,7 +175,8 @@ async def _wait_for_agent(paths: Paths, socket: str, fingerprint: str | None, re
     try:
         while True:
             try:
-                await asyncio.wait_for(stop.wait(), POLL_INTERVAL)
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await stop.wait()
             except TimeoutError:
                 pass
             if stop.is_set():

@@ -231,8 +231,9 @@ class NatProber(Actor):
     async def _resolve(self, name: str) -> Address | None:
         host, _, port = name.rpartition(":")
         try:
-            infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
-                host.strip("[]"), int(port), family=socket.AF_INET, type=socket.SOCK_DGRAM), RESOLVE_TIMEOUT)
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host.strip("[]"), int(port), family=socket.AF_INET, type=socket.SOCK_DGRAM)
         except (OSError, ValueError, TimeoutError):
             return None
         return infos[0][4][:2] if infos else None
@@ -253,7 +254,8 @@ class NatProber(Actor):
                 except OSError as exc:
                     return f"cannot send: {exc.strerror or exc}"
                 try:
-                    result = await asyncio.wait_for(asyncio.shield(answer), wait)
+                    async with asyncio.timeout(wait):
+                        result = await asyncio.shield(answer)
                 except TimeoutError:
                     wait *= 2
                     continue

@@ -66,7 +66,8 @@ async def reach(what: str, host: str, port: int, clock: Clock = SYSTEM_CLOCK) ->
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     started = clock.monotonic()
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port)
     except TimeoutError:
         return Reach(what, target, None, f"no answer within {CONNECT_TIMEOUT:g} s")
     except OSError as exc:

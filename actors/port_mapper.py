@@ -71,7 +71,8 @@ class PortMapper(Actor):
         retry = RETRY_FIRST
         while True:
             try:
-                granted = await asyncio.wait_for(self._ask(), ATTEMPT_TIMEOUT)
+                async with asyncio.timeout(ATTEMPT_TIMEOUT):
+                    granted = await self._ask()
             except EXPECTED as exc:
                 self._failed(str(exc) or type(exc).__name__)
             except Exception as exc:  # noqa: BLE001 - a library's bug, a gateway's odd answer: keep renewing
@@ -131,7 +132,8 @@ class PortMapper(Actor):
             return
         self.granted = None
         try:
-            await asyncio.wait_for(client.delete(granted), DELETE_TIMEOUT)
+            async with asyncio.timeout(DELETE_TIMEOUT):
+                await client.delete(granted)
             log.info("nat: port mapping UDP %s:%d deleted", granted.external_address, granted.external_port)
         except (TimeoutError, *MAP_ERRORS) as exc:
             log.warning("nat: port mapping UDP %s:%d not deleted (%s); it expires within %d s",

@@ -161,8 +161,10 @@ class Actor:
 
     async def ask(self, body: Any, timeout: float = 10.0) -> Any:
         request = Request(body)
-        await asyncio.wait_for(self.mailbox.put(request), timeout)
-        return await asyncio.wait_for(request.reply, timeout)
+        async with asyncio.timeout(timeout):
+            await self.mailbox.put(request)
+        async with asyncio.timeout(timeout):
+            return await request.reply
 
     def start_task(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
         """Run `coro` as a child of this actor: cancelled and awaited when the actor

@@ -542,7 +542,8 @@ class PeerSession(Actor):
         sent = self.clock.monotonic()
         self.datapath.send_packet(self.peer, packet)
         try:
-            answered = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                answered = await future
         except asyncio.TimeoutError:
             return m.PingResult(self.peer_name, False, path_status(self.peer.endpoint),
                                 error=f"no reply from {self.mesh_ip} within {timeout:g} s")

@@ -279,7 +279,8 @@ async def join_one(client: Coordinator, node: SimNode, world: World, approved: a
     first = await ask_to_join(client, node, deadline, refused)
     if not first.get("pending"):
         raise RuntimeError(f"{node.name}: admitted before any approval: {first}")
-    await asyncio.wait_for(approved.wait(), max(0.0, deadline - time.monotonic()))
+    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+        await approved.wait()
     result = await ask_to_join(client, node, deadline, refused)
     member = MemberEntry.from_wire(result.get("member"), world.network)
     if member.wg_key != node.identity.public.wg_public_key:

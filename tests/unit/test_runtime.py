@@ -93,6 +93,26 @@ def test_ask_waits_for_room_in_a_full_mailbox_and_is_answered() -> None:
     assert answer == "question" and handled == [0, 1, 2, 3, "question"]
 
 
+def test_a_cancel_arriving_as_the_answer_does_is_not_lost() -> None:
+    """The asker is cancelled (the daemon stops) in the loop turn its answer arrives in:
+    it must end cancelled. Python 3.11's asyncio.wait_for returned the answer instead and
+    left the task marked as cancelling: it then sat in its next TaskGroup and the daemon's
+    shutdown waited for it for ever (seen after a coordinator failover)."""
+    async def scenario() -> tuple[bool, int]:
+        actor = Recorder()
+        asker = asyncio.create_task(actor.ask("question"))
+        request = await actor.mailbox.get()  # the actor's side, by hand: answer, then cancel at once
+        request.reply.set_result("answer")
+        asker.cancel()
+        try:
+            await asker
+        except asyncio.CancelledError:
+            return True, asker.cancelling()
+        return False, asker.cancelling()
+
+    assert asyncio.run(scenario()) == (True, 1)
+
+
 class Parent(Actor):
     """Starts one child task that runs until cancelled and notes that it was."""
 

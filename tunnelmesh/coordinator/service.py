@@ -389,7 +389,8 @@ class _Service:
             if await self.store.pending(key, self._fresh_since(now)) is None:
                 raise Refused(409, "the join request is gone (expired or replaced): run the join again")
             try:
-                await asyncio.wait_for(changed.wait(), deadline - loop.time())
+                async with asyncio.timeout(deadline - loop.time()):
+                    await changed.wait()
             except TimeoutError:
                 break
         return web.json_response({"pending": True, "countersign": True,
@@ -497,7 +498,8 @@ class _Service:
             remaining = deadline - loop.time()
             interval = self.store.poll_interval
             try:
-                await asyncio.wait_for(changed.wait(), remaining if interval is None else min(remaining, interval))
+                async with asyncio.timeout(remaining if interval is None else min(remaining, interval)):
+                    await changed.wait()
             except TimeoutError:
                 if loop.time() >= deadline:
                     return
@@ -552,7 +554,8 @@ class _Service:
             if rows or self._closing or loop.time() >= deadline:
                 break
             try:
-                await asyncio.wait_for(changed.wait(), deadline - loop.time())
+                async with asyncio.timeout(deadline - loop.time()):
+                    await changed.wait()
             except TimeoutError:
                 break
         hosts = iter(await self.store.free_hosts(sum(1 for row in rows if row.entry is None)))

@@ -27,8 +27,8 @@ class AsyncControlClient:
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
-            return await asyncio.wait_for(asyncio.open_unix_connection(str(self.path), limit=MAX_REPLY + 1),
-                                          self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.open_unix_connection(str(self.path), limit=MAX_REPLY + 1)
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
             raise _connect_error(self.path, exc) from None
         except (asyncio.TimeoutError, OSError) as exc:
@@ -39,7 +39,8 @@ class AsyncControlClient:
         reader, writer = await self._open()
         try:
             writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            line = await asyncio.wait_for(reader.readline(), timeout or self.timeout)
+            async with asyncio.timeout(timeout or self.timeout):
+                line = await reader.readline()
         except asyncio.TimeoutError:
             raise ControlError("the daemon did not answer in time") from None
         except ValueError:  # the line outgrew the reader's limit
@@ -66,7 +67,8 @@ class AsyncControlClient:
         reader, writer = await self._open()
         try:
             writer.write(b'{"cmd":"events"}\n')
-            line = await asyncio.wait_for(reader.readline(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                line = await reader.readline()
             _versioned(Subscribed, _result(_parse_reply(line or b"{}"),
                                            "the daemon closed the connection without answering"))
             while line := await reader.readline():

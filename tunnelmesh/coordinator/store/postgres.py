@@ -131,7 +131,8 @@ class PostgresStore(Store):
                 self._listener.terminate()
         self._listener = None
         try:
-            await asyncio.wait_for(self._pool.close(), TIMEOUT)
+            async with asyncio.timeout(TIMEOUT):
+                await self._pool.close()
         except Exception:
             self._pool.terminate()
 

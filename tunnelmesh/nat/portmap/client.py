@@ -112,7 +112,8 @@ async def exchange(local_address: str, gateway: str, request: bytes, parse: Call
             deadline = loop.time() + wait
             while (left := deadline - loop.time()) > 0:
                 try:
-                    answer = await asyncio.wait_for(answers.queue.get(), left)
+                    async with asyncio.timeout(left):
+                        answer = await answers.queue.get()
                 except TimeoutError:
                     break
                 if isinstance(answer, ConnectionRefusedError):

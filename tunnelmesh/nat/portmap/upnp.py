@@ -69,7 +69,8 @@ class UpnpGateway:
                                       connect_callback=lambda: listener.async_search())
         try:
             await listener.async_start()
-            location = await asyncio.wait_for(found, timeout)
+            async with asyncio.timeout(timeout):
+                location = await found
         except TimeoutError:
             raise UpnpUnavailable(f"no InternetGatewayDevice at {gateway} answered SSDP within {timeout:g} s") from None
         except OSError as exc:
@@ -78,7 +79,8 @@ class UpnpGateway:
             listener.async_stop()
         try:
             factory = UpnpFactory(AiohttpRequester(timeout=HTTP_SECONDS), non_strict=True)
-            device = await asyncio.wait_for(factory.async_create_device(location), HTTP_SECONDS * 3)
+            async with asyncio.timeout(HTTP_SECONDS * 3):
+                device = await factory.async_create_device(location)
         except (UpnpError, TimeoutError, ValueError) as exc:
             raise UpnpUnavailable(f"IGD description at {location}: {exc}") from None
         if not IgdDevice.is_profile_device(device):
@@ -115,7 +117,8 @@ class UpnpGateway:
     @staticmethod
     async def _call(call: Awaitable[T], action: str) -> T:
         try:
-            return await asyncio.wait_for(call, HTTP_SECONDS)
+            async with asyncio.timeout(HTTP_SECONDS):
+                return await call
         except (UpnpError, TimeoutError) as exc:
             code = exc.error_code if isinstance(exc, UpnpActionError) else None
             raise UpnpUnavailable(f"{action}: {exc or type(exc).__name__}", code) from None
