@@ -48,7 +48,9 @@ side effects flushed once per event-loop iteration.
 After each batch the core's side effects are flushed: datagrams it queued
 (handshakes, keepalives, staged packets) are sent, its events go to the peer
 sessions (`on_event`, a direct call: they own the peers' paths), and the
-sessions of touched peers re-arm their timers if a deadline moved earlier.
+sessions of touched peers (sent to, or named in the core's `timers_changed`: an
+authenticated message came from them) re-arm their timers if a deadline moved
+earlier.
 """
 
 from __future__ import annotations
@@ -456,7 +458,8 @@ class DataPath:
         except Exception:
             self._internal_error("inbound")
         device = self.device
-        if (device.transmits or device.events or self._touched) and not self._flush_pending and self._loop is not None:
+        if (device.transmits or device.events or device.timers_changed or self._touched) and not self._flush_pending \
+                and self._loop is not None:
             self._flush_pending = True
             self._loop.call_soon(self.flush)
 
@@ -512,6 +515,9 @@ class DataPath:
                 self.send_to(datagram, endpoint)
             device.transmits.clear()
         touched = self._touched
+        if device.timers_changed:
+            touched |= device.timers_changed
+            device.timers_changed.clear()
         while device.events:
             event = device.events.popleft()
             session: PeerSession = event.peer.owner

@@ -1,7 +1,8 @@
 """The peer session actor: one per peer, the one writer of its peer's path and keys.
 
 It owns the peer's timer (a single `loop.call_at`, re-armed whenever the core's
-next deadline moves earlier, as aioquic's asyncio layer does) and its path
+next deadline moves earlier than the armed one; a later one waits for the armed
+timer to fire early and re-arm, so traffic costs no timer per batch) and its path
 selector (tunnelmesh.path_selector, sans-IO). The WireGuard state lives in the
 core's `Peer`, which the data path also touches (same thread, no locks); of it,
 only this session writes `endpoint` (where packets go) and `preshared_key`.
@@ -13,7 +14,9 @@ batch: the hot path's documented exception to message passing.
 It turns core events into one log line each and typed events on the bus, feeds
 the selector (handshakes with the path they came on, link failures and, once a
 second, on the mesh's `Ticker` that ticks every session on one timer, the core's
-view of unanswered traffic) and carries out what it returns:
+view of unanswered traffic; a session whose path is at rest, on the best rung with
+nothing to probe or decide, stops ticking until traffic or a message comes, so an
+idle daemon is not woken every second) and carries out what it returns:
 probes (handshake initiations on chosen rungs, dialling an SSH link first if need
 be) and switches (setting `peer.endpoint` to the rung's UDP address or link).
 
@@ -145,6 +148,7 @@ class PeerSession(Actor):
         self._dialling: asyncio.Task[None] | None = None
         self.ticker = ticker or Ticker()  # the mesh's, shared by its sessions
         self._ticking = False  # subscribed to the ticker
+        self._resting = False  # the ticks stopped at rest (PathSelector.at_rest): the next input starts them
         # Hole punching (tunnelmesh/punch.py): asking the coordinator to tell both ends, and
         # the punch in progress when told. `request_punch` is None without a coordinator.
         self.request_punch = request_punch
@@ -162,22 +166,28 @@ class PeerSession(Actor):
     # --- timers (called by the data path, on the event loop thread) ----------------
 
     def reschedule(self) -> None:
+        """After the core saw this peer's packets or its timer fired: the loop timer is armed
+        for the core's earliest deadline when that moved earlier. One that moved later keeps
+        the armed timer, which then fires early, finds nothing due and re-arms (traffic moves
+        the deadlines later with nearly every packet: no timer is cancelled and made per
+        batch). Traffic also wakes the ladder's tick, stopped while the path was at rest."""
         peer = self.peer
         if peer is None or self._stopped:
             return
+        if self._resting:
+            self._start_ticking()
         deadline = peer.get_timer()
-        if deadline == self._armed_at:
+        armed = self._armed_at
+        if deadline is None or armed is not None and armed <= deadline:
             return
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         self._armed_at = deadline
-        if deadline is not None:
-            # The loop's clock is the clock's monotonic, the core's `now`.
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(deadline, self._fire)
+        # The loop's clock is the clock's monotonic, the core's `now`.
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(deadline, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
@@ -252,6 +262,8 @@ class PeerSession(Actor):
     # --- the transport ladder ---------------------------------------------------------
 
     def _apply(self, actions: list[rungs.Action]) -> None:
+        if actions and self._resting:
+            self._start_ticking()
         for action in actions:
             if isinstance(action, Probe):
                 self._probe(action.rungs)
@@ -478,8 +490,18 @@ class PeerSession(Actor):
             self._apply(actions)
             if gave_up:
                 peer.abandon_handshake()  # the search gave up: quiet until new traffic asks for the peer
+            if self.selector.at_rest(now, current=peer.endpoint, unanswered_since=unanswered, other=peer.other_source,
+                                     other_at=peer.other_at, handshaking=peer.t_retransmit is not None):
+                self._stop_ticking()  # an idle daemon's peers wake nothing until traffic or a message
+                self._resting = True
         except Exception:
             log.exception("%s: ladder tick failed", self.peer_name)
+
+    def _start_ticking(self) -> None:
+        self._resting = False
+        if not self._ticking:
+            self.ticker.subscribe(self._tick)
+            self._ticking = True
 
     def _stop_ticking(self) -> None:
         if self._ticking:
@@ -501,9 +523,7 @@ class PeerSession(Actor):
             assert self.peer is not None
             self._apply(self.selector.start(self.peer.endpoint, self.clock.monotonic()))
             self.reschedule()
-            if not self._ticking:
-                self.ticker.subscribe(self._tick)
-                self._ticking = True
+            self._start_ticking()
             return None
         if isinstance(message, m.SetCandidates):
             assert self.peer is not None

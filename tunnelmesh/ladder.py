@@ -133,6 +133,22 @@ class Ladder:
                 out.append((rung, f"not answering yet ({note})", None))
         return out
 
+    def at_rest(self, now: float, *, unanswered_since: float | None, stray: tuple[str, float] | None) -> bool:
+        """Whether `tick` can do nothing until an input comes (a handshake, a failure, data
+        sent unanswered, a packet on another rung): the current rung is the best enabled one
+        (or the search gave up), no probe or search is on, no step-down is on trial and no
+        answer on another rung could still become a change. The caller may stop ticking and
+        start again with the next input (the inputs are the same as `tick`'s)."""
+        if self.searching or self._returning or self._probed_at or self._stepped_down_at is not None:
+            return False
+        if self.current is None:
+            return True  # the search gave up: traffic starts it again
+        if self.current != self.rungs[0] or unanswered_since is not None:
+            return False
+        if stray is not None and stray[0] != self.current and now - stray[1] < FAILING_AFTER:
+            return False
+        return not self._fresh_answers(now, failing_since=float("inf"))
+
     def _may_change(self, now: float) -> bool:
         return self.last_change is None or now - self.last_change >= HOLD
 
@@ -315,16 +331,21 @@ class Ladder:
         any answer since the failure began is fresh: the search re-probes only
         every RESEARCH s and a probe can be lost, so FRESH alone could let the
         hold end between two answers and keep the pair on a dead rung."""
-        assert self.current is not None
-        current_rank = self.rank(self.current)
         failing_since = self._search_started if self._failing == self.current and self.searching else float("inf")
-        fresh = [r for r, at in self._answered_at.items() if r != self.current
-                 and (now - at < FRESH or at >= failing_since)
-                 and at > (self.last_change or float("-inf"))
-                 and (self.rank(r) < current_rank or at > self._last_rx_current)]
+        fresh = self._fresh_answers(now, failing_since=failing_since)
         if not fresh:
             return None
         return max(fresh, key=lambda r: self._answered_at[r])
+
+    def _fresh_answers(self, now: float, *, failing_since: float) -> list[str]:
+        """The other rungs whose answers could still make a change (see `_held_change`); an
+        answer that is not fresh now never is again (the times it is held against only grow)."""
+        assert self.current is not None
+        current_rank = self.rank(self.current)
+        return [r for r, at in self._answered_at.items() if r != self.current
+                and (now - at < FRESH or at >= failing_since)
+                and at > (self.last_change or float("-inf"))
+                and (self.rank(r) < current_rank or at > self._last_rx_current)]
 
     def _switch(self, rung: str, now: float, why: str) -> list[Action]:
         self._undo = {name: getattr(self, name) for name in _SWITCH_STATE}

@@ -153,6 +153,16 @@ class PathSelector:
         gave_up = searching and not ladder.searching and ladder.current is None
         return actions, gave_up
 
+    def at_rest(self, now: float, *, current: object | None, unanswered_since: float | None,
+                other: object | None, other_at: float, handshaking: bool) -> bool:
+        """Whether ticks can do nothing until the next input (Ladder.at_rest); the
+        arguments are `tick`'s."""
+        if handshaking and self.ladder.current is None:
+            return False  # traffic wants the peer: the next tick starts the search
+        stray = (rung_of(other), other_at) if other is not None and (
+            current is None or rung_of(other) != rung_of(current)) else None
+        return self.ladder.at_rest(now, unanswered_since=unanswered_since, stray=stray)
+
     def unavailable(self, rung: str, reason: str, now: float) -> list[Action]:
         return self.ladder.unavailable(rung, reason, now)
 

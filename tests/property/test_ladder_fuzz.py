@@ -78,3 +78,32 @@ def test_ladder_invariants_hold_for_any_inputs(enabled: set[str], script: list) 
         assert [rung for rung, _, _ in why] == [r for r in RUNGS[:limit] if r in {r for r, _, _ in why}]
         assert {r for r in RUNGS[:limit] if r not in enabled} <= {r for r, _, _ in why}
     assert ladder.changes == changes
+
+
+@FUZZ
+@given(
+    enabled=st.sets(st.sampled_from(RUNGS), min_size=1),
+    script=st.lists(st.tuples(steps, inputs), max_size=60),
+    later=st.lists(st.floats(min_value=0.0, max_value=400.0, allow_nan=False), min_size=1, max_size=8),
+)
+def test_a_ladder_at_rest_does_nothing_on_any_later_tick_without_new_input(
+        enabled: set[str], script: list, later: list[float]) -> None:
+    """What lets a session stop ticking (actors/session.py): once `at_rest`, ticks at any
+    later times, with nothing new (no unanswered data, no packet on another rung, the
+    current rung heard last when it was), return no action and leave it at rest."""
+    ladder = Ladder(tuple(enabled))
+    now = 0.0
+    rested = 0
+    for step, event in script:
+        now += step
+        feed(ladder, event, now)
+        if not ladder.at_rest(now, unanswered_since=None, stray=None):
+            continue
+        rested += 1
+        received = ladder._last_rx_current if ladder.current is not None else None
+        state = (ladder.current, ladder.changes, ladder.probe_interval, dict(ladder.reasons))
+        for offset in sorted(later):
+            assert ladder.tick(now + offset, unanswered_since=None, received_on_current=received, stray=None) == []
+            assert ladder.at_rest(now + offset, unanswered_since=None, stray=None)
+        assert (ladder.current, ladder.changes, ladder.probe_interval, dict(ladder.reasons)) == state
+        now += max(later)

@@ -134,6 +134,9 @@ class Device:
         # The peer whose packet `receive` last returned (set, not allocated, per packet):
         # the caller's packet filter judges a packet by who sent it.
         self.received_from: Peer | None = None
+        # Peers whose timers an authenticated message changed (e.g. a keepalive now due in
+        # KEEPALIVE_TIMEOUT after data came in): the caller re-arms theirs and clears this.
+        self.timers_changed: set[Peer] = set()
 
     def __repr__(self) -> str:
         return f"<Device peers={len(self._peers)}>"

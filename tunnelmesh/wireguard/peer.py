@@ -523,6 +523,7 @@ class Peer:
         self._timers_any_authenticated_packet_received()
         if data:
             self._timers_data_received(now)
+        self.device.timers_changed.add(self)
 
     def use_endpoint(self, endpoint: Endpoint | None) -> None:
         """The caller moves the send path. What the core reports about other sources starts
@@ -546,12 +547,13 @@ class Peer:
     # --- timers --------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        deadlines = [
-            t
-            for t in (self.t_retransmit, self.t_send_keepalive, self.t_new_handshake, self.t_zero_keys, self.t_persistent_keepalive)
-            if t is not None
-        ]
-        return min(deadlines) if deadlines else None
+        """The earliest deadline of the timers set, if any (asked after every batch that
+        touched the peer: no list made)."""
+        earliest = self.t_retransmit
+        for t in (self.t_send_keepalive, self.t_new_handshake, self.t_zero_keys, self.t_persistent_keepalive):
+            if t is not None and (earliest is None or t < earliest):
+                earliest = t
+        return earliest
 
     def handle_timer(self, now: float, wall: float) -> None:
         if self.t_retransmit is not None and now >= self.t_retransmit:
