@@ -11,6 +11,10 @@ directly. The stages, in order:
     inbound:  UDP readable -> recvmsg_into -> [split] -> demux -> Device.receive -> deliver
     deliver:  in-tunnel ping answers taken -> [filter] -> [coalesce] -> write to the TUN
 
+An inbound batch that wrote to the TUN ends with the outbound drain: what the kernel
+answered (a ping's reply, TCP's ACKs) is queued by the time the write returns, so it
+leaves in the same loop turn rather than after another epoll wake-up.
+
 The offloads (docs/architecture.md, "Data path"): with a TUN that has the virtio-net
 header (actors/tun.py), a read may be a TCP or UDP super-packet of up to 64 KiB;
 `[segment]` splits it in place into MTU-sized packets (tunnelmesh.offload.segments),
@@ -185,6 +189,7 @@ class DataPath:
         self.pings: dict[tuple[int, int], asyncio.Future[float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_pending = False
+        self._wrote_tun = False  # since the last inbound batch began
 
     @property
     def offloads(self) -> str:
@@ -349,6 +354,12 @@ class DataPath:
         except Exception:
             self._internal_error("inbound")
         self._write_coalesced()  # the pending super-packet leaves with its batch
+        if self._wrote_tun:
+            # The kernel's answers to what was just written (a ping's reply, TCP's ACKs) are
+            # queued on the TUN already: they leave now, not after another loop turn.
+            self._wrote_tun = False
+            self._on_tun_readable()  # flushes
+            return
         self.flush()
 
     def _internal_error(self, direction: str) -> None:
@@ -437,6 +448,7 @@ class DataPath:
             self._write_tun(coalescer.finish())
 
     def _write_tun(self, data: memoryview) -> None:
+        self._wrote_tun = True
         try:
             self.tun.write(data)
         except BlockingIOError:

@@ -119,6 +119,44 @@ def test_decrypted_packets_leave_by_the_one_delivery_function() -> None:
         tun.close()
 
 
+def test_what_the_kernel_answers_to_a_write_leaves_in_the_same_batch() -> None:
+    """The kernel queues its answer to a packet written to the TUN (an echo reply, an
+    ACK) before the write returns: the inbound batch ends with the outbound drain, so the
+    answer is sealed and sent without waiting for the TUN's own readiness callback."""
+    pair = PeerPair()
+    pair.handshake()
+    pair.b_peer.owner = _Owner()
+    tun, bind = MemoryTun("tm-test"), UdpBind.open(0)
+    peer_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer_socket.bind(("127.0.0.1", 0))
+    peer_socket.settimeout(2)
+    try:
+        datapath = DataPath(pair.b, tun, bind, FixedClock(pair.now, pair.wall))
+        pair.b_peer.use_endpoint(peer_socket.getsockname())
+        request = icmp_echo(ipaddress.IPv4Address(A_IP), ipaddress.IPv4Address(B_IP), 9, 1, b"are you there")
+        reply = icmp_echo(ipaddress.IPv4Address(B_IP), ipaddress.IPv4Address(A_IP), 9, 1, b"are you there", reply=True)
+        write = tun.write
+
+        def kernel_answers(data: bytes) -> int:
+            written = write(data)
+            tun.app.send(reply)  # queued before the write returns, as the kernel's would be
+            return written
+
+        tun.write = kernel_answers  # type: ignore[method-assign]
+        pair.send_packet("a", request)
+        ((datagram, _),) = pair.a.transmits
+        peer_socket.sendto(datagram, ("127.0.0.1", datapath.port))
+        datapath._on_udp_readable()  # the TUN's readiness callback is never called
+        assert tun.app.recv(65536) == request
+        sealed = peer_socket.recv(65536)
+        assert pair.inject("a", sealed) and pair.delivered_to_a == [reply]
+        assert not datapath.drops and not pair.a.drops and not pair.b.drops
+    finally:
+        peer_socket.close()
+        bind.close()
+        tun.close()
+
+
 class FixedClock:
     def __init__(self, monotonic: float, wall: float) -> None:
         self._monotonic, self._wall = monotonic, wall
