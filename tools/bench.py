@@ -19,7 +19,9 @@ Also measured: connect time (from starting the second node, `tunnelmesh up --det
 `b` or its wireguard-go/nebula process and configuration, to b's first answered ping of
 a, pinging every 50 ms; for tunnelmesh it includes the CLI's own start, recorded alone as
 "up_s" in the JSON), the RSS of node a's tunnel daemon (/proc/<pid>/status), idle after
-connecting and again after the TCP runs (peak VmHWM in the JSON), and RSS per peer: one
+connecting and again after the TCP runs (peak VmHWM in the JSON), how often that daemon
+wakes while idle with its one peer (context switches of all its threads per minute, over
+T seconds from 5 s after connecting: timers, keepalives, ladder ticks), and RSS per peer: one
 daemon alone with 1, 10, 100 and 1,000 made-up static peers, its idle RSS at each and the
 slope in KiB per peer (tools/footprint.py says how each system is given its peers).
 
@@ -67,9 +69,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tools import footprint
-from tools.benchlab import (MESH_PREFIXLEN, NEBULA_PORT, WG_PORT, BenchError, cpu_seconds, fresh_lab, link_counters,
-                            log, nebula_ca, nebula_config, need_nebula, process_alive, rss_mib, start_nebula,
-                            start_wireguard_go, wait_until, wg_key_pair)
+from tools.benchlab import (MESH_PREFIXLEN, NEBULA_PORT, WG_PORT, BenchError, cpu_seconds, fresh_lab,
+                            idle_wakeups_per_minute, link_counters, log, nebula_ca, nebula_config, need_nebula,
+                            process_alive, rss_mib, start_nebula, start_wireguard_go, wait_until, wg_key_pair)
 from tools.benchreport import (FILTERED, METRIC_KEYS, MTU, SYSTEMS, TUNNELS, UDP_HEADERS, UDP_SIZES,
                                counter_shortfalls, cpu_per_gb, document, format_table, parse_cpu_model, parse_iperf3,
                                parse_iperf3_udp, parse_ping, parse_wg_transfer, ratio_note, summarize)
@@ -82,6 +84,7 @@ MESH_A, MESH_B = "100.100.0.1", "100.100.0.2"
 IPERF_PORT = 5201
 PING_COUNT, PING_INTERVAL = 200, 0.01
 CONNECT_TIMEOUT = 20  # seconds ping waits for the first answer
+IDLE_SETTLE = 5.0  # seconds after connecting before the idle wake-ups are counted (for T seconds)
 FOOTPRINT_SYSTEMS = ("tunnelmesh", "wireguard-go", "nebula")
 
 
@@ -242,6 +245,7 @@ def bench_tunnelmesh(lab: Lab, seconds: int, rec: dict[str, Any], *, packet_filt
             raise BenchError(f"packet filter {'on' if packet_filter else 'off'} expected, in force: {filtering}")
         pids = {name: int(status["node"]["pid"]) for name, status in statuses.items()}
         rec["rss_idle_mib"] = rss_mib(pids["a"])[0]
+        rec["wakeups_idle_per_min"] = idle_wakeups_per_minute([pids["a"]], IDLE_SETTLE, seconds)
 
         def own_counters() -> dict[str, dict[str, int]]:
             totals = {}
@@ -292,6 +296,7 @@ def bench_wireguard_go(lab: Lab, seconds: int, rec: dict[str, Any], sockets: lis
     rec["connect_s"] = time.monotonic() - started
     pid = procs["a"].pid
     rec["rss_idle_mib"] = rss_mib(pid)[0]
+    rec["wakeups_idle_per_min"] = idle_wakeups_per_minute([pid], IDLE_SETTLE, seconds)
 
     def own_counters() -> dict[str, dict[str, int]]:
         return {name: parse_wg_transfer(node.run("wg", "show", ifname, "transfer").stdout)
@@ -320,6 +325,7 @@ def bench_nebula(lab: Lab, seconds: int, rec: dict[str, Any]) -> None:
     rec["connect_s"] = time.monotonic() - started
     pid = procs["a"].pid
     rec["rss_idle_mib"] = rss_mib(pid)[0]
+    rec["wakeups_idle_per_min"] = idle_wakeups_per_minute([pid], IDLE_SETTLE, seconds)
     tunnel = Tunnel(a, b, nodes["a"][1], nodes["b"][1], [procs["a"].pid, procs["b"].pid])
     workload(a, b, MESH_B, seconds, rec, tunnel)
     rec["rss_mib"], rec["rss_peak_mib"] = rss_mib(pid)

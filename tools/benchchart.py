@@ -26,6 +26,7 @@ PANELS: tuple[tuple[str, str], ...] = (
     ("connect_s", "connect time, s (lower is better)"),
     ("cpu_s_per_gb", "CPU s per GB, both daemons (lower is better)"),
     ("rss_idle_mib", "daemon RSS idle, MiB (lower is better)"),
+    ("wakeups_idle_per_min", "idle wake-ups per minute, 1 peer (lower is better)"),
     ("rss_per_peer_kib", f"RSS per static peer, KiB ({'/'.join(map(str, PEER_COUNTS))} peers; lower is better)"),
 )
 SCALE = {"udp64_pps": 1e-3, "udp1400_pps": 1e-3}  # shown in thousands

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tools.benchreport import MTU, parse_link_stats, parse_proc_stat_cpu
+from tools.benchreport import MTU, parse_context_switches, parse_link_stats, parse_proc_stat_cpu
 from tools.lab import Lab, Node, clean_environment, find_tool
 
 READY_TIMEOUT = 20.0  # for each "wait until X is there" loop
@@ -119,6 +119,36 @@ def cpu_seconds(pids: list[int]) -> float:
                 if pid == root:
                     raise BenchError(f"daemon process {pid} is gone") from None
     return total
+
+
+def context_switches(pids: list[int]) -> int:
+    """Context switches of every thread of every process in the daemons' trees so far,
+    BenchError if a daemon is gone."""
+    total = 0
+    for root in pids:
+        for pid in process_tree(root):
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except FileNotFoundError:
+                if pid == root:
+                    raise BenchError(f"daemon process {pid} is gone") from None
+                continue
+            for task in tasks:
+                try:
+                    total += parse_context_switches((task / "status").read_text())
+                except FileNotFoundError:  # a thread that ended meanwhile
+                    pass
+    return total
+
+
+def idle_wakeups_per_minute(pids: list[int], settle: float, seconds: float) -> float:
+    """How often the daemons wake while the tunnel is up and nothing is sent: context
+    switches per minute over `seconds`, after `settle` seconds for what the connection
+    itself left to do (its handshake's probes, a first keepalive)."""
+    time.sleep(settle)
+    before, began = context_switches(pids), time.monotonic()
+    time.sleep(seconds)
+    return (context_switches(pids) - before) / (time.monotonic() - began) * 60
 
 
 def link_counters(node: Node, ifname: str) -> dict[str, int]:

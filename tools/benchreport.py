@@ -41,6 +41,7 @@ METRICS: tuple[tuple[str, str, str, bool], ...] = (
     ("cpu_s_per_gb", "CPU s per GB, TCP a->b (2 daemons)", "{:.2f}", True),
     ("connect_s", "connect time (s)", "{:.2f}", True),
     ("rss_idle_mib", "daemon RSS idle (MiB)", "{:.1f}", True),
+    ("wakeups_idle_per_min", "idle daemon wake-ups per minute (1 peer)", "{:.0f}", True),
     ("rss_mib", "daemon RSS after TCP (MiB)", "{:.1f}", True),
     *((f"rss_peers{n}_mib", f"RSS with {n:,} static peer{'s' if n != 1 else ''} (MiB)", "{:.1f}", True)
       for n in PEER_COUNTS),
@@ -149,6 +150,16 @@ def parse_proc_stat_cpu(text: str, ticks_per_s: int) -> float:
     command name in parentheses may itself hold spaces and parentheses)."""
     rest = text[text.rindex(")") + 2:].split()  # from field 3, "state"
     return (int(rest[11]) + int(rest[12])) / ticks_per_s
+
+
+def parse_context_switches(text: str) -> int:
+    """Voluntary plus involuntary context switches from a /proc/<pid>/task/<tid>/status
+    text: each is one time the thread was woken (or taken off the CPU)."""
+    found = [int(line.split()[1]) for line in text.splitlines()
+             if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"))]
+    if len(found) != 2:
+        raise ValueError("no ctxt_switches lines in the status text")
+    return sum(found)
 
 
 def parse_link_stats(output: str) -> dict[str, int]:

@@ -23,6 +23,7 @@ SYSTEMS = ("tunnelmesh", "wireguard-go")
 #: or absent, and so on).
 MEASURED = ("tcp_ab_mbps", "tcp_ba_mbps", "tcp_p4_mbps", *(f"udp{size}_pps" for size in UDP_SIZES),
             "ping_avg_ms", "ping_median_ms", "ping_p99_ms", "cpu_s_per_gb", "connect_s", "rss_idle_mib",
+            "wakeups_idle_per_min",
             *(f"rss_peers{count}_mib" for count in PEER_COUNTS), "rss_per_peer_kib")
 
 
