@@ -11,9 +11,10 @@ directly. The stages, in order:
     inbound:  UDP readable -> recvmsg_into -> [split] -> demux -> Device.receive -> deliver
     deliver:  in-tunnel ping answers taken -> [filter] -> [coalesce] -> write to the TUN
 
-An inbound batch that wrote to the TUN ends with the outbound drain: what the kernel
-answered (a ping's reply, TCP's ACKs) is queued by the time the write returns, so it
-leaves in the same loop turn rather than after another epoll wake-up.
+A UDP batch that wrote to the TUN ends, after its flush (its events may move the
+endpoint), with the outbound drain: what the kernel answered (a ping's reply, TCP's
+ACKs) is queued by the time the write returns, so it leaves in the same loop turn
+rather than after another epoll wake-up.
 
 The offloads (docs/architecture.md, "Data path"): with a TUN that has the virtio-net
 header (actors/tun.py), a read may be a TCP or UDP super-packet of up to 64 KiB;
@@ -53,8 +54,8 @@ After each batch the core's side effects are flushed: datagrams it queued
 (handshakes, keepalives, staged packets) are sent, its events go to the peer
 sessions (`on_event`, a direct call: they own the peers' paths), and the
 sessions of touched peers (sent to, or named in the core's `timers_changed`: an
-authenticated message came from them) re-arm their timers if a deadline moved
-earlier.
+authenticated transport message came from them, or their initiation was answered)
+re-arm their timers if a deadline moved earlier.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class DataPath:
         self.pings: dict[tuple[int, int], asyncio.Future[float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_pending = False
-        self._wrote_tun = False  # since the last inbound batch began
+        self._wrote_tun = False  # since the UDP batch began
 
     @property
     def offloads(self) -> str:
@@ -349,18 +350,17 @@ class DataPath:
     # --- inbound --------------------------------------------------------------------
 
     def _on_udp_readable(self) -> None:
+        self._wrote_tun = False
         try:
             self._drain_udp()
         except Exception:
             self._internal_error("inbound")
         self._write_coalesced()  # the pending super-packet leaves with its batch
+        self.flush()  # first: the batch's events may move the endpoint the answers go to
         if self._wrote_tun:
             # The kernel's answers to what was just written (a ping's reply, TCP's ACKs) are
             # queued on the TUN already: they leave now, not after another loop turn.
-            self._wrote_tun = False
-            self._on_tun_readable()  # flushes
-            return
-        self.flush()
+            self._on_tun_readable()
 
     def _internal_error(self, direction: str) -> None:
         # Policy: the packet in hand is dropped and counted, the error logged
