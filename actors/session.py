@@ -15,8 +15,9 @@ It turns core events into one log line each and typed events on the bus, feeds
 the selector (handshakes with the path they came on, link failures and, once a
 second, on the mesh's `Ticker` that ticks every session on one timer, the core's
 view of unanswered traffic; a session whose path is at rest, on the best rung with
-nothing to probe or decide, stops ticking until traffic or a message comes, so an
-idle daemon is not woken every second) and carries out what it returns:
+nothing to probe or decide, or whose search gave up, stops ticking until traffic, its
+timer or an input that changes the path wakes it, so an idle daemon is not woken every
+second) and carries out what it returns:
 probes (handshake initiations on chosen rungs, dialling an SSH link first if need
 be) and switches (setting `peer.endpoint` to the rung's UDP address or link).
 

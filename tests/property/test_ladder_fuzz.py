@@ -101,9 +101,11 @@ def test_a_ladder_at_rest_does_nothing_on_any_later_tick_without_new_input(
             continue
         rested += 1
         received = ladder._last_rx_current if ladder.current is not None else None
-        state = (ladder.current, ladder.changes, ladder.probe_interval, dict(ladder.reasons))
+        state = (ladder.current, ladder.changes, ladder.probe_interval, dict(ladder.reasons), ladder._stepped_down_at,
+                 ladder._trial_failed)
         for offset in sorted(later):
             assert ladder.tick(now + offset, unanswered_since=None, received_on_current=received, stray=None) == []
             assert ladder.at_rest(now + offset, unanswered_since=None, stray=None)
-        assert (ladder.current, ladder.changes, ladder.probe_interval, dict(ladder.reasons)) == state
+        assert (ladder.current, ladder.changes, ladder.probe_interval, dict(ladder.reasons), ladder._stepped_down_at,
+                ladder._trial_failed) == state
         now += max(later)

@@ -465,6 +465,7 @@ class Peer:
         self._answered = (raw, answer, now, [source])
         self._response, self._cookie_retry = (local_index, body, source), True
         self._timers_any_authenticated_packet_sent()
+        device.timers_changed.add(self)  # a new session: its key-zeroing deadline, its keepalives
 
     def _clear_handshake(self, *, keep_index: bool) -> None:
         if not keep_index:
