@@ -20,8 +20,8 @@ Also measured: connect time (from starting the second node, `tunnelmesh up --det
 a, pinging every 50 ms; for tunnelmesh it includes the CLI's own start, recorded alone as
 "up_s" in the JSON), the RSS of node a's tunnel daemon (/proc/<pid>/status), idle after
 connecting and again after the TCP runs (peak VmHWM in the JSON), how often that daemon
-wakes while idle with its one peer (context switches of all its threads per minute, over
-T seconds from 5 s after connecting: timers, keepalives, ladder ticks), and RSS per peer: one
+wakes while idle with its one peer (voluntary context switches of all its threads per
+minute, over T seconds from 12 s after connecting: timers, keepalives, ladder ticks), and RSS per peer: one
 daemon alone with 1, 10, 100 and 1,000 made-up static peers, its idle RSS at each and the
 slope in KiB per peer (tools/footprint.py says how each system is given its peers).
 
@@ -84,7 +84,7 @@ MESH_A, MESH_B = "100.100.0.1", "100.100.0.2"
 IPERF_PORT = 5201
 PING_COUNT, PING_INTERVAL = 200, 0.01
 CONNECT_TIMEOUT = 20  # seconds ping waits for the first answer
-IDLE_SETTLE = 5.0  # seconds after connecting before the idle wake-ups are counted (for T seconds)
+IDLE_SETTLE = 12.0  # seconds after connecting before idle wake-ups are counted (after a 10 s passive keepalive)
 FOOTPRINT_SYSTEMS = ("tunnelmesh", "wireguard-go", "nebula")
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tools.benchreport import MTU, parse_context_switches, parse_link_stats, parse_proc_stat_cpu
+from tools.benchreport import MTU, parse_link_stats, parse_proc_stat_cpu, parse_voluntary_switches
 from tools.lab import Lab, Node, clean_environment, find_tool
 
 READY_TIMEOUT = 20.0  # for each "wait until X is there" loop
@@ -121,10 +121,12 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def context_switches(pids: list[int]) -> int:
-    """Context switches of every thread of every process in the daemons' trees so far,
-    BenchError if a daemon is gone."""
-    total = 0
+def wake_counts(pids: list[int]) -> dict[int, int]:
+    """Voluntary context switches so far of every thread of every process in the
+    daemons' trees, by thread id: each is one time the thread slept and was woken (not
+    counting preemption, which says more about the machine than the daemon). BenchError if
+    a daemon is gone."""
+    counts: dict[int, int] = {}
     for root in pids:
         for pid in process_tree(root):
             try:
@@ -135,20 +137,23 @@ def context_switches(pids: list[int]) -> int:
                 continue
             for task in tasks:
                 try:
-                    total += parse_context_switches((task / "status").read_text())
+                    counts[int(task.name)] = parse_voluntary_switches((task / "status").read_text())
                 except FileNotFoundError:  # a thread that ended meanwhile
                     pass
-    return total
+    return counts
 
 
 def idle_wakeups_per_minute(pids: list[int], settle: float, seconds: float) -> float:
-    """How often the daemons wake while the tunnel is up and nothing is sent: context
-    switches per minute over `seconds`, after `settle` seconds for what the connection
-    itself left to do (its handshake's probes, a first keepalive)."""
+    """How often the daemons wake while the tunnel is up and nothing is sent: wake-ups
+    per minute over `seconds`, after `settle` seconds for what connecting left to do (the
+    handshake's probes, the passive keepalive after the first pings). A thread that ended
+    meanwhile counts what it did before the window as nothing."""
     time.sleep(settle)
-    before, began = context_switches(pids), time.monotonic()
+    before, began = wake_counts(pids), time.monotonic()
     time.sleep(seconds)
-    return (context_switches(pids) - before) / (time.monotonic() - began) * 60
+    after = wake_counts(pids)
+    woken = sum(count - before.get(tid, 0) for tid, count in after.items())
+    return woken / (time.monotonic() - began) * 60
 
 
 def link_counters(node: Node, ifname: str) -> dict[str, int]:

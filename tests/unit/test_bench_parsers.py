@@ -78,16 +78,12 @@ def test_proc_stat_cpu_seconds():
     assert benchreport.parse_proc_stat_cpu(line, 100) == 2.0
 
 
-def test_context_switches_from_a_threads_status():
+def test_voluntary_switches_from_a_threads_status():
     status = ("Name:\tpython3\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t1200\n"
               "nonvoluntary_ctxt_switches:\t34\n")
-    assert benchreport.parse_context_switches(status) == 1234
+    assert benchreport.parse_voluntary_switches(status) == 1200
     with pytest.raises(ValueError):
-        benchreport.parse_context_switches("Name:\tpython3\n")
-    # A live process: this one's count only grows.
-    own = Path("/proc/self/task")
-    first = sum(benchreport.parse_context_switches((t / "status").read_text()) for t in own.iterdir())
-    assert first > 0
+        benchreport.parse_voluntary_switches("Name:\tpython3\nnonvoluntary_ctxt_switches:\t34\n")
 
 
 def test_link_stats_and_wg_transfer():
