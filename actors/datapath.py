@@ -9,7 +9,11 @@ directly. The stages, in order:
 
     outbound: TUN readable -> readv -> Device.route -> [filter] -> [segment] -> Peer.encrypt -> batch -> send
     inbound:  UDP readable -> recvmsg_into -> [split] -> demux -> Device.receive -> deliver
-    deliver:  in-tunnel ping answers taken -> [filter] -> [coalesce] -> write to the TUN
+    deliver:  in-tunnel ping answers, capability questions and answers taken -> [filter] -> [coalesce] -> write to the TUN
+
+Segments to a peer whose daemon said it completes checksums (`ask_caps`, after each
+handshake; docs/architecture.md "Inner checksums between daemons") leave their TCP/UDP
+checksums partial, and this node leaves those of such a peer's packets to its kernel.
 
 A UDP batch that wrote to the TUN ends, after its flush (its events may move the
 endpoint), with the outbound drain: what the kernel answered (a ping's reply, TCP's
@@ -62,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import struct
 from collections import Counter
@@ -70,17 +75,19 @@ from typing import TYPE_CHECKING
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.offload import (
-    MAX_PACKET, NEEDS_CSUM, VNET_HDR, VNET_HDR_SIZE, Coalescer, complete_checksum, segments, super_packet_layout,
+    GSO_NONE, MAX_PACKET, NEEDS_CSUM, VNET_HDR, VNET_HDR_SIZE, Coalescer, complete_checksum, l4_checksum_field,
+    leave_checksum_to_the_kernel, segments, super_packet_layout,
 )
-from tunnelmesh.packets import DAEMON_PING_LENGTH, daemon_echo_request, echo_reply_in_place, echo_reply_key
+from tunnelmesh.packets import (
+    CAPS_COMPLETES_CHECKSUMS, CAPS_REPLY, CAPS_REQUEST, CAPS_REQUEST_LENGTH, DAEMON_PING_LENGTH, daemon_echo_request,
+    echo_reply_in_place, echo_reply_key, icmp_echo,
+)
 from tunnelmesh.wireguard import Device, Peer
 from tunnelmesh.wireguard.constants import TRANSPORT_MIN_SIZE
 
 from .edges import GRO_CMSG_SPACE, SOL_UDP, UDP_SEGMENT, Address, Bind, Tun, gro_segment_size
 
 if TYPE_CHECKING:
-    import ipaddress
-
     from tunnelmesh.filter import PacketFilter
     from tunnelmesh.links import Link
 
@@ -191,6 +198,8 @@ class DataPath:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_pending = False
         self._wrote_tun = False  # since the UDP batch began
+        self._caps_asked: dict[tuple[int, int], Peer] = {}  # capability requests out, by the echo's (ident, seq)
+        self._plain_header_set = False  # the plaintext buffer's virtio-net header is not all zero
 
     @property
     def offloads(self) -> str:
@@ -257,7 +266,8 @@ class DataPath:
                 if gso_type:
                     budget -= self._seal_segments(peer, length, gso_type, gso_size, csum_start, now, wall)
                     continue
-                if flags & NEEDS_CSUM and not complete_checksum(packet, length, csum_start, csum_offset):
+                if flags & NEEDS_CSUM and not (peer.completes_checksums and l4_checksum_field(packet, length) == (
+                        csum_start, csum_offset)) and not complete_checksum(packet, length, csum_start, csum_offset):
                     self.drops["bad checksum offsets from the TUN"] += 1
                     continue
             if length > mtu:  # the interface's MTU raised under us (`ip link set ... mtu`)
@@ -280,7 +290,10 @@ class DataPath:
         if full > mtu:
             self.drops["packet larger than the MTU"] += 1
             return 0
-        for start in segments(packet, length, layout, gso_size):
+        # A peer that completes checksums gets them partial (IPv6: only without extension
+        # headers, which it can classify): a quarter of the work a segment costs here.
+        checksums = not peer.completes_checksums or layout[1] > 40
+        for start in segments(packet, length, layout, gso_size, checksums=checksums):
             size = full if start + full < length else length - start
             if size & 15 and size < mtu and start + size < length:
                 # Its padding would land on the next segment's payload: pad a copy.
@@ -421,7 +434,12 @@ class DataPath:
         to the pending super-packet when it continues it."""
         if self.pings and self._answer_ping(length, now):
             return
+        if self._caps_asked and self._take_caps_answer(length):
+            return
         plain = self._plain
+        if length == CAPS_REQUEST_LENGTH and daemon_echo_request(plain, length, self._mesh_ip, CAPS_REQUEST):
+            self._answer_caps()
+            return
         packet_filter = self.filter
         if packet_filter is not None:  # [filter] inbound
             peer = self.device.received_from
@@ -440,7 +458,23 @@ class DataPath:
                 self._write_tun(coalescer.finish())
             if coalescer.start(plain, length):
                 return
-        self._write_tun(self._plain_view[:self._hdr + length])  # behind an empty header, with offloads
+        if self._hdr:
+            self._set_plain_header(length)
+        self._write_tun(self._plain_view[:self._hdr + length])
+
+    def _set_plain_header(self, length: int) -> None:
+        """The virtio-net header of a packet written alone: its checksum left to the kernel
+        when its sender may have left it partial (a TCP or UDP packet from a peer this
+        node told it completes checksums), else empty."""
+        peer = self.device.received_from
+        where = leave_checksum_to_the_kernel(self._plain, length) if peer is not None and peer.checksums_left_to_us \
+            else None
+        if where is not None:
+            VNET_HDR.pack_into(self._plain_buf, 0, NEEDS_CSUM, GSO_NONE, 0, 0, where[0], where[1])
+            self._plain_header_set = True
+        elif self._plain_header_set:
+            VNET_HDR.pack_into(self._plain_buf, 0, 0, GSO_NONE, 0, 0, 0, 0)
+            self._plain_header_set = False
 
     def _write_coalesced(self) -> None:
         coalescer = self._coalescer
@@ -508,6 +542,49 @@ class DataPath:
             future.set_result(now)
         return True
 
+    # --- what the daemons can do, asked in the tunnel (tunnelmesh.packets CAPS_*) ------------
+
+    def ask_caps(self, peer: Peer, request: bytes, key: tuple[int, int]) -> None:
+        """Ask the peer's daemon what it can do (`request`: the session's echo request with
+        CAPS_REQUEST, `key` its (ident, seq)), after every handshake: the peer may have
+        restarted with less. Until it answers, what is sent to it carries whole checksums.
+        Without the offloads nothing would be left partial: nothing is asked."""
+        peer.completes_checksums = False
+        if not self._hdr:
+            return
+        for asked in [k for k, p in self._caps_asked.items() if p is peer]:  # one question per peer
+            del self._caps_asked[asked]
+        self._caps_asked[key] = peer
+        self._send_own(peer, request)
+
+    def _take_caps_answer(self, length: int) -> bool:
+        """Whether the packet answers one of our requests (then it is taken): the peer's
+        daemon answers with CAPS_REPLY and its capabilities; a kernel echoes the request,
+        which leaves the peer getting whole checksums."""
+        plain = self._plain
+        key = echo_reply_key(plain, length)
+        peer = self._caps_asked.get(key) if key is not None else None
+        if peer is None or peer is not self.device.received_from:
+            return False
+        del self._caps_asked[key]  # type: ignore[arg-type]
+        payload = bytes(plain[(plain[0] & 0x0F) * 4 + 8:length])
+        peer.completes_checksums = (payload.startswith(CAPS_REPLY)
+                                    and CAPS_COMPLETES_CHECKSUMS in payload[len(CAPS_REPLY):].split())
+        return True
+
+    def _answer_caps(self) -> None:
+        """The peer's daemon asks what this one can do: the answer goes straight back, not
+        through the TUN or the filter. With the offloads this node completes the checksums
+        of what it writes to the TUN: from now on also of this peer's packets."""
+        peer = self.device.received_from
+        assert peer is not None  # set by the receive that returned this packet
+        plain = self._plain
+        peer.checksums_left_to_us = bool(self._hdr)
+        ident, seq = struct.unpack_from("!HH", plain, 24)
+        answer = icmp_echo(ipaddress.IPv4Address(bytes(plain[16:20])), ipaddress.IPv4Address(bytes(plain[12:16])),
+                           ident, seq, CAPS_REPLY + (CAPS_COMPLETES_CHECKSUMS if self._hdr else b""), reply=True)
+        self._send_own(peer, answer)
+
     def _answer_daemon_ping(self, peer: Peer, length: int, now: float) -> None:
         """Answer the peer daemon's echo request to this node (in the plaintext buffer)
         straight back to it: not through the TUN, so no packet filter rule is needed."""
@@ -544,14 +621,17 @@ class DataPath:
         touched.clear()
 
     def send_packet(self, peer: Peer, packet: bytes) -> None:
-        """Send a packet the daemon made itself (the in-tunnel ping)."""
+        """Send a packet the daemon made itself (the in-tunnel ping), and flush."""
+        self._send_own(peer, packet)
+        self.flush()
+
+    def _send_own(self, peer: Peer, packet: bytes) -> None:
         buf = bytearray(self.device.mtu + 64)
         buf[: len(packet)] = packet
         size = peer.encrypt(buf, len(packet), self._out_buf, self.clock.monotonic(), self.clock.wall())
         if size and peer.endpoint is not None:
             self.send_to(self._out_view[:size], peer.endpoint)
         self._touched.add(peer)
-        self.flush()
 
     def send_to(self, datagram: bytes | memoryview, endpoint: object) -> None:
         """Send one datagram the core queued (off the per-packet path)."""

@@ -329,6 +329,9 @@ class PeerStatus:
     candidates: tuple[str, ...] = ()  # "host:port" UDP addresses a probe goes to, the one known to work first
     #: datagrams for this peer the core dropped, by reason (once it knew the peer they were for)
     drops: dict[str, int] = field(default_factory=dict)
+    #: "partial": the peer's daemon completes TCP/UDP checksums, what this node sends it leaves
+    #: them partial; "whole": it does not (or has not said so since the last handshake)
+    inner_checksums: str = "whole"
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.config import UDP_ONLY, RungChoice
 from tunnelmesh.links import Link, LinkError
 from tunnelmesh.nat.report import NatReport, PeerNat
-from tunnelmesh.packets import DAEMON_PING_PAYLOAD, icmp_echo
+from tunnelmesh.packets import CAPS_REQUEST, DAEMON_PING_PAYLOAD, icmp_echo
 from tunnelmesh.path_selector import PathSelector, Probe, Switch, Transition, describe, rung_of
 from tunnelmesh.punch import KEEP_OPEN_SCHEDULE, SCHEDULE, Punch, keeps_open, spray_targets, sweep_due, why_not_direct
 from tunnelmesh.wireguard import Event, HandshakeCompleted, HandshakeGaveUp, KeysZeroed, NewSource, Peer
@@ -234,6 +234,7 @@ class PeerSession(Actor):
         self.events.publish(m.HandshakeDone(self.peer_name, event.initiator,
                                             rung_of(source) if source is not None else None))
         if source is None:
+            self._ask_caps()
             return
         if rung_of(source) == rungs.SSH:
             self._want_probe.discard(rungs.SSH)  # proven: no probe left to send on a new link
@@ -243,6 +244,15 @@ class PeerSession(Actor):
         if source != self.peer.endpoint:
             self._roam(source)  # within its rung the path follows the proof, as WireGuard's would
         self._apply(self.selector.handshake(source, self.clock.monotonic()))
+        self._ask_caps()
+
+    def _ask_caps(self) -> None:
+        """Ask the peer's daemon, in the tunnel, what it can do (DataPath.ask_caps), once the
+        handshake's path is settled."""
+        assert self.peer is not None
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFF
+        key = (self._ping_ident, self._ping_seq)
+        self.datapath.ask_caps(self.peer, icmp_echo(self.own_mesh_ip, self.mesh_ip, *key, CAPS_REQUEST), key)
 
     def _roam(self, source: object) -> None:
         peer = self.peer
@@ -619,6 +629,7 @@ class PeerSession(Actor):
             handshakes=self.handshakes,
             candidates=tuple(f"{host}:{port}" for host, port in self.selector.udp_targets()),
             drops=dict(peer.drops),
+            inner_checksums="partial" if peer.completes_checksums else "whole",
         )
 
     async def stop(self) -> None:

@@ -10,7 +10,9 @@ packet). This module does the two halves the kernel leaves to the device:
   checksums, in place, right before each is encrypted (wireguard-go's `gsoSplit`);
 - `Coalescer`: join consecutive received TCP segments of one flow back into one
   super-packet before the TUN write, its checksum left to the kernel (`NEEDS_CSUM`,
-  wireguard-go's `tcpGRO`).
+  wireguard-go's `tcpGRO`);
+- `leave_checksum_to_the_kernel`: the same for a single TCP or UDP packet, so that a
+  sender that knows the receiver does it may skip computing the checksum at all.
 
 Checksums are the Internet checksum (RFC 1071) computed on whole integers: the sum of the
 16-bit words of `data` is congruent to `int.from_bytes(data, "big")` modulo 0xFFFF, one
@@ -84,6 +86,43 @@ def complete_checksum(packet: memoryview, length: int, csum_start: int, csum_off
     return True
 
 
+def l4_checksum_field(packet: bytes | bytearray | memoryview, length: int) -> tuple[int, int] | None:
+    """(csum_start, csum_offset) of the checksum of an unfragmented TCP or UDP packet, IPv4
+    or IPv6 without extension headers, else None: the packets whose checksum a receiver
+    can leave to its kernel as `NEEDS_CSUM` (`leave_checksum_to_the_kernel`)."""
+    if length < 28:
+        return None
+    first = packet[0]
+    if first >> 4 == 4:
+        l4 = (first & 0x0F) * 4
+        if l4 < 20 or packet[6] & ~DONT_FRAGMENT or packet[7]:  # a fragment, or the reserved flag
+            return None
+        proto = packet[9]
+    elif first >> 4 == 6:
+        l4, proto = 40, packet[6]
+    else:
+        return None
+    if proto == TCP:
+        return (l4, 16) if l4 + 20 <= length else None
+    if proto == UDP:
+        return (l4, 6) if l4 + 8 <= length else None
+    return None
+
+
+def leave_checksum_to_the_kernel(packet: bytes | bytearray | memoryview, length: int) -> tuple[int, int] | None:
+    """Make an unfragmented TCP or UDP packet a `NEEDS_CSUM` one, as the kernel hands them
+    over: its checksum field gets the pseudo-header sum, whatever the sender put there (the
+    tunnel authenticated every byte; a sender that knows the receiver does this may leave
+    it partial). Returns (csum_start, csum_offset) for the virtio-net header, or None and
+    the packet untouched when it is none of those (`l4_checksum_field`)."""
+    where = l4_checksum_field(packet, length)
+    if where is not None:
+        l4 = where[0]
+        proto = TCP if where[1] == 16 else UDP
+        _U16.pack_into(packet, l4 + where[1], fold(pseudo_header_sum(packet, packet[0] >> 4, proto, length - l4)))
+    return where
+
+
 def ipv4_header_checksum(header: bytes | bytearray | memoryview) -> int:
     """The IPv4 header checksum of `header` (its checksum field must be zero)."""
     return 0xFFFF - fold(int.from_bytes(header, "big"))
@@ -124,10 +163,13 @@ def super_packet_layout(packet: memoryview, length: int, gso_type: int, gso_size
     return version, l4, l4_header
 
 
-def segments(packet: memoryview, length: int, layout: tuple[int, int, int], gso_size: int) -> Iterator[int]:
+def segments(packet: memoryview, length: int, layout: tuple[int, int, int], gso_size: int, *,
+             checksums: bool = True) -> Iterator[int]:
     """Split the super-packet at the start of `packet` (`length` bytes) into packets of
     at most `gso_size` payload bytes, in place: each is made whole in turn and its start
-    yielded; it ends `header + gso_size` later, or at `length` for the last.
+    yielded; it ends `header + gso_size` later, or at `length` for the last. Without
+    `checksums` each TCP/UDP checksum is left partial (the pseudo-header sum, as in a
+    `NEEDS_CSUM` packet), for a receiver that completes it: a quarter of the sender's work.
 
     Segment i's payload already lies at `header + i * gso_size`, so its headers are
     written just before it, over the end of segment i-1's payload, which the caller has
@@ -170,8 +212,11 @@ def segments(packet: memoryview, length: int, layout: tuple[int, int, int], gso_
         else:
             _U16.pack_into(packet, at + 4, total - l4)
             field = at + 6
-        packet[field] = packet[field + 1] = 0
-        _U16.pack_into(packet, field, finish_checksum(addresses + total - l4 + word_sum(packet[at:start + total])))
+        if checksums:
+            packet[field] = packet[field + 1] = 0
+            _U16.pack_into(packet, field, finish_checksum(addresses + total - l4 + word_sum(packet[at:start + total])))
+        else:
+            _U16.pack_into(packet, field, fold(addresses + total - l4))
         yield start
 
 
@@ -285,13 +330,15 @@ class Coalescer:
 
     def finish(self) -> memoryview:
         """The pending packet with its virtio-net header, ready for one TUN write; nothing
-        is pending afterwards. One segment goes as it came (its checksum is whole);
-        several go as a TSO packet whose checksum the kernel completes."""
+        is pending afterwards. One segment goes with its checksum left to the kernel (its
+        sender may have left it partial); several go as a TSO packet whose checksum the
+        kernel completes."""
         buf, length, l4 = self.buf, self.pending, self._l4
         packet = self.view[VNET_HDR_SIZE:]
         self.pending = 0
         if self._count == 1:
-            VNET_HDR.pack_into(buf, 0, 0, GSO_NONE, 0, 0, 0, 0)
+            _U16.pack_into(packet, l4 + 16, fold(pseudo_header_sum(packet, self._version, TCP, length - l4)))
+            VNET_HDR.pack_into(buf, 0, NEEDS_CSUM, GSO_NONE, 0, 0, l4, 16)
             return self.view[:VNET_HDR_SIZE + length]
         if self._version == 4:
             _U16.pack_into(packet, 2, length)

@@ -14,6 +14,16 @@ ICMP_ECHO_REQUEST = 8
 DAEMON_PING_PAYLOAD = b"tunnelmesh ping"
 #: The whole request as `icmp_echo` makes it: IPv4 header (no options), ICMP header, payload.
 DAEMON_PING_LENGTH = 20 + 8 + len(DAEMON_PING_PAYLOAD)
+#: The daemons' capability exchange in the tunnel (actors/datapath.py): an echo request with
+#: CAPS_REQUEST to the peer's mesh IP is answered by the peer's daemon, never by its kernel,
+#: with CAPS_REPLY and the capabilities it has, space-separated. A peer that is no TunnelMesh
+#: daemon (wireguard-go, an older daemon) lets its kernel echo the request: that says nothing.
+CAPS_REQUEST = b"tunnelmesh caps?"
+CAPS_REQUEST_LENGTH = 20 + 8 + len(CAPS_REQUEST)
+CAPS_REPLY = b"tunnelmesh caps:"
+#: It completes the TCP/UDP checksums of what it writes to its TUN (the kernel's `NEEDS_CSUM`):
+#: segments sent to it may leave theirs partial.
+CAPS_COMPLETES_CHECKSUMS = b"csum"
 
 
 def checksum(data: bytes) -> int:
@@ -46,11 +56,13 @@ def echo_reply_key(packet: bytes | bytearray | memoryview, length: int) -> tuple
     return ident, seq
 
 
-def daemon_echo_request(packet: bytearray | memoryview, length: int, to: bytes) -> bool:
-    """Whether the packet is the daemon's own echo request (as `icmp_echo` builds it with
-    DAEMON_PING_PAYLOAD) to the IPv4 address `to` (4 bytes). Cheap first: the length."""
-    return (length == DAEMON_PING_LENGTH and packet[0] == 0x45 and packet[9] == ICMP
-            and packet[20] == ICMP_ECHO_REQUEST and packet[16:20] == to and packet[28:length] == DAEMON_PING_PAYLOAD)
+def daemon_echo_request(packet: bytearray | memoryview, length: int, to: bytes,
+                        payload: bytes = DAEMON_PING_PAYLOAD) -> bool:
+    """Whether the packet is a daemon's own echo request (as `icmp_echo` builds it with
+    `payload`: DAEMON_PING_PAYLOAD, CAPS_REQUEST) to the IPv4 address `to` (4 bytes).
+    Cheap first: the length."""
+    return (length == 28 + len(payload) and packet[0] == 0x45 and packet[9] == ICMP
+            and packet[20] == ICMP_ECHO_REQUEST and packet[16:20] == to and packet[28:length] == payload)
 
 
 def echo_reply_in_place(packet: bytearray | memoryview, length: int) -> None:

@@ -15,12 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_offload_segments import (
-    ACK, CWR, ECE, FIN, PSH, SLACK, TCP, TIMESTAMPS, UDP, check_segments, check_write, deliver, flow, gso_type_of,
+    ACK, CWR, ECE, FIN, PSH, SLACK, TCP, TIMESTAMPS, UDP, alone, check_segments, check_write, deliver, finished, flow,
+    gso_type_of,
     ip_packet, payload_of, pseudo_header, split, tcp_header, udp_header,
 )
 from tunnelmesh.offload import (
     GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, MAX_PACKET, MAX_SEGMENTS, VNET_HDR, VNET_HDR_SIZE,
-    complete_checksum, segments, super_packet_layout,
+    complete_checksum, leave_checksum_to_the_kernel, segments, super_packet_layout,
 )
 from tunnelmesh.packets import checksum
 
@@ -68,13 +69,17 @@ def super_packets(draw: st.DrawFn) -> SuperPacket:
 
 
 def unjoined(writes: list[bytes]) -> list[bytes]:
-    """The TUN writes split back into packets, as the kernel would for a TSO packet."""
+    """The TUN writes split back into packets, as the kernel would for a TSO packet, and
+    with their checksums completed where they were left to it."""
     packets = []
     for write in writes:
         check_write(write)
-        _, gso_type, _, gso_size, csum_start, _ = VNET_HDR.unpack_from(write)
+        flags, gso_type, _, gso_size, csum_start, _ = VNET_HDR.unpack_from(write)
         packet = write[VNET_HDR_SIZE:]
-        packets.extend([packet] if gso_type == GSO_NONE else split(packet, gso_size, csum_start=csum_start))
+        if gso_type != GSO_NONE:
+            packets.extend(split(packet, gso_size, csum_start=csum_start))
+        else:
+            packets.append(finished(packet) if flags else packet)
     return packets
 
 
@@ -90,7 +95,7 @@ def test_super_packets_split_into_valid_segments_that_join_back(sp: SuperPacket)
     if sp.joinable:
         assert len(writes) == -(-len(parts) // MAX_SEGMENTS)
         if len(parts) <= MAX_SEGMENTS:
-            assert writes[0][VNET_HDR_SIZE:] == (sp.packet if len(parts) > 1 else parts[0])
+            assert writes[0] == alone(parts[0]) if len(parts) == 1 else writes[0][VNET_HDR_SIZE:] == sp.packet
 
 
 @st.composite
@@ -222,13 +227,14 @@ def received_packets(draw: st.DrawFn) -> list[bytes]:
 
 
 def check_writes(packets: list[bytes], writes: list[bytes]) -> None:
-    """Each TUN write is one packet unchanged, or a valid TSO packet that splits back into
-    the next packets (but for what `masked` leaves out)."""
+    """Each TUN write is one packet as `alone` says (unchanged, or its checksum left to the
+    kernel), or a valid TSO packet that splits back into the next packets (but for what
+    `masked` leaves out)."""
     at = 0
     for write in writes:
         _, gso_type, _, gso_size, csum_start, _ = VNET_HDR.unpack_from(write)
         if gso_type == GSO_NONE:
-            assert write == bytes(VNET_HDR_SIZE) + packets[at], "a packet written alone is written unchanged"
+            assert write == alone(packets[at]), "a packet written alone is written as it came but for its checksum"
             at += 1
             continue
         count, _ = check_write(write)
@@ -250,3 +256,33 @@ def test_coalescer_joins_only_what_splits_back_into_the_segments(packets: list[b
 def test_coalescer_takes_any_bytes(packets: list[bytes]) -> None:
     """Any bytes, passed as `_deliver` does (in a buffer longer than the packet)."""
     check_writes(packets, deliver(packets))
+
+
+@FUZZ
+@given(version=st.sampled_from([4, 6]), proto=st.sampled_from([TCP, UDP]), payload=st.binary(max_size=300),
+       garbage=st.integers(0, 0xFFFF), ipv4_options=st.sampled_from([b"", b"\x01" * 4, b"\x01" * 8]))
+def test_a_checksum_left_to_the_kernel_completes_to_the_right_one(
+        version: int, proto: int, payload: bytes, garbage: int, ipv4_options: bytes) -> None:
+    """Whatever a sender put in the checksum field, the receiver's NEEDS_CSUM form completes
+    (as the kernel does) to the packet's one right checksum."""
+    l4_bytes = (tcp_header(7, ACK) if proto == TCP else udp_header(8 + len(payload))) + payload
+    packet = ip_packet(version, proto, l4_bytes, ipv4_options=ipv4_options if version == 4 else b"")
+    right = bytes(packet)
+    l4 = len(packet) - len(l4_bytes)
+    field = l4 + (16 if proto == TCP else 6)
+    packet[field:field + 2] = garbage.to_bytes(2, "big")
+    assert leave_checksum_to_the_kernel(packet, len(packet)) == (l4, field - l4)
+    assert finished(bytes(packet)) == right
+
+
+@FUZZ
+@given(data=st.binary(max_size=120), slack=st.integers(0, 64))
+def test_leaving_a_checksum_to_the_kernel_takes_any_bytes(data: bytes, slack: int) -> None:
+    buffer = bytearray(data) + bytes(slack)
+    where = leave_checksum_to_the_kernel(buffer, len(data))
+    if where is None:
+        assert bytes(buffer[:len(data)]) == data  # untouched
+    else:
+        csum_start, csum_offset = where
+        assert csum_offset in (6, 16) and 20 <= csum_start and csum_start + csum_offset + 2 <= len(data)
+        assert buffer[len(data):] == bytes(slack)  # nothing written past the packet

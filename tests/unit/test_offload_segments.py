@@ -453,13 +453,18 @@ def deliver(packets: list[bytes | bytearray]) -> list[bytes]:
 
 
 def check_write(write: bytes) -> tuple[int, Parsed]:
-    """(segments joined, the packet as parsed) for a TUN write: a plain packet behind an
-    empty header, or a TSO packet whose header and partial checksum the kernel accepts."""
+    """(segments joined, the packet as parsed) for a TUN write: a packet behind an empty
+    header, one segment with its checksum left to the kernel, or a TSO packet whose header
+    and partial checksum the kernel accepts."""
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(write)
     packet = write[VNET_HDR_SIZE:]
-    if gso_type == GSO_NONE:
-        assert (flags, hdr_len, gso_size, csum_start, csum_offset) == (0, 0, 0, 0, 0)
+    if gso_type == GSO_NONE and not flags:
+        assert (hdr_len, gso_size, csum_start, csum_offset) == (0, 0, 0, 0)
         return 1, check_packet(packet)
+    if gso_type == GSO_NONE:
+        l4 = 20 if packet[0] >> 4 == 4 else 40
+        assert (flags, hdr_len, gso_size, csum_start, csum_offset) == (NEEDS_CSUM, 0, 0, l4, 16)
+        return 1, check_packet(finished(packet))
     version = packet[0] >> 4
     assert (flags, gso_type) == (NEEDS_CSUM, GSO_TCPV4 if version == 4 else GSO_TCPV6)
     l4 = 20 if version == 4 else 40
@@ -470,6 +475,18 @@ def check_write(write: bytes) -> tuple[int, Parsed]:
     assert len(whole.payload) > gso_size
     count = -(-len(whole.payload) // gso_size)
     return count, whole
+
+
+def alone(packet: bytes | bytearray) -> bytes:
+    """The write of a packet that joins nothing: a segment the coalescer could have started
+    goes with its checksum left to the kernel (the field holds the pseudo-header sum),
+    anything else as it came, behind an empty header."""
+    if not Coalescer().start(memoryview(bytearray(packet)), len(packet)):
+        return bytes(VNET_HDR_SIZE) + bytes(packet)
+    l4 = 20 if packet[0] >> 4 == 4 else 40
+    partial = bytearray(packet)
+    partial[l4 + 16:l4 + 18] = struct.pack("!H", fold(words(pseudo_header(packet, TCP, len(packet) - l4))))
+    return VNET_HDR.pack(NEEDS_CSUM, GSO_NONE, 0, 0, l4, 16) + bytes(partial)
 
 
 def coalesced(packets: list[bytes | bytearray]) -> list[int]:
@@ -505,9 +522,14 @@ def test_segments_of_a_super_packet_coalesce_back_into_it(version: int, options:
 
 
 @pytest.mark.parametrize("version", [4, 6])
-def test_a_single_segment_goes_alone_behind_an_empty_header(version: int) -> None:
+def test_a_single_segment_goes_alone_its_checksum_left_to_the_kernel(version: int) -> None:
     packet = flow(version, [1000])[0]
-    assert deliver([packet]) == [bytes(VNET_HDR_SIZE) + bytes(packet)]
+    (write,) = deliver([packet])
+    l4 = 20 if version == 4 else 40
+    assert VNET_HDR.unpack_from(write) == (NEEDS_CSUM, GSO_NONE, 0, 0, l4, 16)
+    assert finished(write[VNET_HDR_SIZE:]) == bytes(packet)  # the kernel's checksum is the sender's
+    packet[l4 + 16] ^= 0xFF  # a sender that left it partial, or got it wrong: the same write
+    assert deliver([packet]) == [write]
     # A short segment after it closes nothing: two segments, joined.
     assert coalesced(flow(version, [1000, 10])) == [2]
 
@@ -598,7 +620,7 @@ def test_coalescer_refuses_to_join(name: str) -> None:
     assert coalesced([first, unchanged, third]) == [3], "the unchanged segment is joined"
     second = change(bytearray(unchanged))
     # Each goes alone: the changed one joins neither the first nor the third (which continues the first).
-    assert deliver([first, second, third]) == [bytes(VNET_HDR_SIZE) + bytes(p) for p in (first, second, third)]
+    assert deliver([first, second, third]) == [alone(p) for p in (first, second, third)]
 
 
 @pytest.mark.parametrize("name", ["more-fragments", "fragment-offset", "ipv4-options", "ipv6-extension-header",

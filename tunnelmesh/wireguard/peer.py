@@ -102,6 +102,11 @@ class Peer:
         # answered" check is not tripped by a peer that merely had nothing to say.
         self.keepalive_timeout = KEEPALIVE_TIMEOUT
         self.owner = owner  # the caller's object for this peer (the daemon: its PeerSession)
+        # What the caller's data path learnt in the tunnel (actors/datapath.py, CAPS_*): the
+        # peer's daemon completes the TCP/UDP checksums of what it delivers (so ours may be
+        # left partial), and this node completes those of the peer's packets.
+        self.completes_checksums = False
+        self.checksums_left_to_us = False
         self.cookie = CookieGenerator(public_key)
         self.static_static = dh(device.static_private, public_key)
 
