@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -80,22 +81,41 @@ def test_wireguard_messages_go_to_the_core_not_the_handlers(path: tuple[DataPath
     assert datapath.device.drops == {"initiation from unknown key": 1, "unknown receiver index": 1}
 
 
-def test_decrypted_packets_leave_by_the_one_delivery_function() -> None:
-    """A packet from the peer reaches the TUN; an echo reply the daemon's own ping waits
-    for is taken before the TUN (the same function serves links: DataPath.receive)."""
+@contextmanager
+def b_on_loopback() -> Iterator[tuple[PeerPair, DataPath, MemoryTun, socket.socket]]:
+    """Node B's data path (the in-memory TUN, a loopback UdpBind) with its session to A up;
+    A's end is a loopback socket, B's endpoint for A, and A's Device (PeerPair) seals."""
     pair = PeerPair()
     pair.handshake()
     pair.b_peer.owner = _Owner()
     tun, bind = MemoryTun("tm-test"), UdpBind.open(0)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender.bind(("127.0.0.1", 0))
+    a_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a_socket.bind(("127.0.0.1", 0))
+    a_socket.settimeout(2)
     try:
-        datapath = DataPath(pair.b, tun, bind, FixedClock(pair.now, pair.wall))
+        pair.b_peer.use_endpoint(a_socket.getsockname())
+        yield pair, DataPath(pair.b, tun, bind, FixedClock(pair.now, pair.wall)), tun, a_socket
+    finally:
+        a_socket.close()
+        bind.close()
+        tun.close()
+
+
+def from_a(pair: PeerPair, a_socket: socket.socket, datapath: DataPath, packet: bytes) -> None:
+    """A seals `packet` and sends it to B's UDP port."""
+    pair.a.transmits.clear()
+    pair.send_packet("a", packet)
+    ((datagram, _),) = pair.a.transmits
+    pair.a.transmits.clear()
+    a_socket.sendto(datagram, ("127.0.0.1", datapath.port))
+
+
+def test_decrypted_packets_leave_by_the_one_delivery_function() -> None:
+    """A packet from the peer reaches the TUN; an echo reply the daemon's own ping waits
+    for is taken before the TUN (the same function serves links: DataPath.receive)."""
+    with b_on_loopback() as (pair, datapath, tun, a_socket):
         packet = ipv4_packet(A_IP, B_IP, b"through the tunnel")
-        pair.send_packet("a", packet)
-        ((datagram, _),) = pair.a.transmits
-        pair.a.transmits.clear()
-        sender.sendto(datagram, ("127.0.0.1", datapath.port))
+        from_a(pair, a_socket, datapath, packet)
         datapath._on_udp_readable()
         assert tun.app.recv(65536) == packet
         # An echo reply for the daemon's own ping is answered to the ping, not written to the TUN.
@@ -113,26 +133,13 @@ def test_decrypted_packets_leave_by_the_one_delivery_function() -> None:
         with pytest.raises(BlockingIOError):
             tun.app.recv(65536)
         assert not datapath.drops
-    finally:
-        sender.close()
-        bind.close()
-        tun.close()
 
 
 def test_what_the_kernel_answers_to_a_write_leaves_in_the_same_batch() -> None:
     """The kernel queues its answer to a packet written to the TUN (an echo reply, an
     ACK) before the write returns: the inbound batch ends with the outbound drain, so the
     answer is sealed and sent without waiting for the TUN's own readiness callback."""
-    pair = PeerPair()
-    pair.handshake()
-    pair.b_peer.owner = _Owner()
-    tun, bind = MemoryTun("tm-test"), UdpBind.open(0)
-    peer_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer_socket.bind(("127.0.0.1", 0))
-    peer_socket.settimeout(2)
-    try:
-        datapath = DataPath(pair.b, tun, bind, FixedClock(pair.now, pair.wall))
-        pair.b_peer.use_endpoint(peer_socket.getsockname())
+    with b_on_loopback() as (pair, datapath, tun, a_socket):
         request = icmp_echo(ipaddress.IPv4Address(A_IP), ipaddress.IPv4Address(B_IP), 9, 1, b"are you there")
         reply = icmp_echo(ipaddress.IPv4Address(B_IP), ipaddress.IPv4Address(A_IP), 9, 1, b"are you there", reply=True)
         write = tun.write
@@ -143,18 +150,11 @@ def test_what_the_kernel_answers_to_a_write_leaves_in_the_same_batch() -> None:
             return written
 
         tun.write = kernel_answers  # type: ignore[method-assign]
-        pair.send_packet("a", request)
-        ((datagram, _),) = pair.a.transmits
-        peer_socket.sendto(datagram, ("127.0.0.1", datapath.port))
+        from_a(pair, a_socket, datapath, request)
         datapath._on_udp_readable()  # the TUN's readiness callback is never called
         assert tun.app.recv(65536) == request
-        sealed = peer_socket.recv(65536)
-        assert pair.inject("a", sealed) and pair.delivered_to_a == [reply]
+        assert pair.inject("a", a_socket.recv(65536)) and pair.delivered_to_a == [reply]
         assert not datapath.drops and not pair.a.drops and not pair.b.drops
-    finally:
-        peer_socket.close()
-        bind.close()
-        tun.close()
 
 
 class FixedClock:
