@@ -13,7 +13,8 @@ directly. The stages, in order:
 
 Segments to a peer whose daemon said it completes checksums (`ask_caps`, after each
 handshake; docs/architecture.md "Inner checksums between daemons") leave their TCP/UDP
-checksums partial, and this node leaves those of such a peer's packets to its kernel.
+checksums partial, and a packet that comes with its checksum partial is written for the
+kernel to complete.
 
 A UDP batch that wrote to the TUN ends, after its flush (its events may move the
 endpoint), with the outbound drain: what the kernel answered (a ping's reply, TCP's
@@ -75,8 +76,8 @@ from typing import TYPE_CHECKING
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
 from tunnelmesh.offload import (
-    GSO_NONE, MAX_PACKET, NEEDS_CSUM, VNET_HDR, VNET_HDR_SIZE, Coalescer, complete_checksum, l4_checksum_field,
-    leave_checksum_to_the_kernel, segments, super_packet_layout,
+    GSO_NONE, MAX_PACKET, NEEDS_CSUM, VNET_HDR, VNET_HDR_SIZE, Coalescer, complete_checksum, partial_checksum_at,
+    segments, super_packet_layout,
 )
 from tunnelmesh.packets import (
     CAPS_COMPLETES_CHECKSUMS, CAPS_REPLY, CAPS_REQUEST, CAPS_REQUEST_LENGTH, DAEMON_PING_LENGTH, daemon_echo_request,
@@ -198,7 +199,6 @@ class DataPath:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_pending = False
         self._wrote_tun = False  # since the UDP batch began
-        self._caps_asked: dict[tuple[int, int], Peer] = {}  # capability requests out, by the echo's (ident, seq)
         self._plain_header_set = False  # the plaintext buffer's virtio-net header is not all zero
 
     @property
@@ -266,8 +266,7 @@ class DataPath:
                 if gso_type:
                     budget -= self._seal_segments(peer, length, gso_type, gso_size, csum_start, now, wall)
                     continue
-                if flags & NEEDS_CSUM and not (peer.completes_checksums and l4_checksum_field(packet, length) == (
-                        csum_start, csum_offset)) and not complete_checksum(packet, length, csum_start, csum_offset):
+                if flags & NEEDS_CSUM and not complete_checksum(packet, length, csum_start, csum_offset):
                     self.drops["bad checksum offsets from the TUN"] += 1
                     continue
             if length > mtu:  # the interface's MTU raised under us (`ip link set ... mtu`)
@@ -434,7 +433,8 @@ class DataPath:
         to the pending super-packet when it continues it."""
         if self.pings and self._answer_ping(length, now):
             return
-        if self._caps_asked and self._take_caps_answer(length):
+        sender = self.device.received_from
+        if sender is not None and sender.caps_question is not None and self._take_caps_answer(length, now):
             return
         plain = self._plain
         if length == CAPS_REQUEST_LENGTH and daemon_echo_request(plain, length, self._mesh_ip, CAPS_REQUEST):
@@ -464,11 +464,9 @@ class DataPath:
 
     def _set_plain_header(self, length: int) -> None:
         """The virtio-net header of a packet written alone: its checksum left to the kernel
-        when its sender may have left it partial (a TCP or UDP packet from a peer this
-        node told it completes checksums), else empty."""
-        peer = self.device.received_from
-        where = leave_checksum_to_the_kernel(self._plain, length) if peer is not None and peer.checksums_left_to_us \
-            else None
+        when its sender left it partial (`partial_checksum_at`: whoever sent it, so that a
+        restart on either side loses nothing), else empty."""
+        where = partial_checksum_at(self._plain, length)
         if where is not None:
             VNET_HDR.pack_into(self._plain_buf, 0, NEEDS_CSUM, GSO_NONE, 0, 0, where[0], where[1])
             self._plain_header_set = True
@@ -552,34 +550,39 @@ class DataPath:
         peer.completes_checksums = False
         if not self._hdr:
             return
-        for asked in [k for k, p in self._caps_asked.items() if p is peer]:  # one question per peer
-            del self._caps_asked[asked]
-        self._caps_asked[key] = peer
+        peer.caps_question = key  # one question out per peer: a later one replaces it
         self._send_own(peer, request)
 
-    def _take_caps_answer(self, length: int) -> bool:
+    def caps_unanswered(self, peer: Peer) -> bool:
+        """Whether the last question to the peer is still out (nothing answered it, not
+        even a kernel's echo: its ICMP is dropped, or it is down)."""
+        return peer.caps_question is not None
+
+    def _take_caps_answer(self, length: int, now: float) -> bool:
         """Whether the packet answers one of our requests (then it is taken): the peer's
         daemon answers with CAPS_REPLY and its capabilities; a kernel echoes the request,
-        which leaves the peer getting whole checksums."""
+        which leaves the peer getting whole checksums. A keepalive acknowledges the answer:
+        the peer's daemon sent data that nothing else would answer, and its ladder would
+        take that for a failing path."""
         plain = self._plain
-        key = echo_reply_key(plain, length)
-        peer = self._caps_asked.get(key) if key is not None else None
-        if peer is None or peer is not self.device.received_from:
+        peer = self.device.received_from
+        assert peer is not None  # set by the receive that returned this packet
+        if echo_reply_key(plain, length) != peer.caps_question:
             return False
-        del self._caps_asked[key]  # type: ignore[arg-type]
+        peer.caps_question = None
         payload = bytes(plain[(plain[0] & 0x0F) * 4 + 8:length])
         peer.completes_checksums = (payload.startswith(CAPS_REPLY)
                                     and CAPS_COMPLETES_CHECKSUMS in payload[len(CAPS_REPLY):].split())
+        peer.send_keepalive(now, self.clock.wall())
         return True
 
     def _answer_caps(self) -> None:
         """The peer's daemon asks what this one can do: the answer goes straight back, not
         through the TUN or the filter. With the offloads this node completes the checksums
-        of what it writes to the TUN: from now on also of this peer's packets."""
+        it finds left partial in what it writes to the TUN (`_set_plain_header`)."""
         peer = self.device.received_from
         assert peer is not None  # set by the receive that returned this packet
         plain = self._plain
-        peer.checksums_left_to_us = bool(self._hdr)
         ident, seq = struct.unpack_from("!HH", plain, 24)
         answer = icmp_echo(ipaddress.IPv4Address(bytes(plain[16:20])), ipaddress.IPv4Address(bytes(plain[12:16])),
                            ident, seq, CAPS_REPLY + (CAPS_COMPLETES_CHECKSUMS if self._hdr else b""), reply=True)

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 TICK = 1.0  # the ladder's clock: failure detection and probes are in whole seconds
 UNANSWERED_AFTER = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT  # the core's new-handshake timer, set when data is sent
+CAPS_RETRY = 600.0  # seconds: how soon a question about the peer's capabilities that went unanswered is asked again
 KEYS_LIFETIME = 180.0  # WireGuard's reject-after time: keys younger than this make a session "up"
 #: A peer's punch notices are acted on at most this often: each end asks at most once per
 #: probe interval (BETTER_PROBE at the shortest), less a margin for the notices' delivery.
@@ -162,6 +163,7 @@ class PeerSession(Actor):
         self._punch_asked = float("-inf")
         self.punches_unanswered = 0  # punches since the last UDP handshake that none answered
         self._punch_told = float("-inf")  # when a notice was last acted on
+        self._caps_asked_at = float("-inf")  # when the peer's daemon was last asked what it can do
         self.punch_notices_ignored = 0  # notices while UDP worked, or within a probe interval of the last
 
     # --- timers (called by the data path, on the event loop thread) ----------------
@@ -248,8 +250,15 @@ class PeerSession(Actor):
 
     def _ask_caps(self) -> None:
         """Ask the peer's daemon, in the tunnel, what it can do (DataPath.ask_caps), once the
-        handshake's path is settled."""
+        handshake's path is settled: after every handshake (a restarted peer may do less),
+        but after one that went unanswered at most every CAPS_RETRY s (a question nothing
+        answers is data sent unanswered: the ladder would probe, a handshake would follow,
+        and with it another question)."""
         assert self.peer is not None
+        now = self.clock.monotonic()
+        if self.datapath.caps_unanswered(self.peer) and now - self._caps_asked_at < CAPS_RETRY:
+            return
+        self._caps_asked_at = now
         self._ping_seq = (self._ping_seq + 1) & 0xFFFF
         key = (self._ping_ident, self._ping_seq)
         self.datapath.ask_caps(self.peer, icmp_echo(self.own_mesh_ip, self.mesh_ip, *key, CAPS_REQUEST), key)

@@ -11,8 +11,9 @@ packet). This module does the two halves the kernel leaves to the device:
 - `Coalescer`: join consecutive received TCP segments of one flow back into one
   super-packet before the TUN write, its checksum left to the kernel (`NEEDS_CSUM`,
   wireguard-go's `tcpGRO`);
-- `leave_checksum_to_the_kernel`: the same for a single TCP or UDP packet, so that a
-  sender that knows the receiver does it may skip computing the checksum at all.
+- `partial_checksum_at`: whether a single TCP or UDP packet came with its checksum left
+  partial (by a sender that knows the receiver completes it), so that it too is written
+  for the kernel to complete.
 
 Checksums are the Internet checksum (RFC 1071) computed on whole integers: the sum of the
 16-bit words of `data` is congruent to `int.from_bytes(data, "big")` modulo 0xFFFF, one
@@ -86,10 +87,13 @@ def complete_checksum(packet: memoryview, length: int, csum_start: int, csum_off
     return True
 
 
-def l4_checksum_field(packet: bytes | bytearray | memoryview, length: int) -> tuple[int, int] | None:
-    """(csum_start, csum_offset) of the checksum of an unfragmented TCP or UDP packet, IPv4
-    or IPv6 without extension headers, else None: the packets whose checksum a receiver
-    can leave to its kernel as `NEEDS_CSUM` (`leave_checksum_to_the_kernel`)."""
+def partial_checksum_at(packet: bytes | bytearray | memoryview, length: int) -> tuple[int, int] | None:
+    """(csum_start, csum_offset) when the packet is an unfragmented TCP or UDP packet (IPv4,
+    or IPv6 without extension headers) whose checksum field holds just the pseudo-header
+    sum, as a sender leaves it for a receiver that completes it; else None. Written with
+    `NEEDS_CSUM` and these offsets, the kernel completes it (or never checks it, on local
+    delivery); a whole checksum that happens to equal that sum completes to itself. Any
+    other packet keeps its checksum for the kernel to check."""
     if length < 28:
         return None
     first = packet[0]
@@ -97,30 +101,25 @@ def l4_checksum_field(packet: bytes | bytearray | memoryview, length: int) -> tu
         l4 = (first & 0x0F) * 4
         if l4 < 20 or packet[6] & ~DONT_FRAGMENT or packet[7]:  # a fragment, or the reserved flag
             return None
-        proto = packet[9]
+        proto, version = packet[9], 4
     elif first >> 4 == 6:
-        l4, proto = 40, packet[6]
+        l4, proto, version = 40, packet[6], 6
     else:
         return None
     if proto == TCP:
-        return (l4, 16) if l4 + 20 <= length else None
-    if proto == UDP:
-        return (l4, 6) if l4 + 8 <= length else None
-    return None
-
-
-def leave_checksum_to_the_kernel(packet: bytes | bytearray | memoryview, length: int) -> tuple[int, int] | None:
-    """Make an unfragmented TCP or UDP packet a `NEEDS_CSUM` one, as the kernel hands them
-    over: its checksum field gets the pseudo-header sum, whatever the sender put there (the
-    tunnel authenticated every byte; a sender that knows the receiver does this may leave
-    it partial). Returns (csum_start, csum_offset) for the virtio-net header, or None and
-    the packet untouched when it is none of those (`l4_checksum_field`)."""
-    where = l4_checksum_field(packet, length)
-    if where is not None:
-        l4 = where[0]
-        proto = TCP if where[1] == 16 else UDP
-        _U16.pack_into(packet, l4 + where[1], fold(pseudo_header_sum(packet, packet[0] >> 4, proto, length - l4)))
-    return where
+        offset = 16
+        if l4 + 20 > length:
+            return None
+    elif proto == UDP:
+        offset = 6
+        if l4 + 8 > length:
+            return None
+    else:
+        return None
+    field = (packet[l4 + offset] << 8) | packet[l4 + offset + 1]
+    if field % 0xFFFF != fold(pseudo_header_sum(packet, version, proto, length - l4)) % 0xFFFF:
+        return None  # 0x0000 and 0xFFFF are the same sum
+    return l4, offset
 
 
 def ipv4_header_checksum(header: bytes | bytearray | memoryview) -> int:
@@ -330,15 +329,17 @@ class Coalescer:
 
     def finish(self) -> memoryview:
         """The pending packet with its virtio-net header, ready for one TUN write; nothing
-        is pending afterwards. One segment goes with its checksum left to the kernel (its
-        sender may have left it partial); several go as a TSO packet whose checksum the
+        is pending afterwards. One segment goes as it came (its checksum left to the kernel
+        when its sender left it partial); several go as a TSO packet whose checksum the
         kernel completes."""
         buf, length, l4 = self.buf, self.pending, self._l4
         packet = self.view[VNET_HDR_SIZE:]
         self.pending = 0
         if self._count == 1:
-            _U16.pack_into(packet, l4 + 16, fold(pseudo_header_sum(packet, self._version, TCP, length - l4)))
-            VNET_HDR.pack_into(buf, 0, NEEDS_CSUM, GSO_NONE, 0, 0, l4, 16)
+            if partial_checksum_at(packet, length) is not None:
+                VNET_HDR.pack_into(buf, 0, NEEDS_CSUM, GSO_NONE, 0, 0, l4, 16)
+            else:
+                VNET_HDR.pack_into(buf, 0, 0, GSO_NONE, 0, 0, 0, 0)
             return self.view[:VNET_HDR_SIZE + length]
         if self._version == 4:
             _U16.pack_into(packet, 2, length)

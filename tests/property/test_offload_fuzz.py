@@ -21,7 +21,7 @@ from tests.unit.test_offload_segments import (
 )
 from tunnelmesh.offload import (
     GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, MAX_PACKET, MAX_SEGMENTS, VNET_HDR, VNET_HDR_SIZE,
-    complete_checksum, leave_checksum_to_the_kernel, segments, super_packet_layout,
+    complete_checksum, partial_checksum_at, segments, super_packet_layout,
 )
 from tunnelmesh.packets import checksum
 
@@ -261,28 +261,33 @@ def test_coalescer_takes_any_bytes(packets: list[bytes]) -> None:
 @FUZZ
 @given(version=st.sampled_from([4, 6]), proto=st.sampled_from([TCP, UDP]), payload=st.binary(max_size=300),
        garbage=st.integers(0, 0xFFFF), ipv4_options=st.sampled_from([b"", b"\x01" * 4, b"\x01" * 8]))
-def test_a_checksum_left_to_the_kernel_completes_to_the_right_one(
+def test_a_checksum_left_partial_is_found_and_completes_to_the_right_one(
         version: int, proto: int, payload: bytes, garbage: int, ipv4_options: bytes) -> None:
-    """Whatever a sender put in the checksum field, the receiver's NEEDS_CSUM form completes
-    (as the kernel does) to the packet's one right checksum."""
+    """A packet whose sender left its checksum partial is written for the kernel to
+    complete, which gives the one right checksum; one with its whole checksum, or with
+    anything else in the field, is not (the kernel checks it)."""
     l4_bytes = (tcp_header(7, ACK) if proto == TCP else udp_header(8 + len(payload))) + payload
-    packet = ip_packet(version, proto, l4_bytes, ipv4_options=ipv4_options if version == 4 else b"")
-    right = bytes(packet)
-    l4 = len(packet) - len(l4_bytes)
+    options = ipv4_options if version == 4 else b""
+    right = bytes(ip_packet(version, proto, l4_bytes, ipv4_options=options))
+    partial = ip_packet(version, proto, l4_bytes, ipv4_options=options, partial=True)
+    l4 = len(partial) - len(l4_bytes)
     field = l4 + (16 if proto == TCP else 6)
-    packet[field:field + 2] = garbage.to_bytes(2, "big")
-    assert leave_checksum_to_the_kernel(packet, len(packet)) == (l4, field - l4)
-    assert finished(bytes(packet)) == right
+    assert partial_checksum_at(partial, len(partial)) == (l4, field - l4)
+    assert finished(bytes(partial)) == right or (proto == UDP and right[field:field + 2] == b"\xff\xff")
+    whole_is_partial = right[field:field + 2] == partial[field:field + 2]  # they can coincide: it completes to itself
+    assert (partial_checksum_at(right, len(right)) is not None) == whole_is_partial
+    other = bytearray(partial)
+    other[field:field + 2] = garbage.to_bytes(2, "big")
+    if garbage % 0xFFFF != int.from_bytes(partial[field:field + 2], "big") % 0xFFFF:
+        assert partial_checksum_at(other, len(other)) is None
 
 
 @FUZZ
 @given(data=st.binary(max_size=120), slack=st.integers(0, 64))
-def test_leaving_a_checksum_to_the_kernel_takes_any_bytes(data: bytes, slack: int) -> None:
+def test_finding_a_partial_checksum_takes_any_bytes(data: bytes, slack: int) -> None:
     buffer = bytearray(data) + bytes(slack)
-    where = leave_checksum_to_the_kernel(buffer, len(data))
-    if where is None:
-        assert bytes(buffer[:len(data)]) == data  # untouched
-    else:
+    where = partial_checksum_at(buffer, len(data))
+    assert bytes(buffer) == data + bytes(slack)  # it only reads
+    if where is not None:
         csum_start, csum_offset = where
         assert csum_offset in (6, 16) and 20 <= csum_start and csum_start + csum_offset + 2 <= len(data)
-        assert buffer[len(data):] == bytes(slack)  # nothing written past the packet

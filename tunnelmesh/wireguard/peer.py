@@ -103,10 +103,12 @@ class Peer:
         self.keepalive_timeout = KEEPALIVE_TIMEOUT
         self.owner = owner  # the caller's object for this peer (the daemon: its PeerSession)
         # What the caller's data path learnt in the tunnel (actors/datapath.py, CAPS_*): the
-        # peer's daemon completes the TCP/UDP checksums of what it delivers (so ours may be
-        # left partial), and this node completes those of the peer's packets.
+        # peer's daemon completes the TCP/UDP checksums of what it delivers, so ours may be
+        # left partial. Known per session: every new session (a restarted peer may do
+        # less) and zeroed keys forget it until the peer says so again. And the question
+        # out, the (ident, seq) of its echo request.
         self.completes_checksums = False
-        self.checksums_left_to_us = False
+        self.caps_question: tuple[int, int] | None = None
         self.cookie = CookieGenerator(public_key)
         self.static_static = dh(device.static_private, public_key)
 
@@ -480,6 +482,7 @@ class Peer:
         self._hs_stage = _NO_HANDSHAKE
 
     def _begin_session(self, kp: Keypair, now: float) -> None:
+        self.completes_checksums = False  # until this session's peer says so (the caller asks)
         release = self.device.release_keypair
         if kp.initiator:
             if self.next is not None:
@@ -542,6 +545,7 @@ class Peer:
         self.other_at = float("-inf")
 
     def zero_keys(self) -> None:
+        self.completes_checksums = False
         release = self.device.release_keypair
         release(self.previous)
         release(self.current)
