@@ -98,6 +98,7 @@ log = logging.getLogger("tunnelmesh.datapath")
 
 BATCH = 512  # packets per readiness callback (a super-packet's segments each count), so TUN and UDP take turns
 GSO_SEGMENTS = 64  # datagrams per sendmsg at most (the kernel's UDP_MAX_SEGMENTS)
+PARTIAL_SINGLES_FROM = 512  # bytes: a single packet this long to a peer that completes checksums is left partial
 GSO_BYTES = 65507 - 1500  # a batch stops short of the largest UDP payload, with room for one more
 #: sendmsg errors that mean "no GSO here" (a device without checksum offload, a kernel
 #: without it): the batch goes again a datagram at a time, and batching stays off.
@@ -266,7 +267,11 @@ class DataPath:
                 if gso_type:
                     budget -= self._seal_segments(peer, length, gso_type, gso_size, csum_start, now, wall)
                     continue
-                if flags & NEEDS_CSUM and not complete_checksum(packet, length, csum_start, csum_offset):
+                # A peer that completes checksums gets a large one partial too (a small one costs
+                # less to sum than to look at), when it can tell (`partial_checksum_at`).
+                if flags & NEEDS_CSUM and not (length >= PARTIAL_SINGLES_FROM and peer.completes_checksums
+                                               and partial_checksum_at(packet, length) == (csum_start, csum_offset)) \
+                        and not complete_checksum(packet, length, csum_start, csum_offset):
                     self.drops["bad checksum offsets from the TUN"] += 1
                     continue
             if length > mtu:  # the interface's MTU raised under us (`ip link set ... mtu`)

@@ -203,22 +203,26 @@ def test_segments_to_a_peer_that_completes_checksums_leave_them_partial_and_arri
 @pytest.mark.parametrize("completes", [True, False])
 def test_a_sender_leaves_a_checksum_partial_only_for_a_peer_that_completes_it(completes: bool) -> None:
     """What goes on the wire (B opens it with its bare Device): the segments of a TSO read
-    carry the pseudo-header sum for a peer that completes checksums, the whole checksum for
-    any other; a single NEEDS_CSUM packet is completed either way (for a few hundred bytes
-    the receiver's look at it would cost what the sum saves)."""
+    and a large NEEDS_CSUM packet carry the pseudo-header sum for a peer that completes
+    checksums, the whole checksum for any other; a small one is completed either way (it
+    costs less to sum than the receiver's look at it)."""
     node = Node()
     try:
         node.pair.a_peer.completes_checksums = completes
-        opened = node.send([tso_read(4, bytes(3000), 1000), needs_csum_read(4, UDP, b"datagram")])
-        assert len(opened) == 4
-        for packet in opened[:3]:
-            value = struct.unpack_from("!H", packet, 20 + 16)[0]
-            partial = 0xFFFF - checksum(pseudo_header(4, *addresses_a_to_b(4), TCP, len(packet) - 20))
+        opened = node.send([tso_read(4, bytes(3000), 1000), needs_csum_read(4, UDP, bytes(1000)),
+                            needs_csum_read(6, TCP, bytes(1200)), needs_csum_read(4, UDP, b"datagram")])
+        assert len(opened) == 6
+        for packet in opened[:5]:
+            version = packet[0] >> 4
+            l4 = 20 if version == 4 else 40
+            proto = packet[9] if version == 4 else packet[6]
+            value = struct.unpack_from("!H", packet, l4 + (16 if proto == TCP else 6))[0]
+            partial = 0xFFFF - checksum(pseudo_header(version, *addresses_a_to_b(version), proto, len(packet) - l4))
             if completes:
                 assert value == partial
             else:
                 check_segment(packet)  # whole
-        check_segment(opened[3])
+        check_segment(opened[5])
     finally:
         node.close()
 
