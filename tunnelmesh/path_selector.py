@@ -137,9 +137,8 @@ class PathSelector:
              handshaking: bool) -> tuple[list[Action], bool]:
         """Once a second. Returns the ladder's actions, and whether the search for a path
         gave up (then the caller stops the core's retries until new traffic asks)."""
-        stray = None
-        if other is not None and (current is None or rung_of(other) != rung_of(current)):
-            stray = (rung_of(other), other_at)
+        stray = _stray(current, other, other_at)
+        if stray is not None:
             if other_at > self._other_taken:  # only newer than what was taken: never a stale address
                 self._other_taken = other_at
                 self._evidence[stray[0]] = other
@@ -159,9 +158,7 @@ class PathSelector:
         arguments are `tick`'s."""
         if handshaking and self.ladder.current is None:
             return False  # traffic wants the peer: the next tick starts the search
-        stray = (rung_of(other), other_at) if other is not None and (
-            current is None or rung_of(other) != rung_of(current)) else None
-        return self.ladder.at_rest(now, unanswered_since=unanswered_since, stray=stray)
+        return self.ladder.at_rest(now, unanswered_since=unanswered_since, stray=_stray(current, other, other_at))
 
     def unavailable(self, rung: str, reason: str, now: float) -> list[Action]:
         return self.ladder.unavailable(rung, reason, now)
@@ -196,3 +193,11 @@ class PathSelector:
 
     def why_not_better(self, now: float) -> list[tuple[str, str, float | None]]:
         return self.ladder.why_not_better(now)
+
+
+def _stray(current: object | None, other: object | None, other_at: float) -> tuple[str, float] | None:
+    """The rung and time of the last authenticated packet that came on another rung than
+    the current one's, if any (the core's `other_source`, `other_at`)."""
+    if other is not None and (current is None or rung_of(other) != rung_of(current)):
+        return rung_of(other), other_at
+    return None
