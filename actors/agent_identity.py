@@ -35,6 +35,7 @@ from tunnelmesh.identity_agent import (
     AgentUnavailable, agent_socket, cache_record, cached_identity, list_agent_keys, load_identity_agent,
 )
 from tunnelmesh.paths import Paths
+from tunnelmesh.tasks import cancel_and_wait
 
 from .control import ControlServer, EventBus
 from .messages import AgentStatus
@@ -197,11 +198,7 @@ async def _wait_for_agent(paths: Paths, socket: str, fingerprint: str | None, re
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await server.stop()
-        serving.cancel()
-        try:
-            await serving
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(serving)
 
 
 def needed_for(config: NodeConfig) -> tuple[str, ...]:

@@ -140,7 +140,7 @@ class ControlServer(Actor):
                     await self._reply(writer, {"ok": False, "error": str(exc) or type(exc).__name__})
                     continue
                 await self._reply(writer, {"ok": True, "result": result})
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
             pass
         except TimeoutError:  # a request line not sent, or a reply not taken, in time
             self.timed_out += 1

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from tunnelmesh.clock import SYSTEM_CLOCK, Clock
+from tunnelmesh.tasks import cancel_and_wait
 
 from .messages import ActorStatus
 
@@ -243,11 +244,7 @@ class Supervisor:
         self.actors.remove(actor)
         task = self._tasks.pop(actor, None)
         if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(task)
         await self._stop(actor)
 
     def spawn(self, name: str, coro_factory: Callable[[], Awaitable[None]], policy: Policy = "fatal") -> None:

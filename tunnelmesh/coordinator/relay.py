@@ -34,7 +34,6 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import suppress
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -59,6 +58,7 @@ from tunnelmesh.links.relay import (
     FrameQueue,
     auth_message,
 )
+from tunnelmesh.tasks import cancel_and_wait
 
 log = logging.getLogger("tunnelmesh.coordinator.relay")
 
@@ -299,9 +299,7 @@ class Relay:
                         self.drops["protocol error"] += 1  # e.g. a frame beyond READ_LIMIT: aiohttp closes
                     return
         finally:
-            writer.cancel()
-            with suppress(asyncio.CancelledError):
-                await writer
+            await cancel_and_wait(writer)
 
     def _forward(self, source: bytes, frame: bytes) -> None:
         """One frame from `source`: to its destination, stamped with `source` (never the

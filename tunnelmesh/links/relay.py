@@ -32,7 +32,6 @@ import socket
 import urllib.parse
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Collection
-from contextlib import suppress
 from typing import Any, Protocol
 
 import aiohttp
@@ -43,6 +42,7 @@ from tunnelmesh.identity import IdentityError, NodeIdentity
 from tunnelmesh.links import MAX_MESSAGE, Link, LinkError, LinkSink, RefusalLog
 from tunnelmesh.links.proxy import connect_failure, proxy_for
 from tunnelmesh.membership import relay_address_usable
+from tunnelmesh.tasks import cancel_and_wait
 from tunnelmesh.tls import check_pinned_url, client_ssl
 
 log = logging.getLogger("tunnelmesh.links.relay")
@@ -509,14 +509,14 @@ class RelayClient:
         finally:
             self._queue = None
             self.connected_since = None
-            writer.cancel()
-            with suppress(asyncio.CancelledError):
-                await writer
-            await ws.close()
-            if self._moved.is_set():  # cancelled by run: the coordinator in use moved
-                reason = f"following the coordinator to {self.ws_url}"
-            for link in list(self._links.values()):
-                self.sink.link_down(link, reason)
+            try:
+                await cancel_and_wait(writer)
+                await ws.close()
+            finally:  # also when this task is cancelled meanwhile: the links go down all the same
+                if self._moved.is_set():  # cancelled by run: the coordinator in use moved
+                    reason = f"following the coordinator to {self.ws_url}"
+                for link in list(self._links.values()):
+                    self.sink.link_down(link, reason)
 
     def status(self) -> dict[str, Any]:
         queue = self._queue
