@@ -576,7 +576,11 @@ async def revoke(paths: Paths, peer: str) -> Revocation:
         except StateError as exc:
             raise NetworkError(str(exc)) from None
         await coordinator.revoke(revocation.to_wire())
-        return revocation
+    # Invites and revocations are dated in whole seconds, and an invite of the
+    # revocation's own second does not outdate it: return once that second is over, so an
+    # invite made next (`revoke X && invite`) brings the node back.
+    await asyncio.sleep(max(0.0, revocation.at + 1 - time.time()))
+    return revocation
 
 
 async def rotate_secret(paths: Paths) -> tuple[int, int]:

@@ -247,6 +247,7 @@ def test_revoke_cuts_a_node_off_and_rejoin_needs_a_new_invite(lab: Lab) -> None:
         time.sleep(1.1)  # the revocation must be later than this invite
         start = time.monotonic()
         admin.tm("revoke", "c")
+        fresh = admin.tm("invite").stdout.strip()  # at once: `revoke` returns with its second over
         wait_until("admin and b drop c",
                    lambda: "c" not in peer_names(admin) and "c" not in peer_names(b), 10, mesh, interval=0.2)
         dropped = time.monotonic() - start
@@ -260,7 +261,6 @@ def test_revoke_cuts_a_node_off_and_rejoin_needs_a_new_invite(lab: Lab) -> None:
         key = ["--key", f"{c.node.state_dir}/identity_ed25519"]
         assert "revoked" in refusal(c, "join", reusable, "--name", "c", *key)
         # ...and a new invite lets it back in.
-        fresh = admin.tm("invite").stdout.strip()
         c.tm("join", fresh, "--name", "c", *key)
         c.up()
         wait_for_handshakes(mesh, timeout=40)
