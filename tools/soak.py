@@ -265,6 +265,16 @@ class ActionFailed(RuntimeError):
     pass
 
 
+def action_error(exc: Exception) -> str:
+    """One line for a failed action: what failed and, for a command, the end of what it
+    printed to stderr (the daemon's own reason: `up` quotes its log), so a failure seen
+    once in a long run can be understood from the report alone."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    stderr = (getattr(exc, "stderr", None) or "").strip()
+    lines = [line.strip() for line in stderr.splitlines()[-6:]]
+    return f"{first}; stderr: {' | '.join(lines)[-900:]}" if stderr else first
+
+
 def wait_for(what: str, check: Callable[[], bool], timeout: float = ACTION_TIMEOUT) -> float:
     """Poll check() until true (bounded); the seconds it took. ActionFailed on timeout."""
     started = time.monotonic()
@@ -378,7 +388,7 @@ class Soak:
             self.actions[kind](kind, event)
         except Exception as exc:  # noqa: BLE001 - a failed action is recorded and the soak goes on
             event["ok"] = False
-            event["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            event["error"] = action_error(exc)
             bench.log(f"soak: {kind} failed: {event['error']}")
         except KeyboardInterrupt:
             event["ok"], event["error"] = False, "interrupted"

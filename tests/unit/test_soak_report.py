@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tools import soak
+from tools.lab import CommandError
 
 # Real `ping -n -D -O -i 0.2 -W 1 -c 8` output with half the echo requests dropped.
 PING_LOG = """PING 127.0.0.1 (127.0.0.1) 56(84) bytes of data.
@@ -143,3 +144,11 @@ def test_bad_usage_is_refused() -> None:
         assert exc.value.code == 2
     _, options = soak.parse_args(["--minutes", "30", "--churn-gap", "5"])
     assert options.minutes == 30 and options.churn_gap_s == 5
+
+
+def test_a_failed_command_is_reported_with_the_end_of_its_stderr() -> None:
+    exc = CommandError(1, ["tunnelmesh", "up", "--detach"], "", "tunnelmesh: failed to start:\n  line 1\n  the reason\n")
+    error = soak.action_error(exc)
+    assert error.startswith("command `tunnelmesh up --detach` exited with 1; stderr: ")
+    assert error.endswith("line 1 | the reason") and "\n" not in error
+    assert soak.action_error(soak.ActionFailed("f pings a: not within 30 s")) == "f pings a: not within 30 s"
