@@ -40,8 +40,9 @@ class MapReplies:
             try:
                 return await asyncio.shield(shared)
             except asyncio.CancelledError:
-                if not shared.cancelled():
-                    raise  # this request itself was cancelled
+                current = asyncio.current_task()
+                if not shared.cancelled() or (current is not None and current.cancelling()):
+                    raise  # this request itself was cancelled (also when the shared read was too)
         return await read(since, candidates)
 
     async def _read(self, key: tuple[int, bool], read: Callable[[int, bool], Awaitable[Reply]]) -> Reply:
