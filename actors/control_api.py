@@ -10,6 +10,7 @@ status) and reads the counters and status of the I/O edges directly.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import math
@@ -23,10 +24,11 @@ from .control import EventBus, Handler
 from .messages import (
     ActorStatus, AgentStatus, Identity, WhoAmI, FilterRules, FilterVerdict, FindSession, GetFilterStatus, GetStatus,
     ListPeers, Netcheck, NodeStatus, PeerStatus, Ping, PingResult, Peers, ProbeNow, ProbeResult, RelayClientStatus,
-    RelayServerStatus, ShowFilter, SshHosts, SshStatus, Status, TestFilter, TransportsStatus, from_json,
+    RelayServerStatus, ShowFilter, SpinStatus, SshHosts, SshStatus, Status, TestFilter, TransportsStatus, from_json,
 )
 from .netcheck import netcheck, ssh_endpoints
 from .runtime import Actor
+from .spin import SpinningSelector
 
 if TYPE_CHECKING:
     from tunnelmesh.coordinator.relay import Relay
@@ -197,6 +199,7 @@ class ControlApi:
             nat=self.nat_prober.report if self.nat_prober is not None else None,
             port_mapping=self.port_mapper.mapping if self.port_mapper is not None else None,
             offloads=self.datapath.offloads,
+            spin=_spin_status(),
         )
 
     def _actors(self) -> tuple[ActorStatus, ...]:
@@ -209,3 +212,11 @@ class ControlApi:
             others.append(ActorStatus("sessions", *(sum(getattr(s, f) for s in sessions)
                                                     for f in ("queued", "dropped", "restarts", "task_failures", "tasks"))))
         return tuple(others)
+
+
+def _spin_status() -> SpinStatus | None:
+    """The running loop's spin counters, if it is the daemon's SpinningLoop."""
+    spinner = getattr(asyncio.get_running_loop(), "spinner", None)
+    if not isinstance(spinner, SpinningSelector):
+        return None
+    return SpinStatus(spins=spinner.spins, caught=spinner.caught, seconds=round(spinner.spun, 3))

@@ -491,6 +491,15 @@ class AgentStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class SpinStatus:
+    """The daemon loop's polling after quiet spells (actors/spin.py), since the start."""
+
+    spins: int  # quiet spells the loop polled after before it slept
+    caught: int  # of those, the ones whose polling found the answer
+    seconds: float  # time spent polling
+
+
+@dataclass(frozen=True, slots=True)
 class ActorStatus:
     """One actor's mailbox and health (the peer sessions are summed into one, "sessions")."""
 
@@ -597,6 +606,7 @@ class NodeStatus:
     port_mapping: Candidate | None = None  # the router's mapping of the WireGuard port, if any
     #: The data path's kernel offloads in use, e.g. "tun csum tso uso, udp gso gro"; "none".
     offloads: str = ""
+    spin: SpinStatus | None = None  # None: an event loop without it (in-process tests)
 
 
 @dataclass(frozen=True, slots=True)

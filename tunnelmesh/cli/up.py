@@ -27,11 +27,11 @@ def cmd_up(args: argparse.Namespace, paths: Paths) -> int:
     import asyncio  # lazily: most commands, `up --detach` too, run no event loop
 
     from actors.daemon import StartupError, configure_logging, run_daemon
-    from actors.spin import spinning_loop
+    from actors.spin import SpinningLoop
 
     configure_logging(args.log_level)
     try:
-        with asyncio.Runner(loop_factory=spinning_loop) as runner:  # polls briefly before it sleeps: actors/spin.py
+        with asyncio.Runner(loop_factory=SpinningLoop) as runner:  # polls briefly before it sleeps: actors/spin.py
             return runner.run(run_daemon(paths))
     except StartupError as exc:
         raise CliError(str(exc), EXIT_USAGE if "config" in str(exc) or ".toml" in str(exc) else EXIT_FAIL) from None
