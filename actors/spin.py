@@ -12,11 +12,13 @@ yielding the CPU in between) for a moment before it blocks, so the answer finds 
 loop awake. Under a steady stream the waits are shorter than `quiet` and it never
 spins.
 
-What it may burn is bounded twice. A spin that catches nothing (the answering side,
-an answer from across a WAN) halves the next one, down to `shortest`; one that
-catches something restores `longest`. And all spinning together stays within `share`
-of the wall-clock time (a token bucket holding at most `burst` seconds), whatever the
-traffic: a stream with a packet every millisecond would otherwise spin after each.
+What it may burn is bounded twice. A spin that catches nothing, and whose answer
+the longest spin would not have caught either (the answering side, an answer from
+across a WAN), halves the next one, down to `shortest`; one that catches something,
+or misses what the longest would have caught, restores `longest`. And all spinning
+together stays within `share` of the wall-clock time (a token bucket holding at most
+`burst` seconds), whatever the traffic: a stream with a packet every millisecond
+would otherwise spin after each.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class SpinningSelector(selectors.EpollSelector):
         if timeout is not None and timeout <= 0:
             return poll(timeout)
         now = time.monotonic()
+        spun_from = None
         if self._armed:
             self._armed = False  # one spin per quiet spell
             self._budget = min(self._burst, self._budget + (now - self._refilled_at) * self._share)
@@ -75,12 +78,18 @@ class SpinningSelector(selectors.EpollSelector):
                 if ready:
                     self._next = self._longest
                     return ready
-                self._next = max(self._shortest, self._next / 2)
+                spun_from = now
                 if timeout is not None:
                     timeout = max(0.0, timeout - (after - now))
                 now = after
         ready = poll(timeout)
-        if ready and time.monotonic() - now >= self._quiet:  # sparse traffic: the answer to this turn is polled for
+        woke = time.monotonic()
+        if spun_from is not None:  # a spin that caught nothing
+            if woke - spun_from > self._longest:  # nor would the longest have: shorter next time
+                self._next = max(self._shortest, self._next / 2)
+            elif ready:  # the longest would have: it again (a spin cut short by a timer changes nothing)
+                self._next = self._longest
+        if ready and woke - now >= self._quiet:  # sparse traffic: the answer to this turn is polled for
             self._armed = True
         return ready
 

@@ -108,6 +108,23 @@ def test_spins_that_catch_nothing_get_shorter_and_one_that_catches_restores_them
         assert selector.spun - spun >= 0.19
 
 
+def test_a_miss_the_longest_spin_would_have_caught_restores_it(pair: tuple[socket.socket, socket.socket]) -> None:
+    receiver, sender = pair
+    with SpinningSelector(longest=0.2, shortest=0.02, quiet=0.02, burst=10.0, share=1.0) as selector:
+        selector.register(receiver, selectors.EVENT_READ)
+        for _ in range(4):  # nothing answers for 0.4 s: the spins shrink to 0.025 s
+            timer = send_later(sender, 0.4)
+            assert ready_after(selector, receiver, 5)
+            timer.join()
+        spun, timer = selector.spun, send_later(sender, 0.1)  # an answer the 0.025 s spin misses, 0.2 s would not
+        assert ready_after(selector, receiver, 5)
+        timer.join()
+        assert selector.spun - spun < 0.09 and selector.caught == 0
+        spun = selector.spun  # the wait of 0.1 s ended a quiet spell: the next spin is the longest again
+        assert not ready_after(selector, receiver, 1.0)
+        assert selector.spun - spun >= 0.19
+
+
 def test_spinning_stays_within_its_share_of_the_time(pair: tuple[socket.socket, socket.socket]) -> None:
     receiver, sender = pair
     # Halving disabled (shortest == longest): only the budget bounds it.
