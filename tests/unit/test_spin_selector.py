@@ -86,43 +86,51 @@ def test_one_spin_per_quiet_spell_and_never_past_the_timeout(pair: tuple[socket.
         assert selector.spins == 1
 
 
+def spins_answered_after(selector: SpinningSelector, receiver: socket.socket, sender: socket.socket,
+                         delays: list[float]) -> list[float]:
+    """A select per delay, with a datagram sent that long after it began: the time each
+    select spent spinning."""
+    lengths = []
+    for delay in delays:
+        spun, timer = selector.spun, send_later(sender, delay)
+        assert ready_after(selector, receiver, 5)
+        timer.join()
+        lengths.append(selector.spun - spun)
+    return lengths
+
+
+def the_next_spin_is_the_longest(selector: SpinningSelector, receiver: socket.socket) -> bool:
+    """(Nothing comes: the whole spin shows.)"""
+    spun = selector.spun
+    assert not ready_after(selector, receiver, 1.0)
+    return selector.spun - spun >= 0.19
+
+
 def test_spins_that_catch_nothing_get_shorter_and_one_that_catches_restores_them(
         pair: tuple[socket.socket, socket.socket]) -> None:
     receiver, sender = pair
     with SpinningSelector(longest=0.2, shortest=0.02, quiet=0.02, burst=10.0, share=1.0) as selector:
         selector.register(receiver, selectors.EVENT_READ)
-        lengths = []
-        for _ in range(5):  # the answering side: a request every 0.4 s, nothing in between
-            spun, timer = selector.spun, send_later(sender, 0.4)
-            assert ready_after(selector, receiver, 5)  # the spin gives up, the wait ends a quiet spell
-            timer.join()
-            lengths.append(selector.spun - spun)
-        # 0, 0.2, 0.1, 0.05, 0.025 (a busy machine may stretch a spin by a few ms)
+        # The answering side: a request every 0.4 s, nothing in between; each spin gives up,
+        # each wait ends a quiet spell. 0, 0.2, 0.1, 0.05, 0.025 (a busy machine may stretch
+        # a spin by a few ms).
+        lengths = spins_answered_after(selector, receiver, sender, [0.4] * 5)
         assert lengths[0] == 0 and lengths[1] >= 0.19 and 0.09 <= lengths[2] < 0.17, lengths
         assert 0.045 <= lengths[3] < 0.12 and 0.02 <= lengths[4] < 0.08, lengths
         send_later(sender, 0.005)  # caught: the full length again next time
         assert ready_after(selector, receiver, 5) and selector.caught == 1
         end_a_quiet_spell(selector, receiver, sender)
-        spun = selector.spun
-        assert not ready_after(selector, receiver, 1.0)
-        assert selector.spun - spun >= 0.19
+        assert the_next_spin_is_the_longest(selector, receiver)
 
 
 def test_a_miss_the_longest_spin_would_have_caught_restores_it(pair: tuple[socket.socket, socket.socket]) -> None:
     receiver, sender = pair
     with SpinningSelector(longest=0.2, shortest=0.02, quiet=0.02, burst=10.0, share=1.0) as selector:
         selector.register(receiver, selectors.EVENT_READ)
-        for _ in range(4):  # nothing answers for 0.4 s: the spins shrink to 0.025 s
-            timer = send_later(sender, 0.4)
-            assert ready_after(selector, receiver, 5)
-            timer.join()
-        spun, timer = selector.spun, send_later(sender, 0.1)  # an answer the 0.025 s spin misses, 0.2 s would not
-        assert ready_after(selector, receiver, 5)
-        timer.join()
-        assert selector.spun - spun < 0.09 and selector.caught == 0
-        spun = selector.spun  # the wait of 0.1 s ended a quiet spell: the next spin is the longest again
-        assert not ready_after(selector, receiver, 1.0)
-        assert selector.spun - spun >= 0.19
+        spins_answered_after(selector, receiver, sender, [0.4] * 4)  # the spins shrink to 0.025 s
+        # An answer the 0.025 s spin misses and 0.2 s would not; its wait ends a quiet spell.
+        assert spins_answered_after(selector, receiver, sender, [0.1])[0] < 0.09 and selector.caught == 0
+        assert the_next_spin_is_the_longest(selector, receiver)
 
 
 def test_spinning_stays_within_its_share_of_the_time(pair: tuple[socket.socket, socket.socket]) -> None:
