@@ -137,9 +137,20 @@ def first_ping(node: Node, address: str) -> None:
         raise BenchError(f"{node.name}: no answer from {address} within {CONNECT_TIMEOUT} s")
 
 
+#: iperf3's errors about its control connection (a reset or refused TCP connection to the
+#: server, on a host that is loaded): nothing measured, so the test is run once more.
+IPERF3_CONTROL_ERRORS = ("unable to receive control message", "unable to send control message",
+                         "unable to connect to server")
+
+
 def iperf3(client: Node, server_ip: str, seconds: int, *extra: str) -> str:
-    proc = client.run("iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
-                      "--connect-timeout", "5000", *extra, check=False, timeout=seconds + 40)
+    for attempt in (1, 2):
+        proc = client.run("iperf3", "-c", server_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-J",
+                          "--connect-timeout", "5000", *extra, check=False, timeout=seconds + 40)
+        failed = next((e for e in IPERF3_CONTROL_ERRORS if e in proc.stdout), None)
+        if failed is None or attempt == 2:
+            break
+        log(f"iperf3 {' '.join(extra)}: {failed}; once more")
     return proc.stdout
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.wait import wait_for
 from tools.lab import PROJECT_ROOT, CommandError, Lab, cleanup_leftovers, clean_environment
 
 # A UDP echo server that answers "<data> from <ip>:<port>" (the source it saw) and exits
@@ -61,10 +62,13 @@ def ping(node, address: str, count: int = 1) -> subprocess.CompletedProcess:
 
 
 def two_nodes(lab: Lab):
+    """a (192.0.2.1) and b (192.0.2.2) on one switch, once a reaches b: a fresh veth may
+    take a moment to carry on a loaded machine, and a lone first ping of 1 s can miss it."""
     switch = lab.add_switch("lan")
     a, b = lab.add_node("a"), lab.add_node("b")
     lab.connect(a, switch)
     lab.connect(b, switch)
+    wait_for("a reaches b on the fresh switch", lambda: ping(a, "192.0.2.2").returncode == 0, 15)
     return a, b
 
 
@@ -100,7 +104,7 @@ def test_full_loss_stops_ping_and_zero_restores_it(lab):
     b.set_loss(100)
     assert ping(a, "192.0.2.2", count=2).returncode != 0
     b.set_loss(0)
-    assert ping(a, "192.0.2.2").returncode == 0
+    wait_for("ping gets through again with the loss lifted", lambda: ping(a, "192.0.2.2").returncode == 0, 15)
 
 
 def test_partial_loss_drops_some_but_not_all(lab):

@@ -190,3 +190,28 @@ def test_parse_args_only_and_defaults():
         bench.parse_args(["--only", "tailscale"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--time", "0"])
+
+
+class _Client:
+    """A node whose `iperf3` prints the outputs given, in turn."""
+
+    def __init__(self, *outputs: str) -> None:
+        self.outputs, self.calls = list(outputs), 0
+
+    def run(self, *args: str, **kwargs: object) -> object:
+        import subprocess
+
+        self.calls += 1
+        return subprocess.CompletedProcess(list(args), 1, self.outputs.pop(0), "")
+
+
+def test_iperf3_runs_once_more_after_a_control_connection_error_only() -> None:
+    reset = json.dumps({"error": "unable to receive control message: Connection reset by peer"})
+    good = json.dumps({"end": {"sum_received": {"bits_per_second": 1e9, "bytes": 1}}})
+    client = _Client(reset, good)
+    assert bench.iperf3(client, "10.0.0.2", 1) == good and client.calls == 2  # type: ignore[arg-type]
+    client = _Client(reset, reset)  # twice: the error stands (the bench reports the run failed)
+    assert bench.iperf3(client, "10.0.0.2", 1) == reset and client.calls == 2  # type: ignore[arg-type]
+    other = json.dumps({"error": "the server is busy running a test. try again later"})
+    client = _Client(other, good)
+    assert bench.iperf3(client, "10.0.0.2", 1) == other and client.calls == 1  # type: ignore[arg-type]
