@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunnelmesh.mesh")
 
-#: Under the transport ladder, data received and not answered gets a keepalive after this
-#: long (WireGuard waits 10 s), well inside the ladder's 3 s failure check.
+#: Data received and not answered gets a keepalive after this long (WireGuard waits 10 s),
+#: well inside the 3 s failure check of the ladder and of the choice between a peer's UDP
+#: addresses: with UDP alone too, or a one-way stream would look like a dead path.
 LADDER_KEEPALIVE = 1.0
 
 
@@ -79,8 +80,7 @@ class Mesh(Actor):
             endpoint=spec.endpoint if selector.udp_allowed else None,
             persistent_keepalive=spec.persistent_keepalive, owner=session,
         )
-        if self.transports.ssh is not None or self.transports.relay is not None:
-            session.peer.keepalive_timeout = LADDER_KEEPALIVE
+        session.peer.keepalive_timeout = LADDER_KEEPALIVE
         if selector.restricted:
             # A forced or disabled rung is neither sent nor answered on.
             session.peer.accepts, session.peer.accepts_udp = selector.allows, selector.udp_allowed

@@ -218,6 +218,27 @@ def test_fixed_rate_ping_loses_at_most_one(lab):
         )
 
 
+def test_one_way_stream_keeps_its_session_and_path(lab):
+    """A stream nothing answers (UDP, b sends no data back) is not a dead path: b's daemon
+    keepalives it within the 3 s failure check, so a neither probes nor handshakes again
+    (with WireGuard's 10 s keepalive a re-handshook every few seconds)."""
+    mesh = up_mesh(lab, ["a", "b"])
+    a, b = mesh["a"], mesh["b"]
+    before = status_peers(a)["b"]
+    server = b.node.popen("iperf3", "-s", "-p", str(PORT), "-1", log_name="iperf3-oneway")
+    wait_for("iperf3 listening on b", lambda: f":{PORT}" in b.node.run("ss", "-Hltn", check=False).stdout,
+             timeout=10, details=lambda: b.node.log("iperf3-oneway")[-500:] if server.poll() is not None else "")
+    result = a.node.run("iperf3", "-u", "-c", b.mesh_ip, "-p", str(PORT), "-b", "1M", "-t", "8", check=False,
+                        timeout=40)
+    assert result.returncode == 0, f"one-way UDP stream failed:\n{result.stdout}{result.stderr}\n{diagnostics(mesh)}"
+    after = status_peers(a)["b"]
+    assert after["handshakes"] == before["handshakes"], (
+        f"a handshook again during a one-way stream: {before['handshakes']} -> {after['handshakes']}\n"
+        f"{diagnostics(mesh)}")
+    assert after["path"] == before["path"], f"path moved: {before['path']} -> {after['path']}\n{diagnostics(mesh)}"
+    assert after["tx_bytes"] - before["tx_bytes"] > 800_000, f"the stream did not cross the tunnel: {after}"
+
+
 def test_transfer_completes_intact_under_5_percent_loss(lab):
     mesh = up_mesh(lab)
     a, b = mesh["a"], mesh["b"]
