@@ -445,6 +445,13 @@ class DataPath:
         if length == CAPS_REQUEST_LENGTH and daemon_echo_request(plain, length, self._mesh_ip, CAPS_REQUEST):
             self._answer_caps()
             return
+        coalescer = self._coalescer
+        if coalescer is not None and coalescer.pending and coalescer.continues(plain, length):
+            # [coalesce] The pending super-packet's next segment: the same addresses, ports
+            # and flags (ACK), so the same sender (cryptokey routing) and the same verdict
+            # as its first segment, which passed the filter in this batch.
+            coalescer.append(plain, length)
+            return
         packet_filter = self.filter
         if packet_filter is not None:  # [filter] inbound
             peer = self.device.received_from
@@ -454,12 +461,8 @@ class DataPath:
                 return
             if not packet_filter.inbound(peer.public_key, plain, length, now):
                 return
-        coalescer = self._coalescer
         if coalescer is not None:  # [coalesce]
             if coalescer.pending:
-                if coalescer.continues(plain, length):
-                    coalescer.append(plain, length)
-                    return
                 self._write_tun(coalescer.finish())
             if coalescer.start(plain, length):
                 return

@@ -17,6 +17,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,8 @@ from actors.edges import UdpBind
 from tests.support.wire import A_IP, B_IP, PeerPair
 from tests.unit.test_datapath_offloads import gro_socket, receive_groups
 from tests.unit.test_datapath_stages import FixedClock, _Owner
+from tunnelmesh.filter import EMPTY_POLICY, Member, PacketFilter, compile_rules, parse_policy
+from tunnelmesh.filter.engine import DENIED
 from tunnelmesh.offload import GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, NEEDS_CSUM, VNET_HDR, VNET_HDR_SIZE
 from tunnelmesh.packets import checksum, icmp_echo
 
@@ -417,3 +420,38 @@ def _tcp_stream(packets: list[bytes]) -> list[tuple[int, bytes]] | list[bytes]:
     for (_, seq, data), (_, following, _) in zip(parts, parts[1:]):
         assert (seq + len(data)) & 0xFFFFFFFF == following, "a gap or a reordering"
     return [(parts[0][1], b"".join(data for _, _, data in parts))]
+
+
+class CountingFilter(PacketFilter):
+    """The real filter, counting the inbound packets it is asked about."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked = 0
+
+    def inbound(self, peer_key: bytes, packet: Any, length: int, now: float) -> bool:
+        self.asked += 1
+        return super().inbound(peer_key, packet, length, now)
+
+
+def test_the_filter_judges_the_first_segment_of_each_joined_super_packet_only(node: Node) -> None:
+    a_key, b_key = node.pair.b_peer.public_key, node.pair.a_peer.public_key
+    home = Member("a", a_key, ipaddress.IPv4Address(A_IP), ipaddress.IPv6Address(A_IP6))
+    peer = Member("b", b_key, ipaddress.IPv4Address(B_IP), ipaddress.IPv6Address(B_IP6))
+    policy = parse_policy('[[allow]]\nfrom = ["b"]\nproto = "tcp"\nports = [80]\n')
+    node.datapath.filter = counting = CountingFilter(compile_rules(policy, (), home, [peer]))
+
+    def segments(sport: int, count: int) -> list[bytes]:
+        return [tcp_packet(4, B_IP, A_IP, 1000 * index, bytes([index]) * 1000, sport=sport, ip_id=index)
+                for index in range(count)]
+
+    allowed = segments(40000, 8)
+    written = node.receive(allowed)
+    assert counting.asked == 1 and len(written) == 1  # one super-packet, judged once
+    assert VNET_HDR.unpack_from(written[0])[1] == GSO_TCPV4
+
+    # Segments the filter refuses start no super-packet for their flow's next segments to join:
+    # each is asked about and dropped.
+    node.datapath.filter = counting = CountingFilter(compile_rules(EMPTY_POLICY, (), home, [peer]))
+    assert node.receive(segments(40001, 4)) == []
+    assert counting.asked == 4 and counting.drops[DENIED] == 4
