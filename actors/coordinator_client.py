@@ -132,7 +132,7 @@ def device_spec(device: DeviceEntry) -> PeerSpec:
     return PeerSpec(
         name=device.name, mesh_ip=device.ipv4, fingerprint=None, wg_key=device.wg_key,
         allowed_ips=(ipaddress.IPv4Network(f"{device.ipv4}/32"), ipaddress.IPv6Network(f"{device.ipv6}/128")),
-        endpoint=None, persistent_keepalive=0, choice=UDP_ONLY,
+        endpoint=None, persistent_keepalive=0, choice=UDP_ONLY, plain_wireguard=True,
     )
 
 

@@ -435,7 +435,8 @@ def _tunnelmesh_program() -> str:
 def _static_peers(config: NodeConfig, endpoints: list[tuple[str, int] | None]) -> list[PeerSpec]:
     return [
         PeerSpec(peer.name, peer.mesh_ip, peer.identity.fingerprint if peer.identity is not None else None,
-                 peer.wireguard_public_key, peer.allowed_ips, endpoint, peer.persistent_keepalive)
+                 peer.wireguard_public_key, peer.allowed_ips, endpoint, peer.persistent_keepalive,
+                 plain_wireguard=peer.identity is None)
         for peer, endpoint in zip(config.peers, endpoints)
     ]
 

@@ -31,10 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunnelmesh.mesh")
 
-#: Data received and not answered gets a keepalive after this long (WireGuard waits 10 s),
-#: well inside the 3 s failure check of the ladder and of the choice between a peer's UDP
-#: addresses: with UDP alone too, or a one-way stream would look like a dead path.
-LADDER_KEEPALIVE = 1.0
+#: Between daemons, data received and not answered gets a keepalive after this long
+#: (WireGuard waits 10 s), well inside the 3 s failure check of the ladder and of the
+#: choice between a peer's UDP addresses: with UDP alone too, or a one-way stream would
+#: look like a dead path. A plain WireGuard peer keeps WireGuard's timers both ways.
+DAEMON_KEEPALIVE = 1.0
 
 
 class Mesh(Actor):
@@ -72,7 +73,8 @@ class Mesh(Actor):
                               wg_key=spec.wg_key, transports=self.transports, choice=spec.choice,
                               candidates=spec.candidates, clock=self.clock, request_punch=self._request_punch,
                               own_nat=lambda: self.own_nat(), peer_nat=spec.nat,
-                              punch_refused=lambda: self.punch_refusals.get(spec.wg_key), ticker=self.ticker)
+                              punch_refused=lambda: self.punch_refusals.get(spec.wg_key), ticker=self.ticker,
+                              plain_wireguard=spec.plain_wireguard)
         selector = session.selector
         session.peer = self.device.add_peer(
             spec.wg_key, preshared_key=self.psk, allowed_ips=spec.allowed_ips,
@@ -80,7 +82,8 @@ class Mesh(Actor):
             endpoint=spec.endpoint if selector.udp_allowed else None,
             persistent_keepalive=spec.persistent_keepalive, owner=session,
         )
-        session.peer.keepalive_timeout = LADDER_KEEPALIVE
+        if not spec.plain_wireguard:
+            session.peer.keepalive_timeout = DAEMON_KEEPALIVE
         if selector.restricted:
             # A forced or disabled rung is neither sent nor answered on.
             session.peer.accepts, session.peer.accepts_udp = selector.allows, selector.udp_allowed

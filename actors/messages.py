@@ -39,6 +39,9 @@ class PeerSpec:
     candidates: tuple[Address, ...] = ()
     #: What the peer's verified candidate record says of its NAT (unknown without one).
     nat: PeerNat = PeerNat()
+    #: A plain WireGuard peer (a phone, wg-quick), not a tunnelmesh daemon: it keepalives
+    #: by WireGuard's own timers, so its path is judged by them too.
+    plain_wireguard: bool = False
 
 
 @dataclass(frozen=True, slots=True)

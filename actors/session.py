@@ -122,6 +122,7 @@ class PeerSession(Actor):
         peer_nat: PeerNat = PeerNat(),
         punch_refused: Callable[[], str | None] = lambda: None,
         ticker: Ticker | None = None,
+        plain_wireguard: bool = False,
     ) -> None:
         super().__init__()
         self.name = f"session:{name}"
@@ -129,6 +130,11 @@ class PeerSession(Actor):
         self.mesh_ip = mesh_ip
         self.own_mesh_ip = own_mesh_ip
         self.fingerprint = fingerprint
+        # How long before the core's new-handshake timer the ladder counts traffic as
+        # unanswered: from the first unanswered packet for a daemon (it keepalives within
+        # 1 s); a plain WireGuard peer keepalives after 10 s, so its path fails by
+        # WireGuard's own rule, when that timer fires.
+        self._unanswered_lead = rungs.FAILING_AFTER if plain_wireguard else UNANSWERED_AFTER
         self.datapath = datapath
         self.events = events
         self.clock = clock
@@ -502,7 +508,7 @@ class PeerSession(Actor):
             return
         peer = self.peer
         now = self.clock.monotonic()
-        unanswered = peer.t_new_handshake - UNANSWERED_AFTER if peer.t_new_handshake is not None else None
+        unanswered = peer.t_new_handshake - self._unanswered_lead if peer.t_new_handshake is not None else None
         try:
             actions, gave_up = self.selector.tick(
                 now, current=peer.endpoint, unanswered_since=unanswered, received_on_current=peer.endpoint_rx_at,

@@ -488,7 +488,7 @@ class Host:
     mesh: Mesh
     bus: EventBus
 
-    def __init__(self, net: Net, name: str, address: tuple[str, int], mesh_ip: str) -> None:
+    def __init__(self, net: Net, name: str, address: tuple[str, int], mesh_ip: str, *, rungs: bool = True) -> None:
         self.net = net
         self.name = name
         self.address = address
@@ -499,7 +499,8 @@ class Host:
         self.app = self.tun.app
         self.ssh = MemorySshRung(net, self)
         self.relay = MemoryRelayClient(net, self)
-        self.transports = Transports(ssh=self.ssh, relay=self.relay)  # type: ignore[arg-type]
+        # `rungs` False: a daemon configured with UDP alone (a static mesh without [ssh]).
+        self.transports = Transports(ssh=self.ssh, relay=self.relay) if rungs else Transports()  # type: ignore[arg-type]
         self.events: list[dict[str, Any]] = []
         self.echo_replies: list[tuple[float, int]] = []  # (when, seq) of answers to the app's pings
         self.arrived: list[bytes] = []  # every packet the tunnel delivered to the TUN
@@ -546,8 +547,9 @@ class Node(Host):
     """A node's parts (actors.node.NodeParts) without its actors running: the test calls
     the sessions' handlers itself and starts and stops the data path."""
 
-    def __init__(self, net: Net, name: str, private: bytes, address: tuple[str, int], mesh_ip: str, seed: int) -> None:
-        super().__init__(net, name, address, mesh_ip)
+    def __init__(self, net: Net, name: str, private: bytes, address: tuple[str, int], mesh_ip: str, seed: int, *,
+                 rungs: bool = True) -> None:
+        super().__init__(net, name, address, mesh_ip, rungs=rungs)
         parts = NodeParts(private, mtu=DEFAULT_MTU, tun=self.tun, bind=self.sock, clock=net.clock,
                           mesh_ip=self.mesh_ip, psk=PSK, transports=self.transports, rng=seeded_rng(seed))
         self.device, self.datapath, self.bus, self.mesh = parts.device, parts.datapath, parts.bus, parts.mesh

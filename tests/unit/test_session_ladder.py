@@ -12,6 +12,7 @@ in virtual time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -111,16 +112,18 @@ def in_virtual_time(body: Callable[[Net], Awaitable[None]]) -> None:
 
 
 async def _connected(net: Net, a_choice: RungChoice, b_choice: RungChoice, blocked: tuple[str, ...],
-                     body: Scenario) -> None:
+                     body: Scenario, *, rungs: bool = True, plain_wireguard: bool = False) -> None:
     """a knows b's UDP address, b learns a's from a's first message (so only a initiates:
     no crossing initiations). b starts half a tick before a: two daemons' once-a-second
-    ticks are never in phase, and in phase their probes would cross on every retry."""
+    ticks are never in phase, and in phase their probes would cross on every retry.
+    `rungs` False: both configured with UDP alone; `plain_wireguard`: each takes the other
+    for a plain WireGuard peer (WireGuard's own keepalive and failure timers)."""
     rng = seeded_rng(7)
-    a = Node(net, "a", rng(32), A_ADDR, A_IP, seed=11)
-    b = Node(net, "b", rng(32), B_ADDR, B_IP, seed=12)
+    a = Node(net, "a", rng(32), A_ADDR, A_IP, seed=11, rungs=rungs)
+    b = Node(net, "b", rng(32), B_ADDR, B_IP, seed=12, rungs=rungs)
     pair = Pair(net, a, b)
-    a.mesh.add(spec(b, endpoint=B_ADDR, choice=a_choice))
-    b.mesh.add(spec(a, endpoint=None, choice=b_choice))
+    a.mesh.add(dataclasses.replace(spec(b, endpoint=B_ADDR, choice=a_choice), plain_wireguard=plain_wireguard))
+    b.mesh.add(dataclasses.replace(spec(a, endpoint=None, choice=b_choice), plain_wireguard=plain_wireguard))
     a.start()
     b.start()
     for rung in blocked:

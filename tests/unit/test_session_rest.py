@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from tests.support.memnet import Node
 from tests.unit.test_session_ladder import ALL, Pair, Pinger, _connected, in_virtual_time, up_on_udp
-from tunnelmesh.config import RungChoice
+from tunnelmesh.config import UDP_ONLY, RungChoice
 from tunnelmesh.ladder import FAILING_AFTER, FRESH, SSH, UDP
 from tunnelmesh.packets import icmp_echo
+from tunnelmesh.wireguard.constants import KEEPALIVE_TIMEOUT
 
 #: Long enough for any probe, answer or stray packet of the set-up to stop mattering.
 SETTLE = 2 * FRESH + FAILING_AFTER
 
 
-def simulate(body, *, blocked: tuple[str, ...] = (), choice: RungChoice = ALL) -> None:  # type: ignore[no-untyped-def]
-    in_virtual_time(lambda net: _connected(net, choice, choice, blocked, body))
+def simulate(body, *, blocked: tuple[str, ...] = (), choice: RungChoice = ALL, rungs: bool = True,  # type: ignore[no-untyped-def]
+             plain_wireguard: bool = False) -> None:
+    in_virtual_time(lambda net: _connected(net, choice, choice, blocked, body, rungs=rungs,
+                                           plain_wireguard=plain_wireguard))
 
 
 def one_way(sender: Node, receiver: Node, seq: int) -> None:
@@ -89,6 +92,39 @@ def test_data_coming_in_arms_the_passive_keepalive_at_once() -> None:
         assert p.sa.selector.ladder.changes == 0 and not p.sa.selector.ladder.searching  # a never thought UDP failed
 
     simulate(body)
+
+
+def _one_way_for(seconds: float):  # type: ignore[no-untyped-def]
+    """A scenario: a sends b data one way for `seconds`; a's session must neither handshake
+    again nor move (the keepalive that tells a its packets arrive must come in time)."""
+    async def body(p: Pair) -> None:
+        await up_on_udp(p)
+        await p.net.run_for(SETTLE)
+        handshakes = p.sa.handshakes
+        for seq in range(1, int(seconds / 0.5) + 1):
+            one_way(p.a, p.b, seq)
+            await p.net.run_for(0.5)
+        assert p.sa.handshakes == handshakes, f"{p.sa.handshakes - handshakes} handshakes during a one-way stream"
+        assert p.sa.selector.ladder.changes == 0 and not p.sa.selector.ladder.searching
+
+    return body
+
+
+def test_a_one_way_stream_keeps_its_session_with_udp_alone() -> None:
+    """Without SSH and relay rungs too: the same 3 s check picks between a peer's UDP
+    addresses, and b's keepalive comes within 1 s."""
+    simulate(_one_way_for(20.0), choice=UDP_ONLY, rungs=False)
+
+
+def test_a_one_way_stream_to_a_plain_wireguard_peer_keeps_its_session() -> None:
+    """b keepalives after WireGuard's 10 s, as a phone or wg-quick does: a's path is judged
+    by WireGuard's own 15 s rule, not the 3 s one between daemons."""
+    async def check_timers(p: Pair) -> None:
+        assert p.sb.peer is not None and p.sb.peer.keepalive_timeout == KEEPALIVE_TIMEOUT
+        await body(p)
+
+    body = _one_way_for(20.0)
+    simulate(check_timers, choice=UDP_ONLY, plain_wireguard=True)
 
 
 def test_a_flow_of_packets_does_not_re_arm_the_timer_per_packet() -> None:
