@@ -9,7 +9,7 @@ directly. The stages, in order:
 
     outbound: TUN readable -> readv -> Device.route -> [filter] -> [segment] -> Peer.encrypt -> batch -> send
     inbound:  UDP readable -> recvmsg_into -> [split] -> demux -> Device.receive -> deliver
-    deliver:  in-tunnel ping answers, capability questions and answers taken -> [filter] -> [coalesce] -> write to the TUN
+    deliver:  in-tunnel ping answers, capability questions and answers taken -> [coalesce] or [filter] -> [coalesce] -> write to the TUN
 
 Segments to a peer whose daemon said it completes checksums (`ask_caps`, after each
 handshake; docs/architecture.md "Inner checksums between daemons") leave their TCP/UDP
@@ -434,8 +434,8 @@ class DataPath:
 
     def _deliver(self, length: int, now: float) -> None:
         """The one way a decrypted packet (at the start of the plaintext buffer) leaves
-        the tunnel: to the daemon's own ping, else through the filter to the TUN, joined
-        to the pending super-packet when it continues it."""
+        the tunnel: to the daemon's own ping, else joined to the pending super-packet when
+        it continues it (judged with its first segment), else through the filter to the TUN."""
         if self.pings and self._answer_ping(length, now):
             return
         sender = self.device.received_from

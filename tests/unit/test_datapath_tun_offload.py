@@ -27,7 +27,7 @@ from actors.edges import UdpBind
 from tests.support.wire import A_IP, B_IP, PeerPair
 from tests.unit.test_datapath_offloads import gro_socket, receive_groups
 from tests.unit.test_datapath_stages import FixedClock, _Owner
-from tunnelmesh.filter import EMPTY_POLICY, Member, PacketFilter, compile_rules, parse_policy
+from tunnelmesh.filter import EMPTY_POLICY, Member, PacketFilter, Policy, compile_rules, parse_policy
 from tunnelmesh.filter.engine import DENIED
 from tunnelmesh.offload import GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, NEEDS_CSUM, VNET_HDR, VNET_HDR_SIZE
 from tunnelmesh.packets import checksum, icmp_echo
@@ -36,7 +36,7 @@ A_IP6 = "fd00::1"
 B_IP6 = "fd00::2"
 MTU = 1420
 TCP, UDP = 6, 17
-ACK, PSH = 0x10, 0x08
+FIN, RST, PSH, ACK = 0x01, 0x04, 0x08, 0x10
 #: NOP, NOP, timestamps: the 12 option bytes of most Linux TCP segments.
 TIMESTAMPS = b"\x01\x01\x08\x0a" + struct.pack("!II", 123456, 654321)
 NO_HEADER = bytes(VNET_HDR_SIZE)
@@ -434,24 +434,51 @@ class CountingFilter(PacketFilter):
         return super().inbound(peer_key, packet, length, now)
 
 
-def test_the_filter_judges_the_first_segment_of_each_joined_super_packet_only(node: Node) -> None:
-    a_key, b_key = node.pair.b_peer.public_key, node.pair.a_peer.public_key
-    home = Member("a", a_key, ipaddress.IPv4Address(A_IP), ipaddress.IPv6Address(A_IP6))
-    peer = Member("b", b_key, ipaddress.IPv4Address(B_IP), ipaddress.IPv6Address(B_IP6))
-    policy = parse_policy('[[allow]]\nfrom = ["b"]\nproto = "tcp"\nports = [80]\n')
+def _judged_by(node: Node, policy: Policy) -> CountingFilter:
+    """A's data path behind the real filter with `policy` (b may send what it allows)."""
+    home = Member("a", node.pair.b_peer.public_key, ipaddress.IPv4Address(A_IP), ipaddress.IPv6Address(A_IP6))
+    peer = Member("b", node.pair.a_peer.public_key, ipaddress.IPv4Address(B_IP), ipaddress.IPv6Address(B_IP6))
     node.datapath.filter = counting = CountingFilter(compile_rules(policy, (), home, [peer]))
+    return counting
 
-    def segments(sport: int, count: int) -> list[bytes]:
-        return [tcp_packet(4, B_IP, A_IP, 1000 * index, bytes([index]) * 1000, sport=sport, ip_id=index)
-                for index in range(count)]
 
-    allowed = segments(40000, 8)
-    written = node.receive(allowed)
+PORT_80 = parse_policy('[[allow]]\nfrom = ["b"]\nproto = "tcp"\nports = [80]\n')
+
+
+def _segments(count: int, *, sport: int = 40000, first: int = 0, last_flags: int = ACK) -> list[bytes]:
+    return [tcp_packet(4, B_IP, A_IP, 1000 * index, bytes([index]) * 1000, sport=sport, ip_id=index,
+                       flags=last_flags if index == first + count - 1 else ACK)
+            for index in range(first, first + count)]
+
+
+def test_the_filter_judges_the_first_segment_of_each_joined_super_packet_only(node: Node) -> None:
+    counting = _judged_by(node, PORT_80)
+    written = node.receive(_segments(8))
     assert counting.asked == 1 and len(written) == 1  # one super-packet, judged once
     assert VNET_HDR.unpack_from(written[0])[1] == GSO_TCPV4
 
-    # Segments the filter refuses start no super-packet for their flow's next segments to join:
-    # each is asked about and dropped.
-    node.datapath.filter = counting = CountingFilter(compile_rules(EMPTY_POLICY, (), home, [peer]))
-    assert node.receive(segments(40001, 4)) == []
+    # Segments the filter refuses start no super-packet for their flow's next segments to
+    # join: each is asked about and dropped.
+    counting = _judged_by(node, EMPTY_POLICY)
+    assert node.receive(_segments(4, sport=40001)) == []
+    assert counting.asked == 4 and counting.drops[DENIED] == 4
+
+
+def test_a_segment_that_could_change_the_verdict_is_judged(node: Node) -> None:
+    """What joins unjudged has the first segment's addresses, ports and flags: a FIN or RST
+    (a flow's state moves), another port, or the next batch after a policy change is asked."""
+    counting = _judged_by(node, PORT_80)
+    node.receive(_segments(3) + _segments(1, first=3, last_flags=ACK | FIN) + _segments(1, first=4, last_flags=ACK | RST))
+    assert counting.asked == 3
+
+    counting = _judged_by(node, PORT_80)
+    other_port = bytearray(_segments(1, first=8)[0])
+    struct.pack_into("!HH", other_port, 22, 81, 0)  # destination port 81, checksum recomputed below
+    struct.pack_into("!H", other_port, 36, checksum(pseudo_header(4, B_IP, A_IP, TCP, len(other_port) - 20)
+                                                    + bytes(other_port[20:])))
+    written = node.receive(_segments(3, first=5) + [bytes(other_port)])
+    assert counting.asked == 2 and counting.drops[DENIED] == 1 and len(written) == 1
+
+    counting = _judged_by(node, parse_policy('[[allow]]\nfrom = ["b"]\nproto = "tcp"\nports = [22]\n'))
+    assert node.receive(_segments(4, first=9)) == []  # the same flow, port 80 no longer allowed
     assert counting.asked == 4 and counting.drops[DENIED] == 4
