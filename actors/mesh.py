@@ -164,5 +164,7 @@ class Mesh(Actor):
 def _same_peer(old: PeerSpec, new: PeerSpec) -> bool:
     """Whether `new` is the same entry as `old` but for where the peer may be (which its
     session learns by itself or from SetCandidates)."""
-    return (old.name, old.mesh_ip, old.fingerprint, old.allowed_ips, old.choice, old.persistent_keepalive) == \
-        (new.name, new.mesh_ip, new.fingerprint, new.allowed_ips, new.choice, new.persistent_keepalive)
+    return (old.name, old.mesh_ip, old.fingerprint, old.allowed_ips, old.choice, old.persistent_keepalive,
+            old.plain_wireguard) == \
+        (new.name, new.mesh_ip, new.fingerprint, new.allowed_ips, new.choice, new.persistent_keepalive,
+         new.plain_wireguard)

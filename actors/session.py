@@ -130,11 +130,11 @@ class PeerSession(Actor):
         self.mesh_ip = mesh_ip
         self.own_mesh_ip = own_mesh_ip
         self.fingerprint = fingerprint
-        # How long before the core's new-handshake timer the ladder counts traffic as
-        # unanswered: from the first unanswered packet for a daemon (it keepalives within
-        # 1 s); a plain WireGuard peer keepalives after 10 s, so its path fails by
-        # WireGuard's own rule, when that timer fires.
-        self._unanswered_lead = rungs.FAILING_AFTER if plain_wireguard else UNANSWERED_AFTER
+        # A daemon answers data within 1 s (its keepalive), so 3 s of silence is a failing
+        # path. A plain WireGuard peer answers after 10 s: its silence is left to the core's
+        # WireGuard timers (a new handshake after 15 s of unanswered data, retried for 90 s);
+        # its one UDP rung and address would be all a search could probe anyway.
+        self.plain_wireguard = plain_wireguard
         self.datapath = datapath
         self.events = events
         self.clock = clock
@@ -508,7 +508,8 @@ class PeerSession(Actor):
             return
         peer = self.peer
         now = self.clock.monotonic()
-        unanswered = peer.t_new_handshake - self._unanswered_lead if peer.t_new_handshake is not None else None
+        unanswered = peer.t_new_handshake - UNANSWERED_AFTER \
+            if peer.t_new_handshake is not None and not self.plain_wireguard else None
         try:
             actions, gave_up = self.selector.tick(
                 now, current=peer.endpoint, unanswered_since=unanswered, received_on_current=peer.endpoint_rx_at,

@@ -127,6 +127,24 @@ def test_a_one_way_stream_to_a_plain_wireguard_peer_keeps_its_session() -> None:
     simulate(check_timers, choice=UDP_ONLY, plain_wireguard=True)
 
 
+def test_a_plain_wireguard_peer_that_went_away_is_left_to_wireguards_timers() -> None:
+    """b vanishes while a sends: a's path is not failed after 3 s (a plain peer answers after
+    10 s); the core's own new handshake goes out 15 s after the first unanswered packet."""
+    async def body(p: Pair) -> None:
+        await up_on_udp(p)
+        await p.net.run_for(SETTLE)
+        p.net.block(UDP)
+        first = p.net.clock.now
+        for seq in range(1, 41):  # 20 s of data a -> b, nothing arrives
+            one_way(p.a, p.b, seq)
+            await p.net.run_for(0.5)
+        initiations = [s.at - first for s in p.net.sent(src="a", kind=1, since=first)]
+        assert initiations and 15.0 <= initiations[0] < 16.0, f"a's initiations at {initiations} s"
+        assert p.sa.selector.ladder.changes == 0 and not p.sa.selector.ladder.searching
+
+    simulate(body, choice=UDP_ONLY, plain_wireguard=True)
+
+
 def test_a_flow_of_packets_does_not_re_arm_the_timer_per_packet() -> None:
     async def body(p: Pair) -> None:
         await up_on_udp(p)
