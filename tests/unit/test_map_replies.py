@@ -23,6 +23,15 @@ class Store:
         return {"since": since, "read": self.reads}
 
 
+async def reader_and_waiter(replies: MapReplies, store: Store) -> tuple[asyncio.Task, asyncio.Task]:
+    """Two long-polls for the same `since`: the first reads, the second waits for its read."""
+    reader = asyncio.create_task(replies.get(5, 4, False, store.read))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(replies.get(5, 4, False, store.read))
+    await asyncio.sleep(0)
+    return reader, waiter
+
+
 def test_waiters_share_one_read() -> None:
     async def main() -> None:
         replies, store = MapReplies(), Store()
@@ -37,11 +46,7 @@ def test_waiters_share_one_read() -> None:
 
 def test_a_read_cut_short_is_read_again_by_the_waiter() -> None:
     async def main() -> None:
-        replies, store = MapReplies(), Store()
-        first = asyncio.create_task(replies.get(5, 4, False, store.read))
-        await asyncio.sleep(0)
-        second = asyncio.create_task(replies.get(5, 4, False, store.read))
-        await asyncio.sleep(0)
+        first, second = await reader_and_waiter(MapReplies(), store := Store())
         first.cancel()  # the request that reads goes away: the one waiting reads itself
         await asyncio.sleep(0)
         store.release.set()
@@ -53,11 +58,7 @@ def test_a_read_cut_short_is_read_again_by_the_waiter() -> None:
 
 def test_a_waiters_own_cancel_reaches_it_also_when_the_shared_read_is_cancelled_with_it() -> None:
     async def main() -> None:
-        replies, store = MapReplies(), Store()
-        reader = asyncio.create_task(replies.get(5, 4, False, store.read))
-        await asyncio.sleep(0)
-        waiter = asyncio.create_task(replies.get(5, 4, False, store.read))
-        await asyncio.sleep(0)
+        reader, waiter = await reader_and_waiter(MapReplies(), store := Store())
         reader.cancel()  # a shutdown: both in one turn
         waiter.cancel()
         await asyncio.wait([reader, waiter], timeout=2)
