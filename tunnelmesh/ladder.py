@@ -12,6 +12,8 @@ Rules (DESIGN.md, "Transport ladder"):
   without an answer, add the next rung and probe them all again. The first
   rung a handshake completes on carries the traffic.
 - Failing: data sent and no authenticated packet for FAILING_AFTER seconds.
+- Giving up: a search that finds nothing in GIVE_UP seconds ends (a failing rung stays
+  where packets go); only data sent after that, unanswered, starts another.
 - Return: on a worse rung, probe the better ones every `probe_interval`
   (BETTER_PROBE, doubled up to MAX_PROBE_INTERVAL each time a step-down fails
   within STEP_DOWN_TRIAL without first carrying traffic for STEP_DOWN_PROVEN
@@ -45,7 +47,7 @@ STEP_DOWN_TRIAL = 60.0
 STEP_DOWN_PROVEN = 10.0  # a step-down that carried traffic this long held, whatever fails later
 FRESH = 5.0  # how long a handshake on a rung stays evidence for a held change
 RESEARCH = 5.0  # once every rung is being probed, re-probe at this pace
-GIVE_UP = 90.0  # a new session's search ends unanswered after this (WireGuard's REKEY_ATTEMPT_TIME)
+GIVE_UP = 90.0  # a search ends unanswered after this (WireGuard's REKEY_ATTEMPT_TIME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,9 @@ class Ladder:
         self._last_rx_current = float("-inf")
         self._switched_at = float("-inf")
         self._search_started = float("-inf")
+        #: When the last search gave up: data unanswered since before then is no reason to
+        #: search again (only new traffic is), as after WireGuard's REKEY_ATTEMPT_TIME.
+        self.gave_up_at = float("-inf")
         self._undo: dict[str, object] | None = None  # what the last switch changed, for revert
 
     # --- queries ----------------------------------------------------------------------
@@ -143,7 +148,7 @@ class Ladder:
             return False
         if self.current is None:
             return True  # the search gave up: traffic starts it again
-        if self.current != self.rungs[0] or unanswered_since is not None:
+        if self.current != self.rungs[0] or self._new_unanswered(unanswered_since) is not None:
             return False
         if stray is not None and stray[0] != self.current and now - stray[1] < FAILING_AFTER:
             return False
@@ -216,8 +221,10 @@ class Ladder:
                 and self._may_change(now):
             return self._switch(stray[0], now, "peer moved")
         if self.searching:
-            if self.current is None and now - self._search_started >= GIVE_UP:
-                self.searching = []  # the peer is not there: the session restarts the search on demand
+            if now - self._search_started >= GIVE_UP:
+                # The peer is not there: the search ends, a failing rung stays where packets go,
+                # and the session starts a search again when new traffic asks for the peer.
+                self.searching, self._failing, self.gave_up_at = [], None, now
                 return actions
             if now >= self._next_widen:
                 missing = [r for r in self.rungs if r not in self.searching]
@@ -230,6 +237,7 @@ class Ladder:
             return actions
         if self.current is None:
             return actions
+        unanswered_since = self._new_unanswered(unanswered_since)
         if unanswered_since is not None:
             unanswered_since = max(unanswered_since, self._switched_at)  # silence on the old rung is not ours
         if unanswered_since is not None and now - unanswered_since >= FAILING_AFTER:
@@ -317,6 +325,11 @@ class Ladder:
                     self.reasons[rung] = Reason(text, at)
                 elif reason.said < at:  # e.g. "no UDP address known yet" before this probe went out
                     reason.text, reason.said = text, at
+
+    def _new_unanswered(self, unanswered_since: float | None) -> float | None:
+        """`unanswered_since`, unless the data it dates from was sent before the last search
+        gave up (that search answered it: nothing is there)."""
+        return unanswered_since if unanswered_since is not None and unanswered_since > self.gave_up_at else None
 
     def _why(self, rung: str) -> str:
         assert self.current is not None

@@ -149,8 +149,7 @@ class PathSelector:
         searching = bool(ladder.searching)
         actions += ladder.tick(now, unanswered_since=unanswered_since, received_on_current=received_on_current,
                                stray=stray)
-        gave_up = searching and not ladder.searching and ladder.current is None
-        return actions, gave_up
+        return actions, searching and ladder.gave_up_at == now
 
     def at_rest(self, now: float, *, current: object | None, unanswered_since: float | None,
                 other: object | None, other_at: float, handshaking: bool) -> bool:

@@ -132,6 +132,25 @@ def test_a_new_sessions_search_gives_up_after_90_s_and_can_start_again() -> None
     assert run.start(300.0) == [Probe((UDP,))]
 
 
+@pytest.mark.parametrize("current", [UDP, SSH])
+def test_a_failing_rungs_search_gives_up_after_90_s_and_only_new_traffic_starts_another(current: str) -> None:
+    # Once GIVE_UP ended only a search with no rung current: a failing rung's went on forever.
+    run = settled(current)
+    sent = 10.0
+    assert run.tick(sent + FAILING_AFTER, unanswered=sent) != []
+    probes = [a for t in range(14, 200) for a in run.tick(float(t), unanswered=sent)]
+    assert 10 <= len(probes) <= 25 and run.ladder.searching == []  # none after 90 s of search
+    gave_up = run.ladder.gave_up_at
+    assert gave_up == sent + FAILING_AFTER + 90.0 and run.ladder.current == current  # packets go where they went
+    assert run.ladder.at_rest(200.0, unanswered_since=sent, stray=None) == (current == UDP)
+    # Data sent after the search gave up and unanswered for FAILING_AFTER: a new search (on
+    # SSH, meanwhile, only the usual probes of the better rung).
+    resent = 250.0
+    assert [a for a in run.ticks(200.0, resent + FAILING_AFTER, unanswered=resent)
+            if isinstance(a, Switch) or current in a.rungs] == []
+    assert run.tick(resent + FAILING_AFTER, unanswered=resent)[0].rungs[0] == current  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("winner", RUNGS)
 def test_first_handshake_in_a_search_carries_the_traffic_and_ends_the_search(winner: str) -> None:
     run = Run()

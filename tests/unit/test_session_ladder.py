@@ -757,3 +757,34 @@ def test_a_pair_never_cut_never_moves_while_another_pair_of_the_same_node_climbs
             await stop_all(nodes)
 
     in_virtual_time(body)
+
+
+def test_a_failing_paths_search_for_a_vanished_peer_gives_up_after_90_s(simulate: Callable[..., None]) -> None:
+    # Once only a new session's search gave up (GIVE_UP applied while no rung was current):
+    # a peer that vanished while up on UDP was probed on every rung every RESEARCH s forever.
+    async def body(p: Pair) -> None:
+        await up_on_udp(p)
+        await p.net.run_for(REKEY_TIMEOUT + 1)
+        for rung in (UDP, SSH, RELAY):
+            p.net.block(rung)  # b is gone: nothing of a's reaches it
+        pinger = Pinger(p.net, p.a, p.b)
+        await p.net.run_for(2.0)
+        pinger.stop()  # the application gives up first: one burst of traffic, then nothing
+        await p.net.run_until(lambda: p.sa.selector.ladder.searching != [], 2 * FAILING_AFTER, "a searching")
+        began = p.net.clock.now
+        await p.net.run_until(lambda: p.sa.selector.ladder.searching == [], GIVE_UP + 2 * TICK, "a's search giving up")
+        assert p.net.clock.now - began >= GIVE_UP - TICK
+        gave_up, dials = p.net.clock.now, p.a.ssh.dials
+        await p.net.run_for(2 * GIVE_UP)
+        # Nothing more goes to b on any rung: no probe, no dial (the core's retries stopped too).
+        assert p.net.sent(src="a", since=gave_up + TICK) == [] and p.a.ssh.dials == dials
+        assert p.sa.peer.t_retransmit is None
+        # The path it had stays, with why it is not trusted, and traffic searches again.
+        assert p.sa.selector.ladder.current == UDP
+        for rung in (UDP, SSH, RELAY):
+            p.net.unblock(rung)
+        asked = p.net.clock.now
+        p.a.ping(p.b, 100)
+        await p.net.run_until(lambda: any(at >= asked for at, _ in p.a.echo_replies), REKEY_TIMEOUT, "b answering again")
+
+    simulate(body)
