@@ -13,7 +13,8 @@ Rules (DESIGN.md, "Transport ladder"):
   rung a handshake completes on carries the traffic.
 - Failing: data sent and no authenticated packet for FAILING_AFTER seconds.
 - Giving up: a search that finds nothing in GIVE_UP seconds ends (a failing rung stays
-  where packets go); only data sent after that, unanswered, starts another.
+  where packets go, and better rungs are not probed) until the peer is heard again or
+  data sent after that, unanswered, starts another search.
 - Return: on a worse rung, probe the better ones every `probe_interval`
   (BETTER_PROBE, doubled up to MAX_PROBE_INTERVAL each time a step-down fails
   within STEP_DOWN_TRIAL without first carrying traffic for STEP_DOWN_PROVEN
@@ -148,7 +149,7 @@ class Ladder:
             return False
         if self.current is None:
             return True  # the search gave up: traffic starts it again
-        if self.current != self.rungs[0] or self._new_unanswered(unanswered_since) is not None:
+        if self._new_unanswered(unanswered_since) is not None or self.current != self.rungs[0] and not self._peer_gone():
             return False
         if stray is not None and stray[0] != self.current and now - stray[1] < FAILING_AFTER:
             return False
@@ -243,7 +244,7 @@ class Ladder:
         if unanswered_since is not None and now - unanswered_since >= FAILING_AFTER:
             self.reasons[self.current] = Reason(f"no reply for {FAILING_AFTER:g} s while sending", unanswered_since)
             return self._fail(self.current, now)
-        if not self._may_change(now):
+        if not self._may_change(now) or self._peer_gone():
             return actions
         better = [r for r in self.rungs if self.rank(r) < self.rank(self.current)]
         if better and now >= self._next_better_probe:
@@ -330,6 +331,11 @@ class Ladder:
         """`unanswered_since`, unless the data it dates from was sent before the last search
         gave up (that search answered it: nothing is there)."""
         return unanswered_since if unanswered_since is not None and unanswered_since > self.gave_up_at else None
+
+    def _peer_gone(self) -> bool:
+        """A search gave up and nothing came on the current rung since: no better rung to
+        probe either, until the peer answers or new traffic searches again."""
+        return self.gave_up_at > self._last_rx_current
 
     def _why(self, rung: str) -> str:
         assert self.current is not None

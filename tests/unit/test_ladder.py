@@ -142,13 +142,19 @@ def test_a_failing_rungs_search_gives_up_after_90_s_and_only_new_traffic_starts_
     assert 10 <= len(probes) <= 25 and run.ladder.searching == []  # none after 90 s of search
     gave_up = run.ladder.gave_up_at
     assert gave_up == sent + FAILING_AFTER + 90.0 and run.ladder.current == current  # packets go where they went
-    assert run.ladder.at_rest(200.0, unanswered_since=sent, stray=None) == (current == UDP)
-    # Data sent after the search gave up and unanswered for FAILING_AFTER: a new search (on
-    # SSH, meanwhile, only the usual probes of the better rung).
+    assert run.ladder.at_rest(200.0, unanswered_since=sent, stray=None)  # the peer is gone: no probe of a better rung
+    # Data sent after the search gave up and unanswered for FAILING_AFTER: a new search.
     resent = 250.0
-    assert [a for a in run.ticks(200.0, resent + FAILING_AFTER, unanswered=resent)
-            if isinstance(a, Switch) or current in a.rungs] == []
+    assert run.ticks(200.0, resent + FAILING_AFTER, unanswered=resent) == []
     assert run.tick(resent + FAILING_AFTER, unanswered=resent)[0].rungs[0] == current  # type: ignore[union-attr]
+
+
+def test_after_a_search_gave_up_on_ssh_the_peer_heard_again_brings_back_the_udp_probe() -> None:
+    run = settled(SSH)
+    run.tick(13.0, unanswered=10.0)
+    run.ticks(14.0, 200.0, unanswered=10.0)
+    assert run.ladder.searching == [] and run.ticks(200.0, 300.0) == []
+    assert run.tick(300.0, rx=299.5) == [Probe((UDP,))]  # it answered on SSH: UDP is worth a try again
 
 
 @pytest.mark.parametrize("winner", RUNGS)

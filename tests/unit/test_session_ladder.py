@@ -759,14 +759,17 @@ def test_a_pair_never_cut_never_moves_while_another_pair_of_the_same_node_climbs
     in_virtual_time(body)
 
 
-def test_a_failing_paths_search_for_a_vanished_peer_gives_up_after_90_s(simulate: Callable[..., None]) -> None:
+@pytest.mark.parametrize("rung", [UDP, SSH])
+def test_a_failing_paths_search_for_a_vanished_peer_gives_up_after_90_s(simulate: Callable[..., None],
+                                                                        rung: str) -> None:
     # Once only a new session's search gave up (GIVE_UP applied while no rung was current):
-    # a peer that vanished while up on UDP was probed on every rung every RESEARCH s forever.
+    # a peer that vanished while up was probed on every rung every RESEARCH s forever, and
+    # from SSH, after that, UDP every BETTER_PROBE s.
     async def body(p: Pair) -> None:
-        await up_on_udp(p)
+        await p.net.run_until(lambda: p.sa.selector.ladder.current == rung, 2 * HAPPY_EYEBALLS + TICK, f"a up on {rung}")
         await p.net.run_for(REKEY_TIMEOUT + 1)
-        for rung in (UDP, SSH, RELAY):
-            p.net.block(rung)  # b is gone: nothing of a's reaches it
+        for blocked in (UDP, SSH, RELAY):
+            p.net.block(blocked)  # b is gone: nothing of a's reaches it
         pinger = Pinger(p.net, p.a, p.b)
         await p.net.run_for(2.0)
         pinger.stop()  # the application gives up first: one burst of traffic, then nothing
@@ -779,12 +782,12 @@ def test_a_failing_paths_search_for_a_vanished_peer_gives_up_after_90_s(simulate
         # Nothing more goes to b on any rung: no probe, no dial (the core's retries stopped too).
         assert p.net.sent(src="a", since=gave_up + TICK) == [] and p.a.ssh.dials == dials
         assert p.sa.peer.t_retransmit is None
-        # The path it had stays, with why it is not trusted, and traffic searches again.
-        assert p.sa.selector.ladder.current == UDP
-        for rung in (UDP, SSH, RELAY):
-            p.net.unblock(rung)
+        # The path it had stays, and traffic searches again.
+        assert p.sa.selector.ladder.current == rung
+        for blocked in (UDP, SSH, RELAY):
+            p.net.unblock(blocked)
         asked = p.net.clock.now
         p.a.ping(p.b, 100)
         await p.net.run_until(lambda: any(at >= asked for at, _ in p.a.echo_replies), REKEY_TIMEOUT, "b answering again")
 
-    simulate(body)
+    simulate(body, blocked=(UDP,) if rung == SSH else ())
