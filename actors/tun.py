@@ -107,6 +107,7 @@ class TunDevice:
                 fcntl.ioctl(control, SIOCSIFMTU, struct.pack("16si20x", name, mtu))
                 fcntl.ioctl(control, SIOCSIFADDR, _ifreq_address(name, address.ip))
                 fcntl.ioctl(control, SIOCSIFNETMASK, _ifreq_address(name, address.netmask))
+                _no_link_local(self.name)
                 flags = struct.unpack_from("16xH", fcntl.ioctl(control, SIOCGIFFLAGS, struct.pack("16s24x", name)))[0]
                 fcntl.ioctl(control, SIOCSIFFLAGS, struct.pack("16sH22x", name, flags | IFF_UP))
         except OSError as exc:
@@ -135,6 +136,18 @@ class TunDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _no_link_local(name: str) -> None:
+    """No IPv6 link-local address on the interface (addr_gen_mode 1, "none"), set before it
+    goes up: the kernel would send router solicitations and MLD reports from it into the
+    tunnel, which no peer routes (drops counted as "no peer for destination", wake-ups of
+    an idle daemon). A mesh IPv6 address is assigned, not generated."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/addr_gen_mode", "w") as mode:
+            mode.write("1")
+    except OSError:
+        pass  # a kernel without IPv6: nothing to turn off
 
 
 def _negotiate_offloads(fd: int) -> str:

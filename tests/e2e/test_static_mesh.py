@@ -189,6 +189,12 @@ def test_every_pair_pings_both_ways_and_status_shows_recent_handshakes(lab):
             ago = peer["last_handshake_ago"]
             assert ago is not None and 0 <= ago < 30, f"handshake not recent: {context}"
             assert peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0, f"no traffic counted after pings: {context}"
+        # No link-local address: the kernel sends nothing of its own (router solicitations,
+        # MLD reports) into the tunnel, where no peer routes it.
+        addresses = member.node.run("ip", "-6", "addr", "show", "dev", "tm0").stdout
+        assert "fe80:" not in addresses, f"{member.name}'s tm0 has a link-local address:\n{addresses}"
+        drops = member.status()["drops"]
+        assert "no peer for destination" not in drops, f"{member.name} dropped packets for no peer: {drops}"
 
 
 def test_50_mb_transfer_arrives_byte_identical(lab):
