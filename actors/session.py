@@ -222,11 +222,16 @@ class PeerSession(Actor):
         elif isinstance(event, NewSource):
             self._roam(event.source)
         elif isinstance(event, HandshakeGaveUp):
-            self.last_error = f"no handshake reply for 90 s since {time.strftime('%H:%M:%S', time.localtime(self.clock.wall()))}"
-            log.warning("%s: %s", self.peer_name, self.last_error)
-            self.events.publish(m.HandshakeFailed(self.peer_name))
+            self._unreachable("no handshake reply")
         elif isinstance(event, KeysZeroed):
             self.events.publish(m.KeysZeroed(self.peer_name))
+
+    def _unreachable(self, what: str) -> None:
+        """The core's retries or the ladder's search ended unanswered (90 s): `status` says so
+        until the next handshake, once in the log and on the event bus."""
+        self.last_error = f"{what} for 90 s since {time.strftime('%H:%M:%S', time.localtime(self.clock.wall()))}"
+        log.warning("%s: %s", self.peer_name, self.last_error)
+        self.events.publish(m.HandshakeFailed(self.peer_name))
 
     def _handshake(self, event: HandshakeCompleted) -> None:
         assert self.peer is not None
@@ -508,8 +513,7 @@ class PeerSession(Actor):
             return
         peer = self.peer
         now = self.clock.monotonic()
-        unanswered = peer.t_new_handshake - UNANSWERED_AFTER \
-            if peer.t_new_handshake is not None and not self.plain_wireguard else None
+        unanswered = self._unanswered_since(peer)
         try:
             actions, gave_up = self.selector.tick(
                 now, current=peer.endpoint, unanswered_since=unanswered, received_on_current=peer.endpoint_rx_at,
@@ -517,12 +521,25 @@ class PeerSession(Actor):
             self._apply(actions)
             if gave_up:
                 peer.abandon_handshake()  # the search gave up: quiet until new traffic asks for the peer
+                self._unreachable("no path found")
             if self.selector.at_rest(now, current=peer.endpoint, unanswered_since=unanswered, other=peer.other_source,
                                      other_at=peer.other_at, handshaking=peer.t_retransmit is not None):
                 self._stop_ticking()  # an idle daemon's peers wake nothing until traffic or a message
                 self._resting = True
         except Exception:
             log.exception("%s: ladder tick failed", self.peer_name)
+
+    def _unanswered_since(self, peer: Peer) -> float | None:
+        """Since when traffic to the peer has waited for an answer, for the ladder: data sent
+        (the core's new-handshake timer, set by the first unanswered send) or packets staged
+        for a handshake (keys expired: nothing can be sent, so the timer never starts). None
+        for a plain WireGuard peer, whose silence is left to the core's WireGuard timers."""
+        if self.plain_wireguard:
+            return None
+        sent = peer.t_new_handshake - UNANSWERED_AFTER if peer.t_new_handshake is not None else None
+        if peer.staged and (sent is None or peer.staged_since < sent):
+            return peer.staged_since
+        return sent
 
     def _start_ticking(self) -> None:
         self._resting = False

@@ -38,7 +38,7 @@ from tunnelmesh.ladder import (
     UDP,
 )
 from tunnelmesh.path_selector import Transition, describe, rung_of
-from tunnelmesh.wireguard.constants import REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
+from tunnelmesh.wireguard.constants import REJECT_AFTER_TIME, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
 
 INIT, RESP = 1, 2  # WireGuard message types
 SSH_REFUSED = "connection refused on 192.0.2.2:2222"
@@ -782,6 +782,7 @@ def test_a_failing_paths_search_for_a_vanished_peer_gives_up_after_90_s(simulate
         # Nothing more goes to b on any rung: no probe, no dial (the core's retries stopped too).
         assert p.net.sent(src="a", since=gave_up + TICK) == [] and p.a.ssh.dials == dials
         assert p.sa.peer.t_retransmit is None
+        assert "no path found for 90 s since" in to_json(p.sa.status())["why_not_better"]
         # The path it had stays, and traffic searches again.
         assert p.sa.selector.ladder.current == rung
         for blocked in (UDP, SSH, RELAY):
@@ -791,3 +792,49 @@ def test_a_failing_paths_search_for_a_vanished_peer_gives_up_after_90_s(simulate
         await p.net.run_until(lambda: any(at >= asked for at, _ in p.a.echo_replies), REKEY_TIMEOUT, "b answering again")
 
     simulate(body, blocked=(UDP,) if rung == SSH else ())
+
+
+async def traffic_finds_b_on_ssh(p: Pair) -> None:
+    """An application on a pings b, where UDP is cut: within a failing path's search, b answers
+    over SSH."""
+    asked = p.net.clock.now
+    pinger = Pinger(p.net, p.a, p.b)
+    await p.net.run_until(lambda: pinger.answered_since(asked) > 0, FAILING_AFTER + 2 * HAPPY_EYEBALLS + 2 * TICK,
+                          "b answering on SSH")
+    pinger.stop()
+    assert p.sa.selector.ladder.current == SSH
+
+
+def test_traffic_after_a_give_up_and_key_expiry_finds_the_peer_on_another_rung(simulate: Callable[..., None]) -> None:
+    # From the review: after the search gave up (the rung kept), the keys expire; traffic is
+    # then staged for a handshake, never sent, so the core's new-handshake timer (the
+    # ladder's "unanswered since") never started: only the core's initiations went out, on
+    # the dead UDP, for ever. Staged packets waiting are unanswered traffic too.
+    async def body(p: Pair) -> None:
+        await up_on_udp(p)
+        await p.net.run_for(REKEY_TIMEOUT + 1)
+        for rung in (UDP, SSH, RELAY):
+            p.net.block(rung)  # b vanishes (a suspended laptop)
+        pinger = Pinger(p.net, p.a, p.b)
+        await p.net.run_for(2.0)
+        pinger.stop()
+        await p.net.run_for(GIVE_UP + 10 + REJECT_AFTER_TIME)  # a gave up; its keys expired meanwhile
+        assert not p.sa.is_up(p.net.clock.now) and p.sa.selector.ladder.searching == []
+        # b is back, on a network that lets no UDP through.
+        p.net.unblock(SSH)
+        p.net.unblock(RELAY)
+        await traffic_finds_b_on_ssh(p)
+
+    simulate(body)
+
+
+def test_an_idle_pair_whose_keys_expired_fails_over_when_traffic_finds_udp_cut(simulate: Callable[..., None]) -> None:
+    # The older form of the same gap (from the review): no search had given up, the pair was
+    # just idle past its keys' lifetime when UDP was cut.
+    async def body(p: Pair) -> None:
+        await up_on_udp(p)
+        await p.net.run_for(REJECT_AFTER_TIME + 10)
+        p.net.block(UDP)
+        await traffic_finds_b_on_ssh(p)
+
+    simulate(body)

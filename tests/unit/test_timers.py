@@ -113,6 +113,37 @@ def test_staged_packet_waits_for_the_new_session_after_reject_after_time() -> No
     assert pair.a_peer.current.created == pair.now
 
 
+def test_staged_since_is_when_the_first_of_the_waiting_packets_was_staged() -> None:
+    # The session's ladder takes staged packets for unanswered traffic from this time.
+    pair, start = session()
+    pair.drop = lambda direction, datagram: True
+    pair.at(start + REJECT_AFTER_TIME)
+    pair.send("a", b"first")
+    pair.advance(2)
+    pair.send("a", b"second")
+    assert len(pair.a_peer.staged) == 2 and pair.a_peer.staged_since == start + REJECT_AFTER_TIME
+    pair.a_peer.abandon_handshake()
+    pair.advance(1)
+    pair.send("a", b"again")
+    assert pair.a_peer.staged_since == pair.now  # a new wait
+
+
+def test_abandoning_the_handshake_forgets_data_sent_unanswered() -> None:
+    # Data sent before the ladder's search gave up starts no handshake later (only new
+    # traffic does), and no retries go on.
+    pair, _ = session()
+    pair.advance(1)
+    pair.drop = lambda direction, datagram: True
+    pair.send("a", b"into the void")
+    assert pair.a_peer.t_new_handshake is not None
+    pair.a_peer.abandon_handshake()
+    assert (pair.a_peer.t_new_handshake, pair.a_peer.t_retransmit) == (None, None)
+    pair.a.transmits.clear()
+    pair.advance(KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + 1)
+    pair.tick()
+    assert INIT not in queued(pair, "a")
+
+
 def test_sending_is_refused_at_reject_after_messages() -> None:
     pair, _ = session()
     pair.advance(6)

@@ -137,6 +137,7 @@ class Peer:
         self.current: Keypair | None = None
         self.next: Keypair | None = None
         self.staged: deque[bytes] = deque()
+        self.staged_since = float("-inf")  # when the packets staged now began to wait (meaningful while any are)
         self._nonce = bytearray(12)
 
         # Timer deadlines.
@@ -238,6 +239,8 @@ class Peer:
 
     def _stage(self, packet: bytes, now: float, wall: float) -> None:
         staged = self.staged
+        if not staged:
+            self.staged_since = now
         if len(staged) >= MAX_STAGED_PACKETS:
             staged.popleft()
             self.device.count_drop("staged queue full", self)
@@ -315,8 +318,10 @@ class Peer:
 
     def abandon_handshake(self) -> None:
         """The caller gave up reaching the peer (the transport ladder's search found no
-        path): no more retries, staged packets dropped. New traffic starts afresh."""
+        path): no more retries, staged packets dropped, and data sent before now starts no
+        new handshake later. New traffic starts afresh."""
         self.t_retransmit = None
+        self.t_new_handshake = None
         self.handshake_attempts = 0
         self.staged.clear()
 
