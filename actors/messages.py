@@ -314,7 +314,7 @@ class PeerStatus:
     mesh_ip: str
     fingerprint: str | None
     path: PathStatus | None  # None: no endpoint known yet
-    state: str  # "up", "handshaking", "idle" or "waiting"
+    state: str  # "up", "handshaking", "idle", "waiting" or "unreachable"
     rung_changes: int
     probe_interval: float  # seconds between probes of better rungs
     transitions: tuple[PathChanged, ...]  # the last few, oldest first

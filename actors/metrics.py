@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunnelmesh.metrics")
 
 #: PeerStatus.state's values.
-PEER_STATES = ("up", "handshaking", "idle", "waiting")
+PEER_STATES = ("up", "handshaking", "idle", "waiting", "unreachable")
 #: The coordinator connection's states as metrics say them: CoordinatorStatus.state is
 #: "connecting", "connected" or, in words, what went wrong ("error" here).
 COORDINATOR_STATES = ("connecting", "connected", "error")

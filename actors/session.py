@@ -630,7 +630,9 @@ class PeerSession(Actor):
         peer = self.peer
         assert peer is not None
         now = self.clock.monotonic()
-        if self.is_up(now):
+        if self.selector.ladder.peer_gone():
+            state = "unreachable"  # its search gave up and nothing came since: keys or not
+        elif self.is_up(now):
             state = "up"
         elif peer.endpoint is None:
             state = "waiting"  # no endpoint: waits to be contacted

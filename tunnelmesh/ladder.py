@@ -149,7 +149,7 @@ class Ladder:
             return False
         if self.current is None:
             return True  # the search gave up: traffic starts it again
-        if self._new_unanswered(unanswered_since) is not None or self.current != self.rungs[0] and not self._peer_gone():
+        if self._new_unanswered(unanswered_since) is not None or self.current != self.rungs[0] and not self.peer_gone():
             return False
         if stray is not None and stray[0] != self.current and now - stray[1] < FAILING_AFTER:
             return False
@@ -244,7 +244,7 @@ class Ladder:
         if unanswered_since is not None and now - unanswered_since >= FAILING_AFTER:
             self.reasons[self.current] = Reason(f"no reply for {FAILING_AFTER:g} s while sending", unanswered_since)
             return self._fail(self.current, now)
-        if not self._may_change(now) or self._peer_gone():
+        if not self._may_change(now) or self.peer_gone():
             return actions
         better = [r for r in self.rungs if self.rank(r) < self.rank(self.current)]
         if better and now >= self._next_better_probe:
@@ -332,10 +332,10 @@ class Ladder:
         gave up (that search answered it: nothing is there)."""
         return unanswered_since if unanswered_since is not None and unanswered_since > self.gave_up_at else None
 
-    def _peer_gone(self) -> bool:
+    def peer_gone(self) -> bool:
         """A search gave up and nothing came on the current rung since: no better rung to
         probe either, until the peer answers or new traffic searches again."""
-        return self.gave_up_at > self._last_rx_current
+        return not self.searching and self.gave_up_at > self._last_rx_current
 
     def _why(self, rung: str) -> str:
         assert self.current is not None

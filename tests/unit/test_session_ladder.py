@@ -782,7 +782,8 @@ def test_a_failing_paths_search_for_a_vanished_peer_gives_up_after_90_s(simulate
         # Nothing more goes to b on any rung: no probe, no dial (the core's retries stopped too).
         assert p.net.sent(src="a", since=gave_up + TICK) == [] and p.a.ssh.dials == dials
         assert p.sa.peer.t_retransmit is None
-        assert "no path found for 90 s since" in to_json(p.sa.status())["why_not_better"]
+        status = to_json(p.sa.status())
+        assert "no path found for 90 s since" in status["why_not_better"] and status["state"] == "unreachable"
         # The path it had stays, and traffic searches again.
         assert p.sa.selector.ladder.current == rung
         for blocked in (UDP, SSH, RELAY):
@@ -790,6 +791,8 @@ def test_a_failing_paths_search_for_a_vanished_peer_gives_up_after_90_s(simulate
         asked = p.net.clock.now
         p.a.ping(p.b, 100)
         await p.net.run_until(lambda: any(at >= asked for at, _ in p.a.echo_replies), REKEY_TIMEOUT, "b answering again")
+        await p.net.run_for(TICK)
+        assert p.sa.status().state == "up"
 
     simulate(body, blocked=(UDP,) if rung == SSH else ())
 
