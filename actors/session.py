@@ -228,9 +228,10 @@ class PeerSession(Actor):
 
     def _unreachable(self, what: str) -> None:
         """The core's retries or the ladder's search ended unanswered (90 s): `status` says so
-        until the next handshake, once in the log and on the event bus."""
+        until the next handshake, the log once until then, the event bus each time."""
+        if self.last_error is None:  # once until the next handshake: not per retry round
+            log.warning("%s: %s for 90 s", self.peer_name, what)
         self.last_error = f"{what} for 90 s since {time.strftime('%H:%M:%S', time.localtime(self.clock.wall()))}"
-        log.warning("%s: %s", self.peer_name, self.last_error)
         self.events.publish(m.HandshakeFailed(self.peer_name))
 
     def _handshake(self, event: HandshakeCompleted) -> None:
@@ -521,7 +522,8 @@ class PeerSession(Actor):
             self._apply(actions)
             if gave_up:
                 peer.abandon_handshake()  # the search gave up: quiet until new traffic asks for the peer
-                self._unreachable("no path found")
+                if peer.endpoint is not None:  # else nothing was tried: it waits to be contacted
+                    self._unreachable("no path found")
             if self.selector.at_rest(now, current=peer.endpoint, unanswered_since=unanswered, other=peer.other_source,
                                      other_at=peer.other_at, handshaking=peer.t_retransmit is not None):
                 self._stop_ticking()  # an idle daemon's peers wake nothing until traffic or a message
@@ -537,8 +539,12 @@ class PeerSession(Actor):
         if self.plain_wireguard:
             return None
         sent = peer.t_new_handshake - UNANSWERED_AFTER if peer.t_new_handshake is not None else None
-        if peer.staged and (sent is None or peer.staged_since < sent):
-            return peer.staged_since
+        # Staged packets count once the core's own retry (a new initiation, REKEY_TIMEOUT on)
+        # had its chance: one lost response must not move a healthy pair off its rung (a
+        # probe within REKEY_TIMEOUT repeats the initiation, which the peer answers once per path).
+        staged = peer.staged_since + REKEY_TIMEOUT if peer.staged else None
+        if staged is not None and (sent is None or staged < sent):
+            return staged
         return sent
 
     def _start_ticking(self) -> None:
@@ -630,12 +636,12 @@ class PeerSession(Actor):
         peer = self.peer
         assert peer is not None
         now = self.clock.monotonic()
-        if self.selector.ladder.peer_gone():
+        if peer.endpoint is None:
+            state = "waiting"  # no endpoint: waits to be contacted
+        elif self.selector.ladder.peer_gone():
             state = "unreachable"  # its search gave up and nothing came since: keys or not
         elif self.is_up(now):
             state = "up"
-        elif peer.endpoint is None:
-            state = "waiting"  # no endpoint: waits to be contacted
         elif peer.t_retransmit is not None:
             state = "handshaking"
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from actors.messages import GetStatus, PeerSpec, Ping, Start, to_json
 from actors.session import TICK, PeerSession
 from tests.support.memnet import STEP, WALL0, MemoryLink, Net, Node, SshMemoryLink, VirtualClock, VirtualLoop, wall_clock
 from tests.support.wire import A_ADDR, A_IP, B_ADDR, B_IP, kind, seeded_rng
-from tunnelmesh.config import RungChoice
+from tunnelmesh.config import UDP_ONLY, RungChoice
 from tunnelmesh.ladder import (
     BETTER_PROBE,
     FAILING_AFTER,
@@ -841,3 +842,99 @@ def test_an_idle_pair_whose_keys_expired_fails_over_when_traffic_finds_udp_cut(s
         await traffic_finds_b_on_ssh(p)
 
     simulate(body)
+
+
+def test_one_lost_handshake_response_after_key_expiry_changes_no_rung(simulate: Callable[..., None]) -> None:
+    # From the second review: a healthy pair idle past its keys' lifetime; a's packet is
+    # staged, its initiation answered, and that one response lost. Counted as unanswered at
+    # once, the staged packet failed UDP 3 s later, before the core's retry (a new
+    # initiation) at 5 s; the search's probe repeated the outstanding initiation, which b
+    # answers once per path (UDP had had its answer): b answered on SSH and the pair moved.
+    async def body(p: Pair) -> None:
+        await up_on_udp(p)
+        await p.net.run_for(REJECT_AFTER_TIME + 10)  # idle: the keys expire, nothing is wrong
+        p.net.block(UDP, "b", "a")
+        p.a.ping(p.b, 1)
+        await p.net.run_for(0.1)
+        p.net.unblock(UDP)  # one response lost, nothing else
+        pinger = Pinger(p.net, p.a, p.b)
+        await p.net.run_for(15)
+        pinger.stop()
+        assert p.sa.selector.transitions == () and p.sb.selector.transitions == (), \
+            (p.sa.selector.transitions, p.sb.selector.transitions)
+
+    simulate(body)
+
+
+def test_a_device_that_never_connected_waits_and_is_not_reported(caplog: pytest.LogCaptureFixture) -> None:
+    # From the second review: a device (no endpoint, UDP only, plain WireGuard) has nothing
+    # to probe; its session's first search gives up after 90 s. That is no failure to report
+    # (no warning, no handshake_failed) and it still "waits to be contacted".
+    async def body(net: Net) -> None:
+        rng = seeded_rng(7)
+        a = Node(net, "a", rng(32), A_ADDR, A_IP, seed=11, rungs=False)
+        phone = Node(net, "b", rng(32), B_ADDR, B_IP, seed=12, rungs=False)  # not started: never connected
+        a.mesh.add(dataclasses.replace(spec(phone, endpoint=None, choice=UDP_ONLY), plain_wireguard=True))
+        a.start()
+        try:
+            await a.session(phone).handle(Start())
+            with caplog.at_level(logging.WARNING, logger="tunnelmesh.session"):
+                await net.run_for(GIVE_UP + 5)
+            assert net.sent(src="a") == []
+            status = to_json(a.session(phone).status())
+            assert status["state"] == "waiting" and "no path found" not in (status["why_not_better"] or ""), status
+            assert a.bus_events("handshake_failed") == []
+            assert not [r for r in caplog.records if "no path found" in r.getMessage()]
+        finally:
+            await stop_all((a,))
+
+    in_virtual_time(body)
+
+
+def test_a_vanished_peer_with_persistent_keepalive_is_tried_as_wireguard_does_and_reported_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # From the second review: coordinator members keepalive every 25 s. After the search gave
+    # up, the persistent keepalive goes on starting handshakes, as in WireGuard (it keeps a
+    # NAT mapping open, so the peer can come back to us), but the session says it once: one
+    # warning until the next handshake, the state "unreachable" throughout.
+    async def body(net: Net) -> None:
+        rng = seeded_rng(7)
+        a = Node(net, "a", rng(32), A_ADDR, A_IP, seed=11)
+        b = Node(net, "b", rng(32), B_ADDR, B_IP, seed=12)
+        p = Pair(net, a, b)
+        a.mesh.add(dataclasses.replace(spec(b, endpoint=B_ADDR, choice=ALL), persistent_keepalive=25))
+        b.mesh.add(dataclasses.replace(spec(a, endpoint=None, choice=ALL), persistent_keepalive=25))
+        a.start()
+        b.start()
+        try:
+            await p.sb.handle(Start())
+            await net.run_for(0.5)
+            await p.sa.handle(Start())
+            await up_on_udp(p)
+            await net.run_for(REKEY_TIMEOUT + 1)
+            for rung in (UDP, SSH, RELAY):
+                net.block(rung)  # b is gone
+            pinger = Pinger(net, a, b)
+            await net.run_for(2.0)
+            pinger.stop()
+            await net.run_until(lambda: p.sa.selector.ladder.searching != [], 2 * FAILING_AFTER, "a searching")
+            with caplog.at_level(logging.WARNING, logger="tunnelmesh.session"):
+                await net.run_until(lambda: p.sa.selector.ladder.searching == [], GIVE_UP + 2, "a giving up")
+                gave_up = net.clock.now
+                await net.run_for(REJECT_AFTER_TIME + 300)  # the keys expire; keepalives are due every 25 s
+            assert net.sent(src="a", kind=INIT, since=gave_up + TICK) != []  # WireGuard's persistence
+            assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("b: ")] == \
+                ["b: no path found for 90 s"]
+            assert p.sa.status().state == "unreachable" and p.sa.selector.ladder.searching == []
+            # b comes back and sends: it is found again.
+            for rung in (UDP, SSH, RELAY):
+                net.unblock(rung)
+            asked = net.clock.now
+            b.ping(a, 7)
+            await net.run_until(lambda: any(at >= asked for at, _ in b.echo_replies), 2 * REKEY_TIMEOUT, "a answering b")
+            await net.run_for(TICK)
+            assert p.sa.status().state == "up"
+        finally:
+            await stop_all((a, b))
+
+    in_virtual_time(body)

@@ -319,7 +319,8 @@ class Peer:
     def abandon_handshake(self) -> None:
         """The caller gave up reaching the peer (the transport ladder's search found no
         path): no more retries, staged packets dropped, and data sent before now starts no
-        new handshake later. New traffic starts afresh."""
+        new handshake later. New traffic starts afresh (and a persistent keepalive, as in
+        WireGuard: it is what keeps a NAT mapping open for the peer)."""
         self.t_retransmit = None
         self.t_new_handshake = None
         self.handshake_attempts = 0
