@@ -228,10 +228,11 @@ class PeerSession(Actor):
 
     def _unreachable(self, what: str) -> None:
         """The core's retries or the ladder's search ended unanswered (90 s): `status` says so
-        until the next handshake, the log once until then, the event bus each time."""
-        if self.last_error is None:  # once until the next handshake: not per retry round
+        until the next handshake (the first reason and time), the log once until then, the
+        event bus each time."""
+        if self.last_error is None:  # the first, until the next handshake: not per retry round
             log.warning("%s: %s for 90 s", self.peer_name, what)
-        self.last_error = f"{what} for 90 s since {time.strftime('%H:%M:%S', time.localtime(self.clock.wall()))}"
+            self.last_error = f"{what} for 90 s since {time.strftime('%H:%M:%S', time.localtime(self.clock.wall()))}"
         self.events.publish(m.HandshakeFailed(self.peer_name))
 
     def _handshake(self, event: HandshakeCompleted) -> None:
@@ -522,7 +523,7 @@ class PeerSession(Actor):
             self._apply(actions)
             if gave_up:
                 peer.abandon_handshake()  # the search gave up: quiet until new traffic asks for the peer
-                if peer.endpoint is not None:  # else nothing was tried: it waits to be contacted
+                if peer.endpoint is not None:  # no endpoint ever: it waits to be contacted
                     self._unreachable("no path found")
             if self.selector.at_rest(now, current=peer.endpoint, unanswered_since=unanswered, other=peer.other_source,
                                      other_at=peer.other_at, handshaking=peer.t_retransmit is not None):

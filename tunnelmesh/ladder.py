@@ -267,6 +267,8 @@ class Ladder:
         rules as a scheduled one (not while searching, not within HOLD, best rung first).
         The back-off is kept: a step-down that fails still doubles the interval. Returns
         (whether a probe is due, what happens, in words)."""
+        if self.peer_gone():
+            return False, "the peer is unreachable: the search for a path gave up; new traffic starts another"
         if self.current is None:
             return False, "no path yet: the session is still searching for one"
         better = [r for r in self.rungs if self.rank(r) < self.rank(self.current)]

@@ -149,6 +149,17 @@ def test_a_failing_rungs_search_gives_up_after_90_s_and_only_new_traffic_starts_
     assert run.tick(resent + FAILING_AFTER, unanswered=resent)[0].rungs[0] == current  # type: ignore[union-attr]
 
 
+def test_after_a_give_up_an_asked_for_probe_says_the_peer_is_unreachable_and_a_handshake_elsewhere_is_a_move() -> None:
+    run = settled(UDP)
+    run.tick(13.0, unanswered=10.0)
+    run.ticks(14.0, 200.0, unanswered=10.0)
+    assert run.ladder.peer_gone()
+    due, detail = run.ladder.probe_better_now(200.0)
+    assert not due and "unreachable" in detail
+    # The peer turns up on SSH by itself (no search of ours on): it moved, UDP is not "failing".
+    assert run.handshake(SSH, 201.0) == [Switch(SSH, UDP, "peer moved")]
+
+
 def test_after_a_search_gave_up_on_ssh_the_peer_heard_again_brings_back_the_udp_probe() -> None:
     run = settled(SSH)
     run.tick(13.0, unanswered=10.0)

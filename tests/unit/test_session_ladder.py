@@ -779,6 +779,7 @@ def test_a_failing_paths_search_for_a_vanished_peer_gives_up_after_90_s(simulate
         await p.net.run_until(lambda: p.sa.selector.ladder.searching == [], GIVE_UP + 2 * TICK, "a's search giving up")
         assert p.net.clock.now - began >= GIVE_UP - TICK
         gave_up, dials = p.net.clock.now, p.a.ssh.dials
+        assert p.sa.status().state == "unreachable"  # its keys are young: it said "up" until 951397d
         await p.net.run_for(2 * GIVE_UP)
         # Nothing more goes to b on any rung: no probe, no dial (the core's retries stopped too).
         assert p.net.sent(src="a", since=gave_up + TICK) == [] and p.a.ssh.dials == dials
