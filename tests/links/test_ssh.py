@@ -171,6 +171,48 @@ def test_member_dials_and_frames_flow_both_ways(identities: list[NodeIdentity]) 
     run(main())
 
 
+class OrderSink(Sink):
+    """A Sink that also keeps the order of ups and downs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[tuple[str, Link]] = []
+
+    def link_up(self, link: Link) -> None:
+        self.order.append(("up", link))
+        super().link_up(link)
+
+    def link_down(self, link: Link, reason: str) -> None:
+        self.order.append(("down", link))
+        super().link_down(link, reason)
+
+
+def test_a_link_that_replaces_another_is_announced_before_the_old_one_goes_down(
+        identities: list[NodeIdentity]) -> None:
+    # Both sides dialled at once and the smaller dialler's link replaced the one a session
+    # had just moved onto: announced down first, it made the session take SSH for failing
+    # and search again (an e2e TUI run: "SSH is failing" 1 s after the move to SSH).
+    async def main() -> None:
+        _, a, b = await pair(identities)
+        larger, smaller = (a, b) if a.wg > b.wg else (b, a)
+        larger.sink = larger.rung.sink = OrderSink()  # type: ignore[misc]
+        try:
+            first = await larger.rung.dial(smaller.wg)
+            # The smaller side's own dial, as when both dial at once (dial would reuse the live link).
+            second = await smaller.rung._dial(larger.wg)
+            sink = larger.sink
+            assert isinstance(sink, OrderSink)
+            await sink.until(lambda: len(sink.order) == 3)
+            survivor = larger.rung.link(smaller.wg)
+            assert survivor is not None and survivor is not first and survivor.peer_key == smaller.wg
+            assert sink.order == [("up", first), ("up", survivor), ("down", first)], sink.order
+            assert smaller.rung.link(larger.wg) is second
+        finally:
+            await close_all(a, b)
+
+    run(main())
+
+
 class CountingStream:
     """The real channel underneath, with its writes counted."""
 

@@ -446,13 +446,13 @@ class MemorySshRung:
         """As SshRung.adopt_stream: one link per pair; the smaller dialler's stays, and of
         two dialled by one side the newer one. The loser's connection ends (both ends)."""
         current = self.link(end.peer.device.static_public)
-        if current is not None:
-            if current.dialler < end.dialler:
-                end.close()
-                return
-            current.close()
+        if current is not None and current.dialler < end.dialler:
+            end.close()
+            return
         self.links[end.peer.device.static_public] = end
         self.node.datapath.link_up(end)
+        if current is not None:  # after the new one is up, as SshRung.adopt_stream
+            current.close()
 
 
 class MemoryRelayClient:

@@ -706,7 +706,9 @@ class SshRung:
 
     def adopt_stream(self, peer: bytes, description: str, *, dialler: bytes, stream: ByteStream) -> SshLink:
         """A new authenticated stream to `peer` becomes a link: announced to the sink,
-        unless a link it loses the tie-break to is already up (then it is closed)."""
+        unless a link it loses the tie-break to is already up (then it is closed). A link
+        it replaces is closed after the new one is announced, so that a session on the old
+        one moves to the new one rather than taking its end for a failing rung."""
         link = SshLink(self, peer, description, dialler=dialler, stream=stream)
         current = self.link(peer)
         if current is not None:
@@ -715,11 +717,12 @@ class SshRung:
                 link.close()
                 return link
             log.info("ssh: %s replaces %s (one link per peer)", description, current.description)
-            current.close()
         self._links[peer] = link
         link.announced = True
         log.info("ssh: link up to %s via %s", short_key(peer), description)
         self.sink.link_up(link)
+        if current is not None:
+            current.close()
         return link
 
     def _gone(self, link: SshLink, reason: str) -> None:
