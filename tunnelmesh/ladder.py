@@ -149,8 +149,10 @@ class Ladder:
             return False
         if self.current is None:
             return True  # the search gave up: traffic starts it again
-        if self._new_unanswered(unanswered_since) is not None or self.current != self.rungs[0] and not self.peer_gone():
-            return False
+        if self._new_unanswered(unanswered_since) is not None:
+            return False  # new traffic waits for an answer
+        if self.current != self.rungs[0] and not self.peer_gone():
+            return False  # a better rung to probe
         if stray is not None and stray[0] != self.current and now - stray[1] < FAILING_AFTER:
             return False
         return not self._fresh_answers(now, failing_since=float("inf"))
